@@ -1,0 +1,341 @@
+"""The Cockpit: attaches to a model, optimizer and loss module by hooks alone and runs instruments.
+
+Step lifecycle (one step = one ``optimizer.step()``; ``step`` counts them from 0):
+
+    model forward pre-hook   a step begins: the instruments scheduled for it are asked what they need
+    layer forward hooks      the per-sample engine keeps layer inputs (only if a need asks for it)
+    loss forward hook        batch loss, batch size, reduction, per-sample losses
+    backward                 output gradients arrive; each layer is reduced at once
+    step pre-hook            gradients are final: gradient norms, parameter snapshot, on_before_step
+    step post-hook           update known: deferred projections, instruments compute, records to sinks
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cockpit_lite.instrument import Instrument
+from cockpit_lite.losses import check_loss_module, gradient_scale, per_sample_losses
+from cockpit_lite.needs import Need, Needs
+from cockpit_lite.persample.engine import PerSampleEngine
+from cockpit_lite.profiling import Costs
+from cockpit_lite.records import History, to_value
+from cockpit_lite.registry import resolve
+from cockpit_lite.sinks.base import Sink
+from cockpit_lite.sinks.jsonl import JsonLines
+from cockpit_lite.step import StepRecord
+
+
+def _check_model_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, nn.Parameter]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters: there is nothing to diagnose. "
+            "Attach the cockpit to the module whose parameters the optimizer trains."
+        )
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if not held & {id(p) for p in params.values()}:
+        raise ValueError(
+            "the optimizer holds none of the model's parameters (was it built for another model, or "
+            "before the model was copied/moved?). Build it from this model: "
+            "torch.optim.SGD(model.parameters(), ...)."
+        )
+    return {n: p for n, p in params.items() if id(p) in held}
+
+
+class Cockpit:
+    """Attach instruments to an unchanged training loop.
+
+    Args:
+        model: the network; its forward marks the start of a step.
+        optimizer: any ``torch.optim.Optimizer``; its ``step()`` ends a step.
+        loss_fn: the ``torch.nn`` loss module the loop calls (reduction "mean" or "sum").
+        instruments: a preset name (``"economy"``, ``"minimal"``, ``"full"``), or a list of
+            instruments (or registered instrument names).
+        logdir: if given, records stream to ``logdir/cockpit.jsonl`` as training runs.
+        sinks: further sinks (TensorBoard, dashboard, ...).
+
+    Use as a context manager, or call :meth:`close` when done; both remove every hook.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: nn.Module,
+        instruments: str | Iterable[Instrument | str] = "economy",
+        logdir: str | os.PathLike | None = None,
+        sinks: Sequence[Sink] | None = None,
+    ):
+        self.params = _check_model_optimizer(model, optimizer)
+        check_loss_module(loss_fn)
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.instruments = resolve(instruments)
+        keys = [i.key for i in self.instruments]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"two instruments share the key(s) {dupes}: give one of them name='...'")
+        self.logdir = os.fspath(logdir) if logdir is not None else None
+        self.sinks: list[Sink] = list(sinks or [])
+        if self.logdir is not None and not any(isinstance(s, JsonLines) for s in self.sinks):
+            self.sinks.insert(0, JsonLines(self.logdir))
+        self.history = History()
+        self.step = 0
+        self.costs = Costs()
+        self._warned: set[str] = set()
+        self._closed = False
+        self._in_step = False
+        self._active: list[Instrument] = []
+        self._needs = Needs()
+        self._record = StepRecord(step=0)
+        self._snapshot: list[torch.Tensor] | None = None
+        self._skip = False
+        self._t_step = 0.0
+
+        self.engine = PerSampleEngine(model)
+        self._hooks = [
+            model.register_forward_pre_hook(self._on_model_forward),
+            loss_fn.register_forward_hook(self._on_loss, with_kwargs=True),
+            optimizer.register_step_pre_hook(self._on_before_step),
+            optimizer.register_step_post_hook(self._on_after_step),
+        ]
+        for inst in self.instruments:
+            inst.on_attach(model, optimizer)
+        for sink in self.sinks:
+            sink.open(self)
+
+    # --- context management -------------------------------------------------------------------------------
+    def __enter__(self) -> Cockpit:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook, let instruments write final records, flush and close the sinks."""
+        if self._closed:
+            return
+        self._closed = True
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.engine.close()
+        final: dict[Any, Any] = {}
+        for inst in self.instruments:
+            try:
+                final.update(inst.on_close() or {})
+            except Exception as e:
+                self._warn(f"{inst.key}.on_close failed: {e}")
+        if final:
+            self._emit(max(self.step - 1, 0), final)
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as e:
+                self._warn(f"closing sink {type(sink).__name__} failed: {e}")
+
+    def verdicts(self) -> list[str]:
+        """Plain-language statements from every instrument that makes them (e.g. the learning rate)."""
+        out = []
+        for inst in self.instruments:
+            out.extend(inst.verdicts())
+        return out
+
+    # --- hooks ------------------------------------------------------------------------------------------
+    def _warn(self, msg: str) -> None:
+        if msg not in self._warned:
+            self._warned.add(msg)
+            warnings.warn(f"cockpit-lite: {msg}", RuntimeWarning, stacklevel=3)
+
+    def _begin_step(self) -> None:
+        self._in_step = True
+        self._skip = False
+        self._t_step = time.perf_counter()
+        self.costs.reset()
+        self._active = []
+        self._needs = Needs()
+        for inst in self.instruments:
+            try:
+                needs = inst.requires(self.step)
+            except Exception as e:
+                self._warn(f"{inst.key}.requires failed: {e}")
+                continue
+            if needs or inst.scheduled(self.step):
+                self._active.append(inst)
+                self._needs.merge(needs)
+        self._record = StepRecord(step=self.step, params=self.params)
+        self._loss_calls = 0
+        self.engine.begin(self._needs)
+
+    def _on_model_forward(self, module, args) -> None:
+        if not self._in_step:
+            self._begin_step()
+
+    def _on_loss(self, module, args, kwargs, output) -> None:
+        if not self._in_step:
+            self._begin_step()
+        if not self._active or not torch.is_tensor(output) or not output.requires_grad:
+            return  # nothing tracked, or an evaluation under no_grad
+        with self.costs.region("loss"):
+            try:
+                self._loss_calls += 1
+                if self._loss_calls > 1:
+                    self.engine.fail(
+                        "the loss was computed more than once before optimizer.step() (gradient "
+                        "accumulation?): per-sample statistics are skipped for such steps"
+                    )
+                pred = args[0] if args else next(iter(kwargs.values()))
+                batch = int(pred.shape[0]) if pred.dim() > 0 else 1
+                rec = self._record
+                rec.batch_size = batch
+                rec.reduction = module.reduction
+                rec.loss = float(output.detach())
+                if not math.isfinite(rec.loss):
+                    rec.notes.append(f"non-finite loss {rec.loss}")
+                self.engine.set_batch(batch, 1.0 / gradient_scale(module.reduction, batch))
+                if Need.PER_SAMPLE_LOSS in self._needs.flags:
+                    rec.per_sample_loss = per_sample_losses(module, args, kwargs).double().cpu().numpy()
+            except Exception as e:
+                self._warn(f"reading the loss failed ({e}); this step's loss statistics are skipped")
+
+    def _on_before_step(self, optimizer, args, kwargs) -> None:
+        # args are step()'s positional arguments, self included
+        if any(callable(a) for a in args[1:]) or kwargs.get("closure") is not None:
+            self._skip = True
+            self.engine.fail(
+                "optimizer.step(closure) runs backward inside step(), after the cockpit's step "
+                "pre-hook: such steps are not tracked (training is unaffected). Call loss.backward() "
+                "before optimizer.step() to track them."
+            )
+            return
+        if not self._in_step or not self._active:
+            return
+        with self.costs.region("before_step"):
+            try:
+                self._before_step()
+            except Exception as e:
+                self._warn(f"pre-step work failed ({e})")
+
+    def _before_step(self) -> None:
+        rec, flags = self._record, self._needs.flags
+        self.engine.finish_backward()
+        rec.lrs = [float(g["lr"]) for g in self.optimizer.param_groups if "lr" in g]
+        if Need.GRAD_NORMS in flags:
+            named = [(n, p.grad) for n, p in self.params.items() if p.grad is not None]
+            if named:
+                norms = torch.stack(torch._foreach_norm([g for _, g in named])).double().cpu().numpy()
+                rec.grad_norms = {n: float(v) for (n, _), v in zip(named, norms, strict=True)}
+            else:
+                rec.grad_norms = {}
+                rec.notes.append("no parameter has a gradient: was loss.backward() called?")
+        if self.engine.active and self.engine.failure is None:
+            missing = [n for n, p in self.params.items() if p.grad is not None and n not in self.engine.covered]
+            if missing:
+                self._warn(
+                    f"parameters {missing} have gradients but no per-sample contribution was seen (used "
+                    "outside their module's forward?): per-sample statistics exclude them"
+                )
+        if Need.UPDATE in flags:
+            self._snapshot = [p.detach().clone() for p in self.params.values()]
+        for inst in self._active:
+            try:
+                inst.on_before_step(rec)
+            except Exception as e:
+                self._warn(f"{inst.key}.on_before_step failed: {e}")
+
+    def _on_after_step(self, optimizer, args, kwargs) -> None:
+        if not self._in_step:
+            return
+        try:
+            if not self._skip and self._active:
+                self._after_step()
+        except Exception as e:
+            self._warn(f"post-step work failed ({e}); this step's records are incomplete")
+        finally:
+            self._in_step = False
+            self._snapshot = None
+            self.step += 1
+
+    def _after_step(self) -> None:
+        rec = self._record
+        with self.costs.region("after_step"):
+            if self._snapshot is not None:
+                rec.update = {
+                    n: p.detach() - before
+                    for (n, p), before in zip(self.params.items(), self._snapshot, strict=True)
+                }
+            self._collect_per_sample(rec)
+        records: dict[Any, Any] = {}
+        for inst in self._active:
+            with self.costs.region(inst.key):
+                try:
+                    out = inst.compute(rec) or {}
+                    records.update(out)
+                except Exception as e:
+                    self._warn(f"{inst.key}.compute failed at step {rec.step}: {type(e).__name__}: {e}")
+        step_ms = (time.perf_counter() - self._t_step) * 1e3
+        records["cost/step_ms"] = step_ms
+        for name, ms in self.costs.ms.items():
+            records[f"cost/{name}_ms"] = ms
+        self._emit(rec.step, records)
+
+    def _collect_per_sample(self, rec: StepRecord) -> None:
+        eng, flags = self.engine, self._needs.flags
+        if not self._needs.per_sample:
+            return
+        if eng.failure is not None:
+            rec.notes.append(eng.failure)
+            return
+        with torch.no_grad():
+            if self._needs.directions:
+                dirs = {}
+                for key, fn in self._needs.directions.items():
+                    d = fn(rec)
+                    if d is not None:
+                        dirs[key] = d
+                for key, proj in eng.project(dirs).items():
+                    rec.projections[key] = proj.double().cpu().numpy()
+            as_np = lambda t: t.double().cpu().numpy()  # noqa: E731
+            if Need.PER_SAMPLE_SQ_NORMS in flags and eng.sq:
+                rec.per_sample_sq_norms_by_param = {n: as_np(v) for n, v in eng.sq.items()}
+                rec.per_sample_sq_norms = np.sum(list(rec.per_sample_sq_norms_by_param.values()), axis=0)
+            if Need.PER_SAMPLE_DOT_MEAN in flags and eng.dot_mean is not None:
+                rec.per_sample_dot_mean = as_np(eng.dot_mean)
+                rec.mean_grad_sq_norm = float(rec.per_sample_dot_mean.mean())
+            if flags & {Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM} and eng.gram:
+                by_param = {n: as_np(v) for n, v in eng.gram.items()}
+                rec.per_sample_gram = np.sum(list(by_param.values()), axis=0)
+                if Need.PER_SAMPLE_GRAM_BY_PARAM in flags:
+                    rec.per_sample_gram_by_param = by_param
+            if Need.PER_SAMPLE_GRADS in flags and eng.grads:
+                rec.per_sample_grads = dict(eng.grads)
+
+    def _emit(self, step: int, records: Mapping[Any, Any]) -> None:
+        """Group records by step (keys may be ``tag`` or ``(step, tag)``) and hand them to the sinks."""
+        by_step: dict[int, dict[str, Any]] = {}
+        for key, value in records.items():
+            s, tag = key if isinstance(key, tuple) else (step, key)
+            try:
+                by_step.setdefault(int(s), {})[tag] = to_value(value)
+            except TypeError as e:
+                self._warn(f"record {tag!r} dropped: {e}")
+        for s in sorted(by_step):
+            self.history.add(s, by_step[s])
+            for sink in self.sinks:
+                try:
+                    sink.write(s, by_step[s])
+                except Exception as e:
+                    self._warn(f"sink {type(sink).__name__} failed to write ({e}); it keeps trying")

@@ -1,0 +1,93 @@
+"""The contract between the core and an instrument.
+
+An instrument is a small stateful object (in the spirit of torchmetrics): it declares what it needs
+for a step, receives a read-only :class:`~cockpit_lite.step.StepRecord` once the step is complete, and
+returns records ``{tag: value}``. The core knows no concrete instrument.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from cockpit_lite.needs import Need, Needs
+
+Schedule = Callable[[int], bool]
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+class Instrument:
+    """Base class of every instrument.
+
+    Args:
+        every: track every ``every``-th step (step 0 included).
+        schedule: a callable ``schedule(step) -> bool``; overrides ``every``.
+        name: a prefix for this instance's tags, needed only to run two instances of one instrument.
+
+    Subclasses set :attr:`NEEDS` (or override :meth:`requires`) and implement :meth:`compute`.
+    Hook names say when they fire: :meth:`on_attach` once, :meth:`on_before_step` with the final
+    gradients in place, :meth:`compute` after the optimizer step, :meth:`on_close` at the end.
+    """
+
+    NEEDS: ClassVar[frozenset[Need]] = frozenset()
+
+    def __init__(self, every: int = 1, schedule: Schedule | None = None, name: str | None = None):
+        if schedule is None:
+            if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+                raise ValueError(f"{type(self).__name__}: every={every!r} must be a positive integer")
+            self._schedule: Schedule = lambda step, n=every: step % n == 0
+        elif callable(schedule):
+            self._schedule = schedule
+        else:
+            raise TypeError(f"{type(self).__name__}: schedule must be callable step -> bool, got {schedule!r}")
+        self.every = every
+        self.name = name
+
+    # --- identity -----------------------------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        """Unique key of this instance within one cockpit."""
+        return self.name or _snake(type(self).__name__)
+
+    def tag(self, tag: str) -> str:
+        """The tag under which a record is stored (prefixed by ``name`` if one was given)."""
+        return f"{self.name}/{tag}" if self.name else tag
+
+    # --- scheduling ---------------------------------------------------------------------------------
+    def scheduled(self, step: int) -> bool:
+        return bool(self._schedule(step))
+
+    def requires(self, step: int) -> Needs:
+        """What this instrument needs at ``step``; empty when it does not track the step."""
+        return Needs(set(self.NEEDS)) if self.scheduled(step) else Needs()
+
+    # --- lifecycle hooks ----------------------------------------------------------------------------
+    def on_attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called once when the cockpit attaches, before the first step."""
+
+    def on_before_step(self, record: Any) -> None:
+        """Called in the optimizer's step pre-hook of a step this instrument requires.
+
+        ``p.grad`` holds the gradient the optimizer is about to use; parameters are still theta_t.
+        """
+
+    def compute(self, record: Any) -> Mapping[str, Any]:
+        """Return this step's records ``{tag: value}`` (use :meth:`tag` for the keys)."""
+        return {}
+
+    def on_close(self) -> Mapping[str, Any]:
+        """Called when the cockpit closes; may return final records (stored under the last step)."""
+        return {}
+
+    def verdicts(self) -> list[str]:
+        """Plain-language statements about the run so far (for example a learning-rate verdict)."""
+        return []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(every={self.every}, name={self.name!r})"

@@ -1,0 +1,193 @@
+"""The per-sample engine: per-layer hooks that turn factor pairs into the statistics a step needs.
+
+Data flow within one step: a forward hook on every handled module keeps its (detached) inputs and
+registers a hook on its output; when the output gradient arrives during ``backward()`` the layer is
+reduced at once to what the step needs (squared norms, Gram entries, dot products with the mean) and
+its inputs are released. Only when an instrument asks for projections onto a direction known after
+the optimizer step (the update) are the layer's factors kept until the step's post-hook.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from cockpit_lite.needs import Need, Needs
+from cockpit_lite.persample.layers import WHOLE_MODULES, FuncHandler, Handler, PerSampleUndefined, handler_for
+from cockpit_lite.persample.views import View
+
+
+@dataclass
+class _Calls:
+    captures: list = field(default_factory=list)
+    grads: dict[int, tuple] = field(default_factory=dict)
+    done: bool = False
+
+
+class PerSampleEngine:
+    """Computes per-sample gradient statistics of ``model`` for the steps that need them."""
+
+    def __init__(self, model: nn.Module):
+        self.handlers: dict[nn.Module, Handler] = {}
+        self.param_names: list[str] = []
+        claimed: list[str] = []
+        for mname, module in model.named_modules():
+            if any(mname.startswith(c + ".") for c in claimed):
+                continue
+            whole = isinstance(module, WHOLE_MODULES)
+            params = module.named_parameters(recurse=whole)
+            names = {local: f"{mname}.{local}" if mname else local for local, p in params if p.requires_grad}
+            if not names:
+                continue
+            if whole:
+                claimed.append(mname)
+            handler_cls = FuncHandler if whole else handler_for(module)
+            self.handlers[module] = handler_cls(module, names)
+            self.param_names.extend(names.values())
+        self._hooks = [
+            m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self.handlers
+        ]
+        self.active = False
+        self._processing = False
+        self.warned: set[str] = set()
+        self._reset(Needs())
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.active = False
+        self._calls.clear()
+
+    def _reset(self, needs: Needs) -> None:
+        self.needs = needs
+        self._calls: dict[nn.Module, _Calls] = {}
+        self._kept: list[View] = []
+        self.failure: str | None = None
+        self.batch: int | None = None
+        self.inv_scale: float | None = None
+        self.sq: dict[str, torch.Tensor] = {}
+        self.gram: dict[str, torch.Tensor] = {}
+        self.dot_mean: torch.Tensor | None = None
+        self.grads: dict[str, torch.Tensor] = {}
+        self.covered: set[str] = set()
+
+    def begin(self, needs: Needs) -> None:
+        """A new step starts; attach per-layer work only if the step needs it."""
+        self._reset(needs)
+        self.active = needs.per_sample
+
+    def set_batch(self, batch: int, inv_scale: float) -> None:
+        self.batch, self.inv_scale = batch, inv_scale
+
+    def fail(self, reason: str) -> None:
+        """Give up per-sample work for this step, say why (once per reason), never raise."""
+        if self.failure is None:
+            self.failure = reason
+        self.active = False
+        self._calls.clear()
+        self._kept.clear()
+        if reason not in self.warned:
+            self.warned.add(reason)
+            warnings.warn(f"cockpit-lite: {reason}", RuntimeWarning, stacklevel=3)
+
+    # --- hooks ----------------------------------------------------------------------------------------
+    def _forward_hook(self, module, args, kwargs, output):
+        if not self.active or self._processing:  # not during our own recomputation (torch.func)
+            return
+        try:
+            handler = self.handlers[module]
+            handler.check()
+            outs = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
+            if not outs:
+                return
+            calls = self._calls.setdefault(module, _Calls())
+            idx = len(calls.captures)
+            calls.captures.append(handler.capture(args, kwargs, output))
+            if len(outs) == 1:
+                outs[0].register_hook(lambda g, m=module, i=idx: self._on_grads(m, i, (g,)))
+            else:
+                torch.autograd.graph.register_multi_grad_hook(
+                    outs, lambda gs, m=module, i=idx: self._on_grads(m, i, tuple(gs))
+                )
+        except PerSampleUndefined as e:
+            self.fail(str(e))
+        except Exception as e:  # never break the user's forward
+            self.fail(f"per-sample engine disabled for this step ({type(module).__name__}: {e})")
+
+    def _on_grads(self, module, idx, grads):
+        if not self.active:
+            return
+        try:
+            calls = self._calls[module]
+            calls.grads[idx] = tuple(None if g is None else g.detach() for g in grads)
+            if len(calls.grads) == len(calls.captures):
+                self._process(module)
+        except Exception as e:
+            self.fail(f"per-sample engine disabled for this step ({type(module).__name__}: {e})")
+
+    @torch.no_grad()
+    def _process(self, module) -> None:
+        calls = self._calls.pop(module)
+        if self.batch is None:
+            raise RuntimeError("no loss was seen before backward: call the loss module given to the Cockpit")
+        handler = self.handlers[module]
+        grads = [calls.grads.get(i, (None,)) for i in range(len(calls.captures))]
+        if all(g is None for gs in grads for g in gs):
+            return
+        self._processing = True
+        try:
+            view = handler.view(calls.captures, grads, self.batch, self.inv_scale)
+        finally:
+            self._processing = False
+        flags = self.needs.flags
+        if Need.PER_SAMPLE_DOT_MEAN in flags:
+            dm = view.dot_mean()
+            self.dot_mean = dm if self.dot_mean is None else self.dot_mean + dm
+        if Need.PER_SAMPLE_SQ_NORMS in flags:
+            self.sq.update(view.sq_norms())
+        if flags & {Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM}:
+            self.gram.update(view.gram())
+        if Need.PER_SAMPLE_GRADS in flags:
+            self.grads.update(view.grads())
+        self.covered.update(view.names)
+        if self.needs.directions:
+            view.release()
+            self._kept.append(view)
+
+    def finish_backward(self) -> None:
+        """Called before the optimizer step: reduce layers whose outputs got no gradient in some call."""
+        if not self.active:
+            return
+        try:
+            for module in list(self._calls):
+                self._process(module)
+        except Exception as e:
+            self.fail(f"per-sample engine disabled for this step ({e})")
+
+    @torch.no_grad()
+    def project(self, directions: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """g_i . v for each named direction v (per-parameter tensors), from the kept factors."""
+        out: dict[str, torch.Tensor] = {}
+        if self.failure is not None:
+            return out
+        try:
+            for key, direction in directions.items():
+                total = None
+                for view in self._kept:
+                    p = view.project(direction)
+                    if p is not None:
+                        total = p if total is None else total + p
+                if total is not None:
+                    out[key] = total
+        except Exception as e:
+            self.fail(f"per-sample projections failed ({e})")
+            return {}
+        finally:
+            self._kept.clear()
+        return out

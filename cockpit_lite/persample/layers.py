@@ -1,0 +1,294 @@
+"""Per-layer handlers, dispatched by module type (in the spirit of BackPACK's extensions).
+
+A handler captures what its module's forward saw (detached inputs) and, once the output gradients of
+the step have arrived, builds a :class:`~cockpit_lite.persample.views.View`. Layers with a factor form
+get one; norm layers materialise their (small) per-sample gradients; everything else with parameters
+goes through ``torch.func`` on that module alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from cockpit_lite.persample.views import EmbeddingView, FactorView, MaterialisedView, View
+
+
+class PerSampleUndefined(Exception):
+    """Per-sample gradients have no single definition for this layer in its current mode."""
+
+
+def _feature_first_samples(x: torch.Tensor, batch: int, n_feature: int) -> tuple[torch.Tensor, int]:
+    """Reshape x (..., *features) to (B, T, *features); return it and the sample axis used."""
+    lead = x.shape[: x.dim() - n_feature]
+    feat = x.shape[x.dim() - n_feature :]
+    if len(lead) >= 1 and lead[0] == batch:
+        return x.reshape(batch, -1, *feat), 0
+    for axis, size in enumerate(lead):
+        if size == batch:
+            return x.movedim(axis, 0).reshape(batch, -1, *feat), axis
+    if math.prod(lead) == batch:  # e.g. a per-token loss over a flattened (B*T) batch
+        return x.reshape(batch, 1, *feat), -1
+    raise ValueError(
+        f"cannot find the batch axis of size {batch} in an activation of shape {tuple(x.shape)}; "
+        "per-sample statistics need the loss's batch dimension to appear in every layer's input"
+    )
+
+
+def _same_layout(e: torch.Tensor, batch: int, axis: int, n_feature: int) -> torch.Tensor:
+    feat = e.shape[e.dim() - n_feature :]
+    if axis == 0:
+        return e.reshape(batch, -1, *feat)
+    if axis == -1:
+        return e.reshape(batch, 1, *feat)
+    return e.movedim(axis, 0).reshape(batch, -1, *feat)
+
+
+class Handler:
+    """Base handler. ``names`` maps the module's own parameter names to full model names."""
+
+    def __init__(self, module: nn.Module, names: dict[str, str]):
+        self.module = module
+        self.names = names
+
+    def check(self) -> None:
+        """Raise :class:`PerSampleUndefined` if per-sample gradients are undefined right now."""
+
+    def capture(self, args: tuple, kwargs: dict, output) -> object:
+        return args[0].detach()
+
+    def view(self, captures: list, grads: list[Sequence[torch.Tensor | None]], batch: int, inv_scale: float) -> View:
+        raise NotImplementedError
+
+
+class LinearHandler(Handler):
+    def view(self, captures, grads, batch, inv_scale):
+        a_parts, e_parts = [], []
+        for x, (g,) in zip(captures, grads, strict=True):
+            if g is None:
+                continue
+            a, axis = _feature_first_samples(x, batch, 1)
+            a_parts.append(a)
+            e_parts.append(_same_layout(g, batch, axis, 1) * inv_scale)
+        a = torch.cat(a_parts, 1).unsqueeze(1)  # (B, 1, T, i)
+        e = torch.cat(e_parts, 1).unsqueeze(1)
+        m = self.module
+        return FactorView(a, e, self.names.get("weight"), self.names.get("bias"), tuple(m.weight.shape))
+
+
+class ConvHandler(Handler):
+    """Conv1d/Conv2d via unfolded patches; ``groups`` > 1 handled group by group."""
+
+    def _unfold(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        nd = x.dim() - 2
+        k, s, d = m.kernel_size, m.stride, m.dilation
+        pad = m.padding
+        if m.padding_mode != "zeros":
+            x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+            pad = (0,) * nd
+        elif isinstance(pad, str):
+            if pad == "valid":
+                pad = (0,) * nd
+            else:  # 'same' (stride 1): possibly asymmetric
+                total = [di * (ki - 1) for di, ki in zip(d, k, strict=True)]
+                lr = []
+                for tot in reversed(total):
+                    lr += [tot // 2, tot - tot // 2]
+                x = F.pad(x, lr)
+                pad = (0,) * nd
+        if nd == 1:
+            x = x.unsqueeze(2)
+            k, s, d, pad = (1, k[0]), (1, s[0]), (1, d[0]), (0, pad[0])
+        return F.unfold(x, k, dilation=d, padding=pad, stride=s)  # (B, C*k, T)
+
+    def view(self, captures, grads, batch, inv_scale):
+        m = self.module
+        g = m.groups
+        a_parts, e_parts = [], []
+        for x, (go,) in zip(captures, grads, strict=True):
+            if go is None:
+                continue
+            if x.shape[0] != batch:
+                raise ValueError(f"conv input has batch {x.shape[0]}, loss has batch {batch}")
+            cols = self._unfold(x)
+            bsz, ck, t = cols.shape
+            a_parts.append(cols.reshape(bsz, g, ck // g, t).transpose(2, 3))
+            e = (go * inv_scale).reshape(bsz, g, m.out_channels // g, -1).transpose(2, 3)
+            e_parts.append(e)
+        a = torch.cat(a_parts, 2)
+        e = torch.cat(e_parts, 2)
+        return FactorView(a, e, self.names.get("weight"), self.names.get("bias"), tuple(m.weight.shape))
+
+
+class EmbeddingHandler(Handler):
+    def view(self, captures, grads, batch, inv_scale):
+        m = self.module
+        idx_parts, e_parts = [], []
+        for idx, (go,) in zip(captures, grads, strict=True):
+            if go is None:
+                continue
+            i, axis = _feature_first_samples(idx.unsqueeze(-1), batch, 1)
+            e = _same_layout(go, batch, axis, 1) * inv_scale
+            i = i.squeeze(-1)
+            if m.padding_idx is not None:
+                e = e * (i != m.padding_idx).unsqueeze(-1)
+            idx_parts.append(i)
+            e_parts.append(e)
+        return EmbeddingView(torch.cat(idx_parts, 1), torch.cat(e_parts, 1), self.names["weight"], m.num_embeddings)
+
+
+class NormHandler(Handler):
+    """Affine normalisations: per-sample grads of the gain and bias are (B, C) or (B, *shape): cheap."""
+
+    def check(self) -> None:
+        m = self.module
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+            raise PerSampleUndefined(
+                f"{type(m).__name__} normalises with statistics of the whole batch in train mode, which "
+                "couples the samples: per-sample gradients have no single definition. Per-sample "
+                "statistics are skipped while it is in train mode; use GroupNorm/LayerNorm, or freeze "
+                "the BatchNorm (module.eval()) to get them."
+            )
+
+    def _normalised(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        m = self.module
+        if isinstance(m, nn.LayerNorm):
+            return F.layer_norm(x, m.normalized_shape, None, None, m.eps), len(m.normalized_shape)
+        if isinstance(m, nn.GroupNorm):
+            return F.group_norm(x, m.num_groups, None, None, m.eps), -1
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            xhat = (x - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+            return xhat, -1
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+            use_input = m.training or not m.track_running_stats
+            rm = None if use_input else m.running_mean
+            rv = None if use_input else m.running_var
+            return F.instance_norm(x, rm, rv, None, None, use_input, 0.0, m.eps), -1
+        raise TypeError(type(m))
+
+    def view(self, captures, grads, batch, inv_scale):
+        out: dict[str, torch.Tensor] = {}
+        for x, (go,) in zip(captures, grads, strict=True):
+            if go is None:
+                continue
+            xhat, n_feat = self._normalised(x)
+            e = go * inv_scale
+            if n_feat == -1:  # channel axis 1, sample axis 0
+                if x.shape[0] != batch:
+                    raise ValueError(f"norm input has batch {x.shape[0]}, loss has batch {batch}")
+                gw = (e * xhat).reshape(batch, x.shape[1], -1).sum(-1)
+                gb = e.reshape(batch, x.shape[1], -1).sum(-1)
+            else:
+                xs, axis = _feature_first_samples(xhat, batch, n_feat)
+                es = _same_layout(e, batch, axis, n_feat)
+                gw, gb = (es * xs).sum(1), es.sum(1)
+            for role, g in (("weight", gw), ("bias", gb)):
+                if role in self.names:
+                    n = self.names[role]
+                    out[n] = out[n] + g if n in out else g
+        return MaterialisedView(out)
+
+
+class FuncHandler(Handler):
+    """Any other module with parameters: per-sample gradients of this module alone by torch.func.
+
+    The module's forward is recomputed per sample (vmap over grad of <output, output gradient>) inside
+    a forked RNG, so the user's random stream is untouched. Its per-sample gradients (B x D_module) are
+    materialised for this module only.
+    """
+
+    def check(self) -> None:
+        m = self.module
+        if m.training and isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
+            raise PerSampleUndefined(
+                "MultiheadAttention with dropout > 0 in train mode draws its attention dropout mask inside "
+                "one fused call, which cannot be replayed per sample. Per-sample statistics are skipped "
+                "for such steps; set the attention's dropout to 0.0 (dropout modules elsewhere are fine)."
+            )
+
+    def capture(self, args, kwargs, output):
+        detach = lambda t: t.detach() if torch.is_tensor(t) else t  # noqa: E731
+        return tree_map(detach, args), tree_map(detach, kwargs)
+
+    def _bdim(self, t, batch: int):
+        if not torch.is_tensor(t) or t.dim() == 0:
+            return None
+        if getattr(self.module, "batch_first", True) is False and t.dim() >= 2 and t.shape[1] == batch:
+            return 1
+        if t.shape[0] == batch:
+            return 0
+        return None
+
+    def view(self, captures, grads, batch, inv_scale):
+        from torch.func import functional_call, grad, vmap
+
+        m = self.module
+        params = {n: p.detach() for n, p in m.named_parameters() if n in self.names}
+        frozen = {n: p.detach() for n, p in m.named_parameters() if n not in self.names}
+        buffers = dict(m.named_buffers())
+        total: dict[str, torch.Tensor] = {}
+        for (args, kwargs), gouts in zip(captures, grads, strict=True):
+            arg_dims = tree_map(lambda t: self._bdim(t, batch), args)
+            kw_dims = tree_map(lambda t: self._bdim(t, batch), kwargs)
+            live = [(i, g * inv_scale) for i, g in enumerate(gouts) if g is not None]
+            g_tensors = [g for _, g in live]
+            g_dims = [self._bdim(g, batch) for g in g_tensors]
+            if any(d is None for d in g_dims):
+                raise ValueError(f"cannot find the batch axis in the output gradient of {type(m).__name__}")
+            positions = [i for i, _ in live]
+
+            def inner(p, a, kw, gs, a_dims=arg_dims, k_dims=kw_dims, o_dims=g_dims, pos=positions):
+                a = tuple(_expand(x, d) for x, d in zip(a, a_dims, strict=True))
+                kw = {k: _expand(v, k_dims[k]) for k, v in kw.items()}
+                out = functional_call(m, {**p, **frozen, **buffers}, a, kw)
+                outs = [o for o in tree_flatten(out)[0] if torch.is_tensor(o)]
+                s = 0.0
+                for j, gj, dj in zip(pos, gs, o_dims, strict=True):
+                    s = s + (outs[j] * gj.unsqueeze(dj)).sum()
+                return s
+
+            with torch.random.fork_rng(devices=_cuda_devices(params)), torch.enable_grad():
+                per = vmap(grad(inner), in_dims=(None, arg_dims, kw_dims, g_dims))(params, args, kwargs, g_tensors)
+            for n, g in per.items():
+                full = self.names[n]
+                total[full] = total[full] + g if full in total else g
+        return MaterialisedView(total)
+
+
+def _expand(x, d):
+    return x.unsqueeze(d) if d is not None and torch.is_tensor(x) else x
+
+
+def _cuda_devices(params: dict[str, torch.Tensor]) -> list[int]:
+    return sorted({p.device.index or 0 for p in params.values() if p.is_cuda})
+
+
+#: module type -> handler; looked up along the MRO, so subclasses are served too
+HANDLERS: dict[type, type[Handler]] = {
+    nn.Linear: LinearHandler,
+    nn.Conv1d: ConvHandler,
+    nn.Conv2d: ConvHandler,
+    nn.Embedding: EmbeddingHandler,
+    nn.LayerNorm: NormHandler,
+    nn.GroupNorm: NormHandler,
+    nn.modules.batchnorm._BatchNorm: NormHandler,
+    nn.modules.instancenorm._InstanceNorm: NormHandler,
+}
+
+#: modules whose forward does not call their child modules (their children's hooks never fire):
+#: one handler serves all their parameters
+WHOLE_MODULES: tuple[type, ...] = (nn.MultiheadAttention, nn.RNNBase)
+
+
+def handler_for(module: nn.Module) -> type[Handler]:
+    for cls in type(module).__mro__:
+        if cls in HANDLERS:
+            return HANDLERS[cls]
+    return FuncHandler

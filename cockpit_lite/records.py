@@ -1,0 +1,96 @@
+"""Records and the in-memory history.
+
+A record is (step, tag, value); value is a float, a 1-D numpy array (per-sample values), a string
+(verdicts), or a small dict table of those. The history, the JSON lines, TensorBoard and the dashboard
+all read the same records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def to_value(v: Any) -> Any:
+    """Normalise an instrument's value to a float, numpy array, string or dict of those."""
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().numpy()
+    if isinstance(v, np.ndarray):
+        return float(v) if v.ndim == 0 else v.astype(np.float64) if v.dtype.kind == "f" else v
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return float(v)
+    if isinstance(v, Mapping):
+        return {str(k): to_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return np.asarray(v)
+    if v is None or isinstance(v, str):
+        return v
+    raise TypeError(f"record values must be numbers, arrays, strings or dicts of those, got {type(v).__name__}")
+
+
+def to_json(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return [to_json(x) for x in v.tolist()] if v.dtype.kind == "f" else v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # "nan", "inf", "-inf": strict JSON has no such numbers
+    if isinstance(v, dict):
+        return {k: to_json(x) for k, x in v.items()}
+    return v
+
+
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def from_json(v: Any) -> Any:
+    if isinstance(v, list):
+        return np.asarray([from_json(x) for x in v])
+    if isinstance(v, str) and v in _NONFINITE:
+        return _NONFINITE[v]
+    if isinstance(v, dict):
+        return {k: from_json(x) for k, x in v.items()}
+    return v
+
+
+class History(Mapping):
+    """tag -> [(step, value), ...] in step order. ``history["loss"]`` is a list of pairs."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, list[tuple[int, Any]]] = defaultdict(list)
+
+    def add(self, step: int, records: Mapping[str, Any]) -> None:
+        for tag, value in records.items():
+            self._data[tag].append((step, value))
+
+    def __getitem__(self, tag: str) -> list[tuple[int, Any]]:
+        if tag not in self._data:
+            raise KeyError(f"no records under {tag!r}; tags present: {sorted(self._data)}")
+        return self._data[tag]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def steps(self, tag: str) -> np.ndarray:
+        return np.array([s for s, _ in self[tag]])
+
+    def values(self, tag: str) -> list[Any]:  # type: ignore[override]
+        return [v for _, v in self[tag]]
+
+    def last(self, tag: str, default: Any = None) -> Any:
+        return self._data[tag][-1][1] if self._data.get(tag) else default
+
+    def sort(self) -> None:
+        for pairs in self._data.values():
+            pairs.sort(key=lambda sv: sv[0])
+
+    def __repr__(self) -> str:
+        return f"History({', '.join(f'{t}: {len(v)}' for t, v in sorted(self._data.items()))})"

@@ -1,0 +1,51 @@
+"""The step record: everything the core computed for one optimizer step, handed to instruments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class StepRecord:
+    """What happened in optimizer step ``step`` (0-based count of ``optimizer.step()`` calls).
+
+    Per-sample gradients g_i are the gradients of the per-sample losses l_i, whatever the reduction:
+    for ``reduction="mean"`` the mini-batch gradient is ``p.grad = (1/B) sum_i g_i``, for ``"sum"`` it is
+    ``sum_i g_i``. Fields stay ``None`` when no instrument asked for them or they could not be
+    computed; ``notes`` then says why.
+    """
+
+    step: int
+    batch_size: int | None = None
+    reduction: str | None = None
+    loss: float | None = None
+    per_sample_loss: np.ndarray | None = None
+    lrs: list[float] = field(default_factory=list)
+    #: live parameters by name (read them, never write them)
+    params: dict[str, torch.nn.Parameter] = field(default_factory=dict)
+    grad_norms: dict[str, float] | None = None
+    backward_grad_norms: dict[str, float] | None = None
+    update: dict[str, torch.Tensor] | None = None
+    per_sample_sq_norms: np.ndarray | None = None
+    per_sample_sq_norms_by_param: dict[str, np.ndarray] | None = None
+    per_sample_dot_mean: np.ndarray | None = None  #: g_i . gbar, gbar = mean_j g_j
+    mean_grad_sq_norm: float | None = None  #: ||gbar||^2 (with per_sample_dot_mean)
+    per_sample_gram: np.ndarray | None = None
+    per_sample_gram_by_param: dict[str, np.ndarray] | None = None
+    per_sample_grads: dict[str, torch.Tensor] | None = None
+    projections: dict[str, np.ndarray] = field(default_factory=dict)
+    indices: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def global_norm(norms: dict[str, float] | None) -> float | None:
+        if norms is None:
+            return None
+        return float(np.sqrt(sum(v * v for v in norms.values())))
+
+    @property
+    def grad_norm(self) -> float | None:
+        return self.global_norm(self.grad_norms)

@@ -1,0 +1,50 @@
+"""GradientTests: the norm, inner-product and orthogonality tests of Cockpit (Bollapragada et al.
+2018; Byrd et al. 2012), exactly as Cockpit 1.0.2 defines them (REFERENCE.md section 3)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cockpit_lite import Instrument, Need
+
+
+def gradient_tests(sq_norms: np.ndarray, dots: np.ndarray) -> dict[str, float]:
+    """The three tests from ||g_i||^2 and g_i . gbar (gbar = mean_i g_i).
+
+    norm  = sqrt( sum_i ||g_i - gbar||^2 / (B (B-1) ||gbar||^2) )
+    inner = sqrt( sum_i (g_i . gbar - ||gbar||^2)^2 / (B (B-1) ||gbar||^4) )
+    ortho = sqrt( sum_i ||g_i - (g_i . gbar / ||gbar||^2) gbar||^2 / (B (B-1) ||gbar||^2) )
+    using sum_i ||g_i - gbar||^2 = sum_i ||g_i||^2 - B ||gbar||^2 and
+    ||g_i - c_i gbar||^2 = ||g_i||^2 - (g_i . gbar)^2 / ||gbar||^2. NaN when B = 1 or gbar = 0.
+    """
+    b = len(sq_norms)
+    g2 = float(np.mean(dots))  # ||gbar||^2 = mean_i g_i . gbar
+    with np.errstate(divide="ignore", invalid="ignore"):
+        denom = b * (b - 1) * g2 if b > 1 else np.nan
+        var = max(float(np.sum(sq_norms)) - b * g2, 0.0)
+        norm = np.sqrt(var / denom)
+        inner = np.sqrt(np.sum((dots - g2) ** 2) / (denom * g2))
+        ortho_sum = max(float(np.sum(sq_norms - dots**2 / g2)), 0.0)
+        ortho = np.sqrt(ortho_sum / denom)
+    return {"norm": float(norm), "inner": float(inner), "ortho": float(ortho)}
+
+
+class GradientTests(Instrument):
+    """Norm, inner-product and orthogonality tests of the mini-batch gradient.
+
+    Each compares the spread of per-sample gradients with the mini-batch gradient: values above 1 mean
+    the batch is too small for the gradient's direction (norm test), for descent (inner test) or for
+    its orthogonal noise (ortho test). Tags: ``tests/norm``, ``tests/inner``, ``tests/ortho``; NaN with a
+    note when the batch has one sample.
+    Cost: per-sample squared norms and g_i . gbar from layer factors (Gram of the factors), no B x D.
+    """
+
+    NEEDS = frozenset({Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN})
+
+    def compute(self, record):
+        if record.per_sample_sq_norms is None or record.per_sample_dot_mean is None:
+            return {}
+        if record.batch_size == 1:
+            record.notes.append("gradient tests need at least 2 samples per batch: NaN")
+        tests = gradient_tests(record.per_sample_sq_norms, record.per_sample_dot_mean)
+        return {self.tag(f"tests/{k}"): v for k, v in tests.items()}

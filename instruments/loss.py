@@ -1,0 +1,30 @@
+"""Loss: the batch loss and the distribution of per-sample losses."""
+
+from __future__ import annotations
+
+from cockpit_lite import Instrument, Need
+from instruments._util import quantile_records
+
+
+class Loss(Instrument):
+    """Batch loss L and per-sample losses l_i (derived from the loss module, L = mean_i l_i for
+    reduction="mean", sum_i l_i for "sum").
+
+    Tags: ``loss``; with ``per_sample=True`` also ``loss/per_sample`` (the B values) and its quantiles
+    ``loss/per_sample/{p5,p25,p50,p75,p95,max,mean}``.
+    Cost: one extra evaluation of the loss module with reduction="none" (negligible).
+    """
+
+    def __init__(self, per_sample: bool = True, **kw):
+        super().__init__(**kw)
+        self.per_sample = per_sample
+        self.NEEDS = frozenset({Need.LOSS, Need.PER_SAMPLE_LOSS} if per_sample else {Need.LOSS})
+
+    def compute(self, record):
+        if record.loss is None:
+            return {}
+        out = {self.tag("loss"): record.loss}
+        if self.per_sample and record.per_sample_loss is not None:
+            out[self.tag("loss/per_sample")] = record.per_sample_loss
+            out.update({self.tag(k): v for k, v in quantile_records("loss/per_sample", record.per_sample_loss).items()})
+        return out

@@ -1,0 +1,27 @@
+"""Named instrument sets, registered under the entry-point group ``cockpit_lite.presets``.
+
+- ``minimal``: Loss, GradNorm. Nothing per-sample.
+- ``economy``: Cockpit's economy set (Loss, GradNorm, UpdateSize, Distance, norm/inner/ortho tests)
+  plus per-sample gradient norms, which the tests compute anyway.
+- ``full``: every built-in instrument with default settings.
+"""
+
+from __future__ import annotations
+
+from instruments.gradient_tests import GradientTests
+from instruments.gradnorm import GradNorm
+from instruments.loss import Loss
+from instruments.persample_norms import PerSampleGradNorms
+from instruments.update import Distance, UpdateSize
+
+
+def minimal():
+    return [Loss(per_sample=False), GradNorm()]
+
+
+def economy():
+    return [Loss(), GradNorm(), UpdateSize(), Distance(), PerSampleGradNorms(), GradientTests()]
+
+
+def full():
+    return economy()

@@ -1,0 +1,68 @@
+"""UpdateSize and Distance: how far the parameters move per step and from where they started."""
+
+from __future__ import annotations
+
+import torch
+
+from cockpit_lite import Instrument, Need
+
+
+def _norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    names = list(tensors)
+    if not names:
+        return {}
+    norms = torch.stack(torch._foreach_norm([tensors[n] for n in names])).double().cpu().tolist()
+    return dict(zip(names, norms, strict=True))
+
+
+def _records(tag_fn, base: str, norms: dict[str, float], per_param: bool) -> dict[str, float]:
+    out = {tag_fn(base): sum(v * v for v in norms.values()) ** 0.5}
+    if per_param:
+        out.update({tag_fn(f"{base}/{n}"): v for n, v in norms.items()})
+    return out
+
+
+class UpdateSize(Instrument):
+    """||theta_{t+1} - theta_t|| per tensor and globally, stored under step t (Cockpit's UpdateSize).
+
+    Uses the actual update, so it covers every optimizer, clipping and weight decay.
+    Tags: ``update_size``, ``update_size/<parameter name>``. Cost: a parameter snapshot (D floats).
+    """
+
+    NEEDS = frozenset({Need.UPDATE})
+
+    def __init__(self, per_param: bool = True, **kw):
+        super().__init__(**kw)
+        self.per_param = per_param
+
+    def compute(self, record):
+        if record.update is None:
+            return {}
+        return _records(self.tag, "update_size", _norms(record.update), self.per_param)
+
+
+class Distance(Instrument):
+    """||theta_t - theta_0|| per tensor and globally, theta_t the parameters before step t
+    (Cockpit's Distance). Tags: ``distance``, ``distance/<parameter name>``.
+    Cost: keeps theta_0 (D floats).
+    """
+
+    def __init__(self, per_param: bool = True, **kw):
+        super().__init__(**kw)
+        self.per_param = per_param
+        self._theta0: dict[str, torch.Tensor] = {}
+        self._norms: dict[str, float] | None = None
+
+    def on_attach(self, model, optimizer):
+        self._theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def on_before_step(self, record):
+        diffs = {n: p.detach() - self._theta0[n] for n, p in record.params.items() if n in self._theta0}
+        self._norms = _norms(diffs)
+
+    def compute(self, record):
+        if self._norms is None:
+            return {}
+        norms, self._norms = self._norms, None
+        return _records(self.tag, "distance", norms, self.per_param)

@@ -1,0 +1,59 @@
+"""Independent references: per-sample gradients by a float64 loop with one autograd call per sample."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from cockpit_lite import Instrument, Need, Needs
+
+
+def per_sample_grads_loop(model, loss_fn, x, y, names=None) -> dict[str, np.ndarray]:
+    """{name: (B, *shape)} float64 gradients of l_i = loss_fn(model(x_i), y_i) (a batch of one)."""
+    m = copy.deepcopy(model).double()
+    lf = copy.deepcopy(loss_fn).double()
+    params = {n: p for n, p in m.named_parameters() if p.requires_grad and (names is None or n in names)}
+    out = {n: [] for n in params}
+    for i in range(len(y)):
+        xi = x[i : i + 1].double() if torch.is_floating_point(x) else x[i : i + 1]
+        yi = y[i : i + 1].double() if torch.is_floating_point(y) else y[i : i + 1]
+        li = lf(m(xi), yi)
+        gs = torch.autograd.grad(li, list(params.values()), allow_unused=True)
+        for n, g, p in zip(params, gs, params.values(), strict=True):
+            out[n].append(torch.zeros_like(p) if g is None else g)
+    return {n: torch.stack(v).numpy() for n, v in out.items()}
+
+
+def flat(grads: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([g.reshape(g.shape[0], -1) for g in grads.values()], axis=1)
+
+
+class Probe(Instrument):
+    """Test instrument: asks for every per-sample need and keeps the step records."""
+
+    def __init__(self, directions=None, flags=None, **kw):
+        super().__init__(**kw)
+        self.flags = flags or {
+            Need.LOSS,
+            Need.PER_SAMPLE_LOSS,
+            Need.GRAD_NORMS,
+            Need.UPDATE,
+            Need.PER_SAMPLE_SQ_NORMS,
+            Need.PER_SAMPLE_DOT_MEAN,
+            Need.PER_SAMPLE_GRAM_BY_PARAM,
+        }
+        self.directions = directions or {}
+        self.records = []
+        self.grads_before_step = []
+
+    def requires(self, step):
+        return Needs(set(self.flags), dict(self.directions)) if self.scheduled(step) else Needs()
+
+    def on_before_step(self, record):
+        self.grads_before_step.append({n: p.grad.detach().clone() for n, p in record.params.items()})
+
+    def compute(self, record):
+        self.records.append(record)
+        return {}

@@ -1,0 +1,171 @@
+"""Per-sample norms, Gram entries and projections versus a float64 loop over samples."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cockpit_lite import Cockpit, Need
+from tests import models
+from tests.reference import Probe, flat, per_sample_grads_loop
+
+RTOL, ATOL = 2e-4, 1e-6
+
+
+def _run_one_step(model, loss_fn, x, y, optimizer=None, directions=None, flags=None):
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = Probe(directions=directions, flags=flags)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref = per_sample_grads_loop(model, loss_fn, x, y)
+    with Cockpit(model, optimizer, loss_fn, instruments=[probe]):
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    update = {n: (after[n] - before[n]).double().numpy() for n in before}
+    return probe.records[0], ref, update
+
+
+def _check_all(rec, ref, update, fixed=None):
+    names = list(ref)
+    for n in names:
+        expected = (ref[n].reshape(len(ref[n]), -1) ** 2).sum(1)
+        np.testing.assert_allclose(rec.per_sample_sq_norms_by_param[n], expected, rtol=RTOL, atol=ATOL, err_msg=n)
+        g = ref[n].reshape(len(ref[n]), -1)
+        np.testing.assert_allclose(rec.per_sample_gram_by_param[n], g @ g.T, rtol=RTOL, atol=ATOL, err_msg=n)
+    G = flat(ref)
+    np.testing.assert_allclose(rec.per_sample_sq_norms, (G**2).sum(1), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(rec.per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(rec.mean_grad_sq_norm, G.mean(0) @ G.mean(0), rtol=RTOL, atol=ATOL)
+    d = np.concatenate([update[n].reshape(-1) for n in names])
+    np.testing.assert_allclose(rec.projections["update"], G @ d, rtol=RTOL, atol=1e-7)
+    if fixed is not None:
+        v = np.concatenate([fixed[n].double().numpy().reshape(-1) for n in names])
+        np.testing.assert_allclose(rec.projections["fixed"], G @ v, rtol=RTOL, atol=ATOL)
+
+
+def _directions(model, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    fixed = {n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
+    return fixed, {"update": lambda rec: rec.update, "fixed": lambda rec: fixed}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mlp_matches_float64_loop(reduction):
+    torch.manual_seed(0)
+    model = models.mlp()
+    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    fixed, dirs = _directions(model)
+    rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(reduction=reduction), x, y, directions=dirs)
+    _check_all(rec, ref, update, fixed)
+    # the mini-batch gradient is the mean (or sum) of the per-sample gradients
+    scale = 1 / 7 if reduction == "mean" else 1.0
+    np.testing.assert_allclose(rec.grad_norm, np.linalg.norm(flat(ref).sum(0) * scale), rtol=1e-5)
+
+
+def test_mse_multi_output_mean_reduction():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Sigmoid(), nn.Linear(6, 3))
+    x, y = torch.randn(5, 4), torch.randn(5, 3)
+    rec, ref, update = _run_one_step(model, nn.MSELoss(), x, y, directions=_directions(model)[1])
+    _check_all(rec, ref, update)
+    np.testing.assert_allclose(rec.per_sample_loss.mean(), rec.loss, rtol=1e-6)
+
+
+def test_cnn_grouped_conv_conv1d_groupnorm():
+    torch.manual_seed(0)
+    model = models.GroupedCNN()
+    x, y = models.cnn_batch(6)
+    fixed, dirs = _directions(model)
+    rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs)
+    _check_all(rec, ref, update, fixed)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_embedding_attention_layernorm(batch_first):
+    torch.manual_seed(0)
+    model = models.TinyTransformer(batch_first=batch_first)
+    x, y = models.token_batch(5)
+    fixed, dirs = _directions(model)
+    rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs)
+    _check_all(rec, ref, update, fixed)
+
+
+def test_matches_backpack_batchgrad():
+    """A second, independent reference: BackPACK's BatchGrad (right also for grouped conv)."""
+    backpack = pytest.importorskip("backpack")
+    from backpack.extensions import BatchGrad
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x, y = models.cnn_batch(6)
+    loss_fn = nn.CrossEntropyLoss()
+    ext_model, ext_loss = backpack.extend(copy.deepcopy(model)), backpack.extend(nn.CrossEntropyLoss())
+    rec, _, _ = _run_one_step(model, loss_fn, x, y)
+    with backpack.backpack(BatchGrad()):
+        ext_loss(ext_model(x), y).backward()
+    for n, p in ext_model.named_parameters():
+        gb = (p.grad_batch * len(y)).reshape(len(y), -1).double()  # BackPACK returns g_i / B for a mean
+        np.testing.assert_allclose(rec.per_sample_sq_norms_by_param[n], (gb**2).sum(1).numpy(), rtol=RTOL)
+
+
+def test_sq_norms_only_path_uses_no_gram():
+    """Norms alone (ghost path for T > 1 when cheaper) agree with the loop too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 16, 3), nn.ReLU(), nn.Conv1d(16, 16, 3), nn.Flatten(), nn.Linear(16 * 4, 2))
+    x, y = torch.randn(4, 3, 8), torch.randint(0, 2, (4,))
+    rec, ref, _ = _run_one_step(model, nn.CrossEntropyLoss(), x, y, flags={Need.PER_SAMPLE_SQ_NORMS})
+    for n in ref:
+        np.testing.assert_allclose(
+            rec.per_sample_sq_norms_by_param[n], (ref[n].reshape(4, -1) ** 2).sum(1), rtol=RTOL, err_msg=n
+        )
+    assert rec.per_sample_gram is None
+
+
+def test_train_mode_batchnorm_warns_and_gives_no_numbers():
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2))
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    probe, opt, loss_fn = Probe(), torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss()
+    with pytest.warns(RuntimeWarning, match="per-sample gradients have no single definition"):
+        with Cockpit(model, opt, loss_fn, instruments=[probe]):
+            loss_fn(model(x), y).backward()
+            opt.step()
+    rec = probe.records[0]
+    assert rec.per_sample_sq_norms is None and rec.per_sample_gram is None
+    assert any("BatchNorm1d" in n for n in rec.notes)
+    assert rec.loss is not None and rec.grad_norms  # the rest of the step is still tracked
+
+
+def test_eval_mode_batchnorm_is_served():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2))
+    model[1].running_mean.normal_()
+    model[1].running_var.uniform_(0.5, 2)
+    model[1].eval()
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=_directions(model)[1])
+    _check_all(rec, ref, update)
+
+
+def test_weighted_cross_entropy_with_ignore_index():
+    torch.manual_seed(0)
+    model = models.mlp()
+    x, y = torch.randn(6, 6), torch.tensor([0, 1, 2, -100, 1, 0])
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]))
+    probe = Probe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Cockpit(model, opt, loss_fn, instruments=[probe]):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+    rec = probe.records[0]
+    np.testing.assert_allclose(rec.per_sample_loss.mean(), loss.item(), rtol=1e-6)
+    # the mean of the per-sample gradients is the mini-batch gradient
+    g = probe.grads_before_step[0]
+    np.testing.assert_allclose(rec.mean_grad_sq_norm, sum(float((v.double() ** 2).sum()) for v in g.values()),
+                               rtol=1e-4)
