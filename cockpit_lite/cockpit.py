@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,24 @@ from cockpit_lite.registry import resolve
 from cockpit_lite.sinks.base import Sink
 from cockpit_lite.sinks.jsonl import JsonLines
 from cockpit_lite.step import StepRecord
+
+_PAUSED = threading.local()
+
+
+@contextmanager
+def paused() -> Iterator[None]:
+    """Run model/loss/optimizer calls that the cockpit must not see (e.g. an instrument's own
+    probe forward/backward): no hook of any cockpit reacts inside this block."""
+    depth = getattr(_PAUSED, "depth", 0)
+    _PAUSED.depth = depth + 1
+    try:
+        yield
+    finally:
+        _PAUSED.depth = depth
+
+
+def _is_paused() -> bool:
+    return getattr(_PAUSED, "depth", 0) > 0
 
 
 def _check_model_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, nn.Parameter]:
@@ -181,10 +201,14 @@ class Cockpit:
         self.engine.begin(self._needs)
 
     def _on_model_forward(self, module, args) -> None:
+        if _is_paused():
+            return
         if not self._in_step:
             self._begin_step()
 
     def _on_loss(self, module, args, kwargs, output) -> None:
+        if _is_paused():
+            return
         if not self._in_step:
             self._begin_step()
         if not self._active or not torch.is_tensor(output) or not output.requires_grad:
@@ -208,10 +232,42 @@ class Cockpit:
                 self.engine.set_batch(batch, 1.0 / gradient_scale(module.reduction, batch))
                 if Need.PER_SAMPLE_LOSS in self._needs.flags:
                     rec.per_sample_loss = per_sample_losses(module, args, kwargs).double().cpu().numpy()
+                if self._loss_calls == 1:
+                    # fires when backward reaches the loss; from there, queue our end-of-backward callback
+                    output.register_hook(self._on_backward_start)
             except Exception as e:
                 self._warn(f"reading the loss failed ({e}); this step's loss statistics are skipped")
 
+    def _on_backward_start(self, grad):
+        torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+
+    def _on_backward_end(self) -> None:
+        """All gradients of this backward are accumulated; the loop has not touched them yet."""
+        if not self._in_step or not self._active:
+            return
+        with self.costs.region("after_backward"):
+            try:
+                self.engine.finish_backward()
+                if Need.BACKWARD_GRAD_NORMS in self._needs.flags:
+                    self._record.backward_grad_norms = self._grad_norms()
+                for inst in self._active:
+                    try:
+                        inst.on_after_backward(self._record)
+                    except Exception as e:
+                        self._warn(f"{inst.key}.on_after_backward failed: {e}")
+            except Exception as e:
+                self._warn(f"end-of-backward work failed ({e})")
+
+    def _grad_norms(self) -> dict[str, float]:
+        named = [(n, p.grad) for n, p in self.params.items() if p.grad is not None]
+        if not named:
+            return {}
+        norms = torch.stack(torch._foreach_norm([g for _, g in named])).double().cpu().numpy()
+        return {n: float(v) for (n, _), v in zip(named, norms, strict=True)}
+
     def _on_before_step(self, optimizer, args, kwargs) -> None:
+        if _is_paused():
+            return
         # args are step()'s positional arguments, self included
         if any(callable(a) for a in args[1:]) or kwargs.get("closure") is not None:
             self._skip = True
@@ -234,12 +290,8 @@ class Cockpit:
         self.engine.finish_backward()
         rec.lrs = [float(g["lr"]) for g in self.optimizer.param_groups if "lr" in g]
         if Need.GRAD_NORMS in flags:
-            named = [(n, p.grad) for n, p in self.params.items() if p.grad is not None]
-            if named:
-                norms = torch.stack(torch._foreach_norm([g for _, g in named])).double().cpu().numpy()
-                rec.grad_norms = {n: float(v) for (n, _), v in zip(named, norms, strict=True)}
-            else:
-                rec.grad_norms = {}
+            rec.grad_norms = self._grad_norms()
+            if not rec.grad_norms:
                 rec.notes.append("no parameter has a gradient: was loss.backward() called?")
         if self.engine.active and self.engine.failure is None:
             missing = [n for n, p in self.params.items() if p.grad is not None and n not in self.engine.covered]
@@ -257,7 +309,7 @@ class Cockpit:
                 self._warn(f"{inst.key}.on_before_step failed: {e}")
 
     def _on_after_step(self, optimizer, args, kwargs) -> None:
-        if not self._in_step:
+        if not self._in_step or _is_paused():
             return
         try:
             if not self._skip and self._active:
@@ -274,8 +326,7 @@ class Cockpit:
         with self.costs.region("after_step"):
             if self._snapshot is not None:
                 rec.update = {
-                    n: p.detach() - before
-                    for (n, p), before in zip(self.params.items(), self._snapshot, strict=True)
+                    n: p.detach() - before for (n, p), before in zip(self.params.items(), self._snapshot, strict=True)
                 }
             self._collect_per_sample(rec)
         records: dict[Any, Any] = {}

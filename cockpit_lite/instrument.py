@@ -31,8 +31,9 @@ class Instrument:
         name: a prefix for this instance's tags, needed only to run two instances of one instrument.
 
     Subclasses set :attr:`NEEDS` (or override :meth:`requires`) and implement :meth:`compute`.
-    Hook names say when they fire: :meth:`on_attach` once, :meth:`on_before_step` with the final
-    gradients in place, :meth:`compute` after the optimizer step, :meth:`on_close` at the end.
+    Hook names say when they fire: :meth:`on_attach` once, :meth:`on_after_backward` when backward
+    is done, :meth:`on_before_step` with the gradients the optimizer will use, :meth:`compute` after
+    the optimizer step, :meth:`on_close` at the end.
     """
 
     NEEDS: ClassVar[frozenset[Need]] = frozenset()
@@ -70,6 +71,10 @@ class Instrument:
     # --- lifecycle hooks ----------------------------------------------------------------------------
     def on_attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Called once when the cockpit attaches, before the first step."""
+
+    def on_after_backward(self, record: Any) -> None:
+        """Called when ``loss.backward()`` has finished, before the loop can modify ``p.grad``
+        (e.g. clip it). Only for steps this instrument requires."""
 
     def on_before_step(self, record: Any) -> None:
         """Called in the optimizer's step pre-hook of a step this instrument requires.

@@ -7,8 +7,9 @@ from torch import nn
 
 
 def mlp(d_in=6, hidden=5, classes=3):
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.Tanh(),
-                         nn.Linear(hidden, classes))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, classes)
+    )
 
 
 class GroupedCNN(nn.Module):
@@ -36,8 +37,7 @@ class TinyTransformer(nn.Module):
         super().__init__()
         self.batch_first = batch_first
         self.emb = nn.Embedding(vocab, d, padding_idx=0)
-        self.layer = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=12, dropout=0.0,
-                                                batch_first=batch_first)
+        self.layer = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=12, dropout=0.0, batch_first=batch_first)
         self.head = nn.Linear(d, classes)
 
     def forward(self, tokens):

@@ -167,5 +167,6 @@ def test_weighted_cross_entropy_with_ignore_index():
     np.testing.assert_allclose(rec.per_sample_loss.mean(), loss.item(), rtol=1e-6)
     # the mean of the per-sample gradients is the mini-batch gradient
     g = probe.grads_before_step[0]
-    np.testing.assert_allclose(rec.mean_grad_sq_norm, sum(float((v.double() ** 2).sum()) for v in g.values()),
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        rec.mean_grad_sq_norm, sum(float((v.double() ** 2).sum()) for v in g.values()), rtol=1e-4
+    )

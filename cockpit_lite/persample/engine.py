@@ -48,9 +48,7 @@ class PerSampleEngine:
             handler_cls = FuncHandler if whole else handler_for(module)
             self.handlers[module] = handler_cls(module, names)
             self.param_names.extend(names.values())
-        self._hooks = [
-            m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self.handlers
-        ]
+        self._hooks = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self.handlers]
         self.active = False
         self._processing = False
         self.warned: set[str] = set()

@@ -1,0 +1,131 @@
+"""Per-step time and peak-memory overhead of instrument sets, as ratios to plain training.
+
+    python benchmarks/overhead.py                      # every model, optimizer and configuration
+    python benchmarks/overhead.py --models mlp --configs economy --optims sgd
+
+Time: each configuration owns a model copy, optimizer and cockpit; blocks of --steps steps run
+interleaved over --reps repetitions; the median block time per step is compared with plain training.
+Memory: each configuration runs in a fresh subprocess; the figure is the peak resident memory during
+training minus the resident memory just before the first step (model, data and cockpit built).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MODELS, OPTIMIZERS, interleaved, make_batches, peak_rss_mb, rss_mb, train_steps  # noqa: E402
+
+from cockpit_lite import Cockpit  # noqa: E402
+
+
+def _economy_minus_alpha():
+    from instruments import Distance, GradientTests, GradNorm, Loss, UpdateSize
+
+    return [Loss(), GradNorm(), UpdateSize(), Distance(), GradientTests()]
+
+
+#: configuration name -> (instrument factory, extra Cockpit kwargs factory(tmpdir)); "plain" = no cockpit
+CONFIGS = {
+    "plain": None,
+    "economy-alpha": (_economy_minus_alpha, lambda d: {}),
+    "economy": (lambda: "economy", lambda d: {}),
+}
+
+
+def build(model_name: str, optim: str, config: str, tmp: str):
+    factory = MODELS[model_name][0]
+    torch.manual_seed(0)
+    model = factory()
+    opt = OPTIMIZERS[optim](model.parameters())
+    loss_fn = nn.CrossEntropyLoss()
+    cockpit = None
+    if CONFIGS[config] is not None:
+        instruments, extra = CONFIGS[config]
+        cockpit = Cockpit(model, opt, loss_fn, instruments=instruments(), **extra(os.path.join(tmp, config)))
+    return model, opt, loss_fn, cockpit
+
+
+def time_ratios(model_name, optim, configs, steps, reps, tmp):
+    batches = make_batches(model_name, steps)
+    built = {c: build(model_name, optim, c, tmp) for c in configs}
+    runners = {c: (lambda b=built[c]: train_steps(b[0], b[1], b[2], batches)) for c in configs}
+    for run in runners.values():  # warm-up
+        run()
+    med = interleaved(runners, reps)
+    for b in built.values():
+        if b[3] is not None:
+            b[3].close()
+    return {c: med[c] / steps for c in configs}
+
+
+def memory_child(model_name, optim, config, steps):
+    tmp = tempfile.mkdtemp()
+    batches = make_batches(model_name, steps)
+    model, opt, loss_fn, cockpit = build(model_name, optim, config, tmp)
+    base = rss_mb()
+    train_steps(model, opt, loss_fn, batches)
+    peak = peak_rss_mb()
+    if cockpit is not None:
+        cockpit.close()
+    print(json.dumps({"peak_delta_mb": peak - base}))
+
+
+def memory_delta(model_name, optim, config, steps) -> float:
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", model_name, optim, config, "--steps", str(steps)],
+        capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_delta_mb"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="mlp,cnn")
+    ap.add_argument("--optims", default="sgd,adam")
+    ap.add_argument("--configs", default=",".join(c for c in CONFIGS if c != "plain"))
+    ap.add_argument("--steps", type=int, default=5, help="steps per timed block")
+    ap.add_argument("--reps", type=int, default=9, help="interleaved repetitions")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--memory-child", nargs=3, metavar=("MODEL", "OPTIM", "CONFIG"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        return memory_child(*args.memory_child, args.steps)
+
+    configs = ["plain"] + [c for c in args.configs.split(",") if c != "plain"]
+    rows = []
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.reps} interleaved reps x {args.steps} steps")
+    print(f"{'model':5} {'optim':5} {'config':22} {'ms/step':>9} {'time x':>7} {'peak MB':>8} {'mem x':>6}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for model_name in args.models.split(","):
+            for optim in args.optims.split(","):
+                per_step = time_ratios(model_name, optim, configs, args.steps, args.reps, tmp)
+                mem = {} if args.no_memory else {c: memory_delta(model_name, optim, c, args.steps) for c in configs}
+                for c in configs:
+                    row = {
+                        "model": model_name, "optim": optim, "config": c,
+                        "ms_per_step": per_step[c] * 1e3, "time_ratio": per_step[c] / per_step["plain"],
+                        "peak_mb": mem.get(c), "mem_ratio": mem[c] / mem["plain"] if mem else None,
+                    }  # fmt: skip
+                    rows.append(row)
+                    m = f"{row['peak_mb']:8.1f} {row['mem_ratio']:6.2f}" if mem else ""
+                    print(f"{model_name:5} {optim:5} {c:22} {row['ms_per_step']:9.2f} {row['time_ratio']:7.2f} {m}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
