@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cockpit_lite.hooks import SharedHook
 from cockpit_lite.instrument import Instrument
 from cockpit_lite.losses import check_loss_module, gradient_scale, per_sample_losses
 from cockpit_lite.needs import Need, Needs
@@ -108,10 +109,10 @@ class Cockpit:
 
         self.engine = PerSampleEngine(model, self.costs)
         self._hooks = [
-            model.register_forward_pre_hook(self._on_model_forward),
-            loss_fn.register_forward_hook(self._on_loss, with_kwargs=True),
-            optimizer.register_step_pre_hook(self._on_before_step),
-            optimizer.register_step_post_hook(self._on_after_step),
+            model.register_forward_pre_hook(SharedHook(self._on_model_forward)),
+            loss_fn.register_forward_hook(SharedHook(self._on_loss), with_kwargs=True),
+            optimizer.register_step_pre_hook(SharedHook(self._on_before_step)),
+            optimizer.register_step_post_hook(SharedHook(self._on_after_step)),
         ]
         for inst in self.instruments:
             inst.on_attach(model, optimizer)
@@ -251,6 +252,8 @@ class Cockpit:
             return
         # args are step()'s positional arguments, self included
         if any(callable(a) for a in args[1:]) or kwargs.get("closure") is not None:
+            if not self._in_step:  # the closure's forward must not open a step of its own
+                self._begin_step()
             self._skip = True
             self.engine.fail(
                 "optimizer.step(closure) runs backward inside step(), after the cockpit's step "

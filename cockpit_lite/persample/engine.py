@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from cockpit_lite.hooks import SharedHook
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.pause import is_paused
 from cockpit_lite.persample.layers import WHOLE_MODULES, FuncHandler, Handler, PerSampleUndefined, handler_for
@@ -51,7 +52,7 @@ class PerSampleEngine:
             handler_cls = FuncHandler if whole else handler_for(module)
             self.handlers[module] = handler_cls(module, names)
             self.param_names.extend(names.values())
-        self._hooks = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self.handlers]
+        self._hooks = [m.register_forward_hook(SharedHook(self._forward_hook), with_kwargs=True) for m in self.handlers]
         self.active = False
         self._processing = False
         self.warned: set[str] = set()
