@@ -21,6 +21,12 @@ from cockpit_lite.persample.layers import WHOLE_MODULES, FuncHandler, Handler, P
 from cockpit_lite.persample.views import View
 
 
+def _paused() -> bool:
+    from cockpit_lite.cockpit import _is_paused  # cockpit.py imports this module: import at call time
+
+    return _is_paused()
+
+
 @dataclass
 class _Calls:
     captures: list = field(default_factory=list)
@@ -96,8 +102,8 @@ class PerSampleEngine:
 
     # --- hooks ----------------------------------------------------------------------------------------
     def _forward_hook(self, module, args, kwargs, output):
-        if not self.active or self._processing:  # not during our own recomputation (torch.func)
-            return
+        if not self.active or self._processing or _paused():  # not our recomputation (torch.func) or
+            return  # an instrument's own pass inside cockpit_lite.paused()
         try:
             handler = self.handlers[module]
             handler.check()
@@ -154,7 +160,7 @@ class PerSampleEngine:
         if Need.PER_SAMPLE_GRADS in flags:
             self.grads.update(view.grads())
         self.covered.update(view.names)
-        if self.needs.directions:
+        if self.needs.directions or Need.PER_SAMPLE_CROSS in flags:
             view.release()
             self._kept.append(view)
 
@@ -167,6 +173,10 @@ class PerSampleEngine:
                 self._process(module)
         except Exception as e:
             self.fail(f"per-sample engine disabled for this step ({e})")
+
+    def kept_views(self) -> list[View]:
+        """The views kept for this step (for ``Need.PER_SAMPLE_CROSS`` or directions), after backward."""
+        return [] if self.failure is not None else list(self._kept)
 
     @torch.no_grad()
     def project(self, directions: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
