@@ -95,7 +95,9 @@ def _dataset_size(dataset: Any, resolve_subsets: bool) -> int | None:
 
 
 def _untracked(cockpit: Any, loader: Iterable, why: str) -> Iterator:
-    warnings.warn(f"cockpit-lite: cockpit.track(): {why}; batches pass unchanged without indices", stacklevel=3)
+    warnings.warn(
+        f"cockpit-lite: cockpit.track(): {why}; batches pass unchanged without indices", RuntimeWarning, stacklevel=3
+    )
     for batch in loader:
         cockpit._batch_indices = None
         yield batch

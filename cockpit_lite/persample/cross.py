@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from cockpit_lite.persample.layers import WHOLE_MODULES, FuncHandler, Handler, handler_for
 from cockpit_lite.persample.views import FactorView, View
@@ -113,8 +113,12 @@ class ViewCollector:
 
         def hook(module, a, kw, out):
             outs = [t for t in tree_flatten(out)[0] if torch.is_tensor(t) and t.requires_grad]
-            if outs:
-                captured.setdefault(module, []).append((self.handlers[module].capture(a, kw, out), outs))
+            if not outs:
+                return None
+            captured.setdefault(module, []).append((self.handlers[module].capture(a, kw, out), outs))
+            # hand a copy downstream: an in-place op there (ReLU(inplace=True)) must not rebase the
+            # tensors we take gradients with respect to
+            return tree_map(lambda t: t.clone() if torch.is_tensor(t) and t.requires_grad else t, out)
 
         with paused(), torch.random.fork_rng(devices=_cuda_devices(self.model)), torch.enable_grad():
             hooks = [m.register_forward_hook(hook, with_kwargs=True) for m in self.handlers]
@@ -171,7 +175,9 @@ class Projector:
     def apply(self, key: str, x: torch.Tensor) -> torch.Tensor:
         """Project the last axis of x."""
         m = self.matrix(key, x.shape[-1], x)
-        return x if m is None else x @ m
+        if m is None:
+            return x
+        return (x.reshape(-1, x.shape[-1]) @ m).reshape(*x.shape[:-1], m.shape[1])  # 2-D matmul: fast path
 
 
 def _flat_grads(view: View) -> dict[str, torch.Tensor]:
