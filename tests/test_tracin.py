@@ -4,6 +4,7 @@ random projections, TracInCP against an independent loop and against Captum, rec
 from __future__ import annotations
 
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from cockpit_lite.persample.cross import Projector, ViewCollector, cross
 from cockpit_lite.tracking import track
 from instruments.tracin import TracIn
 from tests import models
-from tests.reference import Probe, per_sample_grads_loop
+from tests.reference import Probe, flat, per_sample_grads_loop
 
 
 # --- track(): the same batches as the bare loader, and the right indices -------------------------------
@@ -345,3 +346,120 @@ def test_online_tracin_with_projection_is_unbiased_end_to_end():
     se = est.std(0) / seeds**0.5
     assert np.all(np.abs(est.mean(0) - exact) <= 4 * se + 1e-9 * np.abs(exact).max())
     assert not np.allclose(est[0], exact)  # the sketch is not exact at k=4 < widths
+
+
+# --- TracInCP: checkpoints, an independent float64 loop, Captum -----------------------------------------
+class BNNet(nn.Module):
+    """Conv1d (T > 1), BatchNorm1d (train mode during training), Linear: every handler kind of TracInCP."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3)
+        self.bn = nn.BatchNorm1d(3)
+        self.head = nn.Linear(3 * 4, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def _train_with_checkpoints(tmp_path, n=24, batch=6, epochs=2):
+    from instruments.tracin_cp import Checkpoints
+
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(n, 2, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+    Xt, Yt = torch.randn(5, 2, 6, generator=g), torch.randint(0, 3, (5,), generator=g)
+    torch.manual_seed(0)
+    model, loss_fn = BNNet(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    loader = DataLoader(TensorDataset(X, Y), batch_size=batch, shuffle=True)
+    ckpt = Checkpoints(every=len(loader))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # train-mode BatchNorm: no per-sample numbers during training
+        with Cockpit(model, opt, loss_fn, instruments=[ckpt], logdir=tmp_path) as cockpit:
+            for _ in range(epochs):
+                for x, y in cockpit.track(loader):
+                    opt.zero_grad()
+                    loss_fn(model(x), y).backward()
+                    opt.step()
+                    sched.step()
+    return types.SimpleNamespace(model=model, loss_fn=loss_fn, X=X, Y=Y, Xt=Xt, Yt=Yt, paths=ckpt.paths)
+
+
+def _loop_tracincp(run):
+    """sum_k eta_k g_k(z) . g_k(z'): float64, eval mode, one autograd call per example per checkpoint."""
+    from instruments.tracin_cp import load_checkpoint
+
+    self_inf, infl = 0.0, 0.0
+    for path in run.paths:
+        state = load_checkpoint(path)
+        model = BNNet()
+        model.load_state_dict(state["state_dict"])
+        model.eval()
+        gz = flat(per_sample_grads_loop(model, nn.CrossEntropyLoss(), run.X, run.Y))
+        gt = flat(per_sample_grads_loop(model, nn.CrossEntropyLoss(), run.Xt, run.Yt))
+        self_inf = self_inf + state["learning_rate"] * (gz**2).sum(1)
+        infl = infl + state["learning_rate"] * gz @ gt.T
+    return self_inf, infl
+
+
+def test_checkpoints_store_parameters_and_the_lr_of_their_step(tmp_path):
+    from instruments.tracin_cp import checkpoint_paths, load_checkpoint
+
+    run = _train_with_checkpoints(tmp_path)
+    paths = checkpoint_paths(tmp_path)
+    assert [p.name for p in paths] == ["step_00000000.pt", "step_00000004.pt", "step_00000008.pt"]  # + final
+    lrs = [load_checkpoint(p)["learning_rate"] for p in paths]
+    np.testing.assert_allclose(lrs, [0.1, 0.025, 0.00625])  # StepLR halves every 2 steps; final: the lr now
+    final = load_checkpoint(paths[-1])["state_dict"]
+    for k, v in run.model.state_dict().items():
+        assert torch.equal(final[k], v)
+
+
+def test_tracincp_matches_float64_loop_in_eval_mode(tmp_path):
+    from instruments.tracin_cp import TracInCP
+
+    run = _train_with_checkpoints(tmp_path)
+    run.model.train()  # TracInCP must switch to eval mode itself, and restore train mode afterwards
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    cp = TracInCP(run.model, run.loss_fn, tmp_path, batch_size=7)
+    ref_self, ref_infl = _loop_tracincp(run)
+    np.testing.assert_allclose(cp.self_influence((run.X, run.Y)), ref_self, rtol=1e-4)
+    infl = cp.influence(TensorDataset(run.X, run.Y), (run.Xt, run.Yt))
+    np.testing.assert_allclose(infl, ref_infl, rtol=1e-4, atol=1e-5 * np.abs(ref_infl).max())
+    assert run.model.training and all(torch.equal(v, before[k]) for k, v in run.model.state_dict().items())
+    # written into the run, readable by load()
+    records = cp.write(tmp_path, self_influence=ref_self, influence=infl, top_k=5)
+    history = load(tmp_path)
+    np.testing.assert_array_equal(history.last("tracin/cp/self_influence/top")["index"], np.argsort(-ref_self)[:5])
+    np.testing.assert_array_equal(
+        history.last("tracin/cp/proponents")["index"], records["tracin/cp/proponents"]["index"]
+    )
+    assert history.last("tracin/cp/opponents")["score"].shape == (5, 5)
+
+
+def test_tracincp_agrees_with_captum(tmp_path):
+    pytest.importorskip("captum")
+    from captum.influence import TracInCP as CaptumTracInCP
+
+    from instruments.tracin_cp import TracInCP, captum_loader
+
+    run = _train_with_checkpoints(tmp_path)
+    run.model.eval()  # Captum never switches modes: give it the eval-mode model ours uses
+    paths = [str(p) for p in run.paths]
+    captum = CaptumTracInCP(
+        run.model,
+        TensorDataset(run.X, run.Y),
+        checkpoints=paths,
+        checkpoints_load_func=captum_loader,
+        loss_fn=nn.CrossEntropyLoss(reduction="none"),
+        batch_size=8,
+    )
+    theirs_infl = captum.influence((run.Xt, run.Yt)).double().numpy().T
+    theirs_self = captum.self_influence().double().numpy()
+    ours = TracInCP(run.model, run.loss_fn, paths)
+    np.testing.assert_allclose(ours.self_influence((run.X, run.Y)), theirs_self, rtol=1e-4)
+    scale = np.abs(theirs_infl).max()
+    np.testing.assert_allclose(
+        ours.influence((run.X, run.Y), (run.Xt, run.Yt)), theirs_infl, rtol=1e-4, atol=1e-5 * scale
+    )
