@@ -36,6 +36,14 @@ NEEDS_TRACK = (
 )
 
 
+def _scatter_add(target: np.ndarray, idx: np.ndarray, values: np.ndarray) -> None:
+    """target[idx] += values, correct also for repeated indices (sampling with replacement)."""
+    if len(np.unique(idx)) == len(idx):
+        target[idx] += values
+    else:
+        np.add.at(target, idx, values)
+
+
 def top_table(scores: np.ndarray, k: int, largest: bool = True) -> dict[str, np.ndarray]:
     """{"index": the k indices with the largest (or smallest) scores, best first, "score": theirs}."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -177,7 +185,7 @@ class TracIn(Instrument):
                 term = c.double() * weights[name]
                 total = term if total is None else total + term
         if total is not None:
-            np.add.at(self._infl, idx, total.cpu().numpy())
+            _scatter_add(self._infl, idx, total.cpu().numpy())
             self.probe_steps += 1
 
     def _probe_views(self, record):
@@ -201,7 +209,7 @@ class TracIn(Instrument):
         if weights is None:
             return {}
         s = sum(weights[n] * sq for n, sq in by_param.items())
-        np.add.at(self._self, idx, s)
+        _scatter_add(self._self, idx, s)
         self._seen[idx] = True
         self.steps += 1
         return {}

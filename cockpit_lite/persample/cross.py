@@ -214,26 +214,38 @@ def _cross_factor(left: FactorView, right: FactorView, projector: Projector | No
     out: dict[str, torch.Tensor] = {}
     if tl == 1 and tr == 1:
         al, el = left.a.reshape(bl, g, i), left.e.reshape(bl, g, o)
-        ar, er = right.a.reshape(br, g, i), right.e.reshape(br, g, o).to(el.dtype)
-        ar = ar.to(al.dtype)
+        ar, er = right.a.reshape(br, g, i).to(al.dtype), right.e.reshape(br, g, o).to(el.dtype)
         if projector is not None:
             al, ar = projector.apply(left.w + "/a", al), projector.apply(left.w + "/a", ar)
-            el, er = projector.apply(left.w + "/e", el), projector.apply(left.w + "/e", er)
-        # (g, Bl, i) x (g, i, Br) -> (g, Bl, Br), times the same for e, summed over groups
-        aa = torch.bmm(al.transpose(0, 1), ar.permute(1, 2, 0))
-        ee = torch.bmm(el.transpose(0, 1), er.permute(1, 2, 0))
+            el2, er2 = projector.apply(left.w + "/e", el), projector.apply(left.w + "/e", er)
+        else:
+            el2, er2 = el, er
+        if g == 1:  # plain 2-D matmuls (batched matmuls on permuted views are much slower on CPU)
+            aa = (al[:, 0] @ ar[:, 0].T).unsqueeze(0)
+            ee = (el2[:, 0] @ er2[:, 0].T).unsqueeze(0)
+        else:  # (g, Bl, i) x (g, i, Br) -> (g, Bl, Br)
+            aa = torch.bmm(al.transpose(0, 1), ar.permute(1, 2, 0))
+            ee = torch.bmm(el2.transpose(0, 1), er2.permute(1, 2, 0))
         out[left.w] = (aa * ee).sum(0)
-    else:
-        # materialise this layer's per-sample weight gradients (B, g, o, i), or their sketch P_e G P_a^T
-        def grads(v: FactorView) -> torch.Tensor:
-            b, gg, t, ii = v.a.shape
-            a, e = v.a, v.e.to(v.a.dtype)
-            if projector is not None:
-                a, e = projector.apply(left.w + "/a", a), projector.apply(left.w + "/e", e)
-            return torch.einsum("bgto,bgti->bgoi", e, a).reshape(b, -1)
+        if left.b is not None:
+            # the bias gradient is e itself: its cross-Gram is the e-Gram already computed (exact case)
+            if projector is None:
+                out[left.b] = ee.sum(0)
+            else:
+                sl, sr = projector.apply(left.b, el.reshape(bl, -1)), projector.apply(left.b, er.reshape(br, -1))
+                out[left.b] = sl @ sr.T
+        return out
 
-        gl, gr = grads(left), grads(right)
-        out[left.w] = gl @ gr.to(gl.dtype).T
+    # T > 1: materialise this layer's per-sample weight gradients (B, g, o, i), or their sketch P_e G P_a^T
+    def grads(v: FactorView) -> torch.Tensor:
+        b = v.a.shape[0]
+        a, e = v.a, v.e.to(v.a.dtype)
+        if projector is not None:
+            a, e = projector.apply(left.w + "/a", a), projector.apply(left.w + "/e", e)
+        return torch.einsum("bgto,bgti->bgoi", e, a).reshape(b, -1)
+
+    gl, gr = grads(left), grads(right)
+    out[left.w] = gl @ gr.to(gl.dtype).T
     if left.b is not None:
         sl = left.e.sum(2).reshape(bl, -1)
         sr = right.e.sum(2).reshape(br, -1).to(sl.dtype)
