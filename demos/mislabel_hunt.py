@@ -191,7 +191,7 @@ def main(argv=None) -> dict[str, list]:
     for name in args.settings.split(","):
         s = SETTINGS[name]
         if args.quick:
-            s = Setting(s.name, s.hidden, s.noise, s.structured, epochs=3)
+            s = Setting(s.name, s.hidden, s.noise, s.structured, epochs=2)
         results[name] = run_setting(s, seed=args.seed)
     return results
 

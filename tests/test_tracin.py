@@ -463,3 +463,19 @@ def test_tracincp_agrees_with_captum(tmp_path):
     np.testing.assert_allclose(
         ours.influence((run.X, run.Y), (run.Xt, run.Yt)), theirs_infl, rtol=1e-4, atol=1e-5 * scale
     )
+
+
+def test_mislabel_demo_quick_mode():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "demos" / "mislabel_hunt.py"
+    spec = importlib.util.spec_from_file_location("mislabel_hunt", path)
+    demo = importlib.util.module_from_spec(spec)
+    sys.modules["mislabel_hunt"] = demo  # dataclasses look their module up
+    spec.loader.exec_module(demo)
+    rows = {name: fr for name, fr, _ in demo.main(["--quick", "--settings", "easy"])["easy"]}
+    assert {"online TracIn", "cumulative loss", "final loss", "random", "best possible"} <= set(rows)
+    assert any(k.startswith("TracInCP (") for k in rows)
+    assert rows["online TracIn"][0] > 2 * rows["random"][0]  # finds flipped labels far better than chance
