@@ -104,7 +104,7 @@ class ViewCollector:
     ) -> tuple[dict[tuple[str, ...], View], torch.Tensor]:
         """Return ({parameter names of a layer: view}, per-example losses l_k (K,)) at the current
         parameters; the views hold gradients of l_k (:func:`example_losses`)."""
-        from cockpit_lite.cockpit import paused
+        from cockpit_lite.pause import paused
 
         for h in self.handlers.values():
             h.check()  # before any forward: e.g. train-mode BatchNorm must not update its statistics
