@@ -1,9 +1,10 @@
 """The built-in instruments of cockpit-lite, plugins of the core (registered as entry points)."""
 
+from instruments.alpha import Alpha
 from instruments.gradient_tests import GradientTests
 from instruments.gradnorm import GradNorm
 from instruments.loss import Loss
 from instruments.persample_norms import PerSampleGradNorms
 from instruments.update import Distance, UpdateSize
 
-__all__ = ["Loss", "GradNorm", "UpdateSize", "Distance", "PerSampleGradNorms", "GradientTests"]
+__all__ = ["Alpha", "Loss", "GradNorm", "UpdateSize", "Distance", "PerSampleGradNorms", "GradientTests"]
