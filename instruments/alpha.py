@@ -142,8 +142,7 @@ def lr_verdict(alphas: np.ndarray, window: int | None = None) -> tuple[str, str]
     stats = f"median alpha {med:.2f} {over}, {100 * share:.0f}% of steps overshoot (alpha > 1)"
     if med > TOO_LARGE_MEDIAN or share > OVERSHOOT_SHARE:
         return "too large", (
-            f"{stats}: steps overshoot the valley floor, the learning rate is likely too large "
-            "(try about 2-3x smaller)"
+            f"{stats}: steps overshoot the valley floor, the learning rate is likely too large (try about 2-3x smaller)"
         )
     if med < TOO_SMALL_MEDIAN:
         return "too small", (
