@@ -1,5 +1,6 @@
 """The built-in instruments of cockpit-lite, plugins of the core (registered as entry points)."""
 
+from instruments.alpha import Alpha
 from instruments.gradient_tests import GradientTests
 from instruments.gradnorm import GradNorm
 from instruments.loss import Loss
@@ -15,6 +16,7 @@ __all__ = [
     "Distance",
     "PerSampleGradNorms",
     "GradientTests",
+    "Alpha",
     "TracIn",
     "TracInCP",
     "Checkpoints",

@@ -1,13 +1,14 @@
 """Named instrument sets, registered under the entry-point group ``cockpit_lite.presets``.
 
 - ``minimal``: Loss, GradNorm. Nothing per-sample.
-- ``economy``: Cockpit's economy set (Loss, GradNorm, UpdateSize, Distance, norm/inner/ortho tests)
-  plus per-sample gradient norms, which the tests compute anyway.
+- ``economy``: Cockpit's economy set (Loss, GradNorm, UpdateSize, Distance, norm/inner/ortho tests,
+  Alpha) plus per-sample gradient norms, which the tests compute anyway.
 - ``full``: every built-in instrument with default settings.
 """
 
 from __future__ import annotations
 
+from instruments.alpha import Alpha
 from instruments.gradient_tests import GradientTests
 from instruments.gradnorm import GradNorm
 from instruments.loss import Loss
@@ -20,7 +21,7 @@ def minimal():
 
 
 def economy():
-    return [Loss(), GradNorm(), UpdateSize(), Distance(), PerSampleGradNorms(), GradientTests()]
+    return [Loss(), GradNorm(), UpdateSize(), Distance(), PerSampleGradNorms(), GradientTests(), Alpha()]
 
 
 def full():

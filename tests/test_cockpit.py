@@ -109,13 +109,17 @@ def test_history_streams_to_disk_and_loads_back(tmp_path):
         _train(model, opt, loss_fn, _data(2))
         # streamed as it goes: both steps are on disk before close
         lines = (tmp_path / "cockpit.jsonl").read_text().splitlines()
-        assert [json.loads(line)["step"] for line in lines] == [0, 1]
+        # (Alpha writes step 0's alpha with step 1, as a second line for step 0)
+        assert sorted({json.loads(line)["step"] for line in lines}) == [0, 1]
     loaded = load(tmp_path)
     assert set(loaded) == set(cockpit.history)
     for tag in cockpit.history:
         for (s1, v1), (s2, v2) in zip(cockpit.history[tag], loaded[tag], strict=True):
             assert s1 == s2
-            np.testing.assert_allclose(v1, v2, rtol=1e-12)
+            if isinstance(v1, str):  # verdicts, alpha/status
+                assert v1 == v2
+            else:
+                np.testing.assert_allclose(v1, v2, rtol=1e-12)
     assert isinstance(loaded["persample/grad_norm"][0][1], np.ndarray)
     assert loaded["persample/grad_norm"][0][1].shape == (8,)
 
