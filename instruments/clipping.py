@@ -21,24 +21,30 @@ Threshold suggestions (``clip/suggest/<kind>/pNN``): the threshold below which N
 values fall, i.e. the threshold that would clip (100 - NN)% of them: over the window of steps for the
 global norm; for AGC ratios and per-sample norms the NN-th percentile within a step (of units, of samples),
 median over the window of steps.
+
+Cost: global and AGC statistics cost one pass over gradients and weights (unit norms) and a few
+vectorised numpy calls however many tensors the model has; per-sample norms come with the per-sample
+engine, and the cosine needs the B x B Gram matrix, so it is computed on every ``cosine_every``-th step
+only (docs/clipping.md, docs/performance.md).
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from cockpit_lite import Instrument, Need, Needs
-from instruments._util import quantile_records
+from instruments._util import QUANTILES
 from instruments.agc import GRAD_NORM_FLOOR, check_positive, final_layer, unitwise_norm
 
 KINDS = ("global", "agc", "per_sample")
 #: the 1e-6 that torch's clip_grad_norm_ and Opacus add to the norm in the clip coefficient
 NORM_EPS = 1e-6
+_LEVELS = tuple(QUANTILES.values())
 
 
 def clip_factors(norms: np.ndarray, threshold: float) -> np.ndarray:
@@ -60,9 +66,101 @@ def clipped_mean_cosine(gram: np.ndarray, factors: np.ndarray) -> tuple[float, f
     return float(np.clip(cos, -1.0, 1.0)) if math.isfinite(cos) else float("nan"), ratio
 
 
+def sorted_quantiles(s: np.ndarray, levels: Sequence[float]) -> np.ndarray:
+    """numpy's default ("linear") quantiles of data already sorted along axis 0 (NaNs sort last and
+    make the result NaN), without ``np.quantile``'s per-call overhead."""
+    n = s.shape[0]
+    pos = np.asarray(levels, dtype=np.float64) * (n - 1)
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, n - 1)
+    t = (pos - lo).reshape((-1,) + (1,) * (s.ndim - 1))
+    out = s[lo] + (s[hi] - s[lo]) * t
+    return np.where(np.isnan(s[-1]), np.nan, out)
+
+
 def _level_name(q: float) -> str:
     pct = q * 100
     return f"p{pct:g}".replace(".", "_")
+
+
+class _Window:
+    """The last ``size`` rows of ``width`` floats (a ring buffer)."""
+
+    def __init__(self, size: int, width: int):
+        self.buf = np.empty((size, width))
+        self.n = self.i = 0
+
+    def add(self, row) -> np.ndarray:
+        """Add a row; return the rows held (in no particular order)."""
+        self.buf[self.i] = row
+        self.i = (self.i + 1) % len(self.buf)
+        self.n = min(self.n + 1, len(self.buf))
+        return self.buf[: self.n]
+
+
+#: quantile levels of the unit ratios reported per parameter tensor (the overall set is QUANTILES)
+PER_PARAM_LEVELS = {"p5": 0.05, "p50": 0.5, "p95": 0.95}
+
+
+def agc_statistics(
+    w: np.ndarray,
+    g: np.ndarray,
+    sizes: Sequence[int],
+    eps: float,
+    lam: float | None,
+    levels: Sequence[float],
+    seg_levels: Sequence[float] | None = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    """AGC statistics from the unit norms ``w`` = ||W_i|| and ``g`` = ||G_i|| of consecutive segments
+    (parameter tensors of ``sizes`` units): over all units, and (with ``seg_levels``) per segment.
+
+    ratio r_i = ||G_i|| / max(||W_i||, eps): ``quantiles`` at the levels, ``max``, ``mean``; ``units``;
+    ``floored`` = #{||W_i|| < eps}; with lambda: ``clipped`` = #{not ||G_i|| < lambda max(||W_i||, eps)}
+    (the units AGC rescales) and ``min_scale`` = the smallest factor lambda max(||W_i||, eps) /
+    max(||G_i||, 1e-6) of a clipped unit (1 if none is clipped). A few vectorised numpy calls, whatever
+    the number of tensors.
+    """
+    w_star = np.maximum(w, eps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = g / w_star
+    order = np.argsort(ratio)  # ascending, NaNs last
+    r_all = ratio[order]
+    floored = w < eps
+    overall: dict[str, Any] = {
+        "quantiles": sorted_quantiles(r_all, levels),
+        "max": r_all[-1],
+        "mean": float(ratio.mean()),
+        "units": float(len(ratio)),
+        "floored": float(floored.sum()),
+    }
+    if lam is not None:
+        max_norm = lam * w_star
+        clipped = ~(g < max_norm)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(clipped, max_norm / np.maximum(g, GRAD_NORM_FLOOR), 1.0)
+        overall["clipped"] = float(clipped.sum())
+        overall["min_scale"] = float(scale.min())
+    if seg_levels is None:
+        return overall, None
+    sizes = np.asarray(sizes, dtype=np.intp)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp)
+    seg = np.repeat(np.arange(len(sizes)), sizes)
+    r_seg = r_all[np.argsort(seg[order], kind="stable")]  # sorted within each segment, NaNs last
+    pos = np.asarray(seg_levels)[None, :] * (sizes[:, None] - 1)
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, sizes[:, None] - 1)
+    lo_v, hi_v = r_seg[starts[:, None] + lo], r_seg[starts[:, None] + hi]
+    top = r_seg[starts + sizes - 1]
+    per = {
+        "quantiles": np.where(np.isnan(top)[:, None], np.nan, lo_v + (hi_v - lo_v) * (pos - lo)),
+        "max": top,
+        "floored": np.add.reduceat(floored.astype(np.float64), starts),
+        "units": sizes,
+    }
+    if lam is not None:
+        per["clipped"] = np.add.reduceat(clipped.astype(np.float64), starts)
+        per["min_scale"] = np.minimum.reduceat(scale, starts)
+    return overall, per
 
 
 class Clipping(Instrument):
@@ -76,12 +174,14 @@ class Clipping(Instrument):
         window: number of tracked steps for the rolling clipped fraction and the suggestions.
         kinds: which of ``"global"``, ``"agc"``, ``"per_sample"`` to measure. Global and AGC cost a pass
             over the gradients; per-sample needs the per-sample engine (norms; the B x B Gram matrix
-            only when ``per_sample_clip`` is given).
+            for the cosine when ``per_sample_clip`` is given).
         agc_exclude: parameters left out of the AGC statistics: ``"final"`` (the final layer, as the
             paper leaves the classifier unclipped; see :func:`instruments.agc.final_layer`), or a
             collection of parameter names (empty: every parameter).
         suggest: quantile levels in (0, 1) for the threshold suggestions (0.9: clips 10%).
         per_param: also emit the AGC statistics of each parameter tensor.
+        cosine_every: the per-sample cosine (which needs the B x B Gram matrix) is computed on steps
+            that are multiples of ``cosine_every``; 1 for every tracked step.
 
     Tags: ``clip/global/...``, ``clip/agc/...`` (``clip/agc/<param>/...`` per tensor),
     ``clip/per_sample/...``, ``clip/suggest/...`` (docs/clipping.md, docs/tags.md).
@@ -98,6 +198,7 @@ class Clipping(Instrument):
         agc_exclude: str | Iterable[str] = "final",
         suggest: Iterable[float] = (0.5, 0.9),
         per_param: bool = True,
+        cosine_every: int = 10,
         **kw,
     ):
         super().__init__(**kw)
@@ -124,24 +225,26 @@ class Clipping(Instrument):
         self.agc_clip = None if agc_clip is None else float(agc_clip)
         self.per_sample_clip = None if per_sample_clip is None else float(per_sample_clip)
         self.agc_eps = check_positive("Clipping: agc_eps", agc_eps, " (AGC's weight-norm floor, e.g. 1e-3)")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"Clipping: window={window!r} must be a positive integer (number of steps)")
-        self.window = window
+        for name, value in (("window", window), ("cosine_every", cosine_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Clipping: {name}={value!r} must be a positive integer (a number of steps)")
+        self.window, self.cosine_every = window, cosine_every
         self.suggest = tuple(float(q) for q in suggest)
-        if not all(0 < q < 1 for q in self.suggest) or len(set(map(_level_name, self.suggest))) != len(self.suggest):
-            raise ValueError(
-                f"Clipping: suggest={suggest!r} must be distinct quantile levels in (0, 1), e.g. (0.5, 0.9)"
-            )
+        if (
+            not self.suggest
+            or not all(0 < q < 1 for q in self.suggest)
+            or len(set(map(_level_name, self.suggest))) != len(self.suggest)
+        ):
+            raise ValueError(f"Clipping: suggest={suggest!r}: use distinct quantile levels in (0, 1), e.g. (0.5, 0.9)")
         if isinstance(agc_exclude, str) and agc_exclude != "final":
             raise ValueError(f'Clipping: agc_exclude={agc_exclude!r}: use "final" or a collection of parameter names')
         self.agc_exclude = agc_exclude if isinstance(agc_exclude, str) else frozenset(agc_exclude)
         self.per_param = per_param
         self.excluded: frozenset[str] = frozenset()
-        self._global_norms: deque[float] = deque(maxlen=window)
-        self._global_clipped: deque[bool] = deque(maxlen=window)
-        self._agc_levels: deque[np.ndarray] = deque(maxlen=window)
-        self._ps_levels: deque[np.ndarray] = deque(maxlen=window)
-        self._agc: tuple[list[str], list[int], torch.Tensor, torch.Tensor] | None = None
+        self._global_norms = _Window(window, 1)
+        self._agc_levels = _Window(window, len(self.suggest))
+        self._ps_levels = _Window(window, len(self.suggest))
+        self._agc: tuple[list[str], list[int], int, torch.Tensor] | None = None
 
     # --- core contract ------------------------------------------------------------------------------
     def requires(self, step: int) -> Needs:
@@ -149,10 +252,12 @@ class Clipping(Instrument):
             return Needs()
         flags: set[Need] = set()
         if "global" in self.kinds:
-            flags |= {Need.BACKWARD_GRAD_NORMS, Need.GRAD_NORMS}
+            flags.add(Need.GRAD_NORMS)
+            if "agc" not in self.kinds:  # otherwise the unit norms of on_after_backward give it
+                flags.add(Need.BACKWARD_GRAD_NORMS)
         if "per_sample" in self.kinds:
             flags.add(Need.PER_SAMPLE_SQ_NORMS)
-            if self.per_sample_clip is not None:
+            if self.per_sample_clip is not None and step % self.cosine_every == 0:
                 flags.add(Need.PER_SAMPLE_GRAM)
         return Needs(flags)
 
@@ -175,91 +280,97 @@ class Clipping(Instrument):
         self._agc = None
         if "agc" not in self.kinds:
             return
-        names, sizes, wn, gn = [], [], [], []
+        names, sizes, w_norms, g_norms, g_excluded = [], [], [], [], []
         for name, p in record.params.items():
-            if p.grad is None or name in self.excluded:
+            if p.grad is None or p.numel() == 0:
                 continue
-            w = unitwise_norm(p.detach()).reshape(-1)
             g = unitwise_norm(p.grad.detach()).reshape(-1)
+            if name in self.excluded:
+                g_excluded.append(g)  # only for the global norm
+                continue
             names.append(name)
-            sizes.append(w.numel())
-            wn.append(w)
-            gn.append(g)
-        if names:
-            self._agc = (names, sizes, torch.cat(wn), torch.cat(gn))
+            sizes.append(g.numel())
+            g_norms.append(g)
+            w_norms.append(unitwise_norm(p.detach()).reshape(-1))
+        if g_norms or g_excluded:
+            # one tensor, one transfer: [w (kept units), g (kept units), g (excluded units)]
+            self._agc = (names, sizes, sum(sizes), torch.cat(w_norms + g_norms + g_excluded))
 
     def compute(self, record):
         out: dict[str, float] = {}
+        agc_data, self._agc = self._agc, None
+        units = None
+        if agc_data is not None:
+            names, sizes, n, flat = agc_data
+            flat = flat.double().cpu().numpy()
+            units = (names, sizes, flat[:n], flat[n : 2 * n], flat[n:])
         if "global" in self.kinds:
-            out.update(self._global(record))
-        if "agc" in self.kinds:
-            out.update(self._agc_stats())
+            out.update(self._global(record, units))
+        if "agc" in self.kinds and units is not None and units[0]:
+            out.update(self._agc_stats(*units[:4]))
         if "per_sample" in self.kinds:
             out.update(self._per_sample(record))
-        return {self.tag(k): v for k, v in out.items()}
+        return {self.tag(k): v for k, v in out.items()} if self.name else out
 
     # --- global ---------------------------------------------------------------------------------------
-    def _global(self, record) -> dict[str, float]:
+    def _global(self, record, units) -> dict[str, float]:
         out: dict[str, float] = {}
-        if not record.backward_grad_norms:
+        if record.backward_grad_norms:
+            norm = record.global_norm(record.backward_grad_norms)
+        elif units is not None:
+            norm = float(np.sqrt(np.dot(units[4], units[4])))  # sum over units of ||G_i||^2 = ||G||^2
+        else:
             return out
-        norm = record.global_norm(record.backward_grad_norms)
         out["clip/global/norm"] = norm
-        received = record.grad_norm if record.grad_norms else None
-        if received is not None:
+        if record.grad_norms:
+            received = record.grad_norm
             out["clip/global/received_norm"] = received
             out["clip/global/received_ratio"] = received / norm if norm > 0 else float("nan")
         if not math.isfinite(norm):
             record.notes.append(f"clipping: non-finite gradient norm {norm}; left out of the rolling statistics")
             return out
-        self._global_norms.append(norm)
+        norms = self._global_norms.add(norm)[:, 0]
         if self.max_norm is not None:
             coef = min(1.0, self.max_norm / (norm + NORM_EPS))
-            self._global_clipped.append(coef < 1.0)
             out["clip/global/coef"] = coef
             out["clip/global/would_clip"] = float(coef < 1.0)
-            out["clip/global/frac_clipped"] = float(np.mean(self._global_clipped))
-        qs = np.quantile(np.asarray(self._global_norms), self.suggest)
+            out["clip/global/frac_clipped"] = float(np.mean(self.max_norm / (norms + NORM_EPS) < 1.0))
+        qs = sorted_quantiles(np.sort(norms), self.suggest)
         out.update({f"clip/suggest/global/{_level_name(q)}": float(v) for q, v in zip(self.suggest, qs, strict=True)})
         return out
 
     # --- AGC ------------------------------------------------------------------------------------------
-    def _unit_stats(self, prefix: str, w: np.ndarray, g: np.ndarray) -> dict[str, float]:
-        eps = self.agc_eps
-        w_star = np.maximum(w, eps)
-        ratio = g / w_star
-        floored = w < eps
-        out = quantile_records(f"{prefix}ratio", ratio)
-        out[f"{prefix}units"] = float(w.size)
-        out[f"{prefix}floored"] = float(floored.sum())
-        out[f"{prefix}frac_floored"] = float(floored.mean())
+    def _agc_stats(self, names, sizes, w, g) -> dict[str, float]:
+        seg_levels = tuple(PER_PARAM_LEVELS.values()) if self.per_param else None
+        overall, per = agc_statistics(
+            w, g, sizes, self.agc_eps, self.agc_clip, _LEVELS + self.suggest, seg_levels=seg_levels
+        )
+        qs = overall["quantiles"]
+        out = {f"clip/agc/ratio/{k}": float(v) for k, v in zip(QUANTILES, qs, strict=False)}
+        out["clip/agc/ratio/max"] = float(overall["max"])
+        out["clip/agc/ratio/mean"] = overall["mean"]
+        out["clip/agc/units"] = n = overall["units"]
+        out["clip/agc/floored"] = overall["floored"]
+        out["clip/agc/frac_floored"] = overall["floored"] / n
         if self.agc_clip is not None:
-            max_norm = self.agc_clip * w_star
-            clipped = ~(g < max_norm)  # what agc.clip_ (and timm) rescale
-            scale = np.where(clipped, max_norm / np.maximum(g, GRAD_NORM_FLOOR), 1.0)
-            out[f"{prefix}frac_clipped"] = float(clipped.mean())
-            out[f"{prefix}min_scale"] = float(scale.min())
-        return out
-
-    def _agc_stats(self) -> dict[str, float]:
-        if self._agc is None:
-            return {}
-        names, sizes, wt, gt = self._agc
-        self._agc = None
-        w = wt.double().cpu().numpy()
-        g = gt.double().cpu().numpy()
-        out = self._unit_stats("clip/agc/", w, g)
-        if self.per_param:
-            start = 0
-            for name, size in zip(names, sizes, strict=True):
-                sl = slice(start, start + size)
-                out.update(self._unit_stats(f"clip/agc/{name}/", w[sl], g[sl]))
-                start += size
-        ratio = g / np.maximum(w, self.agc_eps)
-        if np.all(np.isfinite(ratio)):
-            self._agc_levels.append(np.quantile(ratio, self.suggest))
-            med = np.median(np.stack(self._agc_levels), axis=0)
-            out.update({f"clip/suggest/agc/{_level_name(q)}": float(v) for q, v in zip(self.suggest, med, strict=True)})
+            out["clip/agc/frac_clipped"] = overall["clipped"] / n
+            out["clip/agc/min_scale"] = overall["min_scale"]
+        sugg = qs[len(_LEVELS) :]
+        if np.all(np.isfinite(sugg)):
+            rows = self._agc_levels.add(sugg)
+            med = sorted_quantiles(np.sort(rows, axis=0), [0.5])[0]
+            out.update(
+                {f"clip/suggest/agc/{_level_name(lv)}": float(v) for lv, v in zip(self.suggest, med, strict=True)}
+            )
+        if per is not None:
+            cols = {f"ratio/{k}": per["quantiles"][:, j] for j, k in enumerate(PER_PARAM_LEVELS)}
+            cols["ratio/max"] = per["max"]
+            cols["floored"] = per["floored"]
+            if self.agc_clip is not None:
+                cols["frac_clipped"] = per["clipped"] / per["units"]
+                cols["min_scale"] = per["min_scale"]
+            for key, col in cols.items():
+                out.update({f"clip/agc/{name}/{key}": v for name, v in zip(names, col.tolist(), strict=True)})
         return out
 
     # --- per-sample -----------------------------------------------------------------------------------
@@ -269,23 +380,28 @@ class Clipping(Instrument):
         sq = record.per_sample_sq_norms
         if sq is None and gram is not None:
             sq = np.diag(gram)
-        if sq is None:
+        if sq is None or len(sq) == 0:
             return out
-        norms = np.sqrt(np.maximum(np.asarray(sq, dtype=np.float64), 0.0))
-        if np.all(np.isfinite(norms)):
-            self._ps_levels.append(np.quantile(norms, self.suggest))
-            med = np.median(np.stack(self._ps_levels), axis=0)
+        norms = np.sort(np.sqrt(np.maximum(np.asarray(sq, dtype=np.float64), 0.0)))
+        levels = sorted_quantiles(norms, self.suggest)
+        if np.all(np.isfinite(levels)):
+            rows = self._ps_levels.add(levels)
+            med = sorted_quantiles(np.sort(rows, axis=0), [0.5])[0]
             out.update(
                 {f"clip/suggest/per_sample/{_level_name(q)}": float(v) for q, v in zip(self.suggest, med, strict=True)}
             )
         if self.per_sample_clip is None:
             return out
-        f = clip_factors(norms, self.per_sample_clip)
+        f = clip_factors(norms, self.per_sample_clip)[::-1]  # ascending, as the norms are
         out["clip/per_sample/frac_clipped"] = float(np.mean(f < 1.0))
-        out.update(quantile_records("clip/per_sample/factor", f))
-        out["clip/per_sample/factor/min"] = float(f.min())
+        qs = sorted_quantiles(f, _LEVELS)
+        out.update({f"clip/per_sample/factor/{k}": float(v) for k, v in zip(QUANTILES, qs, strict=True)})
+        out["clip/per_sample/factor/min"] = float(f[0])
+        out["clip/per_sample/factor/max"] = float(f[-1])
+        out["clip/per_sample/factor/mean"] = float(f.mean())
         if gram is not None:
-            cos, ratio = clipped_mean_cosine(gram, f)
+            sqn = np.sqrt(np.maximum(np.asarray(sq, dtype=np.float64), 0.0))
+            cos, ratio = clipped_mean_cosine(gram, clip_factors(sqn, self.per_sample_clip))
             out["clip/per_sample/cosine"] = cos
             out["clip/per_sample/norm_ratio"] = ratio
         return out
@@ -293,19 +409,19 @@ class Clipping(Instrument):
     # --- plain language -------------------------------------------------------------------------------
     def verdicts(self) -> list[str]:
         out = []
-        n = len(self._global_clipped)
-        if self.max_norm is not None and n >= 10:
-            frac = float(np.mean(self._global_clipped))
-            med = float(np.median(self._global_norms))
+        norms = self._global_norms.buf[: self._global_norms.n, 0]
+        if self.max_norm is not None and len(norms) >= 10:
+            frac = float(np.mean(self.max_norm / (norms + NORM_EPS) < 1.0))
+            med = float(np.median(norms))
             if frac > 0.9:
                 out.append(
-                    f"clipping: max_norm={self.max_norm:g} clipped {frac:.0%} of the last {n} steps (median "
-                    f"gradient norm {med:.3g}): it rescales almost every step, acting as a fixed step length "
-                    "rather than a guard against spikes"
+                    f"clipping: max_norm={self.max_norm:g} clipped {frac:.0%} of the last {len(norms)} steps "
+                    f"(median gradient norm {med:.3g}): it rescales almost every step, acting as a fixed step "
+                    "length rather than a guard against spikes"
                 )
             elif frac == 0.0:
                 out.append(
-                    f"clipping: max_norm={self.max_norm:g} clipped none of the last {n} steps (median gradient "
-                    f"norm {med:.3g})"
+                    f"clipping: max_norm={self.max_norm:g} clipped none of the last {len(norms)} steps (median "
+                    f"gradient norm {med:.3g})"
                 )
         return out

@@ -220,18 +220,22 @@ def test_agc_statistics_match_unit_loop_on_raw_gradients(exclude):
     all_g = np.concatenate([units[n][1] for n in kept])
     for prefix, wn, gn in [("clip/agc", all_w, all_g)] + [(f"clip/agc/{n}", *units[n]) for n in kept]:
         r, clipped, scale, floored = _expected_unit_stats(wn, gn, lam, 1e-3)
-        assert last(cp, f"{prefix}/units") == len(wn)
         assert last(cp, f"{prefix}/frac_clipped") == pytest.approx(clipped.mean()), prefix
         assert last(cp, f"{prefix}/min_scale") == pytest.approx(scale.min(), rel=RTOL), prefix
         assert last(cp, f"{prefix}/floored") == floored.sum(), prefix
-        assert last(cp, f"{prefix}/frac_floored") == pytest.approx(floored.mean()), prefix
         for k, q in {"p5": 0.05, "p50": 0.5, "p95": 0.95}.items():
             assert last(cp, f"{prefix}/ratio/{k}") == pytest.approx(np.quantile(r, q), rel=RTOL), prefix
         assert last(cp, f"{prefix}/ratio/max") == pytest.approx(r.max(), rel=RTOL), prefix
+        if prefix == "clip/agc":
+            assert last(cp, f"{prefix}/units") == len(wn)
+            assert last(cp, f"{prefix}/frac_floored") == pytest.approx(floored.mean()), prefix
+            for k, q in {"p25": 0.25, "p75": 0.75}.items():
+                assert last(cp, f"{prefix}/ratio/{k}") == pytest.approx(np.quantile(r, q), rel=RTOL), prefix
+            assert last(cp, f"{prefix}/ratio/mean") == pytest.approx(r.mean(), rel=RTOL), prefix
     assert last(cp, "clip/agc/floored") == 2  # the zeroed conv filter and the zero-initialised offset
     assert 0 < last(cp, "clip/agc/frac_clipped") < 1
     for n in excluded:
-        assert f"clip/agc/{n}/units" not in cp.history
+        assert f"clip/agc/{n}/floored" not in cp.history
     assert last(cp, "clip/suggest/agc/p50") == pytest.approx(
         np.quantile(all_g / np.maximum(all_w, 1e-3), 0.5), rel=RTOL
     )
@@ -321,7 +325,9 @@ def test_per_sample_statistics_match_float64_loop(make, batch, reduction):
         ref_opt.step()
     norms0 = np.linalg.norm(refs[0], axis=1)
     c = float(np.median(norms0))
-    with Cockpit(model, opt, loss_fn, instruments=[Clipping(per_sample_clip=c, kinds=("per_sample",))]) as cp:
+    with Cockpit(
+        model, opt, loss_fn, instruments=[Clipping(per_sample_clip=c, kinds=("per_sample",), cosine_every=1)]
+    ) as cp:
         for x, y in batches:
             opt.zero_grad()
             loss_fn(model(x), y).backward()
@@ -421,6 +427,7 @@ def test_parameters_without_gradients_are_skipped():
     norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads.values()))
     assert last(cp, "clip/global/norm") == pytest.approx(norm, rel=RTOL)
     assert last(cp, "clip/agc/units") == 3 + 1  # the rows of used.weight and used.bias
+    assert last(cp, "clip/agc/used.weight/floored") == 0
     assert not any("unused" in t or "frozen" in t for t in cp.history)
     ref = flat(per_sample_grads_loop(model, loss_fn, x, y, names={"used.weight", "used.bias"}))
     n = np.linalg.norm(ref, axis=1)
@@ -459,13 +466,31 @@ def test_every_and_instance_name():
     model = mlp()
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    clips = [Clipping(max_norm=1.0, every=2), Clipping(max_norm=0.1, name="tight", kinds=("global",))]
+    clips = [
+        Clipping(max_norm=1.0, per_sample_clip=1.0, every=2, cosine_every=4),
+        Clipping(max_norm=0.1, name="tight", kinds=("global",)),
+    ]
     with Cockpit(model, opt, loss_fn, instruments=clips) as cp:
-        for s in range(4):
+        for s in range(9):
             x, y = mlp_batch(8, seed=s)
             opt.zero_grad()
             loss_fn(model(x), y).backward()
             opt.step()
-    assert list(cp.history.steps("clip/global/coef")) == [0, 2]
-    assert list(cp.history.steps("tight/clip/global/coef")) == [0, 1, 2, 3]
-    assert "tight/clip/agc/units" not in cp.history
+    assert list(cp.history.steps("clip/global/coef")) == [0, 2, 4, 6, 8]
+    assert list(cp.history.steps("clip/per_sample/frac_clipped")) == [0, 2, 4, 6, 8]
+    assert list(cp.history.steps("clip/per_sample/cosine")) == [0, 4, 8]  # the Gram only there
+    assert list(cp.history.steps("tight/clip/global/coef")) == list(range(9))
+    assert "tight/clip/agc/units" not in cp.history and "clip/agc/units" in cp.history
+
+
+def test_sorted_quantiles_match_numpy():
+    from instruments.clipping import sorted_quantiles
+
+    rng = np.random.default_rng(0)
+    levels = [0.0, 0.05, 0.5, 0.9, 1.0]
+    for n in (1, 2, 7, 100):
+        x = rng.standard_normal(n)
+        np.testing.assert_allclose(sorted_quantiles(np.sort(x), levels), np.quantile(x, levels), rtol=1e-12)
+        m = rng.standard_normal((n, 3))
+        np.testing.assert_allclose(sorted_quantiles(np.sort(m, 0), [0.5]), np.quantile(m, [0.5], axis=0), rtol=1e-12)
+    assert np.isnan(sorted_quantiles(np.sort(np.array([1.0, np.nan, 2.0])), [0.1])).all()
