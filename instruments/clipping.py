@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Iterable, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -110,56 +109,52 @@ def agc_statistics(
     lam: float | None,
     levels: Sequence[float],
     seg_levels: Sequence[float] | None = None,
-) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
-    """AGC statistics from the unit norms ``w`` = ||W_i|| and ``g`` = ||G_i|| of consecutive segments
-    (parameter tensors of ``sizes`` units): over all units, and (with ``seg_levels``) per segment.
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """AGC statistics of K steps at once from the unit norms ``w`` = ||W_i|| and ``g`` = ||G_i|` (both
+    K x N; the N units are consecutive segments, parameter tensors of ``sizes`` units): over all units
+    (arrays of K values, ``quantiles`` L x K) and, with ``seg_levels``, per segment (K x S; quantiles
+    S x L x K).
 
-    ratio r_i = ||G_i|| / max(||W_i||, eps): ``quantiles`` at the levels, ``max``, ``mean``; ``units``;
-    ``floored`` = #{||W_i|| < eps}; with lambda: ``clipped`` = #{not ||G_i|| < lambda max(||W_i||, eps)}
-    (the units AGC rescales) and ``min_scale`` = the smallest factor lambda max(||W_i||, eps) /
-    max(||G_i||, 1e-6) of a clipped unit (1 if none is clipped). A few vectorised numpy calls, whatever
-    the number of tensors.
+    ratio r_i = ||G_i|| / max(||W_i||, eps): ``quantiles`` at the levels, ``max``, ``mean``; ``floored`` =
+    #{||W_i|| < eps}; with lambda: ``clipped`` = #{not ||G_i|| < lambda max(||W_i||, eps)} (the units AGC
+    rescales) and ``min_scale`` = the smallest factor lambda max(||W_i||, eps) / max(||G_i||, 1e-6) of a
+    clipped unit (1 if none is clipped). Vectorised over steps, so its cost is paid once per K steps.
     """
     w_star = np.maximum(w, eps)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = g / w_star
-    order = np.argsort(ratio)  # ascending, NaNs last
-    r_all = ratio[order]
+    r_sorted = np.sort(ratio, axis=1)  # NaNs last
     floored = w < eps
-    overall: dict[str, Any] = {
-        "quantiles": sorted_quantiles(r_all, levels),
-        "max": r_all[-1],
-        "mean": float(ratio.mean()),
-        "units": float(len(ratio)),
-        "floored": float(floored.sum()),
+    overall = {
+        "quantiles": sorted_quantiles(r_sorted.T, levels),
+        "max": r_sorted[:, -1],
+        "mean": ratio.mean(1),
+        "floored": floored.sum(1).astype(np.float64),
     }
     if lam is not None:
         max_norm = lam * w_star
         clipped = ~(g < max_norm)
         with np.errstate(divide="ignore", invalid="ignore"):
             scale = np.where(clipped, max_norm / np.maximum(g, GRAD_NORM_FLOOR), 1.0)
-        overall["clipped"] = float(clipped.sum())
-        overall["min_scale"] = float(scale.min())
+        overall["clipped"] = clipped.sum(1).astype(np.float64)
+        overall["min_scale"] = scale.min(1)
     if seg_levels is None:
         return overall, None
-    sizes = np.asarray(sizes, dtype=np.intp)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp)
-    seg = np.repeat(np.arange(len(sizes)), sizes)
-    r_seg = r_all[np.argsort(seg[order], kind="stable")]  # sorted within each segment, NaNs last
-    pos = np.asarray(seg_levels)[None, :] * (sizes[:, None] - 1)
-    lo = np.floor(pos).astype(np.intp)
-    hi = np.minimum(lo + 1, sizes[:, None] - 1)
-    lo_v, hi_v = r_seg[starts[:, None] + lo], r_seg[starts[:, None] + hi]
-    top = r_seg[starts + sizes - 1]
+    bounds = np.cumsum(sizes)
+    starts = np.concatenate([[0], bounds[:-1]]).astype(np.intp)
+    qs, tops = [], []
+    for a, b in zip(starts, bounds, strict=True):
+        seg = np.sort(ratio[:, a:b], axis=1)
+        qs.append(sorted_quantiles(seg.T, seg_levels))
+        tops.append(seg[:, -1])
     per = {
-        "quantiles": np.where(np.isnan(top)[:, None], np.nan, lo_v + (hi_v - lo_v) * (pos - lo)),
-        "max": top,
-        "floored": np.add.reduceat(floored.astype(np.float64), starts),
-        "units": sizes,
+        "quantiles": np.stack(qs),
+        "max": np.stack(tops, axis=1),
+        "floored": np.add.reduceat(floored.astype(np.float64), starts, axis=1),
     }
     if lam is not None:
-        per["clipped"] = np.add.reduceat(clipped.astype(np.float64), starts)
-        per["min_scale"] = np.minimum.reduceat(scale, starts)
+        per["clipped"] = np.add.reduceat(clipped.astype(np.float64), starts, axis=1)
+        per["min_scale"] = np.minimum.reduceat(scale, starts, axis=1)
     return overall, per
 
 
@@ -182,6 +177,9 @@ class Clipping(Instrument):
         per_param: also emit the AGC statistics of each parameter tensor.
         cosine_every: the per-sample cosine (which needs the B x B Gram matrix) is computed on steps
             that are multiples of ``cosine_every``; 1 for every tracked step.
+        batch_steps: AGC statistics are computed for this many tracked steps at once (vectorised; each
+            record keeps its own step, arriving up to ``batch_steps - 1`` steps late, the rest at close);
+            1 computes them at every step.
 
     Tags: ``clip/global/...``, ``clip/agc/...`` (``clip/agc/<param>/...`` per tensor),
     ``clip/per_sample/...``, ``clip/suggest/...`` (docs/clipping.md, docs/tags.md).
@@ -199,6 +197,7 @@ class Clipping(Instrument):
         suggest: Iterable[float] = (0.5, 0.9),
         per_param: bool = True,
         cosine_every: int = 10,
+        batch_steps: int = 10,
         **kw,
     ):
         super().__init__(**kw)
@@ -225,10 +224,10 @@ class Clipping(Instrument):
         self.agc_clip = None if agc_clip is None else float(agc_clip)
         self.per_sample_clip = None if per_sample_clip is None else float(per_sample_clip)
         self.agc_eps = check_positive("Clipping: agc_eps", agc_eps, " (AGC's weight-norm floor, e.g. 1e-3)")
-        for name, value in (("window", window), ("cosine_every", cosine_every)):
+        for name, value in (("window", window), ("cosine_every", cosine_every), ("batch_steps", batch_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Clipping: {name}={value!r} must be a positive integer (a number of steps)")
-        self.window, self.cosine_every = window, cosine_every
+        self.window, self.cosine_every, self.batch_steps = window, cosine_every, batch_steps
         self.suggest = tuple(float(q) for q in suggest)
         if (
             not self.suggest
@@ -245,6 +244,7 @@ class Clipping(Instrument):
         self._agc_levels = _Window(window, len(self.suggest))
         self._ps_levels = _Window(window, len(self.suggest))
         self._agc: tuple[list[str], list[int], int, torch.Tensor] | None = None
+        self._pending: list[tuple] = []
 
     # --- core contract ------------------------------------------------------------------------------
     def requires(self, step: int) -> Needs:
@@ -297,7 +297,7 @@ class Clipping(Instrument):
             self._agc = (names, sizes, sum(sizes), torch.cat(w_norms + g_norms + g_excluded))
 
     def compute(self, record):
-        out: dict[str, float] = {}
+        out: dict = {}
         agc_data, self._agc = self._agc, None
         units = None
         if agc_data is not None:
@@ -307,10 +307,23 @@ class Clipping(Instrument):
         if "global" in self.kinds:
             out.update(self._global(record, units))
         if "agc" in self.kinds and units is not None and units[0]:
-            out.update(self._agc_stats(*units[:4]))
+            pending = self._pending
+            if pending and (pending[0][1], pending[0][2]) != (units[0], units[1]):
+                out.update(self._flush_agc())  # the set of tensors with gradients changed
+            self._pending.append((record.step, *units[:4]))
+            if len(self._pending) >= self.batch_steps:
+                out.update(self._flush_agc())
         if "per_sample" in self.kinds:
             out.update(self._per_sample(record))
-        return {self.tag(k): v for k, v in out.items()} if self.name else out
+        return self._tagged(out)
+
+    def on_close(self):
+        return self._tagged(self._flush_agc())
+
+    def _tagged(self, out: dict) -> dict:
+        if not self.name:
+            return out
+        return {(k[0], self.tag(k[1])) if isinstance(k, tuple) else self.tag(k): v for k, v in out.items()}
 
     # --- global ---------------------------------------------------------------------------------------
     def _global(self, record, units) -> dict[str, float]:
@@ -340,37 +353,50 @@ class Clipping(Instrument):
         return out
 
     # --- AGC ------------------------------------------------------------------------------------------
-    def _agc_stats(self, names, sizes, w, g) -> dict[str, float]:
+    def _flush_agc(self) -> dict:
+        """AGC records ``{(step, tag): value}`` of the pending steps, computed together."""
+        if not self._pending:
+            return {}
+        pending, self._pending = self._pending, []
+        steps = [p[0] for p in pending]
+        names, sizes = pending[0][1], pending[0][2]
+        w = np.stack([p[3] for p in pending])
+        g = np.stack([p[4] for p in pending])
         seg_levels = tuple(PER_PARAM_LEVELS.values()) if self.per_param else None
-        overall, per = agc_statistics(
-            w, g, sizes, self.agc_eps, self.agc_clip, _LEVELS + self.suggest, seg_levels=seg_levels
-        )
-        qs = overall["quantiles"]
-        out = {f"clip/agc/ratio/{k}": float(v) for k, v in zip(QUANTILES, qs, strict=False)}
-        out["clip/agc/ratio/max"] = float(overall["max"])
-        out["clip/agc/ratio/mean"] = overall["mean"]
-        out["clip/agc/units"] = n = overall["units"]
-        out["clip/agc/floored"] = overall["floored"]
-        out["clip/agc/frac_floored"] = overall["floored"] / n
+        levels = _LEVELS + self.suggest
+        overall, per = agc_statistics(w, g, sizes, self.agc_eps, self.agc_clip, levels, seg_levels=seg_levels)
+        n = float(w.shape[1])
+        cols: dict[str, np.ndarray] = {f"clip/agc/ratio/{k}": overall["quantiles"][j] for j, k in enumerate(QUANTILES)}
+        cols["clip/agc/ratio/max"] = overall["max"]
+        cols["clip/agc/ratio/mean"] = overall["mean"]
+        cols["clip/agc/units"] = np.full(len(steps), n)
+        cols["clip/agc/floored"] = overall["floored"]
+        cols["clip/agc/frac_floored"] = overall["floored"] / n
         if self.agc_clip is not None:
-            out["clip/agc/frac_clipped"] = overall["clipped"] / n
-            out["clip/agc/min_scale"] = overall["min_scale"]
-        sugg = qs[len(_LEVELS) :]
-        if np.all(np.isfinite(sugg)):
-            rows = self._agc_levels.add(sugg)
-            med = sorted_quantiles(np.sort(rows, axis=0), [0.5])[0]
-            out.update(
-                {f"clip/suggest/agc/{_level_name(lv)}": float(v) for lv, v in zip(self.suggest, med, strict=True)}
-            )
+            cols["clip/agc/frac_clipped"] = overall["clipped"] / n
+            cols["clip/agc/min_scale"] = overall["min_scale"]
+        sugg = overall["quantiles"][len(_LEVELS) :]  # L x K
+        med = np.full_like(sugg, np.nan)
+        for k in range(len(steps)):
+            if np.all(np.isfinite(sugg[:, k])):
+                rows = self._agc_levels.add(sugg[:, k])
+                med[:, k] = sorted_quantiles(np.sort(rows, axis=0), [0.5])[0]
+        for j, lv in enumerate(self.suggest):
+            cols[f"clip/suggest/agc/{_level_name(lv)}"] = med[j]
         if per is not None:
-            cols = {f"ratio/{k}": per["quantiles"][:, j] for j, k in enumerate(PER_PARAM_LEVELS)}
-            cols["ratio/max"] = per["max"]
-            cols["floored"] = per["floored"]
-            if self.agc_clip is not None:
-                cols["frac_clipped"] = per["clipped"] / per["units"]
-                cols["min_scale"] = per["min_scale"]
-            for key, col in cols.items():
-                out.update({f"clip/agc/{name}/{key}": v for name, v in zip(names, col.tolist(), strict=True)})
+            for i, name in enumerate(names):
+                for j, k in enumerate(PER_PARAM_LEVELS):
+                    cols[f"clip/agc/{name}/ratio/{k}"] = per["quantiles"][i, j]
+                cols[f"clip/agc/{name}/ratio/max"] = per["max"][:, i]
+                cols[f"clip/agc/{name}/floored"] = per["floored"][:, i]
+                if self.agc_clip is not None:
+                    cols[f"clip/agc/{name}/frac_clipped"] = per["clipped"][:, i] / sizes[i]
+                    cols[f"clip/agc/{name}/min_scale"] = per["min_scale"][:, i]
+        out = {}
+        for tag, col in cols.items():
+            for step, v in zip(steps, col.tolist(), strict=True):
+                if v == v or not tag.startswith("clip/suggest/"):  # no suggestion from non-finite ratios
+                    out[(step, tag)] = v
         return out
 
     # --- per-sample -----------------------------------------------------------------------------------

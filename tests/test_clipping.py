@@ -494,3 +494,42 @@ def test_sorted_quantiles_match_numpy():
         m = rng.standard_normal((n, 3))
         np.testing.assert_allclose(sorted_quantiles(np.sort(m, 0), [0.5]), np.quantile(m, [0.5], axis=0), rtol=1e-12)
     assert np.isnan(sorted_quantiles(np.sort(np.array([1.0, np.nan, 2.0])), [0.1])).all()
+
+
+@pytest.mark.parametrize("batch_steps", [1, 3])
+def test_agc_records_per_step_whatever_the_batching(batch_steps):
+    torch.manual_seed(0)
+    model = mlp()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    clip = Clipping(agc_clip=0.05, window=4, batch_steps=batch_steps, kinds=("agc",))
+    seen = []  # the user's own snapshot between backward and step: the independent reference
+    with Cockpit(model, opt, loss_fn, instruments=[clip]) as cp:
+        for s in range(7):
+            x, y = mlp_batch(8, seed=s)
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            names = ["0.weight", "0.bias", "2.weight", "2.bias"]  # the final layer "4." is excluded
+            params = dict(model.named_parameters())
+            seen.append(
+                unit_ratios(
+                    {n: params[n].detach().clone() for n in names}, {n: params[n].grad.clone() for n in names}, 1e-3
+                )
+            )
+            opt.step()
+    levels = []
+    for t, units in enumerate(seen):
+        wn = np.concatenate([u[0] for u in units.values()])
+        gn = np.concatenate([u[1] for u in units.values()])
+        r, clipped, scale, _ = _expected_unit_stats(wn, gn, 0.05, 1e-3)
+        vals = at(cp, t)
+        assert vals["clip/agc/frac_clipped"] == pytest.approx(clipped.mean())
+        assert vals["clip/agc/ratio/p50"] == pytest.approx(np.quantile(r, 0.5), rel=RTOL)
+        assert vals["clip/agc/2.weight/min_scale"] == pytest.approx(
+            _expected_unit_stats(*units["2.weight"], 0.05, 1e-3)[2].min(), rel=RTOL
+        )
+        levels.append(np.quantile(r, [0.5, 0.9]))
+        med = np.median(np.stack(levels[-4:]), axis=0)  # window of 4 steps
+        assert vals["clip/suggest/agc/p50"] == pytest.approx(med[0], rel=RTOL)
+        assert vals["clip/suggest/agc/p90"] == pytest.approx(med[1], rel=RTOL)
+    assert list(cp.history.steps("clip/agc/frac_clipped")) == list(range(7))
