@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(PY) demos/lr_debugging.py
 
 test: $(STAMP)
-	$(PY) -m ruff check cockpit_lite instruments tests demos benchmarks
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)

@@ -6,6 +6,7 @@ reported as medians and ratios to plain training measured in the same run: the m
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import statistics
 import time
@@ -63,6 +64,43 @@ def interleaved(runners: dict, reps: int) -> dict[str, float]:
             run()
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+class _MallInfo2(ctypes.Structure):
+    _FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(n, ctypes.c_size_t) for n in _FIELDS.split()]
+
+
+_libc = ctypes.CDLL("libc.so.6")
+_libc.mallinfo2.restype = _MallInfo2
+
+
+def malloc_in_use_mb() -> float:
+    """Bytes currently allocated through malloc (heap + mmapped chunks); CPU tensors live there."""
+    m = _libc.mallinfo2()
+    return (m.uordblks + m.hblkhd) / 2**20
+
+
+class PeakSampler:
+    """Peak of :func:`malloc_in_use_mb` sampled at every module's forward and backward boundary and
+    around the optimizer step: the high-water mark of live tensors during training."""
+
+    def __init__(self, model, optimizer):
+        self.peak = malloc_in_use_mb()
+        self._handles = []
+        for m in model.modules():
+            self._handles.append(m.register_forward_pre_hook(lambda *a: self.sample()))
+            self._handles.append(m.register_forward_hook(lambda *a: self.sample()))
+            self._handles.append(m.register_full_backward_pre_hook(lambda *a: self.sample()))
+        self._handles.append(optimizer.register_step_pre_hook(lambda *a: self.sample()))
+        self._handles.append(optimizer.register_step_post_hook(lambda *a: self.sample()))
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, malloc_in_use_mb())
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
 
 
 def rss_mb() -> float:

@@ -5,8 +5,10 @@
 
 Time: each configuration owns a model copy, optimizer and cockpit; blocks of --steps steps run
 interleaved over --reps repetitions; the median block time per step is compared with plain training.
-Memory: each configuration runs in a fresh subprocess; the figure is the peak resident memory during
-training minus the resident memory just before the first step (model, data and cockpit built).
+Memory: each configuration runs in a fresh subprocess; the figure is the peak of the bytes allocated
+through malloc (where CPU tensors live), sampled at every module's forward/backward boundary and around
+the optimizer step, minus the bytes in use before the model was built: parameters, gradients,
+optimizer state, activations and everything the cockpit keeps.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, OPTIMIZERS, interleaved, make_batches, peak_rss_mb, rss_mb, train_steps  # noqa: E402
+from common import MODELS, OPTIMIZERS, PeakSampler, interleaved, make_batches, malloc_in_use_mb, train_steps  # noqa: E402
 
 from cockpit_lite import Cockpit  # noqa: E402
 
@@ -50,6 +52,14 @@ CONFIGS = {
 }
 
 
+def config_entry(config: str):
+    """A CONFIGS entry, or ``i:name+name`` for registered instruments by name (ad-hoc comparisons)."""
+    if config.startswith("i:"):
+        names = config[2:].split("+")
+        return (lambda: names), (lambda d: {})
+    return CONFIGS[config]
+
+
 def build(model_name: str, optim: str, config: str, tmp: str):
     factory = MODELS[model_name][0]
     torch.manual_seed(0)
@@ -57,8 +67,8 @@ def build(model_name: str, optim: str, config: str, tmp: str):
     opt = OPTIMIZERS[optim](model.parameters())
     loss_fn = nn.CrossEntropyLoss()
     cockpit = None
-    if CONFIGS[config] is not None:
-        instruments, extra = CONFIGS[config]
+    if config_entry(config) is not None:
+        instruments, extra = config_entry(config)
         cockpit = Cockpit(model, opt, loss_fn, instruments=instruments(), **extra(os.path.join(tmp, config)))
     return model, opt, loss_fn, cockpit
 
@@ -77,15 +87,19 @@ def time_ratios(model_name, optim, configs, steps, reps, tmp):
 
 
 def memory_child(model_name, optim, config, steps):
+    """Peak bytes in use by training: everything allocated after the data (model, gradients, optimizer
+    state, activations, the cockpit's own state), sampled at every layer boundary and step hook."""
     tmp = tempfile.mkdtemp()
     batches = make_batches(model_name, steps)
+    base = malloc_in_use_mb()
     model, opt, loss_fn, cockpit = build(model_name, optim, config, tmp)
-    base = rss_mb()
+    sampler = PeakSampler(model, opt)
     train_steps(model, opt, loss_fn, batches)
-    peak = peak_rss_mb()
+    sampler.sample()
+    sampler.close()
     if cockpit is not None:
         cockpit.close()
-    print(json.dumps({"peak_delta_mb": peak - base}))
+    print(json.dumps({"peak_delta_mb": sampler.peak - base}))
 
 
 def memory_delta(model_name, optim, config, steps) -> float:

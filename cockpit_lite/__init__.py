@@ -1,9 +1,10 @@
 """cockpit-lite: training diagnostics for PyTorch, attached by hooks alone."""
 
-from cockpit_lite.cockpit import Cockpit, paused
+from cockpit_lite.cockpit import Cockpit
 from cockpit_lite.instrument import Instrument
 from cockpit_lite.io import load
 from cockpit_lite.needs import Need, Needs
+from cockpit_lite.pause import paused
 from cockpit_lite.records import History
 from cockpit_lite.step import StepRecord
 

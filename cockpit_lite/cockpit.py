@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from cockpit_lite.hooks import SharedHook
 from cockpit_lite.instrument import Instrument
 from cockpit_lite.losses import check_loss_module, gradient_scale, per_sample_losses
 from cockpit_lite.needs import Need, Needs
+from cockpit_lite.pause import is_paused, paused  # noqa: F401  (re-exported)
 from cockpit_lite.persample.engine import PerSampleEngine
 from cockpit_lite.profiling import Costs
 from cockpit_lite.records import History, to_value
@@ -35,24 +35,6 @@ from cockpit_lite.registry import resolve
 from cockpit_lite.sinks.base import Sink
 from cockpit_lite.sinks.jsonl import JsonLines
 from cockpit_lite.step import StepRecord
-
-_PAUSED = threading.local()
-
-
-@contextmanager
-def paused() -> Iterator[None]:
-    """Run model/loss/optimizer calls that the cockpit must not see (e.g. an instrument's own
-    probe forward/backward): no hook of any cockpit reacts inside this block."""
-    depth = getattr(_PAUSED, "depth", 0)
-    _PAUSED.depth = depth + 1
-    try:
-        yield
-    finally:
-        _PAUSED.depth = depth
-
-
-def _is_paused() -> bool:
-    return getattr(_PAUSED, "depth", 0) > 0
 
 
 def _check_model_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, nn.Parameter]:
@@ -125,12 +107,12 @@ class Cockpit:
         self._skip = False
         self._t_step = 0.0
 
-        self.engine = PerSampleEngine(model)
+        self.engine = PerSampleEngine(model, self.costs)
         self._hooks = [
-            model.register_forward_pre_hook(self._on_model_forward),
-            loss_fn.register_forward_hook(self._on_loss, with_kwargs=True),
-            optimizer.register_step_pre_hook(self._on_before_step),
-            optimizer.register_step_post_hook(self._on_after_step),
+            model.register_forward_pre_hook(SharedHook(self._on_model_forward)),
+            loss_fn.register_forward_hook(SharedHook(self._on_loss), with_kwargs=True),
+            optimizer.register_step_pre_hook(SharedHook(self._on_before_step)),
+            optimizer.register_step_post_hook(SharedHook(self._on_after_step)),
         ]
         for inst in self.instruments:
             inst.on_attach(model, optimizer)
@@ -201,17 +183,17 @@ class Cockpit:
         self.engine.begin(self._needs)
 
     def _on_model_forward(self, module, args) -> None:
-        if _is_paused():
+        if is_paused() or module is not self.model:  # a deepcopy of the model carries our hooks
             return
         if not self._in_step:
             self._begin_step()
 
     def _on_loss(self, module, args, kwargs, output) -> None:
-        if _is_paused():
+        if is_paused() or module is not self.loss_fn:
             return
         if not self._in_step:
             self._begin_step()
-        if not self._active or not torch.is_tensor(output) or not output.requires_grad:
+        if self._skip or not self._active or not torch.is_tensor(output) or not output.requires_grad:
             return  # nothing tracked, or an evaluation under no_grad
         with self.costs.region("loss"):
             try:
@@ -266,10 +248,12 @@ class Cockpit:
         return {n: float(v) for (n, _), v in zip(named, norms, strict=True)}
 
     def _on_before_step(self, optimizer, args, kwargs) -> None:
-        if _is_paused():
+        if is_paused() or optimizer is not self.optimizer:
             return
         # args are step()'s positional arguments, self included
         if any(callable(a) for a in args[1:]) or kwargs.get("closure") is not None:
+            if not self._in_step:  # the closure's forward must not open a step of its own
+                self._begin_step()
             self._skip = True
             self.engine.fail(
                 "optimizer.step(closure) runs backward inside step(), after the cockpit's step "
@@ -290,7 +274,8 @@ class Cockpit:
         self.engine.finish_backward()
         rec.lrs = [float(g["lr"]) for g in self.optimizer.param_groups if "lr" in g]
         if Need.GRAD_NORMS in flags:
-            rec.grad_norms = self._grad_norms()
+            with self.costs.region("grad_norms"):
+                rec.grad_norms = self._grad_norms()
             if not rec.grad_norms:
                 rec.notes.append("no parameter has a gradient: was loss.backward() called?")
         if self.engine.active and self.engine.failure is None:
@@ -301,15 +286,17 @@ class Cockpit:
                     "outside their module's forward?): per-sample statistics exclude them"
                 )
         if Need.UPDATE in flags:
-            self._snapshot = [p.detach().clone() for p in self.params.values()]
+            with self.costs.region("snapshot"):
+                self._snapshot = [p.detach().clone() for p in self.params.values()]
         for inst in self._active:
-            try:
-                inst.on_before_step(rec)
-            except Exception as e:
-                self._warn(f"{inst.key}.on_before_step failed: {e}")
+            with self.costs.region(inst.key):
+                try:
+                    inst.on_before_step(rec)
+                except Exception as e:
+                    self._warn(f"{inst.key}.on_before_step failed: {e}")
 
     def _on_after_step(self, optimizer, args, kwargs) -> None:
-        if not self._in_step or _is_paused():
+        if not self._in_step or is_paused() or optimizer is not self.optimizer:
             return
         try:
             if not self._skip and self._active:

@@ -76,7 +76,12 @@ def test_mse_multi_output_mean_reduction():
     np.testing.assert_allclose(rec.per_sample_loss.mean(), rec.loss, rtol=1e-6)
 
 
-def test_cnn_grouped_conv_conv1d_groupnorm():
+@pytest.mark.parametrize("kernel", ["unfold", "grouped"])
+def test_cnn_grouped_conv_conv1d_groupnorm(kernel, monkeypatch):
+    from cockpit_lite.persample.layers import ConvHandler
+
+    monkeypatch.setattr(ConvHandler, "_choice", {})
+    monkeypatch.setattr(ConvHandler, "_tune", lambda self, x, e: kernel)
     torch.manual_seed(0)
     model = models.GroupedCNN()
     x, y = models.cnn_batch(6)

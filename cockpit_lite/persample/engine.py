@@ -16,9 +16,12 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from cockpit_lite.hooks import SharedHook
 from cockpit_lite.needs import Need, Needs
+from cockpit_lite.pause import is_paused
 from cockpit_lite.persample.layers import WHOLE_MODULES, FuncHandler, Handler, PerSampleUndefined, handler_for
 from cockpit_lite.persample.views import View
+from cockpit_lite.profiling import Costs
 
 
 @dataclass
@@ -31,7 +34,8 @@ class _Calls:
 class PerSampleEngine:
     """Computes per-sample gradient statistics of ``model`` for the steps that need them."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, costs: Costs | None = None):
+        self.costs = costs or Costs()
         self.handlers: dict[nn.Module, Handler] = {}
         self.param_names: list[str] = []
         claimed: list[str] = []
@@ -48,7 +52,7 @@ class PerSampleEngine:
             handler_cls = FuncHandler if whole else handler_for(module)
             self.handlers[module] = handler_cls(module, names)
             self.param_names.extend(names.values())
-        self._hooks = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self.handlers]
+        self._hooks = [m.register_forward_hook(SharedHook(self._forward_hook), with_kwargs=True) for m in self.handlers]
         self.active = False
         self._processing = False
         self.warned: set[str] = set()
@@ -96,7 +100,8 @@ class PerSampleEngine:
 
     # --- hooks ----------------------------------------------------------------------------------------
     def _forward_hook(self, module, args, kwargs, output):
-        if not self.active or self._processing:  # not during our own recomputation (torch.func)
+        # not during our own recomputation (torch.func), nor for a deepcopy that carries our hooks
+        if not self.active or self._processing or module not in self.handlers or is_paused():
             return
         try:
             handler = self.handlers[module]
@@ -138,11 +143,15 @@ class PerSampleEngine:
         grads = [calls.grads.get(i, (None,)) for i in range(len(calls.captures))]
         if all(g is None for gs in grads for g in gs):
             return
-        self._processing = True
-        try:
-            view = handler.view(calls.captures, grads, self.batch, self.inv_scale)
-        finally:
-            self._processing = False
+        with self.costs.region("persample"):
+            self._processing = True
+            try:
+                view = handler.view(calls.captures, grads, self.batch, self.inv_scale)
+            finally:
+                self._processing = False
+            self._reduce(view)
+
+    def _reduce(self, view: View) -> None:
         flags = self.needs.flags
         if Need.PER_SAMPLE_DOT_MEAN in flags:
             dm = view.dot_mean()

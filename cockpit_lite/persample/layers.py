@@ -9,6 +9,7 @@ goes through ``torch.func`` on that module alone.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from cockpit_lite.persample.views import EmbeddingView, FactorView, MaterialisedView, View
+from cockpit_lite.persample.views import ConvView, EmbeddingView, FactorView, MaterialisedView, View
 
 
 class PerSampleUndefined(Exception):
@@ -82,48 +83,129 @@ class LinearHandler(Handler):
 
 
 class ConvHandler(Handler):
-    """Conv1d/Conv2d via unfolded patches; ``groups`` > 1 handled group by group."""
+    """Conv1d/Conv2d with any stride, dilation, padding mode and ``groups``.
 
-    def _unfold(self, x: torch.Tensor) -> torch.Tensor:
+    Per-sample weight gradients g_i = E_i A_i^T (per group) come from one of two exact kernels, the
+    faster for the layer's shapes (timed once per shape on first use, since it depends on the
+    hardware): unfolded patches with a batched matmul, or the convolution weight-gradient kernel with
+    the batch folded into the groups.
+    """
+
+    _choice: dict[tuple, str] = {}  # shared across instances: (shapes, params) -> kernel name
+
+    def _padded(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """x with the module's padding applied explicitly when it is not plain zero padding."""
         m = self.module
         nd = x.dim() - 2
-        k, s, d = m.kernel_size, m.stride, m.dilation
         pad = m.padding
         if m.padding_mode != "zeros":
-            x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
-            pad = (0,) * nd
-        elif isinstance(pad, str):
+            return F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode), (0,) * nd
+        if isinstance(pad, str):
             if pad == "valid":
-                pad = (0,) * nd
-            else:  # 'same' (stride 1): possibly asymmetric
-                total = [di * (ki - 1) for di, ki in zip(d, k, strict=True)]
-                lr = []
-                for tot in reversed(total):
-                    lr += [tot // 2, tot - tot // 2]
-                x = F.pad(x, lr)
-                pad = (0,) * nd
-        if nd == 1:
-            x = x.unsqueeze(2)
-            k, s, d, pad = (1, k[0]), (1, s[0]), (1, d[0]), (0, pad[0])
-        return F.unfold(x, k, dilation=d, padding=pad, stride=s)  # (B, C*k, T)
+                return x, (0,) * nd
+            total = [di * (ki - 1) for di, ki in zip(m.dilation, m.kernel_size, strict=True)]
+            lr: list[int] = []
+            for tot in reversed(total):
+                lr += [tot // 2, tot - tot // 2]
+            return F.pad(x, lr), (0,) * nd
+        return x, tuple(pad)
+
+    @staticmethod
+    def _as_2d(x, k, s, d, pad):
+        if x.dim() == 3:
+            return x.unsqueeze(2), (1, k[0]), (1, s[0]), (1, d[0]), (0, pad[0])
+        return x, tuple(k), tuple(s), tuple(d), tuple(pad)
+
+    def _grads_unfold(self, x, e):
+        m = self.module
+        xp, pad = self._padded(x)
+        x2, k, s, d, pad = self._as_2d(xp, m.kernel_size, m.stride, m.dilation, pad)
+        cols = F.unfold(x2, k, dilation=d, padding=pad, stride=s)  # (B, C_in*k, T)
+        bsz, ck, t = cols.shape
+        g = m.groups
+        ee = e.reshape(bsz * g, m.out_channels // g, t)
+        gw = torch.bmm(ee, cols.reshape(bsz * g, ck // g, t).transpose(1, 2))
+        return gw.reshape(bsz, *m.weight.shape)
+
+    def _grads_grouped(self, x, e):
+        m = self.module
+        xp, pad = self._padded(x)
+        x2, k, s, d, pad = self._as_2d(xp, m.kernel_size, m.stride, m.dilation, pad)
+        bsz = x2.shape[0]
+        e2 = e.reshape(bsz, m.out_channels, *([1] if e.dim() == 3 else []), *e.shape[2:])
+        w_shape = (bsz * m.out_channels, m.in_channels // m.groups, *k)
+        gw = torch.ops.aten.convolution_backward(
+            e2.reshape(1, -1, *e2.shape[2:]),
+            x2.reshape(1, -1, *x2.shape[2:]),
+            torch.empty(w_shape, dtype=x.dtype, device=x.device),
+            None, s, pad, d, False, (0, 0), bsz * m.groups, (False, True, False),
+        )[1]  # fmt: skip
+        return gw.reshape(bsz, *m.weight.shape)
+
+    def _weight_grads(self, x, e):
+        key = (
+            tuple(x.shape),
+            tuple(e.shape),
+            x.dtype,
+            x.device.type,
+            self.module.groups,
+            id(type(self.module)),
+            self.module.kernel_size,
+            self.module.stride,
+            self.module.dilation,
+            str(self.module.padding),
+        )
+        choice = self._choice.get(key)
+        if choice is None:
+            choice = self._choice[key] = self._tune(x, e)
+        return self._grads_unfold(x, e) if choice == "unfold" else self._grads_grouped(x, e)
+
+    def _tune(self, x, e, repeats: int = 3) -> str:
+        """The faster kernel for these shapes: best of ``repeats`` timings each (robust to a busy machine)."""
+        import time
+
+        def sync():
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+
+        best, best_t = "grouped", float("inf")
+        for name, fn in (("grouped", self._grads_grouped), ("unfold", self._grads_unfold)):
+            try:
+                fn(x, e)  # warm-up
+                times = []
+                for _ in range(repeats):
+                    sync()
+                    t0 = time.perf_counter()
+                    fn(x, e)
+                    sync()
+                    times.append(time.perf_counter() - t0)
+            except RuntimeError:
+                continue
+            if min(times) < best_t:
+                best, best_t = name, min(times)
+        return best
 
     def view(self, captures, grads, batch, inv_scale):
         m = self.module
-        g = m.groups
-        a_parts, e_parts = [], []
+        inputs, out_grads = [], []
+        gw = gb = None
         for x, (go,) in zip(captures, grads, strict=True):
             if go is None:
                 continue
-            if x.shape[0] != batch:
-                raise ValueError(f"conv input has batch {x.shape[0]}, loss has batch {batch}")
-            cols = self._unfold(x)
-            bsz, ck, t = cols.shape
-            a_parts.append(cols.reshape(bsz, g, ck // g, t).transpose(2, 3))
-            e = (go * inv_scale).reshape(bsz, g, m.out_channels // g, -1).transpose(2, 3)
-            e_parts.append(e)
-        a = torch.cat(a_parts, 2)
-        e = torch.cat(e_parts, 2)
-        return FactorView(a, e, self.names.get("weight"), self.names.get("bias"), tuple(m.weight.shape))
+            if x.dim() != m.weight.dim() or x.shape[0] != batch:
+                raise ValueError(f"conv input of shape {tuple(x.shape)} has no batch axis of size {batch}")
+            e = go * inv_scale
+            w = self._weight_grads(x, e)
+            b = e.flatten(2).sum(2)
+            gw = w if gw is None else gw + w
+            gb = b if gb is None else gb + b
+            inputs.append(x)
+            out_grads.append(e)
+        grads_out = {self.names["weight"]: gw}
+        if "bias" in self.names:
+            grads_out[self.names["bias"]] = gb
+        conv = lambda x, v: m._conv_forward(x, v, None)  # noqa: E731
+        return ConvView(grads_out, inputs, out_grads, conv, self.names["weight"], self.names.get("bias"))
 
 
 class EmbeddingHandler(Handler):
@@ -254,7 +336,9 @@ class FuncHandler(Handler):
                     s = s + (outs[j] * gj.unsqueeze(dj)).sum()
                 return s
 
-            with torch.random.fork_rng(devices=_cuda_devices(params)), torch.enable_grad():
+            with torch.random.fork_rng(devices=_cuda_devices(params)), torch.enable_grad(), warnings.catch_warnings():
+                # vmap falls back to a loop for fused attention kernels: correct, only slower
+                warnings.filterwarnings("ignore", message="There is a performance drop")
                 per = vmap(grad(inner), in_dims=(None, arg_dims, kw_dims, g_dims))(params, args, kwargs, g_tensors)
             for n, g in per.items():
                 full = self.names[n]

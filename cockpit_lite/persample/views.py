@@ -187,6 +187,39 @@ class FactorView(View):
         return out
 
 
+class ConvView(MaterialisedView):
+    """Conv1d/Conv2d: per-sample weight gradients materialised for this layer only (one
+    weight-gradient-sized product, by the fastest exact kernel for the shape), projections through the
+    layer's own forward convolution: g_i . V = <conv(x_i; V), e_i> (no unfolded patches kept).
+
+    Args:
+        grads: {name: (B, *shape)} per-sample gradients of weight (and bias).
+        inputs / out_grads: per call, the layer input and the output gradient of the per-sample losses.
+        conv: ``conv(x, V)`` the layer's convolution with weight V and no bias.
+    """
+
+    def __init__(self, grads, inputs, out_grads, conv, weight_name, bias_name):
+        super().__init__(grads)
+        self._inputs, self._out_grads, self._conv = inputs, out_grads, conv
+        self.w, self.b = weight_name, bias_name
+
+    def release(self) -> None:
+        self._g = {}  # keep only the factors across the optimizer step
+
+    def project(self, directions: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        out = None
+        v = directions.get(self.w)
+        vb = directions.get(self.b) if self.b is not None else None
+        for x, e in zip(self._inputs, self._out_grads, strict=True):
+            if v is not None:
+                p = (self._conv(x, v.to(x.dtype)) * e).flatten(1).sum(1)
+                out = p if out is None else out + p
+            if vb is not None:
+                p = e.flatten(2).sum(2) @ vb.to(e.dtype)
+                out = p if out is None else out + p
+        return out
+
+
 class EmbeddingView(View):
     """Embedding lookups: g_i = sum_t onehot(idx_it) e_it^T (rows of the table)."""
 
