@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from instruments.clipping import Clipping
 from instruments.gradient_tests import GradientTests
 from instruments.gradnorm import GradNorm
 from instruments.loss import Loss
@@ -24,4 +25,4 @@ def economy():
 
 
 def full():
-    return economy()
+    return economy() + [Clipping()]
