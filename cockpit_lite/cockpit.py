@@ -16,7 +16,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -106,6 +106,9 @@ class Cockpit:
         self._snapshot: list[torch.Tensor] | None = None
         self._skip = False
         self._t_step = 0.0
+        #: set by :meth:`track`: dataset indices of the batch last yielded, and the dataset's length
+        self._batch_indices: np.ndarray | None = None
+        self._dataset_size: int | None = None
 
         self.engine = PerSampleEngine(model, self.costs)
         self._hooks = [
@@ -149,6 +152,16 @@ class Cockpit:
             except Exception as e:
                 self._warn(f"closing sink {type(sink).__name__} failed: {e}")
 
+    def track(self, loader: Iterable, resolve_subsets: bool = False) -> Iterator:
+        """Yield exactly the batches of ``loader`` while recording the dataset indices of each one
+        (``record.indices`` for instruments that need ``Need.INDICES``, e.g. TracIn).
+
+        See :func:`cockpit_lite.tracking.track` for what is supported.
+        """
+        from cockpit_lite.tracking import track
+
+        return track(self, loader, resolve_subsets=resolve_subsets)
+
     def verdicts(self) -> list[str]:
         """Plain-language statements from every instrument that makes them (e.g. the learning rate)."""
         out = []
@@ -178,7 +191,7 @@ class Cockpit:
             if needs or inst.scheduled(self.step):
                 self._active.append(inst)
                 self._needs.merge(needs)
-        self._record = StepRecord(step=self.step, params=self.params)
+        self._record = StepRecord(step=self.step, params=self.params, loss_fn=self.loss_fn, logdir=self.logdir)
         self._loss_calls = 0
         self.engine.begin(self._needs)
 
@@ -212,6 +225,8 @@ class Cockpit:
                 if not math.isfinite(rec.loss):
                     rec.notes.append(f"non-finite loss {rec.loss}")
                 self.engine.set_batch(batch, 1.0 / gradient_scale(module.reduction, batch))
+                if Need.INDICES in self._needs.flags:
+                    self._set_indices(rec, batch)
                 if Need.PER_SAMPLE_LOSS in self._needs.flags:
                     rec.per_sample_loss = per_sample_losses(module, args, kwargs).double().cpu().numpy()
                 if self._loss_calls == 1:
@@ -219,6 +234,19 @@ class Cockpit:
                     output.register_hook(self._on_backward_start)
             except Exception as e:
                 self._warn(f"reading the loss failed ({e}); this step's loss statistics are skipped")
+
+    def _set_indices(self, rec: StepRecord, batch: int) -> None:
+        idx = self._batch_indices
+        rec.dataset_size = self._dataset_size
+        if idx is None:
+            rec.notes.append("no dataset indices: iterate `for batch in cockpit.track(loader)` to record them")
+        elif len(idx) != batch:
+            rec.notes.append(
+                f"the last batch from cockpit.track() holds {len(idx)} examples but the loss saw {batch}: "
+                "dataset indices are skipped for this step"
+            )
+        else:
+            rec.indices = idx
 
     def _on_backward_start(self, grad):
         torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
@@ -230,6 +258,8 @@ class Cockpit:
         with self.costs.region("after_backward"):
             try:
                 self.engine.finish_backward()
+                if Need.PER_SAMPLE_CROSS in self._needs.flags:
+                    self._record.views = self.engine.kept_views()
                 if Need.BACKWARD_GRAD_NORMS in self._needs.flags:
                     self._record.backward_grad_norms = self._grad_norms()
                 for inst in self._active:
@@ -272,6 +302,8 @@ class Cockpit:
     def _before_step(self) -> None:
         rec, flags = self._record, self._needs.flags
         self.engine.finish_backward()
+        if Need.PER_SAMPLE_CROSS in flags:
+            rec.views = self.engine.kept_views()
         rec.lrs = [float(g["lr"]) for g in self.optimizer.param_groups if "lr" in g]
         if Need.GRAD_NORMS in flags:
             with self.costs.region("grad_norms"):
@@ -306,6 +338,7 @@ class Cockpit:
         finally:
             self._in_step = False
             self._snapshot = None
+            self._record.views = None  # per-layer factors are not kept past the step
             self.step += 1
 
     def _after_step(self) -> None:

@@ -27,6 +27,9 @@ class Need(str, Enum):
     PER_SAMPLE_GRAM_BY_PARAM = "per_sample_gram_by_param"  #: the same per tensor
     PER_SAMPLE_GRADS = "per_sample_grads"  #: materialised g_i (B x D): only if really needed
     INDICES = "indices"  #: dataset indices of the batch (needs ``cockpit.track(loader)``)
+    #: the per-layer views of this step's per-sample gradients in ``record.views`` (from the end of
+    #: backward until the step), to cross-multiply with other per-sample gradients (TracIn probes)
+    PER_SAMPLE_CROSS = "per_sample_cross"
 
 
 #: A direction to project per-sample gradients onto: called after the optimizer step with the
@@ -64,5 +67,6 @@ class Needs:
                 Need.PER_SAMPLE_GRAM,
                 Need.PER_SAMPLE_GRAM_BY_PARAM,
                 Need.PER_SAMPLE_GRADS,
+                Need.PER_SAMPLE_CROSS,
             }
         )

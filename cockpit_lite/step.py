@@ -37,7 +37,12 @@ class StepRecord:
     per_sample_gram_by_param: dict[str, np.ndarray] | None = None
     per_sample_grads: dict[str, torch.Tensor] | None = None
     projections: dict[str, np.ndarray] = field(default_factory=dict)
-    indices: np.ndarray | None = None
+    indices: np.ndarray | None = None  #: dataset indices of the batch (``cockpit.track(loader)``)
+    dataset_size: int | None = None  #: len of the tracked loader's dataset (``cockpit.track(loader)``)
+    #: per-layer per-sample gradient views (``Need.PER_SAMPLE_CROSS``), between backward and the step
+    views: list | None = None
+    loss_fn: torch.nn.Module | None = None  #: the loss module the cockpit watches
+    logdir: str | None = None  #: the run's log directory, if any
     notes: list[str] = field(default_factory=list)
 
     @staticmethod

@@ -6,6 +6,20 @@ from instruments.gradient_tests import GradientTests
 from instruments.gradnorm import GradNorm
 from instruments.loss import Loss
 from instruments.persample_norms import PerSampleGradNorms
+from instruments.tracin import TracIn
+from instruments.tracin_cp import Checkpoints, TracInCP
 from instruments.update import Distance, UpdateSize
 
-__all__ = ["Loss", "GradNorm", "UpdateSize", "Distance", "PerSampleGradNorms", "GradientTests", "Clipping", "agc"]
+__all__ = [
+    "Loss",
+    "GradNorm",
+    "UpdateSize",
+    "Distance",
+    "PerSampleGradNorms",
+    "GradientTests",
+    "TracIn",
+    "TracInCP",
+    "Checkpoints",
+    "Clipping",
+    "agc",
+]

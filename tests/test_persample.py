@@ -175,3 +175,41 @@ def test_weighted_cross_entropy_with_ignore_index():
     np.testing.assert_allclose(
         rec.mean_grad_sq_norm, sum(float((v.double() ** 2).sum()) for v in g.values()), rtol=1e-4
     )
+
+
+def test_ambiguous_batch_axis_is_refused_not_guessed():
+    """A (T, B, d) activation with T == B cannot tell the sample axis: no numbers, a clear warning."""
+    torch.manual_seed(0)
+    model = models.TinyTransformer(batch_first=False)
+    x, y = models.token_batch(b=6, t=6)
+    probe, opt, loss_fn = Probe(), torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss()
+    with pytest.warns(RuntimeWarning, match="ambiguous"):
+        with Cockpit(model, opt, loss_fn, instruments=[probe]):
+            loss_fn(model(x), y).backward()
+            opt.step()
+    assert probe.records[0].per_sample_sq_norms is None and probe.records[0].loss is not None
+
+
+def test_flattened_token_loss_is_refused():
+    """Per-token losses over a (B*T) batch through attention are not separable per token."""
+    torch.manual_seed(0)
+
+    class TokenModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = models.TinyTransformer()
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, tokens):
+            h = self.body.layer(self.body.emb(tokens))
+            return self.out(h).reshape(-1, 3)
+
+    model = TokenModel()
+    x = torch.randint(1, 11, (4, 5))
+    y = torch.randint(0, 3, (20,))
+    probe, opt, loss_fn = Probe(), torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss()
+    with pytest.warns(RuntimeWarning, match="batch axis"):
+        with Cockpit(model, opt, loss_fn, instruments=[probe]):
+            loss_fn(model(x), y).backward()
+            opt.step()
+    assert probe.records[0].per_sample_sq_norms is None

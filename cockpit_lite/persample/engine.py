@@ -163,8 +163,9 @@ class PerSampleEngine:
         if Need.PER_SAMPLE_GRADS in flags:
             self.grads.update(view.grads())
         self.covered.update(view.names)
-        if self.needs.directions:
-            view.release()
+        if self.needs.directions or Need.PER_SAMPLE_CROSS in flags:
+            if Need.PER_SAMPLE_CROSS not in flags:  # cross products need what release() drops (conv g_i)
+                view.release()
             self._kept.append(view)
 
     def finish_backward(self) -> None:
@@ -176,6 +177,10 @@ class PerSampleEngine:
                 self._process(module)
         except Exception as e:
             self.fail(f"per-sample engine disabled for this step ({e})")
+
+    def kept_views(self) -> list[View]:
+        """The views kept for this step (for ``Need.PER_SAMPLE_CROSS`` or directions), after backward."""
+        return [] if self.failure is not None else list(self._kept)
 
     @torch.no_grad()
     def project(self, directions: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

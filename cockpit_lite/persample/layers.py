@@ -8,7 +8,6 @@ goes through ``torch.func`` on that module alone.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 
@@ -25,19 +24,30 @@ class PerSampleUndefined(Exception):
 
 
 def _feature_first_samples(x: torch.Tensor, batch: int, n_feature: int) -> tuple[torch.Tensor, int]:
-    """Reshape x (..., *features) to (B, T, *features); return it and the sample axis used."""
+    """Reshape x (..., *features) to (B, T, *features); return it and the sample axis used.
+
+    The sample axis is the one leading axis of size B. Several such axes (e.g. a (T, B, d) activation
+    with T == B) are ambiguous and refused rather than guessed; so is a loss over a flattened (B*T)
+    batch, whose per-token gradients are not separable once a layer mixes positions (attention).
+    """
     lead = x.shape[: x.dim() - n_feature]
     feat = x.shape[x.dim() - n_feature :]
-    if len(lead) >= 1 and lead[0] == batch:
-        return x.reshape(batch, -1, *feat), 0
-    for axis, size in enumerate(lead):
-        if size == batch:
-            return x.movedim(axis, 0).reshape(batch, -1, *feat), axis
-    if math.prod(lead) == batch:  # e.g. a per-token loss over a flattened (B*T) batch
-        return x.reshape(batch, 1, *feat), -1
+    axes = [axis for axis, size in enumerate(lead) if size == batch]
+    if len(axes) == 1:
+        axis = axes[0]
+        if axis == 0:
+            return x.reshape(batch, -1, *feat), 0
+        return x.movedim(axis, 0).reshape(batch, -1, *feat), axis
+    if len(axes) > 1:
+        raise ValueError(
+            f"an activation of shape {tuple(x.shape)} has several axes of size {batch} (the batch size), so "
+            "the sample axis is ambiguous; per-sample statistics are skipped. Use a batch size different "
+            "from the sequence length."
+        )
     raise ValueError(
-        f"cannot find the batch axis of size {batch} in an activation of shape {tuple(x.shape)}; "
-        "per-sample statistics need the loss's batch dimension to appear in every layer's input"
+        f"cannot find the batch axis of size {batch} in an activation of shape {tuple(x.shape)}; per-sample "
+        "statistics need the loss's batch dimension in every layer's input (a loss over flattened tokens "
+        "has no per-token gradients once layers mix positions)"
     )
 
 
@@ -45,8 +55,6 @@ def _same_layout(e: torch.Tensor, batch: int, axis: int, n_feature: int) -> torc
     feat = e.shape[e.dim() - n_feature :]
     if axis == 0:
         return e.reshape(batch, -1, *feat)
-    if axis == -1:
-        return e.reshape(batch, 1, *feat)
     return e.movedim(axis, 0).reshape(batch, -1, *feat)
 
 

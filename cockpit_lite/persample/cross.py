@@ -1,0 +1,255 @@
+"""Cross-Gram entries g_i . h_k between two sets of per-sample gradients, from per-layer factors.
+
+TracIn needs the inner products between the per-sample gradients g_i of a training batch and the
+per-sample gradients h_k of probe (test) examples, at the same parameters. Neither side is ever
+materialised as a B x D matrix for layers with a factor form (REFERENCE.md section 2): for a
+Linear layer (T = 1, g groups) with inputs a, a' and output gradients e, e',
+
+    g_i . h_k = sum_groups (a_i . a'_k)(e_i . e'_k)           (weight)
+              + e_i . e'_k                                     (bias, e summed over positions)
+
+For T > 1 (convolutions, sequences) and layers without a factor form the per-sample gradients of
+that one layer are materialised (the engine's ``grads()``) and multiplied, layer by layer.
+
+:func:`per_sample_views` runs its own forward/backward of a batch under :func:`cockpit_lite.paused`
+with temporary hooks (no cockpit sees it, ``p.grad`` is untouched, the global RNG is forked) and
+returns one view per layer, as the engine produces during training. :func:`cross` multiplies two
+views of the same layer. A :class:`Projector` optionally sketches the factors with Gaussian random
+projections first (Kronecker-structured: P_e e and P_a a, entries N(0, 1/k)): each factor's inner
+product is estimated without bias with variance (|u|^2 |v|^2 + (u . v)^2) / k (Johnson-Lindenstrauss),
+so a squared norm ||g||^2 = ||a||^2 ||e||^2 has relative standard deviation sqrt((1 + 2/k)^2 - 1)
+~ 2 / sqrt(k) (one factor projected: sqrt(2/k)); see docs/tracin.md.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from cockpit_lite.persample.layers import WHOLE_MODULES, FuncHandler, Handler, handler_for
+from cockpit_lite.persample.views import FactorView, View
+
+
+def build_handlers(model: nn.Module) -> dict[nn.Module, Handler]:
+    """One handler per module holding trainable parameters (the engine's assignment, rebuilt)."""
+    handlers: dict[nn.Module, Handler] = {}
+    claimed: list[str] = []
+    for mname, module in model.named_modules():
+        if any(mname.startswith(c + ".") for c in claimed):
+            continue
+        whole = isinstance(module, WHOLE_MODULES)
+        params = module.named_parameters(recurse=whole)
+        names = {local: f"{mname}.{local}" if mname else local for local, p in params if p.requires_grad}
+        if not names:
+            continue
+        if whole:
+            claimed.append(mname)
+        handlers[module] = (FuncHandler if whole else handler_for(module))(module, names)
+    return handlers
+
+
+def example_losses(loss_fn: nn.Module, pred: torch.Tensor, target: Any) -> torch.Tensor:
+    """l_k = the loss of example k as a batch of one (shape K), from one unreduced call of ``loss_fn``.
+
+    ``reduction="sum"``: l_k = sum(u_k). ``"mean"``: the mean over the example's elements; for
+    CrossEntropyLoss/NLLLoss with class-index targets the weighted mean over its counted targets.
+    """
+    reduction = getattr(loss_fn, "reduction", "mean")
+    loss_fn.reduction = "none"
+    try:
+        u = loss_fn(pred, target)
+    finally:
+        loss_fn.reduction = reduction
+    k = u.shape[0] if u.dim() > 0 else 1
+    flat = u.reshape(k, -1)
+    if reduction == "sum":
+        return flat.sum(1)
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and torch.is_tensor(target):
+        if not torch.is_floating_point(target):
+            w = (target != loss_fn.ignore_index).to(u.dtype)
+            if loss_fn.weight is not None:
+                w = w * loss_fn.weight[target.clamp(min=0)]
+            denom = w.reshape(k, -1).sum(1)
+            return flat.sum(1) / denom.clamp(min=torch.finfo(u.dtype).tiny)
+    return flat.mean(1)
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+
+
+class ViewCollector:
+    """Per-layer per-sample gradient views of any batch, outside the training step.
+
+    Args:
+        model: the network (its current mode is kept: train mode for TracIn probes during training,
+            so probes see the model as training uses it; TracInCP sets eval mode itself).
+        handlers: reuse an existing assignment of handlers (default: rebuilt from ``model``).
+    """
+
+    def __init__(self, model: nn.Module, handlers: Mapping[nn.Module, Handler] | None = None):
+        self.model = model
+        self.handlers = dict(handlers) if handlers is not None else build_handlers(model)
+
+    def names(self) -> set[str]:
+        return {n for h in self.handlers.values() for n in h.names.values()}
+
+    def __call__(
+        self, inputs: torch.Tensor | Sequence[torch.Tensor], targets: Any, loss_fn: nn.Module
+    ) -> tuple[dict[tuple[str, ...], View], torch.Tensor]:
+        """Return ({parameter names of a layer: view}, per-example losses l_k (K,)) at the current
+        parameters; the views hold gradients of l_k (:func:`example_losses`)."""
+        from cockpit_lite.pause import paused
+
+        for h in self.handlers.values():
+            h.check()  # before any forward: e.g. train-mode BatchNorm must not update its statistics
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        captured: dict[nn.Module, list] = {}
+
+        def hook(module, a, kw, out):
+            outs = [t for t in tree_flatten(out)[0] if torch.is_tensor(t) and t.requires_grad]
+            if not outs:
+                return None
+            captured.setdefault(module, []).append((self.handlers[module].capture(a, kw, out), outs))
+            # hand a copy downstream: an in-place op there (ReLU(inplace=True)) must not rebase the
+            # tensors we take gradients with respect to
+            return tree_map(lambda t: t.clone() if torch.is_tensor(t) and t.requires_grad else t, out)
+
+        with paused(), torch.random.fork_rng(devices=_cuda_devices(self.model)), torch.enable_grad():
+            hooks = [m.register_forward_hook(hook, with_kwargs=True) for m in self.handlers]
+            try:
+                pred = self.model(*args)
+            finally:
+                for h in hooks:
+                    h.remove()
+            losses = example_losses(loss_fn, pred, targets)
+            outputs = [t for calls in captured.values() for _, outs in calls for t in outs]
+            if not outputs:
+                return {}, losses.detach()
+            grads = list(torch.autograd.grad(losses.sum(), outputs, allow_unused=True))
+            batch = int(losses.shape[0])
+            views: dict[tuple[str, ...], View] = {}
+            with torch.no_grad():
+                pos = 0
+                for module, calls in captured.items():
+                    caps, gs = [], []
+                    for cap, outs in calls:
+                        caps.append(cap)
+                        gs.append(tuple(None if g is None else g.detach() for g in grads[pos : pos + len(outs)]))
+                        pos += len(outs)
+                    if all(g is None for call in gs for g in call):
+                        continue
+                    view = self.handlers[module].view(caps, gs, batch, 1.0)
+                    views[tuple(view.names)] = view
+        return views, losses.detach()
+
+
+class Projector:
+    """Fixed Gaussian random projections (entries N(0, 1/k), seeded, private generator) per factor.
+
+    A factor of dimension d <= k is kept exact. Matrices are drawn once per (name, dimension) and
+    reused for every step, so the sketched inner products are those of one fixed linear map.
+    """
+
+    def __init__(self, k: int, seed: int = 0):
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"projection_dim must be a positive integer, got {k!r}")
+        self.k, self.seed = k, seed
+        self._mats: dict[tuple[str, int], torch.Tensor] = {}
+
+    def matrix(self, key: str, d: int, like: torch.Tensor) -> torch.Tensor | None:
+        if d <= self.k:
+            return None
+        m = self._mats.get((key, d))
+        if m is None:
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{key}/{d}".encode()))
+            m = torch.randn(d, self.k, generator=gen, dtype=torch.float64) / self.k**0.5
+            self._mats[(key, d)] = m
+        return m.to(device=like.device, dtype=like.dtype)
+
+    def apply(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """Project the last axis of x."""
+        m = self.matrix(key, x.shape[-1], x)
+        if m is None:
+            return x
+        return (x.reshape(-1, x.shape[-1]) @ m).reshape(*x.shape[:-1], m.shape[1])  # 2-D matmul: fast path
+
+
+def _flat_grads(view: View) -> dict[str, torch.Tensor]:
+    return {n: g.reshape(g.shape[0], -1) for n, g in view.grads().items()}
+
+
+def _factor(view: View) -> bool:
+    return isinstance(view, FactorView) and hasattr(view, "a") and hasattr(view, "e")
+
+
+def cross(left: View, right: View, projector: Projector | None = None) -> dict[str, torch.Tensor]:
+    """{parameter name: C} with C[i, k] = g_i . h_k for two views of the same layer.
+
+    Exact unless a ``projector`` is given (then an unbiased sketch, see the module docstring).
+    """
+    if _factor(left) and _factor(right):
+        return _cross_factor(left, right, projector)
+    lg, rg = _flat_grads(left), _flat_grads(right)
+    out = {}
+    for n in lg:
+        if n not in rg:
+            continue
+        a, b = lg[n], rg[n].to(lg[n].dtype)
+        if projector is not None:
+            a, b = projector.apply(n, a), projector.apply(n, b)
+        out[n] = a @ b.T
+    return out
+
+
+def _cross_factor(left: FactorView, right: FactorView, projector: Projector | None) -> dict[str, torch.Tensor]:
+    bl, g, tl, i = left.a.shape
+    br, _, tr, _ = right.a.shape
+    o = left.e.shape[-1]
+    out: dict[str, torch.Tensor] = {}
+    if tl == 1 and tr == 1:
+        al, el = left.a.reshape(bl, g, i), left.e.reshape(bl, g, o)
+        ar, er = right.a.reshape(br, g, i).to(al.dtype), right.e.reshape(br, g, o).to(el.dtype)
+        if projector is not None:
+            al, ar = projector.apply(left.w + "/a", al), projector.apply(left.w + "/a", ar)
+            el2, er2 = projector.apply(left.w + "/e", el), projector.apply(left.w + "/e", er)
+        else:
+            el2, er2 = el, er
+        if g == 1:  # plain 2-D matmuls (batched matmuls on permuted views are much slower on CPU)
+            aa = (al[:, 0] @ ar[:, 0].T).unsqueeze(0)
+            ee = (el2[:, 0] @ er2[:, 0].T).unsqueeze(0)
+        else:  # (g, Bl, i) x (g, i, Br) -> (g, Bl, Br)
+            aa = torch.bmm(al.transpose(0, 1), ar.permute(1, 2, 0))
+            ee = torch.bmm(el2.transpose(0, 1), er2.permute(1, 2, 0))
+        out[left.w] = (aa * ee).sum(0)
+        if left.b is not None:
+            # the bias gradient is e itself: its cross-Gram is the e-Gram already computed (exact case)
+            if projector is None:
+                out[left.b] = ee.sum(0)
+            else:
+                sl, sr = projector.apply(left.b, el.reshape(bl, -1)), projector.apply(left.b, er.reshape(br, -1))
+                out[left.b] = sl @ sr.T
+        return out
+
+    # T > 1: materialise this layer's per-sample weight gradients (B, g, o, i), or their sketch P_e G P_a^T
+    def grads(v: FactorView) -> torch.Tensor:
+        b = v.a.shape[0]
+        a, e = v.a, v.e.to(v.a.dtype)
+        if projector is not None:
+            a, e = projector.apply(left.w + "/a", a), projector.apply(left.w + "/e", e)
+        return torch.einsum("bgto,bgti->bgoi", e, a).reshape(b, -1)
+
+    gl, gr = grads(left), grads(right)
+    out[left.w] = gl @ gr.to(gl.dtype).T
+    if left.b is not None:
+        sl = left.e.sum(2).reshape(bl, -1)
+        sr = right.e.sum(2).reshape(br, -1).to(sl.dtype)
+        if projector is not None:
+            sl, sr = projector.apply(left.b, sl), projector.apply(left.b, sr)
+        out[left.b] = sl @ sr.T
+    return out

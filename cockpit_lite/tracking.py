@@ -1,0 +1,155 @@
+"""``cockpit.track(loader)``: the same batches as the loader, plus the dataset indices of each batch.
+
+How: for one pass over a ``torch.utils.data.DataLoader``, the loader's index sampler (its
+``batch_sampler``, or its ``sampler`` when ``batch_size=None``) is wrapped in a recorder that passes
+every item through unchanged and remembers it. The recorder is installed only while the loader builds
+its iterator, so
+
+- the sampler is iterated exactly once, at the moment the bare loader would iterate it: the random
+  numbers drawn (shuffling, the workers' base seed) and hence the batches are identical to the bare
+  loader's given the same seed;
+- every sampler, batch sampler, ``drop_last``, ``Subset``, custom ``collate_fn`` and worker count is
+  served, because nothing but the stream of indices is observed. With ``num_workers > 0`` the main
+  process sends index lists to the workers ahead of time and receives the batches back in the same
+  order (``in_order=True``, the default), so the recorded index lists are matched to batches first in,
+  first out. With ``in_order=False`` batches may arrive out of order: indices are then not recorded.
+
+Indices are positions in ``loader.dataset`` (``loader.dataset[i]`` is the example). With
+``resolve_subsets=True`` positions in (nested) ``torch.utils.data.Subset`` datasets are mapped to the
+underlying dataset, and the dataset size reported is the underlying dataset's length.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, Subset
+
+
+class _Recorder:
+    """Wraps an index sampler; each item it yields is appended to ``queue`` and passed on unchanged."""
+
+    def __init__(self, inner: Iterable, queue: deque):
+        self.inner, self.queue = inner, queue
+
+    def __iter__(self) -> Iterator:
+        return _RecordingIterator(iter(self.inner), self.queue)  # iter(inner) now, as the bare loader would
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:  # e.g. sampler.batch_size, set_epoch
+        return getattr(self.inner, name)
+
+
+class _RecordingIterator:
+    def __init__(self, it: Iterator, queue: deque):
+        self.it, self.queue = it, queue
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self.it)
+        self.queue.append(item)
+        return item
+
+
+def _as_indices(item: Any) -> np.ndarray | None:
+    try:
+        idx = np.asarray(item)
+    except Exception:
+        return None
+    if idx.dtype.kind not in "iu":
+        return None
+    return idx.reshape(-1).astype(np.int64)
+
+
+def _subset_chain(dataset: Any) -> tuple[list[np.ndarray], Any]:
+    maps = []
+    while isinstance(dataset, Subset):
+        maps.append(np.asarray(dataset.indices, dtype=np.int64))
+        dataset = dataset.dataset
+    return maps, dataset
+
+
+def root_indices(dataset: Any, idx: np.ndarray) -> np.ndarray:
+    """Map positions in ``dataset`` through nested ``Subset`` wrappers to the underlying dataset."""
+    maps, _ = _subset_chain(dataset)
+    for m in maps:
+        idx = m[idx]
+    return idx
+
+
+def _dataset_size(dataset: Any, resolve_subsets: bool) -> int | None:
+    if resolve_subsets:
+        dataset = _subset_chain(dataset)[1]
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+def _untracked(cockpit: Any, loader: Iterable, why: str) -> Iterator:
+    warnings.warn(
+        f"cockpit-lite: cockpit.track(): {why}; batches pass unchanged without indices", RuntimeWarning, stacklevel=3
+    )
+    for batch in loader:
+        cockpit._batch_indices = None
+        yield batch
+
+
+def track(cockpit: Any, loader: Iterable, resolve_subsets: bool = False) -> Iterator:
+    """Yield the batches of ``loader`` (one pass) and tell ``cockpit`` the dataset indices of each.
+
+    Args:
+        cockpit: the :class:`~cockpit_lite.Cockpit` whose records get ``indices`` and ``dataset_size``.
+        loader: a map-style ``torch.utils.data.DataLoader``. Anything else (an ``IterableDataset``
+            loader, a list of batches) is passed through unchanged, with a warning, and no indices.
+        resolve_subsets: report indices into the dataset beneath any ``Subset`` wrappers instead of
+            positions in ``loader.dataset``.
+    """
+    if not isinstance(loader, DataLoader):
+        yield from _untracked(cockpit, loader, f"{type(loader).__name__} is not a torch DataLoader")
+        return
+    if isinstance(loader.dataset, IterableDataset):
+        yield from _untracked(cockpit, loader, "an IterableDataset has no dataset indices")
+        return
+    if loader.num_workers > 0 and not getattr(loader, "in_order", True):
+        yield from _untracked(cockpit, loader, "with in_order=False batches may arrive out of order")
+        return
+
+    queue: deque = deque()
+    auto = loader.batch_sampler is not None
+    attr = "batch_sampler" if auto else "sampler"
+    original = getattr(loader, attr)
+    recorder = _Recorder(original, queue)
+    persistent = loader.persistent_workers and loader.num_workers > 0 and loader._iterator is not None
+    # install the recorder only while the loader builds (or, persistent workers, resets) its iterator:
+    # the iterator keeps the sampler it saw; the loader itself is left as it was
+    if persistent:
+        loader._iterator._index_sampler = recorder
+    else:
+        object.__setattr__(loader, attr, recorder)  # DataLoader forbids plain assignment after init
+    try:
+        it = iter(loader)
+    finally:
+        object.__setattr__(loader, attr, original)
+    if persistent or (loader.persistent_workers and loader.num_workers > 0):
+        it._index_sampler = original  # later untracked epochs of a persistent iterator record nothing
+
+    cockpit._dataset_size = _dataset_size(loader.dataset, resolve_subsets)
+    try:
+        for batch in it:
+            item = queue.popleft() if queue else None
+            idx = _as_indices(item)
+            if idx is not None and resolve_subsets:
+                idx = root_indices(loader.dataset, idx)
+            cockpit._batch_indices = idx
+            yield batch
+    finally:
+        cockpit._batch_indices = None

@@ -1,0 +1,263 @@
+"""TracIn traced during training (Pruthi, Liu, Kale, Sundararajan, NeurIPS 2020).
+
+First-order TracIn of a training example z on an example z' sums, over the optimizer steps t whose
+batch B_t contained z, the first-order change of the loss on z' that z's share of the step causes:
+
+    TracIn(z, z') = sum_{t: z in B_t} eta_t c_t  g_t(z) . g_t(z')          (REFERENCE.md section 5)
+
+with g_t(.) the gradient of the per-example loss at theta_t (the parameters before step t), eta_t the
+learning rate the optimizer used at step t, and c_t the batch factor of the loss (p.grad = c_t sum_i g_i:
+1/B for reduction="mean", 1 for "sum"). Self-influence is TracIn(z, z) = sum_t eta_t c_t ||g_t(z)||^2.
+With several parameter groups, each parameter's contribution is weighted by its own group's lr (the
+SGD step of that group). For other optimizers (momentum, Adam) this is the SGD form of the paper,
+evaluated with each step's lr: a heuristic there, as in Pruthi et al.
+
+Positive TracIn(z, z'): z is a proponent of z' (training on z lowered the loss on z'); negative: an
+opponent. High self-influence flags examples the model had to bend towards: mislabelled or atypical.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from cockpit_lite import Instrument, Need, Needs
+from cockpit_lite.losses import gradient_scale
+from cockpit_lite.persample.cross import Projector, ViewCollector, cross
+
+NEEDS_TRACK = (
+    "TracIn needs the dataset index of every example in each batch: iterate the training data as "
+    "`for x, y in cockpit.track(loader):` (same batches as `for x, y in loader:`, the cockpit then "
+    "learns the indices)"
+)
+
+
+def _scatter_add(target: np.ndarray, idx: np.ndarray, values: np.ndarray) -> None:
+    """target[idx] += values, correct also for repeated indices (sampling with replacement)."""
+    if len(np.unique(idx)) == len(idx):
+        target[idx] += values
+    else:
+        np.add.at(target, idx, values)
+
+
+def top_table(scores: np.ndarray, k: int, largest: bool = True) -> dict[str, np.ndarray]:
+    """{"index": the k indices with the largest (or smallest) scores, best first, "score": theirs}."""
+    scores = np.asarray(scores, dtype=np.float64)
+    k = min(k, scores.shape[-1])
+    order = np.argsort(-scores if largest else scores, axis=-1, kind="stable")[..., :k]
+    return {"index": order, "score": np.take_along_axis(scores, order, axis=-1)}
+
+
+class TracIn(Instrument):
+    """Online TracIn: self-influence of every training example and, with probes, the influence of
+    every training example on every probe, accumulated while training runs.
+
+    Args:
+        probes: optional ``(inputs, targets)`` of the examples to explain (test points); ``inputs`` a
+            tensor or a tuple of tensors passed as ``model(*inputs)``.
+        projection_dim: if given, probe influence uses Kronecker-structured Gaussian random
+            projections of each layer's factors to this many dimensions (unbiased; relative error of
+            an entry about 2/sqrt(k) of |g||g'|, see docs/tracin.md). Self-influence is always exact.
+        projection_seed: seed of the projections (a private generator; the user's RNG is untouched).
+        top_k: how many top examples / proponents / opponents to write into the run at close.
+        write_scores: also write the whole self-influence vector (N floats) into the run at close.
+        every / schedule / name: as for every instrument; TracIn sums over the traced steps only.
+
+    Cost per traced step: per-sample squared norms (engine, about one extra weight-gradient matmul);
+    with K probes one forward and one backward-to-activations of the K probes under a forked RNG, in
+    the model's current (training) mode, plus per layer a (B x K) cross-Gram from the factors.
+    Memory: N floats, plus N x K with probes.
+    """
+
+    def __init__(
+        self,
+        probes: tuple[Any, Any] | None = None,
+        projection_dim: int | None = None,
+        projection_seed: int = 0,
+        top_k: int = 20,
+        write_scores: bool = True,
+        **kw,
+    ):
+        super().__init__(**kw)
+        if probes is not None:
+            if not (isinstance(probes, Sequence) and len(probes) == 2):
+                raise ValueError("probes must be a pair (inputs, targets), e.g. probes=(x_test, y_test)")
+            inputs, targets = probes
+            if isinstance(inputs, (tuple, list)):
+                n = len(inputs[0])
+            else:
+                n = len(inputs)
+            if len(targets) != n:
+                raise ValueError(f"probes: {n} inputs but {len(targets)} targets")
+            self.n_probes = n
+        else:
+            self.n_probes = 0
+        self.probes = probes
+        self.projector = Projector(projection_dim, projection_seed) if projection_dim is not None else None
+        self.top_k = top_k
+        self.write_scores = write_scores
+        self._self = np.zeros(0)
+        self._infl = np.zeros((0, self.n_probes))
+        self._seen = np.zeros(0, dtype=bool)
+        self.steps = 0
+        self.probe_steps = 0
+        self._group_of: dict[str, int] = {}
+        self._collector: ViewCollector | None = None
+        self._model: torch.nn.Module | None = None
+        self._warned: set[str] = set()
+
+    # --- plumbing -----------------------------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        return self.name or "tracin"
+
+    def requires(self, step: int) -> Needs:
+        if not self.scheduled(step):
+            return Needs()
+        flags = {Need.PER_SAMPLE_SQ_NORMS, Need.INDICES}
+        if self.probes is not None:
+            flags.add(Need.PER_SAMPLE_CROSS)
+        return Needs(flags)
+
+    def on_attach(self, model, optimizer):
+        self._model = model
+        groups = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        self._group_of = {n: groups[id(p)] for n, p in model.named_parameters() if id(p) in groups}
+        if self.probes is not None:
+            self._collector = ViewCollector(model)
+
+    def _warn(self, msg: str) -> None:
+        if msg not in self._warned:
+            self._warned.add(msg)
+            warnings.warn(f"cockpit-lite: {msg}", RuntimeWarning, stacklevel=2)
+
+    def _ensure(self, n: int) -> None:
+        if n > len(self._self):
+            grow = n - len(self._self)
+            self._self = np.concatenate([self._self, np.zeros(grow)])
+            self._seen = np.concatenate([self._seen, np.zeros(grow, dtype=bool)])
+            self._infl = np.concatenate([self._infl, np.zeros((grow, self.n_probes))])
+
+    def _weights(self, record, names) -> dict[str, float] | None:
+        """eta_t c_t per parameter name (its group's lr times the batch factor)."""
+        if record.batch_size is None or record.reduction is None or not record.lrs:
+            return None
+        c = gradient_scale(record.reduction, record.batch_size)
+        lrs = record.lrs
+        out = {}
+        for n in names:
+            gi = self._group_of.get(n, 0)
+            out[n] = (lrs[gi] if gi < len(lrs) else lrs[0]) * c
+        return out
+
+    def _indices(self, record) -> np.ndarray | None:
+        idx = record.indices
+        if idx is None:
+            self._warn(NEEDS_TRACK)
+            return None
+        self._ensure(max(int(idx.max()) + 1, record.dataset_size or 0))
+        return idx
+
+    # --- per step -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def on_before_step(self, record):
+        """Probe influence at theta_t (parameters not yet updated): sum_layers eta c g_i . h_k."""
+        if self.probes is None or record.indices is None:
+            return
+        if not record.views:
+            self._warn(f"TracIn probes skipped at step {record.step}: no per-sample factors ({record.notes})")
+            return
+        idx = self._indices(record)
+        probe_views, _ = self._probe_views(record)
+        weights = self._weights(record, [n for v in record.views for n in v.names])
+        if weights is None:
+            return
+        total = None
+        for view in record.views:
+            other = probe_views.get(tuple(view.names))
+            if other is None:  # the probes do not reach this layer: zero gradient there
+                continue
+            for name, c in cross(view, other, self.projector).items():
+                term = c.double() * weights[name]
+                total = term if total is None else total + term
+        if total is not None:
+            _scatter_add(self._infl, idx, total.cpu().numpy())
+            self.probe_steps += 1
+
+    def _probe_views(self, record):
+        inputs, targets = self.probes
+        device = next(iter(record.params.values())).device
+        move = lambda t: t.to(device) if torch.is_tensor(t) else t  # noqa: E731
+        inputs = tuple(move(t) for t in inputs) if isinstance(inputs, (tuple, list)) else move(inputs)
+        targets = move(targets)
+        self.probes = (inputs, targets)  # moved once
+        return self._collector(inputs, targets, record.loss_fn)
+
+    def compute(self, record):
+        idx = self._indices(record)
+        if idx is None:
+            return {}
+        by_param = record.per_sample_sq_norms_by_param
+        if by_param is None:
+            self._warn(f"TracIn skipped step {record.step}: no per-sample gradient norms ({record.notes})")
+            return {}
+        weights = self._weights(record, by_param)
+        if weights is None:
+            return {}
+        s = sum(weights[n] * sq for n, sq in by_param.items())
+        _scatter_add(self._self, idx, s)
+        self._seen[idx] = True
+        self.steps += 1
+        return {}
+
+    # --- results ------------------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self.steps == 0:
+            raise RuntimeError(f"TracIn has traced no step yet. {NEEDS_TRACK}.")
+
+    def self_influence(self) -> np.ndarray:
+        """TracIn(z, z) for every training example z (indexed like the tracked loader's dataset;
+        0 for examples no traced batch contained)."""
+        self._check()
+        return self._self.copy()
+
+    def influence(self) -> np.ndarray:
+        """(N, K) array: TracIn(z_i, probe_k) for every training example i and probe k."""
+        self._check()
+        if self.probes is None:
+            raise RuntimeError("TracIn was built without probes: pass TracIn(probes=(x_test, y_test))")
+        return self._infl.copy()
+
+    def proponents(self, probe: int = 0, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Dataset indices and scores of the k training examples with the largest influence on
+        ``probe`` (most positive first)."""
+        t = top_table(self.influence()[:, probe], k, largest=True)
+        return t["index"], t["score"]
+
+    def opponents(self, probe: int = 0, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Dataset indices and scores of the k training examples with the most negative influence."""
+        t = top_table(self.influence()[:, probe], k, largest=False)
+        return t["index"], t["score"]
+
+    def seen(self) -> np.ndarray:
+        """Boolean mask: which training examples appeared in at least one traced batch."""
+        return self._seen.copy()
+
+    def on_close(self):
+        if self.steps == 0:
+            return {}
+        out: dict[str, Any] = {
+            self.tag("tracin/steps"): self.steps,
+            self.tag("tracin/self_influence/top"): top_table(self._self, self.top_k),
+        }
+        if self.write_scores:
+            out[self.tag("tracin/self_influence")] = self._self
+        if self.probes is not None and self.probe_steps:
+            inf = self._infl.T  # (K, N)
+            out[self.tag("tracin/proponents")] = top_table(inf, self.top_k, largest=True)
+            out[self.tag("tracin/opponents")] = top_table(inf, self.top_k, largest=False)
+        return out
