@@ -36,11 +36,19 @@ def _economy_minus_alpha():
     return [Loss(), GradNorm(), UpdateSize(), Distance(), GradientTests()]
 
 
+def _economy_clipping():
+    from instruments import Clipping
+    from instruments.presets import economy
+
+    return economy() + [Clipping(max_norm=1.0, agc_clip=0.01, per_sample_clip=1.0)]
+
+
 #: configuration name -> (instrument factory, extra Cockpit kwargs factory(tmpdir)); "plain" = no cockpit
 CONFIGS = {
     "plain": None,
     "economy-alpha": (_economy_minus_alpha, lambda d: {}),
     "economy": (lambda: "economy", lambda d: {}),
+    "economy+clipping": (_economy_clipping, lambda d: {}),
 }
 
 

@@ -1,6 +1,8 @@
 """The built-in instruments of cockpit-lite, plugins of the core (registered as entry points)."""
 
 from instruments.alpha import Alpha
+from instruments import agc
+from instruments.clipping import Clipping
 from instruments.gradient_tests import GradientTests
 from instruments.gradnorm import GradNorm
 from instruments.loss import Loss
@@ -20,4 +22,6 @@ __all__ = [
     "TracIn",
     "TracInCP",
     "Checkpoints",
+    "Clipping",
+    "agc",
 ]

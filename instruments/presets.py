@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from instruments.alpha import Alpha
+from instruments.clipping import Clipping
 from instruments.gradient_tests import GradientTests
 from instruments.gradnorm import GradNorm
 from instruments.loss import Loss
@@ -25,4 +26,4 @@ def economy():
 
 
 def full():
-    return economy()
+    return economy() + [Clipping()]
