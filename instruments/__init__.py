@@ -1,7 +1,7 @@
 """The built-in instruments of cockpit-lite, plugins of the core (registered as entry points)."""
 
-from instruments.alpha import Alpha
 from instruments import agc
+from instruments.alpha import Alpha
 from instruments.clipping import Clipping
 from instruments.gradient_tests import GradientTests
 from instruments.gradnorm import GradNorm
