@@ -213,3 +213,41 @@ def test_flattened_token_loss_is_refused():
             loss_fn(model(x), y).backward()
             opt.step()
     assert probe.records[0].per_sample_sq_norms is None
+
+
+class WideConv(nn.Module):
+    """Convs whose per-sample gradients are larger than their factors: the view keeps the factors and
+    projects through the layer's forward convolution (stride, dilation, circular padding, groups)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1, padding_mode="circular", groups=1)
+        self.c2 = nn.Conv2d(16, 24, 3, stride=2, dilation=2, padding=2, groups=4)
+        self.c3 = nn.Conv1d(24, 32, 2, bias=False)
+        self.head = nn.Linear(32 * 3, 3)
+
+    def forward(self, x):
+        x = torch.tanh(self.c2(torch.relu(self.c1(x))))  # (B, 24, 2, 2)
+        x = self.c3(x.flatten(2))  # (B, 32, 3)
+        return self.head(x.flatten(1))
+
+
+def test_conv_projections_through_the_forward_convolution():
+    from cockpit_lite.persample.views import ConvView
+
+    kept = []
+    original = ConvView.release
+
+    def spy(self):
+        original(self)
+        kept.append(bool(self._g))
+
+    torch.manual_seed(0)
+    model = WideConv()
+    x, y = torch.randn(5, 3, 4, 4), torch.randint(0, 3, (5,))
+    fixed, dirs = _directions(model)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ConvView, "release", spy)
+        rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs)
+    assert kept.count(False) >= 2  # at least two layers kept their factors, not g_i
+    _check_all(rec, ref, update, fixed)

@@ -189,14 +189,9 @@ class PerSampleEngine:
         if self.failure is not None:
             return out
         try:
-            for key, direction in directions.items():
-                total = None
-                for view in self._kept:
-                    p = view.project(direction)
-                    if p is not None:
-                        total = p if total is None else total + p
-                if total is not None:
-                    out[key] = total
+            for view in self._kept:
+                for key, p in view.project_many(directions).items():
+                    out[key] = p if key not in out else out[key] + p
         except Exception as e:
             self.fail(f"per-sample projections failed ({e})")
             return {}

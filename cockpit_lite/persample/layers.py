@@ -196,24 +196,25 @@ class ConvHandler(Handler):
     def view(self, captures, grads, batch, inv_scale):
         m = self.module
         inputs, out_grads = [], []
-        gw = gb = None
         for x, (go,) in zip(captures, grads, strict=True):
             if go is None:
                 continue
             if x.dim() != m.weight.dim() or x.shape[0] != batch:
                 raise ValueError(f"conv input of shape {tuple(x.shape)} has no batch axis of size {batch}")
-            e = go * inv_scale
-            w = self._weight_grads(x, e)
-            b = e.flatten(2).sum(2)
-            gw = w if gw is None else gw + w
-            gb = b if gb is None else gb + b
             inputs.append(x)
-            out_grads.append(e)
-        grads_out = {self.names["weight"]: gw}
-        if "bias" in self.names:
-            grads_out[self.names["bias"]] = gb
+            out_grads.append(go * inv_scale)
+
+        def make_grads():
+            gw = sum(self._weight_grads(x, e) for x, e in zip(inputs, out_grads, strict=True))
+            out = {self.names["weight"]: gw}
+            if "bias" in self.names:
+                out[self.names["bias"]] = sum(e.flatten(2).sum(2) for e in out_grads)
+            return out
+
         conv = lambda x, v: m._conv_forward(x, v, None)  # noqa: E731
-        return ConvView(grads_out, inputs, out_grads, conv, self.names["weight"], self.names.get("bias"))
+        return ConvView(
+            make_grads, inputs, out_grads, conv, self.names["weight"], self.names.get("bias"), m.weight.numel()
+        )
 
 
 class EmbeddingHandler(Handler):

@@ -36,13 +36,33 @@ class View:
         return sum(g.mean(1) for g in self.gram().values())
 
     def release(self) -> None:
-        """Drop caches before the view is kept across the optimizer step."""
+        """Called before the view is kept across the optimizer step: keep only what projections need."""
 
     def project(self, directions: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """sum over this view's parameters of g_i . v (shape B), or None if no direction touches them."""
+        out = self.project_many({"_": directions})
+        return out.get("_")
+
+    def project_many(self, directions: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """{key: g_i . v_key} for several directions at once (one pass over the kept factors)."""
         raise NotImplementedError
 
     def grads(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+def _stack(directions: Mapping[str, Mapping[str, torch.Tensor]], name: str, shape, dtype):
+    """The keys whose direction touches ``name``, and those directions stacked as (K, *shape)."""
+    keys = [k for k, d in directions.items() if d.get(name) is not None]
+    if not keys:
+        return keys, None
+    return keys, torch.stack([directions[k][name].reshape(shape).to(dtype) for k in keys])
+
+
+def _add(out: dict[str, torch.Tensor], keys: list[str], values: torch.Tensor) -> None:
+    """out[key] += values[:, j] for the j-th key."""
+    for j, k in enumerate(keys):
+        out[k] = values[:, j] if k not in out else out[k] + values[:, j]
 
 
 class MaterialisedView(View):
@@ -53,7 +73,7 @@ class MaterialisedView(View):
         self.names = tuple(grads)
 
     def _flat(self, name: str) -> torch.Tensor:
-        g = self._g[name]
+        g = self.grads()[name]
         return g.reshape(g.shape[0], -1)
 
     def sq_norms(self) -> dict[str, torch.Tensor]:
@@ -65,18 +85,17 @@ class MaterialisedView(View):
     def dot_mean(self) -> torch.Tensor:
         return sum(self._flat(n) @ self._flat(n).mean(0) for n in self.names)
 
-    def project(self, directions: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        out = None
+    def project_many(self, directions):
+        out: dict[str, torch.Tensor] = {}
         for n in self.names:
-            v = directions.get(n)
-            if v is None:
-                continue
-            p = self._flat(n) @ v.reshape(-1).to(self._g[n].dtype)
-            out = p if out is None else out + p
+            g = self._flat(n)
+            keys, v = _stack(directions, n, (-1,), g.dtype)
+            if keys:
+                _add(out, keys, g @ v.T)
         return out
 
     def grads(self) -> dict[str, torch.Tensor]:
-        return dict(self._g)
+        return self._g
 
 
 class FactorView(View):
@@ -93,6 +112,8 @@ class FactorView(View):
         self.w, self.b = weight_name, bias_name
         self.weight_shape = weight_shape
         self.names = tuple(n for n in (weight_name, bias_name) if n is not None)
+        self._cache: torch.Tensor | None = None  # g_i of the weight, (B, g*o, i)
+        self._grams: tuple[torch.Tensor, torch.Tensor] | None = None  # T = 1: (g, B, B) for a and e
 
     @property
     def _dims(self):
@@ -102,8 +123,6 @@ class FactorView(View):
     def _bias_grads(self) -> torch.Tensor:
         return self.e.sum(2).reshape(self.e.shape[0], -1)  # (B, g*o)
 
-    _cache: torch.Tensor | None = None
-
     def _weight_grads(self) -> torch.Tensor:
         if self._cache is None:
             bsz, g, t, i, o = self._dims
@@ -112,22 +131,21 @@ class FactorView(View):
             self._cache = gw.reshape(bsz, g * o, i)
         return self._cache
 
+    def _factor_grams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """T = 1: (a_i . a_j) and (e_i . e_j) per group, computed once for norms, Gram and dot_mean."""
+        if self._grams is None:
+            bsz, g, _, i, o = self._dims
+            a = self.a.reshape(bsz, g, i).transpose(0, 1)  # (g, B, i)
+            e = self.e.reshape(bsz, g, o).transpose(0, 1)
+            if g == 1:
+                self._grams = ((a[0] @ a[0].T)[None], (e[0] @ e[0].T)[None])
+            else:
+                self._grams = (torch.bmm(a, a.transpose(1, 2)), torch.bmm(e, e.transpose(1, 2)))
+        return self._grams
+
     def release(self) -> None:
         self._cache = None
-
-    def dot_mean(self) -> torch.Tensor:
-        bsz, g, t, i, o = self._dims
-        if t == 1 and bsz * (i + o) < i * o:  # Gram of the factors is cheaper than g_i
-            a = self.a.reshape(bsz, g, i).transpose(0, 1)
-            e = self.e.reshape(bsz, g, o).transpose(0, 1)
-            out = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(e, e.transpose(1, 2))).sum(0).mean(1)
-        else:
-            gw = self._weight_grads().reshape(bsz, -1)
-            out = gw @ gw.mean(0)
-        if self.b is not None:
-            gb = self._bias_grads()
-            out = out + gb @ gb.mean(0)
-        return out
+        self._grams = None
 
     def _ghost_is_cheaper(self) -> bool:
         _, _, t, i, o = self._dims
@@ -152,31 +170,47 @@ class FactorView(View):
         bsz, g, t, i, o = self._dims
         out = {}
         if t == 1:
-            a = self.a.reshape(bsz, g, i).transpose(0, 1)  # (g, B, i)
-            e = self.e.reshape(bsz, g, o).transpose(0, 1)
-            out[self.w] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(e, e.transpose(1, 2))).sum(0)
-        else:
-            gw = self._weight_grads().reshape(bsz, -1)
-            out[self.w] = gw @ gw.T
+            aa, ee = self._factor_grams()
+            out[self.w] = (aa * ee).sum(0)
+            if self.b is not None:
+                out[self.b] = ee.sum(0)
+            return out
+        gw = self._weight_grads().reshape(bsz, -1)
+        out[self.w] = gw @ gw.T
         if self.b is not None:
             gb = self._bias_grads()
             out[self.b] = gb @ gb.T
         return out
 
-    def project(self, directions: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    def dot_mean(self) -> torch.Tensor:
         bsz, g, t, i, o = self._dims
-        out = None
-        v = directions.get(self.w)
-        if v is not None:
-            v = v.reshape(g, o, i).to(self.a.dtype)
-            # sum_t e_t^T V a_t: (B, g, T, o) x (g, o, i) -> (B, g, T, i), then dot with a
-            ev = torch.einsum("bgto,goi->bgti", self.e, v)
-            out = (ev * self.a).sum((1, 2, 3))
+        if t == 1 and (self._grams is not None or bsz * (i + o) < i * o):  # Gram of the factors is cheaper
+            aa, ee = self._factor_grams()
+            out = (aa * ee).sum(0).mean(1)
+            return out + ee.sum(0).mean(1) if self.b is not None else out
+        gw = self._weight_grads().reshape(bsz, -1)
+        out = gw @ gw.mean(0)
         if self.b is not None:
-            vb = directions.get(self.b)
-            if vb is not None:
-                pb = self._bias_grads() @ vb.reshape(-1).to(self.e.dtype)
-                out = pb if out is None else out + pb
+            gb = self._bias_grads()
+            out = out + gb @ gb.mean(0)
+        return out
+
+    def project_many(self, directions):
+        """sum_t e_t^T V_k a_t for all k in one matrix product per group: (B T, i) @ (i, K o)."""
+        bsz, g, t, i, o = self._dims
+        out: dict[str, torch.Tensor] = {}
+        keys, v = _stack(directions, self.w, (g, o, i), self.a.dtype)
+        if keys:
+            k = len(keys)
+            for gi in range(g):
+                a = self.a[:, gi].reshape(bsz * t, i)
+                e = self.e[:, gi].reshape(bsz, t, 1, o)
+                av = (a @ v[:, gi].reshape(k * o, i).T).reshape(bsz, t, k, o)  # (V_k a_t) for every k
+                _add(out, keys, (av * e).sum((1, 3)))
+        if self.b is not None:
+            keys, vb = _stack(directions, self.b, (-1,), self.e.dtype)
+            if keys:
+                _add(out, keys, self._bias_grads() @ vb.T)
         return out
 
     def grads(self) -> dict[str, torch.Tensor]:
@@ -188,35 +222,53 @@ class FactorView(View):
 
 
 class ConvView(MaterialisedView):
-    """Conv1d/Conv2d: per-sample weight gradients materialised for this layer only (one
-    weight-gradient-sized product, by the fastest exact kernel for the shape), projections through the
-    layer's own forward convolution: g_i . V = <conv(x_i; V), e_i> (no unfolded patches kept).
+    """Conv1d/Conv2d. Per-sample weight gradients are formed only when asked (norms, Gram, dot with
+    the mean) by one weight-gradient-sized product with the fastest exact kernel for the shape.
+    Across the optimizer step the view keeps whichever is smaller, the formed g_i (projections are then
+    a matrix-vector product) or the layer's input and output gradient (projections then go through the
+    layer's own forward convolution: g_i . V = <conv(x_i; V), e_i>, no unfolded patches).
 
     Args:
-        grads: {name: (B, *shape)} per-sample gradients of weight (and bias).
+        make_grads: () -> {name: (B, *shape)} per-sample gradients of weight (and bias).
         inputs / out_grads: per call, the layer input and the output gradient of the per-sample losses.
         conv: ``conv(x, V)`` the layer's convolution with weight V and no bias.
     """
 
-    def __init__(self, grads, inputs, out_grads, conv, weight_name, bias_name):
-        super().__init__(grads)
+    def __init__(self, make_grads, inputs, out_grads, conv, weight_name, bias_name, weight_numel):
+        super().__init__({})
+        self.names = tuple(n for n in (weight_name, bias_name) if n is not None)
+        self._make = make_grads
         self._inputs, self._out_grads, self._conv = inputs, out_grads, conv
         self.w, self.b = weight_name, bias_name
+        self._weight_numel = weight_numel
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        if not self._g:
+            self._g = self._make()
+        return self._g
 
     def release(self) -> None:
-        self._g = {}  # keep only the factors across the optimizer step
+        bsz = self._inputs[0].shape[0]
+        factors = sum(x.numel() + e.numel() for x, e in zip(self._inputs, self._out_grads, strict=True))
+        if bsz * self._weight_numel <= 2 * factors:
+            self.grads()  # keep g_i: smaller than the factors (within 2x) and projections become cheap
+            self._inputs, self._out_grads = [], []
+        else:
+            self._g = {}
 
-    def project(self, directions: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        out = None
-        v = directions.get(self.w)
-        vb = directions.get(self.b) if self.b is not None else None
+    def project_many(self, directions):
+        if self._g:
+            return super().project_many(directions)
+        out: dict[str, torch.Tensor] = {}
+        keys = [k for k, d in directions.items() if d.get(self.w) is not None]
         for x, e in zip(self._inputs, self._out_grads, strict=True):
-            if v is not None:
-                p = (self._conv(x, v.to(x.dtype)) * e).flatten(1).sum(1)
-                out = p if out is None else out + p
-            if vb is not None:
-                p = e.flatten(2).sum(2) @ vb.to(e.dtype)
-                out = p if out is None else out + p
+            for k in keys:
+                p = (self._conv(x, directions[k][self.w].to(x.dtype)) * e).flatten(1).sum(1)
+                out[k] = p if k not in out else out[k] + p
+            if self.b is not None:
+                bkeys, vb = _stack(directions, self.b, (-1,), e.dtype)
+                if bkeys:
+                    _add(out, bkeys, e.flatten(2).sum(2) @ vb.T)
         return out
 
 
@@ -239,11 +291,13 @@ class EmbeddingView(View):
         ee = torch.einsum("isd,jtd->ijst", self.e, self.e)
         return {self.w: (same * ee).sum((2, 3))}
 
-    def project(self, directions: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        v = directions.get(self.w)
-        if v is None:
-            return None
-        return (v.to(self.e.dtype)[self.idx] * self.e).sum((1, 2))
+    def project_many(self, directions):
+        out: dict[str, torch.Tensor] = {}
+        for k, d in directions.items():
+            v = d.get(self.w)
+            if v is not None:
+                out[k] = (v.to(self.e.dtype)[self.idx] * self.e).sum((1, 2))
+        return out
 
     def grads(self) -> dict[str, torch.Tensor]:
         bsz, t, d = self.e.shape
