@@ -104,6 +104,7 @@ class Cockpit:
         self._needs = Needs()
         self._record = StepRecord(step=0)
         self._snapshot: list[torch.Tensor] | None = None
+        self._snapshot_buffers: list[torch.Tensor] | None = None
         self._skip = False
         self._t_step = 0.0
         #: set by :meth:`track`: dataset indices of the batch last yielded, and the dataset's length
@@ -319,7 +320,10 @@ class Cockpit:
                 )
         if Need.UPDATE in flags:
             with self.costs.region("snapshot"):
-                self._snapshot = [p.detach().clone() for p in self.params.values()]
+                if self._snapshot_buffers is None:  # allocated once: no page faults per step
+                    self._snapshot_buffers = [torch.empty_like(p) for p in self.params.values()]
+                torch._foreach_copy_(self._snapshot_buffers, [p.detach() for p in self.params.values()])
+                self._snapshot = self._snapshot_buffers
         for inst in self._active:
             with self.costs.region(inst.key):
                 try:
@@ -345,9 +349,10 @@ class Cockpit:
         rec = self._record
         with self.costs.region("after_step"):
             if self._snapshot is not None:
-                rec.update = {
-                    n: p.detach() - before for (n, p), before in zip(self.params.items(), self._snapshot, strict=True)
-                }
+                with torch.no_grad():
+                    for p, buf in zip(self.params.values(), self._snapshot, strict=True):
+                        torch.sub(p.detach(), buf, out=buf)  # the snapshot buffer now holds the update
+                rec.update = dict(zip(self.params, self._snapshot, strict=True))
             self._collect_per_sample(rec)
         records: dict[Any, Any] = {}
         for inst in self._active:

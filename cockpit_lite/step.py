@@ -28,6 +28,8 @@ class StepRecord:
     params: dict[str, torch.nn.Parameter] = field(default_factory=dict)
     grad_norms: dict[str, float] | None = None
     backward_grad_norms: dict[str, float] | None = None
+    #: d = theta_{t+1} - theta_t by name. The tensors are buffers the core reuses at the next tracked
+    #: step: read them in ``compute``; copy what must outlive the step.
     update: dict[str, torch.Tensor] | None = None
     per_sample_sq_norms: np.ndarray | None = None
     per_sample_sq_norms_by_param: dict[str, np.ndarray] | None = None

@@ -194,8 +194,17 @@ class Alpha(Instrument):
         self._since_verdict = 0
         self.counts: dict[str, int] = {}
         self._last_step = 0
+        self._update_copy: dict[str, torch.Tensor] | None = None
         self._start_fn = lambda rec: rec.update
         self._end_fn = lambda rec: self._pending.update if self._pending is not None else None
+
+    def _keep(self, update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copy d_t into a buffer of our own (allocated once): it is the direction of the end point,
+        projected at the next step, after the core has reused its update buffers."""
+        if self._update_copy is None or self._update_copy.keys() != update.keys():
+            self._update_copy = {n: torch.empty_like(t) for n, t in update.items()}
+        torch._foreach_copy_(list(self._update_copy.values()), list(update.values()))
+        return self._update_copy
 
     @property
     def _start_key(self) -> str:
@@ -297,7 +306,7 @@ class Alpha(Instrument):
         if record.update is None:
             out.update(self._result(step, math.nan, MISSING_DATA, None))
             return out
-        update = dict(record.update)
+        update = self._keep(record.update)  # the core reuses its buffers at the next step
         tensors = list(update.values())
         s = float(torch.stack(torch._foreach_norm(tensors)).double().square().sum().sqrt()) if tensors else 0.0
         if not math.isfinite(s):

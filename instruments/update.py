@@ -44,13 +44,14 @@ class UpdateSize(Instrument):
 class Distance(Instrument):
     """||theta_t - theta_0|| per tensor and globally, theta_t the parameters before step t
     (Cockpit's Distance). Tags: ``distance``, ``distance/<parameter name>``.
-    Cost: keeps theta_0 (D floats).
+    Cost: keeps theta_0 and a difference buffer (2 D floats).
     """
 
     def __init__(self, per_param: bool = True, **kw):
         super().__init__(**kw)
         self.per_param = per_param
         self._theta0: dict[str, torch.Tensor] = {}
+        self._diff: dict[str, torch.Tensor] | None = None
         self._norms: dict[str, float] | None = None
 
     def on_attach(self, model, optimizer):
@@ -58,8 +59,12 @@ class Distance(Instrument):
 
     @torch.no_grad()
     def on_before_step(self, record):
-        diffs = {n: p.detach() - self._theta0[n] for n, p in record.params.items() if n in self._theta0}
-        self._norms = _norms(diffs)
+        names = [n for n in record.params if n in self._theta0]
+        if self._diff is None:  # one buffer for theta_t - theta_0, allocated once (no page faults per step)
+            self._diff = {n: torch.empty_like(self._theta0[n]) for n in names}
+        for n in names:
+            torch.sub(record.params[n].detach(), self._theta0[n], out=self._diff[n])
+        self._norms = _norms({n: self._diff[n] for n in names})
 
     def compute(self, record):
         if self._norms is None:

@@ -251,3 +251,31 @@ def test_conv_projections_through_the_forward_convolution():
         rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs)
     assert kept.count(False) >= 2  # at least two layers kept their factors, not g_i
     _check_all(rec, ref, update, fixed)
+
+
+def test_conv_ghost_norms_and_dot_with_the_batch_gradient():
+    """Norms and g_i . gbar without forming g_i (few positions, wide layers): ghost form and a
+    projection of the factors onto the batch gradient."""
+    from cockpit_lite.persample.views import ConvView
+
+    formed = []
+    original = ConvView.grads
+
+    def spy(self):
+        formed.append(self.w)
+        return original(self)
+
+    torch.manual_seed(0)
+    model = WideConv()
+    x, y = torch.randn(5, 3, 4, 4), torch.randint(0, 3, (5,))
+    flags = {Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ConvView, "grads", spy)
+        rec, ref, _ = _run_one_step(model, nn.CrossEntropyLoss(), x, y, flags=flags)
+    assert "c2.weight" not in formed and "c3.weight" not in formed  # the ghost path served them
+    for n in ref:
+        np.testing.assert_allclose(
+            rec.per_sample_sq_norms_by_param[n], (ref[n].reshape(5, -1) ** 2).sum(1), rtol=RTOL, err_msg=n
+        )
+    G = flat(ref)
+    np.testing.assert_allclose(rec.per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=ATOL)

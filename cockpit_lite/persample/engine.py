@@ -153,15 +153,16 @@ class PerSampleEngine:
 
     def _reduce(self, view: View) -> None:
         flags = self.needs.flags
+        # what forms g_i first, so that the cheaper statistics reuse it
+        if Need.PER_SAMPLE_GRADS in flags:
+            self.grads.update(view.grads())
+        if flags & {Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM}:
+            self.gram.update(view.gram())
         if Need.PER_SAMPLE_DOT_MEAN in flags:
             dm = view.dot_mean()
             self.dot_mean = dm if self.dot_mean is None else self.dot_mean + dm
         if Need.PER_SAMPLE_SQ_NORMS in flags:
             self.sq.update(view.sq_norms())
-        if flags & {Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM}:
-            self.gram.update(view.gram())
-        if Need.PER_SAMPLE_GRADS in flags:
-            self.grads.update(view.grads())
         self.covered.update(view.names)
         if self.needs.directions or Need.PER_SAMPLE_CROSS in flags:
             if Need.PER_SAMPLE_CROSS not in flags:  # cross products need what release() drops (conv g_i)

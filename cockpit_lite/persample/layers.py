@@ -126,9 +126,7 @@ class ConvHandler(Handler):
 
     def _grads_unfold(self, x, e):
         m = self.module
-        xp, pad = self._padded(x)
-        x2, k, s, d, pad = self._as_2d(xp, m.kernel_size, m.stride, m.dilation, pad)
-        cols = F.unfold(x2, k, dilation=d, padding=pad, stride=s)  # (B, C_in*k, T)
+        cols = self._unfold(x)  # (B, C_in*k, T)
         bsz, ck, t = cols.shape
         g = m.groups
         ee = e.reshape(bsz * g, m.out_channels // g, t)
@@ -212,9 +210,57 @@ class ConvHandler(Handler):
             return out
 
         conv = lambda x, v: m._conv_forward(x, v, None)  # noqa: E731
+        ghost = (lambda: self._ghost_sq_norms(inputs, out_grads), lambda: self._batch_grad(inputs, out_grads))
         return ConvView(
-            make_grads, inputs, out_grads, conv, self.names["weight"], self.names.get("bias"), m.weight.numel()
+            make_grads,
+            inputs,
+            out_grads,
+            conv,
+            self.names["weight"],
+            self.names.get("bias"),
+            m.weight.numel(),
+            ghost if self._ghost_is_cheaper(inputs[0], out_grads[0]) else None,
         )
+
+    def _ghost_is_cheaper(self, x, e) -> bool:
+        """sum_{s,t} (a_s . a_t)(e_s . e_t) costs T^2 (i + o) per sample and group, forming g_i T i o."""
+        m = self.module
+        t = e[0, 0].numel()
+        i = m.weight[0].numel()
+        o = m.out_channels // m.groups
+        return t * (i + o) < i * o
+
+    def _ghost_sq_norms(self, inputs, out_grads) -> torch.Tensor:
+        m = self.module
+        g = m.groups
+        cols = torch.cat([self._unfold(x) for x in inputs], 2)  # (B, C_in k, T)
+        e = torch.cat([e.flatten(2) for e in out_grads], 2)  # (B, C_out, T)
+        bsz, ck, t = cols.shape
+        a = cols.reshape(bsz, g, ck // g, t)
+        ee = e.reshape(bsz, g, -1, t)
+        aa = torch.matmul(a.transpose(2, 3), a)  # (B, g, T, T)
+        return (aa * torch.matmul(ee.transpose(2, 3), ee)).sum((1, 2, 3))
+
+    def _unfold(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        xp, pad = self._padded(x)
+        x2, k, s, d, pad = self._as_2d(xp, m.kernel_size, m.stride, m.dilation, pad)
+        return F.unfold(x2, k, dilation=d, padding=pad, stride=s)
+
+    def _batch_grad(self, inputs, out_grads) -> torch.Tensor:
+        """sum_i g_i by the convolution's own weight-gradient kernel."""
+        m = self.module
+        total = None
+        for x, e in zip(inputs, out_grads, strict=True):
+            xp, pad = self._padded(x)
+            x2, k, s, d, pad = self._as_2d(xp, m.kernel_size, m.stride, m.dilation, pad)
+            e2 = e.unsqueeze(2) if e.dim() == 3 else e
+            gw = torch.ops.aten.convolution_backward(
+                e2, x2, m.weight.detach().reshape(m.out_channels, -1, *k), None, s, pad, d, False, (0, 0),
+                m.groups, (False, True, False),
+            )[1].reshape(m.weight.shape)  # fmt: skip
+            total = gw if total is None else total + gw
+        return total
 
 
 class EmbeddingHandler(Handler):

@@ -77,7 +77,8 @@ class MaterialisedView(View):
         return g.reshape(g.shape[0], -1)
 
     def sq_norms(self) -> dict[str, torch.Tensor]:
-        return {n: self._flat(n).square().sum(1) for n in self.names}
+        # a norm reduction, not square().sum(): no temporary as large as g_i
+        return {n: torch.linalg.vector_norm(self._flat(n), dim=1).square() for n in self.names}
 
     def gram(self) -> dict[str, torch.Tensor]:
         return {n: self._flat(n) @ self._flat(n).T for n in self.names}
@@ -161,7 +162,7 @@ class FactorView(View):
             ee = torch.matmul(self.e, self.e.transpose(-1, -2))
             out[self.w] = (aa * ee).sum((1, 2, 3))
         else:
-            out[self.w] = self._weight_grads().square().sum((1, 2))
+            out[self.w] = torch.linalg.vector_norm(self._weight_grads().flatten(1), dim=1).square()
         if self.b is not None:
             out[self.b] = self._bias_grads().square().sum(1)
         return out
@@ -234,13 +235,37 @@ class ConvView(MaterialisedView):
         conv: ``conv(x, V)`` the layer's convolution with weight V and no bias.
     """
 
-    def __init__(self, make_grads, inputs, out_grads, conv, weight_name, bias_name, weight_numel):
+    def __init__(self, make_grads, inputs, out_grads, conv, weight_name, bias_name, weight_numel, ghost=None):
         super().__init__({})
         self.names = tuple(n for n in (weight_name, bias_name) if n is not None)
         self._make = make_grads
         self._inputs, self._out_grads, self._conv = inputs, out_grads, conv
         self.w, self.b = weight_name, bias_name
         self._weight_numel = weight_numel
+        #: optional (sq_norms_fn, batch_grad_fn) for layers whose g_i is large and positions few:
+        #: ||g_i||^2 by the ghost form and g_i . gbar = <conv(x_i; gbar), e_i>, without forming g_i
+        self._ghost = ghost
+
+    def _bias(self) -> torch.Tensor:
+        return sum(e.flatten(2).sum(2) for e in self._out_grads)
+
+    def sq_norms(self) -> dict[str, torch.Tensor]:
+        if self._g or self._ghost is None:
+            return super().sq_norms()
+        out = {self.w: self._ghost[0]()}
+        if self.b is not None:
+            out[self.b] = self._bias().square().sum(1)
+        return out
+
+    def dot_mean(self) -> torch.Tensor:
+        if self._g or self._ghost is None:
+            return super().dot_mean()
+        gbar = self._ghost[1]() / self._inputs[0].shape[0]
+        out = self.project_many({"_": {self.w: gbar}})["_"]
+        if self.b is not None:
+            gb = self._bias()
+            out = out + gb @ gb.mean(0)
+        return out
 
     def grads(self) -> dict[str, torch.Tensor]:
         if not self._g:
