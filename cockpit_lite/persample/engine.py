@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.persample.layers import WHOLE_MODULES, FuncHandler, Handler, PerSampleUndefined, handler_for
 from cockpit_lite.persample.views import View
+from cockpit_lite.profiling import Costs, timed
 
 
 @dataclass
@@ -31,7 +32,8 @@ class _Calls:
 class PerSampleEngine:
     """Computes per-sample gradient statistics of ``model`` for the steps that need them."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, costs: Costs | None = None):
+        self.costs = costs if costs is not None else Costs()  # per-layer work: labelled, timed as "engine"
         self.handlers: dict[nn.Module, Handler] = {}
         self.param_names: list[str] = []
         claimed: list[str] = []
@@ -129,6 +131,7 @@ class PerSampleEngine:
         except Exception as e:
             self.fail(f"per-sample engine disabled for this step ({type(module).__name__}: {e})")
 
+    @timed("engine")
     @torch.no_grad()
     def _process(self, module) -> None:
         calls = self._calls.pop(module)
@@ -168,6 +171,7 @@ class PerSampleEngine:
         except Exception as e:
             self.fail(f"per-sample engine disabled for this step ({e})")
 
+    @timed("engine")
     @torch.no_grad()
     def project(self, directions: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """g_i . v for each named direction v (per-parameter tensors), from the kept factors."""
