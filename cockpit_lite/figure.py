@@ -90,8 +90,10 @@ class Panel:
         ax.tick_params(labelsize=8)
         ax.grid(True, alpha=0.25, linewidth=0.6)
         self._note = ax.text(0.5, 0.5, "", transform=ax.transAxes, **NOTE_STYLE)
+        self._note.set_visible(False)
         self._lines: dict[str, Any] = {}
         self._bands: dict[str, Any] = {}
+        self._labelled: dict[str, Any] = {}  # legend label -> current artist, in first-drawn order
         self._legend_keys: tuple[str, ...] = ()
 
     # drawing helpers
@@ -104,6 +106,8 @@ class Panel:
             (self._lines[key],) = (ax or self.ax).plot([], [], **{"linewidth": 1.3, **style})
         self._lines[key].set_data(x, y)
         self._lines[key].set_visible(len(x) > 0)
+        if style.get("label"):
+            self._labelled[style["label"]] = self._lines[key]
 
     def band(self, key: str, x, lo, hi, **style) -> None:
         """Shaded band between lo and hi (its edges are faint lines, so autoscaling sees them)."""
@@ -112,6 +116,8 @@ class Panel:
             old.remove()
         if len(x):
             self._bands[key] = self.ax.fill_between(x, lo, hi, linewidth=0, **style)
+        if style.get("label"):
+            self._labelled[style["label"]] = self._bands.get(key)
         color = style.get("color", "C0")
         self.line(key + "/lo", x, lo, color=color, alpha=0.3, linewidth=0.5)
         self.line(key + "/hi", x, hi, color=color, alpha=0.3, linewidth=0.5)
@@ -124,12 +130,15 @@ class Panel:
     def legend(self, ax=None, **kw) -> None:
         """(Re)build the legend only when the set of labelled artists changed."""
         ax = ax or self.ax
-        handles, labels = ax.get_legend_handles_labels()
-        if ax is not self.ax:
-            h2, l2 = self.ax.get_legend_handles_labels()
-            handles, labels = h2 + handles, l2 + labels
+        if self._labelled:  # a fixed order, whatever order the artists were (re)created in
+            labels = list(self._labelled)
+            handles = [self._labelled[lab] for lab in labels]
+        else:
+            handles, labels = ax.get_legend_handles_labels()
         visible = [
-            (h, lab) for h, lab in zip(handles, labels, strict=True) if getattr(h, "get_visible", lambda: True)()
+            (h, lab)
+            for h, lab in zip(handles, labels, strict=True)
+            if h is not None and getattr(h, "get_visible", lambda: True)()
         ]
         key = tuple(lab for _, lab in visible)
         if key != self._legend_keys:

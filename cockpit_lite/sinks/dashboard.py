@@ -74,6 +74,7 @@ class Dashboard(Sink):
         self._own_history = False
         self._figure = None
         self.renders = 0
+        self._last_step: int | None = None
         self.render_s = 0.0  # total seconds spent rendering and writing
         self.last_png: tuple[int, bytes] | None = None  # (step, PNG) of the last render, for TensorBoard
 
@@ -88,6 +89,9 @@ class Dashboard(Sink):
             self.open(None)
         if self._own_history:
             self.history.add(step, records)
+        if self._last_step is not None and step <= self._last_step:
+            return  # a late record for an earlier step (e.g. cost/sinks_ms): not a new tracked step
+        self._last_step = step
         if self.throttle.tick():
             self.render(step)
 

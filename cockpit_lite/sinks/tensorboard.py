@@ -146,9 +146,10 @@ class TensorBoard(Sink):
             default would be 1549 edges).
         image_every: write the dashboard figure as an image every this many tracked steps (default
             200; ``None`` or 0: never, not even at close).
-        image_min_s: and at least this many seconds apart (default 60); a render never takes more than
-            2% of the training time (see :class:`~cockpit_lite.sinks.dashboard.Dashboard`). If the
+        image_min_s: and at least this many seconds apart (default 60). If the
             cockpit also has a Dashboard sink, its latest picture is reused instead of drawing again.
+        image_max_share: never spend more than this fraction of the training time drawing images
+            (default 0.02; ``None``: no guard).
         flush_secs: how often the event file is flushed to disk (default 30; a crash loses at most
             this much). :meth:`flush` and :meth:`close` flush at once.
         layout: the custom-scalars layout (default :data:`LAYOUT`); ``None`` writes none.
@@ -160,6 +161,7 @@ class TensorBoard(Sink):
         hist_bins: int = 30,
         image_every: int | None = 200,
         image_min_s: float = 60.0,
+        image_max_share: float | None = 0.02,
         flush_secs: float = 30.0,
         layout: Mapping[str, Mapping[str, list]] | None = LAYOUT,
     ):
@@ -167,6 +169,7 @@ class TensorBoard(Sink):
             raise ValueError(f"hist_bins={hist_bins!r} must be a positive integer")
         self.logdir = os.fspath(logdir)
         self.hist_bins, self.image_every, self.image_min_s = hist_bins, image_every, image_min_s
+        self.image_max_share = image_max_share
         self.flush_secs, self.layout = flush_secs, layout
         self.writer = None
         self.history: History | None = None
@@ -193,7 +196,7 @@ class TensorBoard(Sink):
 
         self._dashboard = next((s for s in getattr(cockpit, "sinks", []) if isinstance(s, Dashboard)), None)
         if self.image_every:
-            self._throttle = Throttle(self.image_every, self.image_min_s, 0.02)
+            self._throttle = Throttle(self.image_every, self.image_min_s, self.image_max_share)
 
     def write(self, step: int, records: Mapping[str, Any]) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
