@@ -78,7 +78,7 @@ def test_custom_scalars_layout(run):
     assert [c.title for c in layout.category] == list(LAYOUT)
     tags = set(cockpit.history)
     charts = {chart.title: chart for c in layout.category for chart in c.chart}
-    for cat, spec in LAYOUT.items():
+    for spec in LAYOUT.values():
         for title, (kind, series) in spec.items():
             chart = charts[title]
             if kind == "Margin":
