@@ -34,11 +34,19 @@ def _economy_minus_alpha():
     return [Loss(), GradNorm(), UpdateSize(), Distance(), GradientTests()]
 
 
+def _sinks(tmpdir: str) -> dict:
+    """TensorBoard + Dashboard at their default throttle (no JSON lines: only these two sinks)."""
+    from cockpit_lite.sinks import Dashboard, TensorBoard
+
+    return {"sinks": [TensorBoard(tmpdir), Dashboard(os.path.join(tmpdir, "dashboard.png"))]}
+
+
 #: configuration name -> (instrument factory, extra Cockpit kwargs factory(tmpdir)); "plain" = no cockpit
 CONFIGS = {
     "plain": None,
     "economy-alpha": (_economy_minus_alpha, lambda d: {}),
     "economy": (lambda: "economy", lambda d: {}),
+    "economy+sinks": (lambda: "economy", _sinks),
 }
 
 

@@ -49,8 +49,8 @@ class Dashboard(Sink):
         every_s: at least this many seconds between renders (default 30).
         every_steps: at least this many tracked steps between renders (default 10).
         max_share: never spend more than this fraction of the training time rendering: after a render
-            that took r seconds the next waits at least r / max_share seconds (default 0.02, so a
-            0.8 s render runs at most every 40 s). ``None`` disables the guard.
+            that took r seconds the next waits at least r / max_share seconds (default 0.01, so a
+            0.6 s render runs at most once a minute). ``None`` disables the guard.
         dpi: resolution of the PNG (default 90: 1710 x 1035 pixels).
 
     The first live render is due ``every_s`` seconds after the cockpit attaches; short runs get their
@@ -62,7 +62,7 @@ class Dashboard(Sink):
         path: str | os.PathLike,
         every_s: float = 30.0,
         every_steps: int = 10,
-        max_share: float | None = 0.02,
+        max_share: float | None = 0.01,
         dpi: int = 90,
     ):
         self.path = Path(path)

@@ -13,11 +13,14 @@ What goes where (docs/tensorboard.md):
 - a custom-scalars layout (the "Custom Scalars" tab) arranged like the dashboard, written at open.
 
 Scalars and histograms of one step go into ONE event (one ``Summary`` with many values), which a
-reader sees exactly as ``add_scalar``/``add_histogram`` calls (same ``simple_value``/``histo``
-protos) but costs about 2.4 us per value instead of 37 us (measured, docs/performance.md).
-Never ``add_scalars`` (it makes a run per key) and never ``new_style`` scalars (invisible to
-EventAccumulator). Events are flushed every ``flush_secs`` and at close; a crash loses at most what
-was written since the last flush.
+reader sees exactly as ``add_scalar``/``add_histogram`` calls (the same old-style ``simple_value`` and
+``histo`` protos; never ``new_style``, which EventAccumulator does not see, and never ``add_scalars``,
+which makes a run per key). Text, custom-scalars layout and image summaries are built with
+``torch.utils.tensorboard.summary``. The file is written by :class:`~cockpit_lite.sinks.events.EventFile`
+rather than ``SummaryWriter``, whose pure-Python CRC in a background thread cost about 3 ms per step
+(docs/performance.md, "Sinks"). Events are flushed every ``flush_secs`` (checked when a step is
+written), at :meth:`TensorBoard.flush` and at close; a crash loses at most what came after the last
+flush.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 
 from cockpit_lite.records import History
 from cockpit_lite.sinks.base import Sink
+from cockpit_lite.sinks.events import EventFile
 from cockpit_lite.sinks.throttle import Throttle
 
 IMAGE_TAG = "dashboard"
@@ -117,24 +121,31 @@ def markdown_table(table: Mapping[str, Any], max_rows: int = 50) -> str:
 
 def histogram_proto(values: np.ndarray, bins: int):
     """A TensorBoard HistogramProto with exactly ``bins`` equal-width buckets over [min, max] of the
-    finite values (None if there are none). TensorBoard reads bucket i as (limit[i-1], limit[i]] with
-    the first left edge ``min`` and the last right edge ``max``."""
+    finite values (None if there are none): with w = (max - min) / bins, value v falls in bucket
+    min(floor((v - min) / w), bins - 1). Equal values get the range [v - 0.5, v + 0.5] (as
+    ``np.histogram``). TensorBoard reads bucket i as (limit[i-1], limit[i]] with the first left edge
+    ``min`` and the last right edge ``max``."""
     from tensorboard.compat.proto.summary_pb2 import HistogramProto
 
     v = np.asarray(values, dtype=np.float64).ravel()
-    v = v[np.isfinite(v)]
+    finite = np.isfinite(v)
+    if not finite.all():
+        v = v[finite]
     if not v.size:
         return None
-    counts, edges = np.histogram(v, bins=bins)
+    lo, hi = float(v.min()), float(v.max())
+    if hi == lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    w = (hi - lo) / bins
+    idx = ((v - lo) / w).astype(np.intp)
+    np.minimum(idx, bins - 1, out=idx)
+    counts = np.bincount(idx, minlength=bins)
+    limits = (lo + w * np.arange(1, bins + 1)).tolist()
+    limits[-1] = hi
     return HistogramProto(
-        min=float(edges[0]),
-        max=float(edges[-1]),
-        num=float(v.size),
-        sum=float(v.sum()),
-        sum_squares=float(v @ v),
-        bucket_limit=edges[1:].tolist(),
-        bucket=counts.astype(float).tolist(),
-    )
+        min=lo, max=hi, num=float(v.size), sum=float(v.sum()), sum_squares=float(v @ v),
+        bucket_limit=limits, bucket=counts.tolist(),
+    )  # fmt: skip
 
 
 class TensorBoard(Sink):
@@ -149,7 +160,7 @@ class TensorBoard(Sink):
         image_min_s: and at least this many seconds apart (default 60). If the
             cockpit also has a Dashboard sink, its latest picture is reused instead of drawing again.
         image_max_share: never spend more than this fraction of the training time drawing images
-            (default 0.02; ``None``: no guard).
+            (default 0.01; ``None``: no guard).
         flush_secs: how often the event file is flushed to disk (default 30; a crash loses at most
             this much). :meth:`flush` and :meth:`close` flush at once.
         layout: the custom-scalars layout (default :data:`LAYOUT`); ``None`` writes none.
@@ -161,7 +172,7 @@ class TensorBoard(Sink):
         hist_bins: int = 30,
         image_every: int | None = 200,
         image_min_s: float = 60.0,
-        image_max_share: float | None = 0.02,
+        image_max_share: float | None = 0.01,
         flush_secs: float = 30.0,
         layout: Mapping[str, Mapping[str, list]] | None = LAYOUT,
     ):
@@ -171,7 +182,7 @@ class TensorBoard(Sink):
         self.hist_bins, self.image_every, self.image_min_s = hist_bins, image_every, image_min_s
         self.image_max_share = image_max_share
         self.flush_secs, self.layout = flush_secs, layout
-        self.writer = None
+        self.writer: EventFile | None = None
         self.history: History | None = None
         self._own_history = False
         self._dashboard = None
@@ -183,12 +194,13 @@ class TensorBoard(Sink):
 
     # --- lifecycle ------------------------------------------------------------------------------------
     def open(self, cockpit: Any) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
         if self.writer is None:
-            self.writer = SummaryWriter(self.logdir, flush_secs=self.flush_secs)
+            self.writer = EventFile(self.logdir, flush_secs=self.flush_secs)
             if self.layout:
-                self.writer.add_custom_scalars(dict(self.layout))
+                from torch.utils.tensorboard.summary import custom_scalars
+
+                self.writer.add_summary(custom_scalars(dict(self.layout)), 0)
+                self.writer.flush()
         history = getattr(cockpit, "history", None)
         self._own_history = history is None
         self.history = History() if history is None else history
@@ -221,7 +233,7 @@ class TensorBoard(Sink):
             elif isinstance(v, Mapping):
                 self._text(tag, markdown_table(v), step)
         if values:
-            self.writer.file_writer.add_summary(Summary(value=values), step, time.time())
+            self.writer.add_summary(Summary(value=values), step)
         if self._last_step is None or step > self._last_step:
             self._last_step = step
             if self._throttle is not None and self._throttle.tick():
@@ -229,8 +241,10 @@ class TensorBoard(Sink):
 
     def _text(self, tag: str, text: str, step: int) -> None:
         if self._texts.get(tag) != text:  # verdicts repeat step after step: write changes only
+            from torch.utils.tensorboard.summary import text as text_summary
+
             self._texts[tag] = text
-            self.writer.add_text(tag, text, step)
+            self.writer.add_summary(text_summary(tag, text), step)  # tag "<tag>/text_summary", like add_text
 
     def image(self, step: int) -> None:
         """Write the dashboard figure of the history so far as the image ``dashboard`` at ``step``."""
@@ -250,7 +264,7 @@ class TensorBoard(Sink):
                 png = self._figure.png(self.history)
             w, h = _png_size(png)
             img = Summary.Image(height=h, width=w, colorspace=4, encoded_image_string=png)
-            self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=IMAGE_TAG, image=img)]), step)
+            self.writer.add_summary(Summary(value=[Summary.Value(tag=IMAGE_TAG, image=img)]), step)
             self._image_step = step
         except Exception as e:
             warnings.warn(
@@ -271,7 +285,6 @@ class TensorBoard(Sink):
             return
         if self.image_every and self._last_step is not None and self._image_step != self._last_step:
             self.image(self._last_step)
-        self.writer.flush()
         self.writer.close()
         self.writer = None
 
