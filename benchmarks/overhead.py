@@ -34,11 +34,20 @@ def _economy_minus_alpha():
     return [Loss(), GradNorm(), UpdateSize(), Distance(), GradientTests()]
 
 
-def _sinks(tmpdir: str) -> dict:
-    """TensorBoard + Dashboard at their default throttle (no JSON lines: only these two sinks)."""
-    from cockpit_lite.sinks import Dashboard, TensorBoard
+def _sinks(*which: str):
+    """Sinks at their default throttle writing into the config's tmpdir (no JSON lines unless named)."""
 
-    return {"sinks": [TensorBoard(tmpdir), Dashboard(os.path.join(tmpdir, "dashboard.png"))]}
+    def make(tmpdir: str) -> dict:
+        from cockpit_lite.sinks import Dashboard, JsonLines, TensorBoard
+
+        kinds = {
+            "tensorboard": lambda: TensorBoard(tmpdir),
+            "dashboard": lambda: Dashboard(os.path.join(tmpdir, "dashboard.png")),
+            "jsonl": lambda: JsonLines(tmpdir),
+        }
+        return {"sinks": [kinds[w]() for w in which]}
+
+    return make
 
 
 #: configuration name -> (instrument factory, extra Cockpit kwargs factory(tmpdir)); "plain" = no cockpit
@@ -46,7 +55,10 @@ CONFIGS = {
     "plain": None,
     "economy-alpha": (_economy_minus_alpha, lambda d: {}),
     "economy": (lambda: "economy", lambda d: {}),
-    "economy+sinks": (lambda: "economy", _sinks),
+    "economy+sinks": (lambda: "economy", _sinks("tensorboard", "dashboard")),
+    "economy+tensorboard": (lambda: "economy", _sinks("tensorboard")),
+    "economy+dashboard": (lambda: "economy", _sinks("dashboard")),
+    "economy+jsonl": (lambda: "economy", _sinks("jsonl")),
 }
 
 

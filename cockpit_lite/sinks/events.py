@@ -17,6 +17,7 @@ File format (TFRecord): for each serialised ``Event`` proto ``data``:
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import socket
 import struct
@@ -95,6 +96,68 @@ def record(data: bytes) -> bytes:
     return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
 
 
+# --- hand-encoded protos for the per-step hot path (checked against protobuf in tests) ---------------------
+# Event: wall_time = 1 (double), step = 2 (int64), summary = 5. Summary: value = 1 (repeated).
+# Summary.Value: tag = 1, simple_value = 2 (float), histo = 5. HistogramProto: min = 1, max = 2, num = 3,
+# sum = 4, sum_squares = 5 (doubles), bucket_limit = 6, bucket = 7 (packed doubles).
+_F32 = struct.Struct("<f")
+_F64 = struct.Struct("<d")
+_HISTO_HEAD = struct.Struct("<BdBdBdBdBd")
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field(key: int, payload: bytes) -> bytes:
+    return bytes((key,)) + varint(len(payload)) + payload
+
+
+class SummaryEncoder:
+    """Serialises ``Summary.Value`` entries of scalars and histograms directly (about 10x faster than
+    building protobuf objects); the bytes equal protobuf's ``SerializeToString``."""
+
+    def __init__(self) -> None:
+        self._tags: dict[str, bytes] = {}
+
+    def _tag(self, tag: str) -> bytes:
+        head = self._tags.get(tag)
+        if head is None:
+            head = self._tags[tag] = _field(0x0A, tag.encode("utf-8"))
+        return head
+
+    def scalar(self, tag: str, value: float) -> bytes:
+        """One ``Summary.value`` entry (field 1 of Summary) holding ``simple_value`` (float32)."""
+        try:
+            packed = _F32.pack(value)
+        except OverflowError:  # beyond float32: protobuf stores +-inf
+            packed = _F32.pack(math.copysign(math.inf, value))
+        return _field(0x0A, self._tag(tag) + b"\x15" + packed)
+
+    def histogram(self, tag: str, lo: float, hi: float, num: float, total: float, sum_squares: float,
+                  limits: np.ndarray, counts: np.ndarray) -> bytes:  # fmt: skip
+        """One ``Summary.value`` entry holding a HistogramProto."""
+        histo = (
+            _HISTO_HEAD.pack(0x09, lo, 0x11, hi, 0x19, num, 0x21, total, 0x29, sum_squares)
+            + _field(0x32, np.ascontiguousarray(limits, dtype="<f8").tobytes())
+            + _field(0x3A, np.ascontiguousarray(counts, dtype="<f8").tobytes())
+        )
+        return _field(0x0A, self._tag(tag) + _field(0x2A, histo))
+
+
+def encode_event(step: int, wall_time: float, summary: bytes) -> bytes:
+    """A serialised ``Event(wall_time, step, summary)`` from a serialised Summary (step >= 0)."""
+    return b"\x09" + _F64.pack(wall_time) + b"\x10" + varint(step) + _field(0x2A, summary)
+
+
 _COUNTER = itertools.count()
 
 
@@ -117,7 +180,11 @@ class EventFile:
         self.flush()
 
     def write_event(self, event) -> None:
-        rec = record(event.SerializeToString())
+        self.write_serialized(event.SerializeToString())
+
+    def write_serialized(self, data: bytes) -> None:
+        """Append one serialised Event."""
+        rec = record(data)
         self._buf.append(rec)
         self._size += len(rec)
         if self._size >= self.max_buffer or time.monotonic() - self._last_flush >= self.flush_secs:

@@ -36,7 +36,7 @@ import numpy as np
 
 from cockpit_lite.records import History
 from cockpit_lite.sinks.base import Sink
-from cockpit_lite.sinks.events import EventFile
+from cockpit_lite.sinks.events import EventFile, SummaryEncoder, encode_event
 from cockpit_lite.sinks.throttle import Throttle
 
 IMAGE_TAG = "dashboard"
@@ -119,14 +119,12 @@ def markdown_table(table: Mapping[str, Any], max_rows: int = 50) -> str:
     return "\n".join(rows)
 
 
-def histogram_proto(values: np.ndarray, bins: int):
-    """A TensorBoard HistogramProto with exactly ``bins`` equal-width buckets over [min, max] of the
-    finite values (None if there are none): with w = (max - min) / bins, value v falls in bucket
-    min(floor((v - min) / w), bins - 1). Equal values get the range [v - 0.5, v + 0.5] (as
-    ``np.histogram``). TensorBoard reads bucket i as (limit[i-1], limit[i]] with the first left edge
-    ``min`` and the last right edge ``max``."""
-    from tensorboard.compat.proto.summary_pb2 import HistogramProto
-
+def histogram_buckets(values: np.ndarray, bins: int) -> tuple | None:
+    """``(min, max, num, sum, sum_squares, bucket_limit, bucket)`` of a histogram with exactly ``bins``
+    equal-width buckets over [min, max] of the finite values (None if there are none): with
+    w = (max - min) / bins, value v falls in bucket min(floor((v - min) / w), bins - 1). Equal values
+    get the range [v - 0.5, v + 0.5] (as ``np.histogram``). TensorBoard reads bucket i as
+    (limit[i-1], limit[i]] with the first left edge ``min`` and the last right edge ``max``."""
     v = np.asarray(values, dtype=np.float64).ravel()
     finite = np.isfinite(v)
     if not finite.all():
@@ -139,13 +137,10 @@ def histogram_proto(values: np.ndarray, bins: int):
     w = (hi - lo) / bins
     idx = ((v - lo) / w).astype(np.intp)
     np.minimum(idx, bins - 1, out=idx)
-    counts = np.bincount(idx, minlength=bins)
-    limits = (lo + w * np.arange(1, bins + 1)).tolist()
+    counts = np.bincount(idx, minlength=bins).astype(np.float64)
+    limits = lo + w * np.arange(1, bins + 1)
     limits[-1] = hi
-    return HistogramProto(
-        min=lo, max=hi, num=float(v.size), sum=float(v.sum()), sum_squares=float(v @ v),
-        bucket_limit=limits, bucket=counts.tolist(),
-    )  # fmt: skip
+    return lo, hi, float(v.size), float(v.sum()), float(v @ v), limits, counts
 
 
 class TensorBoard(Sink):
@@ -183,6 +178,7 @@ class TensorBoard(Sink):
         self.image_max_share = image_max_share
         self.flush_secs, self.layout = flush_secs, layout
         self.writer: EventFile | None = None
+        self._encoder = SummaryEncoder()
         self.history: History | None = None
         self._own_history = False
         self._dashboard = None
@@ -211,29 +207,27 @@ class TensorBoard(Sink):
             self._throttle = Throttle(self.image_every, self.image_min_s, self.image_max_share)
 
     def write(self, step: int, records: Mapping[str, Any]) -> None:
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
         if self.writer is None:
             self.open(None)
         if self._own_history:
             self.history.add(step, records)
-        values = []
+        enc, parts = self._encoder, []
         for tag, v in records.items():
             if v is None:
                 continue
             if isinstance(v, (bool, int, float)):
-                values.append(Summary.Value(tag=tag, simple_value=float(v)))
+                parts.append(enc.scalar(tag, float(v)))
             elif isinstance(v, np.ndarray):
                 if v.dtype.kind in "fiub" and v.size:
-                    h = histogram_proto(v, self.hist_bins)
+                    h = histogram_buckets(v, self.hist_bins)
                     if h is not None:
-                        values.append(Summary.Value(tag=tag, histo=h))
+                        parts.append(enc.histogram(tag, *h))
             elif isinstance(v, str):
                 self._text(tag, v, step)
             elif isinstance(v, Mapping):
                 self._text(tag, markdown_table(v), step)
-        if values:
-            self.writer.add_summary(Summary(value=values), step)
+        if parts and step >= 0:
+            self.writer.write_serialized(encode_event(int(step), time.time(), b"".join(parts)))
         if self._last_step is None or step > self._last_step:
             self._last_step = step
             if self._throttle is not None and self._throttle.tick():
