@@ -154,7 +154,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else Path(args.logdir) / "dashboard.png"
     if out.suffix.lower() != ".png":
         raise SystemExit(f"cockpit-lite dashboard: -o must name a .png file, got {out}")
-    write_atomic(out, DashboardFigure(dpi=args.dpi, title=args.title or "cockpit-lite").png(history))
+    write_atomic(out, DashboardFigure(dpi=args.dpi, title=args.title or "cockpit-lite dashboard").png(history))
     print(f"wrote {out}")
     return 0
 
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("logdir", help="the run directory (the Cockpit's logdir, holding cockpit.jsonl)")
     d.add_argument("-o", "--output", help="the PNG to write (default: LOGDIR/dashboard.png)")
     d.add_argument("--dpi", type=int, default=90, help="resolution (default 90: 1710 x 1035 pixels)")
-    d.add_argument("--title", help="title shown above the panels (default: cockpit-lite)")
+    d.add_argument("--title", help="title shown above the panels (default: cockpit-lite dashboard)")
     d.set_defaults(func=cmd_dashboard)
     return ap
 

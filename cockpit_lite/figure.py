@@ -68,9 +68,20 @@ def _wrap(text: str, width: int) -> str:
 def _set_log_if_wide(ax, *arrays: np.ndarray, ratio: float = 30.0) -> None:
     vals = np.concatenate([a[np.isfinite(a)] for a in arrays]) if arrays else np.empty(0)
     wide = vals.size > 0 and vals.min() > 0 and vals.max() / vals.min() > ratio
-    want = "log" if wide else "linear"
-    if ax.get_yscale() != want:
-        ax.set_yscale(want)
+    _set_yscale(ax, "log" if wide else "linear")
+
+
+def _set_yscale(ax, scale: str) -> None:
+    """Linear or log; log axes get plain tick labels (0.2, 0.5, 1, 2, ...) rather than 2x10^-1."""
+    if ax.get_yscale() == scale:
+        return
+    ax.set_yscale(scale)
+    if scale == "log":
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=8))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 # --- panels ---------------------------------------------------------------------------------------------
@@ -340,7 +351,7 @@ class GradientTestsPanel(Panel):
         for k, (label, color) in tags.items():
             self.line(k, *data[k], color=color, label=label)
         self._one.set_visible(True)
-        self.ax.set_yscale("log")
+        _set_yscale(self.ax, "log")
         self.rescale()
         self.legend()
 
@@ -620,7 +631,9 @@ LAYOUT: list[list[Callable[[Any], Panel]]] = [
 class DashboardFigure:
     """One figure, built once; :meth:`update` redraws the panels' data from a history in place."""
 
-    def __init__(self, figsize: tuple[float, float] = (19.0, 11.5), dpi: int = 90, title: str = "cockpit-lite"):
+    def __init__(
+        self, figsize: tuple[float, float] = (19.0, 11.5), dpi: int = 90, title: str = "cockpit-lite dashboard"
+    ):
         self.fig = Figure(figsize=figsize, dpi=dpi)
         self.canvas = FigureCanvasAgg(self.fig)
         self.title = title
@@ -637,8 +650,8 @@ class DashboardFigure:
             except Exception as e:  # one bad panel never stops the others (or training)
                 panel.note(f"could not draw this panel: {type(e).__name__}: {e}")
         steps = history._data.get("cost/step_ms") or history._data.get("loss") or []
-        where = f"step {steps[-1][0]}, {len(steps)} tracked steps" if steps else "no tracked steps yet"
-        self._suptitle.set_text(f"{self.title} dashboard: {where}")
+        where = f"step {steps[-1][0]} ({len(steps)} tracked steps)" if steps else "no tracked steps yet"
+        self._suptitle.set_text(f"{self.title}: {where}")
         return self.fig
 
     def png(self, history: History | None = None) -> bytes:
