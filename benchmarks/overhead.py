@@ -41,6 +41,20 @@ def _economy_clipping():
     from instruments.presets import economy
 
     return economy() + [Clipping(max_norm=1.0, agc_clip=0.01, per_sample_clip=1.0)]
+def _sinks(*which: str):
+    """Sinks at their default throttle writing into the config's tmpdir (no JSON lines unless named)."""
+
+    def make(tmpdir: str) -> dict:
+        from cockpit_lite.sinks import Dashboard, JsonLines, TensorBoard
+
+        kinds = {
+            "tensorboard": lambda: TensorBoard(tmpdir),
+            "dashboard": lambda: Dashboard(os.path.join(tmpdir, "dashboard.png")),
+            "jsonl": lambda: JsonLines(tmpdir),
+        }
+        return {"sinks": [kinds[w]() for w in which]}
+
+    return make
 
 
 #: configuration name -> (instrument factory, extra Cockpit kwargs factory(tmpdir)); "plain" = no cockpit
@@ -49,6 +63,10 @@ CONFIGS = {
     "economy-alpha": (_economy_minus_alpha, lambda d: {}),
     "economy": (lambda: "economy", lambda d: {}),
     "economy+clipping": (_economy_clipping, lambda d: {}),
+    "economy+sinks": (lambda: "economy", _sinks("tensorboard", "dashboard")),
+    "economy+tensorboard": (lambda: "economy", _sinks("tensorboard")),
+    "economy+dashboard": (lambda: "economy", _sinks("dashboard")),
+    "economy+jsonl": (lambda: "economy", _sinks("jsonl")),
 }
 
 

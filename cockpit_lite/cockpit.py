@@ -16,12 +16,13 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from cockpit_lite.hooks import SharedHook
 from cockpit_lite.instrument import Instrument
@@ -29,7 +30,7 @@ from cockpit_lite.losses import check_loss_module, gradient_scale, per_sample_lo
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.pause import is_paused, paused  # noqa: F401  (re-exported)
 from cockpit_lite.persample.engine import PerSampleEngine
-from cockpit_lite.profiling import Costs
+from cockpit_lite.profiling import PREFIX, Costs, Profiler
 from cockpit_lite.records import History, to_value
 from cockpit_lite.registry import resolve
 from cockpit_lite.sinks.base import Sink
@@ -67,8 +68,13 @@ class Cockpit:
         loss_fn: the ``torch.nn`` loss module the loop calls (reduction "mean" or "sum").
         instruments: a preset name (``"economy"``, ``"minimal"``, ``"full"``), or a list of
             instruments (or registered instrument names).
-        logdir: if given, records stream to ``logdir/cockpit.jsonl`` as training runs.
-        sinks: further sinks (TensorBoard, dashboard, ...).
+        logdir: if given, records stream to ``logdir/cockpit.jsonl`` as training runs; with no
+            ``sinks`` given, also to TensorBoard event files in ``logdir``.
+        sinks: further sinks (``cockpit_lite.sinks.TensorBoard``, ``Dashboard``, ...). The JSON lines
+            of ``logdir`` are always written first; ``sinks=[]`` means JSON lines only.
+        profile: ``True`` or a ``torch.profiler.schedule(...)``: run ``torch.profiler`` over the
+            training steps and write ``*.pt.trace.json`` traces into ``logdir`` (needs ``logdir``).
+            ``True`` records steps 2-4. Every instrument's work is labelled ``cockpit_lite/<name>``.
 
     Use as a context manager, or call :meth:`close` when done; both remove every hook.
     """
@@ -81,6 +87,7 @@ class Cockpit:
         instruments: str | Iterable[Instrument | str] = "economy",
         logdir: str | os.PathLike | None = None,
         sinks: Sequence[Sink] | None = None,
+        profile: bool | Callable[[int], Any] = False,
     ):
         self.params = _check_model_optimizer(model, optimizer)
         check_loss_module(loss_fn)
@@ -91,12 +98,19 @@ class Cockpit:
         if dupes:
             raise ValueError(f"two instruments share the key(s) {dupes}: give one of them name='...'")
         self.logdir = os.fspath(logdir) if logdir is not None else None
+        if profile is not False and profile is not None and self.logdir is None:
+            raise ValueError("profile= writes trace files into the logdir: give Cockpit(..., logdir='runs/exp1')")
+        if sinks is None and self.logdir is not None:
+            from cockpit_lite.sinks.tensorboard import TensorBoard  # imports tensorboard: only when used
+
+            sinks = [TensorBoard(self.logdir)]
         self.sinks: list[Sink] = list(sinks or [])
         if self.logdir is not None and not any(isinstance(s, JsonLines) for s in self.sinks):
             self.sinks.insert(0, JsonLines(self.logdir))
         self.history = History()
         self.step = 0
         self.costs = Costs()
+        self._sinks_ms: tuple[int, float] | None = None  # (step, ms) the sinks took for the last emit
         self._warned: set[str] = set()
         self._closed = False
         self._in_step = False
@@ -111,7 +125,7 @@ class Cockpit:
         self._batch_indices: np.ndarray | None = None
         self._dataset_size: int | None = None
 
-        self.engine = PerSampleEngine(model, self.costs)
+        self.engine = PerSampleEngine(model, costs=self.costs)
         self._hooks = [
             model.register_forward_pre_hook(SharedHook(self._on_model_forward)),
             loss_fn.register_forward_hook(SharedHook(self._on_loss), with_kwargs=True),
@@ -122,6 +136,9 @@ class Cockpit:
             inst.on_attach(model, optimizer)
         for sink in self.sinks:
             sink.open(self)
+        self.profiler: Profiler | None = None
+        if profile is not False and profile is not None:
+            self.profiler = Profiler(self.logdir, None if profile is True else profile)
 
     # --- context management -------------------------------------------------------------------------------
     def __enter__(self) -> Cockpit:
@@ -147,6 +164,11 @@ class Cockpit:
                 self._warn(f"{inst.key}.on_close failed: {e}")
         if final:
             self._emit(max(self.step - 1, 0), final)
+        if self.profiler is not None:
+            try:
+                self.profiler.close()
+            except Exception as e:
+                self._warn(f"writing the profiler trace failed: {e}")
         for sink in self.sinks:
             try:
                 sink.close()
@@ -344,6 +366,12 @@ class Cockpit:
             self._snapshot = None
             self._record.views = None  # per-layer factors are not kept past the step
             self.step += 1
+            if self.profiler is not None:
+                try:
+                    self.profiler.step()
+                except Exception as e:
+                    self._warn(f"torch.profiler failed ({e}); profiling stops, training goes on")
+                    self.profiler = None
 
     def _after_step(self) -> None:
         rec = self._record
@@ -362,11 +390,30 @@ class Cockpit:
                     records.update(out)
                 except Exception as e:
                     self._warn(f"{inst.key}.compute failed at step {rec.step}: {type(e).__name__}: {e}")
-        step_ms = (time.perf_counter() - self._t_step) * 1e3
-        records["cost/step_ms"] = step_ms
-        for name, ms in self.costs.ms.items():
-            records[f"cost/{name}_ms"] = ms
+        records.update(self._cost_records((time.perf_counter() - self._t_step) * 1e3))
         self._emit(rec.step, records)
+
+    def _cost_records(self, step_ms: float) -> dict[Any, float]:
+        """``cost/<name>_ms`` (exclusive wall time of each region this step) and ``cost/<name>_share``
+        (that time / ``cost/step_ms``, the wall time from the model's forward to the records being
+        ready); ``cost/cockpit_ms``/``_share`` sum every region. The sinks' time for the previous
+        tracked step is recorded under that step as ``cost/sinks_ms``/``_share``."""
+        out: dict[Any, float] = {"cost/step_ms": step_ms}
+        share = (lambda ms: ms / step_ms) if step_ms > 0 else (lambda ms: math.nan)  # noqa: E731
+        for name, ms in self.costs.ms.items():
+            out[f"cost/{name}_ms"] = ms
+            out[f"cost/{name}_share"] = share(ms)
+        total = self.costs.total()
+        out["cost/cockpit_ms"] = total
+        out["cost/cockpit_share"] = share(total)
+        if self._sinks_ms is not None:
+            prev, ms = self._sinks_ms
+            prev_step_ms = self.history.last("cost/step_ms")
+            out[(prev, "cost/sinks_ms")] = ms
+            if prev_step_ms:
+                out[(prev, "cost/sinks_share")] = ms / prev_step_ms
+            self._sinks_ms = None
+        return out
 
     def _collect_per_sample(self, rec: StepRecord) -> None:
         eng, flags = self.engine, self._needs.flags
@@ -408,10 +455,14 @@ class Cockpit:
                 by_step.setdefault(int(s), {})[tag] = to_value(value)
             except TypeError as e:
                 self._warn(f"record {tag!r} dropped: {e}")
+        t0 = time.perf_counter()
         for s in sorted(by_step):
             self.history.add(s, by_step[s])
             for sink in self.sinks:
                 try:
-                    sink.write(s, by_step[s])
+                    with record_function(f"{PREFIX}sink/{type(sink).__name__}"):
+                        sink.write(s, by_step[s])
                 except Exception as e:
                     self._warn(f"sink {type(sink).__name__} failed to write ({e}); it keeps trying")
+        if by_step:
+            self._sinks_ms = (max(by_step), (time.perf_counter() - t0) * 1e3)

@@ -1,30 +1,103 @@
-"""Costs of the cockpit's own work: timed, and labelled for torch.profiler traces."""
+"""Costs of the cockpit's own work: timed, and labelled for torch.profiler traces.
+
+Every region is a ``torch.profiler.record_function("cockpit_lite/<name>")`` label, so a trace taken
+with ``Cockpit(..., profile=True)`` shows each instrument's work by name, and its wall time is summed
+per step into ``cost/<name>_ms`` records. Times are *exclusive*: a region nested inside another (the
+per-sample engine's projections inside ``after_step``) is counted under its own name only, so the
+costs of one step add up to the cockpit's total (``cost/cockpit_ms``).
+"""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
+import torch
 from torch.profiler import record_function
 
 PREFIX = "cockpit_lite/"
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 
 class Costs:
-    """Accumulates wall time (ms) per name within one step; every region is a profiler label."""
+    """Accumulates exclusive wall time (ms) per name within one step; every region is a profiler label."""
 
     def __init__(self) -> None:
         self.ms: dict[str, float] = defaultdict(float)
+        self._children: list[float] = []  # time spent in nested regions, one slot per open region
 
     @contextmanager
-    def region(self, name: str):
+    def region(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
+        self._children.append(0.0)
         with record_function(PREFIX + name):
             try:
                 yield
             finally:
-                self.ms[name] += (time.perf_counter() - t0) * 1e3
+                elapsed = (time.perf_counter() - t0) * 1e3
+                nested = self._children.pop()
+                self.ms[name] += elapsed - nested
+                if self._children:
+                    self._children[-1] += elapsed
+
+    def total(self) -> float:
+        """Sum of every region's exclusive time this step (ms)."""
+        return float(sum(self.ms.values()))
 
     def reset(self) -> None:
         self.ms.clear()
+        self._children.clear()
+
+
+def timed(name: str) -> Callable[[F], F]:
+    """Method decorator: run the method inside ``self.costs.region(name)`` (a profiler label and a
+    timed cost). Used for work that runs inside autograd hooks, outside any cockpit hook."""
+
+    def deco(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(self, *args, **kwargs):
+            with self.costs.region(name):
+                return fn(self, *args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco
+
+
+def default_schedule() -> Any:
+    """The schedule ``profile=True`` uses: skip step 0 (warm-up, first allocations), warm up on step 1,
+    record steps 2-4, once."""
+    return torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1)
+
+
+class Profiler:
+    """``torch.profiler`` over the training steps, stepped by the cockpit's optimizer post-hook.
+
+    Writes ``<logdir>/<host>_<pid>.<time>.pt.trace.json`` with ``tensorboard_trace_handler`` when the
+    schedule's active window ends (or at close if training stops first). Open it in Perfetto
+    (https://ui.perfetto.dev) or chrome://tracing; see docs/profiling.md.
+    """
+
+    def __init__(self, logdir: str, schedule: Callable[[int], Any] | None = None, **kwargs: Any):
+        self.logdir = logdir
+        self.prof = torch.profiler.profile(
+            schedule=schedule or default_schedule(),
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(logdir),
+            **kwargs,
+        )
+        self.prof.start()
+        self._open = True
+
+    def step(self) -> None:
+        if self._open:
+            self.prof.step()
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self.prof.stop()

@@ -21,7 +21,7 @@ from cockpit_lite.needs import Need, Needs
 from cockpit_lite.pause import is_paused
 from cockpit_lite.persample.layers import WHOLE_MODULES, FuncHandler, Handler, PerSampleUndefined, handler_for
 from cockpit_lite.persample.views import View
-from cockpit_lite.profiling import Costs
+from cockpit_lite.profiling import Costs, timed
 
 
 @dataclass
@@ -35,7 +35,7 @@ class PerSampleEngine:
     """Computes per-sample gradient statistics of ``model`` for the steps that need them."""
 
     def __init__(self, model: nn.Module, costs: Costs | None = None):
-        self.costs = costs or Costs()
+        self.costs = costs if costs is not None else Costs()  # per-layer work: labelled, timed as "engine"
         self.handlers: dict[nn.Module, Handler] = {}
         self.param_names: list[str] = []
         claimed: list[str] = []
@@ -134,6 +134,7 @@ class PerSampleEngine:
         except Exception as e:
             self.fail(f"per-sample engine disabled for this step ({type(module).__name__}: {e})")
 
+    @timed("engine")
     @torch.no_grad()
     def _process(self, module) -> None:
         calls = self._calls.pop(module)
@@ -143,13 +144,12 @@ class PerSampleEngine:
         grads = [calls.grads.get(i, (None,)) for i in range(len(calls.captures))]
         if all(g is None for gs in grads for g in gs):
             return
-        with self.costs.region("persample"):
-            self._processing = True
-            try:
-                view = handler.view(calls.captures, grads, self.batch, self.inv_scale)
-            finally:
-                self._processing = False
-            self._reduce(view)
+        self._processing = True
+        try:
+            view = handler.view(calls.captures, grads, self.batch, self.inv_scale)
+        finally:
+            self._processing = False
+        self._reduce(view)
 
     def _reduce(self, view: View) -> None:
         flags = self.needs.flags
@@ -183,6 +183,7 @@ class PerSampleEngine:
         """The views kept for this step (for ``Need.PER_SAMPLE_CROSS`` or directions), after backward."""
         return [] if self.failure is not None else list(self._kept)
 
+    @timed("engine")
     @torch.no_grad()
     def project(self, directions: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """g_i . v for each named direction v (per-parameter tensors), from the kept factors."""
