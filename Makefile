@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(PY) demos/lr_debugging.py
+	$(PY) demos/make_readme_images.py --logdir runs/readme --out runs/readme
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -122,7 +122,9 @@ def _report(results: list[dict], root, say) -> None:
         say("Each run's records (alpha, alpha/status, verdict/lr, loss, gradient tests, ...) are in:")
         for r in results:
             say(f"  {r['logdir']}/cockpit.jsonl    (cockpit_lite.load('{r['logdir']}'))")
-        say(f"With TensorBoard logging enabled: tensorboard --logdir {root}")
+        say(f"TensorBoard (all three runs side by side): tensorboard --logdir {root}")
+        say(f"A short report per run:                     cockpit-lite summary {results[0]['logdir']}")
+        say(f"The dashboard of a run as a picture:        cockpit-lite dashboard {results[0]['logdir']} -o dash.png")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
     python demos/make_readme_images.py --tensorboard   # also docs/img/tensorboard.png (needs chromium)
 
 The run: a 64-128-64-10 MLP on scikit-learn's 8x8 digits (shipped with scikit-learn, nothing is
-downloaded), plain SGD, 10% of the training labels flipped, the "full" instrument preset, TensorBoard
-and Dashboard sinks. The TensorBoard picture is a headless-browser screenshot of a local
+downloaded), plain SGD, 10% of the training labels flipped, the "full" instrument preset plus TracIn
+self-influence, TensorBoard and Dashboard sinks. The TensorBoard picture is a headless-browser screenshot of a local
 ``tensorboard --logdir`` (127.0.0.1 only); without chromium it is skipped with a message.
 """
 
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,6 +32,8 @@ from cockpit_lite import Cockpit, load  # noqa: E402
 from cockpit_lite.figure import DashboardFigure  # noqa: E402
 from cockpit_lite.sinks import Dashboard, TensorBoard  # noqa: E402
 from cockpit_lite.sinks.dashboard import write_atomic  # noqa: E402
+from instruments import TracIn  # noqa: E402
+from instruments.presets import full  # noqa: E402
 
 
 def digits(noise: float = 0.1, seed: int = 0):
@@ -56,11 +59,13 @@ def train(logdir: Path, epochs: int = 12, batch: int = 64, lr: float = 0.1, seed
         Dashboard(logdir / "dashboard.png", every_s=5),
     ]
     gen = torch.Generator().manual_seed(seed)
-    with Cockpit(model, optimizer, loss_fn, instruments="full", logdir=logdir, sinks=sinks) as cockpit:
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, drop_last=True, generator=gen)
+    instruments = full() + [TracIn()]  # self-influence: which training examples the run finds hardest
+    with Cockpit(model, optimizer, loss_fn, instruments=instruments, logdir=logdir, sinks=sinks) as cockpit:
         for _ in range(epochs):
-            for idx in torch.randperm(len(x), generator=gen).split(batch)[:-1]:  # drop the short last batch
+            for xb, yb in cockpit.track(loader):  # the same batches; the cockpit learns their indices
                 optimizer.zero_grad()
-                loss_fn(model(x[idx]), y[idx]).backward()
+                loss_fn(model(xb), yb).backward()
                 optimizer.step()
     return cockpit
 
