@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import textwrap
 from collections.abc import Callable
 from typing import Any
@@ -315,9 +316,12 @@ class AlphaPanel(Panel):
             self.ax.set_xlim(-self.LIMIT, self.LIMIT)
             self.ax.set_ylim(0, max(counts.max(), 1) * (1.9 if verdict is not None else 1.15))
             self._legend_keys = ()  # artists were replaced
-            self.legend(loc="upper right")
+            self.legend(loc="center left")  # the left flank is nearly empty; the verdict sits top left
         if verdict is not None:
-            self._verdict.set_text(_wrap(f"verdict (step {verdict[0]}): {verdict[1]}", 48))
+            # the whole sentence is in the summary panel; here only what the learning rate looks like
+            found = re.search(r"too large|too small|about right|too few", str(verdict[1]))
+            short = f"learning rate {found.group(0)}" if found else str(verdict[1])
+            self._verdict.set_text(_wrap(f"verdict (step {verdict[0]}): {short}", 26))
         self._verdict.set_visible(verdict is not None)
 
 
@@ -470,21 +474,26 @@ class ClippingPanel(Panel):
         self.note(None)
         for k, (label, color) in self.KINDS.items():
             self.line(k, *fracs[k], color=color, label=f"fraction clipped: {label}")
-        self.ax.set_ylim(-0.03, 1.03)
+        have_fracs = any(len(x) for x, _ in fracs.values())
+        if have_fracs:
+            self.ax.set_ylim(-0.03, 1.03)
+        else:  # no threshold to evaluate: the norms alone, on the main axis
+            self.ax.set_ylabel("global gradient norm before clipping", fontsize=8.5)
         if len(norm[0]):
-            self.ax2.set_visible(True)
-            self.line("norm", *norm, ax=self.ax2, color="0.3", linewidth=1.0, label="pre-clip global norm (right)")
+            ax, right = (self.ax2, " (right)") if have_fracs else (self.ax, "")
+            self.ax2.set_visible(have_fracs)
+            self.line("norm", *norm, ax=ax, color="0.3", linewidth=1.0, label=f"pre-clip global norm{right}")
             for tag in suggest[:3]:
                 self.line(
                     tag,
                     *series(h, tag),
-                    ax=self.ax2,
+                    ax=ax,
                     linestyle=":",
                     linewidth=1.0,
-                    label=f"suggested max_norm {tag.rsplit('/', 1)[-1]} (right)",
+                    label=f"suggested max_norm {tag.rsplit('/', 1)[-1]}{right}",
                 )
-            self.rescale(self.ax2)
-            self.legend(ax=self.ax2)
+            self.rescale(ax)
+            self.legend(ax=ax, loc="upper left")
         else:
             self.legend()
         if not any(len(x) for x, _ in fracs.values()) and not len(norm[0]):
@@ -538,7 +547,8 @@ class InfluencePanel(Panel):
         self._bars = [self.ax.barh(y, values, color=COLORS["second"], alpha=0.8)]
         self.ax.set_yticks(y, [str(lab) for lab in labels], fontsize=7)
         self.ax.set_xlabel(value_name, fontsize=8.5)
-        self.ax.set_title(f"Influence: top {len(values)} by {value_name} (step {step})", fontsize=10.5, loc="left")
+        what = "TracIn self-influence" if "self" in tag else f"Influence ({value_name})"
+        self.ax.set_title(f"{what}: top {len(values)} examples (step {step})", fontsize=10.5, loc="left")
         self.ax.relim()
         self.ax.autoscale_view()
 
