@@ -84,8 +84,9 @@ class LinearHandler(Handler):
             a, axis = _feature_first_samples(x, batch, 1)
             a_parts.append(a)
             e_parts.append(_same_layout(g, batch, axis, 1) * inv_scale)
-        a = torch.cat(a_parts, 1).unsqueeze(1)  # (B, 1, T, i)
-        e = torch.cat(e_parts, 1).unsqueeze(1)
+        # (B, 1, T, i) and (B, 1, T, o); no copy for the usual single call
+        a = (a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, 1)).unsqueeze(1)
+        e = (e_parts[0] if len(e_parts) == 1 else torch.cat(e_parts, 1)).unsqueeze(1)
         m = self.module
         return FactorView(a, e, self.names.get("weight"), self.names.get("bias"), tuple(m.weight.shape))
 
