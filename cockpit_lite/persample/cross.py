@@ -31,26 +31,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from cockpit_lite.persample.layers import WHOLE_MODULES, FuncHandler, Handler, handler_for
+from cockpit_lite.persample.layers import Handler, build_handlers
 from cockpit_lite.persample.views import FactorView, View
-
-
-def build_handlers(model: nn.Module) -> dict[nn.Module, Handler]:
-    """One handler per module holding trainable parameters (the engine's assignment, rebuilt)."""
-    handlers: dict[nn.Module, Handler] = {}
-    claimed: list[str] = []
-    for mname, module in model.named_modules():
-        if any(mname.startswith(c + ".") for c in claimed):
-            continue
-        whole = isinstance(module, WHOLE_MODULES)
-        params = module.named_parameters(recurse=whole)
-        names = {local: f"{mname}.{local}" if mname else local for local, p in params if p.requires_grad}
-        if not names:
-            continue
-        if whole:
-            claimed.append(mname)
-        handlers[module] = (FuncHandler if whole else handler_for(module))(module, names)
-    return handlers
 
 
 def example_losses(loss_fn: nn.Module, pred: torch.Tensor, target: Any) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 from cockpit_lite.hooks import SharedHook
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.pause import is_paused
-from cockpit_lite.persample.layers import WHOLE_MODULES, FuncHandler, Handler, PerSampleUndefined, handler_for
+from cockpit_lite.persample.layers import Handler, PerSampleUndefined, build_handlers
 from cockpit_lite.persample.views import View
 from cockpit_lite.profiling import Costs, timed
 
@@ -36,22 +36,8 @@ class PerSampleEngine:
 
     def __init__(self, model: nn.Module, costs: Costs | None = None):
         self.costs = costs if costs is not None else Costs()  # per-layer work: labelled, timed as "engine"
-        self.handlers: dict[nn.Module, Handler] = {}
-        self.param_names: list[str] = []
-        claimed: list[str] = []
-        for mname, module in model.named_modules():
-            if any(mname.startswith(c + ".") for c in claimed):
-                continue
-            whole = isinstance(module, WHOLE_MODULES)
-            params = module.named_parameters(recurse=whole)
-            names = {local: f"{mname}.{local}" if mname else local for local, p in params if p.requires_grad}
-            if not names:
-                continue
-            if whole:
-                claimed.append(mname)
-            handler_cls = FuncHandler if whole else handler_for(module)
-            self.handlers[module] = handler_cls(module, names)
-            self.param_names.extend(names.values())
+        self.handlers: dict[nn.Module, Handler] = build_handlers(model)
+        self.param_names: list[str] = [n for h in self.handlers.values() for n in h.names.values()]
         self._hooks = [m.register_forward_hook(SharedHook(self._forward_hook), with_kwargs=True) for m in self.handlers]
         self.active = False
         self._processing = False

@@ -432,3 +432,22 @@ def handler_for(module: nn.Module) -> type[Handler]:
         if cls in HANDLERS:
             return HANDLERS[cls]
     return FuncHandler
+
+
+def build_handlers(model: nn.Module) -> dict[nn.Module, Handler]:
+    """One handler per module that holds trainable parameters. Modules in :data:`WHOLE_MODULES` get
+    one torch.func handler for all their parameters (their children's hooks never fire)."""
+    handlers: dict[nn.Module, Handler] = {}
+    claimed: list[str] = []
+    for mname, module in model.named_modules():
+        if any(mname.startswith(c + ".") for c in claimed):
+            continue
+        whole = isinstance(module, WHOLE_MODULES)
+        params = module.named_parameters(recurse=whole)
+        names = {local: f"{mname}.{local}" if mname else local for local, p in params if p.requires_grad}
+        if not names:
+            continue
+        if whole:
+            claimed.append(mname)
+        handlers[module] = (FuncHandler if whole else handler_for(module))(module, names)
+    return handlers
