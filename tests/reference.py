@@ -52,7 +52,9 @@ class Probe(Instrument):
         return Needs(set(self.flags), dict(self.directions)) if self.scheduled(step) else Needs()
 
     def on_before_step(self, record):
-        self.grads_before_step.append({n: p.grad.detach().clone() for n, p in record.params.items()})
+        self.grads_before_step.append(
+            {n: p.grad.detach().clone() for n, p in record.params.items() if p.grad is not None}
+        )
 
     def compute(self, record):
         self.records.append(record)
