@@ -176,15 +176,16 @@ class TracIn(Instrument):
         weights = self._weights(record, [n for v in record.views for n in v.names])
         if weights is None:
             return
-        total = None
+        by_weight: dict[float, torch.Tensor] = {}  # one sum per distinct eta c (one per parameter group)
         for view in record.views:
             other = probe_views.get(tuple(view.names))
             if other is None:  # the probes do not reach this layer: zero gradient there
                 continue
             for name, c in cross(view, other, self.projector).items():
-                term = c.double() * weights[name]
-                total = term if total is None else total + term
-        if total is not None:
+                w = weights[name]
+                by_weight[w] = c if w not in by_weight else by_weight[w] + c
+        if by_weight:
+            total = sum(c.double() * w for w, c in by_weight.items())
             _scatter_add(self._infl, idx, total.cpu().numpy())
             self.probe_steps += 1
 
