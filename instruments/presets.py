@@ -3,7 +3,8 @@
 - ``minimal``: Loss, GradNorm. Nothing per-sample.
 - ``economy``: Cockpit's economy set (Loss, GradNorm, UpdateSize, Distance, norm/inner/ortho tests,
   Alpha) plus per-sample gradient norms, which the tests compute anyway.
-- ``full``: every built-in instrument with default settings.
+- ``full``: economy plus Clipping. TracIn and Checkpoints are in no preset: TracIn needs
+  ``cockpit.track(loader)``, Checkpoints writes files.
 """
 
 from __future__ import annotations
