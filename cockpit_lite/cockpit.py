@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.profiler import record_function
 
 from cockpit_lite.hooks import SharedHook
 from cockpit_lite.instrument import Instrument
@@ -30,7 +29,7 @@ from cockpit_lite.losses import check_loss_module, gradient_scale, per_sample_lo
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.pause import is_paused, paused  # noqa: F401  (re-exported)
 from cockpit_lite.persample.engine import PerSampleEngine
-from cockpit_lite.profiling import PREFIX, Costs, Profiler
+from cockpit_lite.profiling import Costs, Profiler, label
 from cockpit_lite.records import History, to_value
 from cockpit_lite.registry import resolve
 from cockpit_lite.sinks.base import Sink
@@ -460,7 +459,7 @@ class Cockpit:
             self.history.add(s, by_step[s])
             for sink in self.sinks:
                 try:
-                    with record_function(f"{PREFIX}sink/{type(sink).__name__}"):
+                    with label(f"sink/{type(sink).__name__}"):
                         sink.write(s, by_step[s])
                 except Exception as e:
                     self._warn(f"sink {type(sink).__name__} failed to write ({e}); it keeps trying")

@@ -13,7 +13,7 @@ import functools
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, TypeVar
 
 import torch
@@ -22,6 +22,12 @@ from torch.profiler import record_function
 PREFIX = "cockpit_lite/"
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def label(name: str):
+    """``record_function("cockpit_lite/<name>")`` while a profiler records, else a no-op context:
+    entering a record_function costs about 10 us even with no profiler running."""
+    return record_function(PREFIX + name) if torch._C._autograd._profiler_enabled() else nullcontext()
 
 
 class Costs:
@@ -35,7 +41,7 @@ class Costs:
     def region(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
         self._children.append(0.0)
-        with record_function(PREFIX + name):
+        with label(name):
             try:
                 yield
             finally:
