@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from cockpit_lite import Instrument, Need, Needs
-from instruments._util import QUANTILES
+from instruments._util import QUANTILES, sorted_quantiles
 from instruments.agc import GRAD_NORM_FLOOR, check_positive, final_layer, unitwise_norm
 
 KINDS = ("global", "agc", "per_sample")
@@ -63,18 +63,6 @@ def clipped_mean_cosine(gram: np.ndarray, factors: np.ndarray) -> tuple[float, f
         cos = f1 / (math.sqrt(max(ff, 0.0)) * math.sqrt(max(one, 0.0)))
         ratio = math.sqrt(max(ff, 0.0) / one) if one > 0 else float("nan")
     return float(np.clip(cos, -1.0, 1.0)) if math.isfinite(cos) else float("nan"), ratio
-
-
-def sorted_quantiles(s: np.ndarray, levels: Sequence[float]) -> np.ndarray:
-    """numpy's default ("linear") quantiles of data already sorted along axis 0 (NaNs sort last and
-    make the result NaN), without ``np.quantile``'s per-call overhead."""
-    n = s.shape[0]
-    pos = np.asarray(levels, dtype=np.float64) * (n - 1)
-    lo = np.floor(pos).astype(np.intp)
-    hi = np.minimum(lo + 1, n - 1)
-    t = (pos - lo).reshape((-1,) + (1,) * (s.ndim - 1))
-    out = s[lo] + (s[hi] - s[lo]) * t
-    return np.where(np.isnan(s[-1]), np.nan, out)
 
 
 def _level_name(q: float) -> str:

@@ -484,7 +484,7 @@ def test_every_and_instance_name():
 
 
 def test_sorted_quantiles_match_numpy():
-    from instruments.clipping import sorted_quantiles
+    from instruments._util import sorted_quantiles
 
     rng = np.random.default_rng(0)
     levels = [0.0, 0.05, 0.5, 0.9, 1.0]
