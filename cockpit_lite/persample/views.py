@@ -191,6 +191,17 @@ class FactorView(View):
             aa, ee = self._factor_grams()
             out = (aa * ee).sum(0).mean(1)
             return out + ee.sum(0).mean(1) if self.b is not None else out
+        if t == 1 and self._cache is None:
+            # g_i . gbar = e_i^T gbar_W a_i with gbar_W = E^T A / B: two plain products, no g_i formed
+            out = None
+            for gi in range(g):
+                a, e = self.a[:, gi, 0], self.e[:, gi, 0]  # (B, i), (B, o)
+                part = ((e @ (e.T @ a / bsz)) * a).sum(1)
+                out = part if out is None else out + part
+            if self.b is not None:
+                gb = self._bias_grads()
+                out = out + gb @ gb.mean(0)
+            return out
         gw = self._weight_grads().reshape(bsz, -1)
         out = gw @ gw.mean(0)
         if self.b is not None:
