@@ -18,6 +18,8 @@ import torch
 
 def to_value(v: Any) -> Any:
     """Normalise an instrument's value to a float, numpy array, string or dict of those."""
+    if type(v) is float:  # the common case, first
+        return v
     if isinstance(v, torch.Tensor):
         v = v.detach().cpu().numpy()
     if isinstance(v, np.ndarray):

@@ -58,6 +58,11 @@ def _same_layout(e: torch.Tensor, batch: int, axis: int, n_feature: int) -> torc
     return e.movedim(axis, 0).reshape(batch, -1, *feat)
 
 
+def _scaled(e: torch.Tensor, inv_scale: float) -> torch.Tensor:
+    """The output gradient of the per-sample losses: the captured one times B for a mean loss."""
+    return e if inv_scale == 1.0 else e * inv_scale
+
+
 class Handler:
     """Base handler. ``names`` maps the module's own parameter names to full model names."""
 
@@ -83,7 +88,7 @@ class LinearHandler(Handler):
                 continue
             a, axis = _feature_first_samples(x, batch, 1)
             a_parts.append(a)
-            e_parts.append(_same_layout(g, batch, axis, 1) * inv_scale)
+            e_parts.append(_scaled(_same_layout(g, batch, axis, 1), inv_scale))
         # (B, 1, T, i) and (B, 1, T, o); no copy for the usual single call
         a = (a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, 1)).unsqueeze(1)
         e = (e_parts[0] if len(e_parts) == 1 else torch.cat(e_parts, 1)).unsqueeze(1)
@@ -201,7 +206,7 @@ class ConvHandler(Handler):
             if x.dim() != m.weight.dim() or x.shape[0] != batch:
                 raise ValueError(f"conv input of shape {tuple(x.shape)} has no batch axis of size {batch}")
             inputs.append(x)
-            out_grads.append(go * inv_scale)
+            out_grads.append(_scaled(go, inv_scale))
 
         def make_grads():
             gw = sum(self._weight_grads(x, e) for x, e in zip(inputs, out_grads, strict=True))
@@ -272,7 +277,7 @@ class EmbeddingHandler(Handler):
             if go is None:
                 continue
             i, axis = _feature_first_samples(idx.unsqueeze(-1), batch, 1)
-            e = _same_layout(go, batch, axis, 1) * inv_scale
+            e = _scaled(_same_layout(go, batch, axis, 1), inv_scale)
             i = i.squeeze(-1)
             if m.padding_idx is not None:
                 e = e * (i != m.padding_idx).unsqueeze(-1)
@@ -317,7 +322,7 @@ class NormHandler(Handler):
             if go is None:
                 continue
             xhat, n_feat = self._normalised(x)
-            e = go * inv_scale
+            e = _scaled(go, inv_scale)
             if n_feat == -1:  # channel axis 1, sample axis 0
                 if x.shape[0] != batch:
                     raise ValueError(f"norm input has batch {x.shape[0]}, loss has batch {batch}")
