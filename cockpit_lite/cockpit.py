@@ -113,6 +113,7 @@ class Cockpit:
         self._warned: set[str] = set()
         self._closed = False
         self._in_step = False
+        self._backward_done = False
         self._active: list[Instrument] = []
         self._needs = Needs()
         self._record = StepRecord(step=0)
@@ -215,11 +216,16 @@ class Cockpit:
                 self._needs.merge(needs)
         self._record = StepRecord(step=self.step, params=self.params, loss_fn=self.loss_fn, logdir=self.logdir)
         self._loss_calls = 0
+        self._backward_done = False
         self.engine.begin(self._needs)
 
     def _on_model_forward(self, module, args) -> None:
         if is_paused() or module is not self.model:  # a deepcopy of the model carries our hooks
             return
+        if self._in_step and self._backward_done and all(p.grad is None for p in self.params.values()):
+            # a backward finished, the gradients were zeroed, and no optimizer.step() came: the step was
+            # skipped (AMP's GradScaler found inf/NaN gradients). This forward is a new attempt.
+            self._in_step = False
         if not self._in_step:
             self._begin_step()
 
@@ -271,19 +277,37 @@ class Cockpit:
             rec.indices = idx
 
     def _on_backward_start(self, grad):
+        """Backward reached the loss. ``grad`` is the factor it started with: 1 for ``loss.backward()``,
+        the loss scale for AMP's ``scaler.scale(loss).backward()``; per-sample gradients and the
+        gradient norms after backward are divided by it, so they stay those of the loss module."""
+        try:
+            scale = float(grad) if grad is not None and grad.numel() == 1 else None
+        except Exception:
+            scale = None
+        self._record.backward_scale = scale
+        if scale is not None and scale != 1.0:
+            if scale == 0.0 or not math.isfinite(scale):
+                self.engine.fail(f"backward started from the loss times {scale}: per-sample statistics skipped")
+            elif self.engine.inv_scale is not None:
+                self.engine.inv_scale /= scale
         torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
 
     def _on_backward_end(self) -> None:
         """All gradients of this backward are accumulated; the loop has not touched them yet."""
         if not self._in_step or not self._active:
             return
+        self._backward_done = True
         with self.costs.region("after_backward"):
             try:
                 self.engine.finish_backward()
                 if Need.PER_SAMPLE_CROSS in self._needs.flags:
                     self._record.views = self.engine.kept_views()
                 if Need.BACKWARD_GRAD_NORMS in self._needs.flags:
-                    self._record.backward_grad_norms = self._grad_norms()
+                    norms = self._grad_norms()
+                    scale = self._record.backward_scale
+                    if scale not in (None, 0.0, 1.0) and math.isfinite(scale):
+                        norms = {n: v / scale for n, v in norms.items()}
+                    self._record.backward_grad_norms = norms
                 for inst in self._active:
                     try:
                         inst.on_after_backward(self._record)

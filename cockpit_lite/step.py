@@ -27,7 +27,11 @@ class StepRecord:
     #: live parameters by name (read them, never write them)
     params: dict[str, torch.nn.Parameter] = field(default_factory=dict)
     grad_norms: dict[str, float] | None = None
+    #: ||p.grad|| right after backward, divided by ``backward_scale``
     backward_grad_norms: dict[str, float] | None = None
+    #: the factor backward started from: 1 for ``loss.backward()``, the loss scale under AMP's GradScaler
+    #: (``p.grad`` read in ``on_after_backward`` is that many times the gradient of the loss module)
+    backward_scale: float | None = None
     #: d = theta_{t+1} - theta_t by name. The tensors are buffers the core reuses at the next tracked
     #: step: read them in ``compute``; copy what must outlive the step.
     update: dict[str, torch.Tensor] | None = None

@@ -269,10 +269,12 @@ class Clipping(Instrument):
         if "agc" not in self.kinds:
             return
         names, sizes, w_norms, g_norms, g_excluded = [], [], [], [], []
+        scale = record.backward_scale  # AMP: p.grad is still multiplied by the loss scale here
+        unscale = scale if scale is not None and scale > 0 and math.isfinite(scale) else 1.0
         for name, p in record.params.items():
             if p.grad is None or p.numel() == 0:
                 continue
-            g = unitwise_norm(p.grad.detach()).reshape(-1)
+            g = unitwise_norm(p.grad.detach()).reshape(-1) / unscale
             if name in self.excluded:
                 g_excluded.append(g)  # only for the global norm
                 continue

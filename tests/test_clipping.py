@@ -533,3 +533,32 @@ def test_agc_records_per_step_whatever_the_batching(batch_steps):
         assert vals["clip/suggest/agc/p50"] == pytest.approx(med[0], rel=RTOL)
         assert vals["clip/suggest/agc/p90"] == pytest.approx(med[1], rel=RTOL)
     assert list(cp.history.steps("clip/agc/frac_clipped")) == list(range(7))
+
+
+def test_statistics_under_amp_loss_scaling_are_those_of_the_loss():
+    """With scaler.scale(loss).backward(), p.grad after backward is the loss scale times the gradient:
+    the clipping statistics must not see the scale."""
+    from cockpit_lite import Cockpit
+    from instruments import Clipping
+
+    out = []
+    for scale in (None, 1024.0):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss_fn = nn.CrossEntropyLoss()
+        x, y = torch.randn(9, 6), torch.randint(0, 3, (9,))
+        clip = Clipping(max_norm=0.5, agc_clip=0.01, per_sample_clip=1.0, batch_steps=1, cosine_every=1)
+        with Cockpit(model, opt, loss_fn, instruments=[clip]) as cockpit:
+            opt.zero_grad()
+            if scale is None:
+                loss_fn(model(x), y).backward()
+                opt.step()
+            else:
+                scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+                scaler.scale(loss_fn(model(x), y)).backward()
+                scaler.step(opt)
+                scaler.update()
+        out.append(cockpit.history)
+    for tag in ("clip/global/norm", "clip/agc/ratio/p50", "clip/agc/ratio/max", "clip/per_sample/cosine"):
+        np.testing.assert_allclose(out[1][tag][0][1], out[0][tag][0][1], rtol=1e-5, err_msg=tag)

@@ -313,3 +313,44 @@ def test_a_deepcopy_of_the_model_does_not_feed_the_cockpit(tmp_path):
             opt.step()
     assert [s for s, _ in cockpit.history["tests/norm"]] == [0, 1]
     assert not cockpit._warned and not cockpit.engine.warned
+
+
+def test_amp_grad_scaler_scaled_backward_and_skipped_steps():
+    """scaler.scale(loss).backward(): per-sample statistics and norms after backward are those of the
+    loss module, not of the scaled loss; a step the scaler skips (inf gradients) is not merged with
+    the next attempt."""
+    from tests.reference import flat, per_sample_grads_loop
+
+    torch.manual_seed(0)
+    model, loss_fn = models.mlp(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    ref = per_sample_grads_loop(model, loss_fn, x, y)
+    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS, Need.BACKWARD_GRAD_NORMS, Need.GRAD_NORMS})
+    scaler = torch.amp.GradScaler("cpu", init_scale=float("inf"))  # inf gradients: the scaler skips
+    with Cockpit(model, opt, loss_fn, instruments=[probe]) as cockpit:
+        with pytest.warns(RuntimeWarning, match="loss times inf"):
+            for _ in range(2):
+                opt.zero_grad()
+                scaler.scale(loss_fn(model(x), y)).backward()
+                scaler.step(opt)
+                scaler.update()
+        assert cockpit.step == 0  # the scaler skipped both attempts
+        scaler.update(1024.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        scaler.scale(loss_fn(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert cockpit.step == 1 and len(probe.records) == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    rec = probe.records[0]
+    assert rec.backward_scale == 1024.0
+    np.testing.assert_allclose(rec.per_sample_sq_norms, (flat(ref) ** 2).sum(1), rtol=2e-4)
+    gbar = flat(ref).mean(0)
+    np.testing.assert_allclose(StepRecordNorm(rec.backward_grad_norms), np.linalg.norm(gbar), rtol=1e-4)
+    np.testing.assert_allclose(rec.grad_norm, np.linalg.norm(gbar), rtol=1e-4)  # unscaled by the scaler
+
+
+def StepRecordNorm(norms):  # noqa: N802
+    return float(np.sqrt(sum(v * v for v in norms.values())))
