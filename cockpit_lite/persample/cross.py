@@ -31,34 +31,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from cockpit_lite.losses import example_losses
 from cockpit_lite.persample.layers import Handler, build_handlers
 from cockpit_lite.persample.views import FactorView, View
-
-
-def example_losses(loss_fn: nn.Module, pred: torch.Tensor, target: Any) -> torch.Tensor:
-    """l_k = the loss of example k as a batch of one (shape K), from one unreduced call of ``loss_fn``.
-
-    ``reduction="sum"``: l_k = sum(u_k). ``"mean"``: the mean over the example's elements; for
-    CrossEntropyLoss/NLLLoss with class-index targets the weighted mean over its counted targets.
-    """
-    reduction = getattr(loss_fn, "reduction", "mean")
-    loss_fn.reduction = "none"
-    try:
-        u = loss_fn(pred, target)
-    finally:
-        loss_fn.reduction = reduction
-    k = u.shape[0] if u.dim() > 0 else 1
-    flat = u.reshape(k, -1)
-    if reduction == "sum":
-        return flat.sum(1)
-    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and torch.is_tensor(target):
-        if not torch.is_floating_point(target):
-            w = (target != loss_fn.ignore_index).to(u.dtype)
-            if loss_fn.weight is not None:
-                w = w * loss_fn.weight[target.clamp(min=0)]
-            denom = w.reshape(k, -1).sum(1)
-            return flat.sum(1) / denom.clamp(min=torch.finfo(u.dtype).tiny)
-    return flat.mean(1)
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:

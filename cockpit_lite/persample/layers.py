@@ -124,6 +124,13 @@ class ConvHandler(Handler):
             return F.pad(x, lr), (0,) * nd
         return x, tuple(pad)
 
+    def _prepared(self, x: torch.Tensor):
+        """x padded explicitly where needed and seen as 2-D, with the 2-D kernel, stride, dilation and
+        padding for unfold / the convolution kernels."""
+        m = self.module
+        xp, pad = self._padded(x)
+        return self._as_2d(xp, m.kernel_size, m.stride, m.dilation, pad)
+
     @staticmethod
     def _as_2d(x, k, s, d, pad):
         if x.dim() == 3:
@@ -141,8 +148,7 @@ class ConvHandler(Handler):
 
     def _grads_grouped(self, x, e):
         m = self.module
-        xp, pad = self._padded(x)
-        x2, k, s, d, pad = self._as_2d(xp, m.kernel_size, m.stride, m.dilation, pad)
+        x2, k, s, d, pad = self._prepared(x)
         bsz = x2.shape[0]
         e2 = e.reshape(bsz, m.out_channels, *([1] if e.dim() == 3 else []), *e.shape[2:])
         w_shape = (bsz * m.out_channels, m.in_channels // m.groups, *k)
@@ -248,9 +254,7 @@ class ConvHandler(Handler):
         return (aa * torch.matmul(ee.transpose(2, 3), ee)).sum((1, 2, 3))
 
     def _unfold(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.module
-        xp, pad = self._padded(x)
-        x2, k, s, d, pad = self._as_2d(xp, m.kernel_size, m.stride, m.dilation, pad)
+        x2, k, s, d, pad = self._prepared(x)
         return F.unfold(x2, k, dilation=d, padding=pad, stride=s)
 
     def _batch_grad(self, inputs, out_grads) -> torch.Tensor:
@@ -258,8 +262,7 @@ class ConvHandler(Handler):
         m = self.module
         total = None
         for x, e in zip(inputs, out_grads, strict=True):
-            xp, pad = self._padded(x)
-            x2, k, s, d, pad = self._as_2d(xp, m.kernel_size, m.stride, m.dilation, pad)
+            x2, k, s, d, pad = self._prepared(x)
             e2 = e.unsqueeze(2) if e.dim() == 3 else e
             gw = torch.ops.aten.convolution_backward(
                 e2, x2, m.weight.detach().reshape(m.out_channels, -1, *k), None, s, pad, d, False, (0, 0),
