@@ -90,6 +90,10 @@ class History(Mapping):
     def last(self, tag: str, default: Any = None) -> Any:
         return self._data[tag][-1][1] if self._data.get(tag) else default
 
+    def last_step(self) -> int | None:
+        """The largest step any record is filed under (None for an empty history)."""
+        return max((pairs[-1][0] for pairs in self._data.values() if pairs), default=None)
+
     def sort(self) -> None:
         for pairs in self._data.values():
             pairs.sort(key=lambda sv: sv[0])

@@ -17,8 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cockpit_lite.records import History
-from cockpit_lite.sinks.base import Sink
+from cockpit_lite.sinks.base import HistorySink
 from cockpit_lite.sinks.throttle import Throttle
 
 
@@ -41,7 +40,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-class Dashboard(Sink):
+class Dashboard(HistorySink):
     """Render the dashboard to ``path`` (a PNG) while training runs, and once more at close.
 
     Args:
@@ -70,8 +69,6 @@ class Dashboard(Sink):
             raise ValueError(f"Dashboard writes a PNG: give a path ending in .png, got {str(path)!r}")
         self.every_s, self.every_steps, self.max_share, self.dpi = every_s, every_steps, max_share, dpi
         self.throttle = Throttle(every_steps, every_s, max_share)
-        self.history: History | None = None
-        self._own_history = False
         self._figure = None
         self.renders = 0
         self._last_step: int | None = None
@@ -79,16 +76,13 @@ class Dashboard(Sink):
         self.last_png: tuple[int, bytes] | None = None  # (step, PNG) of the last render, for TensorBoard
 
     def open(self, cockpit: Any) -> None:
-        history = getattr(cockpit, "history", None)
-        self._own_history = history is None
-        self.history = History() if history is None else history
+        self._use_history(cockpit)
         self.throttle = Throttle(self.every_steps, self.every_s, self.max_share)
 
     def write(self, step: int, records: Mapping[str, Any]) -> None:
         if self.history is None:
             self.open(None)
-        if self._own_history:
-            self.history.add(step, records)
+        self._remember(step, records)
         if self._last_step is not None and step <= self._last_step:
             return  # a late record for an earlier step (e.g. cost/sinks_ms): not a new tracked step
         self._last_step = step
@@ -120,5 +114,5 @@ class Dashboard(Sink):
 
     def close(self) -> None:
         if self.history is not None:
-            last = max((pairs[-1][0] for pairs in self.history._data.values() if pairs), default=None)
+            last = self.history.last_step()
             self.render(last)

@@ -34,8 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from cockpit_lite.records import History
-from cockpit_lite.sinks.base import Sink
+from cockpit_lite.sinks.base import HistorySink
 from cockpit_lite.sinks.events import EventFile, SummaryEncoder, encode_event
 from cockpit_lite.sinks.throttle import Throttle
 
@@ -143,7 +142,7 @@ def histogram_buckets(values: np.ndarray, bins: int) -> tuple | None:
     return lo, hi, float(v.size), float(v.sum()), float(v @ v), limits, counts
 
 
-class TensorBoard(Sink):
+class TensorBoard(HistorySink):
     """Write the records as TensorBoard summaries (event files) into ``logdir``.
 
     Args:
@@ -179,8 +178,6 @@ class TensorBoard(Sink):
         self.flush_secs, self.layout = flush_secs, layout
         self.writer: EventFile | None = None
         self._encoder = SummaryEncoder()
-        self.history: History | None = None
-        self._own_history = False
         self._dashboard = None
         self._figure = None
         self._texts: dict[str, str] = {}
@@ -197,9 +194,7 @@ class TensorBoard(Sink):
 
                 self.writer.add_summary(custom_scalars(dict(self.layout)), 0)
                 self.writer.flush()
-        history = getattr(cockpit, "history", None)
-        self._own_history = history is None
-        self.history = History() if history is None else history
+        self._use_history(cockpit)
         from cockpit_lite.sinks.dashboard import Dashboard
 
         self._dashboard = next((s for s in getattr(cockpit, "sinks", []) if isinstance(s, Dashboard)), None)
@@ -209,8 +204,7 @@ class TensorBoard(Sink):
     def write(self, step: int, records: Mapping[str, Any]) -> None:
         if self.writer is None:
             self.open(None)
-        if self._own_history:
-            self.history.add(step, records)
+        self._remember(step, records)
         enc, parts = self._encoder, []
         for tag, v in records.items():
             if v is None:
