@@ -299,9 +299,7 @@ class Cockpit:
         self._backward_done = True
         with self.costs.region("after_backward"):
             try:
-                self.engine.finish_backward()
-                if Need.PER_SAMPLE_CROSS in self._needs.flags:
-                    self._record.views = self.engine.kept_views()
+                self._settle_backward()
                 if Need.BACKWARD_GRAD_NORMS in self._needs.flags:
                     norms = self._grad_norms()
                     scale = self._record.backward_scale
@@ -315,6 +313,12 @@ class Cockpit:
                         self._warn(f"{inst.key}.on_after_backward failed: {e}")
             except Exception as e:
                 self._warn(f"end-of-backward work failed ({e})")
+
+    def _settle_backward(self) -> None:
+        """Reduce layers whose outputs got no gradient in some call; hand the kept views over."""
+        self.engine.finish_backward()
+        if Need.PER_SAMPLE_CROSS in self._needs.flags:
+            self._record.views = self.engine.kept_views()
 
     def _grad_norms(self) -> dict[str, float]:
         named = [(n, p.grad) for n, p in self.params.items() if p.grad is not None]
@@ -347,9 +351,8 @@ class Cockpit:
 
     def _before_step(self) -> None:
         rec, flags = self._record, self._needs.flags
-        self.engine.finish_backward()
-        if Need.PER_SAMPLE_CROSS in flags:
-            rec.views = self.engine.kept_views()
+        if not self._backward_done:  # no end-of-backward callback fired this step
+            self._settle_backward()
         rec.lrs = [float(g["lr"]) for g in self.optimizer.param_groups if "lr" in g]
         if Need.GRAD_NORMS in flags:
             with self.costs.region("grad_norms"):
