@@ -7,7 +7,6 @@ reported as medians and ratios to plain training measured in the same run: the m
 from __future__ import annotations
 
 import ctypes
-import resource
 import statistics
 import time
 
@@ -101,12 +100,3 @@ class PeakSampler:
     def close(self) -> None:
         for h in self._handles:
             h.remove()
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -38,11 +38,6 @@ class View:
     def release(self) -> None:
         """Called before the view is kept across the optimizer step: keep only what projections need."""
 
-    def project(self, directions: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        """sum over this view's parameters of g_i . v (shape B), or None if no direction touches them."""
-        out = self.project_many({"_": directions})
-        return out.get("_")
-
     def project_many(self, directions: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """{key: g_i . v_key} for several directions at once (one pass over the kept factors)."""
         raise NotImplementedError
