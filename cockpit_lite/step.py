@@ -50,6 +50,7 @@ class StepRecord:
     loss_fn: torch.nn.Module | None = None  #: the loss module the cockpit watches
     logdir: str | None = None  #: the run's log directory, if any
     notes: list[str] = field(default_factory=list)
+    _update_norms: dict[str, float] | None = field(default=None, repr=False)
 
     @staticmethod
     def global_norm(norms: dict[str, float] | None) -> float | None:
@@ -60,3 +61,18 @@ class StepRecord:
     @property
     def grad_norm(self) -> float | None:
         return self.global_norm(self.grad_norms)
+
+    @property
+    def update_norms(self) -> dict[str, float] | None:
+        """||d|| per tensor, computed once per step for every instrument that asks."""
+        if self.update is None:
+            return None
+        if self._update_norms is None:
+            names = list(self.update)
+            norms = (
+                torch.stack(torch._foreach_norm([self.update[n] for n in names])).double().cpu().tolist()
+                if names
+                else []
+            )
+            self._update_norms = dict(zip(names, norms, strict=True))
+        return self._update_norms

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cockpit_lite import Instrument, Need, Needs
+from cockpit_lite import Instrument, Need, Needs, StepRecord
 
 #: Cockpit's replacement for a zero variance in the fit.
 EPS_VAR = 1e-10
@@ -307,8 +307,7 @@ class Alpha(Instrument):
             out.update(self._result(step, math.nan, MISSING_DATA, None))
             return out
         update = self._keep(record.update)  # the core reuses its buffers at the next step
-        tensors = list(update.values())
-        s = float(torch.stack(torch._foreach_norm(tensors)).double().square().sum().sqrt()) if tensors else 0.0
+        s = StepRecord.global_norm(record.update_norms) or 0.0
         if not math.isfinite(s):
             out.update(self._result(step, math.nan, NONFINITE, s))
         elif s == 0.0:

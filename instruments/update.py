@@ -38,7 +38,7 @@ class UpdateSize(Instrument):
     def compute(self, record):
         if record.update is None:
             return {}
-        return _records(self.tag, "update_size", _norms(record.update), self.per_param)
+        return _records(self.tag, "update_size", record.update_norms, self.per_param)
 
 
 class Distance(Instrument):
