@@ -131,6 +131,20 @@ def test_sq_norms_only_path_uses_no_gram():
     assert rec.per_sample_gram is None
 
 
+@pytest.mark.parametrize("batch", [130, 260])
+def test_dot_mean_from_gram_panels_at_large_batches(batch):
+    """g_i . gbar without the full Gram (only its upper row panels: 2 at B >= 128, 4 at B >= 256, cut
+    unevenly here) agrees with the loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 3))
+    x, y = torch.randn(batch, 784), torch.randint(0, 3, (batch,))
+    flags = {Need.PER_SAMPLE_DOT_MEAN, Need.PER_SAMPLE_SQ_NORMS}
+    rec, ref, _ = _run_one_step(model, nn.CrossEntropyLoss(), x, y, flags=flags)
+    G = flat(ref)
+    np.testing.assert_allclose(rec.per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=ATOL)
+    assert rec.per_sample_gram is None
+
+
 def test_train_mode_batchnorm_warns_and_gives_no_numbers():
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2))
     x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
@@ -279,3 +293,37 @@ def test_conv_ghost_norms_and_dot_with_the_batch_gradient():
         )
     G = flat(ref)
     np.testing.assert_allclose(rec.per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("hook_node", [True, False])
+def test_conv_ghost_takes_the_batch_gradient_from_autograd(hook_node):
+    """The ghost path's sum_i g_i comes from the convolution's own backward node (not recomputed);
+    where that node cannot be hooked (a forward hook replaced the output) it is recomputed. Both
+    agree with the loop, also with a mean loss scaled by an AMP-like backward factor."""
+    from cockpit_lite.persample.layers import ConvHandler
+
+    recomputed = []
+    original = ConvHandler._batch_grad
+
+    def spy(self, inputs, out_grads):
+        recomputed.append(self.names["weight"])
+        return original(self, inputs, out_grads)
+
+    torch.manual_seed(0)
+    model = WideConv()
+    if not hook_node:
+        for m in (model.c2, model.c3):
+            m.register_forward_hook(lambda mod, args, out: out * 1.0)
+    x, y = torch.randn(5, 3, 4, 4), torch.randint(0, 3, (5,))
+    ref = per_sample_grads_loop(model, nn.CrossEntropyLoss(), x, y)
+    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    with pytest.MonkeyPatch.context() as mp, Cockpit(model, opt, loss_fn, instruments=[probe]):
+        mp.setattr(ConvHandler, "_batch_grad", spy)
+        opt.zero_grad()
+        (loss_fn(model(x), y) * 1024.0).backward()  # backward starts from 1024, as under a GradScaler
+        opt.step()
+    assert sorted(recomputed) == ([] if hook_node else ["c2.weight", "c3.weight"])
+    G = flat(ref)
+    np.testing.assert_allclose(probe.records[0].per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=ATOL)

@@ -28,6 +28,9 @@ from cockpit_lite.profiling import Costs, timed
 class _Calls:
     captures: list = field(default_factory=list)
     grads: dict[int, tuple] = field(default_factory=dict)
+    #: per call, the weight gradient autograd computed for that call (when the layer's own backward
+    #: node could be hooked): sum_i g_i up to the gradient scale, free instead of recomputed
+    weight_grads: dict[int, torch.Tensor] = field(default_factory=dict)
     done: bool = False
 
 
@@ -98,7 +101,11 @@ class PerSampleEngine:
             calls = self._calls.setdefault(module, _Calls())
             idx = len(calls.captures)
             calls.captures.append(handler.capture(args, kwargs, output))
-            if len(outs) == 1:
+            node = handler.weight_grad_node(outs) if Need.PER_SAMPLE_DOT_MEAN in self.needs.flags else None
+            if node is not None:
+                # fires once the layer's backward has run: its output gradient and its weight gradient
+                node.register_hook(lambda gi, go, m=module, i=idx: self._on_grads(m, i, (go[0],), gi[1]))
+            elif len(outs) == 1:
                 outs[0].register_hook(lambda g, m=module, i=idx: self._on_grads(m, i, (g,)))
             else:
                 torch.autograd.graph.register_multi_grad_hook(
@@ -109,12 +116,14 @@ class PerSampleEngine:
         except Exception as e:  # never break the user's forward
             self.fail(f"per-sample engine disabled for this step ({type(module).__name__}: {e})")
 
-    def _on_grads(self, module, idx, grads):
+    def _on_grads(self, module, idx, grads, weight_grad=None):
         if not self.active:
             return
         try:
             calls = self._calls[module]
             calls.grads[idx] = tuple(None if g is None else g.detach() for g in grads)
+            if weight_grad is not None:
+                calls.weight_grads[idx] = weight_grad.detach()
             if len(calls.grads) == len(calls.captures):
                 self._process(module)
         except Exception as e:
@@ -135,6 +144,8 @@ class PerSampleEngine:
             view = handler.view(calls.captures, grads, self.batch, self.inv_scale)
         finally:
             self._processing = False
+        if calls.weight_grads and len(calls.weight_grads) == len(calls.captures):
+            view.batch_grad = sum(calls.weight_grads.values()) * self.inv_scale
         self._reduce(view)
 
     def _reduce(self, view: View) -> None:

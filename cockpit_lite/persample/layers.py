@@ -58,6 +58,11 @@ def _same_layout(e: torch.Tensor, batch: int, axis: int, n_feature: int) -> torc
     return e.movedim(axis, 0).reshape(batch, -1, *feat)
 
 
+def _cat(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """torch.cat without the copy for the usual single call of a module per step."""
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts), dim)
+
+
 def _scaled(e: torch.Tensor, inv_scale: float) -> torch.Tensor:
     """The output gradient of the per-sample losses: the captured one times B for a mean loss."""
     return e if inv_scale == 1.0 else e * inv_scale
@@ -79,6 +84,11 @@ class Handler:
     def view(self, captures: list, grads: list[Sequence[torch.Tensor | None]], batch: int, inv_scale: float) -> View:
         raise NotImplementedError
 
+    def weight_grad_node(self, outputs: list[torch.Tensor]):
+        """The autograd node of this call whose second input gradient is the weight's, when the view
+        would otherwise recompute the batch weight gradient (None: nothing to save)."""
+        return None
+
 
 class LinearHandler(Handler):
     def view(self, captures, grads, batch, inv_scale):
@@ -90,8 +100,8 @@ class LinearHandler(Handler):
             a_parts.append(a)
             e_parts.append(_scaled(_same_layout(g, batch, axis, 1), inv_scale))
         # (B, 1, T, i) and (B, 1, T, o); no copy for the usual single call
-        a = (a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, 1)).unsqueeze(1)
-        e = (e_parts[0] if len(e_parts) == 1 else torch.cat(e_parts, 1)).unsqueeze(1)
+        a = _cat(a_parts, 1).unsqueeze(1)
+        e = _cat(e_parts, 1).unsqueeze(1)
         m = self.module
         return FactorView(a, e, self.names.get("weight"), self.names.get("bias"), tuple(m.weight.shape))
 
@@ -222,7 +232,11 @@ class ConvHandler(Handler):
             return out
 
         conv = lambda x, v: m._conv_forward(x, v, None)  # noqa: E731
-        ghost = (lambda: self._ghost_sq_norms(inputs, out_grads), lambda: self._batch_grad(inputs, out_grads))
+        ghost = (
+            lambda: self._ghost_sq_norms(inputs, out_grads),
+            lambda: self._batch_grad(inputs, out_grads),
+            tuple(m.weight.shape),
+        )
         return ConvView(
             make_grads,
             inputs,
@@ -233,6 +247,20 @@ class ConvHandler(Handler):
             m.weight.numel(),
             ghost if self._ghost_is_cheaper(inputs[0], out_grads[0]) else None,
         )
+
+    def weight_grad_node(self, outputs):
+        """The convolution's backward node, if the ghost path serves this call (its g_i . gbar needs
+        sum_i g_i, which that node computes anyway) and the node convolves with the weight itself."""
+        if len(outputs) != 1 or "weight" not in self.names:
+            return None
+        out = outputs[0]
+        node = out.grad_fn
+        if node is None or "Convolution" not in node.name() or not self._ghost_is_cheaper(None, out):
+            return None
+        nxt = node.next_functions
+        if len(nxt) < 2 or nxt[1][0] is None or getattr(nxt[1][0], "variable", None) is not self.module.weight:
+            return None
+        return node
 
     def _ghost_is_cheaper(self, x, e) -> bool:
         """sum_{s,t} (a_s . a_t)(e_s . e_t) costs T^2 (i + o) per sample and group, forming g_i T i o."""
@@ -245,8 +273,8 @@ class ConvHandler(Handler):
     def _ghost_sq_norms(self, inputs, out_grads) -> torch.Tensor:
         m = self.module
         g = m.groups
-        cols = torch.cat([self._unfold(x) for x in inputs], 2)  # (B, C_in k, T)
-        e = torch.cat([e.flatten(2) for e in out_grads], 2)  # (B, C_out, T)
+        cols = _cat([self._unfold(x) for x in inputs], 2)  # (B, C_in k, T)
+        e = _cat([e.flatten(2) for e in out_grads], 2)  # (B, C_out, T)
         bsz, ck, t = cols.shape
         a = cols.reshape(bsz, g, ck // g, t)
         ee = e.reshape(bsz, g, -1, t)
@@ -286,7 +314,7 @@ class EmbeddingHandler(Handler):
                 e = e * (i != m.padding_idx).unsqueeze(-1)
             idx_parts.append(i)
             e_parts.append(e)
-        return EmbeddingView(torch.cat(idx_parts, 1), torch.cat(e_parts, 1), self.names["weight"], m.num_embeddings)
+        return EmbeddingView(_cat(idx_parts, 1), _cat(e_parts, 1), self.names["weight"], m.num_embeddings)
 
 
 class NormHandler(Handler):
