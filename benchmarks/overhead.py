@@ -128,6 +128,17 @@ def memory_delta(model_name, optim, config, steps) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_delta_mb"]
 
 
+#: glibc malloc settings that keep freed heap memory for reuse instead of returning it to the kernel
+#: (and mapping it afresh, page fault by page fault, on the next step): the largest mmap threshold glibc
+#: accepts and a trim threshold above any one step's temporaries. PyTorch's CPU tuning guide makes the
+#: same point with jemalloc/tcmalloc. Read by glibc at process start, so they are set by re-executing.
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+
+
+def _malloc_setting() -> str:
+    return "tuned" if all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items()) else "default"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mlp,cnn")
@@ -137,16 +148,26 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=9, help="interleaved repetitions")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument(
+        "--malloc", choices=("default", "tuned"), default="default",
+        help="glibc malloc as the process starts, or TUNED_MALLOC (no page faults on re-allocated memory)",
+    )  # fmt: skip
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--memory-child", nargs=3, metavar=("MODEL", "OPTIM", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.malloc == "tuned" and _malloc_setting() != "tuned":
+        argv = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **TUNED_MALLOC})
     torch.set_num_threads(args.threads)
     if args.memory_child:
         return memory_child(*args.memory_child, args.steps)
 
     configs = ["plain"] + [c for c in args.configs.split(",") if c != "plain"]
     rows = []
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.reps} interleaved reps x {args.steps} steps")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), {args.reps} interleaved reps x {args.steps} steps, "
+        f"{_malloc_setting()} malloc"
+    )
     print(f"{'model':5} {'optim':5} {'config':22} {'ms/step':>9} {'time x':>7} {'peak MB':>8} {'mem x':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         for model_name in args.models.split(","):
@@ -155,7 +176,7 @@ def main(argv=None):
                 mem = {} if args.no_memory else {c: memory_delta(model_name, optim, c, args.steps) for c in configs}
                 for c in configs:
                     row = {
-                        "model": model_name, "optim": optim, "config": c,
+                        "model": model_name, "optim": optim, "config": c, "malloc": _malloc_setting(),
                         "ms_per_step": per_step[c] * 1e3, "time_ratio": per_step[c] / per_step["plain"],
                         "peak_mb": mem.get(c), "mem_ratio": mem[c] / mem["plain"] if mem else None,
                     }  # fmt: skip
