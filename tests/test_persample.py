@@ -145,6 +145,19 @@ def test_dot_mean_from_gram_panels_at_large_batches(batch):
     assert rec.per_sample_gram is None
 
 
+def test_weights_shared_by_two_modules_are_refused_not_summed_wrongly():
+    """A tied weight's per-sample gradient is the sum over its uses; the per-layer views would miss
+    the cross terms, so per-sample statistics are refused with a note naming both uses."""
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Tanh(), nn.Linear(4, 4, bias=False), nn.Linear(4, 3))
+    model[2].weight = model[0].weight
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with pytest.warns(RuntimeWarning, match=r"shared by several modules \(0.weight = 2.weight\)"):
+        rec, _, _ = _run_one_step(model, nn.CrossEntropyLoss(), x, y)
+    assert rec.per_sample_sq_norms is None and rec.per_sample_dot_mean is None
+    assert any("Untie the weights" in n for n in rec.notes)
+    assert rec.loss is not None and rec.grad_norms  # the other records are unaffected
+
+
 def test_train_mode_batchnorm_warns_and_gives_no_numbers():
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2))
     x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))

@@ -34,6 +34,23 @@ class _Calls:
     done: bool = False
 
 
+def _shared_parameters_message(handlers: dict[nn.Module, Handler]) -> str | None:
+    """Why per-sample statistics are refused for this model, if a parameter is shared by modules."""
+    users: dict[int, list[str]] = {}
+    for module, handler in handlers.items():
+        for local, full in handler.names.items():
+            users.setdefault(id(module.get_parameter(local)), []).append(full)
+    shared = [names for names in users.values() if len(names) > 1]
+    if not shared:
+        return None
+    listed = "; ".join(" = ".join(names) for names in shared)
+    return (
+        f"parameters shared by several modules ({listed}): a sample's gradient of such a parameter is the "
+        "sum over its uses, which the per-layer views do not combine, so per-sample statistics are "
+        "skipped for this model (the other records are unaffected). Untie the weights to get them."
+    )
+
+
 class PerSampleEngine:
     """Computes per-sample gradient statistics of ``model`` for the steps that need them."""
 
@@ -41,6 +58,7 @@ class PerSampleEngine:
         self.costs = costs if costs is not None else Costs()  # per-layer work: labelled, timed as "engine"
         self.handlers: dict[nn.Module, Handler] = build_handlers(model)
         self.param_names: list[str] = [n for h in self.handlers.values() for n in h.names.values()]
+        self.unsupported: str | None = _shared_parameters_message(self.handlers)
         self._hooks = [m.register_forward_hook(SharedHook(self._forward_hook), with_kwargs=True) for m in self.handlers]
         self.active = False
         self._processing = False
@@ -72,6 +90,8 @@ class PerSampleEngine:
         """A new step starts; attach per-layer work only if the step needs it."""
         self._reset(needs)
         self.active = needs.per_sample
+        if self.active and self.unsupported is not None:
+            self.fail(self.unsupported)
 
     def set_batch(self, batch: int, inv_scale: float) -> None:
         self.batch, self.inv_scale = batch, inv_scale
