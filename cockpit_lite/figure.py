@@ -113,6 +113,11 @@ class Panel:
         self._note.set_text(_wrap(text, 42) if text else "")
         self._note.set_visible(bool(text))
 
+    def shows(self, present: object) -> bool:
+        """Whether there is anything to draw; if not, the panel shows its ``missing`` note instead."""
+        self.note(None if present else self.missing)
+        return bool(present)
+
     def line(self, key: str, x, y, ax=None, **style) -> None:
         if key not in self._lines:
             (self._lines[key],) = (ax or self.ax).plot([], [], **{"linewidth": 1.3, **style})
@@ -180,10 +185,8 @@ class QuantilePanel(Panel):
     def update(self, h: History) -> None:
         x, y = series(h, self.scalar) if self.scalar else (np.empty(0), np.empty(0))
         q = {k: series(h, f"{self.prefix}/{k}") for k in ("p5", "p25", "p50", "p75", "p95", "max")}
-        if not len(x) and not len(q["p50"][0]):
-            self.note(self.missing)
+        if not self.shows(len(x) or len(q["p50"][0])):
             return
-        self.note(None)
         arrays = [y]
         if len(q["p5"][0]) and len(q["p5"][0]) == len(q["p95"][0]):
             self.band(
@@ -230,10 +233,8 @@ class GradNormUpdatePanel(Panel):
 
     def update(self, h: History) -> None:
         g, u = series(h, "grad_norm"), series(h, "update_size")
-        if not len(g[0]) and not len(u[0]):
-            self.note(self.missing)
+        if not self.shows(len(g[0]) or len(u[0])):
             return
-        self.note(None)
         self.line("grad", *g, color=COLORS["main"], label="gradient norm ||grad L||")
         self.line("update", *u, color=COLORS["second"], label="update size ||θ(t+1) − θ(t)||")
         _set_log_if_wide(self.ax, g[1], u[1], ratio=10)
@@ -248,10 +249,8 @@ class DistancePanel(Panel):
 
     def update(self, h: History) -> None:
         d = series(h, "distance")
-        if not len(d[0]):
-            self.note(self.missing)
+        if not self.shows(len(d[0])):
             return
-        self.note(None)
         self.line("distance", *d, color=COLORS["main"], label="all parameters")
         self.rescale()
         self.legend()
@@ -348,10 +347,8 @@ class GradientTestsPanel(Panel):
             "ortho": ("orthogonality test", "C2"),
         }
         data = {k: series(h, f"tests/{k}") for k in tags}
-        if not any(len(x) for x, _ in data.values()):
-            self.note(self.missing)
+        if not self.shows(any(len(x) for x, _ in data.values())):
             return
-        self.note(None)
         for k, (label, color) in tags.items():
             self.line(k, *data[k], color=color, label=label)
         self._one.set_visible(True)
@@ -382,10 +379,8 @@ class PerSampleHistPanel(Panel):
         item = last(h, "persample/grad_norm")
         values = np.asarray(item[1], dtype=float).ravel() if item is not None else np.empty(0)
         values = values[np.isfinite(values)]
-        if not values.size:
-            self.note(self.missing)
+        if not self.shows(values.size):
             return
-        self.note(None)
         step = item[0]
         counts, edges = np.histogram(values, bins=30)
         self._bars = [
@@ -468,10 +463,8 @@ class ClippingPanel(Panel):
         fracs = {k: series(h, f"clip/{k}/frac_clipped") for k in self.KINDS}
         norm = series(h, "clip/global/norm")
         suggest = _tags(h, "clip/suggest/global/")
-        if not any(len(x) for x, _ in fracs.values()) and not len(norm[0]) and not _tags(h, "clip/"):
-            self.note(self.missing)
+        if not self.shows(any(len(x) for x, _ in fracs.values()) or len(norm[0]) or _tags(h, "clip/")):
             return
-        self.note(None)
         for k, (label, color) in self.KINDS.items():
             self.line(k, *fracs[k], color=color, label=f"fraction clipped: {label}")
         have_fracs = any(len(x) for x, _ in fracs.values())
@@ -526,10 +519,8 @@ class InfluencePanel(Panel):
         found = self._table(h)
         if found is None:
             scalars = [t for t in _tags(h, "tracin/") if not isinstance(last(h, t)[1], (dict, str, np.ndarray))]
-            if not scalars:
-                self.note(self.missing)
+            if not self.shows(scalars):
                 return
-            self.note(None)
             self.ax.set_xlabel("training step", fontsize=8.5)
             self.ax.set_ylabel("value", fontsize=8.5)
             for i, tag in enumerate(scalars[:4]):
@@ -585,10 +576,8 @@ class CostBarsPanel(Panel):
         self.clear_patches("_bars")
         names = [t[len("cost/") : -len("_ms")] for t in _tags(h, "cost/") if t.endswith("_ms")]
         names = [n for n in names if n not in self.SKIP]
-        if not names:
-            self.note(self.missing)
+        if not self.shows(names):
             return
-        self.note(None)
 
         def med(tag):
             v = series(h, tag)[1][-self.WINDOW :]
@@ -618,10 +607,8 @@ class CostTimePanel(Panel):
 
     def update(self, h: History) -> None:
         step = series(h, "cost/step_ms")
-        if not len(step[0]):
-            self.note(self.missing)
+        if not self.shows(len(step[0])):
             return
-        self.note(None)
         cockpit, sinks = series(h, "cost/cockpit_ms"), series(h, "cost/sinks_ms")
         self.line("step", *step, color=COLORS["main"], label="whole step (forward to records)")
         self.line("cockpit", *cockpit, color=COLORS["alert"], label="cockpit work (all instruments)")
