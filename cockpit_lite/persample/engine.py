@@ -31,7 +31,6 @@ class _Calls:
     #: per call, the weight gradient autograd computed for that call (when the layer's own backward
     #: node could be hooked): sum_i g_i up to the gradient scale, free instead of recomputed
     weight_grads: dict[int, torch.Tensor] = field(default_factory=dict)
-    done: bool = False
 
 
 def _shared_parameters_message(handlers: dict[nn.Module, Handler]) -> str | None:

@@ -232,11 +232,7 @@ class ConvHandler(Handler):
             return out
 
         conv = lambda x, v: m._conv_forward(x, v, None)  # noqa: E731
-        ghost = (
-            lambda: self._ghost_sq_norms(inputs, out_grads),
-            lambda: self._batch_grad(inputs, out_grads),
-            tuple(m.weight.shape),
-        )
+        ghost = (lambda: self._ghost_sq_norms(inputs, out_grads), lambda: self._batch_grad(inputs, out_grads))
         return ConvView(
             make_grads,
             inputs,

@@ -279,10 +279,9 @@ class ConvView(MaterialisedView):
         self._inputs, self._out_grads, self._conv = inputs, out_grads, conv
         self.w, self.b = weight_name, bias_name
         self._weight_numel = weight_numel
-        #: optional (sq_norms_fn, batch_grad_fn, weight_shape) for layers whose g_i is large and positions few:
+        #: optional (sq_norms_fn, batch_grad_fn) for layers whose g_i is large and positions few:
         #: ||g_i||^2 by the ghost form and g_i . gbar = <conv(x_i; gbar), e_i>, without forming g_i
         self._ghost = ghost
-        self._ghost_shape = None if ghost is None else ghost[2]
 
     def _bias(self) -> torch.Tensor:
         return sum(e.flatten(2).sum(2) for e in self._out_grads)
@@ -299,7 +298,7 @@ class ConvView(MaterialisedView):
         if self._g or self._ghost is None:
             return super().dot_mean()
         total = self.batch_grad if self.batch_grad is not None else self._ghost[1]()
-        gbar = total.reshape(self._ghost_shape) / self._inputs[0].shape[0]
+        gbar = total / self._inputs[0].shape[0]
         out = self.project_many({"_": {self.w: gbar}})["_"]
         if self.b is not None:
             gb = self._bias()
