@@ -58,6 +58,16 @@ def _check_model_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -
     return {n: p for n, p in params.items() if id(p) in held}
 
 
+def _to_numpy(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """float64 numpy copies of equally shaped tensors, in one transfer when they share a device."""
+    names = list(tensors)
+    try:
+        rows = torch.stack([tensors[n] for n in names]).double().cpu().numpy()
+    except RuntimeError:  # different devices or shapes
+        return {n: tensors[n].double().cpu().numpy() for n in names}
+    return dict(zip(names, rows, strict=True))
+
+
 class Cockpit:
     """Attach instruments to an unchanged training loop.
 
@@ -459,7 +469,7 @@ class Cockpit:
                     rec.projections[key] = proj.double().cpu().numpy()
             as_np = lambda t: t.double().cpu().numpy()  # noqa: E731
             if Need.PER_SAMPLE_SQ_NORMS in flags and eng.sq:
-                rec.per_sample_sq_norms_by_param = {n: as_np(v) for n, v in eng.sq.items()}
+                rec.per_sample_sq_norms_by_param = _to_numpy(eng.sq)
                 rec.per_sample_sq_norms = np.sum(list(rec.per_sample_sq_norms_by_param.values()), axis=0)
             if Need.PER_SAMPLE_DOT_MEAN in flags and eng.dot_mean is not None:
                 rec.per_sample_dot_mean = as_np(eng.dot_mean)

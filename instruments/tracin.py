@@ -36,9 +36,12 @@ NEEDS_TRACK = (
 )
 
 
-def _scatter_add(target: np.ndarray, idx: np.ndarray, values: np.ndarray) -> None:
-    """target[idx] += values, correct also for repeated indices (sampling with replacement)."""
-    if len(np.unique(idx)) == len(idx):
+def _scatter_add(target: np.ndarray, idx: np.ndarray, values: np.ndarray, unique: bool | None = None) -> None:
+    """target[idx] += values, correct also for repeated indices (sampling with replacement).
+    ``unique``: whether idx holds no repeats, if the caller already knows."""
+    if unique is None:
+        unique = len(np.unique(idx)) == len(idx)
+    if unique:
         target[idx] += values
     else:
         np.add.at(target, idx, values)
@@ -109,6 +112,7 @@ class TracIn(Instrument):
         self._collector: ViewCollector | None = None
         self._model: torch.nn.Module | None = None
         self._warned: set[str] = set()
+        self._unique: tuple[int, bool] = (-1, False)  # (step, whether that step's indices repeat none)
 
     # --- plumbing -----------------------------------------------------------------------------------
     @property
@@ -160,6 +164,8 @@ class TracIn(Instrument):
             self._warn(NEEDS_TRACK)
             return None
         self._ensure(max(int(idx.max()) + 1, record.dataset_size or 0))
+        if self._unique[0] != record.step:
+            self._unique = (record.step, len(np.unique(idx)) == len(idx))
         return idx
 
     # --- per step -----------------------------------------------------------------------------------
@@ -183,10 +189,13 @@ class TracIn(Instrument):
                 continue
             for name, c in cross(view, other, self.projector).items():
                 w = weights[name]
-                by_weight[w] = c if w not in by_weight else by_weight[w] + c
+                if w in by_weight:
+                    by_weight[w].add_(c)  # cross() returns fresh tensors
+                else:
+                    by_weight[w] = c
         if by_weight:
             total = sum(c.double() * w for w, c in by_weight.items())
-            _scatter_add(self._infl, idx, total.cpu().numpy())
+            _scatter_add(self._infl, idx, total.cpu().numpy(), self._unique[1])
             self.probe_steps += 1
 
     def _probe_views(self, record):
@@ -210,7 +219,7 @@ class TracIn(Instrument):
         if weights is None:
             return {}
         s = sum(weights[n] * sq for n, sq in by_param.items())
-        _scatter_add(self._self, idx, s)
+        _scatter_add(self._self, idx, s, self._unique[1])
         self._seen[idx] = True
         self.steps += 1
         return {}

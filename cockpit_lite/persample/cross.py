@@ -178,16 +178,17 @@ def _cross_factor(left: FactorView, right: FactorView, projector: Projector | No
         else:
             el2, er2 = el, er
         if g == 1:  # plain 2-D matmuls (batched matmuls on permuted views are much slower on CPU)
-            aa = (al[:, 0] @ ar[:, 0].T).unsqueeze(0)
-            ee = (el2[:, 0] @ er2[:, 0].T).unsqueeze(0)
+            ee = el2[:, 0] @ er2[:, 0].T
+            out[left.w] = (al[:, 0] @ ar[:, 0].T).mul_(ee)
         else:  # (g, Bl, i) x (g, i, Br) -> (g, Bl, Br)
             aa = torch.bmm(al.transpose(0, 1), ar.permute(1, 2, 0))
             ee = torch.bmm(el2.transpose(0, 1), er2.permute(1, 2, 0))
-        out[left.w] = (aa * ee).sum(0)
+            out[left.w] = aa.mul_(ee).sum(0)
+            ee = ee.sum(0)
         if left.b is not None:
             # the bias gradient is e itself: its cross-Gram is the e-Gram already computed (exact case)
             if projector is None:
-                out[left.b] = ee.sum(0)
+                out[left.b] = ee
             else:
                 sl, sr = projector.apply(left.b, el.reshape(bl, -1)), projector.apply(left.b, er.reshape(br, -1))
                 out[left.b] = sl @ sr.T

@@ -1,0 +1,346 @@
+"""How far the cockpit is from the leanest code that computes the same numbers: a lower reference.
+
+    python benchmarks/floor.py                   # MLP: economy-alpha, economy, TracIn (self, 100 probes)
+    python benchmarks/floor.py --parts economy-alpha --optims sgd
+
+For the benchmark MLP (784-512-256-10, B = 128, an ``nn.Sequential`` of Linear and ReLU) this script
+hand-writes the statistics of each configuration with nothing but the hooks and tensor operations they
+need: no instrument objects, no step record, no records, no generality (Linear layers only, one call
+each, one parameter group). It runs plain training, the cockpit and this lean reference interleaved
+and prints each one's time per step as a ratio to plain training, and checks that the lean reference
+reproduces the cockpit's numbers (largest relative difference), so both do the same work.
+
+The lean ratio is what exact per-step statistics cost on this machine with eager PyTorch; the gap
+between it and the cockpit is the price of the cockpit's generality and bookkeeping. A target below the
+lean ratio cannot be met by tuning the cockpit.
+
+The CNN has no lean reference here; ``--cnn-macs`` prints the multiply-add count that its per-sample
+conv norms need at least, against the plain step's count (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MODELS, OPTIMIZERS, interleaved, make_batches, train_steps  # noqa: E402
+
+from cockpit_lite import Cockpit  # noqa: E402
+from instruments import Alpha, Distance, GradientTests, GradNorm, Loss, TracIn, UpdateSize  # noqa: E402
+
+QUANTILES = np.array([0.05, 0.25, 0.5, 0.75, 0.95])
+
+
+class LeanEconomy:
+    """Loss (+ per-sample quantiles), GradNorm, UpdateSize, Distance and GradientTests for a
+    Sequential of Linear/ReLU, and with ``alpha=True`` the two per-sample projections Alpha needs
+    (batch t onto d_t and onto d_{t-1}) and the means and variances its fit uses."""
+
+    def __init__(self, model: nn.Sequential, opt: torch.optim.Optimizer, loss_fn: nn.Module, alpha: bool):
+        self.lin = [m for m in model if isinstance(m, nn.Linear)]
+        self.params = [p for m in self.lin for p in (m.weight, m.bias)]
+        self.theta0 = [p.detach().clone() for p in self.params]
+        self.snap = [torch.empty_like(p) for p in self.params]
+        self.diff = [torch.empty_like(p) for p in self.params]
+        self.prev = [torch.zeros_like(p) for p in self.params] if alpha else None
+        self.alpha, self.has_prev = alpha, False
+        self.layer: dict[nn.Linear, tuple] = {}
+        self.last: dict[str, float] = {}
+        self.hooks = [m.register_forward_hook(self._fwd) for m in self.lin]
+        self.hooks += [
+            loss_fn.register_forward_hook(self._loss),
+            opt.register_step_pre_hook(self._pre),
+            opt.register_step_post_hook(self._post),
+        ]
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+
+    def _fwd(self, mod, inp, out):
+        a = inp[0].detach()
+        out.register_hook(lambda g, mod=mod, a=a: self._bwd(mod, a, g))
+
+    @torch.no_grad()
+    def _bwd(self, mod, a, g):
+        e = g * a.shape[0]  # output gradients of the per-sample losses (mean loss)
+        ga, ge = a @ a.T, e @ e.T
+        sq = (ga.diagonal() + 1.0) * ge.diagonal()  # ||g_i||^2 of weight and bias
+        dot = (ga + 1.0).mul_(ge).mean(1)  # g_i . gbar
+        self.layer[mod] = (sq, dot, a, e) if self.alpha else (sq, dot)
+
+    @torch.no_grad()
+    def _loss(self, mod, args, out):
+        self.per_sample = nn.functional.cross_entropy(args[0].detach(), args[1], reduction="none")
+        self.loss = out.detach()
+
+    @torch.no_grad()
+    def _pre(self, opt, args, kw):
+        ps = [p.detach() for p in self.params]
+        self.grad_norms = torch._foreach_norm([p.grad for p in self.params])
+        torch._foreach_copy_(self.snap, ps)
+        for p, t0, d in zip(ps, self.theta0, self.diff, strict=True):
+            torch.sub(p, t0, out=d)
+        self.dist = torch._foreach_norm(self.diff)
+
+    @torch.no_grad()
+    def _post(self, opt, args, kw):
+        for p, s in zip(self.params, self.snap, strict=True):
+            torch.sub(p.detach(), s, out=s)  # the update d_t
+        upd = torch._foreach_norm(self.snap)
+        sq = sum(v[0] for v in self.layer.values())
+        dot = sum(v[1] for v in self.layer.values())
+        parts = [torch.stack(self.grad_norms), torch.stack(self.dist), torch.stack(upd), sq, dot, self.per_sample]
+        if self.alpha:
+            proj = []
+            for d in [self.snap] + ([self.prev] if self.has_prev else []):
+                total = 0
+                for li, mod in enumerate(self.lin):
+                    a, e = self.layer[mod][2], self.layer[mod][3]
+                    total = total + ((a @ d[2 * li].T) * e).sum(1) + e @ d[2 * li + 1]
+                proj.append(total)
+            parts += proj
+            torch._foreach_copy_(self.prev, self.snap)
+            self.has_prev = True
+        v = torch.cat([t.reshape(-1) for t in parts]).double().numpy()
+        n = len(self.params)
+        b = len(self.per_sample)
+        gn, dist, un = v[:n], v[n : 2 * n], v[2 * n : 3 * n]
+        sq, dot, pl = v[3 * n : 3 * n + b], v[3 * n + b : 3 * n + 2 * b], v[3 * n + 2 * b : 3 * n + 3 * b]
+        g2 = dot.mean()
+        denom = b * (b - 1) * g2
+        out = {
+            "loss": float(self.loss),
+            "grad_norm": float(np.sqrt((gn**2).sum())),
+            "distance": float(np.sqrt((dist**2).sum())),
+            "update_size": float(np.sqrt((un**2).sum())),
+            "tests/norm": float(np.sqrt(max(sq.sum() - b * g2, 0.0) / denom)),
+            "tests/inner": float(np.sqrt(((dot - g2) ** 2).sum() / (denom * g2))),
+            "tests/ortho": float(np.sqrt(max((sq - dot**2 / g2).sum(), 0.0) / denom)),
+        }
+        out.update({f"loss/per_sample/q{q}": x for q, x in zip(QUANTILES, np.quantile(pl, QUANTILES), strict=True)})
+        if self.alpha:
+            rest = v[3 * n + 3 * b :].reshape(-1, b)
+            out["alpha/stats"] = [float(x) for r in rest for x in (r.mean(), r.var(ddof=1))]
+        self.last = out
+
+
+class LeanTracIn:
+    """Online TracIn for a Sequential of Linear/ReLU under SGD with a mean loss: self-influence and,
+    with probes, the B x K cross-Grams (a_i . a'_k)(e_i . e'_k) + e_i . e'_k per layer."""
+
+    def __init__(self, model, opt, loss_fn, n: int, probes=None):
+        self.model, self.opt = model, opt
+        self.lin = [m for m in model if isinstance(m, nn.Linear)]
+        self.probes = probes
+        self.self_inf = np.zeros(n)
+        self.infl = np.zeros((n, len(probes[1]))) if probes is not None else None
+        self.idx: np.ndarray | None = None
+        self.layer: dict[nn.Linear, tuple] = {}
+        self.in_probe = False
+        self.hooks = [m.register_forward_hook(self._fwd) for m in self.lin]
+        self.hooks.append(opt.register_step_pre_hook(self._pre))
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+
+    def _fwd(self, mod, inp, out):
+        if self.in_probe:
+            return
+        a = inp[0].detach()
+        out.register_hook(lambda g, mod=mod, a=a: self.layer.__setitem__(mod, (a, g.detach() * a.shape[0])))
+
+    def _pre(self, opt, args, kw):
+        w = opt.param_groups[0]["lr"] / len(self.idx)
+        with torch.no_grad():
+            sq = sum(((a * a).sum(1) + 1.0) * (e * e).sum(1) for a, e in self.layer.values())
+            self.self_inf[self.idx] += (sq * w).double().numpy()
+        if self.probes is None:
+            return
+        ins, outs = [], []
+
+        def grab(mod, inp, out):
+            ins.append(inp[0].detach())
+            outs.append(out)
+
+        self.in_probe = True
+        hooks = [m.register_forward_hook(grab) for m in self.lin]
+        try:
+            pred = self.model(self.probes[0])
+        finally:
+            for h in hooks:
+                h.remove()
+            self.in_probe = False
+        losses = nn.functional.cross_entropy(pred, self.probes[1], reduction="none")
+        grads = torch.autograd.grad(losses.sum(), outs)
+        with torch.no_grad():
+            total = None
+            for mod, ap, ep in zip(self.lin, ins, grads, strict=True):
+                a, e = self.layer[mod]
+                ee = e @ ep.T
+                c = (a @ ap.T).mul_(ee).add_(ee)
+                total = c if total is None else total.add_(c)
+            self.infl[self.idx] += (total * w).double().numpy()
+
+
+def _rel(ours: float, lean: float) -> float:
+    return abs(ours - lean) / max(abs(ours), 1e-30)
+
+
+def economy(optim: str, with_alpha: bool, steps: int, reps: int) -> dict:
+    batches = make_batches("mlp", steps)
+    arms = {}
+    for arm in ("plain", "cockpit", "lean"):
+        torch.manual_seed(0)
+        model = MODELS["mlp"][0]()
+        opt = OPTIMIZERS[optim](model.parameters())
+        loss_fn = nn.CrossEntropyLoss()
+        attached = None
+        if arm == "cockpit":
+            inst = [Loss(), GradNorm(), UpdateSize(), Distance(), GradientTests()] + ([Alpha()] if with_alpha else [])
+            attached = Cockpit(model, opt, loss_fn, instruments=inst, sinks=[])
+        elif arm == "lean":
+            attached = LeanEconomy(model, opt, loss_fn, alpha=with_alpha)
+        arms[arm] = (model, opt, loss_fn, attached)
+    runners = {k: (lambda a=a: train_steps(a[0], a[1], a[2], batches)) for k, a in arms.items()}
+    for r in runners.values():
+        r()
+    med = interleaved(runners, reps)
+    cockpit, lean = arms["cockpit"][3], arms["lean"][3]
+    # the cockpit's history is a step behind for Distance (theta before the step): compare the last step
+    tags = ["loss", "grad_norm", "update_size", "distance", "tests/norm", "tests/inner", "tests/ortho"]
+    diff = max(_rel(cockpit.history.last(t), lean.last[t]) for t in tags)
+    for a in arms.values():
+        if a[3] is not None:
+            a[3].close()
+    return {"plain": med["plain"] / steps, "cockpit": med["cockpit"] / steps, "lean": med["lean"] / steps, "diff": diff}
+
+
+class _Indexed(TensorDataset):
+    """The same tensors, each batch with its dataset indices as a third item (what track() records)."""
+
+    def __getitem__(self, idx):
+        return (*super().__getitem__(idx), np.asarray(idx))
+
+
+def tracin(with_probes: bool, steps: int, reps: int) -> dict:
+    factory, data, batch = MODELS["mlp"]
+    torch.manual_seed(0)
+    n = steps * batch
+    x_all, y_all = data(n), torch.randint(0, 10, (n,))
+    torch.manual_seed(1)
+    probes = (data(100), torch.randint(0, 10, (100,))) if with_probes else None
+    gen = torch.Generator()
+    arms = {}
+    for arm in ("plain", "cockpit", "lean"):
+        ds = (_Indexed if arm == "lean" else TensorDataset)(x_all, y_all)
+        sampler = BatchSampler(RandomSampler(ds, generator=gen), batch, drop_last=True)
+        loader = DataLoader(ds, batch_size=None, sampler=sampler)  # batches by list indexing: cheap
+        torch.manual_seed(0)
+        model = factory()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        loss_fn = nn.CrossEntropyLoss()
+        attached = None
+        if arm == "cockpit":
+            tr = TracIn(probes=probes, write_scores=False)
+            attached = Cockpit(model, opt, loss_fn, instruments=[tr], sinks=[])
+        elif arm == "lean":
+            attached = LeanTracIn(model, opt, loss_fn, n, probes)
+        arms[arm] = (model, opt, loss_fn, attached, loader)
+
+    def run(arm):
+        model, opt, loss_fn, attached, loader = arms[arm]
+        for item in attached.track(loader) if arm == "cockpit" else loader:
+            x, y = item[0], item[1]
+            if arm == "lean":
+                attached.idx = np.asarray(item[2])  # the loader turned it into a tensor
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+
+    runners = {k: (lambda k=k: run(k)) for k in arms}
+    for k in arms:  # one epoch each on the same shuffle: the scores must agree
+        gen.manual_seed(0)
+        runners[k]()
+    lean = arms["lean"][3]
+    diff = float(np.abs(tr.self_influence() - lean.self_inf).max() / np.abs(lean.self_inf).max())
+    if with_probes:
+        diff = max(diff, float(np.abs(tr.influence() - lean.infl).max() / np.abs(lean.infl).max()))
+    med = interleaved(runners, reps)
+    for a in arms.values():
+        if a[3] is not None:
+            a[3].close()
+    return {"plain": med["plain"] / steps, "cockpit": med["cockpit"] / steps, "lean": med["lean"] / steps, "diff": diff}
+
+
+def cnn_macs() -> None:
+    """Multiply-adds per step of the benchmark CNN (B = 64) against the least its per-sample conv norms
+    need: per layer min(materialised B C_out C_in k^2 P, ghost B P^2 (C_out + C_in k^2))."""
+    model, data, b = MODELS["cnn"]
+    m = model()
+    x = data(b)
+    fwd, norms = 0, 0
+    for layer in m:
+        y = layer(x)
+        if isinstance(layer, nn.Conv2d):
+            p = y.shape[2] * y.shape[3]
+            k = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+            mat = b * layer.out_channels * k * p
+            ghost = b * p * p * (layer.out_channels + k)
+            fwd += mat
+            norms += min(mat, ghost)
+            print(f"  {layer}: forward {mat / 1e6:7.0f} M, per-sample norms >= {min(mat, ghost) / 1e6:6.0f} M")
+        elif isinstance(layer, nn.Linear):
+            fwd += b * layer.in_features * layer.out_features
+        x = y
+    plain = 3 * fwd  # forward, input gradients, weight gradients (conv1's input gradient is not needed)
+    print(f"  plain step about {plain / 1e9:.2f} G multiply-adds; per-sample conv norms at least {norms / 1e9:.2f} G")
+    print(f"  -> at the plain step's own speed, per-sample conv norms alone cost {1 + norms / plain:.2f}x")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="economy-alpha,economy,tracin-self,tracin-probes")
+    ap.add_argument("--optims", default="sgd,adam")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--reps", type=int, default=11)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cnn-macs", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.reps} interleaved reps x {args.steps} steps")
+    print(f"{'part':26} {'plain ms':>9} {'cockpit x':>10} {'lean x':>7} {'max rel diff':>13}")
+    rows = []
+
+    def report(name: str, r: dict) -> None:
+        rows.append({"part": name, **r})
+        print(
+            f"{name:26} {r['plain'] * 1e3:9.2f} {r['cockpit'] / r['plain']:10.2f} {r['lean'] / r['plain']:7.2f} "
+            f"{r['diff']:13.1e}",
+            flush=True,
+        )
+
+    for part in args.parts.split(","):
+        if part.startswith("economy"):
+            for optim in args.optims.split(","):
+                report(f"mlp {optim} {part}", economy(optim, part == "economy", args.steps, args.reps))
+        elif part.startswith("tracin"):
+            report(f"mlp sgd {part}", tracin(part == "tracin-probes", args.steps, args.reps))
+        else:
+            raise SystemExit(f"unknown part {part!r}")
+    if args.cnn_macs:
+        print("CNN (benchmarks/common.py), B = 64:")
+        cnn_macs()
+    return rows
+
+
+if __name__ == "__main__":
+    main()
