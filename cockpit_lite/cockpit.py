@@ -136,6 +136,9 @@ class Cockpit:
         self._dataset_size: int | None = None
 
         self.engine = PerSampleEngine(model, costs=self.costs)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:  # p.grad is averaged over ranks: no sum to check
+                self.engine.checks_left = 0
         self._hooks = [
             model.register_forward_pre_hook(SharedHook(self._on_model_forward)),
             loss_fn.register_forward_hook(SharedHook(self._on_loss), with_kwargs=True),
@@ -228,6 +231,12 @@ class Cockpit:
         self._loss_calls = 0
         self._backward_done = False
         self.engine.begin(self._needs)
+        if self.engine.checking and not self._grads_clear():
+            self.engine.skip_check()  # p.grad will hold more than this step's gradient
+
+    def _grads_clear(self) -> bool:
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        return not grads or not bool(torch.stack(torch._foreach_norm(grads)).any())
 
     def _on_model_forward(self, module, args) -> None:
         if is_paused() or module is not self.model:  # a deepcopy of the model carries our hooks
@@ -310,6 +319,8 @@ class Cockpit:
         with self.costs.region("after_backward"):
             try:
                 self._settle_backward()
+                if self.engine.checking:
+                    self._check_sums()
                 if Need.BACKWARD_GRAD_NORMS in self._needs.flags:
                     norms = self._grad_norms()
                     scale = self._record.backward_scale
@@ -323,6 +334,30 @@ class Cockpit:
                         self._warn(f"{inst.key}.on_after_backward failed: {e}")
             except Exception as e:
                 self._warn(f"end-of-backward work failed ({e})")
+
+    def _check_sums(self) -> None:
+        """Warn if the per-sample gradients do not add up to p.grad (see PerSampleEngine.check_sums)."""
+        rec = self._record
+        if rec.reduction is None or rec.batch_size is None:
+            self.engine.skip_check()
+            return
+        scale = rec.backward_scale if rec.backward_scale is not None else 1.0
+        factor = gradient_scale(rec.reduction, rec.batch_size) * scale
+        grads = {n: p.grad.detach() for n, p in self.params.items() if p.grad is not None}
+        bad = self.engine.check_sums(grads, factor)
+        if bad:
+            listed = ", ".join(f"{' and '.join(names)} ({r:.3g})" for names, r in bad.items())
+            msg = (
+                f"the per-sample gradients of {listed} do not add up to the gradient autograd accumulated "
+                "(in brackets: ||sum_i g_i||^2 over ||p.grad||^2, scaled by the loss's batch factor; 1 if they "
+                "did). These parameters get gradient from outside the module calls the per-sample engine "
+                "sees: a term added to the loss outside the loss module (a regulariser), a functional use of "
+                "the weight (F.linear(x, layer.weight)), or a hook that rescales gradients. Their per-sample "
+                "statistics describe only the loss module's term through their module; compute the other "
+                "term inside the loss module, or call the module, to have them counted."
+            )
+            self._warn(msg)
+            rec.notes.append(msg)
 
     def _settle_backward(self) -> None:
         """Reduce layers whose outputs got no gradient in some call; hand the kept views over."""
@@ -363,6 +398,7 @@ class Cockpit:
         rec, flags = self._record, self._needs.flags
         if not self._backward_done:  # no end-of-backward callback fired this step
             self._settle_backward()
+            self.engine.skip_check()  # the loop may have changed p.grad since backward
         rec.lrs = [float(g["lr"]) for g in self.optimizer.param_groups if "lr" in g]
         if Need.GRAD_NORMS in flags:
             with self.costs.region("grad_norms"):

@@ -9,6 +9,7 @@ the optimizer step (the update) are the layer's factors kept until the step's po
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -51,7 +52,17 @@ def _shared_parameters_message(handlers: dict[nn.Module, Handler]) -> str | None
 
 
 class PerSampleEngine:
-    """Computes per-sample gradient statistics of ``model`` for the steps that need them."""
+    """Computes per-sample gradient statistics of ``model`` for the steps that need them.
+
+    On its first per-sample steps (up to ``CHECKS`` attempts, until one completes) the engine also
+    checks that the per-sample gradients it sees add up to the gradient autograd accumulated: per
+    layer, ||sum_i g_i||^2 = B sum_i g_i . gbar must equal sum_p ||p.grad||^2 / f^2 for p.grad =
+    f sum_i g_i (:meth:`check_sums`). A layer that fails it has parameters that get gradient the
+    per-layer hooks do not see (a functional use of a weight, a term added to the loss outside the loss
+    module, a gradient hook), and its per-sample numbers are not theirs.
+    """
+
+    CHECKS = 5
 
     def __init__(self, model: nn.Module, costs: Costs | None = None):
         self.costs = costs if costs is not None else Costs()  # per-layer work: labelled, timed as "engine"
@@ -62,6 +73,7 @@ class PerSampleEngine:
         self.active = False
         self._processing = False
         self.warned: set[str] = set()
+        self.checks_left = self.CHECKS
         self._reset(Needs())
 
     # --- lifecycle ------------------------------------------------------------------------------------
@@ -84,6 +96,9 @@ class PerSampleEngine:
         self.dot_mean: torch.Tensor | None = None
         self.grads: dict[str, torch.Tensor] = {}
         self.covered: set[str] = set()
+        #: this step is checked by :meth:`check_sums`: per layer (B sum_i g_i . gbar, B sum_i |g_i . gbar|)
+        self.checking = False
+        self._sums: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def begin(self, needs: Needs) -> None:
         """A new step starts; attach per-layer work only if the step needs it."""
@@ -91,6 +106,7 @@ class PerSampleEngine:
         self.active = needs.per_sample
         if self.active and self.unsupported is not None:
             self.fail(self.unsupported)
+        self.checking = self.active and self.checks_left > 0
 
     def set_batch(self, batch: int, inv_scale: float) -> None:
         self.batch, self.inv_scale = batch, inv_scale
@@ -100,6 +116,7 @@ class PerSampleEngine:
         if self.failure is None:
             self.failure = reason
         self.active = False
+        self.checking = False
         self._calls.clear()
         self._kept.clear()
         if reason not in self.warned:
@@ -174,9 +191,12 @@ class PerSampleEngine:
             self.grads.update(view.grads())
         if flags & {Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM}:
             self.gram.update(view.gram())
-        if Need.PER_SAMPLE_DOT_MEAN in flags:
+        if Need.PER_SAMPLE_DOT_MEAN in flags or self.checking:
             dm = view.dot_mean()
-            self.dot_mean = dm if self.dot_mean is None else self.dot_mean + dm
+            if Need.PER_SAMPLE_DOT_MEAN in flags:
+                self.dot_mean = dm if self.dot_mean is None else self.dot_mean + dm
+            if self.checking:
+                self._sums[tuple(view.names)] = (dm.sum() * len(dm), dm.abs().sum() * len(dm))
         if Need.PER_SAMPLE_SQ_NORMS in flags:
             self.sq.update(view.sq_norms())
         self.covered.update(view.names)
@@ -184,6 +204,46 @@ class PerSampleEngine:
             if Need.PER_SAMPLE_CROSS not in flags:  # cross products need what release() drops (conv g_i)
                 view.release()
             self._kept.append(view)
+
+    def skip_check(self) -> None:
+        """No check this step (p.grad held more than this backward's gradient, or was changed)."""
+        if self.checking:
+            self.checking = False
+            self.checks_left -= 1
+            self._sums = {}
+
+    @torch.no_grad()
+    def check_sums(self, grads: dict[str, torch.Tensor], factor: float) -> dict[tuple[str, ...], float]:
+        """Layers (by parameter names) whose per-sample gradients do not add up to their gradient,
+        with the ratio ||sum_i g_i||^2 factor^2 / sum_p ||p.grad||^2 (1 when p.grad = factor sum_i g_i).
+
+        Called at the end of backward with ``factor`` = the loss's batch factor times the factor
+        backward started from. Float32 round-off is allowed for: a mismatch must exceed 1e-3 of the
+        expected value plus 1e-4 of B sum_i |g_i . gbar| (cancellation when the mean gradient is small
+        next to the g_i).
+        """
+        if not self.checking:
+            return {}
+        sums, layers = self._sums, list(self._sums)
+        expected = [sum(grads[n].double().square().sum() for n in names if n in grads) / factor**2 for names in layers]
+        if not layers:
+            self.skip_check()
+            return {}
+        rows = []
+        for k, e in zip(layers, expected, strict=True):
+            got, spread = sums[k]
+            want = torch.as_tensor(e, dtype=torch.float64, device=got.device)
+            rows.append(torch.stack([got.double(), spread.double(), want]))
+        flat = torch.stack(rows).cpu().tolist()  # one transfer
+        if not all(math.isfinite(x) for row in flat for x in row):  # an overflowing AMP step: try later
+            self.skip_check()
+            return {}
+        self.checking, self.checks_left, self._sums = False, 0, {}
+        bad = {}
+        for names, (got, spread, want) in zip(layers, flat, strict=True):
+            if want > 0.0 and abs(got - want) > 1e-3 * want + 1e-4 * spread:
+                bad[names] = got / want
+        return bad
 
     def finish_backward(self) -> None:
         """Called before the optimizer step: reduce layers whose outputs got no gradient in some call."""

@@ -1,0 +1,110 @@
+"""The engine's first-step check: the per-sample gradients it sees must add up to p.grad.
+
+A parameter that gets gradient from outside the module calls the engine hooks (a regulariser added to
+the loss, a functional use of a weight) would otherwise have silently wrong per-sample statistics.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cockpit_lite import Cockpit, Need
+from tests import models
+from tests.reference import Probe
+
+MISMATCH = "do not add up to the gradient"
+
+
+def _step(model, loss_fn, x, y, extra=None, scale=1.0, zero_grad=True, probe=None):
+    probe = probe or Probe(flags={Need.PER_SAMPLE_SQ_NORMS})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ck = Cockpit(model, opt, loss_fn, instruments=[probe])
+    if zero_grad:
+        opt.zero_grad()
+    loss = loss_fn(model(x), y)
+    if extra is not None:
+        loss = loss + extra(model)
+    (loss * scale).backward()
+    opt.step()
+    ck.close()
+    return ck, probe.records[0]
+
+
+@pytest.mark.parametrize(
+    "name,build,batch",
+    [
+        ("mlp", lambda: models.mlp(), lambda: (torch.randn(7, 6), torch.randint(0, 3, (7,)))),
+        ("cnn", lambda: models.GroupedCNN(), lambda: models.cnn_batch(6)),
+        ("transformer", lambda: models.TinyTransformer(), lambda: models.token_batch(5)),
+    ],
+)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_supported_models_pass_the_check(name, build, batch, reduction):
+    torch.manual_seed(0)
+    model = build()
+    x, y = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at all, the mismatch one included
+        ck, rec = _step(model, nn.CrossEntropyLoss(reduction=reduction), x, y)
+    assert ck.engine.checks_left == 0, "the check did not complete"
+    assert not any(MISMATCH in n for n in rec.notes)
+
+
+def test_amp_like_loss_scale_passes_the_check():
+    torch.manual_seed(0)
+    model = models.mlp()
+    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ck, _ = _step(model, nn.CrossEntropyLoss(), x, y, scale=1024.0)
+    assert ck.engine.checks_left == 0
+
+
+def test_regulariser_added_outside_the_loss_module_is_reported():
+    torch.manual_seed(0)
+    model = models.mlp()
+    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    with pytest.warns(RuntimeWarning, match=MISMATCH) as caught:
+        _, rec = _step(model, nn.CrossEntropyLoss(), x, y, extra=lambda m: 0.1 * m[2].weight.square().sum())
+    text = " ".join(str(w.message) for w in caught if MISMATCH in str(w.message))
+    assert "2.weight" in text and "0.weight" not in text and "4.weight" not in text  # only the layer concerned
+    assert any(MISMATCH in n for n in rec.notes)
+    assert rec.per_sample_sq_norms is not None  # the numbers stay; the note says what they cover
+
+
+class _FunctionalReuse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        return self.head(h + F.linear(h, self.lin.weight))  # lin.weight used a second time, outside lin
+
+
+def test_functional_use_of_a_weight_is_reported():
+    torch.manual_seed(0)
+    model = _FunctionalReuse()
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.warns(RuntimeWarning, match=r"lin\.weight and lin\.bias \([-0-9.e]+\) " + MISMATCH):
+        _step(model, nn.CrossEntropyLoss(), x, y)
+
+
+def test_check_waits_for_a_step_whose_gradients_start_from_zero():
+    """Gradients left from an earlier step (no zero_grad) are not this step's: no false alarm, and
+    the check is tried again on a later step."""
+    torch.manual_seed(0)
+    model = models.mlp()
+    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    loss_fn = nn.CrossEntropyLoss()
+    loss_fn(model(x), y).backward()  # p.grad now holds a gradient the cockpit never saw
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ck, _ = _step(model, loss_fn, x, y, zero_grad=False)
+    assert ck.engine.checks_left == ck.engine.CHECKS - 1
