@@ -58,14 +58,13 @@ def _check_model_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -
     return {n: p for n, p in params.items() if id(p) in held}
 
 
-def _to_numpy(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """float64 numpy copies of equally shaped tensors, in one transfer when they share a device."""
-    names = list(tensors)
+def _rows_to_numpy(tensors: Sequence[torch.Tensor]) -> np.ndarray | list[np.ndarray]:
+    """float64 numpy copies of equally shaped tensors: one (n, ...) array from one transfer when they
+    share a device, else a list."""
     try:
-        rows = torch.stack([tensors[n] for n in names]).double().cpu().numpy()
+        return torch.stack(list(tensors)).double().cpu().numpy()
     except RuntimeError:  # different devices or shapes
-        return {n: tensors[n].double().cpu().numpy() for n in names}
-    return dict(zip(names, rows, strict=True))
+        return [t.double().cpu().numpy() for t in tensors]
 
 
 class Cockpit:
@@ -504,12 +503,16 @@ class Cockpit:
                 for key, proj in eng.project(dirs).items():
                     rec.projections[key] = proj.double().cpu().numpy()
             as_np = lambda t: t.double().cpu().numpy()  # noqa: E731
-            if Need.PER_SAMPLE_SQ_NORMS in flags and eng.sq:
-                rec.per_sample_sq_norms_by_param = _to_numpy(eng.sq)
-                rec.per_sample_sq_norms = np.sum(list(rec.per_sample_sq_norms_by_param.values()), axis=0)
-            if Need.PER_SAMPLE_DOT_MEAN in flags and eng.dot_mean is not None:
-                rec.per_sample_dot_mean = as_np(eng.dot_mean)
-                rec.mean_grad_sq_norm = float(rec.per_sample_dot_mean.mean())
+            names = list(eng.sq) if Need.PER_SAMPLE_SQ_NORMS in flags else []
+            dot_mean = eng.dot_mean if Need.PER_SAMPLE_DOT_MEAN in flags else None
+            parts = [eng.sq[n] for n in names] + ([dot_mean] if dot_mean is not None else [])
+            rows = _rows_to_numpy(parts) if parts else []  # one transfer for all B-vectors
+            if names:
+                rec.per_sample_sq_norms_by_param = dict(zip(names, rows[: len(names)], strict=True))
+                rec.per_sample_sq_norms = np.sum(rows[: len(names)], axis=0)
+            if dot_mean is not None:
+                rec.per_sample_dot_mean = rows[-1]
+                rec.mean_grad_sq_norm = float(rows[-1].mean())
             if flags & {Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM} and eng.gram:
                 by_param = {n: as_np(v) for n, v in eng.gram.items()}
                 rec.per_sample_gram = np.sum(list(by_param.values()), axis=0)

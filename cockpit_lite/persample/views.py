@@ -174,9 +174,9 @@ class FactorView(View):
         bsz, g, t, i, o = self._dims
         out = {}
         if t == 1:
-            an = torch.linalg.vector_norm(self.a, dim=-1).square()
-            en = torch.linalg.vector_norm(self.e, dim=-1).square()
-            out[self.w] = (an * en).reshape(bsz, g).sum(1)
+            an = torch.linalg.vector_norm(self.a.reshape(bsz, g, i), dim=-1).square_()
+            en = torch.linalg.vector_norm(self.e.reshape(bsz, g, o), dim=-1).square_()
+            out[self.w] = an.mul_(en).sum(1) if g > 1 else an.mul_(en).reshape(bsz)
         elif self._cache is None and self._ghost_is_cheaper():
             aa = torch.matmul(self.a, self.a.transpose(-1, -2))  # (B, g, T, T)
             ee = torch.matmul(self.e, self.e.transpose(-1, -2))
@@ -184,7 +184,10 @@ class FactorView(View):
         else:
             out[self.w] = torch.linalg.vector_norm(self._weight_grads().flatten(1), dim=1).square()
         if self.b is not None:
-            out[self.b] = en.reshape(bsz, g).sum(1) if t == 1 else self._bias_grads().square().sum(1)
+            if t == 1:
+                out[self.b] = en.sum(1) if g > 1 else en.reshape(bsz)
+            else:
+                out[self.b] = self._bias_grads().square().sum(1)
         return out
 
     def gram(self) -> dict[str, torch.Tensor]:
