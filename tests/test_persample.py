@@ -76,7 +76,7 @@ def test_mse_multi_output_mean_reduction():
     np.testing.assert_allclose(rec.per_sample_loss.mean(), rec.loss, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kernel", ["unfold", "grouped"])
+@pytest.mark.parametrize("kernel", ["unfold", "grouped", "swapped"])
 def test_cnn_grouped_conv_conv1d_groupnorm(kernel, monkeypatch):
     from cockpit_lite.persample.layers import ConvHandler
 
@@ -85,6 +85,36 @@ def test_cnn_grouped_conv_conv1d_groupnorm(kernel, monkeypatch):
     torch.manual_seed(0)
     model = models.GroupedCNN()
     x, y = models.cnn_batch(6)
+    fixed, dirs = _directions(model)
+    rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs)
+    _check_all(rec, ref, update, fixed)
+
+
+class _StridedCNN(nn.Module):
+    """groups = 1 convs whose swapped kernel yields more than k outputs (stride 2 on an even input),
+    a dilated rectangular kernel with a rectangular stride, and a strided Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3, stride=2, padding=1)  # 10x10 -> 5x5
+        self.conv2 = nn.Conv2d(5, 4, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 1))
+        self.conv1d = nn.Conv1d(4, 3, 3, stride=2)
+        self.head = nn.Linear(21, 3)
+
+    def forward(self, x):
+        x = torch.tanh(self.conv2(torch.tanh(self.conv1(x))))  # (B, 4, 3, 5)
+        return self.head(self.conv1d(x.flatten(2)).flatten(1))
+
+
+@pytest.mark.parametrize("kernel", ["unfold", "grouped", "swapped"])
+def test_strided_dilated_convs_every_kernel(kernel, monkeypatch):
+    from cockpit_lite.persample.layers import ConvHandler
+
+    monkeypatch.setattr(ConvHandler, "_choice", {})
+    monkeypatch.setattr(ConvHandler, "_tune", lambda self, x, e: kernel)
+    torch.manual_seed(0)
+    model = _StridedCNN()
+    x, y = torch.randn(6, 3, 10, 10), torch.randint(0, 3, (6,))
     fixed, dirs = _directions(model)
     rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs)
     _check_all(rec, ref, update, fixed)

@@ -109,10 +109,11 @@ class LinearHandler(Handler):
 class ConvHandler(Handler):
     """Conv1d/Conv2d with any stride, dilation, padding mode and ``groups``.
 
-    Per-sample weight gradients g_i = E_i A_i^T (per group) come from one of two exact kernels, the
-    faster for the layer's shapes (timed once per shape on first use, since it depends on the
-    hardware): unfolded patches with a batched matmul, or the convolution weight-gradient kernel with
-    the batch folded into the groups.
+    Per-sample weight gradients g_i = E_i A_i^T (per group) come from one of three exact kernels, the
+    fastest for the layer's shapes (timed once per shape on first use, since it depends on the
+    hardware): unfolded patches with a batched matmul, the convolution weight-gradient kernel with
+    the batch folded into the groups, or a forward convolution of the input with the output
+    gradients as filters (:meth:`_grads_swapped`).
     """
 
     _choice: dict[tuple, str] = {}  # shared across instances: (shapes, params) -> kernel name
@@ -170,6 +171,27 @@ class ConvHandler(Handler):
         )[1]  # fmt: skip
         return gw.reshape(bsz, *m.weight.shape)
 
+    def _grads_swapped(self, x, e):
+        """g_i as a forward convolution with roles swapped: the padded input channels are the batch,
+        the samples are the groups, each sample's output gradients are its filters; the module's stride
+        becomes the filters' dilation and its dilation the stride. For groups > 1 every (input, output)
+        channel pair is formed and the diagonal blocks are kept (g times the work: the tuner decides).
+        Fast where the input has few channels (a network's first layer)."""
+        m = self.module
+        x2, k, s, d, pad = self._prepared(x)
+        bsz, c_in = x2.shape[:2]
+        e2 = e.reshape(bsz, m.out_channels, *([1] if e.dim() == 3 else []), *e.shape[2:])
+        if any(pad):
+            x2 = F.pad(x2, (pad[1], pad[1], pad[0], pad[0]))
+        out = F.conv2d(
+            x2.transpose(0, 1), e2.reshape(bsz * m.out_channels, 1, *e2.shape[2:]), stride=d, dilation=s, groups=bsz
+        )[..., : k[0], : k[1]]  # (C_in, B * C_out, k0, k1)
+        g = m.groups
+        out = out.reshape(g, c_in // g, bsz, g, m.out_channels // g, k[0], k[1])
+        out = out.diagonal(dim1=0, dim2=3)  # (C_in/g, B, C_out/g, k0, k1, g): group j's inputs and outputs
+        gw = out.permute(1, 5, 2, 0, 3, 4)  # (B, g, C_out/g, C_in/g, k0, k1)
+        return gw.reshape(bsz, *m.weight.shape)
+
     def _weight_grads(self, x, e):
         key = (
             tuple(x.shape),
@@ -186,7 +208,10 @@ class ConvHandler(Handler):
         choice = self._choice.get(key)
         if choice is None:
             choice = self._choice[key] = self._tune(x, e)
-        return self._grads_unfold(x, e) if choice == "unfold" else self._grads_grouped(x, e)
+        return self._kernels()[choice](x, e)
+
+    def _kernels(self):
+        return {"grouped": self._grads_grouped, "unfold": self._grads_unfold, "swapped": self._grads_swapped}
 
     def _tune(self, x, e, repeats: int = 3) -> str:
         """The faster kernel for these shapes: best of ``repeats`` timings each (robust to a busy machine)."""
@@ -197,7 +222,9 @@ class ConvHandler(Handler):
                 torch.cuda.synchronize(x.device)
 
         best, best_t = "grouped", float("inf")
-        for name, fn in (("grouped", self._grads_grouped), ("unfold", self._grads_unfold)):
+        for name, fn in self._kernels().items():
+            if name == "swapped" and self.module.groups > 1:  # g times the work and memory of g_i
+                continue
             try:
                 fn(x, e)  # warm-up
                 times = []
