@@ -281,13 +281,15 @@ def tracin(with_probes: bool, steps: int, reps: int) -> dict:
     return {"plain": med["plain"] / steps, "cockpit": med["cockpit"] / steps, "lean": med["lean"] / steps, "diff": diff}
 
 
-def cnn_macs() -> None:
-    """Multiply-adds per step of the benchmark CNN (B = 64) against the least its per-sample conv norms
-    need: per layer min(materialised B C_out C_in k^2 P, ghost B P^2 (C_out + C_in k^2))."""
+def cnn_macs(n_probes: int = 100) -> None:
+    """Multiply-adds per step of the benchmark CNN (B = 64) against the least that exact per-sample
+    statistics need: the per-sample conv norms, per layer min(materialised B C_out C_in k^2 P, ghost
+    B P^2 (C_out + C_in k^2)); and for TracIn with probes the probes' forward and backward to the layer
+    outputs plus their own per-sample conv gradients."""
     model, data, b = MODELS["cnn"]
     m = model()
     x = data(b)
-    fwd, norms = 0, 0
+    fwd, norms, first = 0, 0, None
     for layer in m:
         y = layer(x)
         if isinstance(layer, nn.Conv2d):
@@ -297,13 +299,19 @@ def cnn_macs() -> None:
             ghost = b * p * p * (layer.out_channels + k)
             fwd += mat
             norms += min(mat, ghost)
+            first = mat if first is None else first
             print(f"  {layer}: forward {mat / 1e6:7.0f} M, per-sample norms >= {min(mat, ghost) / 1e6:6.0f} M")
         elif isinstance(layer, nn.Linear):
             fwd += b * layer.in_features * layer.out_features
         x = y
-    plain = 3 * fwd  # forward, input gradients, weight gradients (conv1's input gradient is not needed)
-    print(f"  plain step about {plain / 1e9:.2f} G multiply-adds; per-sample conv norms at least {norms / 1e9:.2f} G")
+    plain = 3 * fwd - first  # forward, weight gradients, input gradients (none for the first layer)
+    probes = n_probes / b * (2 * fwd - first + norms)  # forward, input gradients, per-sample conv gradients
+    print(f"  plain step {plain / 1e9:.2f} G multiply-adds; per-sample conv norms at least {norms / 1e9:.2f} G")
     print(f"  -> at the plain step's own speed, per-sample conv norms alone cost {1 + norms / plain:.2f}x")
+    print(
+        f"  -> TracIn with {n_probes} probes: their pass and per-sample conv gradients {probes / 1e9:.2f} G, "
+        f"with the batch's norms at least {1 + (norms + probes) / plain:.2f}x before any cross product"
+    )
 
 
 def main(argv=None):

@@ -134,7 +134,8 @@ class Cockpit:
         self._batch_indices: np.ndarray | None = None
         self._dataset_size: int | None = None
 
-        self.engine = PerSampleEngine(model, costs=self.costs)
+        # per-sample statistics of the parameters the optimizer trains, like every other record
+        self.engine = PerSampleEngine(model, costs=self.costs, params={id(p) for p in self.params.values()})
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_world_size() > 1:  # p.grad is averaged over ranks: no sum to check
                 self.engine.checks_left = 0

@@ -132,7 +132,8 @@ class TracIn(Instrument):
         groups = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
         self._group_of = {n: groups[id(p)] for n, p in model.named_parameters() if id(p) in groups}
         if self.probes is not None:
-            self._collector = ViewCollector(model)
+            # the same parameters as the engine's views of the training batch: the optimizer's
+            self._collector = ViewCollector(model, params=set(groups))
 
     def _warn(self, msg: str) -> None:
         if msg not in self._warned:

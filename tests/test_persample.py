@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -370,3 +371,63 @@ def test_conv_ghost_takes_the_batch_gradient_from_autograd(hook_node):
     assert sorted(recomputed) == ([] if hook_node else ["c2.weight", "c3.weight"])
     G = flat(ref)
     np.testing.assert_allclose(probe.records[0].per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=ATOL)
+
+
+class _PartlyFrozen(nn.Module):
+    """Frozen weights with trainable biases (BitFit-style) in Linear (T = 1 and T > 1) and Conv2d, a
+    frozen bias with a trainable weight, and LayerNorm with a frozen gain."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.seq = nn.Linear(3, 4)  # applied at 16 positions
+        self.norm = nn.LayerNorm(4)
+        self.fc = nn.Linear(64, 5)
+        self.head = nn.Linear(5, 3)
+        for p in (self.conv.weight, self.seq.weight, self.norm.weight, self.fc.weight, self.head.bias):
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).flatten(2).transpose(1, 2)  # (B, 16, 3)
+        h = self.norm(torch.tanh(self.seq(h)))  # (B, 16, 4)
+        return self.head(torch.tanh(self.fc(h.flatten(1))))
+
+
+def test_frozen_weights_with_trainable_biases():
+    """Only trainable parameters count: a frozen weight must not add to a layer's per-sample norms,
+    Gram entries, dot products or projections (it once did, through its factors)."""
+    torch.manual_seed(0)
+    model = _PartlyFrozen()
+    x, y = torch.randn(6, 2, 4, 4), torch.randint(0, 3, (6,))
+    fixed, dirs = _directions(model)
+    probe, loss_fn = Probe(directions=dirs), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref = per_sample_grads_loop(model, loss_fn, x, y)
+    assert "fc.bias" in ref and "fc.weight" not in ref
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the gradient-sum check passes too
+        with Cockpit(model, opt, loss_fn, instruments=[probe]):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    rec = probe.records[0]
+    assert set(rec.per_sample_sq_norms_by_param) == set(ref)
+    update = {n: (p.detach() - before[n]).double().numpy() for n, p in model.named_parameters() if n in ref}
+    _check_all(rec, ref, update, {n: v for n, v in fixed.items() if n in ref})
+
+
+def test_per_sample_statistics_cover_the_optimizers_parameters_only():
+    """A body left with requires_grad=True but not trained (optimizer built for the head) is not part
+    of the per-sample statistics, as it is not part of GradNorm or UpdateSize."""
+    torch.manual_seed(0)
+    model = models.mlp()
+    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    head = ["4.weight", "4.bias"]
+    opt = torch.optim.SGD(model[4].parameters(), lr=0.1)
+    ref = per_sample_grads_loop(model, nn.CrossEntropyLoss(), x, y, names=head)
+    rec, _, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, optimizer=opt)
+    assert set(rec.per_sample_sq_norms_by_param) == set(head) == set(rec.grad_norms)
+    np.testing.assert_allclose(rec.per_sample_sq_norms, (flat(ref) ** 2).sum(1), rtol=RTOL, atol=ATOL)
+    G = flat(ref)
+    np.testing.assert_allclose(rec.per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=ATOL)

@@ -24,7 +24,7 @@ so a squared norm ||g||^2 = ||a||^2 ||e||^2 has relative standard deviation sqrt
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,9 +49,14 @@ class ViewCollector:
         handlers: reuse an existing assignment of handlers (default: rebuilt from ``model``).
     """
 
-    def __init__(self, model: nn.Module, handlers: Mapping[nn.Module, Handler] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        handlers: Mapping[nn.Module, Handler] | None = None,
+        params: Collection[int] | None = None,
+    ):
         self.model = model
-        self.handlers = dict(handlers) if handlers is not None else build_handlers(model)
+        self.handlers = dict(handlers) if handlers is not None else build_handlers(model, params)
 
     def names(self) -> set[str]:
         return {n for h in self.handlers.values() for n in h.names.values()}
@@ -169,6 +174,12 @@ def _cross_factor(left: FactorView, right: FactorView, projector: Projector | No
     br, _, tr, _ = right.a.shape
     o = left.e.shape[-1]
     out: dict[str, torch.Tensor] = {}
+    if left.w is None:  # a frozen weight: the bias alone, e summed over positions
+        sl = left.e.sum(2).reshape(bl, -1)
+        sr = right.e.sum(2).reshape(br, -1).to(sl.dtype)
+        if projector is not None:
+            sl, sr = projector.apply(left.b, sl), projector.apply(left.b, sr)
+        return {left.b: sl @ sr.T}
     if tl == 1 and tr == 1:
         al, el = left.a.reshape(bl, g, i), left.e.reshape(bl, g, o)
         ar, er = right.a.reshape(br, g, i).to(al.dtype), right.e.reshape(br, g, o).to(el.dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -64,9 +65,10 @@ class PerSampleEngine:
 
     CHECKS = 5
 
-    def __init__(self, model: nn.Module, costs: Costs | None = None):
+    def __init__(self, model: nn.Module, costs: Costs | None = None, params: Collection[int] | None = None):
         self.costs = costs if costs is not None else Costs()  # per-layer work: labelled, timed as "engine"
-        self.handlers: dict[nn.Module, Handler] = build_handlers(model)
+        #: ``params``: ids of the parameters to cover (the optimizer's); default every trainable one
+        self.handlers: dict[nn.Module, Handler] = build_handlers(model, params)
         self.param_names: list[str] = [n for h in self.handlers.values() for n in h.names.values()]
         self.unsupported: str | None = _shared_parameters_message(self.handlers)
         self._hooks = [m.register_forward_hook(SharedHook(self._forward_hook), with_kwargs=True) for m in self.handlers]

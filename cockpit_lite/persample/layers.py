@@ -9,7 +9,7 @@ goes through ``torch.func`` on that module alone.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -250,6 +250,8 @@ class ConvHandler(Handler):
                 raise ValueError(f"conv input of shape {tuple(x.shape)} has no batch axis of size {batch}")
             inputs.append(x)
             out_grads.append(_scaled(go, inv_scale))
+        if "weight" not in self.names:  # a frozen weight: the bias gradient is the summed output gradient
+            return MaterialisedView({self.names["bias"]: sum(e.flatten(2).sum(2) for e in out_grads)})
 
         def make_grads():
             gw = sum(self._weight_grads(x, e) for x, e in zip(inputs, out_grads, strict=True))
@@ -493,17 +495,23 @@ def handler_for(module: nn.Module) -> type[Handler]:
     return FuncHandler
 
 
-def build_handlers(model: nn.Module) -> dict[nn.Module, Handler]:
-    """One handler per module that holds trainable parameters. Modules in :data:`WHOLE_MODULES` get
-    one torch.func handler for all their parameters (their children's hooks never fire)."""
+def build_handlers(model: nn.Module, params: Collection[int] | None = None) -> dict[nn.Module, Handler]:
+    """One handler per module that holds trainable parameters (those with ``requires_grad``, and with
+    ``params`` given only those whose ``id`` is in it: the optimizer's). Modules in
+    :data:`WHOLE_MODULES` get one torch.func handler for all their parameters (their children's hooks
+    never fire)."""
     handlers: dict[nn.Module, Handler] = {}
     claimed: list[str] = []
     for mname, module in model.named_modules():
         if any(mname.startswith(c + ".") for c in claimed):
             continue
         whole = isinstance(module, WHOLE_MODULES)
-        params = module.named_parameters(recurse=whole)
-        names = {local: f"{mname}.{local}" if mname else local for local, p in params if p.requires_grad}
+        found = module.named_parameters(recurse=whole)
+        names = {
+            local: f"{mname}.{local}" if mname else local
+            for local, p in found
+            if p.requires_grad and (params is None or id(p) in params)
+        }
         if not names:
             continue
         if whole:

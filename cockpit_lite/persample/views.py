@@ -174,9 +174,12 @@ class FactorView(View):
         bsz, g, t, i, o = self._dims
         out = {}
         if t == 1:
-            an = torch.linalg.vector_norm(self.a.reshape(bsz, g, i), dim=-1).square_()
             en = torch.linalg.vector_norm(self.e.reshape(bsz, g, o), dim=-1).square_()
-            out[self.w] = an.mul_(en).sum(1) if g > 1 else an.mul_(en).reshape(bsz)
+            if self.w is not None:
+                an = torch.linalg.vector_norm(self.a.reshape(bsz, g, i), dim=-1).square_()
+                out[self.w] = an.mul_(en).sum(1) if g > 1 else an.mul_(en).reshape(bsz)
+        elif self.w is None:  # a frozen weight: the bias alone
+            pass
         elif self._cache is None and self._ghost_is_cheaper():
             aa = torch.matmul(self.a, self.a.transpose(-1, -2))  # (B, g, T, T)
             ee = torch.matmul(self.e, self.e.transpose(-1, -2))
@@ -195,12 +198,14 @@ class FactorView(View):
         out = {}
         if t == 1:
             aa, ee = self._factor_grams()
-            out[self.w] = (aa * ee).sum(0)
+            if self.w is not None:
+                out[self.w] = (aa * ee).sum(0)
             if self.b is not None:
                 out[self.b] = ee.sum(0)
             return out
-        gw = self._weight_grads().reshape(bsz, -1)
-        out[self.w] = gw @ gw.T
+        if self.w is not None:
+            gw = self._weight_grads().reshape(bsz, -1)
+            out[self.w] = gw @ gw.T
         if self.b is not None:
             gb = self._bias_grads()
             out[self.b] = gb @ gb.T
@@ -208,6 +213,9 @@ class FactorView(View):
 
     def dot_mean(self) -> torch.Tensor:
         bsz, g, t, i, o = self._dims
+        if self.w is None:  # a frozen weight: the bias alone
+            gb = self._bias_grads()
+            return gb @ gb.mean(0)
         if t == 1 and (self._grams is not None or bsz * (i + o) < i * o):  # Gram of the factors is cheaper
             if self._grams is not None:
                 aa, ee = self._grams
@@ -256,7 +264,7 @@ class FactorView(View):
 
     def grads(self) -> dict[str, torch.Tensor]:
         bsz = self.a.shape[0]
-        out = {self.w: self._weight_grads().reshape(bsz, *self.weight_shape)}
+        out = {self.w: self._weight_grads().reshape(bsz, *self.weight_shape)} if self.w is not None else {}
         if self.b is not None:
             out[self.b] = self._bias_grads()
         return out
