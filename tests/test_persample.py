@@ -431,3 +431,29 @@ def test_per_sample_statistics_cover_the_optimizers_parameters_only():
     np.testing.assert_allclose(rec.per_sample_sq_norms, (flat(ref) ** 2).sum(1), rtol=RTOL, atol=ATOL)
     G = flat(ref)
     np.testing.assert_allclose(rec.per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=ATOL)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.rnn = cell(4, 5, batch_first=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0].mean(1))
+
+
+@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM])
+def test_recurrent_layers_by_torch_func_or_its_loop(cell):
+    """LSTM goes through vmap; vmap cannot batch GRU's in-place state update, so its per-sample
+    gradients come from a loop over samples, with a warning saying so; both exact."""
+    torch.manual_seed(0)
+    model = _Recurrent(cell)
+    x, y = torch.randn(6, 5, 4), torch.randint(0, 3, (6,))
+    fixed, dirs = _directions(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs)
+    looped = [w for w in caught if "loop over the samples" in str(w.message)]
+    assert len(looped) == (1 if cell is nn.GRU else 0)
+    _check_all(rec, ref, update, fixed)

@@ -416,6 +416,16 @@ class FuncHandler(Handler):
         detach = lambda t: t.detach() if torch.is_tensor(t) else t  # noqa: E731
         return tree_map(detach, args), tree_map(detach, kwargs)
 
+    def _warn_loop(self, error: Exception) -> None:
+        if not getattr(self, "_looping", False):
+            self._looping = True
+            warnings.warn(
+                f"cockpit-lite: torch.func.vmap cannot batch {type(self.module).__name__} ({error}); its "
+                "per-sample gradients come from a loop over the samples (exact, slower)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
     def _bdim(self, t, batch: int):
         if not torch.is_tensor(t) or t.dim() == 0:
             return None
@@ -456,7 +466,21 @@ class FuncHandler(Handler):
             with torch.random.fork_rng(devices=_cuda_devices(params)), torch.enable_grad(), warnings.catch_warnings():
                 # vmap falls back to a loop for fused attention kernels: correct, only slower
                 warnings.filterwarnings("ignore", message="There is a performance drop")
-                per = vmap(grad(inner), in_dims=(None, arg_dims, kw_dims, g_dims))(params, args, kwargs, g_tensors)
+                try:
+                    per = vmap(grad(inner), in_dims=(None, arg_dims, kw_dims, g_dims))(params, args, kwargs, g_tensors)
+                except RuntimeError as e:  # an op vmap cannot batch (GRU's in-place state update): loop
+                    self._warn_loop(e)
+                    at = lambda t, d, i: t.select(d, i) if d is not None else t  # noqa: E731
+                    rows = [
+                        grad(inner)(
+                            params,
+                            tuple(at(x, d, i) for x, d in zip(args, arg_dims, strict=True)),
+                            {k: at(v, kw_dims[k], i) for k, v in kwargs.items()},
+                            [at(g, d, i) for g, d in zip(g_tensors, g_dims, strict=True)],
+                        )
+                        for i in range(batch)
+                    ]
+                    per = {n: torch.stack([r[n] for r in rows]) for n in rows[0]}
             for n, g in per.items():
                 full = self.names[n]
                 total[full] = total[full] + g if full in total else g
