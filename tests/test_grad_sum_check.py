@@ -108,3 +108,91 @@ def test_check_waits_for_a_step_whose_gradients_start_from_zero():
         warnings.simplefilter("error")
         ck, _ = _step(model, loss_fn, x, y, zero_grad=False)
     assert ck.engine.checks_left == ck.engine.CHECKS - 1
+
+
+class _Pool(nn.Module):
+    """core(x) (first output if a tuple), mean over the sequence axis, then a head."""
+
+    def __init__(self, core, d=8, seq_axis=1):
+        super().__init__()
+        self.core, self.head, self.seq_axis = core, nn.Linear(d, 3), seq_axis
+
+    def forward(self, *x):
+        h = self.core(*x)
+        h = h[0] if isinstance(h, tuple) else h
+        return self.head(h.mean(self.seq_axis))
+
+
+class _Attend(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=4, vdim=4, add_bias_kv=True)
+
+    def forward(self, x):
+        return self.attn(self.proj(x), x, x)[0]
+
+
+class _Decode(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, x):
+        return self.layer(x, x)
+
+
+class _BilinearSelf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Bilinear(4, 4, 3)
+
+    def forward(self, x):
+        return self.b(x, x.flip(1))
+
+
+LAYERS = {
+    "attention kdim/vdim, bias_kv": (lambda: _Pool(_Attend()), lambda: torch.randn(6, 5, 4)),
+    "transformer decoder layer": (lambda: _Pool(_Decode()), lambda: torch.randn(6, 5, 8)),
+    "Linear on (T, B, d)": (
+        lambda: _Pool(nn.Sequential(nn.Linear(4, 8), nn.Tanh()), seq_axis=0),
+        lambda: torch.randn(5, 6, 4),
+    ),
+    "circular conv": (
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"), nn.Flatten(), nn.Linear(48, 3)),
+        lambda: torch.randn(6, 2, 4, 4),
+    ),
+    "transposed conv, InstanceNorm": (
+        lambda: nn.Sequential(
+            nn.ConvTranspose2d(2, 3, 3, stride=2), nn.InstanceNorm2d(3, affine=True), nn.Flatten(), nn.Linear(243, 3)
+        ),
+        lambda: torch.randn(6, 2, 4, 4),
+    ),
+    "LayerNorm without bias, PReLU": (
+        lambda: nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8, bias=False), nn.PReLU(8), nn.Linear(8, 3)),
+        lambda: torch.randn(6, 4),
+    ),
+    "Bilinear": (_BilinearSelf, lambda: torch.randn(6, 4)),
+    "EmbeddingBag": (
+        lambda: nn.Sequential(nn.EmbeddingBag(10, 4, mode="mean"), nn.Linear(4, 3)),
+        lambda: torch.randint(0, 10, (6, 3)),
+    ),
+    "Embedding max_norm": (
+        lambda: nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Flatten(), nn.Linear(12, 3)),
+        lambda: torch.randint(0, 10, (6, 3)),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layer_zoo_passes_the_check(name):
+    """Every handler on less common layers and arguments: the per-sample gradients must add up."""
+    build, data = LAYERS[name]
+    torch.manual_seed(0)
+    model = build()
+    x = data()
+    y = torch.randint(0, 3, (6,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ck, rec = _step(model, nn.CrossEntropyLoss(), x, y)
+    assert ck.engine.checks_left == 0 and rec.per_sample_sq_norms is not None

@@ -457,3 +457,31 @@ def test_recurrent_layers_by_torch_func_or_its_loop(cell):
     looped = [w for w in caught if "loop over the samples" in str(w.message)]
     assert len(looped) == (1 if cell is nn.GRU else 0)
     _check_all(rec, ref, update, fixed)
+
+
+class _CountingScale(nn.Module):
+    """A custom module that updates a buffer in place in its forward (torch.func cannot replay it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return x * self.scale
+
+
+def test_a_module_that_mutates_its_buffers_is_not_replayed_into_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), _CountingScale(), nn.Linear(4, 3))
+    opt, loss_fn = torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss()
+    probe = Probe()
+    with pytest.warns(RuntimeWarning, match="per-sample engine disabled for this step"):
+        with Cockpit(model, opt, loss_fn, instruments=[probe]):
+            for _ in range(3):
+                opt.zero_grad()
+                loss_fn(model(torch.randn(6, 4)), torch.randint(0, 3, (6,))).backward()
+                opt.step()
+    assert model[1].calls.item() == 3  # the user's three forwards, none of the cockpit's
+    assert probe.records[-1].per_sample_sq_norms is None and probe.records[-1].loss is not None

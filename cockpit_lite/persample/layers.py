@@ -439,7 +439,8 @@ class FuncHandler(Handler):
         from torch.func import functional_call, grad, vmap
 
         m = self.module
-        params = {n: p.detach() for n, p in m.named_parameters() if n in self.names}
+        # copies: a forward that renormalises its weight in place (max_norm) must not touch the model's
+        params = {n: p.detach().clone() for n, p in m.named_parameters() if n in self.names}
         frozen = {n: p.detach() for n, p in m.named_parameters() if n not in self.names}
         buffers = dict(m.named_buffers())
         total: dict[str, torch.Tensor] = {}
@@ -469,7 +470,6 @@ class FuncHandler(Handler):
                 try:
                     per = vmap(grad(inner), in_dims=(None, arg_dims, kw_dims, g_dims))(params, args, kwargs, g_tensors)
                 except RuntimeError as e:  # an op vmap cannot batch (GRU's in-place state update): loop
-                    self._warn_loop(e)
                     at = lambda t, d, i: t.select(d, i) if d is not None else t  # noqa: E731
                     rows = [
                         grad(inner)(
@@ -481,6 +481,7 @@ class FuncHandler(Handler):
                         for i in range(batch)
                     ]
                     per = {n: torch.stack([r[n] for r in rows]) for n in rows[0]}
+                    self._warn_loop(e)
             for n, g in per.items():
                 full = self.names[n]
                 total[full] = total[full] + g if full in total else g
