@@ -9,6 +9,7 @@ the optimizer step (the update) are the layer's factors kept until the step's po
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Collection
@@ -50,6 +51,20 @@ def _shared_parameters_message(handlers: dict[nn.Module, Handler]) -> str | None
         "sum over its uses, which the per-layer views do not combine, so per-sample statistics are "
         "skipped for this model (the other records are unaffected). Untie the weights to get them."
     )
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _no_autocast(captures: list):
+    """A context that switches autocast off for the device of the captured tensors, if it is on."""
+    leaves = [t for t in tree_flatten(captures)[0] if torch.is_tensor(t)]
+    device = leaves[0].device.type if leaves else "cpu"
+    try:
+        on = torch.is_autocast_enabled(device)
+    except (TypeError, RuntimeError):  # a device type autocast does not know
+        on = False
+    return torch.autocast(device, enabled=False) if on else contextlib.nullcontext()
 
 
 class PerSampleEngine:
@@ -100,6 +115,8 @@ class PerSampleEngine:
         self.covered: set[str] = set()
         #: this step is checked by :meth:`check_sums`: per layer (B sum_i g_i . gbar, B sum_i |g_i . gbar|)
         self.checking = False
+        #: some output gradient arrived in float16/bfloat16 (autocast): looser tolerance for the check
+        self.low_precision = False
         self._sums: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def begin(self, needs: Needs) -> None:
@@ -160,6 +177,8 @@ class PerSampleEngine:
         try:
             calls = self._calls[module]
             calls.grads[idx] = tuple(None if g is None else g.detach() for g in grads)
+            if any(g is not None and g.dtype in _LOW_PRECISION for g in grads):
+                self.low_precision = True  # autocast: the step's gradients carry half-precision round-off
             if weight_grad is not None:
                 calls.weight_grads[idx] = weight_grad.detach()
             if len(calls.grads) == len(calls.captures):
@@ -179,7 +198,9 @@ class PerSampleEngine:
             return
         self._processing = True
         try:
-            view = handler.view(calls.captures, grads, self.batch, self.inv_scale)
+            # a backward called inside autocast must not recast the engine's own products
+            with _no_autocast(calls.captures):
+                view = handler.view(calls.captures, grads, self.batch, self.inv_scale)
         finally:
             self._processing = False
         if calls.weight_grads and len(calls.weight_grads) == len(calls.captures):
@@ -222,7 +243,8 @@ class PerSampleEngine:
         Called at the end of backward with ``factor`` = the loss's batch factor times the factor
         backward started from. Float32 round-off is allowed for: a mismatch must exceed 1e-3 of the
         expected value plus 1e-4 of B sum_i |g_i . gbar| (cancellation when the mean gradient is small
-        next to the g_i).
+        next to the g_i); 3e-2 and 3e-3 when autocast gave half-precision gradients (bfloat16 keeps 8
+        bits of mantissa).
         """
         if not self.checking:
             return {}
@@ -242,8 +264,9 @@ class PerSampleEngine:
             return {}
         self.checking, self.checks_left, self._sums = False, 0, {}
         bad = {}
+        rtol, stol = (3e-2, 3e-3) if self.low_precision else (1e-3, 1e-4)
         for names, (got, spread, want) in zip(layers, flat, strict=True):
-            if want > 0.0 and abs(got - want) > 1e-3 * want + 1e-4 * spread:
+            if want > 0.0 and abs(got - want) > rtol * want + stol * spread:
                 bad[names] = got / want
         return bad
 

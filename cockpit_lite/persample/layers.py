@@ -248,8 +248,10 @@ class ConvHandler(Handler):
                 continue
             if x.dim() != m.weight.dim() or x.shape[0] != batch:
                 raise ValueError(f"conv input of shape {tuple(x.shape)} has no batch axis of size {batch}")
-            inputs.append(x)
-            out_grads.append(_scaled(go, inv_scale))
+            # under autocast the input is float32 and the output gradient bfloat16/float16: one dtype
+            dt = torch.promote_types(x.dtype, go.dtype)
+            inputs.append(x.to(dt))
+            out_grads.append(_scaled(go.to(dt), inv_scale))
         if "weight" not in self.names:  # a frozen weight: the bias gradient is the summed output gradient
             return MaterialisedView({self.names["bias"]: sum(e.flatten(2).sum(2) for e in out_grads)})
 
