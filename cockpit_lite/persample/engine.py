@@ -156,7 +156,8 @@ class PerSampleEngine:
             calls = self._calls.setdefault(module, _Calls())
             idx = len(calls.captures)
             calls.captures.append(handler.capture(args, kwargs, output))
-            node = handler.weight_grad_node(outs) if Need.PER_SAMPLE_DOT_MEAN in self.needs.flags else None
+            wants_dot = Need.PER_SAMPLE_DOT_MEAN in self.needs.flags or self.checking
+            node = handler.weight_grad_node(outs) if wants_dot else None
             if node is not None:
                 # fires once the layer's backward has run: its output gradient and its weight gradient
                 node.register_hook(lambda gi, go, m=module, i=idx: self._on_grads(m, i, (go[0],), gi[1]))
