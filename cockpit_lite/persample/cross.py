@@ -74,6 +74,11 @@ class ViewCollector:
         captured: dict[nn.Module, list] = {}
 
         def hook(module, a, kw, out):
+            if torch.is_tensor(out):  # the usual case, without the tree walks
+                if not out.requires_grad:
+                    return None
+                captured.setdefault(module, []).append((self.handlers[module].capture(a, kw, out), [out]))
+                return out.clone()
             outs = [t for t in tree_flatten(out)[0] if torch.is_tensor(t) and t.requires_grad]
             if not outs:
                 return None
