@@ -176,16 +176,58 @@ def test_dot_mean_from_gram_panels_at_large_batches(batch):
     assert rec.per_sample_gram is None
 
 
-def test_weights_shared_by_two_modules_are_refused_not_summed_wrongly():
-    """A tied weight's per-sample gradient is the sum over its uses; the per-layer views would miss
-    the cross terms, so per-sample statistics are refused with a note naming both uses."""
+def test_weights_shared_by_two_linear_modules():
+    """A tied weight's per-sample gradient is the sum over its uses (with the cross terms between
+    them): the engine forms and adds each use's g_i at the end of backward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    model[2].weight = model[0].weight  # the biases stay separate
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    fixed, dirs = _directions(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the gradient-sum check passes too
+        rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs)
+    assert set(rec.per_sample_sq_norms_by_param) == set(ref) == {"0.weight", "0.bias", "2.bias", "4.weight", "4.bias"}
+    _check_all(rec, ref, update, fixed)
+
+
+class _TiedLM(nn.Module):
+    """Input embedding and output layer share one matrix, as in GPT-2 (wte = lm_head)."""
+
+    def __init__(self, vocab=7, d=4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.lm_head(torch.tanh(self.mix(self.emb(tokens)))).mean(1)  # (B, vocab)
+
+
+def test_tied_input_embedding_and_output_layer():
+    torch.manual_seed(0)
+    model = _TiedLM()
+    x, y = torch.randint(0, 7, (5, 6)), torch.randint(0, 7, (5,))
+    fixed, dirs = _directions(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs)
+    assert "emb.weight" in rec.per_sample_sq_norms_by_param
+    _check_all(rec, ref, update, fixed)
+
+
+def test_tied_weights_too_large_to_form_are_refused(monkeypatch):
+    from cockpit_lite.persample import engine
+
+    monkeypatch.setattr(engine, "TIED_BYTES", 100)
     model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Tanh(), nn.Linear(4, 4, bias=False), nn.Linear(4, 3))
     model[2].weight = model[0].weight
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-    with pytest.warns(RuntimeWarning, match=r"shared by several modules \(0.weight = 2.weight\)"):
+    with pytest.warns(RuntimeWarning, match=r"shared by several modules \(0.weight\) need their per-sample"):
         rec, _, _ = _run_one_step(model, nn.CrossEntropyLoss(), x, y)
     assert rec.per_sample_sq_norms is None and rec.per_sample_dot_mean is None
-    assert any("Untie the weights" in n for n in rec.notes)
+    assert any("untie the weights" in n for n in rec.notes)
     assert rec.loss is not None and rec.grad_norms  # the other records are unaffected
 
 

@@ -147,8 +147,15 @@ def _cnn():
     return models.GroupedCNN(classes=3)
 
 
+def _tied():
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    model[2].weight = model[0].weight  # tied weights: each sample's gradient sums both uses
+    return model
+
+
 ARCH = {
     "mlp": (_mlp, lambda n, g: torch.randn(n, 6, generator=g)),
+    "tied": (_tied, lambda n, g: torch.randn(n, 6, generator=g)),
     "cnn": (_cnn, lambda n, g: torch.randn(n, 2, 8, 8, generator=g)),
 }
 
@@ -206,7 +213,7 @@ def _reference(run, reduction):
     return self_inf, infl
 
 
-@pytest.mark.parametrize("arch,reduction", [("mlp", "mean"), ("mlp", "sum"), ("cnn", "mean")])
+@pytest.mark.parametrize("arch,reduction", [("mlp", "mean"), ("mlp", "sum"), ("cnn", "mean"), ("tied", "mean")])
 def test_online_tracin_matches_float64_loop_over_steps(arch, reduction):
     run = _train(arch, reduction, **({"n": 10, "batch": 4, "epochs": 1} if arch == "cnn" else {}))
     ref_self, ref_infl = _reference(run, reduction)

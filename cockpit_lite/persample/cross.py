@@ -32,8 +32,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from cockpit_lite.losses import example_losses
-from cockpit_lite.persample.layers import Handler, build_handlers
-from cockpit_lite.persample.views import FactorView, View
+from cockpit_lite.persample.layers import Handler, build_handlers, tied_groups
+from cockpit_lite.persample.views import FactorView, View, combined
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
@@ -57,6 +57,7 @@ class ViewCollector:
     ):
         self.model = model
         self.handlers = dict(handlers) if handlers is not None else build_handlers(model, params)
+        self.tied = tied_groups(self.handlers)  # combined into one view, as the engine does
 
     def names(self) -> set[str]:
         return {n for h in self.handlers.values() for n in h.names.values()}
@@ -101,6 +102,7 @@ class ViewCollector:
             grads = list(torch.autograd.grad(losses.sum(), outputs, allow_unused=True))
             batch = int(losses.shape[0])
             views: dict[tuple[str, ...], View] = {}
+            tied: dict[int, list[View]] = {}
             with torch.no_grad():
                 pos = 0
                 for module, calls in captured.items():
@@ -112,6 +114,12 @@ class ViewCollector:
                     if all(g is None for call in gs for g in call):
                         continue
                     view = self.handlers[module].view(caps, gs, batch, 1.0)
+                    if module in self.tied:
+                        tied.setdefault(self.tied[module], []).append(view)
+                    else:
+                        views[tuple(view.names)] = view
+                for group in tied.values():
+                    view = combined(group)
                     views[tuple(view.names)] = view
         return views, losses.detach()
 

@@ -22,8 +22,8 @@ from torch.utils._pytree import tree_flatten
 from cockpit_lite.hooks import SharedHook
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.pause import is_paused
-from cockpit_lite.persample.layers import Handler, PerSampleUndefined, build_handlers
-from cockpit_lite.persample.views import View
+from cockpit_lite.persample.layers import Handler, PerSampleUndefined, build_handlers, tied_groups
+from cockpit_lite.persample.views import View, combined
 from cockpit_lite.profiling import Costs, timed
 
 
@@ -36,21 +36,18 @@ class _Calls:
     weight_grads: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def _shared_parameters_message(handlers: dict[nn.Module, Handler]) -> str | None:
-    """Why per-sample statistics are refused for this model, if a parameter is shared by modules."""
-    users: dict[int, list[str]] = {}
-    for module, handler in handlers.items():
-        for local, full in handler.names.items():
-            users.setdefault(id(module.get_parameter(local)), []).append(full)
-    shared = [names for names in users.values() if len(names) > 1]
-    if not shared:
-        return None
-    listed = "; ".join(" = ".join(names) for names in shared)
-    return (
-        f"parameters shared by several modules ({listed}): a sample's gradient of such a parameter is the "
-        "sum over its uses, which the per-layer views do not combine, so per-sample statistics are "
-        "skipped for this model (the other records are unaffected). Untie the weights to get them."
-    )
+#: the most memory the per-sample gradients of one group of modules with tied weights may take
+TIED_BYTES = 1 << 29
+
+
+def _tied_bytes(handlers: dict[nn.Module, Handler], group: dict[nn.Module, int]) -> dict[int, int]:
+    """Bytes of one sample's gradient of every parameter of each group of tied modules."""
+    params: dict[int, dict[int, int]] = {}
+    for module, gid in group.items():
+        for local in handlers[module].names:
+            p = module.get_parameter(local)
+            params.setdefault(gid, {})[id(p)] = p.numel() * p.element_size()
+    return {gid: sum(ps.values()) for gid, ps in params.items()}
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -85,7 +82,10 @@ class PerSampleEngine:
         #: ``params``: ids of the parameters to cover (the optimizer's); default every trainable one
         self.handlers: dict[nn.Module, Handler] = build_handlers(model, params)
         self.param_names: list[str] = [n for h in self.handlers.values() for n in h.names.values()]
-        self.unsupported: str | None = _shared_parameters_message(self.handlers)
+        #: modules with tied weights: their views are added up at the end of backward (see combined())
+        self.tied = tied_groups(self.handlers)
+        self._tied_bytes = _tied_bytes(self.handlers, self.tied)
+        self.unsupported: str | None = None
         self._hooks = [m.register_forward_hook(SharedHook(self._forward_hook), with_kwargs=True) for m in self.handlers]
         self.active = False
         self._processing = False
@@ -113,6 +113,7 @@ class PerSampleEngine:
         self.dot_mean: torch.Tensor | None = None
         self.grads: dict[str, torch.Tensor] = {}
         self.covered: set[str] = set()
+        self._tied_views: dict[int, list[View]] = {}
         #: this step is checked by :meth:`check_sums`: per layer (B sum_i g_i . gbar, B sum_i |g_i . gbar|)
         self.checking = False
         #: some output gradient arrived in float16/bfloat16 (autocast): looser tolerance for the check
@@ -206,7 +207,24 @@ class PerSampleEngine:
             self._processing = False
         if calls.weight_grads and len(calls.weight_grads) == len(calls.captures):
             view.batch_grad = sum(calls.weight_grads.values()) * self.inv_scale
+        if module in self.tied:  # added to the other uses of its parameters at the end of backward
+            self._tied_views.setdefault(self.tied[module], []).append(view)
+            return
         self._reduce(view)
+
+    def _reduce_tied(self) -> None:
+        for gid, views in self._tied_views.items():
+            size = self.batch * self._tied_bytes[gid]
+            if size > TIED_BYTES:
+                names = sorted({n for v in views for n in v.names})
+                raise RuntimeError(
+                    f"parameters shared by several modules ({', '.join(names)}) need their per-sample "
+                    f"gradients formed and added over their uses: {size / 2**20:.0f} MiB at this batch size, "
+                    f"more than the {TIED_BYTES / 2**20:.0f} MiB allowed. Per-sample statistics are skipped "
+                    "(the other records are unaffected); untie the weights or use a smaller batch to get them"
+                )
+            self._reduce(combined(views))
+        self._tied_views = {}
 
     def _reduce(self, view: View) -> None:
         flags = self.needs.flags
@@ -278,6 +296,7 @@ class PerSampleEngine:
         try:
             for module in list(self._calls):
                 self._process(module)
+            self._reduce_tied()
         except Exception as e:
             self.fail(f"per-sample engine disabled for this step ({e})")
 

@@ -529,13 +529,15 @@ def build_handlers(model: nn.Module, params: Collection[int] | None = None) -> d
     never fire)."""
     handlers: dict[nn.Module, Handler] = {}
     claimed: list[str] = []
+    # a parameter shared by several modules (tied weights) goes by its first name, as in named_parameters()
+    canonical = {id(p): n for n, p in model.named_parameters()}
     for mname, module in model.named_modules():
         if any(mname.startswith(c + ".") for c in claimed):
             continue
         whole = isinstance(module, WHOLE_MODULES)
         found = module.named_parameters(recurse=whole)
         names = {
-            local: f"{mname}.{local}" if mname else local
+            local: canonical.get(id(p), f"{mname}.{local}" if mname else local)
             for local, p in found
             if p.requires_grad and (params is None or id(p) in params)
         }
@@ -545,3 +547,25 @@ def build_handlers(model: nn.Module, params: Collection[int] | None = None) -> d
             claimed.append(mname)
         handlers[module] = (FuncHandler if whole else handler_for(module))(module, names)
     return handlers
+
+
+def tied_groups(handlers: dict[nn.Module, Handler]) -> dict[nn.Module, int]:
+    """Modules that share a parameter (tied weights), transitively, numbered by group; others absent."""
+    users: dict[int, list[nn.Module]] = {}
+    for module, handler in handlers.items():
+        for local in handler.names:
+            users.setdefault(id(module.get_parameter(local)), []).append(module)
+    group: dict[nn.Module, int] = {}
+    n = 0
+    for mods in users.values():
+        if len(mods) < 2:
+            continue
+        known = {group[m] for m in mods if m in group}
+        gid = min(known) if known else n
+        n += not known
+        for m in list(group):  # merge groups joined by this parameter
+            if group[m] in known:
+                group[m] = gid
+        for m in mods:
+            group[m] = gid
+    return group

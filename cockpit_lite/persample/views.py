@@ -96,6 +96,17 @@ class MaterialisedView(View):
         return self._g
 
 
+def combined(views: list[View]) -> MaterialisedView:
+    """One view of modules that share parameters (tied weights): a sample's gradient of a shared
+    parameter is the sum over its uses, so each use's g_i is formed and the uses are added. Names in
+    sorted order, so that the same modules give the same view whatever order they were reduced in."""
+    total: dict[str, torch.Tensor] = {}
+    for view in views:
+        for name, g in view.grads().items():
+            total[name] = g if name not in total else total[name] + g
+    return MaterialisedView(dict(sorted(total.items())))
+
+
 def _hadamard_gram_rowsums(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """sum_j (a_i . a_j)(e_i . e_j) for every row i of a (B, i) and e (B, o).
 
