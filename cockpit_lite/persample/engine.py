@@ -53,10 +53,9 @@ def _tied_bytes(handlers: dict[nn.Module, Handler], group: dict[nn.Module, int])
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _no_autocast(captures: list):
-    """A context that switches autocast off for the device of the captured tensors, if it is on."""
-    leaves = [t for t in tree_flatten(captures)[0] if torch.is_tensor(t)]
-    device = leaves[0].device.type if leaves else "cpu"
+def _no_autocast(grads: list):
+    """A context that switches autocast off for the device of the output gradients, if it is on."""
+    device = next((g.device.type for gs in grads for g in gs if g is not None), "cpu")
     try:
         on = torch.is_autocast_enabled(device)
     except (TypeError, RuntimeError):  # a device type autocast does not know
@@ -198,19 +197,19 @@ class PerSampleEngine:
         grads = [calls.grads.get(i, (None,)) for i in range(len(calls.captures))]
         if all(g is None for gs in grads for g in gs):
             return
-        self._processing = True
-        try:
-            # a backward called inside autocast must not recast the engine's own products
-            with _no_autocast(calls.captures):
+        # a backward called inside autocast must not recast the engine's own products
+        with _no_autocast(grads):
+            self._processing = True
+            try:
                 view = handler.view(calls.captures, grads, self.batch, self.inv_scale)
-        finally:
-            self._processing = False
-        if calls.weight_grads and len(calls.weight_grads) == len(calls.captures):
-            view.batch_grad = sum(calls.weight_grads.values()) * self.inv_scale
-        if module in self.tied:  # added to the other uses of its parameters at the end of backward
-            self._tied_views.setdefault(self.tied[module], []).append(view)
-            return
-        self._reduce(view)
+            finally:
+                self._processing = False
+            if calls.weight_grads and len(calls.weight_grads) == len(calls.captures):
+                view.batch_grad = sum(calls.weight_grads.values()) * self.inv_scale
+            if module in self.tied:  # added to the other uses of its parameters at the end of backward
+                self._tied_views.setdefault(self.tied[module], []).append(view)
+                return
+            self._reduce(view)
 
     def _reduce_tied(self) -> None:
         for gid, views in self._tied_views.items():
