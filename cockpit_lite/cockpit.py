@@ -37,6 +37,24 @@ from cockpit_lite.sinks.jsonl import JsonLines
 from cockpit_lite.step import StepRecord
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel, DataParallel and torch.compile wrappers (whose
+    parameter names would otherwise start with ``module.`` / ``_orig_mod.``)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return isinstance(getattr(model, "_orig_mod", None), nn.Module)
+
+
 def _check_model_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, nn.Parameter]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -97,7 +115,16 @@ class Cockpit:
         sinks: Sequence[Sink] | None = None,
         profile: bool | Callable[[int], Any] = False,
     ):
-        self.params = _check_model_optimizer(model, optimizer)
+        #: the user's module without DDP/DataParallel/torch.compile wrappers: parameter names, per-layer
+        #: hooks and instruments see it; the step begins with a forward of ``model`` as the loop calls it
+        self.network = _unwrap(model)
+        if _is_compiled(model):
+            # code dynamo compiled before the cockpit attached never calls its layer hooks (by default it
+            # does not guard on module hooks, and it reuses code across instances of a class): guard on
+            # them from now on, and drop the compiled code so that the model recompiles once, hooks in
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
+            torch._dynamo.reset()
+        self.params = _check_model_optimizer(self.network, optimizer)
         check_loss_module(loss_fn)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.instruments = resolve(instruments)
@@ -135,7 +162,7 @@ class Cockpit:
         self._dataset_size: int | None = None
 
         # per-sample statistics of the parameters the optimizer trains, like every other record
-        self.engine = PerSampleEngine(model, costs=self.costs, params={id(p) for p in self.params.values()})
+        self.engine = PerSampleEngine(self.network, costs=self.costs, params={id(p) for p in self.params.values()})
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_world_size() > 1:  # p.grad is averaged over ranks: no sum to check
                 self.engine.checks_left = 0
@@ -146,7 +173,7 @@ class Cockpit:
             optimizer.register_step_post_hook(SharedHook(self._on_after_step)),
         ]
         for inst in self.instruments:
-            inst.on_attach(model, optimizer)
+            inst.on_attach(self.network, optimizer)
         for sink in self.sinks:
             sink.open(self)
         self.profiler: Profiler | None = None

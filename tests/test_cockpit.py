@@ -354,3 +354,24 @@ def test_amp_grad_scaler_scaled_backward_and_skipped_steps():
 
 def StepRecordNorm(norms):  # noqa: N802
     return float(np.sqrt(sum(v * v for v in norms.values())))
+
+
+def test_torch_compiled_model_keeps_its_own_parameter_names():
+    """A torch.compile'd model (here with the eager backend: dynamo only, no C++ build) is tracked like
+    the module it wraps: tags without "_orig_mod.", per-sample statistics, the same trajectory."""
+    runs = []
+    for attach in (False, True):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        model = torch.compile(net, backend="eager")
+        opt, loss_fn = torch.optim.SGD(net.parameters(), lr=0.1), nn.CrossEntropyLoss()
+        if attach:
+            with Cockpit(model, opt, loss_fn, instruments=["loss", "grad_norm", "gradient_tests"]) as cockpit:
+                _train(model, opt, loss_fn, _data())
+            assert "grad_norm/0.weight" in cockpit.history and not any("_orig_mod" in t for t in cockpit.history)
+            assert len(cockpit.history["tests/norm"]) == 6 and cockpit.engine.checks_left == 0
+        else:
+            _train(model, opt, loss_fn, _data())
+        runs.append([p.detach().clone() for p in net.parameters()])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)

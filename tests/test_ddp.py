@@ -62,6 +62,7 @@ def test_ddp_one_cockpit_per_rank(tmp_path):
         assert [s for s, _ in run["loss"]] == list(range(STEPS))
         assert len(run["persample/grad_norm"][-1][1]) == 5  # the rank's own batch
         assert np.isfinite(run["tests/norm"][-1][1]) and np.isfinite(run["grad_norm"][-1][1])
+        assert "grad_norm/0.weight" in run  # names of the wrapped module, without DDP's "module."
         np.testing.assert_array_equal(
             np.load(tmp_path / f"params_with_{rank}.npy"), np.load(tmp_path / f"params_without_{rank}.npy")
         )
