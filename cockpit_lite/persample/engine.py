@@ -84,7 +84,6 @@ class PerSampleEngine:
         #: modules with tied weights: their views are added up at the end of backward (see combined())
         self.tied = tied_groups(self.handlers)
         self._tied_bytes = _tied_bytes(self.handlers, self.tied)
-        self.unsupported: str | None = None
         self._hooks = [m.register_forward_hook(SharedHook(self._forward_hook), with_kwargs=True) for m in self.handlers]
         self.active = False
         self._processing = False
@@ -123,8 +122,6 @@ class PerSampleEngine:
         """A new step starts; attach per-layer work only if the step needs it."""
         self._reset(needs)
         self.active = needs.per_sample
-        if self.active and self.unsupported is not None:
-            self.fail(self.unsupported)
         self.checking = self.active and self.checks_left > 0
 
     def set_batch(self, batch: int, inv_scale: float) -> None:
@@ -267,10 +264,10 @@ class PerSampleEngine:
         if not self.checking:
             return {}
         sums, layers = self._sums, list(self._sums)
-        expected = [sum(grads[n].double().square().sum() for n in names if n in grads) / factor**2 for names in layers]
         if not layers:
             self.skip_check()
             return {}
+        expected = [sum(grads[n].double().square().sum() for n in names if n in grads) / factor**2 for names in layers]
         rows = []
         for k, e in zip(layers, expected, strict=True):
             got, spread = sums[k]
