@@ -37,22 +37,18 @@ from cockpit_lite.sinks.jsonl import JsonLines
 from cockpit_lite.step import StepRecord
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
     """The module inside DistributedDataParallel, DataParallel and torch.compile wrappers (whose
-    parameter names would otherwise start with ``module.`` / ``_orig_mod.``)."""
+    parameter names would otherwise start with ``module.`` / ``_orig_mod.``), and whether one of the
+    wrappers was torch.compile's."""
+    compiled = False
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
+            model, compiled = model._orig_mod, True
         else:
-            return model
-
-
-def _is_compiled(model: nn.Module) -> bool:
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return isinstance(getattr(model, "_orig_mod", None), nn.Module)
+            return model, compiled
 
 
 def _check_model_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, nn.Parameter]:
@@ -117,8 +113,8 @@ class Cockpit:
     ):
         #: the user's module without DDP/DataParallel/torch.compile wrappers: parameter names, per-layer
         #: hooks and instruments see it; the step begins with a forward of ``model`` as the loop calls it
-        self.network = _unwrap(model)
-        if _is_compiled(model):
+        self.network, compiled = _unwrap(model)
+        if compiled:
             # code dynamo compiled before the cockpit attached never calls its layer hooks (by default it
             # does not guard on module hooks, and it reuses code across instances of a class): guard on
             # them from now on, and drop the compiled code so that the model recompiles once, hooks in
