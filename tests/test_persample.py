@@ -194,20 +194,33 @@ def test_weights_shared_by_two_linear_modules():
 class _TiedLM(nn.Module):
     """Input embedding and output layer share one matrix, as in GPT-2 (wte = lm_head)."""
 
-    def __init__(self, vocab=7, d=4):
+    def __init__(self, vocab=7, d=4, bias=False, pooled=False):
         super().__init__()
-        self.emb = nn.Embedding(vocab, d)
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
         self.mix = nn.Linear(d, d)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head = nn.Linear(d, vocab, bias=bias)
         self.lm_head.weight = self.emb.weight
+        self.pooled = pooled
 
     def forward(self, tokens):
-        return self.lm_head(torch.tanh(self.mix(self.emb(tokens)))).mean(1)  # (B, vocab)
+        h = torch.tanh(self.mix(self.emb(tokens)))
+        if self.pooled:  # the output layer at one position per sample
+            return self.lm_head(h.mean(1))
+        return self.lm_head(h).mean(1)  # (B, vocab)
 
 
-def test_tied_input_embedding_and_output_layer():
+@pytest.mark.parametrize("bias,pooled", [(False, False), (True, False), (True, True)])
+def test_tied_input_embedding_and_output_layer(bias, pooled, monkeypatch):
+    """In factor form (TiedEmbeddingView): no per-sample gradients are formed, so no memory limit."""
+    from cockpit_lite.persample import engine
+
+    def never(views):
+        raise AssertionError("the tied embedding was formed, not factored")
+
+    monkeypatch.setattr(engine, "combined", never)
+    monkeypatch.setattr(engine, "TIED_BYTES", 100)
     torch.manual_seed(0)
-    model = _TiedLM()
+    model = _TiedLM(bias=bias, pooled=pooled)
     x, y = torch.randint(0, 7, (5, 6)), torch.randint(0, 7, (5,))
     fixed, dirs = _directions(model)
     with warnings.catch_warnings():

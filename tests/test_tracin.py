@@ -153,8 +153,23 @@ def _tied():
     return model
 
 
+class _TiedLM(nn.Module):
+    """Input embedding and output layer share one matrix (GPT-2 style), module "0" for the lr groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_module("0", nn.Embedding(7, 4))
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 7)
+        self.head.weight = self.get_submodule("0").weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.get_submodule("0")(tokens)))).mean(1)
+
+
 ARCH = {
     "mlp": (_mlp, lambda n, g: torch.randn(n, 6, generator=g)),
+    "tied_lm": (_TiedLM, lambda n, g: torch.randint(0, 7, (n, 5), generator=g)),
     "tied": (_tied, lambda n, g: torch.randn(n, 6, generator=g)),
     "cnn": (_cnn, lambda n, g: torch.randn(n, 2, 8, 8, generator=g)),
 }
@@ -213,7 +228,9 @@ def _reference(run, reduction):
     return self_inf, infl
 
 
-@pytest.mark.parametrize("arch,reduction", [("mlp", "mean"), ("mlp", "sum"), ("cnn", "mean"), ("tied", "mean")])
+@pytest.mark.parametrize(
+    "arch,reduction", [("mlp", "mean"), ("mlp", "sum"), ("cnn", "mean"), ("tied", "mean"), ("tied_lm", "mean")]
+)
 def test_online_tracin_matches_float64_loop_over_steps(arch, reduction):
     run = _train(arch, reduction, **({"n": 10, "batch": 4, "epochs": 1} if arch == "cnn" else {}))
     ref_self, ref_infl = _reference(run, reduction)

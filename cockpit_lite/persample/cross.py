@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from cockpit_lite.losses import example_losses
 from cockpit_lite.persample.layers import Handler, build_handlers, tied_groups
-from cockpit_lite.persample.views import FactorView, View, combined
+from cockpit_lite.persample.views import FactorView, View, combined, tied_view
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
@@ -119,7 +119,7 @@ class ViewCollector:
                     else:
                         views[tuple(view.names)] = view
                 for group in tied.values():
-                    view = combined(group)
+                    view = tied_view(group) or combined(group)
                     views[tuple(view.names)] = view
         return views, losses.detach()
 

@@ -23,7 +23,7 @@ from cockpit_lite.hooks import SharedHook
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.pause import is_paused
 from cockpit_lite.persample.layers import Handler, PerSampleUndefined, build_handlers, tied_groups
-from cockpit_lite.persample.views import View, combined
+from cockpit_lite.persample.views import View, combined, tied_view
 from cockpit_lite.profiling import Costs, timed
 
 
@@ -210,6 +210,10 @@ class PerSampleEngine:
 
     def _reduce_tied(self) -> None:
         for gid, views in self._tied_views.items():
+            factored = tied_view(views)
+            if factored is not None:  # an embedding and its output layer: no B x V x d gradients
+                self._reduce(factored)
+                continue
             size = self.batch * self._tied_bytes[gid]
             if size > TIED_BYTES:
                 names = sorted({n for v in views for n in v.names})

@@ -389,3 +389,90 @@ class EmbeddingView(View):
         g = torch.zeros(bsz, self.n, d, dtype=self.e.dtype, device=self.e.device)
         g.scatter_add_(1, self.idx.unsqueeze(-1).expand(bsz, t, d), self.e)
         return {self.w: g}
+
+
+class TiedEmbeddingView(View):
+    """An embedding table W (V, d) that is also the weight of an output layer z_s = W h_s (+ b), as in
+    language models with tied input and output embeddings, without forming the B x V x d gradients.
+
+    With tokens tok_t and embedding output gradients u_t (the lookups), and inputs h_s and output
+    gradients e_s (V-dim) of the output layer, one sample's gradient of W is
+        g = sum_t onehot(tok_t) u_t^T + sum_s e_s h_s^T,
+    so ||g||^2 = ||G_emb||^2 + ||G_out||^2 + 2 sum_{t,s} e_s[tok_t] (u_t . h_s), and for two samples
+    i, j the cross term is sum_{t in i, s in j} e_js[tok_it] (u_it . h_js). Projections add up.
+    """
+
+    def __init__(self, emb: EmbeddingView, out: FactorView):
+        self.emb, self.out = emb, out
+        self.w, self.b = emb.w, out.b
+        self.names = tuple(n for n in (self.w, self.b) if n is not None)
+
+    def _out_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (B, S, d) and e (B, S, V) of the output layer (one group)."""
+        a, e = self.out.a, self.out.e
+        return a.reshape(a.shape[0], -1, a.shape[-1]), e.reshape(e.shape[0], -1, e.shape[-1]).to(a.dtype)
+
+    def _cross(self, pairs: str) -> torch.Tensor:
+        """<G_emb,i, G_out,j> for i = j (``pairs="diag"``, shape B) or all i, j (shape B x B)."""
+        h, e = self._out_factors()
+        tok, u = self.emb.idx, self.emb.e.to(h.dtype)
+        if pairs == "diag":
+            m = torch.bmm(u, h.transpose(1, 2))  # (B, T, S): u_t . h_s
+            n = torch.gather(e, 2, tok.unsqueeze(1).expand(-1, e.shape[1], -1))  # (B, S, T): e_s[tok_t]
+            return (m * n.transpose(1, 2)).sum((1, 2))
+        bsz, t = tok.shape
+        m = torch.einsum("itd,jsd->ijts", u, h)
+        n = e[:, :, tok.reshape(-1)].reshape(bsz, e.shape[1], bsz, t).permute(2, 0, 3, 1)  # (i, j, T, S)
+        return (m * n).sum((2, 3))
+
+    def sq_norms(self) -> dict[str, torch.Tensor]:
+        out = self.out.sq_norms()
+        out[self.w] = self.emb.sq_norms()[self.w] + out[self.w] + 2 * self._cross("diag")
+        return out
+
+    def gram(self) -> dict[str, torch.Tensor]:
+        out = self.out.gram()
+        c = self._cross("all")
+        out[self.w] = self.emb.gram()[self.w] + out[self.w] + c + c.T
+        return out
+
+    def _batch_grad(self) -> torch.Tensor:
+        """sum_i g_i of W (V, d)."""
+        h, e = self._out_factors()
+        total = e.reshape(-1, e.shape[-1]).T @ h.reshape(-1, h.shape[-1])
+        u = self.emb.e.reshape(-1, self.emb.e.shape[-1]).to(total.dtype)
+        return total.index_add_(0, self.emb.idx.reshape(-1), u)
+
+    def dot_mean(self) -> torch.Tensor:
+        bsz = self.emb.idx.shape[0]
+        gbar = {self.w: self._batch_grad() / bsz}
+        if self.b is not None:
+            _, e = self._out_factors()
+            gbar[self.b] = e.sum(1).mean(0)
+        return self.project_many({"_": gbar})["_"]
+
+    def project_many(self, directions):
+        out = self.out.project_many(directions)
+        for k, p in self.emb.project_many(directions).items():
+            out[k] = p if k not in out else out[k] + p
+        return out
+
+    def release(self) -> None:
+        self.out.release()
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        out = self.out.grads()
+        out[self.w] = out[self.w] + self.emb.grads()[self.w]
+        return out
+
+
+def tied_view(views: list[View]) -> View | None:
+    """The factor form for a group of tied modules where it exists (an embedding whose table is the
+    weight of one output layer applied without groups); None where the uses must be formed and added."""
+    if len(views) != 2:
+        return None
+    emb = next((v for v in views if isinstance(v, EmbeddingView)), None)
+    out = next((v for v in views if isinstance(v, FactorView)), None)
+    if emb is None or out is None or out.w != emb.w or out.a.shape[1] != 1:
+        return None
+    return TiedEmbeddingView(emb, out)
