@@ -35,20 +35,7 @@ from cockpit_lite.registry import resolve
 from cockpit_lite.sinks.base import Sink
 from cockpit_lite.sinks.jsonl import JsonLines
 from cockpit_lite.step import StepRecord
-
-
-def _unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
-    """The module inside DistributedDataParallel, DataParallel and torch.compile wrappers (whose
-    parameter names would otherwise start with ``module.`` / ``_orig_mod.``), and whether one of the
-    wrappers was torch.compile's."""
-    compiled = False
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model, compiled = model._orig_mod, True
-        else:
-            return model, compiled
+from cockpit_lite.unwrap import unwrap
 
 
 def _check_model_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, nn.Parameter]:
@@ -113,7 +100,7 @@ class Cockpit:
     ):
         #: the user's module without DDP/DataParallel/torch.compile wrappers: parameter names, per-layer
         #: hooks and instruments see it; the step begins with a forward of ``model`` as the loop calls it
-        self.network, compiled = _unwrap(model)
+        self.network, compiled = unwrap(model)
         if compiled:
             # code dynamo compiled before the cockpit attached never calls its layer hooks (by default it
             # does not guard on module hooks, and it reuses code across instances of a class): guard on

@@ -29,6 +29,7 @@ from cockpit_lite import Instrument
 from cockpit_lite.persample.cross import Projector, ViewCollector, cross
 from cockpit_lite.records import to_value
 from cockpit_lite.sinks.jsonl import JsonLines
+from cockpit_lite.unwrap import unwrap
 from instruments.tracin import top_table
 
 CHECKPOINT_DIR = "checkpoints"
@@ -188,14 +189,15 @@ class TracInCP:
         projection_dim: int | None = None,
         projection_seed: int = 0,
     ):
-        self.model, self.loss_fn = model, loss_fn
+        # checkpoints hold the bare module's state (the cockpit unwraps DDP/DataParallel/torch.compile)
+        self.model, self.loss_fn = unwrap(model)[0], loss_fn
         self.paths = checkpoint_paths(checkpoints)
         self.batch_size = batch_size
         self.lr_scale = lr_scale
         self.eval_mode = eval_mode
         self.projector = Projector(projection_dim, projection_seed) if projection_dim is not None else None
-        self.collector = ViewCollector(model)
-        self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.collector = ViewCollector(self.model)
+        self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self._warned: set[str] = set()
 
     # --- data ---------------------------------------------------------------------------------------

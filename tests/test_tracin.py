@@ -386,7 +386,7 @@ class BNNet(nn.Module):
         return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
 
 
-def _train_with_checkpoints(tmp_path, n=24, batch=6, epochs=2):
+def _train_with_checkpoints(tmp_path, n=24, batch=6, epochs=2, wrap=False):
     from instruments.tracin_cp import Checkpoints
 
     g = torch.Generator().manual_seed(0)
@@ -400,11 +400,12 @@ def _train_with_checkpoints(tmp_path, n=24, batch=6, epochs=2):
     ckpt = Checkpoints(every=len(loader))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # train-mode BatchNorm: no per-sample numbers during training
-        with Cockpit(model, opt, loss_fn, instruments=[ckpt], logdir=tmp_path) as cockpit:
+        net = nn.DataParallel(model) if wrap else model  # on CPU: calls the module; names get "module."
+        with Cockpit(net, opt, loss_fn, instruments=[ckpt], logdir=tmp_path) as cockpit:
             for _ in range(epochs):
                 for x, y in cockpit.track(loader):
                     opt.zero_grad()
-                    loss_fn(model(x), y).backward()
+                    loss_fn(net(x), y).backward()
                     opt.step()
                     sched.step()
     return types.SimpleNamespace(model=model, loss_fn=loss_fn, X=X, Y=Y, Xt=Xt, Yt=Yt, paths=ckpt.paths)
@@ -440,13 +441,16 @@ def test_checkpoints_store_parameters_and_the_lr_of_their_step(tmp_path):
         assert torch.equal(final[k], v)
 
 
-def test_tracincp_matches_float64_loop_in_eval_mode(tmp_path):
+@pytest.mark.parametrize("wrap", [False, True])
+def test_tracincp_matches_float64_loop_in_eval_mode(tmp_path, wrap):
+    """Also for a wrapped model (DataParallel): checkpoints hold the bare module's state, and TracInCP
+    given the wrapper loads them into the module inside."""
     from instruments.tracin_cp import TracInCP
 
-    run = _train_with_checkpoints(tmp_path)
+    run = _train_with_checkpoints(tmp_path, wrap=wrap)
     run.model.train()  # TracInCP must switch to eval mode itself, and restore train mode afterwards
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    cp = TracInCP(run.model, run.loss_fn, tmp_path, batch_size=7)
+    cp = TracInCP(nn.DataParallel(run.model) if wrap else run.model, run.loss_fn, tmp_path, batch_size=7)
     ref_self, ref_infl = _loop_tracincp(run)
     np.testing.assert_allclose(cp.self_influence((run.X, run.Y)), ref_self, rtol=1e-4)
     infl = cp.influence(TensorDataset(run.X, run.Y), (run.Xt, run.Yt))
