@@ -167,8 +167,21 @@ class _TiedLM(nn.Module):
         return self.head(torch.tanh(self.mix(self.get_submodule("0")(tokens)))).mean(1)
 
 
+class _Bag(nn.Module):
+    """An embedding (with padding) and a Linear layer per position: TracIn's lookup cross products."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_module("0", nn.Embedding(7, 4, padding_idx=0))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.get_submodule("0")(tokens))).mean(1)
+
+
 ARCH = {
     "mlp": (_mlp, lambda n, g: torch.randn(n, 6, generator=g)),
+    "embedding": (_Bag, lambda n, g: torch.randint(0, 7, (n, 5), generator=g)),
     "tied_lm": (_TiedLM, lambda n, g: torch.randint(0, 7, (n, 5), generator=g)),
     "tied": (_tied, lambda n, g: torch.randn(n, 6, generator=g)),
     "cnn": (_cnn, lambda n, g: torch.randn(n, 2, 8, 8, generator=g)),
@@ -229,7 +242,8 @@ def _reference(run, reduction):
 
 
 @pytest.mark.parametrize(
-    "arch,reduction", [("mlp", "mean"), ("mlp", "sum"), ("cnn", "mean"), ("tied", "mean"), ("tied_lm", "mean")]
+    "arch,reduction",
+    [("mlp", "mean"), ("mlp", "sum"), ("cnn", "mean"), ("tied", "mean"), ("embedding", "mean"), ("tied_lm", "mean")],
 )
 def test_online_tracin_matches_float64_loop_over_steps(arch, reduction):
     run = _train(arch, reduction, **({"n": 10, "batch": 4, "epochs": 1} if arch == "cnn" else {}))
@@ -507,3 +521,18 @@ def test_mislabel_demo_quick_mode():
     assert {"online TracIn", "cumulative loss", "final loss", "random", "best possible"} <= set(rows)
     assert any(k.startswith("TracInCP (") for k in rows)
     assert rows["online TracIn"][0] > 2 * rows["random"][0]  # finds flipped labels far better than chance
+
+
+def test_lookup_cross_products_in_blocks_match_the_formed_gradients(monkeypatch):
+    """The embedding cross-Gram sum_{t,t'} [tok == tok'] (u . u'), taken in probe blocks, equals the
+    product of the formed (B, V, d) gradients."""
+    from cockpit_lite.persample import cross as cross_mod
+    from cockpit_lite.persample.views import EmbeddingView
+
+    g = torch.Generator().manual_seed(0)
+    left = EmbeddingView(torch.randint(0, 9, (5, 4), generator=g), torch.randn(5, 4, 3, generator=g), "w", 9)
+    right = EmbeddingView(torch.randint(0, 9, (7, 6), generator=g), torch.randn(7, 6, 3, generator=g), "w", 9)
+    formed = left.grads()["w"].reshape(5, -1) @ right.grads()["w"].reshape(7, -1).T
+    for block in (1 << 24, 5 * 4 * 6 * 2):  # one block; blocks of two probes
+        monkeypatch.setattr(cross_mod, "_PAIR_BLOCK", block)
+        torch.testing.assert_close(cross_mod.cross(left, right)["w"], formed)
