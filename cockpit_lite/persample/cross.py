@@ -75,11 +75,6 @@ class ViewCollector:
         captured: dict[nn.Module, list] = {}
 
         def hook(module, a, kw, out):
-            if torch.is_tensor(out):  # the usual case, without the tree walks
-                if not out.requires_grad:
-                    return None
-                captured.setdefault(module, []).append((self.handlers[module].capture(a, kw, out), [out]))
-                return out.clone()
             outs = [t for t in tree_flatten(out)[0] if torch.is_tensor(t) and t.requires_grad]
             if not outs:
                 return None
@@ -234,12 +229,8 @@ def _cross_factor(left: FactorView, right: FactorView, projector: Projector | No
     br, _, tr, _ = right.a.shape
     o = left.e.shape[-1]
     out: dict[str, torch.Tensor] = {}
-    if left.w is None:  # a frozen weight: the bias alone, e summed over positions
-        sl = left.e.sum(2).reshape(bl, -1)
-        sr = right.e.sum(2).reshape(br, -1).to(sl.dtype)
-        if projector is not None:
-            sl, sr = projector.apply(left.b, sl), projector.apply(left.b, sr)
-        return {left.b: sl @ sr.T}
+    if left.w is None:  # a frozen weight: the bias alone
+        return {left.b: _bias_cross(left, right, projector)}
     if tl == 1 and tr == 1:
         al, el = left.a.reshape(bl, g, i), left.e.reshape(bl, g, o)
         ar, er = right.a.reshape(br, g, i).to(al.dtype), right.e.reshape(br, g, o).to(el.dtype)
@@ -258,11 +249,7 @@ def _cross_factor(left: FactorView, right: FactorView, projector: Projector | No
             ee = ee.sum(0)
         if left.b is not None:
             # the bias gradient is e itself: its cross-Gram is the e-Gram already computed (exact case)
-            if projector is None:
-                out[left.b] = ee
-            else:
-                sl, sr = projector.apply(left.b, el.reshape(bl, -1)), projector.apply(left.b, er.reshape(br, -1))
-                out[left.b] = sl @ sr.T
+            out[left.b] = ee if projector is None else _bias_cross(left, right, projector)
         return out
 
     # T > 1: materialise this layer's per-sample weight gradients (B, g, o, i), or their sketch P_e G P_a^T
@@ -276,9 +263,14 @@ def _cross_factor(left: FactorView, right: FactorView, projector: Projector | No
     gl, gr = grads(left), grads(right)
     out[left.w] = gl @ gr.to(gl.dtype).T
     if left.b is not None:
-        sl = left.e.sum(2).reshape(bl, -1)
-        sr = right.e.sum(2).reshape(br, -1).to(sl.dtype)
-        if projector is not None:
-            sl, sr = projector.apply(left.b, sl), projector.apply(left.b, sr)
-        out[left.b] = sl @ sr.T
+        out[left.b] = _bias_cross(left, right, projector)
     return out
+
+
+def _bias_cross(left: FactorView, right: FactorView, projector: Projector | None) -> torch.Tensor:
+    """B x K cross-Gram of the bias gradients sum_t e_t (or of their sketches)."""
+    sl, sr = left._bias_grads(), right._bias_grads()
+    sr = sr.to(sl.dtype)
+    if projector is not None:
+        sl, sr = projector.apply(left.b, sl), projector.apply(left.b, sr)
+    return sl @ sr.T
