@@ -219,11 +219,7 @@ class TracIn(Instrument):
         weights = self._weights(record, by_param)
         if weights is None:
             return {}
-        ws = set(weights.values())
-        if len(ws) == 1 and record.per_sample_sq_norms is not None:  # one parameter group: one product
-            s = ws.pop() * record.per_sample_sq_norms
-        else:
-            s = sum(weights[n] * sq for n, sq in by_param.items())
+        s = sum(weights[n] * sq for n, sq in by_param.items())
         _scatter_add(self._self, idx, s, self._unique[1])
         self._seen[idx] = True
         self.steps += 1
