@@ -188,7 +188,7 @@ class FactorView(View):
             en = torch.linalg.vector_norm(self.e.reshape(bsz, g, o), dim=-1).square_()
             if self.w is not None:
                 an = torch.linalg.vector_norm(self.a.reshape(bsz, g, i), dim=-1).square_()
-                out[self.w] = an.mul_(en).sum(1) if g > 1 else an.mul_(en).reshape(bsz)
+                out[self.w] = an.mul_(en).sum(1)
         elif self.w is None:  # a frozen weight: the bias alone
             pass
         elif self._cache is None and self._ghost_is_cheaper():
@@ -198,10 +198,7 @@ class FactorView(View):
         else:
             out[self.w] = torch.linalg.vector_norm(self._weight_grads().flatten(1), dim=1).square()
         if self.b is not None:
-            if t == 1:
-                out[self.b] = en.sum(1) if g > 1 else en.reshape(bsz)
-            else:
-                out[self.b] = self._bias_grads().square().sum(1)
+            out[self.b] = en.sum(1) if t == 1 else self._bias_grads().square().sum(1)
         return out
 
     def gram(self) -> dict[str, torch.Tensor]:
