@@ -527,6 +527,7 @@ def test_lookup_cross_products_in_blocks_match_the_formed_gradients(monkeypatch)
     """The embedding cross-Gram sum_{t,t'} [tok == tok'] (u . u'), taken in probe blocks, equals the
     product of the formed (B, V, d) gradients."""
     from cockpit_lite.persample import cross as cross_mod
+    from cockpit_lite.persample import views as views_mod
     from cockpit_lite.persample.views import EmbeddingView
 
     g = torch.Generator().manual_seed(0)
@@ -534,5 +535,5 @@ def test_lookup_cross_products_in_blocks_match_the_formed_gradients(monkeypatch)
     right = EmbeddingView(torch.randint(0, 9, (7, 6), generator=g), torch.randn(7, 6, 3, generator=g), "w", 9)
     formed = left.grads()["w"].reshape(5, -1) @ right.grads()["w"].reshape(7, -1).T
     for block in (1 << 24, 5 * 4 * 6 * 2):  # one block; blocks of two probes
-        monkeypatch.setattr(cross_mod, "_PAIR_BLOCK", block)
+        monkeypatch.setattr(views_mod, "_PAIR_BLOCK", block)
         torch.testing.assert_close(cross_mod.cross(left, right)["w"], formed)

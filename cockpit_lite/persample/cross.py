@@ -33,7 +33,16 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from cockpit_lite.losses import example_losses
 from cockpit_lite.persample.layers import Handler, build_handlers, tied_groups
-from cockpit_lite.persample.views import EmbeddingView, FactorView, TiedEmbeddingView, View, combined, tied_view
+from cockpit_lite.persample.views import (
+    EmbeddingView,
+    FactorView,
+    TiedEmbeddingView,
+    View,
+    combined,
+    lookup_cross,
+    lookup_output_cross,
+    tied_view,
+)
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
@@ -166,7 +175,7 @@ def cross(left: View, right: View, projector: Projector | None = None) -> dict[s
     if _factor(left) and _factor(right):
         return _cross_factor(left, right, projector)
     if projector is None and isinstance(left, EmbeddingView) and isinstance(right, EmbeddingView):
-        return {left.w: _cross_lookups(left.idx, left.e, right.idx, right.e)}
+        return {left.w: lookup_cross(left.idx, left.e, right.idx, right.e)}
     if projector is None and isinstance(left, TiedEmbeddingView) and isinstance(right, TiedEmbeddingView):
         return _cross_tied(left, right)
     lg, rg = _flat_grads(left), _flat_grads(right)
@@ -181,45 +190,14 @@ def cross(left: View, right: View, projector: Projector | None = None) -> dict[s
     return out
 
 
-#: the most elements of one (B, k, T, T') block of position pairs the embedding cross products form
-_PAIR_BLOCK = 1 << 24
-
-
-def _cross_lookups(idx_l, u_l, idx_r, u_r) -> torch.Tensor:
-    """sum_{t, t'} [tok_it == tok'_kt'] (u_it . u'_kt') for embedding lookups (B, T), (B, T, d) and
-    (K, T'), (K, T', d): the B x K cross-Gram of the tables' gradients, without forming B x V x d.
-    Probes are taken in blocks so that the (B, k, T, T') pairs stay below ``_PAIR_BLOCK`` elements."""
-    bsz, t = idx_l.shape
-    k, t2 = idx_r.shape
-    u_r = u_r.to(u_l.dtype)
-    step = max(1, _PAIR_BLOCK // max(1, bsz * t * t2))
-    parts = []
-    for lo in range(0, k, step):
-        ir, ur = idx_r[lo : lo + step], u_r[lo : lo + step]
-        same = idx_l[:, None, :, None] == ir[None, :, None, :]  # (B, k, T, T')
-        uu = torch.einsum("isd,jtd->ijst", u_l, ur)
-        parts.append((uu * same).sum((2, 3)))
-    return torch.cat(parts, 1) if parts else u_l.new_zeros(bsz, 0)
-
-
-def _cross_lookup_output(idx, u, h, e) -> torch.Tensor:
-    """<G_emb,i, G_out,k> = sum_{t in i, s in k} e_ks[tok_it] (u_it . h_ks): lookups (B, T), (B, T, d)
-    against an output layer's inputs (K, S, d) and output gradients (K, S, V)."""
-    bsz, t = idx.shape
-    k = h.shape[0]
-    m = torch.einsum("itd,ksd->ikts", u.to(h.dtype), h)
-    n = e[:, :, idx.reshape(-1)].reshape(k, e.shape[1], bsz, t).permute(2, 0, 3, 1)  # (i, k, T, S)
-    return (m * n.to(m.dtype)).sum((2, 3))
-
-
 def _cross_tied(left: TiedEmbeddingView, right: TiedEmbeddingView) -> dict[str, torch.Tensor]:
     """<E_i + F_i, E'_k + F'_k> for tied embedding/output views (and the output layer's bias)."""
     out = _cross_factor(left.out, right.out, None)  # F . F' (and the bias)
     hl, el = left._out_factors()
     hr, er = right._out_factors()
-    ee = _cross_lookups(left.emb.idx, left.emb.e, right.emb.idx, right.emb.e)
-    ef = _cross_lookup_output(left.emb.idx, left.emb.e, hr, er)  # E_i . F'_k
-    fe = _cross_lookup_output(right.emb.idx, right.emb.e, hl, el).T  # F_i . E'_k
+    ee = lookup_cross(left.emb.idx, left.emb.e, right.emb.idx, right.emb.e)
+    ef = lookup_output_cross(left.emb.idx, left.emb.e, hr, er)  # E_i . F'_k
+    fe = lookup_output_cross(right.emb.idx, right.emb.e, hl, el).T  # F_i . E'_k
     out[left.w] = out[left.w] + ee + ef + fe
     return out
 

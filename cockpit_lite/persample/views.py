@@ -354,6 +354,37 @@ class ConvView(MaterialisedView):
         return out
 
 
+#: the most elements of one (B, k, T, T') block of position pairs the embedding cross products form
+_PAIR_BLOCK = 1 << 24
+
+
+def lookup_cross(idx_l, u_l, idx_r, u_r) -> torch.Tensor:
+    """sum_{t, t'} [tok_it == tok'_kt'] (u_it . u'_kt') for embedding lookups (B, T), (B, T, d) and
+    (K, T'), (K, T', d): the B x K cross-Gram of the tables' gradients, without forming B x V x d.
+    Probes are taken in blocks so that the (B, k, T, T') pairs stay below ``_PAIR_BLOCK`` elements."""
+    bsz, t = idx_l.shape
+    k, t2 = idx_r.shape
+    u_r = u_r.to(u_l.dtype)
+    step = max(1, _PAIR_BLOCK // max(1, bsz * t * t2))
+    parts = []
+    for lo in range(0, k, step):
+        ir, ur = idx_r[lo : lo + step], u_r[lo : lo + step]
+        same = idx_l[:, None, :, None] == ir[None, :, None, :]  # (B, k, T, T')
+        uu = torch.einsum("isd,jtd->ijst", u_l, ur)
+        parts.append((uu * same).sum((2, 3)))
+    return torch.cat(parts, 1) if parts else u_l.new_zeros(bsz, 0)
+
+
+def lookup_output_cross(idx, u, h, e) -> torch.Tensor:
+    """<G_emb,i, G_out,k> = sum_{t in i, s in k} e_ks[tok_it] (u_it . h_ks): lookups (B, T), (B, T, d)
+    against an output layer's inputs (K, S, d) and output gradients (K, S, V)."""
+    bsz, t = idx.shape
+    k = h.shape[0]
+    m = torch.einsum("itd,ksd->ikts", u.to(h.dtype), h)
+    n = e[:, :, idx.reshape(-1)].reshape(k, e.shape[1], bsz, t).permute(2, 0, 3, 1)  # (i, k, T, S)
+    return (m * n.to(m.dtype)).sum((2, 3))
+
+
 class EmbeddingView(View):
     """Embedding lookups: g_i = sum_t onehot(idx_it) e_it^T (rows of the table)."""
 
@@ -369,9 +400,7 @@ class EmbeddingView(View):
         return {self.w: (same * ee).sum((1, 2))}
 
     def gram(self) -> dict[str, torch.Tensor]:
-        same = (self.idx[:, None, :, None] == self.idx[None, :, None, :]).to(self.e.dtype)  # (B, B, T, T)
-        ee = torch.einsum("isd,jtd->ijst", self.e, self.e)
-        return {self.w: (same * ee).sum((2, 3))}
+        return {self.w: lookup_cross(self.idx, self.e, self.idx, self.e)}
 
     def project_many(self, directions):
         out: dict[str, torch.Tensor] = {}
@@ -417,10 +446,7 @@ class TiedEmbeddingView(View):
             m = torch.bmm(u, h.transpose(1, 2))  # (B, T, S): u_t . h_s
             n = torch.gather(e, 2, tok.unsqueeze(1).expand(-1, e.shape[1], -1))  # (B, S, T): e_s[tok_t]
             return (m * n.transpose(1, 2)).sum((1, 2))
-        bsz, t = tok.shape
-        m = torch.einsum("itd,jsd->ijts", u, h)
-        n = e[:, :, tok.reshape(-1)].reshape(bsz, e.shape[1], bsz, t).permute(2, 0, 3, 1)  # (i, j, T, S)
-        return (m * n).sum((2, 3))
+        return lookup_output_cross(tok, u, h, e)
 
     def sq_norms(self) -> dict[str, torch.Tensor]:
         out = self.out.sq_norms()
