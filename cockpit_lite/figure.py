@@ -188,27 +188,12 @@ class QuantilePanel(Panel):
         if not self.shows(len(x) or len(q["p50"][0])):
             return
         arrays = [y]
-        if len(q["p5"][0]) and len(q["p5"][0]) == len(q["p95"][0]):
-            self.band(
-                "outer",
-                q["p5"][0],
-                q["p5"][1],
-                q["p95"][1],
-                color=COLORS["band"],
-                alpha=0.15,
-                label=f"{self.what}, 5-95%",
-            )
-            arrays += [q["p5"][1], q["p95"][1]]
-        if len(q["p25"][0]) and len(q["p25"][0]) == len(q["p75"][0]):
-            self.band(
-                "inner",
-                q["p25"][0],
-                q["p25"][1],
-                q["p75"][1],
-                color=COLORS["band"],
-                alpha=0.3,
-                label=f"{self.what}, 25-75%",
-            )
+        for key, lo, hi, alpha, span in (("outer", "p5", "p95", 0.15, "5-95%"), ("inner", "p25", "p75", 0.3, "25-75%")):
+            if len(q[lo][0]) and len(q[lo][0]) == len(q[hi][0]):
+                label = f"{self.what}, {span}"
+                self.band(key, q[lo][0], q[lo][1], q[hi][1], color=COLORS["band"], alpha=alpha, label=label)
+                if key == "outer":  # the outer band bounds the y-range; the inner one lies within it
+                    arrays += [q[lo][1], q[hi][1]]
         self.line("p50", *q["p50"], color=COLORS["band"], linestyle="--", linewidth=1.0, label=f"{self.what} median")
         self.line("max", *q["max"], color=COLORS["band"], linestyle=":", linewidth=0.9, label=f"{self.what} max")
         arrays.append(q["max"][1])
