@@ -252,14 +252,15 @@ class ConvHandler(Handler):
             dt = torch.promote_types(x.dtype, go.dtype)
             inputs.append(x.to(dt))
             out_grads.append(_scaled(go.to(dt), inv_scale))
-        if "weight" not in self.names:  # a frozen weight: the bias gradient is the summed output gradient
-            return MaterialisedView({self.names["bias"]: sum(e.flatten(2).sum(2) for e in out_grads)})
+        bias_grads = lambda: sum(e.flatten(2).sum(2) for e in out_grads)  # noqa: E731  (output grads over positions)
+        if "weight" not in self.names:  # a frozen weight: the bias alone
+            return MaterialisedView({self.names["bias"]: bias_grads()})
 
         def make_grads():
             gw = sum(self._weight_grads(x, e) for x, e in zip(inputs, out_grads, strict=True))
             out = {self.names["weight"]: gw}
             if "bias" in self.names:
-                out[self.names["bias"]] = sum(e.flatten(2).sum(2) for e in out_grads)
+                out[self.names["bias"]] = bias_grads()
             return out
 
         conv = lambda x, v: m._conv_forward(x, v, None)  # noqa: E731
