@@ -31,14 +31,14 @@ from cockpit_lite import Cockpit  # noqa: E402
 
 
 def _economy_minus_alpha():
-    from instruments import Distance, GradientTests, GradNorm, Loss, UpdateSize
+    from cockpit_lite.instruments import Distance, GradientTests, GradNorm, Loss, UpdateSize
 
     return [Loss(), GradNorm(), UpdateSize(), Distance(), GradientTests()]
 
 
 def _economy_clipping():
-    from instruments import Clipping
-    from instruments.presets import economy
+    from cockpit_lite.instruments import Clipping
+    from cockpit_lite.instruments.presets import economy
 
     return economy() + [Clipping(max_norm=1.0, agc_clip=0.01, per_sample_clip=1.0)]
 def _sinks(*which: str):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.hooks import SharedHook
 from cockpit_lite.instrument import Instrument
 from cockpit_lite.losses import check_loss_module, gradient_scale, per_sample_losses
@@ -219,7 +220,7 @@ class Cockpit:
     def _warn(self, msg: str) -> None:
         if msg not in self._warned:
             self._warned.add(msg)
-            warnings.warn(f"cockpit-lite: {msg}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"cockpit-lite: {msg}", CockpitWarning, stacklevel=3)
 
     def _begin_step(self) -> None:
         self._in_step = True

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import torch
 from torch.profiler import record_function
 
+from cockpit_lite.compat import profiler_enabled
+
 PREFIX = "cockpit_lite/"
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -27,7 +29,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def label(name: str):
     """``record_function("cockpit_lite/<name>")`` while a profiler records, else a no-op context:
     entering a record_function costs about 10 us even with no profiler running."""
-    return record_function(PREFIX + name) if torch._C._autograd._profiler_enabled() else nullcontext()
+    return record_function(PREFIX + name) if profiler_enabled() else nullcontext()
 
 
 class Costs:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cockpit_lite.compat import foreach_norm
+
 
 @dataclass
 class StepRecord:
@@ -70,7 +72,7 @@ class StepRecord:
         if self._update_norms is None:
             names = list(self.update)
             norms = (
-                torch.stack(torch._foreach_norm([self.update[n] for n in names])).double().cpu().tolist()
+                torch.stack(foreach_norm([self.update[n] for n in names])).double().cpu().tolist()
                 if names
                 else []
             )

@@ -29,6 +29,9 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
+from cockpit_lite.compat import dataloader_iterator, set_index_sampler
+from cockpit_lite.errors import CockpitWarning
+
 
 class _Recorder:
     """Wraps an index sampler; each item it yields is appended to ``queue`` and passed on unchanged."""
@@ -96,7 +99,7 @@ def _dataset_size(dataset: Any, resolve_subsets: bool) -> int | None:
 
 def _untracked(cockpit: Any, loader: Iterable, why: str) -> Iterator:
     warnings.warn(
-        f"cockpit-lite: cockpit.track(): {why}; batches pass unchanged without indices", RuntimeWarning, stacklevel=3
+        f"cockpit-lite: cockpit.track(): {why}; batches pass unchanged without indices", CockpitWarning, stacklevel=3
     )
     for batch in loader:
         cockpit._batch_indices = None
@@ -128,11 +131,11 @@ def track(cockpit: Any, loader: Iterable, resolve_subsets: bool = False) -> Iter
     attr = "batch_sampler" if auto else "sampler"
     original = getattr(loader, attr)
     recorder = _Recorder(original, queue)
-    persistent = loader.persistent_workers and loader.num_workers > 0 and loader._iterator is not None
+    persistent = loader.persistent_workers and loader.num_workers > 0 and dataloader_iterator(loader) is not None
     # install the recorder only while the loader builds (or, persistent workers, resets) its iterator:
     # the iterator keeps the sampler it saw; the loader itself is left as it was
     if persistent:
-        loader._iterator._index_sampler = recorder
+        set_index_sampler(dataloader_iterator(loader), recorder)
     else:
         object.__setattr__(loader, attr, recorder)  # DataLoader forbids plain assignment after init
     try:
@@ -140,7 +143,7 @@ def track(cockpit: Any, loader: Iterable, resolve_subsets: bool = False) -> Iter
     finally:
         object.__setattr__(loader, attr, original)
     if persistent or (loader.persistent_workers and loader.num_workers > 0):
-        it._index_sampler = original  # later untracked epochs of a persistent iterator record nothing
+        set_index_sampler(it, original)  # later untracked epochs of a persistent iterator record nothing
 
     cockpit._dataset_size = _dataset_size(loader.dataset, resolve_subsets)
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from cockpit_lite.compat import compiled_inner
+
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
     """The module inside DistributedDataParallel, DataParallel and torch.compile wrappers (whose
@@ -13,7 +15,7 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model, compiled = model._orig_mod, True
+        elif compiled_inner(model) is not None:  # torch.compile's OptimizedModule
+            model, compiled = compiled_inner(model), True
         else:
             return model, compiled

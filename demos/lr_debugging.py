@@ -25,8 +25,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from cockpit_lite.instruments import Alpha  # noqa: E402
+
 from cockpit_lite import Cockpit  # noqa: E402
-from instruments import Alpha  # noqa: E402
 
 #: learning rates of plain SGD for this network and batch size (label -> lr)
 LEARNING_RATES = {"too small": 0.01, "about right": 0.6, "too large": 1.2}

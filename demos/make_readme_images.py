@@ -28,12 +28,13 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cockpit_lite.instruments import TracIn  # noqa: E402
+from cockpit_lite.instruments.presets import full  # noqa: E402
+
 from cockpit_lite import Cockpit, load  # noqa: E402
 from cockpit_lite.figure import DashboardFigure  # noqa: E402
 from cockpit_lite.sinks import Dashboard, TensorBoard  # noqa: E402
 from cockpit_lite.sinks.dashboard import write_atomic  # noqa: E402
-from instruments import TracIn  # noqa: E402
-from instruments.presets import full  # noqa: E402
 
 
 def digits(noise: float = 0.1, seed: int = 0):

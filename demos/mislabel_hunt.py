@@ -33,11 +33,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from cockpit_lite.instruments import Checkpoints, TracIn, TracInCP
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cockpit_lite import Cockpit, Instrument, Need
-from instruments import Checkpoints, TracIn, TracInCP
 
 
 class CumulativeLoss(Instrument):

@@ -1,15 +1,15 @@
 """The built-in instruments of cockpit-lite, plugins of the core (registered as entry points)."""
 
-from instruments import agc
-from instruments.alpha import Alpha
-from instruments.clipping import Clipping
-from instruments.gradient_tests import GradientTests
-from instruments.gradnorm import GradNorm
-from instruments.loss import Loss
-from instruments.persample_norms import PerSampleGradNorms
-from instruments.tracin import TracIn
-from instruments.tracin_cp import Checkpoints, TracInCP
-from instruments.update import Distance, UpdateSize
+from cockpit_lite.instruments import agc
+from cockpit_lite.instruments.alpha import Alpha
+from cockpit_lite.instruments.clipping import Clipping
+from cockpit_lite.instruments.gradient_tests import GradientTests
+from cockpit_lite.instruments.gradnorm import GradNorm
+from cockpit_lite.instruments.loss import Loss
+from cockpit_lite.instruments.persample_norms import PerSampleGradNorms
+from cockpit_lite.instruments.tracin import TracIn
+from cockpit_lite.instruments.tracin_cp import Checkpoints, TracInCP
+from cockpit_lite.instruments.update import Distance, UpdateSize
 
 __all__ = [
     "Loss",

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from cockpit_lite import Instrument, Need, Needs, StepRecord
+from cockpit_lite.compat import foreach_copy_
 
 #: Cockpit's replacement for a zero variance in the fit.
 EPS_VAR = 1e-10
@@ -203,7 +204,7 @@ class Alpha(Instrument):
         projected at the next step, after the core has reused its update buffers."""
         if self._update_copy is None or self._update_copy.keys() != update.keys():
             self._update_copy = {n: torch.empty_like(t) for n, t in update.items()}
-        torch._foreach_copy_(list(self._update_copy.values()), list(update.values()))
+        foreach_copy_(list(self._update_copy.values()), list(update.values()))
         return self._update_copy
 
     @property

@@ -7,7 +7,7 @@ Three kinds, each measured on the gradient as backward left it (before any clipp
   the clip coefficient min(1, max_norm / (||g|| + 1e-6)) and the rolling fraction of clipped steps.
 - AGC (Brock, De, Smith, Simonyan 2021, arXiv:2102.06171): per unit i (a row of a Linear weight, an
   output filter of a conv; biases and gains as a whole) the ratio r_i = ||G_i|| / max(||W_i||, eps); for
-  a threshold lambda the fraction of units with r_i >= lambda (those :func:`instruments.agc.clip_`
+  a threshold lambda the fraction of units with r_i >= lambda (those :func:`cockpit_lite.instruments.agc.clip_`
   rescales), the smallest scale factor lambda max(||W_i||, eps) / max(||G_i||, 1e-6), and how many units
   sit on the eps floor (||W_i|| < eps). Per parameter tensor and over all units; the final layer is left
   out by default, as the paper does not clip it.
@@ -35,10 +35,10 @@ from collections.abc import Collection, Iterable, Sequence
 
 import numpy as np
 import torch
+from cockpit_lite.instruments._util import QUANTILES, sorted_quantiles
+from cockpit_lite.instruments.agc import GRAD_NORM_FLOOR, check_positive, final_layer, unitwise_norm
 
 from cockpit_lite import Instrument, Need, Needs
-from instruments._util import QUANTILES, sorted_quantiles
-from instruments.agc import GRAD_NORM_FLOOR, check_positive, final_layer, unitwise_norm
 
 KINDS = ("global", "agc", "per_sample")
 #: the 1e-6 that torch's clip_grad_norm_ and Opacus add to the norm in the clip coefficient

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from cockpit_lite.instruments._util import quantile_records
+
 from cockpit_lite import Instrument, Need
-from instruments._util import quantile_records
 
 
 class Loss(Instrument):

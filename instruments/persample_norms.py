@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from cockpit_lite.instruments._util import quantile_records
 
 from cockpit_lite import Instrument, Need
-from instruments._util import quantile_records
 
 
 class PerSampleGradNorms(Instrument):

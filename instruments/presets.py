@@ -9,13 +9,13 @@
 
 from __future__ import annotations
 
-from instruments.alpha import Alpha
-from instruments.clipping import Clipping
-from instruments.gradient_tests import GradientTests
-from instruments.gradnorm import GradNorm
-from instruments.loss import Loss
-from instruments.persample_norms import PerSampleGradNorms
-from instruments.update import Distance, UpdateSize
+from cockpit_lite.instruments.alpha import Alpha
+from cockpit_lite.instruments.clipping import Clipping
+from cockpit_lite.instruments.gradient_tests import GradientTests
+from cockpit_lite.instruments.gradnorm import GradNorm
+from cockpit_lite.instruments.loss import Loss
+from cockpit_lite.instruments.persample_norms import PerSampleGradNorms
+from cockpit_lite.instruments.update import Distance, UpdateSize
 
 
 def minimal():

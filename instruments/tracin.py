@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from cockpit_lite import Instrument, Need, Needs
+from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.losses import gradient_scale
 from cockpit_lite.persample.cross import Projector, ViewCollector, cross
 
@@ -138,7 +139,7 @@ class TracIn(Instrument):
     def _warn(self, msg: str) -> None:
         if msg not in self._warned:
             self._warned.add(msg)
-            warnings.warn(f"cockpit-lite: {msg}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"cockpit-lite: {msg}", CockpitWarning, stacklevel=2)
 
     def _ensure(self, n: int) -> None:
         if n > len(self._self):

@@ -22,15 +22,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from cockpit_lite.instruments.tracin import top_table
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from cockpit_lite import Instrument
+from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.persample.cross import Projector, ViewCollector, cross
 from cockpit_lite.records import to_value
 from cockpit_lite.sinks.jsonl import JsonLines
 from cockpit_lite.unwrap import unwrap
-from instruments.tracin import top_table
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -111,7 +112,7 @@ class Checkpoints(Instrument):
                 warnings.warn(
                     "cockpit-lite: Checkpoints has nowhere to save: give the Cockpit a logdir=... or "
                     "Checkpoints(directory=...)",
-                    RuntimeWarning,
+                    CockpitWarning,
                     stacklevel=2,
                 )
             return
@@ -130,7 +131,7 @@ class Checkpoints(Instrument):
             try:
                 self._save(self._steps, lrs, batch, reduction)
             except Exception as e:
-                warnings.warn(f"cockpit-lite: saving the final checkpoint failed: {e}", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"cockpit-lite: saving the final checkpoint failed: {e}", CockpitWarning, stacklevel=2)
         return {}
 
 
@@ -224,7 +225,7 @@ class TracInCP:
             warnings.warn(
                 "cockpit-lite: TracInCP got a DataLoader that does not iterate in order: scores follow "
                 "its iteration order, not dataset indices",
-                RuntimeWarning,
+                CockpitWarning,
                 stacklevel=3,
             )
         for batch in data:
@@ -261,7 +262,7 @@ class TracInCP:
             msg = f"TracInCP: parameters {missing} got no per-example gradient (unused by the loss?); they add 0"
             if msg not in self._warned:
                 self._warned.add(msg)
-                warnings.warn(f"cockpit-lite: {msg}", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"cockpit-lite: {msg}", CockpitWarning, stacklevel=3)
         return views
 
     # --- results ------------------------------------------------------------------------------------

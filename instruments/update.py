@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from cockpit_lite import Instrument, Need
+from cockpit_lite.compat import foreach_norm
 
 
 def _norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     names = list(tensors)
     if not names:
         return {}
-    norms = torch.stack(torch._foreach_norm([tensors[n] for n in names])).double().cpu().tolist()
+    norms = torch.stack(foreach_norm([tensors[n] for n in names])).double().cpu().tolist()
     return dict(zip(names, norms, strict=True))
 
 

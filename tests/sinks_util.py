@@ -33,7 +33,7 @@ def train(steps: int = 6, talker: bool = True, seed: int = 0, **cockpit_kw) -> C
     model = models.mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn = nn.CrossEntropyLoss()
-    from instruments.presets import economy
+    from cockpit_lite.instruments.presets import economy
 
     # the Talker stands in for Alpha's verdict (too few steps here for a real one) and TracIn's table
     instruments = [i for i in economy() if not (talker and i.key == "alpha")] + ([Talker()] if talker else [])

@@ -11,11 +11,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from cockpit_lite.instruments import Alpha
+from cockpit_lite.instruments.alpha import fit_alpha, lr_verdict
 from torch import nn
 
 from cockpit_lite import Cockpit, load
-from instruments import Alpha
-from instruments.alpha import fit_alpha, lr_verdict
 from tests import models
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from cockpit_lite.instruments import Clipping, agc
 from torch import nn
 
 from cockpit_lite import Cockpit
-from instruments import Clipping, agc
 from tests.reference import flat, per_sample_grads_loop
 
 RTOL = 2e-4
@@ -484,7 +484,7 @@ def test_every_and_instance_name():
 
 
 def test_sorted_quantiles_match_numpy():
-    from instruments._util import sorted_quantiles
+    from cockpit_lite.instruments._util import sorted_quantiles
 
     rng = np.random.default_rng(0)
     levels = [0.0, 0.05, 0.5, 0.9, 1.0]
@@ -538,8 +538,9 @@ def test_agc_records_per_step_whatever_the_batching(batch_steps):
 def test_statistics_under_amp_loss_scaling_are_those_of_the_loss():
     """With scaler.scale(loss).backward(), p.grad after backward is the loss scale times the gradient:
     the clipping statistics must not see the scale."""
+    from cockpit_lite.instruments import Clipping
+
     from cockpit_lite import Cockpit
-    from instruments import Clipping
 
     out = []
     for scale in (None, 1024.0):

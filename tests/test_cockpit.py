@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cockpit_lite.instruments import GradNorm, Loss
 from torch import nn
 
 import cockpit_lite
 from cockpit_lite import Cockpit, Instrument, Need, load
 from cockpit_lite.registry import available_instruments, available_presets
-from instruments import GradNorm, Loss
 from tests import models
 from tests.reference import Probe
 

@@ -6,10 +6,10 @@ import copy
 
 import numpy as np
 import torch
+from cockpit_lite.instruments import Distance, GradientTests, GradNorm, Loss, PerSampleGradNorms, UpdateSize
 from torch import nn
 
 from cockpit_lite import Cockpit
-from instruments import Distance, GradientTests, GradNorm, Loss, PerSampleGradNorms, UpdateSize
 from tests import models
 from tests.reference import flat, per_sample_grads_loop
 

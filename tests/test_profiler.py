@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from cockpit_lite.instruments.presets import economy
 
 from cockpit_lite import load
 from cockpit_lite import profiling as profiling_mod
 from cockpit_lite.profiling import Costs
-from instruments.presets import economy
 from tests.sinks_util import accumulator, train
 
 INSTRUMENTS = [i.key for i in economy() if i.key != "alpha"] + ["talker"]  # sinks_util swaps Alpha for the Talker

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from cockpit_lite.instruments.tracin import TracIn
 from torch import nn
 from torch.utils.data import (
     BatchSampler,
@@ -24,7 +25,6 @@ from torch.utils.data import (
 from cockpit_lite import Cockpit, Need, load
 from cockpit_lite.persample.cross import Projector, ViewCollector, cross
 from cockpit_lite.tracking import track
-from instruments.tracin import TracIn
 from tests import models
 from tests.reference import Probe, flat, per_sample_grads_loop
 
@@ -401,7 +401,7 @@ class BNNet(nn.Module):
 
 
 def _train_with_checkpoints(tmp_path, n=24, batch=6, epochs=2, wrap=False):
-    from instruments.tracin_cp import Checkpoints
+    from cockpit_lite.instruments.tracin_cp import Checkpoints
 
     g = torch.Generator().manual_seed(0)
     X, Y = torch.randn(n, 2, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
@@ -427,7 +427,7 @@ def _train_with_checkpoints(tmp_path, n=24, batch=6, epochs=2, wrap=False):
 
 def _loop_tracincp(run):
     """sum_k eta_k g_k(z) . g_k(z'): float64, eval mode, one autograd call per example per checkpoint."""
-    from instruments.tracin_cp import load_checkpoint
+    from cockpit_lite.instruments.tracin_cp import load_checkpoint
 
     self_inf, infl = 0.0, 0.0
     for path in run.paths:
@@ -443,7 +443,7 @@ def _loop_tracincp(run):
 
 
 def test_checkpoints_store_parameters_and_the_lr_of_their_step(tmp_path):
-    from instruments.tracin_cp import checkpoint_paths, load_checkpoint
+    from cockpit_lite.instruments.tracin_cp import checkpoint_paths, load_checkpoint
 
     run = _train_with_checkpoints(tmp_path)
     paths = checkpoint_paths(tmp_path)
@@ -459,7 +459,7 @@ def test_checkpoints_store_parameters_and_the_lr_of_their_step(tmp_path):
 def test_tracincp_matches_float64_loop_in_eval_mode(tmp_path, wrap):
     """Also for a wrapped model (DataParallel): checkpoints hold the bare module's state, and TracInCP
     given the wrapper loads them into the module inside."""
-    from instruments.tracin_cp import TracInCP
+    from cockpit_lite.instruments.tracin_cp import TracInCP
 
     run = _train_with_checkpoints(tmp_path, wrap=wrap)
     run.model.train()  # TracInCP must switch to eval mode itself, and restore train mode afterwards
@@ -483,8 +483,7 @@ def test_tracincp_matches_float64_loop_in_eval_mode(tmp_path, wrap):
 def test_tracincp_agrees_with_captum(tmp_path):
     pytest.importorskip("captum")
     from captum.influence import TracInCP as CaptumTracInCP
-
-    from instruments.tracin_cp import TracInCP, captum_loader
+    from cockpit_lite.instruments.tracin_cp import TracInCP, captum_loader
 
     run = _train_with_checkpoints(tmp_path)
     run.model.eval()  # Captum never switches modes: give it the eval-mode model ours uses

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
 
+from cockpit_lite.compat import tree_flatten, tree_map
 from cockpit_lite.losses import example_losses
 from cockpit_lite.persample.layers import Handler, build_handlers, tied_groups
 from cockpit_lite.persample.views import (

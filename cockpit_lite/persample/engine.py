@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
+from cockpit_lite.compat import tree_flatten
+from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.hooks import SharedHook
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.pause import is_paused
@@ -137,7 +138,7 @@ class PerSampleEngine:
         self._kept.clear()
         if reason not in self.warned:
             self.warned.add(reason)
-            warnings.warn(f"cockpit-lite: {reason}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"cockpit-lite: {reason}", CockpitWarning, stacklevel=3)
 
     # --- hooks ----------------------------------------------------------------------------------------
     def _forward_hook(self, module, args, kwargs, output):

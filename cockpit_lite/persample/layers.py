@@ -14,8 +14,17 @@ from collections.abc import Collection, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
 
+from cockpit_lite.compat import (
+    BatchNormBase,
+    InstanceNormBase,
+    conv_forward,
+    conv_weight_grad,
+    pad_like_conv,
+    tree_flatten,
+    tree_map,
+)
+from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.persample.views import ConvView, EmbeddingView, FactorView, MaterialisedView, View
 
 
@@ -124,7 +133,7 @@ class ConvHandler(Handler):
         nd = x.dim() - 2
         pad = m.padding
         if m.padding_mode != "zeros":
-            return F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode), (0,) * nd
+            return pad_like_conv(m, x), (0,) * nd
         if isinstance(pad, str):
             if pad == "valid":
                 return x, (0,) * nd
@@ -163,12 +172,9 @@ class ConvHandler(Handler):
         bsz = x2.shape[0]
         e2 = e.reshape(bsz, m.out_channels, *([1] if e.dim() == 3 else []), *e.shape[2:])
         w_shape = (bsz * m.out_channels, m.in_channels // m.groups, *k)
-        gw = torch.ops.aten.convolution_backward(
-            e2.reshape(1, -1, *e2.shape[2:]),
-            x2.reshape(1, -1, *x2.shape[2:]),
-            torch.empty(w_shape, dtype=x.dtype, device=x.device),
-            None, s, pad, d, False, (0, 0), bsz * m.groups, (False, True, False),
-        )[1]  # fmt: skip
+        gw = conv_weight_grad(
+            e2.reshape(1, -1, *e2.shape[2:]), x2.reshape(1, -1, *x2.shape[2:]), w_shape, s, pad, d, bsz * m.groups
+        )
         return gw.reshape(bsz, *m.weight.shape)
 
     def _grads_swapped(self, x, e):
@@ -263,7 +269,7 @@ class ConvHandler(Handler):
                 out[self.names["bias"]] = bias_grads()
             return out
 
-        conv = lambda x, v: m._conv_forward(x, v, None)  # noqa: E731
+        conv = lambda x, v: conv_forward(m, x, v)  # noqa: E731
         ghost = (lambda: self._ghost_sq_norms(inputs, out_grads), lambda: self._batch_grad(inputs, out_grads))
         return ConvView(
             make_grads,
@@ -320,10 +326,8 @@ class ConvHandler(Handler):
         for x, e in zip(inputs, out_grads, strict=True):
             x2, k, s, d, pad = self._prepared(x)
             e2 = e.unsqueeze(2) if e.dim() == 3 else e
-            gw = torch.ops.aten.convolution_backward(
-                e2, x2, m.weight.detach().reshape(m.out_channels, -1, *k), None, s, pad, d, False, (0, 0),
-                m.groups, (False, True, False),
-            )[1].reshape(m.weight.shape)  # fmt: skip
+            w_shape = (m.out_channels, m.in_channels // m.groups, *k)
+            gw = conv_weight_grad(e2, x2, w_shape, s, pad, d, m.groups).reshape(m.weight.shape)
             total = gw if total is None else total + gw
         return total
 
@@ -350,7 +354,7 @@ class NormHandler(Handler):
 
     def check(self) -> None:
         m = self.module
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+        if isinstance(m, BatchNormBase) and (m.training or m.running_mean is None):
             raise PerSampleUndefined(
                 f"{type(m).__name__} normalises with statistics of the whole batch in train mode, which "
                 "couples the samples: per-sample gradients have no single definition. Per-sample "
@@ -364,11 +368,11 @@ class NormHandler(Handler):
             return F.layer_norm(x, m.normalized_shape, None, None, m.eps), len(m.normalized_shape)
         if isinstance(m, nn.GroupNorm):
             return F.group_norm(x, m.num_groups, None, None, m.eps), -1
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, BatchNormBase):
             shape = (1, -1) + (1,) * (x.dim() - 2)
             xhat = (x - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
             return xhat, -1
-        if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+        if isinstance(m, InstanceNormBase):
             use_input = m.training or not m.track_running_stats
             rm = None if use_input else m.running_mean
             rv = None if use_input else m.running_var
@@ -425,7 +429,7 @@ class FuncHandler(Handler):
             warnings.warn(
                 f"cockpit-lite: torch.func.vmap cannot batch {type(self.module).__name__} ({error}); its "
                 "per-sample gradients come from a loop over the samples (exact, slower)",
-                RuntimeWarning,
+                CockpitWarning,
                 stacklevel=2,
             )
 
@@ -507,8 +511,8 @@ HANDLERS: dict[type, type[Handler]] = {
     nn.Embedding: EmbeddingHandler,
     nn.LayerNorm: NormHandler,
     nn.GroupNorm: NormHandler,
-    nn.modules.batchnorm._BatchNorm: NormHandler,
-    nn.modules.instancenorm._InstanceNorm: NormHandler,
+    BatchNormBase: NormHandler,
+    InstanceNormBase: NormHandler,
 }
 
 #: modules whose forward does not call their child modules (their children's hooks never fire):

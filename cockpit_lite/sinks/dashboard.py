@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.sinks.base import HistorySink
 from cockpit_lite.sinks.throttle import Throttle
 
@@ -104,7 +105,7 @@ class Dashboard(HistorySink):
         except Exception as e:
             warnings.warn(
                 f"cockpit-lite: the dashboard could not be drawn ({type(e).__name__}: {e})",
-                RuntimeWarning,
+                CockpitWarning,
                 stacklevel=2,
             )
         finally:

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.sinks.base import HistorySink
 from cockpit_lite.sinks.events import EventFile, SummaryEncoder, encode_event
 from cockpit_lite.sinks.throttle import Throttle
@@ -257,7 +258,7 @@ class TensorBoard(HistorySink):
         except Exception as e:
             warnings.warn(
                 f"cockpit-lite: the dashboard image for TensorBoard failed ({type(e).__name__}: {e})",
-                RuntimeWarning,
+                CockpitWarning,
                 stacklevel=2,
             )
         finally:

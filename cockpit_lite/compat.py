@@ -1,0 +1,110 @@
+"""Every private PyTorch API the cockpit uses, in one place, each with a test (tests/test_compat.py).
+
+PyTorch does not promise these names across releases. When one moves, this module is the one place to
+mend, and its test says which call broke. Public APIs are used directly everywhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree
+
+#: ``torch.utils._pytree``: flatten/map nested outputs (tuples, dicts, ModelOutput-like containers)
+tree_flatten = _pytree.tree_flatten
+tree_map = _pytree.tree_map
+
+#: module classes with private names that the per-sample engine dispatches on
+BatchNormBase: type[nn.Module] = nn.modules.batchnorm._BatchNorm
+InstanceNormBase: type[nn.Module] = nn.modules.instancenorm._InstanceNorm
+
+
+def foreach_norm(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """2-norm of each tensor in one fused call (``torch._foreach_norm``)."""
+    return list(torch._foreach_norm(list(tensors)))
+
+
+def foreach_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) for all i in one fused call (``torch._foreach_copy_``)."""
+    torch._foreach_copy_(list(dst), list(src))
+
+
+def queue_backward_callback(fn: Callable[[], None]) -> None:
+    """Run ``fn`` once the current backward pass has finished (autograd engine's ``queue_callback``).
+    Valid only while a backward pass runs (from a tensor or node hook)."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+def profiler_enabled() -> bool:
+    """Whether a ``torch.profiler`` is recording right now."""
+    return bool(torch._C._autograd._profiler_enabled())
+
+
+def compiled_inner(model: nn.Module) -> nn.Module | None:
+    """The module inside ``torch.compile``'s OptimizedModule (``_orig_mod``), else None."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def conv_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The convolution of ``module`` (its stride, padding mode, dilation, groups) with another weight
+    and no bias (``_ConvNd._conv_forward``)."""
+    return module._conv_forward(x, weight, None)
+
+
+def conv_reversed_padding(module: nn.Module) -> Sequence[int]:
+    """The padding of a conv module in ``F.pad`` order (``_reversed_padding_repeated_twice``)."""
+    return module._reversed_padding_repeated_twice
+
+
+def pad_like_conv(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x padded as the module pads it for a non-zero ``padding_mode``."""
+    return F.pad(x, conv_reversed_padding(module), mode=module.padding_mode)
+
+
+def conv_weight_grad(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """The weight gradient of a 2-D convolution (``aten.convolution_backward``, weight output only)."""
+    w = torch.empty(tuple(weight_shape), dtype=x.dtype, device=x.device)
+    return torch.ops.aten.convolution_backward(
+        grad_out, x, w, None, tuple(stride), tuple(padding), tuple(dilation), False, (0, 0), groups,
+        (False, True, False),
+    )[1]  # fmt: skip
+
+
+@contextlib.contextmanager
+def dynamo_hook_guards() -> Iterator[None]:
+    """While inside, torch.compile guards on module hooks, so compiled code sees the cockpit's layer
+    hooks; compiled code is dropped on entry and exit so that the model recompiles with (and then
+    without) the hooks. The global setting is restored on exit."""
+    config = torch._dynamo.config
+    before = config.skip_nnmodule_hook_guards
+    config.skip_nnmodule_hook_guards = False
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        config.skip_nnmodule_hook_guards = before
+        torch._dynamo.reset()
+
+
+def dataloader_iterator(loader: Any) -> Any:
+    """The persistent-workers iterator a DataLoader keeps between epochs (``_iterator``), or None."""
+    return getattr(loader, "_iterator", None)
+
+
+def set_index_sampler(iterator: Any, sampler: Any) -> None:
+    """Replace the index sampler a DataLoader iterator draws from (``_index_sampler``)."""
+    iterator._index_sampler = sampler
