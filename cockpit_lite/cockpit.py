@@ -33,7 +33,7 @@ from cockpit_lite.persample.engine import PerSampleEngine
 from cockpit_lite.profiling import Costs, Profiler, label
 from cockpit_lite.records import History, to_value
 from cockpit_lite.registry import resolve
-from cockpit_lite.sinks.base import Sink
+from cockpit_lite.sinks.base import RunContext, Sink
 from cockpit_lite.sinks.jsonl import JsonLines
 from cockpit_lite.step import StepRecord
 from cockpit_lite.unwrap import unwrap
@@ -158,8 +158,9 @@ class Cockpit:
         ]
         for inst in self.instruments:
             inst.on_attach(self.network, optimizer)
+        self.context = RunContext(logdir=self.logdir, history=self.history, instruments=tuple(self.instruments))
         for sink in self.sinks:
-            sink.open(self)
+            sink.open(self.context)
         self.profiler: Profiler | None = None
         if profile is not False and profile is not None:
             self.profiler = Profiler(self.logdir, None if profile is True else profile)
@@ -208,6 +209,23 @@ class Cockpit:
         from cockpit_lite.tracking import track
 
         return track(self, loader, resolve_subsets=resolve_subsets)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's state to resume from a checkpoint: the step count and every instrument's state
+        (by instrument key). Save it next to the model and optimizer with ``torch.save``."""
+        return {
+            "version": 1,
+            "step": self.step,
+            "instruments": {inst.key: inst.state_dict() for inst in self.instruments},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue a run: the step count and the state of every instrument with the same key."""
+        self.step = int(state["step"])
+        saved = state.get("instruments", {})
+        for inst in self.instruments:
+            if inst.key in saved:
+                inst.load_state_dict(saved[inst.key])
 
     def verdicts(self) -> list[str]:
         """Plain-language statements from every instrument that makes them (e.g. the learning rate)."""

@@ -90,6 +90,16 @@ class Instrument:
         """Called when the cockpit closes; may return final records (stored under the last step)."""
         return {}
 
+    # --- state (resuming a run) -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything this instrument carries between steps, to resume a run from a checkpoint: plain
+        Python values, numpy arrays and tensors (``torch.save``-able, loadable with
+        ``weights_only=True``). Stateless instruments return ``{}``."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; the next step continues as if never interrupted."""
+
     def verdicts(self) -> list[str]:
         """Plain-language statements about the run so far (for example a learning-rate verdict)."""
         return []

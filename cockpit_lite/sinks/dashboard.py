@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cockpit_lite.errors import CockpitWarning
-from cockpit_lite.sinks.base import HistorySink
+from cockpit_lite.sinks.base import HistorySink, RunContext
 from cockpit_lite.sinks.throttle import Throttle
 
 
@@ -76,7 +76,7 @@ class Dashboard(HistorySink):
         self.render_s = 0.0  # total seconds spent rendering and writing
         self.last_png: tuple[int, bytes] | None = None  # (step, PNG) of the last render, for TensorBoard
 
-    def open(self, cockpit: Any) -> None:
+    def open(self, cockpit: RunContext | None) -> None:
         self._use_history(cockpit)
         self.throttle = Throttle(self.every_steps, self.every_s, self.max_share)
 
@@ -101,6 +101,8 @@ class Dashboard(HistorySink):
             png = self._figure.png(self.history)
             write_atomic(self.path, png)
             self.last_png = (step if step is not None else -1, png)
+            if self.context is not None:
+                self.context.picture.latest = self.last_png
             self.renders += 1
         except Exception as e:
             warnings.warn(

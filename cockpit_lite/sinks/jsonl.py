@@ -26,7 +26,7 @@ class JsonLines(Sink):
         self.fsync = fsync
         self._f = None
 
-    def open(self, cockpit: Any) -> None:
+    def open(self, context: Any) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")
 

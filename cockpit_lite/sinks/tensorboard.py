@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from cockpit_lite.errors import CockpitWarning
-from cockpit_lite.sinks.base import HistorySink
+from cockpit_lite.sinks.base import HistorySink, RunContext
 from cockpit_lite.sinks.events import EventFile, SummaryEncoder, encode_event
 from cockpit_lite.sinks.throttle import Throttle
 
@@ -179,7 +179,6 @@ class TensorBoard(HistorySink):
         self.flush_secs, self.layout = flush_secs, layout
         self.writer: EventFile | None = None
         self._encoder = SummaryEncoder()
-        self._dashboard = None
         self._figure = None
         self._texts: dict[str, str] = {}
         self._throttle: Throttle | None = None
@@ -187,7 +186,7 @@ class TensorBoard(HistorySink):
         self._image_step: int | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------------
-    def open(self, cockpit: Any) -> None:
+    def open(self, cockpit: RunContext | None) -> None:
         if self.writer is None:
             self.writer = EventFile(self.logdir, flush_secs=self.flush_secs)
             if self.layout:
@@ -196,9 +195,6 @@ class TensorBoard(HistorySink):
                 self.writer.add_summary(custom_scalars(dict(self.layout)), 0)
                 self.writer.flush()
         self._use_history(cockpit)
-        from cockpit_lite.sinks.dashboard import Dashboard
-
-        self._dashboard = next((s for s in getattr(cockpit, "sinks", []) if isinstance(s, Dashboard)), None)
         if self.image_every:
             self._throttle = Throttle(self.image_every, self.image_min_s, self.image_max_share)
 
@@ -241,10 +237,10 @@ class TensorBoard(HistorySink):
 
         t0 = time.perf_counter()
         try:
-            dash = self._dashboard
+            shared = self.context.picture
             newer = self._image_step if self._image_step is not None else -math.inf
-            if dash is not None and dash.last_png is not None and dash.last_png[0] > newer:
-                step, png = dash.last_png  # the Dashboard sink drew a newer picture already: reuse it
+            if shared.latest is not None and shared.latest[0] > newer:
+                step, png = shared.latest  # another sink (the Dashboard) drew a newer picture: reuse it
             else:
                 if self._figure is None:
                     from cockpit_lite.figure import DashboardFigure
