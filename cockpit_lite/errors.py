@@ -1,6 +1,6 @@
 """The warning class of every warning the cockpit issues, so users can filter them as one:
 
-    warnings.filterwarnings("ignore", category=cockpit_lite.CockpitWarning)
+warnings.filterwarnings("ignore", category=cockpit_lite.CockpitWarning)
 """
 
 from __future__ import annotations

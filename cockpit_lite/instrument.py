@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from cockpit_lite.needs import Need, Needs
+from cockpit_lite.step import StepRecord
 
 Schedule = Callable[[int], bool]
 
@@ -72,23 +73,35 @@ class Instrument:
     def on_attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Called once when the cockpit attaches, before the first step."""
 
-    def on_after_backward(self, record: Any) -> None:
+    def on_after_backward(self, record: StepRecord) -> None:
         """Called when ``loss.backward()`` has finished, before the loop can modify ``p.grad``
         (e.g. clip it). Only for steps this instrument requires."""
 
-    def on_before_step(self, record: Any) -> None:
+    def on_before_step(self, record: StepRecord) -> None:
         """Called in the optimizer's step pre-hook of a step this instrument requires.
 
         ``p.grad`` holds the gradient the optimizer is about to use; parameters are still theta_t.
         """
 
-    def compute(self, record: Any) -> Mapping[str, Any]:
+    def compute(self, record: StepRecord) -> Mapping[Any, Any]:
         """Return this step's records ``{tag: value}`` (use :meth:`tag` for the keys)."""
         return {}
 
     def on_close(self) -> Mapping[str, Any]:
         """Called when the cockpit closes; may return final records (stored under the last step)."""
         return {}
+
+    # --- notes ----------------------------------------------------------------------------------------
+    def note(self, text: str) -> None:
+        """Say why a number of this step is missing or NaN; the Cockpit writes it as the text record
+        ``note/<key>`` with this step's records (instruments never change the step record)."""
+        pending = self.__dict__.setdefault("_pending_notes", [])
+        if text not in pending:
+            pending.append(text)
+
+    def take_notes(self) -> list[str]:
+        """(The Cockpit) the notes made since the last call."""
+        return self.__dict__.pop("_pending_notes", [])
 
     # --- state (resuming a run) -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """The vocabulary in which instruments say what they need from a step.
 
-The core computes each need at most once per step, whatever the number of instruments asking, and
-hands the results over in a :class:`~cockpit_lite.step.StepRecord`.
+Each need is computed by one provider (:mod:`cockpit_lite.providers`) at most once per step, whatever
+the number of instruments asking, and handed over in a :class:`~cockpit_lite.step.StepRecord`. The
+built-in needs are the members of :class:`Need`; a third-party provider may serve further needs,
+named by plain strings.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class Need(str, Enum):
     #: the per-layer views of this step's per-sample gradients in ``record.views`` (from the end of
     #: backward until the step), to cross-multiply with other per-sample gradients (TracIn probes)
     PER_SAMPLE_CROSS = "per_sample_cross"
+    #: projections g_i . v onto the directions of ``Needs.directions`` (implied by asking for one)
+    PER_SAMPLE_PROJECTIONS = "per_sample_projections"
 
 
 #: A direction to project per-sample gradients onto: called after the optimizer step with the
@@ -39,34 +43,27 @@ DirectionFn = Callable[["object"], Mapping[str, torch.Tensor] | None]
 
 @dataclass
 class Needs:
-    """Everything one instrument asks of one step."""
+    """Everything one instrument asks of one step: need names, and directions to project onto."""
 
-    flags: set[Need] = field(default_factory=set)
+    flags: set[str] = field(default_factory=set)
     #: key -> direction; the projections g_i . v arrive in ``record.projections[key]``
     directions: dict[str, DirectionFn] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.flags or self.directions)
 
-    def merge(self, other: Needs) -> None:
+    def names(self) -> set[str]:
+        """The need names, with the projections need when a direction is asked for."""
+        return set(self.flags) | ({Need.PER_SAMPLE_PROJECTIONS} if self.directions else set())
+
+    def merge(self, other: Needs) -> list[str]:
+        """Add ``other``'s needs; returns the direction keys it shares with different functions (those
+        keep the first function: the caller reports the clash)."""
         self.flags |= other.flags
+        clashes = []
         for key, fn in other.directions.items():
             if key in self.directions and self.directions[key] is not fn:
-                raise ValueError(f"two instruments ask for a projection under the same key {key!r}")
+                clashes.append(key)
+                continue
             self.directions[key] = fn
-
-    @property
-    def per_sample(self) -> bool:
-        """Whether the per-layer engine has to run for this step."""
-        return bool(
-            self.directions
-            or self.flags
-            & {
-                Need.PER_SAMPLE_SQ_NORMS,
-                Need.PER_SAMPLE_DOT_MEAN,
-                Need.PER_SAMPLE_GRAM,
-                Need.PER_SAMPLE_GRAM_BY_PARAM,
-                Need.PER_SAMPLE_GRADS,
-                Need.PER_SAMPLE_CROSS,
-            }
-        )
+        return clashes

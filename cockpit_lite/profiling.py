@@ -10,6 +10,7 @@ costs of one step add up to the cockpit's total (``cost/cockpit_ms``).
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -60,6 +61,21 @@ class Costs:
     def reset(self) -> None:
         self.ms.clear()
         self._children.clear()
+
+
+def cost_records(costs: Costs, step_ms: float) -> dict[str, float]:
+    """``cost/<name>_ms`` (exclusive wall time of each region this step) and ``cost/<name>_share``
+    (that time / ``cost/step_ms``, the wall time from the model's forward to the records being ready);
+    ``cost/cockpit_ms``/``_share`` sum every region."""
+    out: dict[str, float] = {"cost/step_ms": step_ms}
+    share = (lambda ms: ms / step_ms) if step_ms > 0 else (lambda ms: math.nan)  # noqa: E731
+    for name, ms in costs.ms.items():
+        out[f"cost/{name}_ms"] = ms
+        out[f"cost/{name}_share"] = share(ms)
+    total = costs.total()
+    out["cost/cockpit_ms"] = total
+    out["cost/cockpit_share"] = share(total)
+    return out
 
 
 def timed(name: str) -> Callable[[F], F]:

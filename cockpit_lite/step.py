@@ -1,13 +1,23 @@
-"""The step record: everything the core computed for one optimizer step, handed to instruments."""
+"""The step record: everything the providers computed for one optimizer step, handed to instruments.
+
+Providers write it; instruments only read it. The Cockpit seals the record before it hands it to an
+instrument (assigning a field then raises), and unseals it for the providers' next event.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from cockpit_lite.compat import foreach_norm
+
+
+class SealedRecordError(AttributeError):
+    """An instrument tried to change the step record (instruments return records instead)."""
 
 
 @dataclass
@@ -17,7 +27,8 @@ class StepRecord:
     Per-sample gradients g_i are the gradients of the per-sample losses l_i, whatever the reduction:
     for ``reduction="mean"`` the mini-batch gradient is ``p.grad = (1/B) sum_i g_i``, for ``"sum"`` it is
     ``sum_i g_i``. Fields stay ``None`` when no instrument asked for them or they could not be
-    computed; ``notes`` then says why.
+    computed; ``notes`` then says why (the Cockpit also writes them as ``note/<instrument>`` records).
+    Needs of third-party providers are read with :meth:`get`.
     """
 
     step: int
@@ -49,13 +60,42 @@ class StepRecord:
     dataset_size: int | None = None  #: len of the tracked loader's dataset (``cockpit.track(loader)``)
     #: per-layer per-sample gradient views (``Need.PER_SAMPLE_CROSS``), between backward and the step
     views: list | None = None
+    #: the per-sample engine of the run (``Need.PER_SAMPLE_CROSS``): ``engine.probe(...)`` gives the
+    #: views of another batch (TracIn's probes) through the same capture code
+    engine: Any = None
     loss_fn: torch.nn.Module | None = None  #: the loss module the cockpit watches
     logdir: str | None = None  #: the run's log directory, if any
-    notes: list[str] = field(default_factory=list)
+    #: why something is missing this step, written by providers (``note_needs[k]``: the needs note k concerns)
+    notes: tuple[str, ...] = ()
+    note_needs: tuple[frozenset, ...] = ()
+    #: values of needs served by providers without a field of their own, by need name
+    provided: dict[str, Any] = field(default_factory=dict)
     _update_norms: dict[str, float] | None = field(default=None, repr=False)
+    _sealed: bool = field(default=False, repr=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_sealed", False) and name not in ("_sealed", "_update_norms"):
+            raise SealedRecordError(
+                f"the step record is read-only for instruments (tried to set {name!r}): return records "
+                "{tag: value} from compute(), and call self.note(text) to say why a number is missing"
+            )
+        object.__setattr__(self, name, value)
+
+    def seal(self, sealed: bool = True) -> None:
+        object.__setattr__(self, "_sealed", sealed)
+
+    def add_note(self, text: str, needs: frozenset = frozenset()) -> None:
+        """(Providers) record why something of ``needs`` is missing this step."""
+        if text not in self.notes:
+            self.notes = (*self.notes, text)
+            self.note_needs = (*self.note_needs, frozenset(needs))
+
+    def get(self, need: str, default: Any = None) -> Any:
+        """The value a provider computed for ``need`` (built-in needs have fields of their own)."""
+        return self.provided.get(need, default)
 
     @staticmethod
-    def global_norm(norms: dict[str, float] | None) -> float | None:
+    def global_norm(norms: Mapping[str, float] | None) -> float | None:
         if norms is None:
             return None
         return float(np.sqrt(sum(v * v for v in norms.values())))
@@ -71,10 +111,6 @@ class StepRecord:
             return None
         if self._update_norms is None:
             names = list(self.update)
-            norms = (
-                torch.stack(foreach_norm([self.update[n] for n in names])).double().cpu().tolist()
-                if names
-                else []
-            )
+            norms = torch.stack(foreach_norm([self.update[n] for n in names])).double().cpu().tolist() if names else []
             self._update_norms = dict(zip(names, norms, strict=True))
         return self._update_norms

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,9 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from cockpit_lite.compat import dataloader_iterator, set_index_sampler
 from cockpit_lite.errors import CockpitWarning
+
+#: ``feed(indices, dataset_size)``: told the dataset indices of each batch before it is yielded
+Feed = Callable[[np.ndarray | None, int | None], None]
 
 
 class _Recorder:
@@ -97,33 +100,34 @@ def _dataset_size(dataset: Any, resolve_subsets: bool) -> int | None:
         return None
 
 
-def _untracked(cockpit: Any, loader: Iterable, why: str) -> Iterator:
+def _untracked(feed: Feed, loader: Iterable, why: str) -> Iterator:
     warnings.warn(
         f"cockpit-lite: cockpit.track(): {why}; batches pass unchanged without indices", CockpitWarning, stacklevel=3
     )
     for batch in loader:
-        cockpit._batch_indices = None
+        feed(None, None)
         yield batch
 
 
-def track(cockpit: Any, loader: Iterable, resolve_subsets: bool = False) -> Iterator:
-    """Yield the batches of ``loader`` (one pass) and tell ``cockpit`` the dataset indices of each.
+def track(feed: Feed, loader: Iterable, resolve_subsets: bool = False) -> Iterator:
+    """Yield the batches of ``loader`` (one pass) and call ``feed(indices, dataset_size)`` before each.
 
     Args:
-        cockpit: the :class:`~cockpit_lite.Cockpit` whose records get ``indices`` and ``dataset_size``.
+        feed: receives the dataset indices of each batch (None when unknown) and the dataset's length;
+            ``cockpit.track(loader)`` passes the indices provider's.
         loader: a map-style ``torch.utils.data.DataLoader``. Anything else (an ``IterableDataset``
             loader, a list of batches) is passed through unchanged, with a warning, and no indices.
         resolve_subsets: report indices into the dataset beneath any ``Subset`` wrappers instead of
             positions in ``loader.dataset``.
     """
     if not isinstance(loader, DataLoader):
-        yield from _untracked(cockpit, loader, f"{type(loader).__name__} is not a torch DataLoader")
+        yield from _untracked(feed, loader, f"{type(loader).__name__} is not a torch DataLoader")
         return
     if isinstance(loader.dataset, IterableDataset):
-        yield from _untracked(cockpit, loader, "an IterableDataset has no dataset indices")
+        yield from _untracked(feed, loader, "an IterableDataset has no dataset indices")
         return
     if loader.num_workers > 0 and not getattr(loader, "in_order", True):
-        yield from _untracked(cockpit, loader, "with in_order=False batches may arrive out of order")
+        yield from _untracked(feed, loader, "with in_order=False batches may arrive out of order")
         return
 
     queue: deque = deque()
@@ -145,14 +149,14 @@ def track(cockpit: Any, loader: Iterable, resolve_subsets: bool = False) -> Iter
     if persistent or (loader.persistent_workers and loader.num_workers > 0):
         set_index_sampler(it, original)  # later untracked epochs of a persistent iterator record nothing
 
-    cockpit._dataset_size = _dataset_size(loader.dataset, resolve_subsets)
+    size = _dataset_size(loader.dataset, resolve_subsets)
     try:
         for batch in it:
             item = queue.popleft() if queue else None
             idx = _as_indices(item)
             if idx is not None and resolve_subsets:
                 idx = root_indices(loader.dataset, idx)
-            cockpit._batch_indices = idx
+            feed(idx, size)
             yield batch
     finally:
-        cockpit._batch_indices = None
+        feed(None, size)

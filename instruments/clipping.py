@@ -330,7 +330,7 @@ class Clipping(Instrument):
             out["clip/global/received_norm"] = received
             out["clip/global/received_ratio"] = received / norm if norm > 0 else float("nan")
         if not math.isfinite(norm):
-            record.notes.append(f"clipping: non-finite gradient norm {norm}; left out of the rolling statistics")
+            self.note(f"clipping: non-finite gradient norm {norm}; left out of the rolling statistics")
             return out
         norms = self._global_norms.add(norm)[:, 0]
         if self.max_norm is not None:

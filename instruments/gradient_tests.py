@@ -45,6 +45,6 @@ class GradientTests(Instrument):
         if record.per_sample_sq_norms is None or record.per_sample_dot_mean is None:
             return {}
         if record.batch_size == 1:
-            record.notes.append("gradient tests need at least 2 samples per batch: NaN")
+            self.note("gradient tests need at least 2 samples per batch: NaN")
         tests = gradient_tests(record.per_sample_sq_norms, record.per_sample_dot_mean)
         return {self.tag(f"tests/{k}"): v for k, v in tests.items()}

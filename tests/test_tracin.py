@@ -76,8 +76,18 @@ CONFIGS = {
 }
 
 
+class _Feed:
+    """Receives what cockpit.track() feeds the indices provider."""
+
+    def __init__(self):
+        self._batch_indices, self._dataset_size = None, None
+
+    def __call__(self, indices, dataset_size):
+        self._batch_indices, self._dataset_size = indices, dataset_size
+
+
 def _epochs(loader, epochs, tracked):
-    ck = types.SimpleNamespace(_batch_indices=None, _dataset_size=None)
+    ck = _Feed()
     batches, indices = [], []
     for _ in range(epochs):
         for batch in track(ck, loader, resolve_subsets=True) if tracked else loader:
@@ -104,7 +114,7 @@ def test_track_yields_identical_batches_and_right_indices(config):
 
 
 def test_track_indices_are_positions_in_a_subset_by_default():
-    ck = types.SimpleNamespace(_batch_indices=None, _dataset_size=None)
+    ck = _Feed()
     loader = DataLoader(SUB, batch_size=4, shuffle=True)
     for x, _ in track(ck, loader):
         np.testing.assert_array_equal(np.asarray(SUB.indices)[ck._batch_indices], x[:, 0].long().numpy())
@@ -112,7 +122,7 @@ def test_track_indices_are_positions_in_a_subset_by_default():
 
 
 def test_track_passes_other_iterables_through_with_a_warning():
-    ck = types.SimpleNamespace(_batch_indices=None, _dataset_size=None)
+    ck = _Feed()
     batches = [(torch.randn(2, 3), torch.tensor([0, 1]))]
     with pytest.warns(RuntimeWarning, match="not a torch DataLoader"):
         out = list(track(ck, batches))

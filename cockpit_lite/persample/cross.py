@@ -11,7 +11,7 @@ Linear layer (T = 1, g groups) with inputs a, a' and output gradients e, e',
 For T > 1 (convolutions, sequences) and layers without a factor form the per-sample gradients of
 that one layer are materialised (the engine's ``grads()``) and multiplied, layer by layer.
 
-:func:`per_sample_views` runs its own forward/backward of a batch under :func:`cockpit_lite.paused`
+:class:`ViewCollector` runs its own forward/backward of a batch under :func:`cockpit_lite.paused`
 with temporary hooks (no cockpit sees it, ``p.grad`` is untouched, the global RNG is forked) and
 returns one view per layer, as the engine produces during training. :func:`cross` multiplies two
 views of the same layer. A :class:`Projector` optionally sketches the factors with Gaussian random
@@ -30,18 +30,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from cockpit_lite.compat import tree_flatten, tree_map
-from cockpit_lite.losses import example_losses
-from cockpit_lite.persample.layers import Handler, build_handlers, tied_groups
+from cockpit_lite.persample.layers import Handler
 from cockpit_lite.persample.views import (
     EmbeddingView,
     FactorView,
     TiedEmbeddingView,
     View,
-    combined,
     lookup_cross,
     lookup_output_cross,
-    tied_view,
 )
 
 
@@ -50,12 +46,16 @@ def _cuda_devices(model: nn.Module) -> list[int]:
 
 
 class ViewCollector:
-    """Per-layer per-sample gradient views of any batch, outside the training step.
+    """Per-layer per-sample gradient views of any batch, outside the training step: the per-sample
+    engine's :meth:`~cockpit_lite.persample.engine.PerSampleEngine.probe` session (the same capture,
+    view and tied-weights code as training, memory guard included) over an engine that keeps no hooks
+    between calls.
 
     Args:
         model: the network (its current mode is kept: train mode for TracIn probes during training,
             so probes see the model as training uses it; TracInCP sets eval mode itself).
         handlers: reuse an existing assignment of handlers (default: rebuilt from ``model``).
+        params: ids of the parameters to cover (default: every trainable one).
     """
 
     def __init__(
@@ -64,68 +64,21 @@ class ViewCollector:
         handlers: Mapping[nn.Module, Handler] | None = None,
         params: Collection[int] | None = None,
     ):
+        from cockpit_lite.persample.engine import PerSampleEngine
+
         self.model = model
-        self.handlers = dict(handlers) if handlers is not None else build_handlers(model, params)
-        self.tied = tied_groups(self.handlers)  # combined into one view, as the engine does
+        self.engine = PerSampleEngine(model, params=params, attach=False, handlers=handlers)
+        self.handlers = self.engine.handlers
 
     def names(self) -> set[str]:
-        return {n for h in self.handlers.values() for n in h.names.values()}
+        return set(self.engine.param_names)
 
     def __call__(
         self, inputs: torch.Tensor | Sequence[torch.Tensor], targets: Any, loss_fn: nn.Module
     ) -> tuple[dict[tuple[str, ...], View], torch.Tensor]:
         """Return ({parameter names of a layer: view}, per-example losses l_k (K,)) at the current
         parameters; the views hold gradients of l_k (:func:`example_losses`)."""
-        from cockpit_lite.pause import paused
-
-        for h in self.handlers.values():
-            h.check()  # before any forward: e.g. train-mode BatchNorm must not update its statistics
-        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        captured: dict[nn.Module, list] = {}
-
-        def hook(module, a, kw, out):
-            outs = [t for t in tree_flatten(out)[0] if torch.is_tensor(t) and t.requires_grad]
-            if not outs:
-                return None
-            captured.setdefault(module, []).append((self.handlers[module].capture(a, kw, out), outs))
-            # hand a copy downstream: an in-place op there (ReLU(inplace=True)) must not rebase the
-            # tensors we take gradients with respect to
-            return tree_map(lambda t: t.clone() if torch.is_tensor(t) and t.requires_grad else t, out)
-
-        with paused(), torch.random.fork_rng(devices=_cuda_devices(self.model)), torch.enable_grad():
-            hooks = [m.register_forward_hook(hook, with_kwargs=True) for m in self.handlers]
-            try:
-                pred = self.model(*args)
-            finally:
-                for h in hooks:
-                    h.remove()
-            losses = example_losses(loss_fn, pred, targets)
-            outputs = [t for calls in captured.values() for _, outs in calls for t in outs]
-            if not outputs:
-                return {}, losses.detach()
-            grads = list(torch.autograd.grad(losses.sum(), outputs, allow_unused=True))
-            batch = int(losses.shape[0])
-            views: dict[tuple[str, ...], View] = {}
-            tied: dict[int, list[View]] = {}
-            with torch.no_grad():
-                pos = 0
-                for module, calls in captured.items():
-                    caps, gs = [], []
-                    for cap, outs in calls:
-                        caps.append(cap)
-                        gs.append(tuple(None if g is None else g.detach() for g in grads[pos : pos + len(outs)]))
-                        pos += len(outs)
-                    if all(g is None for call in gs for g in call):
-                        continue
-                    view = self.handlers[module].view(caps, gs, batch, 1.0)
-                    if module in self.tied:
-                        tied.setdefault(self.tied[module], []).append(view)
-                    else:
-                        views[tuple(view.names)] = view
-                for group in tied.values():
-                    view = tied_view(group) or combined(group)
-                    views[tuple(view.names)] = view
-        return views, losses.detach()
+        return self.engine.probe(inputs, targets, loss_fn)
 
 
 class Projector:

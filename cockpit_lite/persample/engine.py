@@ -12,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import nn
 
-from cockpit_lite.compat import tree_flatten
+from cockpit_lite.compat import tree_flatten, tree_map
 from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.hooks import SharedHook
 from cockpit_lite.needs import Need, Needs
@@ -26,6 +28,19 @@ from cockpit_lite.pause import is_paused
 from cockpit_lite.persample.layers import Handler, PerSampleUndefined, build_handlers, tied_groups
 from cockpit_lite.persample.views import View, combined, tied_view
 from cockpit_lite.profiling import Costs, timed
+
+
+@dataclass(frozen=True)
+class PerSampleResult:
+    """One step's per-sample statistics (tensors on the model's device), read-only."""
+
+    sq_norms: Mapping[str, torch.Tensor]  #: ||g_i||^2 per parameter name, shape (B,)
+    dot_mean: torch.Tensor | None  #: g_i . gbar over every covered parameter, shape (B,)
+    gram: Mapping[str, torch.Tensor]  #: g_i . g_j per parameter name, shape (B, B)
+    grads: Mapping[str, torch.Tensor]  #: materialised g_i per parameter name, shape (B, *p.shape)
+    projections: Mapping[str, torch.Tensor]  #: g_i . v per direction key, shape (B,)
+    covered: frozenset[str]  #: parameter names whose per-sample gradients were seen
+    failure: str | None  #: why nothing was computed this step (None: all is well)
 
 
 @dataclass
@@ -36,6 +51,19 @@ class _Calls:
     #: node could be hooked): sum_i g_i up to the gradient scale, free instead of recomputed
     weight_grads: dict[int, torch.Tensor] = field(default_factory=dict)
 
+
+#: the needs the engine computes (any of them switches its per-layer work on for a step)
+PER_SAMPLE_NEEDS = frozenset(
+    {
+        Need.PER_SAMPLE_SQ_NORMS,
+        Need.PER_SAMPLE_DOT_MEAN,
+        Need.PER_SAMPLE_GRAM,
+        Need.PER_SAMPLE_GRAM_BY_PARAM,
+        Need.PER_SAMPLE_GRADS,
+        Need.PER_SAMPLE_CROSS,
+        Need.PER_SAMPLE_PROJECTIONS,
+    }
+)
 
 #: the most memory the per-sample gradients of one group of modules with tied weights may take
 TIED_BYTES = 1 << 29
@@ -77,28 +105,60 @@ class PerSampleEngine:
 
     CHECKS = 5
 
-    def __init__(self, model: nn.Module, costs: Costs | None = None, params: Collection[int] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        costs: Costs | None = None,
+        params: Collection[int] | None = None,
+        warn: Callable[[str], None] | None = None,
+        attach: bool = True,
+        handlers: Mapping[nn.Module, Handler] | None = None,
+    ):
+        self.model = model
         self.costs = costs if costs is not None else Costs()  # per-layer work: labelled, timed as "engine"
+        self._warn = warn
         #: ``params``: ids of the parameters to cover (the optimizer's); default every trainable one
-        self.handlers: dict[nn.Module, Handler] = build_handlers(model, params)
+        self.handlers: dict[nn.Module, Handler] = (
+            dict(handlers) if handlers is not None else build_handlers(model, params)
+        )
         self.param_names: list[str] = [n for h in self.handlers.values() for n in h.names.values()]
         #: modules with tied weights: their views are added up at the end of backward (see combined())
         self.tied = tied_groups(self.handlers)
         self._tied_bytes = _tied_bytes(self.handlers, self.tied)
-        self._hooks = [m.register_forward_hook(SharedHook(self._forward_hook), with_kwargs=True) for m in self.handlers]
+        self._hooks: list = []
+        if attach:
+            self._attach()
         self.active = False
         self._processing = False
+        #: a probe session (:meth:`probe`): sees calls inside ``paused()`` and hands clones downstream
+        self._probing = False
+        self._outputs: list[torch.Tensor] = []
         self.warned: set[str] = set()
         self.checks_left = self.CHECKS
         self._reset(Needs())
 
+    def _attach(self) -> None:
+        self._hooks = [m.register_forward_hook(SharedHook(self._forward_hook), with_kwargs=True) for m in self.handlers]
+
     # --- lifecycle ------------------------------------------------------------------------------------
-    def close(self) -> None:
+    def close_hooks(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+
+    def stop(self) -> None:
+        """No more per-layer work until the next :meth:`begin`; release what this step held."""
         self.active = False
         self._calls.clear()
+        self._kept = []
+        self._outputs = []
+
+    def close(self) -> None:
+        self.close_hooks()
+        self.active = False
+        self._calls.clear()
+        self._kept = []
+        self._outputs = []
 
     def _reset(self, needs: Needs) -> None:
         self.needs = needs
@@ -122,7 +182,7 @@ class PerSampleEngine:
     def begin(self, needs: Needs) -> None:
         """A new step starts; attach per-layer work only if the step needs it."""
         self._reset(needs)
-        self.active = needs.per_sample
+        self.active = bool(needs.names() & PER_SAMPLE_NEEDS)
         self.checking = self.active and self.checks_left > 0
 
     def set_batch(self, batch: int, inv_scale: float) -> None:
@@ -138,37 +198,57 @@ class PerSampleEngine:
         self._kept.clear()
         if reason not in self.warned:
             self.warned.add(reason)
-            warnings.warn(f"cockpit-lite: {reason}", CockpitWarning, stacklevel=3)
+            if self._warn is not None:
+                self._warn(reason)
+            else:
+                warnings.warn(f"cockpit-lite: {reason}", CockpitWarning, stacklevel=3)
+
+    def rescale(self, factor: float) -> None:
+        """Multiply the factor that turns captured output gradients into those of the per-sample losses
+        (backward started from the loss times 1 / factor: AMP's loss scale)."""
+        if self.inv_scale is not None:
+            self.inv_scale *= factor
 
     # --- hooks ----------------------------------------------------------------------------------------
     def _forward_hook(self, module, args, kwargs, output):
         # not during our own recomputation (torch.func), nor for a deepcopy that carries our hooks
-        if not self.active or self._processing or module not in self.handlers or is_paused():
-            return
+        if not self.active or self._processing or module not in self.handlers or (is_paused() and not self._probing):
+            return None
         try:
             handler = self.handlers[module]
             handler.check()
             outs = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
             if not outs:
-                return
+                return None
             calls = self._calls.setdefault(module, _Calls())
             idx = len(calls.captures)
             calls.captures.append(handler.capture(args, kwargs, output))
+            if self._probing:
+                # gradients are taken with respect to these outputs: hand a copy downstream, so that an
+                # in-place op there (ReLU(inplace=True)) does not rebase them
+                self._outputs.extend(outs)
+                self._register_grads(module, idx, outs)
+                return tree_map(lambda t: t.clone() if torch.is_tensor(t) and t.requires_grad else t, output)
             wants_dot = Need.PER_SAMPLE_DOT_MEAN in self.needs.flags or self.checking
             node = handler.weight_grad_node(outs) if wants_dot else None
             if node is not None:
                 # fires once the layer's backward has run: its output gradient and its weight gradient
                 node.register_hook(lambda gi, go, m=module, i=idx: self._on_grads(m, i, (go[0],), gi[1]))
-            elif len(outs) == 1:
-                outs[0].register_hook(lambda g, m=module, i=idx: self._on_grads(m, i, (g,)))
             else:
-                torch.autograd.graph.register_multi_grad_hook(
-                    outs, lambda gs, m=module, i=idx: self._on_grads(m, i, tuple(gs))
-                )
+                self._register_grads(module, idx, outs)
         except PerSampleUndefined as e:
             self.fail(str(e))
         except Exception as e:  # never break the user's forward
             self.fail(f"per-sample engine disabled for this step ({type(module).__name__}: {e})")
+        return None
+
+    def _register_grads(self, module: nn.Module, idx: int, outs: list[torch.Tensor]) -> None:
+        if len(outs) == 1:
+            outs[0].register_hook(lambda g, m=module, i=idx: self._on_grads(m, i, (g,)))
+        else:
+            torch.autograd.graph.register_multi_grad_hook(
+                outs, lambda gs, m=module, i=idx: self._on_grads(m, i, tuple(gs))
+            )
 
     def _on_grads(self, module, idx, grads, weight_grad=None):
         if not self.active:
@@ -322,3 +402,57 @@ class PerSampleEngine:
         finally:
             self._kept.clear()
         return out
+
+    def result(self, directions: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> PerSampleResult:
+        """This step's per-sample statistics as an immutable result (projections onto ``directions``
+        computed now from the kept factors, which are then released)."""
+        projections = self.project(dict(directions)) if directions and self.failure is None else {}
+        self._kept = []
+        return PerSampleResult(
+            sq_norms=MappingProxyType(dict(self.sq)),
+            dot_mean=self.dot_mean,
+            gram=MappingProxyType(dict(self.gram)),
+            grads=MappingProxyType(dict(self.grads)),
+            projections=MappingProxyType(projections),
+            covered=frozenset(self.covered),
+            failure=self.failure,
+        )
+
+    # --- another batch through the same capture code (TracIn probes) ---------------------------------
+    def probe(self, inputs: Any, targets: Any, loss_fn: nn.Module) -> tuple[dict[tuple[str, ...], View], torch.Tensor]:
+        """Per-layer views of the gradients of the example losses l_k of another batch (K examples) at
+        the current parameters, and l_k (:func:`cockpit_lite.losses.example_losses`).
+
+        A session of its own, with the engine's capture, view and tied-weights code (memory guard
+        included): its own forward hooks for the length of one forward and one ``autograd.grad`` with
+        respect to the layers' outputs. No cockpit sees it (``paused()``), ``p.grad`` is untouched,
+        the global RNG is forked, the model's mode is kept. Raises :class:`PerSampleUndefined` (e.g.
+        train-mode BatchNorm) before any forward, and ``RuntimeError`` when the session failed.
+        """
+        from cockpit_lite.losses import example_losses
+        from cockpit_lite.pause import paused
+
+        for h in self.handlers.values():
+            h.check()  # before any forward: e.g. train-mode BatchNorm must not update its statistics
+        session = PerSampleEngine(self.model, costs=self.costs, warn=self._warn, attach=False, handlers=self.handlers)
+        session.checks_left = 0
+        session._probing = True
+        session.begin(Needs({Need.PER_SAMPLE_CROSS}))
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        devices = sorted({p.device.index or 0 for p in self.model.parameters() if p.is_cuda})
+        with paused(), torch.random.fork_rng(devices=devices), torch.enable_grad():
+            session._attach()
+            try:
+                pred = self.model(*args)
+            finally:
+                session.close_hooks()
+            losses = example_losses(loss_fn, pred, targets)
+            session.set_batch(int(losses.shape[0]), 1.0)
+            if session._outputs:
+                torch.autograd.grad(losses.sum(), session._outputs, allow_unused=True)
+            session.finish_backward()
+        if session.failure is not None:
+            raise RuntimeError(session.failure)
+        views = {tuple(v.names): v for v in session.kept_views()}
+        session.close()
+        return views, losses.detach()

@@ -1,0 +1,95 @@
+"""The provider contract: one provider computes one group of needs, once per step, for every
+instrument that asked.
+
+The Cockpit (the hook driver) turns PyTorch hooks into lifecycle events and sends each event to the
+providers whose needs some instrument asked for this step, in registration order, then to the
+instruments. A provider fills its part of the :class:`~cockpit_lite.step.StepRecord`; a need nobody
+asked for costs nothing, because its provider receives no event that step.
+
+Events, in the order they fire within one step (one ``optimizer.step()``):
+
+    begin_step(record)          the model's forward begins (or the loss is the first thing seen)
+    on_loss(record, call)       the loss module returned (``call``: module, args, kwargs, output)
+    on_backward_begin(record)   backward reached the loss (``record.backward_scale`` is set)
+    on_backward_end(record)     backward has finished; the loop has not touched ``p.grad`` yet
+    on_before_step(record)      the optimizer's step pre-hook: ``p.grad`` as the optimizer gets it
+    on_after_step(record)       the parameters are updated
+    end_step()                  the step is over (also when abandoned); release what it held
+    close()                     the cockpit closes
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from cockpit_lite.needs import Needs
+from cockpit_lite.profiling import Costs
+from cockpit_lite.step import StepRecord
+
+
+@dataclass(frozen=True)
+class LossCall:
+    """One call of the loss module: what its forward hook saw."""
+
+    module: nn.Module
+    args: tuple
+    kwargs: Mapping[str, Any]
+    output: Any
+
+
+@dataclass
+class Context:
+    """What every provider may know of the run (built once by the Cockpit)."""
+
+    network: nn.Module  #: the user's module inside DDP/DataParallel/torch.compile wrappers
+    optimizer: torch.optim.Optimizer
+    params: dict[str, nn.Parameter]  #: the trainable parameters the optimizer holds, by name
+    loss_fn: nn.Module | None
+    costs: Costs = field(default_factory=Costs)
+    #: issue a CockpitWarning once per distinct message
+    warn: Callable[[str], None] = print
+
+
+class Provider:
+    """Base class of every provider. Subclasses set :attr:`PROVIDES` (the needs they compute) and
+    override the events they use; :attr:`USES` names needs of other providers they read from the
+    record (those providers are then active too, and run first)."""
+
+    PROVIDES: ClassVar[frozenset[str]] = frozenset()
+    USES: ClassVar[frozenset[str]] = frozenset()
+    #: runs at every tracked step, asked for or not (it must cost next to nothing)
+    ALWAYS: ClassVar[bool] = False
+    #: events reach providers with a lower ORDER first (after the providers they USE)
+    ORDER: ClassVar[int] = 100
+
+    def __init__(self, context: Context):
+        self.context = context
+
+    def begin_step(self, record: StepRecord, needs: Needs) -> None:
+        """A step begins; ``needs`` is everything the scheduled instruments asked for."""
+
+    def on_loss(self, record: StepRecord, call: LossCall) -> None:
+        """The loss module returned."""
+
+    def on_backward_begin(self, record: StepRecord) -> None:
+        """Backward reached the loss (``record.backward_scale`` holds the factor it started from)."""
+
+    def on_backward_end(self, record: StepRecord) -> None:
+        """Backward has finished; ``p.grad`` holds this backward's gradient."""
+
+    def on_before_step(self, record: StepRecord) -> None:
+        """The optimizer is about to step; ``p.grad`` is what it receives."""
+
+    def on_after_step(self, record: StepRecord) -> None:
+        """The optimizer has stepped; parameters are theta_{t+1}."""
+
+    def end_step(self) -> None:
+        """The step is over (completed, or abandoned: a step with a closure); drop what it held."""
+
+    def close(self) -> None:
+        """The cockpit closes: remove hooks, release memory."""

@@ -1,0 +1,52 @@
+"""Need.GRAD_NORMS and Need.BACKWARD_GRAD_NORMS: ||p.grad|| per tensor, as the optimizer receives it
+(after the loop's clipping) and right after backward (before it)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cockpit_lite.compat import foreach_norm
+from cockpit_lite.needs import Need, Needs
+from cockpit_lite.providers import register_provider
+from cockpit_lite.providers.base import Provider
+from cockpit_lite.step import StepRecord
+
+
+def grad_norms(params: dict[str, torch.nn.Parameter]) -> dict[str, float]:
+    """||p.grad|| by name for every parameter with a gradient (one fused norm, one transfer)."""
+    named = [(n, p.grad) for n, p in params.items() if p.grad is not None]
+    if not named:
+        return {}
+    norms = torch.stack(foreach_norm([g for _, g in named])).double().cpu().numpy()
+    return {n: float(v) for (n, _), v in zip(named, norms, strict=True)}
+
+
+@register_provider
+class GradNormsProvider(Provider):
+    """``record.grad_norms`` in the step pre-hook; ``record.backward_grad_norms`` at the end of
+    backward, divided by the factor backward started from (the AMP loss scale)."""
+
+    PROVIDES = frozenset({Need.GRAD_NORMS, Need.BACKWARD_GRAD_NORMS})
+
+    def begin_step(self, record: StepRecord, needs: Needs) -> None:
+        self.after_backward = Need.BACKWARD_GRAD_NORMS in needs.flags
+        self.before_step = Need.GRAD_NORMS in needs.flags
+
+    def on_backward_end(self, record: StepRecord) -> None:
+        if not self.after_backward:
+            return
+        norms = grad_norms(self.context.params)
+        scale = record.backward_scale
+        if scale not in (None, 0.0, 1.0) and math.isfinite(scale):
+            norms = {n: v / scale for n, v in norms.items()}
+        record.backward_grad_norms = norms
+
+    def on_before_step(self, record: StepRecord) -> None:
+        if not self.before_step:
+            return
+        with self.context.costs.region("grad_norms"):
+            record.grad_norms = grad_norms(self.context.params)
+        if not record.grad_norms:
+            record.add_note("no parameter has a gradient: was loss.backward() called?", self.PROVIDES)

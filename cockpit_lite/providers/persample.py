@@ -1,0 +1,168 @@
+"""The per-sample needs: ||g_i||^2, g_i . gbar, Gram entries, materialised g_i, projections onto
+directions known after the step, and the per-layer views for cross products (TracIn probes).
+
+One provider drives the per-sample engine (:mod:`cockpit_lite.persample.engine`): it opens the engine's
+session for the step, tells it the batch and the gradient scale from the loss, checks once that the
+per-sample gradients add up to ``p.grad``, and turns the engine's immutable per-step result into the
+record's numpy fields with one transfer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from cockpit_lite.compat import foreach_norm
+from cockpit_lite.losses import gradient_scale
+from cockpit_lite.needs import Need, Needs
+from cockpit_lite.persample.engine import PER_SAMPLE_NEEDS, PerSampleEngine, PerSampleResult
+from cockpit_lite.providers import register_provider
+from cockpit_lite.providers.base import Context, LossCall, Provider
+from cockpit_lite.step import StepRecord
+
+MISMATCH = (
+    "the per-sample gradients of {listed} do not add up to the gradient autograd accumulated "
+    "(in brackets: ||sum_i g_i||^2 over ||p.grad||^2, scaled by the loss's batch factor; 1 if they "
+    "did). These parameters get gradient from outside the module calls the per-sample engine "
+    "sees: a term added to the loss outside the loss module (a regulariser), a functional use of "
+    "the weight (F.linear(x, layer.weight)), or a hook that rescales gradients. Their per-sample "
+    "statistics describe only the loss module's term through their module; compute the other "
+    "term inside the loss module, or call the module, to have them counted."
+)
+
+
+def rows_to_numpy(tensors: Sequence[torch.Tensor]) -> np.ndarray | list[np.ndarray]:
+    """float64 numpy copies of equally shaped tensors: one (n, ...) array from one transfer when they
+    share a device, else a list."""
+    try:
+        return torch.stack(list(tensors)).double().cpu().numpy()
+    except RuntimeError:  # different devices or shapes
+        return [t.double().cpu().numpy() for t in tensors]
+
+
+@register_provider
+class PerSampleProvider(Provider):
+    PROVIDES = PER_SAMPLE_NEEDS
+    USES = frozenset({Need.LOSS})  # batch size and reduction
+    ORDER = 900  # last: directions are evaluated on the record the other providers filled (the update)
+
+    def __init__(self, context: Context):
+        super().__init__(context)
+        self.engine = PerSampleEngine(
+            context.network, costs=context.costs, params={id(p) for p in context.params.values()}, warn=context.warn
+        )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:  # p.grad is averaged over ranks: no sum to check
+                self.engine.checks_left = 0
+        self.needs = Needs()
+
+    def end_step(self) -> None:
+        self.engine.stop()
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def begin_step(self, record: StepRecord, needs: Needs) -> None:
+        self.needs = needs
+        self.losses_seen = 0
+        self.backward_done = False
+        self.engine.begin(needs)
+        if self.engine.checking and not self._grads_clear():
+            self.engine.skip_check()  # p.grad will hold more than this step's gradient
+
+    def _grads_clear(self) -> bool:
+        grads = [p.grad for p in self.context.params.values() if p.grad is not None]
+        return not grads or not bool(torch.stack(foreach_norm(grads)).any())
+
+    def on_loss(self, record: StepRecord, call: LossCall) -> None:
+        self.losses_seen += 1
+        if self.losses_seen > 1:
+            self.engine.fail(
+                "the loss was computed more than once before optimizer.step() (gradient accumulation?): "
+                "per-sample statistics are skipped for such steps"
+            )
+            return
+        self.engine.set_batch(record.batch_size, 1.0 / gradient_scale(record.reduction, record.batch_size))
+
+    def on_backward_begin(self, record: StepRecord) -> None:
+        scale = record.backward_scale
+        if scale is not None and scale != 1.0:
+            if scale == 0.0 or not np.isfinite(scale):
+                self.engine.fail(f"backward started from the loss times {scale}: per-sample statistics skipped")
+            else:
+                self.engine.rescale(1.0 / scale)
+
+    def on_backward_end(self, record: StepRecord) -> None:
+        self.backward_done = True
+        self.engine.finish_backward()
+        if self.engine.checking:
+            self._check_sums(record)
+
+    def _check_sums(self, record: StepRecord) -> None:
+        """Warn if the per-sample gradients do not add up to p.grad (see PerSampleEngine.check_sums)."""
+        if record.reduction is None or record.batch_size is None:
+            self.engine.skip_check()
+            return
+        scale = record.backward_scale if record.backward_scale is not None else 1.0
+        factor = gradient_scale(record.reduction, record.batch_size) * scale
+        grads = {n: p.grad.detach() for n, p in self.context.params.items() if p.grad is not None}
+        bad = self.engine.check_sums(grads, factor)
+        if bad:
+            listed = ", ".join(f"{' and '.join(names)} ({r:.3g})" for names, r in bad.items())
+            msg = MISMATCH.format(listed=listed)
+            self.context.warn(msg)
+            record.add_note(msg, self.PROVIDES)
+
+    def on_before_step(self, record: StepRecord) -> None:
+        if not self.backward_done:  # no end-of-backward callback fired this step
+            self.engine.finish_backward()
+            self.engine.skip_check()  # the loop may have changed p.grad since backward
+        eng = self.engine
+        if eng.active and eng.failure is None:
+            missing = [n for n, p in self.context.params.items() if p.grad is not None and n not in eng.covered]
+            if missing:
+                self.context.warn(
+                    f"parameters {missing} have gradients but no per-sample contribution was seen (used "
+                    "outside their module's forward?): per-sample statistics exclude them"
+                )
+        if Need.PER_SAMPLE_CROSS in self.needs.flags:
+            record.views = eng.kept_views()
+            record.engine = eng
+
+    @torch.no_grad()
+    def on_after_step(self, record: StepRecord) -> None:
+        record.views = None  # per-layer factors are not kept past the step
+        directions = {}
+        for key, fn in self.needs.directions.items():
+            d = fn(record)
+            if d is not None:
+                directions[key] = d
+        result = self.engine.result(directions)
+        if result.failure is not None:
+            record.add_note(result.failure, self.PROVIDES)
+            return
+        self._fill(record, result)
+
+    def _fill(self, record: StepRecord, result: PerSampleResult) -> None:
+        flags = self.needs.flags
+        for key, proj in result.projections.items():
+            record.projections[key] = proj.double().cpu().numpy()
+        names = list(result.sq_norms) if Need.PER_SAMPLE_SQ_NORMS in flags else []
+        dot_mean = result.dot_mean if Need.PER_SAMPLE_DOT_MEAN in flags else None
+        parts = [result.sq_norms[n] for n in names] + ([dot_mean] if dot_mean is not None else [])
+        rows = rows_to_numpy(parts) if parts else []  # one transfer for all B-vectors
+        if names:
+            record.per_sample_sq_norms_by_param = dict(zip(names, rows[: len(names)], strict=True))
+            record.per_sample_sq_norms = np.sum(rows[: len(names)], axis=0)
+        if dot_mean is not None:
+            record.per_sample_dot_mean = rows[-1]
+            record.mean_grad_sq_norm = float(rows[-1].mean())
+        if flags & {Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM} and result.gram:
+            by_param = {n: v.double().cpu().numpy() for n, v in result.gram.items()}
+            record.per_sample_gram = np.sum(list(by_param.values()), axis=0)
+            if Need.PER_SAMPLE_GRAM_BY_PARAM in flags:
+                record.per_sample_gram_by_param = by_param
+        if Need.PER_SAMPLE_GRADS in flags and result.grads:
+            record.per_sample_grads = dict(result.grads)
