@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -27,15 +26,19 @@ from cockpit_lite.compat import dynamo_hook_guards, queue_backward_callback
 from cockpit_lite.errors import warn
 from cockpit_lite.hooks import SharedHook
 from cockpit_lite.instrument import Instrument
+from cockpit_lite.lifecycle import Guard, Step
 from cockpit_lite.losses import check_loss_module
-from cockpit_lite.needs import Needs
 from cockpit_lite.pause import is_paused, paused  # noqa: F401  (re-exported)
-from cockpit_lite.profiling import Costs, Profiler, cost_records
-from cockpit_lite.providers import Context, LossCall, closure, registered_providers
+from cockpit_lite.profiling import Costs, Profiler
+from cockpit_lite.providers import Context, LossCall, registered_providers
 from cockpit_lite.records import History
 from cockpit_lite.sinks.base import RunContext, Sink
-from cockpit_lite.step import StepRecord
 from cockpit_lite.unwrap import unwrap
+
+CLOSURE = (
+    "optimizer.step(closure) runs backward inside step(), after the cockpit's step pre-hook: such steps are "
+    "not tracked (training is unaffected). Call loss.backward() before optimizer.step() to track them."
+)
 
 
 def _guarded(fn: Callable) -> Callable:
@@ -83,7 +86,7 @@ class Cockpit:
         profile: bool | Callable[[int], Any] = False,
     ):
         self._warned: set[str] = set()
-        self._closed, self._in_step, self.step, self._providers = False, False, 0, []
+        self._closed, self.step, self._step = False, 0, None
         with contextlib.ExitStack() as undo:
             #: the user's module inside DDP/DataParallel/torch.compile wrappers: names and hooks see it
             self.network, compiled = unwrap(model)
@@ -98,9 +101,10 @@ class Cockpit:
             profiling = profile is not False and profile is not None
             trace_dir = attach.profile_dir(self.logdir, self.sinks) if profiling else None
             self.history, self.costs = History(), Costs()
+            self._guard = Guard(self._warn, self.costs)
             context = Context(self.network, optimizer, self.params, loss_fn, self.costs, self._warn)
             self.providers = [cls(context) for cls in registered_providers()]
-            undo.callback(self._each, self.providers, "close")
+            undo.callback(self._guard.each, self.providers, "close")
             for inst in self.instruments:
                 inst.on_attach(self.network, optimizer)
             hooks = [
@@ -109,7 +113,7 @@ class Cockpit:
                 optimizer.register_step_pre_hook(SharedHook(self._on_before_step)),
                 optimizer.register_step_post_hook(SharedHook(self._on_after_step)),
             ]
-            undo.callback(self._each, hooks, "remove")
+            undo.callback(self._guard.each, hooks, "remove")
             self.context = RunContext(logdir=self.logdir, history=self.history, instruments=tuple(self.instruments))
             from cockpit_lite.emitter import Emitter
 
@@ -120,6 +124,7 @@ class Cockpit:
                 self.emitter.sinks.append(sink)  # closed by the emitter from now on
             self.profiler = Profiler(trace_dir, None if profile is True else profile) if trace_dir else None
             undo.callback(self._close_profiler)
+            self._fields = dict(params=self.params, loss_fn=loss_fn, logdir=self.logdir)
             self._undo = undo.pop_all()
 
     # --- the public API --------------------------------------------------------------------------------
@@ -143,7 +148,7 @@ class Cockpit:
         self._closed = True
         final: dict[Any, Any] = {}
         for inst in self.instruments:
-            final.update(self._call(inst, "on_close") or {})
+            final.update(self._guard.instrument(inst, "on_close") or {})
         if final:
             self.emitter.emit(max(self.step - 1, 0), final)
         self._undo.close()
@@ -158,7 +163,7 @@ class Cockpit:
 
     def verdicts(self) -> list[str]:
         """Plain-language statements from every instrument that makes them (e.g. the learning rate)."""
-        return [v for inst in self.instruments for v in (self._call(inst, "verdicts") or [])]
+        return [v for inst in self.instruments for v in (self._guard.instrument(inst, "verdicts") or [])]
 
     def state_dict(self) -> dict[str, Any]:
         """The step count and every instrument's state (by key), to resume a run from a checkpoint."""
@@ -178,156 +183,85 @@ class Cockpit:
             self._warned.add(msg)
             warn(msg, stacklevel=4)
 
-    def _each(self, objects: Sequence[Any], method: str) -> None:
-        for obj in objects:
-            try:
-                getattr(obj, method)()
-            except Exception as e:
-                self._warn(f"{type(obj).__name__}.{method} failed ({type(e).__name__}: {e})")
-
     def _close_profiler(self) -> None:
         if self.profiler is not None:
-            self._each([self.profiler], "close")
+            self._guard.each([self.profiler], "close")
 
-    def _call(self, inst: Instrument, hook: str, *args: Any) -> Any:
-        """An instrument's hook; its exception is reported once and the others run on."""
-        try:
-            with self.costs.region(inst.key) if hook in ("on_before_step", "compute") else contextlib.nullcontext():
-                return getattr(inst, hook)(*args)
-        except Exception as e:
-            self._warn(f"{inst.key}.{hook} failed: {type(e).__name__}: {e}")
-            return None
+    def _begin(self) -> Step:
+        self._step = Step(self.step, self.instruments, self.providers, self._guard, **self._fields)
+        return self._step
 
-    def _event(self, name: str, *args: Any) -> None:
-        """Send a lifecycle event to this step's providers, then (sealed record) to its instruments."""
-        rec = self._record
-        for provider in self._providers:
-            try:
-                getattr(provider, name)(rec, *args)
-            except Exception as e:
-                self._warn(f"{type(provider).__name__}.{name} failed ({type(e).__name__}: {e})")
-                rec.add_note(f"{type(provider).__name__} failed: {e}", provider.PROVIDES)
-        hook = {"on_backward_end": "on_after_backward", "on_before_step": "on_before_step"}.get(name)
-        if hook:
-            rec.seal()
-            for inst in self._active:
-                self._call(inst, hook, rec)
-            rec.seal(False)
-
-    # --- lifecycle -------------------------------------------------------------------------------------
-    def _begin_step(self) -> None:
-        self._in_step, self._skip, self._backward_done = True, False, False
-        self._t0 = time.perf_counter()
-        self.costs.reset()
-        self._active, self._asked, needs = [], {}, Needs()
-        for inst in self.instruments:
-            asked = self._call(inst, "requires", self.step)
-            if asked is None or not (asked or inst.scheduled(self.step)):
-                continue
-            clash = Needs(set(needs.flags), dict(needs.directions)).merge(asked)
-            if clash:
-                self._warn(f"{inst.key} asks for projections under the key(s) {clash} that another instrument "
-                           "uses for another direction: it is skipped; give it name='...'")  # fmt: skip
-                continue
-            needs.merge(asked)
-            self._active.append(inst)
-            self._asked[inst.key] = asked.names()
-        wanted = closure(needs.names()) if self._active else set()
-        self._providers = [p for p in self.providers if type(p) in wanted or getattr(p, "ALWAYS", False)]
-        if not self._active:
-            self._providers = []
-        self._record = StepRecord(step=self.step, params=self.params, loss_fn=self.loss_fn, logdir=self.logdir)
-        for provider in self._providers:
-            provider.begin_step(self._record, needs)
-
+    # --- hooks: when things happen ---------------------------------------------------------------------
     @_guarded
     def _on_model_forward(self, module: nn.Module, args: Any) -> None:
         if is_paused() or module is not self.model:  # a deepcopy of the model carries our hooks
             return
-        if self._in_step and self._backward_done and all(p.grad is None for p in self.params.values()):
-            self._in_step = False  # backward ran, grads were zeroed, no step came: AMP skipped it; retry
-        if not self._in_step:
-            self._begin_step()
+        st = self._step
+        if st is not None and st.backward_done and all(p.grad is None for p in self.params.values()):
+            st.end()  # backward ran, grads were zeroed, no step came: AMP skipped it; this is a retry
+            st = None
+        if st is None:
+            self._begin()
 
     @_guarded
     def _on_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if is_paused() or module is not self.loss_fn:
             return
-        if not self._in_step:
-            self._begin_step()
-        if self._skip or not self._active or not torch.is_tensor(output) or not output.requires_grad:
+        st = self._step or self._begin()
+        if st.skip or not st.active or not torch.is_tensor(output) or not output.requires_grad:
             return  # nothing tracked, or an evaluation under no_grad
         with self.costs.region("loss"):
-            first = self._record.loss is None
-            self._event("on_loss", LossCall(module, args, kwargs, output))
+            first = st.record.loss is None
+            st.event("on_loss", LossCall(module, args, kwargs, output))
             if first:  # fires when backward reaches the loss
                 output.register_hook(self._on_backward_begin)
 
     @_guarded
     def _on_backward_begin(self, grad: torch.Tensor | None) -> None:
         """``grad``: the factor backward started from (1, or AMP's loss scale)."""
-        scale = float(grad) if grad is not None and grad.numel() == 1 else None
-        self._record.backward_scale = scale
-        self._event("on_backward_begin")
-        queue_backward_callback(self._on_backward_end)
+        if self._step is not None:
+            self._step.record.backward_scale = float(grad) if grad is not None and grad.numel() == 1 else None
+            self._step.event("on_backward_begin")
+            queue_backward_callback(self._on_backward_end)
 
     @_guarded
     def _on_backward_end(self) -> None:
-        if self._in_step and self._active:
-            self._backward_done = True
+        st = self._step
+        if st is not None and st.active:
+            st.backward_done = True
             with self.costs.region("after_backward"):
-                self._event("on_backward_end")
+                st.event("on_backward_end")
 
     @_guarded
     def _on_before_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         if is_paused() or optimizer is not self.optimizer:
             return
         if any(callable(a) for a in args[1:]) or kwargs.get("closure") is not None:
-            if not self._in_step:  # the closure's forward must not open a step of its own
-                self._begin_step()
-            self._skip = True
-            self._each(self._providers, "end_step")
-            self._warn("optimizer.step(closure) runs backward inside step(), after the cockpit's step pre-hook: "
-                       "such steps are not tracked (training is unaffected). Call loss.backward() before "
-                       "optimizer.step() to track them.")  # fmt: skip
-            return
-        if self._in_step and self._active:
+            st = self._step or self._begin()  # the closure's forward must not open a step of its own
+            st.skip = True
+            st.end()
+            self._warn(CLOSURE)
+        elif self._step is not None and self._step.active:
             with self.costs.region("before_step"):
-                self._event("on_before_step")
+                self._step.event("on_before_step")
 
     @_guarded
     def _on_after_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
-        if not self._in_step or is_paused() or optimizer is not self.optimizer:
+        st = self._step
+        if st is None or is_paused() or optimizer is not self.optimizer:
             return
+        self._step = None
+        self.step += 1
         try:
-            if not self._skip and self._active:
-                self._complete_step()
+            if not st.skip and st.active:
+                records = st.complete()
+                records.update(self.emitter.late_sink_cost())
+                self.emitter.emit(st.record.step, records)
         finally:
-            self._in_step = False
-            self.step += 1
-            self._each(self._providers, "end_step")
+            st.end()
             if self.profiler is not None:
                 try:
                     self.profiler.step()
                 except Exception as e:
                     self._warn(f"torch.profiler failed ({e}); profiling stops, training goes on")
                     self.profiler = None
-
-    def _complete_step(self) -> None:
-        rec = self._record
-        with self.costs.region("after_step"):
-            self._event("on_after_step")
-        rec.seal()
-        records: dict[Any, Any] = {}
-        for inst in self._active:
-            records.update(self._call(inst, "compute", rec) or {})
-            notes = [t for t, needs in zip(rec.notes, rec.note_needs, strict=True) if self._concerns(inst, needs)]
-            notes += inst.take_notes()
-            if notes:
-                records[f"note/{inst.key}"] = "; ".join(notes)
-        records.update(cost_records(self.costs, (time.perf_counter() - self._t0) * 1e3))
-        records.update(self.emitter.late_sink_cost())
-        self.emitter.emit(rec.step, records)
-
-    def _concerns(self, inst: Instrument, needs: frozenset) -> bool:
-        return not needs or bool(self._asked[inst.key] & needs)

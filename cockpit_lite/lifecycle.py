@@ -1,0 +1,117 @@
+"""One optimizer step as the Cockpit drives it: which instruments are scheduled, which providers run,
+and the events in their order. The Cockpit's hooks say *when*; a :class:`Step` says *to whom*.
+
+Events reach the step's providers first (in registration order, a provider after those it uses), then,
+for the two events instruments hear (``on_after_backward`` and ``on_before_step``), the instruments with
+the record sealed. ``complete()`` asks each instrument for its records and adds its notes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cockpit_lite.instrument import Instrument
+from cockpit_lite.needs import Needs
+from cockpit_lite.profiling import Costs, cost_records
+from cockpit_lite.providers import Provider, closure
+from cockpit_lite.step import StepRecord
+
+#: provider events that instruments hear too, under their own hook names
+INSTRUMENT_HOOKS = {"on_backward_end": "on_after_backward", "on_before_step": "on_before_step"}
+
+
+class Guard:
+    """Calls into instruments, providers and sinks; an exception becomes one warning, never the loop's."""
+
+    def __init__(self, warn: Callable[[str], None], costs: Costs):
+        self.warn, self.costs = warn, costs
+
+    def instrument(self, inst: Instrument, hook: str, *args: Any) -> Any:
+        timed = hook in ("on_before_step", "compute")
+        try:
+            with self.costs.region(inst.key) if timed else contextlib.nullcontext():
+                return getattr(inst, hook)(*args)
+        except Exception as e:
+            self.warn(f"{inst.key}.{hook} failed: {type(e).__name__}: {e}")
+            return None
+
+    def each(self, objects: Sequence[Any], method: str, *args: Any) -> None:
+        for obj in objects:
+            try:
+                getattr(obj, method)(*args)
+            except Exception as e:
+                self.warn(f"{type(obj).__name__}.{method} failed ({type(e).__name__}: {e})")
+
+
+class Step:
+    """Step ``number``: its scheduled instruments, their needs, the providers of those, the record."""
+
+    def __init__(
+        self, number: int, instruments: Sequence[Instrument], providers: Sequence[Provider], guard: Guard, **fields: Any
+    ):
+        self.guard, self.t0 = guard, time.perf_counter()
+        self.skip = self.backward_done = False
+        guard.costs.reset()
+        self.active: list[Instrument] = []
+        self.asked: dict[str, set[str]] = {}
+        needs = Needs()
+        for inst in instruments:
+            asked = guard.instrument(inst, "requires", number)
+            if asked is None or not (asked or inst.scheduled(number)):
+                continue
+            clash = Needs(set(needs.flags), dict(needs.directions)).merge(asked)
+            if clash:
+                guard.warn(
+                    f"{inst.key} asks for projections under the key(s) {clash}, which another instrument uses "
+                    "for another direction: it is skipped; give one of them name='...'"
+                )
+                continue
+            needs.merge(asked)
+            self.active.append(inst)
+            self.asked[inst.key] = asked.names()
+        wanted = closure(needs.names()) if self.active else set()
+        self.providers = [p for p in providers if self.active and (type(p) in wanted or p.ALWAYS)]
+        self.record = StepRecord(step=number, **fields)
+        guard.each(self.providers, "begin_step", self.record, needs)
+
+    def event(self, name: str, *args: Any) -> None:
+        """Send a lifecycle event to the providers, then (record sealed) to the instruments that hear it."""
+        rec = self.record
+        for provider in self.providers:
+            try:
+                getattr(provider, name)(rec, *args)
+            except Exception as e:
+                self.guard.warn(f"{type(provider).__name__}.{name} failed ({type(e).__name__}: {e})")
+                rec.add_note(f"{type(provider).__name__} failed: {e}", provider.PROVIDES)
+        hook = INSTRUMENT_HOOKS.get(name)
+        if hook:
+            rec.seal()
+            for inst in self.active:
+                self.guard.instrument(inst, hook, rec)
+            rec.seal(False)
+
+    def complete(self) -> dict[Any, Any]:
+        """The records of the step: every instrument's, their notes, and the step's costs."""
+        rec = self.record
+        with self.guard.costs.region("after_step"):
+            self.event("on_after_step")
+        rec.seal()
+        records: dict[Any, Any] = {}
+        for inst in self.active:
+            records.update(self.guard.instrument(inst, "compute", rec) or {})
+            notes = [t for t, needs in zip(rec.notes, rec.note_needs, strict=True) if self._concerns(inst, needs)]
+            notes += inst.take_notes()
+            if notes:
+                records[f"note/{inst.key}"] = "; ".join(notes)
+        records.update(cost_records(self.guard.costs, (time.perf_counter() - self.t0) * 1e3))
+        return records
+
+    def end(self) -> None:
+        """The step is over (completed or abandoned): providers release what it held."""
+        self.guard.each(self.providers, "end_step")
+
+    def _concerns(self, inst: Instrument, needs: frozenset) -> bool:
+        return not needs or bool(self.asked[inst.key] & needs)
