@@ -1,6 +1,7 @@
 """cockpit-lite: training diagnostics for PyTorch, attached by hooks alone."""
 
 from cockpit_lite.cockpit import Cockpit
+from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.instrument import Instrument
 from cockpit_lite.io import load
 from cockpit_lite.needs import Need, Needs
@@ -8,5 +9,5 @@ from cockpit_lite.pause import paused
 from cockpit_lite.records import History
 from cockpit_lite.step import StepRecord
 
-__all__ = ["Cockpit", "paused", "Instrument", "Need", "Needs", "History", "StepRecord", "load"]
+__all__ = ["Cockpit", "CockpitWarning", "paused", "Instrument", "Need", "Needs", "History", "StepRecord", "load"]
 __version__ = "0.1.0"

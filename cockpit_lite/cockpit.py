@@ -13,7 +13,6 @@ their records to one emitter (docs/design.md draws the flow).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -23,10 +22,11 @@ from torch import nn
 
 from cockpit_lite import attach
 from cockpit_lite.compat import dynamo_hook_guards, queue_backward_callback
+from cockpit_lite.emitter import Emitter
 from cockpit_lite.errors import warn
 from cockpit_lite.hooks import SharedHook
 from cockpit_lite.instrument import Instrument
-from cockpit_lite.lifecycle import Guard, Step
+from cockpit_lite.lifecycle import CLOSURE, Guard, Step, guarded
 from cockpit_lite.losses import check_loss_module
 from cockpit_lite.pause import is_paused, paused  # noqa: F401  (re-exported)
 from cockpit_lite.profiling import Costs, Profiler
@@ -34,25 +34,6 @@ from cockpit_lite.providers import Context, LossCall, registered_providers
 from cockpit_lite.records import History
 from cockpit_lite.sinks.base import RunContext, Sink
 from cockpit_lite.unwrap import unwrap
-
-CLOSURE = (
-    "optimizer.step(closure) runs backward inside step(), after the cockpit's step pre-hook: such steps are "
-    "not tracked (training is unaffected). Call loss.backward() before optimizer.step() to track them."
-)
-
-
-def _guarded(fn: Callable) -> Callable:
-    """No exception from the cockpit's work reaches the training loop: it becomes one warning."""
-
-    @functools.wraps(fn)
-    def wrapper(self: Cockpit, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(self, *args, **kwargs)
-        except Exception as e:
-            self._warn(f"{fn.__name__.strip('_')} failed ({type(e).__name__}: {e}); training is unaffected")
-            return None
-
-    return wrapper
 
 
 class Cockpit:
@@ -114,13 +95,11 @@ class Cockpit:
                 optimizer.register_step_post_hook(SharedHook(self._on_after_step)),
             ]
             undo.callback(self._guard.each, hooks, "remove")
-            self.context = RunContext(logdir=self.logdir, history=self.history, instruments=tuple(self.instruments))
-            from cockpit_lite.emitter import Emitter
-
+            run = RunContext(logdir=self.logdir, history=self.history, instruments=tuple(self.instruments))
             self.emitter = Emitter(self.history, [], self._warn)
             undo.callback(self.emitter.close)
             for sink in self.sinks:
-                sink.open(self.context)
+                sink.open(run)
                 self.emitter.sinks.append(sink)  # closed by the emitter from now on
             self.profiler = Profiler(trace_dir, None if profile is True else profile) if trace_dir else None
             undo.callback(self._close_profiler)
@@ -192,7 +171,7 @@ class Cockpit:
         return self._step
 
     # --- hooks: when things happen ---------------------------------------------------------------------
-    @_guarded
+    @guarded
     def _on_model_forward(self, module: nn.Module, args: Any) -> None:
         if is_paused() or module is not self.model:  # a deepcopy of the model carries our hooks
             return
@@ -203,7 +182,7 @@ class Cockpit:
         if st is None:
             self._begin()
 
-    @_guarded
+    @guarded
     def _on_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if is_paused() or module is not self.loss_fn:
             return
@@ -216,7 +195,7 @@ class Cockpit:
             if first:  # fires when backward reaches the loss
                 output.register_hook(self._on_backward_begin)
 
-    @_guarded
+    @guarded
     def _on_backward_begin(self, grad: torch.Tensor | None) -> None:
         """``grad``: the factor backward started from (1, or AMP's loss scale)."""
         if self._step is not None:
@@ -224,7 +203,7 @@ class Cockpit:
             self._step.event("on_backward_begin")
             queue_backward_callback(self._on_backward_end)
 
-    @_guarded
+    @guarded
     def _on_backward_end(self) -> None:
         st = self._step
         if st is not None and st.active:
@@ -232,7 +211,7 @@ class Cockpit:
             with self.costs.region("after_backward"):
                 st.event("on_backward_end")
 
-    @_guarded
+    @guarded
     def _on_before_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         if is_paused() or optimizer is not self.optimizer:
             return
@@ -245,7 +224,7 @@ class Cockpit:
             with self.costs.region("before_step"):
                 self._step.event("on_before_step")
 
-    @_guarded
+    @guarded
     def _on_after_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         st = self._step
         if st is None or is_paused() or optimizer is not self.optimizer:

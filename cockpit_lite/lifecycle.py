@@ -9,6 +9,7 @@ the record sealed. ``complete()`` asks each instrument for its records and adds 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,8 +20,28 @@ from cockpit_lite.profiling import Costs, cost_records
 from cockpit_lite.providers import Provider, closure
 from cockpit_lite.step import StepRecord
 
+CLOSURE = (
+    "optimizer.step(closure) runs backward inside step(), after the cockpit's step pre-hook: such steps are "
+    "not tracked (training is unaffected). Call loss.backward() before optimizer.step() to track them."
+)
+
 #: provider events that instruments hear too, under their own hook names
 INSTRUMENT_HOOKS = {"on_backward_end": "on_after_backward", "on_before_step": "on_before_step"}
+
+
+def guarded(fn: Callable) -> Callable:
+    """For the Cockpit's hooks: no exception from the cockpit's work reaches the training loop; it
+    becomes one warning (``self._warn``)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as e:
+            self._warn(f"{fn.__name__.strip('_')} failed ({type(e).__name__}: {e}); training is unaffected")
+            return None
+
+    return wrapper
 
 
 class Guard:

@@ -1,0 +1,123 @@
+"""One test per private PyTorch call in cockpit_lite/compat.py: when torch moves one, this says which."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cockpit_lite import compat
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tree_flatten_and_map():
+    leaves, _ = compat.tree_flatten((torch.ones(1), {"a": torch.zeros(2)}, [3]))
+    assert len(leaves) == 3
+    out = compat.tree_map(lambda t: t * 2 if torch.is_tensor(t) else t, {"a": torch.ones(1), "b": 1})
+    assert out["a"].item() == 2.0 and out["b"] == 1
+
+
+def test_norm_base_classes():
+    assert isinstance(nn.BatchNorm2d(3), compat.BatchNormBase) and isinstance(nn.SyncBatchNorm(3), compat.BatchNormBase)
+    assert isinstance(nn.InstanceNorm1d(3), compat.InstanceNormBase)
+
+
+def test_foreach_norm_and_copy():
+    ts = [torch.randn(3, 4), torch.randn(5)]
+    got = compat.foreach_norm(ts)
+    assert all(torch.allclose(g, t.norm()) for g, t in zip(got, ts, strict=True))
+    dst = [torch.empty_like(t) for t in ts]
+    compat.foreach_copy_(dst, ts)
+    assert all(torch.equal(d, t) for d, t in zip(dst, ts, strict=True))
+
+
+def test_queue_backward_callback_runs_after_the_whole_backward():
+    w = torch.randn(3, requires_grad=True)
+    seen = []
+    y = (w * 2).sum()
+    y.register_hook(lambda g: compat.queue_backward_callback(lambda: seen.append(w.grad.clone())))
+    y.backward()
+    assert len(seen) == 1 and torch.equal(seen[0], torch.full((3,), 2.0))
+
+
+def test_profiler_enabled():
+    assert compat.profiler_enabled() is False
+    with torch.profiler.profile():
+        assert compat.profiler_enabled() is True
+
+
+def test_compiled_inner():
+    net = nn.Linear(2, 2)
+    assert compat.compiled_inner(torch.compile(net, backend="eager")) is net
+    assert compat.compiled_inner(net) is None
+
+
+def test_conv_forward_and_padding():
+    conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")
+    x, w = torch.randn(2, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    expected = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), w)
+    torch.testing.assert_close(compat.conv_forward(conv, x, w), expected)
+    torch.testing.assert_close(compat.pad_like_conv(conv, x), F.pad(x, (1, 1, 1, 1), mode="reflect"))
+    assert tuple(compat.conv_reversed_padding(conv)) == (1, 1, 1, 1)
+
+
+def test_conv_weight_grad_matches_autograd():
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2, bias=False)
+    x = torch.randn(3, 4, 9, 9)
+    out = conv(x)
+    g = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(out, conv.weight, g)
+    got = compat.conv_weight_grad(g, x, conv.weight.shape, (2, 2), (1, 1), (1, 1), 2)
+    torch.testing.assert_close(got, expected)
+
+
+def test_dynamo_hook_guards_set_and_restore():
+    config = torch._dynamo.config
+    before = config.skip_nnmodule_hook_guards
+    with compat.dynamo_hook_guards():
+        assert config.skip_nnmodule_hook_guards is False
+    assert config.skip_nnmodule_hook_guards == before
+
+
+def test_dataloader_iterator_and_index_sampler():
+    loader = DataLoader(TensorDataset(torch.arange(6.0)), batch_size=2, num_workers=1, persistent_workers=True)
+    assert compat.dataloader_iterator(loader) is None
+    list(loader)
+    it = compat.dataloader_iterator(loader)
+    assert it is not None and hasattr(it, "_index_sampler")
+    compat.set_index_sampler(it, [[5, 4]])
+    assert it._index_sampler == [[5, 4]]
+
+
+def test_no_private_torch_call_outside_compat():
+    """Private torch names (torch._x, module._x of torch objects) appear only in compat.py."""
+    private = ("torch._", "._execution_engine", "._conv_forward", "._reversed_padding", "._orig_mod", "._iterator",
+               "._index_sampler", "_BatchNorm", "_InstanceNorm", "_pytree", "_foreach_")  # fmt: skip
+    for path in list((ROOT / "cockpit_lite").rglob("*.py")) + list((ROOT / "instruments").rglob("*.py")):
+        if path.name == "compat.py":
+            continue
+        code = "\n".join(
+            line for line in path.read_text().splitlines() if not line.lstrip().startswith(("#", '"', "'"))
+        )
+        for name in private:
+            assert name not in code, f"{path.relative_to(ROOT)} uses {name}: route it through cockpit_lite/compat.py"
+
+
+def test_every_warning_the_package_issues_is_a_cockpit_warning():
+    """warnings.warn(...) in the package always names CockpitWarning (users filter one class)."""
+    for path in list((ROOT / "cockpit_lite").rglob("*.py")) + list((ROOT / "instruments").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "warnings.warn":
+                category = (
+                    node.args[1]
+                    if len(node.args) > 1
+                    else next((k.value for k in node.keywords if k.arg == "category"), None)
+                )
+                assert category is not None and ast.unparse(category) == "CockpitWarning", (
+                    f"{path.relative_to(ROOT)}:{node.lineno} warns without CockpitWarning"
+                )
