@@ -103,12 +103,16 @@ def train(model, optimizer, loss_fn, cockpit, start: int, stop: int) -> None:
 
 
 def save(path: str | os.PathLike, model, optimizer, cockpit) -> None:
+    """The checkpoint of docs/quickstart.md, "Resuming a run", with the length of the run's JSON lines
+    so far (to resume into the same logdir after cutting what the interrupted run wrote later)."""
+    jsonl = Path(cockpit.logdir, "cockpit.jsonl")
     torch.save(
         {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "rng": torch.get_rng_state(),
             "cockpit": cockpit.state_dict(),
+            "jsonl_bytes": jsonl.stat().st_size if jsonl.exists() else 0,
         },
         path,
     )

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -181,6 +182,22 @@ def test_leaving_out_any_instrument_state_breaks_the_match(runs, tmp_path, drop)
     else:
         assert diff, f"dropping {drop}'s state changed no record"
         assert all(d.startswith(STATEFUL[drop]) for d in diff), diff
+
+
+def test_resume_into_the_same_logdir(runs, tmp_path):
+    """The recipe of docs/quickstart.md: cut the interrupted run's JSON lines back to their length at the
+    checkpoint and resume into the same logdir; the file then reads back as the uninterrupted run's,
+    every step of it."""
+    logdir = tmp_path / "run"
+    shutil.copytree(runs.dir / "part", logdir)  # the interrupted run wrote on after the checkpoint (its close)
+    checkpoint = runs.dir / "checkpoint.pt"
+    with open(logdir / "cockpit.jsonl", "r+b") as f:
+        f.truncate(torch.load(checkpoint, weights_only=True)["jsonl_bytes"])
+    with torch.random.fork_rng():
+        R.resume(checkpoint, logdir, tmp_path / "ck", R.STEPS)
+    resumed = load(logdir)
+    assert differences(runs.full, resumed, 0) == []
+    assert {t for t in resumed if not t.startswith("cost/")} == {t for t in runs.full if not t.startswith("cost/")}
 
 
 # --- each instrument's state: round trip, contents, other settings -----------------------------------------
