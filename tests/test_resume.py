@@ -314,14 +314,13 @@ def test_clipping_state():
     # a shorter window keeps the most recent norms; the next step's suggestion is over the last two of
     # them and its own norm
     short = Clipping(kinds=("global",), window=3)
-    loaded = short_state = _roundtrip(state)
+    loaded = _roundtrip(state)
     c2, _, _ = _train([short], 1, setup=lambda: short.load_state_dict(loaded))
     new = c2.history["clip/global/norm"][0][1]
     want = np.quantile(norms[-2:] + [new], [0.5, 0.9])
     got = [c2.history[f"clip/suggest/global/{k}"][0][1] for k in ("p50", "p90")]
     np.testing.assert_allclose(got, want, rtol=1e-12)
     np.testing.assert_array_equal(short.state_dict()["global_norms"].numpy()[:, 0], norms[-2:] + [new])
-    assert short_state["suggest"] == [0.5, 0.9]
     # other suggestion levels are refused, naming the fix
     with pytest.raises(ValueError, match=r"suggest=\(0.5, 0.9\)"):
         Clipping(suggest=(0.5,)).load_state_dict(_roundtrip(state))
