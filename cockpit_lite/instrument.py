@@ -105,13 +105,18 @@ class Instrument:
 
     # --- state (resuming a run) -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything this instrument carries between steps, to resume a run from a checkpoint: plain
-        Python values, numpy arrays and tensors (``torch.save``-able, loadable with
-        ``weights_only=True``). Stateless instruments return ``{}``."""
+        """Everything this instrument carries between steps, to resume a run from a checkpoint: tensors
+        and Python numbers, strings, bools, None, lists, tuples and dicts of those, so that
+        ``torch.load(..., weights_only=True)`` reads it back (numpy arrays and numpy scalars are
+        refused there: convert them, ``torch.from_numpy(a.copy())``, ``float(x)``). Stateless
+        instruments return ``{}``."""
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned; the next step continues as if never interrupted."""
+        """Restore what :meth:`state_dict` returned; the next step continues as if never interrupted.
+        Called after :meth:`on_attach` when the cockpit is built first (tensors may come from another
+        device: place them like the parameters). A state that does not fit this instance's settings or
+        model is either adapted (say how in the docstring) or refused with a ``ValueError`` naming the fix."""
 
     def verdicts(self) -> list[str]:
         """Plain-language statements about the run so far (for example a learning-rate verdict)."""

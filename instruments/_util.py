@@ -31,3 +31,8 @@ def sorted_quantiles(s: np.ndarray, levels: Sequence[float]) -> np.ndarray:
     t = (pos - lo).reshape((-1,) + (1,) * (s.ndim - 1))
     out = s[lo] + (s[hi] - s[lo]) * t
     return np.where(np.isnan(s[-1]), np.nan, out)
+
+
+def refuse_state(instrument: str, what: str, fix: str) -> ValueError:
+    """The error for a saved state that does not fit this instrument (another model, other settings)."""
+    return ValueError(f"{instrument}.load_state_dict: {what}. {fix}")

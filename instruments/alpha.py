@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from cockpit_lite.instruments._util import refuse_state
 
 from cockpit_lite import Instrument, Need, Needs, StepRecord
 from cockpit_lite.compat import foreach_copy_
@@ -196,6 +198,7 @@ class Alpha(Instrument):
         self.counts: dict[str, int] = {}
         self._last_step = 0
         self._update_copy: dict[str, torch.Tensor] | None = None
+        self._params: dict[str, torch.Tensor] | None = None  # the model's, to place a loaded update
         self._start_fn = lambda rec: rec.update
         self._end_fn = lambda rec: self._pending.update if self._pending is not None else None
 
@@ -206,6 +209,60 @@ class Alpha(Instrument):
             self._update_copy = {n: torch.empty_like(t) for n, t in update.items()}
         foreach_copy_(list(self._update_copy.values()), list(update.values()))
         return self._update_copy
+
+    def on_attach(self, model, optimizer) -> None:
+        self._params = dict(model.named_parameters())
+        if self._pending is not None:  # a state loaded before attaching
+            self._pending.update = self._update_copy = self._placed(self._pending.update)
+
+    # --- state (resuming a run) ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``pending``: the start point awaiting its end point (None if none): its step, step length
+        s, point statistics and the update d_t (a copy, D floats, on the parameters' device);
+        ``alphas``: the window of finite alphas, oldest first; ``since_verdict``, ``counts`` (steps by
+        status) and ``last_step``."""
+        pending = None
+        if self._pending is not None:
+            p = self._pending
+            update = {n: t.detach().clone() for n, t in p.update.items()}
+            pending = {"step": p.step, "s": p.s, "stats": dict(p.stats), "update": update}
+        return {
+            "pending": pending,
+            "alphas": list(self._alphas),
+            "since_verdict": self._since_verdict,
+            "counts": dict(self.counts),
+            "last_step": self._last_step,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`. With another ``window`` the most recent alphas that fit are
+        kept; the pending update is moved to the parameters' device and dtype."""
+        pending = state["pending"]
+        start = None
+        if pending is not None:
+            update = {str(n): t.detach().clone() for n, t in pending["update"].items()}
+            stats = {str(k): float(v) for k, v in pending["stats"].items()}
+            start = _Start(int(pending["step"]), float(pending["s"]), self._placed(update), stats)
+        self._pending = start
+        self._update_copy = start.update if start is not None else None
+        self._alphas = deque((float(a) for a in state["alphas"]), maxlen=self.window)
+        self._since_verdict = int(state["since_verdict"])
+        self.counts = {str(k): int(v) for k, v in state["counts"].items()}
+        self._last_step = int(state["last_step"])
+
+    def _placed(self, update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A loaded update on its parameters' device and dtype; refused if it does not fit the model."""
+        if self._params is None:  # not attached yet: on_attach places it
+            return update
+        bad = sorted(n for n, t in update.items() if n not in self._params or self._params[n].shape != t.shape)
+        if bad:
+            raise refuse_state(
+                "Alpha",
+                f"the saved update has parameters {bad} that this model does not have (or of another shape)",
+                "Load the state saved from this model, or leave 'alpha' out of the state to start Alpha afresh "
+                "(the alpha of the step before the checkpoint is then not recorded).",
+            )
+        return {n: t.to(device=self._params[n].device, dtype=self._params[n].dtype) for n, t in update.items()}
 
     @property
     def _start_key(self) -> str:

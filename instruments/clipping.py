@@ -31,11 +31,12 @@ only (docs/clipping.md, docs/performance.md).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from cockpit_lite.instruments._util import QUANTILES, sorted_quantiles
+from cockpit_lite.instruments._util import QUANTILES, refuse_state, sorted_quantiles
 from cockpit_lite.instruments.agc import GRAD_NORM_FLOOR, check_positive, final_layer, unitwise_norm
 
 from cockpit_lite import Instrument, Need, Needs
@@ -83,6 +84,19 @@ class _Window:
         self.i = (self.i + 1) % len(self.buf)
         self.n = min(self.n + 1, len(self.buf))
         return self.buf[: self.n]
+
+    def rows(self) -> np.ndarray:
+        """The rows held, oldest first."""
+        if self.n < len(self.buf):
+            return self.buf[: self.n].copy()
+        return np.concatenate([self.buf[self.i :], self.buf[: self.i]])
+
+    def load(self, rows: np.ndarray) -> None:
+        """Hold ``rows`` (oldest first); the oldest ones are dropped if the window is shorter."""
+        rows = np.asarray(rows, dtype=np.float64).reshape(-1, self.buf.shape[1])[-len(self.buf) :]
+        self.n = len(rows)
+        self.buf[: self.n] = rows
+        self.i = self.n % len(self.buf)
 
 
 #: quantile levels of the unit ratios reported per parameter tensor (the overall set is QUANTILES)
@@ -314,6 +328,46 @@ class Clipping(Instrument):
         if not self.name:
             return out
         return {(k[0], self.tag(k[1])) if isinstance(k, tuple) else self.tag(k): v for k, v in out.items()}
+
+    # --- state (resuming a run) -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The rolling windows, oldest row first (float64): ``global_norms`` (n x 1 pre-clipping norms),
+        ``agc_levels`` and ``ps_levels`` (n x L per-step quantiles at the ``suggest`` levels, which are
+        stored too); ``agc_pending``: the AGC steps not yet computed (at most ``batch_steps - 1``), each
+        its step, parameter names, units per tensor and the unit norms ``w``, ``g`` (float64)."""
+        return {
+            "suggest": list(self.suggest),
+            "global_norms": torch.from_numpy(self._global_norms.rows()),
+            "agc_levels": torch.from_numpy(self._agc_levels.rows()),
+            "ps_levels": torch.from_numpy(self._ps_levels.rows()),
+            "agc_pending": [
+                {"step": step, "names": list(names), "sizes": list(sizes), "w": torch.tensor(w), "g": torch.tensor(g)}
+                for step, names, sizes, w, g in self._pending
+            ],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`. Another ``window`` keeps the most recent rows that fit; other
+        ``suggest`` levels are refused (the windows hold quantiles at the saved levels)."""
+        saved = tuple(float(q) for q in state["suggest"])
+        has_levels = len(state["agc_levels"]) or len(state["ps_levels"])
+        if saved != self.suggest and has_levels:
+            raise refuse_state(
+                "Clipping",
+                f"the suggestion windows hold quantiles at levels {saved}, this Clipping has suggest={self.suggest}",
+                f"Build Clipping(suggest={saved}, ...) as the saved run did, or leave 'clipping' out of the state "
+                "to start its windows afresh.",
+            )
+        as_np = lambda t: t.detach().cpu().double().numpy()  # noqa: E731
+        pending = [
+            (int(p["step"]), [str(n) for n in p["names"]], [int(k) for k in p["sizes"]], as_np(p["w"]), as_np(p["g"]))
+            for p in state["agc_pending"]
+        ]
+        self._global_norms.load(as_np(state["global_norms"]))
+        self._agc_levels.load(as_np(state["agc_levels"]))
+        self._ps_levels.load(as_np(state["ps_levels"]))
+        self._pending = pending
+        self._agc = None
 
     # --- global ---------------------------------------------------------------------------------------
     def _global(self, record, units) -> dict[str, float]:

@@ -37,6 +37,8 @@ class GradientTests(Instrument):
     its orthogonal noise (ortho test). Tags: ``tests/norm``, ``tests/inner``, ``tests/ortho``; NaN with a
     note when the batch has one sample.
     Cost: per-sample squared norms and g_i . gbar from layer factors (Gram of the factors), no B x D.
+    State: none between steps (each step's tests come from that step's record alone), so
+    ``state_dict()`` is ``{}`` and a resumed run continues the same tests without it.
     """
 
     NEEDS = frozenset({Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN})

@@ -19,11 +19,12 @@ opponent. High self-influence flags examples the model had to bend towards: misl
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from cockpit_lite.instruments._util import refuse_state
 
 from cockpit_lite import Instrument, Need, Needs
 from cockpit_lite.errors import CockpitWarning
@@ -46,6 +47,10 @@ def _scatter_add(target: np.ndarray, idx: np.ndarray, values: np.ndarray, unique
         target[idx] += values
     else:
         np.add.at(target, idx, values)
+
+
+def _close(a: Sequence[float], b: Sequence[float]) -> bool:
+    return len(a) == len(b) and bool(np.allclose(a, b, rtol=1e-9, atol=0.0))
 
 
 def top_table(scores: np.ndarray, k: int, largest: bool = True) -> dict[str, np.ndarray]:
@@ -169,6 +174,67 @@ class TracIn(Instrument):
         if self._unique[0] != record.step:
             self._unique = (record.step, len(np.unique(idx)) == len(idx))
         return idx
+
+    # --- state (resuming a run) -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``self_influence`` (N float64), ``influence`` (N x K float64), ``seen`` (N bool), the counts
+        ``steps`` and ``probe_steps``, and what the sums depend on: ``n_probes``, ``projection``
+        ([projection_dim, projection_seed] or None) and ``probe_fingerprint`` (checked on loading)."""
+        return {
+            "self_influence": torch.tensor(self._self, dtype=torch.float64),
+            "influence": torch.tensor(self._infl, dtype=torch.float64).reshape(len(self._infl), self.n_probes),
+            "seen": torch.tensor(self._seen, dtype=torch.bool),
+            "steps": self.steps,
+            "probe_steps": self.probe_steps,
+            "n_probes": self.n_probes,
+            "projection": None if self.projector is None else [self.projector.k, self.projector.seed],
+            "probe_fingerprint": self._probe_fingerprint(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; refused if the probe influence was summed for other probes or
+        another projection (the sums would mix two different quantities)."""
+        proj = None if self.projector is None else [self.projector.k, self.projector.seed]
+        saved = None if state["projection"] is None else [int(v) for v in state["projection"]]
+        fp, now = state["probe_fingerprint"], self._probe_fingerprint()
+        if int(state["n_probes"]) != self.n_probes:
+            why = f"the state holds influence on {state['n_probes']} probes, this TracIn has {self.n_probes}"
+        elif int(state["probe_steps"]) > 0 and saved != proj:
+            why = f"the probe influence was summed with projection {saved}, this TracIn uses {proj}"
+        elif int(state["probe_steps"]) > 0 and fp is not None and now is not None and not _close(fp, now):
+            why = "the probe influence was summed for other probes (their values differ)"
+        else:
+            why = None
+        if why is not None:
+            raise refuse_state(
+                "TracIn",
+                why,
+                "Build TracIn with the probes and projection_dim/projection_seed of the saved run, or leave "
+                "'tracin' out of the state to start its sums afresh.",
+            )
+        self_infl = state["self_influence"].detach().cpu().double().numpy().copy()
+        n = len(self_infl)
+        self._self = self_infl
+        self._infl = state["influence"].detach().cpu().double().numpy().reshape(n, self.n_probes).copy()
+        self._seen = state["seen"].detach().cpu().numpy().astype(bool).copy()
+        self.steps = int(state["steps"])
+        self.probe_steps = int(state["probe_steps"])
+        self._unique = (-1, False)
+
+    def _probe_fingerprint(self) -> list[float] | None:
+        """Position-weighted sums of the probes' inputs and targets (float64, on the CPU): tells probes
+        apart, and their order, without storing them."""
+        if self.probes is None:
+            return None
+        inputs, targets = self.probes
+        parts = [*(inputs if isinstance(inputs, (tuple, list)) else (inputs,)), targets]
+        weights = torch.arange(1, self.n_probes + 1, dtype=torch.float64)
+        out = []
+        for t in parts:
+            if torch.is_tensor(t) and t.dim() > 0 and len(t) == self.n_probes:
+                rows = t.detach().cpu().double().reshape(self.n_probes, -1).sum(1)
+                out += [float(rows @ weights), float(rows @ rows)]
+        return out
 
     # --- per step -----------------------------------------------------------------------------------
     @torch.no_grad()

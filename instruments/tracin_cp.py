@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,26 @@ class Checkpoints(Instrument):
     def on_attach(self, model, optimizer):
         self._model, self._optimizer = model, optimizer
         self._names = {id(p): n for n, p in model.named_parameters()}
+
+    # --- state (resuming a run) -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``paths`` (the files saved so far, as strings), ``last`` ([step, lrs, batch size, reduction]
+        of the last saved step, for the final checkpoint; None before any) and ``steps`` (the step count
+        that labels the final checkpoint). Files are named by step, so numbering continues by itself."""
+        last = None if self._last is None else [self._last[0], list(self._last[1]), self._last[2], self._last[3]]
+        return {"paths": [str(p) for p in self.paths], "last": last, "steps": self._steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`. The directory is this instance's (or the new logdir's): files saved
+        before the checkpoint stay where they are and are still counted in ``tracin/checkpoints``."""
+        last = state["last"]
+        self.paths = [Path(p) for p in state["paths"]]
+        if last is None:
+            self._last = None
+        else:
+            step, lrs, batch, reduction = last
+            self._last = (int(step), [float(v) for v in lrs], None if batch is None else int(batch), reduction)
+        self._steps = int(state["steps"])
 
     def _param_lrs(self, lrs: list[float]) -> dict[str, float]:
         out = {}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
+from cockpit_lite.instruments._util import refuse_state
 
 from cockpit_lite import Instrument, Need
 from cockpit_lite.compat import foreach_norm
@@ -54,9 +58,40 @@ class Distance(Instrument):
         self._theta0: dict[str, torch.Tensor] = {}
         self._diff: dict[str, torch.Tensor] | None = None
         self._norms: dict[str, float] | None = None
+        self._params: dict[str, torch.Tensor] | None = None
+        self._loaded = False
 
     def on_attach(self, model, optimizer):
-        self._theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        current = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if self._loaded:  # a state loaded before attaching: keep its theta_0
+            self._theta0 = self._placed(self._theta0, current)
+        else:
+            self._theta0 = {n: p.detach().clone() for n, p in current.items()}
+        self._params = current
+
+    # --- state (resuming a run) -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``theta0``: {parameter name: theta_0} (D floats, on the parameters' device)."""
+        return {"theta0": dict(self._theta0)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore theta_0, moved to the parameters' device; refused if it does not fit the model."""
+        theta0 = {str(n): t.detach().clone() for n, t in state["theta0"].items()}
+        self._theta0 = self._placed(theta0, self._params) if self._params is not None else theta0
+        self._diff = None
+        self._loaded = True
+
+    @staticmethod
+    def _placed(theta0: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if theta0.keys() != params.keys() or any(theta0[n].shape != p.shape for n, p in params.items()):
+            raise refuse_state(
+                "Distance",
+                f"the saved theta_0 holds parameters {sorted(theta0)}, the model trains {sorted(params)} "
+                "(or they differ in shape)",
+                "Load the state saved from this model, or leave 'distance' out of the state to measure the "
+                "distance from the parameters at resumption.",
+            )
+        return {n: t.to(device=params[n].device, dtype=params[n].dtype) for n, t in theta0.items()}
 
     @torch.no_grad()
     def on_before_step(self, record):
