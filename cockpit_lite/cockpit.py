@@ -146,15 +146,23 @@ class Cockpit:
 
     def state_dict(self) -> dict[str, Any]:
         """The step count and every instrument's state (by key), to resume a run from a checkpoint."""
-        return {"version": 1, "step": self.step, "instruments": {i.key: i.state_dict() for i in self.instruments}}
+        states = {i.key: i.state_dict() for i in self.instruments}
+        return {"version": 1, "step": self.step, "checks_left": self.engine.checks_left, "instruments": states}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue a run: the step count and the state of every instrument with the same key."""
+        if state.get("version") != 1:
+            raise ValueError(f"not a cockpit state of version 1 (got {state.get('version')!r}): save it anew")
         self.step = int(state["step"])
+        self.engine.checks_left = int(state.get("checks_left", self.engine.checks_left))
         saved = state.get("instruments", {})
+        for key in sorted(set(saved) - {i.key for i in self.instruments}):
+            self._warn(f"the saved state of instrument {key!r} matches no instrument of this cockpit: ignored")
         for inst in self.instruments:
             if inst.key in saved:
                 inst.load_state_dict(saved[inst.key])
+            elif inst.state_dict():
+                self._warn(f"no saved state for instrument {inst.key!r}: it starts afresh at step {self.step}")
 
     # --- plumbing --------------------------------------------------------------------------------------
     def _warn(self, msg: str) -> None:
