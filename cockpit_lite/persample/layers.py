@@ -9,7 +9,7 @@ goes through ``torch.func`` on that module alone.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +78,15 @@ def _scaled(e: torch.Tensor, inv_scale: float) -> torch.Tensor:
 
 
 class Handler:
-    """Base handler. ``names`` maps the module's own parameter names to full model names."""
+    """Base handler: serves the per-sample gradients of one module's trainable parameters.
+
+    One instance per module, built when a cockpit attaches. ``names`` maps the module's local parameter
+    names (``"weight"``) to full model names (``"encoder.0.weight"``); it holds only the parameters the
+    optimizer trains. Per step the engine calls :meth:`check` and :meth:`capture` at each forward of the
+    module, and :meth:`view` once the output gradients of all the step's calls have arrived.
+    Subclasses implement :meth:`view` (and :meth:`capture` when the first positional input is not what
+    they need); :class:`LayerHandler` asks for per-sample gradients only.
+    """
 
     def __init__(self, module: nn.Module, names: dict[str, str]):
         self.module = module
@@ -88,9 +96,21 @@ class Handler:
         """Raise :class:`PerSampleUndefined` if per-sample gradients are undefined right now."""
 
     def capture(self, args: tuple, kwargs: dict, output) -> object:
+        """What to keep of one forward call until its output gradient arrives (default: the detached
+        first positional input). Must not keep the graph: detach."""
         return args[0].detach()
 
     def view(self, captures: list, grads: list[Sequence[torch.Tensor | None]], batch: int, inv_scale: float) -> View:
+        """The per-sample gradients of this step, over all the module's calls.
+
+        Args:
+            captures: what :meth:`capture` returned, one per forward call this step.
+            grads: per call, the gradients of the call's tensor outputs that require grad (in the order
+                ``torch.utils._pytree`` flattens the output); None for an output no gradient reached.
+            batch: B, the loss's batch size.
+            inv_scale: the factor that turns a captured output gradient into that of the per-sample
+                losses l_i (B for a mean loss, 1 for a sum, divided by an AMP loss scale).
+        """
         raise NotImplementedError
 
     def weight_grad_node(self, outputs: list[torch.Tensor]):
@@ -503,6 +523,63 @@ def _cuda_devices(params: dict[str, torch.Tensor]) -> list[int]:
     return sorted({p.device.index or 0 for p in params.values() if p.is_cuda})
 
 
+class LayerHandler(Handler):
+    """A handler in one method: write :meth:`per_sample_grads`, everything else is derived.
+
+    The engine calls ``per_sample_grads(inputs, output_grad, **kwargs)`` once per forward call of the
+    module in a step, with ``inputs`` the call's positional arguments (tensors detached), ``kwargs`` its
+    keyword arguments, and ``output_grad`` the gradient of the per-sample losses l_i with respect to
+    the call's output (one tensor; a tuple, with None where no gradient arrived, for a module with
+    several tensor outputs). It is already scaled: for a mean loss the engine multiplied the captured
+    gradient by B, so that a sample's gradient is sum over positions of output_grad times d output /
+    d parameter, with no factor to apply. It returns {local parameter name: (B, *param.shape)}.
+    Several calls per step add up. Squared norms, Gram entries, dot products with the mean gradient,
+    projections and TracIn cross products all come from these gradients (a
+    :class:`~cockpit_lite.persample.views.MaterialisedView`: B x the module's parameters in memory).
+    Parameters that are frozen or not held by the optimizer are dropped from the result.
+    """
+
+    def capture(self, args, kwargs, output):
+        detach = lambda t: t.detach() if torch.is_tensor(t) else t  # noqa: E731
+        return tree_map(detach, args), tree_map(detach, kwargs)
+
+    def per_sample_grads(self, inputs: tuple, output_grad, **kwargs) -> dict[str, torch.Tensor]:
+        """{local parameter name: g_i stacked over the batch, shape (B, *param.shape)}."""
+        raise NotImplementedError
+
+    def view(self, captures, grads, batch, inv_scale):
+        kind = type(self).__name__
+        params = dict(self.module.named_parameters())
+        total: dict[str, torch.Tensor] = {}
+        for (args, kwargs), gouts in zip(captures, grads, strict=True):
+            if all(g is None for g in gouts):
+                continue
+            scaled = tuple(None if g is None else _scaled(g, inv_scale) for g in gouts)
+            out = self.per_sample_grads(args, scaled[0] if len(scaled) == 1 else scaled, **kwargs)
+            if not isinstance(out, Mapping):
+                raise TypeError(f"{kind}.per_sample_grads must return a dict {{parameter name: tensor}}, got {out!r}")
+            for local, g in out.items():
+                if local not in params:
+                    raise KeyError(
+                        f"{kind}.per_sample_grads returned {local!r}, which is no parameter of "
+                        f"{type(self.module).__name__} (its parameters: {sorted(params)})"
+                    )
+                want = (batch, *params[local].shape)
+                if not torch.is_tensor(g) or tuple(g.shape) != want:
+                    got = tuple(g.shape) if torch.is_tensor(g) else type(g).__name__
+                    raise ValueError(
+                        f"{kind}.per_sample_grads returned {local!r} of shape {got}; expected {want} "
+                        "(the batch size, then the parameter's shape)"
+                    )
+                if local in self.names:
+                    full = self.names[local]
+                    total[full] = total[full] + g if full in total else g
+        missing = sorted(local for local, full in self.names.items() if full not in total)
+        if missing:
+            raise ValueError(f"{kind}.per_sample_grads returned no gradient for the trainable parameter(s) {missing}")
+        return MaterialisedView({self.names[local]: total[self.names[local]] for local in self.names})
+
+
 #: module type -> handler; looked up along the MRO, so subclasses are served too
 HANDLERS: dict[type, type[Handler]] = {
     nn.Linear: LinearHandler,
@@ -521,17 +598,54 @@ WHOLE_MODULES: tuple[type, ...] = (nn.MultiheadAttention, nn.RNNBase)
 
 
 def handler_for(module: nn.Module) -> type[Handler]:
+    """The handler class registered for the nearest class in the module's MRO; :class:`FuncHandler`
+    (torch.func on that module alone) if none is."""
     for cls in type(module).__mro__:
         if cls in HANDLERS:
             return HANDLERS[cls]
     return FuncHandler
 
 
+def register_handler(module_class: type[nn.Module], handler_class: type[Handler]) -> type[Handler] | None:
+    """Serve ``module_class`` (and its subclasses without a handler of their own) by ``handler_class``.
+
+    The simple form is a :class:`LayerHandler` subclass that writes ``per_sample_grads``; a full
+    :class:`Handler` returns a view of its own (a factor form, say). Registering for a class that
+    already has a handler, a built-in one included (``nn.Linear``), replaces it; the replaced handler
+    is returned (None if there was none) so that it can be registered back. Cockpits attached from
+    then on use the registration; attached ones keep the handlers they built. See
+    docs/recipes/layer_handler.md.
+
+    Raises:
+        TypeError: ``module_class`` is not a subclass of ``torch.nn.Module`` (or is ``nn.Module``
+            itself, which would serve every module), or ``handler_class`` is not a subclass of
+            :class:`Handler` that implements ``view`` (or, for a :class:`LayerHandler`,
+            ``per_sample_grads``).
+    """
+    if not isinstance(module_class, type) or not issubclass(module_class, nn.Module):
+        raise TypeError(f"register_handler: module_class must be a torch.nn.Module subclass, got {module_class!r}")
+    if module_class is nn.Module:
+        raise TypeError("register_handler: a handler for nn.Module itself would serve every module; name a layer")
+    if not isinstance(handler_class, type) or not issubclass(handler_class, Handler):
+        raise TypeError(
+            f"register_handler: handler_class must be a subclass of cockpit_lite.persample.LayerHandler (write "
+            f"per_sample_grads) or Handler (write view), got {handler_class!r}"
+        )
+    if issubclass(handler_class, LayerHandler):
+        if handler_class.per_sample_grads is LayerHandler.per_sample_grads:
+            raise TypeError(f"register_handler: {handler_class.__name__} does not implement per_sample_grads")
+    elif handler_class.view is Handler.view:
+        raise TypeError(f"register_handler: {handler_class.__name__} does not implement view")
+    previous = HANDLERS.get(module_class)
+    HANDLERS[module_class] = handler_class
+    return previous
+
+
 def build_handlers(model: nn.Module, params: Collection[int] | None = None) -> dict[nn.Module, Handler]:
     """One handler per module that holds trainable parameters (those with ``requires_grad``, and with
     ``params`` given only those whose ``id`` is in it: the optimizer's). Modules in
     :data:`WHOLE_MODULES` get one torch.func handler for all their parameters (their children's hooks
-    never fire)."""
+    never fire), unless a handler is registered for their class."""
     handlers: dict[nn.Module, Handler] = {}
     claimed: list[str] = []
     # a parameter shared by several modules (tied weights) goes by its first name, as in named_parameters()
@@ -550,7 +664,7 @@ def build_handlers(model: nn.Module, params: Collection[int] | None = None) -> d
             continue
         if whole:
             claimed.append(mname)
-        handlers[module] = (FuncHandler if whole else handler_for(module))(module, names)
+        handlers[module] = handler_for(module)(module, names)
     return handlers
 
 
