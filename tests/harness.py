@@ -2,13 +2,15 @@
 checked per parameter against a float64 loop over samples with one autograd call each.
 
 A *sample* is an example along the batch axis of the model's input. With the batch loss
-L = loss_fn(model(x), y) and p.grad = dL/dp, example i's *share* of p.grad is the gradient of L through
-example i's own path alone: the model's output for example i recomputed from x_i by itself (float64),
-every other example's output held fixed. The shares add up to p.grad; the per-sample gradient is
+L = loss_fn(model(x), y) and p.grad = dL/dp, example i's *share* of p.grad is the backward, through
+the batch's own graph, of dL/d(output) restricted to example i's row of the output. The shares add up
+to p.grad; the per-sample gradient is
 
     g_i = B * share_i   for reduction="mean"   (so p.grad = mean_i g_i)
     g_i = share_i       for reduction="sum"    (so p.grad = sum_i g_i)
 
+Each example is also run alone first: its output must equal its row of the batch output, else the
+model couples its examples in the forward (train-mode BatchNorm) and the harness refuses it.
 This needs no per-sample loss formula (weighted means, ignored targets and multi-element losses are
 served by the loss module itself) and shares no code with the engine. The cockpit's numbers come only
 through the public Instrument API (an instrument asking for ``Need.PER_SAMPLE_SQ_NORMS``,
@@ -102,9 +104,10 @@ def shares_loop(
 ) -> dict[str, np.ndarray]:
     """{name: (B, *shape)} float64 per-sample gradients g_i (module docstring), one autograd call each.
 
-    The batch output is computed once; for each example i, its row is replaced by the output of a
-    forward of x_i alone (the same value, now differentiable through example i's path only), and the
-    loss of that batch is differentiated: the result is example i's share of dL/dp.
+    First each example is run alone: its output must be the batch output's row (the model does not
+    couple its examples in the forward), else AssertionError. Then, on the graph of the batch, example
+    i's share of dL/dp is the backward of dL/d(output) restricted to row i. A backward that couples the
+    examples (``scale_grad_by_freq`` divides by counts over the whole batch) is part of the share.
     """
     m = copy.deepcopy(model).double()
     lf = copy.deepcopy(loss_fn).double()
@@ -113,19 +116,36 @@ def shares_loop(
     args = tuple(_double(a) for a in _as_tuple(inputs))
     y = _double(targets)
     with torch.no_grad():
-        full = m(*args)
+        alone = [m(*(_take(a, i, batch_axis) for a in args)) for i in range(_batch_of(args, batch_axis))]
+    full = m(*args)
     batch = full.shape[0]
-    if any(torch.is_tensor(a) and a.shape[batch_axis] != batch for a in args):
-        raise ValueError(f"the model's output has {batch} rows but its inputs' axis {batch_axis} does not")
+    if len(alone) != batch:
+        raise ValueError(f"the model's output has {batch} rows but its inputs' axis {batch_axis} has {len(alone)}")
+    rows_alone = torch.cat(alone)
+    gap = float((rows_alone - full.detach()).abs().max())
+    if not gap <= 1e-9 * float(full.detach().abs().max()):
+        raise AssertionError(
+            f"an example run alone gives an output {gap:.3g} away from its row of the batch output: the model "
+            "couples its examples in the forward (or batch_axis is wrong), so they have no per-sample split; "
+            "the harness does not apply"
+        )
+    (d_out,) = torch.autograd.grad(lf(full, y), full, retain_graph=True)
     factor = batch if lf.reduction == "mean" else 1
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for i in range(batch):
-        out_i = m(*(_take(a, i, batch_axis) for a in args))
-        mixed = torch.cat([full[:i], out_i, full[i + 1 :]])
-        gs = torch.autograd.grad(lf(mixed, y), wanted, allow_unused=True)
+        mask = torch.zeros_like(d_out)
+        mask[i] = d_out[i]
+        gs = torch.autograd.grad(full, wanted, grad_outputs=mask, retain_graph=True, allow_unused=True)
         for n, g, p in zip(names, gs, wanted, strict=True):
             rows[n].append(torch.zeros_like(p) if g is None else g * factor)
     return {n: torch.stack(v).detach().numpy() for n, v in rows.items()}
+
+
+def _batch_of(args: tuple, batch_axis: int) -> int:
+    sizes = {a.shape[batch_axis] for a in args if torch.is_tensor(a) and a.dim() > batch_axis}
+    if len(sizes) != 1:
+        raise ValueError(f"the inputs' axis {batch_axis} does not give one batch size: {sizes}")
+    return sizes.pop()
 
 
 def random_directions(shapes: dict[str, torch.Size], k: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:

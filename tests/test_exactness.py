@@ -77,6 +77,18 @@ class _EmbeddingTwice(nn.Module):
         return self.head(self.emb(t).mean(1) * self.emb(t[:, :2]).sum(1))
 
 
+class _FrequencyScaled(nn.Module):
+    """An embedding whose backward divides each row by its token's count over the whole call."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4, padding_idx=0, scale_grad_by_freq=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, t):
+        return self.head(self.emb(t).mean(1) + self.emb(t[:, :2]).sum(1))
+
+
 class _MaskedAttention(nn.Module):
     def __init__(self):
         super().__init__()
@@ -146,6 +158,7 @@ MORE = {
     "GroupNorm called twice": (lambda: _Twice(nn.GroupNorm(2, 4), 8), lambda: torch.randn(6, 4)),
     "Linear on (B, d) and (B, T, d)": (_LinearMixed, lambda: torch.randn(6, 5, 4)),
     "Embedding called twice": (_EmbeddingTwice, lambda: torch.randint(0, 10, (6, 5))),
+    "Embedding with scale_grad_by_freq, called twice": (_FrequencyScaled, lambda: torch.randint(0, 4, (6, 5))),
     "attention with key_padding_mask": (_MaskedAttention, lambda: torch.randn(6, 5, 8)),
     "Linear on 4-D input, 2-D LayerNorm": (_Linear4d, lambda: torch.randn(6, 2, 3, 4)),
     "wide MLP (Gram of the factors)": (
@@ -305,7 +318,7 @@ class _Centred(nn.Module):
 
 def test_the_harness_refuses_a_model_that_couples_its_examples():
     torch.manual_seed(0)
-    with pytest.raises(AssertionError, match="reference for lin.weight: the loop's g_i do not add up to p.grad"):
+    with pytest.raises(AssertionError, match="couples its examples in the forward"):
         assert_matches_loop(_Centred(), torch.randn(6, 4), _labels(6), nn.CrossEntropyLoss())
 
 
@@ -316,3 +329,17 @@ def test_missing_numbers_are_a_failure():
     x, y = models.token_batch(b=6, t=6)
     with pytest.raises(AssertionError, match="no per-sample numbers.*ambiguous"):
         assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+
+
+def test_embedding_bag_with_scale_grad_by_freq_is_refused():
+    """torch's EmbeddingBag backward divides rows by counts that are not their batch counts: no numbers,
+    a warning that says so, the rest of the step kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(10, 4, scale_grad_by_freq=True), nn.Linear(4, 3))
+    x = torch.randint(0, 4, (6, 3))
+    with pytest.raises(AssertionError, match=r"no per-sample numbers.*EmbeddingBag\(scale_grad_by_freq=True\)"):
+        assert_matches_loop(model, x, _labels(6), nn.CrossEntropyLoss())
+    p = torch.zeros(10, 1, requires_grad=True)  # the torch behaviour the message states, as it stands
+    out = nn.functional.embedding_bag(torch.tensor([[5, 4, 4, 7]]), p, scale_grad_by_freq=True, mode="sum")
+    (g,) = torch.autograd.grad(out.sum(), p)
+    assert g[[4, 5, 7], 0].tolist() == [1.0, 0.5, 1.0]

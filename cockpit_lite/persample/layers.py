@@ -364,6 +364,8 @@ class EmbeddingHandler(Handler):
             i = i.squeeze(-1)
             if m.padding_idx is not None:
                 e = e * (i != m.padding_idx).unsqueeze(-1)
+            if m.scale_grad_by_freq:  # the backward divides each row by its token's count over the whole call
+                e = e / torch.bincount(idx.reshape(-1), minlength=m.num_embeddings)[i].unsqueeze(-1).to(e.dtype)
             idx_parts.append(i)
             e_parts.append(e)
         return EmbeddingView(_cat(idx_parts, 1), _cat(e_parts, 1), self.names["weight"], m.num_embeddings)
@@ -432,6 +434,13 @@ class FuncHandler(Handler):
 
     def check(self) -> None:
         m = self.module
+        if isinstance(m, nn.EmbeddingBag) and m.scale_grad_by_freq:
+            raise PerSampleUndefined(
+                "EmbeddingBag(scale_grad_by_freq=True): torch's backward divides rows by counts that are not "
+                "their counts in the batch (for the bag [5, 4, 4, 7] and unit output gradients the rows of 4, 5 "
+                "and 7 get 1, 1/2 and 1), which the engine cannot reproduce per sample. Per-sample statistics "
+                "are skipped; nn.Embedding with scale_grad_by_freq followed by a sum or mean over the bag is served."
+            )
         if m.training and isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
             raise PerSampleUndefined(
                 "MultiheadAttention with dropout > 0 in train mode draws its attention dropout mask inside "
