@@ -133,6 +133,38 @@ class _Conv3d(nn.Module):
         return self.head(torch.tanh(self.c(x)).flatten(1))
 
 
+class _Seq2Seq(nn.Module):
+    """An encoder RNN's final state passed as the decoder's initial state (h_n on axis 1, whatever
+    batch_first says; an LSTM's a tuple (h, c))."""
+
+    def __init__(self, cell, batch_first=True):
+        super().__init__()
+        self.enc, self.dec = cell(4, 5, batch_first=batch_first), cell(4, 5, batch_first=batch_first)
+        self.head, self.seq = nn.Linear(5, 3), 1 if batch_first else 0
+
+    def forward(self, x):
+        _, state = self.enc(x)
+        out, _ = self.dec(x.flip(self.seq), state)
+        return self.head(out.mean(self.seq))
+
+
+class _AttentionTimeFirst(nn.Module):
+    """(T, B, d) attention with a shared causal attn_mask (L, S) and a per-sample key_padding_mask
+    (B, S), whose attention weights also reach the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn, self.head = nn.MultiheadAttention(8, 2), nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = x.shape[0]
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+        padding = (x[..., 0] > 0.3).T.clone()
+        padding[:, 0] = False
+        h, w = self.attn(x, x, x, key_padding_mask=padding, attn_mask=causal)
+        return self.head(h.mean(0)) + w.sum((1, 2))[:, None]
+
+
 def _tied_linears():
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
     model[2].weight = model[0].weight
@@ -175,7 +207,13 @@ MORE = {
     "GRU (torch.func loop)": (lambda: tp._Recurrent(nn.GRU), lambda: torch.randn(6, 5, 4)),
     "LSTM (torch.func)": (lambda: tp._Recurrent(nn.LSTM), lambda: torch.randn(6, 5, 4)),
     "eval-mode BatchNorm": (_eval_batchnorm, lambda: torch.randn(6, 4)),
+    "GRU with an initial state (torch.func loop)": (lambda: _Seq2Seq(nn.GRU), lambda: torch.randn(6, 5, 4)),
+    "LSTM with an initial (h, c)": (lambda: _Seq2Seq(nn.LSTM), lambda: torch.randn(6, 5, 4)),
+    "LSTM (T, B, d) with an initial (h, c)": (lambda: _Seq2Seq(nn.LSTM, False), lambda: torch.randn(5, 6, 4)),
+    "attention (T, B, d), masks, T = B": (_AttentionTimeFirst, lambda: torch.randn(6, 6, 8)),
+    "attention (T, B, d), masks": (_AttentionTimeFirst, lambda: torch.randn(5, 6, 8)),
 }
+MORE_BATCH_AXIS = {name: 1 for name in MORE if "(T, B, d)" in name}
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -185,9 +223,10 @@ def test_more_handler_paths_match_the_loop(name, reduction):
     torch.manual_seed(0)
     model = build()
     x = data()
+    axis = MORE_BATCH_AXIS.get(name, 0)
     classes = 7 if "tied embedding" in name else 2 if "BatchNorm" in name else 3
-    y = torch.randint(0, classes, (x.shape[0],))
-    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(reduction=reduction))
+    y = torch.randint(0, classes, (x.shape[axis],))
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(reduction=reduction), batch_axis=axis)
     looped = ["loop over the samples" in w for w in checked.warnings]
     assert looped == ([True] if "GRU" in name else []), checked.warnings  # no other warning
 

@@ -8,6 +8,7 @@ goes through ``torch.func`` on that module alone.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Collection, Mapping, Sequence
 
@@ -471,6 +472,44 @@ class FuncHandler(Handler):
             return 0
         return None
 
+    def _input_dims(self, args: tuple, kwargs: dict, batch: int):
+        """The batch axis of every tensor argument (None: shared by all samples), as pytrees like args
+        and kwargs. RNNs and attention by their documented layouts: the input by ``batch_first``, an
+        RNN's hidden state on axis 1, attention's key_padding_mask on axis 0, its attn_mask shared; any
+        other module's tensors by the first axis of size B (axis 1 first where ``batch_first=False``)."""
+        m = self.module
+        if not isinstance(m, (nn.RNNBase, nn.MultiheadAttention)):
+            dims = lambda t: self._bdim(t, batch)  # noqa: E731
+            return tree_map(dims, args), tree_map(dims, kwargs)
+        first = 0 if m.batch_first else 1
+        if isinstance(m, nn.RNNBase):
+            axes = {"input": first, "hx": 1}
+        else:
+            axes = {"query": first, "key": first, "value": first, "key_padding_mask": 0}
+        names = list(inspect.signature(m.forward).parameters)
+
+        def dims(name: str):
+            axis = axes.get(name)
+
+            def dim(t):
+                if axis is None or not torch.is_tensor(t) or t.dim() <= axis or t.shape[axis] != batch:
+                    return None
+                return axis
+
+            return dim
+
+        arg_dims = tuple(tree_map(dims(names[k] if k < len(names) else ""), a) for k, a in enumerate(args))
+        return arg_dims, {k: tree_map(dims(k), v) for k, v in kwargs.items()}
+
+    def _output_dim(self, position: int, g: torch.Tensor, batch: int) -> int | None:
+        """The batch axis of the gradient of the module's ``position``-th tensor output."""
+        m = self.module
+        if not isinstance(m, (nn.RNNBase, nn.MultiheadAttention)):
+            return self._bdim(g, batch)
+        # RNN: output by batch_first, then h_n (and c_n) on axis 1; attention: output, then its weights on axis 0
+        axis = (0 if m.batch_first else 1) if position == 0 else 1 if isinstance(m, nn.RNNBase) else 0
+        return axis if g.dim() > axis and g.shape[axis] == batch else None
+
     def view(self, captures, grads, batch, inv_scale):
         from torch.func import functional_call, grad, vmap
 
@@ -481,11 +520,10 @@ class FuncHandler(Handler):
         buffers = dict(m.named_buffers())
         total: dict[str, torch.Tensor] = {}
         for (args, kwargs), gouts in zip(captures, grads, strict=True):
-            arg_dims = tree_map(lambda t: self._bdim(t, batch), args)
-            kw_dims = tree_map(lambda t: self._bdim(t, batch), kwargs)
+            arg_dims, kw_dims = self._input_dims(args, kwargs, batch)
             live = [(i, g * inv_scale) for i, g in enumerate(gouts) if g is not None]
             g_tensors = [g for _, g in live]
-            g_dims = [self._bdim(g, batch) for g in g_tensors]
+            g_dims = [self._output_dim(i, g, batch) for i, g in live]
             if any(d is None for d in g_dims):
                 raise ValueError(f"cannot find the batch axis in the output gradient of {type(m).__name__}")
             positions = [i for i, _ in live]
@@ -506,13 +544,12 @@ class FuncHandler(Handler):
                 try:
                     per = vmap(grad(inner), in_dims=(None, arg_dims, kw_dims, g_dims))(params, args, kwargs, g_tensors)
                 except RuntimeError as e:  # an op vmap cannot batch (GRU's in-place state update): loop
-                    at = lambda t, d, i: t.select(d, i) if d is not None else t  # noqa: E731
                     rows = [
                         grad(inner)(
                             params,
-                            tuple(at(x, d, i) for x, d in zip(args, arg_dims, strict=True)),
-                            {k: at(v, kw_dims[k], i) for k, v in kwargs.items()},
-                            [at(g, d, i) for g, d in zip(g_tensors, g_dims, strict=True)],
+                            tuple(_select(x, d, i) for x, d in zip(args, arg_dims, strict=True)),
+                            {k: _select(v, kw_dims[k], i) for k, v in kwargs.items()},
+                            [_select(g, d, i) for g, d in zip(g_tensors, g_dims, strict=True)],
                         )
                         for i in range(batch)
                     ]
@@ -525,7 +562,13 @@ class FuncHandler(Handler):
 
 
 def _expand(x, d):
-    return x.unsqueeze(d) if d is not None and torch.is_tensor(x) else x
+    """x (a tensor or a pytree of them, like an LSTM's (h, c)) with each batch axis d restored, size 1."""
+    return tree_map(lambda t, a: t.unsqueeze(a) if a is not None and torch.is_tensor(t) else t, x, d)
+
+
+def _select(x, d, i: int):
+    """Sample i of x (a tensor or a pytree of them) along each batch axis d."""
+    return tree_map(lambda t, a: t.select(a, i) if a is not None and torch.is_tensor(t) else t, x, d)
 
 
 def _cuda_devices(params: dict[str, torch.Tensor]) -> list[int]:
