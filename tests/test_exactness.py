@@ -382,3 +382,12 @@ def test_embedding_bag_with_scale_grad_by_freq_is_refused():
     out = nn.functional.embedding_bag(torch.tensor([[5, 4, 4, 7]]), p, scale_grad_by_freq=True, mode="sum")
     (g,) = torch.autograd.grad(out.sum(), p)
     assert g[[4, 5, 7], 0].tolist() == [1.0, 0.5, 1.0]
+
+
+def test_only_the_parameters_the_optimizer_holds():
+    """An optimizer for the head alone: the cockpit covers those parameters, and so does the harness."""
+    torch.manual_seed(0)
+    model = models.mlp()
+    x, y = torch.randn(7, 6), _labels(7)
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), params=model[4].parameters())
+    assert set(checked.reference) == set(checked.record.per_sample_sq_norms_by_param) == {"4.weight", "4.bias"}
