@@ -126,8 +126,8 @@ def shares_loop(
     if not gap <= 1e-9 * float(full.detach().abs().max()):
         raise AssertionError(
             f"an example run alone gives an output {gap:.3g} away from its row of the batch output: the model "
-            "couples its examples in the forward (or batch_axis is wrong), so they have no per-sample split; "
-            "the harness does not apply"
+            "couples its examples in the forward (train-mode BatchNorm), is random (dropout), or batch_axis is "
+            "wrong; the harness does not apply"
         )
     (d_out,) = torch.autograd.grad(lf(full, y), full, retain_graph=True)
     factor = batch if lf.reduction == "mean" else 1
@@ -245,7 +245,7 @@ def assert_matches_loop(
     failures = [f"gradient-sum check: {w}" for w in seen if "do not add up" in w]  # a false alarm if all else matches
     batch = next(iter(ref.values())).shape[0]
     c = 1.0 / batch if loss_fn.reduction == "mean" else 1.0
-    # the reference itself: its shares must add up to the gradient autograd computed for the batch
+    # the reference itself: its float64 shares must add up to the float32 p.grad of the cockpit's step
     whole = c * NOISE * sum(np.linalg.norm(np.concatenate([ref[n].reshape(batch, -1) for n in names], 1), axis=1))
     for n in names:
         total = c * ref[n].sum(0)
@@ -254,8 +254,9 @@ def assert_matches_loop(
         diff = np.linalg.norm(got - total)
         if not diff <= tol:
             failures.append(
-                f"reference for {n}: the loop's g_i do not add up to p.grad (|diff| {diff:.3g} > {tol:.3g}); the "
-                "model couples its examples or batch_axis is wrong: the harness does not apply"
+                f"reference for {n}: the loop's g_i do not add up to the step's p.grad (|diff| {diff:.3g} > "
+                f"{tol:.3g}): the step is random (dropout), a hook changes p.grad, or the float64 copy of the model "
+                "computes something else; the harness does not apply"
             )
     got_names, want_names = set(rec.per_sample_sq_norms_by_param), set(names)
     if got_names != want_names:
