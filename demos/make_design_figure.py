@@ -1,6 +1,6 @@
 """Draw docs/img/dataflow.png: the hook driver, the providers, the step record, instruments, sinks.
 
-    python demos/make_design_figure.py --out docs/img/dataflow.png
+python demos/make_design_figure.py --out docs/img/dataflow.png
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ COLUMNS = [
     ]),
     ("providers: one per need\n(only those asked for)", "#f7f0e4", [
         "loss: L, B, reduction, l_i", "indices: dataset positions", "grad_norms: ||p.grad||",
-        "update: theta_{t+1} - theta_t", "learning_rates, param_norms", "persample: ||g_i||^2, g_i.gbar,\nGram, projections, views",
+        "update: theta_{t+1} - theta_t", "learning_rates, param_norms",
+        "persample: ||g_i||^2, g_i.gbar,\nGram, projections, views",
     ]),
     ("StepRecord\n(sealed for instruments)", "#f4e8f2", [
         "loss, per_sample_loss", "indices", "grad_norms", "update", "lrs, get(need)", "per_sample_*, projections",
@@ -52,7 +53,9 @@ def draw(out: str) -> None:
         col = []
         for r, item in enumerate(items):
             y = 6.1 - r * 1.05
-            ax.add_patch(FancyBboxPatch((x0, y - height / 2), width, height, boxstyle="round,pad=0.01", fc="white", ec="0.45"))
+            ax.add_patch(
+                FancyBboxPatch((x0, y - height / 2), width, height, boxstyle="round,pad=0.01", fc="white", ec="0.45")
+            )
             ax.text(x0 + width / 2, y, item, ha="center", va="center", fontsize=8.6, wrap=True)
             col.append((x0, y))
         centers.append(col)
@@ -62,8 +65,11 @@ def draw(out: str) -> None:
     for c in range(1, len(COLUMNS) - 1):  # then whole columns feed the next
         x0, x1 = centers[c][0][0] + width + 0.03, centers[c + 1][0][0] - 0.03
         ax.add_patch(FancyArrowPatch((x0, 3.5), (x1, 3.5), arrowstyle="simple", mutation_scale=28, color="0.3"))
-    ax.text(3.0, 0.05, "one direction: hooks -> events -> providers -> step record -> instruments -> records -> sinks; "
-            "a need nobody asked for this step gets no event and costs nothing", ha="center", fontsize=10, color="0.25")  # fmt: skip
+    caption = (
+        "one direction: hooks -> events -> providers -> step record -> instruments -> records -> sinks; "
+        "a need nobody asked for this step gets no event and costs nothing"
+    )
+    ax.text(3.0, 0.05, caption, ha="center", fontsize=10, color="0.25")
     fig.savefig(out)
 
 

@@ -35,7 +35,7 @@ def test_param_norms_before_the_step_and_only_when_asked(monkeypatch):
     )
     thetas = []
     with Cockpit(model, opt, loss_fn, instruments=[UpdateRatio(every=2)]) as ck:
-        for step in range(4):
+        for _ in range(4):
             x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
             opt.zero_grad()
             loss_fn(model(x), y).backward()

@@ -36,6 +36,7 @@ from cockpit_lite.persample.views import (
     FactorView,
     TiedEmbeddingView,
     View,
+    ViewGroup,
     lookup_cross,
     lookup_output_cross,
 )
@@ -125,6 +126,10 @@ def cross(left: View, right: View, projector: Projector | None = None) -> dict[s
 
     Exact unless a ``projector`` is given (then an unbiased sketch, see the module docstring).
     """
+    if isinstance(left, ViewGroup) and isinstance(right, ViewGroup):
+        pairs = {rv.names: rv for rv in right.views}
+        if all(lv.names in pairs for lv in left.views):  # the same handler on both sides: part by part
+            return {n: c for lv in left.views for n, c in cross(lv, pairs[lv.names], projector).items()}
     if _factor(left) and _factor(right):
         return _cross_factor(left, right, projector)
     if projector is None and isinstance(left, EmbeddingView) and isinstance(right, EmbeddingView):

@@ -8,8 +8,9 @@ goes through ``torch.func`` on that module alone.
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +79,15 @@ def _scaled(e: torch.Tensor, inv_scale: float) -> torch.Tensor:
 
 
 class Handler:
-    """Base handler. ``names`` maps the module's own parameter names to full model names."""
+    """Base handler: serves the per-sample gradients of one module's trainable parameters.
+
+    One instance per module, built when a cockpit attaches. ``names`` maps the module's local parameter
+    names (``"weight"``) to full model names (``"encoder.0.weight"``); it holds only the parameters the
+    optimizer trains. Per step the engine calls :meth:`check` and :meth:`capture` at each forward of the
+    module, and :meth:`view` once the output gradients of all the step's calls have arrived.
+    Subclasses implement :meth:`view` (and :meth:`capture` when the first positional input is not what
+    they need); :class:`LayerHandler` asks for per-sample gradients only.
+    """
 
     def __init__(self, module: nn.Module, names: dict[str, str]):
         self.module = module
@@ -88,9 +97,21 @@ class Handler:
         """Raise :class:`PerSampleUndefined` if per-sample gradients are undefined right now."""
 
     def capture(self, args: tuple, kwargs: dict, output) -> object:
+        """What to keep of one forward call until its output gradient arrives (default: the detached
+        first positional input). Must not keep the graph: detach."""
         return args[0].detach()
 
     def view(self, captures: list, grads: list[Sequence[torch.Tensor | None]], batch: int, inv_scale: float) -> View:
+        """The per-sample gradients of this step, over all the module's calls.
+
+        Args:
+            captures: what :meth:`capture` returned, one per forward call this step.
+            grads: per call, the gradients of the call's tensor outputs that require grad (in the order
+                ``torch.utils._pytree`` flattens the output); None for an output no gradient reached.
+            batch: B, the loss's batch size.
+            inv_scale: the factor that turns a captured output gradient into that of the per-sample
+                losses l_i (B for a mean loss, 1 for a sum, divided by an AMP loss scale).
+        """
         raise NotImplementedError
 
     def weight_grad_node(self, outputs: list[torch.Tensor]):
@@ -344,6 +365,8 @@ class EmbeddingHandler(Handler):
             i = i.squeeze(-1)
             if m.padding_idx is not None:
                 e = e * (i != m.padding_idx).unsqueeze(-1)
+            if m.scale_grad_by_freq:  # the backward divides each row by its token's count over the whole call
+                e = e / torch.bincount(idx.reshape(-1), minlength=m.num_embeddings)[i].unsqueeze(-1).to(e.dtype)
             idx_parts.append(i)
             e_parts.append(e)
         return EmbeddingView(_cat(idx_parts, 1), _cat(e_parts, 1), self.names["weight"], m.num_embeddings)
@@ -412,6 +435,13 @@ class FuncHandler(Handler):
 
     def check(self) -> None:
         m = self.module
+        if isinstance(m, nn.EmbeddingBag) and m.scale_grad_by_freq:
+            raise PerSampleUndefined(
+                "EmbeddingBag(scale_grad_by_freq=True): torch's backward divides rows by counts that are not "
+                "their counts in the batch (for the bag [5, 4, 4, 7] and unit output gradients the rows of 4, 5 "
+                "and 7 get 1, 1/2 and 1), which the engine cannot reproduce per sample. Per-sample statistics "
+                "are skipped; nn.Embedding with scale_grad_by_freq followed by a sum or mean over the bag is served."
+            )
         if m.training and isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
             raise PerSampleUndefined(
                 "MultiheadAttention with dropout > 0 in train mode draws its attention dropout mask inside "
@@ -442,6 +472,44 @@ class FuncHandler(Handler):
             return 0
         return None
 
+    def _input_dims(self, args: tuple, kwargs: dict, batch: int):
+        """The batch axis of every tensor argument (None: shared by all samples), as pytrees like args
+        and kwargs. RNNs and attention by their documented layouts: the input by ``batch_first``, an
+        RNN's hidden state on axis 1, attention's key_padding_mask on axis 0, its attn_mask shared; any
+        other module's tensors by the first axis of size B (axis 1 first where ``batch_first=False``)."""
+        m = self.module
+        if not isinstance(m, (nn.RNNBase, nn.MultiheadAttention)):
+            dims = lambda t: self._bdim(t, batch)  # noqa: E731
+            return tree_map(dims, args), tree_map(dims, kwargs)
+        first = 0 if m.batch_first else 1
+        if isinstance(m, nn.RNNBase):
+            axes = {"input": first, "hx": 1}
+        else:
+            axes = {"query": first, "key": first, "value": first, "key_padding_mask": 0}
+        names = list(inspect.signature(m.forward).parameters)
+
+        def dims(name: str):
+            axis = axes.get(name)
+
+            def dim(t):
+                if axis is None or not torch.is_tensor(t) or t.dim() <= axis or t.shape[axis] != batch:
+                    return None
+                return axis
+
+            return dim
+
+        arg_dims = tuple(tree_map(dims(names[k] if k < len(names) else ""), a) for k, a in enumerate(args))
+        return arg_dims, {k: tree_map(dims(k), v) for k, v in kwargs.items()}
+
+    def _output_dim(self, position: int, g: torch.Tensor, batch: int) -> int | None:
+        """The batch axis of the gradient of the module's ``position``-th tensor output."""
+        m = self.module
+        if not isinstance(m, (nn.RNNBase, nn.MultiheadAttention)):
+            return self._bdim(g, batch)
+        # RNN: output by batch_first, then h_n (and c_n) on axis 1; attention: output, then its weights on axis 0
+        axis = (0 if m.batch_first else 1) if position == 0 else 1 if isinstance(m, nn.RNNBase) else 0
+        return axis if g.dim() > axis and g.shape[axis] == batch else None
+
     def view(self, captures, grads, batch, inv_scale):
         from torch.func import functional_call, grad, vmap
 
@@ -452,11 +520,10 @@ class FuncHandler(Handler):
         buffers = dict(m.named_buffers())
         total: dict[str, torch.Tensor] = {}
         for (args, kwargs), gouts in zip(captures, grads, strict=True):
-            arg_dims = tree_map(lambda t: self._bdim(t, batch), args)
-            kw_dims = tree_map(lambda t: self._bdim(t, batch), kwargs)
+            arg_dims, kw_dims = self._input_dims(args, kwargs, batch)
             live = [(i, g * inv_scale) for i, g in enumerate(gouts) if g is not None]
             g_tensors = [g for _, g in live]
-            g_dims = [self._bdim(g, batch) for g in g_tensors]
+            g_dims = [self._output_dim(i, g, batch) for i, g in live]
             if any(d is None for d in g_dims):
                 raise ValueError(f"cannot find the batch axis in the output gradient of {type(m).__name__}")
             positions = [i for i, _ in live]
@@ -477,13 +544,12 @@ class FuncHandler(Handler):
                 try:
                     per = vmap(grad(inner), in_dims=(None, arg_dims, kw_dims, g_dims))(params, args, kwargs, g_tensors)
                 except RuntimeError as e:  # an op vmap cannot batch (GRU's in-place state update): loop
-                    at = lambda t, d, i: t.select(d, i) if d is not None else t  # noqa: E731
                     rows = [
                         grad(inner)(
                             params,
-                            tuple(at(x, d, i) for x, d in zip(args, arg_dims, strict=True)),
-                            {k: at(v, kw_dims[k], i) for k, v in kwargs.items()},
-                            [at(g, d, i) for g, d in zip(g_tensors, g_dims, strict=True)],
+                            tuple(_select(x, d, i) for x, d in zip(args, arg_dims, strict=True)),
+                            {k: _select(v, kw_dims[k], i) for k, v in kwargs.items()},
+                            [_select(g, d, i) for g, d in zip(g_tensors, g_dims, strict=True)],
                         )
                         for i in range(batch)
                     ]
@@ -496,11 +562,74 @@ class FuncHandler(Handler):
 
 
 def _expand(x, d):
-    return x.unsqueeze(d) if d is not None and torch.is_tensor(x) else x
+    """x (a tensor or a pytree of them, like an LSTM's (h, c)) with each batch axis d restored, size 1."""
+    return tree_map(lambda t, a: t.unsqueeze(a) if a is not None and torch.is_tensor(t) else t, x, d)
+
+
+def _select(x, d, i: int):
+    """Sample i of x (a tensor or a pytree of them) along each batch axis d."""
+    return tree_map(lambda t, a: t.select(a, i) if a is not None and torch.is_tensor(t) else t, x, d)
 
 
 def _cuda_devices(params: dict[str, torch.Tensor]) -> list[int]:
     return sorted({p.device.index or 0 for p in params.values() if p.is_cuda})
+
+
+class LayerHandler(Handler):
+    """A handler in one method: write :meth:`per_sample_grads`, everything else is derived.
+
+    The engine calls ``per_sample_grads(inputs, output_grad, **kwargs)`` once per forward call of the
+    module in a step, with ``inputs`` the call's positional arguments (tensors detached), ``kwargs`` its
+    keyword arguments, and ``output_grad`` the gradient of the per-sample losses l_i with respect to
+    the call's output (one tensor; a tuple, with None where no gradient arrived, for a module with
+    several tensor outputs). It is already scaled: for a mean loss the engine multiplied the captured
+    gradient by B, so that a sample's gradient is sum over positions of output_grad times d output /
+    d parameter, with no factor to apply. It returns {local parameter name: (B, *param.shape)}.
+    Several calls per step add up. Squared norms, Gram entries, dot products with the mean gradient,
+    projections and TracIn cross products all come from these gradients (a
+    :class:`~cockpit_lite.persample.views.MaterialisedView`: B x the module's parameters in memory).
+    Parameters that are frozen or not held by the optimizer are dropped from the result.
+    """
+
+    def capture(self, args, kwargs, output):
+        detach = lambda t: t.detach() if torch.is_tensor(t) else t  # noqa: E731
+        return tree_map(detach, args), tree_map(detach, kwargs)
+
+    def per_sample_grads(self, inputs: tuple, output_grad, **kwargs) -> dict[str, torch.Tensor]:
+        """{local parameter name: g_i stacked over the batch, shape (B, *param.shape)}."""
+        raise NotImplementedError
+
+    def view(self, captures, grads, batch, inv_scale):
+        kind = type(self).__name__
+        params = dict(self.module.named_parameters())
+        total: dict[str, torch.Tensor] = {}
+        for (args, kwargs), gouts in zip(captures, grads, strict=True):
+            if all(g is None for g in gouts):
+                continue
+            scaled = tuple(None if g is None else _scaled(g, inv_scale) for g in gouts)
+            out = self.per_sample_grads(args, scaled[0] if len(scaled) == 1 else scaled, **kwargs)
+            if not isinstance(out, Mapping):
+                raise TypeError(f"{kind}.per_sample_grads must return a dict {{parameter name: tensor}}, got {out!r}")
+            for local, g in out.items():
+                if local not in params:
+                    raise KeyError(
+                        f"{kind}.per_sample_grads returned {local!r}, which is no parameter of "
+                        f"{type(self.module).__name__} (its parameters: {sorted(params)})"
+                    )
+                want = (batch, *params[local].shape)
+                if not torch.is_tensor(g) or tuple(g.shape) != want:
+                    got = tuple(g.shape) if torch.is_tensor(g) else type(g).__name__
+                    raise ValueError(
+                        f"{kind}.per_sample_grads returned {local!r} of shape {got}; expected {want} "
+                        "(the batch size, then the parameter's shape)"
+                    )
+                if local in self.names:
+                    full = self.names[local]
+                    total[full] = total[full] + g if full in total else g
+        missing = sorted(local for local, full in self.names.items() if full not in total)
+        if missing:
+            raise ValueError(f"{kind}.per_sample_grads returned no gradient for the trainable parameter(s) {missing}")
+        return MaterialisedView({self.names[local]: total[self.names[local]] for local in self.names})
 
 
 #: module type -> handler; looked up along the MRO, so subclasses are served too
@@ -521,17 +650,54 @@ WHOLE_MODULES: tuple[type, ...] = (nn.MultiheadAttention, nn.RNNBase)
 
 
 def handler_for(module: nn.Module) -> type[Handler]:
+    """The handler class registered for the nearest class in the module's MRO; :class:`FuncHandler`
+    (torch.func on that module alone) if none is."""
     for cls in type(module).__mro__:
         if cls in HANDLERS:
             return HANDLERS[cls]
     return FuncHandler
 
 
+def register_handler(module_class: type[nn.Module], handler_class: type[Handler]) -> type[Handler] | None:
+    """Serve ``module_class`` (and its subclasses without a handler of their own) by ``handler_class``.
+
+    The simple form is a :class:`LayerHandler` subclass that writes ``per_sample_grads``; a full
+    :class:`Handler` returns a view of its own (a factor form, say). Registering for a class that
+    already has a handler, a built-in one included (``nn.Linear``), replaces it; the replaced handler
+    is returned (None if there was none) so that it can be registered back. Cockpits attached from
+    then on use the registration; attached ones keep the handlers they built. See
+    docs/recipes/layer_handler.md.
+
+    Raises:
+        TypeError: ``module_class`` is not a subclass of ``torch.nn.Module`` (or is ``nn.Module``
+            itself, which would serve every module), or ``handler_class`` is not a subclass of
+            :class:`Handler` that implements ``view`` (or, for a :class:`LayerHandler`,
+            ``per_sample_grads``).
+    """
+    if not isinstance(module_class, type) or not issubclass(module_class, nn.Module):
+        raise TypeError(f"register_handler: module_class must be a torch.nn.Module subclass, got {module_class!r}")
+    if module_class is nn.Module:
+        raise TypeError("register_handler: a handler for nn.Module itself would serve every module; name a layer")
+    if not isinstance(handler_class, type) or not issubclass(handler_class, Handler):
+        raise TypeError(
+            f"register_handler: handler_class must be a subclass of cockpit_lite.persample.LayerHandler (write "
+            f"per_sample_grads) or Handler (write view), got {handler_class!r}"
+        )
+    if issubclass(handler_class, LayerHandler):
+        if handler_class.per_sample_grads is LayerHandler.per_sample_grads:
+            raise TypeError(f"register_handler: {handler_class.__name__} does not implement per_sample_grads")
+    elif handler_class.view is Handler.view:
+        raise TypeError(f"register_handler: {handler_class.__name__} does not implement view")
+    previous = HANDLERS.get(module_class)
+    HANDLERS[module_class] = handler_class
+    return previous
+
+
 def build_handlers(model: nn.Module, params: Collection[int] | None = None) -> dict[nn.Module, Handler]:
     """One handler per module that holds trainable parameters (those with ``requires_grad``, and with
     ``params`` given only those whose ``id`` is in it: the optimizer's). Modules in
     :data:`WHOLE_MODULES` get one torch.func handler for all their parameters (their children's hooks
-    never fire)."""
+    never fire), unless a handler is registered for their class."""
     handlers: dict[nn.Module, Handler] = {}
     claimed: list[str] = []
     # a parameter shared by several modules (tied weights) goes by its first name, as in named_parameters()
@@ -550,7 +716,7 @@ def build_handlers(model: nn.Module, params: Collection[int] | None = None) -> d
             continue
         if whole:
             claimed.append(mname)
-        handlers[module] = (FuncHandler if whole else handler_for(module))(module, names)
+        handlers[module] = handler_for(module)(module, names)
     return handlers
 
 

@@ -96,6 +96,42 @@ class MaterialisedView(View):
         return self._g
 
 
+class ViewGroup(View):
+    """Views of disjoint parameter sets of one module as one view (a handler whose parameters have
+    different factor forms, e.g. the two matrices of a low-rank adapter): squared norms, Gram entries
+    and g_i are per parameter, so they are merged; g_i . gbar and projections are sums over
+    parameters, so they add up."""
+
+    def __init__(self, views: list[View]):
+        self.views = list(views)
+        self.names = tuple(n for v in self.views for n in v.names)
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"the views of a ViewGroup must hold disjoint parameters, got {self.names}")
+
+    def sq_norms(self) -> dict[str, torch.Tensor]:
+        return {n: t for v in self.views for n, t in v.sq_norms().items()}
+
+    def gram(self) -> dict[str, torch.Tensor]:
+        return {n: t for v in self.views for n, t in v.gram().items()}
+
+    def dot_mean(self) -> torch.Tensor:
+        return sum(v.dot_mean() for v in self.views)
+
+    def release(self) -> None:
+        for v in self.views:
+            v.release()
+
+    def project_many(self, directions):
+        out: dict[str, torch.Tensor] = {}
+        for v in self.views:
+            for k, p in v.project_many(directions).items():
+                out[k] = p if k not in out else out[k] + p
+        return out
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        return {n: t for v in self.views for n, t in v.grads().items()}
+
+
 def combined(views: list[View]) -> MaterialisedView:
     """One view of modules that share parameters (tied weights): a sample's gradient of a shared
     parameter is the sum over its uses, so each use's g_i is formed and the uses are added. Names in
