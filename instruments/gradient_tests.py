@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from cockpit_lite import Instrument, Need
+from cockpit_lite.panels import LinePanel
 
 
 def gradient_tests(sq_norms: np.ndarray, dots: np.ndarray) -> dict[str, float]:
@@ -38,6 +39,34 @@ class GradientTests(Instrument):
     note when the batch has one sample.
     Cost: per-sample squared norms and g_i . gbar from layer factors (Gram of the factors), no B x D.
     """
+
+    TAGS = {"tests/norm": "norm test", "tests/inner": "inner-product test", "tests/ortho": "orthogonality test"}
+    PANELS = (
+        LinePanel(
+            "Gradient tests: is the batch gradient noise-dominated?",
+            ["tests/norm", "tests/inner", "tests/ortho"],
+            ylabel="test statistic (1.0 = limit)",
+            labels=["norm test", "inner-product test", "orthogonality test"],
+            log=True,
+            ref=(1.0, "1.0: above = noise dominates (bigger batch / smaller lr)"),
+            missing="not tracked: add the GradientTests instrument (`tests/norm`, `tests/inner`, `tests/ortho`)",
+            key="gradient_tests",
+        ),
+    )
+    CHARTS = {
+        "Gradient tests (1.0 = limit; above = noise dominates)": {
+            "norm, inner-product and orthogonality tests": [
+                "Multiline",
+                ["^tests/norm$", "^tests/inner$", "^tests/ortho$"],
+            ],
+        },
+    }
+    SUMMARY = (
+        ("tests/norm", "norm test (>1: noise dominates)"),
+        ("tests/inner", "inner-product test"),
+        ("tests/ortho", "orthogonality test"),
+    )
+    ORDER = 50.0
 
     NEEDS = frozenset({Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN})
 
