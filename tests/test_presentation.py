@@ -19,7 +19,7 @@ from torch import nn
 from cockpit_lite import Cockpit, History, Instrument, load
 from cockpit_lite.cli import summary_text
 from cockpit_lite.figure import DashboardFigure
-from cockpit_lite.panels import GenericPanel
+from cockpit_lite.panels import GenericPanel, LinePanel
 from cockpit_lite.presentation import (
     GENERIC_CATEGORY,
     MAX_GENERIC_LINES,
@@ -292,8 +292,6 @@ def test_a_note_shows_in_the_empty_panel_and_in_the_summary():
 
 def test_a_panel_of_an_instrument_in_the_run_without_records_says_so():
     class Silent(Instrument):
-        from cockpit_lite.panels import LinePanel
-
         TAGS = {"silent/x": "nothing, ever"}
         PANELS = (LinePanel("Silent", ["silent/x"]),)
 
