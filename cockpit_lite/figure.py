@@ -95,6 +95,10 @@ class DashboardFigure:
         """(Re)create the grid when the set of panels changed."""
         signature = presentation.panel_signature()
         if signature == self._signature:
+            for panel, spec in zip(self.panels, presentation.panels, strict=True):
+                for name in ("owners", "note_tags", "in_run", "headline"):
+                    if name in spec.__dict__:
+                        setattr(panel, name, getattr(spec, name))
             return
         self._signature = signature
         self.fig.clear()

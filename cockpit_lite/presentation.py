@@ -130,10 +130,9 @@ class Presentation:
     headline: list[tuple[str, str]]
 
     def panel_signature(self) -> tuple:
-        """What a figure's grid depends on: equal signatures, equal panels in equal places."""
-        return tuple(
-            (p.ident, p.prefix, p.owners, p.note_tags, p.in_run, getattr(p, "tag_list", None)) for p in self.panels
-        )
+        """What a figure's grid depends on: equal signatures, equal panels in equal places (their
+        ``owners``, ``note_tags``, ``in_run`` and ``headline`` may differ and are copied over)."""
+        return tuple((type(p), p.ident, p.prefix, getattr(p, "tag_list", None)) for p in self.panels)
 
 
 class Presenter:
