@@ -8,19 +8,31 @@ returns records ``{tag: value}``. The core knows no concrete instrument.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.step import StepRecord
 
+if TYPE_CHECKING:
+    from cockpit_lite.panels import Panel
+
 Schedule = Callable[[int], bool]
+#: a summary line: ``(tag, label)``, or a callable ``fn(history, tag) -> list[str]`` (``tag`` prefixes a
+#: tag with the instance's ``name=``) for anything a pair cannot say
+SummaryItem = tuple[str, str] | Callable[[Any, Callable[[str], str]], Sequence[str]]
 
 
 def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def default_key(cls: type) -> str:
+    """The key of an unnamed instance of the instrument class ``cls``: ``cls.KEY`` or the snake-case
+    class name."""
+    return getattr(cls, "KEY", None) or _snake(cls.__name__)
 
 
 class Instrument:
@@ -35,9 +47,34 @@ class Instrument:
     Hook names say when they fire: :meth:`on_attach` once, :meth:`on_after_backward` when backward
     is done, :meth:`on_before_step` with the gradients the optimizer will use, :meth:`compute` after
     the optimizer step, :meth:`on_close` at the end.
+
+    Presentation is declared at class level, so it works from the class alone (a saved run is shown
+    by the registered classes whose :attr:`TAGS` occur on disk; ``cockpit_lite.presentation``):
+    :attr:`TAGS`, :attr:`PANELS`, :attr:`CHARTS`, :attr:`SUMMARY`, :attr:`ORDER`. Tags are written
+    without the ``name=`` prefix; the presentation of a named instance is prefixed for it.
     """
 
     NEEDS: ClassVar[frozenset[Need]] = frozenset()
+
+    #: the tags this instrument writes: ``{tag or regular expression (matched against the whole tag):
+    #: meaning}``. Tags no instrument declares get a generic panel, chart and summary line.
+    TAGS: ClassVar[Mapping[str, str]] = {}
+    #: dashboard panels (:class:`cockpit_lite.panels.Panel` objects: ``LinePanel``, ``QuantilePanel``
+    #: or a subclass of ``Panel`` of your own); panels of equal key from several instruments are drawn once
+    PANELS: ClassVar[Sequence[Panel]] = ()
+    #: TensorBoard Custom Scalars charts: ``{category: {chart title: ["Multiline", [tag regexes]] or
+    #: ["Margin", [value tag, lower tag, upper tag]]}}``
+    CHARTS: ClassVar[Mapping[str, Mapping[str, list]]] = {}
+    #: ``cockpit-lite summary`` lines: ``(tag, label)`` pairs (the last value of the tag) and callables
+    #: ``fn(history, tag) -> list[str]`` (see :data:`SummaryItem`); the first pair is also the
+    #: instrument's headline in the dashboard's run summary
+    SUMMARY: ClassVar[Sequence[SummaryItem]] = ()
+    #: where this instrument's panels, charts and summary lines go among the others (built-ins 10 to
+    #: 90, the cost panels 100; instruments of the same order keep the run's order)
+    ORDER: ClassVar[float] = 500.0
+    #: the key of an instance without ``name=`` (default: the class name in snake case); the core
+    #: files this instrument's notes under ``note/<key>`` and its cost under ``cost/<key>_ms``
+    KEY: ClassVar[str | None] = None
 
     def __init__(self, every: int = 1, schedule: Schedule | None = None, name: str | None = None):
         if schedule is None:
@@ -55,7 +92,7 @@ class Instrument:
     @property
     def key(self) -> str:
         """Unique key of this instance within one cockpit."""
-        return self.name or _snake(type(self).__name__)
+        return self.name or default_key(type(self))
 
     def tag(self, tag: str) -> str:
         """The tag under which a record is stored (prefixed by ``name`` if one was given)."""

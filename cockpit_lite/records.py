@@ -60,6 +60,13 @@ def from_json(v: Any) -> Any:
     return v
 
 
+def _number(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 class History(Mapping):
     """tag -> [(step, value), ...] in step order. ``history["loss"]`` is a list of pairs."""
 
@@ -80,6 +87,46 @@ class History(Mapping):
 
     def __len__(self) -> int:
         return len(self._data)
+
+    def __contains__(self, tag: object) -> bool:
+        return tag in self._data and bool(self._data[tag])
+
+    def get(self, tag: str, default: Any = None) -> Any:  # type: ignore[override]
+        """The ``[(step, value), ...]`` pairs of ``tag``, or ``default`` if it has none."""
+        pairs = self._data.get(tag)
+        return pairs if pairs else default
+
+    def tags(self, prefix: str = "") -> list[str]:
+        """The tags that start with ``prefix``, sorted."""
+        return sorted(t for t, pairs in self._data.items() if pairs and t.startswith(prefix))
+
+    def latest(self, tag: str) -> tuple[int, Any] | None:
+        """The last ``(step, value)`` pair of ``tag`` (None if it has none)."""
+        pairs = self._data.get(tag)
+        return pairs[-1] if pairs else None
+
+    def value_at(self, tag: str, step: int, default: Any = None) -> Any:
+        """The value of ``tag`` recorded under ``step`` (the last one if several), or ``default``."""
+        for s, v in reversed(self._data.get(tag) or ()):
+            if s == step:
+                return v
+        return default
+
+    def series(self, tag: str, max_points: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values)`` of ``tag`` as float arrays (NaN where a value is no number); empty if absent.
+
+        With ``max_points``, a longer series is thinned to at most that many points by an even stride
+        counted from the end, so the last point is always kept.
+        """
+        pairs = self._data.get(tag)
+        if not pairs:
+            return np.empty(0), np.empty(0)
+        if max_points is not None and len(pairs) > max_points:
+            stride = math.ceil(len(pairs) / max_points)
+            pairs = pairs[::-1][::stride][::-1]
+        steps = np.fromiter((s for s, _ in pairs), dtype=float, count=len(pairs))
+        values = np.fromiter((_number(v) for _, v in pairs), dtype=float, count=len(pairs))
+        return steps, values
 
     def steps(self, tag: str) -> np.ndarray:
         return np.array([s for s, _ in self[tag]])

@@ -24,6 +24,28 @@ def available_instruments() -> dict[str, type[Instrument]]:
     return {ep.name: ep.load() for ep in entry_points(group=INSTRUMENTS_GROUP)}
 
 
+_FAILED: set[str] = set()
+
+
+def registered_instruments() -> dict[str, type[Instrument]]:
+    """Like :func:`available_instruments`, but an entry point that fails to load (a broken plugin) is
+    left out with a warning, once, instead of raising: for showing a run, never for running one."""
+    from cockpit_lite.errors import warn
+
+    out: dict[str, type[Instrument]] = {}
+    for ep in entry_points(group=INSTRUMENTS_GROUP):
+        try:
+            cls = ep.load()
+        except Exception as e:
+            if ep.value not in _FAILED:
+                _FAILED.add(ep.value)
+                warn(f"instrument entry point {ep.name} = {ep.value} failed to load ({type(e).__name__}: {e})")
+            continue
+        if isinstance(cls, type) and issubclass(cls, Instrument):
+            out[ep.name] = cls
+    return out
+
+
 def available_presets() -> list[str]:
     return sorted(ep.name for ep in entry_points(group=PRESETS_GROUP))
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from cockpit_lite.instruments._util import refuse_state
+from cockpit_lite.instruments.panels import AlphaPanel
 
 from cockpit_lite import Instrument, Need, Needs, StepRecord
 from cockpit_lite.compat import foreach_copy_
@@ -184,6 +185,19 @@ class Alpha(Instrument):
     onto two directions from the layer factors kept until the optimizer's post-hook, and the previous
     update (D floats) held between steps.
     """
+
+    TAGS = {
+        "alpha": "alpha of the step theta_t -> theta_{t+1}; NaN when undefined",
+        "alpha/status": "why alpha is NaN (text)",
+        "alpha/step_length": "s = ||theta_{t+1} - theta_t||",
+        "alpha/median": "median alpha over the verdict window",
+        "alpha/overshoot_share": "share of alpha > 1 over the verdict window",
+        "verdict/lr": "the learning-rate verdict (text)",
+    }
+    PANELS = (AlphaPanel(),)
+    CHARTS = {"Step size": {"alpha (0 = valley floor, >1 = overshoot)": ["Multiline", ["^alpha$"]]}}
+    SUMMARY = (("alpha", "alpha (0 = valley floor)"),)
+    ORDER = 40.0
 
     def __init__(self, window: int = 100, verdict_every: int = 100, min_alphas: int = 10, **kw):
         super().__init__(**kw)

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from cockpit_lite.instruments._util import QUANTILES, refuse_state, sorted_quantiles
 from cockpit_lite.instruments.agc import GRAD_NORM_FLOOR, check_positive, final_layer, unitwise_norm
+from cockpit_lite.instruments.panels import ClippingPanel
 
 from cockpit_lite import Instrument, Need, Needs
 
@@ -186,6 +187,37 @@ class Clipping(Instrument):
     Tags: ``clip/global/...``, ``clip/agc/...`` (``clip/agc/<param>/...`` per tensor),
     ``clip/per_sample/...``, ``clip/suggest/...`` (docs/clipping.md, docs/tags.md).
     """
+
+    TAGS = {
+        "clip/global/.+": "global-norm clipping statistics",
+        "clip/agc/.+": "adaptive (AGC) clipping statistics, also per parameter tensor",
+        "clip/per_sample/.+": "per-sample clipping statistics",
+        "clip/suggest/(global|agc|per_sample)/.+": "threshold suggestions",
+    }
+    PANELS = (ClippingPanel(),)
+    CHARTS = {
+        "Clipping": {
+            "fraction clipped (global, AGC, per-sample)": [
+                "Multiline",
+                ["^clip/(global|agc|per_sample)/frac_clipped$"],
+            ],
+            "global norm before clipping and suggested max_norm": [
+                "Multiline",
+                ["^clip/global/norm$", "^clip/suggest/global/.*$"],
+            ],
+            "AGC ratio ||G_i|| / ||W_i||: median, 5% and 95%": [
+                "Margin",
+                ["clip/agc/ratio/p50", "clip/agc/ratio/p5", "clip/agc/ratio/p95"],
+            ],
+        },
+    }
+    SUMMARY = (
+        ("clip/global/norm", "global norm before clipping"),
+        ("clip/global/frac_clipped", "fraction of steps clipped"),
+        ("clip/agc/frac_clipped", "fraction of AGC units clipped"),
+        ("clip/per_sample/frac_clipped", "fraction of samples clipped"),
+    )
+    ORDER = 70.0
 
     def __init__(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from cockpit_lite import Instrument, Need
+from cockpit_lite.panels import LinePanel
 
 
 def gradient_tests(sq_norms: np.ndarray, dots: np.ndarray) -> dict[str, float]:
@@ -40,6 +41,34 @@ class GradientTests(Instrument):
     State: none between steps (each step's tests come from that step's record alone), so
     ``state_dict()`` is ``{}`` and a resumed run continues the same tests without it.
     """
+
+    TAGS = {"tests/norm": "norm test", "tests/inner": "inner-product test", "tests/ortho": "orthogonality test"}
+    PANELS = (
+        LinePanel(
+            "Gradient tests: is the batch gradient noise-dominated?",
+            ["tests/norm", "tests/inner", "tests/ortho"],
+            ylabel="test statistic (1.0 = limit)",
+            labels=["norm test", "inner-product test", "orthogonality test"],
+            log=True,
+            ref=(1.0, "1.0: above = noise dominates (bigger batch / smaller lr)"),
+            missing="not tracked: add the GradientTests instrument (`tests/norm`, `tests/inner`, `tests/ortho`)",
+            key="gradient_tests",
+        ),
+    )
+    CHARTS = {
+        "Gradient tests (1.0 = limit; above = noise dominates)": {
+            "norm, inner-product and orthogonality tests": [
+                "Multiline",
+                ["^tests/norm$", "^tests/inner$", "^tests/ortho$"],
+            ],
+        },
+    }
+    SUMMARY = (
+        ("tests/norm", "norm test (>1: noise dominates)"),
+        ("tests/inner", "inner-product test"),
+        ("tests/ortho", "orthogonality test"),
+    )
+    ORDER = 50.0
 
     NEEDS = frozenset({Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN})
 

@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 from cockpit_lite import Instrument, Need
+from cockpit_lite.panels import LinePanel
+
+#: one panel for GradNorm and UpdateSize (both declare it; it is drawn once)
+GRAD_AND_UPDATE = LinePanel(
+    "Gradient norm and update size",
+    ["grad_norm", "update_size"],
+    ylabel="Euclidean norm",
+    labels=["gradient norm ||grad L||", "update size ||θ(t+1) − θ(t)||"],
+    log_ratio=10.0,
+    missing="not tracked: add GradNorm (`grad_norm`) and UpdateSize (`update_size`)",
+    key="grad_norm_update",
+)
 
 
 class GradNorm(Instrument):
@@ -12,6 +24,12 @@ class GradNorm(Instrument):
     included. Tags: ``grad_norm``, and with ``per_param=True`` ``grad_norm/<parameter name>``.
     Cost: one fused norm over the gradients.
     """
+
+    TAGS = {"grad_norm": "global gradient norm", "grad_norm/.+": "per parameter tensor"}
+    PANELS = (GRAD_AND_UPDATE,)
+    CHARTS = {"Step size": {"gradient norm and update size": ["Multiline", ["^grad_norm$", "^update_size$"]]}}
+    SUMMARY = (("grad_norm", "gradient norm"),)
+    ORDER = 20.0
 
     NEEDS = frozenset({Need.GRAD_NORMS})
 

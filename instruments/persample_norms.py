@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 from cockpit_lite.instruments._util import quantile_records
+from cockpit_lite.instruments.panels import PerSampleHistPanel
 
 from cockpit_lite import Instrument, Need
+from cockpit_lite.panels import QuantilePanel
 
 
 class PerSampleGradNorms(Instrument):
@@ -17,6 +19,40 @@ class PerSampleGradNorms(Instrument):
     with ``per_param=True`` also ``persample/grad_norm/<parameter name>`` (B values each).
     Reading: a long upper tail means a few samples dominate the step (outliers, mislabels).
     """
+
+    TAGS = {
+        "persample/grad_norm": "||g_i|| (B values)",
+        "persample/grad_norm/(p5|p25|p50|p75|p95|max|mean)": "quantiles of ||g_i||",
+        "persample/grad_norm/.+": "||g_i|| per parameter tensor (per_param=True)",
+    }
+    PANELS = (
+        QuantilePanel(
+            "persample/grad_norm",
+            title="Per-sample gradient norms ||g_i|| over time",
+            ylabel="||g_i||",
+            what="per-sample",
+            missing="not tracked: add the PerSampleGradNorms instrument (`persample/grad_norm`)",
+            key="persample_norms",
+        ),
+        PerSampleHistPanel(),
+    )
+    CHARTS = {
+        "Per-sample gradients": {
+            "per-sample gradient norm: median, 5% and 95%": [
+                "Margin",
+                ["persample/grad_norm/p50", "persample/grad_norm/p5", "persample/grad_norm/p95"],
+            ],
+            "per-sample gradient norm: max and mean": [
+                "Multiline",
+                ["^persample/grad_norm/max$", "^persample/grad_norm/mean$"],
+            ],
+        },
+    }
+    SUMMARY = (
+        ("persample/grad_norm/p50", "per-sample gradient norm, median"),
+        ("persample/grad_norm/max", "per-sample gradient norm, max"),
+    )
+    ORDER = 60.0
 
     NEEDS = frozenset({Need.PER_SAMPLE_SQ_NORMS})
 

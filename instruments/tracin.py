@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from cockpit_lite.instruments._util import refuse_state
+from cockpit_lite.instruments.panels import InfluencePanel, influence_summary
 
 from cockpit_lite import Instrument, Need, Needs
 from cockpit_lite.errors import CockpitWarning
@@ -81,6 +82,19 @@ class TracIn(Instrument):
     the model's current (training) mode, plus per layer a (B x K) cross-Gram from the factors.
     Memory: N floats, plus N x K with probes.
     """
+
+    KEY = "tracin"
+    TAGS = {
+        "tracin/steps": "number of steps traced",
+        "tracin/self_influence": "self-influence of every training example (N values)",
+        "tracin/self_influence/top": "the top_k examples by self-influence (table)",
+        "tracin/(proponents|opponents)": "per probe, the training examples of largest / most negative influence",
+        "tracin/.+": "other TracIn records (TracInCP.write: tracin/cp/...)",
+    }
+    PANELS = (InfluencePanel(),)
+    CHARTS = {"Influence": {"TracIn scalars": ["Multiline", ["^tracin/.*"]]}}
+    SUMMARY = (influence_summary,)
+    ORDER = 80.0
 
     def __init__(
         self,

@@ -52,6 +52,11 @@ class Checkpoints(Instrument):
     Cost: one ``torch.save`` of the parameters per saved step; nothing on other steps.
     """
 
+    KEY = "checkpoints"
+    TAGS = {"tracin/checkpoints": "number of checkpoints saved so far"}
+    SUMMARY = (("tracin/checkpoints", "checkpoints saved"),)
+    ORDER = 81.0
+
     def __init__(self, every: int = 1, directory: str | os.PathLike | None = None, final: bool = True, **kw):
         super().__init__(every=every, **kw)
         self.directory = Path(directory) if directory is not None else None

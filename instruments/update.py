@@ -7,9 +7,11 @@ from typing import Any
 
 import torch
 from cockpit_lite.instruments._util import refuse_state
+from cockpit_lite.instruments.gradnorm import GRAD_AND_UPDATE
 
 from cockpit_lite import Instrument, Need
 from cockpit_lite.compat import foreach_norm
+from cockpit_lite.panels import LinePanel
 
 
 def _norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -34,6 +36,12 @@ class UpdateSize(Instrument):
     Tags: ``update_size``, ``update_size/<parameter name>``. Cost: a parameter snapshot (D floats).
     """
 
+    TAGS = {"update_size": "||theta_{t+1} - theta_t||", "update_size/.+": "per parameter tensor"}
+    PANELS = (GRAD_AND_UPDATE,)
+    CHARTS = {"Step size": {"gradient norm and update size": ["Multiline", ["^grad_norm$", "^update_size$"]]}}
+    SUMMARY = (("update_size", "update size"),)
+    ORDER = 21.0
+
     NEEDS = frozenset({Need.UPDATE})
 
     def __init__(self, per_param: bool = True, **kw):
@@ -51,6 +59,22 @@ class Distance(Instrument):
     (Cockpit's Distance). Tags: ``distance``, ``distance/<parameter name>``.
     Cost: keeps theta_0 and a difference buffer (2 D floats).
     """
+
+    TAGS = {"distance": "||theta_t - theta_0||", "distance/.+": "per parameter tensor"}
+    PANELS = (
+        LinePanel(
+            "Distance from the initial parameters",
+            ["distance"],
+            ylabel="||θ(t) − θ(0)||",
+            labels=["all parameters"],
+            log=False,
+            missing="not tracked: add the Distance instrument (tag `distance`)",
+            key="distance",
+        ),
+    )
+    CHARTS = {"Step size": {"distance from the initial parameters": ["Multiline", ["^distance$"]]}}
+    SUMMARY = (("distance", "distance from start"),)
+    ORDER = 30.0
 
     def __init__(self, per_param: bool = True, **kw):
         super().__init__(**kw)

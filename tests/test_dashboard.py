@@ -12,15 +12,8 @@ import numpy as np
 import pytest
 
 from cockpit_lite import History, load
-from cockpit_lite.figure import (
-    AlphaPanel,
-    ClippingPanel,
-    DashboardFigure,
-    InfluencePanel,
-    LossPanel,
-    PerSampleNormsPanel,
-    _top_rows,
-)
+from cockpit_lite.figure import DashboardFigure
+from cockpit_lite.panels import top_rows as _top_rows
 from cockpit_lite.sinks import Dashboard
 from cockpit_lite.sinks import dashboard as dashboard_mod
 from cockpit_lite.sinks import throttle as throttle_mod
@@ -68,16 +61,16 @@ def test_panels_show_the_history_values(run):
     h = cockpit.history
     fig = DashboardFigure()
     fig.update(h)
-    loss = next(p for p in fig.panels if isinstance(p, LossPanel))
+    loss = fig.panel("loss")
     np.testing.assert_array_equal(loss._lines["scalar"].get_ydata(), [v for _, v in h["loss"]])
     np.testing.assert_array_equal(loss._lines["scalar"].get_xdata(), [s for s, _ in h["loss"]])
-    ps = next(p for p in fig.panels if isinstance(p, PerSampleNormsPanel))
+    ps = fig.panel("persample_norms")
     np.testing.assert_array_equal(ps._lines["p50"].get_ydata(), [np.median(v) for v in h.values("persample/grad_norm")])
-    alpha = next(p for p in fig.panels if isinstance(p, AlphaPanel))
+    alpha = fig.panel("alpha")
     assert "too large" in alpha._verdict.get_text() and alpha._verdict.get_visible()
-    influence = next(p for p in fig.panels if isinstance(p, InfluencePanel))
+    influence = fig.panel("influence")
     assert [t.get_text() for t in influence.ax.get_yticklabels()] == ["index 7", "index 9", "index 5"]
-    clipping = next(p for p in fig.panels if isinstance(p, ClippingPanel))
+    clipping = fig.panel("clipping")
     np.testing.assert_array_equal(clipping._lines["norm"].get_ydata(), [1.0 + s for s in range(5)])
     assert not any(p._note.get_visible() for p in fig.panels)  # every panel has data
 
@@ -91,8 +84,8 @@ def test_absent_tags_say_not_tracked():
     for s in range(3):
         h.add(s, {"loss": 1.0 / (s + 1)})
     fig.png(h)  # the same figure updated in place
-    missing = {type(p).__name__ for p in fig.panels if p._note.get_visible()}
-    assert "LossPanel" not in missing and "AlphaPanel" in missing and "InfluencePanel" in missing
+    missing = {p.key for p in fig.panels if p._note.get_visible()}
+    assert "loss" not in missing and "alpha" in missing and "influence" in missing
 
 
 def test_top_rows():

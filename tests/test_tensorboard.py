@@ -12,11 +12,68 @@ import numpy as np
 import pytest
 
 from cockpit_lite.sinks import JsonLines, TensorBoard
-from cockpit_lite.sinks.tensorboard import LAYOUT, markdown_table
+from cockpit_lite.sinks.tensorboard import markdown_table
 from tests.sinks_util import B, accumulator, train
 
 BINS = 7
 STEPS = 6
+
+
+def _rx(*tags):
+    return [f"^{t}$" for t in tags]
+
+
+#: The Custom Scalars layout of the built-in instruments and the core, as it was written by hand before
+#: the instruments declared their charts: the assembled layout must be exactly this.
+LAYOUT = {
+    "Loss": {
+        "batch loss": ["Multiline", _rx("loss")],
+        "per-sample loss: median, 5% and 95% quantiles": [
+            "Margin",
+            ["loss/per_sample/p50", "loss/per_sample/p5", "loss/per_sample/p95"],
+        ],
+    },
+    "Step size": {
+        "gradient norm and update size": ["Multiline", _rx("grad_norm", "update_size")],
+        "distance from the initial parameters": ["Multiline", _rx("distance")],
+        "alpha (0 = valley floor, >1 = overshoot)": ["Multiline", _rx("alpha")],
+    },
+    "Gradient tests (1.0 = limit; above = noise dominates)": {
+        "norm, inner-product and orthogonality tests": ["Multiline", _rx("tests/norm", "tests/inner", "tests/ortho")],
+    },
+    "Per-sample gradients": {
+        "per-sample gradient norm: median, 5% and 95%": [
+            "Margin",
+            ["persample/grad_norm/p50", "persample/grad_norm/p5", "persample/grad_norm/p95"],
+        ],
+        "per-sample gradient norm: max and mean": [
+            "Multiline",
+            _rx("persample/grad_norm/max", "persample/grad_norm/mean"),
+        ],
+    },
+    "Clipping": {
+        "fraction clipped (global, AGC, per-sample)": ["Multiline", _rx(r"clip/(global|agc|per_sample)/frac_clipped")],
+        "global norm before clipping and suggested max_norm": [
+            "Multiline",
+            _rx("clip/global/norm", r"clip/suggest/global/.*"),
+        ],
+        "AGC ratio ||G_i|| / ||W_i||: median, 5% and 95%": [
+            "Margin",
+            ["clip/agc/ratio/p50", "clip/agc/ratio/p5", "clip/agc/ratio/p95"],
+        ],
+    },
+    "Influence": {
+        "TracIn scalars": ["Multiline", [r"^tracin/.*"]],
+    },
+    "Cost": {
+        "ms per tracked step (whole step, cockpit, sinks)": [
+            "Multiline",
+            _rx("cost/step_ms", "cost/cockpit_ms", "cost/sinks_ms"),
+        ],
+        "ms per tracked step, by instrument": ["Multiline", [r"^cost/(?!step_|cockpit_|sinks_).*_ms$"]],
+        "share of the step, by instrument": ["Multiline", [r"^cost/.*_share$"]],
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +133,7 @@ def test_custom_scalars_layout(run):
     assert len(events) == 1  # written once, at open
     layout = layout_pb2.Layout.FromString(events[0].tensor_proto.string_val[0])
     assert [c.title for c in layout.category] == list(LAYOUT)
+    assert [[chart.title for chart in c.chart] for c in layout.category] == [list(v) for v in LAYOUT.values()]
     tags = set(cockpit.history)
     charts = {chart.title: chart for c in layout.category for chart in c.chart}
     for spec in LAYOUT.values():

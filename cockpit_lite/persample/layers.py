@@ -107,7 +107,7 @@ class Handler:
         Args:
             captures: what :meth:`capture` returned, one per forward call this step.
             grads: per call, the gradients of the call's tensor outputs that require grad (in the order
-                ``torch.utils._pytree`` flattens the output); None for an output no gradient reached.
+                ``compat.tree_flatten`` flattens the output); None for an output no gradient reached.
             batch: B, the loss's batch size.
             inv_scale: the factor that turns a captured output gradient into that of the per-sample
                 losses l_i (B for a mean loss, 1 for a sum, divided by an AMP loss scale).

@@ -4,7 +4,8 @@
 
 Open the PNG in any image viewer that reloads on change (or a browser tab you refresh). The figure
 (:mod:`cockpit_lite.figure`) is built once and its data replaced in place; it is a pure function of
-the cockpit's history, so ``cockpit-lite dashboard runs/exp1 -o out.png`` draws the same from disk.
+the cockpit's history and of the panels its instruments declare, so ``cockpit-lite dashboard runs/exp1
+-o out.png`` draws the same from disk.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class Dashboard(HistorySink):
             if self._figure is None:
                 from cockpit_lite.figure import DashboardFigure  # matplotlib only when a picture is drawn
 
-                self._figure = DashboardFigure(dpi=self.dpi)
+                self._figure = DashboardFigure(dpi=self.dpi, instruments=self.context.instruments)
             png = self._figure.png(self.history)
             write_atomic(self.path, png)
             self.last_png = (step if step is not None else -1, png)

@@ -10,7 +10,9 @@ What goes where (docs/tensorboard.md):
 - strings (``verdict/lr``) -> text, written when it changes;
 - dict tables (TracIn top lists) -> text, as a markdown table;
 - the dashboard figure -> an image ``dashboard`` every ``image_every`` tracked steps (and at close);
-- a custom-scalars layout (the "Custom Scalars" tab) arranged like the dashboard, written at open.
+- a custom-scalars layout (the "Custom Scalars" tab) arranged like the dashboard, assembled from the
+  charts the instruments declare (:mod:`cockpit_lite.presentation`), written at open and again, under
+  the latest step, when tags that need other charts appear (TensorBoard shows the latest).
 
 Scalars and histograms of one step go into ONE event (one ``Summary`` with many values), which a
 reader sees exactly as ``add_scalar``/``add_histogram`` calls (the same old-style ``simple_value`` and
@@ -42,61 +44,8 @@ from cockpit_lite.sinks.throttle import Throttle
 IMAGE_TAG = "dashboard"
 
 
-def _rx(*tags: str) -> list[str]:
-    return [f"^{t}$" for t in tags]
-
-
-#: The "Custom Scalars" tab: {category: {chart title: ["Multiline", [tag regexes]] or
-#: ["Margin", [value, lower, upper]]}}, in the order of the dashboard's panels.
-LAYOUT: dict[str, dict[str, list]] = {
-    "Loss": {
-        "batch loss": ["Multiline", _rx("loss")],
-        "per-sample loss: median, 5% and 95% quantiles": [
-            "Margin",
-            ["loss/per_sample/p50", "loss/per_sample/p5", "loss/per_sample/p95"],
-        ],
-    },
-    "Step size": {
-        "gradient norm and update size": ["Multiline", _rx("grad_norm", "update_size")],
-        "distance from the initial parameters": ["Multiline", _rx("distance")],
-        "alpha (0 = valley floor, >1 = overshoot)": ["Multiline", _rx("alpha")],
-    },
-    "Gradient tests (1.0 = limit; above = noise dominates)": {
-        "norm, inner-product and orthogonality tests": ["Multiline", _rx("tests/norm", "tests/inner", "tests/ortho")],
-    },
-    "Per-sample gradients": {
-        "per-sample gradient norm: median, 5% and 95%": [
-            "Margin",
-            ["persample/grad_norm/p50", "persample/grad_norm/p5", "persample/grad_norm/p95"],
-        ],
-        "per-sample gradient norm: max and mean": [
-            "Multiline",
-            _rx("persample/grad_norm/max", "persample/grad_norm/mean"),
-        ],
-    },
-    "Clipping": {
-        "fraction clipped (global, AGC, per-sample)": ["Multiline", _rx(r"clip/(global|agc|per_sample)/frac_clipped")],
-        "global norm before clipping and suggested max_norm": [
-            "Multiline",
-            _rx("clip/global/norm", r"clip/suggest/global/.*"),
-        ],
-        "AGC ratio ||G_i|| / ||W_i||: median, 5% and 95%": [
-            "Margin",
-            ["clip/agc/ratio/p50", "clip/agc/ratio/p5", "clip/agc/ratio/p95"],
-        ],
-    },
-    "Influence": {
-        "TracIn scalars": ["Multiline", [r"^tracin/.*"]],
-    },
-    "Cost": {
-        "ms per tracked step (whole step, cockpit, sinks)": [
-            "Multiline",
-            _rx("cost/step_ms", "cost/cockpit_ms", "cost/sinks_ms"),
-        ],
-        "ms per tracked step, by instrument": ["Multiline", [r"^cost/(?!step_|cockpit_|sinks_).*_ms$"]],
-        "share of the step, by instrument": ["Multiline", [r"^cost/.*_share$"]],
-    },
-}
+#: ``layout=AUTO`` (the default): the layout the run's instruments declare (cockpit_lite.presentation)
+AUTO = "auto"
 
 
 def markdown_table(table: Mapping[str, Any], max_rows: int = 50) -> str:
@@ -158,7 +107,10 @@ class TensorBoard(HistorySink):
             (default 0.01; ``None``: no guard).
         flush_secs: how often the event file is flushed to disk (default 30; a crash loses at most
             this much). :meth:`flush` and :meth:`close` flush at once.
-        layout: the custom-scalars layout (default :data:`LAYOUT`); ``None`` writes none.
+        layout: the custom-scalars layout: ``"auto"`` (default) assembles it from the charts the run's
+            instruments declare, with a generic chart per group of scalar tags nobody declares; a dict
+            ``{category: {chart: ["Multiline", [regexes]] or ["Margin", [v, lo, hi]]}}`` is written as
+            given; ``None`` writes none.
     """
 
     def __init__(
@@ -169,14 +121,19 @@ class TensorBoard(HistorySink):
         image_min_s: float = 60.0,
         image_max_share: float | None = 0.01,
         flush_secs: float = 30.0,
-        layout: Mapping[str, Mapping[str, list]] | None = LAYOUT,
+        layout: Mapping[str, Mapping[str, list]] | str | None = AUTO,
     ):
         if not isinstance(hist_bins, int) or hist_bins < 1:
             raise ValueError(f"hist_bins={hist_bins!r} must be a positive integer")
         self.logdir = os.fspath(logdir)
         self.hist_bins, self.image_every, self.image_min_s = hist_bins, image_every, image_min_s
         self.image_max_share = image_max_share
+        if isinstance(layout, str) and layout != AUTO:
+            raise ValueError(f"layout={layout!r}: use 'auto', a dict of charts, or None")
         self.flush_secs, self.layout = flush_secs, layout
+        self._presenter = None
+        self._written_layout: dict | None = None
+        self._tags_seen = 0
         self.writer: EventFile | None = None
         self._encoder = SummaryEncoder()
         self._figure = None
@@ -187,14 +144,17 @@ class TensorBoard(HistorySink):
 
     # --- lifecycle ------------------------------------------------------------------------------------
     def open(self, cockpit: RunContext | None) -> None:
+        self._use_history(cockpit)
         if self.writer is None:
             self.writer = EventFile(self.logdir, flush_secs=self.flush_secs)
-            if self.layout:
-                from torch.utils.tensorboard.summary import custom_scalars
+            if self.layout == AUTO:
+                from cockpit_lite.presentation import Presenter
 
-                self.writer.add_summary(custom_scalars(dict(self.layout)), 0)
-                self.writer.flush()
-        self._use_history(cockpit)
+                self._presenter = Presenter(self.context.instruments)
+                self._tags_seen = len(self.history)
+                self._write_layout(self._presenter(self.history).charts, 0)
+            elif self.layout:
+                self._write_layout(dict(self.layout), 0)
         if self.image_every:
             self._throttle = Throttle(self.image_every, self.image_min_s, self.image_max_share)
 
@@ -219,10 +179,25 @@ class TensorBoard(HistorySink):
                 self._text(tag, markdown_table(v), step)
         if parts and step >= 0:
             self.writer.write_serialized(encode_event(int(step), time.time(), b"".join(parts)))
-        if self._last_step is None or step > self._last_step:
+        new_step = self._last_step is None or step > self._last_step
+        if new_step:
             self._last_step = step
-            if self._throttle is not None and self._throttle.tick():
-                self.image(step)
+        if self._presenter is not None and len(self.history) != self._tags_seen:
+            self._tags_seen = len(self.history)  # new tags: they may need charts the layout lacks
+            charts = self._presenter(self.history).charts
+            if charts != self._written_layout:
+                self._write_layout(charts, self._last_step)
+        if new_step and self._throttle is not None and self._throttle.tick():
+            self.image(step)
+
+    def _write_layout(self, charts: Mapping[str, Mapping[str, list]], step: int) -> None:
+        """Write the custom-scalars layout under ``step`` (never an earlier step than the latest one
+        written: TensorBoard would drop the events after it)."""
+        from torch.utils.tensorboard.summary import custom_scalars
+
+        self._written_layout = {c: {t: [k, list(v)] for t, (k, v) in spec.items()} for c, spec in charts.items()}
+        self.writer.add_summary(custom_scalars(self._written_layout), max(int(step), 0))
+        self.writer.flush()
 
     def _text(self, tag: str, text: str, step: int) -> None:
         if self._texts.get(tag) != text:  # verdicts repeat step after step: write changes only
@@ -245,7 +220,7 @@ class TensorBoard(HistorySink):
                 if self._figure is None:
                     from cockpit_lite.figure import DashboardFigure
 
-                    self._figure = DashboardFigure(dpi=80)
+                    self._figure = DashboardFigure(dpi=80, instruments=self.context.instruments)
                 png = self._figure.png(self.history)
             w, h = _png_size(png)
             img = Summary.Image(height=h, width=w, colorspace=4, encoded_image_string=png)

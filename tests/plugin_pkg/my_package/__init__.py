@@ -1,0 +1,1 @@
+"""An example cockpit-lite plugin (docs/plugins.md)."""
