@@ -103,7 +103,7 @@ def test_no_private_torch_call_outside_compat():
         if path.name == "compat.py":
             continue
         with open(path, "rb") as f:  # code only: strings (docstrings) and comments may name them
-            code = " ".join(
+            code = "".join(
                 t.string for t in tokenize.tokenize(f.readline) if t.type not in (tokenize.STRING, tokenize.COMMENT)
             )
         for name in private:
