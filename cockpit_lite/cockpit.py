@@ -21,19 +21,47 @@ import torch
 from torch import nn
 
 from cockpit_lite import attach
-from cockpit_lite.compat import dynamo_hook_guards, queue_backward_callback
+from cockpit_lite.compat import (
+    BackwardWatch,
+    dynamo_hook_guards,
+    foreach_norm,
+    grad_scaler_factor,
+    queue_backward_callback,
+    tree_flatten,
+)
 from cockpit_lite.emitter import Emitter
 from cockpit_lite.errors import warn
 from cockpit_lite.hooks import SharedHook
 from cockpit_lite.instrument import Instrument
 from cockpit_lite.lifecycle import CLOSURE, Guard, Step, guarded
-from cockpit_lite.losses import check_loss_module
+from cockpit_lite.losses import check_loss
 from cockpit_lite.pause import is_paused, paused  # noqa: F401  (re-exported)
 from cockpit_lite.profiling import Costs, Profiler
-from cockpit_lite.providers import Context, LossCall, registered_providers
+from cockpit_lite.providers import BackwardRoot, Context, LossCall, ModelCall, registered_providers
 from cockpit_lite.records import History
 from cockpit_lite.sinks.base import RunContext, Sink
 from cockpit_lite.unwrap import unwrap
+
+
+def batch_of(args: tuple, kwargs: Mapping[str, Any]) -> int | None:
+    """Examples in a model call: axis 0 of its first tensor input with a batch axis."""
+    for t in (*args, *kwargs.values()):
+        if torch.is_tensor(t) and t.dim() > 0:
+            return int(t.shape[0])
+    return None
+
+
+def tensors_of(output: Any) -> list[torch.Tensor]:
+    """The tensors in a model's output: a tensor, a tuple or list, a dict or a Hugging Face ModelOutput."""
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    return [t for t in tree_flatten(output)[0] if torch.is_tensor(t)]
+
+
+def any_grad(params: Mapping[str, nn.Parameter]) -> bool:
+    """Whether any parameter holds a gradient other than None or zeros (one fused reduction)."""
+    grads = [p.grad for p in params.values() if p.grad is not None]
+    return bool(grads) and bool(torch.stack(foreach_norm(grads)).any())
 
 
 class Cockpit:
@@ -42,7 +70,11 @@ class Cockpit:
     Args:
         model: the network; its forward marks the start of a step.
         optimizer: any ``torch.optim.Optimizer``; its ``step()`` ends a step.
-        loss_fn: the ``torch.nn`` loss module the loop calls (reduction "mean" or "sum").
+        loss_fn: optional. The ``torch.nn`` loss module the loop calls (it declares its reduction and gives
+            per-sample losses), or a callable ``loss_fn(output, *model_args, **model_kwargs)`` returning
+            the per-sample losses (B,) of a model call. Without it the cockpit follows the model: the
+            batch is axis 0 of the model's input, backward is seen at the model's outputs, the loss
+            is the tensor ``backward()`` is called on, per-sample losses are derived where exact.
         instruments: a preset name (``"economy"``, ``"minimal"``, ``"full"``), or a list of
             instruments (or registered instrument names).
         logdir: records stream to ``logdir/cockpit.jsonl``; with no ``sinks`` given, also to TensorBoard.
@@ -51,6 +83,8 @@ class Cockpit:
         profile: ``True`` or a ``torch.profiler.schedule(...)``: ``torch.profiler`` traces of the
             training steps, written into ``logdir`` or, without one, where the TensorBoard sink writes.
             ``True`` records steps 2-4. Every instrument's work is labelled ``cockpit_lite/<name>``.
+        reduction: ``"mean"`` (default: p.grad = mean_i g_i) or ``"sum"`` (p.grad = sum_i g_i), for a
+            loss the cockpit cannot see; a loss module's own reduction takes precedence.
 
     Construction is atomic: if it raises, nothing stays attached. Use as a context manager, or call
     :meth:`close` when done; both remove every hook and close every file.
@@ -60,11 +94,12 @@ class Cockpit:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        loss_fn: nn.Module,
+        loss_fn: nn.Module | Callable[..., torch.Tensor] | None = None,
         instruments: str | Iterable[Instrument | str] = "economy",
         logdir: str | os.PathLike | None = None,
         sinks: Sequence[Sink] | None = None,
         profile: bool | Callable[[int], Any] = False,
+        reduction: str = "mean",
     ):
         self._warned: set[str] = set()
         self._closed, self.step, self._step = False, 0, None
@@ -74,7 +109,9 @@ class Cockpit:
             if compiled:  # compiled code must guard on the layer hooks (restored on close)
                 undo.enter_context(dynamo_hook_guards())
             self.params = attach.check_model_optimizer(self.network, optimizer)
-            check_loss_module(loss_fn)
+            check_loss(loss_fn)
+            if reduction not in ("mean", "sum"):
+                raise ValueError(f"reduction={reduction!r}: say 'mean' (p.grad = mean_i g_i) or 'sum'")
             self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
             self.instruments = attach.instruments_of(instruments)
             self.logdir = os.fspath(logdir) if logdir is not None else None
@@ -83,17 +120,22 @@ class Cockpit:
             trace_dir = attach.profile_dir(self.logdir, self.sinks) if profiling else None
             self.history, self.costs = History(), Costs()
             self._guard = Guard(self._warn, self.costs)
-            context = Context(self.network, optimizer, self.params, loss_fn, self.costs, self._warn)
+            context = Context(
+                self.network, optimizer, self.params, loss_fn, self.costs, warn=self._warn, reduction=reduction
+            )
             self.providers = [cls(context) for cls in registered_providers()]
             undo.callback(self._guard.each, self.providers, "close")
             for inst in self.instruments:
                 inst.on_attach(self.network, optimizer)
             hooks = [
-                model.register_forward_pre_hook(SharedHook(self._on_model_forward)),
-                loss_fn.register_forward_hook(SharedHook(self._on_loss), with_kwargs=True),
+                model.register_forward_pre_hook(SharedHook(self._on_model_forward), with_kwargs=True),
+                model.register_forward_hook(SharedHook(self._on_model_output), with_kwargs=True),
                 optimizer.register_step_pre_hook(SharedHook(self._on_before_step)),
                 optimizer.register_step_post_hook(SharedHook(self._on_after_step)),
+                BackwardWatch(SharedHook(self._on_backward_root)),
             ]
+            if isinstance(loss_fn, nn.Module):
+                hooks.append(loss_fn.register_forward_hook(SharedHook(self._on_loss), with_kwargs=True))
             undo.callback(self._guard.each, hooks, "remove")
             run = RunContext(logdir=self.logdir, history=self.history, instruments=tuple(self.instruments))
             self.emitter = Emitter(self.history, [], self._warn)
@@ -180,15 +222,25 @@ class Cockpit:
 
     # --- hooks: when things happen ---------------------------------------------------------------------
     @guarded
-    def _on_model_forward(self, module: nn.Module, args: Any) -> None:
+    def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if is_paused() or module is not self.model:  # a deepcopy of the model carries our hooks
             return
         st = self._step
-        if st is not None and st.backward_done and all(p.grad is None for p in self.params.values()):
+        if st is not None and st.backward_done and not any_grad(self.params):
             st.end()  # backward ran, grads were zeroed, no step came: AMP skipped it; this is a retry
             st = None
-        if st is None:
-            self._begin()
+        st = st or self._begin()
+        st.event("on_forward", ModelCall(args, kwargs, batch_of(args, kwargs)))
+
+    @guarded
+    def _on_model_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        st = self._step
+        if st is None or is_paused() or module is not self.model or st.skip or not st.active:
+            return
+        st.event("on_output", ModelCall(args, kwargs, batch_of(args, kwargs), output))
+        for t in tensors_of(output):  # backward is seen where it reaches the model's outputs
+            if t.requires_grad:
+                t.register_hook(self._on_output_grad)
 
     @guarded
     def _on_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -198,24 +250,39 @@ class Cockpit:
         if st.skip or not st.active or not torch.is_tensor(output) or not output.requires_grad:
             return  # nothing tracked, or an evaluation under no_grad
         with self.costs.region("loss"):
-            first = st.record.loss is None
             st.event("on_loss", LossCall(module, args, kwargs, output))
-            if first:  # fires when backward reaches the loss
-                output.register_hook(self._on_backward_begin)
+            output.register_hook(self._on_output_grad)
 
     @guarded
-    def _on_backward_begin(self, grad: torch.Tensor | None) -> None:
-        """``grad``: the factor backward started from (1, or AMP's loss scale)."""
-        if self._step is not None:
-            self._step.record.backward_scale = float(grad) if grad is not None and grad.numel() == 1 else None
-            self._step.event("on_backward_begin")
+    def _on_backward_root(self, tensors: Any, grad_tensors: Any) -> None:
+        st = self._step
+        if st is None or is_paused() or not st.active or st.skip:
+            return
+        roots = (tensors,) if torch.is_tensor(tensors) else tuple(tensors)
+        grads = (grad_tensors,) if grad_tensors is None or torch.is_tensor(grad_tensors) else tuple(grad_tensors)
+        st.in_backward = False  # a new backward pass starts
+        st.amp_scale = next((f for f in map(grad_scaler_factor, roots) if f is not None), 1.0)
+        detach = lambda t: t.detach() if torch.is_tensor(t) else t  # noqa: E731
+        st.event("on_backward_root", BackwardRoot(tuple(map(detach, roots)), tuple(map(detach, grads)), st.amp_scale))
+
+    def _on_output_grad(self, grad: torch.Tensor) -> None:
+        """Backward reached a model output (or the loss module's): the first one opens the backward."""
+        st = self._step
+        if st is None or st.in_backward or not st.active or st.skip or is_paused():
+            return
+        try:
+            st.in_backward = True
+            st.record.backward_scale = st.amp_scale
+            st.event("on_backward_begin")
             queue_backward_callback(self._on_backward_end)
+        except Exception as e:
+            self._warn(f"backward_begin failed ({type(e).__name__}: {e}); training is unaffected")
 
     @guarded
     def _on_backward_end(self) -> None:
         st = self._step
         if st is not None and st.active:
-            st.backward_done = True
+            st.backward_done, st.in_backward = True, False
             with self.costs.region("after_backward"):
                 st.event("on_backward_end")
 

@@ -7,6 +7,7 @@ mend, and its test says which call broke. Public APIs are used directly everywhe
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -108,3 +109,62 @@ def dataloader_iterator(loader: Any) -> Any:
 def set_index_sampler(iterator: Any, sampler: Any) -> None:
     """Replace the index sampler a DataLoader iterator draws from (``_index_sampler``)."""
     iterator._index_sampler = sampler
+
+
+# --- backward roots -----------------------------------------------------------------------------------
+_backward_listeners: list[Callable[[Any, Any], None]] = []
+_original_backward: Callable[..., Any] | None = None
+_original_scale: Callable[..., Any] | None = None
+#: tensors returned by GradScaler.scale -> the scale they were multiplied by (while a watch is attached)
+_scaled_outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _watched_scale(self: Any, outputs: Any) -> Any:
+    out = _original_scale(self, outputs)
+    if torch.is_tensor(out) and getattr(self, "_scale", None) is not None:
+        _scaled_outputs[out] = self._scale
+    return out
+
+
+def _watched_backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
+    for listener in list(_backward_listeners):
+        try:
+            listener(tensors, grad_tensors)
+        except Exception:  # a listener never breaks the user's backward
+            pass
+    return _original_backward(tensors, grad_tensors, *args, **kwargs)
+
+
+class BackwardWatch:
+    """Calls ``listener(tensors, grad_tensors)`` at every ``torch.autograd.backward`` (which
+    ``Tensor.backward`` calls) until :meth:`remove`: the roots backward starts from (the loss the loop
+    optimizes, whatever computed it). ``torch.autograd.backward`` and ``torch.amp.GradScaler.scale``
+    (to recognise a scaled loss, :func:`grad_scaler_factor`) are wrapped while any watch is attached
+    and restored when the last one is removed."""
+
+    def __init__(self, listener: Callable[[Any, Any], None]):
+        global _original_backward, _original_scale
+        if not _backward_listeners:
+            _original_backward = torch.autograd.backward
+            torch.autograd.backward = _watched_backward
+            _original_scale = torch.amp.GradScaler.scale
+            torch.amp.GradScaler.scale = _watched_scale
+        _backward_listeners.append(listener)
+        self.listener = listener
+
+    def remove(self) -> None:
+        global _original_backward, _original_scale
+        if self.listener in _backward_listeners:
+            _backward_listeners.remove(self.listener)
+            if not _backward_listeners and _original_backward is not None:
+                torch.autograd.backward = _original_backward
+                torch.amp.GradScaler.scale = _original_scale
+                _original_backward = _original_scale = None
+
+
+def grad_scaler_factor(root: torch.Tensor) -> float | None:
+    """The loss scale s if ``root`` is the output of ``torch.amp.GradScaler.scale(loss)`` (recorded by
+    the wrapper :class:`BackwardWatch` puts around ``GradScaler.scale``), else None. ``scaler.step()``
+    divides s out of ``p.grad`` before the optimizer sees it."""
+    scale = _scaled_outputs.get(root) if torch.is_tensor(root) else None
+    return None if scale is None else float(scale)

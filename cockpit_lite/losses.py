@@ -9,12 +9,114 @@ gradient is the mean of the per-sample gradients.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED_REDUCTIONS = ("mean", "sum")
+
+
+def check_loss(loss_fn: object) -> None:
+    """``loss_fn`` may be None, a loss module (checked by :func:`check_loss_module`) or a callable that
+    returns per-sample losses."""
+    if callable(loss_fn) and getattr(loss_fn, "__module__", "") == "torch.nn.functional":
+        raise TypeError(
+            f"loss_fn={loss_fn.__name__} is a functional loss: the cockpit sees a functional loss without being "
+            "given it (leave loss_fn out), or give the module form with the same arguments (nn.CrossEntropyLoss()) "
+            "to have per-sample losses"
+        )
+    if loss_fn is None or (callable(loss_fn) and not isinstance(loss_fn, nn.Module)):
+        return
+    check_loss_module(loss_fn)
+
+
+def fold_rows(per_row: torch.Tensor, batch: int, reduction: str) -> torch.Tensor | None:
+    """Per-row losses of a loss module (rows = examples, or the B x m tokens of B sequences flattened
+    with ``view(-1, V)``) as per-example losses: sequence i's share of the loss, its m rows summed
+    (divided by m for a mean, so that the batch loss stays mean_i l_i). None if the rows do not split."""
+    n = per_row.shape[0]
+    if n == batch:
+        return per_row
+    if batch <= 0 or n % batch:
+        return None
+    folded = per_row.reshape(batch, n // batch).sum(1)
+    return folded / (n // batch) if reduction == "mean" else folded
+
+
+def _find(output: Any, names: tuple[str, ...]) -> Any:
+    for name in names:
+        value = output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def scalar_loss(output: Any) -> torch.Tensor | None:
+    """The loss a model returned: ``output.loss`` (Hugging Face), a 0-dim tensor output, or the 0-dim
+    element of a tuple output such as nanoGPT's ``(logits, loss)``."""
+    if torch.is_tensor(output):
+        return output if output.dim() == 0 else None
+    found = _find(output, ("loss",))
+    if torch.is_tensor(found) and found.dim() == 0:
+        return found
+    if isinstance(output, (tuple, list)):
+        return next((t for t in output if torch.is_tensor(t) and t.dim() == 0), None)
+    return None
+
+
+@torch.no_grad()
+def derived_losses(output: Any, args: tuple, kwargs: Mapping[str, Any], batch: int) -> torch.Tensor | None:
+    """Per-example losses l_i of a model that computes its own cross-entropy loss (Hugging Face heads
+    given ``labels``, nanoGPT's ``forward(idx, targets)``), with L = mean_i l_i for the loss L it
+    returned; None unless one of the usual definitions reproduces L exactly (to float32 round-off).
+
+    Candidates: token cross-entropy of logits (B, T, V) against targets (B, T), next-token (shifted by
+    one) or not, ignoring -100 or -1, normalised by the counted tokens or by ``num_items_in_batch``;
+    sequence classification, logits (B, C) against labels (B,). For a match, l_i = B x (sum of example
+    i's token losses) / normaliser: each sequence's share of the loss, never per-token values."""
+    loss = scalar_loss(output)
+    if loss is None or batch is None:
+        return None
+    logits = _find(output, ("logits",))
+    if logits is None and isinstance(output, (tuple, list)):
+        logits = next((t for t in output if torch.is_tensor(t) and t.dim() >= 2 and t.shape[0] == batch), None)
+    targets = _find(kwargs, ("labels", "targets"))
+    if targets is None and len(args) >= 2 and torch.is_tensor(args[1]):
+        targets = args[1]
+    if not (torch.is_tensor(logits) and torch.is_tensor(targets)) or torch.is_floating_point(targets):
+        return None
+    if logits.shape[0] != batch or targets.shape[0] != batch:
+        return None
+    want = float(loss.detach())
+    logits, targets = logits.detach().float(), targets.detach()
+    norms = [None, kwargs.get("num_items_in_batch")]
+    candidates = []
+    if logits.dim() == 3 and targets.dim() == 2:
+        for shift in (0, 1):
+            lg = logits[:, :-1] if shift else logits
+            tg = targets[:, 1:] if shift else targets
+            if lg.shape[1] != tg.shape[1]:
+                continue
+            for ignore in (-100, -1):
+                ce = F.cross_entropy(lg.transpose(1, 2), tg, ignore_index=ignore, reduction="none")
+                candidates.append((ce, (tg != ignore).sum()))
+    elif logits.dim() == 2 and targets.dim() == 1:
+        ce = F.cross_entropy(logits, targets, ignore_index=-100, reduction="none").unsqueeze(1)
+        candidates.append((ce, (targets != -100).sum()))
+    for ce, count in candidates:
+        per_example = ce.reshape(batch, -1).sum(1)
+        for norm in norms:
+            n = count if norm is None else norm
+            n = float(n)
+            if n <= 0:
+                continue
+            got = float(per_example.sum()) / n
+            if abs(got - want) <= 1e-5 * max(abs(want), 1e-6) + 1e-7:
+                return per_example * (batch / n)
+    return None
 
 
 def check_loss_module(loss_fn: object) -> None:

@@ -32,8 +32,11 @@ class StepRecord:
     """
 
     step: int
+    #: examples in the step: the batch size, or the sum over micro-batches under gradient accumulation
     batch_size: int | None = None
     reduction: str | None = None
+    #: examples of each forward/backward pass of the step (one entry without gradient accumulation)
+    micro_batches: list[int] = field(default_factory=list)
     loss: float | None = None
     per_sample_loss: np.ndarray | None = None
     lrs: list[float] = field(default_factory=list)
@@ -55,6 +58,9 @@ class StepRecord:
     per_sample_gram: np.ndarray | None = None
     per_sample_gram_by_param: dict[str, np.ndarray] | None = None
     per_sample_grads: dict[str, torch.Tensor] | None = None
+    #: parameters with a gradient but no per-sample statistics this step, with their share of
+    #: sum_p ||p.grad||^2 (``{}``: every parameter covered; None: not computed)
+    per_sample_uncovered: dict[str, float] | None = None
     projections: dict[str, np.ndarray] = field(default_factory=dict)
     indices: np.ndarray | None = None  #: dataset indices of the batch (``cockpit.track(loader)``)
     dataset_size: int | None = None  #: len of the tracked loader's dataset (``cockpit.track(loader)``)

@@ -270,21 +270,20 @@ def test_zero_step_and_missing_data_and_small_batch():
     # batches of one sample: no variance
     _, cp = _train(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, _batches(2, b=1))
     assert dict(cp.history["alpha/status"])[0] == "batch_too_small"
-    # gradient accumulation (two losses per step): the per-sample engine skips the step
+    # gradient accumulation (two forward/backward passes in step 2): the step's objective is the sum of
+    # both; alpha is defined there too (the per-sample numbers are checked in tests/test_accumulation.py)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     batches = _batches(6)
-    with pytest.warns(RuntimeWarning, match="more than once"):
-        with Cockpit(model, optimizer, loss_fn, instruments=[Alpha()]) as cp:
-            for i, (x, y) in enumerate(batches):
-                optimizer.zero_grad()
+    with Cockpit(model, optimizer, loss_fn, instruments=[Alpha()]) as cp:
+        for i, (x, y) in enumerate(batches):
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            if i == 2:
                 loss_fn(model(x), y).backward()
-                if i == 2:
-                    loss_fn(model(x), y).backward()
-                optimizer.step()
+            optimizer.step()
     status = dict(cp.history["alpha/status"])
-    assert status[1] == "missing_data"  # its end point (step 2) had no per-sample projections
-    assert status[2] == "missing_data"  # its start point neither
-    assert math.isfinite(dict(cp.history["alpha"])[0]) and math.isfinite(dict(cp.history["alpha"])[3])
+    alphas = dict(cp.history["alpha"])
+    assert all(math.isfinite(alphas[s]) for s in range(5)), status
     assert status[5] == "no_end_point"
 
 

@@ -170,8 +170,10 @@ def test_bad_inputs_get_clear_errors():
         Cockpit(model, other, nn.CrossEntropyLoss())
     with pytest.raises(ValueError, match="reduction='mean'"):
         Cockpit(model, opt, nn.CrossEntropyLoss(reduction="none"))
-    with pytest.raises(TypeError, match="module form"):
+    with pytest.raises(TypeError, match="module form"):  # a functional loss is seen without being given
         Cockpit(model, opt, torch.nn.functional.cross_entropy)
+    with pytest.raises(ValueError, match="reduction="):
+        Cockpit(model, opt, reduction="none")
     with pytest.raises(ValueError, match="unknown instrument preset"):
         Cockpit(model, opt, nn.CrossEntropyLoss(), instruments="luxury")
     with pytest.raises(ValueError, match="name="):

@@ -303,8 +303,10 @@ def test_ambiguous_batch_axis_is_refused_not_guessed():
     assert probe.records[0].per_sample_sq_norms is None and probe.records[0].loss is not None
 
 
-def test_flattened_token_loss_is_refused():
-    """Per-token losses over a (B*T) batch through attention are not separable per token."""
+def test_flattened_token_loss_gives_per_sequence_statistics():
+    """A loss over flattened tokens ((B*T) rows through attention): a sample is a whole sequence, its
+    loss the mean over its tokens (L = mean_i l_i), its gradient that of l_i: against a float64 loop
+    running each sequence alone."""
     torch.manual_seed(0)
 
     class TokenModel(nn.Module):
@@ -320,12 +322,23 @@ def test_flattened_token_loss_is_refused():
     model = TokenModel()
     x = torch.randint(1, 11, (4, 5))
     y = torch.randint(0, 3, (20,))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    ref = copy.deepcopy(model).double()
+    ref_params = [p for n, p in ref.named_parameters() if n in names]
+    sq, losses = [], []
+    for i in range(4):
+        li = nn.functional.cross_entropy(ref(x[i : i + 1]), y[5 * i : 5 * i + 5])
+        gs = torch.autograd.grad(li, ref_params, allow_unused=True)
+        sq.append(sum(float((g**2).sum()) for g in gs if g is not None))
+        losses.append(float(li))
     probe, opt, loss_fn = Probe(), torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss()
-    with pytest.warns(RuntimeWarning, match="batch axis"):
-        with Cockpit(model, opt, loss_fn, instruments=[probe]):
-            loss_fn(model(x), y).backward()
-            opt.step()
-    assert probe.records[0].per_sample_sq_norms is None
+    with Cockpit(model, opt, loss_fn, instruments=[probe]):
+        loss_fn(model(x), y).backward()
+        opt.step()
+    rec = probe.records[0]
+    assert rec.batch_size == 4
+    np.testing.assert_allclose(rec.per_sample_loss, losses, rtol=1e-5)
+    np.testing.assert_allclose(rec.per_sample_sq_norms, sq, rtol=1e-4)
 
 
 class WideConv(nn.Module):
@@ -418,11 +431,13 @@ def test_conv_ghost_takes_the_batch_gradient_from_autograd(hook_node):
     probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn = nn.CrossEntropyLoss()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     with pytest.MonkeyPatch.context() as mp, Cockpit(model, opt, loss_fn, instruments=[probe]):
         mp.setattr(ConvHandler, "_batch_grad", spy)
         opt.zero_grad()
-        (loss_fn(model(x), y) * 1024.0).backward()  # backward starts from 1024, as under a GradScaler
-        opt.step()
+        scaler.scale(loss_fn(model(x), y)).backward()  # backward starts from 1024: the scale is divided out
+        scaler.step(opt)
+        scaler.update()
     assert sorted(recomputed) == ([] if hook_node else ["c2.weight", "c3.weight"])
     G = flat(ref)
     np.testing.assert_allclose(probe.records[0].per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=ATOL)

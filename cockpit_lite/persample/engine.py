@@ -41,6 +41,20 @@ class PerSampleResult:
     projections: Mapping[str, torch.Tensor]  #: g_i . v per direction key, shape (B,)
     covered: frozenset[str]  #: parameter names whose per-sample gradients were seen
     failure: str | None  #: why nothing was computed this step (None: all is well)
+    notes: tuple[str, ...] = ()  #: what was left out, and why
+
+
+@dataclass
+class _Segment:
+    """One micro-batch of an accumulated step: what the engine computed for it."""
+
+    batch: int
+    mean: bool
+    sq: dict
+    dot_mean: torch.Tensor | None
+    kept: list
+    covered: set
+    has_gram: bool
 
 
 @dataclass
@@ -135,6 +149,8 @@ class PerSampleEngine:
         self._outputs: list[torch.Tensor] = []
         self.warned: set[str] = set()
         self.checks_left = self.CHECKS
+        #: the loop accumulates gradients over several forward/backward passes per step (seen once: sticky)
+        self.accumulating = False
         self._reset(Needs())
 
     def _attach(self) -> None:
@@ -178,6 +194,10 @@ class PerSampleEngine:
         #: some output gradient arrived in float16/bfloat16 (autocast): looser tolerance for the check
         self.low_precision = False
         self._sums: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        #: earlier micro-batches of this step (gradient accumulation), and whether the current one's
+        #: per-sample gradients are of a mean loss over its examples
+        self._segments: list[_Segment] = []
+        self.mean = True
 
     def begin(self, needs: Needs) -> None:
         """A new step starts; attach per-layer work only if the step needs it."""
@@ -185,8 +205,31 @@ class PerSampleEngine:
         self.active = bool(needs.names() & PER_SAMPLE_NEEDS)
         self.checking = self.active and self.checks_left > 0
 
-    def set_batch(self, batch: int, inv_scale: float) -> None:
-        self.batch, self.inv_scale = batch, inv_scale
+    def set_batch(self, batch: int, inv_scale: float, mean: bool = True) -> None:
+        """The current micro-batch: ``batch`` examples; captured output gradients times ``inv_scale`` are
+        those of the per-sample losses of a ``mean`` (or summed) loss over them."""
+        self.batch, self.inv_scale, self.mean = batch, inv_scale, mean
+
+    def next_micro_batch(self, batch: int, inv_scale: float, mean: bool = True) -> None:
+        """Gradient accumulation: the step's next forward/backward begins. What the last one computed is
+        kept as a segment; :meth:`result` joins the segments, scaled to the step's N examples."""
+        if not self.active:
+            return
+        self.accumulating = True  # from now on views are kept from the first micro-batch on
+        self._segments.append(
+            _Segment(
+                self.batch,
+                self.mean,
+                self.sq,
+                self.dot_mean,
+                self._kept,
+                set(self.covered),
+                bool(self.gram or self.grads),
+            )
+        )
+        self.sq, self.gram, self.grads, self.dot_mean, self._kept = {}, {}, {}, None, []
+        self.checking = False  # the check compares with p.grad, which now holds the earlier micro-batches
+        self.set_batch(batch, inv_scale, mean)
 
     def fail(self, reason: str) -> None:
         """Give up per-sample work for this step, say why (once per reason), never raise."""
@@ -323,7 +366,11 @@ class PerSampleEngine:
         if Need.PER_SAMPLE_SQ_NORMS in flags:
             self.sq.update(view.sq_norms())
         self.covered.update(view.names)
-        if self.needs.directions or Need.PER_SAMPLE_CROSS in flags:
+        if (
+            self.needs.directions
+            or Need.PER_SAMPLE_CROSS in flags
+            or (self.accumulating and Need.PER_SAMPLE_DOT_MEAN in flags)
+        ):
             if Need.PER_SAMPLE_CROSS not in flags:  # cross products need what release() drops (conv g_i)
                 view.release()
             self._kept.append(view)
@@ -403,9 +450,16 @@ class PerSampleEngine:
             self._kept.clear()
         return out
 
-    def result(self, directions: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> PerSampleResult:
+    def result(
+        self,
+        directions: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+        mean_grad: Mapping[str, torch.Tensor] | None = None,
+    ) -> PerSampleResult:
         """This step's per-sample statistics as an immutable result (projections onto ``directions``
-        computed now from the kept factors, which are then released)."""
+        computed now from the kept factors, which are then released). Under gradient accumulation
+        ``mean_grad`` (gbar, the step's p.grad in the optimizer's units) gives g_i . gbar."""
+        if self._segments and self.failure is None:
+            return self._joined(directions or {}, mean_grad)
         projections = self.project(dict(directions)) if directions and self.failure is None else {}
         self._kept = []
         return PerSampleResult(
@@ -416,6 +470,79 @@ class PerSampleEngine:
             projections=MappingProxyType(projections),
             covered=frozenset(self.covered),
             failure=self.failure,
+        )
+
+    @torch.no_grad()
+    def _joined(self, directions: Mapping, mean_grad: Mapping[str, torch.Tensor] | None) -> PerSampleResult:
+        """Join the micro-batches of an accumulated step. Micro-batch k (B_k examples) holds per-sample
+        gradients of w_k L_k (its backward's loss); over the step's N examples g_i = r_k x those, with
+        r_k = N / B_k for a mean loss (1 for a sum), so that p.grad = mean_i g_i (sum_i g_i)."""
+        current = _Segment(
+            self.batch, self.mean, self.sq, self.dot_mean, self._kept, set(self.covered), bool(self.gram or self.grads)
+        )
+        segments = [*self._segments, current]
+        n = sum(seg.batch for seg in segments)
+        factors = [n / seg.batch if seg.mean else 1.0 for seg in segments]
+        notes = []
+        names = sorted({name for seg in segments for name in seg.sq})
+        sq = {}
+        for name in names:
+            parts = []
+            for seg, r in zip(segments, factors, strict=True):
+                part = seg.sq.get(name)
+                ref = next(iter(seg.sq.values()), None)
+                if part is None:  # the layer got no gradient from this micro-batch: zero for its examples
+                    part = torch.zeros(seg.batch, dtype=ref.dtype if ref is not None else torch.float32)
+                parts.append(part * r * r)
+            sq[name] = torch.cat([p.to(parts[0].device) for p in parts])
+
+        def joined_projection(dirs: dict) -> dict[str, torch.Tensor]:
+            out: dict[str, list] = {}
+            for seg, r in zip(segments, factors, strict=True):
+                acc: dict[str, torch.Tensor] = {}
+                for view in seg.kept:
+                    for key, proj in view.project_many(dirs).items():
+                        acc[key] = proj if key not in acc else acc[key] + proj
+                for key in dirs:
+                    value = acc.get(key)
+                    out.setdefault(key, []).append(None if value is None else value * r)
+            return {
+                key: torch.cat(
+                    [v if v is not None else torch.zeros(seg.batch) for v, seg in zip(vals, segments, strict=True)]
+                )
+                for key, vals in out.items()
+            }
+
+        have_views = all(seg.kept for seg in segments)
+        dot_mean, projections = None, {}
+        if Need.PER_SAMPLE_DOT_MEAN in self.needs.flags:
+            if have_views and mean_grad is not None:
+                dot_mean = joined_projection({"__gbar__": dict(mean_grad)})["__gbar__"]
+            else:
+                notes.append(
+                    "g_i . gbar of the first step with gradient accumulation is left out (the first micro-batch's "
+                    "factors were not kept); from the next step on it is computed"
+                )
+        if directions:
+            if have_views:
+                projections = joined_projection(dict(directions))
+            else:
+                notes.append("projections of the first step with gradient accumulation are left out")
+        if any(seg.has_gram for seg in segments) or self.needs.flags & {Need.PER_SAMPLE_CROSS}:
+            notes.append("Gram entries, materialised g_i and cross products are not joined across micro-batches")
+        for seg in segments:
+            seg.kept = []
+        self._segments, self._kept = [], []
+        covered = frozenset(set.intersection(*(seg.covered for seg in segments)))
+        return PerSampleResult(
+            sq_norms=MappingProxyType(sq),
+            dot_mean=dot_mean,
+            gram=MappingProxyType({}),
+            grads=MappingProxyType({}),
+            projections=MappingProxyType(projections),
+            covered=covered,
+            failure=None,
+            notes=tuple(notes),
         )
 
     # --- another batch through the same capture code (TracIn probes) ---------------------------------

@@ -12,9 +12,18 @@ import pkgutil
 from collections.abc import Iterable
 from importlib.metadata import entry_points
 
-from cockpit_lite.providers.base import Context, LossCall, Provider
+from cockpit_lite.providers.base import BackwardRoot, Context, LossCall, ModelCall, Provider
 
-__all__ = ["Context", "LossCall", "Provider", "register_provider", "registered_providers", "provider_for"]
+__all__ = [
+    "BackwardRoot",
+    "Context",
+    "LossCall",
+    "ModelCall",
+    "Provider",
+    "register_provider",
+    "registered_providers",
+    "provider_for",
+]
 
 PROVIDERS_GROUP = "cockpit_lite.providers"
 _REGISTRY: list[type[Provider]] = []

@@ -8,9 +8,12 @@ asked for costs nothing, because its provider receives no event that step.
 
 Events, in the order they fire within one step (one ``optimizer.step()``):
 
-    begin_step(record)          the model's forward begins (or the loss is the first thing seen)
+    begin_step(record)          the step's first model forward begins (or the loss is the first thing seen)
+    on_forward(record, call)    a model forward begins (one per micro-batch; ``call.batch``: its examples)
+    on_output(record, call)     the model returned (``call.output``: a tensor, tuple, dict or ModelOutput)
     on_loss(record, call)       the loss module returned (``call``: module, args, kwargs, output)
-    on_backward_begin(record)   backward reached the loss (``record.backward_scale`` is set)
+    on_backward_root(record, roots)  ``backward()`` was called on ``roots`` (the loss the loop optimizes)
+    on_backward_begin(record)   backward reached the model's outputs (``record.backward_scale`` is set)
     on_backward_end(record)     backward has finished; the loop has not touched ``p.grad`` yet
     on_before_step(record)      the optimizer's step pre-hook: ``p.grad`` as the optimizer gets it
     on_after_step(record)       the parameters are updated
@@ -42,6 +45,27 @@ class LossCall:
     output: Any
 
 
+@dataclass(frozen=True)
+class ModelCall:
+    """One call of the model: its inputs, the examples along their batch axis (axis 0 of the first
+    tensor input), and (``on_output``) what it returned."""
+
+    args: tuple
+    kwargs: Mapping[str, Any]
+    batch: int | None
+    output: Any = None
+
+
+@dataclass(frozen=True)
+class BackwardRoot:
+    """``torch.autograd.backward(tensors, grad_tensors)`` as the loop called it (detached)."""
+
+    tensors: tuple
+    grad_tensors: tuple
+    #: GradScaler's loss scale if the root is ``scaler.scale(loss)`` (divided out of everything), else 1
+    scale: float = 1.0
+
+
 @dataclass
 class Context:
     """What every provider may know of the run (built once by the Cockpit)."""
@@ -49,8 +73,10 @@ class Context:
     network: nn.Module  #: the user's module inside DDP/DataParallel/torch.compile wrappers
     optimizer: torch.optim.Optimizer
     params: dict[str, nn.Parameter]  #: the trainable parameters the optimizer holds, by name
-    loss_fn: nn.Module | None
+    loss_fn: Any  #: a loss module, a callable giving per-sample losses, or None
     costs: Costs = field(default_factory=Costs)
+    #: how the loss reduces over examples when no loss module says: "mean" (p.grad = mean_i g_i) or "sum"
+    reduction: str = "mean"
     #: issue a CockpitWarning once per distinct message
     warn: Callable[[str], None] = print
 
@@ -73,8 +99,17 @@ class Provider:
     def begin_step(self, record: StepRecord, needs: Needs) -> None:
         """A step begins; ``needs`` is everything the scheduled instruments asked for."""
 
+    def on_forward(self, record: StepRecord, call: ModelCall) -> None:
+        """A model forward begins (the first of a step, or the next micro-batch's)."""
+
+    def on_output(self, record: StepRecord, call: ModelCall) -> None:
+        """The model returned ``call.output``."""
+
     def on_loss(self, record: StepRecord, call: LossCall) -> None:
         """The loss module returned."""
+
+    def on_backward_root(self, record: StepRecord, root: BackwardRoot) -> None:
+        """``backward()`` was called (before autograd runs)."""
 
     def on_backward_begin(self, record: StepRecord) -> None:
         """Backward reached the loss (``record.backward_scale`` holds the factor it started from)."""

@@ -1,21 +1,47 @@
-"""Need.LOSS and Need.PER_SAMPLE_LOSS: the batch loss, batch size and reduction from the loss module's
-call, and the per-sample losses derived from it (:func:`cockpit_lite.losses.per_sample_losses`)."""
+"""Need.LOSS and Need.PER_SAMPLE_LOSS: the loss the step optimizes and each example's share of it.
+
+The batch loss is the tensor ``backward()`` is called on (summed over the step's backward passes,
+divided by GradScaler's scale), whatever computed it: a loss module, a functional loss in the loop, a
+loss inside the model. Where no backward root is seen, the loss module's output or the model's own
+loss (``out.loss``, a 0-dim output) stands in. Per-sample losses l_i, with L = mean_i l_i ("mean") or
+sum_i l_i ("sum") over every example of the step, come from the first exact source there is:
+
+1. a loss module: its unreduced losses (:func:`cockpit_lite.losses.per_sample_losses`), rows of a
+   flattened token loss folded back to their sequences (:func:`~cockpit_lite.losses.fold_rows`);
+2. a ``loss_fn`` callable given to the Cockpit: ``loss_fn(output, *args, **kwargs)``;
+3. a model that returns its own cross-entropy loss: derived from its logits and labels and kept only
+   if they reproduce the returned loss (:func:`~cockpit_lite.losses.derived_losses`).
+
+Otherwise a note says so. Under gradient accumulation each micro-batch k of B_k examples, whose
+backward starts from w_k L_k (e.g. ``(loss / 4).backward()``), contributes l_i = (N / B_k) w_k l_i^(k)
+with N the step's examples, so that the step's loss sum_k w_k L_k is mean_i l_i.
+"""
 
 from __future__ import annotations
 
 import math
 
-from cockpit_lite.losses import per_sample_losses
+import numpy as np
+import torch
+from torch import nn
+
+from cockpit_lite.losses import derived_losses, fold_rows, per_sample_losses, scalar_loss
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.providers import register_provider
-from cockpit_lite.providers.base import LossCall, Provider
+from cockpit_lite.providers.base import BackwardRoot, LossCall, ModelCall, Provider
 from cockpit_lite.step import StepRecord
+
+NO_PER_SAMPLE = (
+    "no per-sample losses: the loss is not computed by a loss module the cockpit watches, and the model's "
+    "output does not let them be derived exactly; pass Cockpit(..., loss_fn=nn.CrossEntropyLoss()) if the "
+    "loop calls one, or loss_fn=lambda output, *args, **kwargs: per-example losses (B,)"
+)
 
 
 @register_provider
 class LossProvider(Provider):
-    """L (``record.loss``), B (``record.batch_size``), the reduction, and l_i with L = mean_i l_i
-    ("mean") or sum_i l_i ("sum") in ``record.per_sample_loss``."""
+    """``record.loss``, ``record.batch_size`` (examples of the step), ``record.micro_batches``,
+    ``record.reduction`` and ``record.per_sample_loss``."""
 
     PROVIDES = frozenset({Need.LOSS, Need.PER_SAMPLE_LOSS})
     ORDER = 0
@@ -23,16 +49,90 @@ class LossProvider(Provider):
 
     def begin_step(self, record: StepRecord, needs: Needs) -> None:
         self.per_sample = Need.PER_SAMPLE_LOSS in needs.flags
-        self.calls = 0
+        self.batches: list[int] = []
+        self.parts: list[torch.Tensor | None] = []  # l_i^(k) per micro-batch, L_k = mean (or sum) of them
+        self.values: list[torch.Tensor | None] = []  # L_k as the loss module or the model returned it
+        self.roots: list[tuple[torch.Tensor, float]] = []  # (root value, GradScaler scale) per backward
+        record.reduction = self.context.reduction
+
+    def on_forward(self, record: StepRecord, call: ModelCall) -> None:
+        if call.batch is None:
+            return
+        self.batches.append(call.batch)
+        self.parts.append(None)
+        self.values.append(None)
+        record.micro_batches = list(self.batches)
+        record.batch_size = sum(self.batches)
+
+    def on_output(self, record: StepRecord, call: ModelCall) -> None:
+        if not self.batches:
+            return
+        loss = scalar_loss(call.output)
+        if loss is not None and self.values[-1] is None:
+            self.values[-1] = loss.detach()
+        if not self.per_sample or self.parts[-1] is not None:
+            return
+        fn = self.context.loss_fn
+        if callable(fn) and not isinstance(fn, nn.Module):
+            with torch.no_grad():
+                losses = torch.as_tensor(fn(call.output, *call.args, **call.kwargs)).detach().reshape(-1)
+            if losses.numel() != call.batch:
+                raise ValueError(f"loss_fn returned {losses.numel()} values for a batch of {call.batch}: return (B,)")
+            self.parts[-1] = losses
+        elif fn is None:
+            self.parts[-1] = derived_losses(call.output, call.args, call.kwargs, call.batch)
 
     def on_loss(self, record: StepRecord, call: LossCall) -> None:
-        self.calls += 1
-        out, args, kwargs = call.output, call.args, call.kwargs
-        pred = args[0] if args else next(iter(kwargs.values()))
-        record.batch_size = int(pred.shape[0]) if pred.dim() > 0 else 1
         record.reduction = call.module.reduction
-        record.loss = float(out.detach())
-        if not math.isfinite(record.loss):
-            record.add_note(f"non-finite loss {record.loss}", self.PROVIDES)
+        if not self.batches:  # a loss module called without a model forward seen: its batch is the step's
+            pred = call.args[0] if call.args else next(iter(call.kwargs.values()))
+            self.on_forward(record, ModelCall(call.args, call.kwargs, int(pred.shape[0]) if pred.dim() else 1))
+        self.values[-1] = call.output.detach()
+        pred = call.args[0] if call.args else next(iter(call.kwargs.values()))
+        rows = int(pred.shape[0]) if pred.dim() > 0 else 1
+        if rows % self.batches[-1]:  # the model's input is not batch-first: the loss's rows are the examples
+            self.batches[-1] = rows
+            record.micro_batches = list(self.batches)
+            record.batch_size = sum(self.batches)
         if self.per_sample:
-            record.per_sample_loss = per_sample_losses(call.module, args, kwargs).double().cpu().numpy()
+            rows = per_sample_losses(call.module, call.args, call.kwargs)
+            self.parts[-1] = fold_rows(rows, self.batches[-1], call.module.reduction)
+
+    def on_backward_root(self, record: StepRecord, root: BackwardRoot) -> None:
+        if len(root.tensors) == 1 and torch.is_tensor(root.tensors[0]) and root.tensors[0].dim() == 0:
+            self.roots.append((root.tensors[0], root.scale))
+
+    def on_before_step(self, record: StepRecord) -> None:
+        roots = [(float(v), s) for v, s in self.roots]
+        values = [None if v is None else float(v) for v in self.values]
+        if roots:
+            record.loss = sum(v / s for v, s in roots)
+        elif any(v is not None for v in values):
+            record.loss = sum(v for v in values if v is not None) / (len(values) if record.reduction == "mean" else 1)
+        if record.loss is not None and not math.isfinite(record.loss):
+            record.add_note(f"non-finite loss {record.loss}", self.PROVIDES)
+        if self.per_sample and self.batches:
+            record.per_sample_loss = self._per_sample(record, roots, values)
+
+    def _per_sample(self, record: StepRecord, roots: list, values: list) -> np.ndarray | None:
+        if any(p is None for p in self.parts):
+            record.add_note(NO_PER_SAMPLE, frozenset({Need.PER_SAMPLE_LOSS}))
+            return None
+        parts = [p.double().cpu().numpy() for p in self.parts]
+        if len(parts) == 1:
+            return parts[0]
+        # micro-batches: weight w_k = root_k / L_k (the factor the loop scaled L_k by before backward)
+        if len(roots) != len(parts) or any(v is None or v == 0.0 for v in values):
+            record.add_note(
+                "per-sample losses of this step's micro-batches are left out: the factor each micro-batch's "
+                "loss was scaled by before backward could not be read",
+                frozenset({Need.PER_SAMPLE_LOSS}),
+            )
+            return None
+        n = sum(self.batches)
+        mean = record.reduction == "mean"
+        out = [
+            part * (root / scale / value) * ((n / b) if mean else 1.0)
+            for part, (root, scale), value, b in zip(parts, roots, values, self.batches, strict=True)
+        ]
+        return np.concatenate(out)

@@ -19,7 +19,7 @@ from cockpit_lite.losses import gradient_scale
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.persample.engine import PER_SAMPLE_NEEDS, PerSampleEngine, PerSampleResult
 from cockpit_lite.providers import register_provider
-from cockpit_lite.providers.base import Context, LossCall, Provider
+from cockpit_lite.providers.base import Context, LossCall, ModelCall, Provider
 from cockpit_lite.step import StepRecord
 
 MISMATCH = (
@@ -66,28 +66,56 @@ class PerSampleProvider(Provider):
 
     def begin_step(self, record: StepRecord, needs: Needs) -> None:
         self.needs = needs
-        self.losses_seen = 0
         self.backward_done = False
+        self.backwards = 0
+        self.mean = self.context.reduction == "mean"
+        self.snapshot: dict[str, torch.Tensor] | None = None
         self.engine.begin(needs)
         if self.engine.checking and not self._grads_clear():
             self.engine.skip_check()  # p.grad will hold more than this step's gradient
+
+    def _factor(self, batch: int) -> float:
+        return float(batch) if self.mean else 1.0
+
+    def on_forward(self, record: StepRecord, call: ModelCall) -> None:
+        if call.batch is None:
+            return
+        if self.backwards:  # gradient accumulation: the next micro-batch of the same step
+            self.engine.next_micro_batch(call.batch, self._factor(call.batch), self.mean)
+        elif self.engine.batch is None:
+            self.engine.set_batch(call.batch, self._factor(call.batch), self.mean)
+
+    def _uncovered(self, covered: set[str]) -> dict[str, float]:
+        """Parameters with a gradient the engine did not see, with their share of sum_p ||p.grad||^2."""
+        named = [(n, p.grad) for n, p in self.context.params.items() if p.grad is not None]
+        if not named or all(n in covered for n, _ in named):
+            return {}
+        sq = torch.stack(foreach_norm([g for _, g in named])).double().square().cpu().tolist()
+        total = sum(sq) or 1.0
+        return {n: v / total for (n, _), v in zip(named, sq, strict=True) if n not in covered}
 
     def _grads_clear(self) -> bool:
         grads = [p.grad for p in self.context.params.values() if p.grad is not None]
         return not grads or not bool(torch.stack(foreach_norm(grads)).any())
 
     def on_loss(self, record: StepRecord, call: LossCall) -> None:
-        self.losses_seen += 1
-        if self.losses_seen > 1:
-            self.engine.fail(
-                "the loss was computed more than once before optimizer.step() (gradient accumulation?): "
-                "per-sample statistics are skipped for such steps"
-            )
-            return
-        self.engine.set_batch(record.batch_size, 1.0 / gradient_scale(record.reduction, record.batch_size))
+        """A loss module declares its reduction; its batch is the micro-batch's unless it folds to it."""
+        self.mean = call.module.reduction == "mean"
+        pred = call.args[0] if call.args else next(iter(call.kwargs.values()))
+        rows = int(pred.shape[0]) if pred.dim() > 0 else 1
+        batch = self.engine.batch
+        if batch is None or rows % batch:  # no model input seen, or it is not batch-first: the loss's rows
+            batch = rows
+        self.engine.set_batch(batch, self._factor(batch), self.mean)
 
     def on_backward_begin(self, record: StepRecord) -> None:
-        scale = record.backward_scale
+        if self.engine.batch is None:
+            self.engine.fail(
+                "backward ran but no model input with a batch axis was seen: call the model the Cockpit was "
+                "given (its first tensor input's axis 0 is the batch)"
+            )
+            return
+        scale = record.backward_scale  # GradScaler's loss scale: the optimizer sees p.grad / scale
         if scale is not None and scale != 1.0:
             if scale == 0.0 or not np.isfinite(scale):
                 self.engine.fail(f"backward started from the loss times {scale}: per-sample statistics skipped")
@@ -96,9 +124,14 @@ class PerSampleProvider(Provider):
 
     def on_backward_end(self, record: StepRecord) -> None:
         self.backward_done = True
+        self.backwards += 1
         self.engine.finish_backward()
         if self.engine.checking:
             self._check_sums(record)
+        if self.engine.accumulating and Need.PER_SAMPLE_DOT_MEAN in self.needs.flags:
+            # gbar of an accumulated step: p.grad after its last backward (before any clipping by the loop)
+            scale = record.backward_scale or 1.0
+            self.snapshot = {n: p.grad.detach() / scale for n, p in self.context.params.items() if p.grad is not None}
 
     def _check_sums(self, record: StepRecord) -> None:
         """Warn if the per-sample gradients do not add up to p.grad (see PerSampleEngine.check_sums)."""
@@ -121,11 +154,17 @@ class PerSampleProvider(Provider):
             self.engine.skip_check()  # the loop may have changed p.grad since backward
         eng = self.engine
         if eng.active and eng.failure is None:
-            missing = [n for n, p in self.context.params.items() if p.grad is not None and n not in eng.covered]
-            if missing:
+            record.per_sample_uncovered = self._uncovered(eng.covered)
+            if record.per_sample_uncovered:
+                missing = sorted(record.per_sample_uncovered)
                 self.context.warn(
                     f"parameters {missing} have gradients but no per-sample contribution was seen (used "
                     "outside their module's forward?): per-sample statistics exclude them"
+                )
+                share = sum(record.per_sample_uncovered.values())
+                record.add_note(
+                    f"per-sample statistics cover all parameters but {missing} ({share:.1%} of ||p.grad||^2)",
+                    self.PROVIDES,
                 )
         if Need.PER_SAMPLE_CROSS in self.needs.flags:
             record.views = eng.kept_views()
@@ -139,10 +178,13 @@ class PerSampleProvider(Provider):
             d = fn(record)
             if d is not None:
                 directions[key] = d
-        result = self.engine.result(directions)
+        result = self.engine.result(directions, self.snapshot)
+        self.snapshot = None
         if result.failure is not None:
             record.add_note(result.failure, self.PROVIDES)
             return
+        for note in result.notes:
+            record.add_note(note, self.PROVIDES)
         self._fill(record, result)
 
     def _fill(self, record: StepRecord, result: PerSampleResult) -> None:
