@@ -255,26 +255,35 @@ class Cockpit:
 
     @guarded
     def _on_backward_root(self, tensors: Any, grad_tensors: Any) -> None:
+        """``backward()`` is called: a backward pass of the step begins (before any gradient hook)."""
         st = self._step
         if st is None or is_paused() or not st.active or st.skip:
             return
         roots = (tensors,) if torch.is_tensor(tensors) else tuple(tensors)
         grads = (grad_tensors,) if grad_tensors is None or torch.is_tensor(grad_tensors) else tuple(grad_tensors)
-        st.in_backward = False  # a new backward pass starts
         st.amp_scale = next((f for f in map(grad_scaler_factor, roots) if f is not None), 1.0)
         detach = lambda t: t.detach() if torch.is_tensor(t) else t  # noqa: E731
         st.event("on_backward_root", BackwardRoot(tuple(map(detach, roots)), tuple(map(detach, grads)), st.amp_scale))
+        self._begin_backward(st)
+
+    def _begin_backward(self, st: Step) -> None:
+        st.in_backward, st.queued = True, False
+        st.record.backward_scale = st.amp_scale
+        st.event("on_backward_begin")
 
     def _on_output_grad(self, grad: torch.Tensor) -> None:
-        """Backward reached a model output (or the loss module's): the first one opens the backward."""
+        """Backward reached a model output (or the loss module's): queue the end-of-backward callback
+        (and, for a backward not started by ``backward()``, begin it here)."""
         st = self._step
-        if st is None or st.in_backward or not st.active or st.skip or is_paused():
+        if st is None or not st.active or st.skip or is_paused():
             return
         try:
-            st.in_backward = True
-            st.record.backward_scale = st.amp_scale
-            st.event("on_backward_begin")
-            queue_backward_callback(self._on_backward_end)
+            if not st.in_backward:
+                st.amp_scale = 1.0
+                self._begin_backward(st)
+            if not st.queued:
+                st.queued = True
+                queue_backward_callback(self._on_backward_end)
         except Exception as e:
             self._warn(f"backward_begin failed ({type(e).__name__}: {e}); training is unaffected")
 
@@ -282,7 +291,7 @@ class Cockpit:
     def _on_backward_end(self) -> None:
         st = self._step
         if st is not None and st.active:
-            st.backward_done, st.in_backward = True, False
+            st.backward_done, st.in_backward, st.queued = True, False, False
             with self.costs.region("after_backward"):
                 st.event("on_backward_end")
 

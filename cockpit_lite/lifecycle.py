@@ -74,7 +74,7 @@ class Step:
         self, number: int, instruments: Sequence[Instrument], providers: Sequence[Provider], guard: Guard, **fields: Any
     ):
         self.guard, self.t0 = guard, time.perf_counter()
-        self.skip = self.backward_done = self.in_backward = False
+        self.skip = self.backward_done = self.in_backward = self.queued = False
         self.amp_scale = 1.0  #: GradScaler's loss scale of the current backward (1 without one)
         guard.costs.reset()
         self.active: list[Instrument] = []

@@ -101,6 +101,8 @@ def derived_losses(output: Any, args: tuple, kwargs: Mapping[str, Any], batch: i
             if lg.shape[1] != tg.shape[1]:
                 continue
             for ignore in (-100, -1):
+                if bool(((tg < 0) & (tg != ignore)).any()):  # other negative targets: not this convention
+                    continue
                 ce = F.cross_entropy(lg.transpose(1, 2), tg, ignore_index=ignore, reduction="none")
                 candidates.append((ce, (tg != ignore).sum()))
     elif logits.dim() == 2 and targets.dim() == 1:

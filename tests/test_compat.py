@@ -123,3 +123,19 @@ def test_every_warning_the_package_issues_is_a_cockpit_warning():
                 assert category is not None and ast.unparse(category) == "CockpitWarning", (
                     f"{path.relative_to(ROOT)}:{node.lineno} warns without CockpitWarning"
                 )
+
+
+def test_backward_watch_sees_roots_and_grad_scaler_outputs_and_restores():
+    backward, scale = torch.autograd.backward, torch.amp.GradScaler.scale
+    seen = []
+    watch = compat.BackwardWatch(lambda tensors, grads: seen.append(tensors))
+    w = torch.randn(3, requires_grad=True)
+    loss = (w * 2).sum()
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    scaled = scaler.scale(loss)
+    assert compat.grad_scaler_factor(scaled) == 256.0
+    assert compat.grad_scaler_factor(loss * torch.tensor(256.0)) is None  # a user's factor is part of the loss
+    scaled.backward()
+    assert len(seen) == 1 and seen[0] is scaled
+    watch.remove()
+    assert torch.autograd.backward is backward and torch.amp.GradScaler.scale is scale

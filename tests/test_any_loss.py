@@ -1,0 +1,307 @@
+"""Any loss (a functional loss in the loop, a loss inside the model, a Hugging-Face-style output, a
+per-sample callable, a declared sum) and gradient accumulation: per-sample statistics against the
+float64 loop over examples, with one definition of a sample (an example along the model input's
+batch axis; g_i = N x its share of p.grad)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from cockpit_lite.instruments import Clipping, GradientTests, Loss
+from torch import nn
+
+from cockpit_lite import Cockpit, CockpitWarning, Need
+from tests import models
+from tests.reference import Probe
+
+RTOL = 1e-5
+
+
+def _loop(model, x, y, fn):
+    """{name: (B, *shape)} float64 gradients of l_i = fn(model(x_i), y_i), one autograd call each."""
+    m = copy.deepcopy(model).double()
+    params = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    out = {n: [] for n in params}
+    losses = []
+    for i in range(len(x)):
+        xi = x[i : i + 1].double() if torch.is_floating_point(x) else x[i : i + 1]
+        li = fn(m(xi), y[i : i + 1])
+        losses.append(float(li.detach()))
+        for n, g, p in zip(params, torch.autograd.grad(li, list(params.values()), allow_unused=True), params.values()):
+            out[n].append(torch.zeros_like(p) if g is None else g)
+    return {n: torch.stack(v).numpy() for n, v in out.items()}, np.array(losses)
+
+
+def _flat(grads):
+    return np.concatenate([g.reshape(g.shape[0], -1) for g in grads.values()], axis=1)
+
+
+def _check(rec, grads, losses=None, update=None):
+    G = _flat(grads)
+    np.testing.assert_allclose(rec.per_sample_sq_norms, (G**2).sum(1), rtol=RTOL, atol=1e-9)
+    np.testing.assert_allclose(rec.per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=1e-9)
+    if losses is not None:
+        np.testing.assert_allclose(rec.per_sample_loss, losses, rtol=RTOL)
+        np.testing.assert_allclose(rec.loss, losses.mean(), rtol=RTOL)
+    if update is not None:
+        d = np.concatenate([update[n].reshape(-1) for n in grads])
+        np.testing.assert_allclose(rec.projections["update"], G @ d, rtol=1e-4, atol=1e-9)
+
+
+FLAGS = {Need.LOSS, Need.PER_SAMPLE_LOSS, Need.UPDATE, Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN}
+
+
+def _probe():
+    return Probe(flags=set(FLAGS), directions={"update": lambda rec: rec.update})
+
+
+def _data(b=7):
+    return torch.randn(b, 6), torch.randint(0, 3, (b,))
+
+
+# --- a functional loss in the loop, no loss_fn ---------------------------------------------------------
+def test_functional_loss_without_loss_fn():
+    torch.manual_seed(0)
+    model, (x, y) = models.mlp(), _data()
+    grads, losses = _loop(model, x, y, F.cross_entropy)
+    before = copy.deepcopy(model)
+    probe = _probe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Cockpit(model, opt, instruments=[probe, Loss()]) as ck:
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    rec = probe.records[0]
+    update = {n: (p - q).detach().numpy() for (n, p), q in zip(model.named_parameters(), before.parameters())}
+    _check(rec, grads, update=update)
+    np.testing.assert_allclose(rec.loss, losses.mean(), rtol=RTOL)  # the root backward started from
+    assert rec.per_sample_loss is None  # not derivable from logits alone: said so
+    assert "no per-sample losses" in ck.history.last("note/loss")
+    assert ck.history.last("loss") == pytest.approx(losses.mean(), rel=RTOL)
+
+
+def test_declared_sum_reduction():
+    torch.manual_seed(0)
+    model, (x, y) = models.mlp(), _data()
+    grads, _ = _loop(model, x, y, F.cross_entropy)
+    probe = _probe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Cockpit(model, opt, instruments=[probe], reduction="sum"):
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        opt.step()
+    G = _flat(grads)
+    np.testing.assert_allclose(probe.records[0].per_sample_sq_norms, (G**2).sum(1), rtol=RTOL)  # g_i, not B g_i
+
+
+# --- a loss inside the model ---------------------------------------------------------------------------
+class LossInside(nn.Module):
+    """nanoGPT's shape: forward(x, targets) returns (logits, loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = models.mlp()
+
+    def forward(self, x, targets=None):
+        logits = self.net(x)
+        return logits, (None if targets is None else F.cross_entropy(logits, targets))
+
+
+class Output(OrderedDict):
+    """A Hugging-Face-like ModelOutput: attribute and key access."""
+
+    def __getattr__(self, name):
+        return self.get(name)
+
+
+class HFLike(nn.Module):
+    """A sequence model with a causal-LM head: labels shifted inside, as Hugging Face heads do."""
+
+    def __init__(self, vocab=11, d=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, input_ids, labels=None):
+        logits = self.head(torch.tanh(self.mix(self.emb(input_ids))))
+        out = Output(logits=logits)
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        return out
+
+
+def test_loss_inside_forward_tuple():
+    torch.manual_seed(0)
+    model, (x, y) = LossInside(), _data()
+    grads, losses = _loop(model.net, x, y, F.cross_entropy)
+    grads = {f"net.{n}": g for n, g in grads.items()}
+    probe = _probe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Cockpit(model, opt, instruments=[probe]):
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+    _check(probe.records[0], grads, losses)  # per-sample losses derived from (logits, targets), exact
+
+
+def test_hugging_face_style_output_with_labels():
+    torch.manual_seed(0)
+    model = HFLike()
+    ids = torch.randint(0, 11, (5, 6))
+    labels = ids.clone()
+    labels[0, 4:] = -100  # padding of the first sequence
+
+    def seq_loss(m, i):
+        logits = m(ids[i : i + 1]).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[i : i + 1, 1:].reshape(-1), reduction="sum")
+
+    # reference: l_i = B x (sequence i's token losses) / (tokens counted in the batch)
+    m64 = copy.deepcopy(model).double()
+    n_tokens = int((labels[:, 1:] != -100).sum())
+    params = dict(m64.named_parameters())
+    rows, losses = [], []
+    for i in range(5):
+        li = seq_loss(m64, i) * 5 / n_tokens
+        losses.append(float(li.detach()))
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(li, list(params.values()))]))
+    G = torch.stack(rows).numpy()
+    probe = _probe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Cockpit(model, opt, instruments=[probe]):
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        opt.step()
+    rec = probe.records[0]
+    np.testing.assert_allclose(rec.per_sample_sq_norms, (G**2).sum(1), rtol=RTOL)
+    np.testing.assert_allclose(rec.per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=1e-9)
+    np.testing.assert_allclose(rec.per_sample_loss, losses, rtol=RTOL)
+    assert len(rec.per_sample_loss) == 5  # sequences, never tokens
+
+
+def test_a_per_sample_loss_callable():
+    torch.manual_seed(0)
+    model, (x, y) = models.mlp(), _data()
+    _, losses = _loop(model, x, y, F.cross_entropy)
+    probe = _probe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    per_sample = lambda out, inp: F.cross_entropy(out, y, reduction="none")  # noqa: E731
+    with Cockpit(model, opt, loss_fn=per_sample, instruments=[probe]):
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    np.testing.assert_allclose(probe.records[0].per_sample_loss, losses, rtol=RTOL)
+
+
+# --- gradient accumulation --------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_loss_fn", [True, False])
+def test_accumulation_equals_the_loop_on_the_concatenated_batch(with_loss_fn):
+    """4 micro-batches of 4 per step, (loss / 4).backward(), a scheduler and clip_grad_norm_: the step's
+    statistics are those of its 16 examples; loss is the accumulated mean; clipping sees the
+    accumulated gradient."""
+    torch.manual_seed(0)
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    loss_fn = nn.CrossEntropyLoss()
+    probe = _probe()
+    clip = Clipping(max_norm=0.05)
+    steps = [_data(16) for _ in range(3)]
+    records = []
+    with Cockpit(model, opt, loss_fn if with_loss_fn else None, instruments=[probe, clip, GradientTests()]) as ck:
+        for x, y in steps:
+            theta = copy.deepcopy(model)
+            opt.zero_grad()
+            for k in range(4):
+                xb, yb = x[4 * k : 4 * k + 4], y[4 * k : 4 * k + 4]
+                out = model(xb)
+                loss = loss_fn(out, yb) if with_loss_fn else F.cross_entropy(out, yb)
+                (loss / 4).backward()
+            accumulated = math.sqrt(sum(float((p.grad**2).sum()) for p in model.parameters()))
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            opt.step()
+            sched.step()
+            records.append((theta, x, y, accumulated))
+    for step, (theta, x, y, accumulated) in enumerate(records):
+        grads, losses = _loop(theta, x, y, F.cross_entropy)
+        rec = probe.records[step]
+        assert rec.batch_size == 16 and rec.micro_batches == [4, 4, 4, 4]
+        G = _flat(grads)
+        np.testing.assert_allclose(rec.per_sample_sq_norms, (G**2).sum(1), rtol=RTOL)
+        np.testing.assert_allclose(rec.loss, losses.mean(), rtol=RTOL)
+        if with_loss_fn:
+            np.testing.assert_allclose(rec.per_sample_loss, losses, rtol=RTOL)
+        np.testing.assert_allclose(ck.history["clip/global/norm"][step][1], accumulated, rtol=RTOL)
+        # the probe asks for a projection, so every micro-batch's factors are kept from the start
+        np.testing.assert_allclose(rec.per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=1e-9)
+        gbar = G.mean(0)
+        norm_test = math.sqrt(((G - gbar) ** 2).sum() / (16 * 15 * (gbar @ gbar)))
+        np.testing.assert_allclose(dict(ck.history["tests/norm"])[step], norm_test, rtol=1e-4)
+
+
+def test_the_first_accumulated_step_says_what_it_leaves_out():
+    """With nothing asking for projections, the first micro-batch's factors are not kept before the
+    cockpit knows the loop accumulates: that step's g_i . gbar is left out (a note), later ones are exact."""
+    torch.manual_seed(0)
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Cockpit(model, opt, instruments=[GradientTests()]) as ck:
+        thetas, batches = [], []
+        for _ in range(2):
+            x, y = _data(8)
+            thetas.append(copy.deepcopy(model))
+            batches.append((x, y))
+            opt.zero_grad()
+            for k in range(2):
+                (F.cross_entropy(model(x[4 * k : 4 * k + 4]), y[4 * k : 4 * k + 4]) / 2).backward()
+            opt.step()
+    notes = dict(ck.history["note/gradient_tests"])
+    assert "first step with gradient accumulation" in notes[0] and 1 not in notes
+    grads, _ = _loop(thetas[1], *batches[1], F.cross_entropy)
+    G = _flat(grads)
+    gbar = G.mean(0)
+    expected = math.sqrt(((G - gbar) ** 2).sum() / (8 * 7 * (gbar @ gbar)))
+    np.testing.assert_allclose(dict(ck.history["tests/norm"])[1], expected, rtol=1e-4)
+
+
+def test_grad_scaler_with_a_functional_loss():
+    torch.manual_seed(0)
+    model, (x, y) = models.mlp(), _data()
+    grads, losses = _loop(model, x, y, F.cross_entropy)
+    probe = _probe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    with Cockpit(model, opt, instruments=[probe]):
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+    rec = probe.records[0]
+    assert rec.backward_scale == 2.0**12
+    G = _flat(grads)
+    np.testing.assert_allclose(rec.per_sample_sq_norms, (G**2).sum(1), rtol=RTOL)
+    np.testing.assert_allclose(rec.loss, losses.mean(), rtol=RTOL)
+
+
+def test_a_model_input_without_batch_axis_is_said_once():
+    model = nn.Linear(3, 2)
+
+    class NoBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = model
+
+        def forward(self):
+            return self.lin(torch.ones(4, 3)).sum()
+
+    net = NoBatch()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.warns(CockpitWarning, match="no model input with a batch axis"):
+        with Cockpit(net, opt, instruments=[GradientTests(), Loss()]) as ck:
+            for _ in range(3):
+                opt.zero_grad()
+                net().backward()
+                opt.step()
+    assert len(ck.history["loss"]) == 3
