@@ -258,7 +258,9 @@ def test_a_handler_returning_wrong_gradients_is_reported(returned, message):
     model = nn.Sequential(nn.Linear(2, 3), _Custom(), nn.Linear(3, 3))
     with pytest.warns(CockpitWarning, match=message):
         rec = _step(model, torch.randn(6, 2), torch.randint(0, 3, (6,)))
-    assert rec.per_sample_sq_norms is None and rec.loss is not None  # the rest of the step is kept
+    # the layer is left out and said to be: the other layers' statistics are kept, never the wrong ones
+    assert set(rec.per_sample_uncovered) == {"1.w"} and rec.per_sample_sq_norms_by_param.keys() >= {"0.weight", "2.weight"}
+    assert "1.w" not in rec.per_sample_sq_norms_by_param and rec.loss is not None
 
 
 class _Gate(nn.Module):

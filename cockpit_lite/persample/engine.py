@@ -189,6 +189,7 @@ class PerSampleEngine:
         self.grads: dict[str, torch.Tensor] = {}
         self.covered: set[str] = set()
         self._tied_views: dict[int, list[View]] = {}
+        self._dropped_groups: set[int] = set()
         #: this step is checked by :meth:`check_sums`: per layer (B sum_i g_i . gbar, B sum_i |g_i . gbar|)
         self.checking = False
         #: some output gradient arrived in float16/bfloat16 (autocast): looser tolerance for the check
@@ -246,6 +247,23 @@ class PerSampleEngine:
             else:
                 warnings.warn(f"cockpit-lite: {reason}", CockpitWarning, stacklevel=3)
 
+    def drop(self, module: nn.Module, reason: str) -> None:
+        """Leave one layer out of this step (its parameters are then reported as not covered, with their
+        share of ||p.grad||^2); every other layer is still computed. Said once per layer and reason."""
+        self._calls.pop(module, None)
+        if module in self.tied:  # its group's other uses cannot be combined without it
+            gid = self.tied[module]
+            self._tied_views.pop(gid, None)
+            self._dropped_groups.add(gid)
+        names = ", ".join(sorted(self.handlers[module].names.values())) if module in self.handlers else "?"
+        message = f"per-sample statistics leave out {type(module).__name__} ({names}) for this step: {reason}"
+        if message not in self.warned:
+            self.warned.add(message)
+            if self._warn is not None:
+                self._warn(message)
+            else:
+                warnings.warn(f"cockpit-lite: {message}", CockpitWarning, stacklevel=3)
+
     def rescale(self, factor: float) -> None:
         """Multiply the factor that turns captured output gradients into those of the per-sample losses
         (backward started from the loss times 1 / factor: AMP's loss scale)."""
@@ -280,9 +298,12 @@ class PerSampleEngine:
             else:
                 self._register_grads(module, idx, outs)
         except PerSampleUndefined as e:
-            self.fail(str(e))
+            if getattr(e, "couples", False):  # examples interact: no layer's rows are per-example shares
+                self.fail(str(e))
+            else:
+                self.drop(module, str(e))
         except Exception as e:  # never break the user's forward
-            self.fail(f"per-sample engine disabled for this step ({type(module).__name__}: {e})")
+            self.drop(module, f"{type(e).__name__}: {e}")
         return None
 
     def _register_grads(self, module: nn.Module, idx: int, outs: list[torch.Tensor]) -> None:
@@ -306,7 +327,7 @@ class PerSampleEngine:
             if len(calls.grads) == len(calls.captures):
                 self._process(module)
         except Exception as e:
-            self.fail(f"per-sample engine disabled for this step ({type(module).__name__}: {e})")
+            self.drop(module, f"{type(e).__name__}: {e}")
 
     @timed("engine")
     @torch.no_grad()
@@ -328,7 +349,8 @@ class PerSampleEngine:
             if calls.weight_grads and len(calls.weight_grads) == len(calls.captures):
                 view.batch_grad = sum(calls.weight_grads.values()) * self.inv_scale
             if module in self.tied:  # added to the other uses of its parameters at the end of backward
-                self._tied_views.setdefault(self.tied[module], []).append(view)
+                if self.tied[module] not in self._dropped_groups:
+                    self._tied_views.setdefault(self.tied[module], []).append(view)
                 return
             self._reduce(view)
 
@@ -421,9 +443,12 @@ class PerSampleEngine:
         """Called before the optimizer step: reduce layers whose outputs got no gradient in some call."""
         if not self.active:
             return
-        try:
-            for module in list(self._calls):
+        for module in list(self._calls):
+            try:
                 self._process(module)
+            except Exception as e:
+                self.drop(module, f"{type(e).__name__}: {e}")
+        try:
             self._reduce_tied()
         except Exception as e:
             self.fail(f"per-sample engine disabled for this step ({e})")

@@ -30,7 +30,13 @@ from cockpit_lite.persample.views import ConvView, EmbeddingView, FactorView, Ma
 
 
 class PerSampleUndefined(Exception):
-    """Per-sample gradients have no single definition for this layer in its current mode."""
+    """Per-sample gradients have no single definition for this layer in its current mode. With
+    ``couples=True`` the layer makes the examples interact (train-mode BatchNorm), so no layer's output
+    gradient rows are per-example shares and the whole step is left out; otherwise only this layer."""
+
+    def __init__(self, message: str, couples: bool = False):
+        super().__init__(message)
+        self.couples = couples
 
 
 def _feature_first_samples(x: torch.Tensor, batch: int, n_feature: int) -> tuple[torch.Tensor, int]:
@@ -382,7 +388,8 @@ class NormHandler(Handler):
                 f"{type(m).__name__} normalises with statistics of the whole batch in train mode, which "
                 "couples the samples: per-sample gradients have no single definition. Per-sample "
                 "statistics are skipped while it is in train mode; use GroupNorm/LayerNorm, or freeze "
-                "the BatchNorm (module.eval()) to get them."
+                "the BatchNorm (module.eval()) to get them.",
+                couples=True,
             )
 
     def _normalised(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
