@@ -77,5 +77,11 @@ class GradientTests(Instrument):
             return {}
         if record.batch_size == 1:
             self.note("gradient tests need at least 2 samples per batch: NaN")
+        if record.per_sample_uncovered:
+            share = sum(record.per_sample_uncovered.values())
+            self.note(
+                f"the tests are over the parameters with per-sample statistics only ({share:.1%} of ||p.grad||^2 "
+                "is in parameters left out): they describe that part of the gradient"
+            )
         tests = gradient_tests(record.per_sample_sq_norms, record.per_sample_dot_mean)
         return {self.tag(f"tests/{k}"): v for k, v in tests.items()}

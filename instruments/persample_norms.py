@@ -24,6 +24,7 @@ class PerSampleGradNorms(Instrument):
         "persample/grad_norm": "||g_i|| (B values)",
         "persample/grad_norm/(p5|p25|p50|p75|p95|max|mean)": "quantiles of ||g_i||",
         "persample/grad_norm/.+": "||g_i|| per parameter tensor (per_param=True)",
+        "persample/coverage": "share of sum_p ||p.grad||^2 in parameters with per-sample statistics (1: all)",
     }
     PANELS = (
         QuantilePanel(
@@ -65,6 +66,8 @@ class PerSampleGradNorms(Instrument):
             return {}
         norms = np.sqrt(np.maximum(record.per_sample_sq_norms, 0.0))
         out = {self.tag("persample/grad_norm"): norms}
+        if record.per_sample_uncovered is not None:
+            out[self.tag("persample/coverage")] = 1.0 - sum(record.per_sample_uncovered.values())
         out.update({self.tag(k): v for k, v in quantile_records("persample/grad_norm", norms).items()})
         if self.per_param:
             for n, sq in record.per_sample_sq_norms_by_param.items():

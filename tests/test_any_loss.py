@@ -305,3 +305,34 @@ def test_a_model_input_without_batch_axis_is_said_once():
                 net().backward()
                 opt.step()
     assert len(ck.history["loss"]) == 3
+
+
+def test_coverage_is_recorded_and_the_gradient_tests_say_what_they_cover():
+    class Odd(nn.Module):
+        """A layer whose forward the torch.func fallback cannot replay (an in-place buffer update)."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(5))
+            self.register_buffer("count", torch.zeros(()))
+
+        def forward(self, x):
+            self.count.add_(1)
+            return x * self.w
+
+    from cockpit_lite.instruments import PerSampleGradNorms
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), Odd(), nn.Linear(5, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _data(8)
+    with pytest.warns(CockpitWarning, match="leave out Odd"):
+        with Cockpit(model, opt, instruments=[PerSampleGradNorms(), GradientTests()]) as ck:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            sq = {n: float((p.grad**2).sum()) for n, p in model.named_parameters()}
+            opt.step()
+    expected = 1.0 - sq["1.w"] / sum(sq.values())
+    assert ck.history.last("persample/coverage") == pytest.approx(expected, rel=1e-6)
+    assert "parameters left out" in ck.history.last("note/gradient_tests")
+    assert math.isfinite(ck.history.last("tests/norm"))

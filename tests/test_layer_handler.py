@@ -250,6 +250,7 @@ def _step(model, x, y):
     ],
 )
 def test_a_handler_returning_wrong_gradients_is_reported(returned, message):
+    """The layer is left out, the rest is computed; persample/coverage says how much is covered."""
     class Wrong(LayerHandler):
         def per_sample_grads(self, inputs, output_grad):
             return returned(inputs[0], output_grad)
