@@ -33,7 +33,9 @@ def _loop(model, x, y, fn):
         xi = x[i : i + 1].double() if torch.is_floating_point(x) else x[i : i + 1]
         li = fn(m(xi), y[i : i + 1])
         losses.append(float(li.detach()))
-        for n, g, p in zip(params, torch.autograd.grad(li, list(params.values()), allow_unused=True), params.values()):
+        for n, g, p in zip(
+            params, torch.autograd.grad(li, list(params.values()), allow_unused=True), params.values(), strict=True
+        ):
             out[n].append(torch.zeros_like(p) if g is None else g)
     return {n: torch.stack(v).numpy() for n, v in out.items()}, np.array(losses)
 
@@ -77,7 +79,9 @@ def test_functional_loss_without_loss_fn():
         F.cross_entropy(model(x), y).backward()
         opt.step()
     rec = probe.records[0]
-    update = {n: (p - q).detach().numpy() for (n, p), q in zip(model.named_parameters(), before.parameters())}
+    update = {
+        n: (p - q).detach().numpy() for (n, p), q in zip(model.named_parameters(), before.parameters(), strict=True)
+    }
     _check(rec, grads, update=update)
     np.testing.assert_allclose(rec.loss, losses.mean(), rtol=RTOL)  # the root backward started from
     assert rec.per_sample_loss is None  # not derivable from logits alone: said so
