@@ -340,3 +340,28 @@ def test_coverage_is_recorded_and_the_gradient_tests_say_what_they_cover():
     assert ck.history.last("persample/coverage") == pytest.approx(expected, rel=1e-6)
     assert "parameters left out" in ck.history.last("note/gradient_tests")
     assert math.isfinite(ck.history.last("tests/norm"))
+
+
+def test_tracin_follows_a_loader_batch_split_into_micro_batches():
+    """TracIn self-influence with a tracked loader whose batches the loop splits into two micro-batches
+    equals that of the same run without splitting (the step's objective is the same mean)."""
+    from cockpit_lite.instruments import TracIn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def run(split):
+        torch.manual_seed(0)
+        model = models.mlp()
+        data = TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32,)))
+        loader = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        tracin = TracIn()
+        with Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[tracin]) as ck:
+            for x, y in ck.track(loader):
+                opt.zero_grad()
+                parts = [(x[:4], y[:4]), (x[4:], y[4:])] if split else [(x, y)]
+                for xb, yb in parts:
+                    (nn.functional.cross_entropy(model(xb), yb) / len(parts)).backward()
+                opt.step()
+        return tracin.self_influence()
+
+    np.testing.assert_allclose(run(split=True), run(split=False), rtol=1e-5)

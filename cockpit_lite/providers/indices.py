@@ -1,4 +1,4 @@
-"""Need.INDICES: the dataset indices of the batch, fed by ``cockpit.track(loader)``."""
+"""Need.INDICES: the dataset indices of the step's examples, fed by ``cockpit.track(loader)``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.providers import register_provider
-from cockpit_lite.providers.base import Context, LossCall, Provider
+from cockpit_lite.providers.base import Context, LossCall, ModelCall, Provider
 from cockpit_lite.step import StepRecord
 
 NO_TRACK = "no dataset indices: iterate `for batch in cockpit.track(loader)` to record them"
@@ -14,39 +14,61 @@ NO_TRACK = "no dataset indices: iterate `for batch in cockpit.track(loader)` to 
 
 @register_provider
 class IndicesProvider(Provider):
-    """``record.indices`` (positions in the tracked loader's dataset) and ``record.dataset_size``."""
+    """``record.indices`` (positions in the tracked loader's dataset, one per example of the step, in
+    the order of the model calls) and ``record.dataset_size``.
+
+    Each model call takes the next ``batch`` indices of the loader batch last yielded, so a loader
+    batch split into micro-batches (gradient accumulation) is followed; several loader batches in one
+    step are joined."""
 
     PROVIDES = frozenset({Need.INDICES})
-    USES = frozenset({Need.LOSS})  # the batch size, to match the indices to the batch
-
-    #: the indices of the batch last yielded by ``cockpit.track()`` and the dataset's length
-    batch_indices: np.ndarray | None = None
-    dataset_size: int | None = None
 
     def __init__(self, context: Context):
         super().__init__(context)
-        self.batch_indices, self.dataset_size = None, None
+        self.batch_indices: np.ndarray | None = None
+        self.dataset_size: int | None = None
+        self.offset = 0
 
     def feed(self, indices: np.ndarray | None, dataset_size: int | None) -> None:
         """Called by ``cockpit.track()`` for every batch it yields."""
-        self.batch_indices, self.dataset_size = indices, dataset_size
+        self.batch_indices, self.dataset_size, self.offset = indices, dataset_size, 0
 
     def begin_step(self, record: StepRecord, needs: Needs) -> None:
-        self.done = False
+        self.parts: list[np.ndarray] = []
+        self.problem: str | None = None
+
+    def on_forward(self, record: StepRecord, call: ModelCall) -> None:
+        if call.batch is not None:
+            self._take(call.batch)
 
     def on_loss(self, record: StepRecord, call: LossCall) -> None:
-        if self.done:
-            return
-        self.done = True
-        idx, batch = self.batch_indices, record.batch_size
-        record.dataset_size = self.dataset_size
+        if not self.parts and self.problem is None:  # a loss module without a model call seen
+            pred = call.args[0] if call.args else next(iter(call.kwargs.values()))
+            self._take(int(pred.shape[0]) if pred.dim() > 0 else 1)
+
+    def _take(self, batch: int) -> None:
+        idx = self.batch_indices
         if idx is None:
-            record.add_note(NO_TRACK, self.PROVIDES)
-        elif len(idx) != batch:
-            record.add_note(
-                f"the last batch from cockpit.track() holds {len(idx)} examples but the loss saw {batch}: "
-                "dataset indices are skipped for this step",
-                self.PROVIDES,
+            self.problem = self.problem or NO_TRACK
+        elif self.offset + batch > len(idx):
+            self.problem = self.problem or (
+                f"the model saw {batch} examples but the batch from cockpit.track() has {len(idx) - self.offset} "
+                "left: dataset indices are skipped for this step"
             )
         else:
-            record.indices = idx
+            self.parts.append(idx[self.offset : self.offset + batch])
+            self.offset += batch
+
+    def on_before_step(self, record: StepRecord) -> None:
+        record.dataset_size = self.dataset_size
+        if self.problem is not None:
+            record.add_note(self.problem, self.PROVIDES)
+        elif self.parts:
+            indices = np.concatenate(self.parts)
+            if record.batch_size is None or len(indices) == record.batch_size:
+                record.indices = indices
+            else:
+                record.add_note(
+                    f"{len(indices)} dataset indices for {record.batch_size} examples: indices skipped for this step",
+                    self.PROVIDES,
+                )
