@@ -13,6 +13,7 @@ their records to one emitter (docs/design.md draws the flow).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -223,24 +224,26 @@ class Cockpit:
     # --- hooks: when things happen ---------------------------------------------------------------------
     @guarded
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if is_paused() or module is not self.model:  # a deepcopy of the model carries our hooks
+        if is_paused() or module is not self.model or not torch.is_grad_enabled():  # not an evaluation
             return
         st = self._step
         if st is not None and st.backward_done and not any_grad(self.params):
             st.end()  # backward ran, grads were zeroed, no step came: AMP skipped it; this is a retry
             st = None
         st = st or self._begin()
-        st.event("on_forward", ModelCall(args, kwargs, batch_of(args, kwargs)))
+        st.forwards.append(batch_of(args, kwargs))
+        st.event("on_forward", ModelCall(args, kwargs, st.forwards[-1], index=len(st.forwards) - 1))
 
     @guarded
     def _on_model_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         st = self._step
-        if st is None or is_paused() or module is not self.model or st.skip or not st.active:
+        if st is None or is_paused() or module is not self.model or st.skip or not st.active or not st.forwards:
             return
-        st.event("on_output", ModelCall(args, kwargs, batch_of(args, kwargs), output))
+        index = len(st.forwards) - 1
+        st.event("on_output", ModelCall(args, kwargs, st.forwards[-1], output, index))
         for t in tensors_of(output):  # backward is seen where it reaches the model's outputs
             if t.requires_grad:
-                t.register_hook(self._on_output_grad)
+                t.register_hook(functools.partial(self._on_output_grad, index))
 
     @guarded
     def _on_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -251,7 +254,7 @@ class Cockpit:
             return  # nothing tracked, or an evaluation under no_grad
         with self.costs.region("loss"):
             st.event("on_loss", LossCall(module, args, kwargs, output))
-            output.register_hook(self._on_output_grad)
+            output.register_hook(functools.partial(self._on_output_grad, None))
 
     @guarded
     def _on_backward_root(self, tensors: Any, grad_tensors: Any) -> None:
@@ -271,12 +274,14 @@ class Cockpit:
         st.record.backward_scale = st.amp_scale
         st.event("on_backward_begin")
 
-    def _on_output_grad(self, grad: torch.Tensor) -> None:
-        """Backward reached a model output (or the loss module's): queue the end-of-backward callback
-        (and, for a backward not started by ``backward()``, begin it here)."""
+    def _on_output_grad(self, index: int | None, grad: torch.Tensor) -> None:
+        """Backward reached an output of model call ``index`` (None: the loss module's): queue the
+        end-of-backward callback (and, for a backward not started by ``backward()``, begin it here)."""
         st = self._step
         if st is None or not st.active or st.skip or is_paused():
             return
+        if index is not None:
+            st.record.reached = st.record.reached | {index}
         try:
             if not st.in_backward:
                 st.amp_scale = 1.0

@@ -76,6 +76,7 @@ class Step:
         self.guard, self.t0 = guard, time.perf_counter()
         self.skip = self.backward_done = self.in_backward = self.queued = False
         self.amp_scale = 1.0  #: GradScaler's loss scale of the current backward (1 without one)
+        self.forwards: list[int | None] = []  #: examples of each (grad-enabled) model call of the step
         guard.costs.reset()
         self.active: list[Instrument] = []
         self.asked: dict[str, set[str]] = {}

@@ -37,6 +37,9 @@ class StepRecord:
     reduction: str | None = None
     #: examples of each forward/backward pass of the step (one entry without gradient accumulation)
     micro_batches: list[int] = field(default_factory=list)
+    #: the model calls of the step (by position) whose outputs backward reached; a call it never
+    #: reached (an iteration the loop abandoned after a non-finite loss) is no part of the step
+    reached: frozenset[int] = frozenset()
     loss: float | None = None
     per_sample_loss: np.ndarray | None = None
     lrs: list[float] = field(default_factory=list)

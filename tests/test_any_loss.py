@@ -365,3 +365,29 @@ def test_tracin_follows_a_loader_batch_split_into_micro_batches():
         return tracin.self_influence()
 
     np.testing.assert_allclose(run(split=True), run(split=False), rtol=1e-5)
+
+
+def test_an_iteration_abandoned_after_a_non_finite_loss_is_no_part_of_the_next_step():
+    """The loop skips backward and step after a NaN loss; the next iteration's step is tracked as if the
+    abandoned forward had not happened (batch size, loss, per-sample statistics)."""
+    torch.manual_seed(0)
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = _probe()
+    x_bad, y_bad = _data(5)
+    x, y = _data(7)
+    grads, losses = _loop(model, x, y, F.cross_entropy)
+    loss_fn = nn.CrossEntropyLoss()
+    with Cockpit(model, opt, loss_fn, instruments=[probe, GradientTests()]) as ck:
+        loss = loss_fn(model(x_bad), y_bad) * float("nan")
+        if torch.isfinite(loss):  # the usual guard: skipped
+            loss.backward()
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    rec = probe.records[0]
+    assert rec.batch_size == 7 and rec.micro_batches == [7]
+    G = _flat(grads)
+    np.testing.assert_allclose(rec.per_sample_sq_norms, (G**2).sum(1), rtol=RTOL)
+    np.testing.assert_allclose(rec.per_sample_loss, losses, rtol=RTOL)
+    assert math.isfinite(ck.history.last("tests/norm"))

@@ -54,6 +54,8 @@ class ModelCall:
     kwargs: Mapping[str, Any]
     batch: int | None
     output: Any = None
+    #: the call's position among the step's model calls (see ``StepRecord.reached``)
+    index: int = 0
 
 
 @dataclass(frozen=True)

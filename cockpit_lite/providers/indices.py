@@ -35,11 +35,13 @@ class IndicesProvider(Provider):
 
     def begin_step(self, record: StepRecord, needs: Needs) -> None:
         self.parts: list[np.ndarray] = []
+        self.calls: list[int] = []
         self.problem: str | None = None
 
     def on_forward(self, record: StepRecord, call: ModelCall) -> None:
         if call.batch is not None:
             self._take(call.batch)
+            self.calls.append(call.index)
 
     def on_loss(self, record: StepRecord, call: LossCall) -> None:
         if not self.parts and self.problem is None:  # a loss module without a model call seen
@@ -64,7 +66,10 @@ class IndicesProvider(Provider):
         if self.problem is not None:
             record.add_note(self.problem, self.PROVIDES)
         elif self.parts:
-            indices = np.concatenate(self.parts)
+            parts = self.parts
+            if record.reached and len(self.calls) == len(parts):  # calls backward never reached are no part
+                parts = [part for part, c in zip(parts, self.calls, strict=True) if c in record.reached] or parts
+            indices = np.concatenate(parts)
             if record.batch_size is None or len(indices) == record.batch_size:
                 record.indices = indices
             else:

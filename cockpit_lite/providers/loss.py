@@ -53,6 +53,7 @@ class LossProvider(Provider):
         self.parts: list[torch.Tensor | None] = []  # l_i^(k) per micro-batch, L_k = mean (or sum) of them
         self.values: list[torch.Tensor | None] = []  # L_k as the loss module or the model returned it
         self.roots: list[tuple[torch.Tensor, float]] = []  # (root value, GradScaler scale) per backward
+        self.calls: list[int] = []  # the model call each micro-batch came from
         record.reduction = self.context.reduction
 
     def on_forward(self, record: StepRecord, call: ModelCall) -> None:
@@ -61,8 +62,28 @@ class LossProvider(Provider):
         self.batches.append(call.batch)
         self.parts.append(None)
         self.values.append(None)
+        self.calls.append(call.index)
         record.micro_batches = list(self.batches)
         record.batch_size = sum(self.batches)
+
+    def _keep_reached(self, record: StepRecord) -> None:
+        """Drop the model calls backward never reached (an iteration the loop abandoned)."""
+        if not record.reached or len(self.calls) != len(self.batches):
+            return
+        keep = [k for k, c in enumerate(self.calls) if c in record.reached]
+        if len(keep) == len(self.calls):
+            return
+        self.batches = [self.batches[k] for k in keep]
+        self.parts = [self.parts[k] for k in keep]
+        self.values = [self.values[k] for k in keep]
+        self.calls = [self.calls[k] for k in keep]
+        record.micro_batches = list(self.batches)
+        record.batch_size = sum(self.batches)
+        record.add_note(
+            "a model call of this step got no backward (an iteration abandoned after a non-finite loss?): "
+            "it is no part of the step",
+            frozenset(),
+        )
 
     def on_output(self, record: StepRecord, call: ModelCall) -> None:
         if not self.batches:
@@ -86,7 +107,9 @@ class LossProvider(Provider):
         record.reduction = call.module.reduction
         if not self.batches:  # a loss module called without a model forward seen: its batch is the step's
             pred = call.args[0] if call.args else next(iter(call.kwargs.values()))
-            self.on_forward(record, ModelCall(call.args, call.kwargs, int(pred.shape[0]) if pred.dim() else 1))
+            self.on_forward(
+                record, ModelCall(call.args, call.kwargs, int(pred.shape[0]) if pred.dim() else 1, index=-1)
+            )
         self.values[-1] = call.output.detach()
         pred = call.args[0] if call.args else next(iter(call.kwargs.values()))
         rows = int(pred.shape[0]) if pred.dim() > 0 else 1
@@ -103,6 +126,7 @@ class LossProvider(Provider):
             self.roots.append((root.tensors[0], root.scale))
 
     def on_before_step(self, record: StepRecord) -> None:
+        self._keep_reached(record)
         roots = [(float(v), s) for v, s in self.roots]
         values = [None if v is None else float(v) for v in self.values]
         if roots:

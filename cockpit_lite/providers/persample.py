@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from cockpit_lite.compat import foreach_norm
-from cockpit_lite.losses import gradient_scale
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.persample.engine import PER_SAMPLE_NEEDS, PerSampleEngine, PerSampleResult
 from cockpit_lite.providers import register_provider
@@ -82,7 +81,7 @@ class PerSampleProvider(Provider):
             return
         if self.backwards:  # gradient accumulation: the next micro-batch of the same step
             self.engine.next_micro_batch(call.batch, self._factor(call.batch), self.mean)
-        elif self.engine.batch is None:
+        else:  # the first call, or a later one before any backward (an abandoned iteration's retry)
             self.engine.set_batch(call.batch, self._factor(call.batch), self.mean)
 
     def _uncovered(self, covered: set[str]) -> dict[str, float]:
@@ -135,11 +134,11 @@ class PerSampleProvider(Provider):
 
     def _check_sums(self, record: StepRecord) -> None:
         """Warn if the per-sample gradients do not add up to p.grad (see PerSampleEngine.check_sums)."""
-        if record.reduction is None or record.batch_size is None:
+        if self.engine.batch is None:
             self.engine.skip_check()
             return
         scale = record.backward_scale if record.backward_scale is not None else 1.0
-        factor = gradient_scale(record.reduction, record.batch_size) * scale
+        factor = (1.0 / self.engine.batch if self.mean else 1.0) * scale  # this micro-batch: p.grad = factor sum g_i
         grads = {n: p.grad.detach() for n, p in self.context.params.items() if p.grad is not None}
         bad = self.engine.check_sums(grads, factor)
         if bad:
