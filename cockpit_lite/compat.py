@@ -137,3 +137,12 @@ def tensor_version(t: torch.Tensor) -> int:
     """The in-place version counter of a tensor (``Tensor._version``), shared with its detached views:
     it changes when any of them is modified in place."""
     return t._version
+
+
+def sdpa_backends() -> list:
+    """The scaled-dot-product-attention backends enabled now, in priority order (what
+    ``torch.nn.attention.sdpa_kernel(backends, set_priority=True)`` restores), from
+    ``torch.nn.attention._cur_sdpa_kernel_backends``."""
+    from torch.nn import attention
+
+    return attention._cur_sdpa_kernel_backends(with_priority=True)

@@ -138,6 +138,20 @@ def test_attention_dropout_in_the_loss_and_per_sample_differs_from_no_dropout(re
     assert not np.allclose(a, b, rtol=1e-2)
 
 
+def _twice(a, x, m):
+    """One module called twice per step: self-attention (one packed projection), then cross-attention
+    (split projection); the per-sample gradients add up over the calls."""
+    h, _ = a(x, x, x, need_weights=False)
+    return a(h, m, m)
+
+
+def test_attention_called_twice_per_step(replay_only):
+    torch.manual_seed(0)
+    model = _Attend(_twice)
+    x, y = torch.randn(B, T, D), torch.randint(0, 3, (B,))
+    assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), rng_seed=SEED)
+
+
 @pytest.mark.parametrize(
     "frozen",
     [
@@ -294,6 +308,33 @@ def test_the_trajectory_is_bit_identical_with_and_without_the_cockpit():
     assert len(sq) == 3 and all(s is not None for s in sq)
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+def test_an_sdpa_backend_chosen_around_the_forward_only_is_the_replays_too(replay_only):
+    """``sdpa_kernel`` around the forward, not the backward: the replay runs under the backends of the
+    call (on CPU the math kernel and the flash kernel differ in the last bits, on CUDA in the random
+    numbers they draw), else it could not reproduce the call."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    call, kw = ATTENTION["cross (T, B, d), key is value, need_weights=False"]
+    torch.manual_seed(0)
+    model = _Attend(call, dropout=0.0, **kw)
+    x, y = torch.randn(B, T, D), torch.randint(0, 3, (B,))
+    loss_fn = nn.CrossEntropyLoss()
+    names = [n for n, _ in model.named_parameters()]
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = shares_loop(model, x, y, loss_fn, names)
+    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS})
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Cockpit(model, opt, loss_fn, instruments=[probe]):
+        with sdpa_kernel(SDPBackend.MATH):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+    got = probe.records[0].per_sample_sq_norms_by_param
+    for n in names:
+        want = (ref[n].reshape(B, -1) ** 2).sum(1)
+        np.testing.assert_allclose(got[n], want, rtol=1e-5, atol=1e-6 * want.max(), err_msg=n)
 
 
 # --- when the mask cannot be redrawn, no numbers rather than wrong ones ----------------------------------

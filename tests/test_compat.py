@@ -132,6 +132,18 @@ def test_tensor_version_follows_in_place_changes_of_detached_aliases():
     assert compat.tensor_version(alias) == v + 1
 
 
+def test_sdpa_backends_in_priority_order():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    before = compat.sdpa_backends()
+    assert SDPBackend.MATH in before
+    with sdpa_kernel([SDPBackend.MATH, SDPBackend.FLASH_ATTENTION], set_priority=True):
+        assert compat.sdpa_backends() == [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]
+        with sdpa_kernel(before, set_priority=True):
+            assert compat.sdpa_backends() == before
+    assert compat.sdpa_backends() == before
+
+
 def test_no_private_torch_call_outside_compat():
     """Private torch names (torch._x, module._x of torch objects) appear only in compat.py."""
     private = ("torch._", "._execution_engine", "._conv_forward", "._reversed_padding", "._orig_mod", "._iterator",

@@ -14,11 +14,12 @@ import inspect
 import math
 import warnings
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from cockpit_lite.compat import (
@@ -27,6 +28,7 @@ from cockpit_lite.compat import (
     conv_forward,
     conv_weight_grad,
     pad_like_conv,
+    sdpa_backends,
     tensor_version,
     tree_flatten,
     tree_map,
@@ -594,7 +596,7 @@ class _NotReplayable(Exception):
     """The attention call cannot be replayed with its projections made explicit."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Snapshot:
     """What held just before an attention call: the random state its dropout draws from (kept only
     when it draws) and the autocast setting of the input's device."""
@@ -607,9 +609,13 @@ class _Snapshot:
     cuda_rng: tuple[int, torch.Tensor] | None = None
     #: the random state of this device type cannot be saved (an accelerator other than CUDA)
     unsupported: bool = False
+    #: the scaled-dot-product-attention backends enabled, in priority order: the backend, and with it
+    #: how many random numbers the dropout draws, must be the one of the call (``sdpa_kernel`` around
+    #: the forward only, say)
+    sdpa: list = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False)
 class _AttentionCall:
     args: tuple
     kwargs: dict
@@ -622,7 +628,7 @@ class _AttentionCall:
     random: bool
 
 
-@dataclass
+@dataclass(eq=False)
 class _Part:
     """One ``F.linear`` of a replay: the rows of a parameter it used (local name, first row, rows) for
     its weight and bias, its input a (B, T, i) and the output gradient e (B, T, o) of the losses."""
@@ -644,7 +650,7 @@ def _snapshot(x: torch.Tensor | None, random: bool) -> _Snapshot:
         dtype = torch.get_autocast_dtype(device.type) if on else None
     except (TypeError, RuntimeError):  # a device type autocast does not know
         on, dtype = False, None
-    snap = _Snapshot(device.type, on, dtype)
+    snap = _Snapshot(device.type, on, dtype, sdpa=sdpa_backends())
     if random:
         snap.cpu_rng = torch.get_rng_state()
         if device.type == "cuda":
@@ -823,7 +829,8 @@ class AttentionHandler(FuncHandler):
             if snap is not None and snap.autocast
             else contextlib.nullcontext()
         )
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), autocast:
+        backends = sdpa_kernel(snap.sdpa, set_priority=True) if snap is not None else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), autocast, backends:
             if call.random:
                 torch.set_rng_state(snap.cpu_rng)
                 if snap.cuda_rng is not None:
