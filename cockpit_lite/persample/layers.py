@@ -941,9 +941,10 @@ class AttentionHandler(FuncHandler):
             if p.bias is None or p.bias[0] not in self.names or p.bias[0] in factored:
                 continue
             name, row0, rows = p.bias
+            dt = torch.promote_types(p.a.dtype, p.e.dtype)  # float32 sums of autocast's half gradients
             if name not in loose:
-                loose[name] = p.e.new_zeros(batch, params[name].numel())
-            loose[name][:, row0 : row0 + rows] += p.e.sum(1)
+                loose[name] = p.e.new_zeros(batch, params[name].numel(), dtype=dt)
+            loose[name][:, row0 : row0 + rows] += p.e.to(loose[name].dtype).sum(1)
         missing = sorted(set(self.names) - factored - set(loose))
         if missing:
             raise _NotReplayable(f"the replay did not see the parameters {missing} used")
