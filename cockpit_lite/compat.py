@@ -168,3 +168,40 @@ def grad_scaler_factor(root: torch.Tensor) -> float | None:
     divides s out of ``p.grad`` before the optimizer sees it."""
     scale = _scaled_outputs.get(root) if torch.is_tensor(root) else None
     return None if scale is None else float(scale)
+
+_UNGUARDED: dict[Callable, Callable] = {}
+
+
+def unguarded(fn: Callable) -> Callable:
+    """A copy of a ``torch.nn.functional`` function without its ``__torch_function__`` gate.
+
+    Python-level functionals such as ``F.multi_head_attention_forward`` start with
+    ``if has_torch_function(...): return handle_torch_function(...)``, so a ``TorchFunctionMode`` sees
+    them as one call and none of the ops inside. The copy runs the same code with that gate answering
+    False (its globals are a copy of the module's, with ``has_torch_function`` replaced), so a mode
+    pushed around the call sees every overridable op inside it (``F.linear``, ``Tensor.repeat``)."""
+    copy = _UNGUARDED.get(fn)
+    if copy is None:
+        import types
+
+        env = dict(fn.__globals__)
+        env["has_torch_function"] = lambda *args: False
+        copy = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__)
+        copy.__kwdefaults__ = fn.__kwdefaults__
+        _UNGUARDED[fn] = copy
+    return copy
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """The in-place version counter of a tensor (``Tensor._version``), shared with its detached views:
+    it changes when any of them is modified in place."""
+    return t._version
+
+
+def sdpa_backends() -> list:
+    """The scaled-dot-product-attention backends enabled now, in priority order (what
+    ``torch.nn.attention.sdpa_kernel(backends, set_priority=True)`` restores), from
+    ``torch.nn.attention._cur_sdpa_kernel_backends``."""
+    from torch.nn import attention
+
+    return attention._cur_sdpa_kernel_backends(with_priority=True)

@@ -11,6 +11,12 @@ to p.grad; the per-sample gradient is
 
 Each example is also run alone first: its output must equal its row of the batch output, else the
 model couples its examples in the forward (train-mode BatchNorm) and the harness refuses it.
+
+A random model (dropout in train mode) is served with ``rng_seed``: the cockpit's step and the float64
+batch forward of the reference both start from ``torch.manual_seed(rng_seed)`` and so draw the same
+masks (CPU masks do not depend on the dtype; that they were the same is checked, since the shares of a
+forward with other masks do not add up to the step's ``p.grad``), and the examples-alone check runs in
+eval mode, where nothing is random (examples must still not interact).
 This needs no per-sample loss formula (weighted means, ignored targets and multi-element losses are
 served by the loss module itself) and shares no code with the engine. The cockpit's numbers come only
 through the public Instrument API (an instrument asking for ``Need.PER_SAMPLE_SQ_NORMS``,
@@ -101,6 +107,7 @@ def shares_loop(
     loss_fn: nn.Module,
     names: Sequence[str],
     batch_axis: int = 0,
+    rng_seed: int | None = None,
 ) -> dict[str, np.ndarray]:
     """{name: (B, *shape)} float64 per-sample gradients g_i (module docstring), one autograd call each.
 
@@ -108,6 +115,11 @@ def shares_loop(
     couple its examples in the forward), else AssertionError. Then, on the graph of the batch, example
     i's share of dL/dp is the backward of dL/d(output) restricted to row i. A backward that couples the
     examples (``scale_grad_by_freq`` divides by counts over the whole batch) is part of the share.
+
+    With ``rng_seed`` (a model with dropout in train mode) the examples-alone check runs on an eval-mode
+    copy (grad enabled, so that no inference fast path is taken) and the batch forward starts from
+    ``torch.manual_seed(rng_seed)`` (inside ``fork_rng``: the caller's stream is untouched), so its
+    masks are those of a float32 step started from the same seed.
     """
     m = copy.deepcopy(model).double()
     lf = copy.deepcopy(loss_fn).double()
@@ -115,19 +127,29 @@ def shares_loop(
     wanted = [params[n] for n in names]
     args = tuple(_double(a) for a in _as_tuple(inputs))
     y = _double(targets)
-    with torch.no_grad():
-        alone = [m(*(_take(a, i, batch_axis) for a in args)) for i in range(_batch_of(args, batch_axis))]
-    full = m(*args)
+    n_alone = _batch_of(args, batch_axis)
+    if rng_seed is None:
+        with torch.no_grad():
+            alone = [m(*(_take(a, i, batch_axis) for a in args)) for i in range(n_alone)]
+        full = m(*args)
+        together = full.detach()
+    else:
+        still = copy.deepcopy(m).eval()
+        alone = [still(*(_take(a, i, batch_axis) for a in args)).detach() for i in range(n_alone)]
+        together = still(*args).detach()
+        with torch.random.fork_rng():
+            torch.manual_seed(rng_seed)
+            full = m(*args)
     batch = full.shape[0]
     if len(alone) != batch:
         raise ValueError(f"the model's output has {batch} rows but its inputs' axis {batch_axis} has {len(alone)}")
     rows_alone = torch.cat(alone)
-    gap = float((rows_alone - full.detach()).abs().max())
-    if not gap <= 1e-9 * float(full.detach().abs().max()):
+    gap = float((rows_alone - together).abs().max())
+    if not gap <= 1e-9 * float(together.abs().max()):
         raise AssertionError(
             f"an example run alone gives an output {gap:.3g} away from its row of the batch output: the model "
-            "couples its examples in the forward (train-mode BatchNorm), is random (dropout), or batch_axis is "
-            "wrong; the harness does not apply"
+            "couples its examples in the forward (train-mode BatchNorm), is random (dropout; pass rng_seed), "
+            "or batch_axis is wrong; the harness does not apply"
         )
     (d_out,) = torch.autograd.grad(lf(full, y), full, retain_graph=True)
     factor = batch if lf.reduction == "mean" else 1
@@ -182,13 +204,15 @@ def _mismatch(quantity: str, got: Any, want: np.ndarray, rtol: float, noise: np.
     )
 
 
-def _run(model, args, targets, loss_fn, params: list[nn.Parameter], directions):
+def _run(model, args, targets, loss_fn, params: list[nn.Parameter], directions, rng_seed: int | None = None):
     recorder = _Recorder(directions)
     opt = torch.optim.SGD(params, lr=0.0)  # theta unchanged: a step can be repeated
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, torch.random.fork_rng():
         warnings.simplefilter("always")
         with Cockpit(model, opt, loss_fn, instruments=[recorder]):
             opt.zero_grad()
+            if rng_seed is not None:
+                torch.manual_seed(rng_seed)
             loss_fn(model(*args), targets).backward()
             opt.step()
     opt.zero_grad()
@@ -214,6 +238,7 @@ def assert_matches_loop(
     n_directions: int = 3,
     seed: int = 0,
     rtol: float = RTOL,
+    rng_seed: int | None = None,
 ) -> Checked:
     """Check the cockpit's per-sample split of one step against the float64 loop (module docstring).
 
@@ -225,6 +250,8 @@ def assert_matches_loop(
         batch_axis: the batch axis of the tensors in ``inputs`` (the output's batch axis is 0).
         n_directions / seed: the random directions projected onto.
         rtol: allowed error relative to the largest |value| of each quantity over the samples.
+        rng_seed: for a random model (dropout in train mode): the seed both the cockpit's step and the
+            reference's batch forward start from (module docstring); None: the model must not be random.
 
     Raises:
         AssertionError naming each parameter and quantity that failed.
@@ -234,9 +261,9 @@ def assert_matches_loop(
     ids = {id(p) for p in held}
     named = {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) in ids}
     names = list(named)
-    ref = shares_loop(model, args, targets, loss_fn, names, batch_axis)
+    ref = shares_loop(model, args, targets, loss_fn, names, batch_axis, rng_seed)
     directions = random_directions({n: p.shape for n, p in named.items()}, n_directions, seed)
-    recorder, seen = _run(model, args, targets, loss_fn, list(named.values()), directions)
+    recorder, seen = _run(model, args, targets, loss_fn, list(named.values()), directions, rng_seed)
     rec = recorder.record
     if rec is None or rec.per_sample_sq_norms_by_param is None:
         notes = rec.notes if rec is not None else []
@@ -274,7 +301,9 @@ def assert_matches_loop(
     noise = delta * (np.linalg.norm(gbar) + delta.mean())  # noise of g_i times gbar, g_i times noise of gbar
     dot_failure = _mismatch("g_i . gbar (all parameters)", rec.per_sample_dot_mean, G @ gbar, rtol, noise)
     if dot_failure is not None:
-        failures.append(dot_failure + _localise_dot_mean(model, args, targets, loss_fn, named, flat, rtol, delta))
+        failures.append(
+            dot_failure + _localise_dot_mean(model, args, targets, loss_fn, named, flat, rtol, delta, rng_seed)
+        )
     for key, d in directions.items():
         v = {n: t.double().numpy().reshape(-1) for n, t in d.items()}
         want = sum(flat[n] @ v[n] for n in v)
@@ -290,13 +319,13 @@ def assert_matches_loop(
     return Checked(rec, ref, directions, seen)
 
 
-def _localise_dot_mean(model, args, targets, loss_fn, named, flat, rtol, delta) -> str:
+def _localise_dot_mean(model, args, targets, loss_fn, named, flat, rtol, delta, rng_seed=None) -> str:
     """Run the step again per module (an optimizer with that module's parameters alone) and name the
     parameters whose g_i . gbar fails."""
     bad = []
     for group in _owner_groups(model, list(named)):
         try:
-            recorder, _ = _run(model, args, targets, loss_fn, [named[n] for n in group], {})
+            recorder, _ = _run(model, args, targets, loss_fn, [named[n] for n in group], {}, rng_seed)
             got = recorder.record.per_sample_dot_mean if recorder.record is not None else None
         except Exception as e:  # the diagnosis must not hide the failure it explains
             bad.append(f"{'+'.join(group)} (rerun failed: {e})")

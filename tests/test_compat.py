@@ -95,6 +95,55 @@ def test_dataloader_iterator_and_index_sampler():
     assert it._index_sampler == [[5, 4]]
 
 
+def test_unguarded_attention_forward_shows_its_inner_ops_to_a_mode():
+    """A TorchFunctionMode sees F.multi_head_attention_forward as one call; the unguarded copy, run
+    with the mode pushed again, shows its F.linear calls, and computes the same numbers."""
+    from torch.overrides import TorchFunctionMode
+
+    class Seen(TorchFunctionMode):
+        def __init__(self, unguard):
+            super().__init__()
+            self.unguard, self.funcs = unguard, []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.funcs.append(func)
+            if self.unguard and func is F.multi_head_attention_forward:
+                with self:
+                    return compat.unguarded(func)(*args, **(kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    m = nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(3, 5, 8)
+    want = m(x, x, x)[0]
+    for unguard in (False, True):
+        mode = Seen(unguard)
+        with mode:
+            got = m.forward(x, x, x)[0]
+        assert torch.equal(got, want)
+        assert (mode.funcs.count(F.linear) == 2) is unguard  # the packed in-projection and the out-projection
+    assert compat.unguarded(F.multi_head_attention_forward) is compat.unguarded(F.multi_head_attention_forward)
+
+
+def test_tensor_version_follows_in_place_changes_of_detached_aliases():
+    t = torch.randn(3, requires_grad=True) * 2
+    alias = t.detach()
+    v = compat.tensor_version(alias)
+    t.mul_(2)
+    assert compat.tensor_version(alias) == v + 1
+
+
+def test_sdpa_backends_in_priority_order():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    before = compat.sdpa_backends()
+    assert SDPBackend.MATH in before
+    with sdpa_kernel([SDPBackend.MATH, SDPBackend.FLASH_ATTENTION], set_priority=True):
+        assert compat.sdpa_backends() == [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]
+        with sdpa_kernel(before, set_priority=True):
+            assert compat.sdpa_backends() == before
+    assert compat.sdpa_backends() == before
+
+
 def test_no_private_torch_call_outside_compat():
     """Private torch names (torch._x, module._x of torch objects) appear only in compat.py."""
     private = ("torch._", "._execution_engine", "._conv_forward", "._reversed_padding", "._orig_mod", "._iterator",

@@ -155,6 +155,12 @@ class PerSampleEngine:
 
     def _attach(self) -> None:
         self._hooks = [m.register_forward_hook(SharedHook(self._forward_hook), with_kwargs=True) for m in self.handlers]
+        # handlers that keep what holds just before the call (the random state attention dropout draws from)
+        self._hooks += [
+            m.register_forward_pre_hook(SharedHook(self._pre_forward_hook), with_kwargs=True)
+            for m, h in self.handlers.items()
+            if type(h).pre_forward is not Handler.pre_forward
+        ]
 
     # --- lifecycle ------------------------------------------------------------------------------------
     def close_hooks(self) -> None:
@@ -271,6 +277,15 @@ class PerSampleEngine:
             self.inv_scale *= factor
 
     # --- hooks ----------------------------------------------------------------------------------------
+    def _pre_forward_hook(self, module, args, kwargs):
+        if not self.active or self._processing or module not in self.handlers or (is_paused() and not self._probing):
+            return None
+        try:
+            self.handlers[module].pre_forward(args, kwargs)
+        except Exception as e:  # never break the user's forward
+            self.fail(f"per-sample engine disabled for this step ({type(module).__name__}: {e})")
+        return None
+
     def _forward_hook(self, module, args, kwargs, output):
         # not during our own recomputation (torch.func), nor for a deepcopy that carries our hooks
         if not self.active or self._processing or module not in self.handlers or (is_paused() and not self._probing):

@@ -8,13 +8,19 @@ goes through ``torch.func`` on that module alone.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+import math
 import warnings
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from cockpit_lite.compat import (
     BatchNormBase,
@@ -22,11 +28,14 @@ from cockpit_lite.compat import (
     conv_forward,
     conv_weight_grad,
     pad_like_conv,
+    sdpa_backends,
+    tensor_version,
     tree_flatten,
     tree_map,
+    unguarded,
 )
 from cockpit_lite.errors import CockpitWarning
-from cockpit_lite.persample.views import ConvView, EmbeddingView, FactorView, MaterialisedView, View
+from cockpit_lite.persample.views import ConvView, EmbeddingView, FactorView, MaterialisedView, View, ViewGroup
 
 
 class PerSampleUndefined(Exception):
@@ -102,6 +111,11 @@ class Handler:
     def check(self) -> None:
         """Raise :class:`PerSampleUndefined` if per-sample gradients are undefined right now."""
 
+    def pre_forward(self, args: tuple, kwargs: dict) -> None:
+        """Called just before each forward call of the module on a step with per-sample work, when a
+        subclass overrides it (the engine then adds a forward pre-hook): keep what :meth:`capture` will
+        need from before the call, e.g. the random state a fused dropout draws from."""
+
     def capture(self, args: tuple, kwargs: dict, output) -> object:
         """What to keep of one forward call until its output gradient arrives (default: the detached
         first positional input). Must not keep the graph: detach."""
@@ -133,8 +147,10 @@ class LinearHandler(Handler):
             if g is None:
                 continue
             a, axis = _feature_first_samples(x, batch, 1)
-            a_parts.append(a)
-            e_parts.append(_scaled(_same_layout(g, batch, axis, 1), inv_scale))
+            # under autocast the input is float32 and the output gradient bfloat16/float16: one dtype
+            dt = torch.promote_types(a.dtype, g.dtype)
+            a_parts.append(a.to(dt))
+            e_parts.append(_scaled(_same_layout(g, batch, axis, 1), inv_scale).to(dt))
         # (B, 1, T, i) and (B, 1, T, o); no copy for the usual single call
         a = _cat(a_parts, 1).unsqueeze(1)
         e = _cat(e_parts, 1).unsqueeze(1)
@@ -582,6 +598,391 @@ def _cuda_devices(params: dict[str, torch.Tensor]) -> list[int]:
     return sorted({p.device.index or 0 for p in params.values() if p.is_cuda})
 
 
+# --- nn.MultiheadAttention: its projections in factor form, exact with attention dropout -------------
+class _NotReplayable(Exception):
+    """The attention call cannot be replayed with its projections made explicit."""
+
+
+@dataclass(eq=False)
+class _Snapshot:
+    """What held just before an attention call: the random state its dropout draws from (kept only
+    when it draws) and the autocast setting of the input's device."""
+
+    device_type: str
+    autocast: bool
+    autocast_dtype: torch.dtype | None
+    cpu_rng: torch.Tensor | None = None
+    #: (device index, state) of the CUDA generator when the call runs on CUDA
+    cuda_rng: tuple[int, torch.Tensor] | None = None
+    #: the random state of this device type cannot be saved (an accelerator other than CUDA)
+    unsupported: bool = False
+    #: the scaled-dot-product-attention backends enabled, in priority order: the backend, and with it
+    #: how many random numbers the dropout draws, must be the one of the call (``sdpa_kernel`` around
+    #: the forward only, say)
+    sdpa: list = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _AttentionCall:
+    args: tuple
+    kwargs: dict
+    #: ids of the detached inputs whose originals required grad
+    requires_grad: frozenset[int]
+    #: the call's tensor outputs that required grad (detached; the engine's output gradients follow them)
+    outputs: list[torch.Tensor]
+    versions: list[int]
+    snapshot: _Snapshot | None
+    random: bool
+
+
+@dataclass(eq=False)
+class _Part:
+    """One ``F.linear`` of a replay: the rows of a parameter it used (local name, first row, rows) for
+    its weight and bias, its input a (B, T, i) and the output gradient e (B, T, o) of the losses."""
+
+    weight: tuple[str, int, int] | None
+    bias: tuple[str, int, int] | None
+    a: torch.Tensor
+    e: torch.Tensor
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    return next((t for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)), None)
+
+
+def _snapshot(x: torch.Tensor | None, random: bool) -> _Snapshot:
+    device = x.device if x is not None else torch.device("cpu")
+    try:
+        on = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if on else None
+    except (TypeError, RuntimeError):  # a device type autocast does not know
+        on, dtype = False, None
+    snap = _Snapshot(device.type, on, dtype, sdpa=sdpa_backends())
+    if random:
+        snap.cpu_rng = torch.get_rng_state()
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            snap.cuda_rng = (index, torch.cuda.get_rng_state(index))
+        elif device.type != "cpu":
+            snap.unsupported = True
+    return snap
+
+
+def _locate(t: torch.Tensor | None, params: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """(local name, first row, rows) of the parameter whose rows ``t`` is (the packed in-projection
+    is split into views of ``in_proj_weight``), or None."""
+    if t is None:
+        return None
+    for name, p in params.items():
+        if p.device != t.device or p.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+            continue
+        if t.dim() != p.dim() or t.shape[1:] != p.shape[1:] or t.stride() != p.stride():
+            continue
+        offset = t.storage_offset() - p.storage_offset()
+        step = p.stride(0) if p.dim() > 0 else 1
+        if offset % step == 0 and 0 <= offset // step and offset // step + t.shape[0] <= p.shape[0]:
+            return name, offset // step, t.shape[0]
+    return None
+
+
+class _ProjectionRecorder(TorchFunctionMode):
+    """Active only during a replay: runs ``F.multi_head_attention_forward`` with its inner ops visible
+    (:func:`~cockpit_lite.compat.unguarded`) and records every ``F.linear`` (input, weight, bias,
+    output) and every ``Tensor.repeat`` of one of the module's parameters (``bias_k``, ``bias_v``)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.params = {id(p): n for n, p in module.named_parameters()}
+        self.linears: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+        self.repeats: list[tuple[str, torch.Tensor]] = []
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            self.calls += 1
+            with self:
+                return unguarded(func)(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func is F.linear:
+            x = args[0] if args else kwargs["input"]
+            w = args[1] if len(args) > 1 else kwargs["weight"]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            self.linears.append((x, w, b, out))
+        elif func is torch.Tensor.repeat and args and id(args[0]) in self.params:
+            self.repeats.append((self.params[id(args[0])], out))
+        return out
+
+
+def _per_sample(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(T, N, d) or (T N, d) (positions first, as inside ``F.multi_head_attention_forward``) -> (N, T, d)."""
+    if (t.dim() == 3 and t.shape[1] != n) or t.dim() not in (2, 3) or t.shape[:-1].numel() % n:
+        raise _NotReplayable(f"a projection of shape {tuple(t.shape)} has no batch axis of size {n}")
+    return t.reshape(-1, n, t.shape[-1]).transpose(0, 1)
+
+
+def _pad_positions(x: torch.Tensor, t: int) -> torch.Tensor:
+    return x if x.shape[1] == t else F.pad(x, (0, 0, 0, t - x.shape[1]))
+
+
+class AttentionHandler(FuncHandler):
+    """``nn.MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer``/``DecoderLayer``), in any
+    mode, attention dropout in train mode included.
+
+    The module's forward is fused: its projections are ``F.linear`` calls on slices of its parameters
+    that no module hook sees, and its attention-dropout mask is drawn inside. At backward the call is
+    replayed once on the whole batch: the random state saved by a forward pre-hook (only when the
+    dropout draws: train mode, ``dropout > 0``; CPU, and CUDA for a module on CUDA) is restored inside
+    ``torch.random.fork_rng``, so the same mask is drawn and the user's stream is untouched, and a
+    ``TorchFunctionMode`` active only during the replay records every projection ``z = W a + b``
+    (packed or separate q/k/v, the out-projection). One ``autograd.grad`` of <replay output, captured
+    output gradient> with respect to the projections' outputs gives each projection's output gradient
+    e; (a, e) are Linear factor pairs, so
+
+        g_i(W) = sum_t e_it a_it^T,   g_i(b) = sum_t e_it
+
+    (the rows of ``in_proj_weight`` used by the q, k and v projections are the groups of one
+    :class:`FactorView` when they see different inputs), and ``bias_k``/``bias_v`` get sample i's
+    column of the gradient of their ``repeat`` over the batch. The replay must reproduce the captured
+    output bit for bit (the same mask was drawn); a call that cannot be replayed is served by
+    :class:`FuncHandler` when nothing in it is random, and gives no numbers for the step otherwise.
+    """
+
+    def __init__(self, module: nn.Module, names: dict[str, str]):
+        super().__init__(module, names)
+        self._pending: _Snapshot | None = None
+
+    def _random(self) -> bool:
+        m = self.module
+        return bool(m.training and m.dropout > 0)
+
+    def check(self) -> None:
+        return None
+
+    def pre_forward(self, args, kwargs):
+        self._pending = _snapshot(_first_tensor(args, kwargs), self._random())
+
+    def capture(self, args, kwargs, output):
+        snapshot, self._pending = self._pending, None
+        detached: dict[int, torch.Tensor] = {}
+        grad_ids: set[int] = set()
+
+        def detach(t):  # once per tensor: self-attention passes one tensor as query, key and value
+            if not torch.is_tensor(t):
+                return t
+            d = detached.get(id(t))
+            if d is None:
+                d = detached[id(t)] = t.detach()
+                if t.requires_grad:
+                    grad_ids.add(id(d))
+            return d
+
+        outs = [t.detach() for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
+        return _AttentionCall(
+            tree_map(detach, args),
+            tree_map(detach, kwargs),
+            frozenset(grad_ids),
+            outs,
+            [tensor_version(t) for t in outs],
+            snapshot,
+            self._random(),
+        )
+
+    def view(self, captures, grads, batch, inv_scale):
+        try:
+            return self._replayed_view(captures, grads, batch, inv_scale)
+        except _NotReplayable as e:
+            if any(c.random for c in captures):
+                raise ValueError(
+                    f"{e}; the attention dropout mask of this step cannot be redrawn, so per-sample statistics "
+                    "are skipped for it"
+                ) from None
+        return super().view([(c.args, c.kwargs) for c in captures], grads, batch, inv_scale)
+
+    # --- the replay -----------------------------------------------------------------------------------
+    def _batch_size(self, call: _AttentionCall) -> int:
+        query = call.args[0] if call.args else call.kwargs["query"]
+        if query.dim() == 2:
+            return 1
+        return query.shape[0] if self.module.batch_first else query.shape[1]
+
+    def _replay(self, call: _AttentionCall, live: list[tuple[int, torch.Tensor]], inv_scale: float):
+        """Replay one call; its projections' factor pairs and the per-sample gradients of repeated
+        parameters ({local name: (B, *shape)})."""
+        m = self.module
+        snap = call.snapshot
+        if call.random and (snap is None or snap.cpu_rng is None):
+            raise _NotReplayable("no random state was saved before the call (was the cockpit attached mid-forward?)")
+        if call.random and snap.unsupported:
+            raise _NotReplayable(f"the random state of a {snap.device_type} device cannot be saved and restored")
+        if any(tensor_version(o) != v for o, v in zip(call.outputs, call.versions, strict=True)):
+            raise _NotReplayable("its output was modified in place after the call, so a replay cannot be checked")
+        n = self._batch_size(call)
+        fresh: dict[int, torch.Tensor] = {}
+
+        def prepare(t):  # the call's own tensors, requiring grad as they did
+            if not torch.is_tensor(t):
+                return t
+            r = fresh.get(id(t))
+            if r is None:
+                r = fresh[id(t)] = t.detach().requires_grad_() if id(t) in call.requires_grad else t
+            return r
+
+        args, kwargs = tree_map(prepare, call.args), tree_map(prepare, call.kwargs)
+        rec = _ProjectionRecorder(m)
+        devices = [snap.cuda_rng[0]] if snap is not None and snap.cuda_rng is not None else []
+        autocast = (
+            torch.autocast(snap.device_type, dtype=snap.autocast_dtype)
+            if snap is not None and snap.autocast
+            else contextlib.nullcontext()
+        )
+        backends = sdpa_kernel(snap.sdpa, set_priority=True) if snap is not None else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), autocast, backends:
+            if call.random:
+                torch.set_rng_state(snap.cpu_rng)
+                if snap.cuda_rng is not None:
+                    torch.cuda.set_rng_state(snap.cuda_rng[1], snap.cuda_rng[0])
+            with rec:
+                out = m.forward(*args, **kwargs)
+            flat = [t for t in tree_flatten(out)[0] if torch.is_tensor(t)]
+            outs = [t for t in flat if t.requires_grad]
+            if rec.calls != 1 or not rec.linears or len(outs) != len(call.outputs):
+                raise _NotReplayable(f"{type(m).__name__}.forward did not run F.multi_head_attention_forward once")
+            for r, o in zip(outs, call.outputs, strict=True):
+                if not self._same_output(r.detach(), o):
+                    raise _NotReplayable(
+                        "its replay gave another output than the call"
+                        + (
+                            " (something drew random numbers between the call's forward pre-hooks and its dropout, "
+                            "or a forward hook changed its output)"
+                            if call.random
+                            else " (a forward hook changed its output, or a kernel is not deterministic)"
+                        )
+                    )
+            self._check_layout(rec, flat[0], n)
+            params = dict(m.named_parameters())
+            located = [(_locate(w, params), _locate(b, params), x, z) for x, w, b, z in rec.linears]
+            wanted = [
+                (wl, bl, x, z)
+                for wl, bl, x, z in located
+                if (wl is not None and wl[0] in self.names) or (bl is not None and bl[0] in self.names)
+            ]
+            repeats = [(name, r) for name, r in rec.repeats if name in self.names]
+            targets = [z for *_, z in wanted] + [r for _, r in repeats]
+            if not targets:
+                return [], {}
+            if not all(t.requires_grad for t in targets):
+                raise _NotReplayable("a projection of a trainable parameter does not require grad in the replay")
+            gouts = torch.autograd.grad(
+                [outs[k] for k, _ in live],
+                targets,
+                grad_outputs=[g.to(outs[k].dtype) for k, g in live],
+                allow_unused=True,
+            )
+        parts = []
+        for (wl, bl, x, z), gz in zip(wanted, gouts, strict=False):
+            gz = torch.zeros_like(z) if gz is None else gz
+            parts.append(_Part(wl, bl, _per_sample(x.detach(), n), _scaled(_per_sample(gz, n), inv_scale)))
+        extra: dict[str, torch.Tensor] = {}
+        for (name, r), gr in zip(repeats, gouts[len(wanted) :], strict=True):
+            shape = params[name].shape
+            if r.dim() != 3 or r.shape[0] != 1 or r.shape[1] != n or r.shape[2:].numel() != shape.numel():
+                raise _NotReplayable(f"{name} is repeated over the batch as {tuple(r.shape)}")
+            gr = torch.zeros_like(r) if gr is None else gr
+            g = _scaled(gr.detach().transpose(0, 1).reshape(n, *shape), inv_scale)
+            extra[name] = extra[name] + g if name in extra else g
+        return parts, extra
+
+    @staticmethod
+    def _same_output(replayed: torch.Tensor, captured: torch.Tensor) -> bool:
+        """Bit for bit: the same kernels on the same inputs with the same mask give the same numbers."""
+        return replayed.shape == captured.shape and replayed.dtype == captured.dtype and torch.equal(replayed, captured)
+
+    def _check_layout(self, rec: _ProjectionRecorder, output: torch.Tensor, n: int) -> None:
+        """The out-projection's rows are (position, sample) pairs as :func:`_per_sample` reads them: its
+        output, so read, must be the call's output."""
+        m = self.module
+        out = output.detach()
+        if out.dim() == 2:
+            out = out.unsqueeze(1)
+        elif m.batch_first:
+            out = out.transpose(0, 1)
+        z = rec.linears[-1][3].detach()
+        if z.shape[-1] != out.shape[-1] or not torch.equal(_per_sample(z, n), out.transpose(0, 1)):
+            raise _NotReplayable("its last projection is not the output projection laid out as expected")
+
+    def _replayed_view(self, captures, grads, batch, inv_scale) -> View:
+        parts: list[_Part] = []
+        extra: dict[str, torch.Tensor] = {}
+        for call, gouts in zip(captures, grads, strict=True):
+            live = [(k, g) for k, g in enumerate(gouts) if g is not None]
+            if not live:
+                continue
+            if self._batch_size(call) != batch:
+                raise _NotReplayable(f"its batch axis has size {self._batch_size(call)}, the loss's batch is {batch}")
+            p, x = self._replay(call, live, inv_scale)
+            parts += p
+            for name, g in x.items():
+                extra[name] = extra[name] + g if name in extra else g
+        return self._assemble(parts, extra, batch)
+
+    def _assemble(self, parts: list[_Part], extra: dict[str, torch.Tensor], batch: int) -> View:
+        """One FactorView per trainable projection weight (with its bias when the bias follows the
+        weight's rows call by call), the other biases and repeated parameters materialised."""
+        params = dict(self.module.named_parameters())
+        views: list[View] = []
+        factored: set[str] = set()
+        weights = list(dict.fromkeys(p.weight[0] for p in parts if p.weight is not None and p.weight[0] in self.names))
+        for w in weights:
+            mine = [p for p in parts if p.weight is not None and p.weight[0] == w]
+            bias = mine[0].bias[0] if mine[0].bias is not None else None
+            follows = (
+                bias in self.names
+                and all(p.bias is not None and p.bias == (bias, *p.weight[1:]) for p in mine)
+                and not any(p.bias is not None and p.bias[0] == bias for p in parts if p not in mine)
+            )
+            views.append(self._factor_view(w, bias if follows else None, mine, params[w]))
+            factored.update([w, bias] if follows else [w])
+        loose: dict[str, torch.Tensor] = dict(extra)  # bias_k, bias_v; biases not following their weight
+        for p in parts:
+            if p.bias is None or p.bias[0] not in self.names or p.bias[0] in factored:
+                continue
+            name, row0, rows = p.bias
+            dt = torch.promote_types(p.a.dtype, p.e.dtype)  # float32 sums of autocast's half gradients
+            if name not in loose:
+                loose[name] = p.e.new_zeros(batch, params[name].numel(), dtype=dt)
+            loose[name][:, row0 : row0 + rows] += p.e.to(loose[name].dtype).sum(1)
+        missing = sorted(set(self.names) - factored - set(loose))
+        if missing:
+            raise _NotReplayable(f"the replay did not see the parameters {missing} used")
+        if loose:
+            grads = {self.names[n]: g.reshape(batch, *params[n].shape) for n, g in loose.items()}
+            views.append(MaterialisedView(grads))
+        return views[0] if len(views) == 1 else ViewGroup(views)
+
+    def _factor_view(self, weight: str, bias: str | None, mine: list[_Part], p: torch.Tensor) -> FactorView:
+        rows = p.shape[0]
+        dt = functools.reduce(torch.promote_types, [t.dtype for q in mine for t in (q.a, q.e)])
+        if all(q.weight[1] == 0 and q.weight[2] == rows for q in mine):
+            a = _cat([q.a for q in mine], 1).unsqueeze(1)
+            e = _cat([q.e for q in mine], 1).unsqueeze(1)
+        else:  # slices of the rows (q, k, v of a packed in-projection with different inputs): groups
+            blk = functools.reduce(math.gcd, [rows] + [v for q in mine for v in q.weight[1:]])
+            groups: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(rows // blk)]
+            for q in mine:
+                r0, nr = q.weight[1:]
+                for j in range(r0 // blk, (r0 + nr) // blk):
+                    lo = j * blk - r0
+                    groups[j].append((q.a, q.e[..., lo : lo + blk]))
+            t = max(sum(x.shape[1] for x, _ in grp) for grp in groups)
+            bsz, i = mine[0].a.shape[0], mine[0].a.shape[-1]
+            empty_a, empty_e = mine[0].a.new_zeros(bsz, 0, i), mine[0].e.new_zeros(bsz, 0, blk)
+            a = torch.stack([_pad_positions(_cat([x for x, _ in g] or [empty_a], 1), t) for g in groups], 1)
+            e = torch.stack([_pad_positions(_cat([y for _, y in g] or [empty_e], 1), t) for g in groups], 1)
+        full_bias = self.names[bias] if bias is not None else None
+        return FactorView(a.to(dt), e.to(dt), self.names[weight], full_bias, tuple(p.shape))
+
+
 class LayerHandler(Handler):
     """A handler in one method: write :meth:`per_sample_grads`, everything else is derived.
 
@@ -645,6 +1046,7 @@ HANDLERS: dict[type, type[Handler]] = {
     nn.Conv1d: ConvHandler,
     nn.Conv2d: ConvHandler,
     nn.Embedding: EmbeddingHandler,
+    nn.MultiheadAttention: AttentionHandler,
     nn.LayerNorm: NormHandler,
     nn.GroupNorm: NormHandler,
     BatchNormBase: NormHandler,
