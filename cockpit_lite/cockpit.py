@@ -34,9 +34,9 @@ from cockpit_lite.emitter import Emitter
 from cockpit_lite.errors import warn
 from cockpit_lite.hooks import SharedHook
 from cockpit_lite.instrument import Instrument
-from cockpit_lite.lifecycle import CLOSURE, Guard, Step, guarded
+from cockpit_lite.lifecycle import Guard, Step, guarded
 from cockpit_lite.losses import check_loss
-from cockpit_lite.pause import is_paused, paused  # noqa: F401  (re-exported)
+from cockpit_lite.pause import is_paused, paused
 from cockpit_lite.profiling import Costs, Profiler
 from cockpit_lite.providers import BackwardRoot, Context, LossCall, ModelCall, registered_providers
 from cockpit_lite.records import History
@@ -301,17 +301,40 @@ class Cockpit:
                 st.event("on_backward_end")
 
     @guarded
-    def _on_before_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+    def _on_before_step(self, optimizer: Any, args: tuple, kwargs: dict) -> Any:
         if is_paused() or optimizer is not self.optimizer:
-            return
-        if any(callable(a) for a in args[1:]) or kwargs.get("closure") is not None:
-            st = self._step or self._begin()  # the closure's forward must not open a step of its own
-            st.skip = True
-            st.end()
-            self._warn(CLOSURE)
-        elif self._step is not None and self._step.active:
+            return None
+        if kwargs.get("closure") is not None:
+            return args, {**kwargs, "closure": self._wrap_closure(kwargs["closure"])}
+        if len(args) > 1 and callable(args[1]):  # step(closure): the closure's forward and backward follow
+            return (args[0], self._wrap_closure(args[1]), *args[2:]), kwargs
+        self._gradients_final()
+        return None
+
+    def _gradients_final(self) -> None:
+        if self._step is not None and self._step.active and not self._step.skip:
             with self.costs.region("before_step"):
                 self._step.event("on_before_step")
+
+    def _wrap_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """``optimizer.step(closure)`` (Lightning's automatic optimization, LBFGS): the closure's first
+        call is the step's forward and backward, after which the gradients are final; later calls (LBFGS'
+        line search, at other parameters) are no part of the step and run unseen (``paused()``)."""
+        calls = []
+
+        def step_closure() -> Any:
+            calls.append(1)
+            if len(calls) > 1:
+                with paused():
+                    return closure()
+            out = closure()
+            try:
+                self._gradients_final()
+            except Exception as e:
+                self._warn(f"before_step failed ({type(e).__name__}: {e}); training is unaffected")
+            return out
+
+        return step_closure
 
     @guarded
     def _on_after_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:

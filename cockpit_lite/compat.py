@@ -169,6 +169,7 @@ def grad_scaler_factor(root: torch.Tensor) -> float | None:
     scale = _scaled_outputs.get(root) if torch.is_tensor(root) else None
     return None if scale is None else float(scale)
 
+
 _UNGUARDED: dict[Callable, Callable] = {}
 
 

@@ -20,11 +20,6 @@ from cockpit_lite.profiling import Costs, cost_records
 from cockpit_lite.providers import Provider, closure
 from cockpit_lite.step import StepRecord
 
-CLOSURE = (
-    "optimizer.step(closure) runs backward inside step(), after the cockpit's step pre-hook: such steps are "
-    "not tracked (training is unaffected). Call loss.backward() before optimizer.step() to track them."
-)
-
 #: provider events that instruments hear too, under their own hook names
 INSTRUMENT_HOOKS = {"on_backward_end": "on_after_backward", "on_before_step": "on_before_step"}
 

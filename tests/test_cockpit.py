@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -17,7 +18,7 @@ import cockpit_lite
 from cockpit_lite import Cockpit, Instrument, Need, load
 from cockpit_lite.registry import available_instruments, available_presets
 from tests import models
-from tests.reference import Probe
+from tests.reference import Probe, flat
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
@@ -190,11 +191,16 @@ def test_two_instances_with_names_keep_separate_tags():
     assert len(c.history["grad_norm"]) == 3 and len(c.history["sparse/grad_norm"]) == 2
 
 
-def test_step_with_closure_is_refused_clearly_and_training_goes_on():
+def test_step_with_closure_is_tracked_at_its_first_evaluation():
+    """LBFGS: the closure's first evaluation (at theta_t) is the step's forward and backward; the line
+    search's later evaluations are unseen. Per-sample statistics against the float64 loop at theta_t."""
+    from tests.reference import per_sample_grads_loop
+
     torch.manual_seed(0)
     model, loss_fn = models.mlp(), nn.CrossEntropyLoss()
-    opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=2)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
     x, y = _data(1)[0]
+    probe = Probe(flags={Need.LOSS, Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN, Need.UPDATE})
 
     def closure():
         opt.zero_grad()
@@ -202,14 +208,48 @@ def test_step_with_closure_is_refused_clearly_and_training_goes_on():
         loss.backward()
         return loss
 
-    before = [p.detach().clone() for p in model.parameters()]
-    with pytest.warns(RuntimeWarning, match=r"step\(closure\)"):
-        with Cockpit(model, opt, loss_fn, instruments="economy") as cockpit:
+    thetas = []
+    with Cockpit(model, opt, loss_fn, instruments=[probe]) as cockpit:
+        for _ in range(2):
+            thetas.append(copy.deepcopy(model))
             opt.step(closure)
-            opt.step(closure)
-    assert cockpit.step == 2
-    assert "tests/norm" not in cockpit.history
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert cockpit.step == 2 and len(probe.records) == 2
+    for theta, rec in zip(thetas, probe.records, strict=True):
+        G = flat(per_sample_grads_loop(theta, loss_fn, x, y))
+        np.testing.assert_allclose(rec.per_sample_sq_norms, (G**2).sum(1), rtol=1e-5)
+        np.testing.assert_allclose(rec.per_sample_dot_mean, G @ G.mean(0), rtol=1e-5, atol=1e-9)
+        assert rec.batch_size == len(y) and rec.micro_batches == [len(y)]
+    d = {n: (p - q).detach() for (n, p), q in zip(model.named_parameters(), thetas[1].parameters(), strict=True)}
+    assert all(torch.allclose(d[n], u) for n, u in probe.records[1].update.items())
+
+
+def test_a_closure_step_matches_the_same_step_without_closure():
+    """Lightning's automatic optimization calls optimizer.step(closure) with forward and backward inside:
+    every record equals the plain loop's."""
+
+    def run(with_closure):
+        torch.manual_seed(0)
+        model, loss_fn = models.mlp(), nn.CrossEntropyLoss()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with Cockpit(model, opt, loss_fn, instruments="economy") as ck:
+            for x, y in _data(4):
+
+                def closure(x=x, y=y):
+                    opt.zero_grad()
+                    loss = loss_fn(model(x), y)
+                    loss.backward()
+                    return loss
+
+                if with_closure:
+                    opt.step(closure=closure)
+                else:
+                    closure()
+                    opt.step()
+        return ck.history
+
+    a, b = run(True), run(False)
+    for tag in ("loss", "grad_norm", "tests/norm", "alpha", "update_size", "distance"):
+        np.testing.assert_allclose([v for _, v in a[tag]], [v for _, v in b[tag]], rtol=1e-6, err_msg=tag)
 
 
 def test_batch_size_one_gives_nan_tests_not_a_crash():
