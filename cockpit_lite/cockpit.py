@@ -41,7 +41,7 @@ from cockpit_lite.profiling import Costs, Profiler
 from cockpit_lite.providers import BackwardRoot, Context, LossCall, ModelCall, registered_providers
 from cockpit_lite.records import History
 from cockpit_lite.sinks.base import RunContext, Sink
-from cockpit_lite.unwrap import unwrap
+from cockpit_lite.unwrap import unwrap, unwrap_optimizer
 
 
 def batch_of(args: tuple, kwargs: Mapping[str, Any]) -> int | None:
@@ -109,6 +109,7 @@ class Cockpit:
             self.network, compiled = unwrap(model)
             if compiled:  # compiled code must guard on the layer hooks (restored on close)
                 undo.enter_context(dynamo_hook_guards())
+            optimizer = unwrap_optimizer(optimizer)  # LightningOptimizer, accelerate's AcceleratedOptimizer
             self.params = attach.check_model_optimizer(self.network, optimizer)
             check_loss(loss_fn)
             if reduction not in ("mean", "sum"):

@@ -19,3 +19,18 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
             model, compiled = compiled_inner(model), True
         else:
             return model, compiled
+
+
+def unwrap_optimizer(optimizer: object) -> object:
+    """The ``torch.optim.Optimizer`` inside the wrappers frameworks put around it: Lightning's
+    ``LightningOptimizer`` (``_optimizer``), accelerate's ``AcceleratedOptimizer`` (``optimizer``).
+    Their ``step()`` calls the inner optimizer's, whose hooks the cockpit registers."""
+    import torch
+
+    seen = 0
+    while not isinstance(optimizer, torch.optim.Optimizer) and seen < 8:
+        inner = getattr(optimizer, "_optimizer", None) or getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer, seen = inner, seen + 1
+    return optimizer

@@ -311,3 +311,26 @@ def test_a_closed_cockpit_used_again_raises_clearly():
     with pytest.raises(RuntimeError, match="closed"):
         with ck:
             pass
+
+
+def test_framework_optimizer_wrappers_are_unwrapped():
+    """An object holding the optimizer as ``optimizer`` (accelerate) or ``_optimizer`` (Lightning),
+    whose step() calls the inner one's: the cockpit hooks the inner optimizer and tracks the steps."""
+
+    class Wrapper:  # the shape of AcceleratedOptimizer / LightningOptimizer
+        def __init__(self, inner, attr):
+            setattr(self, attr, inner)
+            self._attr = attr
+
+        def step(self, closure=None):
+            return getattr(self, self._attr).step(closure)
+
+        def zero_grad(self):
+            getattr(self, self._attr).zero_grad()
+
+    for attr in ("optimizer", "_optimizer"):
+        model, opt, loss_fn = _setup()
+        wrapped = Wrapper(opt, attr)
+        with Cockpit(model, wrapped, loss_fn, instruments=[Loss(), GradNorm()]) as ck:
+            _train(model, wrapped, loss_fn, _batches(3))
+        assert len(ck.history["grad_norm"]) == 3, attr
