@@ -25,10 +25,8 @@ from cockpit_lite import attach
 from cockpit_lite.compat import (
     BackwardWatch,
     dynamo_hook_guards,
-    foreach_norm,
     grad_scaler_factor,
     queue_backward_callback,
-    tree_flatten,
 )
 from cockpit_lite.emitter import Emitter
 from cockpit_lite.errors import warn
@@ -36,33 +34,13 @@ from cockpit_lite.hooks import SharedHook
 from cockpit_lite.instrument import Instrument
 from cockpit_lite.lifecycle import Guard, Step, guarded
 from cockpit_lite.losses import check_loss
-from cockpit_lite.pause import is_paused, paused
+from cockpit_lite.model_io import any_grad, batch_of, step_closure, tensors_of
+from cockpit_lite.pause import is_paused
 from cockpit_lite.profiling import Costs, Profiler
 from cockpit_lite.providers import BackwardRoot, Context, LossCall, ModelCall, registered_providers
 from cockpit_lite.records import History
 from cockpit_lite.sinks.base import RunContext, Sink
 from cockpit_lite.unwrap import unwrap, unwrap_optimizer
-
-
-def batch_of(args: tuple, kwargs: Mapping[str, Any]) -> int | None:
-    """Examples in a model call: axis 0 of its first tensor input with a batch axis."""
-    for t in (*args, *kwargs.values()):
-        if torch.is_tensor(t) and t.dim() > 0:
-            return int(t.shape[0])
-    return None
-
-
-def tensors_of(output: Any) -> list[torch.Tensor]:
-    """The tensors in a model's output: a tensor, a tuple or list, a dict or a Hugging Face ModelOutput."""
-    if isinstance(output, Mapping):
-        output = list(output.values())
-    return [t for t in tree_flatten(output)[0] if torch.is_tensor(t)]
-
-
-def any_grad(params: Mapping[str, nn.Parameter]) -> bool:
-    """Whether any parameter holds a gradient other than None or zeros (one fused reduction)."""
-    grads = [p.grad for p in params.values() if p.grad is not None]
-    return bool(grads) and bool(torch.stack(foreach_norm(grads)).any())
 
 
 class Cockpit:
@@ -318,24 +296,9 @@ class Cockpit:
                 self._step.event("on_before_step")
 
     def _wrap_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
-        """``optimizer.step(closure)`` (Lightning's automatic optimization, LBFGS): the closure's first
-        call is the step's forward and backward, after which the gradients are final; later calls (LBFGS'
-        line search, at other parameters) are no part of the step and run unseen (``paused()``)."""
-        calls = []
-
-        def step_closure() -> Any:
-            calls.append(1)
-            if len(calls) > 1:
-                with paused():
-                    return closure()
-            out = closure()
-            try:
-                self._gradients_final()
-            except Exception as e:
-                self._warn(f"before_step failed ({type(e).__name__}: {e}); training is unaffected")
-            return out
-
-        return step_closure
+        """``optimizer.step(closure)`` (Lightning's automatic optimization, LBFGS): see
+        :func:`cockpit_lite.model_io.step_closure`."""
+        return step_closure(closure, guarded(lambda self: self._gradients_final()).__get__(self))
 
     @guarded
     def _on_after_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:

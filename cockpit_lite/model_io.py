@@ -1,0 +1,53 @@
+"""What the Cockpit reads of the user's model and loop: the examples of a model call, the tensors of
+its output, whether gradients are there, and the step of ``optimizer.step(closure)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from cockpit_lite.compat import foreach_norm, tree_flatten
+from cockpit_lite.pause import paused
+
+
+def batch_of(args: tuple, kwargs: Mapping[str, Any]) -> int | None:
+    """Examples in a model call: axis 0 of its first tensor input with a batch axis."""
+    for t in (*args, *kwargs.values()):
+        if torch.is_tensor(t) and t.dim() > 0:
+            return int(t.shape[0])
+    return None
+
+
+def tensors_of(output: Any) -> list[torch.Tensor]:
+    """The tensors in a model's output: a tensor, a tuple or list, a dict or a Hugging Face ModelOutput."""
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    return [t for t in tree_flatten(output)[0] if torch.is_tensor(t)]
+
+
+def any_grad(params: Mapping[str, nn.Parameter]) -> bool:
+    """Whether any parameter holds a gradient other than None or zeros (one fused reduction)."""
+    grads = [p.grad for p in params.values() if p.grad is not None]
+    return bool(grads) and bool(torch.stack(foreach_norm(grads)).any())
+
+
+def step_closure(closure: Callable[[], Any], gradients_final: Callable[[], Any]) -> Callable[[], Any]:
+    """Wrap the closure of ``optimizer.step(closure)`` (Lightning's automatic optimization, LBFGS): its
+    first call is the step's forward and backward, after which ``gradients_final()`` runs (p.grad is
+    what the optimizer gets); later calls (LBFGS' line search, at other parameters) are no part of the
+    step and run unseen (``paused()``)."""
+    calls = []
+
+    def wrapped() -> Any:
+        calls.append(1)
+        if len(calls) > 1:
+            with paused():
+                return closure()
+        out = closure()
+        gradients_final()
+        return out
+
+    return wrapped
