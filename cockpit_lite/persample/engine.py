@@ -25,7 +25,8 @@ from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.hooks import SharedHook
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.pause import is_paused
-from cockpit_lite.persample.layers import Handler, PerSampleUndefined, build_handlers, tied_groups
+from cockpit_lite.persample.broadcast import BroadcastTracker, expand_over_batch
+from cockpit_lite.persample.layers import BareParamsHandler, Handler, PerSampleUndefined, build_handlers, tied_groups
 from cockpit_lite.persample.views import View, combined, tied_view
 from cockpit_lite.profiling import Costs, timed
 
@@ -125,6 +126,14 @@ class PerSampleEngine:
         #: modules with tied weights: their views are added up at the end of backward (see combined())
         self.tied = tied_groups(self.handlers)
         self._tied_bytes = _tied_bytes(self.handlers, self.tied)
+        #: tensors broadcast over the batch (position embeddings, bare parameters): see broadcast.py
+        bare = {
+            full: m.get_parameter(local)
+            for m, h in self.handlers.items()
+            if isinstance(h, BareParamsHandler)
+            for local, full in h.names.items()
+        }
+        self._bcast = BroadcastTracker(self, bare)
         self._hooks: list = []
         if attach:
             self._attach()
@@ -139,6 +148,10 @@ class PerSampleEngine:
 
     def _attach(self) -> None:
         self._hooks = [m.register_forward_hook(SharedHook(self._forward_hook), with_kwargs=True) for m in self.handlers]
+        self._hooks += [
+            self.model.register_forward_pre_hook(SharedHook(self._model_input), with_kwargs=True),
+            self.model.register_forward_hook(SharedHook(self._model_output)),
+        ]
 
     # --- lifecycle ------------------------------------------------------------------------------------
     def close_hooks(self) -> None:
@@ -149,6 +162,7 @@ class PerSampleEngine:
     def stop(self) -> None:
         """No more per-layer work until the next :meth:`begin`; release what this step held."""
         self.active = False
+        self._bcast.reset()
         self._calls.clear()
         self._kept = []
         self._outputs = []
@@ -156,6 +170,7 @@ class PerSampleEngine:
     def close(self) -> None:
         self.close_hooks()
         self.active = False
+        self._bcast.reset()
         self._calls.clear()
         self._kept = []
         self._outputs = []
@@ -178,6 +193,7 @@ class PerSampleEngine:
         #: some output gradient arrived in float16/bfloat16 (autocast): looser tolerance for the check
         self.low_precision = False
         self._sums: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._bcast.reset()
 
     def begin(self, needs: Needs) -> None:
         """A new step starts; attach per-layer work only if the step needs it."""
@@ -210,6 +226,20 @@ class PerSampleEngine:
             self.inv_scale *= factor
 
     # --- hooks ----------------------------------------------------------------------------------------
+    def _model_input(self, module, args, kwargs):
+        if module is self.model and not self._processing:
+            self._bcast.on_model_input(args, kwargs)
+
+    def _model_output(self, module, args, output):
+        """End of the model's forward: hook the consumers of tensors broadcast over the batch."""
+        if module is not self.model or not self.active or self._processing or (is_paused() and not self._probing):
+            return
+        if self._bcast.wanted:
+            try:
+                self._bcast.walk(output)
+            except Exception as e:  # never break the user's forward
+                self.fail(f"per-sample engine disabled for this step (broadcast parameters: {e})")
+
     def _forward_hook(self, module, args, kwargs, output):
         # not during our own recomputation (torch.func), nor for a deepcopy that carries our hooks
         if not self.active or self._processing or module not in self.handlers or (is_paused() and not self._probing):
@@ -223,6 +253,11 @@ class PerSampleEngine:
             calls = self._calls.setdefault(module, _Calls())
             idx = len(calls.captures)
             calls.captures.append(handler.capture(args, kwargs, output))
+            # an output that may lack the batch axis (a position embedding): decided by its consumers
+            broadcast = len(outs) == 1 and self._bcast.is_candidate(module, outs[0])
+            if broadcast:
+                label = f"the output of {type(module).__name__} ({', '.join(handler.names.values())})"
+                self._bcast.add_call(module, idx, outs[0], label)
             if self._probing:
                 # gradients are taken with respect to these outputs: hand a copy downstream, so that an
                 # in-place op there (ReLU(inplace=True)) does not rebase them
@@ -230,7 +265,7 @@ class PerSampleEngine:
                 self._register_grads(module, idx, outs)
                 return tree_map(lambda t: t.clone() if torch.is_tensor(t) and t.requires_grad else t, output)
             wants_dot = Need.PER_SAMPLE_DOT_MEAN in self.needs.flags or self.checking
-            node = handler.weight_grad_node(outs) if wants_dot else None
+            node = handler.weight_grad_node(outs) if wants_dot and not broadcast else None
             if node is not None:
                 # fires once the layer's backward has run: its output gradient and its weight gradient
                 node.register_hook(lambda gi, go, m=module, i=idx: self._on_grads(m, i, (go[0],), gi[1]))
@@ -255,13 +290,22 @@ class PerSampleEngine:
             return
         try:
             calls = self._calls[module]
+            if len(grads) == 1 and grads[0] is not None:
+                shares = self._bcast.complete_call(module, idx, grads[0])
+                if isinstance(shares, str):
+                    raise PerSampleUndefined(shares)
+                if shares is not None:  # broadcast over the batch: each example's output gradient
+                    calls.captures[idx] = expand_over_batch(calls.captures[idx], self.batch)
+                    grads = (shares,)
             calls.grads[idx] = tuple(None if g is None else g.detach() for g in grads)
             if any(g is not None and g.dtype in _LOW_PRECISION for g in grads):
                 self.low_precision = True  # autocast: the step's gradients carry half-precision round-off
             if weight_grad is not None:
                 calls.weight_grads[idx] = weight_grad.detach()
-            if len(calls.grads) == len(calls.captures):
-                self._process(module)
+            if len(calls.grads) == len(calls.captures) and not isinstance(self.handlers[module], BareParamsHandler):
+                self._process(module)  # (bare parameters wait for their gradients: end of backward)
+        except PerSampleUndefined as e:
+            self.fail(str(e))
         except Exception as e:
             self.fail(f"per-sample engine disabled for this step ({type(module).__name__}: {e})")
 
@@ -273,6 +317,16 @@ class PerSampleEngine:
             raise RuntimeError("no loss was seen before backward: call the loss module given to the Cockpit")
         handler = self.handlers[module]
         grads = [calls.grads.get(i, (None,)) for i in range(len(calls.captures))]
+        if isinstance(handler, BareParamsHandler):
+            with _no_autocast(grads):
+                self._processing = True
+                try:
+                    view = handler.bare_view(self._bcast, calls.captures, grads, self.batch, self.inv_scale)
+                finally:
+                    self._processing = False
+            if view is not None:
+                self._reduce(view)
+            return
         if all(g is None for gs in grads for g in gs):
             return
         # a backward called inside autocast must not recast the engine's own products
@@ -375,9 +429,18 @@ class PerSampleEngine:
         if not self.active:
             return
         try:
+            for module, handler in self.handlers.items():  # bare parameters used outside their module's call
+                if isinstance(handler, BareParamsHandler) and module not in self._calls:
+                    if self._bcast.has_results(handler.names.values()):
+                        self._calls[module] = _Calls()
             for module in list(self._calls):
                 self._process(module)
             self._reduce_tied()
+            mismatch = self._bcast.check()
+            if mismatch is not None:
+                raise PerSampleUndefined(mismatch)
+        except PerSampleUndefined as e:
+            self.fail(str(e))
         except Exception as e:
             self.fail(f"per-sample engine disabled for this step ({e})")
 
