@@ -773,12 +773,14 @@ def build_handlers(model: nn.Module, params: Collection[int] | None = None) -> d
 
 
 def _bare_parameters(handlers: dict[nn.Module, Handler]) -> dict[nn.Module, Handler]:
-    """Modules with children served by the default :class:`FuncHandler` hold bare parameters: give
+    """Modules with children (other than :data:`WHOLE_MODULES`) served by the default
+    :class:`FuncHandler` hold bare parameters: give
     them a :class:`BareParamsHandler` for the parameters no other handler serves (a bias that is also
     a child layer's, as in BERT's MLM head, is that layer's), none if nothing is left."""
     out: dict[nn.Module, Handler] = {}
     for module, handler in handlers.items():
-        if type(handler) is not FuncHandler or next(module.children(), None) is None:
+        whole = isinstance(module, WHOLE_MODULES)
+        if type(handler) is not FuncHandler or whole or next(module.children(), None) is None:
             out[module] = handler
             continue
         elsewhere = {full for m, h in handlers.items() if m is not module for full in h.names.values()}
