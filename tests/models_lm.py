@@ -137,7 +137,14 @@ def hf_gpt2(n_layer: int = 2, d: int = 32, n_head: int = 2, vocab: int = 50, n_p
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        n_layer=n_layer, n_embd=d, n_head=n_head, vocab_size=vocab, n_positions=n_positions, use_cache=False
+        n_layer=n_layer,
+        n_embd=d,
+        n_head=n_head,
+        vocab_size=vocab,
+        n_positions=n_positions,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     config._attn_implementation = "eager"
     return GPT2LMHeadModel(config)
@@ -160,9 +167,19 @@ def hf_bert(n_layer: int = 2, d: int = 32, n_head: int = 2, vocab: int = 50, n_p
     return BertForMaskedLM(config)
 
 
-def hf_vit(n_layer: int = 2, d: int = 32, n_head: int = 2, image: int = 8, patch: int = 4, classes: int = 3):
+def hf_vit(
+    n_layer: int = 2,
+    d: int = 32,
+    n_head: int = 2,
+    image: int = 8,
+    patch: int = 4,
+    classes: int = 3,
+    hidden_dropout: float = 0.0,
+    attention_dropout: float = 0.0,
+) -> nn.Module:
     """``ViTForImageClassification`` (bare ``cls_token`` expanded over the batch and bare
-    ``position_embeddings`` added to every example, both parameters of ``ViTEmbeddings``)."""
+    ``position_embeddings`` added to every example, both parameters of ``ViTEmbeddings``); the
+    dropouts default to ViTConfig's (0)."""
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
@@ -174,6 +191,8 @@ def hf_vit(n_layer: int = 2, d: int = 32, n_head: int = 2, image: int = 8, patch
         num_attention_heads=n_head,
         intermediate_size=2 * d,
         num_labels=classes,
+        hidden_dropout_prob=hidden_dropout,
+        attention_probs_dropout_prob=attention_dropout,
     )
     config._attn_implementation = "eager"
     return ViTForImageClassification(config)

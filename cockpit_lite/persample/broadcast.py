@@ -60,7 +60,9 @@ RESHAPE_OPS = frozenset(
     }
 )
 PERMUTE_OPS = frozenset({"PermuteBackward0", "TransposeBackward0", "TBackward0"})
-LAYOUT_OPS = RESHAPE_OPS | PERMUTE_OPS
+#: basic indexing (``pos[:, :T]``, ``pos[0]``): the backward places the gradient back into zeros
+INDEX_OPS = frozenset({"SliceBackward0", "SelectBackward0"})
+LAYOUT_OPS = RESHAPE_OPS | PERMUTE_OPS | INDEX_OPS
 
 #: relative tolerance of the check that the shares add up to the summed gradient (float32, half)
 SUM_RTOL = (1e-3, 3e-2)
@@ -94,11 +96,27 @@ def per_example(t: torch.Tensor, shape: tuple[int, ...], batch: int) -> torch.Te
     return t.movedim(ba, 0).reshape(batch, *shape)
 
 
+def _signed(v: int | None) -> int | None:
+    """An index the node saved as an unsigned 64-bit integer (-3 as 2**64 - 3), as Python's."""
+    return v - (1 << 64) if v is not None and v >= 1 << 63 else v
+
+
 def _layout_back(
     op: str, node: Any, p: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """Per-example gradients ``p`` (B, *out) of a layout op's output mapped to its input: (B, *shape)
     in the input's dtype and device (the op's backward, applied to each example)."""
+    if op in ("SliceBackward0", "SelectBackward0"):
+        out = p.new_zeros(p.shape[0], *shape)
+        dim = 1 + saved_attribute(node, "dim") % len(shape)
+        if op == "SelectBackward0":
+            out.select(dim, _signed(saved_attribute(node, "index"))).copy_(p)
+        else:
+            where = [slice(None)] * out.dim()
+            start, end = _signed(saved_attribute(node, "start")), _signed(saved_attribute(node, "end"))
+            where[dim] = slice(start, end, saved_attribute(node, "step"))
+            out[tuple(where)] = p
+        return out.to(dtype=dtype, device=device)
     if op == "PermuteBackward0":
         dims = [d % (p.dim() - 1) for d in saved_attribute(node, "dims")]
         inverse = [0] * len(dims)
@@ -208,7 +226,8 @@ class BroadcastTracker:
                 node = torch.autograd.graph.get_gradient_edge(p).node
                 slot = Slot("param", tuple(p.shape), (p.dtype, p.device), f"parameter {name}", node=node, owner=name)
                 self._param_slots[name] = slot
-                self._handles.append(node.register_prehook(lambda gs, s=slot: self._complete_param(s, gs)))
+                hook = lambda gs, s=slot: self._guarded(self._complete_param, s, gs)  # noqa: E731
+                self._handles.append(node.register_prehook(hook))
             targets[(slot.node, 0)] = slot
         if not roots or not targets:
             return
@@ -225,7 +244,8 @@ class BroadcastTracker:
                 slot = None
                 if parent is not None:
                     slot = Slot("layout", None, None, parent.label, parent=parent, op=node.name(), node=node)
-                    self._handles.append(node.register_prehook(lambda gs, s=slot: self._flush_layout(s, gs)))
+                    hook = lambda gs, s=slot: self._guarded(self._flush_layout, s, gs)  # noqa: E731
+                    self._handles.append(node.register_prehook(hook))
                 layouts[node] = slot
             return layouts[node]
 
@@ -248,13 +268,21 @@ class BroadcastTracker:
                     if slot is not None:
                         edges.append((k, slot))
             if edges:
-                self._handles.append(x.register_prehook(lambda gs, n=x, e=edges: self._consume(n, e, gs)))
+                hook = lambda gs, n=x, e=edges: self._guarded(self._consume, n, e, gs)  # noqa: E731
+                self._handles.append(x.register_prehook(hook))
 
     # --- backward -------------------------------------------------------------------------------------
-    def _consume(self, node, edges: list[tuple[int, Slot]], grads: tuple) -> None:
-        """Pre-hook of a consumer: what it does with each candidate input, seen from its output gradient."""
+    def _guarded(self, fn, *args) -> None:
+        """Run a hook's work; a failure disables the step's per-sample statistics, never the backward."""
         if not self.engine.active:
             return
+        try:
+            fn(*args)
+        except Exception as e:
+            self.engine.fail(f"per-sample engine disabled for this step (broadcast over the batch: {e})")
+
+    def _consume(self, node, edges: list[tuple[int, Slot]], grads: tuple) -> None:
+        """Pre-hook of a consumer: what it does with each candidate input, seen from its output gradient."""
         name = node.name()
         g = grads[0] if len(grads) == 1 else None
         for k, slot in edges:
@@ -263,7 +291,10 @@ class BroadcastTracker:
             elif g is None:
                 continue
             elif name in BROADCAST_OPS:
-                self._note(slot, ("bcast", name, node, k, g))
+                if slot.shape is not None and tuple(g.shape) == slot.shape:
+                    slot.plain.append(_short(name))
+                else:  # the operand now: the node frees what it saved once it has run
+                    self._note(slot, ("bcast", name, self._operand_grad(name, node, k, g)))
             else:
                 self._note(slot, ("other", name, tuple(g.shape)))
 
@@ -281,15 +312,15 @@ class BroadcastTracker:
             _, name, shape = item
             (slot.plain if shape == slot.shape else slot.unknown).append(_short(name))
         elif kind == "bcast":
-            _, name, node, k, g = item
-            if tuple(g.shape) == slot.shape:
+            _, name, t = item
+            if tuple(t.shape) == slot.shape:
                 slot.plain.append(_short(name))
                 return
             batch = self.engine.batch
             if batch is None:
                 slot.unknown.append(f"{_short(name)} (no batch size known)")
                 return
-            share = per_example(self._operand_grad(name, node, k, g), slot.shape, batch)
+            share = per_example(t, slot.shape, batch)
             if isinstance(share, str):
                 slot.unknown.append(f"{_short(name)} ({share})")
             else:
@@ -317,7 +348,7 @@ class BroadcastTracker:
     def _flush_layout(self, slot: Slot, grads: tuple) -> None:
         """Pre-hook of a layout op on a slot: its consumers have all run; pass their shares on."""
         g = grads[0] if len(grads) == 1 else None
-        if g is None or not self.engine.active:
+        if g is None:
             return
         slot.shape, slot.like = tuple(g.shape), (g.dtype, g.device)
         for item in slot.pending:
@@ -366,7 +397,7 @@ class BroadcastTracker:
 
     def _complete_param(self, slot: Slot, grads: tuple) -> None:
         g = grads[0] if grads else None
-        if g is None or not self.engine.active or slot.owner in self.params or slot.owner in self.param_failures:
+        if g is None or slot.owner in self.params or slot.owner in self.param_failures:
             return
         got = self._shares(slot, g)
         if isinstance(got, torch.Tensor):
