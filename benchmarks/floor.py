@@ -30,10 +30,10 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cockpit_lite.instruments import Alpha, Distance, GradientTests, GradNorm, Loss, TracIn, UpdateSize  # noqa: E402
 from common import MODELS, OPTIMIZERS, interleaved, make_batches, train_steps  # noqa: E402
 
 from cockpit_lite import Cockpit  # noqa: E402
-from cockpit_lite.instruments import Alpha, Distance, GradientTests, GradNorm, Loss, TracIn, UpdateSize  # noqa: E402
 
 QUANTILES = np.array([0.05, 0.25, 0.5, 0.75, 0.95])
 

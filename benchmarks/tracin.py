@@ -30,11 +30,11 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cockpit_lite.instruments import Checkpoints, TracIn, TracInCP  # noqa: E402
+from cockpit_lite.instruments.tracin_cp import captum_loader  # noqa: E402
 from common import MODELS, interleaved  # noqa: E402
 
 from cockpit_lite import Cockpit  # noqa: E402
-from cockpit_lite.instruments import Checkpoints, TracIn, TracInCP  # noqa: E402
-from cockpit_lite.instruments.tracin_cp import captum_loader  # noqa: E402
 
 
 # --- online TracIn --------------------------------------------------------------------------------------

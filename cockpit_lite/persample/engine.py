@@ -227,7 +227,7 @@ class PerSampleEngine:
 
     # --- hooks ----------------------------------------------------------------------------------------
     def _model_input(self, module, args, kwargs):
-        if module is self.model and not self._processing:
+        if module is self.model and not self._processing and (not is_paused() or self._probing):
             self._bcast.on_model_input(args, kwargs)
 
     def _model_output(self, module, args, output):
