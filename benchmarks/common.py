@@ -137,10 +137,14 @@ class FuncNorms:
 
         self.per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="different")
         self.last: list[torch.Tensor] = []
+        #: called while the per-sample gradients are alive (the memory benchmark samples its peak there)
+        self.probe: Callable[[], None] | None = None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         g = self.per_sample({n: p.detach() for n, p in self.params.items()}, x, y)
         flat = {n: v.flatten(1) for n, v in g.items()}
+        if self.probe is not None:
+            self.probe()
         out = [sum(torch.linalg.vector_norm(v, dim=1).square() for v in flat.values())]
         if self.dot:
             out.append(sum(v @ self.params[n].grad.flatten() for n, v in flat.items()))

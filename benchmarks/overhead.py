@@ -146,6 +146,8 @@ def memory_child(model_name, optim, config, steps):
     base = malloc_in_use_mb()
     model, opt, loss_fn, cockpit, reference = build(model_name, optim, config, tmp)
     sampler = PeakSampler(model, opt)
+    if reference is not None:
+        reference.probe = sampler.sample
     train_steps(model, opt, loss_fn, batches, reference)
     sampler.sample()
     sampler.close()
