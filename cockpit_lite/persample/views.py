@@ -467,6 +467,13 @@ class EmbeddingView(View):
     def gram(self) -> dict[str, torch.Tensor]:
         return {self.w: lookup_cross(self.idx, self.e, self.idx, self.e)}
 
+    def dot_mean(self) -> torch.Tensor:
+        """g_i . gbar with gbar = (1/B) sum_j g_j formed as a table (rows added at the tokens looked up):
+        sum_t gbar[idx_it] . e_it, O(B T d) instead of the B x B x T x T pairs of the Gram."""
+        bsz, t, d = self.e.shape
+        table = self.e.new_zeros(self.n, d).index_add_(0, self.idx.reshape(-1), self.e.reshape(-1, d))
+        return (table[self.idx] * self.e).sum((1, 2)) / bsz
+
     def project_many(self, directions):
         out: dict[str, torch.Tensor] = {}
         for k, d in directions.items():
