@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first and pinned: the local CPU wheel, never a CUDA build (see docs/install.md)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	# torchvision (declared by backpack and timm) does not load beside the CPU torch and breaks transformers
+	$(PY) -m pip uninstall -q -y torchvision
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import ctypes
 import statistics
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests/models_lm.py
+from tests import models_lm  # noqa: E402
 
 
 def mlp() -> nn.Module:
@@ -29,10 +35,49 @@ def cnn() -> nn.Module:
     )  # fmt: skip
 
 
+#: the small GPT: 4 layers, d = 256, 4 heads, context T = 128, vocabulary 512, tied embeddings
+GPT = dict(vocab_size=512, block_size=128, n_layer=4, n_head=4, d=256, dropout=0.0, flash=True)
+
+
+def gpt_inner() -> nn.Module:
+    """The small GPT with its loss inside forward: ``model(idx, targets)`` returns (logits, loss)."""
+    return models_lm.NanoGPT(**GPT)
+
+
+def gpt() -> nn.Module:
+    """The same GPT returning (B, V, T) logits for a loss module (``nn.CrossEntropyLoss``)."""
+    return models_lm.LogitsForLoss(models_lm.NanoGPT(**GPT))
+
+
+def resnet18() -> nn.Module:
+    """ResNet-18 for 32x32 inputs (BatchNorm in train mode, as trained)."""
+    return models_lm.resnet18(width=64, classes=10)
+
+
+def _tokens(b: int) -> torch.Tensor:
+    return torch.randint(0, GPT["vocab_size"], (b, GPT["block_size"]))
+
+
+#: name -> (factory, inputs(b), batch size)
 MODELS = {
     "mlp": (mlp, lambda b: torch.randn(b, 784), 128),
     "cnn": (cnn, lambda b: torch.randn(b, 3, 32, 32), 64),
+    "gpt": (gpt, _tokens, 16),
+    "gpt-inner": (gpt_inner, _tokens, 16),
+    "resnet18": (resnet18, lambda b: torch.randn(b, 3, 32, 32), 32),
 }
+
+#: name -> targets(b), where they are not 10-class labels (next tokens for the GPTs)
+TARGETS: dict[str, Callable[[int], torch.Tensor]] = {"gpt": _tokens, "gpt-inner": _tokens}
+
+#: models whose loss is computed inside forward: a step is ``model(x, y)[1].backward()``, no loss module
+LOSS_INSIDE = frozenset({"gpt-inner"})
+
+
+def loss_module(model: str) -> nn.Module | None:
+    """The loss module a model is trained with (None: the loss is computed inside its forward)."""
+    return None if model in LOSS_INSIDE else nn.CrossEntropyLoss()
+
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
@@ -42,16 +87,68 @@ OPTIMIZERS = {
 
 def make_batches(model: str, n: int, seed: int = 0):
     _, data, batch = MODELS[model]
+    targets = TARGETS.get(model, lambda b: torch.randint(0, 10, (b,)))
     torch.manual_seed(seed)
-    return [(data(batch), torch.randint(0, 10, (batch,))) for _ in range(n)]
+    return [(data(batch), targets(batch)) for _ in range(n)]
 
 
-def train_steps(model, optimizer, loss_fn, batches) -> None:
+def train_steps(model, optimizer, loss_fn, batches, after_backward=None) -> None:
+    """Plain training steps; ``loss_fn`` None: the model returns (output, loss) from ``model(x, y)``.
+    ``after_backward(x, y)`` runs between backward and the optimizer step (a reference computation)."""
     for x, y in batches:
         optimizer.zero_grad()
-        loss = loss_fn(model(x), y)
+        loss = model(x, y)[1] if loss_fn is None else loss_fn(model(x), y)
         loss.backward()
+        if after_backward is not None:
+            after_backward(x, y)
         optimizer.step()
+
+
+class FuncNorms:
+    """The torch.func reference for per-sample statistics: per-sample gradients of every trainable
+    parameter by ``vmap(grad(per-example loss))`` over a ``functional_call`` of the model at the current
+    parameters (the forward recomputed per example), materialised (B x D), then reduced at once:
+    ||g_i||^2 = sum_p ||g_ip||^2 and, with ``dot``, g_i . gbar with gbar = p.grad (the mean loss's
+    gradient, after backward). The per-example loss is the loss of the example as a batch of one (for
+    the GPTs the mean over its tokens, as the cockpit's).
+
+    BatchNorm in train mode normalises with the batch's statistics, which a per-example recomputation
+    does not have: the reference uses torch.func's ``replace_all_batch_norm_modules_`` on a copy of
+    the model (each example normalised with its own statistics, no running-statistics update), a
+    different definition of the per-sample gradient with the same cost structure.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module | None, dot: bool):
+        import copy
+
+        from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
+
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.dot = dot
+        twin = copy.deepcopy(model)
+        replace_all_batch_norm_modules_(twin)
+        buffers = dict(twin.named_buffers())
+
+        def loss_one(params, x, y):
+            xb, yb = x.unsqueeze(0), y.unsqueeze(0)
+            if loss_fn is None:
+                return functional_call(twin, (params, buffers), (xb, yb))[1]
+            return loss_fn(functional_call(twin, (params, buffers), (xb,)), yb)
+
+        self.per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="different")
+        self.last: list[torch.Tensor] = []
+        #: called while the per-sample gradients are alive (the memory benchmark samples its peak there)
+        self.probe: Callable[[], None] | None = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        g = self.per_sample({n: p.detach() for n, p in self.params.items()}, x, y)
+        flat = {n: v.flatten(1) for n, v in g.items()}
+        if self.probe is not None:
+            self.probe()
+        out = [sum(torch.linalg.vector_norm(v, dim=1).square() for v in flat.values())]
+        if self.dot:
+            out.append(sum(v @ self.params[n].grad.flatten() for n, v in flat.items()))
+        self.last = out
 
 
 def interleaved(runners: dict, reps: int) -> dict[str, float]:

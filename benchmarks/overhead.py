@@ -2,6 +2,14 @@
 
     python benchmarks/overhead.py                      # every model, optimizer and configuration
     python benchmarks/overhead.py --models mlp --configs economy --optims sgd
+    python benchmarks/overhead.py --models gpt,gpt-inner,resnet18 --configs economy,func-norms,func-norms-dot
+
+Models (benchmarks/common.py): the MNIST MLP and the 3C3D-like CNN of REFERENCE.md, a small GPT
+(4 layers, d = 256, T = 128, B = 16, vocabulary 512, tied embeddings; ``gpt`` returns logits for a loss
+module, ``gpt-inner`` computes its loss inside forward) and ResNet-18 on 32x32 (B = 32, BatchNorm in
+train mode). ``func-norms`` and ``func-norms-dot`` are torch.func references on the same model in the
+same run: per-sample squared norms (and g_i . gbar) by vmap(grad) of a functional_call, timed as the
+extra cost on top of a plain step, like the cockpit's configurations (common.FuncNorms).
 
 Time: each configuration owns a model copy, optimizer and cockpit; blocks of --steps steps run
 interleaved over --reps repetitions; the median block time per step is compared with plain training.
@@ -22,10 +30,19 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, OPTIMIZERS, PeakSampler, interleaved, make_batches, malloc_in_use_mb, train_steps  # noqa: E402
+from common import (  # noqa: E402
+    MODELS,
+    OPTIMIZERS,
+    FuncNorms,
+    PeakSampler,
+    interleaved,
+    loss_module,
+    make_batches,
+    malloc_in_use_mb,
+    train_steps,
+)
 
 from cockpit_lite import Cockpit  # noqa: E402
 
@@ -41,6 +58,8 @@ def _economy_clipping():
     from cockpit_lite.instruments.presets import economy
 
     return economy() + [Clipping(max_norm=1.0, agc_clip=0.01, per_sample_clip=1.0)]
+
+
 def _sinks(*which: str):
     """Sinks at their default throttle writing into the config's tmpdir (no JSON lines unless named)."""
 
@@ -70,6 +89,11 @@ CONFIGS = {
 }
 
 
+#: torch.func references timed on the same model in the same run, as the extra cost on a plain step:
+#: configuration name -> whether g_i . gbar is computed beside ||g_i||^2 (see common.FuncNorms)
+FUNC_CONFIGS = {"func-norms": False, "func-norms-dot": True}
+
+
 def config_entry(config: str):
     """A CONFIGS entry, or ``i:name+name`` for registered instruments by name (ad-hoc comparisons)."""
     if config.startswith("i:"):
@@ -79,29 +103,39 @@ def config_entry(config: str):
 
 
 def build(model_name: str, optim: str, config: str, tmp: str):
+    """(model, optimizer, loss module or None, cockpit or None, after-backward reference or None)."""
     factory = MODELS[model_name][0]
     torch.manual_seed(0)
     model = factory()
     opt = OPTIMIZERS[optim](model.parameters())
-    loss_fn = nn.CrossEntropyLoss()
-    cockpit = None
-    if config_entry(config) is not None:
+    loss_fn = loss_module(model_name)
+    cockpit, reference = None, None
+    if config in FUNC_CONFIGS:
+        reference = FuncNorms(model, loss_fn, dot=FUNC_CONFIGS[config])
+    elif config_entry(config) is not None:
         instruments, extra = config_entry(config)
         cockpit = Cockpit(model, opt, loss_fn, instruments=instruments(), **extra(os.path.join(tmp, config)))
-    return model, opt, loss_fn, cockpit
+    return model, opt, loss_fn, cockpit, reference
 
 
 def time_ratios(model_name, optim, configs, steps, reps, tmp):
+    """{config: seconds per step}; a configuration that cannot be built for this model (a cockpit
+    without a loss module, before the loss-free engine) gets the reason instead."""
     batches = make_batches(model_name, steps)
-    built = {c: build(model_name, optim, c, tmp) for c in configs}
-    runners = {c: (lambda b=built[c]: train_steps(b[0], b[1], b[2], batches)) for c in configs}
+    built, failed = {}, {}
+    for c in configs:
+        try:
+            built[c] = build(model_name, optim, c, tmp)
+        except Exception as e:
+            failed[c] = f"{type(e).__name__}: {e}"
+    runners = {c: (lambda b=b: train_steps(b[0], b[1], b[2], batches, b[4])) for c, b in built.items()}
     for run in runners.values():  # warm-up
         run()
     med = interleaved(runners, reps)
     for b in built.values():
         if b[3] is not None:
             b[3].close()
-    return {c: med[c] / steps for c in configs}
+    return {c: med[c] / steps for c in built} | failed
 
 
 def memory_child(model_name, optim, config, steps):
@@ -110,9 +144,11 @@ def memory_child(model_name, optim, config, steps):
     tmp = tempfile.mkdtemp()
     batches = make_batches(model_name, steps)
     base = malloc_in_use_mb()
-    model, opt, loss_fn, cockpit = build(model_name, optim, config, tmp)
+    model, opt, loss_fn, cockpit, reference = build(model_name, optim, config, tmp)
     sampler = PeakSampler(model, opt)
-    train_steps(model, opt, loss_fn, batches)
+    if reference is not None:
+        reference.probe = sampler.sample
+    train_steps(model, opt, loss_fn, batches, reference)
     sampler.sample()
     sampler.close()
     if cockpit is not None:
@@ -143,7 +179,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mlp,cnn")
     ap.add_argument("--optims", default="sgd,adam")
-    ap.add_argument("--configs", default=",".join(c for c in CONFIGS if c != "plain"))
+    ap.add_argument("--configs", default=",".join([c for c in CONFIGS if c != "plain"] + list(FUNC_CONFIGS)))
     ap.add_argument("--steps", type=int, default=5, help="steps per timed block")
     ap.add_argument("--reps", type=int, default=9, help="interleaved repetitions")
     ap.add_argument("--threads", type=int, default=1)
@@ -168,13 +204,17 @@ def main(argv=None):
         f"torch {torch.__version__}, {args.threads} thread(s), {args.reps} interleaved reps x {args.steps} steps, "
         f"{_malloc_setting()} malloc"
     )
-    print(f"{'model':5} {'optim':5} {'config':22} {'ms/step':>9} {'time x':>7} {'peak MB':>8} {'mem x':>6}")
+    print(f"{'model':9} {'optim':5} {'config':22} {'ms/step':>9} {'time x':>7} {'peak MB':>8} {'mem x':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         for model_name in args.models.split(","):
             for optim in args.optims.split(","):
                 per_step = time_ratios(model_name, optim, configs, args.steps, args.reps, tmp)
-                mem = {} if args.no_memory else {c: memory_delta(model_name, optim, c, args.steps) for c in configs}
+                ran = [c for c in configs if not isinstance(per_step[c], str)]
+                mem = {} if args.no_memory else {c: memory_delta(model_name, optim, c, args.steps) for c in ran}
                 for c in configs:
+                    if c not in ran:
+                        print(f"{model_name:9} {optim:5} {c:22} not run: {per_step[c]}")
+                        continue
                     row = {
                         "model": model_name, "optim": optim, "config": c, "malloc": _malloc_setting(),
                         "ms_per_step": per_step[c] * 1e3, "time_ratio": per_step[c] / per_step["plain"],
@@ -182,7 +222,7 @@ def main(argv=None):
                     }  # fmt: skip
                     rows.append(row)
                     m = f"{row['peak_mb']:8.1f} {row['mem_ratio']:6.2f}" if mem else ""
-                    print(f"{model_name:5} {optim:5} {c:22} {row['ms_per_step']:9.2f} {row['time_ratio']:7.2f} {m}")
+                    print(f"{model_name:9} {optim:5} {c:22} {row['ms_per_step']:9.2f} {row['time_ratio']:7.2f} {m}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows

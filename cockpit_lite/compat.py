@@ -41,6 +41,12 @@ def queue_backward_callback(fn: Callable[[], None]) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(fn)
 
 
+def saved_attribute(node: Any, name: str) -> Any:
+    """What an autograd node saved for its backward under ``name`` (``node._saved_<name>``: the other
+    operand of a product, the ``alpha`` of an addition, the dims of a permute)."""
+    return getattr(node, f"_saved_{name}")
+
+
 def profiler_enabled() -> bool:
     """Whether a ``torch.profiler`` is recording right now."""
     return bool(torch._C._autograd._profiler_enabled())

@@ -12,11 +12,12 @@ to p.grad; the per-sample gradient is
 Each example is also run alone first: its output must equal its row of the batch output, else the
 model couples its examples in the forward (train-mode BatchNorm) and the harness refuses it.
 
-A random model (dropout in train mode) is served with ``rng_seed``: the cockpit's step and the float64
-batch forward of the reference both start from ``torch.manual_seed(rng_seed)`` and so draw the same
-masks (CPU masks do not depend on the dtype; that they were the same is checked, since the shares of a
-forward with other masks do not add up to the step's ``p.grad``), and the examples-alone check runs in
-eval mode, where nothing is random (examples must still not interact).
+A random model (dropout in train mode: two forwards with different seeds differ) is served by replay:
+the coupling check runs with every module but the batch-statistics norms in eval mode (dropout off),
+and both the cockpit's step and the loop's batch forward draw their masks from the same seed
+(``REPLAY_SEED``, inside ``torch.random.fork_rng``), so the loop splits the very step the cockpit saw.
+That the masks were the same is checked, not assumed: the loop's shares must add up to the step's
+``p.grad`` (float32 and float64 draw the same masks on CPU; a mismatch fails that check).
 This needs no per-sample loss formula (weighted means, ignored targets and multi-element losses are
 served by the loss module itself) and shares no code with the engine. The cockpit's numbers come only
 through the public Instrument API (an instrument asking for ``Need.PER_SAMPLE_SQ_NORMS``,
@@ -38,6 +39,7 @@ the parameters at fault.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Iterable, Sequence
@@ -51,6 +53,8 @@ from torch import nn
 from cockpit_lite import Cockpit, Instrument, Need, Needs
 
 RTOL = 1e-5
+#: the seed both the cockpit's step and the loop's batch forward start from, for a random model
+REPLAY_SEED = 1234
 #: float32 round-off of a per-sample gradient relative to its norm (unit round-off 6e-8, times 16)
 NOISE = 1e-6
 
@@ -100,6 +104,45 @@ def _take(t: Any, i: int, axis: int) -> Any:
     return t.narrow(axis, i, 1) if torch.is_tensor(t) else t
 
 
+def _seeded(seed: int | None):
+    """A context in which the global RNG starts from ``seed`` and is restored after (none for None)."""
+    if seed is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.random.fork_rng())
+    torch.manual_seed(seed)
+    return stack
+
+
+@contextlib.contextmanager
+def _randomness_off(model: nn.Module):
+    """Every module in eval mode except the norms with batch statistics (whose train mode is the
+    coupling the check is for): dropout, functional included (``training=module.training``), is off."""
+    from cockpit_lite.compat import BatchNormBase, InstanceNormBase
+
+    before = {m: m.training for m in model.modules()}
+    try:
+        for m in model.modules():
+            if not isinstance(m, (BatchNormBase, InstanceNormBase)):
+                m.training = False
+        yield
+    finally:
+        for m, mode in before.items():
+            m.training = mode
+
+
+def is_random(model: nn.Module, inputs: Any) -> bool:
+    """Whether two forwards of (a copy of) the model on the same inputs with different seeds differ."""
+    m = copy.deepcopy(model)
+    args = _as_tuple(inputs)
+    with torch.no_grad():
+        with _seeded(1):
+            a = m(*args)
+        with _seeded(2):
+            b = m(*args)
+    return not torch.equal(a, b)
+
+
 def shares_loop(
     model: nn.Module,
     inputs: Any,
@@ -107,39 +150,33 @@ def shares_loop(
     loss_fn: nn.Module,
     names: Sequence[str],
     batch_axis: int = 0,
+    replay_seed: int | None = None,
     rng_seed: int | None = None,
 ) -> dict[str, np.ndarray]:
     """{name: (B, *shape)} float64 per-sample gradients g_i (module docstring), one autograd call each.
+    (``rng_seed`` is another name for ``replay_seed``.)
 
     First each example is run alone: its output must be the batch output's row (the model does not
     couple its examples in the forward), else AssertionError. Then, on the graph of the batch, example
     i's share of dL/dp is the backward of dL/d(output) restricted to row i. A backward that couples the
     examples (``scale_grad_by_freq`` divides by counts over the whole batch) is part of the share.
-
-    With ``rng_seed`` (a model with dropout in train mode) the examples-alone check runs on an eval-mode
-    copy (grad enabled, so that no inference fast path is taken) and the batch forward starts from
-    ``torch.manual_seed(rng_seed)`` (inside ``fork_rng``: the caller's stream is untouched), so its
-    masks are those of a float32 step started from the same seed.
+    With ``replay_seed`` (a random model) the check runs with dropout off and the batch forward starts
+    from that seed (module docstring).
     """
+    replay_seed = replay_seed if rng_seed is None else rng_seed
     m = copy.deepcopy(model).double()
     lf = copy.deepcopy(loss_fn).double()
     params = dict(m.named_parameters())
     wanted = [params[n] for n in names]
     args = tuple(_double(a) for a in _as_tuple(inputs))
     y = _double(targets)
-    n_alone = _batch_of(args, batch_axis)
-    if rng_seed is None:
-        with torch.no_grad():
-            alone = [m(*(_take(a, i, batch_axis) for a in args)) for i in range(n_alone)]
+    with torch.no_grad(), _randomness_off(m) if replay_seed is not None else contextlib.nullcontext():
+        alone = [m(*(_take(a, i, batch_axis) for a in args)) for i in range(_batch_of(args, batch_axis))]
+        together = m(*args)
+        if replay_seed is not None and not torch.equal(together, m(*args)):
+            raise AssertionError("the model is random even with every module but the norms in eval mode")
+    with _seeded(replay_seed):
         full = m(*args)
-        together = full.detach()
-    else:
-        still = copy.deepcopy(m).eval()
-        alone = [still(*(_take(a, i, batch_axis) for a in args)).detach() for i in range(n_alone)]
-        together = still(*args).detach()
-        with torch.random.fork_rng():
-            torch.manual_seed(rng_seed)
-            full = m(*args)
     batch = full.shape[0]
     if len(alone) != batch:
         raise ValueError(f"the model's output has {batch} rows but its inputs' axis {batch_axis} has {len(alone)}")
@@ -148,8 +185,8 @@ def shares_loop(
     if not gap <= 1e-9 * float(together.abs().max()):
         raise AssertionError(
             f"an example run alone gives an output {gap:.3g} away from its row of the batch output: the model "
-            "couples its examples in the forward (train-mode BatchNorm), is random (dropout; pass rng_seed), "
-            "or batch_axis is wrong; the harness does not apply"
+            "couples its examples in the forward (train-mode BatchNorm) or batch_axis is wrong; the harness does "
+            "not apply"
         )
     (d_out,) = torch.autograd.grad(lf(full, y), full, retain_graph=True)
     factor = batch if lf.reduction == "mean" else 1
@@ -204,16 +241,16 @@ def _mismatch(quantity: str, got: Any, want: np.ndarray, rtol: float, noise: np.
     )
 
 
-def _run(model, args, targets, loss_fn, params: list[nn.Parameter], directions, rng_seed: int | None = None):
+def _run(model, args, targets, loss_fn, params: list[nn.Parameter], directions, replay_seed: int | None = None):
     recorder = _Recorder(directions)
     opt = torch.optim.SGD(params, lr=0.0)  # theta unchanged: a step can be repeated
-    with warnings.catch_warnings(record=True) as caught, torch.random.fork_rng():
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with Cockpit(model, opt, loss_fn, instruments=[recorder]):
             opt.zero_grad()
-            if rng_seed is not None:
-                torch.manual_seed(rng_seed)
-            loss_fn(model(*args), targets).backward()
+            with _seeded(replay_seed):
+                out = model(*args)
+            loss_fn(out, targets).backward()
             opt.step()
     opt.zero_grad()
     return recorder, [str(w.message) for w in caught]
@@ -245,13 +282,13 @@ def assert_matches_loop(
     Args:
         model, inputs, targets, loss_fn: one step ``loss_fn(model(*inputs), targets)``; ``inputs`` is a
             tensor or a tuple of positional arguments. The model must treat examples independently
-            (no train-mode BatchNorm, no random dropout) and is left unchanged (lr = 0).
+            (no train-mode BatchNorm) and is left unchanged (lr = 0); a random one (dropout) is
+            replayed from a fixed seed (module docstring).
         params: the parameters the optimizer holds (default: every trainable one).
         batch_axis: the batch axis of the tensors in ``inputs`` (the output's batch axis is 0).
         n_directions / seed: the random directions projected onto.
         rtol: allowed error relative to the largest |value| of each quantity over the samples.
-        rng_seed: for a random model (dropout in train mode): the seed both the cockpit's step and the
-            reference's batch forward start from (module docstring); None: the model must not be random.
+        rng_seed: replay a random model from this seed (default ``REPLAY_SEED`` when it is random).
 
     Raises:
         AssertionError naming each parameter and quantity that failed.
@@ -261,9 +298,10 @@ def assert_matches_loop(
     ids = {id(p) for p in held}
     named = {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) in ids}
     names = list(named)
-    ref = shares_loop(model, args, targets, loss_fn, names, batch_axis, rng_seed)
+    replay = rng_seed if rng_seed is not None else (REPLAY_SEED if is_random(model, args) else None)
+    ref = shares_loop(model, args, targets, loss_fn, names, batch_axis, replay)
     directions = random_directions({n: p.shape for n, p in named.items()}, n_directions, seed)
-    recorder, seen = _run(model, args, targets, loss_fn, list(named.values()), directions, rng_seed)
+    recorder, seen = _run(model, args, targets, loss_fn, list(named.values()), directions, replay)
     rec = recorder.record
     if rec is None or rec.per_sample_sq_norms_by_param is None:
         notes = rec.notes if rec is not None else []
@@ -282,8 +320,8 @@ def assert_matches_loop(
         if not diff <= tol:
             failures.append(
                 f"reference for {n}: the loop's g_i do not add up to the step's p.grad (|diff| {diff:.3g} > "
-                f"{tol:.3g}): the step is random (dropout), a hook changes p.grad, or the float64 copy of the model "
-                "computes something else; the harness does not apply"
+                f"{tol:.3g}): the step is random in a way a seed does not replay, a hook changes p.grad, or the "
+                "float64 copy of the model computes something else; the harness does not apply"
             )
     got_names, want_names = set(rec.per_sample_sq_norms_by_param), set(names)
     if got_names != want_names:
@@ -302,7 +340,7 @@ def assert_matches_loop(
     dot_failure = _mismatch("g_i . gbar (all parameters)", rec.per_sample_dot_mean, G @ gbar, rtol, noise)
     if dot_failure is not None:
         failures.append(
-            dot_failure + _localise_dot_mean(model, args, targets, loss_fn, named, flat, rtol, delta, rng_seed)
+            dot_failure + _localise_dot_mean(model, args, targets, loss_fn, named, flat, rtol, delta, replay)
         )
     for key, d in directions.items():
         v = {n: t.double().numpy().reshape(-1) for n, t in d.items()}
@@ -319,13 +357,13 @@ def assert_matches_loop(
     return Checked(rec, ref, directions, seen)
 
 
-def _localise_dot_mean(model, args, targets, loss_fn, named, flat, rtol, delta, rng_seed=None) -> str:
+def _localise_dot_mean(model, args, targets, loss_fn, named, flat, rtol, delta, replay) -> str:
     """Run the step again per module (an optimizer with that module's parameters alone) and name the
     parameters whose g_i . gbar fails."""
     bad = []
     for group in _owner_groups(model, list(named)):
         try:
-            recorder, _ = _run(model, args, targets, loss_fn, [named[n] for n in group], {}, rng_seed)
+            recorder, _ = _run(model, args, targets, loss_fn, [named[n] for n in group], {}, replay)
             got = recorder.record.per_sample_dot_mean if recorder.record is not None else None
         except Exception as e:  # the diagnosis must not hide the failure it explains
             bad.append(f"{'+'.join(group)} (rerun failed: {e})")

@@ -46,6 +46,15 @@ def test_queue_backward_callback_runs_after_the_whole_backward():
     assert len(seen) == 1 and torch.equal(seen[0], torch.full((3,), 2.0))
 
 
+def test_saved_attribute():
+    p, x = torch.randn(3, requires_grad=True), torch.randn(4, 3)
+    assert compat.saved_attribute(torch.add(x, p, alpha=0.5).grad_fn, "alpha") == 0.5
+    assert torch.equal(compat.saved_attribute((p * x).grad_fn, "other"), x)
+    assert tuple(compat.saved_attribute(p.expand(2, 3).unsqueeze(0).permute(2, 0, 1).grad_fn, "dims")) == (2, 0, 1)
+    sliced = torch.randn(2, 5, requires_grad=True)[:, 1:4].grad_fn
+    assert [compat.saved_attribute(sliced, k) for k in ("dim", "start", "end", "step")] == [1, 1, 4, 1]
+
+
 def test_profiler_enabled():
     assert compat.profiler_enabled() is False
     with torch.profiler.profile():
@@ -147,7 +156,7 @@ def test_sdpa_backends_in_priority_order():
 def test_no_private_torch_call_outside_compat():
     """Private torch names (torch._x, module._x of torch objects) appear only in compat.py."""
     private = ("torch._", "._execution_engine", "._conv_forward", "._reversed_padding", "._orig_mod", "._iterator",
-               "._index_sampler", "_BatchNorm", "_InstanceNorm", "_pytree", "_foreach_")  # fmt: skip
+               "._index_sampler", "_BatchNorm", "_InstanceNorm", "_pytree", "_foreach_", "._saved_")  # fmt: skip
     for path in list((ROOT / "cockpit_lite").rglob("*.py")) + list((ROOT / "instruments").rglob("*.py")):
         if path.name == "compat.py":
             continue

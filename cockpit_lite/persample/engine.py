@@ -24,8 +24,9 @@ from cockpit_lite.compat import tree_flatten, tree_map
 from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.hooks import SharedHook
 from cockpit_lite.needs import Need, Needs
-from cockpit_lite.pause import is_paused
-from cockpit_lite.persample.layers import Handler, PerSampleUndefined, build_handlers, tied_groups
+from cockpit_lite.pause import is_paused, paused
+from cockpit_lite.persample.broadcast import BroadcastTracker, expand_over_batch
+from cockpit_lite.persample.layers import BareParamsHandler, Handler, PerSampleUndefined, build_handlers, tied_groups
 from cockpit_lite.persample.views import View, combined, tied_view
 from cockpit_lite.profiling import Costs, timed
 
@@ -139,6 +140,14 @@ class PerSampleEngine:
         #: modules with tied weights: their views are added up at the end of backward (see combined())
         self.tied = tied_groups(self.handlers)
         self._tied_bytes = _tied_bytes(self.handlers, self.tied)
+        #: tensors broadcast over the batch (position embeddings, bare parameters): see broadcast.py
+        bare = {
+            full: m.get_parameter(local)
+            for m, h in self.handlers.items()
+            if isinstance(h, BareParamsHandler)
+            for local, full in h.names.items()
+        }
+        self._bcast = BroadcastTracker(self, bare)
         self._hooks: list = []
         if attach:
             self._attach()
@@ -161,6 +170,10 @@ class PerSampleEngine:
             for m, h in self.handlers.items()
             if type(h).pre_forward is not Handler.pre_forward
         ]
+        self._hooks += [
+            self.model.register_forward_pre_hook(SharedHook(self._model_input), with_kwargs=True),
+            self.model.register_forward_hook(SharedHook(self._model_output)),
+        ]
 
     # --- lifecycle ------------------------------------------------------------------------------------
     def close_hooks(self) -> None:
@@ -171,6 +184,7 @@ class PerSampleEngine:
     def stop(self) -> None:
         """No more per-layer work until the next :meth:`begin`; release what this step held."""
         self.active = False
+        self._bcast.reset()
         self._calls.clear()
         self._kept = []
         self._outputs = []
@@ -178,6 +192,7 @@ class PerSampleEngine:
     def close(self) -> None:
         self.close_hooks()
         self.active = False
+        self._bcast.reset()
         self._calls.clear()
         self._kept = []
         self._outputs = []
@@ -205,6 +220,7 @@ class PerSampleEngine:
         #: per-sample gradients are of a mean loss over its examples
         self._segments: list[_Segment] = []
         self.mean = True
+        self._bcast.reset()
 
     def begin(self, needs: Needs) -> None:
         """A new step starts; attach per-layer work only if the step needs it."""
@@ -286,6 +302,20 @@ class PerSampleEngine:
             self.fail(f"per-sample engine disabled for this step ({type(module).__name__}: {e})")
         return None
 
+    def _model_input(self, module, args, kwargs):
+        if module is self.model and not self._processing and (not is_paused() or self._probing):
+            self._bcast.on_model_input(args, kwargs)
+
+    def _model_output(self, module, args, output):
+        """End of the model's forward: hook the consumers of tensors broadcast over the batch."""
+        if module is not self.model or not self.active or self._processing or (is_paused() and not self._probing):
+            return
+        if self._bcast.wanted:
+            try:
+                self._bcast.walk(output)
+            except Exception as e:  # never break the user's forward
+                self.fail(f"per-sample engine disabled for this step (broadcast parameters: {e})")
+
     def _forward_hook(self, module, args, kwargs, output):
         # not during our own recomputation (torch.func), nor for a deepcopy that carries our hooks
         if not self.active or self._processing or module not in self.handlers or (is_paused() and not self._probing):
@@ -299,6 +329,11 @@ class PerSampleEngine:
             calls = self._calls.setdefault(module, _Calls())
             idx = len(calls.captures)
             calls.captures.append(handler.capture(args, kwargs, output))
+            # an output that may lack the batch axis (a position embedding): decided by its consumers
+            broadcast = len(outs) == 1 and self._bcast.is_candidate(module, outs[0])
+            if broadcast:
+                label = f"the output of {type(module).__name__} ({', '.join(handler.names.values())})"
+                self._bcast.add_call(module, idx, outs[0], label)
             if self._probing:
                 # gradients are taken with respect to these outputs: hand a copy downstream, so that an
                 # in-place op there (ReLU(inplace=True)) does not rebase them
@@ -306,7 +341,7 @@ class PerSampleEngine:
                 self._register_grads(module, idx, outs)
                 return tree_map(lambda t: t.clone() if torch.is_tensor(t) and t.requires_grad else t, output)
             wants_dot = Need.PER_SAMPLE_DOT_MEAN in self.needs.flags or self.checking
-            node = handler.weight_grad_node(outs) if wants_dot else None
+            node = handler.weight_grad_node(outs) if wants_dot and not broadcast else None
             if node is not None:
                 # fires once the layer's backward has run: its output gradient and its weight gradient
                 node.register_hook(lambda gi, go, m=module, i=idx: self._on_grads(m, i, (go[0],), gi[1]))
@@ -334,13 +369,22 @@ class PerSampleEngine:
             return
         try:
             calls = self._calls[module]
+            if len(grads) == 1 and grads[0] is not None:
+                shares = self._bcast.complete_call(module, idx, grads[0])
+                if isinstance(shares, str):
+                    raise PerSampleUndefined(shares)
+                if shares is not None:  # broadcast over the batch: each example's output gradient
+                    calls.captures[idx] = expand_over_batch(calls.captures[idx], self.batch)
+                    grads = (shares,)
             calls.grads[idx] = tuple(None if g is None else g.detach() for g in grads)
             if any(g is not None and g.dtype in _LOW_PRECISION for g in grads):
                 self.low_precision = True  # autocast: the step's gradients carry half-precision round-off
             if weight_grad is not None:
                 calls.weight_grads[idx] = weight_grad.detach()
-            if len(calls.grads) == len(calls.captures):
-                self._process(module)
+            if len(calls.grads) == len(calls.captures) and not isinstance(self.handlers[module], BareParamsHandler):
+                self._process(module)  # (bare parameters wait for their gradients: end of backward)
+        except PerSampleUndefined as e:
+            self.fail(str(e))
         except Exception as e:
             self.drop(module, f"{type(e).__name__}: {e}")
 
@@ -349,16 +393,28 @@ class PerSampleEngine:
     def _process(self, module) -> None:
         calls = self._calls.pop(module)
         if self.batch is None:
-            raise RuntimeError("no loss was seen before backward: call the loss module given to the Cockpit")
+            raise RuntimeError("no model call with a batch axis was seen before backward")
         handler = self.handlers[module]
         grads = [calls.grads.get(i, (None,)) for i in range(len(calls.captures))]
+        if isinstance(handler, BareParamsHandler):
+            with _no_autocast(grads):
+                self._processing = True
+                try:
+                    with paused():  # a torch.func replay of the whole model must not look like a model call
+                        view = handler.bare_view(self._bcast, calls.captures, grads, self.batch, self.inv_scale)
+                finally:
+                    self._processing = False
+            if view is not None:
+                self._reduce(view)
+            return
         if all(g is None for gs in grads for g in gs):
             return
         # a backward called inside autocast must not recast the engine's own products
         with _no_autocast(grads):
             self._processing = True
             try:
-                view = handler.view(calls.captures, grads, self.batch, self.inv_scale)
+                with paused():  # a replay (torch.func, attention) is no call of the user's model or loss
+                    view = handler.view(calls.captures, grads, self.batch, self.inv_scale)
             finally:
                 self._processing = False
             if calls.weight_grads and len(calls.weight_grads) == len(calls.captures):
@@ -458,6 +514,10 @@ class PerSampleEngine:
         """Called before the optimizer step: reduce layers whose outputs got no gradient in some call."""
         if not self.active:
             return
+        for module, handler in self.handlers.items():  # bare parameters used outside their module's call
+            if isinstance(handler, BareParamsHandler) and module not in self._calls:
+                if self._bcast.has_results(handler.names.values()):
+                    self._calls[module] = _Calls()
         for module in list(self._calls):
             try:
                 self._process(module)
@@ -465,6 +525,11 @@ class PerSampleEngine:
                 self.drop(module, f"{type(e).__name__}: {e}")
         try:
             self._reduce_tied()
+            mismatch = self._bcast.check()
+            if mismatch is not None:
+                raise PerSampleUndefined(mismatch)
+        except PerSampleUndefined as e:
+            self.fail(str(e))
         except Exception as e:
             self.fail(f"per-sample engine disabled for this step ({e})")
 

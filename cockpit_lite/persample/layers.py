@@ -12,6 +12,7 @@ import contextlib
 import functools
 import inspect
 import math
+import sys
 import warnings
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from cockpit_lite.compat import (
     unguarded,
 )
 from cockpit_lite.errors import CockpitWarning
+from cockpit_lite.persample.broadcast import dropout_active
 from cockpit_lite.persample.views import ConvView, EmbeddingView, FactorView, MaterialisedView, View, ViewGroup
 
 
@@ -983,6 +985,54 @@ class AttentionHandler(FuncHandler):
         return FactorView(a.to(dt), e.to(dt), self.names[weight], full_bias, tuple(p.shape))
 
 
+class BareParamsHandler(FuncHandler):
+    """Parameters that a module with children holds itself and uses functionally, not through a child
+    (bare ``nn.Parameter`` s: ViT's ``cls_token`` expanded over the batch, its ``position_embeddings``
+    added to every example).
+
+    Their per-sample gradients come from where each meets the batch (the engine's
+    :class:`~cockpit_lite.persample.broadcast.BroadcastTracker`: the first op that broadcasts it over
+    the batch, seen by a pre-hook on that autograd node), processed at the end of backward. A parameter
+    used otherwise falls back, with a warning, to torch.func over this module's forward (the
+    :class:`FuncHandler` way: exact for a deterministic forward; refused while a dropout module inside
+    is active, since a recomputation would draw other masks).
+    """
+
+    def bare_view(self, tracker, captures, grads, batch: int, inv_scale: float) -> View | None:
+        """The view of this step's parameters: resolved ones from ``tracker``, the others by torch.func
+        over this module's calls (``captures``/``grads``); None if none of them got gradient."""
+        out: dict[str, torch.Tensor] = {}
+        failed: dict[str, str] = {}
+        for local, full in self.names.items():
+            if full in tracker.params:
+                out[full] = _scaled(tracker.params[full], inv_scale)
+            elif full in tracker.param_failures:
+                failed[local] = tracker.param_failures[full]
+        if failed:
+            reasons = "; ".join(sorted(set(failed.values())))
+            if not captures or all(g is None for gs in grads for g in gs):
+                raise ValueError(f"{reasons}, and its module {type(self.module).__name__} was not called")
+            if dropout_active(self.module):
+                raise PerSampleUndefined(
+                    f"{reasons}; a recomputation of {type(self.module).__name__} by torch.func would draw other "
+                    "dropout masks than the step did, so per-sample statistics are skipped while its dropout is active"
+                )
+            self._warn_fallback(reasons)
+            sub = FuncHandler(self.module, {local: self.names[local] for local in failed})
+            out.update(sub.view(captures, grads, batch, inv_scale).grads())
+        return MaterialisedView(out) if out else None
+
+    def _warn_fallback(self, reasons: str) -> None:
+        if reasons not in getattr(self, "_fallbacks", set()):
+            self._fallbacks = getattr(self, "_fallbacks", set()) | {reasons}
+            warnings.warn(
+                f"cockpit-lite: {reasons}; its per-sample gradients come from torch.func over the forward of "
+                f"{type(self.module).__name__} (exact for a deterministic forward)",
+                CockpitWarning,
+                stacklevel=2,
+            )
+
+
 class LayerHandler(Handler):
     """A handler in one method: write :meth:`per_sample_grads`, everything else is derived.
 
@@ -1106,7 +1156,9 @@ def build_handlers(model: nn.Module, params: Collection[int] | None = None) -> d
     """One handler per module that holds trainable parameters (those with ``requires_grad``, and with
     ``params`` given only those whose ``id`` is in it: the optimizer's). Modules in
     :data:`WHOLE_MODULES` get one torch.func handler for all their parameters (their children's hooks
-    never fire), unless a handler is registered for their class."""
+    never fire), unless a handler is registered for their class. Parameters that a module with children
+    holds itself get a :class:`BareParamsHandler`."""
+    _register_optional_handlers()
     handlers: dict[nn.Module, Handler] = {}
     claimed: list[str] = []
     # a parameter shared by several modules (tied weights) goes by its first name, as in named_parameters()
@@ -1126,7 +1178,34 @@ def build_handlers(model: nn.Module, params: Collection[int] | None = None) -> d
         if whole:
             claimed.append(mname)
         handlers[module] = handler_for(module)(module, names)
-    return handlers
+    return _bare_parameters(handlers)
+
+
+def _bare_parameters(handlers: dict[nn.Module, Handler]) -> dict[nn.Module, Handler]:
+    """Modules with children (other than :data:`WHOLE_MODULES`) served by the default
+    :class:`FuncHandler` hold bare parameters: give
+    them a :class:`BareParamsHandler` for the parameters no other handler serves (a bias that is also
+    a child layer's, as in BERT's MLM head, is that layer's), none if nothing is left."""
+    out: dict[nn.Module, Handler] = {}
+    for module, handler in handlers.items():
+        whole = isinstance(module, WHOLE_MODULES)
+        if type(handler) is not FuncHandler or whole or next(module.children(), None) is None:
+            out[module] = handler
+            continue
+        elsewhere = {full for m, h in handlers.items() if m is not module for full in h.names.values()}
+        names = {local: full for local, full in handler.names.items() if full not in elsewhere}
+        if names:
+            out[module] = BareParamsHandler(module, names)
+    return out
+
+
+def _register_optional_handlers() -> None:
+    """Handlers for layers of optional libraries, registered once their module is imported (a model
+    that uses the layer has imported it): transformers' ``Conv1D``."""
+    if "transformers.pytorch_utils" in sys.modules:
+        from cockpit_lite.persample import hf
+
+        hf.register()
 
 
 def tied_groups(handlers: dict[nn.Module, Handler]) -> dict[nn.Module, int]:

@@ -314,6 +314,35 @@ class FactorView(View):
         return out
 
 
+class TransposedFactorView(FactorView):
+    """The factor form of a layer z = a W + b whose weight is stored (i, o) (transformers' ``Conv1D``):
+    g_i(W) = sum_t a_it e_it^T, the transpose of :class:`FactorView`'s. Norms, Gram entries and dot
+    products with the mean do not depend on the layout; gradients and projections are transposed.
+
+    Args:
+        a: (B, 1, T, i) inputs. e: (B, 1, T, o) output gradients. weight_shape: (i, o).
+    """
+
+    transposed = True
+
+    def __init__(self, a, e, weight_name, bias_name, weight_shape):
+        super().__init__(a, e, weight_name, bias_name, (weight_shape[1], weight_shape[0]))
+        self.stored_shape = tuple(weight_shape)
+
+    def project_many(self, directions):
+        flipped = {
+            k: ({**d, self.w: d[self.w].reshape(self.stored_shape).T} if d.get(self.w) is not None else d)
+            for k, d in directions.items()
+        }
+        return super().project_many(flipped)
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        out = super().grads()
+        if self.w is not None:
+            out[self.w] = out[self.w].transpose(1, 2)
+        return out
+
+
 class ConvView(MaterialisedView):
     """Conv1d/Conv2d. Per-sample weight gradients are formed only when asked (norms, Gram, dot with
     the mean) by one weight-gradient-sized product with the fastest exact kernel for the shape.
@@ -438,6 +467,13 @@ class EmbeddingView(View):
     def gram(self) -> dict[str, torch.Tensor]:
         return {self.w: lookup_cross(self.idx, self.e, self.idx, self.e)}
 
+    def dot_mean(self) -> torch.Tensor:
+        """g_i . gbar with gbar = (1/B) sum_j g_j formed as a table (rows added at the tokens looked up):
+        sum_t gbar[idx_it] . e_it, O(B T d) instead of the B x B x T x T pairs of the Gram."""
+        bsz, t, d = self.e.shape
+        table = self.e.new_zeros(self.n, d).index_add_(0, self.idx.reshape(-1), self.e.reshape(-1, d))
+        return (table[self.idx] * self.e).sum((1, 2)) / bsz
+
     def project_many(self, directions):
         out: dict[str, torch.Tensor] = {}
         for k, d in directions.items():
@@ -532,6 +568,6 @@ def tied_view(views: list[View]) -> View | None:
         return None
     emb = next((v for v in views if isinstance(v, EmbeddingView)), None)
     out = next((v for v in views if isinstance(v, FactorView)), None)
-    if emb is None or out is None or out.w != emb.w or out.a.shape[1] != 1:
+    if emb is None or out is None or out.w != emb.w or out.a.shape[1] != 1 or getattr(out, "transposed", False):
         return None
     return TiedEmbeddingView(emb, out)

@@ -1,0 +1,323 @@
+"""Tensors broadcast over the batch (cockpit_lite/persample/broadcast.py): the split rule against
+autograd per example, every consumer and layout op the engine follows through the exactness harness,
+and a clear refusal (never a silently wrong number) where it cannot split."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from cockpit_lite import Cockpit, Need
+from cockpit_lite.persample import layers
+from cockpit_lite.persample.broadcast import per_example
+from cockpit_lite.persample.engine import PerSampleEngine
+from tests import models_lm as M
+from tests.harness import assert_matches_loop
+from tests.test_persample import Probe
+
+
+# --- the split rule ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "shape,y_shape,axis",
+    [
+        ((6, 4), (3, 6, 4), 0),  # wpe(arange(T)) + tokens
+        ((1, 6, 4), (3, 6, 4), 0),  # (1, T) position ids
+        ((4,), (3, 6, 4), 0),  # a bias
+        ((6, 1, 4), (6, 3, 4), 1),  # (T, B, d) layout
+        ((1, 1, 4), (3, 1, 4), 0),  # cls_token.expand(B, 1, d)
+        ((5, 5), (5, 5, 5), 0),  # T == B: the axis where the tensor has size 1
+    ],
+)
+def test_per_example_shares_match_autograd_per_example(shape, y_shape, axis):
+    """Example i's share of dL/du for y = x + u (u broadcast) is d <G_i, y_i> / du by autograd."""
+    torch.manual_seed(0)
+    u = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(y_shape, dtype=torch.float64)
+    g = torch.randn(y_shape, dtype=torch.float64)
+    y = x + u
+    batch = y_shape[axis]
+    rows = [(y.narrow(axis, i, 1) * g.narrow(axis, i, 1)).sum() for i in range(batch)]
+    want = torch.stack([torch.autograd.grad(r, u, retain_graph=True)[0] for r in rows])
+    got = per_example(g, shape, batch)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(got.sum(0), torch.autograd.grad((y * g).sum(), u)[0])
+
+
+def test_per_example_refuses_what_it_cannot_split():
+    assert "along 2 axes of the batch size 4" in per_example(torch.ones(4, 4, 3), (3,), 4)
+    assert "along no axis of the batch size 5" in per_example(torch.ones(4, 6, 3), (6, 3), 5)
+    assert "does not broadcast" in per_example(torch.ones(4, 6, 3), (5, 3), 4)
+    assert torch.equal(per_example(torch.full((1, 6, 3), 2.0), (6, 3), 1), torch.full((1, 6, 3), 2.0))
+
+
+# --- consumers and layout ops, through the harness ----------------------------------------------------
+class _Tokens(nn.Module):
+    """Token embeddings (B, T, d) with a positional term, pooled into class logits. ``how`` says how the
+    position term reaches the batch: a bare parameter or an Embedding looked up with shared positions,
+    through an op with or without layout ops in between."""
+
+    def __init__(self, how: str, t: int = 6, d: int = 4, vocab: int = 9, classes: int = 3):
+        super().__init__()
+        self.how = how
+        self.tok = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(t, d)
+        self.pos = nn.Parameter(torch.randn(t, d))
+        self.pos_dt = nn.Parameter(torch.randn(d, t))  # stored transposed
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, d))
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.table = nn.Parameter(torch.randn(1, t + 2, d))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, idx):
+        b, t = idx.shape
+        h = self.tok(idx)
+        positions = torch.arange(t)
+        if self.how == "add alpha":
+            h = torch.add(h, self.wpe(positions), alpha=0.5)
+        elif self.how == "sub":
+            h = h - self.pos
+        elif self.how == "sub alpha":
+            h = torch.sub(h, self.pos, alpha=2.0)
+        elif self.how == "mul":
+            h = h * self.scale
+        elif self.how == "unsqueeze":
+            h = h + self.wpe(positions).unsqueeze(0)
+        elif self.how == "view then add":
+            h = self.wpe(positions[None]).view(1, t, -1) + h
+        elif self.how == "transpose":
+            h = h + self.pos_dt.t()
+        elif self.how == "permute":
+            h = h + self.pos_dt.permute(1, 0)
+        elif self.how == "cast":
+            h = h + self.pos.double().to(h.dtype)
+        elif self.how == "clone":
+            h = h + self.pos.clone()
+        elif self.how == "slice":  # minGPT's pos_emb[:, :t, :]
+            h = h + self.table[:, :t, :]
+        elif self.how == "slice from the end":
+            h = h + self.table[:, -t:]
+        elif self.how == "select":
+            h = h + self.table[0, 1 : t + 1]
+        elif self.how == "twice":
+            p = self.wpe(positions)
+            h = h + p
+            h = torch.tanh(h) * p
+        elif self.how == "cls":
+            h = torch.cat([self.cls.expand(b, -1, -1), h], 1) * self.scale
+        elif self.how == "seq first":  # (T, B, d) activations
+            h = h.transpose(0, 1) + self.wpe(positions[:, None])
+            h = h.transpose(0, 1)
+        return self.head(torch.tanh(h).mean(1))
+
+
+CONSUMERS = [
+    "add alpha", "sub", "sub alpha", "mul", "unsqueeze", "view then add", "transpose", "permute", "cast",
+    "clone", "slice", "slice from the end", "select", "twice", "cls", "seq first",
+]  # fmt: skip
+
+
+def _used(model: nn.Module, x) -> list[nn.Parameter]:
+    """The parameters this forward uses (the others get no gradient and are not covered)."""
+    model.zero_grad()
+    model(x).sum().backward()
+    used = [p for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return used
+
+
+@pytest.mark.parametrize("how", CONSUMERS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_consumers_and_layout_ops(how, reduction):
+    torch.manual_seed(0)
+    model = _Tokens(how)
+    x, y = torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,))
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(reduction=reduction), params=_used(model, x))
+    assert not checked.warnings
+
+
+class _FeatureGain(nn.Module):
+    """A gain per feature looked up from an Embedding with arange(d): shared by the batch, of shape
+    (d, 1), which has an axis of the batch size when d == B."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.lin, self.gain, self.head = nn.Linear(3, d), nn.Embedding(d, 1), nn.Linear(d, 3)
+
+    def forward(self, x):
+        g = self.gain(torch.arange(self.gain.num_embeddings)).squeeze(-1)
+        return self.head(torch.tanh(self.lin(x)) * g)
+
+
+@pytest.mark.parametrize("d", [4, 6])
+def test_a_lookup_with_an_axis_of_the_batch_size_is_never_taken_for_the_batch(d):
+    """The lookup's consumer broadcasts it along the batch axis, which decides: with d != B it is
+    split exactly; with d == B the expanded lookup has two axes of size B, which the handler refuses as
+    ambiguous (before, its rows were taken for the samples: silently wrong)."""
+    torch.manual_seed(0)
+    model = _FeatureGain(d)
+    x, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    if d != 6:
+        assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+        return
+    with pytest.raises(AssertionError, match=r"(?s)gave no value.*several axes of size 6"):
+        assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+
+
+class _Net(nn.Module):
+    """A module with children holding a bare parameter ``w`` used by ``use``."""
+
+    def __init__(self, use: str, dropout: float = 0.0):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.w = nn.Parameter(torch.randn(4, 4) / 2 if use == "matmul" else torch.randn(4))
+        self.drop = nn.Dropout(dropout)
+        self.use = use
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        if self.use == "matmul":
+            h = h @ self.w
+        else:
+            h = h + self.w
+        return self.drop(h)[:, :3]
+
+
+def _warns(model, x, y, loss_fn=None) -> list[str]:
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Cockpit(model, opt, loss_fn, instruments=[probe]):
+            loss_fn(model(x), y).backward()
+            opt.step()
+    return probe.records[0], [str(w.message) for w in caught]
+
+
+def test_a_bare_parameter_in_an_unknown_op_falls_back_to_torch_func_with_a_warning():
+    torch.manual_seed(0)
+    model = _Net("matmul")
+    assert isinstance(layers.build_handlers(model)[model], layers.BareParamsHandler)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+    fallback = [w for w in checked.warnings if "torch.func over the forward of _Net" in w]
+    assert len(fallback) == 1 and "parameter w is used by Mm" in fallback[0]
+
+
+def test_the_fallback_is_refused_while_dropout_is_active():
+    torch.manual_seed(0)
+    rec, seen = _warns(_Net("matmul", dropout=0.3), torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    assert "w" in rec.per_sample_uncovered and "w" not in rec.per_sample_sq_norms_by_param  # left out, said
+    assert any("would draw other dropout masks" in w for w in seen)
+    # a bare parameter that meets the batch in an add needs no recomputation: dropout is fine there
+    torch.manual_seed(0)
+    model = _Net("add", dropout=0.3)
+    assert_matches_loop(model, torch.randn(6, 4), torch.randint(0, 3, (6,)), nn.CrossEntropyLoss())
+
+
+class _PlainAndBroadcast(nn.Module):
+    """A position lookup both broadcast over the batch and pooled on its own (an unbatched use)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.wpe, self.head = nn.Embedding(9, 4), nn.Embedding(6, 4), nn.Linear(4, 3)
+
+    def forward(self, idx):
+        p = self.wpe(torch.arange(idx.shape[1]))
+        return self.head(torch.tanh(self.tok(idx) + p).mean(1) + torch.tanh(p).mean(0))
+
+
+def test_a_tensor_used_both_broadcast_and_not_is_refused_with_a_note():
+    torch.manual_seed(0)
+    rec, seen = _warns(_PlainAndBroadcast(), torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,)))
+    assert rec.per_sample_sq_norms is None
+    assert any("is broadcast over the batch but also used by Tanh" in w and "wpe.weight" in w for w in seen)
+
+
+class _Leaky(nn.Module):
+    """Keeps its position lookup for a term the loop adds outside the model (and the loss module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.wpe, self.head = nn.Embedding(9, 4), nn.Embedding(6, 4), nn.Linear(4, 3)
+
+    def forward(self, idx):
+        self.p = self.wpe(torch.arange(idx.shape[1]))
+        return self.head(torch.tanh(self.tok(idx) + self.p).mean(1))
+
+
+def test_shares_that_do_not_add_up_are_refused_with_a_note():
+    torch.manual_seed(0)
+    model, loss_fn = _Leaky(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Cockpit(model, opt, loss_fn, instruments=[probe]):
+            x, y = torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,))
+            (loss_fn(model(x), y) + model.p.square().sum()).backward()
+            opt.step()
+    assert probe.records[0].per_sample_sq_norms is None
+    assert any("do not add up to the gradient autograd summed" in str(w.message) for w in caught)
+
+
+def test_scale_grad_by_freq_with_shared_positions_is_refused():
+    torch.manual_seed(0)
+    model = _Tokens("unsqueeze")
+    model.wpe.scale_grad_by_freq = True
+    rec, seen = _warns(model, torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,)))
+    assert rec.per_sample_sq_norms is None and any("scale_grad_by_freq" in w for w in seen)
+
+
+def test_bert_mlm_bias_is_the_decoders_not_a_bare_parameter():
+    """BERT ties cls.predictions.bias to decoder.bias: one parameter, served once, by the decoder."""
+    model = M.hf_bert()
+    handlers = layers.build_handlers(model)
+    head = model.cls.predictions
+    assert head not in handlers and handlers[head.decoder].names["bias"] == "cls.predictions.bias"
+
+
+def test_tracin_probe_of_a_model_with_shared_positions():
+    """engine.probe (TracIn's probe batch) splits the position embedding too: its per-example
+    gradients against autograd per example (losses as batches of one)."""
+    torch.manual_seed(0)
+    model = M.LogitsForLoss(M.NanoGPT())
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = M.token_batch(3, 8)
+    engine = PerSampleEngine(model, attach=False)
+    views, losses = engine.probe(x, y, loss_fn)
+    got = views[("net.transformer.wpe.weight",)].grads()["net.transformer.wpe.weight"]
+    for k in range(3):
+        want = torch.autograd.grad(loss_fn(model(x[k : k + 1]), y[k : k + 1]), model.net.transformer.wpe.weight)[0]
+        assert torch.allclose(got[k], want, rtol=1e-4, atol=1e-6)
+    engine.close()
+
+
+def test_models_without_candidates_walk_nothing(monkeypatch):
+    """An MLP has no embedding and no output without the batch axis: the graph is not walked."""
+    from cockpit_lite.persample import broadcast
+
+    walked = []
+    monkeypatch.setattr(broadcast.BroadcastTracker, "walk", lambda self, out: walked.append(1))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    rec, _ = _warns(model, torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    assert rec.per_sample_sq_norms is not None and not walked
+
+
+def test_a_failure_inside_a_backward_hook_never_breaks_the_backward(monkeypatch):
+    from cockpit_lite.persample import broadcast
+
+    def boom(t, shape, batch):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(broadcast, "per_example", boom)
+    torch.manual_seed(0)
+    model = _Tokens("sub")
+    rec, seen = _warns(model, torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,)))
+    assert rec.per_sample_sq_norms is None and rec.loss is not None
+    assert any("broadcast over the batch: boom" in w for w in seen)
+    assert all(p.grad is not None for p in (model.pos, model.tok.weight, model.head.weight))
