@@ -245,7 +245,10 @@ class Cockpit:
         grads = (grad_tensors,) if grad_tensors is None or torch.is_tensor(grad_tensors) else tuple(grad_tensors)
         st.amp_scale = next((f for f in map(grad_scaler_factor, roots) if f is not None), 1.0)
         detach = lambda t: t.detach() if torch.is_tensor(t) else t  # noqa: E731
-        st.event("on_backward_root", BackwardRoot(tuple(map(detach, roots)), tuple(map(detach, grads)), st.amp_scale))
+        nodes = tuple(getattr(t, "grad_fn", None) for t in roots)
+        st.event(
+            "on_backward_root", BackwardRoot(tuple(map(detach, roots)), tuple(map(detach, grads)), st.amp_scale, nodes)
+        )
         self._begin_backward(st)
 
     def _begin_backward(self, st: Step) -> None:

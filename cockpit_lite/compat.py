@@ -212,3 +212,33 @@ def sdpa_backends() -> list:
     from torch.nn import attention
 
     return attention._cur_sdpa_kernel_backends(with_priority=True)
+
+
+#: backward nodes a loss passes through on its way to backward(): a scalar factor, GradScaler's scale
+_SCALINGS = ("MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1")
+
+
+def nll_terms(root_fn: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int] | None:
+    """The saved inputs of the negative log-likelihood a root of backward comes from (``F.cross_entropy``,
+    ``F.nll_loss``, through scalar factors): (log-probabilities, targets, class weights or None,
+    ignore_index, reduction: 1 mean, 2 sum), read from its backward node's ``_saved_*``; else None."""
+    fn = root_fn
+    for _ in range(4):
+        if fn is None:
+            return None
+        name = type(fn).__name__
+        if name in ("NllLossBackward0", "NllLoss2DBackward0"):
+            try:
+                return (
+                    fn._saved_self,
+                    fn._saved_target,
+                    fn._saved_weight,
+                    int(fn._saved_ignore_index),
+                    int(fn._saved_reduction),
+                )
+            except (AttributeError, RuntimeError):
+                return None
+        if name not in _SCALINGS or not fn.next_functions:
+            return None
+        fn = fn.next_functions[0][0]
+    return None

@@ -202,3 +202,26 @@ def example_losses(loss_fn: nn.Module, pred: torch.Tensor, target: Any) -> torch
 def gradient_scale(reduction: str, batch_size: int) -> float:
     """c in p.grad = c * sum_i g_i."""
     return 1.0 / batch_size if reduction == "mean" else 1.0
+
+
+@torch.no_grad()
+def nll_losses(terms: tuple, batch: int) -> torch.Tensor | None:
+    """Per-example losses of a cross-entropy / NLL loss from its saved inputs (compat.nll_terms): the
+    element losses -w[y] log p[y] (0 where y is ignore_index) summed per example (rows of a loss over
+    flattened tokens folded to their sequences), normalised as the loss was (l_i = B s_i / sum of the
+    counted weights for a mean, s_i for a sum), so that L = mean_i l_i (sum_i l_i)."""
+    logp, target, weight, ignore, reduction = terms
+    if reduction not in (1, 2) or logp.dim() < 1 or target.dtype not in (torch.int64, torch.int32):
+        return None
+    tgt = target.long()
+    keep = tgt != ignore
+    picked = -logp.gather(1, tgt.clamp(min=0).unsqueeze(1)).squeeze(1)
+    w = keep.to(logp.dtype) if weight is None else weight[tgt.clamp(min=0)] * keep
+    elem = (picked * w).reshape(picked.shape[0], -1).sum(1)
+    per_example = fold_rows(elem, batch, "sum")
+    if per_example is None:
+        return None
+    if reduction == 2:
+        return per_example
+    total = w.sum()
+    return per_example * (batch / total) if float(total) > 0 else None

@@ -84,8 +84,9 @@ def test_functional_loss_without_loss_fn():
     }
     _check(rec, grads, update=update)
     np.testing.assert_allclose(rec.loss, losses.mean(), rtol=RTOL)  # the root backward started from
-    assert rec.per_sample_loss is None  # not derivable from logits alone: said so
-    assert "no per-sample losses" in ck.history.last("note/loss")
+    # F.cross_entropy in the loop: per-example losses from the saved inputs of its backward node
+    np.testing.assert_allclose(rec.per_sample_loss, losses, rtol=RTOL)
+    assert "note/loss" not in ck.history
     assert ck.history.last("loss") == pytest.approx(losses.mean(), rel=RTOL)
 
 
@@ -391,3 +392,13 @@ def test_an_iteration_abandoned_after_a_non_finite_loss_is_no_part_of_the_next_s
     np.testing.assert_allclose(rec.per_sample_sq_norms, (G**2).sum(1), rtol=RTOL)
     np.testing.assert_allclose(rec.per_sample_loss, losses, rtol=RTOL)
     assert math.isfinite(ck.history.last("tests/norm"))
+
+
+def test_a_loss_without_a_known_form_says_so():
+    torch.manual_seed(0)
+    model, (x, y) = models.mlp(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Cockpit(model, opt, instruments=[Loss()]) as ck:
+        (model(x) - F.one_hot(y, 3)).pow(4).mean().backward()  # no module, no cross-entropy
+        opt.step()
+    assert "no per-sample losses" in ck.history.last("note/loss") and math.isfinite(ck.history.last("loss"))

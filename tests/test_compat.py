@@ -197,3 +197,23 @@ def test_backward_watch_sees_roots_and_grad_scaler_outputs_and_restores():
     assert len(seen) == 1 and seen[0] is scaled
     watch.remove()
     assert torch.autograd.backward is backward and torch.amp.GradScaler.scale is scale
+
+
+def test_nll_terms_reads_the_saved_inputs_of_a_cross_entropy():
+    from cockpit_lite.losses import nll_losses
+
+    logits = torch.randn(4, 5, 3, requires_grad=True)
+    target = torch.randint(0, 5, (4, 3))
+    target[0, 1] = -100
+    weight = torch.rand(5)
+    loss = F.cross_entropy(logits, target, weight=weight) / 2  # through a scalar factor
+    terms = compat.nll_terms(loss.grad_fn)
+    assert terms is not None and terms[3] == -100 and terms[4] == 1
+    per = nll_losses(terms, 4)
+    # the per-example shares: example i alone, with the batch's normaliser (sum of counted weights)
+    elem = F.cross_entropy(logits, target, weight=weight, reduction="none").detach()
+    counted = (weight[target.clamp(min=0)] * (target != -100)).sum()
+    torch.testing.assert_close(per, 4 * elem.sum(1) / counted)
+    torch.testing.assert_close(per.mean(), 2 * loss.detach())
+    assert compat.nll_terms((logits.sum()).grad_fn) is None
+    assert compat.nll_terms(F.cross_entropy(logits, target, label_smoothing=0.1).grad_fn) is None

@@ -73,3 +73,28 @@ def test_hugging_face_gpt2_out_loss():
     assert len(rec.per_sample_sq_norms) == 4 and rec.per_sample_loss is not None
     np.testing.assert_allclose(rec.per_sample_loss.mean(), rec.loss, rtol=1e-5)
     assert ck.history.last("persample/coverage") == pytest.approx(1.0)
+
+
+def test_transformer_encoder_lm_with_default_dropout_and_a_functional_loss():
+    from tests.test_attention_dropout import LM
+
+    def step(m, x, y):
+        return torch.nn.functional.cross_entropy(m(x % 13), y % 13)
+
+    ck, probe = _run(lambda: LM(), step)
+    _assert_preset(ck)
+    assert ck.history.last("persample/coverage") == pytest.approx(1.0)
+    rec = probe.records[-1]  # F.cross_entropy on (B, V, T) logits: per-sequence losses, exact
+    np.testing.assert_allclose(rec.per_sample_loss.mean(), rec.loss, rtol=1e-5)
+
+
+def test_hugging_face_bert_masked_lm():
+    def step(m, x, y):
+        ids, labels = models_lm.mlm_batch(b=4, t=8, vocab=50, seed=int(x[0, 0]))
+        return m(input_ids=ids, labels=labels).loss
+
+    ck, probe = _run(lambda: models_lm.hf_bert(), step)
+    _assert_preset(ck)
+    rec = probe.records[-1]
+    assert rec.per_sample_loss is not None  # derived from logits and labels (ignoring -100), verified
+    np.testing.assert_allclose(rec.per_sample_loss.mean(), rec.loss, rtol=1e-5)

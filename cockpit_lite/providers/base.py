@@ -66,6 +66,8 @@ class BackwardRoot:
     grad_tensors: tuple
     #: GradScaler's loss scale if the root is ``scaler.scale(loss)`` (divided out of everything), else 1
     scale: float = 1.0
+    #: the roots' backward nodes (read, never run: e.g. the cross-entropy a root comes from)
+    nodes: tuple = ()
 
 
 @dataclass

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cockpit_lite.losses import derived_losses, fold_rows, per_sample_losses, scalar_loss
+from cockpit_lite.compat import nll_terms
+from cockpit_lite.losses import derived_losses, fold_rows, nll_losses, per_sample_losses, scalar_loss
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.providers import register_provider
 from cockpit_lite.providers.base import BackwardRoot, LossCall, ModelCall, Provider
@@ -124,6 +125,13 @@ class LossProvider(Provider):
     def on_backward_root(self, record: StepRecord, root: BackwardRoot) -> None:
         if len(root.tensors) == 1 and torch.is_tensor(root.tensors[0]) and root.tensors[0].dim() == 0:
             self.roots.append((root.tensors[0], root.scale))
+            if self.per_sample and self.parts and self.parts[-1] is None and root.nodes:
+                # a functional cross-entropy / NLL in the loop: its per-example losses from its saved inputs
+                terms = nll_terms(root.nodes[0])
+                if terms is not None:
+                    self.parts[-1] = nll_losses(terms, self.batches[-1])
+                    if self.parts[-1] is not None and self.values[-1] is None:
+                        self.values[-1] = self.parts[-1].mean() if record.reduction == "mean" else self.parts[-1].sum()
 
     def on_before_step(self, record: StepRecord) -> None:
         self._keep_reached(record)
