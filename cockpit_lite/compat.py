@@ -233,7 +233,7 @@ def nll_terms(root_fn: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
                     fn._saved_self,
                     fn._saved_target,
                     fn._saved_weight,
-                    int(fn._saved_ignore_index),
+                    _signed64(int(fn._saved_ignore_index)),
                     int(fn._saved_reduction),
                 )
             except (AttributeError, RuntimeError):
@@ -242,3 +242,8 @@ def nll_terms(root_fn: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
             return None
         fn = fn.next_functions[0][0]
     return None
+
+
+def _signed64(value: int) -> int:
+    """A 64-bit integer saved unsigned (``ignore_index=-100`` reads 2^64 - 100) as the signed value."""
+    return value - (1 << 64) if value >= (1 << 63) else value
