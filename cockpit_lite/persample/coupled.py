@@ -220,10 +220,11 @@ class CoupledPath:
         #: forward-mode derivative: switched to at the first failure, with a warning)
         self.projection_method = "jvp"
         #: how a chunk's VJPs run: ``"batched"`` (vmap over backward), ``"loop"`` (one backward per
-        #: example), or ``"auto"``: the first chunked pass runs one chunk each way and keeps the faster
-        #: per example (the other way's time is in :attr:`vjp_times`). A failing batched backward
-        #: switches to ``"loop"`` with a warning.
+        #: example), or ``"auto"``: batched on the first chunked pass (which pays vmap's one-time
+        #: setup), then the second runs one chunk each way and keeps the faster per example (both
+        #: times in :attr:`vjp_times`). A failing batched backward switches to ``"loop"`` with a warning.
         self.vjp_mode = "auto"
+        self._passes = 0  # chunked passes so far
         #: seconds per example of the two ways, from the ``"auto"`` trial
         self.vjp_times: dict[str, float] = {}
         #: the chunk size used by the last chunked pass, and its estimated bytes per example
@@ -536,7 +537,8 @@ class CoupledPath:
         size = self._chunk_size(leaves, zs, batch, pairs)
         spans = [list(range(a, min(batch, a + size))) for a in range(0, batch, size)]
         trial: dict[int, str] = {}
-        if self.vjp_mode == "auto" and batch >= 2:
+        self._passes += 1
+        if self.vjp_mode == "auto" and batch >= 2 and self._passes >= 2:
             if len(spans) == 1:  # one chunk would do: two halves for the trial
                 spans = [spans[0][: batch // 2], spans[0][batch // 2 :]]
             trial = {0: "batched", 1: "loop"}
