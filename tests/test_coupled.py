@@ -431,3 +431,68 @@ def test_coupled_path_on_an_uncoupled_model_matches_the_harness_split():
     for n in names:
         close(res.grads[n], want[n], 1e-10, f"g_i of {n}")
         close(res.sq_norms[n], (want[n].reshape(5, -1) ** 2).sum(1), 1e-10, f"||g_i||^2 of {n}")
+
+
+def test_sync_batchnorm_across_processes_is_refused(monkeypatch):
+    """Across ranks SyncBatchNorm couples every process's examples; a replay on one rank would wait in
+    collectives the others never start. (Two ranks simulated: the refusal comes before any replay.)"""
+    model = nn.Sequential(nn.Linear(6, 5), nn.SyncBatchNorm(5), nn.Linear(5, 3))
+    path = CoupledPath(model, dict(model.named_parameters()))
+    grads = [torch.ones(4, 3)]
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(ValueError, match="SyncBatchNorm"):
+        path.statistics((torch.randn(4, 6),), {}, grads, 4.0, ALL)
+    model.eval()  # running statistics: nothing couples, nothing is refused here
+    path._refuse_collectives()
+
+
+def test_recorder_fed_by_the_owners_hooks():
+    """hooks=False: an owner (the per-sample provider) calls before_forward/after_forward itself; the
+    statistics are the reference's."""
+    torch.manual_seed(0)
+    model = bn_mlp(0.3).double()
+    x, y = mlp_data(5)
+    x = x.double()
+    before = copy.deepcopy(model)
+    rec = CoupledRecorder(model, hooks=False)
+    pre = model.register_forward_pre_hook(lambda m, a, kw: rec.before_forward(a, kw), with_kwargs=True)
+    post = model.register_forward_hook(lambda m, a, out: rec.after_forward(out))
+    torch.manual_seed(3)
+    rng = torch.get_rng_state()
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    pre.remove()
+    post.remove()
+    path = CoupledPath(model, dict(model.named_parameters()))
+    res = path.statistics(rec.args, rec.kwargs, rec.output_grads, 5.0, {Need.PER_SAMPLE_SQ_NORMS}, state=rec.state)
+    torch.set_rng_state(rng)
+    losses = nn.CrossEntropyLoss(reduction="none")(before(x), y)
+    params = list(before.parameters())
+    ref = [torch.autograd.grad(losses[i], params, retain_graph=True) for i in range(5)]
+    G = torch.stack([torch.cat([g.reshape(-1) for g in gs]) for gs in ref]).numpy()
+    got = sum(res.sq_norms.values())
+    close(got, (G**2).sum(1), 1e-10, "||g_i||^2", EPS[torch.float64] * np.linalg.norm(G, axis=1) ** 2 * 3)
+
+
+def test_autocast_is_replayed():
+    """A forward under autocast (CPU, bfloat16) is replayed under autocast: without it the replay would
+    run in float32 and differ from the captured bfloat16 output (refused); with it the g_i add up to
+    B p.grad to bfloat16 precision."""
+    torch.manual_seed(0)
+    model = bn_cnn(0.3)
+    x, y = cnn_data(6)
+    rec = CoupledRecorder(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    nn.CrossEntropyLoss()(out.float(), y).backward()
+    rec.close()
+    assert rec.state.amp == (("cpu", torch.bfloat16),) and rec.outputs[0].dtype == torch.bfloat16
+    path = CoupledPath(model, dict(model.named_parameters()))
+    args = (rec.args, rec.kwargs, rec.output_grads, 6.0, {Need.PER_SAMPLE_GRADS})
+    res = path.statistics(*args, state=rec.state, outputs=rec.outputs)
+    got = torch.cat([res.grads[n].sum(0).reshape(-1) for n, _ in model.named_parameters()])
+    want = torch.cat([6 * p.grad.reshape(-1) for p in model.parameters()])
+    assert float((got - want).norm()) <= 2e-2 * float(want.norm())
+    plain = ReplayState(rec.state.cpu_rng, (), ())  # the same masks, no autocast
+    with pytest.raises(ReplayMismatch):
+        path.statistics(*args, state=plain, outputs=rec.outputs)

@@ -22,13 +22,14 @@ unchanged); ``p.grad`` is never written (only ``torch.autograd.grad`` and ``torc
 - projections g_i . v = s <(J v)_i, c_i> for any direction v: one forward-mode JVP (``torch.func.jvp``)
   per direction, about one step's cost, for all i at once. g_i . gbar is the projection onto
   gbar = mean_i g_i (given by the caller, or s/B times one VJP of the replay with c);
-- ||g_i||^2 per parameter, Gram entries g_i . g_j, materialised g_i: vector-Jacobian products, batched
-  over chunks of examples (``torch.autograd.grad(..., is_grads_batched=True)``: vmap over backward) on
-  one retained replay graph. A chunk of C examples holds C x D gradient entries plus C copies of the
-  activation gradients of the whole batch; each chunk is reduced at once (to norms, dot products with
-  gbar, projections onto the directions given, and Gram blocks), so B x D is never held unless the
-  materialised g_i are asked for. Gram entries across chunks recompute the later chunk (two chunks
-  alive). Cost: one replay forward plus B backward passes (batched), for any model.
+- ||g_i||^2 per parameter, Gram entries g_i . g_j, materialised g_i: B vector-Jacobian products s J^T e_i c_i
+  on one retained replay graph, over chunks of C examples, each chunk either batched
+  (``torch.autograd.grad(..., is_grads_batched=True)``: vmap over backward) or one backward per example,
+  whichever a timed trial finds faster (``vjp_mode``). A chunk holds C x D gradient entries (plus, when
+  batched, C copies of the activation gradients of the whole batch) and is reduced at once to squared
+  norms, dot products with gbar, projections onto the directions given and Gram blocks, so B x D is
+  never held unless the materialised g_i are asked for. Gram entries across chunks recompute the later
+  chunk (two chunks alive). Cost: one replay forward plus B backward passes, for any model.
 
 Both are exact up to floating-point round-off (no approximation; the replay's output is checked
 against the captured output when the caller gives it).
@@ -122,20 +123,27 @@ class ReplayState:
 
 
 class CoupledRecorder:
-    """Captures what :meth:`CoupledPath.statistics` replays, by two hooks on ``model``: a forward
-    pre-hook (the :class:`ReplayState` and the detached inputs) and a forward hook (the detached
-    outputs, and a tensor hook on each output that keeps its gradient when backward reaches it).
-    Calls under ``paused()`` (the path's own replays) are ignored; ``calls`` counts the others since
-    :meth:`reset` (the replay needs exactly one)."""
+    """Captures what :meth:`CoupledPath.statistics` replays: before the forward, the
+    :class:`ReplayState` and the detached inputs; after it, the detached outputs and a tensor hook on
+    each output that keeps its gradient when backward reaches it (``output_grads``, one entry per leaf
+    of the flattened output, None where no gradient arrived).
 
-    def __init__(self, model: nn.Module, devices: Sequence[int] | None = None):
+    With ``hooks=True`` it registers a forward pre-hook and a forward hook on ``model`` that do this for
+    every call not under ``paused()`` (the path's own replays are); with ``hooks=False`` the owner calls
+    :meth:`before_forward` and :meth:`after_forward` from hooks of its own. ``calls`` counts the forwards
+    since :meth:`reset` (a replay needs exactly one).
+    """
+
+    def __init__(self, model: nn.Module, devices: Sequence[int] | None = None, hooks: bool = True):
         self.model = model
         self.devices = list(devices) if devices is not None else _cuda_devices(model.parameters())
         self.reset()
-        self._handles = [
-            model.register_forward_pre_hook(SharedHook(self._pre), with_kwargs=True),
-            model.register_forward_hook(SharedHook(self._post)),
-        ]
+        self._handles = []
+        if hooks:
+            self._handles = [
+                model.register_forward_pre_hook(SharedHook(self._pre), with_kwargs=True),
+                model.register_forward_hook(SharedHook(self._post)),
+            ]
 
     def reset(self) -> None:
         """Drop what was captured (call at the start or end of each step)."""
@@ -152,23 +160,29 @@ class CoupledRecorder:
             h.remove()
         self._handles = []
 
-    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if is_paused() or module is not self.model:
-            return
+    def before_forward(self, args: tuple, kwargs: Mapping[str, Any]) -> None:
+        """The model's forward is about to run on ``args``/``kwargs``: keep them (detached) and the state."""
         self.calls += 1
         self.state = ReplayState.capture(self.devices)
         detach = lambda t: t.detach() if torch.is_tensor(t) else t  # noqa: E731
         self.args, self.kwargs = tree_map(detach, tuple(args)), tree_map(detach, dict(kwargs))
 
-    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if is_paused() or module is not self.model:
-            return
+    def after_forward(self, output: Any) -> None:
+        """The model's forward returned ``output``: keep it (detached) and hook its gradients."""
         leaves = tree_flatten(output)[0]
         self.outputs = [t.detach() if torch.is_tensor(t) else None for t in leaves]
         self.output_grads = [None] * len(leaves)
         for k, t in enumerate(leaves):
             if torch.is_tensor(t) and t.requires_grad:
                 t.register_hook(lambda g, k=k: self._grad(k, g))
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not is_paused() and module is self.model:
+            self.before_forward(args, kwargs)
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not is_paused() and module is self.model:
+            self.after_forward(output)
 
     def _grad(self, k: int, g: torch.Tensor) -> None:
         self.output_grads[k] = g.detach()
@@ -177,7 +191,7 @@ class CoupledRecorder:
 def _rows(c: torch.Tensor, idx: Sequence[int], axis: int) -> torch.Tensor:
     """(len(idx), *c.shape): entry k is c restricted to row idx[k] along ``axis`` (zero elsewhere)."""
     onehot = torch.zeros(len(idx), c.shape[axis], dtype=c.dtype, device=c.device)
-    onehot[torch.arange(len(idx)), torch.as_tensor(list(idx))] = 1
+    onehot[torch.arange(len(idx), device=c.device), torch.as_tensor(list(idx), device=c.device)] = 1
     shape = (len(idx),) + (1,) * axis + (c.shape[axis],) + (1,) * (c.dim() - axis - 1)
     return onehot.view(shape) * c.unsqueeze(0)
 
@@ -283,8 +297,12 @@ class CoupledPath:
                 continue
             if not torch.is_tensor(got) or got.shape != want.shape:
                 raise ReplayMismatch(f"the replayed forward gave output {k} of another shape")
-            scale = float(want.detach().abs().max()) if want.numel() else 0.0
-            gap = float((got.detach() - want).abs().max()) if want.numel() else 0.0
+            if want.numel() == 0:
+                continue
+            if not bool(torch.isfinite(want).all()):
+                raise ReplayMismatch(f"output {k} of the captured forward is not finite: nothing to replay")
+            scale = float(want.detach().abs().max())
+            gap = float((got.detach() - want).abs().max())
             if not gap <= 1e-4 * scale + 1e-12:
                 raise ReplayMismatch(
                     f"the replayed forward differs from the captured one (output {k}: max |difference| {gap:.3g} "
@@ -334,6 +352,7 @@ class CoupledPath:
             ReplayMismatch: the replay does not reproduce ``outputs``.
             ValueError: output gradients that do not match the output, or an output without batch axis.
         """
+        self._refuse_collectives()
         flags = {str(n) for n in (needs.names() if isinstance(needs, Needs) else needs)}
         directions = dict(directions or {})
         kwargs = dict(kwargs or {})
@@ -387,6 +406,19 @@ class CoupledPath:
             covered=covered,
             failure=None,
         )
+
+    def _refuse_collectives(self) -> None:
+        """SyncBatchNorm in train mode across processes: the batch statistics couple the examples of
+        every rank, and a replay on one rank would start collectives the others never join."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        synced = [n for n, m in self.model.named_modules() if isinstance(m, nn.SyncBatchNorm) and m.training]
+        if synced:
+            raise ValueError(
+                f"SyncBatchNorm in train mode ({', '.join(synced)}) couples the examples of every process; per-sample "
+                "gradients would need the other ranks' examples, and a replay would hang in its collectives"
+            )
 
     def _batch(self, cs: Sequence[torch.Tensor]) -> int:
         sizes = set()
