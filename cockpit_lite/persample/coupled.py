@@ -537,16 +537,16 @@ class CoupledPath:
                     f"batched backward (vmap) failed on this model ({str(e)[:200]}); the coupled path takes one "
                     "backward per example from now on (exact)"
                 )
-        if gs is None:
-            rows = [
-                torch.autograd.grad(zs, leaves, [g[k] for g in go], retain_graph=True, allow_unused=True)
-                for k in range(len(idx))
-            ]
-            gs = [None if rows[0][j] is None else torch.stack([r[j] for r in rows]) for j in range(len(leaves))]
-        return [
-            torch.zeros((len(idx), *p.shape), dtype=p.dtype, device=p.device) if g is None else g * scale
-            for g, p in zip(gs, leaves, strict=True)
-        ]
+        if gs is None:  # one backward per example, written into the chunk's buffers (no second copy)
+            out = [p.new_zeros((len(idx), *p.shape)) for p in leaves]
+            for k in range(len(idx)):
+                row = torch.autograd.grad(zs, leaves, [g[k] for g in go], retain_graph=True, allow_unused=True)
+                for buf, g in zip(out, row, strict=True):
+                    if g is not None:
+                        torch.mul(g, scale, out=buf[k])
+            return out
+        # in place: no second C x D copy (the grads are fresh tensors, and go is dropped)
+        return [p.new_zeros((len(idx), *p.shape)) if g is None else g.mul_(scale) for g, p in zip(gs, leaves, strict=True)]
 
     def _timed_rows(self, zs, cs, leaves, idx, scale, trial: dict[int, str], a: int) -> list[torch.Tensor]:
         """:meth:`_vjp_rows` of span ``a``; during the ``"auto"`` trial span 0 runs batched and span 1 as a
