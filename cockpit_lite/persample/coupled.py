@@ -546,7 +546,9 @@ class CoupledPath:
                         torch.mul(g, scale, out=buf[k])
             return out
         # in place: no second C x D copy (the grads are fresh tensors, and go is dropped)
-        return [p.new_zeros((len(idx), *p.shape)) if g is None else g.mul_(scale) for g, p in zip(gs, leaves, strict=True)]
+        return [
+            p.new_zeros((len(idx), *p.shape)) if g is None else g.mul_(scale) for g, p in zip(gs, leaves, strict=True)
+        ]
 
     def _timed_rows(self, zs, cs, leaves, idx, scale, trial: dict[int, str], a: int) -> list[torch.Tensor]:
         """:meth:`_vjp_rows` of span ``a``; during the ``"auto"`` trial span 0 runs batched and span 1 as a
