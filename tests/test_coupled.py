@@ -363,8 +363,14 @@ def test_bad_output_gradients_are_refused():
         path.statistics(rec.args, rec.kwargs, [None], step.scale, ALL, state=rec.state)
     with pytest.raises(ValueError, match="no batch axis"):
         path.statistics(rec.args, rec.kwargs, [torch.ones(())], step.scale, ALL, state=rec.state)
-    with pytest.raises(ValueError, match="leaves"):
-        path.statistics(rec.args, rec.kwargs, rec.output_grads * 2, step.scale, ALL, state=rec.state)
+    for needs in (ALL, {Need.PER_SAMPLE_DOT_MEAN}):  # the chunk pass and the JVP alone
+        gbar = {n: p.grad for n, p in step.model.named_parameters()}
+        with pytest.raises(ValueError, match="leaves"):
+            twice = rec.output_grads * 2
+            path.statistics(rec.args, rec.kwargs, twice, step.scale, needs, state=rec.state, mean_grad=gbar)
+        with pytest.raises(ValueError, match="its gradient"):
+            wrong = [rec.output_grads[0][:, :2]]
+            path.statistics(rec.args, rec.kwargs, wrong, step.scale, needs, state=rec.state, mean_grad=gbar)
 
 
 def test_recorder_ignores_paused_calls_and_counts_the_others():

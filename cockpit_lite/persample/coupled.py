@@ -374,8 +374,8 @@ class CoupledPath:
             if chunked or (wants_dot and gbar is None):
                 leaves = {n: v.detach().requires_grad_() for n, v in base.items()}
                 out = self._call(leaves, args, kwargs, state, measure=chunked)
+                zs = self._outputs(out, output_grads)
                 self._check(out, outputs, sel)
-                zs = self._outputs(out, sel, output_grads)
                 names = list(leaves)
                 if wants_dot and gbar is None:
                     ls = [leaves[n] for n in names]
@@ -389,10 +389,11 @@ class CoupledPath:
                     dot = proj.pop(_GBAR, None)
                     directions = {}
                 del out, zs
+            replay = (args, kwargs, state, outputs, output_grads, scale)
             if wants_dot and dot is None:
-                dot = self._project(base, gbar, args, kwargs, state, outputs, sel, cs, scale)
+                dot = self._project(base, gbar, *replay)
             for key, d in directions.items():
-                proj[key] = self._project(base, d, args, kwargs, state, outputs, sel, cs, scale)
+                proj[key] = self._project(base, d, *replay)
         if wants_dot and mean_grad is not None:
             g2 = sum(float(g.double().square().sum()) for g in mean_grad.values())
             self.sum_ratio = float(dot.double().sum()) / (batch * g2) if g2 > 0 else None
@@ -435,23 +436,32 @@ class CoupledPath:
         return sizes.pop()
 
     @staticmethod
-    def _outputs(out: Sequence[Any], sel: Sequence[int], output_grads: Sequence[Any]) -> list[torch.Tensor]:
+    def _match(out: Sequence[Any], output_grads: Sequence[Any]) -> list[int]:
+        """The leaves of the replayed output that got a gradient, checked against the gradients."""
         if len(out) != len(output_grads):
             raise ValueError(
                 f"{len(output_grads)} output gradients for an output with {len(out)} leaves: give one per leaf of "
                 "the flattened output (None where backward did not reach it)"
             )
-        zs = [out[k] for k in sel]
-        for k, z in zip(sel, zs, strict=True):
-            if not (torch.is_tensor(z) and z.requires_grad):
-                raise ValueError(f"output {k} got a gradient but its replay does not depend on the parameters")
-            if z.shape != output_grads[k].shape:
-                raise ValueError(f"output {k} has shape {tuple(z.shape)}, its gradient {tuple(output_grads[k].shape)}")
+        sel = [k for k, c in enumerate(output_grads) if c is not None]
+        for k in sel:
+            if not torch.is_tensor(out[k]) or out[k].shape != output_grads[k].shape:
+                shape = tuple(out[k].shape) if torch.is_tensor(out[k]) else type(out[k]).__name__
+                raise ValueError(f"output {k} is {shape}, its gradient {tuple(output_grads[k].shape)}")
+        return sel
+
+    @classmethod
+    def _outputs(cls, out: Sequence[Any], output_grads: Sequence[Any]) -> list[torch.Tensor]:
+        zs = [out[k] for k in cls._match(out, output_grads)]
+        if not all(z.requires_grad for z in zs):
+            raise ValueError("an output got a gradient but its replay does not depend on the parameters")
         return zs
 
     # --- projections: one JVP per direction --------------------------------------------------------------
-    def _project(self, base, direction, args, kwargs, state, outputs, sel, cs, scale) -> torch.Tensor:
+    def _project(self, base, direction, args, kwargs, state, outputs, output_grads, scale) -> torch.Tensor:
         """g_i . v = s <(J v)_i, c_i> for all i: (B,)."""
+        sel = [k for k, c in enumerate(output_grads) if c is not None]
+        cs = [output_grads[k] for k in sel]
         batch = cs[0].shape[self.batch_axis]
         keys = [n for n in base if n in direction]
         dtype = _result_dtype(base)
@@ -460,7 +470,7 @@ class CoupledPath:
         tangent = {n: direction[n].detach().to(base[n]).reshape(base[n].shape) for n in keys}
         if self.projection_method == "jvp":
             try:
-                tangents = self._jvp(base, tangent, args, kwargs, state, outputs, sel)
+                tangents = self._jvp(base, tangent, args, kwargs, state, outputs, output_grads)
             except ReplayMismatch:
                 raise
             except (RuntimeError, NotImplementedError) as e:
@@ -471,14 +481,14 @@ class CoupledPath:
                     "about twice the cost)"
                 )
         if self.projection_method == "double_vjp":
-            tangents = self._double_vjp(base, tangent, args, kwargs, state, outputs, sel)
+            tangents = self._double_vjp(base, tangent, args, kwargs, state, outputs, output_grads)
         total = None
         for t, c in zip(tangents, cs, strict=True):
             part = _per_row(t.to(dtype), c.to(dtype), self.batch_axis)
             total = part if total is None else total + part
         return total * scale
 
-    def _jvp(self, base, tangent, args, kwargs, state, outputs, sel) -> list[torch.Tensor]:
+    def _jvp(self, base, tangent, args, kwargs, state, outputs, output_grads) -> list[torch.Tensor]:
         fixed = {n: v for n, v in base.items() if n not in tangent}
         primal = {n: base[n] for n in tangent}
 
@@ -489,13 +499,15 @@ class CoupledPath:
             # torch loads its forward-AD decompositions (TorchScript) at the first JVP of a process
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
             out, tout = torch.func.jvp(f, (primal,), (tangent,))
+        sel = self._match(out, output_grads)
         self._check(out, outputs, sel)
         return [tout[k] if torch.is_tensor(tout[k]) else torch.zeros_like(out[k]) for k in sel]
 
-    def _double_vjp(self, base, tangent, args, kwargs, state, outputs, sel) -> list[torch.Tensor]:
+    def _double_vjp(self, base, tangent, args, kwargs, state, outputs, output_grads) -> list[torch.Tensor]:
         """J v as the gradient with respect to u of <J^T u, v> (J^T u is linear in u)."""
         leaves = {n: (v.clone().requires_grad_() if n in tangent else v) for n, v in base.items()}
         out = self._call(leaves, args, kwargs, state)
+        sel = self._match(out, output_grads)
         self._check(out, outputs, sel)
         zs = [out[k] for k in sel]
         us = [torch.zeros_like(z, requires_grad=True) for z in zs]
