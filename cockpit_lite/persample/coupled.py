@@ -1,0 +1,643 @@
+"""The coupled path: exact per-sample gradients of a model whose forward couples its examples
+(train-mode BatchNorm), by replaying the batch's forward.
+
+Definition. Let z = f(theta; x_1, ..., x_B) be the model's output (B rows along ``batch_axis``), each
+per-sample loss l_i depend on z only through its row z_i, and c = dL/dz be the output gradient the
+loop's backward produced. With the batch as it was (the other examples fixed, the batch statistics
+depending on all of them), example i's gradient is
+
+    g_i = d l_i / d theta = s J_i^T c_i,        J_i = d z_i / d theta through the whole batch's graph,
+
+with s = B for L = mean_i l_i and s = 1 for L = sum_i l_i (then d l_i / d z_i = s c_i). The g_i add up
+to the gradient: sum_i g_i = s J^T c = s p.grad. Row i of a layer's output gradient is *not* example
+i's share here (the batch statistics carry every l_j to every row), so the per-layer factor engine
+does not apply; this path differentiates the whole model instead.
+
+Method. The forward of the batch is replayed with ``torch.func.functional_call`` on the captured
+(detached) inputs, with the RNG state of the original forward (the same dropout masks), the same
+autocast state, copies of the buffers (BatchNorm's running statistics are not touched), under
+``paused()`` (no cockpit sees the replay) and ``torch.random.fork_rng`` (the user's random stream is
+unchanged); ``p.grad`` is never written (only ``torch.autograd.grad`` and ``torch.func.jvp``). Then
+
+- projections g_i . v = s <(J v)_i, c_i> for any direction v: one forward-mode JVP (``torch.func.jvp``)
+  per direction, about one step's cost, for all i at once. g_i . gbar is the projection onto
+  gbar = mean_i g_i (given by the caller, or s/B times one VJP of the replay with c);
+- ||g_i||^2 per parameter, Gram entries g_i . g_j, materialised g_i: B vector-Jacobian products s J^T e_i c_i
+  on one retained replay graph, over chunks of C examples, each chunk either batched
+  (``torch.autograd.grad(..., is_grads_batched=True)``: vmap over backward) or one backward per example,
+  whichever a timed trial finds faster (``vjp_mode``). A chunk holds C x D gradient entries (plus, when
+  batched, C copies of the activation gradients of the whole batch) and is reduced at once to squared
+  norms, dot products with gbar, projections onto the directions given and Gram blocks, so B x D is
+  never held unless the materialised g_i are asked for. Gram entries across chunks recompute the later
+  chunk (two chunks alive). Cost: one replay forward plus B backward passes, for any model.
+
+Both are exact up to floating-point round-off (no approximation; the replay's output is checked
+against the captured output when the caller gives it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from cockpit_lite.compat import BatchNormBase, tree_flatten, tree_map
+from cockpit_lite.errors import warn
+from cockpit_lite.hooks import SharedHook
+from cockpit_lite.needs import Need, Needs
+from cockpit_lite.pause import is_paused, paused
+from cockpit_lite.persample.engine import PerSampleResult
+from cockpit_lite.profiling import Costs
+
+#: default bound on the memory of one chunk of batched vector-Jacobian products (estimate, bytes)
+CHUNK_BYTES = 1 << 29
+
+#: the needs served by the chunked VJP pass (the others are projections: one JVP each)
+_CHUNK_NEEDS = frozenset(
+    {Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM, Need.PER_SAMPLE_GRADS}
+)
+
+
+class ReplayMismatch(RuntimeError):
+    """The replayed forward did not reproduce the captured output (a random op whose state was not
+    captured, a buffer the forward reads after changing it, inputs changed in place since)."""
+
+
+def coupling_modules(model: nn.Module) -> list[str]:
+    """Names of the modules of ``model`` whose forward couples the examples right now: BatchNorm in
+    train mode, or without running statistics (``track_running_stats=False`` normalises with the
+    batch's statistics in eval mode too). Empty: the per-layer factor engine applies."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, BatchNormBase) and (m.training or m.running_mean is None)
+    ]
+
+
+def _cuda_devices(tensors: Iterable[torch.Tensor]) -> list[int]:
+    return sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+
+
+@dataclass(frozen=True)
+class ReplayState:
+    """What a forward depends on besides its inputs and parameters: the random generators' states
+    (dropout masks) and the autocast state. Take it in a forward *pre*-hook of the model."""
+
+    cpu_rng: torch.Tensor
+    cuda_rng: tuple[tuple[int, torch.Tensor], ...]
+    #: (device type, dtype) for every device type with autocast on
+    amp: tuple[tuple[str, torch.dtype], ...]
+
+    @classmethod
+    def capture(cls, devices: Sequence[int] = (), device_types: Collection[str] = ("cpu", "cuda")) -> ReplayState:
+        """The current state; ``devices``: the CUDA device indices the model lives on."""
+        amp = []
+        for kind in device_types:
+            try:
+                if torch.is_autocast_enabled(kind):
+                    amp.append((kind, torch.get_autocast_dtype(kind)))
+            except (RuntimeError, TypeError):  # a device type this build does not know
+                continue
+        cuda = tuple((d, torch.cuda.get_rng_state(d)) for d in devices)
+        return cls(torch.get_rng_state(), cuda, tuple(amp))
+
+    def restore_rng(self) -> None:
+        torch.set_rng_state(self.cpu_rng)
+        for d, s in self.cuda_rng:
+            torch.cuda.set_rng_state(s, d)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """A context with autocast as it was at capture (on where it was on, with its dtype)."""
+        stack = contextlib.ExitStack()
+        for kind, dtype in self.amp:
+            stack.enter_context(torch.autocast(kind, dtype=dtype))
+        return stack
+
+
+class CoupledRecorder:
+    """Captures what :meth:`CoupledPath.statistics` replays: before the forward, the
+    :class:`ReplayState` and the detached inputs; after it, the detached outputs and a tensor hook on
+    each output that keeps its gradient when backward reaches it (``output_grads``, one entry per leaf
+    of the flattened output, None where no gradient arrived).
+
+    With ``hooks=True`` it registers a forward pre-hook and a forward hook on ``model`` that do this for
+    every call not under ``paused()`` (the path's own replays are); with ``hooks=False`` the owner calls
+    :meth:`before_forward` and :meth:`after_forward` from hooks of its own. ``calls`` counts the forwards
+    since :meth:`reset` (a replay needs exactly one).
+    """
+
+    def __init__(self, model: nn.Module, devices: Sequence[int] | None = None, hooks: bool = True):
+        self.model = model
+        self.devices = list(devices) if devices is not None else _cuda_devices(model.parameters())
+        self.reset()
+        self._handles = []
+        if hooks:
+            self._handles = [
+                model.register_forward_pre_hook(SharedHook(self._pre), with_kwargs=True),
+                model.register_forward_hook(SharedHook(self._post)),
+            ]
+
+    def reset(self) -> None:
+        """Drop what was captured (call at the start or end of each step)."""
+        self.calls = 0
+        self.args: tuple = ()
+        self.kwargs: dict = {}
+        self.state: ReplayState | None = None
+        self.outputs: list[torch.Tensor | None] = []
+        self.output_grads: list[torch.Tensor | None] = []
+
+    def close(self) -> None:
+        """Remove the hooks (what was captured stays until :meth:`reset`)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def before_forward(self, args: tuple, kwargs: Mapping[str, Any]) -> None:
+        """The model's forward is about to run on ``args``/``kwargs``: keep them (detached) and the state."""
+        self.calls += 1
+        self.state = ReplayState.capture(self.devices)
+        detach = lambda t: t.detach() if torch.is_tensor(t) else t  # noqa: E731
+        self.args, self.kwargs = tree_map(detach, tuple(args)), tree_map(detach, dict(kwargs))
+
+    def after_forward(self, output: Any) -> None:
+        """The model's forward returned ``output``: keep it (detached) and hook its gradients."""
+        leaves = tree_flatten(output)[0]
+        self.outputs = [t.detach() if torch.is_tensor(t) else None for t in leaves]
+        self.output_grads = [None] * len(leaves)
+        for k, t in enumerate(leaves):
+            if torch.is_tensor(t) and t.requires_grad:
+                t.register_hook(lambda g, k=k: self._grad(k, g))
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not is_paused() and module is self.model:
+            self.before_forward(args, kwargs)
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not is_paused() and module is self.model:
+            self.after_forward(output)
+
+    def _grad(self, k: int, g: torch.Tensor) -> None:
+        self.output_grads[k] = g.detach()
+
+
+def _rows(c: torch.Tensor, idx: Sequence[int], axis: int) -> torch.Tensor:
+    """(len(idx), *c.shape): entry k is c restricted to row idx[k] along ``axis`` (zero elsewhere)."""
+    onehot = torch.zeros(len(idx), c.shape[axis], dtype=c.dtype, device=c.device)
+    onehot[torch.arange(len(idx), device=c.device), torch.as_tensor(list(idx), device=c.device)] = 1
+    shape = (len(idx),) + (1,) * axis + (c.shape[axis],) + (1,) * (c.dim() - axis - 1)
+    return onehot.view(shape) * c.unsqueeze(0)
+
+
+def _per_row(t: torch.Tensor, c: torch.Tensor, axis: int) -> torch.Tensor:
+    """sum over everything but ``axis`` of t * c: (B,)."""
+    return (t * c).movedim(axis, 0).reshape(c.shape[axis], -1).sum(1)
+
+
+class CoupledPath:
+    """Exact per-sample gradient statistics of ``model`` with the batch as it was (module docstring).
+
+    Args:
+        model: the module whose forward was captured (inside DDP/compile wrappers).
+        params: the parameters to cover, by name as in ``model.named_parameters()`` (the optimizer's).
+        batch_axis: the batch axis of the model's output tensors.
+        chunk_bytes: bound on the (estimated) memory of one chunk of batched VJPs.
+        chunk: examples per chunk, overriding the estimate.
+        costs: where the path's time is accounted (region ``coupled``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Mapping[str, nn.Parameter],
+        *,
+        batch_axis: int = 0,
+        chunk_bytes: int = CHUNK_BYTES,
+        chunk: int | None = None,
+        costs: Costs | None = None,
+    ):
+        self.model = model
+        self.params = dict(params)
+        self.batch_axis = batch_axis
+        self.chunk_bytes = chunk_bytes
+        self.chunk = chunk
+        self.costs = costs if costs is not None else Costs()
+        self.devices = _cuda_devices(self.params.values())
+        #: ``"jvp"`` (forward mode) or ``"double_vjp"`` (reverse over reverse, where an op has no
+        #: forward-mode derivative: switched to at the first failure, with a warning)
+        self.projection_method = "jvp"
+        #: how a chunk's VJPs run: ``"batched"`` (vmap over backward), ``"loop"`` (one backward per
+        #: example), or ``"auto"``: batched on the first chunked pass (which pays vmap's one-time
+        #: setup), then the second runs one chunk each way and keeps the faster per example (both
+        #: times in :attr:`vjp_times`). A failing batched backward switches to ``"loop"`` with a warning.
+        self.vjp_mode = "auto"
+        self._passes = 0  # chunked passes so far
+        #: seconds per example of the two ways, from the ``"auto"`` trial
+        self.vjp_times: dict[str, float] = {}
+        #: the chunk size used by the last chunked pass, and its estimated bytes per example
+        self.last_chunk: tuple[int, int] | None = None
+        #: sum_i g_i . gbar / (B ||gbar||^2) of the last call given ``mean_grad`` (1 when gbar is the
+        #: mean of the g_i the replay gives: a check that p.grad holds this batch's gradient alone)
+        self.sum_ratio: float | None = None
+        #: bytes of the largest tensor the last measured replay saved for backward (chunk estimate)
+        self.largest_saved = 0
+
+    # --- the replay ------------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """Copies of the current parameter values (D floats): keep theta_t for projections onto a
+        direction known only after the optimizer step (pass them as ``values``)."""
+        return {n: p.detach().clone() for n, p in self.params.items()}
+
+    def _call(
+        self,
+        values: Mapping[str, torch.Tensor],
+        args: tuple,
+        kwargs: dict,
+        state: ReplayState | None,
+        measure: bool = False,
+    ) -> list[Any]:
+        """The flattened output of the model's forward at ``values``, replayed. ``measure``: record the
+        largest tensor the forward saves for backward (``self.largest_saved``, bytes)."""
+        if state is not None:
+            state.restore_rng()
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}  # running statistics stay as they are
+        amp = state.autocast() if state is not None else contextlib.nullcontext()
+        largest = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            largest[0] = max(largest[0], t.numel() * t.element_size())
+            return t
+
+        saved = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if measure else contextlib.nullcontext()
+        with amp, saved:
+            out = functional_call(self.model, {**values, **buffers}, tuple(args), dict(kwargs), strict=False)
+        if measure:
+            self.largest_saved = largest[0]
+        return tree_flatten(out)[0]
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[None]:
+        with self.costs.region("coupled"), paused(), torch.random.fork_rng(devices=self.devices), torch.enable_grad():
+            yield
+
+    @staticmethod
+    def _check(replayed: Sequence[Any], outputs: Sequence[Any] | None, sel: Sequence[int]) -> None:
+        if outputs is None:
+            return
+        for k in sel:
+            want, got = outputs[k], replayed[k]
+            if want is None:
+                continue
+            if not torch.is_tensor(got) or got.shape != want.shape:
+                raise ReplayMismatch(f"the replayed forward gave output {k} of another shape")
+            if want.numel() == 0:
+                continue
+            if not bool(torch.isfinite(want).all()):
+                raise ReplayMismatch(f"output {k} of the captured forward is not finite: nothing to replay")
+            scale = float(want.detach().abs().max())
+            gap = float((got.detach() - want).abs().max())
+            if not gap <= 1e-4 * scale + 1e-12:
+                raise ReplayMismatch(
+                    f"the replayed forward differs from the captured one (output {k}: max |difference| {gap:.3g} "
+                    f"for values up to {scale:.3g}): a random op whose state was not captured, inputs changed "
+                    "in place after the forward, or a buffer the forward reads after changing it"
+                )
+
+    # --- the statistics ------------------------------------------------------------------------------
+    def statistics(
+        self,
+        args: tuple,
+        kwargs: Mapping[str, Any] | None,
+        output_grads: Sequence[torch.Tensor | None],
+        scale: float,
+        needs: Needs | Iterable[str],
+        directions: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+        *,
+        state: ReplayState | None = None,
+        outputs: Sequence[torch.Tensor | None] | None = None,
+        values: Mapping[str, torch.Tensor] | None = None,
+        mean_grad: Mapping[str, torch.Tensor] | None = None,
+    ) -> PerSampleResult:
+        """Per-sample statistics of one batch, by replaying its forward.
+
+        Args:
+            args, kwargs: the model's forward inputs as captured (detached).
+            output_grads: dL/dz for each leaf of the flattened output (``tree_flatten``), None for leaves
+                backward did not reach, as backward delivered them.
+            scale: s, with g_i = s J_i^T c_i: B for a mean loss, 1 for a sum; divided by the factor
+                backward started from (AMP's loss scale).
+            needs: the need names to serve (``Need.PER_SAMPLE_SQ_NORMS``, ``_DOT_MEAN``, ``_GRAM``,
+                ``_GRAM_BY_PARAM``, ``_GRADS``); projections are served for ``directions``.
+            directions: {key: {name: tensor}} (missing names count as zero): g_i . v per key.
+            state: the :class:`ReplayState` taken before the forward (None: a deterministic forward).
+            outputs: the detached outputs of the original forward, to check the replay against.
+            values: the parameter values to evaluate at (default: the current ones; pass
+                :meth:`snapshot` taken before ``optimizer.step()`` when calling after it).
+            mean_grad: gbar = mean_i g_i by name, if known (s/B p.grad when p.grad holds exactly this
+                batch's gradient); else computed from the replay (one more backward).
+
+        Returns:
+            a :class:`PerSampleResult`: ``sq_norms`` ||g_i||^2 per parameter (B,), ``dot_mean``
+            g_i . gbar (B,), ``gram`` g_i . g_j per parameter (B, B), ``grads`` g_i per parameter
+            (B, *shape), ``projections`` g_i . v per key (B,), as asked; every covered parameter.
+
+        Raises:
+            ReplayMismatch: the replay does not reproduce ``outputs``.
+            ValueError: output gradients that do not match the output, or an output without batch axis.
+        """
+        self._refuse_collectives()
+        flags = {str(n) for n in (needs.names() if isinstance(needs, Needs) else needs)}
+        directions = dict(directions or {})
+        kwargs = dict(kwargs or {})
+        base = {n: (values[n] if values is not None else p).detach() for n, p in self.params.items()}
+        with self._session():
+            sel = [k for k, c in enumerate(output_grads) if c is not None]
+            if not sel:
+                raise ValueError("no output gradient: backward did not reach the model's output")
+            cs = [output_grads[k] for k in sel]
+            batch = self._batch(cs)
+            chunked = bool(flags & {str(n) for n in _CHUNK_NEEDS})
+            wants_dot = str(Need.PER_SAMPLE_DOT_MEAN) in flags
+            gbar = dict(mean_grad) if (wants_dot and mean_grad is not None) else None
+            sq: dict[str, torch.Tensor] = {}
+            gram: dict[str, torch.Tensor] = {}
+            grads: dict[str, torch.Tensor] = {}
+            proj: dict[str, torch.Tensor] = {}
+            dot: torch.Tensor | None = None
+            if chunked or (wants_dot and gbar is None):
+                leaves = {n: v.detach().requires_grad_() for n, v in base.items()}
+                out = self._call(leaves, args, kwargs, state, measure=chunked)
+                zs = self._outputs(out, output_grads)
+                self._check(out, outputs, sel)
+                names = list(leaves)
+                if wants_dot and gbar is None:
+                    ls = [leaves[n] for n in names]
+                    gs = torch.autograd.grad(zs, ls, cs, retain_graph=chunked, allow_unused=True)
+                    gbar = {n: _or_zeros(g, leaves[n]) * (scale / batch) for n, g in zip(names, gs, strict=True)}
+                if chunked:
+                    dirs = dict(directions)
+                    if wants_dot:
+                        dirs[_GBAR] = gbar
+                    sq, gram, grads, proj = self._chunks(zs, cs, leaves, names, batch, scale, flags, dirs)
+                    dot = proj.pop(_GBAR, None)
+                    directions = {}
+                del out, zs
+            replay = (args, kwargs, state, outputs, output_grads, scale)
+            if wants_dot and dot is None:
+                dot = self._project(base, gbar, *replay)
+            for key, d in directions.items():
+                proj[key] = self._project(base, d, *replay)
+        if wants_dot and mean_grad is not None:
+            g2 = sum(float(g.double().square().sum()) for g in mean_grad.values())
+            self.sum_ratio = float(dot.double().sum()) / (batch * g2) if g2 > 0 else None
+        covered = frozenset(self.params)
+        return PerSampleResult(
+            sq_norms=MappingProxyType(sq),
+            dot_mean=dot if wants_dot else None,
+            gram=MappingProxyType(gram),
+            grads=MappingProxyType(grads),
+            projections=MappingProxyType(proj),
+            covered=covered,
+            failure=None,
+        )
+
+    def _refuse_collectives(self) -> None:
+        """SyncBatchNorm in train mode across processes: the batch statistics couple the examples of
+        every rank, and a replay on one rank would start collectives the others never join."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        synced = [n for n, m in self.model.named_modules() if isinstance(m, nn.SyncBatchNorm) and m.training]
+        if synced:
+            raise ValueError(
+                f"SyncBatchNorm in train mode ({', '.join(synced)}) couples the examples of every process; per-sample "
+                "gradients would need the other ranks' examples, and a replay would hang in its collectives"
+            )
+
+    def _batch(self, cs: Sequence[torch.Tensor]) -> int:
+        sizes = set()
+        for c in cs:
+            if c.dim() <= self.batch_axis:
+                raise ValueError(
+                    f"an output of shape {tuple(c.shape)} has no batch axis {self.batch_axis}: the coupled path needs "
+                    "every output that gets a gradient to carry the batch (a loss computed inside the model has no "
+                    "per-example rows)"
+                )
+            sizes.add(c.shape[self.batch_axis])
+        if len(sizes) != 1:
+            raise ValueError(f"the outputs' batch axis {self.batch_axis} gives several batch sizes: {sorted(sizes)}")
+        return sizes.pop()
+
+    @staticmethod
+    def _match(out: Sequence[Any], output_grads: Sequence[Any]) -> list[int]:
+        """The leaves of the replayed output that got a gradient, checked against the gradients."""
+        if len(out) != len(output_grads):
+            raise ValueError(
+                f"{len(output_grads)} output gradients for an output with {len(out)} leaves: give one per leaf of "
+                "the flattened output (None where backward did not reach it)"
+            )
+        sel = [k for k, c in enumerate(output_grads) if c is not None]
+        for k in sel:
+            if not torch.is_tensor(out[k]) or out[k].shape != output_grads[k].shape:
+                shape = tuple(out[k].shape) if torch.is_tensor(out[k]) else type(out[k]).__name__
+                raise ValueError(f"output {k} is {shape}, its gradient {tuple(output_grads[k].shape)}")
+        return sel
+
+    @classmethod
+    def _outputs(cls, out: Sequence[Any], output_grads: Sequence[Any]) -> list[torch.Tensor]:
+        zs = [out[k] for k in cls._match(out, output_grads)]
+        if not all(z.requires_grad for z in zs):
+            raise ValueError("an output got a gradient but its replay does not depend on the parameters")
+        return zs
+
+    # --- projections: one JVP per direction --------------------------------------------------------------
+    def _project(self, base, direction, args, kwargs, state, outputs, output_grads, scale) -> torch.Tensor:
+        """g_i . v = s <(J v)_i, c_i> for all i: (B,)."""
+        sel = [k for k, c in enumerate(output_grads) if c is not None]
+        cs = [output_grads[k] for k in sel]
+        batch = cs[0].shape[self.batch_axis]
+        keys = [n for n in base if n in direction]
+        dtype = _result_dtype(base)
+        if not keys:
+            return torch.zeros(batch, dtype=dtype, device=cs[0].device)
+        tangent = {n: direction[n].detach().to(base[n]).reshape(base[n].shape) for n in keys}
+        if self.projection_method == "jvp":
+            try:
+                tangents = self._jvp(base, tangent, args, kwargs, state, outputs, output_grads)
+            except ReplayMismatch:
+                raise
+            except (RuntimeError, NotImplementedError) as e:
+                self.projection_method = "double_vjp"
+                warn(
+                    f"forward-mode differentiation failed on this model ({type(e).__name__}: {str(e)[:200]}); "
+                    "projections of the coupled path use reverse-over-reverse differentiation from now on (exact, "
+                    "about twice the cost)"
+                )
+        if self.projection_method == "double_vjp":
+            tangents = self._double_vjp(base, tangent, args, kwargs, state, outputs, output_grads)
+        total = None
+        for t, c in zip(tangents, cs, strict=True):
+            part = _per_row(t.to(dtype), c.to(dtype), self.batch_axis)
+            total = part if total is None else total + part
+        return total * scale
+
+    def _jvp(self, base, tangent, args, kwargs, state, outputs, output_grads) -> list[torch.Tensor]:
+        fixed = {n: v for n, v in base.items() if n not in tangent}
+        primal = {n: base[n] for n in tangent}
+
+        def f(p):
+            return tuple(self._call({**fixed, **p}, args, kwargs, state))
+
+        with warnings.catch_warnings():
+            # torch loads its forward-AD decompositions (TorchScript) at the first JVP of a process
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+            out, tout = torch.func.jvp(f, (primal,), (tangent,))
+        sel = self._match(out, output_grads)
+        self._check(out, outputs, sel)
+        return [tout[k] if torch.is_tensor(tout[k]) else torch.zeros_like(out[k]) for k in sel]
+
+    def _double_vjp(self, base, tangent, args, kwargs, state, outputs, output_grads) -> list[torch.Tensor]:
+        """J v as the gradient with respect to u of <J^T u, v> (J^T u is linear in u)."""
+        leaves = {n: (v.clone().requires_grad_() if n in tangent else v) for n, v in base.items()}
+        out = self._call(leaves, args, kwargs, state)
+        sel = self._match(out, output_grads)
+        self._check(out, outputs, sel)
+        zs = [out[k] for k in sel]
+        us = [torch.zeros_like(z, requires_grad=True) for z in zs]
+        names = list(tangent)
+        ws = torch.autograd.grad(zs, [leaves[n] for n in names], us, create_graph=True, allow_unused=True)
+        inner = sum((w * tangent[n]).sum() for n, w in zip(names, ws, strict=True) if w is not None)
+        if not torch.is_tensor(inner) or not inner.requires_grad:
+            return [torch.zeros_like(z) for z in zs]
+        jv = torch.autograd.grad(inner, us, allow_unused=True)
+        return [torch.zeros_like(z) if t is None else t for t, z in zip(jv, zs, strict=True)]
+
+    # --- squared norms, Gram, materialised g_i: chunks of batched VJPs ---------------------------------
+    def _chunk_size(self, leaves, zs, batch: int, pairs: bool) -> int:
+        """Examples per chunk: ``chunk_bytes`` over the estimated bytes per example, D gradient entries
+        plus four copies of the largest tensor the replay saved for backward (activation gradients
+        of the whole batch); the budget is halved when two chunks are alive (Gram across chunks)."""
+        if self.chunk is not None:
+            size = self.chunk
+        else:
+            per = sum(v.numel() * v.element_size() for v in leaves.values())
+            per += 4 * max([self.largest_saved] + [z.numel() * z.element_size() for z in zs])
+            budget = self.chunk_bytes // (2 if pairs else 1)
+            size = max(1, budget // max(per, 1))
+            self.last_chunk = (min(batch, size), per)
+        return int(max(1, min(batch, size)))
+
+    def _vjp_rows(
+        self, zs, cs, leaves: list[torch.Tensor], idx: Sequence[int], scale: float, mode: str
+    ) -> list[torch.Tensor]:
+        """g_i for i in idx, per parameter (len(idx), *shape): s J_i^T c_i."""
+        go = [_rows(c.to(z.dtype), idx, self.batch_axis) for z, c in zip(zs, cs, strict=True)]
+        gs = None
+        if len(idx) > 1 and mode != "loop":
+            try:
+                gs = torch.autograd.grad(zs, leaves, go, retain_graph=True, is_grads_batched=True, allow_unused=True)
+            except RuntimeError as e:
+                self.vjp_mode = "loop"
+                warn(
+                    f"batched backward (vmap) failed on this model ({str(e)[:200]}); the coupled path takes one "
+                    "backward per example from now on (exact)"
+                )
+        if gs is None:  # one backward per example, written into the chunk's buffers (no second copy)
+            out = [p.new_zeros((len(idx), *p.shape)) for p in leaves]
+            for k in range(len(idx)):
+                row = torch.autograd.grad(zs, leaves, [g[k] for g in go], retain_graph=True, allow_unused=True)
+                for buf, g in zip(out, row, strict=True):
+                    if g is not None:
+                        torch.mul(g, scale, out=buf[k])
+            return out
+        # in place: no second C x D copy (the grads are fresh tensors, and go is dropped)
+        return [
+            p.new_zeros((len(idx), *p.shape)) if g is None else g.mul_(scale) for g, p in zip(gs, leaves, strict=True)
+        ]
+
+    def _timed_rows(self, zs, cs, leaves, idx, scale, trial: dict[int, str], a: int) -> list[torch.Tensor]:
+        """:meth:`_vjp_rows` of span ``a``; during the ``"auto"`` trial span 0 runs batched and span 1 as a
+        loop, and the faster per example becomes :attr:`vjp_mode`."""
+        if a not in trial or self.vjp_mode != "auto":
+            return self._vjp_rows(zs, cs, leaves, idx, scale, "batched" if self.vjp_mode == "auto" else self.vjp_mode)
+        sync = torch.cuda.synchronize if zs[0].is_cuda else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        out = self._vjp_rows(zs, cs, leaves, idx, scale, trial[a])
+        sync()
+        if self.vjp_mode == "auto":  # still: the batched way did not fail
+            self.vjp_times[trial[a]] = (time.perf_counter() - t0) / len(idx)
+            if len(self.vjp_times) == 2:
+                self.vjp_mode = min(self.vjp_times, key=self.vjp_times.get)
+        return out
+
+    def _chunks(self, zs, cs, leaves, names, batch, scale, flags, dirs):
+        pairs = bool(flags & {str(Need.PER_SAMPLE_GRAM), str(Need.PER_SAMPLE_GRAM_BY_PARAM)})
+        size = self._chunk_size(leaves, zs, batch, pairs)
+        spans = [list(range(a, min(batch, a + size))) for a in range(0, batch, size)]
+        trial: dict[int, str] = {}
+        self._passes += 1
+        if self.vjp_mode == "auto" and batch >= 2 and self._passes >= 2:
+            if len(spans) == 1:  # one chunk would do: two halves for the trial
+                spans = [spans[0][: batch // 2], spans[0][batch // 2 :]]
+            trial = {0: "batched", 1: "loop"}
+        ls = [leaves[n] for n in names]
+        dtype, device = _result_dtype(leaves), cs[0].device
+        sq = {n: torch.zeros(batch, dtype=dtype, device=device) for n in names}
+        proj = {k: torch.zeros(batch, dtype=dtype, device=device) for k in dirs}
+        gram = {n: torch.zeros(batch, batch, dtype=dtype, device=device) for n in names} if pairs else {}
+        grads = {}
+        if str(Need.PER_SAMPLE_GRADS) in flags:
+            grads = {n: leaves[n].new_empty((batch, *leaves[n].shape)) for n in names}
+        flat_dirs = {k: {n: d[n].detach().to(leaves[n]).reshape(-1) for n in names if n in d} for k, d in dirs.items()}
+        for a, ia in enumerate(spans):
+            ga = [g.flatten(1) for g in self._timed_rows(zs, cs, ls, ia, scale, trial, a)]
+            rows = slice(ia[0], ia[-1] + 1)
+            with torch.no_grad():
+                for n, g in zip(names, ga, strict=True):
+                    sq[n][rows] = g.square().sum(1).to(dtype)
+                    if grads:
+                        grads[n][rows] = g.view(grads[n][rows].shape)
+                for k, d in flat_dirs.items():
+                    for n, v in d.items():
+                        proj[k][rows] += (ga[names.index(n)] @ v).to(dtype)
+                if pairs:
+                    for n, g in zip(names, ga, strict=True):
+                        gram[n][rows, rows] = (g @ g.T).to(dtype)
+            if pairs:
+                for ib in spans[a + 1 :]:
+                    gb = [g.flatten(1) for g in self._timed_rows(zs, cs, ls, ib, scale, {}, -1)]
+                    cols = slice(ib[0], ib[-1] + 1)
+                    with torch.no_grad():
+                        for n, g, h in zip(names, ga, gb, strict=True):
+                            block = (g @ h.T).to(dtype)
+                            gram[n][rows, cols] = block
+                            gram[n][cols, rows] = block.T
+                    del gb
+            del ga
+        if str(Need.PER_SAMPLE_SQ_NORMS) not in flags:
+            sq = {}
+        return sq, gram, grads, proj
+
+
+def _result_dtype(values: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The dtype of the statistics: the parameters' (at least float32, e.g. under autocast)."""
+    dtype = next(iter(values.values())).dtype if values else torch.float32
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g
+
+
+_GBAR = "\0gbar"  # internal key of the mean gradient among the chunk pass's directions
+
+
+__all__ = ["CHUNK_BYTES", "CoupledPath", "CoupledRecorder", "ReplayMismatch", "ReplayState", "coupling_modules"]
