@@ -244,18 +244,26 @@ def test_tied_weights_too_large_to_form_are_refused(monkeypatch):
     assert rec.loss is not None and rec.grad_norms  # the other records are unaffected
 
 
-def test_train_mode_batchnorm_warns_and_gives_no_numbers():
+def test_train_mode_batchnorm_is_served_by_the_coupled_path():
+    """Train-mode BatchNorm couples the examples: g_i = d l_i / d theta with the batch as it was, from
+    the coupled path (tests/test_coupled.py checks it in depth), against the float64 loop over examples
+    on the whole batch."""
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2))
     x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    m = copy.deepcopy(model).double()
+    losses = nn.functional.cross_entropy(m(x.double()), y, reduction="none")
+    ref = [
+        sum(float((g**2).sum()) for g in torch.autograd.grad(losses[i], list(m.parameters()), retain_graph=True))
+        for i in range(6)
+    ]
     probe, opt, loss_fn = Probe(), torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss()
-    with pytest.warns(RuntimeWarning, match="per-sample gradients have no single definition"):
-        with Cockpit(model, opt, loss_fn, instruments=[probe]):
-            loss_fn(model(x), y).backward()
-            opt.step()
+    with Cockpit(model, opt, loss_fn, instruments=[probe]):
+        loss_fn(model(x), y).backward()
+        opt.step()
     rec = probe.records[0]
-    assert rec.per_sample_sq_norms is None and rec.per_sample_gram is None
-    assert any("BatchNorm1d" in n for n in rec.notes)
-    assert rec.loss is not None and rec.grad_norms  # the rest of the step is still tracked
+    np.testing.assert_allclose(rec.per_sample_sq_norms, ref, rtol=1e-4)
+    assert rec.loss is not None and rec.grad_norms
 
 
 def test_eval_mode_batchnorm_is_served():

@@ -16,10 +16,17 @@ import torch
 
 from cockpit_lite.compat import foreach_norm
 from cockpit_lite.needs import Need, Needs
+from cockpit_lite.persample.coupled import CoupledPath, CoupledRecorder, coupling_modules
 from cockpit_lite.persample.engine import PER_SAMPLE_NEEDS, PerSampleEngine, PerSampleResult
 from cockpit_lite.providers import register_provider
 from cockpit_lite.providers.base import Context, LossCall, ModelCall, Provider
 from cockpit_lite.step import StepRecord
+
+#: on steps of a train-mode BatchNorm model, squared norms and Gram entries every this many tracked steps
+NORMS_EVERY = 10
+CHUNK_NEEDS = frozenset(
+    {Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM, Need.PER_SAMPLE_GRADS}
+)
 
 MISMATCH = (
     "the per-sample gradients of {listed} do not add up to the gradient autograd accumulated "
@@ -56,6 +63,7 @@ class PerSampleProvider(Provider):
             if torch.distributed.get_world_size() > 1:  # p.grad is averaged over ranks: no sum to check
                 self.engine.checks_left = 0
         self.needs = Needs()
+        self.coupled, self.path, self.recorder, self.coupled_steps, self.values = False, None, None, 0, None
 
     def end_step(self) -> None:
         self.engine.stop()
@@ -64,19 +72,42 @@ class PerSampleProvider(Provider):
         self.engine.close()
 
     def begin_step(self, record: StepRecord, needs: Needs) -> None:
+        self.coupled = self._coupled_step(needs)
         self.needs = needs
         self.backward_done = False
         self.backwards = 0
         self.mean = self.context.reduction == "mean"
         self.snapshot: dict[str, torch.Tensor] | None = None
         self.engine.begin(needs)
+        if self.coupled:
+            self.engine.stop()  # the examples interact: no layer's rows are per-example shares
+            return
         if self.engine.checking and not self._grads_clear():
             self.engine.skip_check()  # p.grad will hold more than this step's gradient
 
     def _factor(self, batch: int) -> float:
         return float(batch) if self.mean else 1.0
 
+    def _coupled_step(self, needs: Needs) -> bool:
+        """Whether this step goes through the coupled path (a train-mode BatchNorm in the model)."""
+        if not needs.names() & PER_SAMPLE_NEEDS or not coupling_modules(self.context.network):
+            return False
+        if self.path is None:
+            self.path = CoupledPath(self.context.network, self.context.params, costs=self.context.costs)
+            self.recorder = CoupledRecorder(self.context.network, hooks=False)
+        self.recorder.reset()
+        self.values = None
+        return True
+
+    def on_output(self, record: StepRecord, call: ModelCall) -> None:
+        if self.coupled:
+            self.recorder.after_forward(call.output)
+
     def on_forward(self, record: StepRecord, call: ModelCall) -> None:
+        if self.coupled:
+            self.recorder.before_forward(call.args, call.kwargs)
+            self.coupled_batch = call.batch
+            return
         if call.batch is None:
             return
         if self.backwards:  # gradient accumulation: the next micro-batch of the same step
@@ -100,6 +131,8 @@ class PerSampleProvider(Provider):
     def on_loss(self, record: StepRecord, call: LossCall) -> None:
         """A loss module declares its reduction; its batch is the micro-batch's unless it folds to it."""
         self.mean = call.module.reduction == "mean"
+        if self.coupled:
+            return
         pred = call.args[0] if call.args else next(iter(call.kwargs.values()))
         rows = int(pred.shape[0]) if pred.dim() > 0 else 1
         batch = self.engine.batch
@@ -108,6 +141,8 @@ class PerSampleProvider(Provider):
         self.engine.set_batch(batch, self._factor(batch), self.mean)
 
     def on_backward_begin(self, record: StepRecord) -> None:
+        if self.coupled:
+            return
         if self.engine.batch is None:
             self.engine.fail(
                 "backward ran but no model input with a batch axis was seen: call the model the Cockpit was "
@@ -148,6 +183,9 @@ class PerSampleProvider(Provider):
             record.add_note(msg, self.PROVIDES)
 
     def on_before_step(self, record: StepRecord) -> None:
+        if self.coupled:
+            self.values = self.path.snapshot()  # theta_t: the coupled path evaluates there after the step
+            return
         if not self.backward_done:  # no end-of-backward callback fired this step
             self.engine.finish_backward()
             self.engine.skip_check()  # the loop may have changed p.grad since backward
@@ -177,12 +215,49 @@ class PerSampleProvider(Provider):
             d = fn(record)
             if d is not None:
                 directions[key] = d
+        if self.coupled:
+            self._coupled(record, directions)
+            return
         result = self.engine.result(directions, self.snapshot)
         self.snapshot = None
         if result.failure is not None:
             record.add_note(result.failure, self.PROVIDES)
             return
         for note in result.notes:
+            record.add_note(note, self.PROVIDES)
+        self._fill(record, result)
+
+    def _coupled(self, record: StepRecord, directions: dict) -> None:
+        """A train-mode BatchNorm step: the coupled path (persample/coupled.py). Projections (g_i . gbar,
+        directions) every tracked step; squared norms and Gram entries, which cost B backward passes,
+        every ``NORMS_EVERY``-th such step (a note on the others)."""
+        rec = self.recorder
+        if rec.calls != 1 or self.backwards != 1 or self.values is None:
+            record.add_note(
+                "train-mode BatchNorm: the coupled path needs one model call and one backward per step (no "
+                "gradient accumulation); per-sample statistics are left out for this step",
+                self.PROVIDES,
+            )
+            return
+        flags = set(self.needs.flags)
+        norms_step = self.coupled_steps % NORMS_EVERY == 0
+        self.coupled_steps += 1
+        if not norms_step and flags & CHUNK_NEEDS:
+            flags -= CHUNK_NEEDS
+            record.add_note(
+                f"train-mode BatchNorm: squared per-sample norms and Gram entries (B backward passes through the "
+                f"batch) are computed every {NORMS_EVERY}th tracked step; this one has projections only",
+                frozenset(CHUNK_NEEDS),
+            )
+        scale = (float(self.coupled_batch) if self.mean else 1.0) / (record.backward_scale or 1.0)
+        with torch.enable_grad():
+            result = self.path.statistics(
+                rec.args, rec.kwargs, rec.output_grads, scale, flags, directions,
+                state=rec.state, outputs=rec.outputs, values=self.values,
+            )  # fmt: skip
+        rec.reset()
+        self.values = None
+        for note in getattr(result, "notes", ()):
             record.add_note(note, self.PROVIDES)
         self._fill(record, result)
 
