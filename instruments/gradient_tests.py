@@ -73,8 +73,11 @@ class GradientTests(Instrument):
     NEEDS = frozenset({Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN})
 
     def compute(self, record):
-        if record.per_sample_sq_norms is None or record.per_sample_dot_mean is None:
+        if record.per_sample_dot_mean is None:
             return {}
+        if record.per_sample_sq_norms is None:  # g_i . gbar alone (e.g. a projection-only step): the inner test
+            inner = gradient_tests(np.zeros_like(record.per_sample_dot_mean), record.per_sample_dot_mean)["inner"]
+            return {self.tag("tests/inner"): inner}
         if record.batch_size == 1:
             self.note("gradient tests need at least 2 samples per batch: NaN")
         if record.per_sample_uncovered:

@@ -99,3 +99,19 @@ def test_gradnorm_update_size_distance_match_parameters():
         np.testing.assert_allclose(
             hist["distance"][step][1], np.sqrt(sum(float((d**2).sum()) for d in dist.values())), atol=1e-6
         )
+
+
+def test_inner_test_from_dot_products_alone():
+    """The inner-product test needs only g_i . gbar: it is written on steps without squared norms,
+    equal to the full computation's."""
+    from cockpit_lite.instruments.gradient_tests import gradient_tests
+
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(8, 5))
+    dots = g @ g.mean(0)
+    full = gradient_tests((g**2).sum(1), dots)
+    alone = gradient_tests(np.zeros(8), dots)
+    assert alone["inner"] == full["inner"]
+    gbar = g.mean(0)
+    expected = np.sqrt(((dots - gbar @ gbar) ** 2).sum() / (8 * 7 * (gbar @ gbar) ** 2))
+    np.testing.assert_allclose(full["inner"], expected, rtol=1e-12)

@@ -98,3 +98,22 @@ def test_hugging_face_bert_masked_lm():
     rec = probe.records[-1]
     assert rec.per_sample_loss is not None  # derived from logits and labels (ignoring -100), verified
     np.testing.assert_allclose(rec.per_sample_loss.mean(), rec.loss, rtol=1e-5)
+
+
+def test_resnet_with_train_mode_batchnorm_and_a_loss_module():
+    from tests.models import resnet18_cifar
+
+    torch.manual_seed(0)
+    model = resnet18_cifar(width=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    with Cockpit(model, opt, loss_fn, instruments="economy") as ck:
+        for s in range(STEPS):
+            g = torch.Generator().manual_seed(s)
+            x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    _assert_preset(ck)
+    assert [s for s, _ in ck.history["tests/norm"]] == [0, 10]  # squared norms every 10th step
+    assert len(ck.history["tests/inner"]) == STEPS  # projections every step
