@@ -45,6 +45,15 @@ class PerSampleResult:
     notes: tuple[str, ...] = ()  #: what was left out, and why
 
 
+def _projections(views: list[View], directions: Mapping) -> dict[str, torch.Tensor]:
+    """g_i . v summed over the layers' views, per direction key (keys no view serves are absent)."""
+    out: dict[str, torch.Tensor] = {}
+    for view in views:
+        for key, p in view.project_many(directions).items():
+            out[key] = p if key not in out else out[key] + p
+    return out
+
+
 @dataclass
 class _Segment:
     """One micro-batch of an accumulated step: what the engine computed for it."""
@@ -545,9 +554,7 @@ class PerSampleEngine:
         if self.failure is not None:
             return out
         try:
-            for view in self._kept:
-                for key, p in view.project_many(directions).items():
-                    out[key] = p if key not in out else out[key] + p
+            out = _projections(self._kept, directions)
         except Exception as e:
             self.fail(f"per-sample projections failed ({e})")
             return {}
@@ -589,34 +596,30 @@ class PerSampleEngine:
         n = sum(seg.batch for seg in segments)
         factors = [n / seg.batch if seg.mean else 1.0 for seg in segments]
         notes = []
+        batches = [seg.batch for seg in segments]
+
+        def join(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+            """One value per example of the step; a micro-batch a layer got no gradient from: zeros."""
+            like = next((p for p in parts if p is not None), None)
+            if like is None:
+                return None
+            return torch.cat([p if p is not None else like.new_zeros(b) for p, b in zip(parts, batches, strict=True)])
+
         names = sorted({name for seg in segments for name in seg.sq})
         sq = {}
         for name in names:
-            parts = []
-            for seg, r in zip(segments, factors, strict=True):
-                part = seg.sq.get(name)
-                ref = next(iter(seg.sq.values()), None)
-                if part is None:  # the layer got no gradient from this micro-batch: zero for its examples
-                    part = torch.zeros(seg.batch, dtype=ref.dtype if ref is not None else torch.float32)
-                parts.append(part * r * r)
-            sq[name] = torch.cat([p.to(parts[0].device) for p in parts])
+            parts = [seg.sq.get(name) for seg in segments]
+            sq[name] = join([None if q is None else q * r * r for q, r in zip(parts, factors, strict=True)])
 
         def joined_projection(dirs: dict) -> dict[str, torch.Tensor]:
-            out: dict[str, list] = {}
-            for seg, r in zip(segments, factors, strict=True):
-                acc: dict[str, torch.Tensor] = {}
-                for view in seg.kept:
-                    for key, proj in view.project_many(dirs).items():
-                        acc[key] = proj if key not in acc else acc[key] + proj
-                for key in dirs:
-                    value = acc.get(key)
-                    out.setdefault(key, []).append(None if value is None else value * r)
-            return {
-                key: torch.cat(
-                    [v if v is not None else torch.zeros(seg.batch) for v, seg in zip(vals, segments, strict=True)]
-                )
-                for key, vals in out.items()
-            }
+            per_segment = [_projections(seg.kept, dirs) for seg in segments]
+            out = {}
+            for key in dirs:
+                parts = [None if key not in acc else acc[key] * r for acc, r in zip(per_segment, factors, strict=True)]
+                joined = join(parts)
+                if joined is not None:
+                    out[key] = joined
+            return out
 
         have_views = all(seg.kept for seg in segments)
         dot_mean, projections = None, {}

@@ -14,12 +14,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cockpit_lite.compat import foreach_norm
+from cockpit_lite.model_io import any_grad
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.persample.coupled import CoupledPath, CoupledRecorder, coupling_modules
 from cockpit_lite.persample.engine import PER_SAMPLE_NEEDS, PerSampleEngine, PerSampleResult
 from cockpit_lite.providers import register_provider
 from cockpit_lite.providers.base import Context, LossCall, ModelCall, Provider
+from cockpit_lite.providers.grad_norms import grad_norms
 from cockpit_lite.step import StepRecord
 
 #: on steps of a train-mode BatchNorm model, squared norms and Gram entries every this many tracked steps
@@ -82,7 +83,7 @@ class PerSampleProvider(Provider):
         if self.coupled:
             self.engine.stop()  # the examples interact: no layer's rows are per-example shares
             return
-        if self.engine.checking and not self._grads_clear():
+        if self.engine.checking and any_grad(self.context.params):
             self.engine.skip_check()  # p.grad will hold more than this step's gradient
 
     def _factor(self, batch: int) -> float:
@@ -115,18 +116,14 @@ class PerSampleProvider(Provider):
         else:  # the first call, or a later one before any backward (an abandoned iteration's retry)
             self.engine.set_batch(call.batch, self._factor(call.batch), self.mean)
 
-    def _uncovered(self, covered: set[str]) -> dict[str, float]:
-        """Parameters with a gradient the engine did not see, with their share of sum_p ||p.grad||^2."""
-        named = [(n, p.grad) for n, p in self.context.params.items() if p.grad is not None]
-        if not named or all(n in covered for n, _ in named):
+    def _uncovered(self, covered: set[str], record: StepRecord) -> dict[str, float]:
+        """Parameters with a gradient the engine did not see, with their share of sum_p ||p.grad||^2
+        (from the gradient norms of the step when the GradNorms provider computed them)."""
+        if all(n in covered for n, p in self.context.params.items() if p.grad is not None):
             return {}
-        sq = torch.stack(foreach_norm([g for _, g in named])).double().square().cpu().tolist()
-        total = sum(sq) or 1.0
-        return {n: v / total for (n, _), v in zip(named, sq, strict=True) if n not in covered}
-
-    def _grads_clear(self) -> bool:
-        grads = [p.grad for p in self.context.params.values() if p.grad is not None]
-        return not grads or not bool(torch.stack(foreach_norm(grads)).any())
+        norms = record.grad_norms if record.grad_norms is not None else grad_norms(self.context.params)
+        total = sum(v * v for v in norms.values()) or 1.0
+        return {n: v * v / total for n, v in norms.items() if n not in covered}
 
     def on_loss(self, record: StepRecord, call: LossCall) -> None:
         """A loss module declares its reduction; its batch is the micro-batch's unless it folds to it."""
@@ -191,7 +188,7 @@ class PerSampleProvider(Provider):
             self.engine.skip_check()  # the loop may have changed p.grad since backward
         eng = self.engine
         if eng.active and eng.failure is None:
-            record.per_sample_uncovered = self._uncovered(eng.covered)
+            record.per_sample_uncovered = self._uncovered(eng.covered, record)
             if record.per_sample_uncovered:
                 missing = sorted(record.per_sample_uncovered)
                 self.context.warn(
