@@ -290,6 +290,12 @@ class Panel:
             if visible:
                 self.ax.legend(*zip(*visible, strict=True), fontsize=7, loc=kw.get("loc", "best"), framealpha=0.8)
 
+    def histogram_bars(self, counts: np.ndarray, edges: np.ndarray, label: str) -> Any:
+        """Bars of a histogram (``np.histogram``'s counts and edges) in the panel's main colour."""
+        return self.ax.bar(
+            edges[:-1], counts, width=np.diff(edges), align="edge", color=COLORS["main"], alpha=0.7, label=label
+        )
+
     def clear_patches(self, attr: str) -> None:
         for artist in getattr(self, attr, []):
             artist.remove()

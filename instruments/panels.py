@@ -52,17 +52,7 @@ class AlphaPanel(Panel):
             clipped = np.clip(a, -self.LIMIT, self.LIMIT)
             counts, edges = np.histogram(clipped, bins=30, range=(-self.LIMIT, self.LIMIT))
             med = float(np.median(a))
-            self._bars = [
-                self.ax.bar(
-                    edges[:-1],
-                    counts,
-                    width=np.diff(edges),
-                    align="edge",
-                    color=COLORS["main"],
-                    alpha=0.7,
-                    label=f"alpha, {a.size} steps (ends: beyond ±{self.LIMIT:g})",
-                )
-            ]
+            self._bars = [self.histogram_bars(counts, edges, f"alpha, {a.size} steps (ends: beyond ±{self.LIMIT:g})")]
             self._vlines = [
                 self.ax.axvline(0.0, color=COLORS["ref"], linestyle="--", linewidth=1, label="0: valley floor"),
                 self.ax.axvline(
@@ -105,17 +95,7 @@ class PerSampleHistPanel(Panel):
             return
         step = item[0]
         counts, edges = np.histogram(values, bins=30)
-        self._bars = [
-            self.ax.bar(
-                edges[:-1],
-                counts,
-                width=np.diff(edges),
-                align="edge",
-                color=COLORS["main"],
-                alpha=0.7,
-                label=f"{values.size} samples at step {step}",
-            )
-        ]
+        self._bars = [self.histogram_bars(counts, edges, f"{values.size} samples at step {step}")]
         g = h.value_at("grad_norm", step) if hasattr(h, "value_at") else None
         if g is not None and math.isfinite(as_float(g)):
             self._bars.append(
