@@ -31,6 +31,9 @@ MODULES = {
     "captum": "captum",
     "tbparse": "tbparse",
     "transformers": "transformers",
+    "accelerate": "accelerate",
+    "lightning": "lightning",
+    "opacus": "opacus",
 }
 
 
