@@ -160,3 +160,73 @@ def track(feed: Feed, loader: Iterable, resolve_subsets: bool = False) -> Iterat
             yield batch
     finally:
         feed(None, size)
+
+
+class _PassRecorder(_Recorder):
+    """A recorder that starts a fresh queue at every pass (``iter()``): index lists a pass drew but no
+    batch of it was received for (a pass abandoned at the end of training) are no part of the next."""
+
+    def __iter__(self) -> Iterator:
+        self.queue.clear()
+        return super().__iter__()
+
+
+class LoaderTap:
+    """The dataset indices of the batches a DataLoader yields to a loop that iterates it itself (a
+    framework's fit loop, which the user cannot wrap in :func:`track`).
+
+    While the tap is open the loader's index sampler (its ``batch_sampler``, or its ``sampler`` when
+    ``batch_size=None``) is the recorder :func:`track` uses, which passes every item through unchanged:
+    the loader draws the same random numbers and yields the same batches as without it. Each pass over
+    the loader (each ``iter(loader)``) starts a fresh queue of the index lists it draws, and
+    :meth:`next_batch` hands them out first in, first out: call it once per batch the loop receives,
+    before the batch's forward. With ``num_workers > 0`` index lists are drawn ahead of their batches and
+    arrive in order (``in_order=True``, the default), so the queue still matches. :meth:`close` puts the
+    loader's own sampler back.
+
+    Install it before the loop builds its iterator (before ``iter(loader)``): index lists drawn
+    earlier are not seen.
+    """
+
+    def __init__(self, loader: Any, resolve_subsets: bool = False):
+        self.loader, self.resolve_subsets = loader, resolve_subsets
+        self.queue: deque = deque()
+        #: why no indices are recorded (None: they are)
+        self.why: str | None = None
+        self._attr: str | None = None
+        if not isinstance(loader, DataLoader):
+            self.why = f"{type(loader).__name__} is not a torch DataLoader"
+        elif isinstance(loader.dataset, IterableDataset):
+            self.why = "an IterableDataset has no dataset indices"
+        elif loader.num_workers > 0 and not getattr(loader, "in_order", True):
+            self.why = "with in_order=False batches may arrive out of order"
+        if self.why is not None:
+            return
+        self._attr = "batch_sampler" if loader.batch_sampler is not None else "sampler"
+        self._original = getattr(loader, self._attr)
+        self._recorder = _PassRecorder(self._original, self.queue)
+        object.__setattr__(loader, self._attr, self._recorder)  # DataLoader forbids plain assignment after init
+        it = dataloader_iterator(loader)  # a persistent-workers iterator built earlier keeps its own sampler
+        if it is not None:
+            set_index_sampler(it, self._recorder)
+        self.size = _dataset_size(loader.dataset, resolve_subsets)
+
+    def next_batch(self) -> tuple[np.ndarray | None, int | None]:
+        """``(indices, dataset_size)`` of the next batch the loader yields (None when unknown)."""
+        if self._attr is None:
+            return None, None
+        idx = _as_indices(self.queue.popleft()) if self.queue else None
+        if idx is not None and self.resolve_subsets:
+            idx = root_indices(self.loader.dataset, idx)
+        return idx, self.size
+
+    def close(self) -> None:
+        """Put the loader's own index sampler back (also into a persistent-workers iterator)."""
+        if self._attr is None:
+            return
+        object.__setattr__(self.loader, self._attr, self._original)
+        it = dataloader_iterator(self.loader)
+        if it is not None:
+            set_index_sampler(it, self._original)
+        self._attr = None
+        self.queue.clear()

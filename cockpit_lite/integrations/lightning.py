@@ -1,0 +1,384 @@
+"""Lightning: the Cockpit as one callback of ``lightning.Trainer``.
+
+    from cockpit_lite.integrations.lightning import CockpitCallback
+    trainer = L.Trainer(max_steps=1000, callbacks=[CockpitCallback(instruments="economy", logdir="runs/pl")])
+
+What the callback does, by Lightning hook (docs/integrations.md, "Lightning"):
+
+    setup("fit")          the train dataloader is tapped when the Trainer prepares it
+                          (``Strategy.process_dataloader``, before its iterator exists): each batch's
+                          dataset indices are recorded without changing a batch (TracIn)
+    load_state_dict       a checkpoint's cockpit state is kept until the Cockpit exists
+    on_train_start        the Cockpit is built on the LightningModule and the Trainer's optimizer
+                          (optimizers exist, a checkpoint is restored); the saved state is loaded
+    on_train_batch_start  the batch's dataset indices go to the Cockpit; the first forward of the
+                          batch is watched (below)
+    on_train_end          final records (verdicts) are written, the Cockpit closes, verdicts are printed
+    on_exception/teardown the Cockpit closes, the dataloader gets its own sampler back
+
+Automatic optimization (``optimizer.step(closure)``, with ``accumulate_grad_batches`` and
+``gradient_clip_val``) and manual optimization (``self.manual_backward``, ``opt.step()``) are what the
+Cockpit's hooks see in any loop: Lightning's closure is tracked by the core, clipping happens between
+backward and the optimizer's step pre-hook and so shows as the received norm (``clip/global/received_norm``
+against ``clip/global/norm``), micro-batches before a step are one step over all their examples.
+Lightning's own logger is not touched: the cockpit writes its own ``logdir``.
+
+Where ``training_step`` does not call the LightningModule itself (``self.net(x)`` instead of ``self(x)``),
+the Cockpit's hook on the module never fires; the first forward of a trainable submodule in each batch
+(after each backward, for loops with several forward/backward passes per batch) is then handed to the
+Cockpit as the module's call, with that submodule's inputs as the batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from cockpit_lite import attach
+from cockpit_lite.cockpit import Cockpit
+from cockpit_lite.errors import warn
+from cockpit_lite.hooks import SharedHook
+from cockpit_lite.instrument import Instrument
+from cockpit_lite.needs import Need
+from cockpit_lite.pause import is_paused
+from cockpit_lite.records import History
+from cockpit_lite.sinks.base import Sink
+from cockpit_lite.sinks.jsonl import FILENAME
+from cockpit_lite.tracking import LoaderTap
+
+STATE_VERSION = 1
+
+
+def _guarded(fn: Callable) -> Callable:
+    """Callback hooks after the Cockpit exists: a failure is one warning, never the Trainer's."""
+
+    @functools.wraps(fn)
+    def wrapper(self: CockpitCallback, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as e:
+            self._warn(f"CockpitCallback.{fn.__name__} failed ({type(e).__name__}: {e}); training is unaffected")
+            return None
+
+    return wrapper
+
+
+def expect_accumulation(cockpit: Cockpit, batches: int) -> None:
+    """Lightning steps the optimizer once every ``batches`` batches (``accumulate_grad_batches``): say
+    so to the per-sample engine before the first step, so that the first step's micro-batches are
+    joined too. (Issue 13: ``PerSampleEngine.expect_accumulation()`` is being added on its own branch;
+    where the engine does not have it yet, it learns of the accumulation at the first step's second
+    forward.)"""
+    if batches > 1:
+        expect = getattr(cockpit.engine, "expect_accumulation", None)
+        if expect is not None:
+            expect()
+
+
+class _FirstCall:
+    """Hands the Cockpit the LightningModule's call that ``training_step`` never makes.
+
+    Armed at the start of each training batch (and after each backward), it waits for the first
+    grad-enabled forward of the batch: of the LightningModule itself (``self(x)``: the Cockpit's own
+    hook takes it, nothing more to do) or of a submodule that holds trainable parameters
+    (``self.net(x)``, ``self.encoder(x)``): that call's inputs and outputs are passed to the Cockpit's
+    model hooks as the LightningModule's, so the step begins with that batch and backward is seen where
+    it reaches that call's outputs. Later calls of the batch (``self.head(h)``) are ordinary layer calls.
+    """
+
+    def __init__(self, cockpit: Cockpit, root: nn.Module):
+        self.cockpit, self.root = cockpit, root
+        self.armed, self.call, self.depth = False, None, 0
+        held = {id(p) for p in cockpit.params.values()}
+        self.handles = [root.register_forward_pre_hook(SharedHook(self._root_call))]
+        for m in root.modules():
+            if m is not root and any(id(p) in held for p in m.parameters()):
+                self.handles.append(m.register_forward_pre_hook(SharedHook(self._pre), with_kwargs=True))
+                self.handles.append(m.register_forward_hook(SharedHook(self._post), with_kwargs=True))
+
+    def arm(self) -> None:
+        self.armed, self.call, self.depth = True, None, 0
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _live(self) -> bool:
+        return not is_paused() and torch.is_grad_enabled()
+
+    def _root_call(self, module: nn.Module, args: tuple) -> None:
+        if self.armed and self._live():
+            self.armed = False  # self(x): the Cockpit's hook on the module sees the call
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module is self.call:
+            self.depth += 1  # the same module called inside itself
+        if not self.armed or not self._live():
+            return
+        self.armed, self.call, self.depth = False, module, 0
+        # the Cockpit's forward pre-hook, as if the LightningModule had been called with these inputs
+        self.cockpit._on_model_forward(self.root, args, kwargs)
+
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if module is not self.call:
+            return
+        if self.depth:
+            self.depth -= 1
+            return
+        self.call = None
+        self.cockpit._on_model_output(self.root, args, kwargs, output)
+
+
+class CockpitCallback(Callback):
+    """Track a Lightning ``Trainer.fit`` with a :class:`~cockpit_lite.Cockpit`.
+
+    Args:
+        instruments: a preset name (``"economy"``, ``"minimal"``, ``"full"``) or a list of instruments,
+            as for ``Cockpit``. ``TracIn`` gets the dataset indices from the Trainer's train dataloader.
+        logdir: where the run is written (``cockpit.jsonl``, TensorBoard by default), beside whatever
+            Lightning's logger writes.
+        sinks, loss_fn, reduction, profile: passed to ``Cockpit``.
+        resolve_subsets: dataset indices beneath ``torch.utils.data.Subset`` wrappers of the train
+            dataset (as for ``cockpit.track``).
+
+    The Cockpit tracks the LightningModule's parameters that the Trainer's first optimizer holds (with
+    several optimizers, the first; a warning says so). Its state (step count, every instrument's state)
+    is saved in Lightning checkpoints and restored by ``trainer.fit(..., ckpt_path=...)``; records the
+    interrupted run wrote after the checkpoint are cut from ``cockpit.jsonl``, so no step appears twice.
+
+    After training: ``callback.cockpit`` (closed; ``.history``), ``callback.history``,
+    ``callback.verdicts`` (also written into the run as ``verdict/...`` and printed).
+    """
+
+    def __init__(
+        self,
+        instruments: str | Iterable[Instrument | str] = "economy",
+        logdir: str | os.PathLike | None = None,
+        sinks: Sequence[Sink] | None = None,
+        loss_fn: nn.Module | Callable[..., torch.Tensor] | None = None,
+        reduction: str = "mean",
+        profile: bool | Callable[[int], Any] = False,
+        resolve_subsets: bool = False,
+    ):
+        if not isinstance(instruments, str):
+            instruments = list(instruments)
+        attach.instruments_of(instruments)  # an unknown name fails here, not at the start of training
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction={reduction!r}: say 'mean' (p.grad = mean_i g_i) or 'sum'")
+        self.instruments, self.sinks, self.loss_fn = instruments, sinks, loss_fn
+        self.logdir = os.fspath(logdir) if logdir is not None else None
+        self.reduction, self.profile, self.resolve_subsets = reduction, profile, resolve_subsets
+        #: the Cockpit of the current (or last) fit; closed once training ends
+        self.cockpit: Cockpit | None = None
+        #: the instruments' verdicts at the end of training
+        self.verdicts: list[str] = []
+        self._open = False
+        self._watch: _FirstCall | None = None
+        self._saved: dict[str, Any] | None = None  # from a checkpoint, until the Cockpit exists
+        self._final: dict[str, Any] | None = None  # the state when the Cockpit closed
+        self._taps: dict[int, LoaderTap] = {}
+        self._restore_loaders: Callable[[], None] | None = None
+        self._warned: set[str] = set()
+
+    # --- public --------------------------------------------------------------------------------------
+    @property
+    def history(self) -> History | None:
+        """The records of the current (or last) fit, as ``cockpit.history``."""
+        return self.cockpit.history if self.cockpit is not None else None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(logdir=self.logdir)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"version", "cockpit": Cockpit.state_dict(), "logdir", "jsonl_bytes"}``: the Cockpit's
+        state and how long its ``cockpit.jsonl`` was (to cut what a resumed run writes again)."""
+        if self._open and self.cockpit is not None:
+            return self._state(self.cockpit)
+        return self._final or self._saved or {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if state_dict.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"the checkpoint's CockpitCallback state has version {state_dict.get('version')!r}, not "
+                f"{STATE_VERSION}: resume without it (remove it from checkpoint['callbacks']) to start the cockpit afresh"
+            )
+        self._saved = dict(state_dict)
+
+    # --- Lightning hooks -----------------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit" and self._restore_loaders is None:
+            self._wrap_process_dataloader(trainer)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        optimizers = trainer.optimizers
+        if not optimizers:
+            raise ValueError("CockpitCallback: the Trainer has no optimizer (configure_optimizers returned none)")
+        if len(optimizers) > 1:
+            self._warn(
+                f"{len(optimizers)} optimizers: the cockpit tracks the first ({type(optimizers[0]).__name__}); "
+                "forward and backward passes for the others between its steps are counted into its steps"
+            )
+        saved, self._saved = self._saved, None
+        if saved is not None and trainer.is_global_zero:
+            self._cut_log(saved)
+        cockpit = Cockpit(
+            pl_module,
+            optimizers[0],
+            self.loss_fn,
+            instruments=self.instruments,
+            logdir=self.logdir,
+            sinks=self.sinks,
+            profile=self.profile,
+            reduction=self.reduction,
+        )
+        try:
+            if saved is not None:
+                cockpit.load_state_dict(saved["cockpit"])
+            else:
+                cockpit.step = trainer.global_step  # steps are numbered as Lightning numbers them
+            expect_accumulation(cockpit, trainer.accumulate_grad_batches)  # the one declaration site
+            self._watch = _FirstCall(cockpit, pl_module)
+        except BaseException:
+            cockpit.close()
+            raise
+        self.cockpit, self._open, self._final = cockpit, True, None
+
+    @_guarded
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if not self._open:
+            return
+        self._feed_indices(trainer)
+        self._watch.arm()
+
+    @_guarded
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        if self._open:
+            self._watch.arm()  # a loop with another forward/backward in the same batch: its next first call
+
+    @_guarded
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._open:
+            self._watch.disarm()
+
+    @_guarded
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._finish()
+        for v in self.verdicts:
+            rank_zero_info(f"cockpit-lite: {v}")
+
+    @_guarded
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._finish()
+        self._release_loaders()
+
+    @_guarded
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._finish()
+        self._release_loaders()
+
+    # --- plumbing ------------------------------------------------------------------------------------
+    def _warn(self, msg: str) -> None:
+        if msg not in self._warned:
+            self._warned.add(msg)
+            warn(msg, stacklevel=4)
+
+    def _jsonl(self) -> str | None:
+        return os.path.abspath(os.path.join(self.logdir, FILENAME)) if self.logdir is not None else None
+
+    def _state(self, cockpit: Cockpit) -> dict[str, Any]:
+        path = self._jsonl()
+        size = os.path.getsize(path) if path is not None and os.path.exists(path) else None
+        return {"version": STATE_VERSION, "cockpit": cockpit.state_dict(), "logdir": path, "jsonl_bytes": size}
+
+    def _cut_log(self, saved: Mapping[str, Any]) -> None:
+        """Resuming: records written after the checkpoint belong to steps that are run again."""
+        path, size = self._jsonl(), saved.get("jsonl_bytes")
+        if path is None or size is None or saved.get("logdir") != path or not os.path.exists(path):
+            return
+        if os.path.getsize(path) > size:
+            os.truncate(path, size)
+
+    def _finish(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        cockpit = self.cockpit
+        self._final = self._state(cockpit)  # before close: close writes the final records
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        cockpit.close()
+        self.verdicts = cockpit.verdicts()
+
+    def _wrap_process_dataloader(self, trainer: Any) -> None:
+        """Tap the train dataloader(s) as the Trainer prepares them: ``Strategy.process_dataloader`` is
+        the last step before Lightning builds the first epoch's iterator (before ``on_train_start``)."""
+        strategy = trainer.strategy
+        had, before = "process_dataloader" in vars(strategy), vars(strategy).get("process_dataloader")
+        inner = strategy.process_dataloader
+
+        def process_dataloader(dataloader: object) -> object:
+            out = inner(dataloader)
+            if trainer.training:  # not the validation loaders
+                try:
+                    if id(out) not in self._taps:
+                        self._taps[id(out)] = LoaderTap(out, resolve_subsets=self.resolve_subsets)
+                except Exception as e:
+                    self._warn(f"the train dataloader could not be tapped for dataset indices ({e})")
+            return out
+
+        strategy.process_dataloader = process_dataloader
+
+        def restore() -> None:
+            if vars(strategy).get("process_dataloader") is process_dataloader:
+                if had:
+                    strategy.process_dataloader = before
+                else:
+                    del strategy.process_dataloader
+
+        self._restore_loaders = restore
+
+    def _release_loaders(self) -> None:
+        for tap in self._taps.values():
+            tap.close()
+        self._taps.clear()
+        if self._restore_loaders is not None:
+            self._restore_loaders()
+            self._restore_loaders = None
+
+    def _feed_indices(self, trainer: Any) -> None:
+        loader = trainer.train_dataloader
+        tap = self._taps.get(id(loader)) if loader is not None else None
+        if tap is None:
+            why = "several train dataloaders" if isinstance(loader, (Mapping, Sequence)) else "it was not tapped"
+            idx, size = None, None
+        else:
+            why = tap.why
+            idx, size = tap.next_batch()
+        if idx is None and why is not None and self._wants_indices():
+            self._warn(f"no dataset indices for the Trainer's train dataloader ({why}): TracIn skips its steps")
+        feed = next(p.feed for p in self.cockpit.providers if hasattr(p, "feed"))
+        feed(idx, size)
+
+    def _wants_indices(self) -> bool:
+        cockpit = self.cockpit
+        for inst in cockpit.instruments:
+            try:
+                needs = inst.requires(cockpit.step)
+            except Exception:
+                continue
+            if needs is not None and Need.INDICES in needs.names():
+                return True
+        return False

@@ -1,0 +1,320 @@
+"""cockpit_lite.integrations.lightning.CockpitCallback with the real Lightning Trainer (CPU, a tiny MLP).
+
+Every number is checked against what Lightning or an independent computation gives: the loss against
+the module's own losses and Lightning's logged epoch means, the gradient norms against p.grad read in
+Lightning's on_after_backward and the parameter update (SGD: ||delta theta|| / lr is the norm the
+optimizer received), per-sample norms and TracIn self-influence against a float64 loop over examples
+with the network written out as a formula, dataset indices against a sampler the test controls.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+from cockpit_lite import CockpitWarning, Instrument, Need, load
+from cockpit_lite.instruments import Alpha, Clipping, Distance, GradNorm, Loss, PerSampleGradNorms, TracIn, UpdateSize
+from cockpit_lite.integrations.lightning import CockpitCallback
+
+N, B, D_IN, HIDDEN, CLASSES, LR, CLIP = 32, 4, 5, 16, 3, 0.1, 0.3
+ACCUMULATE = 2  # loader batches per optimizer step, in both modes
+TRAINER = dict(
+    accelerator="cpu",
+    devices=1,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    log_every_n_steps=1,
+    num_sanity_val_steps=0,
+)
+
+
+def _data() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(N, D_IN, generator=g), torch.randint(0, CLASSES, (N,), generator=g))
+
+
+class FixedOrder(Sampler):
+    """Yields ``order`` at every pass: the dataset indices of every batch are known in advance."""
+
+    def __init__(self, order: list[int]):
+        self.order = list(order)
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+ORDER = [int(i) for i in np.random.default_rng(1).permutation(N)]
+
+
+def _expected_indices(step: int) -> np.ndarray:
+    """The examples of optimizer step ``step``: ACCUMULATE consecutive loader batches of ORDER, repeated."""
+    per_step = B * ACCUMULATE
+    stream = np.tile(ORDER, (step + 1) * per_step // N + 1)
+    return stream[step * per_step : (step + 1) * per_step]
+
+
+class Net(L.LightningModule):
+    """``calls="self"``: training_step calls self(x); ``"parts"``: it calls self.body and self.head
+    directly (the LightningModule's forward is never called). ``manual``: manual optimization with
+    its own accumulation over ACCUMULATE batches and its own clipping."""
+
+    def __init__(self, calls: str = "self", manual: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.Tanh(), nn.Dropout(dropout))
+        self.head = nn.Linear(HIDDEN, CLASSES)
+        self.calls, self.automatic_optimization = calls, not manual
+        self.micro: list[float] = []  # every training_step's loss, as computed
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x) if self.calls == "self" else self.head(self.body(x))
+        loss = F.cross_entropy(logits, y)
+        self.micro.append(float(loss.detach().double()))
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        if self.automatic_optimization:
+            return loss
+        opt = self.optimizers()
+        self.manual_backward(loss / ACCUMULATE)
+        if (batch_idx + 1) % ACCUMULATE == 0:
+            self.clip_gradients(opt, gradient_clip_val=CLIP, gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad()
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+
+class Truth(Callback):
+    """Per optimizer step, independently of the cockpit: the parameters at its start, its examples,
+    ||p.grad|| after its last backward (before clipping) and ||theta_{t+1} - theta_t|| / lr."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+        self._new = True
+
+    @staticmethod
+    def _params(module):
+        return {n: p.detach().double().clone() for n, p in module.named_parameters()}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._new:
+            self.steps.append({"theta": self._params(pl_module), "x": [], "y": [], "global_step": trainer.global_step})
+            self._new = False
+        self.steps[-1]["x"].append(batch[0].clone())
+        self.steps[-1]["y"].append(batch[1].clone())
+
+    def on_after_backward(self, trainer, pl_module):
+        sq = sum(float(p.grad.double().pow(2).sum()) for p in pl_module.parameters() if p.grad is not None)
+        self.steps[-1]["backward_norm"] = sq**0.5
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = self.steps[-1]
+        if trainer.global_step > step["global_step"]:  # the optimizer stepped in this batch
+            after = self._params(pl_module)
+            delta = sum(float((after[n] - step["theta"][n]).pow(2).sum()) for n in after)
+            step["received_norm_from_update"] = delta**0.5 / LR
+            self._new = True
+
+
+class IndicesSeen(Instrument):
+    """Keeps record.indices of every step (the need TracIn reads)."""
+
+    NEEDS = frozenset({Need.INDICES})
+
+    def __init__(self):
+        super().__init__(name="indices_seen")
+        self.seen: dict[int, np.ndarray | None] = {}
+
+    def compute(self, record):
+        self.seen[record.step] = None if record.indices is None else np.array(record.indices)
+        return {}
+
+
+def _reference_sq_norms(theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """||g_i||^2 in float64, one autograd call per example, the network as a formula:
+    logits = W2 tanh(W0 x + b0) + b2, l_i = cross-entropy(logits_i, y_i), g_i = d l_i / d theta."""
+    names = ["body.0.weight", "body.0.bias", "head.weight", "head.bias"]
+    params = [theta[n].clone().requires_grad_(True) for n in names]
+    out = []
+    for xi, yi in zip(x.double(), y, strict=True):
+        w0, b0, w2, b2 = params
+        logits = torch.tanh(xi @ w0.T + b0) @ w2.T + b2
+        li = -torch.log_softmax(logits, 0)[yi]
+        grads = torch.autograd.grad(li, params)
+        out.append(sum(float(g.pow(2).sum()) for g in grads))
+    return np.array(out)
+
+
+def _epoch_means(log_dir: str) -> dict[int, float]:
+    with open(os.path.join(log_dir, "metrics.csv")) as f:
+        return {int(r["epoch"]): float(r["train_loss_epoch"]) for r in csv.DictReader(f) if r["train_loss_epoch"]}
+
+
+def _fit(module, callbacks, tmp_path, name, max_steps, loader=None, ckpt_path=None, **trainer_kw):
+    if not module.automatic_optimization:
+        trainer_kw = {k: v for k, v in trainer_kw.items() if k not in ("accumulate_grad_batches", "gradient_clip_val")}
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=CSVLogger(str(tmp_path), name=name),
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        **TRAINER,
+        **trainer_kw,
+    )
+    if loader is None:
+        loader = DataLoader(_data(), batch_size=B, sampler=FixedOrder(ORDER))
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "calls, manual",
+    [("self", False), ("parts", False), ("parts", True)],
+    ids=["automatic-self(x)", "automatic-submodules", "manual-submodules"],
+)
+def test_every_number_matches_lightning_and_the_float64_loop(tmp_path, calls, manual):
+    """accumulate_grad_batches=2 and gradient_clip_val (manual: its own accumulation and
+    self.clip_gradients), 20 steps: loss, gradient norms before and after clipping, per-sample norms,
+    dataset indices and TracIn self-influence."""
+    torch.manual_seed(0)
+    module, truth, indices, tracin = Net(calls, manual), Truth(), IndicesSeen(), TracIn()
+    instruments = [Loss(), GradNorm(), Clipping(max_norm=CLIP), PerSampleGradNorms(), tracin, indices]
+    cb = CockpitCallback(instruments=instruments, logdir=str(tmp_path / "cockpit"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CockpitWarning)
+        trainer = _fit(
+            module, [truth, cb], tmp_path, "csv", 20, accumulate_grad_batches=ACCUMULATE, gradient_clip_val=CLIP
+        )
+    h = load(tmp_path / "cockpit")
+    steps = truth.steps
+    assert trainer.global_step == 20 and len(steps) == 20
+    assert [s for s, _ in h["loss"]] == list(range(20))
+    assert not [t for t in h.tags() if t.startswith("note/")], {t: h[t] for t in h.tags() if t.startswith("note/")}
+
+    # the loss: the mean of the step's micro-batch losses; Lightning's logged epoch means
+    micro = np.array(module.micro).reshape(20, ACCUMULATE)
+    np.testing.assert_allclose([v for _, v in h["loss"]], micro.mean(1), rtol=1e-6)
+    steps_per_epoch = N // (B * ACCUMULATE)
+    cockpit_epochs = np.array([v for _, v in h["loss"]]).reshape(-1, steps_per_epoch).mean(1)
+    lightning_epochs = _epoch_means(trainer.logger.log_dir)
+    np.testing.assert_allclose(cockpit_epochs, [lightning_epochs[e] for e in range(len(cockpit_epochs))], rtol=1e-6)
+
+    # gradient norms: at backward (before clipping), and as the optimizer received them (after)
+    backward = np.array([s["backward_norm"] for s in steps])
+    np.testing.assert_allclose([v for _, v in h["clip/global/norm"]], backward, rtol=1e-6)
+    clipped = backward * np.minimum(1.0, CLIP / (backward + 1e-6))  # torch.nn.utils.clip_grad_norm_
+    np.testing.assert_allclose([v for _, v in h["grad_norm"]], clipped, rtol=1e-6)
+    np.testing.assert_allclose([v for _, v in h["grad_norm"]], [s["received_norm_from_update"] for s in steps], rtol=1e-4)
+    np.testing.assert_allclose([v for _, v in h["clip/global/received_ratio"]], clipped / backward, rtol=1e-6)
+    assert (backward > CLIP).sum() >= 10  # clipping happened on most steps, and shows as received < 1
+
+    # dataset indices from the Trainer's own dataloader, and per-sample norms against the float64 loop
+    si = np.zeros(N)
+    for s, step in enumerate(steps):
+        np.testing.assert_array_equal(indices.seen[s], _expected_indices(s))
+        ref = _reference_sq_norms(step["theta"], torch.cat(step["x"]), torch.cat(step["y"]))
+        np.testing.assert_allclose(h.value_at("persample/grad_norm", s) ** 2, ref, rtol=1e-5)
+        np.add.at(si, _expected_indices(s), LR / (B * ACCUMULATE) * ref)  # TracIn: sum_t eta_t c_t ||g_i||^2
+    np.testing.assert_allclose(tracin.self_influence(), si, rtol=1e-5)
+    np.testing.assert_allclose(h.last("tracin/self_influence"), si, rtol=1e-5)
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+def test_training_and_lightnings_logs_are_unchanged(tmp_path, manual):
+    """Parameters bit-identical with and without the callback (shuffled loader, dropout: the tap and
+    the cockpit draw no random numbers); Lightning's CSV logs identical."""
+    params, logs = [], []
+    for run, callbacks in (("plain", []), ("cockpit", [CockpitCallback("full", logdir=str(tmp_path / "run"))])):
+        L.seed_everything(0, verbose=False)
+        module = Net("parts", manual, dropout=0.2)
+        loader = DataLoader(_data(), batch_size=B, shuffle=True)
+        trainer = _fit(
+            module,
+            callbacks,
+            tmp_path,
+            run,
+            12,
+            loader=loader,
+            accumulate_grad_batches=ACCUMULATE,
+            gradient_clip_val=CLIP,
+        )
+        params.append({k: v.clone() for k, v in module.state_dict().items()})
+        with open(os.path.join(trainer.logger.log_dir, "metrics.csv")) as f:
+            logs.append(f.read())
+    assert params[0].keys() == params[1].keys()
+    for k in params[0]:
+        assert torch.equal(params[0][k], params[1][k]), k
+    assert logs[0] == logs[1] and "train_loss_step" in logs[0]
+    assert len(load(tmp_path / "run")["loss"]) == 12
+    assert loader.batch_sampler.__class__.__name__ == "BatchSampler"  # the tap gave the loader its sampler back
+
+
+def _jsonl_steps(logdir) -> list[int]:
+    with open(os.path.join(logdir, "cockpit.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f if "loss" in json.loads(line)["records"]]
+
+
+def test_checkpoint_and_resume_continue_the_run(tmp_path):
+    """The callback's state rides in Lightning checkpoints: a run stopped after step 6, resumed from its
+    step-4 checkpoint to step 8, writes every step once and the same records as an uninterrupted run
+    (Alpha finishes the step pending at the checkpoint; Distance, TracIn keep their state)."""
+
+    def instruments():
+        return [Loss(), GradNorm(), UpdateSize(), Distance(), Alpha(), TracIn()]
+
+    def run(name, max_steps, callbacks, ckpt_path=None):
+        torch.manual_seed(0)
+        module = Net("self")
+        cb = CockpitCallback(instruments(), logdir=str(tmp_path / name))
+        _fit(module, [cb, *callbacks], tmp_path, name, max_steps, ckpt_path=ckpt_path, accumulate_grad_batches=2)
+        return cb
+
+    whole = run("whole", 8, [])
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), filename="{step}", every_n_train_steps=4, save_top_k=-1)
+    first = run("resumed", 6, [ckpt])
+    assert _jsonl_steps(tmp_path / "resumed") == list(range(6))
+    path = tmp_path / "ckpt" / "step=4.ckpt"
+    saved = torch.load(path, weights_only=True)["callbacks"][first.state_key]
+    assert saved["cockpit"]["step"] == 4
+    second = run("resumed", 8, [], ckpt_path=str(path))
+    assert second.cockpit.step == 8
+    assert _jsonl_steps(tmp_path / "resumed") == list(range(8))  # steps 4 and 5 of the first run were cut
+    a, b = load(tmp_path / "whole"), load(tmp_path / "resumed")
+    for tag in ("loss", "grad_norm", "update_size", "distance", "alpha"):
+        assert [s for s, _ in a[tag]] == [s for s, _ in b[tag]], tag
+        np.testing.assert_allclose([v for _, v in b[tag]], [v for _, v in a[tag]], rtol=1e-12, err_msg=tag)
+    np.testing.assert_allclose(
+        second.cockpit.instruments[-1].self_influence(), whole.cockpit.instruments[-1].self_influence(), rtol=1e-12
+    )
+
+
+def test_dataset_indices_with_worker_processes(tmp_path):
+    """Two persistent workers draw index lists ahead of their batches, across two epochs: every step's
+    indices are still those its batch came from."""
+    torch.manual_seed(0)
+    indices = IndicesSeen()
+    loader = DataLoader(_data(), batch_size=B, sampler=FixedOrder(ORDER), num_workers=2, persistent_workers=True)
+    cb = CockpitCallback([Loss(), indices], logdir=None)
+    _fit(Net("parts"), [cb], tmp_path, "workers", 12, loader=loader, accumulate_grad_batches=ACCUMULATE)
+    assert sorted(indices.seen) == list(range(12))
+    for s in range(12):
+        np.testing.assert_array_equal(indices.seen[s], _expected_indices(s))
