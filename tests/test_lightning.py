@@ -198,7 +198,7 @@ def test_every_number_matches_lightning_and_the_float64_loop(tmp_path, calls, ma
     torch.manual_seed(0)
     module, truth, indices, tracin = Net(calls, manual), Truth(), IndicesSeen(), TracIn()
     instruments = [Loss(), GradNorm(), Clipping(max_norm=CLIP), PerSampleGradNorms(), tracin, indices]
-    cb = CockpitCallback(instruments=instruments, logdir=str(tmp_path / "cockpit"))
+    cb = CockpitCallback(instruments=instruments, logdir=str(tmp_path / "cockpit"), sinks=[])
     with warnings.catch_warnings():
         warnings.simplefilter("error", CockpitWarning)
         trainer = _fit(
@@ -243,7 +243,7 @@ def test_training_and_lightnings_logs_are_unchanged(tmp_path, manual):
     """Parameters bit-identical with and without the callback (shuffled loader, dropout: the tap and
     the cockpit draw no random numbers); Lightning's CSV logs identical."""
     params, logs = [], []
-    for run, callbacks in (("plain", []), ("cockpit", [CockpitCallback("full", logdir=str(tmp_path / "run"))])):
+    for run, callbacks in (("plain", []), ("cockpit", [CockpitCallback("full", logdir=str(tmp_path / "run"), sinks=[])])):
         L.seed_everything(0, verbose=False)
         module = Net("parts", manual, dropout=0.2)
         loader = DataLoader(_data(), batch_size=B, shuffle=True)
@@ -284,7 +284,7 @@ def test_checkpoint_and_resume_continue_the_run(tmp_path):
     def run(name, max_steps, callbacks, ckpt_path=None):
         torch.manual_seed(0)
         module = Net("self")
-        cb = CockpitCallback(instruments(), logdir=str(tmp_path / name))
+        cb = CockpitCallback(instruments(), logdir=str(tmp_path / name), sinks=[])  # JSON lines only
         _fit(module, [cb, *callbacks], tmp_path, name, max_steps, ckpt_path=ckpt_path, accumulate_grad_batches=2)
         return cb
 
