@@ -307,14 +307,18 @@ def test_checkpoint_and_resume_continue_the_run(tmp_path):
     )
 
 
-def test_dataset_indices_with_worker_processes(tmp_path):
-    """Two persistent workers draw index lists ahead of their batches, across two epochs: every step's
-    indices are still those its batch came from."""
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent-workers", "passes-cut-short"])
+def test_dataset_indices_with_worker_processes(tmp_path, persistent):
+    """Two workers draw index lists ahead of their batches. Persistent workers, two epochs with
+    accumulation; or every epoch cut to 3 batches (limit_train_batches), so that each pass leaves index
+    lists drawn ahead whose batches never come: every step's indices are still its batch's."""
     torch.manual_seed(0)
     indices = IndicesSeen()
-    loader = DataLoader(_data(), batch_size=B, sampler=FixedOrder(ORDER), num_workers=2, persistent_workers=True)
+    loader = DataLoader(_data(), batch_size=B, sampler=FixedOrder(ORDER), num_workers=2, persistent_workers=persistent)
     cb = CockpitCallback([Loss(), indices], logdir=None)
-    _fit(Net("parts"), [cb], tmp_path, "workers", 12, loader=loader, accumulate_grad_batches=ACCUMULATE)
-    assert sorted(indices.seen) == list(range(12))
-    for s in range(12):
-        np.testing.assert_array_equal(indices.seen[s], _expected_indices(s))
+    kw = dict(accumulate_grad_batches=ACCUMULATE) if persistent else dict(limit_train_batches=3)
+    _fit(Net("parts"), [cb], tmp_path, "workers", 7, loader=loader, **kw)
+    assert sorted(indices.seen) == list(range(7))
+    for s in range(7):
+        want = _expected_indices(s) if persistent else np.array(ORDER[(s % 3) * B : (s % 3 + 1) * B])
+        np.testing.assert_array_equal(indices.seen[s], want)
