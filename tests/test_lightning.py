@@ -223,7 +223,8 @@ def test_every_number_matches_lightning_and_the_float64_loop(tmp_path, calls, ma
     np.testing.assert_allclose([v for _, v in h["clip/global/norm"]], backward, rtol=1e-6)
     clipped = backward * np.minimum(1.0, CLIP / (backward + 1e-6))  # torch.nn.utils.clip_grad_norm_
     np.testing.assert_allclose([v for _, v in h["grad_norm"]], clipped, rtol=1e-6)
-    np.testing.assert_allclose([v for _, v in h["grad_norm"]], [s["received_norm_from_update"] for s in steps], rtol=1e-4)
+    from_update = [s["received_norm_from_update"] for s in steps]
+    np.testing.assert_allclose([v for _, v in h["grad_norm"]], from_update, rtol=1e-4)
     np.testing.assert_allclose([v for _, v in h["clip/global/received_ratio"]], clipped / backward, rtol=1e-6)
     assert (backward > CLIP).sum() >= 10  # clipping happened on most steps, and shows as received < 1
 
@@ -243,7 +244,8 @@ def test_training_and_lightnings_logs_are_unchanged(tmp_path, manual):
     """Parameters bit-identical with and without the callback (shuffled loader, dropout: the tap and
     the cockpit draw no random numbers); Lightning's CSV logs identical."""
     params, logs = [], []
-    for run, callbacks in (("plain", []), ("cockpit", [CockpitCallback("full", logdir=str(tmp_path / "run"), sinks=[])])):
+    with_cockpit = [CockpitCallback("full", logdir=str(tmp_path / "run"), sinks=[])]
+    for run, callbacks in (("plain", []), ("cockpit", with_cockpit)):
         L.seed_everything(0, verbose=False)
         module = Net("parts", manual, dropout=0.2)
         loader = DataLoader(_data(), batch_size=B, shuffle=True)

@@ -82,29 +82,37 @@ def expect_accumulation(cockpit: Cockpit, batches: int) -> None:
             expect()
 
 
-class _FirstCall:
-    """Hands the Cockpit the LightningModule's call that ``training_step`` never makes.
+class _Attach:
+    """Finds the module ``training_step`` calls, at the first forward of training, and hands the Cockpit
+    the calls its own hooks cannot see.
 
-    Armed at the start of each training batch (and after each backward), it waits for the first
-    grad-enabled forward of the batch: of the LightningModule itself (``self(x)``: the Cockpit's own
-    hook takes it, nothing more to do) or of a submodule that holds trainable parameters
-    (``self.net(x)``, ``self.encoder(x)``): that call's inputs and outputs are passed to the Cockpit's
-    model hooks as the LightningModule's, so the step begins with that batch and backward is seen where
-    it reaches that call's outputs. Later calls of the batch (``self.head(h)``) are ordinary layer calls.
+    Armed at the start of each training batch (and after each backward), it waits for the batch's first
+    grad-enabled forward of the LightningModule or of a submodule holding trainable parameters. At the
+    first such call of the run the Cockpit is built (``build(module)``) on
+
+    - the LightningModule, if ``training_step`` calls it (``self(x)``);
+    - the submodule called, if it holds every trained parameter (``self.model(x)``): its forward is the
+      one the per-sample engine replays (train-mode BatchNorm) and TracIn probes go through;
+    - else (``self.encoder(x)`` then ``self.head(h)``) the LightningModule, and in every batch the first
+      such call's inputs and outputs are handed to the Cockpit's model hooks as the LightningModule's:
+      the step begins with that batch, and backward is seen where it reaches that call's outputs.
+
+    In the first two cases the Cockpit's own hooks see every later call and this object removes its
+    hooks once the Cockpit has the first call.
     """
 
-    def __init__(self, cockpit: Cockpit, root: nn.Module):
-        self.cockpit, self.root = cockpit, root
+    def __init__(self, root: nn.Module, trained: set[int], build: Callable[[nn.Module], Cockpit]):
+        self.root, self.trained, self.build = root, trained, build
+        self.cockpit: Cockpit | None = None
         self.armed, self.call, self.depth = False, None, 0
-        held = {id(p) for p in cockpit.params.values()}
-        self.handles = [root.register_forward_pre_hook(SharedHook(self._root_call))]
+        self.handles = [root.register_forward_pre_hook(SharedHook(self._pre), with_kwargs=True)]
         for m in root.modules():
-            if m is not root and any(id(p) in held for p in m.parameters()):
+            if m is not root and any(id(p) in trained for p in m.parameters()):
                 self.handles.append(m.register_forward_pre_hook(SharedHook(self._pre), with_kwargs=True))
                 self.handles.append(m.register_forward_hook(SharedHook(self._post), with_kwargs=True))
 
     def arm(self) -> None:
-        self.armed, self.call, self.depth = True, None, 0
+        self.armed, self.call, self.depth = bool(self.handles), None, 0
 
     def disarm(self) -> None:
         self.armed = False
@@ -112,23 +120,27 @@ class _FirstCall:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
-        self.handles = []
-
-    def _live(self) -> bool:
-        return not is_paused() and torch.is_grad_enabled()
-
-    def _root_call(self, module: nn.Module, args: tuple) -> None:
-        if self.armed and self._live():
-            self.armed = False  # self(x): the Cockpit's hook on the module sees the call
+        self.handles, self.armed = [], False
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if module is self.call:
             self.depth += 1  # the same module called inside itself
-        if not self.armed or not self._live():
+        if not self.armed or is_paused() or not torch.is_grad_enabled():
             return
-        self.armed, self.call, self.depth = False, module, 0
-        # the Cockpit's forward pre-hook, as if the LightningModule had been called with these inputs
-        self.cockpit._on_model_forward(self.root, args, kwargs)
+        self.armed = False
+        if self.cockpit is None:
+            holds_all = self.trained <= {id(p) for p in module.parameters()}
+            target = module if module is self.root or holds_all else self.root
+            self.cockpit = self.build(target)
+            # the Cockpit's forward pre-hook was registered after this call began: give it the call
+            self.cockpit._on_model_forward(target, args, kwargs)
+            if target is module:
+                self.close()  # its forward hook, registered before the call returns, sees the output
+            else:
+                self.call, self.depth = module, 0
+        elif module is not self.root:
+            self.call, self.depth = module, 0
+            self.cockpit._on_model_forward(self.root, args, kwargs)
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if module is not self.call:
@@ -184,7 +196,9 @@ class CockpitCallback(Callback):
         #: the instruments' verdicts at the end of training
         self.verdicts: list[str] = []
         self._open = False
-        self._watch: _FirstCall | None = None
+        self._attach: _Attach | None = None
+        self._pending: tuple[Any, int | None] | None = None  # indices of a batch before the Cockpit exists
+        self._why_no_indices: str | None = None
         self._saved: dict[str, Any] | None = None  # from a checkpoint, until the Cockpit exists
         self._final: dict[str, Any] | None = None  # the state when the Cockpit closed
         self._taps: dict[int, LoaderTap] = {}
@@ -212,7 +226,7 @@ class CockpitCallback(Callback):
         if state_dict.get("version") != STATE_VERSION:
             raise ValueError(
                 f"the checkpoint's CockpitCallback state has version {state_dict.get('version')!r}, not "
-                f"{STATE_VERSION}: resume without it (remove it from checkpoint['callbacks']) to start the cockpit afresh"
+                f"{STATE_VERSION}: remove it from checkpoint['callbacks'] to resume with the cockpit started afresh"
             )
         self._saved = dict(state_dict)
 
@@ -230,12 +244,24 @@ class CockpitCallback(Callback):
                 f"{len(optimizers)} optimizers: the cockpit tracks the first ({type(optimizers[0]).__name__}); "
                 "forward and backward passes for the others between its steps are counted into its steps"
             )
+        held = {id(p) for g in optimizers[0].param_groups for p in g["params"]}
+        trained = {id(p) for p in pl_module.parameters() if p.requires_grad and id(p) in held}
+        if not trained:
+            raise ValueError(
+                "CockpitCallback: the Trainer's first optimizer holds none of the LightningModule's trainable "
+                "parameters: build it in configure_optimizers from self.parameters()"
+            )
+        self.cockpit, self._open, self._final, self._pending = None, False, None, None
+        self._attach = _Attach(pl_module, trained, functools.partial(self._build, trainer))
+
+    def _build(self, trainer: Any, model: nn.Module) -> Cockpit:
+        """The Cockpit, on ``model`` (the module training_step calls), at the first forward of training."""
         saved, self._saved = self._saved, None
         if saved is not None and trainer.is_global_zero:
             self._cut_log(saved)
         cockpit = Cockpit(
-            pl_module,
-            optimizers[0],
+            model,
+            trainer.optimizers[0],
             self.loss_fn,
             instruments=self.instruments,
             logdir=self.logdir,
@@ -249,28 +275,35 @@ class CockpitCallback(Callback):
             else:
                 cockpit.step = trainer.global_step  # steps are numbered as Lightning numbers them
             expect_accumulation(cockpit, trainer.accumulate_grad_batches)  # the one declaration site
-            self._watch = _FirstCall(cockpit, pl_module)
         except BaseException:
             cockpit.close()
             raise
-        self.cockpit, self._open, self._final = cockpit, True, None
+        self.cockpit, self._open = cockpit, True
+        if self._pending is not None:
+            self._feed(*self._pending)  # the indices of the batch whose forward builds the Cockpit
+            self._pending = None
+        return cockpit
 
     @_guarded
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if not self._open:
+        if self._attach is None:
             return
-        self._feed_indices(trainer)
-        self._watch.arm()
+        idx, size = self._indices(trainer)
+        if self._open:
+            self._feed(idx, size)
+        else:
+            self._pending = (idx, size)
+        self._attach.arm()
 
     @_guarded
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
-        if self._open:
-            self._watch.arm()  # a loop with another forward/backward in the same batch: its next first call
+        if self._attach is not None:
+            self._attach.arm()  # a loop with another forward/backward in the same batch: its next first call
 
     @_guarded
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._open:
-            self._watch.disarm()
+        if self._attach is not None:
+            self._attach.disarm()
 
     @_guarded
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -311,14 +344,14 @@ class CockpitCallback(Callback):
             os.truncate(path, size)
 
     def _finish(self) -> None:
+        if self._attach is not None:
+            self._attach.close()
+            self._attach = None
         if not self._open:
             return
         self._open = False
         cockpit = self.cockpit
         self._final = self._state(cockpit)  # before close: close writes the final records
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
         cockpit.close()
         self.verdicts = cockpit.verdicts()
 
@@ -358,7 +391,8 @@ class CockpitCallback(Callback):
             self._restore_loaders()
             self._restore_loaders = None
 
-    def _feed_indices(self, trainer: Any) -> None:
+    def _indices(self, trainer: Any) -> tuple[Any, int | None]:
+        """The next train batch's dataset indices (None if unknown) and the dataset's size."""
         loader = trainer.train_dataloader
         tap = self._taps.get(id(loader)) if loader is not None else None
         if tap is None:
@@ -367,7 +401,13 @@ class CockpitCallback(Callback):
         else:
             why = tap.why
             idx, size = tap.next_batch()
-        if idx is None and why is not None and self._wants_indices():
+        if idx is None and why is not None:
+            self._why_no_indices = why
+        return idx, size
+
+    def _feed(self, idx: Any, size: int | None) -> None:
+        if idx is None and self._why_no_indices is not None and self._wants_indices():
+            why = self._why_no_indices
             self._warn(f"no dataset indices for the Trainer's train dataloader ({why}): TracIn skips its steps")
         feed = next(p.feed for p in self.cockpit.providers if hasattr(p, "feed"))
         feed(idx, size)
