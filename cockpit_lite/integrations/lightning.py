@@ -46,6 +46,7 @@ from cockpit_lite.cockpit import Cockpit
 from cockpit_lite.errors import warn
 from cockpit_lite.hooks import SharedHook
 from cockpit_lite.instrument import Instrument
+from cockpit_lite.model_io import step_closure
 from cockpit_lite.needs import Need
 from cockpit_lite.pause import is_paused
 from cockpit_lite.records import History
@@ -197,6 +198,7 @@ class CockpitCallback(Callback):
         self.verdicts: list[str] = []
         self._open = False
         self._attach: _Attach | None = None
+        self._first_step: Any = None  # the optimizer's step pre-hook until the Cockpit exists
         self._pending: tuple[Any, int | None] | None = None  # indices of a batch before the Cockpit exists
         self._why_no_indices: str | None = None
         self._saved: dict[str, Any] | None = None  # from a checkpoint, until the Cockpit exists
@@ -253,6 +255,25 @@ class CockpitCallback(Callback):
             )
         self.cockpit, self._open, self._final, self._pending = None, False, None, None
         self._attach = _Attach(pl_module, trained, functools.partial(self._build, trainer))
+        self._first_step = optimizers[0].register_step_pre_hook(SharedHook(self._before_first_step))
+
+    def _before_first_step(self, optimizer: Any, args: tuple, kwargs: dict) -> Any:
+        """``optimizer.step(closure)`` before the Cockpit exists (automatic optimization without
+        accumulation): the Cockpit is built by the forward inside the closure, after the step's
+        pre-hooks ran, so its own pre-hook cannot see that ``p.grad`` is final; wrapped here as the
+        Cockpit wraps closures (:func:`cockpit_lite.model_io.step_closure`)."""
+        if self.cockpit is not None or is_paused():
+            return None
+        closure = kwargs.get("closure")
+        if closure is not None:
+            return args, {**kwargs, "closure": step_closure(closure, self._gradients_final)}
+        if len(args) > 1 and callable(args[1]):
+            return (args[0], step_closure(args[1], self._gradients_final), *args[2:]), kwargs
+        return None
+
+    def _gradients_final(self) -> None:
+        if self._open:
+            self.cockpit._gradients_final()  # the step pre-hook's event, which the new Cockpit missed
 
     def _build(self, trainer: Any, model: nn.Module) -> Cockpit:
         """The Cockpit, on ``model`` (the module training_step calls), at the first forward of training."""
@@ -344,6 +365,9 @@ class CockpitCallback(Callback):
             os.truncate(path, size)
 
     def _finish(self) -> None:
+        if self._first_step is not None:
+            self._first_step.remove()
+            self._first_step = None
         if self._attach is not None:
             self._attach.close()
             self._attach = None
