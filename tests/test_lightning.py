@@ -29,7 +29,7 @@ from cockpit_lite.instruments import Alpha, Clipping, Distance, GradNorm, Loss, 
 from cockpit_lite.integrations.lightning import CockpitCallback
 
 N, B, D_IN, HIDDEN, CLASSES, LR, CLIP = 32, 4, 5, 16, 3, 0.1, 0.3
-ACCUMULATE = 2  # loader batches per optimizer step, in both modes
+ACCUMULATE = 2  # loader batches per optimizer step (manual optimization accumulates as many)
 TRAINER = dict(
     accelerator="cpu",
     devices=1,
@@ -61,22 +61,26 @@ class FixedOrder(Sampler):
 ORDER = [int(i) for i in np.random.default_rng(1).permutation(N)]
 
 
-def _expected_indices(step: int) -> np.ndarray:
-    """The examples of optimizer step ``step``: ACCUMULATE consecutive loader batches of ORDER, repeated."""
-    per_step = B * ACCUMULATE
+def _expected_indices(step: int, accumulate: int = ACCUMULATE) -> np.ndarray:
+    """The examples of optimizer step ``step``: ``accumulate`` consecutive loader batches of ORDER, repeated."""
+    per_step = B * accumulate
     stream = np.tile(ORDER, (step + 1) * per_step // N + 1)
     return stream[step * per_step : (step + 1) * per_step]
 
 
 class Net(L.LightningModule):
-    """``calls="self"``: training_step calls self(x); ``"parts"``: it calls self.body and self.head
-    directly (the LightningModule's forward is never called). ``manual``: manual optimization with
-    its own accumulation over ACCUMULATE batches and its own clipping."""
+    """``calls="self"``: training_step calls self(x); ``"model"``: self.model(x), a submodule holding
+    every parameter; ``"parts"``: self.body, then self.head (the LightningModule's forward is never
+    called in the last two). ``manual``: manual optimization with its own accumulation over ACCUMULATE
+    batches and its own clipping. ``norm``: a BatchNorm1d after the first layer."""
 
-    def __init__(self, calls: str = "self", manual: bool = False, dropout: float = 0.0):
+    def __init__(self, calls: str = "self", manual: bool = False, dropout: float = 0.0, norm: bool = False):
         super().__init__()
         self.body = nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.Tanh(), nn.Dropout(dropout))
+        if norm:
+            self.body.insert(1, nn.BatchNorm1d(HIDDEN))
         self.head = nn.Linear(HIDDEN, CLASSES)
+        self.model = nn.Sequential(self.body, self.head)  # the same layers again: parameter names stay body.*, head.*
         self.calls, self.automatic_optimization = calls, not manual
         self.micro: list[float] = []  # every training_step's loss, as computed
 
@@ -85,7 +89,12 @@ class Net(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        logits = self(x) if self.calls == "self" else self.head(self.body(x))
+        if self.calls == "self":
+            logits = self(x)
+        elif self.calls == "model":
+            logits = self.model(x)
+        else:
+            logits = self.head(self.body(x))
         loss = F.cross_entropy(logits, y)
         self.micro.append(float(loss.detach().double()))
         self.log("train_loss", loss, on_step=True, on_epoch=True)
@@ -164,6 +173,23 @@ def _reference_sq_norms(theta: dict[str, torch.Tensor], x: torch.Tensor, y: torc
     return np.array(out)
 
 
+def _reference_coupled_sq_norms(theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """||g_i||^2 in float64 for the network with a train-mode BatchNorm1d (batch mean, biased batch
+    variance, eps 1e-5) after its first layer: every example's loss depends on the whole batch, and
+    g_i = d l_i / d theta of the batch's own forward, one autograd call per example."""
+    names = ["body.0.weight", "body.0.bias", "body.1.weight", "body.1.bias", "head.weight", "head.bias"]
+    params = [theta[n].clone().requires_grad_(True) for n in names]
+    w0, b0, gamma, beta, w2, b2 = params
+    z = x.double() @ w0.T + b0
+    zn = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5) * gamma + beta
+    losses = -torch.log_softmax(torch.tanh(zn) @ w2.T + b2, 1)[torch.arange(len(y)), y]
+    out = []
+    for li in losses:
+        grads = torch.autograd.grad(li, params, retain_graph=True)
+        out.append(sum(float(g.pow(2).sum()) for g in grads))
+    return np.array(out)
+
+
 def _epoch_means(log_dir: str) -> dict[int, float]:
     with open(os.path.join(log_dir, "metrics.csv")) as f:
         return {int(r["epoch"]): float(r["train_loss_epoch"]) for r in csv.DictReader(f) if r["train_loss_epoch"]}
@@ -187,12 +213,12 @@ def _fit(module, callbacks, tmp_path, name, max_steps, loader=None, ckpt_path=No
 
 
 @pytest.mark.parametrize(
-    "calls, manual",
-    [("self", False), ("parts", False), ("parts", True)],
-    ids=["automatic-self(x)", "automatic-submodules", "manual-submodules"],
+    "calls, manual, accumulate",
+    [("self", False, ACCUMULATE), ("parts", False, ACCUMULATE), ("model", False, 1), ("parts", True, ACCUMULATE)],
+    ids=["automatic-self(x)", "automatic-submodules", "automatic-model(x)-no-accumulation", "manual-submodules"],
 )
-def test_every_number_matches_lightning_and_the_float64_loop(tmp_path, calls, manual):
-    """accumulate_grad_batches=2 and gradient_clip_val (manual: its own accumulation and
+def test_every_number_matches_lightning_and_the_float64_loop(tmp_path, calls, manual, accumulate):
+    """accumulate_grad_batches and gradient_clip_val (manual: its own accumulation and
     self.clip_gradients), 20 steps: loss, gradient norms before and after clipping, per-sample norms,
     dataset indices and TracIn self-influence."""
     torch.manual_seed(0)
@@ -202,19 +228,21 @@ def test_every_number_matches_lightning_and_the_float64_loop(tmp_path, calls, ma
     with warnings.catch_warnings():
         warnings.simplefilter("error", CockpitWarning)
         trainer = _fit(
-            module, [truth, cb], tmp_path, "csv", 20, accumulate_grad_batches=ACCUMULATE, gradient_clip_val=CLIP
+            module, [truth, cb], tmp_path, "csv", 20, accumulate_grad_batches=accumulate, gradient_clip_val=CLIP
         )
     h = load(tmp_path / "cockpit")
     steps = truth.steps
+    assert cb.cockpit.model is (module.model if calls == "model" else module)  # the module training_step calls
     assert trainer.global_step == 20 and len(steps) == 20
     assert [s for s, _ in h["loss"]] == list(range(20))
     assert not [t for t in h.tags() if t.startswith("note/")], {t: h[t] for t in h.tags() if t.startswith("note/")}
 
     # the loss: the mean of the step's micro-batch losses; Lightning's logged epoch means
-    micro = np.array(module.micro).reshape(20, ACCUMULATE)
+    micro = np.array(module.micro).reshape(20, accumulate)
     np.testing.assert_allclose([v for _, v in h["loss"]], micro.mean(1), rtol=1e-6)
-    steps_per_epoch = N // (B * ACCUMULATE)
-    cockpit_epochs = np.array([v for _, v in h["loss"]]).reshape(-1, steps_per_epoch).mean(1)
+    steps_per_epoch = N // (B * accumulate)
+    whole = 20 // steps_per_epoch * steps_per_epoch  # steps of whole epochs
+    cockpit_epochs = np.array([v for _, v in h["loss"]])[:whole].reshape(-1, steps_per_epoch).mean(1)
     lightning_epochs = _epoch_means(trainer.logger.log_dir)
     np.testing.assert_allclose(cockpit_epochs, [lightning_epochs[e] for e in range(len(cockpit_epochs))], rtol=1e-6)
 
@@ -231,10 +259,10 @@ def test_every_number_matches_lightning_and_the_float64_loop(tmp_path, calls, ma
     # dataset indices from the Trainer's own dataloader, and per-sample norms against the float64 loop
     si = np.zeros(N)
     for s, step in enumerate(steps):
-        np.testing.assert_array_equal(indices.seen[s], _expected_indices(s))
+        np.testing.assert_array_equal(indices.seen[s], _expected_indices(s, accumulate))
         ref = _reference_sq_norms(step["theta"], torch.cat(step["x"]), torch.cat(step["y"]))
         np.testing.assert_allclose(h.value_at("persample/grad_norm", s) ** 2, ref, rtol=1e-5)
-        np.add.at(si, _expected_indices(s), LR / (B * ACCUMULATE) * ref)  # TracIn: sum_t eta_t c_t ||g_i||^2
+        np.add.at(si, _expected_indices(s, accumulate), LR / (B * accumulate) * ref)  # sum_t eta_t c_t ||g_i||^2
     np.testing.assert_allclose(tracin.self_influence(), si, rtol=1e-5)
     np.testing.assert_allclose(h.last("tracin/self_influence"), si, rtol=1e-5)
 
@@ -324,3 +352,29 @@ def test_dataset_indices_with_worker_processes(tmp_path, persistent):
     for s in range(7):
         want = _expected_indices(s) if persistent else np.array(ORDER[(s % 3) * B : (s % 3 + 1) * B])
         np.testing.assert_array_equal(indices.seen[s], want)
+
+
+def test_train_mode_batchnorm_through_the_submodule_training_step_calls(tmp_path):
+    """self.model(x) with a train-mode BatchNorm: the Cockpit is on self.model, whose forward the coupled
+    path replays; squared norms (every 10th step) against the float64 loop over the coupled batch."""
+    torch.manual_seed(0)
+    module, truth = Net("model", norm=True), Truth()
+    cb = CockpitCallback([Loss(), PerSampleGradNorms()], logdir=str(tmp_path / "bn"), sinks=[])
+    _fit(module, [truth, cb], tmp_path, "bn", 11)
+    assert cb.cockpit.model is module.model
+    h = load(tmp_path / "bn")
+    assert [s for s, _ in h["persample/grad_norm"]] == [0, 10]
+    for s in (0, 10):
+        step = truth.steps[s]
+        ref = _reference_coupled_sq_norms(step["theta"], torch.cat(step["x"]), torch.cat(step["y"]))
+        np.testing.assert_allclose(h.value_at("persample/grad_norm", s) ** 2, ref, rtol=1e-5)
+
+
+def test_batchnorm_in_parts_of_the_module_is_named_in_a_warning(tmp_path):
+    """training_step calling self.body and self.head of a model with train-mode BatchNorm: its forward
+    cannot be replayed as one call; a warning says what to change (training is unaffected)."""
+    torch.manual_seed(0)
+    cb = CockpitCallback([Loss(), PerSampleGradNorms()], logdir=None)
+    with pytest.warns(CockpitWarning, match=r"BatchNorm layers \(body.1\).*call self\(x\)"):
+        trainer = _fit(Net("parts", norm=True), [cb], tmp_path, "bn_parts", 2)
+    assert trainer.global_step == 2 and [s for s, _ in cb.history["loss"]] == [0, 1]

@@ -49,6 +49,7 @@ from cockpit_lite.instrument import Instrument
 from cockpit_lite.model_io import step_closure
 from cockpit_lite.needs import Need
 from cockpit_lite.pause import is_paused
+from cockpit_lite.persample.coupled import coupling_modules
 from cockpit_lite.records import History
 from cockpit_lite.sinks.base import Sink
 from cockpit_lite.sinks.jsonl import FILENAME
@@ -139,6 +140,16 @@ class _Attach:
                 self.close()  # its forward hook, registered before the call returns, sees the output
             else:
                 self.call, self.depth = module, 0
+                coupling = coupling_modules(self.root)
+                if coupling:
+                    warn(
+                        f"training_step calls parts of the LightningModule ({type(module).__name__} first), neither "
+                        f"the module itself nor one submodule holding every trained parameter; its train-mode "
+                        f"BatchNorm layers ({', '.join(coupling)}) couple the examples, and their per-sample "
+                        "statistics need the whole forward as one call to replay: call self(x) (with forward "
+                        "computing what training_step does) or one submodule holding all the layers",
+                        stacklevel=3,
+                    )
         elif module is not self.root:
             self.call, self.depth = module, 0
             self.cockpit._on_model_forward(self.root, args, kwargs)
