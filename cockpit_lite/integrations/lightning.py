@@ -107,6 +107,7 @@ class _Attach:
         self.root, self.trained, self.build = root, trained, build
         self.cockpit: Cockpit | None = None
         self.armed, self.call, self.depth = False, None, 0
+        self.warned: set[str] = set()
         self.handles = [root.register_forward_pre_hook(SharedHook(self._pre), with_kwargs=True)]
         for m in root.modules():
             if m is not root and any(id(p) in trained for p in m.parameters()):
@@ -130,29 +131,37 @@ class _Attach:
         if not self.armed or is_paused() or not torch.is_grad_enabled():
             return
         self.armed = False
-        if self.cockpit is None:
+        first = self.cockpit is None
+        if first:
             holds_all = self.trained <= {id(p) for p in module.parameters()}
-            target = module if module is self.root or holds_all else self.root
-            self.cockpit = self.build(target)
-            # the Cockpit's forward pre-hook was registered after this call began: give it the call
-            self.cockpit._on_model_forward(target, args, kwargs)
-            if target is module:
-                self.close()  # its forward hook, registered before the call returns, sees the output
-            else:
-                self.call, self.depth = module, 0
-                coupling = coupling_modules(self.root)
-                if coupling:
-                    warn(
-                        f"training_step calls parts of the LightningModule ({type(module).__name__} first), neither "
-                        f"the module itself nor one submodule holding every trained parameter; its train-mode "
-                        f"BatchNorm layers ({', '.join(coupling)}) couple the examples, and their per-sample "
-                        "statistics need the whole forward as one call to replay: call self(x) (with forward "
-                        "computing what training_step does) or one submodule holding all the layers",
-                        stacklevel=3,
-                    )
-        elif module is not self.root:
-            self.call, self.depth = module, 0
-            self.cockpit._on_model_forward(self.root, args, kwargs)
+            # a configuration error raises here, as Cockpit(...) does
+            self.cockpit = self.build(module if module is self.root or holds_all else self.root)
+        try:
+            self._hand_over(module, args, kwargs, first)
+        except Exception as e:
+            self._failed(e)
+
+    def _hand_over(self, module: nn.Module, args: tuple, kwargs: dict, first: bool) -> None:
+        if first and self.cockpit.model is module:
+            # the Cockpit's forward pre-hook was registered after this call began: give it the call; its
+            # forward hook, registered before the call returns, sees the output
+            self.cockpit._on_model_forward(module, args, kwargs)
+            self.close()
+            return
+        if module is self.root:
+            return  # self(x): the Cockpit's own hooks see it
+        self.call, self.depth = module, 0
+        self.cockpit._on_model_forward(self.root, args, kwargs)
+        coupling = coupling_modules(self.root) if first else []
+        if coupling:
+            warn(
+                f"training_step calls parts of the LightningModule ({type(module).__name__} first), neither the "
+                "module itself nor one submodule holding every trained parameter; its train-mode BatchNorm "
+                f"layers ({', '.join(coupling)}) couple the examples, and their per-sample statistics need the "
+                "whole forward as one call to replay: call self(x) (with forward computing what training_step "
+                "does) or one submodule holding all the layers",
+                stacklevel=4,
+            )
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if module is not self.call:
@@ -161,7 +170,16 @@ class _Attach:
             self.depth -= 1
             return
         self.call = None
-        self.cockpit._on_model_output(self.root, args, kwargs, output)
+        try:
+            self.cockpit._on_model_output(self.root, args, kwargs, output)
+        except Exception as e:
+            self._failed(e)
+
+    def _failed(self, e: Exception) -> None:
+        msg = f"handing the module's call to the Cockpit failed ({type(e).__name__}: {e}); training is unaffected"
+        if msg not in self.warned:
+            self.warned.add(msg)
+            warn(msg, stacklevel=4)
 
 
 class CockpitCallback(Callback):
@@ -284,7 +302,10 @@ class CockpitCallback(Callback):
 
     def _gradients_final(self) -> None:
         if self._open:
-            self.cockpit._gradients_final()  # the step pre-hook's event, which the new Cockpit missed
+            try:
+                self.cockpit._gradients_final()  # the step pre-hook's event, which the new Cockpit missed
+            except Exception as e:
+                self._warn(f"before_step failed ({type(e).__name__}: {e}); training is unaffected")
 
     def _build(self, trainer: Any, model: nn.Module) -> Cockpit:
         """The Cockpit, on ``model`` (the module training_step calls), at the first forward of training."""
