@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Sampler, TensorDataset
 
 from cockpit_lite import CockpitWarning, Instrument, Need, load
 from cockpit_lite.instruments import Alpha, Clipping, Distance, GradNorm, Loss, PerSampleGradNorms, TracIn, UpdateSize
@@ -107,6 +107,10 @@ class Net(L.LightningModule):
             opt.step()
             opt.zero_grad()
         return None
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self.head(self.body(x)), y))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=LR)
@@ -270,32 +274,34 @@ def test_every_number_matches_lightning_and_the_float64_loop(tmp_path, calls, ma
 @pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
 def test_training_and_lightnings_logs_are_unchanged(tmp_path, manual):
     """Parameters bit-identical with and without the callback (shuffled loader, dropout: the tap and
-    the cockpit draw no random numbers); Lightning's CSV logs identical."""
+    the cockpit draw no random numbers); Lightning's CSV logs identical, validation (and its sanity
+    check) included: the validation loader is not tapped and evaluation forwards begin no step."""
     params, logs = [], []
     with_cockpit = [CockpitCallback("full", logdir=str(tmp_path / "run"), sinks=[])]
     for run, callbacks in (("plain", []), ("cockpit", with_cockpit)):
         L.seed_everything(0, verbose=False)
         module = Net("parts", manual, dropout=0.2)
         loader = DataLoader(_data(), batch_size=B, shuffle=True)
-        trainer = _fit(
-            module,
-            callbacks,
-            tmp_path,
-            run,
-            12,
-            loader=loader,
-            accumulate_grad_batches=ACCUMULATE,
-            gradient_clip_val=CLIP,
+        val_loader = DataLoader(_data(), batch_size=8)
+        trainer = L.Trainer(
+            max_steps=12,
+            callbacks=callbacks,
+            logger=CSVLogger(str(tmp_path), name=run),
+            enable_checkpointing=False,
+            **{**TRAINER, "num_sanity_val_steps": 2},
+            **({} if manual else dict(accumulate_grad_batches=ACCUMULATE, gradient_clip_val=CLIP)),
         )
+        trainer.fit(module, loader, val_loader)
         params.append({k: v.clone() for k, v in module.state_dict().items()})
         with open(os.path.join(trainer.logger.log_dir, "metrics.csv")) as f:
             logs.append(f.read())
     assert params[0].keys() == params[1].keys()
     for k in params[0]:
         assert torch.equal(params[0][k], params[1][k]), k
-    assert logs[0] == logs[1] and "train_loss_step" in logs[0]
-    assert len(load(tmp_path / "run")["loss"]) == 12
-    assert loader.batch_sampler.__class__.__name__ == "BatchSampler"  # the tap gave the loader its sampler back
+    assert logs[0] == logs[1] and "train_loss_step" in logs[0] and "val_loss" in logs[0]
+    assert [s for s, _ in load(tmp_path / "run")["loss"]] == list(range(12))
+    assert type(loader.batch_sampler) is BatchSampler  # the tap gave the loader its sampler back
+    assert type(val_loader.batch_sampler) is BatchSampler
 
 
 def _jsonl_steps(logdir) -> list[int]:
@@ -378,3 +384,30 @@ def test_batchnorm_in_parts_of_the_module_is_named_in_a_warning(tmp_path):
     with pytest.warns(CockpitWarning, match=r"BatchNorm layers \(body.1\).*call self\(x\)"):
         trainer = _fit(Net("parts", norm=True), [cb], tmp_path, "bn_parts", 2)
     assert trainer.global_step == 2 and [s for s, _ in cb.history["loss"]] == [0, 1]
+
+
+class Fails(Net):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 3:
+            raise RuntimeError("the user's bug")
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_exception_in_training_closes_the_cockpit_and_gives_the_loader_back(tmp_path):
+    """The user's exception reaches the caller unchanged; the Cockpit is closed (a loop run afterwards
+    by hand adds no record) and the loader has its own sampler again."""
+    torch.manual_seed(0)
+    module, cb = Fails("parts"), CockpitCallback([Loss()], logdir=None)
+    loader = DataLoader(_data(), batch_size=B, sampler=FixedOrder(ORDER))
+    trainer = L.Trainer(max_steps=20, callbacks=[cb], logger=False, enable_checkpointing=False, **TRAINER)
+    with pytest.raises(RuntimeError, match="the user's bug"):
+        trainer.fit(module, loader)
+    assert [s for s, _ in cb.history["loss"]] == [0, 1, 2]
+    opt = trainer.optimizers[0]  # the optimizer the Cockpit hooked
+    for _ in range(2):
+        x, y = next(iter(loader))
+        opt.zero_grad()
+        F.cross_entropy(module.head(module.body(x)), y).backward()
+        opt.step()
+    assert [s for s, _ in cb.history["loss"]] == [0, 1, 2]
+    assert type(loader.batch_sampler) is BatchSampler
