@@ -411,3 +411,33 @@ def test_an_exception_in_training_closes_the_cockpit_and_gives_the_loader_back(t
         opt.step()
     assert [s for s, _ in cb.history["loss"]] == [0, 1, 2]
     assert type(loader.batch_sampler) is BatchSampler
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        data = _data()
+        return iter([data[i] for i in ORDER])
+
+
+class IteratesItself(Net):
+    def training_step(self, dataloader_iter):
+        (x, y), _, _ = next(dataloader_iter)
+        return F.cross_entropy(self.head(self.body(x)), y)
+
+
+@pytest.mark.parametrize(
+    "module, data, why",
+    [
+        (Net, Stream(), "an IterableDataset has no dataset indices"),
+        (IteratesItself, _data(), r"training_step\(dataloader_iter\) fetches its own batches"),
+    ],
+    ids=["iterable-dataset", "dataloader_iter"],
+)
+def test_where_there_are_no_dataset_indices_a_warning_says_why(tmp_path, module, data, why):
+    torch.manual_seed(0)
+    indices = IndicesSeen()
+    cb = CockpitCallback([Loss(), indices], logdir=None)
+    with pytest.warns(CockpitWarning, match=f"no dataset indices for the Trainer's train dataloader \\({why}\\)"):
+        trainer = _fit(module("parts"), [cb], tmp_path, "no_indices", 4, loader=DataLoader(data, batch_size=B))
+    assert trainer.global_step == 4 and [s for s, _ in cb.history["loss"]] == [0, 1, 2, 3]
+    assert all(v is None for v in indices.seen.values())

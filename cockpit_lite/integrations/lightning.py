@@ -32,6 +32,7 @@ Cockpit as the module's call, with that submodule's inputs as the batch.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -283,6 +284,8 @@ class CockpitCallback(Callback):
                 "parameters: build it in configure_optimizers from self.parameters()"
             )
         self.cockpit, self._open, self._final, self._pending = None, False, None, None
+        iterates = "dataloader_iter" in inspect.signature(pl_module.training_step).parameters
+        self._why_no_indices = "training_step(dataloader_iter) fetches its own batches" if iterates else None
         self._attach = _Attach(pl_module, trained, functools.partial(self._build, trainer))
         self._first_step = optimizers[0].register_step_pre_hook(SharedHook(self._before_first_step))
 
@@ -449,6 +452,8 @@ class CockpitCallback(Callback):
 
     def _indices(self, trainer: Any) -> tuple[Any, int | None]:
         """The next train batch's dataset indices (None if unknown) and the dataset's size."""
+        if self._why_no_indices is not None:
+            return None, None
         loader = trainer.train_dataloader
         tap = self._taps.get(id(loader)) if loader is not None else None
         if tap is None:
