@@ -9,10 +9,10 @@ What the callback does, by Lightning hook (docs/integrations.md, "Lightning"):
                           (``Strategy.process_dataloader``, before its iterator exists): each batch's
                           dataset indices are recorded without changing a batch (TracIn)
     load_state_dict       a checkpoint's cockpit state is kept until the Cockpit exists
-    on_train_start        the Cockpit is built on the LightningModule and the Trainer's optimizer
-                          (optimizers exist, a checkpoint is restored); the saved state is loaded
-    on_train_batch_start  the batch's dataset indices go to the Cockpit; the first forward of the
-                          batch is watched (below)
+    on_train_start        (optimizers exist, a checkpoint is restored) the first forward is awaited
+    first forward         the Cockpit is built on the module training_step calls (below) and the
+                          Trainer's optimizer; the saved state is loaded
+    on_train_batch_start  the batch's dataset indices go to the Cockpit
     on_train_end          final records (verdicts) are written, the Cockpit closes, verdicts are printed
     on_exception/teardown the Cockpit closes, the dataloader gets its own sampler back
 
@@ -23,10 +23,10 @@ backward and the optimizer's step pre-hook and so shows as the received norm (``
 against ``clip/global/norm``), micro-batches before a step are one step over all their examples.
 Lightning's own logger is not touched: the cockpit writes its own ``logdir``.
 
-Where ``training_step`` does not call the LightningModule itself (``self.net(x)`` instead of ``self(x)``),
-the Cockpit's hook on the module never fires; the first forward of a trainable submodule in each batch
-(after each backward, for loops with several forward/backward passes per batch) is then handed to the
-Cockpit as the module's call, with that submodule's inputs as the batch.
+The module: the LightningModule if ``training_step`` calls ``self(x)``; the submodule it calls if that
+one holds every trained parameter (``self.model(x)``); otherwise (``self.encoder(x)``, then
+``self.head(h)``) the LightningModule, with each batch's first submodule call handed to the Cockpit as
+the LightningModule's call (see :class:`_Attach`).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from cockpit_lite.records import History
 from cockpit_lite.sinks.base import Sink
 from cockpit_lite.sinks.jsonl import FILENAME
 from cockpit_lite.tracking import LoaderTap
+from cockpit_lite.unwrap import unwrap_optimizer
 
 STATE_VERSION = 1
 
@@ -276,7 +277,8 @@ class CockpitCallback(Callback):
                 f"{len(optimizers)} optimizers: the cockpit tracks the first ({type(optimizers[0]).__name__}); "
                 "forward and backward passes for the others between its steps are counted into its steps"
             )
-        held = {id(p) for g in optimizers[0].param_groups for p in g["params"]}
+        optimizer = unwrap_optimizer(optimizers[0])
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         trained = {id(p) for p in pl_module.parameters() if p.requires_grad and id(p) in held}
         if not trained:
             raise ValueError(
@@ -287,7 +289,7 @@ class CockpitCallback(Callback):
         iterates = "dataloader_iter" in inspect.signature(pl_module.training_step).parameters
         self._why_no_indices = "training_step(dataloader_iter) fetches its own batches" if iterates else None
         self._attach = _Attach(pl_module, trained, functools.partial(self._build, trainer))
-        self._first_step = optimizers[0].register_step_pre_hook(SharedHook(self._before_first_step))
+        self._first_step = optimizer.register_step_pre_hook(SharedHook(self._before_first_step))
 
     def _before_first_step(self, optimizer: Any, args: tuple, kwargs: dict) -> Any:
         """``optimizer.step(closure)`` before the Cockpit exists (automatic optimization without
@@ -335,6 +337,9 @@ class CockpitCallback(Callback):
             cockpit.close()
             raise
         self.cockpit, self._open = cockpit, True
+        if self._first_step is not None:  # built inside a step's closure: that hook's wrapper stays on
+            self._first_step.remove()
+            self._first_step = None
         if self._pending is not None:
             self._feed(*self._pending)  # the indices of the batch whose forward builds the Cockpit
             self._pending = None
