@@ -496,7 +496,7 @@ class CoupledPath:
         dirs = dict(directions or {})
         if wants_dot:
             gbar = dict(mean_grad) if mean_grad is not None else self._joined_mean(captures, scale, base, n)
-            dirs[_GBAR] = gbar
+            dirs[_STEP_GBAR] = gbar
         pairs = flags & {str(Need.PER_SAMPLE_GRAM), str(Need.PER_SAMPLE_GRAM_BY_PARAM)}
         inner = flags - {str(Need.PER_SAMPLE_DOT_MEAN)}
         results = [
@@ -512,7 +512,7 @@ class CoupledPath:
         sq = join([r.sq_norms for r in results]) if results[0].sq_norms else {}
         grads = join([r.grads for r in results]) if results[0].grads else {}
         proj = join([r.projections for r in results]) if results[0].projections else {}
-        dot = proj.pop(_GBAR, None)
+        dot = proj.pop(_STEP_GBAR, None)
         gram: dict[str, torch.Tensor] = {}
         if pairs:
             starts = [sum(batches[:k]) for k in range(len(batches) + 1)]
@@ -528,7 +528,7 @@ class CoupledPath:
                         gram[name][rows[k], rows[m]] = block
                         gram[name][rows[m], rows[k]] = block.T
         if wants_dot and dot is not None:
-            g2 = sum(float(g.double().square().sum()) for g in dirs[_GBAR].values())
+            g2 = sum(float(g.double().square().sum()) for g in dirs[_STEP_GBAR].values())
             self.sum_ratio = float(dot.double().sum()) / (n * g2) if g2 > 0 else None
         return PerSampleResult(
             sq_norms=MappingProxyType(sq),
@@ -831,6 +831,7 @@ def _or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 _GBAR = "\0gbar"  # internal key of the mean gradient among the chunk pass's directions
+_STEP_GBAR = "\0step gbar"  # the same for the step's mean gradient, among the micro-batches' directions
 
 
 __all__ = [

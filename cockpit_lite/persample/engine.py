@@ -658,7 +658,8 @@ class PerSampleEngine:
     ) -> PerSampleResult:
         """This step's per-sample statistics as an immutable result (projections onto ``directions``
         computed now from the kept factors, which are then released). Under gradient accumulation
-        ``mean_grad`` (gbar, the step's p.grad in the optimizer's units) gives g_i . gbar."""
+        ``mean_grad`` (the step's p.grad in the optimizer's units: gbar for a mean loss, N gbar for a
+        sum) gives g_i . gbar."""
         if self._segments and self.failure is None:
             return self._joined(directions or {}, mean_grad)
         projections = self.project(dict(directions)) if directions and self.failure is None else {}
@@ -716,6 +717,8 @@ class PerSampleEngine:
             if whole and mean_grad is not None:
                 gbar = {"__gbar__": dict(mean_grad)}
                 dot_mean = joined([_projections(seg.kept, gbar) for seg in segments])["__gbar__"]
+                if not segments[-1].mean:  # p.grad = sum_i g_i: gbar is p.grad / N
+                    dot_mean = dot_mean / sum(batches)
             else:
                 left_out.append("g_i . gbar")
         if directions:

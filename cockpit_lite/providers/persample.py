@@ -261,8 +261,11 @@ class PerSampleProvider(Provider):
                     state=c.state, outputs=c.outputs, values=self.values,
                 )  # fmt: skip
             else:
+                gbar = self.snapshot  # p.grad after the last backward: gbar, or N gbar for a summed loss
+                if gbar is not None and not self.mean:
+                    gbar = {k: v / n for k, v in gbar.items()}
                 result = self.path.joined_statistics(
-                    reached, scale, flags, directions, values=self.values, mean_grad=self.snapshot
+                    reached, scale, flags, directions, values=self.values, mean_grad=gbar
                 )
         self.snapshot = None
         rec.reset()
