@@ -103,7 +103,7 @@ JOIN_NEEDS = frozenset({Need.PER_SAMPLE_DOT_MEAN, Need.PER_SAMPLE_GRAM, Need.PER
 #: step that asks for ``JOIN_NEEDS`` the engine does not know yet whether the loop accumulates (it learns
 #: it at the second forward), so it keeps them up to this size and releases them at the optimizer step
 #: if no second micro-batch came (:meth:`PerSampleEngine.expect_accumulation` saves the question)
-TRIAL_BYTES = 1 << 28
+TRIAL_BYTES = 1 << 29
 
 
 def _tied_bytes(handlers: dict[nn.Module, Handler], group: dict[nn.Module, int]) -> dict[int, int]:
