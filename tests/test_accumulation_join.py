@@ -297,7 +297,7 @@ class _Kept(GradientTests):
 
     def on_before_step(self, record):
         eng = self.ref[0].engine
-        self.kept.append((len(eng._kept), eng._trial))
+        self.kept.append((len(eng._kept) + sum(len(seg.kept) for seg in eng._segments), eng._trial))
 
 
 def _first_step(sizes, expect=False, trial_bytes=None, steps=2):
@@ -339,6 +339,8 @@ def test_the_first_accumulated_step_has_g_i_dot_gbar(sizes):
         norm_test = math.sqrt(((G - gbar) ** 2).sum() / (n * (n - 1) * (gbar @ gbar)))
         assert dict(ck.history["tests/norm"])[step] == pytest.approx(norm_test, rel=1e-4)
     assert ck.engine.accumulating
+    # the views were joined and released in the optimizer's pre-hook, before the optimizer ran
+    assert [k for k, _ in tests.kept] == [0, 0]
 
 
 def test_a_loop_without_accumulation_keeps_the_views_on_trial_once_and_releases_them_at_the_step():

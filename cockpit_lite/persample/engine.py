@@ -4,7 +4,10 @@ Data flow within one step: a forward hook on every handled module keeps its (det
 registers a hook on its output; when the output gradient arrives during ``backward()`` the layer is
 reduced at once to what the step needs (squared norms, Gram entries, dot products with the mean) and
 its inputs are released. Only when an instrument asks for projections onto a direction known after
-the optimizer step (the update) are the layer's factors kept until the step's post-hook.
+the optimizer step (the update) are the layer's factors kept until the step's post-hook. Under
+gradient accumulation each micro-batch is reduced into a segment, and the segments are joined over
+the step's examples (:meth:`PerSampleEngine._joined`); g_i . gbar and Gram entries then need every
+micro-batch's views until the optimizer's pre-hook (docs/design.md, "Gradient accumulation").
 """
 
 from __future__ import annotations
@@ -251,6 +254,8 @@ class PerSampleEngine:
         self._trial_over: int | None = None
         #: every view of the current micro-batch is being kept
         self._whole = False
+        #: the joined result, when :meth:`before_step` formed it
+        self._early: PerSampleResult | None = None
 
     def begin(self, needs: Needs) -> None:
         """A new step starts; attach per-layer work only if the step needs it."""
@@ -532,14 +537,17 @@ class PerSampleEngine:
                 ):  # over the budget: give the trial up for this micro-batch
                     self._trial_over, self._trial, self._whole, self._kept = self._trial_size, False, False, []
 
-    def before_step(self) -> None:
-        """The optimizer is about to step: views kept on trial (in case the loop accumulated) are
-        released when no second micro-batch came, and the loop is taken not to accumulate."""
-        if (
-            self._trial
-            and not self._segments
-            and not (self.needs.directions or Need.PER_SAMPLE_CROSS in self.needs.flags)
-        ):
+    def before_step(self, mean_grad: Mapping[str, torch.Tensor] | None = None) -> None:
+        """The optimizer is about to step: no micro-batch follows. Views kept only to join micro-batches
+        (not for directions known after the step, nor for cross products read before it) are used now
+        and released before the optimizer allocates anything: the step's joined statistics are formed
+        (``mean_grad`` as for :meth:`result`), or, with one micro-batch (the first step's trial, or a
+        loop said to accumulate that did not this step), the views are dropped."""
+        if self.failure is not None or self.needs.directions or Need.PER_SAMPLE_CROSS in self.needs.flags:
+            return
+        if self._segments:
+            self._early = self._joined({}, mean_grad)
+        else:
             self._kept = []
 
     def skip_check(self) -> None:
@@ -660,6 +668,9 @@ class PerSampleEngine:
         computed now from the kept factors, which are then released). Under gradient accumulation
         ``mean_grad`` (the step's p.grad in the optimizer's units: gbar for a mean loss, N gbar for a
         sum) gives g_i . gbar."""
+        if self._early is not None and self.failure is None:
+            early, self._early = self._early, None
+            return early
         if self._segments and self.failure is None:
             return self._joined(directions or {}, mean_grad)
         projections = self.project(dict(directions)) if directions and self.failure is None else {}

@@ -187,7 +187,7 @@ class PerSampleProvider(Provider):
             self.engine.finish_backward()
             self.engine.skip_check()  # the loop may have changed p.grad since backward
         eng = self.engine
-        eng.before_step()
+        eng.before_step(self.snapshot)  # views kept only to join micro-batches are used and released now
         if eng.active and eng.failure is None:
             record.per_sample_uncovered = self._uncovered(eng.covered, record)
             if record.per_sample_uncovered:
