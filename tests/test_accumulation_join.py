@@ -442,3 +442,42 @@ def test_train_mode_batchnorm_with_accumulation(reduction, sizes):
             assert rec.per_sample_sq_norms is None and rec.per_sample_gram is None
     notes = dict(ck.history["note/probe"])
     assert 0 not in notes and "every 10th tracked step" in notes[1]
+
+
+# --- never silently wrong: gbar from p.grad must be the mean of the step's g_i ------------------------------
+def _regularised_step(model, x, y, sizes, instruments):
+    """One accumulated step whose loss adds a weight penalty outside the model: p.grad is no longer the
+    mean of the per-sample gradients of the loss module's term."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    last = list(model.parameters())[-2]  # the output layer's weight (no normalisation after it)
+    with Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=instruments) as ck:
+        for xb, yb in _split(x, y, sizes):
+            loss = F.cross_entropy(model(xb), yb) * len(yb) / len(y)
+            (loss + 0.5 * last.square().sum() / len(sizes)).backward()
+        opt.step()
+    return ck
+
+
+def test_a_gradient_the_hooks_do_not_see_leaves_g_i_dot_gbar_out_with_a_note():
+    torch.manual_seed(0)
+    model = models.mlp()
+    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN})
+    theta = copy.deepcopy(model)
+    ck = _regularised_step(model, x, y, [3, 4], [probe])
+    rec = probe.records[0]
+    assert rec.per_sample_dot_mean is None
+    assert "is not the mean of the step's per-sample gradients" in ck.history.last("note/probe")
+    G = flat(per_sample_grads_loop(theta, nn.CrossEntropyLoss(), x, y))
+    np.testing.assert_allclose(rec.per_sample_sq_norms, (G**2).sum(1), rtol=RTOL)  # the rest is kept
+
+
+def test_the_coupled_path_takes_gbar_from_the_replays_when_p_grad_holds_more():
+    x, y = torch.randn(7, 2, 5, 5), torch.randint(0, 3, (7,))
+    model = _bn_model()
+    theta = copy.deepcopy(model)
+    probe = Probe(flags={Need.PER_SAMPLE_DOT_MEAN})
+    _regularised_step(model, x, y, [3, 4], [probe])
+    G = flat(_bn_reference(theta, _split(x, y, [3, 4]), 7, "mean"))
+    want = G @ G.mean(0)
+    np.testing.assert_allclose(probe.records[0].per_sample_dot_mean, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

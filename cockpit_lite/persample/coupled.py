@@ -484,7 +484,8 @@ class CoupledPath:
         Args:
             captures: the step's model calls whose outputs backward reached, in order.
             scale: s as above. needs, directions, values: as for :meth:`statistics`.
-            mean_grad: gbar = mean_i g_i over the step, by name (None: computed from the replays).
+            mean_grad: gbar = mean_i g_i over the step, by name (None: computed from the replays, one VJP
+                per micro-batch; also when the given one is not the mean of the g_i, by ``sum_ratio``).
         """
         flags = {str(n) for n in (needs.names() if isinstance(needs, Needs) else needs)}
         if not captures:
@@ -528,8 +529,20 @@ class CoupledPath:
                         gram[name][rows[k], rows[m]] = block
                         gram[name][rows[m], rows[k]] = block.T
         if wants_dot and dot is not None:
-            g2 = sum(float(g.double().square().sum()) for g in dirs[_STEP_GBAR].values())
-            self.sum_ratio = float(dot.double().sum()) / (n * g2) if g2 > 0 else None
+            self.sum_ratio = self._ratio(dot, dirs[_STEP_GBAR], n)
+            rtol = 3e-2 if any(c.state is not None and c.state.amp for c in captures) else 1e-3
+            if mean_grad is not None and self.sum_ratio is not None and abs(self.sum_ratio - 1.0) > rtol:
+                # the given gbar is not the mean of these g_i (p.grad held more): take it from the replays
+                gbar = self._joined_mean(captures, scale, base, n)
+                parts = [
+                    self.statistics(
+                        c.args, c.kwargs, c.output_grads, scale, (), {_STEP_GBAR: gbar},
+                        state=c.state, outputs=c.outputs, values=base,
+                    ).projections[_STEP_GBAR]
+                    for c in captures
+                ]  # fmt: skip
+                dot = torch.cat(parts)
+                self.sum_ratio = self._ratio(dot, gbar, n)
         return PerSampleResult(
             sq_norms=MappingProxyType(sq),
             dot_mean=dot if wants_dot else None,
@@ -539,6 +552,12 @@ class CoupledPath:
             covered=frozenset(self.params),
             failure=None,
         )
+
+    @staticmethod
+    def _ratio(dot: torch.Tensor, gbar: Mapping[str, torch.Tensor], n: int) -> float | None:
+        """sum_i g_i . gbar / (N ||gbar||^2): 1 when gbar is the mean of the g_i."""
+        g2 = sum(float(g.double().square().sum()) for g in gbar.values())
+        return float(dot.double().sum()) / (n * g2) if g2 > 0 else None
 
     def batch_of(self, capture: Capture) -> int:
         """The examples of one captured call: the batch axis of the outputs backward reached."""

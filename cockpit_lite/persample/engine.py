@@ -725,13 +725,28 @@ class PerSampleEngine:
         left_out = []
         dot_mean, projections, gram = None, {}, {}
         if Need.PER_SAMPLE_DOT_MEAN in flags:
-            if whole and mean_grad is not None:
+            if not whole:
+                left_out.append("g_i . gbar")
+            elif mean_grad is None:
+                notes.append(
+                    "g_i . gbar of this accumulated step is left out: p.grad was not seen after its last backward"
+                )
+            else:
                 gbar = {"__gbar__": dict(mean_grad)}
                 dot_mean = joined([_projections(seg.kept, gbar) for seg in segments])["__gbar__"]
                 if not segments[-1].mean:  # p.grad = sum_i g_i: gbar is p.grad / N
                     dot_mean = dot_mean / sum(batches)
-            else:
-                left_out.append("g_i . gbar")
+                names = {name for seg in segments for v in seg.kept for name in v.names}
+                ratio = self._mean_check(dot_mean, mean_grad, names, 1.0 if segments[-1].mean else 1.0 / sum(batches))
+                if ratio is not None:
+                    dot_mean = None
+                    notes.append(
+                        "g_i . gbar of this accumulated step is left out: gbar taken from p.grad after its last "
+                        "backward is not the mean of the step's per-sample gradients (sum_i g_i . gbar / "
+                        f"(N ||gbar||^2) = {ratio:.4g}, not 1): a gradient left from before the step (no "
+                        "zero_grad()), or a term of the loss or a use of the weights that the per-layer hooks do "
+                        "not see"
+                    )
         if directions:
             if whole:
                 projections = joined([_projections(seg.kept, dict(directions)) for seg in segments])
@@ -764,6 +779,20 @@ class PerSampleEngine:
             failure=None,
             notes=tuple(notes),
         )
+
+    def _mean_check(
+        self, dot: torch.Tensor, mean_grad: Mapping[str, torch.Tensor], names: Collection[str], unit: float
+    ) -> float | None:
+        """None if gbar = ``unit`` x ``mean_grad`` (over ``names``) is the mean of the g_i whose g_i . gbar
+        are ``dot``: sum_i g_i . gbar = N ||gbar||^2, to the tolerance of :meth:`check_sums` (one
+        transfer). Else the ratio of the two sides."""
+        sq = [mean_grad[n].double().square().sum() for n in names if n in mean_grad]
+        want = (torch.stack(sq).sum() if sq else dot.new_zeros((), dtype=torch.float64)) * (unit * unit * len(dot))
+        got, spread, want = torch.stack([dot.double().sum(), dot.double().abs().sum(), want.to(dot.device)]).tolist()
+        rtol, stol = (3e-2, 3e-3) if self.low_precision else (1e-3, 1e-4)
+        if not all(math.isfinite(v) for v in (got, spread, want)) or abs(got - want) <= rtol * want + stol * spread:
+            return None
+        return got / want if want > 0 else float("inf")
 
     def _first_step_note(self, what: str) -> str:
         """Why the first accumulated step leaves ``what`` out, and the fix."""
