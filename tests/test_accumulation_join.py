@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cockpit_lite import Cockpit, Need
+from cockpit_lite import Cockpit, CockpitWarning, Need
 from cockpit_lite.instruments import Clipping, GradientTests, TracIn
 from cockpit_lite.persample.views import JoinedView
 from cockpit_lite.providers.persample import NORMS_EVERY
@@ -81,7 +81,7 @@ MODELS = {
 # --- 1. Gram entries, g_i and the clipping cosine over the whole step --------------------------------------
 @pytest.mark.parametrize(
     "arch,sizes,reduction",
-    [("mlp", [3, 5, 2], "mean"), ("mlp", [4, 4], "sum"), ("cnn", [2, 4, 3], "mean"), ("transformer", [3, 2], "mean")],
+    [("mlp", [3, 5, 2, 2], "mean"), ("mlp", [4, 4], "sum"), ("cnn", [2, 4, 3], "mean"), ("transformer", [3, 2], "mean")],
 )
 def test_gram_and_grads_are_joined_over_the_micro_batches(arch, sizes, reduction):
     """The N x N Gram per parameter (blocks of two micro-batches included), g_i, squared norms, g_i . gbar
@@ -389,7 +389,7 @@ def _bn_reference(theta, micro, n, reduction):
     return {name: torch.stack(v).numpy() for name, v in rows.items()}
 
 
-@pytest.mark.parametrize("reduction,sizes", [("mean", [4, 2, 3]), ("sum", [3, 3])])
+@pytest.mark.parametrize("reduction,sizes", [("mean", [4, 2, 3, 3]), ("sum", [3, 3])])
 def test_train_mode_batchnorm_with_accumulation(reduction, sizes):
     """Per-sample squared norms, Gram entries (across micro-batches too), g_i, g_i . gbar and projections
     onto the update with micro-batch-wise batch statistics, against autograd.grad(l_i) per example; with
@@ -464,7 +464,8 @@ def test_a_gradient_the_hooks_do_not_see_leaves_g_i_dot_gbar_out_with_a_note():
     x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
     probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN})
     theta = copy.deepcopy(model)
-    ck = _regularised_step(model, x, y, [3, 4], [probe])
+    with pytest.warns(CockpitWarning, match="do not add up"):  # the first backward's one-time check
+        ck = _regularised_step(model, x, y, [3, 4], [probe])
     rec = probe.records[0]
     assert rec.per_sample_dot_mean is None
     assert "is not the mean of the step's per-sample gradients" in ck.history.last("note/probe")
