@@ -81,7 +81,12 @@ MODELS = {
 # --- 1. Gram entries, g_i and the clipping cosine over the whole step --------------------------------------
 @pytest.mark.parametrize(
     "arch,sizes,reduction",
-    [("mlp", [3, 5, 2, 2], "mean"), ("mlp", [4, 4], "sum"), ("cnn", [2, 4, 3], "mean"), ("transformer", [3, 2], "mean")],
+    [
+        ("mlp", [3, 5, 2, 2], "mean"),
+        ("mlp", [4, 4], "sum"),
+        ("cnn", [2, 4, 3], "mean"),
+        ("transformer", [3, 2], "mean"),
+    ],
 )
 def test_gram_and_grads_are_joined_over_the_micro_batches(arch, sizes, reduction):
     """The N x N Gram per parameter (blocks of two micro-batches included), g_i, squared norms, g_i . gbar
