@@ -217,6 +217,7 @@ class PerSampleEngine:
         self._calls.clear()
         self._kept = []
         self._segments = []
+        self._early = None
         self._outputs = []
 
     def close(self) -> None:
