@@ -33,6 +33,11 @@ unchanged); ``p.grad`` is never written (only ``torch.autograd.grad`` and ``torc
 
 Both are exact up to floating-point round-off (no approximation; the replay's output is checked
 against the captured output when the caller gives it).
+
+Gradient accumulation (several model calls and backward passes per optimizer step): the examples of
+micro-batch k interact only through its own batch statistics, so each micro-batch is replayed on its
+own and the statistics are joined over the step's N examples, g_i scaled to the step
+(:meth:`CoupledPath.joined_statistics`, one :class:`Capture` per call).
 """
 
 from __future__ import annotations
