@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from cockpit_lite.instrument import Instrument
 from cockpit_lite.registry import resolve
+from cockpit_lite.rundir import run_dir
 from cockpit_lite.sinks.base import Sink
 from cockpit_lite.sinks.jsonl import JsonLines
 
@@ -59,6 +60,38 @@ def sinks_of(logdir: str | None, sinks: Sequence[Sink] | None) -> list[Sink]:
     if logdir is not None and not any(isinstance(s, JsonLines) for s in out):
         out.insert(0, JsonLines(logdir))
     return out
+
+
+def run_dir_of(logdir: str | os.PathLike | None, resume: bool, warn: Callable[[str], None]) -> str | None:
+    """The directory this run writes to (:func:`cockpit_lite.rundir.run_dir`), said when it is not ``logdir``."""
+    if logdir is None:
+        return None
+    out = run_dir(logdir, resume)
+    if out != os.fspath(logdir):
+        warn(
+            f"{os.fspath(logdir)} already holds a run: this run is written to {out} (one directory per run); "
+            "pass resume=True to continue the run that is there"
+        )
+    return out
+
+
+def own_run_dirs(
+    sinks: Sequence[Sink],
+    asked: str | os.PathLike | None,
+    logdir: str | None,
+    resume: bool,
+    warn: Callable[[str], None],
+) -> None:
+    """Point every sink that writes files at a directory of this run only: those given the cockpit's
+    ``logdir`` follow it to where the run goes; those with another directory get one of their own."""
+    for sink in sinks:
+        own = getattr(sink, "logdir", None)
+        if own is None:
+            continue
+        if asked is not None and os.path.normpath(os.fspath(own)) == os.path.normpath(os.fspath(asked)):
+            sink.logdir = logdir
+        elif logdir is None or os.path.normpath(os.fspath(own)) != os.path.normpath(logdir):
+            sink.logdir = run_dir_of(own, resume, warn)
 
 
 def profile_dir(logdir: str | None, sinks: Sequence[Sink]) -> str:

@@ -44,14 +44,27 @@ def summary_text(history: History, where: str = "") -> str:
     return assemble_summary(history, where)
 
 
-def _load(logdir: str) -> History:
+def _load_runs(logdir: str) -> dict[str, History]:
+    """The run in ``logdir`` under its own path, or every run of a folder of runs under theirs."""
     from cockpit_lite.io import load
+    from cockpit_lite.rundir import Runs
 
-    return load(logdir)
+    loaded = load(logdir)
+    if isinstance(loaded, Runs):
+        return {str(Path(logdir) / name): h for name, h in loaded.items()}
+    return {logdir: loaded}
+
+
+def _load(logdir: str) -> History:
+    runs = _load_runs(logdir)
+    if len(runs) > 1:
+        listed = ", ".join(runs)
+        raise SystemExit(f"cockpit-lite: {logdir} holds {len(runs)} runs ({listed}): name one of them")
+    return next(iter(runs.values()))
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    print(summary_text(_load(args.logdir), args.logdir))
+    print("\n\n".join(summary_text(h, where) for where, h in _load_runs(args.logdir).items()))
     return 0
 
 

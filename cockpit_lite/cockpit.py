@@ -57,6 +57,9 @@ class Cockpit:
         instruments: a preset name (``"economy"``, ``"minimal"``, ``"full"``), or a list of
             instruments (or registered instrument names).
         logdir: records stream to ``logdir/cockpit.jsonl``; with no ``sinks`` given, also to TensorBoard.
+            One directory per run: if ``logdir`` already holds a run, this one is written beside it, into
+            the first free ``<logdir>-2``, ``<logdir>-3``, ... (a warning names it; ``cockpit.logdir``
+            holds it), unless ``resume=True``.
         sinks: further sinks (``cockpit_lite.sinks.TensorBoard``, ``Dashboard``, ...). The JSON lines
             of ``logdir`` are always written first; ``sinks=[]`` means JSON lines only.
         profile: ``True`` or a ``torch.profiler.schedule(...)``: ``torch.profiler`` traces of the
@@ -64,6 +67,9 @@ class Cockpit:
             ``True`` records steps 2-4. Every instrument's work is labelled ``cockpit_lite/<name>``.
         reduction: ``"mean"`` (default: p.grad = mean_i g_i) or ``"sum"`` (p.grad = sum_i g_i), for a
             loss the cockpit cannot see; a loss module's own reduction takes precedence.
+        resume: continue the run already in ``logdir`` (and in the sinks' directories), appending to it:
+            for a run restarted from a checkpoint with :meth:`load_state_dict`. Records of steps the run
+            wrote before are replaced by the new ones when read back with ``load()``.
 
     Construction is atomic: if it raises, nothing stays attached. Use as a context manager, or call
     :meth:`close` when done; both remove every hook and close every file.
@@ -79,6 +85,7 @@ class Cockpit:
         sinks: Sequence[Sink] | None = None,
         profile: bool | Callable[[int], Any] = False,
         reduction: str = "mean",
+        resume: bool = False,
     ):
         self._warned: set[str] = set()
         self._closed, self.step, self._step = False, 0, None
@@ -94,8 +101,9 @@ class Cockpit:
                 raise ValueError(f"reduction={reduction!r}: say 'mean' (p.grad = mean_i g_i) or 'sum'")
             self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
             self.instruments = attach.instruments_of(instruments)
-            self.logdir = os.fspath(logdir) if logdir is not None else None
+            self.logdir = attach.run_dir_of(logdir, resume, self._warn)
             self.sinks = attach.sinks_of(self.logdir, sinks)
+            attach.own_run_dirs(self.sinks, logdir, self.logdir, resume, self._warn)
             profiling = profile is not False and profile is not None
             trace_dir = attach.profile_dir(self.logdir, self.sinks) if profiling else None
             self.history, self.costs = History(), Costs()

@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from cockpit_lite.instruments._util import refuse_state
-from cockpit_lite.instruments.panels import InfluencePanel, influence_summary
 
 from cockpit_lite import Instrument, Need, Needs
 from cockpit_lite.errors import CockpitWarning
+from cockpit_lite.instruments._util import refuse_state
+from cockpit_lite.instruments.panels import InfluencePanel, influence_summary
 from cockpit_lite.losses import gradient_scale
 from cockpit_lite.persample.cross import Projector, ViewCollector, cross
+from cockpit_lite.persample.views import JoinedView
 
 NEEDS_TRACK = (
     "TracIn needs the dataset index of every example in each batch: iterate the training data as "
@@ -253,7 +254,10 @@ class TracIn(Instrument):
     # --- per step -----------------------------------------------------------------------------------
     @torch.no_grad()
     def on_before_step(self, record):
-        """Probe influence at theta_t (parameters not yet updated): sum_layers eta c g_i . h_k."""
+        """Probe influence at theta_t (parameters not yet updated): sum_layers eta c g_i . h_k, for every
+        example i of the step (under gradient accumulation ``record.views`` are
+        :class:`~cockpit_lite.persample.views.JoinedView` s over all micro-batches, rows in the order of
+        ``record.indices``)."""
         if self.probes is None or record.indices is None:
             return
         if not record.views:
@@ -269,7 +273,9 @@ class TracIn(Instrument):
             other = probe_views.get(tuple(view.names))
             if other is None:  # the probes do not reach this layer: zero gradient there
                 continue
-            for name, c in cross(view, other, self.projector).items():
+            joined = isinstance(view, JoinedView)  # gradient accumulation: every micro-batch's examples
+            pairs = view.cross(other, self.projector) if joined else cross(view, other, self.projector)
+            for name, c in pairs.items():
                 w = weights[name]
                 if w in by_weight:
                     by_weight[w].add_(c)  # cross() returns fresh tensors

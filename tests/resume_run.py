@@ -79,14 +79,14 @@ def instruments(ckdir: str | os.PathLike) -> list:
     ]
 
 
-def build(logdir: str | os.PathLike, ckdir: str | os.PathLike, seed: int = 0):
+def build(logdir: str | os.PathLike, ckdir: str | os.PathLike, seed: int = 0, resume: bool = False):
     """(model, optimizer, loss_fn, cockpit), the model initialised from ``seed`` (this reseeds the global
     RNG). The cockpit attaches before a resumed run loads its checkpoint, as a training script would."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Dropout(0.2), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
-    cockpit = Cockpit(model, optimizer, loss_fn, instruments=instruments(ckdir), logdir=logdir, sinks=[])
+    cockpit = Cockpit(model, optimizer, loss_fn, instruments=instruments(ckdir), logdir=logdir, sinks=[], resume=resume)
     return model, optimizer, loss_fn, cockpit
 
 
@@ -122,7 +122,7 @@ def resume(path, logdir, ckdir, stop: int, drop: str | None = None) -> Cockpit:
     """Build anew, load the checkpoint (weights_only), train from its step to ``stop``, close.
     ``drop``: an instrument key whose state is left out (to show the comparison then fails)."""
     # another initialisation than the saved run's: whatever the checkpoint does not restore shows
-    model, optimizer, loss_fn, cockpit = build(logdir, ckdir, seed=1)
+    model, optimizer, loss_fn, cockpit = build(logdir, ckdir, seed=1, resume=True)
     state = torch.load(path, weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

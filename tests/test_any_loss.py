@@ -248,12 +248,14 @@ def test_accumulation_equals_the_loop_on_the_concatenated_batch(with_loss_fn):
 
 
 def test_the_first_accumulated_step_says_what_it_leaves_out():
-    """With nothing asking for projections, the first micro-batch's factors are not kept before the
-    cockpit knows the loop accumulates: that step's g_i . gbar is left out (a note), later ones are exact."""
+    """With nothing asking for projections and the first micro-batch's factors over the budget kept on
+    trial (here 0 bytes), they are not kept before the cockpit knows the loop accumulates: that step's
+    g_i . gbar is left out (a note naming the fix), later ones are exact."""
     torch.manual_seed(0)
     model = models.mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with Cockpit(model, opt, instruments=[GradientTests()]) as ck:
+        ck.engine.trial_bytes = 0
         thetas, batches = [], []
         for _ in range(2):
             x, y = _data(8)
@@ -265,6 +267,7 @@ def test_the_first_accumulated_step_says_what_it_leaves_out():
             opt.step()
     notes = dict(ck.history["note/gradient_tests"])
     assert "first step with gradient accumulation" in notes[0] and 1 not in notes
+    assert "over the 0 MiB" in notes[0] and "expect_accumulation()" in notes[0]
     grads, _ = _loop(thetas[1], *batches[1], F.cross_entropy)
     G = _flat(grads)
     gbar = G.mean(0)

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cockpit_lite import Cockpit, load
+from cockpit_lite.records import to_json
 from tests import resume_run as R
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,6 +199,27 @@ def test_resume_into_the_same_logdir(runs, tmp_path):
     resumed = load(logdir)
     assert differences(runs.full, resumed, 0) == []
     assert {t for t in resumed if not t.startswith("cost/")} == {t for t in runs.full if not t.startswith("cost/")}
+
+
+def test_resume_into_the_same_logdir_without_cutting_it(runs, tmp_path):
+    """``resume=True`` appends; ``load()`` keeps the later value of each (step, tag), so every record the
+    resumed run wrote reads back as it wrote it, once, and the records before the checkpoint are the
+    uninterrupted run's. (Records the interrupted run filed at its close and the resumed run does not
+    file again stay: cut the file back as above to have the uninterrupted run exactly.)"""
+    logdir = tmp_path / "run"
+    shutil.copytree(runs.dir / "part", logdir)
+    with torch.random.fork_rng():
+        cockpit = R.resume(runs.dir / "checkpoint.pt", logdir, tmp_path / "ck", R.STEPS)
+    run = load(logdir)
+    assert not (tmp_path / "run-2").exists()
+    for tag, pairs in run.items():
+        steps = [s for s, _ in pairs]
+        assert len(steps) == len(set(steps)), tag
+    for tag, pairs in cockpit.history.items():
+        if not tag.startswith("cost/"):
+            for s, v in pairs:  # compared as written: JSON of the values
+                assert json.dumps(to_json(run.value_at(tag, s))) == json.dumps(to_json(v)), (tag, s)
+    assert run["loss"][: R.K] == runs.full["loss"][: R.K]
 
 
 # --- each instrument's state: round trip, contents, other settings -----------------------------------------

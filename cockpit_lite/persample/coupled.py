@@ -33,6 +33,11 @@ unchanged); ``p.grad`` is never written (only ``torch.autograd.grad`` and ``torc
 
 Both are exact up to floating-point round-off (no approximation; the replay's output is checked
 against the captured output when the caller gives it).
+
+Gradient accumulation (several model calls and backward passes per optimizer step): the examples of
+micro-batch k interact only through its own batch statistics, so each micro-batch is replayed on its
+own and the statistics are joined over the step's N examples, g_i scaled to the step
+(:meth:`CoupledPath.joined_statistics`, one :class:`Capture` per call).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -122,16 +127,36 @@ class ReplayState:
         return stack
 
 
+@dataclass
+class Capture:
+    """One model call as :meth:`CoupledPath.statistics` replays it: the detached inputs, the
+    :class:`ReplayState` taken before the forward, the detached outputs (one entry per leaf of the
+    flattened output) and the gradient backward delivered to each (None where none arrived)."""
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    state: ReplayState | None = None
+    outputs: list = field(default_factory=list)
+    output_grads: list = field(default_factory=list)
+
+    @property
+    def reached(self) -> bool:
+        """Whether backward reached this call's output (a call the loop abandoned has no gradient)."""
+        return any(g is not None for g in self.output_grads)
+
+
 class CoupledRecorder:
-    """Captures what :meth:`CoupledPath.statistics` replays: before the forward, the
+    """Captures what :meth:`CoupledPath.statistics` replays, one :class:`Capture` per model call
+    (``captures``; several under gradient accumulation): before the forward, the
     :class:`ReplayState` and the detached inputs; after it, the detached outputs and a tensor hook on
     each output that keeps its gradient when backward reaches it (``output_grads``, one entry per leaf
-    of the flattened output, None where no gradient arrived).
+    of the flattened output, None where no gradient arrived). ``args``, ``kwargs``, ``state``,
+    ``outputs`` and ``output_grads`` are the last call's.
 
     With ``hooks=True`` it registers a forward pre-hook and a forward hook on ``model`` that do this for
     every call not under ``paused()`` (the path's own replays are); with ``hooks=False`` the owner calls
     :meth:`before_forward` and :meth:`after_forward` from hooks of its own. ``calls`` counts the forwards
-    since :meth:`reset` (a replay needs exactly one).
+    since :meth:`reset`.
     """
 
     def __init__(self, model: nn.Module, devices: Sequence[int] | None = None, hooks: bool = True):
@@ -147,12 +172,35 @@ class CoupledRecorder:
 
     def reset(self) -> None:
         """Drop what was captured (call at the start or end of each step)."""
-        self.calls = 0
-        self.args: tuple = ()
-        self.kwargs: dict = {}
-        self.state: ReplayState | None = None
-        self.outputs: list[torch.Tensor | None] = []
-        self.output_grads: list[torch.Tensor | None] = []
+        self.captures: list[Capture] = []
+
+    @property
+    def calls(self) -> int:
+        return len(self.captures)
+
+    @property
+    def _last(self) -> Capture:
+        return self.captures[-1] if self.captures else Capture()
+
+    @property
+    def args(self) -> tuple:
+        return self._last.args
+
+    @property
+    def kwargs(self) -> dict:
+        return self._last.kwargs
+
+    @property
+    def state(self) -> ReplayState | None:
+        return self._last.state
+
+    @property
+    def outputs(self) -> list[torch.Tensor | None]:
+        return self._last.outputs
+
+    @property
+    def output_grads(self) -> list[torch.Tensor | None]:
+        return self._last.output_grads
 
     def close(self) -> None:
         """Remove the hooks (what was captured stays until :meth:`reset`)."""
@@ -162,19 +210,21 @@ class CoupledRecorder:
 
     def before_forward(self, args: tuple, kwargs: Mapping[str, Any]) -> None:
         """The model's forward is about to run on ``args``/``kwargs``: keep them (detached) and the state."""
-        self.calls += 1
-        self.state = ReplayState.capture(self.devices)
         detach = lambda t: t.detach() if torch.is_tensor(t) else t  # noqa: E731
-        self.args, self.kwargs = tree_map(detach, tuple(args)), tree_map(detach, dict(kwargs))
+        state = ReplayState.capture(self.devices)
+        self.captures.append(Capture(tree_map(detach, tuple(args)), tree_map(detach, dict(kwargs)), state))
 
     def after_forward(self, output: Any) -> None:
         """The model's forward returned ``output``: keep it (detached) and hook its gradients."""
+        if not self.captures:
+            return
+        capture = self.captures[-1]
         leaves = tree_flatten(output)[0]
-        self.outputs = [t.detach() if torch.is_tensor(t) else None for t in leaves]
-        self.output_grads = [None] * len(leaves)
+        capture.outputs = [t.detach() if torch.is_tensor(t) else None for t in leaves]
+        capture.output_grads = [None] * len(leaves)
         for k, t in enumerate(leaves):
             if torch.is_tensor(t) and t.requires_grad:
-                t.register_hook(lambda g, k=k: self._grad(k, g))
+                t.register_hook(lambda g, k=k, c=capture: self._grad(c, k, g))
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not is_paused() and module is self.model:
@@ -184,8 +234,9 @@ class CoupledRecorder:
         if not is_paused() and module is self.model:
             self.after_forward(output)
 
-    def _grad(self, k: int, g: torch.Tensor) -> None:
-        self.output_grads[k] = g.detach()
+    @staticmethod
+    def _grad(capture: Capture, k: int, g: torch.Tensor) -> None:
+        capture.output_grads[k] = g.detach()
 
 
 def _rows(c: torch.Tensor, idx: Sequence[int], axis: int) -> torch.Tensor:
@@ -407,6 +458,172 @@ class CoupledPath:
             covered=covered,
             failure=None,
         )
+
+    def joined_statistics(
+        self,
+        captures: Sequence[Capture],
+        scale: float,
+        needs: Needs | Iterable[str],
+        directions: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+        *,
+        values: Mapping[str, torch.Tensor] | None = None,
+        mean_grad: Mapping[str, torch.Tensor] | None = None,
+    ) -> PerSampleResult:
+        """Per-sample statistics of a step that accumulated the gradients of several micro-batches (one
+        model call and one backward each), over its N = sum_k B_k examples in the order of the calls.
+
+        Micro-batch k's examples interact only through its own batch statistics, so example i of it has
+        g_i = s J_i^T c_i with J_i through micro-batch k's graph as it was and c its output gradient
+        (that of its backward's loss w_k L_k). With s = N for a mean loss (1 for a sum), divided by the
+        factor backward started from, these are the step's g_i: r_k = N / B_k times micro-batch k's own
+        per-sample gradients s_k J_i^T c_i (s_k = B_k), and p.grad = mean_i g_i (sum_i g_i).
+
+        Each micro-batch is replayed on its own (:meth:`statistics`, the same replay, check and chunks):
+        squared norms, g_i, projections onto ``directions`` and onto gbar (g_i . gbar, ``mean_grad``:
+        the step's gradient, e.g. p.grad after the last backward; else the sum of one VJP per micro-batch)
+        and Gram blocks within it. Gram entries g_i . g_j of two micro-batches replay both (two graphs
+        alive) and take chunks of VJPs of each (:meth:`_cross_gram`). Memory: what one micro-batch's
+        :meth:`statistics` takes, two replays for Gram entries, plus the (N,) results (N x N for Gram
+        entries, N x D for g_i).
+
+        Args:
+            captures: the step's model calls whose outputs backward reached, in order.
+            scale: s as above. needs, directions, values: as for :meth:`statistics`.
+            mean_grad: gbar = mean_i g_i over the step, by name (None: computed from the replays, one VJP
+                per micro-batch; also when the given one is not the mean of the g_i, by ``sum_ratio``).
+        """
+        flags = {str(n) for n in (needs.names() if isinstance(needs, Needs) else needs)}
+        if not captures:
+            raise ValueError("no micro-batch to replay")
+        base = {n: (values[n] if values is not None else p).detach() for n, p in self.params.items()}
+        batches = [self.batch_of(c) for c in captures]
+        n = sum(batches)
+        wants_dot = str(Need.PER_SAMPLE_DOT_MEAN) in flags
+        dirs = dict(directions or {})
+        if wants_dot:
+            gbar = dict(mean_grad) if mean_grad is not None else self._joined_mean(captures, scale, base, n)
+            dirs[_STEP_GBAR] = gbar
+        pairs = flags & {str(Need.PER_SAMPLE_GRAM), str(Need.PER_SAMPLE_GRAM_BY_PARAM)}
+        inner = flags - {str(Need.PER_SAMPLE_DOT_MEAN)}
+        results = [
+            self.statistics(
+                c.args, c.kwargs, c.output_grads, scale, inner, dirs, state=c.state, outputs=c.outputs, values=base
+            )
+            for c in captures
+        ]
+
+        def join(parts: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+            return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+        sq = join([r.sq_norms for r in results]) if results[0].sq_norms else {}
+        grads = join([r.grads for r in results]) if results[0].grads else {}
+        proj = join([r.projections for r in results]) if results[0].projections else {}
+        dot = proj.pop(_STEP_GBAR, None)
+        gram: dict[str, torch.Tensor] = {}
+        if pairs:
+            starts = [sum(batches[:k]) for k in range(len(batches) + 1)]
+            rows = [slice(starts[k], starts[k + 1]) for k in range(len(batches))]
+            for name, g in results[0].gram.items():
+                gram[name] = g.new_zeros(n, n)
+            for k, r in enumerate(results):
+                for name, g in r.gram.items():
+                    gram[name][rows[k], rows[k]] = g
+            for k in range(len(captures)):
+                for m in range(k + 1, len(captures)):
+                    for name, block in self._cross_gram(captures[k], captures[m], scale, base).items():
+                        gram[name][rows[k], rows[m]] = block
+                        gram[name][rows[m], rows[k]] = block.T
+        if wants_dot and dot is not None:
+            self.sum_ratio = self._ratio(dot, dirs[_STEP_GBAR], n)
+            rtol = 3e-2 if any(c.state is not None and c.state.amp for c in captures) else 1e-3
+            if mean_grad is not None and self.sum_ratio is not None and abs(self.sum_ratio - 1.0) > rtol:
+                # the given gbar is not the mean of these g_i (p.grad held more): take it from the replays
+                gbar = self._joined_mean(captures, scale, base, n)
+                parts = [
+                    self.statistics(
+                        c.args, c.kwargs, c.output_grads, scale, (), {_STEP_GBAR: gbar},
+                        state=c.state, outputs=c.outputs, values=base,
+                    ).projections[_STEP_GBAR]
+                    for c in captures
+                ]  # fmt: skip
+                dot = torch.cat(parts)
+                self.sum_ratio = self._ratio(dot, gbar, n)
+        return PerSampleResult(
+            sq_norms=MappingProxyType(sq),
+            dot_mean=dot if wants_dot else None,
+            gram=MappingProxyType(gram),
+            grads=MappingProxyType(grads),
+            projections=MappingProxyType(proj),
+            covered=frozenset(self.params),
+            failure=None,
+        )
+
+    @staticmethod
+    def _ratio(dot: torch.Tensor, gbar: Mapping[str, torch.Tensor], n: int) -> float | None:
+        """sum_i g_i . gbar / (N ||gbar||^2): 1 when gbar is the mean of the g_i."""
+        g2 = sum(float(g.double().square().sum()) for g in gbar.values())
+        return float(dot.double().sum()) / (n * g2) if g2 > 0 else None
+
+    def batch_of(self, capture: Capture) -> int:
+        """The examples of one captured call: the batch axis of the outputs backward reached."""
+        return self._batch([c for c in capture.output_grads if c is not None])
+
+    def _joined_mean(self, captures, scale, base, n) -> dict[str, torch.Tensor]:
+        """gbar = (1/N) sum_i g_i = (s/N) sum_k J_k^T c_k: one VJP of each micro-batch's replay."""
+        total = {name: torch.zeros_like(v) for name, v in base.items()}
+        with self._session():
+            for c in captures:
+                leaves = {name: v.detach().requires_grad_() for name, v in base.items()}
+                out = self._call(leaves, c.args, c.kwargs, c.state)
+                sel = self._match(out, c.output_grads)
+                self._check(out, c.outputs, sel)
+                zs = self._outputs(out, c.output_grads)
+                names = list(leaves)
+                gs = torch.autograd.grad(
+                    zs, [leaves[k] for k in names], [c.output_grads[k] for k in sel], allow_unused=True
+                )
+                for name, g in zip(names, gs, strict=True):
+                    if g is not None:
+                        total[name] += g.detach()
+        return {name: t * (scale / n) for name, t in total.items()}
+
+    def _mode(self) -> str:
+        """How chunks outside the ``"auto"`` trial run: batched until the trial (or a failure) decides."""
+        return "batched" if self.vjp_mode == "auto" else self.vjp_mode
+
+    def _cross_gram(self, left: Capture, right: Capture, scale, base) -> dict[str, torch.Tensor]:
+        """{name: (B_l, B_r)} g_i . g_j for i of one micro-batch and j of another: both replayed (two
+        graphs alive), chunks of VJPs of the left one, each against every chunk of the right one (the
+        right chunks are recomputed for each left chunk, as for Gram entries across chunks of one batch)."""
+        with self._session():
+            leaves = {name: v.detach().requires_grad_() for name, v in base.items()}
+            names = list(leaves)
+            ls = [leaves[k] for k in names]
+            sides, largest = [], 0
+            for c in (left, right):
+                out = self._call(leaves, c.args, c.kwargs, c.state, measure=True)
+                largest = max(largest, self.largest_saved)
+                sel = self._match(out, c.output_grads)
+                self._check(out, c.outputs, sel)
+                sides.append((self._outputs(out, c.output_grads), [c.output_grads[k] for k in sel]))
+            self.largest_saved = largest
+            (zl, cl), (zr, cr) = sides
+            bl, br = cl[0].shape[self.batch_axis], cr[0].shape[self.batch_axis]
+            size = self._chunk_size(leaves, zl + zr, max(bl, br), pairs=True)
+            dtype, device = _result_dtype(leaves), cl[0].device
+            out = {name: torch.zeros(bl, br, dtype=dtype, device=device) for name in names}
+            for a in range(0, bl, size):
+                ia = list(range(a, min(bl, a + size)))
+                ga = [g.flatten(1) for g in self._vjp_rows(zl, cl, ls, ia, scale, self._mode())]
+                for b in range(0, br, size):
+                    ib = list(range(b, min(br, b + size)))
+                    gb = [g.flatten(1) for g in self._vjp_rows(zr, cr, ls, ib, scale, self._mode())]
+                    with torch.no_grad():
+                        for name, g, h in zip(names, ga, gb, strict=True):
+                            out[name][a : a + len(ia), b : b + len(ib)] = (g @ h.T).to(dtype)
+                    del gb
+                del ga
+        return out
 
     def _refuse_collectives(self) -> None:
         """SyncBatchNorm in train mode across processes: the batch statistics couple the examples of
@@ -638,6 +855,15 @@ def _or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 _GBAR = "\0gbar"  # internal key of the mean gradient among the chunk pass's directions
+_STEP_GBAR = "\0step gbar"  # the same for the step's mean gradient, among the micro-batches' directions
 
 
-__all__ = ["CHUNK_BYTES", "CoupledPath", "CoupledRecorder", "ReplayMismatch", "ReplayState", "coupling_modules"]
+__all__ = [
+    "CHUNK_BYTES",
+    "Capture",
+    "CoupledPath",
+    "CoupledRecorder",
+    "ReplayMismatch",
+    "ReplayState",
+    "coupling_modules",
+]

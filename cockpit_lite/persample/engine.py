@@ -4,7 +4,10 @@ Data flow within one step: a forward hook on every handled module keeps its (det
 registers a hook on its output; when the output gradient arrives during ``backward()`` the layer is
 reduced at once to what the step needs (squared norms, Gram entries, dot products with the mean) and
 its inputs are released. Only when an instrument asks for projections onto a direction known after
-the optimizer step (the update) are the layer's factors kept until the step's post-hook.
+the optimizer step (the update) are the layer's factors kept until the step's post-hook. Under
+gradient accumulation each micro-batch is reduced into a segment, and the segments are joined over
+the step's examples (:meth:`PerSampleEngine._joined`); g_i . gbar and Gram entries then need every
+micro-batch's views until the optimizer's pre-hook (docs/design.md, "Gradient accumulation").
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from cockpit_lite.needs import Need, Needs
 from cockpit_lite.pause import is_paused, paused
 from cockpit_lite.persample.broadcast import BroadcastTracker, expand_over_batch
 from cockpit_lite.persample.layers import BareParamsHandler, Handler, PerSampleUndefined, build_handlers, tied_groups
-from cockpit_lite.persample.views import View, combined, tied_view
+from cockpit_lite.persample.views import JoinedView, View, combined, joined_gram, tied_view, view_bytes
 from cockpit_lite.profiling import Costs, timed
 
 
@@ -64,7 +67,9 @@ class _Segment:
     dot_mean: torch.Tensor | None
     kept: list
     covered: set
-    has_gram: bool
+    gram: dict  #: its own Gram entries {name: (B_k, B_k)} (the diagonal block of the step's)
+    grads: dict  #: its materialised g_i {name: (B_k, *shape)}
+    whole: bool  #: every view of the micro-batch was kept (cross products and projections can be joined)
 
 
 @dataclass
@@ -91,6 +96,17 @@ PER_SAMPLE_NEEDS = frozenset(
 
 #: the most memory the per-sample gradients of one group of modules with tied weights may take
 TIED_BYTES = 1 << 29
+
+#: needs whose values under gradient accumulation need every micro-batch's views until the step:
+#: g_i . gbar projects onto the step's gradient (known after the last backward), and Gram entries of
+#: examples in different micro-batches are cross products of their views
+JOIN_NEEDS = frozenset({Need.PER_SAMPLE_DOT_MEAN, Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM})
+
+#: the most memory the first micro-batch's views may take when they are kept on trial: on the first
+#: step that asks for ``JOIN_NEEDS`` the engine does not know yet whether the loop accumulates (it learns
+#: it at the second forward), so it keeps them up to this size and releases them at the optimizer step
+#: if no second micro-batch came (:meth:`PerSampleEngine.expect_accumulation` saves the question)
+TRIAL_BYTES = 1 << 29
 
 
 def _tied_bytes(handlers: dict[nn.Module, Handler], group: dict[nn.Module, int]) -> dict[int, int]:
@@ -167,8 +183,12 @@ class PerSampleEngine:
         self._outputs: list[torch.Tensor] = []
         self.warned: set[str] = set()
         self.checks_left = self.CHECKS
-        #: the loop accumulates gradients over several forward/backward passes per step (seen once: sticky)
+        #: the loop accumulates gradients over several forward/backward passes per step (seen once: sticky;
+        #: :meth:`expect_accumulation` says so before the first step)
         self.accumulating = False
+        #: bytes of views the first micro-batch may keep on trial (``TRIAL_BYTES``), and whether the trial ran
+        self.trial_bytes = TRIAL_BYTES
+        self._tried = False
         self._reset(Needs())
 
     def _attach(self) -> None:
@@ -196,15 +216,13 @@ class PerSampleEngine:
         self._bcast.reset()
         self._calls.clear()
         self._kept = []
+        self._segments = []
+        self._early = None
         self._outputs = []
 
     def close(self) -> None:
         self.close_hooks()
-        self.active = False
-        self._bcast.reset()
-        self._calls.clear()
-        self._kept = []
-        self._outputs = []
+        self.stop()
 
     def _reset(self, needs: Needs) -> None:
         self.needs = needs
@@ -230,12 +248,48 @@ class PerSampleEngine:
         self._segments: list[_Segment] = []
         self.mean = True
         self._bcast.reset()
+        #: this step keeps the first micro-batch's views on trial (see ``TRIAL_BYTES``), their bytes so
+        #: far, and the bytes at which the trial was given up (None: it was not)
+        self._trial = False
+        self._trial_size = 0
+        self._trial_over: int | None = None
+        #: every view of the current micro-batch is being kept
+        self._whole = False
+        #: the joined result, when :meth:`before_step` formed it
+        self._early: PerSampleResult | None = None
 
     def begin(self, needs: Needs) -> None:
         """A new step starts; attach per-layer work only if the step needs it."""
         self._reset(needs)
         self.active = bool(needs.names() & PER_SAMPLE_NEEDS)
         self.checking = self.active and self.checks_left > 0
+        if self.active and not self.accumulating and not self._tried and needs.flags & JOIN_NEEDS:
+            if not self._keeps_views():
+                self._trial = self._tried = True
+        self._whole = self._keeps_views()
+
+    def expect_accumulation(self) -> None:
+        """Say that the training loop accumulates gradients over several forward/backward passes per
+        ``optimizer.step()`` (Lightning's ``accumulate_grad_batches > 1``, Hugging Face's
+        ``gradient_accumulation_steps > 1``), before its first step.
+
+        Without it the engine learns it at the second forward of the first accumulated step, when the
+        first micro-batch's views may be gone: g_i . gbar and Gram entries of that step would be left
+        out unless the views fit the trial budget (``TRIAL_BYTES``). With it every micro-batch's views
+        are kept from the first step on, by the needs that join them (``JOIN_NEEDS``); a loop that then
+        runs one micro-batch per step loses nothing but that memory until each step. Reach it as
+        ``cockpit.engine.expect_accumulation()``.
+        """
+        self.accumulating = True
+        if not self.covered and not self._segments:  # called before this step reduced any layer
+            self._whole = self._keeps_views()
+
+    def _keeps_views(self) -> bool:
+        """Whether this step keeps the layers' views past their reduction (until the optimizer step)."""
+        flags = self.needs.flags
+        if self.needs.directions or Need.PER_SAMPLE_CROSS in flags:
+            return True
+        return bool(flags & JOIN_NEEDS) and (self.accumulating or self._trial)
 
     def set_batch(self, batch: int, inv_scale: float, mean: bool = True) -> None:
         """The current micro-batch: ``batch`` examples; captured output gradients times ``inv_scale`` are
@@ -248,20 +302,25 @@ class PerSampleEngine:
         if not self.active:
             return
         self.accumulating = True  # from now on views are kept from the first micro-batch on
-        self._segments.append(
-            _Segment(
-                self.batch,
-                self.mean,
-                self.sq,
-                self.dot_mean,
-                self._kept,
-                set(self.covered),
-                bool(self.gram or self.grads),
-            )
-        )
+        self._segments.append(self._segment())
         self.sq, self.gram, self.grads, self.dot_mean, self._kept = {}, {}, {}, None, []
         self.checking = False  # the check compares with p.grad, which now holds the earlier micro-batches
+        self._whole = self._keeps_views()
         self.set_batch(batch, inv_scale, mean)
+
+    def _segment(self) -> _Segment:
+        """What the current micro-batch computed."""
+        return _Segment(
+            self.batch,
+            self.mean,
+            self.sq,
+            self.dot_mean,
+            self._kept,
+            set(self.covered),
+            self.gram,
+            self.grads,
+            self._whole,
+        )
 
     def fail(self, reason: str) -> None:
         """Give up per-sample work for this step, say why (once per reason), never raise."""
@@ -468,14 +527,29 @@ class PerSampleEngine:
         if Need.PER_SAMPLE_SQ_NORMS in flags:
             self.sq.update(view.sq_norms())
         self.covered.update(view.names)
-        if (
-            self.needs.directions
-            or Need.PER_SAMPLE_CROSS in flags
-            or (self.accumulating and Need.PER_SAMPLE_DOT_MEAN in flags)
-        ):
+        if self._whole:
             if Need.PER_SAMPLE_CROSS not in flags:  # cross products need what release() drops (conv g_i)
                 view.release()
             self._kept.append(view)
+            if self._trial and not self._segments and not self.accumulating:
+                self._trial_size += view_bytes(view)
+                if self._trial_size > self.trial_bytes and not (
+                    self.needs.directions or Need.PER_SAMPLE_CROSS in flags
+                ):  # over the budget: give the trial up for this micro-batch
+                    self._trial_over, self._trial, self._whole, self._kept = self._trial_size, False, False, []
+
+    def before_step(self, mean_grad: Mapping[str, torch.Tensor] | None = None) -> None:
+        """The optimizer is about to step: no micro-batch follows. Views kept only to join micro-batches
+        (not for directions known after the step, nor for cross products read before it) are used now
+        and released before the optimizer allocates anything: the step's joined statistics are formed
+        (``mean_grad`` as for :meth:`result`), or, with one micro-batch (the first step's trial, or a
+        loop said to accumulate that did not this step), the views are dropped."""
+        if self.failure is not None or self.needs.directions or Need.PER_SAMPLE_CROSS in self.needs.flags:
+            return
+        if self._segments:
+            self._early = self._joined({}, mean_grad)
+        else:
+            self._kept = []
 
     def skip_check(self) -> None:
         """No check this step (p.grad held more than this backward's gradient, or was changed)."""
@@ -543,8 +617,32 @@ class PerSampleEngine:
             self.fail(f"per-sample engine disabled for this step ({e})")
 
     def kept_views(self) -> list[View]:
-        """The views kept for this step (for ``Need.PER_SAMPLE_CROSS`` or directions), after backward."""
-        return [] if self.failure is not None else list(self._kept)
+        """The views kept for this step (for ``Need.PER_SAMPLE_CROSS`` or directions), after backward.
+        Under gradient accumulation one :class:`~cockpit_lite.persample.views.JoinedView` per layer: its
+        rows are every example of the step, scaled to the step (see :meth:`_joined`)."""
+        if self.failure is not None:
+            return []
+        if not self._segments:
+            return list(self._kept)
+        segments, factors = self._parts()
+        return [
+            JoinedView(parts, factors, [seg.batch for seg in segments]) for parts in self._by_layer(segments).values()
+        ]
+
+    def _parts(self) -> tuple[list[_Segment], list[float]]:
+        """The step's micro-batches (the current one last) and their factors r_k (see :meth:`_joined`)."""
+        segments = [*self._segments, self._segment()]
+        n = sum(seg.batch for seg in segments)
+        return segments, [n / seg.batch if seg.mean else 1.0 for seg in segments]
+
+    @staticmethod
+    def _by_layer(segments: list[_Segment]) -> dict[tuple[str, ...], list[View | None]]:
+        """{parameter names of a layer: its view in each micro-batch (None where it got no gradient)}."""
+        out: dict[tuple[str, ...], list[View | None]] = {}
+        for k, seg in enumerate(segments):
+            for view in seg.kept:
+                out.setdefault(tuple(view.names), [None] * len(segments))[k] = view
+        return out
 
     @timed("engine")
     @torch.no_grad()
@@ -569,7 +667,11 @@ class PerSampleEngine:
     ) -> PerSampleResult:
         """This step's per-sample statistics as an immutable result (projections onto ``directions``
         computed now from the kept factors, which are then released). Under gradient accumulation
-        ``mean_grad`` (gbar, the step's p.grad in the optimizer's units) gives g_i . gbar."""
+        ``mean_grad`` (the step's p.grad in the optimizer's units: gbar for a mean loss, N gbar for a
+        sum) gives g_i . gbar."""
+        if self._early is not None and self.failure is None:
+            early, self._early = self._early, None
+            return early
         if self._segments and self.failure is None:
             return self._joined(directions or {}, mean_grad)
         projections = self.project(dict(directions)) if directions and self.failure is None else {}
@@ -588,56 +690,82 @@ class PerSampleEngine:
     def _joined(self, directions: Mapping, mean_grad: Mapping[str, torch.Tensor] | None) -> PerSampleResult:
         """Join the micro-batches of an accumulated step. Micro-batch k (B_k examples) holds per-sample
         gradients of w_k L_k (its backward's loss); over the step's N examples g_i = r_k x those, with
-        r_k = N / B_k for a mean loss (1 for a sum), so that p.grad = mean_i g_i (sum_i g_i)."""
-        current = _Segment(
-            self.batch, self.mean, self.sq, self.dot_mean, self._kept, set(self.covered), bool(self.gram or self.grads)
-        )
-        segments = [*self._segments, current]
-        n = sum(seg.batch for seg in segments)
-        factors = [n / seg.batch if seg.mean else 1.0 for seg in segments]
-        notes = []
+        r_k = N / B_k for a mean loss (1 for a sum), so that p.grad = mean_i g_i (sum_i g_i).
+
+        Squared norms (r_k^2) and materialised g_i (r_k) are each micro-batch's, scaled; g_i . gbar is
+        the projection onto the step's gradient ``mean_grad`` (p.grad after the last backward) and,
+        like projections onto ``directions``, needs every micro-batch's views; Gram entries are each
+        micro-batch's own Gram (r_k^2) on the diagonal blocks and cross products of two micro-batches'
+        views (r_k r_l) off it (:func:`~cockpit_lite.persample.views.joined_gram`)."""
+        segments, factors = self._parts()
+        flags = self.needs.flags
         batches = [seg.batch for seg in segments]
+        notes = []
 
         def join(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
-            """One value per example of the step; a micro-batch a layer got no gradient from: zeros."""
+            """Rows of every example of the step; a micro-batch a layer got no gradient from: zeros."""
             like = next((p for p in parts if p is not None), None)
             if like is None:
                 return None
-            return torch.cat([p if p is not None else like.new_zeros(b) for p, b in zip(parts, batches, strict=True)])
+            zeros = lambda b: like.new_zeros((b, *like.shape[1:]))  # noqa: E731
+            return torch.cat([p if p is not None else zeros(b) for p, b in zip(parts, batches, strict=True)])
 
-        names = sorted({name for seg in segments for name in seg.sq})
-        sq = {}
-        for name in names:
-            parts = [seg.sq.get(name) for seg in segments]
-            sq[name] = join([None if q is None else q * r * r for q, r in zip(parts, factors, strict=True)])
-
-        def joined_projection(dirs: dict) -> dict[str, torch.Tensor]:
-            per_segment = [_projections(seg.kept, dirs) for seg in segments]
+        def joined(per_segment: list[dict], power: int = 1) -> dict[str, torch.Tensor]:
+            keys = dict.fromkeys(k for d in per_segment for k in d)
             out = {}
-            for key in dirs:
-                parts = [None if key not in acc else acc[key] * r for acc, r in zip(per_segment, factors, strict=True)]
-                joined = join(parts)
-                if joined is not None:
-                    out[key] = joined
+            for key in keys:
+                parts = [None if key not in d else d[key] * r**power for d, r in zip(per_segment, factors, strict=True)]
+                value = join(parts)
+                if value is not None:
+                    out[key] = value
             return out
 
-        have_views = all(seg.kept for seg in segments)
-        dot_mean, projections = None, {}
-        if Need.PER_SAMPLE_DOT_MEAN in self.needs.flags:
-            if have_views and mean_grad is not None:
-                dot_mean = joined_projection({"__gbar__": dict(mean_grad)})["__gbar__"]
-            else:
+        sq = joined([seg.sq for seg in segments], power=2)
+        grads = joined([seg.grads for seg in segments]) if Need.PER_SAMPLE_GRADS in flags else {}
+        whole = all(seg.whole for seg in segments)
+        left_out = []
+        dot_mean, projections, gram = None, {}, {}
+        if Need.PER_SAMPLE_DOT_MEAN in flags:
+            if not whole:
+                left_out.append("g_i . gbar")
+            elif mean_grad is None:
                 notes.append(
-                    "g_i . gbar of the first step with gradient accumulation is left out (the first micro-batch's "
-                    "factors were not kept); from the next step on it is computed"
+                    "g_i . gbar of this accumulated step is left out: p.grad was not seen after its last backward"
                 )
-        if directions:
-            if have_views:
-                projections = joined_projection(dict(directions))
             else:
-                notes.append("projections of the first step with gradient accumulation are left out")
-        if any(seg.has_gram for seg in segments) or self.needs.flags & {Need.PER_SAMPLE_CROSS}:
-            notes.append("Gram entries, materialised g_i and cross products are not joined across micro-batches")
+                gbar = {"__gbar__": dict(mean_grad)}
+                dot_mean = joined([_projections(seg.kept, gbar) for seg in segments])["__gbar__"]
+                if not segments[-1].mean:  # p.grad = sum_i g_i: gbar is p.grad / N
+                    dot_mean = dot_mean / sum(batches)
+                names = {name for seg in segments for v in seg.kept for name in v.names}
+                ratio = self._mean_check(dot_mean, mean_grad, names, 1.0 if segments[-1].mean else 1.0 / sum(batches))
+                if ratio is not None:
+                    dot_mean = None
+                    notes.append(
+                        "g_i . gbar of this accumulated step is left out: gbar taken from p.grad after its last "
+                        "backward is not the mean of the step's per-sample gradients (sum_i g_i . gbar / "
+                        f"(N ||gbar||^2) = {ratio:.4g}, not 1): a gradient left from before the step (no "
+                        "zero_grad()), or a term of the loss or a use of the weights that the per-layer hooks do "
+                        "not see"
+                    )
+        if directions:
+            if whole:
+                projections = joined([_projections(seg.kept, dict(directions)) for seg in segments])
+            else:
+                left_out.append("projections")
+        if flags & {Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM}:
+            if whole:
+                for parts in self._by_layer(segments).values():
+                    names = {n for v in parts if v is not None for n in v.names}
+                    grams = [{n: g for n, g in seg.gram.items() if n in names} for seg in segments]
+                    gram.update(joined_gram(parts, grams, factors, batches))
+                    for v in parts:  # what the cross products formed (conv g_i) is not kept
+                        if v is not None:
+                            v.release()
+            else:
+                left_out.append("Gram entries")
+        if left_out:
+            notes.append(self._first_step_note(" and ".join(left_out)))
         for seg in segments:
             seg.kept = []
         self._segments, self._kept = [], []
@@ -645,12 +773,44 @@ class PerSampleEngine:
         return PerSampleResult(
             sq_norms=MappingProxyType(sq),
             dot_mean=dot_mean,
-            gram=MappingProxyType({}),
-            grads=MappingProxyType({}),
+            gram=MappingProxyType(gram),
+            grads=MappingProxyType(grads),
             projections=MappingProxyType(projections),
             covered=covered,
             failure=None,
             notes=tuple(notes),
+        )
+
+    def _mean_check(
+        self, dot: torch.Tensor, mean_grad: Mapping[str, torch.Tensor], names: Collection[str], unit: float
+    ) -> float | None:
+        """None if gbar = ``unit`` x ``mean_grad`` (over ``names``) is the mean of the g_i whose g_i . gbar
+        are ``dot``: sum_i g_i . gbar = N ||gbar||^2, to the tolerance of :meth:`check_sums` (one
+        transfer). Else the ratio of the two sides."""
+        sq = [mean_grad[n].double().square().sum() for n in names if n in mean_grad]
+        want = (torch.stack(sq).sum() if sq else dot.new_zeros((), dtype=torch.float64)) * (unit * unit * len(dot))
+        got, spread, want = torch.stack([dot.double().sum(), dot.double().abs().sum(), want.to(dot.device)]).tolist()
+        rtol, stol = (3e-2, 3e-3) if self.low_precision else (1e-3, 1e-4)
+        if not all(math.isfinite(v) for v in (got, spread, want)) or abs(got - want) <= rtol * want + stol * spread:
+            return None
+        return got / want if want > 0 else float("inf")
+
+    def _first_step_note(self, what: str) -> str:
+        """Why the first accumulated step leaves ``what`` out, and the fix."""
+        if self._trial_over is not None:
+            why = (
+                f"the first micro-batch's views ({self._trial_over / 2**20:.0f} MiB and more) were over the "
+                f"{self.trial_bytes / 2**20:.0f} MiB kept before the cockpit knows that the loop accumulates"
+            )
+        else:
+            why = (
+                "the first micro-batch's views were not kept: the cockpit learns that the loop accumulates at "
+                "its second forward"
+            )
+        return (
+            f"{what} of the first step with gradient accumulation are left out ({why}); from the next step on "
+            "they are computed. A loop that knows it accumulates can say so before its first step: "
+            "cockpit.engine.expect_accumulation()"
         )
 
     # --- another batch through the same capture code (TracIn probes) ---------------------------------

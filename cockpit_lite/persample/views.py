@@ -395,11 +395,14 @@ class ConvView(MaterialisedView):
         return self._g
 
     def release(self) -> None:
+        if not self._inputs:  # already released to g_i
+            return
         bsz = self._inputs[0].shape[0]
         factors = sum(x.numel() + e.numel() for x, e in zip(self._inputs, self._out_grads, strict=True))
         if bsz * self._weight_numel <= 2 * factors:
             self.grads()  # keep g_i: smaller than the factors (within 2x) and projections become cheap
-            self._inputs, self._out_grads = [], []
+            # the kernels' closures hold the inputs too: drop them, or the factors stay alive
+            self._inputs, self._out_grads, self._make, self._ghost = [], [], None, None
         else:
             self._g = {}
 
@@ -571,3 +574,198 @@ def tied_view(views: list[View]) -> View | None:
     if emb is None or out is None or out.w != emb.w or out.a.shape[1] != 1 or getattr(out, "transposed", False):
         return None
     return TiedEmbeddingView(emb, out)
+
+
+# --- gradient accumulation: one layer's views over the micro-batches of a step ---------------------------
+def _offsets(batches) -> list[int]:
+    out = [0]
+    for b in batches:
+        out.append(out[-1] + int(b))
+    return out
+
+
+def joined_gram(
+    parts,
+    grams,
+    factors,
+    batches,
+) -> dict[str, torch.Tensor]:
+    """{name: (N, N)} Gram entries g_i . g_j over the N = sum_k B_k examples of an accumulated step.
+
+    Micro-batch k's views (``parts[k]``, None where the layer got no gradient from it) hold the
+    per-sample gradients g^(k) of its own backward; the step's are g_i = r_k g^(k)_i (``factors[k]``
+    = r_k). Block (k, l) is r_k r_l g^(k)_i . g^(l)_j: the diagonal blocks are ``grams[k]`` (the
+    micro-batch's own Gram, {name: (B_k, B_k)}, computed when it was reduced), the others the cross
+    products of the two micro-batches' views (:func:`cockpit_lite.persample.cross.cross`, from the
+    factors where the layer has a factor form). Rows of a micro-batch that did not reach the layer: 0.
+    """
+    from cockpit_lite.persample.cross import cross
+
+    starts = _offsets(batches)
+    n = starts[-1]
+    like = next((g for gs in grams if gs for g in gs.values()), None)
+    if like is None:
+        return {}
+    names = list(dict.fromkeys(name for gs in grams if gs for name in gs))
+    out = {name: like.new_zeros(n, n) for name in names}
+    rows = [slice(starts[k], starts[k + 1]) for k in range(len(batches))]
+    for k, gs in enumerate(grams):
+        for name, g in (gs or {}).items():
+            out[name][rows[k], rows[k]] = g * (factors[k] * factors[k])
+    for k in range(len(parts)):
+        for m in range(k + 1, len(parts)):
+            if parts[k] is None or parts[m] is None:
+                continue
+            for name, block in cross(parts[k], parts[m]).items():
+                if name not in out:
+                    continue
+                block = block.to(like.dtype) * (factors[k] * factors[m])
+                out[name][rows[k], rows[m]] = block
+                out[name][rows[m], rows[k]] = block.T
+    return out
+
+
+class JoinedView(View):
+    """One layer's per-sample gradients over the N = sum_k B_k examples of an accumulated step.
+
+    Part k is the layer's view of micro-batch k (None: the layer got no gradient from it, zero rows);
+    its per-sample gradients are those of micro-batch k's own backward, and the step's are
+    g_i = r_k x them for i in micro-batch k (``factors[k]`` = r_k = N / B_k for a mean loss, 1 for a
+    sum), so that p.grad = mean_i g_i (sum_i g_i) over the step. Rows are the micro-batches' examples
+    in order. Squared norms scale by r_k^2, projections and g_i by r_k, Gram entries by r_k r_l (the
+    blocks across micro-batches are cross products of their views, :func:`joined_gram`), and
+    :meth:`cross` gives the (N, K) cross products with the views of other examples (TracIn's probes).
+    """
+
+    def __init__(self, parts, factors, batches):
+        if len(parts) != len(factors) or len(parts) != len(batches):
+            raise ValueError("JoinedView needs one part, factor and batch size per micro-batch")
+        if all(p is None for p in parts):
+            raise ValueError("JoinedView needs the view of at least one micro-batch")
+        self.parts = list(parts)
+        self.factors = [float(r) for r in factors]
+        self.batches = [int(b) for b in batches]
+        self.names = tuple(dict.fromkeys(n for p in self.parts if p is not None for n in p.names))
+
+    @property
+    def batch(self) -> int:
+        return sum(self.batches)
+
+    def _join(self, per_part, shape=()) -> dict[str, torch.Tensor]:
+        """{key: (N, *shape)} from {key: (B_k, *shape)} per part (already scaled), zeros where absent."""
+        keys = list(dict.fromkeys(k for d in per_part if d for k in d))
+        out = {}
+        for key in keys:
+            like = next(d[key] for d in per_part if d and key in d)
+            out[key] = torch.cat(
+                [
+                    d[key] if d and key in d else like.new_zeros((b, *like.shape[1:]))
+                    for d, b in zip(per_part, self.batches, strict=True)
+                ]
+            )
+        return out
+
+    def sq_norms(self) -> dict[str, torch.Tensor]:
+        return self._join(
+            [
+                None if p is None else {n: q * (r * r) for n, q in p.sq_norms().items()}
+                for p, r in zip(self.parts, self.factors, strict=True)
+            ]
+        )
+
+    def gram(self) -> dict[str, torch.Tensor]:
+        grams = [None if p is None else p.gram() for p in self.parts]
+        return joined_gram(self.parts, grams, self.factors, self.batches)
+
+    def project_many(self, directions):
+        return self._join(
+            [
+                None if p is None else {k: v * r for k, v in p.project_many(directions).items()}
+                for p, r in zip(self.parts, self.factors, strict=True)
+            ]
+        )
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        return self._join(
+            [
+                None if p is None else {n: g * r for n, g in p.grads().items()}
+                for p, r in zip(self.parts, self.factors, strict=True)
+            ]
+        )
+
+    def dot_mean(self) -> torch.Tensor:
+        """g_i . gbar with gbar = (1/N) sum_i g_i over the step (forms the layer's g_i)."""
+        grads = self.grads()
+        gbar = {n: g.mean(0) for n, g in grads.items()}
+        return self.project_many({"_": gbar})["_"]
+
+    def release(self) -> None:
+        for p in self.parts:
+            if p is not None:
+                p.release()
+
+    def cross(self, other: View, projector=None) -> dict[str, torch.Tensor]:
+        """{name: C} with C[i, j] = g_i . h_j for the step's N examples i and the examples j of
+        ``other`` (a view of the same layer: probes, or another :class:`JoinedView`)."""
+        from cockpit_lite.persample.cross import cross
+
+        if isinstance(other, JoinedView):
+            cols = [None if q is None else self.cross(q, projector) for q in other.parts]
+            out = {}
+            for name in dict.fromkeys(n for c in cols if c for n in c):
+                like = next(c[name] for c in cols if c and name in c)
+                out[name] = torch.cat(
+                    [
+                        c[name] * r if c and name in c else like.new_zeros(like.shape[0], b)
+                        for c, r, b in zip(cols, other.factors, other.batches, strict=True)
+                    ],
+                    1,
+                )
+            return out
+        return self._join(
+            [
+                None if p is None else {n: c * r for n, c in cross(p, other, projector).items()}
+                for p, r in zip(self.parts, self.factors, strict=True)
+            ]
+        )
+
+
+def view_bytes(view: View) -> int:
+    """Bytes of the tensors a view keeps alive (its factors, formed g_i, caches), each storage once."""
+    seen: set[tuple] = set()
+    visited: set[int] = set()
+    total = 0
+    stack: list = [view]
+    while stack:
+        obj = stack.pop()
+        if torch.is_tensor(obj):
+            try:
+                storage = obj.untyped_storage()
+                key = (obj.device, storage.data_ptr())
+                size = storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # a tensor without plain storage
+                key, size = (obj.device, id(obj)), obj.numel() * obj.element_size()
+            if key not in seen:
+                seen.add(key)
+                total += size
+            continue
+        if id(obj) in visited:
+            continue
+        visited.add(id(obj))
+        if isinstance(obj, View):
+            stack.extend(vars(obj).values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif callable(obj) and getattr(obj, "__closure__", None):  # a kernel closing over the factors
+            stack.extend(c.cell_contents for c in obj.__closure__ if _filled(c))
+    return total
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:  # an empty cell
+        return False
+    return True

@@ -107,7 +107,6 @@ class PerSampleProvider(Provider):
     def on_forward(self, record: StepRecord, call: ModelCall) -> None:
         if self.coupled:
             self.recorder.before_forward(call.args, call.kwargs)
-            self.coupled_batch = call.batch
             return
         if call.batch is None:
             return
@@ -159,7 +158,8 @@ class PerSampleProvider(Provider):
         self.engine.finish_backward()
         if self.engine.checking:
             self._check_sums(record)
-        if self.engine.accumulating and Need.PER_SAMPLE_DOT_MEAN in self.needs.flags:
+        accumulated = self.engine.accumulating or (self.coupled and self.recorder.calls > 1)
+        if accumulated and Need.PER_SAMPLE_DOT_MEAN in self.needs.flags:
             # gbar of an accumulated step: p.grad after its last backward (before any clipping by the loop)
             scale = record.backward_scale or 1.0
             self.snapshot = {n: p.grad.detach() / scale for n, p in self.context.params.items() if p.grad is not None}
@@ -187,6 +187,7 @@ class PerSampleProvider(Provider):
             self.engine.finish_backward()
             self.engine.skip_check()  # the loop may have changed p.grad since backward
         eng = self.engine
+        eng.before_step(self.snapshot)  # views kept only to join micro-batches are used and released now
         if eng.active and eng.failure is None:
             record.per_sample_uncovered = self._uncovered(eng.covered, record)
             if record.per_sample_uncovered:
@@ -227,12 +228,16 @@ class PerSampleProvider(Provider):
     def _coupled(self, record: StepRecord, directions: dict) -> None:
         """A train-mode BatchNorm step: the coupled path (persample/coupled.py). Projections (g_i . gbar,
         directions) every tracked step; squared norms and Gram entries, which cost B backward passes,
-        every ``NORMS_EVERY``-th such step (a note on the others)."""
+        every ``NORMS_EVERY``-th such step (a note on the others). Under gradient accumulation each
+        micro-batch (one model call, one backward) is replayed with its own batch statistics and the
+        statistics are joined over the step's N examples (``CoupledPath.joined_statistics``)."""
         rec = self.recorder
-        if rec.calls != 1 or self.backwards != 1 or self.values is None:
+        reached = [c for c in rec.captures if c.reached]  # a call the loop abandoned is no part of the step
+        if not reached or len(reached) != self.backwards or self.values is None:
             record.add_note(
-                "train-mode BatchNorm: the coupled path needs one model call and one backward per step (no "
-                "gradient accumulation); per-sample statistics are left out for this step",
+                "train-mode BatchNorm: the coupled path needs one backward per model call it reaches (this step: "
+                f"{len(reached)} such calls, {self.backwards} backward passes); per-sample statistics are left out "
+                "for this step",
                 self.PROVIDES,
             )
             return
@@ -246,12 +251,23 @@ class PerSampleProvider(Provider):
                 f"batch) are computed every {NORMS_EVERY}th tracked step; this one has projections only",
                 frozenset(CHUNK_NEEDS),
             )
-        scale = (float(self.coupled_batch) if self.mean else 1.0) / (record.backward_scale or 1.0)
+        n = sum(self.path.batch_of(c) for c in reached)
+        scale = (float(n) if self.mean else 1.0) / (record.backward_scale or 1.0)  # g_i = s J_i^T c_i
         with torch.enable_grad():
-            result = self.path.statistics(
-                rec.args, rec.kwargs, rec.output_grads, scale, flags, directions,
-                state=rec.state, outputs=rec.outputs, values=self.values,
-            )  # fmt: skip
+            if len(reached) == 1:
+                (c,) = reached
+                result = self.path.statistics(
+                    c.args, c.kwargs, c.output_grads, scale, flags, directions,
+                    state=c.state, outputs=c.outputs, values=self.values,
+                )  # fmt: skip
+            else:
+                gbar = self.snapshot  # p.grad after the last backward: gbar, or N gbar for a summed loss
+                if gbar is not None and not self.mean:
+                    gbar = {k: v / n for k, v in gbar.items()}
+                result = self.path.joined_statistics(
+                    reached, scale, flags, directions, values=self.values, mean_grad=gbar
+                )
+        self.snapshot = None
         rec.reset()
         self.values = None
         for note in getattr(result, "notes", ()):

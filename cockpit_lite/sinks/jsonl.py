@@ -22,9 +22,13 @@ class JsonLines(Sink):
     """
 
     def __init__(self, logdir: str | os.PathLike, fsync: bool = False):
-        self.path = Path(logdir) / FILENAME
+        self.logdir = os.fspath(logdir)
         self.fsync = fsync
         self._f = None
+
+    @property
+    def path(self) -> Path:
+        return Path(self.logdir) / FILENAME
 
     def open(self, context: Any) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
