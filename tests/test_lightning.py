@@ -312,7 +312,8 @@ def _jsonl_steps(logdir) -> list[int]:
 def test_checkpoint_and_resume_continue_the_run(tmp_path):
     """The callback's state rides in Lightning checkpoints: a run stopped after step 6, resumed from its
     step-4 checkpoint to step 8, writes every step once and the same records as an uninterrupted run
-    (Alpha finishes the step pending at the checkpoint; Distance, TracIn keep their state)."""
+    (Alpha finishes the step pending at the checkpoint; Distance, TracIn keep their state). The logdir
+    held another run, so the first run went to <logdir>-2: the resumed run continues that directory."""
 
     def instruments():
         return [Loss(), GradNorm(), UpdateSize(), Distance(), Alpha(), TracIn()]
@@ -325,16 +326,20 @@ def test_checkpoint_and_resume_continue_the_run(tmp_path):
         return cb
 
     whole = run("whole", 8, [])
+    (tmp_path / "resumed").mkdir()
+    (tmp_path / "resumed" / "cockpit.jsonl").write_text('{"step": 0, "records": {"loss": 9.0}}\n')  # another run
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), filename="{step}", every_n_train_steps=4, save_top_k=-1)
-    first = run("resumed", 6, [ckpt])
-    assert _jsonl_steps(tmp_path / "resumed") == list(range(6))
+    with pytest.warns(CockpitWarning, match="resumed-2"):
+        first = run("resumed", 6, [ckpt])
+    assert _jsonl_steps(tmp_path / "resumed-2") == list(range(6))
     path = tmp_path / "ckpt" / "step=4.ckpt"
     saved = torch.load(path, weights_only=True)["callbacks"][first.state_key]
-    assert saved["cockpit"]["step"] == 4
+    assert saved["cockpit"]["step"] == 4 and saved["run_dir"] == str(tmp_path / "resumed-2")
     second = run("resumed", 8, [], ckpt_path=str(path))
-    assert second.cockpit.step == 8
-    assert _jsonl_steps(tmp_path / "resumed") == list(range(8))  # steps 4 and 5 of the first run were cut
-    a, b = load(tmp_path / "whole"), load(tmp_path / "resumed")
+    assert second.cockpit.step == 8 and second.cockpit.logdir == str(tmp_path / "resumed-2")
+    assert _jsonl_steps(tmp_path / "resumed-2") == list(range(8))  # steps 4 and 5 of the first run were cut
+    assert _jsonl_steps(tmp_path / "resumed") == [0] and not (tmp_path / "resumed-3").exists()
+    a, b = load(tmp_path / "whole"), load(tmp_path / "resumed-2")
     for tag in ("loss", "grad_norm", "update_size", "distance", "alpha"):
         assert [s for s, _ in a[tag]] == [s for s, _ in b[tag]], tag
         np.testing.assert_allclose([v for _, v in b[tag]], [v for _, v in a[tag]], rtol=1e-12, err_msg=tag)

@@ -77,13 +77,9 @@ def _guarded(fn: Callable) -> Callable:
 def expect_accumulation(cockpit: Cockpit, batches: int) -> None:
     """Lightning steps the optimizer once every ``batches`` batches (``accumulate_grad_batches``): say
     so to the per-sample engine before the first step, so that the first step's micro-batches are
-    joined too. (Issue 13: ``PerSampleEngine.expect_accumulation()`` is being added on its own branch;
-    where the engine does not have it yet, it learns of the accumulation at the first step's second
-    forward.)"""
+    joined too (:meth:`~cockpit_lite.persample.engine.PerSampleEngine.expect_accumulation`)."""
     if batches > 1:
-        expect = getattr(cockpit.engine, "expect_accumulation", None)
-        if expect is not None:
-            expect()
+        cockpit.engine.expect_accumulation()
 
 
 class _Attach:
@@ -249,8 +245,10 @@ class CockpitCallback(Callback):
         return self._generate_state_key(logdir=self.logdir)
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"version", "cockpit": Cockpit.state_dict(), "logdir", "jsonl_bytes"}``: the Cockpit's
-        state and how long its ``cockpit.jsonl`` was (to cut what a resumed run writes again)."""
+        """``{"version", "cockpit": Cockpit.state_dict(), "logdir", "run_dir", "jsonl_bytes"}``: the
+        Cockpit's state, the ``logdir`` given, the run directory it wrote (``<logdir>-2`` where
+        ``logdir`` held a run) and how long its ``cockpit.jsonl`` was (to cut what a resumed run writes
+        again). Plain values and tensors: ``torch.load(weights_only=True)`` reads it."""
         if self._open and self.cockpit is not None:
             return self._state(self.cockpit)
         return self._final or self._saved or {}
@@ -313,19 +311,24 @@ class CockpitCallback(Callback):
                 self._warn(f"before_step failed ({type(e).__name__}: {e}); training is unaffected")
 
     def _build(self, trainer: Any, model: nn.Module) -> Cockpit:
-        """The Cockpit, on ``model`` (the module training_step calls), at the first forward of training."""
+        """The Cockpit, on ``model`` (the module training_step calls), at the first forward of training.
+        Resuming from a checkpoint with the same ``logdir``, it continues the checkpoint's run directory
+        (``resume=True``; also where that run had gone to ``<logdir>-2``), cut back to the checkpoint;
+        otherwise a ``logdir`` that holds a run gets a new run directory beside it (``Cockpit``'s rule)."""
         saved, self._saved = self._saved, None
-        if saved is not None and trainer.is_global_zero:
-            self._cut_log(saved)
+        run = self._resumed_run(saved) if saved is not None else None
+        if run is not None and trainer.is_global_zero:
+            self._cut_log(run, saved.get("jsonl_bytes"))
         cockpit = Cockpit(
             model,
             trainer.optimizers[0],
             self.loss_fn,
             instruments=self.instruments,
-            logdir=self.logdir,
+            logdir=run if run is not None else self.logdir,
             sinks=self.sinks,
             profile=self.profile,
             reduction=self.reduction,
+            resume=run is not None,
         )
         try:
             if saved is not None:
@@ -388,20 +391,31 @@ class CockpitCallback(Callback):
             self._warned.add(msg)
             warn(msg, stacklevel=4)
 
-    def _jsonl(self) -> str | None:
-        return os.path.abspath(os.path.join(self.logdir, FILENAME)) if self.logdir is not None else None
-
     def _state(self, cockpit: Cockpit) -> dict[str, Any]:
-        path = self._jsonl()
-        size = os.path.getsize(path) if path is not None and os.path.exists(path) else None
-        return {"version": STATE_VERSION, "cockpit": cockpit.state_dict(), "logdir": path, "jsonl_bytes": size}
+        """The Cockpit's state, the ``logdir`` given, the run directory written and its JSON lines' length."""
+        run = os.path.abspath(cockpit.logdir) if cockpit.logdir is not None else None
+        path = os.path.join(run, FILENAME) if run is not None else None
+        return {
+            "version": STATE_VERSION,
+            "cockpit": cockpit.state_dict(),
+            "logdir": os.path.abspath(self.logdir) if self.logdir is not None else None,
+            "run_dir": run,
+            "jsonl_bytes": os.path.getsize(path) if path is not None and os.path.exists(path) else None,
+        }
 
-    def _cut_log(self, saved: Mapping[str, Any]) -> None:
-        """Resuming: records written after the checkpoint belong to steps that are run again."""
-        path, size = self._jsonl(), saved.get("jsonl_bytes")
-        if path is None or size is None or saved.get("logdir") != path or not os.path.exists(path):
-            return
-        if os.path.getsize(path) > size:
+    def _resumed_run(self, saved: Mapping[str, Any]) -> str | None:
+        """The checkpoint's run directory, if this callback writes to the same ``logdir`` and it exists."""
+        run = saved.get("run_dir")
+        if self.logdir is None or run is None or not os.path.isdir(run):
+            return None
+        return run if saved.get("logdir") == os.path.abspath(self.logdir) else None
+
+    @staticmethod
+    def _cut_log(run: str, size: int | None) -> None:
+        """Resuming: the lines the interrupted run wrote after the checkpoint (steps that are run again,
+        its close records) are cut from ``cockpit.jsonl``."""
+        path = os.path.join(run, FILENAME)
+        if size is not None and os.path.exists(path) and os.path.getsize(path) > size:
             os.truncate(path, size)
 
     def _finish(self) -> None:
