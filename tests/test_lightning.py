@@ -12,7 +12,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import warnings
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -446,3 +448,20 @@ def test_where_there_are_no_dataset_indices_a_warning_says_why(tmp_path, module,
         trainer = _fit(module("parts"), [cb], tmp_path, "no_indices", 4, loader=DataLoader(data, batch_size=B))
     assert trainer.global_step == 4 and [s for s, _ in cb.history["loss"]] == [0, 1, 2, 3]
     assert all(v is None for v in indices.seen.values())
+
+
+def test_the_documented_example_runs(tmp_path, monkeypatch):
+    """docs/integrations.md, "Lightning", as written (JSON lines only: the TensorBoard sink's closing
+    dashboard picture is the slow part and no part of the example's point)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    section = text[text.index("## Lightning") :]
+    section = section[: section.index("\n## ", 1)] if "\n## " in section[1:] else section
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1 and 'logdir="runs/pl")' in blocks[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(blocks[0].replace('logdir="runs/pl")', 'logdir="runs/pl", sinks=[])'), namespace)
+    run = load(tmp_path / "runs" / "pl")
+    assert [s for s, _ in run["loss"]] == list(range(40)) and len(run["clip/global/norm"]) == 40
+    assert namespace["callback"].verdicts and "verdict/lr" in run
+    assert (namespace["tracin"].self_influence() > 0).sum() == 256  # 40 steps x 32 examples: every one seen

@@ -191,6 +191,9 @@ class CockpitCallback(Callback):
         sinks, loss_fn, reduction, profile: passed to ``Cockpit``.
         resolve_subsets: dataset indices beneath ``torch.utils.data.Subset`` wrappers of the train
             dataset (as for ``cockpit.track``).
+        clipping: when the Trainer clips by norm (``gradient_clip_val``) and no ``Clipping`` instrument
+            is given, add ``Clipping(max_norm=gradient_clip_val, kinds="global")`` (one pass over the
+            gradients): the norm before clipping, the norm received, whether the step was clipped.
 
     The Cockpit tracks the LightningModule's parameters that the Trainer's first optimizer holds (with
     several optimizers, the first; a warning says so). Its state (step count, every instrument's state)
@@ -210,6 +213,7 @@ class CockpitCallback(Callback):
         reduction: str = "mean",
         profile: bool | Callable[[int], Any] = False,
         resolve_subsets: bool = False,
+        clipping: bool = True,
     ):
         if not isinstance(instruments, str):
             instruments = list(instruments)
@@ -219,6 +223,7 @@ class CockpitCallback(Callback):
         self.instruments, self.sinks, self.loss_fn = instruments, sinks, loss_fn
         self.logdir = os.fspath(logdir) if logdir is not None else None
         self.reduction, self.profile, self.resolve_subsets = reduction, profile, resolve_subsets
+        self.clipping = clipping
         #: the Cockpit of the current (or last) fit; closed once training ends
         self.cockpit: Cockpit | None = None
         #: the instruments' verdicts at the end of training
@@ -323,7 +328,7 @@ class CockpitCallback(Callback):
             model,
             trainer.optimizers[0],
             self.loss_fn,
-            instruments=self.instruments,
+            instruments=self._instruments(trainer),
             logdir=run if run is not None else self.logdir,
             sinks=self.sinks,
             profile=self.profile,
@@ -402,6 +407,16 @@ class CockpitCallback(Callback):
             "run_dir": run,
             "jsonl_bytes": os.path.getsize(path) if path is not None and os.path.exists(path) else None,
         }
+
+    def _instruments(self, trainer: Any) -> list[Instrument]:
+        instruments = attach.instruments_of(self.instruments)
+        clip, algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
+        if self.clipping and clip and clip > 0 and algorithm in (None, "norm"):
+            from cockpit_lite.instruments.clipping import Clipping  # the core imports no concrete instrument
+
+            if not any(isinstance(i, Clipping) for i in instruments):
+                instruments.append(Clipping(max_norm=float(clip), kinds="global"))
+        return instruments
 
     def _resumed_run(self, saved: Mapping[str, Any]) -> str | None:
         """The checkpoint's run directory, if this callback writes to the same ``logdir`` and it exists."""
