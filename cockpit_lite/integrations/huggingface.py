@@ -324,7 +324,8 @@ class CockpitCallback(TrainerCallback, ExportableState):
 
     def _load(self, args: Any, state: Any, saved: dict) -> None:
         step = int(saved["cockpit_step"])
-        candidates = [saved.get("cockpit_state_file"), os.path.join(self._checkpoint_folder(args, state.global_step), STATE_FILE)]
+        here = os.path.join(self._checkpoint_folder(args, state.global_step), STATE_FILE)
+        candidates = [saved.get("cockpit_state_file"), here]
         path = next((p for p in candidates if p and os.path.exists(p)), None)
         loaded = torch.load(path, weights_only=True) if path is not None else None
         if loaded is None or int(loaded.get("step", -1)) != step:
