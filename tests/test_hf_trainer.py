@@ -399,3 +399,34 @@ def test_an_accelerate_prepared_model_and_optimizer_give_the_same_numbers(accumu
     for tag in plain:  # the same numbers, bit for bit: prepare() on the CPU changes nothing they depend on
         assert len(plain[tag]) == len(prepared[tag]), tag
         assert all(_same(a, b) for a, b in zip(plain[tag], prepared[tag], strict=True)), tag
+
+
+@pytest.mark.parametrize("wrap", ["prepared", "skip_first_batches", "skip_data_loader"])
+def test_track_follows_the_batches_of_accelerate_loaders(wrap):
+    """``cockpit.track()`` over accelerate's loaders (which build the torch iterator lazily, at their first
+    batch): the recorded indices are those of the examples the model was given, skipped batches skipped."""
+    from accelerate.data_loader import SkipDataLoader
+    from torch.utils.data import DataLoader
+
+    data = dataset()
+    model = gpt2()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loader = DataLoader(data, batch_size=BATCH, shuffle=True)
+    if wrap == "skip_data_loader":
+        loader = SkipDataLoader(data, skip_batches=3, batch_size=BATCH, shuffle=True)
+    else:
+        accelerator = Accelerator(cpu=True)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        if wrap == "skip_first_batches":
+            loader = accelerator.skip_first_batches(loader, 3)
+    inputs, probe = Inputs(model), Probe()
+    with Cockpit(model, optimizer, instruments=[probe]) as cockpit:
+        for batch in cockpit.track(loader):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    steps = N_DATA // BATCH - (0 if wrap == "prepared" else 3)
+    assert len(inputs.calls) == steps and sorted(probe.steps) == list(range(steps))
+    for t in range(steps):
+        np.testing.assert_array_equal(probe.steps[t]["indices"], seen_indices([inputs.calls[t]]), err_msg=f"step {t}")
+    assert probe.steps[0]["indices"].tolist() != list(range(BATCH))  # shuffled: the check is not of 0, 1, 2, ...

@@ -57,21 +57,10 @@ from cockpit_lite.errors import warn
 from cockpit_lite.instrument import Instrument
 from cockpit_lite.sinks.base import Sink
 from cockpit_lite.sinks.jsonl import FILENAME as JSONL_FILENAME
-from cockpit_lite.tracking import _as_indices, _dataset_size, _Recorder, root_indices
+from cockpit_lite.tracking import _as_indices, _dataset_size, install_recorder, root_indices, sampling_loader
 
 #: the file in each checkpoint folder that holds the cockpit's state_dict()
 STATE_FILE = "cockpit_state.pt"
-
-
-def _innermost_loader(loader: Any) -> Any:
-    """The torch ``DataLoader`` that does the sampling inside accelerate's adapters (``DataLoaderShard``,
-    ``SkipDataLoader`` and ``DataLoaderDispatcher`` hold it as ``base_dataloader``)."""
-    for _ in range(8):
-        inner = vars(loader).get("base_dataloader") if hasattr(loader, "__dict__") else None
-        if inner is None:
-            return loader
-        loader = inner
-    return loader
 
 
 class TrainerIndices:
@@ -89,9 +78,8 @@ class TrainerIndices:
         self.feed, self.resolve_subsets = feed, resolve_subsets
         self.queue: deque = deque()
         self.skip = 0
-        self.loader = _innermost_loader(loader)
-        self.attr: str | None = None
-        self.original: Any = None
+        self.loader = sampling_loader(loader)
+        self.remove: Callable[[], None] | None = None
         self.why: str | None = None
         self.size: int | None = None
         dl = self.loader
@@ -103,9 +91,7 @@ class TrainerIndices:
             self.why = "with dataloader_in_order=False batches may arrive out of order"
         if self.why is not None:
             return
-        self.attr = "batch_sampler" if dl.batch_sampler is not None else "sampler"
-        self.original = getattr(dl, self.attr)
-        object.__setattr__(dl, self.attr, _Recorder(self.original, self.queue))  # DataLoader forbids assignment
+        self.remove = install_recorder(dl, self.queue)
         self.size = _dataset_size(dl.dataset, resolve_subsets)
 
     def new_epoch(self, skip: int = 0) -> None:
@@ -115,7 +101,7 @@ class TrainerIndices:
 
     def next_batch(self) -> None:
         """The Trainer is about to train on its next micro-batch: feed that batch's dataset indices."""
-        if self.attr is None:
+        if self.remove is None:
             self.feed(None, None)
             return
         while self.skip and self.queue:
@@ -127,9 +113,9 @@ class TrainerIndices:
         self.feed(idx, self.size)
 
     def restore(self) -> None:
-        if self.attr is not None:
-            object.__setattr__(self.loader, self.attr, self.original)
-            self.attr = None
+        if self.remove is not None:
+            self.remove()
+            self.remove = None
         self.queue.clear()
 
 
