@@ -135,8 +135,9 @@ def seen_indices(calls: list[dict]) -> np.ndarray:
     return torch.cat([c["input_ids"][:, 0] for c in calls]).numpy()
 
 
-def train(model, args, callback=None, **kw) -> Trainer:
-    trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[callback] if callback else [])
+def train(model, args, callback=None, eval_dataset=None, **kw) -> Trainer:
+    callbacks = [callback] if callback else []
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(), eval_dataset=eval_dataset, callbacks=callbacks)
     trainer.train(**kw)
     return trainer
 
@@ -148,14 +149,16 @@ def trainer_logs(trainer: Trainer) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """20 steps, gradient_accumulation_steps=2, max_grad_norm=1.0, the economy preset plus TracIn."""
+    """20 steps, gradient_accumulation_steps=2, max_grad_norm=1.0, the economy preset plus TracIn, an
+    evaluation every 5 steps (forwards the cockpit must not take for training steps)."""
     model = gpt2()
     inputs = Inputs(model)
     probe = Probe(snapshot_step=7)
     callback = CockpitCallback(instruments=[*economy(), TracIn(), probe])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = train(model, training_args(tmp_path_factory.mktemp("hf")), callback)
+        args = training_args(tmp_path_factory.mktemp("hf"), eval_strategy="steps", eval_steps=5)
+        trainer = train(model, args, callback, eval_dataset=dataset()[:8])
     inputs.handle.remove()
     cockpit_warnings = [str(w.message) for w in caught if issubclass(w.category, CockpitWarning)]
     return dict(trainer=trainer, callback=callback, probe=probe, inputs=inputs, warnings=cockpit_warnings, model=model)
@@ -165,6 +168,7 @@ def test_loss_grad_norm_and_learning_rate_equal_the_trainers_logs(run):
     logs, h, probe = trainer_logs(run["trainer"]), run["callback"].cockpit.history, run["probe"]
     assert len(logs) == STEPS and [e["step"] for e in logs] == list(range(1, STEPS + 1))
     assert run["warnings"] == []
+    assert sum("eval_loss" in e for e in run["trainer"].state.log_history) == STEPS // 5  # evaluations ran
     loss = dict(h["loss"])
     norm, received = dict(h["clip/global/norm"]), dict(h["clip/global/received_norm"])
     ratio, grad_norm = dict(h["clip/global/received_ratio"]), dict(h["grad_norm"])
