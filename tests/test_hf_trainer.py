@@ -434,3 +434,36 @@ def test_track_follows_the_batches_of_accelerate_loaders(wrap):
     for t in range(steps):
         np.testing.assert_array_equal(probe.steps[t]["indices"], seen_indices([inputs.calls[t]]), err_msg=f"step {t}")
     assert probe.steps[0]["indices"].tolist() != list(range(BATCH))  # shuffled: the check is not of 0, 1, 2, ...
+
+
+def test_a_failure_in_the_callback_warns_and_training_goes_on(tmp_path, monkeypatch):
+    from cockpit_lite.integrations import huggingface
+
+    def broken(self):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(huggingface.TrainerIndices, "next_batch", broken)
+    model = gpt2()
+    callback = CockpitCallback(instruments=["loss"])
+    with pytest.warns(CockpitWarning) as caught:
+        trainer = train(model, training_args(tmp_path, max_steps=3), callback)
+    messages = sorted({str(w.message) for w in caught if issubclass(w.category, CockpitWarning)})
+    assert messages == [
+        f"cockpit-lite: the Trainer callback's {event} failed (RuntimeError: boom); training goes on"
+        for event in ("on_step_begin", "on_substep_end")
+    ]
+    assert trainer.state.global_step == 3 and [s for s, _ in callback.cockpit.history["loss"]] == [0, 1, 2]
+
+
+def test_an_unreadable_state_file_continues_the_step_count_with_a_warning(tmp_path):
+    train(gpt2(), training_args(tmp_path / "a", max_steps=2, save_strategy="steps", save_steps=2), CockpitCallback())
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    (checkpoint / STATE_FILE).write_bytes(b"not a state")
+    callback = CockpitCallback()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(gpt2(), training_args(tmp_path / "b", max_steps=3), callback, resume_from_checkpoint=str(checkpoint))
+    messages = [str(w.message) for w in caught if issubclass(w.category, CockpitWarning)]
+    assert any("no cockpit_state.pt of step 2" in m and "instruments start afresh" in m for m in messages)
+    assert any("no saved state for instrument 'alpha'" in m for m in messages)
+    assert [s for s, _ in callback.cockpit.history["loss"]] == [2]

@@ -37,6 +37,7 @@ What the callback does at each point of the Trainer's loop (``Trainer._inner_tra
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import weakref
@@ -119,6 +120,21 @@ class TrainerIndices:
         self.queue.clear()
 
 
+def _never_raises(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` (a function of the callback) that warns instead of raising: nothing the cockpit does may
+    stop training."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:
+            self._warn(f"the Trainer callback's {method.__name__} failed ({type(e).__name__}: {e}); training goes on")
+            return None
+
+    return wrapper
+
+
 def _json_able(kwargs: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in kwargs.items():
@@ -199,6 +215,7 @@ class CockpitCallback(TrainerCallback, ExportableState):
         self._trainer_state: Any = None
         self._skip_first_epoch = 0
         self._forwarded: dict[str, int] = {}
+        self._warned: set[str] = set()
         if not _restored:
             type(self)._built = [r for r in type(self)._built if r() is not None] + [weakref.ref(self)]
 
@@ -227,6 +244,7 @@ class CockpitCallback(TrainerCallback, ExportableState):
         path = os.path.join(os.fspath(self.logdir), JSONL_FILENAME)
         return os.path.getsize(path) if os.path.exists(path) else 0
 
+    @_never_raises
     def _saved(self, state: Any) -> dict | None:
         """This callback's attributes in the checkpoint the Trainer resumed from (None if not resuming)."""
         if state.global_step <= 0:  # a fresh TrainerState: not resuming
@@ -238,8 +256,15 @@ class CockpitCallback(TrainerCallback, ExportableState):
         attrs = entry.get("attributes") if isinstance(entry, dict) else None
         return attrs if attrs and attrs.get("cockpit_step") else None
 
+    def _warn(self, msg: str) -> None:
+        if msg not in self._warned:
+            self._warned.add(msg)
+            warn(msg, stacklevel=4)
+
     # --- the Trainer's events -----------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        """Attach the cockpit. Configuration errors raise here, as ``Cockpit(...)`` does; what follows the
+        attachment (resuming, the index recorder) only warns."""
         if self.cockpit is not None:  # a second train() call: a new run
             self._close()
         self._trainer_args, self._trainer_state = args, state
@@ -262,6 +287,10 @@ class CockpitCallback(TrainerCallback, ExportableState):
             profile=self.profile,
             reduction=self.reduction,
         )
+        self._after_attach(args, state, train_dataloader, saved)
+
+    @_never_raises
+    def _after_attach(self, args: Any, state: Any, train_dataloader: Any, saved: dict | None) -> None:
         if args.gradient_accumulation_steps > 1:
             self._declare_accumulation()
         if saved is not None:
@@ -270,7 +299,7 @@ class CockpitCallback(TrainerCallback, ExportableState):
         feed = next(p.feed for p in self.cockpit.providers if hasattr(p, "feed"))
         self.indices = TrainerIndices(train_dataloader, feed, self.resolve_subsets) if train_dataloader else None
         if self.indices is not None and self.indices.why is not None and self._wants_indices():
-            warn(f"no dataset indices for TracIn: {self.indices.why}")
+            self._warn(f"no dataset indices for TracIn: {self.indices.why}")
         self._skip_first_epoch = self._skipped_batches(args, state, train_dataloader) if saved is not None else 0
 
     def _declare_accumulation(self) -> None:
@@ -298,6 +327,7 @@ class CockpitCallback(TrainerCallback, ExportableState):
         per_epoch = max(n // k + int(n % k > 0), 1)
         return (state.global_step % per_epoch) * k
 
+    @_never_raises
     def _cut_jsonl(self, size: int | None) -> None:
         """Cut ``cockpit.jsonl`` back to its length at the checkpoint: the lines the interrupted run wrote
         after it would otherwise appear twice (docs/quickstart.md, "Resuming a run")."""
@@ -313,28 +343,36 @@ class CockpitCallback(TrainerCallback, ExportableState):
         here = os.path.join(self._checkpoint_folder(args, state.global_step), STATE_FILE)
         candidates = [saved.get("cockpit_state_file"), here]
         path = next((p for p in candidates if p and os.path.exists(p)), None)
-        loaded = torch.load(path, weights_only=True) if path is not None else None
-        if loaded is None or int(loaded.get("step", -1)) != step:
-            warn(
+        try:
+            loaded = torch.load(path, weights_only=True) if path is not None else None
+            fits = loaded is not None and int(loaded.get("step", -1)) == step
+        except Exception:  # unreadable: as if absent
+            fits = False
+        if not fits:
+            self._warn(
                 f"the checkpoint holds no {STATE_FILE} of step {step} (looked at {[c for c in candidates if c]}): "
                 "the cockpit continues the step count, its instruments start afresh"
             )
             loaded = {"version": 1, "step": step, "instruments": {}}
         self.cockpit.load_state_dict(loaded)
 
+    @_never_raises
     def on_epoch_begin(self, args, state, control, **kwargs):
         if self.indices is not None:
             self.indices.new_epoch(self._skip_first_epoch)
         self._skip_first_epoch = 0
 
+    @_never_raises
     def on_step_begin(self, args, state, control, **kwargs):
         if self.indices is not None:
             self.indices.next_batch()  # the first micro-batch of the optimizer step
 
+    @_never_raises
     def on_substep_end(self, args, state, control, **kwargs):
         if self.indices is not None:
             self.indices.next_batch()  # a further micro-batch of the same optimizer step follows
 
+    @_never_raises
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.cockpit is None or not self.log_verdicts or logs is None:
             return
@@ -355,6 +393,7 @@ class CockpitCallback(TrainerCallback, ExportableState):
             last.update(extra)  # the entry the Trainer appended for these logs just before on_log
         logs.update(extra)
 
+    @_never_raises
     def on_save(self, args, state, control, **kwargs):
         if self.cockpit is None or not args.should_save:
             return
@@ -362,8 +401,9 @@ class CockpitCallback(TrainerCallback, ExportableState):
         if os.path.isdir(folder):
             torch.save(self.cockpit.state_dict(), os.path.join(folder, STATE_FILE))
         else:
-            warn(f"no checkpoint folder {folder}: the cockpit's state is not saved with this checkpoint")
+            self._warn(f"no checkpoint folder {folder}: the cockpit's state is not saved with this checkpoint")
 
+    @_never_raises
     def on_train_end(self, args, state, control, **kwargs):
         self._close()
 
