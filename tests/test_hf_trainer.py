@@ -24,7 +24,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from cockpit_lite import Cockpit, CockpitWarning, Instrument, Need, Needs, load
-from cockpit_lite.instruments import Clipping, GradientTests, TracIn
+from cockpit_lite.instruments import Alpha, Clipping, GradientTests, TracIn
 from cockpit_lite.instruments.presets import economy
 from cockpit_lite.integrations.huggingface import STATE_FILE, CockpitCallback
 from cockpit_lite.pause import is_paused
@@ -154,7 +154,9 @@ def run(tmp_path_factory):
     model = gpt2()
     inputs = Inputs(model)
     probe = Probe(snapshot_step=7)
-    callback = CockpitCallback(instruments=[*economy(), TracIn(), probe])
+    # Alpha writes its verdict (verdict/lr) every 5 defined alphas: records to forward to the Trainer's log
+    instruments = [i for i in economy() if not isinstance(i, Alpha)] + [Alpha(verdict_every=5, min_alphas=3)]
+    callback = CockpitCallback(instruments=[*instruments, TracIn(), probe])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         args = training_args(tmp_path_factory.mktemp("hf"), eval_strategy="steps", eval_steps=5)
@@ -196,6 +198,12 @@ def test_verdicts_reach_the_trainers_log(run):
     assert final["cockpit/verdicts"][0].startswith("learning rate:")
     assert final["cockpit/verdicts"][1].startswith("clipping: max_norm=1")
     json.dumps(trainer.state.log_history)  # trainer_state.json can hold them
+    # each verdict record the cockpit wrote during training is in the Trainer's next log, once (Alpha's
+    # records of step t are written after step t + 1, which has the end point of step t)
+    written = list(cockpit.history["verdict/lr"])[:-1]  # the last one is written at close
+    logged = [(e["step"] - 1, e["cockpit/verdict/lr"]) for e in trainer.state.log_history if "cockpit/verdict/lr" in e]
+    assert len(written) >= 3 and [v for _, v in logged] == [v for _, v in written]
+    assert all(s_log == s + 1 for (s_log, _), (s, _) in zip(logged, written, strict=True))
 
 
 def test_dataset_indices_are_those_the_trainer_trained_on(run):
