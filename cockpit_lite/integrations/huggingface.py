@@ -2,10 +2,10 @@
 
     from cockpit_lite.integrations.huggingface import CockpitCallback
 
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=ds,
-                                   callbacks=[CockpitCallback(instruments="economy", logdir="runs/hf")])
+    callback = CockpitCallback(instruments="economy", logdir="runs/hf")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback])
     trainer.train()
-    trainer.callback_handler.callbacks[-1]  # or keep `cb = CockpitCallback(...)`: cb.cockpit.history
+    callback.cockpit.history["loss"]    # also cockpit_lite.load("runs/hf")
 
 What the callback does at each point of the Trainer's loop (``Trainer._inner_training_loop``):
 
