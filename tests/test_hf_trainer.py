@@ -325,25 +325,27 @@ def _same(a, b) -> bool:
 
 @pytest.mark.parametrize("restore_flag", [False, True], ids=["default", "restore_callback_states"])
 def test_resume_from_checkpoint_continues_the_cockpit(tmp_path, restore_flag):
-    """Checkpoint at step 3 (mid-epoch: the Trainer skips 6 batches on resume), resume to step 6: the
-    records of steps 3-5 and TracIn's sums equal the uninterrupted run's; the JSON lines are cut back to
-    the checkpoint and read back as the uninterrupted run's."""
+    """Checkpoint at step 3 (mid-epoch: the Trainer skips 6 batches on resume), interrupted after step 6,
+    resumed from the checkpoint to step 6 with the same logdir: the records of steps 3-5 and TracIn's sums
+    equal the uninterrupted run's; the run's directory is continued (no second run directory), its JSON
+    lines cut back to the checkpoint, and it reads back as the uninterrupted run's."""
     steps, ckpt = 6, 3
     kw = dict(max_steps=steps, save_strategy="steps", save_steps=ckpt)
     kw["restore_callback_states_from_checkpoint"] = restore_flag
-    full_cb = CockpitCallback(instruments=[*economy(), TracIn()], logdir=tmp_path / "log_a", sinks=[])
+    logdir = tmp_path / "log"
+    full_cb = CockpitCallback(instruments=[*economy(), TracIn()], logdir=logdir, sinks=[])
     train(gpt2(), training_args(tmp_path / "a", **kw), full_cb)
     checkpoint = tmp_path / "a" / f"checkpoint-{ckpt}"
     assert (checkpoint / STATE_FILE).exists()
     saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["CockpitCallback"]
     assert saved["attributes"]["cockpit_step"] == ckpt
+    # the uninterrupted run's log, for reference; the run in `logdir` went on past the checkpoint
+    shutil.copytree(logdir, tmp_path / "reference")
 
-    # the interrupted run's log, which went on past the checkpoint
-    shutil.copytree(tmp_path / "log_a", tmp_path / "log_b")
     model = gpt2(seed=1)  # other weights: the checkpoint's are loaded
     inputs = Inputs(model)
     probe = Probe()
-    resumed_cb = CockpitCallback(instruments=[*economy(), TracIn(), probe], logdir=tmp_path / "log_b", sinks=[])
+    resumed_cb = CockpitCallback(instruments=[*economy(), TracIn(), probe], logdir=logdir, sinks=[])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = train(model, training_args(tmp_path / "b", **kw), resumed_cb, resume_from_checkpoint=str(checkpoint))
@@ -359,7 +361,11 @@ def test_resume_from_checkpoint_continues_the_cockpit(tmp_path, restore_flag):
     np.testing.assert_array_equal(resumed["tracin/self_influence"][-1][1], full["tracin/self_influence"][-1][1])
     for t in range(ckpt, steps):  # the skipped batches are skipped in the indices too
         np.testing.assert_array_equal(probe.steps[t]["indices"], seen_indices(inputs.of_step(t - ckpt)))
-    on_disk_a, on_disk_b = _without_costs(load(tmp_path / "log_a")), _without_costs(load(tmp_path / "log_b"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("log")) == ["log"]
+    lines = [json.loads(x) for x in (logdir / "cockpit.jsonl").read_text().splitlines()]
+    reference = [json.loads(x) for x in (tmp_path / "reference" / "cockpit.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [x["step"] for x in reference]  # cut: no step written twice
+    on_disk_a, on_disk_b = _without_costs(load(tmp_path / "reference")), _without_costs(load(logdir))
     assert on_disk_a.keys() == on_disk_b.keys()
     for tag in on_disk_a:
         assert len(on_disk_a[tag]) == len(on_disk_b[tag]), tag

@@ -135,6 +135,10 @@ def _never_raises(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _size(path: str) -> int:
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
 def _json_able(kwargs: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in kwargs.items():
@@ -223,26 +227,22 @@ class CockpitCallback(TrainerCallback, ExportableState):
     def state(self) -> dict:
         """``args``: the JSON-able arguments (and ``_restored``, see :meth:`__new__`); ``attributes``: the
         cockpit's step count, where its state file is written and the length of its JSON lines then."""
-        step, path, jsonl = 0, None, None
+        attributes: dict[str, Any] = {"cockpit_step": 0}
         if self.cockpit is not None and self._trainer_args is not None and self._trainer_state is not None:
-            step = self.cockpit.step
-            path = os.path.abspath(self._checkpoint_folder(self._trainer_args, self._trainer_state.global_step))
-            path = os.path.join(path, STATE_FILE)
-            jsonl = self._jsonl_bytes()
-        return {
-            "args": {**self._args, "_restored": True},
-            "attributes": {"cockpit_step": step, "cockpit_state_file": path, "cockpit_jsonl_bytes": jsonl},
-        }
+            folder = self._checkpoint_folder(self._trainer_args, self._trainer_state.global_step)
+            run = self.cockpit.logdir
+            attributes = {
+                "cockpit_step": self.cockpit.step,
+                "cockpit_state_file": os.path.join(os.path.abspath(folder), STATE_FILE),
+                "cockpit_logdir": self._args.get("logdir"),  # as given; the run may be in <logdir>-2
+                "cockpit_run_dir": os.path.abspath(run) if run is not None else None,
+                "cockpit_jsonl_bytes": _size(os.path.join(run, JSONL_FILENAME)) if run is not None else None,
+            }
+        return {"args": {**self._args, "_restored": True}, "attributes": attributes}
 
     @staticmethod
     def _checkpoint_folder(args: Any, global_step: int) -> str:
         return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{global_step}")
-
-    def _jsonl_bytes(self) -> int | None:
-        if self.logdir is None:
-            return None
-        path = os.path.join(os.fspath(self.logdir), JSONL_FILENAME)
-        return os.path.getsize(path) if os.path.exists(path) else 0
 
     @_never_raises
     def _saved(self, state: Any) -> dict | None:
@@ -269,8 +269,9 @@ class CockpitCallback(TrainerCallback, ExportableState):
             self._close()
         self._trainer_args, self._trainer_state = args, state
         saved = self._saved(state)
-        if saved is not None:
-            self._cut_jsonl(saved.get("cockpit_jsonl_bytes"))
+        run = self._resumed_run_dir(saved) if saved is not None else None
+        if run is not None:
+            self._cut_jsonl(run, saved.get("cockpit_jsonl_bytes"))
         instruments = instruments_of(self.instruments)
         if self.clipping and args.max_grad_norm and args.max_grad_norm > 0:
             from cockpit_lite.instruments.clipping import Clipping
@@ -282,10 +283,11 @@ class CockpitCallback(TrainerCallback, ExportableState):
             optimizer,
             self.loss_fn,
             instruments=instruments,
-            logdir=self.logdir,
+            logdir=run if run is not None else self.logdir,
             sinks=self.sinks,
             profile=self.profile,
             reduction=self.reduction,
+            resume=run is not None,  # continue the checkpoint's run; else a logdir holding a run gets <logdir>-2
         )
         self._after_attach(args, state, train_dataloader, saved)
 
@@ -327,14 +329,24 @@ class CockpitCallback(TrainerCallback, ExportableState):
         per_epoch = max(n // k + int(n % k > 0), 1)
         return (state.global_step % per_epoch) * k
 
+    def _resumed_run_dir(self, saved: dict) -> str | None:
+        """The directory of the run a checkpoint belongs to, if this callback writes where that run did
+        (the same ``logdir`` given): the resumed run continues it (``resume=True``). None otherwise: a
+        new ``logdir`` is a new run directory."""
+        run = saved.get("cockpit_run_dir")
+        if run is None or self.logdir is None or saved.get("cockpit_logdir") is None or not os.path.isdir(run):
+            return None
+        if os.path.abspath(os.fspath(self.logdir)) != os.path.abspath(saved["cockpit_logdir"]):
+            return None
+        return run
+
     @_never_raises
-    def _cut_jsonl(self, size: int | None) -> None:
-        """Cut ``cockpit.jsonl`` back to its length at the checkpoint: the lines the interrupted run wrote
-        after it would otherwise appear twice (docs/quickstart.md, "Resuming a run")."""
-        if size is None or self.logdir is None:
-            return
-        path = os.path.join(os.fspath(self.logdir), JSONL_FILENAME)
-        if os.path.exists(path) and os.path.getsize(path) > size:
+    def _cut_jsonl(self, run: str, size: int | None) -> None:
+        """Cut the run's ``cockpit.jsonl`` back to its length at the checkpoint, so that it reads back as the
+        uninterrupted run's (docs/quickstart.md, "Resuming a run"): the interrupted run may have written
+        steps after the checkpoint, and records at its close, that the resumed run does not write again."""
+        path = os.path.join(run, JSONL_FILENAME)
+        if size is not None and os.path.exists(path) and os.path.getsize(path) > size:
             with open(path, "r+b") as f:
                 f.truncate(size)
 
