@@ -100,6 +100,38 @@ def _dataset_size(dataset: Any, resolve_subsets: bool) -> int | None:
         return None
 
 
+def sampling_loader(loader: Any) -> Any:
+    """The torch ``DataLoader`` that draws the indices inside adapters that hold it as ``base_dataloader``
+    (accelerate's ``DataLoaderShard``, ``SkipDataLoader``, ``DataLoaderDispatcher``); ``loader`` itself
+    otherwise."""
+    for _ in range(8):
+        inner = vars(loader).get("base_dataloader") if hasattr(loader, "__dict__") else None
+        if inner is None:
+            break
+        loader = inner
+    return loader
+
+
+def install_recorder(loader: DataLoader, queue: deque) -> Callable[[], None]:
+    """Replace the index sampler of ``loader`` (and of its persistent-workers iterator, if it has one) by a
+    recorder that appends every item it yields to ``queue``, for every iterator built until the returned
+    function is called, which puts the sampler back."""
+    attr = "batch_sampler" if loader.batch_sampler is not None else "sampler"
+    original = getattr(loader, attr)
+    recorder = _Recorder(original, queue)
+    object.__setattr__(loader, attr, recorder)  # DataLoader forbids plain assignment after init
+    kept = dataloader_iterator(loader)
+    if kept is not None:
+        set_index_sampler(kept, recorder)
+
+    def remove() -> None:
+        object.__setattr__(loader, attr, original)
+        for it in {id(i): i for i in (kept, dataloader_iterator(loader)) if i is not None}.values():
+            set_index_sampler(it, original)
+
+    return remove
+
+
 def _untracked(feed: Feed, loader: Iterable, why: str) -> Iterator:
     warnings.warn(
         f"cockpit-lite: cockpit.track(): {why}; batches pass unchanged without indices", CockpitWarning, stacklevel=3
@@ -131,6 +163,10 @@ def track(feed: Feed, loader: Iterable, resolve_subsets: bool = False) -> Iterat
         return
 
     queue: deque = deque()
+    base = sampling_loader(loader)
+    if base is not loader:  # an adapter builds the torch iterator lazily, at its first batch: record the pass
+        yield from _tracked_pass(feed, loader, base, queue, resolve_subsets)
+        return
     auto = loader.batch_sampler is not None
     attr = "batch_sampler" if auto else "sampler"
     original = getattr(loader, attr)
@@ -159,4 +195,24 @@ def track(feed: Feed, loader: Iterable, resolve_subsets: bool = False) -> Iterat
             feed(idx, size)
             yield batch
     finally:
+        feed(None, size)
+
+
+def _tracked_pass(feed: Feed, loader: Any, base: DataLoader, queue: deque, resolve_subsets: bool) -> Iterator:
+    """One pass over an adapter around ``base``, the recorder installed on ``base`` for the whole pass."""
+    remove = install_recorder(base, queue)
+    size = _dataset_size(base.dataset, resolve_subsets)
+    skip = int(vars(loader).get("skip_batches", 0) or 0)  # accelerate's SkipDataLoader drops batches it drew
+    try:
+        for batch in loader:
+            while skip and queue:
+                queue.popleft()
+                skip -= 1
+            idx = _as_indices(queue.popleft() if queue else None)
+            if idx is not None and resolve_subsets:
+                idx = root_indices(base.dataset, idx)
+            feed(idx, size)
+            yield batch
+    finally:
+        remove()
         feed(None, size)
