@@ -1,12 +1,26 @@
-"""DistributedDataParallel (gloo, two CPU processes): one cockpit per rank, each with its own logdir.
+"""DistributedDataParallel (gloo, two CPU processes) against one process on the concatenated batch.
 
-Per-sample statistics are those of the rank's own batch; gradient norms and the update are those the
-optimizer sees (averaged over ranks). Training must run as without the cockpit: same parameters.
+Every rank builds the same Cockpit with the same logdir; rank 0 alone writes one run whose records
+are those of the global batch. References, computed here in one process with no torch.distributed:
+
+- equal local batches (DistributedSampler, 4 + 4 examples): one process on the concatenated batch
+  (rank 0's examples first), the same model, optimizer and instruments;
+- unequal local batches (3 + 5): DDP averages the ranks' mean gradients, so the reference is one
+  process that accumulates the two ranks' batches as micro-batches with each loss divided by 2;
+- clipping in the loop (``clip_grad_norm_`` between backward and step): the norm after DDP's
+  all-reduce, before and after clipping, as the loop itself measured it.
+
+Every tag of the economy preset plus TracIn (self-influence and probe influence, dataset indices from
+DistributedSampler through ``cockpit.track``) must equal the reference to float32 round-off, one
+record per step; both ranks hold the same history; the parameters are bit-identical with and without
+the cockpit. All scenarios share one spawn of two processes (starting them costs most of the time).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import socket
 import warnings
 
@@ -15,9 +29,21 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cockpit_lite.instruments.clipping import Clipping
+from cockpit_lite.instruments.presets import economy
+from cockpit_lite.instruments.tracin import TracIn
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-STEPS = 3
+from cockpit_lite import Cockpit, load
+from cockpit_lite.sinks.tensorboard import TensorBoard
+
+WORLD = 2
+N_DATA = 32
+STEPS = 4
+EQUAL = (4, 4)
+UNEQUAL = (3, 5)
+MAX_NORM = 0.05
 
 
 def _free_port() -> int:
@@ -26,45 +52,223 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, logdir: str, attach: bool) -> None:
-    from cockpit_lite import Cockpit
+def _data() -> TensorDataset:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N_DATA, 6, generator=g)
+    return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long())
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+def _probes():
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(3, 6, generator=g), torch.tensor([0, 1, 2])
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _instruments():
+    return [*economy(), TracIn(probes=_probes(), top_k=5)]
+
+
+def _clipping():
+    return [Clipping(max_norm=MAX_NORM, per_sample_clip=1.0, batch_steps=1)]
+
+
+def _rank_batches(rank: int, sizes: tuple[int, ...]) -> list[list[int]]:
+    """Rank ``rank``'s index batches: DistributedSampler's shuffled share, cut into sizes[rank]."""
+    if sizes[0] == sizes[1]:
+        sampler = DistributedSampler(range(N_DATA), num_replicas=WORLD, rank=rank, shuffle=True, seed=1)
+        share = list(sampler)
+    else:  # unequal shares of one permutation: rank 0 takes 3 of every 8, rank 1 the next 5
+        perm = torch.randperm(N_DATA, generator=torch.Generator().manual_seed(1)).tolist()
+        per = sum(sizes)
+        share = [i for s in range(STEPS) for i in perm[s * per + sum(sizes[:rank]) :][: sizes[rank]]]
+    b = sizes[rank]
+    return [share[k * b : (k + 1) * b] for k in range(STEPS)]
+
+
+def _train(model, opt, loader, cockpit=None, clip=None, log=None):
+    loss_fn = nn.CrossEntropyLoss()
+    batches = cockpit.track(loader) if cockpit is not None else loader
+    for x, y in batches:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        if clip is not None:
+            before = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            after = torch.sqrt(sum(p.grad.square().sum() for p in model.parameters()))
+            log.append((float(before), float(after)))
+        opt.step()
+
+
+def _params(model) -> np.ndarray:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+
+
+def _ddp_run(rank: int, out: str, name: str, sizes, attach: bool, instruments=None, clip=None) -> None:
+    model = nn.parallel.DistributedDataParallel(_net())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    loader = DataLoader(_data(), batch_sampler=_rank_batches(rank, sizes))
+    cockpit = None
+    if attach:
+        insts = instruments() if instruments is not None else _instruments()
+        logdir = os.path.join(out, name)
+        sinks = [TensorBoard(logdir, image_every=None)] if name == "equal" else []  # no dashboard image: slow
+        cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=insts, logdir=logdir, sinks=sinks)
+    log: list = []
+    _train(model, opt, loader, cockpit, clip, log)
+    result = {"params": _params(model), "clip": log}
+    if cockpit is not None:
+        cockpit.close()
+        tracin = next((i for i in cockpit.instruments if isinstance(i, TracIn)), None)
+        result["history"] = {t: cockpit.history[t] for t in cockpit.history if not t.startswith("cost/")}
+        if tracin is not None:
+            result["tracin"] = (tracin.self_influence(), tracin.influence())
+    with open(os.path.join(out, f"{name}_{'with' if attach else 'without'}_rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        torch.manual_seed(0)
-        model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)))
-        opt, loss_fn = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), nn.CrossEntropyLoss()
-        g = torch.Generator().manual_seed(rank)
-        batches = [(torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g)) for _ in range(STEPS)]
-        cockpit = Cockpit(model, opt, loss_fn, logdir=os.path.join(logdir, f"rank{rank}")) if attach else None
         with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no cockpit warning either
-            for x, y in batches:
-                opt.zero_grad()
-                loss_fn(model(x), y).backward()
-                opt.step()
-        if cockpit is not None:
-            cockpit.close()
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
-        np.save(os.path.join(logdir, f"params_{'with' if attach else 'without'}_{rank}.npy"), flat)
+            warnings.simplefilter("error")  # no cockpit warning
+            _ddp_run(rank, out, "equal", EQUAL, attach=True)
+            _ddp_run(rank, out, "equal", EQUAL, attach=False)
+            _ddp_run(rank, out, "unequal", UNEQUAL, attach=True)
+            _ddp_run(rank, out, "clip", EQUAL, attach=True, instruments=_clipping, clip=MAX_NORM)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-def test_ddp_one_cockpit_per_rank(tmp_path):
-    from cockpit_lite import load
+# --- the single-process references --------------------------------------------------------------------
+def _reference(sizes, instruments=None, clip=None):
+    """One process: the ranks' batches concatenated (equal sizes), or accumulated as two micro-batches
+    with each loss divided by the world size (unequal sizes: DDP's average of the ranks' mean losses)."""
+    model, loss_fn = _net(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    per_rank = [_rank_batches(r, sizes) for r in range(WORLD)]
+    ds = _data()
+    cockpit = Cockpit(model, opt, loss_fn, instruments=(instruments or _instruments)(), sinks=[])
+    log = []
+    if sizes[0] == sizes[1]:
+        loader = DataLoader(ds, batch_sampler=[per_rank[0][s] + per_rank[1][s] for s in range(STEPS)])
+        _train(model, opt, loader, cockpit, clip, log)
+    else:
+        loader = DataLoader(ds, batch_sampler=[b for s in range(STEPS) for b in (per_rank[0][s], per_rank[1][s])])
+        it = iter(cockpit.track(loader))
+        for _ in range(STEPS):
+            opt.zero_grad()
+            for _ in range(WORLD):
+                x, y = next(it)
+                (loss_fn(model(x), y) / WORLD).backward()
+            opt.step()
+    cockpit.close()
+    tracin = next((i for i in cockpit.instruments if isinstance(i, TracIn)), None)
+    return cockpit.history, tracin, _params(model), log
 
-    for attach in (False, True):
-        mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), attach), nprocs=2)
-    for rank in range(2):
-        run = load(tmp_path / f"rank{rank}")
-        assert [s for s, _ in run["loss"]] == list(range(STEPS))
-        assert len(run["persample/grad_norm"][-1][1]) == 5  # the rank's own batch
-        assert np.isfinite(run["tests/norm"][-1][1]) and np.isfinite(run["grad_norm"][-1][1])
-        assert "grad_norm/0.weight" in run  # names of the wrapped module, without DDP's "module."
-        np.testing.assert_array_equal(
-            np.load(tmp_path / f"params_with_{rank}.npy"), np.load(tmp_path / f"params_without_{rank}.npy")
-        )
-    # DDP keeps the ranks' parameters equal: the gradients the optimizer saw were averaged
-    np.testing.assert_array_equal(np.load(tmp_path / "params_with_0.npy"), np.load(tmp_path / "params_with_1.npy"))
+
+def _assert_same_run(got, want, skip=()) -> None:
+    """Every tag of ``want`` (the reference) in ``got``, the same steps, values equal to float32 round-off."""
+    tags = {t for t in want if not t.startswith(("cost/", "note/")) and t not in skip}
+    got_tags = {t for t in got if not t.startswith(("cost/", "note/")) and t not in skip}
+    assert got_tags == tags
+    for tag in sorted(tags):
+        g, w = got[tag], want[tag]
+        assert [s for s, _ in g] == [s for s, _ in w], tag
+        for (step, a), (_, b) in zip(g, w, strict=True):
+            if isinstance(b, str):
+                assert a == b, (tag, step)
+            elif isinstance(b, dict):
+                assert a.keys() == b.keys(), (tag, step)
+                for k in b:
+                    if np.asarray(b[k]).dtype.kind in "iu":
+                        np.testing.assert_array_equal(a[k], b[k], err_msg=f"{tag}[{k}] at step {step}")
+                    else:
+                        _close(a[k], b[k], f"{tag}[{k}] at step {step}")
+            else:
+                _close(a, b, f"{tag} at step {step}")
+
+
+def _close(a, b, what: str) -> None:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    scale = np.nanmax(np.abs(b)) if b.size and np.any(np.isfinite(b)) else 1.0
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=what)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    nn.parallel.DistributedDataParallel  # noqa: B018
+    torch.optim.SGD(_net().parameters(), lr=0.1)  # the first optimizer imports torch._dynamo (seconds)
+    # fork: the workers start with torch already imported (spawning costs seconds per process)
+    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, start_method="fork")
+
+    def read(name: str) -> dict:
+        with open(out / name, "rb") as f:
+            return pickle.load(f)
+
+    return out, read
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_ddp_equals_one_process_on_the_concatenated_batch(ddp_runs):
+    out, read = ddp_runs
+    run = load(out / "equal")
+    history, tracin, params, _ = _reference(EQUAL)
+    assert [s for s, _ in run["loss"]] == list(range(STEPS))  # one record per step: rank 1 wrote nothing
+    assert len(run["persample/grad_norm"][0][1]) == sum(EQUAL)  # the global batch
+    for tag in ("tests/norm", "tests/inner", "tests/ortho", "alpha", "tracin/self_influence"):
+        assert tag in run
+    _assert_same_run(run, history)
+    # both ranks hold the global statistics and the merged TracIn scores
+    ranks = [read(f"equal_with_rank{r}.pkl") for r in range(WORLD)]
+    _assert_same_run(ranks[1]["history"], ranks[0]["history"])
+    for r in ranks:
+        _close(r["tracin"][0], tracin.self_influence(), "self-influence")
+        _close(r["tracin"][1], tracin.influence(), "probe influence")
+    # the cockpit does not change training: bit-identical parameters, and DDP's equal the reference's
+    for r in range(WORLD):
+        np.testing.assert_array_equal(ranks[r]["params"], read(f"equal_without_rank{r}.pkl")["params"])
+    _close(ranks[0]["params"], params, "parameters")
+    # rank 1 wrote nothing: one JSON lines file with one line per step, one TensorBoard event file
+    files = sorted(p.name for p in (out / "equal").iterdir())
+    assert files.count("cockpit.jsonl") == 1 and sum(f.startswith("events.out.tfevents") for f in files) == 1, files
+    lines = [json.loads(line) for line in (out / "equal" / "cockpit.jsonl").read_text().splitlines()]
+    pairs = [(e["step"], tag) for e in lines for tag in e["records"]]
+    assert len(pairs) == len(set(pairs))  # every (step, tag) written once
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_ddp_unequal_local_batches_weigh_examples_as_ddp_averages(ddp_runs):
+    out, read = ddp_runs
+    run = load(out / "unequal")
+    history, tracin, params, _ = _reference(UNEQUAL)
+    assert len(run["persample/grad_norm"][0][1]) == sum(UNEQUAL)
+    # the reference accumulates two micro-batches: TracIn's probe cross products are not joined there
+    _assert_same_run(run, history, skip={"tracin/proponents", "tracin/opponents"})
+    _close(read("unequal_with_rank0.pkl")["tracin"][0], tracin.self_influence(), "self-influence")
+    _close(read("unequal_with_rank1.pkl")["params"], params, "parameters")
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_ddp_clipping_sees_the_all_reduced_gradient(ddp_runs):
+    out, read = ddp_runs
+    run = load(out / "clip")
+    log = read("clip_with_rank0.pkl")["clip"]
+    before = np.array([b for b, _ in log])
+    after = np.array([a for _, a in log])
+    assert np.all(before > MAX_NORM)  # the loop clipped every step
+    # the norm after backward is the all-reduced one clip_grad_norm_ measured; the received one is after it
+    _close([v for _, v in run["clip/global/norm"]], before, "norm after backward")
+    _close([v for _, v in run["clip/global/received_norm"]], after, "received norm")
+    _close([v for _, v in run["clip/global/received_ratio"]], after / before, "received ratio")
+    history, _, _, ref_log = _reference(EQUAL, instruments=_clipping, clip=MAX_NORM)
+    _close(before, [b for b, _ in ref_log], "reference clip norms")
+    # the clipped mean's cosine needs g_i . g_j across ranks (parameter-sized traffic): left out, with a note
+    gram = {"clip/per_sample/cosine", "clip/per_sample/norm_ratio"}
+    assert gram <= set(history) and not gram & set(run)
+    assert "Gram entries" in run["note/clipping"][0][1]
+    _assert_same_run(run, history, skip=gram)
