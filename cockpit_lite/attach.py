@@ -29,6 +29,7 @@ def check_model_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) ->
             f"{type(model).__name__} has no trainable parameters: there is nothing to diagnose. "
             "Attach the cockpit to the module whose parameters the optimizer trains."
         )
+    distributed.refuse_sharded(model, params)
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     if not held & {id(p) for p in params.values()}:
         raise ValueError(

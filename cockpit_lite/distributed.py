@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,10 +137,27 @@ def join(warn: Any, timeout_s: float | None = None) -> bool:
     return merged
 
 
-def sharded_parameters(params: dict[str, torch.nn.Parameter]) -> list[str]:
-    """Names of parameters that are sharded tensors (FSDP2's ``fully_shard``: DTensors)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed tensors
-        return []
-    return [n for n, p in params.items() if isinstance(p, DTensor)]
+SHARDED = (
+    "cockpit-lite does not support sharded data parallelism (FSDP{kind}): {what}. Its statistics read whole "
+    "gradients and updates on each rank (gradient and update norms, AGC's unit norms, projections of the "
+    "per-sample gradients onto the update and the mean gradient for alpha and the gradient tests); under "
+    "FSDP that would mean gathering every parameter-sized direction onto every rank, the traffic and memory "
+    "FSDP exists to avoid. Fix: track the run with DistributedDataParallel (the same loop: "
+    "model = DistributedDataParallel(model)), e.g. a shorter or smaller run of the same model, or build the "
+    "Cockpit only where the model is not sharded"
+)
+
+
+def refuse_sharded(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> None:
+    """Raise a ``ValueError`` naming the fix for a model sharded by FSDP2 (``fully_shard``: parameters
+    are DTensors) or FSDP1 (``FullyShardedDataParallel``). Neither can exist unless its module was
+    imported (importing them costs seconds: they are looked up, not imported)."""
+    tensor, fsdp = sys.modules.get("torch.distributed.tensor"), sys.modules.get("torch.distributed.fsdp")
+    dtensor = getattr(tensor, "DTensor", None)
+    sharded = [n for n, p in params.items() if dtensor is not None and isinstance(p, dtensor)]
+    if sharded:
+        listed = ", ".join(sharded[:3]) + (", ..." if len(sharded) > 3 else "")
+        raise ValueError(SHARDED.format(kind="2, fully_shard", what=f"parameters {listed} are sharded DTensors"))
+    wrapper = getattr(fsdp, "FullyShardedDataParallel", None)
+    if wrapper is not None and any(isinstance(m, wrapper) for m in model.modules()):
+        raise ValueError(SHARDED.format(kind="1", what="the model holds FullyShardedDataParallel modules"))

@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from cockpit_lite.instruments._util import refuse_state
-from cockpit_lite.instruments.panels import InfluencePanel, influence_summary
 
 from cockpit_lite import Instrument, Need, Needs
 from cockpit_lite.distributed import DISTRIBUTED, all_gather_objects
 from cockpit_lite.errors import CockpitWarning
+from cockpit_lite.instruments._util import refuse_state
+from cockpit_lite.instruments.panels import InfluencePanel, influence_summary
 from cockpit_lite.losses import gradient_scale
 from cockpit_lite.persample.cross import Projector, ViewCollector, cross
 
@@ -311,6 +311,8 @@ class TracIn(Instrument):
         if not by_weight:
             return None, None, None
         total = sum(c.double() * (w * weight) for w, c in by_weight.items())
+        if total.shape[0] != len(idx):  # the views of the last micro-batch only (gradient accumulation)
+            return None, None, "the per-layer factors of a step's earlier micro-batches are not kept"
         return np.asarray(idx), total.cpu().numpy(), None
 
     def _probe_views(self, record):

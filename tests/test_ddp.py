@@ -18,6 +18,8 @@ the cockpit. All scenarios share one spawn of two processes (starting them costs
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 import pickle
@@ -29,13 +31,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from cockpit_lite.instruments.clipping import Clipping
-from cockpit_lite.instruments.presets import economy
-from cockpit_lite.instruments.tracin import TracIn
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from cockpit_lite import Cockpit, load
+from cockpit_lite import Cockpit, CockpitWarning, distributed, load
+from cockpit_lite.instruments.clipping import Clipping
+from cockpit_lite.instruments.presets import economy
+from cockpit_lite.instruments.tracin import TracIn
 from cockpit_lite.sinks.tensorboard import TensorBoard
 
 WORLD = 2
@@ -72,6 +74,10 @@ def _instruments():
     return [*economy(), TracIn(probes=_probes(), top_k=5)]
 
 
+def _no_probes():  # probe influence is not joined across micro-batches (a note), self-influence is
+    return [*economy(), TracIn(top_k=5)]
+
+
 def _clipping():
     return [Clipping(max_norm=MAX_NORM, per_sample_clip=1.0, batch_steps=1)]
 
@@ -87,6 +93,21 @@ def _rank_batches(rank: int, sizes: tuple[int, ...]) -> list[list[int]]:
         share = [i for s in range(STEPS) for i in perm[s * per + sum(sizes[:rank]) :][: sizes[rank]]]
     b = sizes[rank]
     return [share[k * b : (k + 1) * b] for k in range(STEPS)]
+
+
+def _accumulate(model, opt, loader, cockpit, micro: int) -> None:
+    """Each step: ``micro`` micro-batches of the loader's batches, loss / micro each; DDP all-reduces at
+    the last backward only (``no_sync`` before)."""
+    loss_fn = nn.CrossEntropyLoss()
+    it = iter(cockpit.track(loader))
+    for _ in range(STEPS):
+        opt.zero_grad()
+        for k in range(micro):
+            x, y = next(it)
+            sync = k == micro - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
+            with contextlib.nullcontext() if sync else model.no_sync():
+                (loss_fn(model(x), y) / micro).backward()
+        opt.step()
 
 
 def _train(model, opt, loader, cockpit=None, clip=None, log=None):
@@ -139,35 +160,119 @@ def _worker(rank: int, port: int, out: str) -> None:
             _ddp_run(rank, out, "equal", EQUAL, attach=False)
             _ddp_run(rank, out, "unequal", UNEQUAL, attach=True)
             _ddp_run(rank, out, "clip", EQUAL, attach=True, instruments=_clipping, clip=MAX_NORM)
+            _no_sync(rank, out)
+            _rank0_only(rank, out)
+            _fsdp(rank, out)
     finally:
         dist.destroy_process_group()
 
 
+def _no_sync(rank: int, out: str) -> None:
+    """Gradient accumulation under DDP: two micro-batches of 2 per rank and step, ``no_sync`` first."""
+    model = nn.parallel.DistributedDataParallel(_net())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    batches = [b[k : k + 2] for b in _rank_batches(rank, EQUAL) for k in (0, 2)]
+    loader = DataLoader(_data(), batch_sampler=batches)
+    logdir = os.path.join(out, "no_sync")
+    cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=_no_probes(), logdir=logdir, sinks=[])
+    _accumulate(model, opt, loader, cockpit, micro=2)
+    cockpit.close()
+
+
+def _rank0_only(rank: int, out: str) -> None:
+    """A cockpit built on rank 0 alone (the usual "log on rank 0" pattern): after the attach timeout it
+    describes rank 0's examples, with a warning; training goes on (no collective waits for rank 1)."""
+    model = nn.parallel.DistributedDataParallel(_net())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    loader = DataLoader(_data(), batch_sampler=_rank_batches(rank, EQUAL))
+    cockpit, caught = None, []
+    if rank == 0:
+        distributed.ATTACH_TIMEOUT_S, timeout = 0.5, distributed.ATTACH_TIMEOUT_S
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments="economy", sinks=[])
+        finally:
+            distributed.ATTACH_TIMEOUT_S = timeout
+    _train(model, opt, loader, cockpit)
+    result = {"warnings": [str(w.message) for w in caught]}
+    if cockpit is not None:
+        cockpit.close()
+        result["sizes"] = [len(v) for _, v in cockpit.history["persample/grad_norm"]]
+    with open(os.path.join(out, f"rank0only_rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+
+
+def _fsdp(rank: int, out: str) -> None:
+    """FSDP2 (fully_shard) works on CPU with gloo; the cockpit refuses its sharded parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    net = _net()
+    fully_shard(net[0])
+    fully_shard(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    try:
+        Cockpit(net, opt, nn.CrossEntropyLoss())
+        message = None
+    except ValueError as e:
+        message = str(e)
+    x, y = _data()[:4]
+    nn.CrossEntropyLoss()(net(x), y).backward()  # torch itself trains the sharded model
+    opt.step()
+    with open(os.path.join(out, f"fsdp_rank{rank}.pkl"), "wb") as f:
+        pickle.dump(message, f)
+
+
 # --- the single-process references --------------------------------------------------------------------
-def _reference(sizes, instruments=None, clip=None):
-    """One process: the ranks' batches concatenated (equal sizes), or accumulated as two micro-batches
-    with each loss divided by the world size (unequal sizes: DDP's average of the ranks' mean losses)."""
-    model, loss_fn = _net(), nn.CrossEntropyLoss()
+def _reference(sizes, instruments=None, clip=None, micro: int | None = None):
+    """One process on the ranks' batches: concatenated (equal sizes), else as micro-batches (rank 0's
+    batch, then rank 1's; each cut into ``micro`` examples under DDP's ``no_sync``), the loss of each
+    divided by their number per step (DDP averages the ranks' gradients: the mean of the ranks' losses)."""
+    model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     per_rank = [_rank_batches(r, sizes) for r in range(WORLD)]
-    ds = _data()
-    cockpit = Cockpit(model, opt, loss_fn, instruments=(instruments or _instruments)(), sinks=[])
+    cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=(instruments or _instruments)(), sinks=[])
     log = []
-    if sizes[0] == sizes[1]:
-        loader = DataLoader(ds, batch_sampler=[per_rank[0][s] + per_rank[1][s] for s in range(STEPS)])
+    if sizes[0] == sizes[1] and micro is None:
+        loader = DataLoader(_data(), batch_sampler=[per_rank[0][s] + per_rank[1][s] for s in range(STEPS)])
         _train(model, opt, loader, cockpit, clip, log)
     else:
-        loader = DataLoader(ds, batch_sampler=[b for s in range(STEPS) for b in (per_rank[0][s], per_rank[1][s])])
-        it = iter(cockpit.track(loader))
-        for _ in range(STEPS):
-            opt.zero_grad()
-            for _ in range(WORLD):
-                x, y = next(it)
-                (loss_fn(model(x), y) / WORLD).backward()
-            opt.step()
+        batches = [per_rank[r][s] for s in range(STEPS) for r in range(WORLD)]
+        if micro is not None:
+            batches = [b[k : k + micro] for b in batches for k in range(0, len(b), micro)]
+        _accumulate(model, opt, DataLoader(_data(), batch_sampler=batches), cockpit, len(batches) // STEPS)
     cockpit.close()
     tracin = next((i for i in cockpit.instruments if isinstance(i, TracIn)), None)
     return cockpit.history, tracin, _params(model), log
+
+
+def _probe_influence_loop(sizes) -> np.ndarray:
+    """TracIn(z_i, probe_k) = sum_t lr c_i g_t(z_i) . g_t(probe_k), c_i = 1 / (W n_k) the weight DDP's
+    average gives example i of rank k: float64, one autograd call per example, training as DDP does."""
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    x, y = _data().tensors
+    px, py = _probes()
+    per_rank = [_rank_batches(r, sizes) for r in range(WORLD)]
+    infl = np.zeros((N_DATA, len(py)))
+    for s in range(STEPS):
+        m64 = copy.deepcopy(model).double()
+        params = list(m64.parameters())
+
+        def grad(xi, yi, m64=m64, params=params):
+            loss = nn.functional.cross_entropy(m64(xi[None].double()), yi[None])
+            return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+
+        h = torch.stack([grad(px[k], py[k]) for k in range(len(py))])
+        for r in range(WORLD):
+            for i in per_rank[r][s]:
+                infl[i] += (0.5 / (WORLD * sizes[r]) * (h @ grad(x[i], y[i]))).numpy()
+        opt.zero_grad()
+        for r in range(WORLD):
+            idx = per_rank[r][s]
+            (nn.functional.cross_entropy(model(x[idx]), y[idx]) / WORLD).backward()
+        opt.step()
+    return infl
 
 
 def _assert_same_run(got, want, skip=()) -> None:
@@ -203,6 +308,8 @@ def ddp_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     nn.parallel.DistributedDataParallel  # noqa: B018
     torch.optim.SGD(_net().parameters(), lr=0.1)  # the first optimizer imports torch._dynamo (seconds)
+    from torch.distributed import fsdp  # noqa: F401 - imported once, before the fork
+
     # fork: the workers start with torch already imported (spawning costs seconds per process)
     mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, start_method="fork")
 
@@ -245,11 +352,15 @@ def test_ddp_equals_one_process_on_the_concatenated_batch(ddp_runs):
 def test_ddp_unequal_local_batches_weigh_examples_as_ddp_averages(ddp_runs):
     out, read = ddp_runs
     run = load(out / "unequal")
-    history, tracin, params, _ = _reference(UNEQUAL)
+    with pytest.warns(CockpitWarning, match="earlier micro-batches are not kept"):  # the reference's TracIn probes
+        history, tracin, params, _ = _reference(UNEQUAL)
     assert len(run["persample/grad_norm"][0][1]) == sum(UNEQUAL)
     # the reference accumulates two micro-batches: TracIn's probe cross products are not joined there
     _assert_same_run(run, history, skip={"tracin/proponents", "tracin/opponents"})
-    _close(read("unequal_with_rank0.pkl")["tracin"][0], tracin.self_influence(), "self-influence")
+    ranks = [read(f"unequal_with_rank{r}.pkl") for r in range(WORLD)]
+    for r in ranks:
+        _close(r["tracin"][0], tracin.self_influence(), "self-influence")
+        _close(r["tracin"][1], _probe_influence_loop(UNEQUAL), "probe influence")  # merged over the ranks
     _close(read("unequal_with_rank1.pkl")["params"], params, "parameters")
 
 
@@ -272,3 +383,30 @@ def test_ddp_clipping_sees_the_all_reduced_gradient(ddp_runs):
     assert gram <= set(history) and not gram & set(run)
     assert "Gram entries" in run["note/clipping"][0][1]
     _assert_same_run(run, history, skip=gram)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_a_cockpit_on_rank_0_alone_describes_its_rank_and_never_waits(ddp_runs):
+    _, read = ddp_runs
+    got = read("rank0only_rank0.pkl")
+    assert got["sizes"] == [EQUAL[0]] * STEPS  # rank 0's own examples
+    assert any("not every rank built a Cockpit" in w and "describes rank 0's examples" in w for w in got["warnings"])
+    assert read("rank0only_rank1.pkl") == {"warnings": []}
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_fsdp2_is_refused_with_the_fix(ddp_runs):
+    _, read = ddp_runs
+    for rank in range(WORLD):
+        message = read(f"fsdp_rank{rank}.pkl")
+        assert message is not None and "fully_shard" in message and "DistributedDataParallel(model)" in message
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_ddp_gradient_accumulation_with_no_sync(ddp_runs):
+    out, _ = ddp_runs
+    run = load(out / "no_sync")
+    history, _, _, _ = _reference(EQUAL, instruments=_no_probes, micro=2)
+    assert [s for s, _ in run["loss"]] == list(range(STEPS))
+    assert len(run["persample/grad_norm"][0][1]) == sum(EQUAL)
+    _assert_same_run(run, history)

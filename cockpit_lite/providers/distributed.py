@@ -167,8 +167,9 @@ class DistributedProvider(Provider):
             record.per_sample_sq_norms_by_param = record.per_sample_sq_norms = None
         else:
             names = list(dict.fromkeys(name for p in parts for name in p["sq"]))
-            by_param = {  # a rank whose examples gave a layer no gradient: zeros
-                name: _rows([p["sq"].get(name, np.zeros(k)) for p, k in zip(parts, sizes, strict=True)], sizes, sq_scale)
+            zeros = [np.zeros(k) for k in sizes]  # a rank whose examples gave a layer no gradient
+            by_param = {
+                name: _rows([p["sq"].get(name, z) for p, z in zip(parts, zeros, strict=True)], sizes, sq_scale)
                 for name in names
             }
             record.per_sample_sq_norms_by_param = by_param if all(v is not None for v in by_param.values()) else None
