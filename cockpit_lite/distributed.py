@@ -23,7 +23,6 @@ accumulates the ranks' batches as micro-batches with the loss divided by W.
 from __future__ import annotations
 
 import datetime
-import itertools
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -35,10 +34,11 @@ from cockpit_lite.compat import default_store
 
 #: need name of the distributed provider: ``record.get(DISTRIBUTED)`` is a :class:`Ranks`
 DISTRIBUTED = "distributed"
-#: how long a rank waits at construction for the cockpits of the other ranks (seconds)
+#: how long a rank's cockpit waits at its first tracked step for the cockpits of the other ranks (seconds)
 ATTACH_TIMEOUT_S = 30.0
 
-_attached = itertools.count(1)  # cockpits that joined in this process: their handshake keys
+#: the store key counting generations of cockpits (one generation: the cockpits of one run, one per rank)
+ATTACH = "cockpit_lite/attach"
 
 
 def initialized() -> bool:
@@ -102,11 +102,12 @@ def factors(batch_sizes: list[int], reduction: str | None) -> list[float]:
 def join(warn: Any, timeout_s: float | None = None) -> bool:
     """Whether this cockpit merges its statistics with the cockpits of the other ranks.
 
-    With more than one process, every rank's cockpit announces itself in the default group's store
-    and waits (up to ``ATTACH_TIMEOUT_S``) for the others: statistics are merged only if every rank
-    built one, since the merge is a collective each rank must join (a cockpit on rank 0 alone would
-    otherwise wait for ever at its first step). The decision is taken once, in the store, so all
-    ranks take the same; without it each rank's cockpit describes its own examples (with a warning).
+    Called at a cockpit's first tracked step. With more than one process, every rank's cockpit
+    announces itself in the default group's store and waits (up to ``ATTACH_TIMEOUT_S``) for the
+    others: statistics are merged only if every rank's cockpit came, since the merge is a collective
+    each rank must join (a cockpit on rank 0 alone would otherwise wait for ever). The decision is
+    taken once, in the store, so all ranks take the same; without it each rank's cockpit describes
+    its own examples (with a warning).
     """
     world = world_size()
     if world == 1:
@@ -118,23 +119,31 @@ def join(warn: Any, timeout_s: float | None = None) -> bool:
             "examples, and only rank 0 writes"
         )
         return False
-    key = f"cockpit_lite/attach/{next(_attached)}"
+    key = f"{ATTACH}/{store.add(ATTACH, 0)}"  # the generation of cockpits being built now
     if store.add(f"{key}/count", 1) == world:
-        store.compare_set(f"{key}/decision", "", "merged")
+        _decide(store, key, "merged")
     timeout = ATTACH_TIMEOUT_S if timeout_s is None else timeout_s
     try:
         store.wait([f"{key}/decision"], datetime.timedelta(seconds=timeout))
     except RuntimeError:  # DistStoreError: not every rank built a cockpit in time
-        store.compare_set(f"{key}/decision", "", "local")
+        _decide(store, key, "local")
     merged = bytes(store.get(f"{key}/decision")) == b"merged"
     if not merged:
         warn(
-            f"torch.distributed runs {world} processes, but not every rank built a Cockpit within "
-            f"{timeout:g} s: this one describes rank {rank()}'s examples alone"
+            f"torch.distributed runs {world} processes, but not every rank's Cockpit reached its first "
+            f"tracked step within {timeout:g} s of the others: this one describes rank {rank()}'s examples alone"
             + (" and writes the run" if is_main() else ", and writes nothing (only rank 0 writes)")
             + ". Build the same Cockpit(...) on every rank (same logdir) for statistics over the global batch"
         )
     return merged
+
+
+def _decide(store: Any, key: str, decision: str) -> None:
+    """The first decision for a generation holds; whoever takes it opens the next generation, so the
+    cockpits built after it (a later run; the ranks after a cockpit on rank 0 alone) agree anew."""
+    if bytes(store.compare_set(f"{key}/decision", "", decision)) == decision.encode():
+        if store.add(f"{key}/closed", 1) == 1:
+            store.add(ATTACH, 1)
 
 
 SHARDED = (

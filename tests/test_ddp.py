@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import os
 import pickle
+import re
 import socket
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from cockpit_lite import Cockpit, CockpitWarning, distributed, load
 from cockpit_lite.instruments.clipping import Clipping
+from cockpit_lite.instruments.gradient_tests import gradient_tests
 from cockpit_lite.instruments.presets import economy
 from cockpit_lite.instruments.tracin import TracIn
 from cockpit_lite.sinks.tensorboard import TensorBoard
@@ -68,6 +72,12 @@ def _probes():
 def _net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _bn_net() -> nn.Module:
+    """A train-mode BatchNorm couples the examples of each rank's batch (the coupled path)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
 
 
 def _instruments():
@@ -127,8 +137,8 @@ def _params(model) -> np.ndarray:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
 
 
-def _ddp_run(rank: int, out: str, name: str, sizes, attach: bool, instruments=None, clip=None) -> None:
-    model = nn.parallel.DistributedDataParallel(_net())
+def _ddp_run(rank: int, out: str, name: str, sizes, attach: bool, instruments=None, clip=None, net=_net) -> None:
+    model = nn.parallel.DistributedDataParallel(net())
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     loader = DataLoader(_data(), batch_sampler=_rank_batches(rank, sizes))
     cockpit = None
@@ -150,21 +160,49 @@ def _ddp_run(rank: int, out: str, name: str, sizes, attach: bool, instruments=No
         pickle.dump(result, f)
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _doc_example() -> str:
+    """The DDP example of docs/integrations.md, as written."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    section = text.split("## DDP / torchrun", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+
+
+def _run_doc_example(rank: int, port: int, out: str) -> None:
+    """As ``torchrun --nproc_per_node=2`` runs it: the rank and the rendezvous in the environment."""
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
+    os.environ.update(env, WORLD_SIZE=str(WORLD))
+    os.chdir(out)
+    TensorBoard.image = lambda self, step: None  # this child only: drawing the dashboard costs seconds here
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(_doc_example(), {"__name__": "__main__"})
+    Path(out, f"doc_rank{rank}.txt").write_text(printed.getvalue())
+
+
+def _worker(rank: int, port: int, out: str, doc_port: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no cockpit warning
-            _ddp_run(rank, out, "equal", EQUAL, attach=True)
-            _ddp_run(rank, out, "equal", EQUAL, attach=False)
-            _ddp_run(rank, out, "unequal", UNEQUAL, attach=True)
-            _ddp_run(rank, out, "clip", EQUAL, attach=True, instruments=_clipping, clip=MAX_NORM)
-            _no_sync(rank, out)
-            _rank0_only(rank, out)
-            _fsdp(rank, out)
+        _distributed_runs(rank, port, out)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run_doc_example(rank, doc_port, out)
+
+
+def _distributed_runs(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no cockpit warning
+        _rank0_only(rank, out)  # first: the cockpits after it agree anew
+        _ddp_run(rank, out, "equal", EQUAL, attach=True)
+        _ddp_run(rank, out, "equal", EQUAL, attach=False)
+        _ddp_run(rank, out, "unequal", UNEQUAL, attach=True)
+        _ddp_run(rank, out, "clip", EQUAL, attach=True, instruments=_clipping, clip=MAX_NORM)
+        _no_sync(rank, out)
+        _ddp_run(rank, out, "batchnorm", EQUAL, attach=True, instruments=economy, net=_bn_net)
+        _fsdp(rank, out)
 
 
 def _no_sync(rank: int, out: str) -> None:
@@ -180,21 +218,22 @@ def _no_sync(rank: int, out: str) -> None:
 
 
 def _rank0_only(rank: int, out: str) -> None:
-    """A cockpit built on rank 0 alone (the usual "log on rank 0" pattern): after the attach timeout it
-    describes rank 0's examples, with a warning; training goes on (no collective waits for rank 1)."""
+    """A cockpit built on rank 0 alone (the usual "log on rank 0" pattern): after the attach timeout (at
+    its first tracked step) it describes rank 0's examples, with a warning; training goes on (no
+    collective waits for rank 1)."""
     model = nn.parallel.DistributedDataParallel(_net())
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     loader = DataLoader(_data(), batch_sampler=_rank_batches(rank, EQUAL))
     cockpit, caught = None, []
     if rank == 0:
-        distributed.ATTACH_TIMEOUT_S, timeout = 0.5, distributed.ATTACH_TIMEOUT_S
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments="economy", sinks=[])
-        finally:
-            distributed.ATTACH_TIMEOUT_S = timeout
-    _train(model, opt, loader, cockpit)
+        cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments="economy", sinks=[])
+    distributed.ATTACH_TIMEOUT_S, timeout = 0.5, distributed.ATTACH_TIMEOUT_S
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _train(model, opt, loader, cockpit)
+    finally:
+        distributed.ATTACH_TIMEOUT_S = timeout
     result = {"warnings": [str(w.message) for w in caught]}
     if cockpit is not None:
         cockpit.close()
@@ -311,7 +350,7 @@ def ddp_runs(tmp_path_factory):
     from torch.distributed import fsdp  # noqa: F401 - imported once, before the fork
 
     # fork: the workers start with torch already imported (spawning costs seconds per process)
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, start_method="fork")
+    mp.start_processes(_worker, args=(_free_port(), str(out), _free_port()), nprocs=WORLD, start_method="fork")
 
     def read(name: str) -> dict:
         with open(out / name, "rb") as f:
@@ -390,7 +429,7 @@ def test_a_cockpit_on_rank_0_alone_describes_its_rank_and_never_waits(ddp_runs):
     _, read = ddp_runs
     got = read("rank0only_rank0.pkl")
     assert got["sizes"] == [EQUAL[0]] * STEPS  # rank 0's own examples
-    assert any("not every rank built a Cockpit" in w and "describes rank 0's examples" in w for w in got["warnings"])
+    assert any("not every rank's Cockpit" in w and "describes rank 0's examples" in w for w in got["warnings"])
     assert read("rank0only_rank1.pkl") == {"warnings": []}
 
 
@@ -410,3 +449,40 @@ def test_ddp_gradient_accumulation_with_no_sync(ddp_runs):
     assert [s for s, _ in run["loss"]] == list(range(STEPS))
     assert len(run["persample/grad_norm"][0][1]) == sum(EQUAL)
     _assert_same_run(run, history)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_ddp_train_mode_batchnorm_per_rank_coupling(ddp_runs):
+    """Each rank's BatchNorm normalises over its own batch: example i of rank k has the gradient
+    g_i = r_k d l_i / d theta of its loss in that batch's forward (float64, one autograd call each),
+    gbar the all-reduced gradient = mean_i g_i."""
+    out, _ = ddp_runs
+    run = load(out / "batchnorm")
+    model, (x, y) = _bn_net().double(), _data().tensors
+    params = list(model.parameters())
+    rows = []
+    for r in range(WORLD):
+        idx = _rank_batches(r, EQUAL)[0]
+        losses = nn.functional.cross_entropy(model(x[idx].double()), y[idx], reduction="none")
+        for i in range(len(idx)):
+            grads = torch.autograd.grad(losses[i], params, retain_graph=True)
+            rows.append(torch.cat([g.reshape(-1) for g in grads]))  # r_k = 1: equal local batches
+    g = torch.stack(rows)
+    gbar = g.mean(0)
+    sq, dots = (g * g).sum(1).numpy(), (g @ gbar).numpy()
+    _close(run["persample/grad_norm"][0][1], np.sqrt(sq), "per-sample norms")
+    for name, value in gradient_tests(sq, dots).items():
+        _close(run[f"tests/{name}"][0][1], value, f"tests/{name}")
+    assert [s for s, _ in run["loss"]] == list(range(STEPS))
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_the_torchrun_example_of_the_docs_runs_as_written(ddp_runs):
+    out, _ = ddp_runs
+    run = load(out / "runs" / "ddp")
+    assert [s for s, _ in run["loss"]] == list(range(16))  # 2 epochs of 128 examples per rank, 16 a batch
+    printed = [(out / f"doc_rank{r}.txt").read_text().split("\n") for r in range(WORLD)]
+    assert printed[0][0] == "0 32" and printed[1][0] == "1 32"  # the global batch on every rank
+    assert printed[0][1][2:] == printed[1][1][2:]  # the same TracIn ranking on both ranks
+    top = run["tracin/self_influence"][0][1].argsort()[-5:]
+    assert printed[0][1] == f"0 {top}"

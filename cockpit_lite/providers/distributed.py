@@ -1,7 +1,7 @@
 """The need ``"distributed"``: under data-parallel training, the step record describes the global batch.
 
-Active on every tracked step when the ranks' cockpits merged (:func:`cockpit_lite.distributed.join`);
-with one process it does nothing. What each rank computed of its own examples is gathered, after the
+Active on every tracked step when the ranks' cockpits merged (:func:`cockpit_lite.distributed.join`, at
+the first tracked step); with one process it does nothing. What each rank computed of its own examples is gathered, after the
 per-sample provider has finished (so instruments' ``compute`` sees the global record; in
 ``on_after_backward`` and ``on_before_step`` the per-rank fields are still the rank's own), by one
 ``all_gather_object`` of O(B) numbers per rank:
@@ -62,7 +62,9 @@ class DistributedProvider(Provider):
 
     def __init__(self, context: Context):
         super().__init__(context)
-        self.merged = distributed.join(context.warn)
+        #: whether the ranks' cockpits merge: agreed at the first tracked step, when every rank's cockpit
+        #: is built (a rank whose construction failed after this provider's never joins; the others time out)
+        self.merged: bool | None = None if distributed.world_size() > 1 else False
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.gbar = False
         self.buffers: dict[str, torch.Tensor] | None = None
@@ -70,6 +72,8 @@ class DistributedProvider(Provider):
 
     def begin_step(self, record: StepRecord, needs: Needs) -> None:
         self.gbar, self.snapshot = False, None
+        if self.merged is None:
+            self.merged = distributed.join(self.context.warn)
         if not self.merged:
             return
         record.provided[DISTRIBUTED] = Ranks(self.rank, self.world)
