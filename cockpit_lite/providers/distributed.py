@@ -1,8 +1,8 @@
 """The need ``"distributed"``: under data-parallel training, the step record describes the global batch.
 
 Active on every tracked step when the ranks' cockpits merged (:func:`cockpit_lite.distributed.join`, at
-the first tracked step); with one process it does nothing. What each rank computed of its own examples is gathered, after the
-per-sample provider has finished (so instruments' ``compute`` sees the global record; in
+the first tracked step); with one process it does nothing. What each rank computed of its own examples
+is gathered, after the per-sample provider has finished (so instruments' ``compute`` sees the global record; in
 ``on_after_backward`` and ``on_before_step`` the per-rank fields are still the rank's own), by one
 ``all_gather_object`` of O(B) numbers per rank:
 
