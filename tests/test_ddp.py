@@ -108,7 +108,7 @@ def _rank_batches(rank: int, sizes: tuple[int, ...]) -> list[list[int]]:
 def _accumulate(model, opt, loader, cockpit, micro: int) -> None:
     """Each step: ``micro`` micro-batches of the loader's batches, loss / micro each; DDP all-reduces at
     the last backward only (``no_sync`` before)."""
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = cockpit.loss_fn
     it = iter(cockpit.track(loader))
     for _ in range(STEPS):
         opt.zero_grad()
@@ -121,7 +121,7 @@ def _accumulate(model, opt, loader, cockpit, micro: int) -> None:
 
 
 def _train(model, opt, loader, cockpit=None, clip=None, log=None):
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = cockpit.loss_fn if cockpit is not None else nn.CrossEntropyLoss()  # the module it watches
     batches = cockpit.track(loader) if cockpit is not None else loader
     for x, y in batches:
         opt.zero_grad()
@@ -137,7 +137,9 @@ def _params(model) -> np.ndarray:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
 
 
-def _ddp_run(rank: int, out: str, name: str, sizes, attach: bool, instruments=None, clip=None, net=_net) -> None:
+def _ddp_run(
+    rank: int, out: str, name: str, sizes, attach: bool, instruments=None, clip=None, net=_net, reduction="mean"
+) -> None:
     model = nn.parallel.DistributedDataParallel(net())
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     loader = DataLoader(_data(), batch_sampler=_rank_batches(rank, sizes))
@@ -146,7 +148,8 @@ def _ddp_run(rank: int, out: str, name: str, sizes, attach: bool, instruments=No
         insts = instruments() if instruments is not None else _instruments()
         logdir = os.path.join(out, name)
         sinks = [TensorBoard(logdir, image_every=None)] if name == "equal" else []  # no dashboard image: slow
-        cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=insts, logdir=logdir, sinks=sinks)
+        loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+        cockpit = Cockpit(model, opt, loss_fn, instruments=insts, logdir=logdir, sinks=sinks)
     log: list = []
     _train(model, opt, loader, cockpit, clip, log)
     result = {"params": _params(model), "clip": log}
@@ -202,6 +205,7 @@ def _distributed_runs(rank: int, port: int, out: str) -> None:
         _ddp_run(rank, out, "clip", EQUAL, attach=True, instruments=_clipping, clip=MAX_NORM)
         _no_sync(rank, out)
         _ddp_run(rank, out, "batchnorm", EQUAL, attach=True, instruments=economy, net=_bn_net)
+        _ddp_run(rank, out, "sum", UNEQUAL, attach=True, instruments=economy, reduction="sum")
         _fsdp(rank, out)
 
 
@@ -451,29 +455,47 @@ def test_ddp_gradient_accumulation_with_no_sync(ddp_runs):
     _assert_same_run(run, history)
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-def test_ddp_train_mode_batchnorm_per_rank_coupling(ddp_runs):
-    """Each rank's BatchNorm normalises over its own batch: example i of rank k has the gradient
-    g_i = r_k d l_i / d theta of its loss in that batch's forward (float64, one autograd call each),
-    gbar the all-reduced gradient = mean_i g_i."""
-    out, _ = ddp_runs
-    run = load(out / "batchnorm")
-    model, (x, y) = _bn_net().double(), _data().tensors
-    params = list(model.parameters())
-    rows = []
+def _first_step_loop(net, sizes, reduction: str) -> tuple[np.ndarray, np.ndarray]:
+    """Global per-sample gradients and losses of step 0, float64, one autograd call per example: rank
+    k's example i has l_i = r_k l_i^(k) (its loss in rank k's batch forward, train mode) and
+    g_i = d l_i / d theta, with r_k = N / (W n_k) for a mean loss and 1 / W for a sum."""
+    model, (x, y) = net().double(), _data().tensors
+    params, n = list(model.parameters()), sum(sizes)
+    rows, losses = [], []
     for r in range(WORLD):
-        idx = _rank_batches(r, EQUAL)[0]
-        losses = nn.functional.cross_entropy(model(x[idx].double()), y[idx], reduction="none")
+        idx = _rank_batches(r, sizes)[0]
+        r_k = n / (WORLD * sizes[r]) if reduction == "mean" else 1 / WORLD
+        ls = r_k * nn.functional.cross_entropy(model(x[idx].double()), y[idx], reduction="none")
         for i in range(len(idx)):
-            grads = torch.autograd.grad(losses[i], params, retain_graph=True)
-            rows.append(torch.cat([g.reshape(-1) for g in grads]))  # r_k = 1: equal local batches
-    g = torch.stack(rows)
-    gbar = g.mean(0)
-    sq, dots = (g * g).sum(1).numpy(), (g @ gbar).numpy()
+            rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(ls[i], params, retain_graph=True)]))
+        losses.append(ls.detach())
+    return torch.stack(rows).numpy(), torch.cat(losses).numpy()
+
+
+def _assert_first_step(run, g: np.ndarray, losses: np.ndarray, reduction: str) -> None:
+    gbar = g.mean(0)  # p.grad = mean_i g_i (mean) or sum_i g_i (sum): gbar is the mean either way
+    sq, dots = (g * g).sum(1), g @ gbar
     _close(run["persample/grad_norm"][0][1], np.sqrt(sq), "per-sample norms")
+    _close(run["loss/per_sample"][0][1], losses, "per-sample losses")
+    _close(run["loss"][0][1], losses.mean() if reduction == "mean" else losses.sum(), "loss")
+    _close(run["grad_norm"][0][1], np.linalg.norm(gbar if reduction == "mean" else g.sum(0)), "gradient norm")
     for name, value in gradient_tests(sq, dots).items():
         _close(run[f"tests/{name}"][0][1], value, f"tests/{name}")
     assert [s for s, _ in run["loss"]] == list(range(STEPS))
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_ddp_train_mode_batchnorm_per_rank_coupling(ddp_runs):
+    """Each rank's BatchNorm normalises over its own batch (the coupled path), gbar the all-reduced gradient."""
+    out, _ = ddp_runs
+    _assert_first_step(load(out / "batchnorm"), *_first_step_loop(_bn_net, EQUAL, "mean"), "mean")
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_ddp_sum_loss_unequal_batches(ddp_runs):
+    """A summed loss: DDP still averages the ranks' gradients, so g_i = g_i^(k) / W, gbar = p.grad / N."""
+    out, _ = ddp_runs
+    _assert_first_step(load(out / "sum"), *_first_step_loop(_net, UNEQUAL, "sum"), "sum")
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
