@@ -207,6 +207,7 @@ def _distributed_runs(rank: int, port: int, out: str) -> None:
         _ddp_run(rank, out, "batchnorm", EQUAL, attach=True, instruments=economy, net=_bn_net)
         _ddp_run(rank, out, "sum", UNEQUAL, attach=True, instruments=economy, reduction="sum")
         _fsdp(rank, out)
+        _twice(rank, out)
 
 
 def _no_sync(rank: int, out: str) -> None:
@@ -219,6 +220,19 @@ def _no_sync(rank: int, out: str) -> None:
     cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=_no_probes(), logdir=logdir, sinks=[])
     _accumulate(model, opt, loader, cockpit, micro=2)
     cockpit.close()
+
+
+def _twice(rank: int, out: str) -> None:
+    """Two runs given one logdir: the second goes beside the first (rank 0 chooses and says so)."""
+    for _ in range(2):
+        model = nn.parallel.DistributedDataParallel(_net())
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), "minimal", logdir=os.path.join(out, "twice"), sinks=[])
+        _train(model, opt, DataLoader(_data(), batch_sampler=_rank_batches(rank, EQUAL)), cockpit)
+        cockpit.close()
+    Path(out, f"twice_rank{rank}.txt").write_text("\n".join(str(w.message) for w in caught))
 
 
 def _rank0_only(rank: int, out: str) -> None:
@@ -508,3 +522,16 @@ def test_the_torchrun_example_of_the_docs_runs_as_written(ddp_runs):
     assert printed[0][1][2:] == printed[1][1][2:]  # the same TracIn ranking on both ranks
     top = run["tracin/self_influence"][0][1].argsort()[-5:]
     assert printed[0][1] == f"0 {top}"
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_a_second_run_into_the_same_logdir_goes_beside_it_once(ddp_runs):
+    out, _ = ddp_runs
+    assert (
+        "is written to" in (out / "twice_rank0.txt").read_text()
+        and str(out / "twice-2") in (out / "twice_rank0.txt").read_text()
+    )
+    assert (out / "twice_rank1.txt").read_text() == ""  # rank 1 writes nothing: it chooses nothing
+    for name in ("twice", "twice-2"):
+        assert [s for s, _ in load(out / name)["loss"]] == list(range(STEPS))
+    assert not (out / "twice-3").exists()
