@@ -37,7 +37,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from cockpit_lite import Cockpit, CockpitWarning, distributed, load
+from cockpit_lite import Cockpit, CockpitWarning, compat, distributed, load
 from cockpit_lite.instruments.clipping import Clipping
 from cockpit_lite.instruments.gradient_tests import gradient_tests
 from cockpit_lite.instruments.presets import economy
@@ -535,3 +535,26 @@ def test_a_second_run_into_the_same_logdir_goes_beside_it_once(ddp_runs):
     for name in ("twice", "twice-2"):
         assert [s for s, _ in load(out / name)["loss"]] == list(range(STEPS))
     assert not (out / "twice-3").exists()
+
+
+def test_a_backward_callback_queued_by_a_callback_runs_after_the_others():
+    """compat.queue_backward_callback from inside a callback (how the cockpit's end of backward follows
+    DDP's reducer, whose callback is queued during backward): it runs after every callback queued before."""
+    w = torch.randn(3, requires_grad=True)
+    order = []
+
+    def first():
+        order.append("cockpit, first call")
+        compat.queue_backward_callback(lambda: order.append("cockpit, again"))
+
+    y = (w * 2).sum()
+    y.register_hook(lambda g: compat.queue_backward_callback(first))
+    w.register_hook(lambda g: compat.queue_backward_callback(lambda: order.append("reducer")))
+    y.backward()
+    assert order == ["cockpit, first call", "reducer", "cockpit, again"]
+
+
+def test_without_a_process_group_there_is_no_store_and_one_rank():
+    assert compat.default_store() is None
+    assert (distributed.world_size(), distributed.rank(), distributed.is_main()) == (1, 0, True)
+    assert distributed.all_gather_objects({"a": 1}) == [{"a": 1}]
