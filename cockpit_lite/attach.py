@@ -1,4 +1,5 @@
-"""What the Cockpit checks and builds when it attaches: arguments, instruments, sinks, profiler place."""
+"""What the Cockpit checks and builds when it attaches: arguments, instruments, sinks, profiler place.
+Under ``torch.distributed`` only rank 0 gets sinks and a profiler: one run, written once."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from cockpit_lite import distributed
 from cockpit_lite.instrument import Instrument
 from cockpit_lite.registry import resolve
 from cockpit_lite.rundir import run_dir
@@ -27,6 +29,7 @@ def check_model_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) ->
             f"{type(model).__name__} has no trainable parameters: there is nothing to diagnose. "
             "Attach the cockpit to the module whose parameters the optimizer trains."
         )
+    distributed.refuse_sharded(model, params)
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     if not held & {id(p) for p in params.values()}:
         raise ValueError(
@@ -59,6 +62,8 @@ def sinks_of(logdir: str | None, sinks: Sequence[Sink] | None) -> list[Sink]:
             raise TypeError(f"sinks must be cockpit_lite.sinks.Sink objects, got {type(s).__name__}")
     if logdir is not None and not any(isinstance(s, JsonLines) for s in out):
         out.insert(0, JsonLines(logdir))
+    if not distributed.is_main():  # under torch.distributed rank 0 writes the one run of every rank
+        return []
     return out
 
 
@@ -66,6 +71,8 @@ def run_dir_of(logdir: str | os.PathLike | None, resume: bool, warn: Callable[[s
     """The directory this run writes to (:func:`cockpit_lite.rundir.run_dir`), said when it is not ``logdir``."""
     if logdir is None:
         return None
+    if not distributed.is_main():  # it writes nothing: no sibling to choose (rank 0 may have begun writing)
+        return os.fspath(logdir)
     out = run_dir(logdir, resume)
     if out != os.fspath(logdir):
         warn(
@@ -94,8 +101,11 @@ def own_run_dirs(
             sink.logdir = run_dir_of(own, resume, warn)
 
 
-def profile_dir(logdir: str | None, sinks: Sequence[Sink]) -> str:
-    """Where ``profile=`` writes its traces: the logdir, else where a sink writes (TensorBoard's logdir)."""
+def profile_dir(logdir: str | None, sinks: Sequence[Sink]) -> str | None:
+    """Where ``profile=`` writes its traces: the logdir, else where a sink writes (TensorBoard's logdir);
+    None on a rank other than 0 (it writes nothing)."""
+    if not distributed.is_main():
+        return None
     if logdir is not None:
         return logdir
     for s in sinks:

@@ -28,6 +28,7 @@ from cockpit_lite.compat import (
     grad_scaler_factor,
     queue_backward_callback,
 )
+from cockpit_lite.distributed import world_size
 from cockpit_lite.emitter import Emitter
 from cockpit_lite.errors import warn
 from cockpit_lite.hooks import SharedHook
@@ -283,9 +284,12 @@ class Cockpit:
             self._warn(f"backward_begin failed ({type(e).__name__}: {e}); training is unaffected")
 
     @guarded
-    def _on_backward_end(self) -> None:
+    def _on_backward_end(self, after_reducer: bool = False) -> None:
         st = self._step
         if st is not None and st.active:
+            if not after_reducer and world_size() > 1:  # DDP averages p.grad in a callback queued during backward
+                queue_backward_callback(functools.partial(self._on_backward_end, True))
+                return
             st.backward_done, st.in_backward, st.queued = True, False, False
             with self.costs.region("after_backward"):
                 st.event("on_backward_end")

@@ -41,6 +41,15 @@ def queue_backward_callback(fn: Callable[[], None]) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(fn)
 
 
+def default_store() -> Any | None:
+    """The key-value store of ``torch.distributed``'s default process group (``_get_default_store``),
+    or None without one: the ranks agree on things there without a collective."""
+    try:
+        return torch.distributed.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
 def saved_attribute(node: Any, name: str) -> Any:
     """What an autograd node saved for its backward under ``name`` (``node._saved_<name>``: the other
     operand of a product, the ``alpha`` of an addition, the dims of a permute)."""

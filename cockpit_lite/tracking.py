@@ -65,6 +65,15 @@ class _RecordingIterator:
         return item
 
 
+class _PassRecorder(_Recorder):
+    """A recorder that starts a fresh queue at every pass (``iter()``): index lists a pass drew but no
+    batch of it was received for (a pass abandoned at the end of training) are no part of the next."""
+
+    def __iter__(self) -> Iterator:
+        self.queue.clear()
+        return super().__iter__()
+
+
 def _as_indices(item: Any) -> np.ndarray | None:
     try:
         idx = np.asarray(item)
@@ -100,6 +109,39 @@ def _dataset_size(dataset: Any, resolve_subsets: bool) -> int | None:
         return None
 
 
+def sampling_loader(loader: Any) -> Any:
+    """The torch ``DataLoader`` that draws the indices inside adapters that hold it as ``base_dataloader``
+    (accelerate's ``DataLoaderShard``, ``SkipDataLoader``, ``DataLoaderDispatcher``); ``loader`` itself
+    otherwise."""
+    for _ in range(8):
+        inner = vars(loader).get("base_dataloader") if hasattr(loader, "__dict__") else None
+        if inner is None:
+            break
+        loader = inner
+    return loader
+
+
+def install_recorder(loader: DataLoader, queue: deque, fresh_each_pass: bool = False) -> Callable[[], None]:
+    """Replace the index sampler of ``loader`` (and of its persistent-workers iterator, if it has one) by a
+    recorder that appends every item it yields to ``queue``, for every iterator built until the returned
+    function is called, which puts the sampler back. ``fresh_each_pass``: each pass (``iter()``) first
+    empties ``queue``, dropping index lists drawn ahead for batches a cut-short pass never yielded."""
+    attr = "batch_sampler" if loader.batch_sampler is not None else "sampler"
+    original = getattr(loader, attr)
+    recorder = (_PassRecorder if fresh_each_pass else _Recorder)(original, queue)
+    object.__setattr__(loader, attr, recorder)  # DataLoader forbids plain assignment after init
+    kept = dataloader_iterator(loader)
+    if kept is not None:
+        set_index_sampler(kept, recorder)
+
+    def remove() -> None:
+        object.__setattr__(loader, attr, original)
+        for it in {id(i): i for i in (kept, dataloader_iterator(loader)) if i is not None}.values():
+            set_index_sampler(it, original)
+
+    return remove
+
+
 def _untracked(feed: Feed, loader: Iterable, why: str) -> Iterator:
     warnings.warn(
         f"cockpit-lite: cockpit.track(): {why}; batches pass unchanged without indices", CockpitWarning, stacklevel=3
@@ -131,6 +173,10 @@ def track(feed: Feed, loader: Iterable, resolve_subsets: bool = False) -> Iterat
         return
 
     queue: deque = deque()
+    base = sampling_loader(loader)
+    if base is not loader:  # an adapter builds the torch iterator lazily, at its first batch: record the pass
+        yield from _tracked_pass(feed, loader, base, queue, resolve_subsets)
+        return
     auto = loader.batch_sampler is not None
     attr = "batch_sampler" if auto else "sampler"
     original = getattr(loader, attr)
@@ -162,30 +208,41 @@ def track(feed: Feed, loader: Iterable, resolve_subsets: bool = False) -> Iterat
         feed(None, size)
 
 
-class _PassRecorder(_Recorder):
-    """A recorder that starts a fresh queue at every pass (``iter()``): index lists a pass drew but no
-    batch of it was received for (a pass abandoned at the end of training) are no part of the next."""
-
-    def __iter__(self) -> Iterator:
-        self.queue.clear()
-        return super().__iter__()
+def _tracked_pass(feed: Feed, loader: Any, base: DataLoader, queue: deque, resolve_subsets: bool) -> Iterator:
+    """One pass over an adapter around ``base``, the recorder installed on ``base`` for the whole pass."""
+    remove = install_recorder(base, queue)
+    size = _dataset_size(base.dataset, resolve_subsets)
+    skip = int(vars(loader).get("skip_batches", 0) or 0)  # accelerate's SkipDataLoader drops batches it drew
+    try:
+        for batch in loader:
+            while skip and queue:
+                queue.popleft()
+                skip -= 1
+            idx = _as_indices(queue.popleft() if queue else None)
+            if idx is not None and resolve_subsets:
+                idx = root_indices(base.dataset, idx)
+            feed(idx, size)
+            yield batch
+    finally:
+        remove()
+        feed(None, size)
 
 
 class LoaderTap:
     """The dataset indices of the batches a DataLoader yields to a loop that iterates it itself (a
     framework's fit loop, which the user cannot wrap in :func:`track`).
 
-    While the tap is open the loader's index sampler (its ``batch_sampler``, or its ``sampler`` when
-    ``batch_size=None``) is the recorder :func:`track` uses, which passes every item through unchanged:
-    the loader draws the same random numbers and yields the same batches as without it. Each pass over
-    the loader (each ``iter(loader)``) starts a fresh queue of the index lists it draws, and
-    :meth:`next_batch` hands them out first in, first out: call it once per batch the loop receives,
-    before the batch's forward. With ``num_workers > 0`` index lists are drawn ahead of their batches and
-    arrive in order (``in_order=True``, the default), so the queue still matches. :meth:`close` puts the
-    loader's own sampler back.
+    While the tap is open the loader's index sampler is the recorder :func:`track` uses
+    (:func:`install_recorder`), which passes every item through unchanged: the loader draws the same
+    random numbers and yields the same batches as without it. Each pass over the loader (each
+    ``iter(loader)``) starts a fresh queue of the index lists it draws, and :meth:`next_batch` hands them
+    out first in, first out: call it once per batch the loop receives, before the batch's forward. With
+    ``num_workers > 0`` index lists are drawn ahead of their batches and arrive in order
+    (``in_order=True``, the default), so the queue still matches. :meth:`close` puts the loader's own
+    sampler back.
 
-    Install it before the loop builds its iterator (before ``iter(loader)``): index lists drawn
-    earlier are not seen.
+    Open it before the loop builds its iterator (before ``iter(loader)``): index lists drawn earlier are
+    not seen.
     """
 
     def __init__(self, loader: Any, resolve_subsets: bool = False):
@@ -193,27 +250,21 @@ class LoaderTap:
         self.queue: deque = deque()
         #: why no indices are recorded (None: they are)
         self.why: str | None = None
-        self._attr: str | None = None
+        self.size: int | None = None
+        self._remove: Callable[[], None] | None = None
         if not isinstance(loader, DataLoader):
             self.why = f"{type(loader).__name__} is not a torch DataLoader"
         elif isinstance(loader.dataset, IterableDataset):
             self.why = "an IterableDataset has no dataset indices"
         elif loader.num_workers > 0 and not getattr(loader, "in_order", True):
             self.why = "with in_order=False batches may arrive out of order"
-        if self.why is not None:
-            return
-        self._attr = "batch_sampler" if loader.batch_sampler is not None else "sampler"
-        self._original = getattr(loader, self._attr)
-        self._recorder = _PassRecorder(self._original, self.queue)
-        object.__setattr__(loader, self._attr, self._recorder)  # DataLoader forbids plain assignment after init
-        it = dataloader_iterator(loader)  # a persistent-workers iterator built earlier keeps its own sampler
-        if it is not None:
-            set_index_sampler(it, self._recorder)
-        self.size = _dataset_size(loader.dataset, resolve_subsets)
+        else:
+            self._remove = install_recorder(loader, self.queue, fresh_each_pass=True)
+            self.size = _dataset_size(loader.dataset, resolve_subsets)
 
     def next_batch(self) -> tuple[np.ndarray | None, int | None]:
         """``(indices, dataset_size)`` of the next batch the loader yields (None when unknown)."""
-        if self._attr is None:
+        if self._remove is None:
             return None, None
         idx = _as_indices(self.queue.popleft()) if self.queue else None
         if idx is not None and self.resolve_subsets:
@@ -222,11 +273,7 @@ class LoaderTap:
 
     def close(self) -> None:
         """Put the loader's own index sampler back (also into a persistent-workers iterator)."""
-        if self._attr is None:
-            return
-        object.__setattr__(self.loader, self._attr, self._original)
-        it = dataloader_iterator(self.loader)
-        if it is not None:
-            set_index_sampler(it, self._original)
-        self._attr = None
+        if self._remove is not None:
+            self._remove()
+            self._remove = None
         self.queue.clear()

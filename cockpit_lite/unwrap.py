@@ -24,11 +24,16 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
 def unwrap_optimizer(optimizer: object) -> object:
     """The ``torch.optim.Optimizer`` inside the wrappers frameworks put around it: Lightning's
     ``LightningOptimizer`` (``_optimizer``), accelerate's ``AcceleratedOptimizer`` (``optimizer``).
-    Their ``step()`` calls the inner optimizer's, whose hooks the cockpit registers."""
+    Their ``step()`` calls the inner optimizer's, whose hooks the cockpit registers. ``AcceleratedOptimizer``
+    subclasses ``torch.optim.Optimizer`` without running its ``__init__``: an optimizer without its own
+    step-hook table is a wrapper too."""
     import torch
 
+    def wrapper(o: object) -> bool:
+        return not isinstance(o, torch.optim.Optimizer) or "_optimizer_step_pre_hooks" not in vars(o)
+
     seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and seen < 8:
+    while wrapper(optimizer) and seen < 8:
         inner = getattr(optimizer, "_optimizer", None) or getattr(optimizer, "optimizer", None)
         if inner is None or inner is optimizer:
             break

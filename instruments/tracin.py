@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from cockpit_lite import Instrument, Need, Needs
+from cockpit_lite.distributed import DISTRIBUTED, all_gather_objects
 from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.instruments._util import refuse_state
 from cockpit_lite.instruments.panels import InfluencePanel, influence_summary
@@ -257,17 +258,49 @@ class TracIn(Instrument):
         """Probe influence at theta_t (parameters not yet updated): sum_layers eta c g_i . h_k, for every
         example i of the step (under gradient accumulation ``record.views`` are
         :class:`~cockpit_lite.persample.views.JoinedView` s over all micro-batches, rows in the order of
-        ``record.indices``)."""
-        if self.probes is None or record.indices is None:
+        ``record.indices``).
+
+        Under data-parallel training each rank crosses its own examples' factors with the probes and
+        the rows (n_k x K, weighted by 1/W: DDP averages the ranks' gradients) are gathered with the
+        ranks' dataset indices, so every rank adds the influence of the global batch."""
+        if self.probes is None:
             return
+        ranks = record.get(DISTRIBUTED)
+        merged = ranks is not None and ranks.world > 1
+        try:
+            idx, rows, why = self._probe_rows(record, 1.0 / ranks.world if merged else 1.0)
+        except Exception as e:  # under DDP the other ranks still wait for this rank's rows
+            if not merged:
+                raise
+            idx, rows, why = None, None, f"{type(e).__name__}: {e}"
+        if merged:
+            parts = all_gather_objects((idx, rows, why))
+            whys = [f"rank {k}: {w}" for k, (_, _, w) in enumerate(parts) if w]
+            if any(i is None for i, _, _ in parts):
+                if whys:
+                    self._warn(f"TracIn probes skipped at step {record.step} ({'; '.join(whys)})")
+                return
+            idx = np.concatenate([i for i, _, _ in parts])
+            rows = np.concatenate([r for _, r, _ in parts])
+        elif why:
+            self._warn(f"TracIn probes skipped at step {record.step}: {why}")
+        if idx is None:
+            return
+        self._ensure(max(int(idx.max()) + 1, record.dataset_size or 0))
+        _scatter_add(self._infl, idx, rows)
+        self.probe_steps += 1
+
+    def _probe_rows(self, record, weight: float) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+        """(dataset indices, influence rows (B x K) times ``weight``, why not) of this rank's batch."""
+        if record.indices is None:
+            return None, None, None  # compute() says how to get indices
         if not record.views:
-            self._warn(f"TracIn probes skipped at step {record.step}: no per-sample factors ({record.notes})")
-            return
-        idx = self._indices(record)
+            return None, None, f"no per-sample factors ({record.notes})"
+        idx = record.indices
         probe_views, _ = self._probe_views(record)
         weights = self._weights(record, [n for v in record.views for n in v.names])
         if weights is None:
-            return
+            return None, None, None
         by_weight: dict[float, torch.Tensor] = {}  # one sum per distinct eta c (one per parameter group)
         for view in record.views:
             other = probe_views.get(tuple(view.names))
@@ -281,10 +314,12 @@ class TracIn(Instrument):
                     by_weight[w].add_(c)  # cross() returns fresh tensors
                 else:
                     by_weight[w] = c
-        if by_weight:
-            total = sum(c.double() * w for w, c in by_weight.items())
-            _scatter_add(self._infl, idx, total.cpu().numpy(), self._unique[1])
-            self.probe_steps += 1
+        if not by_weight:
+            return None, None, None
+        total = sum(c.double() * (w * weight) for w, c in by_weight.items())
+        if total.shape[0] != len(idx):  # never expected: rows and indices must describe the same examples
+            return None, None, f"{total.shape[0]} rows of per-sample factors for {len(idx)} dataset indices"
+        return np.asarray(idx), total.cpu().numpy(), None
 
     def _probe_views(self, record):
         inputs, targets = self.probes

@@ -1,3 +1,3 @@
-"""Callbacks for training frameworks, one module each: ``cockpit_lite.integrations.lightning`` (Lightning's
-``Trainer``). Each module imports its framework; this package imports none, so the core never depends on
-them."""
+"""Integrations with training frameworks, one module each: ``huggingface`` (the Hugging Face ``Trainer``),
+``lightning`` (Lightning's ``Trainer``). Each imports its framework only when imported itself; this
+package imports none, so the core never depends on them."""
