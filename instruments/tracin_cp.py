@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from cockpit_lite import Instrument
+from cockpit_lite.distributed import is_main
 from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.persample.cross import Projector, ViewCollector, cross
 from cockpit_lite.records import to_value
@@ -129,6 +130,8 @@ class Checkpoints(Instrument):
         self.paths.append(path)
 
     def on_before_step(self, record):
+        if not is_main():  # data-parallel: the ranks hold equal parameters; rank 0 alone saves them
+            return
         if self.directory is None and record.logdir is not None:
             self.directory = Path(record.logdir) / CHECKPOINT_DIR
         if self.directory is None:

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cockpit_lite.instruments import Clipping, GradientTests, TracIn
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cockpit_lite import Cockpit, CockpitWarning, Need
-from cockpit_lite.instruments import Clipping, GradientTests, TracIn
 from cockpit_lite.persample.views import JoinedView
 from cockpit_lite.providers.persample import NORMS_EVERY
 from tests import models

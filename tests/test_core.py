@@ -9,10 +9,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from cockpit_lite.instruments import GradientTests, GradNorm, Loss
 from torch import nn
 
 from cockpit_lite import Cockpit, CockpitWarning, Instrument, Need, Needs, load
-from cockpit_lite.instruments import GradientTests, GradNorm, Loss
 from cockpit_lite.sinks import Dashboard, TensorBoard
 from cockpit_lite.sinks.base import Sink
 from tests import models

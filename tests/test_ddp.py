@@ -34,14 +34,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
-from cockpit_lite import Cockpit, CockpitWarning, compat, distributed, load
 from cockpit_lite.instruments.clipping import Clipping
 from cockpit_lite.instruments.gradient_tests import gradient_tests
 from cockpit_lite.instruments.presets import economy
 from cockpit_lite.instruments.tracin import TracIn
+from cockpit_lite.instruments.tracin_cp import Checkpoints
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from cockpit_lite import Cockpit, compat, distributed, load
 from cockpit_lite.sinks.tensorboard import TensorBoard
 
 WORLD = 2
@@ -84,7 +85,7 @@ def _instruments():
     return [*economy(), TracIn(probes=_probes(), top_k=5)]
 
 
-def _no_probes():  # probe influence is not joined across micro-batches (a note), self-influence is
+def _no_probes():
     return [*economy(), TracIn(top_k=5)]
 
 
@@ -159,6 +160,9 @@ def _ddp_run(
         result["history"] = {t: cockpit.history[t] for t in cockpit.history if not t.startswith("cost/")}
         if tracin is not None:
             result["tracin"] = (tracin.self_influence(), tracin.influence())
+        saver = next((i for i in cockpit.instruments if isinstance(i, Checkpoints)), None)
+        if saver is not None:
+            result["saved"] = [p.name for p in saver.paths]
     with open(os.path.join(out, f"{name}_{'with' if attach else 'without'}_rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
 
@@ -206,6 +210,7 @@ def _distributed_runs(rank: int, port: int, out: str) -> None:
         _no_sync(rank, out)
         _ddp_run(rank, out, "batchnorm", EQUAL, attach=True, instruments=economy, net=_bn_net)
         _ddp_run(rank, out, "sum", UNEQUAL, attach=True, instruments=economy, reduction="sum")
+        _ddp_run(rank, out, "ckpt", EQUAL, attach=True, instruments=lambda: [Checkpoints(directory=Path(out, "ck"))])
         _fsdp(rank, out)
         _twice(rank, out)
 
@@ -409,11 +414,9 @@ def test_ddp_equals_one_process_on_the_concatenated_batch(ddp_runs):
 def test_ddp_unequal_local_batches_weigh_examples_as_ddp_averages(ddp_runs):
     out, read = ddp_runs
     run = load(out / "unequal")
-    with pytest.warns(CockpitWarning, match="earlier micro-batches are not kept"):  # the reference's TracIn probes
-        history, tracin, params, _ = _reference(UNEQUAL)
+    history, tracin, params, _ = _reference(UNEQUAL)  # one process accumulating the ranks' batches
     assert len(run["persample/grad_norm"][0][1]) == sum(UNEQUAL)
-    # the reference accumulates two micro-batches: TracIn's probe cross products are not joined there
-    _assert_same_run(run, history, skip={"tracin/proponents", "tracin/opponents"})
+    _assert_same_run(run, history)
     ranks = [read(f"unequal_with_rank{r}.pkl") for r in range(WORLD)]
     for r in ranks:
         _close(r["tracin"][0], tracin.self_influence(), "self-influence")
@@ -558,3 +561,11 @@ def test_without_a_process_group_there_is_no_store_and_one_rank():
     assert compat.default_store() is None
     assert (distributed.world_size(), distributed.rank(), distributed.is_main()) == (1, 0, True)
     assert distributed.all_gather_objects({"a": 1}) == [{"a": 1}]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_ddp_checkpoints_are_saved_by_rank_0_alone(ddp_runs):
+    _, read = ddp_runs
+    saved = read("ckpt_with_rank0.pkl")["saved"]
+    assert saved == [f"step_{t:08d}.pt" for t in range(STEPS + 1)]  # every step, and the final parameters
+    assert read("ckpt_with_rank1.pkl")["saved"] == []

@@ -20,12 +20,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from cockpit_lite.instruments import Alpha, Clipping, GradientTests, TracIn
+from cockpit_lite.instruments.presets import economy
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from cockpit_lite import Cockpit, CockpitWarning, Instrument, Need, Needs, load
-from cockpit_lite.instruments import Alpha, Clipping, GradientTests, TracIn
-from cockpit_lite.instruments.presets import economy
 from cockpit_lite.integrations.huggingface import STATE_FILE, CockpitCallback
 from cockpit_lite.pause import is_paused
 

@@ -305,10 +305,9 @@ class CockpitCallback(TrainerCallback, ExportableState):
         self._skip_first_epoch = self._skipped_batches(args, state, train_dataloader) if saved is not None else 0
 
     def _declare_accumulation(self) -> None:
-        # ACCUMULATION DECLARATION: the one call site telling the core, before the first step, that every
-        # optimizer step has several micro-batches (so the first step keeps its micro-batches' factors and
-        # has g_i . gbar and projections too). Replace by the engine's method for this when it lands.
-        self.cockpit.engine.accumulating = True
+        """Every optimizer step has several micro-batches: the first step keeps its micro-batches'
+        factors too (g_i . gbar, Gram entries and projections from step 0 on)."""
+        self.cockpit.engine.expect_accumulation()
 
     def _wants_indices(self) -> bool:
         from cockpit_lite.instruments.tracin import TracIn
