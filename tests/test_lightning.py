@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cockpit_lite.instruments import Alpha, Clipping, Distance, GradNorm, Loss, PerSampleGradNorms, TracIn, UpdateSize
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler, TensorDataset
 
 from cockpit_lite import CockpitWarning, Instrument, Need, load
-from cockpit_lite.instruments import Alpha, Clipping, Distance, GradNorm, Loss, PerSampleGradNorms, TracIn, UpdateSize
 from cockpit_lite.integrations.lightning import CockpitCallback
 
 N, B, D_IN, HIDDEN, CLASSES, LR, CLIP = 32, 4, 5, 16, 3, 0.1, 0.3
