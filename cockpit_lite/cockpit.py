@@ -195,6 +195,23 @@ class Cockpit:
             elif inst.state_dict():
                 self._warn(f"no saved state for instrument {inst.key!r}: it starts afresh at step {self.step}")
 
+    # --- for frameworks that call the model in parts (cockpit_lite.integrations) ------------------------
+    def model_called(self, args: tuple, kwargs: Mapping[str, Any] | None = None) -> None:
+        """A call of the model begins that its forward pre-hook does not see (a framework's training step
+        calling the model's parts, or a call that began before this cockpit was built): ``args`` and
+        ``kwargs`` are the call's inputs (the batch is axis 0 of the first tensor)."""
+        self._on_model_forward(self.model, tuple(args), dict(kwargs or {}))
+
+    def model_returned(self, args: tuple, kwargs: Mapping[str, Any] | None, output: Any) -> None:
+        """The call announced by :meth:`model_called` returned ``output`` (backward is seen from it)."""
+        self._on_model_output(self.model, tuple(args), dict(kwargs or {}), output)
+
+    @guarded
+    def gradients_final(self) -> None:
+        """``p.grad`` now holds what the optimizer will use: the step pre-hook's event, for a step whose
+        pre-hooks ran before this cockpit was built, or a closure's. Never raises."""
+        self._gradients_final()
+
     # --- plumbing --------------------------------------------------------------------------------------
     def _warn(self, msg: str) -> None:
         if msg not in self._warned:
@@ -313,7 +330,7 @@ class Cockpit:
     def _wrap_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         """``optimizer.step(closure)`` (Lightning's automatic optimization, LBFGS): see
         :func:`cockpit_lite.model_io.step_closure`."""
-        return step_closure(closure, guarded(lambda self: self._gradients_final()).__get__(self))
+        return step_closure(closure, self.gradients_final)
 
     @guarded
     def _on_after_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:

@@ -143,13 +143,13 @@ class _Attach:
         if first and self.cockpit.model is module:
             # the Cockpit's forward pre-hook was registered after this call began: give it the call; its
             # forward hook, registered before the call returns, sees the output
-            self.cockpit._on_model_forward(module, args, kwargs)
+            self.cockpit.model_called(args, kwargs)
             self.close()
             return
         if module is self.root:
             return  # self(x): the Cockpit's own hooks see it
         self.call, self.depth = module, 0
-        self.cockpit._on_model_forward(self.root, args, kwargs)
+        self.cockpit.model_called(args, kwargs)
         coupling = coupling_modules(self.root) if first else []
         if coupling:
             warn(
@@ -169,7 +169,7 @@ class _Attach:
             return
         self.call = None
         try:
-            self.cockpit._on_model_output(self.root, args, kwargs, output)
+            self.cockpit.model_returned(args, kwargs, output)
         except Exception as e:
             self._failed(e)
 
@@ -311,7 +311,7 @@ class CockpitCallback(Callback):
     def _gradients_final(self) -> None:
         if self._open:
             try:
-                self.cockpit._gradients_final()  # the step pre-hook's event, which the new Cockpit missed
+                self.cockpit.gradients_final()  # the step pre-hook's event, which the new Cockpit missed
             except Exception as e:
                 self._warn(f"before_step failed ({type(e).__name__}: {e}); training is unaffected")
 
