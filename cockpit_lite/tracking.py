@@ -242,10 +242,11 @@ class LoaderTap:
     sampler back.
 
     Open it before the loop builds its iterator (before ``iter(loader)``): index lists drawn earlier are
-    not seen.
+    not seen. ``fresh_each_pass=False`` keeps the queue across passes (for a loop that says itself when
+    an epoch starts, and whose adapters may start another pass over the recorder mid-epoch).
     """
 
-    def __init__(self, loader: Any, resolve_subsets: bool = False):
+    def __init__(self, loader: Any, resolve_subsets: bool = False, fresh_each_pass: bool = True):
         self.loader, self.resolve_subsets = loader, resolve_subsets
         self.queue: deque = deque()
         #: why no indices are recorded (None: they are)
@@ -259,7 +260,7 @@ class LoaderTap:
         elif loader.num_workers > 0 and not getattr(loader, "in_order", True):
             self.why = "with in_order=False batches may arrive out of order"
         else:
-            self._remove = install_recorder(loader, self.queue, fresh_each_pass=True)
+            self._remove = install_recorder(loader, self.queue, fresh_each_pass=fresh_each_pass)
             self.size = _dataset_size(loader.dataset, resolve_subsets)
 
     def next_batch(self) -> tuple[np.ndarray | None, int | None]:

@@ -41,13 +41,11 @@ import functools
 import json
 import os
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -58,66 +56,42 @@ from cockpit_lite.errors import warn
 from cockpit_lite.instrument import Instrument
 from cockpit_lite.sinks.base import Sink
 from cockpit_lite.sinks.jsonl import FILENAME as JSONL_FILENAME
-from cockpit_lite.tracking import _as_indices, _dataset_size, install_recorder, root_indices, sampling_loader
+from cockpit_lite.tracking import LoaderTap, sampling_loader
 
 #: the file in each checkpoint folder that holds the cockpit's state_dict()
 STATE_FILE = "cockpit_state.pt"
 
 
-class TrainerIndices:
+class TrainerIndices(LoaderTap):
     """The dataset indices of the batches the Trainer's training loader yields, in order.
 
-    The loader's index sampler (``batch_sampler``, or ``sampler`` when ``batch_size=None``) is replaced by
-    a recorder for the run (:meth:`restore` puts it back): each index list it yields is appended to a queue
-    and passed on unchanged, so iterators built later (one per epoch, a persistent worker iterator's
-    reset, accelerate's ``skip_first_batches`` on resume, which wraps the recorder) record what they
-    draw. The Trainer trains on the batches in the order they were drawn; :meth:`next_batch` hands the
-    next list to ``feed`` before each micro-batch.
+    A :class:`~cockpit_lite.tracking.LoaderTap` on the torch DataLoader inside accelerate's adapters,
+    open for the run (:meth:`restore` closes it), with one queue for the epoch: iterators built later (one
+    per epoch, a persistent worker iterator's reset, accelerate's ``skip_first_batches`` on resume, which
+    wraps the recorder) record what they draw. The Trainer trains on the batches in the order they were
+    drawn; :meth:`next_batch` hands the next list to ``feed`` before each micro-batch.
     """
 
     def __init__(self, loader: Any, feed: Callable[[np.ndarray | None, int | None], None], resolve_subsets: bool):
-        self.feed, self.resolve_subsets = feed, resolve_subsets
-        self.queue: deque = deque()
-        self.skip = 0
-        self.loader = sampling_loader(loader)
-        self.remove: Callable[[], None] | None = None
-        self.why: str | None = None
-        self.size: int | None = None
-        dl = self.loader
-        if not isinstance(dl, DataLoader):
-            self.why = f"the Trainer's training loader ({type(dl).__name__}) is not a torch DataLoader"
-        elif isinstance(dl.dataset, IterableDataset):
-            self.why = "an IterableDataset has no dataset indices"
-        elif dl.num_workers > 0 and not getattr(dl, "in_order", True):
-            self.why = "with dataloader_in_order=False batches may arrive out of order"
+        self.feed, self.skip = feed, 0
+        super().__init__(sampling_loader(loader), resolve_subsets, fresh_each_pass=False)
         if self.why is not None:
-            return
-        self.remove = install_recorder(dl, self.queue)
-        self.size = _dataset_size(dl.dataset, resolve_subsets)
+            self.why = f"the Trainer's training loader: {self.why}"
 
     def new_epoch(self, skip: int = 0) -> None:
         """A new epoch's iterator is about to be built; its first ``skip`` index lists are never trained on."""
         self.queue.clear()
         self.skip = skip
 
-    def next_batch(self) -> None:
+    def next_batch(self) -> None:  # type: ignore[override]
         """The Trainer is about to train on its next micro-batch: feed that batch's dataset indices."""
-        if self.remove is None:
-            self.feed(None, None)
-            return
         while self.skip and self.queue:
             self.queue.popleft()
             self.skip -= 1
-        idx = _as_indices(self.queue.popleft()) if self.queue and not self.skip else None
-        if idx is not None and self.resolve_subsets:
-            idx = root_indices(self.loader.dataset, idx)
-        self.feed(idx, self.size)
+        self.feed(*(super().next_batch() if not self.skip else (None, None)))
 
     def restore(self) -> None:
-        if self.remove is not None:
-            self.remove()
-            self.remove = None
-        self.queue.clear()
+        self.close()
 
 
 def _never_raises(method: Callable[..., Any]) -> Callable[..., Any]:
