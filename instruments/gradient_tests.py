@@ -74,7 +74,14 @@ class GradientTests(Instrument):
 
     def compute(self, record):
         if record.per_sample_dot_mean is None:
-            return {}
+            if record.per_sample_sq_norms is None or record.mean_grad_sq_norm is None:
+                return {}
+            # ||g_i||^2 and ||gbar||^2 without g_i . gbar (FSDP2: gbar is sharded): the norm test alone
+            b, g2 = len(record.per_sample_sq_norms), record.mean_grad_sq_norm
+            var = max(float(np.sum(record.per_sample_sq_norms)) - b * g2, 0.0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                norm = float(np.sqrt(var / (b * (b - 1) * g2))) if b > 1 else float("nan")
+            return {self.tag("tests/norm"): norm}
         if record.per_sample_sq_norms is None:  # g_i . gbar alone (e.g. a projection-only step): the inner test
             inner = gradient_tests(np.zeros_like(record.per_sample_dot_mean), record.per_sample_dot_mean)["inner"]
             return {self.tag("tests/inner"): inner}

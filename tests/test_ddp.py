@@ -34,15 +34,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from cockpit_lite import Cockpit, compat, distributed, load
 from cockpit_lite.instruments.clipping import Clipping
 from cockpit_lite.instruments.gradient_tests import gradient_tests
 from cockpit_lite.instruments.presets import economy
 from cockpit_lite.instruments.tracin import TracIn
 from cockpit_lite.instruments.tracin_cp import Checkpoints
-from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
-from cockpit_lite import Cockpit, compat, distributed, load
 from cockpit_lite.sinks.tensorboard import TensorBoard
 
 WORLD = 2
@@ -265,24 +265,35 @@ def _rank0_only(rank: int, out: str) -> None:
         pickle.dump(result, f)
 
 
-def _fsdp(rank: int, out: str) -> None:
-    """FSDP2 (fully_shard) works on CPU with gloo; the cockpit refuses its sharded parameters."""
+def _fsdp_net() -> nn.Module:
+    """The model of the DDP runs, sharded by FSDP2 over both ranks: each Linear, then the root."""
     from torch.distributed.fsdp import fully_shard
 
     net = _net()
     fully_shard(net[0])
-    fully_shard(net)
-    opt = torch.optim.SGD(net.parameters(), lr=0.5)
-    try:
-        Cockpit(net, opt, nn.CrossEntropyLoss())
-        message = None
-    except ValueError as e:
-        message = str(e)
-    x, y = _data()[:4]
-    nn.CrossEntropyLoss()(net(x), y).backward()  # torch itself trains the sharded model
-    opt.step()
+    fully_shard(net[2])
+    return fully_shard(net)
+
+
+def _fsdp(rank: int, out: str) -> None:
+    """FSDP2 (fully_shard) with and without the cockpit (economy + TracIn self-influence)."""
+    result = {}
+    for attach in (True, False):
+        net = _fsdp_net()
+        opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+        loader = DataLoader(_data(), batch_sampler=_rank_batches(rank, EQUAL))
+        cockpit = None
+        if attach:
+            logdir = os.path.join(out, "fsdp2")
+            cockpit = Cockpit(net, opt, nn.CrossEntropyLoss(), instruments=_no_probes(), logdir=logdir, sinks=[])
+        _train(net, opt, loader, cockpit)
+        full = [p.detach().full_tensor().reshape(-1) for p in net.parameters()]  # an all-gather of each
+        result["with" if attach else "without"] = torch.cat(full)
+        if cockpit is not None:
+            cockpit.close()
+            result["self_influence"] = next(i for i in cockpit.instruments if isinstance(i, TracIn)).self_influence()
     with open(os.path.join(out, f"fsdp_rank{rank}.pkl"), "wb") as f:
-        pickle.dump(message, f)
+        pickle.dump(result, f)
 
 
 # --- the single-process references --------------------------------------------------------------------
@@ -454,12 +465,36 @@ def test_a_cockpit_on_rank_0_alone_describes_its_rank_and_never_waits(ddp_runs):
     assert read("rank0only_rank1.pkl") == {"warnings": []}
 
 
+#: what FSDP2 leaves out: every tag that projects g_i onto a sharded direction (g_i . gbar, the update)
+FSDP2_LEFT_OUT = {"tests/inner", "tests/ortho", "alpha"}
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-def test_fsdp2_is_refused_with_the_fix(ddp_runs):
-    _, read = ddp_runs
+def test_fsdp2_equals_one_process_where_it_needs_no_parameter_sized_traffic(ddp_runs):
+    out, read = ddp_runs
+    run = load(out / "fsdp2")
+    history, tracin, params, _ = _reference(EQUAL, instruments=_no_probes)
+    assert [s for s, _ in run["loss"]] == list(range(STEPS))  # one run, one record per step
+    assert len(run["persample/grad_norm"][0][1]) == sum(EQUAL)  # the global batch
+    for tag in ("loss", "grad_norm", "update_size", "distance", "tests/norm", "persample/grad_norm"):
+        assert tag in run, tag
+    assert "tracin/self_influence" in run
+    # what would need g_i . v for a sharded v is absent, and its instruments say why
+    assert {"tests/inner", "tests/ortho"} <= set(history) and not {"tests/inner", "tests/ortho"} & set(run)
+    assert all(np.isnan(v) for _, v in run["alpha"]) and {v for _, v in run["alpha/status"]} == {"missing_data"}
+    left_out = {t for t in history if t.startswith(("alpha", "verdict/lr")) and t != "alpha/step_length"}
+    left_out |= FSDP2_LEFT_OUT
+    assert not (left_out - {"alpha", "alpha/status", "verdict/lr"}) & set(run)
+    for note in ("note/alpha", "note/gradient_tests"):
+        assert all("FSDP2" in text and "parameter-sized" in text for _, text in run[note]), note
+    _assert_same_run(run, history, skip=left_out)
     for rank in range(WORLD):
-        message = read(f"fsdp_rank{rank}.pkl")
-        assert message is not None and "fully_shard" in message and "DistributedDataParallel(model)" in message
+        got = read(f"fsdp_rank{rank}.pkl")
+        _close(got["self_influence"], tracin.self_influence(), "self-influence")
+        # the cockpit does not change training: bit-identical parameters, equal to the one process's
+        np.testing.assert_array_equal(got["with"].numpy(), got["without"].numpy())
+        _close(got["with"].numpy(), params, "parameters")
+    assert not any(p.name.startswith("fsdp2-") for p in out.iterdir())  # rank 1 wrote no run of its own
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
@@ -555,6 +590,20 @@ def test_a_backward_callback_queued_by_a_callback_runs_after_the_others():
     w.register_hook(lambda g: compat.queue_backward_callback(lambda: order.append("reducer")))
     y.backward()
     assert order == ["cockpit, first call", "reducer", "cockpit, again"]
+
+
+def test_fsdp1_is_refused_with_the_fix():
+    """FullyShardedDataParallel cannot be built on CPU (it needs an accelerator): an instance made
+    without its constructor stands for one."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapped = nn.Module.__new__(FullyShardedDataParallel)
+    nn.Module.__init__(wrapped)
+    model = nn.Sequential(nn.Linear(2, 2))
+    model.add_module("fsdp", wrapped)
+    with pytest.raises(ValueError, match="FSDP1") as caught:
+        Cockpit(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss())
+    assert "fully_shard(layer)" in str(caught.value) and "DistributedDataParallel(model)" in str(caught.value)
 
 
 def test_without_a_process_group_there_is_no_store_and_one_rank():
