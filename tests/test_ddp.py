@@ -275,6 +275,10 @@ def _fsdp_net() -> nn.Module:
     return fully_shard(net)
 
 
+def _fsdp_instruments():
+    return [*_no_probes(), Clipping(max_norm=MAX_NORM, per_sample_clip=1.0, batch_steps=1)]
+
+
 def _fsdp(rank: int, out: str) -> None:
     """FSDP2 (fully_shard) with and without the cockpit (economy + TracIn self-influence)."""
     result = {}
@@ -285,7 +289,7 @@ def _fsdp(rank: int, out: str) -> None:
         cockpit = None
         if attach:
             logdir = os.path.join(out, "fsdp2")
-            cockpit = Cockpit(net, opt, nn.CrossEntropyLoss(), instruments=_no_probes(), logdir=logdir, sinks=[])
+            cockpit = Cockpit(net, opt, nn.CrossEntropyLoss(), instruments=_fsdp_instruments(), logdir=logdir, sinks=[])
         _train(net, opt, loader, cockpit)
         full = [p.detach().full_tensor().reshape(-1) for p in net.parameters()]  # an all-gather of each
         result["with" if attach else "without"] = torch.cat(full)
@@ -465,28 +469,33 @@ def test_a_cockpit_on_rank_0_alone_describes_its_rank_and_never_waits(ddp_runs):
     assert read("rank0only_rank1.pkl") == {"warnings": []}
 
 
-#: what FSDP2 leaves out: every tag that projects g_i onto a sharded direction (g_i . gbar, the update)
-FSDP2_LEFT_OUT = {"tests/inner", "tests/ortho", "alpha"}
+def _fsdp2_left_out(tag: str) -> bool:
+    """What FSDP2 leaves out: whatever needs g_i . v for a sharded v (g_i . gbar, the update: alpha's fit),
+    Gram entries across ranks (the clipped mean's cosine) and AGC's unit-wise norms."""
+    return tag.startswith(("clip/agc/", "clip/suggest/agc/")) or tag in {
+        "tests/inner", "tests/ortho", "alpha/median", "alpha/overshoot_share",
+        "clip/per_sample/cosine", "clip/per_sample/norm_ratio",
+    }  # fmt: skip
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 def test_fsdp2_equals_one_process_where_it_needs_no_parameter_sized_traffic(ddp_runs):
     out, read = ddp_runs
     run = load(out / "fsdp2")
-    history, tracin, params, _ = _reference(EQUAL, instruments=_no_probes)
+    history, tracin, params, _ = _reference(EQUAL, instruments=_fsdp_instruments)
     assert [s for s, _ in run["loss"]] == list(range(STEPS))  # one run, one record per step
     assert len(run["persample/grad_norm"][0][1]) == sum(EQUAL)  # the global batch
-    for tag in ("loss", "grad_norm", "update_size", "distance", "tests/norm", "persample/grad_norm"):
-        assert tag in run, tag
-    assert "tracin/self_influence" in run
-    # what would need g_i . v for a sharded v is absent, and its instruments say why
-    assert {"tests/inner", "tests/ortho"} <= set(history) and not {"tests/inner", "tests/ortho"} & set(run)
+    computed = ("loss", "grad_norm", "update_size", "distance", "tests/norm", "persample/grad_norm")
+    computed += ("clip/global/norm", "clip/global/received_norm", "clip/per_sample/frac_clipped")
+    assert set(computed) <= set(run) and "tracin/self_influence" in run
+    # what would need parameter-sized traffic is absent, or NaN with its status (alpha), and says why
+    left_out = {t for t in history if _fsdp2_left_out(t)}
+    assert "tests/inner" in left_out and any(t.startswith("clip/agc/") for t in left_out)
+    assert set(history) - set(run) == left_out
     assert all(np.isnan(v) for _, v in run["alpha"]) and {v for _, v in run["alpha/status"]} == {"missing_data"}
-    left_out = {t for t in history if t.startswith(("alpha", "verdict/lr")) and t != "alpha/step_length"}
-    left_out |= FSDP2_LEFT_OUT
-    assert not (left_out - {"alpha", "alpha/status", "verdict/lr"}) & set(run)
-    for note in ("note/alpha", "note/gradient_tests"):
+    for note in ("note/alpha", "note/gradient_tests", "note/clipping"):
         assert all("FSDP2" in text and "parameter-sized" in text for _, text in run[note]), note
+    left_out |= {"alpha", "alpha/status", "verdict/lr"}
     _assert_same_run(run, history, skip=left_out)
     for rank in range(WORLD):
         got = read(f"fsdp_rank{rank}.pkl")
