@@ -203,6 +203,7 @@ def _distributed_runs(rank: int, port: int, out: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no cockpit warning
         _rank0_only(rank, out)  # first: the cockpits after it agree anew
+        _rank0_only(rank, out, net=_fsdp_net)
         _ddp_run(rank, out, "equal", EQUAL, attach=True)
         _ddp_run(rank, out, "equal", EQUAL, attach=False)
         _ddp_run(rank, out, "unequal", UNEQUAL, attach=True)
@@ -240,11 +241,11 @@ def _twice(rank: int, out: str) -> None:
     Path(out, f"twice_rank{rank}.txt").write_text("\n".join(str(w.message) for w in caught))
 
 
-def _rank0_only(rank: int, out: str) -> None:
+def _rank0_only(rank: int, out: str, net=_net) -> None:
     """A cockpit built on rank 0 alone (the usual "log on rank 0" pattern): after the attach timeout (at
     its first tracked step) it describes rank 0's examples, with a warning; training goes on (no
     collective waits for rank 1)."""
-    model = nn.parallel.DistributedDataParallel(_net())
+    model = nn.parallel.DistributedDataParallel(net()) if net is _net else net()
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     loader = DataLoader(_data(), batch_sampler=_rank_batches(rank, EQUAL))
     cockpit, caught = None, []
@@ -261,7 +262,10 @@ def _rank0_only(rank: int, out: str) -> None:
     if cockpit is not None:
         cockpit.close()
         result["sizes"] = [len(v) for _, v in cockpit.history["persample/grad_norm"]]
-    with open(os.path.join(out, f"rank0only_rank{rank}.pkl"), "wb") as f:
+        result["tags"] = set(cockpit.history)
+        result["notes"] = {t: v for t, v in cockpit.history.items() if t.startswith("note/")}
+    name = "rank0only" if net is _net else "fsdp2_rank0only"
+    with open(os.path.join(out, f"{name}_rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
 
 
@@ -298,6 +302,13 @@ def _fsdp(rank: int, out: str) -> None:
             result["self_influence"] = next(i for i in cockpit.instruments if isinstance(i, TracIn)).self_influence()
     with open(os.path.join(out, f"fsdp_rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
+    # a summed loss over unequal local batches: FSDP2 averages the ranks' gradients as DDP does
+    net = _fsdp_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    cockpit = Cockpit(net, opt, loss_fn, instruments=economy(), logdir=os.path.join(out, "fsdp2_sum"), sinks=[])
+    _train(net, opt, DataLoader(_data(), batch_sampler=_rank_batches(rank, UNEQUAL)), cockpit)
+    cockpit.close()
 
 
 # --- the single-process references --------------------------------------------------------------------
@@ -504,6 +515,34 @@ def test_fsdp2_equals_one_process_where_it_needs_no_parameter_sized_traffic(ddp_
         np.testing.assert_array_equal(got["with"].numpy(), got["without"].numpy())
         _close(got["with"].numpy(), params, "parameters")
     assert not any(p.name.startswith("fsdp2-") for p in out.iterdir())  # rank 1 wrote no run of its own
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_fsdp2_cockpit_on_rank_0_alone_measures_no_shard_and_never_waits(ddp_runs):
+    """Sharded norms need every rank: they fail with the fix named, instead of a collective rank 1
+    never joins (or a norm of rank 0's shard posing as the tensor's)."""
+    _, read = ddp_runs
+    got = read("fsdp2_rank0only_rank0.pkl")
+    assert got["sizes"] == [EQUAL[0]] * STEPS  # rank 0's own examples
+    assert not {"grad_norm", "update_size", "distance", "tests/inner", "tests/ortho"} & got["tags"]
+    for tag in ("note/grad_norm", "note/update_size"):
+        assert all("build the same Cockpit on every rank" in text for _, text in got["notes"][tag]), tag
+    assert any("build the same Cockpit on every rank" in w for w in got["warnings"])  # distance's failure
+    assert read("fsdp2_rank0only_rank1.pkl") == {"warnings": []}
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_fsdp2_sum_loss_unequal_batches(ddp_runs):
+    """g_i = g_i^(k) / W, ||gbar||^2 = ||p.grad||^2 / N^2 from the reduce-scattered shards: the norm test."""
+    out, _ = ddp_runs
+    run = load(out / "fsdp2_sum")
+    g, losses = _first_step_loop(_net, UNEQUAL, "sum")
+    sq = (g * g).sum(1)
+    _close(run["persample/grad_norm"][0][1], np.sqrt(sq), "per-sample norms")
+    _close(run["loss"][0][1], losses.sum(), "loss")
+    _close(run["grad_norm"][0][1], np.linalg.norm(g.sum(0)), "gradient norm")
+    _close(run["tests/norm"][0][1], gradient_tests(sq, g @ g.mean(0))["norm"], "tests/norm")
+    assert [s for s, _ in run["loss"]] == list(range(STEPS)) and "tests/inner" not in run
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")

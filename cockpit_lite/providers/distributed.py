@@ -95,12 +95,12 @@ class DistributedProvider(Provider):
                     "under FSDP2 a Cockpit on some ranks only cannot measure the sharded gradients, updates and "
                     "parameters (their norms sum over every rank's shard): build the same Cockpit on every rank",
                 ]
+        if self.sharded:  # merged or not: a sharded direction reaches no per-sample projection
+            self._leave_out_sharded(needs)
         if not self.merged:
             return
         record.provided[DISTRIBUTED] = Ranks(self.rank, self.world)
-        if self.sharded:
-            self._leave_out_sharded(needs)
-        elif Need.PER_SAMPLE_DOT_MEAN in needs.flags:
+        if not self.sharded and Need.PER_SAMPLE_DOT_MEAN in needs.flags:
             # the engine's own g_i . gbar would use this rank's gradient: project onto the global one
             needs.flags.discard(Need.PER_SAMPLE_DOT_MEAN)
             needs.directions[GBAR] = self._gbar
@@ -111,7 +111,7 @@ class DistributedProvider(Provider):
         if Need.PER_SAMPLE_DOT_MEAN in needs.flags:
             needs.flags.discard(Need.PER_SAMPLE_DOT_MEAN)
             self.gbar = True
-            what = "g_i . gbar (the inner-product and orthogonality tests; ||gbar||^2 and the norm test are kept)"
+            what = "g_i . gbar (the inner-product and orthogonality tests)"
             self.left_out.append((what, frozenset({Need.PER_SAMPLE_DOT_MEAN})))
         if needs.directions:
             keys = ", ".join(sorted(needs.directions))
@@ -164,6 +164,8 @@ class DistributedProvider(Provider):
 
     def on_after_step(self, record: StepRecord) -> None:
         if not self.merged:
+            for what, needs in self.left_out:
+                record.add_note(distributed.SHARDED_LEFT_OUT.format(what=what), needs)
             return
         with self.context.costs.region("distributed"):
             try:

@@ -49,15 +49,15 @@ class UpdateProvider(Provider):
             return
         from torch.distributed.tensor import DTensor
 
-        record.update = {
+        update = {
             n: DTensor.from_local(buf, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
             if distributed.is_sharded(p)
             else buf
             for (n, p), buf in zip(params.items(), self.buffers, strict=True)
         }
-        names = list(params)
-        norms = distributed.norms([record.update[n] for n in names])
-        record._update_norms = dict(zip(names, norms, strict=True))
+        # the norms first: a DTensor's own norm would start a collective (a rank without a cockpit never joins)
+        norms = distributed.norms(list(update.values()))
+        record.update, record._update_norms = update, dict(zip(update, norms, strict=True))
 
     def close(self) -> None:
         self.buffers = None
