@@ -30,6 +30,15 @@ def gradient_tests(sq_norms: np.ndarray, dots: np.ndarray) -> dict[str, float]:
     return {"norm": float(norm), "inner": float(inner), "ortho": float(ortho)}
 
 
+def norm_test(sq_norms: np.ndarray, mean_sq_norm: float) -> float:
+    """The norm test from ||g_i||^2 and ||gbar||^2 alone (as in :func:`gradient_tests`):
+    sqrt( (sum_i ||g_i||^2 - B ||gbar||^2) / (B (B-1) ||gbar||^2) ). NaN when B = 1."""
+    b = len(sq_norms)
+    var = max(float(np.sum(sq_norms)) - b * mean_sq_norm, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.sqrt(np.float64(var) / (b * (b - 1) * mean_sq_norm))) if b > 1 else float("nan")
+
+
 class GradientTests(Instrument):
     """Norm, inner-product and orthogonality tests of the mini-batch gradient.
 
@@ -73,17 +82,11 @@ class GradientTests(Instrument):
     NEEDS = frozenset({Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN})
 
     def compute(self, record):
-        if record.per_sample_dot_mean is None:
-            if record.per_sample_sq_norms is None or record.mean_grad_sq_norm is None:
-                return {}
-            # ||g_i||^2 and ||gbar||^2 without g_i . gbar (FSDP2: gbar is sharded): the norm test alone
-            b, g2 = len(record.per_sample_sq_norms), record.mean_grad_sq_norm
-            var = max(float(np.sum(record.per_sample_sq_norms)) - b * g2, 0.0)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                norm = float(np.sqrt(var / (b * (b - 1) * g2))) if b > 1 else float("nan")
-            return {self.tag("tests/norm"): norm}
-        if record.per_sample_sq_norms is None:  # g_i . gbar alone (e.g. a projection-only step): the inner test
-            inner = gradient_tests(np.zeros_like(record.per_sample_dot_mean), record.per_sample_dot_mean)["inner"]
+        sq, dots, g2 = record.per_sample_sq_norms, record.per_sample_dot_mean, record.mean_grad_sq_norm
+        if dots is None and (sq is None or g2 is None):
+            return {}
+        if sq is None:  # g_i . gbar alone (e.g. a projection-only step): the inner test
+            inner = gradient_tests(np.zeros_like(dots), dots)["inner"]
             return {self.tag("tests/inner"): inner}
         if record.batch_size == 1:
             self.note("gradient tests need at least 2 samples per batch: NaN")
@@ -93,5 +96,7 @@ class GradientTests(Instrument):
                 f"the tests are over the parameters with per-sample statistics only ({share:.1%} of ||p.grad||^2 "
                 "is in parameters left out): they describe that part of the gradient"
             )
-        tests = gradient_tests(record.per_sample_sq_norms, record.per_sample_dot_mean)
+        if dots is None:  # ||g_i||^2 and ||gbar||^2 without g_i . gbar (FSDP2: gbar is sharded)
+            return {self.tag("tests/norm"): norm_test(sq, g2)}
+        tests = gradient_tests(sq, dots)
         return {self.tag(f"tests/{k}"): v for k, v in tests.items()}

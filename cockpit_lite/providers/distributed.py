@@ -80,7 +80,8 @@ class DistributedProvider(Provider):
         self.gbar = False
         #: FSDP2: parameters are DTensors (checked at construction: one mesh of every rank, Shard placements)
         self.sharded = any(distributed.is_sharded(p) for p in context.params.values())
-        self.gbar_sq: float | None = None  # FSDP2: this rank's ||shard of gbar||^2 at the end of backward
+        #: FSDP2: this rank's ||shard of p.grad||^2 per tensor at the end of backward (optimizer's units)
+        self.gbar_sq: dict[str, float] | None = None
         self.left_out: list[tuple[str, frozenset]] = []
         self.buffers: dict[str, torch.Tensor] | None = None
         self.snapshot: dict[str, torch.Tensor] | None = None
@@ -122,12 +123,15 @@ class DistributedProvider(Provider):
             self.left_out.append(("cross products with probes' gradients", frozenset({Need.PER_SAMPLE_CROSS})))
 
     @torch.no_grad()
-    def _shard_sq_norm(self, record: StepRecord) -> float:
-        """sum_p ||shard_k(p.grad)||^2 of this rank, in the optimizer's units (before the loop clips)."""
-        grads = [distributed.local(p.grad).detach() for p in self.context.params.values() if p.grad is not None]
-        total = float(sum(float(v.double().square()) for v in foreach_norm(grads))) if grads else 0.0
+    def _shard_sq_norm(self, record: StepRecord) -> dict[str, float]:
+        """||shard_k(p.grad)||^2 of this rank per tensor, in the optimizer's units (before the loop clips)."""
+        named = [(n, distributed.local(p.grad).detach()) for n, p in self.context.params.items() if p.grad is not None]
+        if not named:
+            return {}
+        sq = torch.stack(foreach_norm([g for _, g in named])).double().square().cpu().tolist()
         scale = record.backward_scale
-        return total / (scale * scale) if scale not in (None, 0.0) else total
+        div = scale * scale if scale not in (None, 0.0) else 1.0
+        return {n: v / div for (n, _), v in zip(named, sq, strict=True)}
 
     def _gbar(self, record: StepRecord) -> dict[str, torch.Tensor] | None:
         return self.snapshot
@@ -186,7 +190,10 @@ class DistributedProvider(Provider):
             "sq": record.per_sample_sq_norms_by_param,
             "sq_total": record.per_sample_sq_norms,
             "dot": gbar if self.gbar and not self.sharded else None,
-            "gbar_sq": self.gbar_sq,
+            # over the parameters with per-sample statistics, as the B-vectors are
+            "gbar_sq": None
+            if self.gbar_sq is None
+            else sum(v for n, v in self.gbar_sq.items() if n not in (record.per_sample_uncovered or {})),
             "projections": dict(record.projections),
             "indices": record.indices,
             "dataset_size": record.dataset_size,
