@@ -279,6 +279,20 @@ def _fsdp_net() -> nn.Module:
     return fully_shard(net)
 
 
+class _Functional(nn.Module):
+    """Its own weight used functionally (``F.linear(h, self.w)``): under FSDP2 forward sees an unsharded
+    copy of it, which the per-sample engine does not recognise as the parameter."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(6, 8)
+        self.w = nn.Parameter(0.3 * torch.randn(3, 8))
+
+    def forward(self, x):
+        return nn.functional.linear(torch.tanh(self.a(x)), self.w)
+
+
 def _fsdp_instruments():
     return [*_no_probes(), Clipping(max_norm=MAX_NORM, per_sample_clip=1.0, batch_steps=1)]
 
@@ -308,6 +322,18 @@ def _fsdp(rank: int, out: str) -> None:
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     cockpit = Cockpit(net, opt, loss_fn, instruments=economy(), logdir=os.path.join(out, "fsdp2_sum"), sinks=[])
     _train(net, opt, DataLoader(_data(), batch_sampler=_rank_batches(rank, UNEQUAL)), cockpit)
+    cockpit.close()
+    from torch.distributed.fsdp import fully_shard
+
+    net = _Functional()
+    fully_shard(net.a)
+    fully_shard(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    logdir = os.path.join(out, "fsdp2_functional")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning that w has no per-sample contribution (its note is tested)
+        cockpit = Cockpit(net, opt, nn.CrossEntropyLoss(), instruments=economy(), logdir=logdir, sinks=[])
+        _train(net, opt, DataLoader(_data(), batch_sampler=_rank_batches(rank, EQUAL)), cockpit)
     cockpit.close()
 
 
@@ -529,6 +555,23 @@ def test_fsdp2_cockpit_on_rank_0_alone_measures_no_shard_and_never_waits(ddp_run
         assert all("build the same Cockpit on every rank" in text for _, text in got["notes"][tag]), tag
     assert any("build the same Cockpit on every rank" in w for w in got["warnings"])  # distance's failure
     assert read("fsdp2_rank0only_rank1.pkl") == {"warnings": []}
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_fsdp2_norm_test_over_the_parameters_with_per_sample_statistics(ddp_runs):
+    """A weight used functionally is left out of the per-sample statistics under FSDP2 (with a note);
+    ||gbar||^2 of the norm test leaves it out too: the test of the covered parameters, float64 loop."""
+    out, _ = ddp_runs
+    run = load(out / "fsdp2_functional")
+    assert run["persample/coverage"][0][1] < 1 and "['w']" in run["note/per_sample_grad_norms"][0][1]
+    model, (x, y) = _Functional().double(), _data().tensors
+    idx = _rank_batches(0, EQUAL)[0] + _rank_batches(1, EQUAL)[0]
+    losses = nn.functional.cross_entropy(model(x[idx].double()), y[idx], reduction="none")
+    params = list(model.a.parameters())
+    g = torch.stack(
+        [torch.cat([t.reshape(-1) for t in torch.autograd.grad(v, params, retain_graph=True)]) for v in losses]
+    ).numpy()
+    _close(run["tests/norm"][0][1], gradient_tests((g * g).sum(1), g @ g.mean(0))["norm"], "tests/norm")
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
