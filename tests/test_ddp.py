@@ -167,14 +167,14 @@ def _ddp_run(
         pickle.dump(result, f)
 
 
-def _doc_example() -> str:
-    """The DDP example of docs/integrations.md, as written."""
+def _doc_example(section: str = "DDP / torchrun") -> str:
+    """The example of a section of docs/integrations.md, as written."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
-    section = text.split("## DDP / torchrun", 1)[1].split("\n## ", 1)[0]
+    section = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
 
 
-def _run_doc_example(rank: int, port: int, out: str) -> None:
+def _run_doc_example(rank: int, port: int, out: str, section: str = "DDP / torchrun", name: str = "doc") -> None:
     """As ``torchrun --nproc_per_node=2`` runs it: the rank and the rendezvous in the environment."""
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
     os.environ.update(env, WORLD_SIZE=str(WORLD))
@@ -182,11 +182,11 @@ def _run_doc_example(rank: int, port: int, out: str) -> None:
     TensorBoard.image = lambda self, step: None  # this child only: drawing the dashboard costs seconds here
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exec(_doc_example(), {"__name__": "__main__"})
-    Path(out, f"doc_rank{rank}.txt").write_text(printed.getvalue())
+        exec(_doc_example(section), {"__name__": "__main__"})
+    Path(out, f"{name}_rank{rank}.txt").write_text(printed.getvalue())
 
 
-def _worker(rank: int, port: int, out: str, doc_port: int) -> None:
+def _worker(rank: int, port: int, out: str, doc_port: int, fsdp_port: int) -> None:
     torch.set_num_threads(1)
     try:
         _distributed_runs(rank, port, out)
@@ -196,6 +196,7 @@ def _worker(rank: int, port: int, out: str, doc_port: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _run_doc_example(rank, doc_port, out)
+        _run_doc_example(rank, fsdp_port, out, "FSDP", "fsdp_doc")
 
 
 def _distributed_runs(rank: int, port: int, out: str) -> None:
@@ -425,7 +426,9 @@ def ddp_runs(tmp_path_factory):
     from torch.distributed import fsdp  # noqa: F401 - imported once, before the fork
 
     # fork: the workers start with torch already imported (spawning costs seconds per process)
-    mp.start_processes(_worker, args=(_free_port(), str(out), _free_port()), nprocs=WORLD, start_method="fork")
+    mp.start_processes(
+        _worker, args=(_free_port(), str(out), _free_port(), _free_port()), nprocs=WORLD, start_method="fork"
+    )
 
     def read(name: str) -> dict:
         with open(out / name, "rb") as f:
@@ -651,6 +654,16 @@ def test_the_torchrun_example_of_the_docs_runs_as_written(ddp_runs):
     assert printed[0][1][2:] == printed[1][1][2:]  # the same TracIn ranking on both ranks
     top = run["tracin/self_influence"][0][1].argsort()[-5:]
     assert printed[0][1] == f"0 {top}"
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_the_fsdp2_example_of_the_docs_runs_as_written(ddp_runs):
+    out, _ = ddp_runs
+    run = load(out / "runs" / "fsdp")
+    assert [s for s, _ in run["loss"]] == list(range(16)) and len(run["persample/grad_norm"][0][1]) == 32
+    assert "tests/norm" in run and "tracin/self_influence" in run and "tests/inner" not in run
+    for r in range(WORLD):
+        assert (out / f"fsdp_doc_rank{r}.txt").read_text() == f"{r} True False\n"
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
