@@ -37,12 +37,13 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from cockpit_lite import Cockpit, compat, distributed, load
+from cockpit_lite import Cockpit, Instrument, compat, distributed, load
 from cockpit_lite.instruments.clipping import Clipping
 from cockpit_lite.instruments.gradient_tests import gradient_tests
 from cockpit_lite.instruments.presets import economy
 from cockpit_lite.instruments.tracin import TracIn
 from cockpit_lite.instruments.tracin_cp import Checkpoints
+from cockpit_lite.providers.param_norms import PARAM_NORMS
 from cockpit_lite.sinks.tensorboard import TensorBoard
 
 WORLD = 2
@@ -294,8 +295,17 @@ class _Functional(nn.Module):
         return nn.functional.linear(torch.tanh(self.a(x)), self.w)
 
 
+class _ParamNorm(Instrument):
+    """||theta_t|| from the need ``param_norms``."""
+
+    NEEDS = frozenset({PARAM_NORMS})
+
+    def compute(self, record):
+        return {"param_norm": float(np.sqrt(sum(v * v for v in record.get(PARAM_NORMS).values())))}
+
+
 def _fsdp_instruments():
-    return [*_no_probes(), Clipping(max_norm=MAX_NORM, per_sample_clip=1.0, batch_steps=1)]
+    return [*_no_probes(), Clipping(max_norm=MAX_NORM, per_sample_clip=1.0, batch_steps=1), _ParamNorm()]
 
 
 def _fsdp(rank: int, out: str) -> None:
@@ -525,7 +535,7 @@ def test_fsdp2_equals_one_process_where_it_needs_no_parameter_sized_traffic(ddp_
     history, tracin, params, _ = _reference(EQUAL, instruments=_fsdp_instruments)
     assert [s for s, _ in run["loss"]] == list(range(STEPS))  # one run, one record per step
     assert len(run["persample/grad_norm"][0][1]) == sum(EQUAL)  # the global batch
-    computed = ("loss", "grad_norm", "update_size", "distance", "tests/norm", "persample/grad_norm")
+    computed = ("loss", "param_norm", "grad_norm", "update_size", "distance", "tests/norm", "persample/grad_norm")
     computed += ("clip/global/norm", "clip/global/received_norm", "clip/per_sample/frac_clipped")
     assert set(computed) <= set(run) and "tracin/self_influence" in run
     # what would need parameter-sized traffic is absent, or NaN with its status (alpha), and says why
