@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from cockpit_lite.instruments._util import refuse_state
+from cockpit_lite.instruments.panels import AlphaPanel
 
 from cockpit_lite import Instrument, Need, Needs, StepRecord, distributed
 from cockpit_lite.compat import foreach_copy_
-from cockpit_lite.instruments._util import refuse_state
-from cockpit_lite.instruments.panels import AlphaPanel
 
 #: Cockpit's replacement for a zero variance in the fit.
 EPS_VAR = 1e-10

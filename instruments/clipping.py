@@ -36,11 +36,11 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from cockpit_lite import Instrument, Need, Needs, distributed
 from cockpit_lite.instruments._util import QUANTILES, refuse_state, sorted_quantiles
 from cockpit_lite.instruments.agc import GRAD_NORM_FLOOR, check_positive, final_layer, unitwise_norm
 from cockpit_lite.instruments.panels import ClippingPanel
+
+from cockpit_lite import Instrument, Need, Needs, distributed
 
 KINDS = ("global", "agc", "per_sample")
 #: the 1e-6 that torch's clip_grad_norm_ and Opacus add to the norm in the clip coefficient

@@ -6,10 +6,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-
-from cockpit_lite import Instrument, Need, distributed
 from cockpit_lite.instruments._util import refuse_state
 from cockpit_lite.instruments.gradnorm import GRAD_AND_UPDATE
+
+from cockpit_lite import Instrument, Need, distributed
 from cockpit_lite.panels import LinePanel
 
 

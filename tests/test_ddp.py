@@ -34,15 +34,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
-from cockpit_lite import Cockpit, Instrument, compat, distributed, load
 from cockpit_lite.instruments.clipping import Clipping
 from cockpit_lite.instruments.gradient_tests import gradient_tests
 from cockpit_lite.instruments.presets import economy
 from cockpit_lite.instruments.tracin import TracIn
 from cockpit_lite.instruments.tracin_cp import Checkpoints
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from cockpit_lite import Cockpit, Instrument, compat, distributed, load
 from cockpit_lite.providers.param_norms import PARAM_NORMS
 from cockpit_lite.sinks.tensorboard import TensorBoard
 
