@@ -336,6 +336,22 @@ def _fsdp(rank: int, out: str) -> None:
     cockpit.close()
     from torch.distributed.fsdp import fully_shard
 
+    bn = {}
+    for attach in (True, False):  # train-mode BatchNorm: the coupled path's replay is refused, with a note
+        net = _bn_net()
+        fully_shard(net[0])
+        fully_shard(net[3])
+        fully_shard(net)
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        logdir = os.path.join(out, "fsdp2_bn")
+        cockpit = (
+            Cockpit(net, opt, nn.CrossEntropyLoss(), instruments=economy(), logdir=logdir, sinks=[]) if attach else None
+        )
+        _train(net, opt, DataLoader(_data(), batch_sampler=_rank_batches(rank, EQUAL)), cockpit)
+        if cockpit is not None:
+            cockpit.close()
+        bn[attach] = torch.cat([p.detach().full_tensor().reshape(-1) for p in net.parameters()]).numpy()
+    np.testing.assert_array_equal(bn[True], bn[False])  # the cockpit does not change training
     net = _Functional()
     fully_shard(net.a)
     fully_shard(net)
@@ -585,6 +601,25 @@ def test_fsdp2_norm_test_over_the_parameters_with_per_sample_statistics(ddp_runs
         [torch.cat([t.reshape(-1) for t in torch.autograd.grad(v, params, retain_graph=True)]) for v in losses]
     ).numpy()
     _close(run["tests/norm"][0][1], gradient_tests((g * g).sum(1), g @ g.mean(0))["norm"], "tests/norm")
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_fsdp2_train_mode_batchnorm_leaves_per_sample_statistics_out(ddp_runs):
+    """The coupled path would replay the forward at the sharded parameters: refused, training untouched
+    (bit-identical parameters, asserted in the worker), the gradient norms kept."""
+    out, _ = ddp_runs
+    run = load(out / "fsdp2_bn")
+    x, y = _data().tensors
+    model = _bn_net()
+    idx = _rank_batches(0, EQUAL)[0]
+    (nn.functional.cross_entropy(model(x[idx]), y[idx]) / WORLD).backward()  # rank 0's half of the mean
+    other = _bn_net()
+    idx = _rank_batches(1, EQUAL)[0]
+    (nn.functional.cross_entropy(other(x[idx]), y[idx]) / WORLD).backward()
+    grad = np.sqrt(sum(float((p.grad + q.grad).square().sum()) for p, q in zip(model.parameters(), other.parameters())))
+    _close(run["grad_norm"][0][1], grad, "gradient norm: each rank's BatchNorm over its own batch, averaged")
+    assert "persample/grad_norm" not in run and "tests/norm" not in run
+    assert all("train-mode BatchNorm under FSDP2" in text for _, text in run["note/per_sample_grad_norms"])
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
