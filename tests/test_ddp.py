@@ -616,7 +616,8 @@ def test_fsdp2_train_mode_batchnorm_leaves_per_sample_statistics_out(ddp_runs):
     other = _bn_net()
     idx = _rank_batches(1, EQUAL)[0]
     (nn.functional.cross_entropy(other(x[idx]), y[idx]) / WORLD).backward()
-    grad = np.sqrt(sum(float((p.grad + q.grad).square().sum()) for p, q in zip(model.parameters(), other.parameters())))
+    pairs = zip(model.parameters(), other.parameters(), strict=True)
+    grad = np.sqrt(sum(float((p.grad + q.grad).square().sum()) for p, q in pairs))
     _close(run["grad_norm"][0][1], grad, "gradient norm: each rank's BatchNorm over its own batch, averaged")
     assert "persample/grad_norm" not in run and "tests/norm" not in run
     assert all("train-mode BatchNorm under FSDP2" in text for _, text in run["note/per_sample_grad_norms"])
