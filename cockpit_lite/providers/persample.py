@@ -184,9 +184,8 @@ class PerSampleProvider(Provider):
 
     def on_before_step(self, record: StepRecord) -> None:
         if self.coupled:
-            self.values = (
-                None if self.sharded else self.path.snapshot()
-            )  # theta_t: the coupled path evaluates there after the step
+            # theta_t: the coupled path evaluates there after the step (not under FSDP2: see _coupled)
+            self.values = None if self.sharded else self.path.snapshot()
             return
         if not self.backward_done:  # no end-of-backward callback fired this step
             self.engine.finish_backward()
