@@ -179,10 +179,10 @@ def norms(tensors: list[torch.Tensor]) -> list[float]:
     if UNMERGED_SHARDS[0]:
         raise RuntimeError(UNMERGED_SHARDS[1])
     parts = [local(t) for t in tensors]
-    sq = torch.stack([v.double().square() for v in foreach_norm(parts)]).cpu()
+    sq = torch.stack([v.double().square() for v in foreach_norm(parts)])  # on the shards' device (NCCL: GPU)
     if world_size() > 1:
-        dist.all_reduce(sq)  # gloo and NCCL both reduce CPU or device tensors of the group's backend
-    return sq.sqrt().tolist()
+        dist.all_reduce(sq)
+    return sq.sqrt().cpu().tolist()
 
 
 #: why the statistics that project per-sample gradients onto a sharded direction are left out under FSDP2

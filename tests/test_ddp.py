@@ -336,6 +336,14 @@ def _fsdp(rank: int, out: str) -> None:
     cockpit.close()
     from torch.distributed.fsdp import fully_shard
 
+    # gradient accumulation: two micro-batches of 2 per rank and step (FSDP2 reduce-scatters each backward)
+    net = _fsdp_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+    batches = [b[k : k + 2] for b in _rank_batches(rank, EQUAL) for k in (0, 2)]
+    logdir = os.path.join(out, "fsdp2_accumulate")
+    cockpit = Cockpit(net, opt, nn.CrossEntropyLoss(), instruments=_no_probes(), logdir=logdir, sinks=[])
+    _accumulate(net, opt, DataLoader(_data(), batch_sampler=batches), cockpit, micro=2)
+    cockpit.close()
     bn = {}
     for attach in (True, False):  # train-mode BatchNorm: the coupled path's replay is refused, with a note
         net = _bn_net()
@@ -621,6 +629,16 @@ def test_fsdp2_train_mode_batchnorm_leaves_per_sample_statistics_out(ddp_runs):
     _close(run["grad_norm"][0][1], grad, "gradient norm: each rank's BatchNorm over its own batch, averaged")
     assert "persample/grad_norm" not in run and "tests/norm" not in run
     assert all("train-mode BatchNorm under FSDP2" in text for _, text in run["note/per_sample_grad_norms"])
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_fsdp2_gradient_accumulation(ddp_runs):
+    out, _ = ddp_runs
+    run = load(out / "fsdp2_accumulate")
+    history, _, _, _ = _reference(EQUAL, instruments=_no_probes, micro=2)
+    assert len(run["persample/grad_norm"][0][1]) == sum(EQUAL) and "tests/norm" in run
+    left_out = {t for t in history if _fsdp2_left_out(t)} | {"alpha", "alpha/status", "verdict/lr"}
+    _assert_same_run(run, history, skip=left_out)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
