@@ -18,6 +18,11 @@ mean_i l_i (or sum_i l_i) for the loss DDP's gradient is the gradient of. With e
 concatenated batch. Unequal local batches weight each rank's examples as DDP's averaging does (a rank
 with fewer examples gives each of them more weight); the same numbers come from one process that
 accumulates the ranks' batches as micro-batches with the loss divided by W.
+
+FSDP2 (``fully_shard``) averages gradients as DDP does, so the same holds; its parameters, gradients and
+updates are DTensors of which each rank holds a shard: their norms come from the local shards and one
+all-reduce of one number per tensor (:func:`norms`), and what would project per-sample gradients onto a
+sharded direction is left out with a note (``SHARDED_LEFT_OUT``; docs/integrations.md, "FSDP").
 """
 
 from __future__ import annotations

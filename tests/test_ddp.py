@@ -325,6 +325,15 @@ def _fsdp(rank: int, out: str) -> None:
         if cockpit is not None:
             cockpit.close()
             result["self_influence"] = next(i for i in cockpit.instruments if isinstance(i, TracIn)).self_influence()
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    hsdp = fully_shard(_net(), mesh=init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("r", "s")))  # HSDP
+    try:
+        Cockpit(hsdp, torch.optim.SGD(hsdp.parameters(), lr=0.1), nn.CrossEntropyLoss(), sinks=[])
+        result["hsdp"] = None
+    except ValueError as e:
+        result["hsdp"] = str(e)
     with open(os.path.join(out, f"fsdp_rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
     # a summed loss over unequal local batches: FSDP2 averages the ranks' gradients as DDP does
@@ -334,7 +343,6 @@ def _fsdp(rank: int, out: str) -> None:
     cockpit = Cockpit(net, opt, loss_fn, instruments=economy(), logdir=os.path.join(out, "fsdp2_sum"), sinks=[])
     _train(net, opt, DataLoader(_data(), batch_sampler=_rank_batches(rank, UNEQUAL)), cockpit)
     cockpit.close()
-    from torch.distributed.fsdp import fully_shard
 
     # gradient accumulation: two micro-batches of 2 per rank and step (FSDP2 reduce-scatters each backward)
     net = _fsdp_net()
@@ -577,6 +585,7 @@ def test_fsdp2_equals_one_process_where_it_needs_no_parameter_sized_traffic(ddp_
         # the cockpit does not change training: bit-identical parameters, equal to the one process's
         np.testing.assert_array_equal(got["with"].numpy(), got["without"].numpy())
         _close(got["with"].numpy(), params, "parameters")
+        assert "HSDP" in got["hsdp"] and "Replicate" in got["hsdp"]  # local norms would not add up: refused
     assert not any(p.name.startswith("fsdp2-") for p in out.iterdir())  # rank 1 wrote no run of its own
 
 
