@@ -47,6 +47,8 @@ class GradientTests(Instrument):
     its orthogonal noise (ortho test). Tags: ``tests/norm``, ``tests/inner``, ``tests/ortho``; NaN with a
     note when the batch has one sample.
     Cost: per-sample squared norms and g_i . gbar from layer factors (Gram of the factors), no B x D.
+    Under FSDP2 g_i . gbar is left out (gbar is sharded; the distributed provider's note says why) and the
+    norm test alone comes from ||g_i||^2 and ||gbar||^2 (``record.mean_grad_sq_norm``, :func:`norm_test`).
     State: none between steps (each step's tests come from that step's record alone), so
     ``state_dict()`` is ``{}`` and a resumed run continues the same tests without it.
     """
