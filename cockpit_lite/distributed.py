@@ -18,6 +18,11 @@ mean_i l_i (or sum_i l_i) for the loss DDP's gradient is the gradient of. With e
 concatenated batch. Unequal local batches weight each rank's examples as DDP's averaging does (a rank
 with fewer examples gives each of them more weight); the same numbers come from one process that
 accumulates the ranks' batches as micro-batches with the loss divided by W.
+
+FSDP2 (``fully_shard``) averages gradients as DDP does, so the same holds; its parameters, gradients and
+updates are DTensors of which each rank holds a shard: their norms come from the local shards and one
+all-reduce of one number per tensor (:func:`norms`), and what would project per-sample gradients onto a
+sharded direction is left out with a note (``SHARDED_LEFT_OUT``; docs/integrations.md, "FSDP").
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cockpit_lite.compat import default_store
+from cockpit_lite.compat import default_store, foreach_norm
 
 #: need name of the distributed provider: ``record.get(DISTRIBUTED)`` is a :class:`Ranks`
 DISTRIBUTED = "distributed"
@@ -146,27 +151,91 @@ def _decide(store: Any, key: str, decision: str) -> None:
             store.add(ATTACH, 1)
 
 
-SHARDED = (
-    "cockpit-lite does not support sharded data parallelism (FSDP{kind}): {what}. Its statistics read whole "
-    "gradients and updates on each rank (gradient and update norms, AGC's unit norms, projections of the "
-    "per-sample gradients onto the update and the mean gradient for alpha and the gradient tests); under "
-    "FSDP that would mean gathering every parameter-sized direction onto every rank, the traffic and memory "
-    "FSDP exists to avoid. Fix: track the run with DistributedDataParallel (the same loop: "
-    "model = DistributedDataParallel(model)), e.g. a shorter or smaller run of the same model, or build the "
-    "Cockpit only where the model is not sharded"
+def _dtensor_type() -> type | None:
+    """``DTensor`` if its module was imported (importing it costs seconds: it is looked up, not imported)."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def is_sharded(t: torch.Tensor | None) -> bool:
+    """Whether ``t`` is a DTensor (a parameter or gradient sharded by FSDP2's ``fully_shard``)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (``t.to_local()``), else ``t`` itself."""
+    return t.to_local() if is_sharded(t) else t
+
+
+#: [whether the last cockpit to join holds FSDP2 shards but not every rank's cockpit came, why]: a norm of
+#: a sharded tensor then needs a collective the other ranks never join, so :func:`norms` refuses it
+UNMERGED_SHARDS: list = [False, ""]
+
+
+def norms(tensors: list[torch.Tensor]) -> list[float]:
+    """||t|| of each tensor as floats. Plain tensors: one fused norm, one transfer. If any is a DTensor
+    sharded by FSDP2 (every rank holds a disjoint shard, :func:`check_sharded`): ||t||^2 = sum_k ||t_k||^2
+    over the ranks' local shards t_k, by one all-reduce of ``len(tensors)`` numbers. Every rank must call
+    it with the same tensors, in the same order as its other collectives."""
+    if not tensors:
+        return []
+    if not any(is_sharded(t) for t in tensors):
+        return torch.stack(foreach_norm(list(tensors))).double().cpu().tolist()
+    if UNMERGED_SHARDS[0]:
+        raise RuntimeError(UNMERGED_SHARDS[1])
+    parts = [local(t) for t in tensors]
+    sq = torch.stack([v.double().square() for v in foreach_norm(parts)])  # on the shards' device (NCCL: GPU)
+    if world_size() > 1:
+        dist.all_reduce(sq)
+    return sq.sqrt().cpu().tolist()
+
+
+#: why the statistics that project per-sample gradients onto a sharded direction are left out under FSDP2
+SHARDED_LEFT_OUT = (
+    "{what} under FSDP2 (fully_shard): the per-sample gradients g_i are computed on the rank of their "
+    "example, while the direction (the mean gradient, the update, a probe's gradient) is sharded over the "
+    "ranks; g_i . v would need g_i or v gathered onto every rank (parameter-sized traffic): left out"
 )
 
 
-def refuse_sharded(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> None:
-    """Raise a ``ValueError`` naming the fix for a model sharded by FSDP2 (``fully_shard``: parameters
-    are DTensors) or FSDP1 (``FullyShardedDataParallel``). Neither can exist unless its module was
-    imported (importing them costs seconds: they are looked up, not imported)."""
-    tensor, fsdp = sys.modules.get("torch.distributed.tensor"), sys.modules.get("torch.distributed.fsdp")
-    dtensor = getattr(tensor, "DTensor", None)
-    sharded = [n for n, p in params.items() if dtensor is not None and isinstance(p, dtensor)]
-    if sharded:
-        listed = ", ".join(sharded[:3]) + (", ..." if len(sharded) > 3 else "")
-        raise ValueError(SHARDED.format(kind="2, fully_shard", what=f"parameters {listed} are sharded DTensors"))
-    wrapper = getattr(fsdp, "FullyShardedDataParallel", None)
+def check_sharded(params: dict[str, torch.nn.Parameter]) -> bool:
+    """Whether the parameters are sharded by FSDP2 (DTensors); a ``ValueError`` for DTensor layouts the
+    norms of :func:`norms` would get wrong: every DTensor must be sharded (``Shard`` placements only, no
+    ``Replicate`` as in HSDP, no tensor parallelism) over a mesh of every rank of the default group."""
+    sharded = [n for n, p in params.items() if is_sharded(p)]
+    if not sharded:
+        return False
+    bad = []
+    for name in sharded:
+        p = params[name]
+        placements, mesh = p.placements, p.device_mesh
+        if mesh.ndim != 1 or mesh.size() != world_size() or not all(pl.is_shard() for pl in placements):
+            bad.append(f"{name} ({placements} over a mesh of {mesh.size()} of {world_size()} ranks)")
+    if bad:
+        listed = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise ValueError(
+            f"cockpit-lite supports FSDP2 (fully_shard) with parameters sharded over every rank of the default "
+            f"process group on a one-dimensional mesh; {listed} are laid out otherwise (HSDP, tensor parallelism), "
+            "where the norms of local shards do not add up to the norm of the tensor. Fix: shard over one "
+            "mesh of every rank (fully_shard(module) with the default mesh), or track the run with "
+            "DistributedDataParallel"
+        )
+    return True
+
+
+SHARDED = (
+    "cockpit-lite does not support FSDP1 (FullyShardedDataParallel): {what}. It supports FSDP2 "
+    "(torch.distributed.fsdp.fully_shard), whose parameters are DTensors it reads shard by shard. Fix: shard "
+    "the model with fully_shard(layer) for each layer and fully_shard(model) (the same loop), or track the run "
+    "with DistributedDataParallel (model = DistributedDataParallel(model))"
+)
+
+
+def refuse_sharded(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> bool:
+    """Whether the model is sharded by FSDP2 (:func:`check_sharded`, which refuses layouts it cannot
+    measure); a ``ValueError`` naming the fix for FSDP1 (``FullyShardedDataParallel``), which exists
+    only if its module was imported (it is looked up, not imported)."""
+    wrapper = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
     if wrapper is not None and any(isinstance(m, wrapper) for m in model.modules()):
-        raise ValueError(SHARDED.format(kind="1", what="the model holds FullyShardedDataParallel modules"))
+        raise ValueError(SHARDED.format(what="the model holds FullyShardedDataParallel modules"))
+    return check_sharded(params)

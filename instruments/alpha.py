@@ -35,7 +35,7 @@ import torch
 from cockpit_lite.instruments._util import refuse_state
 from cockpit_lite.instruments.panels import AlphaPanel
 
-from cockpit_lite import Instrument, Need, Needs, StepRecord
+from cockpit_lite import Instrument, Need, Needs, StepRecord, distributed
 from cockpit_lite.compat import foreach_copy_
 
 #: Cockpit's replacement for a zero variance in the fit.
@@ -221,7 +221,8 @@ class Alpha(Instrument):
         projected at the next step, after the core has reused its update buffers."""
         if self._update_copy is None or self._update_copy.keys() != update.keys():
             self._update_copy = {n: torch.empty_like(t) for n, t in update.items()}
-        foreach_copy_(list(self._update_copy.values()), list(update.values()))
+        local = distributed.local  # FSDP2: DTensors, copied shard by shard (to_local shares the storage)
+        foreach_copy_([local(t) for t in self._update_copy.values()], [local(t) for t in update.values()])
         return self._update_copy
 
     def on_attach(self, model, optimizer) -> None:

@@ -40,7 +40,7 @@ from cockpit_lite.instruments._util import QUANTILES, refuse_state, sorted_quant
 from cockpit_lite.instruments.agc import GRAD_NORM_FLOOR, check_positive, final_layer, unitwise_norm
 from cockpit_lite.instruments.panels import ClippingPanel
 
-from cockpit_lite import Instrument, Need, Needs
+from cockpit_lite import Instrument, Need, Needs, distributed
 
 KINDS = ("global", "agc", "per_sample")
 #: the 1e-6 that torch's clip_grad_norm_ and Opacus add to the norm in the clip coefficient
@@ -279,6 +279,7 @@ class Clipping(Instrument):
         self._ps_levels = _Window(window, len(self.suggest))
         self._agc: tuple[list[str], list[int], int, torch.Tensor] | None = None
         self._pending: list[tuple] = []
+        self._sharded = False  # FSDP2: no unit-wise norms (see on_after_backward)
 
     # --- core contract ------------------------------------------------------------------------------
     def requires(self, step: int) -> Needs:
@@ -287,7 +288,7 @@ class Clipping(Instrument):
         flags: set[Need] = set()
         if "global" in self.kinds:
             flags.add(Need.GRAD_NORMS)
-            if "agc" not in self.kinds:  # otherwise the unit norms of on_after_backward give it
+            if "agc" not in self.kinds or self._sharded:  # otherwise the unit norms of on_after_backward give it
                 flags.add(Need.BACKWARD_GRAD_NORMS)
         if "per_sample" in self.kinds:
             flags.add(Need.PER_SAMPLE_SQ_NORMS)
@@ -297,6 +298,7 @@ class Clipping(Instrument):
 
     def on_attach(self, model, optimizer) -> None:
         names = {n for n, _ in model.named_parameters()}
+        self._sharded = any(distributed.is_sharded(p) for p in model.parameters())
         if self.agc_exclude == "final":
             self.excluded = frozenset(final_layer(model))
         else:
@@ -313,6 +315,12 @@ class Clipping(Instrument):
         """Unit norms of weights and gradients, before the loop can clip the gradients."""
         self._agc = None
         if "agc" not in self.kinds:
+            return
+        if self._sharded:
+            self.note(
+                "AGC under FSDP2 (fully_shard): its unit-wise norms (one per row of each weight, one per element of "
+                "each bias) would be gathered from the shards of every rank, parameter-sized traffic: left out"
+            )
             return
         names, sizes, w_norms, g_norms, g_excluded = [], [], [], [], []
         scale = record.backward_scale  # AMP: p.grad is still multiplied by the loss scale here

@@ -30,6 +30,15 @@ def gradient_tests(sq_norms: np.ndarray, dots: np.ndarray) -> dict[str, float]:
     return {"norm": float(norm), "inner": float(inner), "ortho": float(ortho)}
 
 
+def norm_test(sq_norms: np.ndarray, mean_sq_norm: float) -> float:
+    """The norm test from ||g_i||^2 and ||gbar||^2 alone (as in :func:`gradient_tests`):
+    sqrt( (sum_i ||g_i||^2 - B ||gbar||^2) / (B (B-1) ||gbar||^2) ). NaN when B = 1."""
+    b = len(sq_norms)
+    var = max(float(np.sum(sq_norms)) - b * mean_sq_norm, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.sqrt(np.float64(var) / (b * (b - 1) * mean_sq_norm))) if b > 1 else float("nan")
+
+
 class GradientTests(Instrument):
     """Norm, inner-product and orthogonality tests of the mini-batch gradient.
 
@@ -38,6 +47,8 @@ class GradientTests(Instrument):
     its orthogonal noise (ortho test). Tags: ``tests/norm``, ``tests/inner``, ``tests/ortho``; NaN with a
     note when the batch has one sample.
     Cost: per-sample squared norms and g_i . gbar from layer factors (Gram of the factors), no B x D.
+    Under FSDP2 g_i . gbar is left out (gbar is sharded; the distributed provider's note says why) and the
+    norm test alone comes from ||g_i||^2 and ||gbar||^2 (``record.mean_grad_sq_norm``, :func:`norm_test`).
     State: none between steps (each step's tests come from that step's record alone), so
     ``state_dict()`` is ``{}`` and a resumed run continues the same tests without it.
     """
@@ -73,10 +84,11 @@ class GradientTests(Instrument):
     NEEDS = frozenset({Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN})
 
     def compute(self, record):
-        if record.per_sample_dot_mean is None:
+        sq, dots, g2 = record.per_sample_sq_norms, record.per_sample_dot_mean, record.mean_grad_sq_norm
+        if dots is None and (sq is None or g2 is None):
             return {}
-        if record.per_sample_sq_norms is None:  # g_i . gbar alone (e.g. a projection-only step): the inner test
-            inner = gradient_tests(np.zeros_like(record.per_sample_dot_mean), record.per_sample_dot_mean)["inner"]
+        if sq is None:  # g_i . gbar alone (e.g. a projection-only step): the inner test
+            inner = gradient_tests(np.zeros_like(dots), dots)["inner"]
             return {self.tag("tests/inner"): inner}
         if record.batch_size == 1:
             self.note("gradient tests need at least 2 samples per batch: NaN")
@@ -86,5 +98,7 @@ class GradientTests(Instrument):
                 f"the tests are over the parameters with per-sample statistics only ({share:.1%} of ||p.grad||^2 "
                 "is in parameters left out): they describe that part of the gradient"
             )
-        tests = gradient_tests(record.per_sample_sq_norms, record.per_sample_dot_mean)
+        if dots is None:  # ||g_i||^2 and ||gbar||^2 without g_i . gbar (FSDP2: gbar is sharded)
+            return {self.tag("tests/norm"): norm_test(sq, g2)}
+        tests = gradient_tests(sq, dots)
         return {self.tag(f"tests/{k}"): v for k, v in tests.items()}

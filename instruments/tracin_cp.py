@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from cockpit_lite import Instrument
-from cockpit_lite.distributed import is_main
+from cockpit_lite.distributed import is_main, is_sharded
 from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.persample.cross import Projector, ViewCollector, cross
 from cockpit_lite.records import to_value
@@ -130,6 +130,13 @@ class Checkpoints(Instrument):
         self.paths.append(path)
 
     def on_before_step(self, record):
+        if any(is_sharded(p) for p in record.params.values()):
+            self.note(
+                "Checkpoints under FSDP2 (fully_shard): each rank holds a shard of the parameters; saving them "
+                "whole would gather every parameter onto rank 0 at every saved step. Left out: save sharded "
+                "checkpoints with torch.distributed.checkpoint and give TracInCP the consolidated state dicts"
+            )
+            return
         if not is_main():  # data-parallel: the ranks hold equal parameters; rank 0 alone saves them
             return
         if self.directory is None and record.logdir is not None:

@@ -9,8 +9,7 @@ import torch
 from cockpit_lite.instruments._util import refuse_state
 from cockpit_lite.instruments.gradnorm import GRAD_AND_UPDATE
 
-from cockpit_lite import Instrument, Need
-from cockpit_lite.compat import foreach_norm
+from cockpit_lite import Instrument, Need, distributed
 from cockpit_lite.panels import LinePanel
 
 
@@ -18,8 +17,7 @@ def _norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     names = list(tensors)
     if not names:
         return {}
-    norms = torch.stack(foreach_norm([tensors[n] for n in names])).double().cpu().tolist()
-    return dict(zip(names, norms, strict=True))
+    return dict(zip(names, distributed.norms([tensors[n] for n in names]), strict=True))  # FSDP2: by shards
 
 
 def _records(tag_fn, base: str, norms: dict[str, float], per_param: bool) -> dict[str, float]:

@@ -42,7 +42,8 @@ from cockpit_lite.instruments.tracin_cp import Checkpoints
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from cockpit_lite import Cockpit, compat, distributed, load
+from cockpit_lite import Cockpit, Instrument, compat, distributed, load
+from cockpit_lite.providers.param_norms import PARAM_NORMS
 from cockpit_lite.sinks.tensorboard import TensorBoard
 
 WORLD = 2
@@ -167,14 +168,14 @@ def _ddp_run(
         pickle.dump(result, f)
 
 
-def _doc_example() -> str:
-    """The DDP example of docs/integrations.md, as written."""
+def _doc_example(section: str = "DDP / torchrun") -> str:
+    """The example of a section of docs/integrations.md, as written."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
-    section = text.split("## DDP / torchrun", 1)[1].split("\n## ", 1)[0]
+    section = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
 
 
-def _run_doc_example(rank: int, port: int, out: str) -> None:
+def _run_doc_example(rank: int, port: int, out: str, section: str = "DDP / torchrun", name: str = "doc") -> None:
     """As ``torchrun --nproc_per_node=2`` runs it: the rank and the rendezvous in the environment."""
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
     os.environ.update(env, WORLD_SIZE=str(WORLD))
@@ -182,11 +183,11 @@ def _run_doc_example(rank: int, port: int, out: str) -> None:
     TensorBoard.image = lambda self, step: None  # this child only: drawing the dashboard costs seconds here
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exec(_doc_example(), {"__name__": "__main__"})
-    Path(out, f"doc_rank{rank}.txt").write_text(printed.getvalue())
+        exec(_doc_example(section), {"__name__": "__main__"})
+    Path(out, f"{name}_rank{rank}.txt").write_text(printed.getvalue())
 
 
-def _worker(rank: int, port: int, out: str, doc_port: int) -> None:
+def _worker(rank: int, port: int, out: str, doc_port: int, fsdp_port: int) -> None:
     torch.set_num_threads(1)
     try:
         _distributed_runs(rank, port, out)
@@ -196,6 +197,7 @@ def _worker(rank: int, port: int, out: str, doc_port: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _run_doc_example(rank, doc_port, out)
+        _run_doc_example(rank, fsdp_port, out, "FSDP", "fsdp_doc")
 
 
 def _distributed_runs(rank: int, port: int, out: str) -> None:
@@ -203,6 +205,7 @@ def _distributed_runs(rank: int, port: int, out: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no cockpit warning
         _rank0_only(rank, out)  # first: the cockpits after it agree anew
+        _rank0_only(rank, out, net=_fsdp_net)
         _ddp_run(rank, out, "equal", EQUAL, attach=True)
         _ddp_run(rank, out, "equal", EQUAL, attach=False)
         _ddp_run(rank, out, "unequal", UNEQUAL, attach=True)
@@ -240,11 +243,11 @@ def _twice(rank: int, out: str) -> None:
     Path(out, f"twice_rank{rank}.txt").write_text("\n".join(str(w.message) for w in caught))
 
 
-def _rank0_only(rank: int, out: str) -> None:
+def _rank0_only(rank: int, out: str, net=_net) -> None:
     """A cockpit built on rank 0 alone (the usual "log on rank 0" pattern): after the attach timeout (at
     its first tracked step) it describes rank 0's examples, with a warning; training goes on (no
     collective waits for rank 1)."""
-    model = nn.parallel.DistributedDataParallel(_net())
+    model = nn.parallel.DistributedDataParallel(net()) if net is _net else net()
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     loader = DataLoader(_data(), batch_sampler=_rank_batches(rank, EQUAL))
     cockpit, caught = None, []
@@ -261,28 +264,120 @@ def _rank0_only(rank: int, out: str) -> None:
     if cockpit is not None:
         cockpit.close()
         result["sizes"] = [len(v) for _, v in cockpit.history["persample/grad_norm"]]
-    with open(os.path.join(out, f"rank0only_rank{rank}.pkl"), "wb") as f:
+        result["tags"] = set(cockpit.history)
+        result["notes"] = {t: v for t, v in cockpit.history.items() if t.startswith("note/")}
+    name = "rank0only" if net is _net else "fsdp2_rank0only"
+    with open(os.path.join(out, f"{name}_rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
 
 
-def _fsdp(rank: int, out: str) -> None:
-    """FSDP2 (fully_shard) works on CPU with gloo; the cockpit refuses its sharded parameters."""
+def _fsdp_net() -> nn.Module:
+    """The model of the DDP runs, sharded by FSDP2 over both ranks: each Linear, then the root."""
     from torch.distributed.fsdp import fully_shard
 
     net = _net()
     fully_shard(net[0])
+    fully_shard(net[2])
+    return fully_shard(net)
+
+
+class _Functional(nn.Module):
+    """Its own weight used functionally (``F.linear(h, self.w)``): under FSDP2 forward sees an unsharded
+    copy of it, which the per-sample engine does not recognise as the parameter."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(6, 8)
+        self.w = nn.Parameter(0.3 * torch.randn(3, 8))
+
+    def forward(self, x):
+        return nn.functional.linear(torch.tanh(self.a(x)), self.w)
+
+
+class _ParamNorm(Instrument):
+    """||theta_t|| from the need ``param_norms``."""
+
+    NEEDS = frozenset({PARAM_NORMS})
+
+    def compute(self, record):
+        return {"param_norm": float(np.sqrt(sum(v * v for v in record.get(PARAM_NORMS).values())))}
+
+
+def _fsdp_instruments():
+    return [*_no_probes(), Clipping(max_norm=MAX_NORM, per_sample_clip=1.0, batch_steps=1), _ParamNorm()]
+
+
+def _fsdp(rank: int, out: str) -> None:
+    """FSDP2 (fully_shard) with and without the cockpit (economy + TracIn self-influence)."""
+    result = {}
+    for attach in (True, False):
+        net = _fsdp_net()
+        opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+        loader = DataLoader(_data(), batch_sampler=_rank_batches(rank, EQUAL))
+        cockpit = None
+        if attach:
+            logdir = os.path.join(out, "fsdp2")
+            cockpit = Cockpit(net, opt, nn.CrossEntropyLoss(), instruments=_fsdp_instruments(), logdir=logdir, sinks=[])
+        _train(net, opt, loader, cockpit)
+        full = [p.detach().full_tensor().reshape(-1) for p in net.parameters()]  # an all-gather of each
+        result["with" if attach else "without"] = torch.cat(full)
+        if cockpit is not None:
+            cockpit.close()
+            result["self_influence"] = next(i for i in cockpit.instruments if isinstance(i, TracIn)).self_influence()
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    hsdp = fully_shard(_net(), mesh=init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("r", "s")))  # HSDP
+    try:
+        Cockpit(hsdp, torch.optim.SGD(hsdp.parameters(), lr=0.1), nn.CrossEntropyLoss(), sinks=[])
+        result["hsdp"] = None
+    except ValueError as e:
+        result["hsdp"] = str(e)
+    with open(os.path.join(out, f"fsdp_rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    # a summed loss over unequal local batches: FSDP2 averages the ranks' gradients as DDP does
+    net = _fsdp_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    cockpit = Cockpit(net, opt, loss_fn, instruments=economy(), logdir=os.path.join(out, "fsdp2_sum"), sinks=[])
+    _train(net, opt, DataLoader(_data(), batch_sampler=_rank_batches(rank, UNEQUAL)), cockpit)
+    cockpit.close()
+
+    # gradient accumulation: two micro-batches of 2 per rank and step (FSDP2 reduce-scatters each backward)
+    net = _fsdp_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+    batches = [b[k : k + 2] for b in _rank_batches(rank, EQUAL) for k in (0, 2)]
+    logdir = os.path.join(out, "fsdp2_accumulate")
+    cockpit = Cockpit(net, opt, nn.CrossEntropyLoss(), instruments=_no_probes(), logdir=logdir, sinks=[])
+    _accumulate(net, opt, DataLoader(_data(), batch_sampler=batches), cockpit, micro=2)
+    cockpit.close()
+    bn = {}
+    for attach in (True, False):  # train-mode BatchNorm: the coupled path's replay is refused, with a note
+        net = _bn_net()
+        fully_shard(net[0])
+        fully_shard(net[3])
+        fully_shard(net)
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        logdir = os.path.join(out, "fsdp2_bn")
+        cockpit = (
+            Cockpit(net, opt, nn.CrossEntropyLoss(), instruments=economy(), logdir=logdir, sinks=[]) if attach else None
+        )
+        _train(net, opt, DataLoader(_data(), batch_sampler=_rank_batches(rank, EQUAL)), cockpit)
+        if cockpit is not None:
+            cockpit.close()
+        bn[attach] = torch.cat([p.detach().full_tensor().reshape(-1) for p in net.parameters()]).numpy()
+    np.testing.assert_array_equal(bn[True], bn[False])  # the cockpit does not change training
+    net = _Functional()
+    fully_shard(net.a)
     fully_shard(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
-    try:
-        Cockpit(net, opt, nn.CrossEntropyLoss())
-        message = None
-    except ValueError as e:
-        message = str(e)
-    x, y = _data()[:4]
-    nn.CrossEntropyLoss()(net(x), y).backward()  # torch itself trains the sharded model
-    opt.step()
-    with open(os.path.join(out, f"fsdp_rank{rank}.pkl"), "wb") as f:
-        pickle.dump(message, f)
+    logdir = os.path.join(out, "fsdp2_functional")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning that w has no per-sample contribution (its note is tested)
+        cockpit = Cockpit(net, opt, nn.CrossEntropyLoss(), instruments=economy(), logdir=logdir, sinks=[])
+        _train(net, opt, DataLoader(_data(), batch_sampler=_rank_batches(rank, EQUAL)), cockpit)
+    cockpit.close()
 
 
 # --- the single-process references --------------------------------------------------------------------
@@ -373,7 +468,9 @@ def ddp_runs(tmp_path_factory):
     from torch.distributed import fsdp  # noqa: F401 - imported once, before the fork
 
     # fork: the workers start with torch already imported (spawning costs seconds per process)
-    mp.start_processes(_worker, args=(_free_port(), str(out), _free_port()), nprocs=WORLD, start_method="fork")
+    mp.start_processes(
+        _worker, args=(_free_port(), str(out), _free_port(), _free_port()), nprocs=WORLD, start_method="fork"
+    )
 
     def read(name: str) -> dict:
         with open(out / name, "rb") as f:
@@ -454,12 +551,117 @@ def test_a_cockpit_on_rank_0_alone_describes_its_rank_and_never_waits(ddp_runs):
     assert read("rank0only_rank1.pkl") == {"warnings": []}
 
 
+def _fsdp2_left_out(tag: str) -> bool:
+    """What FSDP2 leaves out: whatever needs g_i . v for a sharded v (g_i . gbar, the update: alpha's fit),
+    Gram entries across ranks (the clipped mean's cosine) and AGC's unit-wise norms."""
+    return tag.startswith(("clip/agc/", "clip/suggest/agc/")) or tag in {
+        "tests/inner", "tests/ortho", "alpha/median", "alpha/overshoot_share",
+        "clip/per_sample/cosine", "clip/per_sample/norm_ratio",
+    }  # fmt: skip
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-def test_fsdp2_is_refused_with_the_fix(ddp_runs):
-    _, read = ddp_runs
+def test_fsdp2_equals_one_process_where_it_needs_no_parameter_sized_traffic(ddp_runs):
+    out, read = ddp_runs
+    run = load(out / "fsdp2")
+    history, tracin, params, _ = _reference(EQUAL, instruments=_fsdp_instruments)
+    assert [s for s, _ in run["loss"]] == list(range(STEPS))  # one run, one record per step
+    assert len(run["persample/grad_norm"][0][1]) == sum(EQUAL)  # the global batch
+    computed = ("loss", "param_norm", "grad_norm", "update_size", "distance", "tests/norm", "persample/grad_norm")
+    computed += ("clip/global/norm", "clip/global/received_norm", "clip/per_sample/frac_clipped")
+    assert set(computed) <= set(run) and "tracin/self_influence" in run
+    # what would need parameter-sized traffic is absent, or NaN with its status (alpha), and says why
+    left_out = {t for t in history if _fsdp2_left_out(t)}
+    assert "tests/inner" in left_out and any(t.startswith("clip/agc/") for t in left_out)
+    assert set(history) - set(run) == left_out
+    assert all(np.isnan(v) for _, v in run["alpha"]) and {v for _, v in run["alpha/status"]} == {"missing_data"}
+    for note in ("note/alpha", "note/gradient_tests", "note/clipping"):
+        assert all("FSDP2" in text and "parameter-sized" in text for _, text in run[note]), note
+    left_out |= {"alpha", "alpha/status", "verdict/lr"}
+    _assert_same_run(run, history, skip=left_out)
     for rank in range(WORLD):
-        message = read(f"fsdp_rank{rank}.pkl")
-        assert message is not None and "fully_shard" in message and "DistributedDataParallel(model)" in message
+        got = read(f"fsdp_rank{rank}.pkl")
+        _close(got["self_influence"], tracin.self_influence(), "self-influence")
+        # the cockpit does not change training: bit-identical parameters, equal to the one process's
+        np.testing.assert_array_equal(got["with"].numpy(), got["without"].numpy())
+        _close(got["with"].numpy(), params, "parameters")
+        assert "HSDP" in got["hsdp"] and "Replicate" in got["hsdp"]  # local norms would not add up: refused
+    assert not any(p.name.startswith("fsdp2-") for p in out.iterdir())  # rank 1 wrote no run of its own
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_fsdp2_cockpit_on_rank_0_alone_measures_no_shard_and_never_waits(ddp_runs):
+    """Sharded norms need every rank: they fail with the fix named, instead of a collective rank 1
+    never joins (or a norm of rank 0's shard posing as the tensor's)."""
+    _, read = ddp_runs
+    got = read("fsdp2_rank0only_rank0.pkl")
+    assert got["sizes"] == [EQUAL[0]] * STEPS  # rank 0's own examples
+    assert not {"grad_norm", "update_size", "distance", "tests/inner", "tests/ortho"} & got["tags"]
+    for tag in ("note/grad_norm", "note/update_size"):
+        assert all("build the same Cockpit on every rank" in text for _, text in got["notes"][tag]), tag
+    assert any("build the same Cockpit on every rank" in w for w in got["warnings"])  # distance's failure
+    assert read("fsdp2_rank0only_rank1.pkl") == {"warnings": []}
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_fsdp2_norm_test_over_the_parameters_with_per_sample_statistics(ddp_runs):
+    """A weight used functionally is left out of the per-sample statistics under FSDP2 (with a note);
+    ||gbar||^2 of the norm test leaves it out too: the test of the covered parameters, float64 loop."""
+    out, _ = ddp_runs
+    run = load(out / "fsdp2_functional")
+    assert run["persample/coverage"][0][1] < 1 and "['w']" in run["note/per_sample_grad_norms"][0][1]
+    model, (x, y) = _Functional().double(), _data().tensors
+    idx = _rank_batches(0, EQUAL)[0] + _rank_batches(1, EQUAL)[0]
+    losses = nn.functional.cross_entropy(model(x[idx].double()), y[idx], reduction="none")
+    params = list(model.a.parameters())
+    g = torch.stack(
+        [torch.cat([t.reshape(-1) for t in torch.autograd.grad(v, params, retain_graph=True)]) for v in losses]
+    ).numpy()
+    _close(run["tests/norm"][0][1], gradient_tests((g * g).sum(1), g @ g.mean(0))["norm"], "tests/norm")
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_fsdp2_train_mode_batchnorm_leaves_per_sample_statistics_out(ddp_runs):
+    """The coupled path would replay the forward at the sharded parameters: refused, training untouched
+    (bit-identical parameters, asserted in the worker), the gradient norms kept."""
+    out, _ = ddp_runs
+    run = load(out / "fsdp2_bn")
+    x, y = _data().tensors
+    model = _bn_net()
+    idx = _rank_batches(0, EQUAL)[0]
+    (nn.functional.cross_entropy(model(x[idx]), y[idx]) / WORLD).backward()  # rank 0's half of the mean
+    other = _bn_net()
+    idx = _rank_batches(1, EQUAL)[0]
+    (nn.functional.cross_entropy(other(x[idx]), y[idx]) / WORLD).backward()
+    pairs = zip(model.parameters(), other.parameters(), strict=True)
+    grad = np.sqrt(sum(float((p.grad + q.grad).square().sum()) for p, q in pairs))
+    _close(run["grad_norm"][0][1], grad, "gradient norm: each rank's BatchNorm over its own batch, averaged")
+    assert "persample/grad_norm" not in run and "tests/norm" not in run
+    assert all("train-mode BatchNorm under FSDP2" in text for _, text in run["note/per_sample_grad_norms"])
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_fsdp2_gradient_accumulation(ddp_runs):
+    out, _ = ddp_runs
+    run = load(out / "fsdp2_accumulate")
+    history, _, _, _ = _reference(EQUAL, instruments=_no_probes, micro=2)
+    assert len(run["persample/grad_norm"][0][1]) == sum(EQUAL) and "tests/norm" in run
+    left_out = {t for t in history if _fsdp2_left_out(t)} | {"alpha", "alpha/status", "verdict/lr"}
+    _assert_same_run(run, history, skip=left_out)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_fsdp2_sum_loss_unequal_batches(ddp_runs):
+    """g_i = g_i^(k) / W, ||gbar||^2 = ||p.grad||^2 / N^2 from the reduce-scattered shards: the norm test."""
+    out, _ = ddp_runs
+    run = load(out / "fsdp2_sum")
+    g, losses = _first_step_loop(_net, UNEQUAL, "sum")
+    sq = (g * g).sum(1)
+    _close(run["persample/grad_norm"][0][1], np.sqrt(sq), "per-sample norms")
+    _close(run["loss"][0][1], losses.sum(), "loss")
+    _close(run["grad_norm"][0][1], np.linalg.norm(g.sum(0)), "gradient norm")
+    _close(run["tests/norm"][0][1], gradient_tests(sq, g @ g.mean(0))["norm"], "tests/norm")
+    assert [s for s, _ in run["loss"]] == list(range(STEPS)) and "tests/inner" not in run
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
@@ -528,6 +730,16 @@ def test_the_torchrun_example_of_the_docs_runs_as_written(ddp_runs):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_the_fsdp2_example_of_the_docs_runs_as_written(ddp_runs):
+    out, _ = ddp_runs
+    run = load(out / "runs" / "fsdp")
+    assert [s for s, _ in run["loss"]] == list(range(16)) and len(run["persample/grad_norm"][0][1]) == 32
+    assert "tests/norm" in run and "tracin/self_influence" in run and "tests/inner" not in run
+    for r in range(WORLD):
+        assert (out / f"fsdp_doc_rank{r}.txt").read_text() == f"{r} True False\n"
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 def test_a_second_run_into_the_same_logdir_goes_beside_it_once(ddp_runs):
     out, _ = ddp_runs
     assert (
@@ -555,6 +767,20 @@ def test_a_backward_callback_queued_by_a_callback_runs_after_the_others():
     w.register_hook(lambda g: compat.queue_backward_callback(lambda: order.append("reducer")))
     y.backward()
     assert order == ["cockpit, first call", "reducer", "cockpit, again"]
+
+
+def test_fsdp1_is_refused_with_the_fix():
+    """FullyShardedDataParallel cannot be built on CPU (it needs an accelerator): an instance made
+    without its constructor stands for one."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapped = nn.Module.__new__(FullyShardedDataParallel)
+    nn.Module.__init__(wrapped)
+    model = nn.Sequential(nn.Linear(2, 2))
+    model.add_module("fsdp", wrapped)
+    with pytest.raises(ValueError, match="FSDP1") as caught:
+        Cockpit(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss())
+    assert "fully_shard(layer)" in str(caught.value) and "DistributedDataParallel(model)" in str(caught.value)
 
 
 def test_without_a_process_group_there_is_no_store_and_one_rank():

@@ -20,6 +20,17 @@ is gathered, after the per-sample provider has finished (so instruments' ``compu
 
 Gradient norms, the update and parameter norms need nothing: they are read from the gradient and the
 parameters, which DDP keeps equal on every rank.
+
+Under FSDP2 (``fully_shard``: parameters and gradients are DTensors, each rank holds one shard) gradient,
+update and parameter norms are summed over the shards by one all-reduce of O(#tensors) numbers
+(:func:`cockpit_lite.distributed.norms`); the per-sample squared norms need no parameter (the engine's
+per-layer factors are the layer's inputs and output gradients of the rank's own examples, full tensors)
+and are gathered as above; ||gbar||^2 (``mean_grad_sq_norm``, for the norm test) is the sum over ranks of
+the squared norm of the rank's shard of the reduce-scattered gradient, sent with the payload. What
+projects g_i onto a sharded direction (g_i . gbar, projections onto the update or any direction, TracIn
+probes' cross products) would need g_i or the direction gathered onto every rank (parameter-sized
+traffic): left out with a note (``distributed.SHARDED_LEFT_OUT``) naming the needs, so the instruments
+that asked say why.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import numpy as np
 import torch
 
 from cockpit_lite import distributed
-from cockpit_lite.compat import foreach_copy_
+from cockpit_lite.compat import foreach_copy_, foreach_norm
 from cockpit_lite.distributed import DISTRIBUTED, Ranks
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.providers import register_provider
@@ -67,21 +78,60 @@ class DistributedProvider(Provider):
         self.merged: bool | None = None if distributed.world_size() > 1 else False
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.gbar = False
+        #: FSDP2: parameters are DTensors (checked at construction: one mesh of every rank, Shard placements)
+        self.sharded = any(distributed.is_sharded(p) for p in context.params.values())
+        #: FSDP2: this rank's ||shard of p.grad||^2 per tensor at the end of backward (optimizer's units)
+        self.gbar_sq: dict[str, float] | None = None
+        self.left_out: list[tuple[str, frozenset]] = []
         self.buffers: dict[str, torch.Tensor] | None = None
         self.snapshot: dict[str, torch.Tensor] | None = None
 
     def begin_step(self, record: StepRecord, needs: Needs) -> None:
-        self.gbar, self.snapshot = False, None
+        self.gbar, self.snapshot, self.gbar_sq, self.left_out = False, None, None, []
         if self.merged is None:
             self.merged = distributed.join(self.context.warn)
+            if self.sharded:
+                distributed.UNMERGED_SHARDS[:] = [
+                    not self.merged,
+                    "under FSDP2 a Cockpit on some ranks only cannot measure the sharded gradients, updates and "
+                    "parameters (their norms sum over every rank's shard): build the same Cockpit on every rank",
+                ]
+        if self.sharded:  # merged or not: a sharded direction reaches no per-sample projection
+            self._leave_out_sharded(needs)
         if not self.merged:
             return
         record.provided[DISTRIBUTED] = Ranks(self.rank, self.world)
-        if Need.PER_SAMPLE_DOT_MEAN in needs.flags:
+        if not self.sharded and Need.PER_SAMPLE_DOT_MEAN in needs.flags:
             # the engine's own g_i . gbar would use this rank's gradient: project onto the global one
             needs.flags.discard(Need.PER_SAMPLE_DOT_MEAN)
             needs.directions[GBAR] = self._gbar
             self.gbar = True
+
+    def _leave_out_sharded(self, needs: Needs) -> None:
+        """FSDP2: no g_i . v onto a sharded direction v; ||gbar||^2 from the shards (``on_backward_end``)."""
+        if Need.PER_SAMPLE_DOT_MEAN in needs.flags:
+            needs.flags.discard(Need.PER_SAMPLE_DOT_MEAN)
+            self.gbar = True
+            what = "g_i . gbar (the inner-product and orthogonality tests)"
+            self.left_out.append((what, frozenset({Need.PER_SAMPLE_DOT_MEAN})))
+        if needs.directions:
+            keys = ", ".join(sorted(needs.directions))
+            needs.directions.clear()
+            self.left_out.append((f"projections g_i . v onto {keys}", frozenset({Need.PER_SAMPLE_PROJECTIONS})))
+        if Need.PER_SAMPLE_CROSS in needs.flags:
+            needs.flags.discard(Need.PER_SAMPLE_CROSS)
+            self.left_out.append(("cross products with probes' gradients", frozenset({Need.PER_SAMPLE_CROSS})))
+
+    @torch.no_grad()
+    def _shard_sq_norm(self, record: StepRecord) -> dict[str, float]:
+        """||shard_k(p.grad)||^2 of this rank per tensor, in the optimizer's units (before the loop clips)."""
+        named = [(n, distributed.local(p.grad).detach()) for n, p in self.context.params.items() if p.grad is not None]
+        if not named:
+            return {}
+        sq = torch.stack(foreach_norm([g for _, g in named])).double().square().cpu().tolist()
+        scale = record.backward_scale
+        div = scale * scale if scale not in (None, 0.0) else 1.0
+        return {n: v / div for (n, _), v in zip(named, sq, strict=True)}
 
     def _gbar(self, record: StepRecord) -> dict[str, torch.Tensor] | None:
         return self.snapshot
@@ -101,11 +151,16 @@ class DistributedProvider(Provider):
         self.snapshot = {n: self.buffers[n] for n, _ in named}
 
     def on_backward_end(self, record: StepRecord) -> None:
-        if self.gbar:  # the last backward of the step leaves the all-reduced gradient
+        if self.gbar and self.sharded:
+            self.gbar_sq = self._shard_sq_norm(record)
+        elif self.gbar:  # the last backward of the step leaves the all-reduced gradient
             self._take_snapshot(record)
 
     def on_before_step(self, record: StepRecord) -> None:
-        if self.gbar and self.snapshot is None:  # no end-of-backward seen this step
+        if self.gbar and self.sharded:
+            if self.gbar_sq is None:
+                self.gbar_sq = self._shard_sq_norm(record)
+        elif self.gbar and self.snapshot is None:  # no end-of-backward seen this step
             self._take_snapshot(record)
 
     def end_step(self) -> None:
@@ -113,6 +168,8 @@ class DistributedProvider(Provider):
 
     def on_after_step(self, record: StepRecord) -> None:
         if not self.merged:
+            for what, needs in self.left_out:
+                record.add_note(distributed.SHARDED_LEFT_OUT.format(what=what), needs)
             return
         with self.context.costs.region("distributed"):
             try:
@@ -132,7 +189,11 @@ class DistributedProvider(Provider):
             "per_sample_loss": record.per_sample_loss,
             "sq": record.per_sample_sq_norms_by_param,
             "sq_total": record.per_sample_sq_norms,
-            "dot": gbar if self.gbar else None,
+            "dot": gbar if self.gbar and not self.sharded else None,
+            # over the parameters with per-sample statistics, as the B-vectors are
+            "gbar_sq": None
+            if self.gbar_sq is None
+            else sum(v for n, v in self.gbar_sq.items() if n not in (record.per_sample_uncovered or {})),
             "projections": dict(record.projections),
             "indices": record.indices,
             "dataset_size": record.dataset_size,
@@ -180,7 +241,12 @@ class DistributedProvider(Provider):
             record.per_sample_sq_norms = (
                 np.sum(list(by_param.values()), axis=0) if record.per_sample_sq_norms_by_param else None
             )
-        if self.gbar:
+        if self.gbar and self.sharded:
+            shards = [p["gbar_sq"] for p in parts]
+            # p.grad = gbar (mean) or N gbar (sum): ||gbar||^2 = sum_k ||shard_k||^2 (/ N^2)
+            total = sum(shards) / (1.0 if reduction == "mean" else float(n * n)) if None not in shards else None
+            record.per_sample_dot_mean, record.mean_grad_sq_norm = None, total
+        elif self.gbar:
             dot_scale = r if reduction == "mean" else [f / n for f in r]
             record.per_sample_dot_mean = _rows([p["dot"] for p in parts], sizes, dot_scale)
             record.mean_grad_sq_norm = (
@@ -204,6 +270,8 @@ class DistributedProvider(Provider):
                 LOCAL_ONLY.format(what="Gram entries g_i . g_j"),
                 frozenset({Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM}),
             )
+        for what, needs in self.left_out:
+            record.add_note(distributed.SHARDED_LEFT_OUT.format(what=what), needs)
         if any(p["grads"] for p in parts):
             record.per_sample_grads = None
             record.add_note(LOCAL_ONLY.format(what="Materialised g_i"), frozenset({Need.PER_SAMPLE_GRADS}))

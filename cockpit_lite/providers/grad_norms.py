@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from cockpit_lite.compat import foreach_norm
+from cockpit_lite import distributed
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.providers import register_provider
 from cockpit_lite.providers.base import Provider
@@ -15,11 +15,12 @@ from cockpit_lite.step import StepRecord
 
 
 def grad_norms(params: dict[str, torch.nn.Parameter]) -> dict[str, float]:
-    """||p.grad|| by name for every parameter with a gradient (one fused norm, one transfer)."""
+    """||p.grad|| by name for every parameter with a gradient (one fused norm, one transfer; under
+    FSDP2 from the local shards and one all-reduce of the squared norms: :func:`distributed.norms`)."""
     named = [(n, p.grad) for n, p in params.items() if p.grad is not None]
     if not named:
         return {}
-    norms = torch.stack(foreach_norm([g for _, g in named])).double().cpu().numpy()
+    norms = distributed.norms([g.detach() for _, g in named])
     return {n: float(v) for (n, _), v in zip(named, norms, strict=True)}
 
 

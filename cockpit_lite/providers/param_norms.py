@@ -7,9 +7,7 @@ are the whole change. An instrument asks with ``NEEDS = frozenset({PARAM_NORMS})
 
 from __future__ import annotations
 
-import torch
-
-from cockpit_lite.compat import foreach_norm
+from cockpit_lite import distributed
 from cockpit_lite.providers import register_provider
 from cockpit_lite.providers.base import Provider
 from cockpit_lite.step import StepRecord
@@ -26,6 +24,5 @@ class ParamNormsProvider(Provider):
     def on_before_step(self, record: StepRecord) -> None:
         names = list(self.context.params)
         with self.context.costs.region(PARAM_NORMS):
-            norms = foreach_norm([self.context.params[n].detach() for n in names])
-            values = torch.stack(norms).double().cpu().tolist()
+            values = distributed.norms([self.context.params[n].detach() for n in names])  # FSDP2: by shards
         record.provided[PARAM_NORMS] = dict(zip(names, values, strict=True))

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from cockpit_lite import distributed
 from cockpit_lite.model_io import any_grad
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.persample.coupled import CoupledPath, CoupledRecorder, coupling_modules
@@ -64,6 +65,8 @@ class PerSampleProvider(Provider):
             if torch.distributed.get_world_size() > 1:  # p.grad is averaged over ranks: no sum to check
                 self.engine.checks_left = 0
         self.needs = Needs()
+        #: FSDP2 (parameters are DTensors): the coupled path's replay at theta_t is refused (see _coupled)
+        self.sharded = any(distributed.is_sharded(p) for p in context.params.values())
         self.coupled, self.path, self.recorder, self.coupled_steps, self.values = False, None, None, 0, None
 
     def end_step(self) -> None:
@@ -181,7 +184,8 @@ class PerSampleProvider(Provider):
 
     def on_before_step(self, record: StepRecord) -> None:
         if self.coupled:
-            self.values = self.path.snapshot()  # theta_t: the coupled path evaluates there after the step
+            # theta_t: the coupled path evaluates there after the step (not under FSDP2: see _coupled)
+            self.values = None if self.sharded else self.path.snapshot()
             return
         if not self.backward_done:  # no end-of-backward callback fired this step
             self.engine.finish_backward()
@@ -232,6 +236,14 @@ class PerSampleProvider(Provider):
         micro-batch (one model call, one backward) is replayed with its own batch statistics and the
         statistics are joined over the step's N examples (``CoupledPath.joined_statistics``)."""
         rec = self.recorder
+        if self.sharded:
+            rec.reset()
+            record.add_note(
+                "train-mode BatchNorm under FSDP2 (fully_shard): the coupled path would replay the model's "
+                "forward at the sharded parameters, outside FSDP's gathering; per-sample statistics are left out",
+                self.PROVIDES,
+            )
+            return
         reached = [c for c in rec.captures if c.reached]  # a call the loop abandoned is no part of the step
         if not reached or len(reached) != self.backwards or self.values is None:
             record.add_note(

@@ -1,9 +1,15 @@
-"""Need.UPDATE: d = theta_{t+1} - theta_t per tensor, from a snapshot taken in the step pre-hook."""
+"""Need.UPDATE: d = theta_{t+1} - theta_t per tensor, from a snapshot taken in the step pre-hook.
+
+Under FSDP2 (parameters are DTensors) each rank snapshots and differences its own shards: ``record.update``
+holds DTensors over those shards (parameter-sized only as the parameters are: one shard per rank), and
+``record.update_norms`` is filled here from the shards' squared norms by one all-reduce
+(:func:`cockpit_lite.distributed.norms`)."""
 
 from __future__ import annotations
 
 import torch
 
+from cockpit_lite import distributed
 from cockpit_lite.compat import foreach_copy_
 from cockpit_lite.needs import Need
 from cockpit_lite.providers import register_provider
@@ -23,7 +29,7 @@ class UpdateProvider(Provider):
         self.taken = False
 
     def on_before_step(self, record: StepRecord) -> None:
-        params = list(self.context.params.values())
+        params = [distributed.local(p) for p in self.context.params.values()]
         with self.context.costs.region("snapshot"):
             if self.buffers is None:
                 self.buffers = [torch.empty_like(p) for p in params]
@@ -35,9 +41,23 @@ class UpdateProvider(Provider):
         if not self.taken:
             return
         self.taken = False
-        for p, buf in zip(self.context.params.values(), self.buffers, strict=True):
-            torch.sub(p.detach(), buf, out=buf)  # the snapshot buffer now holds the update
-        record.update = dict(zip(self.context.params, self.buffers, strict=True))
+        params = self.context.params
+        for p, buf in zip(params.values(), self.buffers, strict=True):
+            torch.sub(distributed.local(p).detach(), buf, out=buf)  # the snapshot buffer now holds the update
+        if not any(distributed.is_sharded(p) for p in params.values()):
+            record.update = dict(zip(params, self.buffers, strict=True))
+            return
+        from torch.distributed.tensor import DTensor
+
+        update = {
+            n: DTensor.from_local(buf, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+            if distributed.is_sharded(p)
+            else buf
+            for (n, p), buf in zip(params.items(), self.buffers, strict=True)
+        }
+        # the norms first: a DTensor's own norm would start a collective (a rank without a cockpit never joins)
+        norms = distributed.norms(list(update.values()))
+        record.update, record._update_norms = update, dict(zip(update, norms, strict=True))
 
     def close(self) -> None:
         self.buffers = None
