@@ -295,7 +295,8 @@ class TracIn(Instrument):
         if record.indices is None:
             return None, None, None  # compute() says how to get indices
         if not record.views:
-            return None, None, f"no per-sample factors ({record.notes})"
+            notes = "; ".join(map(str, record.notes))
+            return None, None, "no per-sample factors" + (f" ({notes})" if notes else "")
         idx = record.indices
         probe_views, _ = self._probe_views(record)
         weights = self._weights(record, [n for v in record.views for n in v.names])
