@@ -1,0 +1,216 @@
+"""The sample axis of an activation with several axes of the batch size (a (B, T, d) or (T, B, d)
+activation with T == B): resolved exactly by one shape probe (the model run on B - 1 examples), never
+guessed, and without any effect on training (parameters, buffers and the random stream bit-identical
+to a run without the cockpit). Reference: the float64 loop over samples (tests/harness.py) and, for
+train-mode BatchNorm, d l_i / d theta on the whole batch."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cockpit_lite import Cockpit, Need
+from cockpit_lite.persample.engine import PerSampleEngine
+from tests import models
+from tests import models_lm as M
+from tests.harness import assert_matches_loop, is_random
+from tests.reference import Probe
+
+FLAGS = {Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN}
+
+
+def test_sequence_first_transformer_with_as_many_positions_as_examples():
+    """nn.TransformerEncoderLayer(batch_first=False) on (T, B, d) with T == B == 6: every parameter
+    covered, equal to the float64 loop, no warning."""
+    torch.manual_seed(0)
+    model = models.TinyTransformer(batch_first=False)
+    x, y = models.token_batch(b=6, t=6)
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+    assert set(checked.record.per_sample_sq_norms_by_param) == {n for n, _ in model.named_parameters()}
+    assert not checked.record.per_sample_uncovered and not checked.warnings
+
+
+@pytest.mark.parametrize("flash", [False, True])
+def test_batch_first_gpt_with_block_equal_to_batch_and_dropout(flash):
+    """nanoGPT (batch-first (B, T, d), positions looked up with arange(T)) with B == T == 8 and dropout
+    0.2 in train mode: every parameter exact against the loop (the harness replays the masks)."""
+    torch.manual_seed(0)
+    model = M.LogitsForLoss(M.NanoGPT(dropout=0.2, block_size=8, flash=flash))
+    x, y = M.token_batch(8, 8)
+    assert is_random(model, x)
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+    assert set(checked.record.per_sample_sq_norms_by_param) == {n for n, _ in model.named_parameters()}
+    assert not checked.warnings
+
+
+def _train(model, batches, cockpit: bool, loss_fn=None):
+    """Train with Adam (its state follows every bit of the gradients); with the cockpit asking for
+    per-sample statistics at every step. Returns the model's state, a torch.rand drawn after training,
+    the probe's records and the number of forward calls of the model (probes included)."""
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    probe = Probe(flags=FLAGS)
+    torch.manual_seed(1)
+    ctx = Cockpit(model, opt, loss_fn, instruments=[probe]) if cockpit else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no refusal, no note
+        if ctx is not None:
+            ctx.__enter__()
+        try:
+            for x, y in batches:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+            engine = ctx.engine if ctx is not None else None
+        finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+    handle.remove()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state, torch.rand(4), probe.records, calls, engine
+
+
+def _assert_training_unchanged(build, batches, loss_fn=None):
+    """Returns the cockpit run's records, model calls and engine."""
+    plain, plain_rand, _, plain_calls, _ = _train(build(), batches, cockpit=False, loss_fn=loss_fn)
+    state, rand, records, calls, engine = _train(build(), batches, cockpit=True, loss_fn=loss_fn)
+    assert plain.keys() == state.keys()
+    for k in plain:
+        assert torch.equal(plain[k], state[k]), k
+    assert torch.equal(plain_rand, rand)  # the random stream is untouched
+    assert len(plain_calls) == len(batches)
+    return records, calls, engine
+
+
+def test_training_is_bit_identical_and_the_probe_runs_once_per_run():
+    """nanoGPT with dropout, B == T: parameters, Adam's state and the random stream bit-identical to a
+    run without the cockpit; one probe forward (on B - 1 examples) over the run, not one per step."""
+    batches = [M.token_batch(8, 8, seed=s) for s in range(3)]
+
+    def build():
+        torch.manual_seed(0)
+        return M.LogitsForLoss(M.NanoGPT(dropout=0.2, block_size=8))
+
+    records, calls, engine = _assert_training_unchanged(build, batches)
+    assert calls == [8, 7, 8, 8]  # the first step's forward, the probe on 7 examples, then the steps
+    assert engine.probe_runs == 1 and engine.probe_ms > 0
+    names = {n for n, _ in build().named_parameters()}
+    for rec in records:
+        assert set(rec.per_sample_sq_norms_by_param) == names and not rec.per_sample_uncovered
+
+
+class _Counter(nn.Module):
+    """Counts the examples it has seen in a buffer (a forward that writes a buffer in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return x
+
+
+class _BufferedSeqModel(nn.Module):
+    """(B, T, d) activations and a (B, T) -> (B, d) pooling, with a buffer written at every forward."""
+
+    def __init__(self, norm: str = "layer"):
+        super().__init__()
+        self.emb, self.lin, self.head = nn.Embedding(11, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.count = _Counter()
+        self.norm = nn.BatchNorm1d(8) if norm == "batch" else nn.LayerNorm(8)
+        self.is_batch = norm == "batch"
+
+    def forward(self, tokens):
+        h = torch.tanh(self.lin(self.count(self.emb(tokens))))
+        h = self.norm(h.transpose(1, 2)).transpose(1, 2) if self.is_batch else self.norm(h)
+        return self.head(h.mean(1))
+
+
+def test_buffers_written_in_forward_are_restored_after_the_probe():
+    torch.manual_seed(0)
+    batches = [models.token_batch(b=6, t=6) for _ in range(2)]
+
+    def build():
+        torch.manual_seed(0)
+        return _BufferedSeqModel()
+
+    records, calls, engine = _assert_training_unchanged(build, batches)
+    assert calls == [6, 5, 6] and engine.probe_runs == 1
+    assert all(not rec.per_sample_uncovered for rec in records)
+    torch.manual_seed(0)
+    x, y = models.token_batch(b=6, t=6)
+    assert_matches_loop(build(), x, y, nn.CrossEntropyLoss())
+
+
+def test_train_mode_batchnorm_with_as_many_positions_as_examples():
+    """Train-mode BatchNorm goes through the coupled path (no per-layer axis, no probe): per-sample
+    g_i . gbar equal to d l_i / d theta on the whole batch, and running statistics, parameters and the
+    random stream bit-identical to a plain run."""
+    batches = [models.token_batch(b=6, t=6) for _ in range(2)]
+
+    def build():
+        torch.manual_seed(0)
+        return _BufferedSeqModel(norm="batch")
+
+    probe_model = build()
+    records, _, engine = _assert_training_unchanged(build, batches)
+    assert engine.probe_runs == 0
+    x, y = batches[0]
+    m = copy.deepcopy(probe_model).double().train()
+    params = [p for p in m.parameters() if p.requires_grad]
+    losses = F.cross_entropy(m(x).double(), y, reduction="none")
+    rows = [torch.autograd.grad(losses[i], params, retain_graph=True) for i in range(6)]
+    G = torch.stack([torch.cat([g.reshape(-1) for g in gs]) for gs in rows]).numpy()
+    np.testing.assert_allclose(records[0].per_sample_dot_mean, G @ G.mean(0), rtol=1e-4, atol=1e-8)
+
+
+def test_the_probe_leaves_modes_and_batchnorm_statistics_alone():
+    """Called directly: train-mode BatchNorm runs the probe in eval mode (the same shapes) and is back
+    in train mode after, its running statistics untouched; the written buffer is restored."""
+    torch.manual_seed(0)
+    model = _BufferedSeqModel(norm="batch")
+    x, _ = models.token_batch(b=6, t=6)
+    output = model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = PerSampleEngine(model, attach=False)
+    seen = engine.resolve_axes((x,), {}, 6, output)
+    assert model.norm.training and model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert seen[(model.lin, 0)] == (((5, 6, 8),), ((5, 6, 8),))
+    assert seen[(model.emb, 0)] == (((5, 6),), ((5, 6, 8),))
+
+
+class _FixedBatch(models.TinyTransformer):
+    """A sequence-first transformer whose forward fails on any batch but 1 and 6: the probe cannot run."""
+
+    def forward(self, tokens):
+        if tokens.shape[0] not in (1, 6):
+            raise RuntimeError("this model takes batches of 6")
+        return super().forward(tokens)
+
+
+def test_a_probe_that_fails_keeps_the_refusal_with_its_reason():
+    torch.manual_seed(0)
+    model = _FixedBatch(batch_first=False)
+    x, y = models.token_batch(b=6, t=6)
+    with pytest.raises(AssertionError, match=r"(?s)gave no value.*ambiguous.*this model takes batches of 6"):
+        assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+
+
+def test_one_example_needs_no_probe():
+    """B == 1: any axis of size 1 is the sample axis (moving it does not reorder the data)."""
+    torch.manual_seed(0)
+    model = models.TinyTransformer(batch_first=False)
+    x, y = torch.tensor([[3]]), torch.tensor([1])
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+    assert not checked.record.per_sample_uncovered
