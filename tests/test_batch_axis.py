@@ -175,17 +175,18 @@ def test_train_mode_batchnorm_with_as_many_positions_as_examples():
 
 def test_the_probe_leaves_modes_and_batchnorm_statistics_alone():
     """Called directly: train-mode BatchNorm runs the probe in eval mode (the same shapes) and is back
-    in train mode after, its running statistics untouched; the written buffer is restored."""
+    in train mode after, its running statistics untouched; the buffer the forward writes is a copy's."""
     torch.manual_seed(0)
     model = _BufferedSeqModel(norm="batch")
     x, _ = models.token_batch(b=6, t=6)
     output = model(x)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    versions = {k: v._version for k, v in model.state_dict().items()}
     engine = PerSampleEngine(model, attach=False)
     seen = engine.resolve_axes((x,), {}, 6, output)
     assert model.norm.training and model.training
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    for k, v in model.state_dict().items():  # values and version counters (autograd checks them)
+        assert torch.equal(v, before[k]) and v._version == versions[k], k
     assert seen[(model.lin, 0)] == (((5, 6, 8),), ((5, 6, 8),))
     assert seen[(model.emb, 0)] == (((5, 6),), ((5, 6, 8),))
 

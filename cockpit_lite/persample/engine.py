@@ -577,7 +577,7 @@ class PerSampleEngine:
         (``torch.no_grad()``), the random streams are forked (``torch.random.fork_rng``), every module
         keeps its mode except batch-norm layers, which run in eval mode (the same shapes, no update of
         their running statistics), embeddings with ``max_norm`` do not renormalise their weights, and
-        any other buffer that the forward changed in place is restored. Returns
+        every buffer is replaced by a copy for the probe (a forward that writes one writes the copy). Returns
         {(module, order): (input leaf shapes, output tensor shapes)}, or why the probe failed.
         """
         import time
@@ -602,7 +602,9 @@ class PerSampleEngine:
         norms = [m for m in model.modules() if isinstance(m, (BatchNormBase, InstanceNormBase)) and m.training]
         renorms = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm]
         max_norms = [m.max_norm for m in renorms]
-        buffers = [(b, tensor_version(b), b.detach().clone()) for b in model.buffers()]
+        # the probe writes to copies of the buffers: the step's own are never touched (not even their
+        # version counters, which autograd checks for tensors saved for backward)
+        buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
         params = [(n, p, tensor_version(p)) for n, p in model.named_parameters()]
         devices = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
         t0 = time.perf_counter()
@@ -613,6 +615,8 @@ class PerSampleEngine:
                 m.training = False
             for m in renorms:
                 m.max_norm = None
+            for m, name, b in buffers:
+                m._buffers[name] = b.detach().clone()
             with paused(), torch.no_grad(), torch.random.fork_rng(devices=devices):
                 p_output = model(*p_args, **p_kwargs)
         except Exception as e:
@@ -625,10 +629,8 @@ class PerSampleEngine:
                 m.training = True
             for m, max_norm in zip(renorms, max_norms, strict=True):
                 m.max_norm = max_norm
-            with torch.no_grad():
-                for b, version, saved in buffers:
-                    if tensor_version(b) != version:
-                        b.copy_(saved)
+            for m, name, b in buffers:
+                m._buffers[name] = b
             self.probe_ms += (time.perf_counter() - t0) * 1e3
         changed = [n for n, p, version in params if tensor_version(p) != version]
         if changed:  # a forward that writes its own parameters: cannot be undone, and must not be guessed
