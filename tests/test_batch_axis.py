@@ -191,6 +191,31 @@ def test_the_probe_leaves_modes_and_batchnorm_statistics_alone():
     assert seen[(model.emb, 0)] == (((5, 6),), ((5, 6, 8),))
 
 
+class _SharedFeatures(nn.Module):
+    """Position features (T, 4) shared by the batch, projected by a Linear and added to every example:
+    with T == B the Linear's input has one axis of size B, which is not the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.pos, self.head = nn.Embedding(11, 8), nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        w = self.pos.weight
+        t = torch.arange(tokens.shape[1], dtype=w.dtype)
+        feats = torch.sin(t[:, None] * torch.arange(1, 5, dtype=w.dtype))
+        return self.head(torch.tanh(self.emb(tokens) + self.pos(feats)).mean(1))
+
+
+@pytest.mark.parametrize("t", [5, 6])
+def test_a_layer_on_position_features_shared_by_the_batch(t):
+    """The shared call is split where its output meets the batch, also with T == B (before: its T rows
+    were taken for the B samples, silently wrong): the probe says its input has no sample axis."""
+    torch.manual_seed(0)
+    x, y = models.token_batch(b=6, t=t)
+    checked = assert_matches_loop(_SharedFeatures(), x, y, nn.CrossEntropyLoss())
+    assert not checked.record.per_sample_uncovered and not checked.warnings
+
+
 class _FixedBatch(models.TinyTransformer):
     """A sequence-first transformer whose forward fails on any batch but 1 and 6: the probe cannot run."""
 

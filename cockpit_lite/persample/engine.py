@@ -132,6 +132,8 @@ class _Pending:
     idx: int  #: its index among the module's calls this step (``_Calls``)
     key: tuple  #: (module, order in the forward, batch, input leaf shapes, output tensor shapes)
     grad_outputs: tuple[bool, ...]  #: per tensor output, whether it required grad (had an output gradient)
+    ambiguous: bool  #: some tensor of the call has several axes of size B (else: checked, in a suspect forward)
+    out: torch.Tensor | None  #: its single output that requires grad (a broadcast candidate if it has no sample axis)
 
 
 #: the needs the engine computes (any of them switches its per-layer work on for a step)
@@ -239,6 +241,7 @@ class PerSampleEngine:
         self._model_call: tuple[tuple, dict] | None = None
         self._order: dict[nn.Module, int] = {}
         self._pending: list[_Pending] = []
+        self._suspect = False
         #: resolved sample axes by (module, order in the forward, batch, input shapes, output shapes):
         #: (per input leaf, per tensor output), or None where the probe could not tell (see resolve_axes)
         self._axes: dict[tuple, tuple[tuple, tuple] | None] = {}
@@ -443,6 +446,12 @@ class PerSampleEngine:
             self._bcast.on_model_input(args, kwargs)
             # kept (no copy) until the forward returns: the shape probe reruns the model on fewer examples
             self._model_call, self._order, self._pending = (args, kwargs), {}, []
+            # an input with several axes of its batch size (tokens (B, T) with T == B): every call of this
+            # forward is checked by the shape probe, also those with one axis of size B that may be a
+            # position axis shared by the batch (a Linear on (T, k) position features)
+            shapes = _leaf_shapes((args, kwargs))
+            rows = next((s[0] for s in shapes if s), None)
+            self._suspect = rows is not None and rows > 1 and _several_batch_axes(shapes, rows)
 
     def _model_output(self, module, args, output):
         """End of the model's forward: hook the consumers of tensors broadcast over the batch."""
@@ -451,7 +460,7 @@ class PerSampleEngine:
         call, self._model_call = self._model_call, None
         if not self.active:
             return
-        if self._pending and call is not None:
+        if call is not None and any(p.ambiguous for p in self._pending):
             try:
                 self._resolve_pending(*call, output)
             except Exception as e:  # never break the user's forward
@@ -478,9 +487,9 @@ class PerSampleEngine:
             calls = self._calls.setdefault(module, _Calls())
             idx = len(calls.captures)
             calls.captures.append(handler.capture(args, kwargs, output))
-            self._sample_axes(module, idx, order, args, kwargs, output, calls)
+            shared = self._sample_axes(module, idx, order, args, kwargs, output, outs, calls)
             # an output that may lack the batch axis (a position embedding): decided by its consumers
-            broadcast = len(outs) == 1 and self._bcast.is_candidate(module, outs[0])
+            broadcast = len(outs) == 1 and (shared or self._bcast.is_candidate(module, outs[0]))
             if broadcast:
                 label = f"the output of {type(module).__name__} ({', '.join(handler.names.values())})"
                 self._bcast.add_call(module, idx, outs[0], label)
@@ -507,25 +516,31 @@ class PerSampleEngine:
         return None
 
     # --- the sample axis of calls whose shapes do not tell it ---------------------------------------
-    def _sample_axes(self, module, idx: int, order: int, args, kwargs, output, calls: _Calls) -> None:
-        """A call with several axes of the batch size B (a (B, T, d) or (T, B, d) activation with T == B):
-        take its sample axes from the cache, or leave it to the shape probe at the end of the model's
-        forward. For B == 1 any axis of size 1 is the sample axis (moving it does not reorder data)."""
+    def _sample_axes(self, module, idx: int, order: int, args, kwargs, output, outs, calls: _Calls) -> bool:
+        """A call with several axes of the batch size B (a (B, T, d) or (T, B, d) activation with T == B),
+        or any call of a forward whose input has them: take its sample axes from the cache, or leave it
+        to the shape probe at the end of the model's forward. For B == 1 any axis of size 1 is the
+        sample axis (moving it does not reorder data). True if the call's output is shared by every
+        example (no sample axis): a broadcast candidate, split where it meets the batch."""
         batch = self.batch
         if batch is None or batch < 2 or self._model_call is None:
-            return
+            return False
         inputs = _leaf_shapes((args, kwargs))
         outputs = _tensor_shapes(output)
-        if not _several_batch_axes(inputs, batch) and not _several_batch_axes(outputs, batch):
-            return
+        ambiguous = _several_batch_axes(inputs, batch) or _several_batch_axes(outputs, batch)
+        if not ambiguous and not self._suspect:
+            return False
         key = (module, order, batch, inputs, outputs)
         grad_outputs = tuple(t.requires_grad for t in tree_flatten(output)[0] if torch.is_tensor(t))
         if key not in self._axes:
-            self._pending.append(_Pending(module, idx, key, grad_outputs))
-            return
+            out = outs[0] if len(outs) == 1 else None
+            self._pending.append(_Pending(module, idx, key, grad_outputs, ambiguous, out))
+            return False
         found = self._axes[key]
-        if found is not None:
-            calls.axes[idx] = SampleAxes(found[0], tuple(a for a, g in zip(found[1], grad_outputs, strict=True) if g))
+        if found is None:
+            return False
+        calls.axes[idx] = SampleAxes(found[0], tuple(a for a, g in zip(found[1], grad_outputs, strict=True) if g))
+        return len(outs) == 1 and all(a is None for a in found[1])
 
     def _resolve_pending(self, args: tuple, kwargs: dict, output: Any) -> None:
         """Resolve the sample axes of this forward's ambiguous calls by one shape probe, cache them, and
@@ -548,8 +563,6 @@ class PerSampleEngine:
                             tuple(_changed_axis(r, q, batch) for r, q in zip(inputs, seen[0], strict=True)),
                             tuple(_changed_axis(r, q, batch) for r, q in zip(outputs, seen[1], strict=True)),
                         )
-                        if all(a is None for part in found for a in part):
-                            raise ValueError("none of its tensors follows the batch")
                     except ValueError as e:
                         reason = str(e)
             self._axes[pend.key] = found
@@ -560,6 +573,10 @@ class PerSampleEngine:
             if calls is not None and pend.idx < len(calls.captures):
                 outs = tuple(a for a, g in zip(found[1], pend.grad_outputs, strict=True) if g)
                 calls.axes[pend.idx] = SampleAxes(found[0], outs)
+                shared = pend.out is not None and all(a is None for a in found[1])
+                if shared and not self._bcast.has_call(module, pend.idx):  # split where it meets the batch
+                    label = f"the output of {type(module).__name__} ({', '.join(self.handlers[module].names.values())})"
+                    self._bcast.add_call(module, pend.idx, pend.out, label)
 
     @timed("engine")
     def resolve_axes(

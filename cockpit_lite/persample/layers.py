@@ -138,9 +138,22 @@ class Handler:
         self.names = names
 
     def _input_axis(self, call: int) -> int | None:
-        """The resolved sample axis of call ``call``'s first input, None if none was resolved."""
+        """The resolved sample axis of call ``call``'s first input, None if none was resolved.
+
+        Raises:
+            ValueError: the shape probe found that the input is shared by every example (no axis of it
+                follows the batch) and the call was not split where its output meets the batch.
+        """
         axes = self.sample_axes.get(call)
-        return axes.inputs[0] if axes is not None and axes.inputs else None
+        if axes is None or not axes.inputs:
+            return None
+        if axes.inputs[0] is None:
+            raise ValueError(
+                f"the input of this {type(self.module).__name__} call is shared by every example (the shape probe "
+                "found no axis of it that follows the batch) and its output was not split where it meets the "
+                "batch; per-sample statistics are skipped for this layer"
+            )
+        return axes.inputs[0]
 
     def check(self) -> None:
         """Raise :class:`PerSampleUndefined` if per-sample gradients are undefined right now."""
