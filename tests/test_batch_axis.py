@@ -240,3 +240,16 @@ def test_one_example_needs_no_probe():
     x, y = torch.tensor([[3]]), torch.tensor([1])
     checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
     assert not checked.record.per_sample_uncovered
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["(B, T, d)", "(T, B, d)"])
+def test_transformer_encoder_lm_with_default_dropout_and_as_many_positions_as_examples(batch_first):
+    """nn.TransformerEncoder with its default dropout 0.1 (attention dropout replayed), a causal mask
+    of shape (T, T) and B == T: exact against the shares of the same-seed forward (test_attention_dropout)."""
+    from tests.test_attention_dropout import LM, SEED, _tokens
+
+    torch.manual_seed(0)
+    model = LM(batch_first=batch_first)
+    x, y = _tokens(b=6, t=6)
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), rng_seed=SEED)
+    assert not checked.warnings and not checked.record.per_sample_uncovered
