@@ -253,3 +253,34 @@ def test_transformer_encoder_lm_with_default_dropout_and_as_many_positions_as_ex
     x, y = _tokens(b=6, t=6)
     checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), rng_seed=SEED)
     assert not checked.warnings and not checked.record.per_sample_uncovered
+
+
+def test_gradient_accumulation_with_micro_batches_as_long_as_the_sequence():
+    """Micro-batches of 6, 6 and 3 sequences of 6 tokens through a (T, B, d) transformer: each micro-batch
+    of 6 is resolved (one probe, cached), and the step's statistics over its 15 examples equal the float64
+    loop on the concatenated batch; training as without the cockpit."""
+    from tests.reference import flat, per_sample_grads_loop
+    from tests.test_accumulation_join import _accumulate, _assert_same_training
+
+    sizes = [6, 6, 3]
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(1, 11, (15, 6), generator=g), torch.randint(0, 3, (15,), generator=g)) for _ in range(2)]
+    torch.manual_seed(0)
+    model = models.TinyTransformer(batch_first=False)
+    plain = copy.deepcopy(model)
+    loss_fn = nn.CrossEntropyLoss()
+    probe = Probe(flags=FLAGS)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Cockpit(model, opt, loss_fn, instruments=[probe]) as ck:
+            steps = _accumulate(model, opt, None, batches, sizes, loss_fn)
+            assert ck.engine.probe_runs == 1
+    _accumulate(plain, torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9), None, batches, sizes, loss_fn)
+    _assert_same_training(model, plain)
+    for rec, (theta, x, y) in zip(probe.records, steps, strict=True):
+        assert rec.micro_batches == sizes and not rec.per_sample_uncovered
+        G = flat(per_sample_grads_loop(theta, nn.CrossEntropyLoss(), x, y))
+        np.testing.assert_allclose(rec.per_sample_sq_norms, (G**2).sum(1), rtol=1e-5)
+        dot = G @ G.mean(0)
+        np.testing.assert_allclose(rec.per_sample_dot_mean, dot, rtol=1e-5, atol=1e-5 * np.abs(dot).max())

@@ -527,7 +527,7 @@ class PerSampleEngine:
             return False
         inputs = _leaf_shapes((args, kwargs))
         outputs = _tensor_shapes(output)
-        ambiguous = _several_batch_axes(inputs, batch) or _several_batch_axes(outputs, batch)
+        ambiguous = self.handlers[module].ambiguous(args, kwargs, output, batch)
         if not ambiguous and not self._suspect:
             return False
         key = (module, order, batch, inputs, outputs)

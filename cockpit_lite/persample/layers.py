@@ -155,6 +155,13 @@ class Handler:
             )
         return axes.inputs[0]
 
+    def ambiguous(self, args: tuple, kwargs: dict, output, batch: int) -> bool:
+        """Whether the shapes of this call do not tell where its sample axis is, so that the engine must
+        resolve it (by its shape probe) before :meth:`view`: by default, some tensor argument or output
+        has several axes of size ``batch``."""
+        leaves = [t for t in tree_flatten((args, kwargs, output))[0] if torch.is_tensor(t)]
+        return any(sum(1 for n in t.shape if n == batch) > 1 for t in leaves)
+
     def check(self) -> None:
         """Raise :class:`PerSampleUndefined` if per-sample gradients are undefined right now."""
 
@@ -187,7 +194,16 @@ class Handler:
         return None
 
 
+def _leading_ambiguous(args: tuple, batch: int, n_feature: int) -> bool:
+    """Whether the first argument has several leading axes (all but its last ``n_feature``) of size B."""
+    x = args[0] if args and torch.is_tensor(args[0]) else None
+    return x is not None and sum(1 for n in x.shape[: x.dim() - n_feature] if n == batch) > 1
+
+
 class LinearHandler(Handler):
+    def ambiguous(self, args, kwargs, output, batch):
+        return _leading_ambiguous(args, batch, 1)
+
     def view(self, captures, grads, batch, inv_scale):
         a_parts, e_parts = [], []
         for k, (x, (g,)) in enumerate(zip(captures, grads, strict=True)):
@@ -214,6 +230,9 @@ class ConvHandler(Handler):
     the batch folded into the groups, or a forward convolution of the input with the output
     gradients as filters (:meth:`_grads_swapped`).
     """
+
+    def ambiguous(self, args, kwargs, output, batch):
+        return False  # (B, C, *spatial): the sample axis is 0
 
     _choice: dict[tuple, str] = {}  # shared across instances: (shapes, params) -> kernel name
 
@@ -423,6 +442,9 @@ class ConvHandler(Handler):
 
 
 class EmbeddingHandler(Handler):
+    def ambiguous(self, args, kwargs, output, batch):
+        return _leading_ambiguous(args, batch, 0)
+
     def view(self, captures, grads, batch, inv_scale):
         m = self.module
         idx_parts, e_parts = [], []
@@ -443,6 +465,10 @@ class EmbeddingHandler(Handler):
 
 class NormHandler(Handler):
     """Affine normalisations: per-sample grads of the gain and bias are (B, C) or (B, *shape): cheap."""
+
+    def ambiguous(self, args, kwargs, output, batch):
+        m = self.module
+        return isinstance(m, nn.LayerNorm) and _leading_ambiguous(args, batch, len(m.normalized_shape))
 
     def check(self) -> None:
         m = self.module
@@ -811,6 +837,9 @@ class AttentionHandler(FuncHandler):
     def _random(self) -> bool:
         m = self.module
         return bool(m.training and m.dropout > 0)
+
+    def ambiguous(self, args, kwargs, output, batch):
+        return False  # its layout is documented: the batch axis by ``batch_first``
 
     def check(self) -> None:
         return None
