@@ -6,6 +6,7 @@ train-mode BatchNorm, d l_i / d theta on the whole batch."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -284,3 +285,62 @@ def test_gradient_accumulation_with_micro_batches_as_long_as_the_sequence():
         np.testing.assert_allclose(rec.per_sample_sq_norms, (G**2).sum(1), rtol=1e-5)
         dot = G @ G.mean(0)
         np.testing.assert_allclose(rec.per_sample_dot_mean, dot, rtol=1e-5, atol=1e-5 * np.abs(dot).max())
+
+
+class _LossInside(nn.Module):
+    """nanoGPT called as ``model(idx, targets)`` returning the loss alone (no output to check)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = M.NanoGPT(dropout=0.1, block_size=8)
+
+    def forward(self, idx, targets):
+        return self.net(idx, targets)[1]
+
+
+def test_a_model_that_returns_only_its_loss():
+    """The loss computed inside the model (mean over the batch's tokens), B == T: the probe cuts the
+    targets too; every parameter covered, training unchanged."""
+    batches = [M.token_batch(8, 8, seed=s) for s in range(2)]
+
+    def build():
+        torch.manual_seed(0)
+        return _LossInside()
+
+    def train(model, cockpit):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        probe = Probe(flags=FLAGS)
+        torch.manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ctx = Cockpit(model, opt, instruments=[probe]) if cockpit else contextlib.nullcontext()
+            with ctx as ck:
+                for x, y in batches:
+                    opt.zero_grad()
+                    model(x, y).backward()
+                    opt.step()
+        return probe.records, ck
+
+    plain, model = build(), build()
+    train(plain, False)
+    records, ck = train(model, True)
+    for a, b in zip(plain.state_dict().values(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert ck.engine.probe_runs == 1
+    names = {n for n, _ in model.named_parameters()}
+    assert all(set(rec.per_sample_sq_norms_by_param) == names and not rec.per_sample_uncovered for rec in records)
+    # the first step against the float64 loop (dropout off: the loop cannot redraw the masks)
+    ref = build().double().eval()
+    x, y = batches[0]
+    sq = []
+    for i in range(len(x)):
+        grads = torch.autograd.grad(ref(x[i : i + 1], y[i : i + 1]), list(ref.parameters()))
+        sq.append(sum(float(g.square().sum()) for g in grads))
+    model = build()
+    model.net.apply(lambda m: setattr(m, "p", 0.0) if isinstance(m, nn.Dropout) else None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    probe = Probe(flags=FLAGS)
+    with Cockpit(model, opt, instruments=[probe]):
+        model(x, y).backward()
+        opt.step()
+    np.testing.assert_allclose(probe.records[0].per_sample_sq_norms, sq, rtol=1e-4)

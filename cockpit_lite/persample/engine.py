@@ -584,7 +584,8 @@ class PerSampleEngine:
     ) -> dict[tuple[nn.Module, int], tuple] | str:
         """The shape probe: run the model once on the first B - 1 examples of its call ``(args, kwargs)``
         (every tensor argument whose axis 0 has size B is cut; axis 0 of the model's input is the batch),
-        check that the batch axis of the call's ``output`` (axis 0, the loss's) followed, and record,
+        check that the batch axis of the call's ``output`` (axis 0, the loss's) followed where there is
+        one, and record,
         per handled module and call order within the forward, the shapes of the call's input leaves and
         tensor outputs. An axis of size B in the step whose size is B - 1 in the probe
         follows the batch: it is the call's sample axis (see ``_changed_axis``); the layout of a call is
@@ -654,7 +655,8 @@ class PerSampleEngine:
             return f"the model's forward changed the parameters {changed} in place, which the probe cannot undo"
         real, probe = _tensor_shapes(output), _tensor_shapes(p_output)
         rows = [(r, q) for r, q in zip(real, probe, strict=False) if r and r[0] == batch]
-        if len(real) != len(probe) or not rows or any(q[:1] != (small,) or q[1:] != r[1:] for r, q in rows):
+        # (a model that returns only a scalar loss has nothing to check: axis 0 of its input is the batch)
+        if len(real) != len(probe) or any(q[:1] != (small,) or q[1:] != r[1:] for r, q in rows):
             return (
                 f"the model's outputs {list(real)} became {list(probe)} on {small} examples: their axis 0 does not "
                 "follow the batch, so axis 0 of the model's input is not the batch"
