@@ -603,7 +603,12 @@ class PerSampleEngine:
         small = batch - 1
         if small < 1:
             return "a batch of one example needs no probe"
-        cut = lambda t: t[:small] if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == batch else t  # noqa: E731
+
+        def cut(t):  # copies: a forward that writes its input in place writes the copy
+            if not torch.is_tensor(t):
+                return t
+            return (t[:small] if t.dim() > 0 and t.shape[0] == batch else t).detach().clone()
+
         p_args, p_kwargs = tree_map(cut, args), tree_map(cut, kwargs)
         if _leaf_shapes((p_args, p_kwargs)) == _leaf_shapes((args, kwargs)):
             return f"no tensor argument of the model has {batch} rows"
