@@ -124,6 +124,19 @@ def _changed_axis(real: tuple[int, ...] | None, probe: tuple[int, ...] | None, b
     return changed[0] if changed else None
 
 
+def _sharded(model: nn.Module) -> bool:
+    """Whether the model's forward gathers its parameters with collectives (FSDP2's DTensor parameters,
+    FSDP1's wrapper modules)."""
+    import sys
+
+    tensor, fsdp = sys.modules.get("torch.distributed.tensor"), sys.modules.get("torch.distributed.fsdp")
+    dtensor = getattr(tensor, "DTensor", None)
+    wrapper = getattr(fsdp, "FullyShardedDataParallel", None)
+    if dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters()):
+        return True
+    return wrapper is not None and any(isinstance(m, wrapper) for m in model.modules())
+
+
 @dataclass(frozen=True)
 class _Pending:
     """A module call of the current model forward with several axes of the batch size, unresolved."""
@@ -603,6 +616,11 @@ class PerSampleEngine:
         small = batch - 1
         if small < 1:
             return "a batch of one example needs no probe"
+        if _sharded(self.model):
+            return (
+                "the model is sharded (FSDP): a probe forward would gather parameters with collectives that the "
+                "other ranks, whose batches may have other shapes, do not join"
+            )
 
         def cut(t):  # copies: a forward that writes its input in place writes the copy
             if not torch.is_tensor(t):
