@@ -538,11 +538,11 @@ class PerSampleEngine:
         batch = self.batch
         if batch is None or batch < 2 or self._model_call is None:
             return False
-        inputs = _leaf_shapes((args, kwargs))
-        outputs = _tensor_shapes(output)
         ambiguous = self.handlers[module].ambiguous(args, kwargs, output, batch)
         if not ambiguous and not self._suspect:
             return False
+        inputs = _leaf_shapes((args, kwargs))
+        outputs = _tensor_shapes(output)
         key = (module, order, batch, inputs, outputs)
         grad_outputs = tuple(t.requires_grad for t in tree_flatten(output)[0] if torch.is_tensor(t))
         if key not in self._axes:
