@@ -88,6 +88,8 @@ class _Calls:
     weight_grads: dict[int, torch.Tensor] = field(default_factory=dict)
     #: per call whose shapes alone do not tell the sample axis: where it lies (the shape probe's answer)
     axes: dict[int, SampleAxes] = field(default_factory=dict)
+    #: the batch size each entry of ``axes`` holds for (a loss that later sets another batch voids it)
+    axes_batch: dict[int, int] = field(default_factory=dict)
 
 
 def _leaf_shapes(tree: Any) -> tuple[tuple[int, ...] | None, ...]:
@@ -553,6 +555,7 @@ class PerSampleEngine:
         if found is None:
             return False
         calls.axes[idx] = SampleAxes(found[0], tuple(a for a, g in zip(found[1], grad_outputs, strict=True) if g))
+        calls.axes_batch[idx] = batch
         return len(outs) == 1 and all(a is None for a in found[1])
 
     def _resolve_pending(self, args: tuple, kwargs: dict, output: Any) -> None:
@@ -586,6 +589,7 @@ class PerSampleEngine:
             if calls is not None and pend.idx < len(calls.captures):
                 outs = tuple(a for a, g in zip(found[1], pend.grad_outputs, strict=True) if g)
                 calls.axes[pend.idx] = SampleAxes(found[0], outs)
+                calls.axes_batch[pend.idx] = batch
                 shared = pend.out is not None and all(a is None for a in found[1])
                 if shared and not self._bcast.has_call(module, pend.idx):  # split where it meets the batch
                     label = f"the output of {type(module).__name__} ({', '.join(self.handlers[module].names.values())})"
@@ -679,7 +683,9 @@ class PerSampleEngine:
         real, probe = _tensor_shapes(output), _tensor_shapes(p_output)
         rows = [(r, q) for r, q in zip(real, probe, strict=False) if r and r[0] == batch]
         # (a model that returns only a scalar loss has nothing to check: axis 0 of its input is the batch)
-        if len(real) != len(probe) or any(q[:1] != (small,) or q[1:] != r[1:] for r, q in rows):
+        scalars = all(len(r) == 0 for r in real)
+        bad = any(q[:1] != (small,) or q[1:] != r[1:] for r, q in rows)
+        if len(real) != len(probe) or bad or (not rows and not scalars):
             return (
                 f"the model's outputs {list(real)} became {list(probe)} on {small} examples: their axis 0 does not "
                 "follow the batch, so axis 0 of the model's input is not the batch"
@@ -709,6 +715,7 @@ class PerSampleEngine:
                     # the expanded inputs and the shares carry the samples on a new leading axis
                     leaves = tree_flatten(calls.captures[idx])[0]
                     calls.axes[idx] = SampleAxes(tuple(0 if torch.is_tensor(t) else None for t in leaves), (0,))
+                    calls.axes_batch[idx] = self.batch
             calls.grads[idx] = tuple(None if g is None else g.detach() for g in grads)
             if any(g is not None and g.dtype in _LOW_PRECISION for g in grads):
                 self.low_precision = True  # autocast: the step's gradients carry half-precision round-off
@@ -745,8 +752,9 @@ class PerSampleEngine:
         # a backward called inside autocast must not recast the engine's own products
         with _no_autocast(grads):
             self._processing = True
-            if calls.axes:
-                handler.sample_axes = calls.axes
+            axes = {i: a for i, a in calls.axes.items() if calls.axes_batch.get(i) == self.batch}
+            if axes:
+                handler.sample_axes = axes
             try:
                 with paused():  # a replay (torch.func, attention) is no call of the user's model or loss
                     view = handler.view(calls.captures, grads, self.batch, self.inv_scale)
