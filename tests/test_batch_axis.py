@@ -344,3 +344,27 @@ def test_a_model_that_returns_only_its_loss():
         model(x, y).backward()
         opt.step()
     np.testing.assert_allclose(probe.records[0].per_sample_sq_norms, sq, rtol=1e-4)
+
+
+def test_tracin_probe_views_with_as_many_positions_as_examples():
+    """The engine's probe session (TracIn's other batch) with B == T through a (T, B, d) transformer:
+    every layer's view, its squared norms equal to the float64 loop; the sample axes are resolved once
+    and shared with the training steps' cache."""
+    from tests.reference import per_sample_grads_loop
+
+    torch.manual_seed(0)
+    model = models.TinyTransformer(batch_first=False)
+    x, y = models.token_batch(b=6, t=6)
+    engine = PerSampleEngine(model)
+    loss_fn = nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        views, losses = engine.probe(x, y, loss_fn)
+        engine.probe(x, y, loss_fn)
+    engine.close()
+    assert len(engine._axes) > 0
+    ref = per_sample_grads_loop(model, loss_fn, x, y)
+    got = {n: v for view in views.values() for n, v in view.sq_norms().items()}
+    assert set(got) == set(ref)
+    for n, g in ref.items():
+        np.testing.assert_allclose(got[n].double().numpy(), (g.reshape(6, -1) ** 2).sum(1), rtol=1e-4, err_msg=n)

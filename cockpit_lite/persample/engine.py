@@ -1108,8 +1108,13 @@ class PerSampleEngine:
         session = PerSampleEngine(self.model, costs=self.costs, warn=self._warn, attach=False, handlers=self.handlers)
         session.checks_left = 0
         session._probing = True
+        session._axes, session._probe_notes = self._axes, self._probe_notes  # one cache of sample axes
         session.begin(Needs({Need.PER_SAMPLE_CROSS}))
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        # the batch of the probe's inputs during its forward (sample axes are resolved for it); the
+        # losses' rows then decide
+        first = next((t for t in tree_flatten(args)[0] if torch.is_tensor(t) and t.dim() > 0), None)
+        session.batch = None if first is None else int(first.shape[0])
         devices = sorted({p.device.index or 0 for p in self.model.parameters() if p.is_cuda})
         with paused(), torch.random.fork_rng(devices=devices), torch.enable_grad():
             session._attach()
