@@ -368,3 +368,39 @@ def test_tracin_probe_views_with_as_many_positions_as_examples():
     assert set(got) == set(ref)
     for n, g in ref.items():
         np.testing.assert_allclose(got[n].double().numpy(), (g.reshape(6, -1) ** 2).sum(1), rtol=1e-4, err_msg=n)
+
+
+class _WritesItsWeight(_SharedFeatures):
+    """A forward that writes one of its parameters in place (a clamp of the head's weight)."""
+
+    def forward(self, tokens):
+        with torch.no_grad():
+            self.head.weight.clamp_(-0.3, 0.3)
+        return super().forward(tokens)
+
+
+def test_a_forward_that_writes_its_parameters_stops_the_probe_before_the_write():
+    """The probe stops before the in-place write (training bit-identical to a plain run, backward
+    intact); the layers it would have resolved are left out with the reason, not guessed."""
+
+    def run(cockpit):
+        torch.manual_seed(0)
+        model = _WritesItsWeight()
+        x, y = models.token_batch(b=6, t=6)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss_fn = nn.CrossEntropyLoss()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            probe = Probe(flags=FLAGS)
+            with Cockpit(model, opt, loss_fn, instruments=[probe]) if cockpit else contextlib.nullcontext():
+                for _ in range(2):
+                    opt.zero_grad()
+                    loss_fn(model(x), y).backward()
+                    opt.step()
+        return model.state_dict(), " ".join(str(w.message) for w in caught)
+
+    plain, _ = run(False)
+    state, messages = run(True)
+    for k in plain:
+        assert torch.equal(plain[k], state[k]), k
+    assert "ambiguous" in messages and "clamp_ on head.weight" in messages

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from cockpit_lite.compat import BatchNormBase, InstanceNormBase, tensor_version, tree_flatten, tree_map
 from cockpit_lite.errors import CockpitWarning
@@ -124,6 +125,39 @@ def _changed_axis(real: tuple[int, ...] | None, probe: tuple[int, ...] | None, b
     if len(changed) > 1:
         raise ValueError(f"shape {real} became {probe}: several axes follow the batch")
     return changed[0] if changed else None
+
+
+class _WritesParameter(Exception):
+    """The probe's forward was about to write a parameter in place (stopped before the write)."""
+
+
+_INPLACE_DUNDERS = frozenset(
+    {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__"}
+    | {"__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__"}
+)
+
+
+class _ParameterGuard(TorchFunctionMode):
+    """Active during the shape probe: stops the forward before any in-place op on a tensor that shares
+    storage with a parameter (``clamp_``, ``copy_``, ``__setitem__``, an ``out=`` argument, through
+    ``.data`` too), so that a forward that writes its own parameters changes nothing and the probe
+    reports it."""
+
+    def __init__(self, params: dict[int, str]):
+        super().__init__()
+        self.params = params  #: storage address -> parameter name
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        inplace = (name.endswith("_") and not name.startswith("__")) or name in _INPLACE_DUNDERS
+        targets = [args[0]] if inplace and args else []
+        out = kwargs.get("out")
+        targets += [t for t in (out if isinstance(out, (tuple, list)) else [out]) if t is not None]
+        for t in targets:
+            if torch.is_tensor(t) and t.untyped_storage().data_ptr() in self.params:
+                raise _WritesParameter(f"{name} on {self.params[t.untyped_storage().data_ptr()]}")
+        return func(*args, **kwargs)
 
 
 def _sharded(model: nn.Module) -> bool:
@@ -651,6 +685,7 @@ class PerSampleEngine:
         # version counters, which autograd checks for tensors saved for backward)
         buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
         params = [(n, p, tensor_version(p)) for n, p in model.named_parameters()]
+        storages = {p.untyped_storage().data_ptr(): n for n, p, _ in params if p.untyped_storage().data_ptr()}
         devices = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
         t0 = time.perf_counter()
         self.probe_runs += 1
@@ -662,8 +697,10 @@ class PerSampleEngine:
                 m.max_norm = None
             for m, name, b in buffers:
                 m._buffers[name] = b.detach().clone()
-            with paused(), torch.no_grad(), torch.random.fork_rng(devices=devices):
+            with paused(), torch.no_grad(), torch.random.fork_rng(devices=devices), _ParameterGuard(storages):
                 p_output = model(*p_args, **p_kwargs)
+        except _WritesParameter as e:
+            return f"the model's forward writes its own parameters in place ({e}); the probe stopped before the write"
         except Exception as e:
             return f"the model failed on {small} examples ({type(e).__name__}: {e})"
         finally:
@@ -679,7 +716,15 @@ class PerSampleEngine:
             self.probe_ms += (time.perf_counter() - t0) * 1e3
         changed = [n for n, p, version in params if tensor_version(p) != version]
         if changed:  # a forward that writes its own parameters: cannot be undone, and must not be guessed
-            return f"the model's forward changed the parameters {changed} in place, which the probe cannot undo"
+            reason = f"the model's forward changed the parameters {changed} in place, which the probe cannot undo"
+            message = f"the shape probe (the model run once on {small} examples to find its sample axes): {reason}"
+            if message not in self.warned:  # training saw one more write than without the cockpit: say so
+                self.warned.add(message)
+                if self._warn is not None:
+                    self._warn(message)
+                else:
+                    warnings.warn(f"cockpit-lite: {message}", CockpitWarning, stacklevel=2)
+            return reason
         real, probe = _tensor_shapes(output), _tensor_shapes(p_output)
         rows = [(r, q) for r, q in zip(real, probe, strict=False) if r and r[0] == batch]
         # (a model that returns only a scalar loss has nothing to check: axis 0 of its input is the batch)
