@@ -136,7 +136,7 @@ class _BufferedSeqModel(nn.Module):
         return self.head(h.mean(1))
 
 
-def test_buffers_written_in_forward_are_restored_after_the_probe():
+def test_buffers_written_in_forward_are_untouched_by_the_probe():
     torch.manual_seed(0)
     batches = [models.token_batch(b=6, t=6) for _ in range(2)]
 
