@@ -298,22 +298,19 @@ def test_weighted_cross_entropy_with_ignore_index():
     )
 
 
-def test_ambiguous_batch_axis_is_refused_not_guessed():
-    """A (T, B, d) activation with T == B cannot tell the sample axis: no numbers, a clear warning."""
+def test_ambiguous_batch_axis_is_resolved_not_guessed():
+    """A (T, B, d) activation with T == B has two axes of the batch size: the shape probe (the model on
+    B - 1 examples) tells the sample axis. Every parameter is covered, equal to the float64 loop."""
     torch.manual_seed(0)
     model = models.TinyTransformer(batch_first=False)
     x, y = models.token_batch(b=6, t=6)
-    probe, opt, loss_fn = Probe(), torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss()
-    with pytest.warns(RuntimeWarning, match="ambiguous"):
-        with Cockpit(model, opt, loss_fn, instruments=[probe]):
-            loss_fn(model(x), y).backward()
-            opt.step()
-    rec = probe.records[0]
-    # the attention and feed-forward layers are left out (their activations are (T, B, d) with T == B);
-    # the rest is computed, and the run says which parameters are not covered
-    assert rec.per_sample_uncovered and all(n.startswith(("layer.", "emb.")) for n in rec.per_sample_uncovered)
-    covered = set(rec.per_sample_sq_norms_by_param)
-    assert {"head.weight", "head.bias"} <= covered and not covered & set(rec.per_sample_uncovered) and rec.loss
+    loss_fn = nn.CrossEntropyLoss()
+    fixed, directions = _directions(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rec, ref, update = _run_one_step(model, loss_fn, x, y, directions=directions)
+    assert not rec.per_sample_uncovered and set(rec.per_sample_sq_norms_by_param) == set(ref)
+    _check_all(rec, ref, update, fixed)
 
 
 def test_flattened_token_loss_gives_per_sequence_statistics():

@@ -206,6 +206,10 @@ class BroadcastTracker:
         batch = self.engine.batch if self.engine.batch is not None else self.input_batch
         return batch is not None and batch not in out.shape
 
+    def has_call(self, module: nn.Module, idx: int) -> bool:
+        """Whether this call of ``module`` is a candidate of the current forward."""
+        return (module, idx) in self._calls
+
     def add_call(self, module: nn.Module, idx: int, out: torch.Tensor, label: str) -> None:
         slot = Slot("call", tuple(out.shape), (out.dtype, out.device), label, owner=(module, idx))
         self._calls[(module, idx)] = slot

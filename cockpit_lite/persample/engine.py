@@ -22,14 +22,22 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from cockpit_lite.compat import tree_flatten, tree_map
+from cockpit_lite.compat import BatchNormBase, InstanceNormBase, tensor_version, tree_flatten, tree_map
 from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.hooks import SharedHook
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.pause import is_paused, paused
 from cockpit_lite.persample.broadcast import BroadcastTracker, expand_over_batch
-from cockpit_lite.persample.layers import BareParamsHandler, Handler, PerSampleUndefined, build_handlers, tied_groups
+from cockpit_lite.persample.layers import (
+    BareParamsHandler,
+    Handler,
+    PerSampleUndefined,
+    SampleAxes,
+    build_handlers,
+    tied_groups,
+)
 from cockpit_lite.persample.views import JoinedView, View, combined, joined_gram, tied_view, view_bytes
 from cockpit_lite.profiling import Costs, timed
 
@@ -79,6 +87,102 @@ class _Calls:
     #: per call, the weight gradient autograd computed for that call (when the layer's own backward
     #: node could be hooked): sum_i g_i up to the gradient scale, free instead of recomputed
     weight_grads: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: per call whose shapes alone do not tell the sample axis: where it lies (the shape probe's answer)
+    axes: dict[int, SampleAxes] = field(default_factory=dict)
+    #: the batch size each entry of ``axes`` holds for (a loss that later sets another batch voids it)
+    axes_batch: dict[int, int] = field(default_factory=dict)
+
+
+def _leaf_shapes(tree: Any) -> tuple[tuple[int, ...] | None, ...]:
+    """The shape of every leaf of ``tree`` (None for a leaf that is no tensor)."""
+    return tuple(tuple(t.shape) if torch.is_tensor(t) else None for t in tree_flatten(tree)[0])
+
+
+def _tensor_shapes(tree: Any) -> tuple[tuple[int, ...], ...]:
+    """The shapes of the tensor leaves of ``tree``."""
+    return tuple(tuple(t.shape) for t in tree_flatten(tree)[0] if torch.is_tensor(t))
+
+
+def _several_batch_axes(shapes: tuple, batch: int) -> bool:
+    """Whether some tensor has more than one axis of size ``batch``: its sample axis is not told by shape."""
+    return any(s is not None and sum(1 for n in s if n == batch) > 1 for s in shapes)
+
+
+def _changed_axis(real: tuple[int, ...] | None, probe: tuple[int, ...] | None, batch: int) -> int | None:
+    """The sample axis of a tensor of shape ``real`` (batch B) that had shape ``probe`` when the model ran
+    on B - 1 examples: the one axis whose size followed the batch; None for a tensor shared by every
+    example (no axis changed). Raises ValueError when the shapes differ in any other way (other data,
+    another code path) or several axes followed the batch."""
+    if real is None or probe is None:
+        if real != probe:
+            raise ValueError("a tensor argument in one run is not a tensor in the other")
+        return None
+    if len(real) != len(probe):
+        raise ValueError(f"shape {real} became {probe}")
+    changed = [a for a, (n, m) in enumerate(zip(real, probe, strict=True)) if n != m]
+    if any(real[a] != batch or probe[a] != batch - 1 for a in changed):
+        raise ValueError(f"shape {real} became {probe}, not only along an axis of the batch size")
+    if len(changed) > 1:
+        raise ValueError(f"shape {real} became {probe}: several axes follow the batch")
+    return changed[0] if changed else None
+
+
+class _WritesParameter(Exception):
+    """The probe's forward was about to write a parameter in place (stopped before the write)."""
+
+
+_INPLACE_DUNDERS = frozenset(
+    {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__"}
+    | {"__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__"}
+)
+
+
+class _ParameterGuard(TorchFunctionMode):
+    """Active during the shape probe: stops the forward before any in-place op on a tensor that shares
+    storage with a parameter (``clamp_``, ``copy_``, ``__setitem__``, an ``out=`` argument, through
+    ``.data`` too), so that a forward that writes its own parameters changes nothing and the probe
+    reports it."""
+
+    def __init__(self, params: dict[int, str]):
+        super().__init__()
+        self.params = params  #: storage address -> parameter name
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        inplace = (name.endswith("_") and not name.startswith("__")) or name in _INPLACE_DUNDERS
+        targets = [args[0]] if inplace and args else []
+        out = kwargs.get("out")
+        targets += [t for t in (out if isinstance(out, (tuple, list)) else [out]) if t is not None]
+        for t in targets:
+            if torch.is_tensor(t) and t.untyped_storage().data_ptr() in self.params:
+                raise _WritesParameter(f"{name} on {self.params[t.untyped_storage().data_ptr()]}")
+        return func(*args, **kwargs)
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether the model's forward gathers its parameters with collectives (FSDP2's DTensor parameters,
+    FSDP1's wrapper modules)."""
+    import sys
+
+    tensor, fsdp = sys.modules.get("torch.distributed.tensor"), sys.modules.get("torch.distributed.fsdp")
+    dtensor = getattr(tensor, "DTensor", None)
+    wrapper = getattr(fsdp, "FullyShardedDataParallel", None)
+    if dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters()):
+        return True
+    return wrapper is not None and any(isinstance(m, wrapper) for m in model.modules())
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A module call of the current model forward with several axes of the batch size, unresolved."""
+
+    module: nn.Module
+    idx: int  #: its index among the module's calls this step (``_Calls``)
+    key: tuple  #: (module, order in the forward, batch, input leaf shapes, output tensor shapes)
+    grad_outputs: tuple[bool, ...]  #: per tensor output, whether it required grad (had an output gradient)
+    ambiguous: bool  #: some tensor of the call has several axes of size B (else: checked, in a suspect forward)
+    out: torch.Tensor | None  #: its single output that requires grad (a broadcast candidate if it has no sample axis)
 
 
 #: the needs the engine computes (any of them switches its per-layer work on for a step)
@@ -181,6 +285,20 @@ class PerSampleEngine:
         #: a probe session (:meth:`probe`): sees calls inside ``paused()`` and hands clones downstream
         self._probing = False
         self._outputs: list[torch.Tensor] = []
+        #: the current model call's arguments (until its forward returns), each handled module's calls so
+        #: far in it, and its calls whose sample axis the shape probe must resolve
+        self._model_call: tuple[tuple, dict] | None = None
+        self._order: dict[nn.Module, int] = {}
+        self._pending: list[_Pending] = []
+        self._suspect = False
+        #: resolved sample axes by (module, order in the forward, batch, input shapes, output shapes):
+        #: (per input leaf, per tensor output), or None where the probe could not tell (see resolve_axes)
+        self._axes: dict[tuple, tuple[tuple, tuple] | None] = {}
+        #: shape probes run so far, and their total wall time (ms)
+        self.probe_runs = 0
+        self.probe_ms = 0.0
+        #: per module, why the shape probe could not resolve its sample axis (added to a refusal's note)
+        self._probe_notes: dict[nn.Module, str] = {}
         self.warned: set[str] = set()
         self.checks_left = self.CHECKS
         #: the loop accumulates gradients over several forward/backward passes per step (seen once: sticky;
@@ -346,6 +464,8 @@ class PerSampleEngine:
             self._tied_views.pop(gid, None)
             self._dropped_groups.add(gid)
         names = ", ".join(sorted(self.handlers[module].names.values())) if module in self.handlers else "?"
+        if "ambiguous" in reason and module in self._probe_notes:
+            reason = f"{reason} ({self._probe_notes[module]})"
         message = f"per-sample statistics leave out {type(module).__name__} ({names}) for this step: {reason}"
         if message not in self.warned:
             self.warned.add(message)
@@ -373,11 +493,28 @@ class PerSampleEngine:
     def _model_input(self, module, args, kwargs):
         if module is self.model and not self._processing and (not is_paused() or self._probing):
             self._bcast.on_model_input(args, kwargs)
+            # kept (no copy) until the forward returns: the shape probe reruns the model on fewer examples
+            self._model_call, self._order, self._pending = (args, kwargs), {}, []
+            # an input with several axes of its batch size (tokens (B, T) with T == B): every call of this
+            # forward is checked by the shape probe, also those with one axis of size B that may be a
+            # position axis shared by the batch (a Linear on (T, k) position features)
+            shapes = _leaf_shapes((args, kwargs))
+            rows = next((s[0] for s in shapes if s), None)
+            self._suspect = rows is not None and rows > 1 and _several_batch_axes(shapes, rows)
 
     def _model_output(self, module, args, output):
         """End of the model's forward: hook the consumers of tensors broadcast over the batch."""
-        if module is not self.model or not self.active or self._processing or (is_paused() and not self._probing):
+        if module is not self.model or self._processing or (is_paused() and not self._probing):
             return
+        call, self._model_call = self._model_call, None
+        if not self.active:
+            return
+        if call is not None and any(p.ambiguous for p in self._pending):
+            try:
+                self._resolve_pending(*call, output)
+            except Exception as e:  # never break the user's forward
+                self.fail(f"per-sample engine disabled for this step (sample axis probe: {type(e).__name__}: {e})")
+        self._pending = []
         if self._bcast.wanted:
             try:
                 self._bcast.walk(output)
@@ -388,6 +525,8 @@ class PerSampleEngine:
         # not during our own recomputation (torch.func), nor for a deepcopy that carries our hooks
         if not self.active or self._processing or module not in self.handlers or (is_paused() and not self._probing):
             return None
+        order = self._order.get(module, 0)
+        self._order[module] = order + 1
         try:
             handler = self.handlers[module]
             handler.check()
@@ -397,8 +536,9 @@ class PerSampleEngine:
             calls = self._calls.setdefault(module, _Calls())
             idx = len(calls.captures)
             calls.captures.append(handler.capture(args, kwargs, output))
+            shared = self._sample_axes(module, idx, order, args, kwargs, output, outs, calls)
             # an output that may lack the batch axis (a position embedding): decided by its consumers
-            broadcast = len(outs) == 1 and self._bcast.is_candidate(module, outs[0])
+            broadcast = len(outs) == 1 and (shared or self._bcast.is_candidate(module, outs[0]))
             if broadcast:
                 label = f"the output of {type(module).__name__} ({', '.join(handler.names.values())})"
                 self._bcast.add_call(module, idx, outs[0], label)
@@ -424,6 +564,179 @@ class PerSampleEngine:
             self.drop(module, f"{type(e).__name__}: {e}")
         return None
 
+    # --- the sample axis of calls whose shapes do not tell it ---------------------------------------
+    def _sample_axes(self, module, idx: int, order: int, args, kwargs, output, outs, calls: _Calls) -> bool:
+        """A call with several axes of the batch size B (a (B, T, d) or (T, B, d) activation with T == B),
+        or any call of a forward whose input has them: take its sample axes from the cache, or leave it
+        to the shape probe at the end of the model's forward. For B == 1 any axis of size 1 is the
+        sample axis (moving it does not reorder data). True if the call's output is shared by every
+        example (no sample axis): a broadcast candidate, split where it meets the batch."""
+        batch = self.batch
+        if batch is None or batch < 2 or self._model_call is None:
+            return False
+        ambiguous = self.handlers[module].ambiguous(args, kwargs, output, batch)
+        if not ambiguous and not self._suspect:
+            return False
+        inputs = _leaf_shapes((args, kwargs))
+        outputs = _tensor_shapes(output)
+        key = (module, order, batch, inputs, outputs)
+        grad_outputs = tuple(t.requires_grad for t in tree_flatten(output)[0] if torch.is_tensor(t))
+        if key not in self._axes:
+            out = outs[0] if len(outs) == 1 else None
+            self._pending.append(_Pending(module, idx, key, grad_outputs, ambiguous, out))
+            return False
+        found = self._axes[key]
+        if found is None:
+            return False
+        calls.axes[idx] = SampleAxes(found[0], tuple(a for a, g in zip(found[1], grad_outputs, strict=True) if g))
+        calls.axes_batch[idx] = batch
+        return len(outs) == 1 and all(a is None for a in found[1])
+
+    def _resolve_pending(self, args: tuple, kwargs: dict, output: Any) -> None:
+        """Resolve the sample axes of this forward's ambiguous calls by one shape probe, cache them, and
+        hand them to the calls' records. A call the probe cannot resolve gets no axes: its handler goes
+        by shapes and documented layouts as before, and refuses what they do not tell."""
+        probe = self.resolve_axes(args, kwargs, self.batch, output)
+        for pend in self._pending:
+            module, order, batch, inputs, outputs = pend.key
+            found: tuple[tuple, tuple] | None = None
+            if isinstance(probe, str):
+                reason = probe
+            else:
+                seen = probe.get((module, order))
+                reason = f"{type(module).__name__} was not called as often in the probe"
+                if seen is not None:
+                    try:
+                        if len(seen[0]) != len(inputs) or len(seen[1]) != len(outputs):
+                            raise ValueError("the call's arguments or outputs differ in number")
+                        found = (
+                            tuple(_changed_axis(r, q, batch) for r, q in zip(inputs, seen[0], strict=True)),
+                            tuple(_changed_axis(r, q, batch) for r, q in zip(outputs, seen[1], strict=True)),
+                        )
+                    except ValueError as e:
+                        reason = str(e)
+            self._axes[pend.key] = found
+            if found is None:  # said only if the handler then refuses the call (see drop)
+                self._probe_notes[module] = f"the shape probe on {batch - 1} examples did not resolve it: {reason}"
+                continue
+            calls = self._calls.get(module)
+            if calls is not None and pend.idx < len(calls.captures):
+                outs = tuple(a for a, g in zip(found[1], pend.grad_outputs, strict=True) if g)
+                calls.axes[pend.idx] = SampleAxes(found[0], outs)
+                calls.axes_batch[pend.idx] = batch
+                shared = pend.out is not None and all(a is None for a in found[1])
+                if shared and not self._bcast.has_call(module, pend.idx):  # split where it meets the batch
+                    label = f"the output of {type(module).__name__} ({', '.join(self.handlers[module].names.values())})"
+                    self._bcast.add_call(module, pend.idx, pend.out, label)
+
+    @timed("engine")
+    def resolve_axes(
+        self, args: tuple, kwargs: dict, batch: int, output: Any
+    ) -> dict[tuple[nn.Module, int], tuple] | str:
+        """The shape probe: run the model once on the first B - 1 examples of its call ``(args, kwargs)``
+        (every tensor argument whose axis 0 has size B is cut; axis 0 of the model's input is the batch),
+        check that the batch axis of the call's ``output`` (axis 0, the loss's) followed where there is
+        one, and record,
+        per handled module and call order within the forward, the shapes of the call's input leaves and
+        tensor outputs. An axis of size B in the step whose size is B - 1 in the probe
+        follows the batch: it is the call's sample axis (see ``_changed_axis``); the layout of a call is
+        a property of the model's code, so one probe serves every step with these shapes (cached).
+
+        Training is untouched: no cockpit sees the probe (``paused()``), no graph is built
+        (``torch.no_grad()``), the random streams are forked (``torch.random.fork_rng``), every module
+        keeps its mode except batch-norm layers, which run in eval mode (the same shapes, no update of
+        their running statistics), embeddings with ``max_norm`` do not renormalise their weights, and
+        every buffer is replaced by a copy for the probe (a forward that writes one writes the copy). Returns
+        {(module, order): (input leaf shapes, output tensor shapes)}, or why the probe failed.
+        """
+        import time
+
+        small = batch - 1
+        if small < 1:
+            return "a batch of one example needs no probe"
+        if _sharded(self.model):
+            return (
+                "the model is sharded (FSDP): a probe forward would gather parameters with collectives that the "
+                "other ranks, whose batches may have other shapes, do not join"
+            )
+
+        def cut(t):  # copies: a forward that writes its input in place writes the copy
+            if not torch.is_tensor(t):
+                return t
+            return (t[:small] if t.dim() > 0 and t.shape[0] == batch else t).detach().clone()
+
+        p_args, p_kwargs = tree_map(cut, args), tree_map(cut, kwargs)
+        if _leaf_shapes((p_args, p_kwargs)) == _leaf_shapes((args, kwargs)):
+            return f"no tensor argument of the model has {batch} rows"
+        seen: dict[tuple[nn.Module, int], tuple] = {}
+        counts: dict[nn.Module, int] = {}
+
+        def record(module, a, kw, out):
+            order = counts.get(module, 0)
+            counts[module] = order + 1
+            seen[(module, order)] = (_leaf_shapes((a, kw)), _tensor_shapes(out))
+
+        model = self.model
+        hooks = [m.register_forward_hook(record, with_kwargs=True) for m in self.handlers]
+        norms = [m for m in model.modules() if isinstance(m, (BatchNormBase, InstanceNormBase)) and m.training]
+        renorms = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm]
+        max_norms = [m.max_norm for m in renorms]
+        # the probe writes to copies of the buffers: the step's own are never touched (not even their
+        # version counters, which autograd checks for tensors saved for backward)
+        buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+        params = [(n, p, tensor_version(p)) for n, p in model.named_parameters()]
+        storages = {p.untyped_storage().data_ptr(): n for n, p, _ in params if p.untyped_storage().data_ptr()}
+        devices = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
+        t0 = time.perf_counter()
+        self.probe_runs += 1
+        self._processing = True  # no hook of this engine sees the probe (a TracIn session sees paused calls)
+        try:
+            for m in norms:
+                m.training = False
+            for m in renorms:
+                m.max_norm = None
+            for m, name, b in buffers:
+                m._buffers[name] = b.detach().clone()
+            with paused(), torch.no_grad(), torch.random.fork_rng(devices=devices), _ParameterGuard(storages):
+                p_output = model(*p_args, **p_kwargs)
+        except _WritesParameter as e:
+            return f"the model's forward writes its own parameters in place ({e}); the probe stopped before the write"
+        except Exception as e:
+            return f"the model failed on {small} examples ({type(e).__name__}: {e})"
+        finally:
+            self._processing = False
+            for h in hooks:
+                h.remove()
+            for m in norms:
+                m.training = True
+            for m, max_norm in zip(renorms, max_norms, strict=True):
+                m.max_norm = max_norm
+            for m, name, b in buffers:
+                m._buffers[name] = b
+            self.probe_ms += (time.perf_counter() - t0) * 1e3
+        changed = [n for n, p, version in params if tensor_version(p) != version]
+        if changed:  # a forward that writes its own parameters: cannot be undone, and must not be guessed
+            reason = f"the model's forward changed the parameters {changed} in place, which the probe cannot undo"
+            message = f"the shape probe (the model run once on {small} examples to find its sample axes): {reason}"
+            if message not in self.warned:  # training saw one more write than without the cockpit: say so
+                self.warned.add(message)
+                if self._warn is not None:
+                    self._warn(message)
+                else:
+                    warnings.warn(f"cockpit-lite: {message}", CockpitWarning, stacklevel=2)
+            return reason
+        real, probe = _tensor_shapes(output), _tensor_shapes(p_output)
+        rows = [(r, q) for r, q in zip(real, probe, strict=False) if r and r[0] == batch]
+        # (a model that returns only a scalar loss has nothing to check: axis 0 of its input is the batch)
+        scalars = all(len(r) == 0 for r in real)
+        bad = any(q[:1] != (small,) or q[1:] != r[1:] for r, q in rows)
+        if len(real) != len(probe) or bad or (not rows and not scalars):
+            return (
+                f"the model's outputs {list(real)} became {list(probe)} on {small} examples: their axis 0 does not "
+                "follow the batch, so axis 0 of the model's input is not the batch"
+            )
+        return seen
+
     def _register_grads(self, module: nn.Module, idx: int, outs: list[torch.Tensor]) -> None:
         if len(outs) == 1:
             outs[0].register_hook(lambda g, m=module, i=idx: self._on_grads(m, i, (g,)))
@@ -444,6 +757,10 @@ class PerSampleEngine:
                 if shares is not None:  # broadcast over the batch: each example's output gradient
                     calls.captures[idx] = expand_over_batch(calls.captures[idx], self.batch)
                     grads = (shares,)
+                    # the expanded inputs and the shares carry the samples on a new leading axis
+                    leaves = tree_flatten(calls.captures[idx])[0]
+                    calls.axes[idx] = SampleAxes(tuple(0 if torch.is_tensor(t) else None for t in leaves), (0,))
+                    calls.axes_batch[idx] = self.batch
             calls.grads[idx] = tuple(None if g is None else g.detach() for g in grads)
             if any(g is not None and g.dtype in _LOW_PRECISION for g in grads):
                 self.low_precision = True  # autocast: the step's gradients carry half-precision round-off
@@ -480,11 +797,15 @@ class PerSampleEngine:
         # a backward called inside autocast must not recast the engine's own products
         with _no_autocast(grads):
             self._processing = True
+            axes = {i: a for i, a in calls.axes.items() if calls.axes_batch.get(i) == self.batch}
+            if axes:
+                handler.sample_axes = axes
             try:
                 with paused():  # a replay (torch.func, attention) is no call of the user's model or loss
                     view = handler.view(calls.captures, grads, self.batch, self.inv_scale)
             finally:
                 self._processing = False
+                handler.__dict__.pop("sample_axes", None)
             if calls.weight_grads and len(calls.weight_grads) == len(calls.captures):
                 view.batch_grad = sum(calls.weight_grads.values()) * self.inv_scale
             if module in self.tied:  # added to the other uses of its parameters at the end of backward
@@ -832,8 +1153,13 @@ class PerSampleEngine:
         session = PerSampleEngine(self.model, costs=self.costs, warn=self._warn, attach=False, handlers=self.handlers)
         session.checks_left = 0
         session._probing = True
+        session._axes, session._probe_notes = self._axes, self._probe_notes  # one cache of sample axes
         session.begin(Needs({Need.PER_SAMPLE_CROSS}))
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        # the batch of the probe's inputs during its forward (sample axes are resolved for it); the
+        # losses' rows then decide
+        first = next((t for t in tree_flatten(args)[0] if torch.is_tensor(t) and t.dim() > 0), None)
+        session.batch = None if first is None else int(first.shape[0])
         devices = sorted({p.device.index or 0 for p in self.model.parameters() if p.is_cuda})
         with paused(), torch.random.fork_rng(devices=devices), torch.enable_grad():
             session._attach()

@@ -16,6 +16,7 @@ import sys
 import warnings
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -50,17 +51,38 @@ class PerSampleUndefined(Exception):
         self.couples = couples
 
 
-def _feature_first_samples(x: torch.Tensor, batch: int, n_feature: int) -> tuple[torch.Tensor, int]:
+@dataclass(frozen=True)
+class SampleAxes:
+    """Where the sample axis lies in the tensors of one module call, found by the engine's shape probe
+    (:meth:`~cockpit_lite.persample.engine.PerSampleEngine.resolve_axes`) when the call has several
+    axes of the batch size: the axis whose size follows the batch when the model runs on fewer examples.
+
+    ``inputs`` has one entry per leaf of ``tree_flatten((args, kwargs))`` (None: not a tensor, or a
+    tensor shared by every example); ``outputs`` one per tensor output that required grad, in the order
+    of the call's output gradients.
+    """
+
+    inputs: tuple[int | None, ...]
+    outputs: tuple[int | None, ...] = ()
+
+
+def _feature_first_samples(
+    x: torch.Tensor, batch: int, n_feature: int, axis: int | None = None
+) -> tuple[torch.Tensor, int]:
     """Reshape x (..., *features) to (B, T, *features); return it and the sample axis used.
 
-    The sample axis is the one leading axis of size B. Several such axes (e.g. a (T, B, d) activation
-    with T == B) are ambiguous and refused rather than guessed; so is a loss over a flattened (B*T)
-    batch, whose per-token gradients are not separable once a layer mixes positions (attention).
+    The sample axis is ``axis`` when given (resolved by the engine's shape probe), else the one leading
+    axis of size B. Several such axes (e.g. a (T, B, d) activation with T == B) that the probe could not
+    resolve are refused rather than guessed (for B == 1 any of them will do: moving an axis of size 1
+    does not reorder the data); so is a loss over a flattened (B*T) batch, whose per-token gradients
+    are not separable once a layer mixes positions (attention).
     """
     lead = x.shape[: x.dim() - n_feature]
     feat = x.shape[x.dim() - n_feature :]
-    axes = [axis for axis, size in enumerate(lead) if size == batch]
-    if len(axes) == 1:
+    if axis is not None and not (0 <= axis < len(lead) and lead[axis] == batch):
+        raise ValueError(f"the resolved sample axis {axis} of an activation {tuple(x.shape)} has no size {batch}")
+    axes = [axis] if axis is not None else [a for a, size in enumerate(lead) if size == batch]
+    if len(axes) == 1 or (len(axes) > 1 and batch == 1):
         axis = axes[0]
         if axis == 0:
             return x.reshape(batch, -1, *feat), 0
@@ -68,8 +90,9 @@ def _feature_first_samples(x: torch.Tensor, batch: int, n_feature: int) -> tuple
     if len(axes) > 1:
         raise ValueError(
             f"an activation of shape {tuple(x.shape)} has several axes of size {batch} (the batch size), so "
-            "the sample axis is ambiguous; per-sample statistics are skipped. Use a batch size different "
-            "from the sequence length."
+            "the sample axis is ambiguous, and a shape probe (the model run on fewer examples) did not resolve "
+            "it; per-sample statistics are skipped for this layer. A batch size different from the sequence "
+            "length avoids the question."
         )
     raise ValueError(
         f"cannot find the batch axis of size {batch} in an activation of shape {tuple(x.shape)}; per-sample "
@@ -106,9 +129,38 @@ class Handler:
     they need); :class:`LayerHandler` asks for per-sample gradients only.
     """
 
+    #: call index -> where the sample axis lies in that call's tensors, set by the engine around
+    #: :meth:`view` for calls whose shapes alone do not tell it (see :class:`SampleAxes`)
+    sample_axes: Mapping[int, SampleAxes] = MappingProxyType({})
+
     def __init__(self, module: nn.Module, names: dict[str, str]):
         self.module = module
         self.names = names
+
+    def _input_axis(self, call: int) -> int | None:
+        """The resolved sample axis of call ``call``'s first input, None if none was resolved.
+
+        Raises:
+            ValueError: the shape probe found that the input is shared by every example (no axis of it
+                follows the batch) and the call was not split where its output meets the batch.
+        """
+        axes = self.sample_axes.get(call)
+        if axes is None or not axes.inputs:
+            return None
+        if axes.inputs[0] is None:
+            raise ValueError(
+                f"the input of this {type(self.module).__name__} call is shared by every example (the shape probe "
+                "found no axis of it that follows the batch) and its output was not split where it meets the "
+                "batch; per-sample statistics are skipped for this layer"
+            )
+        return axes.inputs[0]
+
+    def ambiguous(self, args: tuple, kwargs: dict, output, batch: int) -> bool:
+        """Whether the shapes of this call do not tell where its sample axis is, so that the engine must
+        resolve it (by its shape probe) before :meth:`view`: by default, some tensor argument or output
+        has several axes of size ``batch``."""
+        leaves = [t for t in tree_flatten((args, kwargs, output))[0] if torch.is_tensor(t)]
+        return any(sum(1 for n in t.shape if n == batch) > 1 for t in leaves)
 
     def check(self) -> None:
         """Raise :class:`PerSampleUndefined` if per-sample gradients are undefined right now."""
@@ -142,13 +194,22 @@ class Handler:
         return None
 
 
+def _leading_ambiguous(args: tuple, batch: int, n_feature: int) -> bool:
+    """Whether the first argument has several leading axes (all but its last ``n_feature``) of size B."""
+    x = args[0] if args and torch.is_tensor(args[0]) else None
+    return x is not None and sum(1 for n in x.shape[: x.dim() - n_feature] if n == batch) > 1
+
+
 class LinearHandler(Handler):
+    def ambiguous(self, args, kwargs, output, batch):
+        return _leading_ambiguous(args, batch, 1)
+
     def view(self, captures, grads, batch, inv_scale):
         a_parts, e_parts = [], []
-        for x, (g,) in zip(captures, grads, strict=True):
+        for k, (x, (g,)) in enumerate(zip(captures, grads, strict=True)):
             if g is None:
                 continue
-            a, axis = _feature_first_samples(x, batch, 1)
+            a, axis = _feature_first_samples(x, batch, 1, self._input_axis(k))
             # under autocast the input is float32 and the output gradient bfloat16/float16: one dtype
             dt = torch.promote_types(a.dtype, g.dtype)
             a_parts.append(a.to(dt))
@@ -169,6 +230,9 @@ class ConvHandler(Handler):
     the batch folded into the groups, or a forward convolution of the input with the output
     gradients as filters (:meth:`_grads_swapped`).
     """
+
+    def ambiguous(self, args, kwargs, output, batch):
+        return False  # (B, C, *spatial): the sample axis is 0
 
     _choice: dict[tuple, str] = {}  # shared across instances: (shapes, params) -> kernel name
 
@@ -378,13 +442,16 @@ class ConvHandler(Handler):
 
 
 class EmbeddingHandler(Handler):
+    def ambiguous(self, args, kwargs, output, batch):
+        return _leading_ambiguous(args, batch, 0)
+
     def view(self, captures, grads, batch, inv_scale):
         m = self.module
         idx_parts, e_parts = [], []
-        for idx, (go,) in zip(captures, grads, strict=True):
+        for k, (idx, (go,)) in enumerate(zip(captures, grads, strict=True)):
             if go is None:
                 continue
-            i, axis = _feature_first_samples(idx.unsqueeze(-1), batch, 1)
+            i, axis = _feature_first_samples(idx.unsqueeze(-1), batch, 1, self._input_axis(k))
             e = _scaled(_same_layout(go, batch, axis, 1), inv_scale)
             i = i.squeeze(-1)
             if m.padding_idx is not None:
@@ -398,6 +465,10 @@ class EmbeddingHandler(Handler):
 
 class NormHandler(Handler):
     """Affine normalisations: per-sample grads of the gain and bias are (B, C) or (B, *shape): cheap."""
+
+    def ambiguous(self, args, kwargs, output, batch):
+        m = self.module
+        return isinstance(m, nn.LayerNorm) and _leading_ambiguous(args, batch, len(m.normalized_shape))
 
     def check(self) -> None:
         m = self.module
@@ -429,7 +500,7 @@ class NormHandler(Handler):
 
     def view(self, captures, grads, batch, inv_scale):
         out: dict[str, torch.Tensor] = {}
-        for x, (go,) in zip(captures, grads, strict=True):
+        for k, (x, (go,)) in enumerate(zip(captures, grads, strict=True)):
             if go is None:
                 continue
             xhat, n_feat = self._normalised(x)
@@ -440,7 +511,7 @@ class NormHandler(Handler):
                 gw = (e * xhat).reshape(batch, x.shape[1], -1).sum(-1)
                 gb = e.reshape(batch, x.shape[1], -1).sum(-1)
             else:
-                xs, axis = _feature_first_samples(xhat, batch, n_feat)
+                xs, axis = _feature_first_samples(xhat, batch, n_feat, self._input_axis(k))
                 es = _same_layout(e, batch, axis, n_feat)
                 gw, gb = (es * xs).sum(1), es.sum(1)
             for role, g in (("weight", gw), ("bias", gb)):
@@ -497,12 +568,17 @@ class FuncHandler(Handler):
             return 0
         return None
 
-    def _input_dims(self, args: tuple, kwargs: dict, batch: int):
+    def _input_dims(self, args: tuple, kwargs: dict, batch: int, resolved: SampleAxes | None = None):
         """The batch axis of every tensor argument (None: shared by all samples), as pytrees like args
-        and kwargs. RNNs and attention by their documented layouts: the input by ``batch_first``, an
-        RNN's hidden state on axis 1, attention's key_padding_mask on axis 0, its attn_mask shared; any
-        other module's tensors by the first axis of size B (axis 1 first where ``batch_first=False``)."""
+        and kwargs. Axes the engine's shape probe ``resolved`` come first; else RNNs and attention by
+        their documented layouts: the input by ``batch_first``, an RNN's hidden state on axis 1,
+        attention's key_padding_mask on axis 0, its attn_mask shared; any other module's tensors by the
+        first axis of size B (axis 1 first where ``batch_first=False``)."""
         m = self.module
+        if resolved is not None:
+            leaves = iter(resolved.inputs)
+            dims = tree_map(lambda _: next(leaves), (args, kwargs))
+            return dims[0], dims[1]
         if not isinstance(m, (nn.RNNBase, nn.MultiheadAttention)):
             dims = lambda t: self._bdim(t, batch)  # noqa: E731
             return tree_map(dims, args), tree_map(dims, kwargs)
@@ -526,9 +602,12 @@ class FuncHandler(Handler):
         arg_dims = tuple(tree_map(dims(names[k] if k < len(names) else ""), a) for k, a in enumerate(args))
         return arg_dims, {k: tree_map(dims(k), v) for k, v in kwargs.items()}
 
-    def _output_dim(self, position: int, g: torch.Tensor, batch: int) -> int | None:
+    def _output_dim(self, position: int, g: torch.Tensor, batch: int, resolved: SampleAxes | None = None) -> int | None:
         """The batch axis of the gradient of the module's ``position``-th tensor output."""
         m = self.module
+        if resolved is not None and position < len(resolved.outputs):
+            axis = resolved.outputs[position]
+            return axis if axis is not None and g.dim() > axis and g.shape[axis] == batch else None
         if not isinstance(m, (nn.RNNBase, nn.MultiheadAttention)):
             return self._bdim(g, batch)
         # RNN: output by batch_first, then h_n (and c_n) on axis 1; attention: output, then its weights on axis 0
@@ -544,11 +623,12 @@ class FuncHandler(Handler):
         frozen = {n: p.detach() for n, p in m.named_parameters() if n not in self.names}
         buffers = dict(m.named_buffers())
         total: dict[str, torch.Tensor] = {}
-        for (args, kwargs), gouts in zip(captures, grads, strict=True):
-            arg_dims, kw_dims = self._input_dims(args, kwargs, batch)
+        for k, ((args, kwargs), gouts) in enumerate(zip(captures, grads, strict=True)):
+            resolved = self.sample_axes.get(k)
+            arg_dims, kw_dims = self._input_dims(args, kwargs, batch, resolved)
             live = [(i, g * inv_scale) for i, g in enumerate(gouts) if g is not None]
             g_tensors = [g for _, g in live]
-            g_dims = [self._output_dim(i, g, batch) for i, g in live]
+            g_dims = [self._output_dim(i, g, batch, resolved) for i, g in live]
             if any(d is None for d in g_dims):
                 raise ValueError(f"cannot find the batch axis in the output gradient of {type(m).__name__}")
             positions = [i for i, _ in live]
@@ -757,6 +837,9 @@ class AttentionHandler(FuncHandler):
     def _random(self) -> bool:
         m = self.module
         return bool(m.training and m.dropout > 0)
+
+    def ambiguous(self, args, kwargs, output, batch):
+        return False  # its layout is documented: the batch axis by ``batch_first``
 
     def check(self) -> None:
         return None
