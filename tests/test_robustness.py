@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from cockpit_lite import Cockpit
 from cockpit_lite.instruments.agc import unitwise_norm
@@ -19,6 +20,7 @@ from cockpit_lite.instruments.clipping import Clipping
 from cockpit_lite.instruments.gradnorm import GradNorm
 from cockpit_lite.instruments.tracin import TracIn
 from cockpit_lite.instruments.update import Distance, UpdateSize
+from cockpit_lite.pause import paused
 from cockpit_lite.sinks.dashboard import write_atomic
 from tests import models
 
@@ -181,6 +183,45 @@ def test_clipping_agc_statistics_on_a_sparse_gradient_warn_nothing():
             opt.step()
     assert cp.history.last("clip/global/norm") == pytest.approx(want, rel=1e-5)
     assert cp.history.last("clip/agc/units") == 20
+
+
+def test_tracin_tables_with_a_sparse_embedding_against_a_loop_over_examples():
+    """TracIn(z, z') = sum_t eta c g_t(z) . g_t(z') with a sparse Embedding trained by SparseAdam,
+    against one autograd call per example at theta_t (the sparse gradients made dense)."""
+    torch.manual_seed(0)
+    model = _Bag()
+    model.out.requires_grad_(False)
+    lr, b = 0.1, 4
+    opt = torch.optim.SparseAdam([model.emb.weight], lr=lr)
+    lf = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(2)
+    data = TensorDataset(torch.randint(0, 20, (12, 5), generator=g), torch.randint(0, 3, (12,), generator=g))
+    px, py = torch.randint(0, 20, (3, 5), generator=g), torch.randint(0, 3, (3,), generator=g)
+    tracin = TracIn(probes=(px, py))
+
+    def grads(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for i in range(len(x)):  # under paused(): the reference's forwards are no part of the step
+            with paused():
+                loss = lf(model(x[i : i + 1]).double(), y[i : i + 1])
+            rows.append(torch.autograd.grad(loss, model.emb.weight)[0].to_dense().reshape(-1))
+        return torch.stack(rows)
+
+    self_ref, infl_ref = np.zeros(12), np.zeros((12, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Cockpit(model, opt, lf, instruments=[tracin]) as cp:
+            for step, (x, y) in enumerate(cp.track(DataLoader(data, batch_size=b))):
+                G, H = grads(x, y), grads(px, py)
+                idx = np.arange(step * b, (step + 1) * b)
+                self_ref[idx] += (lr / b) * (G**2).sum(1).double().numpy()
+                infl_ref[idx] += (lr / b) * (G @ H.T).double().numpy()
+                opt.zero_grad()
+                lf(model(x), y).backward()
+                opt.step()
+    np.testing.assert_allclose(tracin.self_influence(), self_ref, rtol=1e-4)
+    np.testing.assert_allclose(tracin.influence(), infl_ref, rtol=1e-4, atol=1e-9)
+    assert np.abs(infl_ref).max() > 0
 
 
 # --- Must 7: arguments at attach, a closed cockpit, the umask, warnings ----------------------------------
