@@ -143,6 +143,12 @@ def clip_(
             continue
         w = p.detach()
         g = p.grad.detach()
+        if g.layout != torch.strided:
+            raise ValueError(
+                f"AGC clip_: a parameter of shape {tuple(p.shape)} has a sparse gradient ({g.layout}; e.g. "
+                "nn.Embedding(sparse=True)), which cannot be clipped in place unit-wise: leave it out with "
+                "exclude=[its name], or use a dense embedding"
+            )
         max_norm = unitwise_norm(w, norm_type).clamp_(min=eps).mul_(clip)
         grad_norm = unitwise_norm(g, norm_type)
         clipped = g * (max_norm / grad_norm.clamp(min=GRAD_NORM_FLOOR))

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cockpit_lite import Cockpit
-from cockpit_lite.instruments.agc import unitwise_norm
+from cockpit_lite.instruments.agc import clip_, unitwise_norm
 from cockpit_lite.instruments.clipping import Clipping
 from cockpit_lite.instruments.gradnorm import GradNorm
 from cockpit_lite.instruments.tracin import TracIn
@@ -312,3 +312,10 @@ def test_a_non_finite_loss_leaks_no_library_warning(preset, bad):
             cp.verdicts()
     leaked = [w for w in caught if "CockpitWarning" not in w.category.__name__]
     assert not leaked, [str(w.message) for w in leaked]
+
+
+def test_agc_clip_refuses_a_sparse_gradient_with_one_message():
+    emb = nn.Embedding(5, 3, sparse=True)
+    emb(torch.tensor([1, 1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse gradient"):
+        clip_(emb.parameters(), 0.01)
