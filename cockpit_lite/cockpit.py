@@ -167,6 +167,9 @@ class Cockpit:
             final.update(self._guard.instrument(inst, "on_close") or {})
         if final:
             self.emitter.emit(max(self.step - 1, 0), final)
+        st, self._step = self._step, None  # a hook already on a tensor that fires later finds no step
+        if st is not None:
+            st.end()
         self._undo.close()
 
     def track(self, loader: Iterable, resolve_subsets: bool = False) -> Iterator:

@@ -3,6 +3,7 @@ attach, a closed cockpit used again, files following the umask, no bare library 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import stat
@@ -277,6 +278,23 @@ def test_a_closed_cockpit_used_again_raises_a_clear_error():
     nn.functional.cross_entropy(model(x), y).backward()  # training after close is untouched, unrecorded
     opt.step()
     assert cp.step == 0
+
+
+def test_a_backward_after_close_through_outputs_of_a_tracked_forward_is_silent():
+    model = models.mlp()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Cockpit(model, opt, nn.CrossEntropyLoss(), instruments="economy") as cp:
+            loss = nn.CrossEntropyLoss()(model(x), y)  # the cockpit's hooks sit on this graph
+        loss.backward()  # after close: the hooks on the graph's tensors find no step
+    nn.CrossEntropyLoss()(ref(x), y).backward()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    opt.step()
+    assert cp.step == 0 and "loss" not in cp.history
 
 
 def test_the_dashboard_png_follows_the_umask(tmp_path):
