@@ -139,9 +139,15 @@ class Cockpit:
 
     # --- the public API --------------------------------------------------------------------------------
     def __enter__(self) -> Cockpit:
-        if self._closed:
-            raise RuntimeError("this Cockpit is closed: create a new one to track another run")
+        self._check_open("with cockpit:")
         return self
+
+    def _check_open(self, use: str) -> None:
+        if self._closed:
+            raise RuntimeError(
+                f"{use} on a closed Cockpit: it has removed its hooks and closed its files. Create a new "
+                "Cockpit to track another run (resume=True with the same logdir continues this one)"
+            )
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
@@ -161,6 +167,9 @@ class Cockpit:
             final.update(self._guard.instrument(inst, "on_close") or {})
         if final:
             self.emitter.emit(max(self.step - 1, 0), final)
+        st, self._step = self._step, None  # a hook already on a tensor that fires later finds no step
+        if st is not None:
+            st.end()
         self._undo.close()
 
     def track(self, loader: Iterable, resolve_subsets: bool = False) -> Iterator:
@@ -168,6 +177,7 @@ class Cockpit:
         (``record.indices``, e.g. for TracIn); see :func:`cockpit_lite.tracking.track`."""
         from cockpit_lite.tracking import track
 
+        self._check_open("cockpit.track()")
         feed = next(p.feed for p in self.providers if hasattr(p, "feed"))
         return track(feed, loader, resolve_subsets=resolve_subsets)
 
@@ -182,6 +192,7 @@ class Cockpit:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue a run: the step count and the state of every instrument with the same key."""
+        self._check_open("cockpit.load_state_dict()")
         if state.get("version") != 1:
             raise ValueError(f"not a cockpit state of version 1 (got {state.get('version')!r}): save it anew")
         self.step = int(state["step"])
@@ -200,10 +211,12 @@ class Cockpit:
         """A call of the model begins that its forward pre-hook does not see (a framework's training step
         calling the model's parts, or a call that began before this cockpit was built): ``args`` and
         ``kwargs`` are the call's inputs (the batch is axis 0 of the first tensor)."""
+        self._check_open("cockpit.model_called()")
         self._on_model_forward(self.model, tuple(args), dict(kwargs or {}))
 
     def model_returned(self, args: tuple, kwargs: Mapping[str, Any] | None, output: Any) -> None:
         """The call announced by :meth:`model_called` returned ``output`` (backward is seen from it)."""
+        self._check_open("cockpit.model_returned()")
         self._on_model_output(self.model, tuple(args), dict(kwargs or {}), output)
 
     @guarded
@@ -232,19 +245,29 @@ class Cockpit:
         if is_paused() or module is not self.model or not torch.is_grad_enabled():  # not an evaluation
             return
         st = self._step
+        skipped = 0
         if st is not None and st.backward_done and not any_grad(self.params):
-            st.end()  # backward ran, grads were zeroed, no step came: AMP skipped it; this is a retry
+            # backward ran, grads were zeroed, no step came (the loop or AMP skipped it): this is a retry
+            skipped = st.skipped + st.abandoned_calls() + 1
+            st.end()
             st = None
-        st = st or self._begin()
+        if st is None:
+            st = self._begin()
+            st.skipped = skipped
         st.forwards.append(batch_of(args, kwargs))
         st.event("on_forward", ModelCall(args, kwargs, st.forwards[-1], index=len(st.forwards) - 1))
 
     @guarded
     def _on_model_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         st = self._step
-        if st is None or is_paused() or module is not self.model or st.skip or not st.active or not st.forwards:
+        if st is None or is_paused() or module is not self.model or st.skip or not st.forwards:
             return
         index = len(st.forwards) - 1
+        if not st.active:  # only whether backward reaches it (an abandoned iteration is counted as skipped)
+            for t in tensors_of(output):
+                if t.requires_grad:
+                    t.register_hook(functools.partial(Step.reach, st, index))
+            return
         st.event("on_output", ModelCall(args, kwargs, st.forwards[-1], output, index))
         for t in tensors_of(output):  # backward is seen where it reaches the model's outputs
             if t.requires_grad:
@@ -289,6 +312,7 @@ class Cockpit:
         if st is None or not st.active or st.skip or is_paused():
             return
         if index is not None:
+            st.reach(index)
             st.record.reached = st.record.reached | {index}
         try:
             if not st.in_backward:
@@ -340,10 +364,15 @@ class Cockpit:
         self._step = None
         self.step += 1
         try:
+            skipped = st.skipped + st.abandoned_calls()
             if not st.skip and st.active:
                 records = st.complete()
+                if skipped:
+                    records["skipped"] = skipped
                 records.update(self.emitter.late_sink_cost())
                 self.emitter.emit(st.record.step, records)
+            elif skipped:
+                self.emitter.emit(st.record.step, {"skipped": skipped})
         finally:
             st.end()
             if self.profiler is not None:

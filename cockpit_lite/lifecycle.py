@@ -72,6 +72,10 @@ class Step:
         self.skip = self.backward_done = self.in_backward = self.queued = False
         self.amp_scale = 1.0  #: GradScaler's loss scale of the current backward (1 without one)
         self.forwards: list[int | None] = []  #: examples of each (grad-enabled) model call of the step
+        self.reached: set[int] = set()  #: the model calls (by position) whose outputs backward reached
+        #: iterations abandoned since the last optimizer step and before this step's (a retry after a
+        #: backward with no step: see ``Cockpit._on_model_forward``)
+        self.skipped = 0
         guard.costs.reset()
         self.active: list[Instrument] = []
         self.asked: dict[str, set[str]] = {}
@@ -126,6 +130,24 @@ class Step:
                 records[f"note/{inst.key}"] = "; ".join(notes)
         records.update(cost_records(self.guard.costs, (time.perf_counter() - self.t0) * 1e3))
         return records
+
+    def reach(self, index: int, grad: Any = None) -> None:
+        """Backward reached an output of model call ``index`` (usable as a tensor hook: returns None)."""
+        self.reached.add(index)
+
+    def abandoned_calls(self) -> int:
+        """The iterations of this step the loop abandoned before backward: runs of consecutive model calls
+        whose outputs backward never reached, while it reached a later one (a forward after them was
+        trained on). Several calls in one run are one iteration (a loss over two model calls, abandoned)."""
+        if not self.reached:
+            return 0
+        last = max(self.reached)
+        runs, inside = 0, False
+        for k in range(last):
+            missed = k not in self.reached
+            runs += missed and not inside
+            inside = missed
+        return runs
 
     def end(self) -> None:
         """The step is over (completed or abandoned): providers release what it held."""

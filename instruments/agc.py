@@ -18,6 +18,7 @@ them. timm's training script does the same by dropping the last two parameters.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterable
 
 import torch
@@ -32,10 +33,30 @@ GRAD_NORM_FLOOR = 1e-6
 
 def unitwise_norm(x: torch.Tensor, norm_type: float = 2.0) -> torch.Tensor:
     """The norm of each unit of ``x``: over all dimensions but 0 (kept, for broadcasting) when
-    ``x.ndim > 1``; the whole tensor (a 0-dim result) when ``x.ndim <= 1``."""
+    ``x.ndim > 1``; the whole tensor (a 0-dim result) when ``x.ndim <= 1``. A sparse COO ``x`` (the
+    gradient of ``nn.Embedding(sparse=True)``): from its coalesced values, ``||x_u||_p =
+    (sum_{stored v in unit u} |v|^p)^(1/p)``, 0 for units with nothing stored."""
+    if x.layout == torch.sparse_coo:
+        return _sparse_unitwise_norm(x, norm_type)
+    if x.layout != torch.strided:
+        x = x.to_dense()
     if x.ndim <= 1:
         return x.norm(norm_type)
     return x.norm(norm_type, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+def _sparse_unitwise_norm(x: torch.Tensor, norm_type: float) -> torch.Tensor:
+    x = x.coalesce()
+    values = x.values()
+    if x.ndim <= 1:
+        return values.norm(norm_type)
+    if x.sparse_dim() > 1 or not math.isfinite(norm_type) or norm_type <= 0:
+        return unitwise_norm(x.to_dense(), norm_type)
+    # one sparse dimension (the units): each stored slice is a whole unit's row
+    out = values.reshape(values.shape[0], -1).norm(norm_type, dim=1)
+    units = torch.zeros(x.shape[0], dtype=out.dtype, device=out.device)
+    units.index_add_(0, x.indices()[0], out.pow(norm_type))
+    return units.pow(1.0 / norm_type).reshape(x.shape[0], *([1] * (x.ndim - 1)))
 
 
 def check_positive(name: str, value: float, fix: str = "") -> float:
@@ -122,6 +143,12 @@ def clip_(
             continue
         w = p.detach()
         g = p.grad.detach()
+        if g.layout != torch.strided:
+            raise ValueError(
+                f"AGC clip_: a parameter of shape {tuple(p.shape)} has a sparse gradient ({g.layout}; e.g. "
+                "nn.Embedding(sparse=True)), which cannot be clipped in place unit-wise: leave it out with "
+                "exclude=[its name], or use a dense embedding"
+            )
         max_norm = unitwise_norm(w, norm_type).clamp_(min=eps).mul_(clip)
         grad_norm = unitwise_norm(g, norm_type)
         clipped = g * (max_norm / grad_norm.clamp(min=GRAD_NORM_FLOOR))

@@ -24,13 +24,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from cockpit_lite.instruments._util import refuse_state
-from cockpit_lite.instruments.panels import InfluencePanel, influence_summary
 
 from cockpit_lite import Instrument, Need, Needs
-from cockpit_lite.distributed import DISTRIBUTED, all_gather_objects
+from cockpit_lite.distributed import DISTRIBUTED, all_gather_objects, is_sharded
 from cockpit_lite.errors import CockpitWarning
+from cockpit_lite.instruments._util import refuse_state
+from cockpit_lite.instruments.panels import InfluencePanel, influence_summary
 from cockpit_lite.losses import gradient_scale
+from cockpit_lite.model_io import tensors_of
+from cockpit_lite.pause import paused
 from cockpit_lite.persample.cross import Projector, ViewCollector, cross
 from cockpit_lite.persample.views import JoinedView
 
@@ -154,8 +156,56 @@ class TracIn(Instrument):
         groups = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
         self._group_of = {n: groups[id(p)] for n, p in model.named_parameters() if id(p) in groups}
         if self.probes is not None:
+            self._try_probes(model)
             # the same parameters as the engine's views of the training batch: the optimizer's
             self._collector = ViewCollector(model, params=set(groups))
+
+    def _try_probes(self, model: torch.nn.Module) -> None:
+        """Run the probes' inputs through ``model`` once, so that a shape or dtype error is named at attach
+        (a ValueError) rather than at the first step. Training is unchanged: no cockpit sees the call
+        (``paused()``), no graph (``no_grad``), the random streams forked, every module in eval mode (no
+        dropout, no BatchNorm statistics updated), every buffer replaced by a copy for the call, embeddings'
+        ``max_norm`` renormalisation off; modes, buffers and ``max_norm`` are restored after. Skipped for a
+        model sharded by FSDP (the forward would start collectives)."""
+        params = list(model.parameters())
+        if not params or any(is_sharded(p) for p in params):
+            return
+        device = params[0].device
+        inputs, _ = self.probes
+        move = lambda t: t.to(device) if torch.is_tensor(t) else t  # noqa: E731
+        args = tuple(move(t) for t in inputs) if isinstance(inputs, (tuple, list)) else (move(inputs),)
+        modes = [(m, m.training) for m in model.modules()]
+        embeddings = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+        renorms = [(m, m.max_norm) for m in model.modules() if isinstance(m, embeddings)]
+        buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+        devices = sorted({p.device.index or 0 for p in params if p.is_cuda})
+        try:
+            model.eval()
+            for m, _ in renorms:
+                m.max_norm = None
+            for m, name, b in buffers:
+                m._buffers[name] = b.detach().clone()
+            with paused(), torch.no_grad(), torch.random.fork_rng(devices=devices):
+                output = model(*args)
+        except Exception as e:
+            raise ValueError(
+                f"TracIn: the model fails on the probe inputs ({type(e).__name__}: {e}). Pass "
+                "probes=(inputs, targets) with inputs shaped and typed like a training batch's (K examples "
+                "along axis 0, on any device; a tuple of tensors is passed as model(*inputs))"
+            ) from None
+        finally:
+            for m, training in modes:
+                m.training = training
+            for m, max_norm in renorms:
+                m.max_norm = max_norm
+            for m, name, b in buffers:
+                m._buffers[name] = b
+        first = next(iter(tensors_of(output)), None)
+        if first is not None and first.dim() > 0 and first.shape[0] != self.n_probes:
+            raise ValueError(
+                f"TracIn: the model returns {first.shape[0]} rows for {self.n_probes} probes: the probes' batch "
+                "must be axis 0 of their inputs (K examples as the model takes a batch)"
+            )
 
     def _warn(self, msg: str) -> None:
         if msg not in self._warned:

@@ -14,13 +14,25 @@ from cockpit_lite.providers.base import Provider
 from cockpit_lite.step import StepRecord
 
 
+def stored_values(g: torch.Tensor) -> torch.Tensor:
+    """The entries of ``g`` that can be nonzero: ``g`` itself if dense; for a sparse gradient
+    (``nn.Embedding(sparse=True)``, SparseAdam) the values of its coalesced form (duplicate indices
+    summed first), whose 2-norm is ||g||_2."""
+    if g.layout == torch.strided:
+        return g
+    if g.layout == torch.sparse_coo:
+        return g.coalesce().values()
+    return g.values()  # compressed layouts (CSR, CSC, BSR, BSC) store no duplicates
+
+
 def grad_norms(params: dict[str, torch.nn.Parameter]) -> dict[str, float]:
     """||p.grad|| by name for every parameter with a gradient (one fused norm, one transfer; under
-    FSDP2 from the local shards and one all-reduce of the squared norms: :func:`distributed.norms`)."""
+    FSDP2 from the local shards and one all-reduce of the squared norms: :func:`distributed.norms`).
+    Sparse gradients count by their stored values (:func:`stored_values`)."""
     named = [(n, p.grad) for n, p in params.items() if p.grad is not None]
     if not named:
         return {}
-    norms = distributed.norms([g.detach() for _, g in named])
+    norms = distributed.norms([stored_values(g.detach()) for _, g in named])
     return {n: float(v) for (n, _), v in zip(named, norms, strict=True)}
 
 

@@ -23,6 +23,21 @@ from cockpit_lite.sinks.base import HistorySink, RunContext
 from cockpit_lite.sinks.throttle import Throttle
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux: /proc), else by
+    setting it and putting it back at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a temporary file in the same directory, then ``os.replace`` it onto ``path``:
     a reader sees the old file or the new one, never a partly written one."""
@@ -32,7 +47,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a picture is for everyone who can read the run
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; the run's other files follow the umask
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -1,0 +1,339 @@
+"""Issue 14, Musts 5-7: abandoned iterations recorded as skipped, sparse gradients, arguments checked at
+attach, a closed cockpit used again, files following the umask, no bare library warnings."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import stat
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cockpit_lite import Cockpit
+from cockpit_lite.instruments.agc import clip_, unitwise_norm
+from cockpit_lite.instruments.clipping import Clipping
+from cockpit_lite.instruments.gradnorm import GradNorm
+from cockpit_lite.instruments.tracin import TracIn
+from cockpit_lite.instruments.update import Distance, UpdateSize
+from cockpit_lite.pause import paused
+from cockpit_lite.sinks.dashboard import write_atomic
+from tests import models
+
+
+def _batch(b: int = 6, d: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, d, generator=g), torch.randint(0, 3, (b,), generator=g)
+
+
+# --- Must 5: an abandoned iteration is recorded as skipped ------------------------------------------------
+def _run_with_abandoned(abandon_after_backward: bool, instruments: str | list = "economy") -> Cockpit:
+    torch.manual_seed(0)
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lf = nn.CrossEntropyLoss()
+    with Cockpit(model, opt, lf, instruments=instruments) as cp:
+        for i in range(4):
+            x, y = _batch(seed=i)
+            opt.zero_grad()
+            loss = lf(model(x), y)
+            if i == 1:
+                loss = loss * float("inf")
+                if abandon_after_backward:
+                    loss.backward()  # then no step: the next zero_grad and forward retry
+            if not torch.isfinite(loss):
+                continue
+            loss.backward()
+            opt.step()
+    return cp
+
+
+@pytest.mark.parametrize("after_backward", [False, True])
+def test_an_abandoned_iteration_is_recorded_as_skipped_and_the_next_step_is_whole(after_backward):
+    cp = _run_with_abandoned(after_backward)
+    assert cp.step == 3
+    assert cp.history["skipped"] == [(1, 1)]  # under the step that followed it, once
+    # the next step is the retry's batch alone: its loss and per-sample losses are those of that batch
+    torch.manual_seed(0)
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i in (0, 2):
+        x, y = _batch(seed=i)
+        opt.zero_grad()
+        out = model(x)
+        if i == 2:
+            per = nn.functional.cross_entropy(out.double(), y, reduction="none").detach().numpy()
+            np.testing.assert_allclose(cp.history.value_at("loss", 1), per.mean(), rtol=1e-5)
+            np.testing.assert_allclose(cp.history.value_at("loss/per_sample", 1), per, rtol=1e-5)
+        nn.functional.cross_entropy(out, y).backward()
+        opt.step()
+    assert np.isfinite(cp.history.value_at("persample/grad_norm", 1)).all()
+
+
+def test_skipped_is_recorded_on_an_unscheduled_step_too():
+    cp = _run_with_abandoned(False, instruments=[GradNorm(every=100)])  # step 1 is not scheduled
+    assert cp.history["skipped"] == [(1, 1)]
+    assert [s for s, _ in cp.history["grad_norm"]] == [0]
+
+
+def test_gradient_accumulation_and_a_loss_over_two_calls_are_no_skipped_iterations():
+    torch.manual_seed(0)
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lf = nn.CrossEntropyLoss()
+    with Cockpit(model, opt, lf, instruments="economy") as cp:
+        for i in range(2):
+            opt.zero_grad()
+            for k in range(3):  # accumulation: three forwards and backwards per step
+                x, y = _batch(seed=10 * i + k)
+                (lf(model(x), y) / 3).backward()
+            opt.step()
+        x1, y1 = _batch(seed=5)
+        x2, y2 = _batch(seed=6)
+        opt.zero_grad()
+        (lf(model(x1), y1) + lf(model(x2), y2)).backward()  # one loss over two model calls
+        opt.step()
+    assert "skipped" not in cp.history
+    assert cp.history["loss"][0][0] == 0 and len(cp.history["loss"]) == 3
+
+
+def test_an_abandoned_micro_batch_between_two_trained_ones_is_one_skipped_iteration():
+    torch.manual_seed(0)
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lf = nn.CrossEntropyLoss()
+    with Cockpit(model, opt, lf, instruments="economy") as cp:
+        opt.zero_grad()
+        for k in range(3):
+            x, y = _batch(seed=k)
+            loss = lf(model(x), y) * (float("nan") if k == 1 else 1.0)
+            if torch.isfinite(loss):
+                loss.backward()
+        opt.step()
+    assert cp.history["skipped"] == [(0, 1)]
+    assert cp.history.last("loss/per_sample").shape == (12,)
+
+
+# --- Must 6: sparse gradients -----------------------------------------------------------------------------
+class _Bag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 4, sparse=True)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.emb(x).mean(1))
+
+
+def test_sparse_gradients_grad_norm_update_size_distance_against_direct_computation():
+    torch.manual_seed(0)
+    model = _Bag()
+    opt = torch.optim.SparseAdam(list(model.emb.parameters()), lr=0.1)
+    dense = torch.optim.SGD(model.out.parameters(), lr=0.1)
+    lf = nn.CrossEntropyLoss()
+    theta0 = model.emb.weight.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    expected_grad, expected_update, expected_dist = [], [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Cockpit(model, opt, lf, instruments=[GradNorm(), UpdateSize(), Distance()]) as cp:
+            for _ in range(3):
+                x = torch.randint(0, 20, (6, 5), generator=g)  # repeated indices: duplicates to coalesce
+                y = torch.randint(0, 3, (6,), generator=g)
+                opt.zero_grad()
+                dense.zero_grad()
+                lf(model(x), y).backward()
+                expected_grad.append(model.emb.weight.grad.to_dense().double().norm().item())
+                before = model.emb.weight.detach().clone()
+                expected_dist.append((before - theta0).double().norm().item())  # theta_t before step t
+                opt.step()
+                dense.step()
+                expected_update.append((model.emb.weight.detach() - before).double().norm().item())
+    np.testing.assert_allclose(cp.history.values("grad_norm/emb.weight"), expected_grad, rtol=1e-5)
+    np.testing.assert_allclose(cp.history.values("update_size/emb.weight"), expected_update, rtol=1e-5)
+    np.testing.assert_allclose(cp.history.values("distance/emb.weight"), expected_dist, rtol=1e-5, atol=1e-7)
+    assert expected_dist[-1] > 0
+
+
+def test_unitwise_norm_of_a_sparse_gradient_matches_the_dense_one():
+    i = torch.tensor([[3, 0, 3, 7]])
+    v = torch.randn(4, 5, dtype=torch.float64)
+    x = torch.sparse_coo_tensor(i, v, (9, 5), check_invariants=True)  # uncoalesced: row 3 twice
+    for p in (2.0, 1.0, 3.0, math.inf):
+        want = x.to_dense().norm(p, dim=1, keepdim=True)
+        torch.testing.assert_close(unitwise_norm(x, p), want)
+    torch.testing.assert_close(unitwise_norm(x.sum(1), 2.0), x.to_dense().sum(1).norm())
+
+
+def test_clipping_agc_statistics_on_a_sparse_gradient_warn_nothing():
+    torch.manual_seed(0)
+    model = _Bag()
+    opt = torch.optim.SparseAdam(list(model.emb.parameters()), lr=0.1)
+    lf = nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Cockpit(model, opt, lf, instruments=[Clipping()]) as cp:
+            x, y = torch.randint(0, 20, (6, 5)), torch.randint(0, 3, (6,))
+            lf(model(x), y).backward()
+            want = model.emb.weight.grad.to_dense().norm().item()
+            opt.step()
+    assert cp.history.last("clip/global/norm") == pytest.approx(want, rel=1e-5)
+    assert cp.history.last("clip/agc/units") == 20
+
+
+def test_tracin_tables_with_a_sparse_embedding_against_a_loop_over_examples():
+    """TracIn(z, z') = sum_t eta c g_t(z) . g_t(z') with a sparse Embedding trained by SparseAdam,
+    against one autograd call per example at theta_t (the sparse gradients made dense)."""
+    torch.manual_seed(0)
+    model = _Bag()
+    model.out.requires_grad_(False)
+    lr, b = 0.1, 4
+    opt = torch.optim.SparseAdam([model.emb.weight], lr=lr)
+    lf = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(2)
+    data = TensorDataset(torch.randint(0, 20, (12, 5), generator=g), torch.randint(0, 3, (12,), generator=g))
+    px, py = torch.randint(0, 20, (3, 5), generator=g), torch.randint(0, 3, (3,), generator=g)
+    tracin = TracIn(probes=(px, py))
+
+    def grads(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for i in range(len(x)):  # under paused(): the reference's forwards are no part of the step
+            with paused():
+                loss = lf(model(x[i : i + 1]).double(), y[i : i + 1])
+            rows.append(torch.autograd.grad(loss, model.emb.weight)[0].to_dense().reshape(-1))
+        return torch.stack(rows)
+
+    self_ref, infl_ref = np.zeros(12), np.zeros((12, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Cockpit(model, opt, lf, instruments=[tracin]) as cp:
+            for step, (x, y) in enumerate(cp.track(DataLoader(data, batch_size=b))):
+                G, H = grads(x, y), grads(px, py)
+                idx = np.arange(step * b, (step + 1) * b)
+                self_ref[idx] += (lr / b) * (G**2).sum(1).double().numpy()
+                infl_ref[idx] += (lr / b) * (G @ H.T).double().numpy()
+                opt.zero_grad()
+                lf(model(x), y).backward()
+                opt.step()
+    np.testing.assert_allclose(tracin.self_influence(), self_ref, rtol=1e-4)
+    np.testing.assert_allclose(tracin.influence(), infl_ref, rtol=1e-4, atol=1e-9)
+    assert np.abs(infl_ref).max() > 0
+
+
+# --- Must 7: arguments at attach, a closed cockpit, the umask, warnings ----------------------------------
+def _tracin_cockpit(probes) -> Cockpit:
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[TracIn(probes=probes)])
+
+
+@pytest.mark.parametrize(
+    "inputs, fragment",
+    [
+        (torch.randn(4, 7), "fails on the probe inputs"),  # 7 features for a 6-feature model
+        (torch.randn(4, 6, dtype=torch.float64), "fails on the probe inputs"),  # dtype
+        (torch.randn(6), "returns 3 rows for 6 probes"),  # one example without its batch axis
+    ],
+)
+def test_tracin_probes_of_the_wrong_shape_or_dtype_are_refused_at_attach(inputs, fragment):
+    probes = (inputs, torch.zeros(len(inputs), dtype=torch.long))
+    with pytest.raises(ValueError, match="TracIn") as e:
+        _tracin_cockpit(probes)
+    assert fragment in str(e.value)
+
+
+def test_tracin_attach_probe_leaves_training_unchanged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Dropout(0.5), nn.Linear(5, 3))
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cp = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[TracIn(probes=_batch(4))])
+    cp.close()
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_a_closed_cockpit_used_again_raises_a_clear_error():
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cp = Cockpit(model, opt, instruments="minimal")
+    cp.close()
+    with pytest.raises(RuntimeError, match="closed Cockpit"):
+        with cp:
+            pass
+    with pytest.raises(RuntimeError, match="closed Cockpit"):
+        cp.track([1, 2])
+    with pytest.raises(RuntimeError, match="closed Cockpit"):
+        cp.model_called((torch.zeros(2, 6),))
+    x, y = _batch()
+    nn.functional.cross_entropy(model(x), y).backward()  # training after close is untouched, unrecorded
+    opt.step()
+    assert cp.step == 0
+
+
+def test_a_backward_after_close_through_outputs_of_a_tracked_forward_is_silent():
+    model = models.mlp()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Cockpit(model, opt, nn.CrossEntropyLoss(), instruments="economy") as cp:
+            loss = nn.CrossEntropyLoss()(model(x), y)  # the cockpit's hooks sit on this graph
+        loss.backward()  # after close: the hooks on the graph's tensors find no step
+    nn.CrossEntropyLoss()(ref(x), y).backward()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    opt.step()
+    assert cp.step == 0 and "loss" not in cp.history
+
+
+def test_the_dashboard_png_follows_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_atomic(tmp_path / "a.png", b"png")
+        (tmp_path / "b.txt").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.png").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "a.png").stat().st_mode) == stat.S_IMODE((tmp_path / "b.txt").stat().st_mode)
+
+
+@pytest.mark.parametrize("preset", ["economy", "full"])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_non_finite_loss_leaks_no_library_warning(preset, bad):
+    torch.manual_seed(0)
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lf = nn.CrossEntropyLoss()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Cockpit(model, opt, lf, instruments=preset) as cp:
+            for i in range(4):
+                x, y = _batch(seed=i)
+                opt.zero_grad()
+                out = model(x)
+                if i == 1:  # one example's loss is non-finite, then the whole batch's
+                    out = out.index_put((torch.tensor([0]), y[:1]), torch.tensor(-bad))
+                loss = lf(out, y) * (bad if i == 2 else 1.0)
+                loss.backward()
+                opt.step()
+            cp.verdicts()
+    leaked = [w for w in caught if "CockpitWarning" not in w.category.__name__]
+    assert not leaked, [str(w.message) for w in leaked]
+
+
+def test_agc_clip_refuses_a_sparse_gradient_with_one_message():
+    emb = nn.Embedding(5, 3, sparse=True)
+    emb(torch.tensor([1, 1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse gradient"):
+        clip_(emb.parameters(), 0.01)
