@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cockpit_lite import attach
+from cockpit_lite import attach, signals
 from cockpit_lite.compat import (
     BackwardWatch,
     dynamo_hook_guards,
@@ -135,6 +135,7 @@ class Cockpit:
             self.profiler = Profiler(trace_dir, None if profile is True else profile) if trace_dir else None
             undo.callback(self._close_profiler)
             self._fields = dict(params=self.params, loss_fn=loss_fn, logdir=self.logdir)
+            undo.callback(signals.release, signals.on_sigterm(self.close))  # SIGTERM closes the run first
             self._undo = undo.pop_all()
 
     # --- the public API --------------------------------------------------------------------------------

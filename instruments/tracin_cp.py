@@ -14,6 +14,7 @@ to the layer outputs, then per layer the cross-Gram of the factor pairs (``cockp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from cockpit_lite.instruments.tracin import top_table
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from cockpit_lite import Instrument
 from cockpit_lite.distributed import is_main, is_sharded
 from cockpit_lite.errors import CockpitWarning
+from cockpit_lite.instruments.tracin import top_table
 from cockpit_lite.persample.cross import Projector, ViewCollector, cross
 from cockpit_lite.records import to_value
 from cockpit_lite.sinks.jsonl import JsonLines
@@ -125,8 +126,15 @@ class Checkpoints(Instrument):
             "reduction": reduction,
         }
         tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        except BaseException as e:  # a full disk: no half-written .tmp left behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(e, Exception):  # torch's own words name no file ("unexpected pos 1152 vs 1046")
+                raise OSError(f"the checkpoint {path} could not be written ({type(e).__name__}: {e})") from e
+            raise
         self.paths.append(path)
 
     def on_before_step(self, record):

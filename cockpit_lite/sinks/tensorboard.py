@@ -20,9 +20,9 @@ reader sees exactly as ``add_scalar``/``add_histogram`` calls (the same old-styl
 which makes a run per key). Text, custom-scalars layout and image summaries are built with
 ``torch.utils.tensorboard.summary``. The file is written by :class:`~cockpit_lite.sinks.events.EventFile`
 rather than ``SummaryWriter``, whose pure-Python CRC in a background thread cost about 3 ms per step
-(docs/performance.md, "Sinks"). Events are flushed every ``flush_secs`` (checked when a step is
-written), at :meth:`TensorBoard.flush` and at close; a crash loses at most what came after the last
-flush.
+(docs/performance.md, "Sinks"). Each step's events are handed to the OS as the step is written (a
+``write`` call, no ``fsync``), so a killed or crashed process loses at most the step in progress; a
+full or failing disk never stops training (docs/tensorboard.md, "Durability and cost").
 """
 
 from __future__ import annotations
@@ -105,8 +105,9 @@ class TensorBoard(HistorySink):
             cockpit also has a Dashboard sink, its latest picture is reused instead of drawing again.
         image_max_share: never spend more than this fraction of the training time drawing images
             (default 0.01; ``None``: no guard).
-        flush_secs: how often the event file is flushed to disk (default 30; a crash loses at most
-            this much). :meth:`flush` and :meth:`close` flush at once.
+        flush_secs: 0 (default): every step's events leave the process when written; a positive value
+            holds them in memory up to that many seconds (a crash loses at most this much).
+            :meth:`flush` and :meth:`close` flush at once.
         layout: the custom-scalars layout: ``"auto"`` (default) assembles it from the charts the run's
             instruments declare, with a generic chart per group of scalar tags nobody declares; a dict
             ``{category: {chart: ["Multiline", [regexes]] or ["Margin", [v, lo, hi]]}}`` is written as
@@ -120,7 +121,7 @@ class TensorBoard(HistorySink):
         image_every: int | None = 200,
         image_min_s: float = 60.0,
         image_max_share: float | None = 0.01,
-        flush_secs: float = 30.0,
+        flush_secs: float = 0.0,
         layout: Mapping[str, Mapping[str, list]] | str | None = AUTO,
     ):
         if not isinstance(hist_bins, int) or hist_bins < 1:
@@ -135,6 +136,7 @@ class TensorBoard(HistorySink):
         self._written_layout: dict | None = None
         self._tags_seen = 0
         self.writer: EventFile | None = None
+        self._dropped_at_close = 0
         self._encoder = SummaryEncoder()
         self._figure = None
         self._texts: dict[str, str] = {}
@@ -243,10 +245,21 @@ class TensorBoard(HistorySink):
     def close(self) -> None:
         if self.writer is None:
             return
-        if self.image_every and self._last_step is not None and self._image_step != self._last_step:
-            self.image(self._last_step)
-        self.writer.close()
-        self.writer = None
+        writer = self.writer
+        try:
+            if self.image_every and self._last_step is not None and self._image_step != self._last_step:
+                self.image(self._last_step)
+        finally:
+            self.writer = None
+            try:
+                writer.close()
+            finally:
+                self._dropped_at_close = writer.dropped
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped because the disk failed and the bounded queue was full."""
+        return self.writer.dropped if self.writer is not None else self._dropped_at_close
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
