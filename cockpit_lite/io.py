@@ -33,6 +33,20 @@ FIRST_LINES = 10
 _PREFIX = re.compile(rb'\{"step": (-?\d{1,19}), "records": ')
 
 
+_scan = json.JSONDecoder().scan_once  # the C scanner, without json.loads' per-call overhead
+
+
+def _parse(text: str) -> Any:
+    """``json.loads(text)`` for one line, faster on the common line that starts with its value."""
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        return json.loads(text)  # raises the decoding error, or reads a line that starts with blanks
+    if end != len(text) and text[end:].strip():
+        raise ValueError(f"extra data after the JSON value at column {end}")
+    return value
+
+
 class RunReadError(ValueError):
     """A run's ``cockpit.jsonl`` exists but cannot be read (a directory of that name, no permission,
     an I/O error). The message names the file and the fix."""
@@ -129,7 +143,7 @@ def _read(
                 if not raw.strip():
                     continue  # a blank line is no record, and no damage
                 try:
-                    entry = json.loads(raw.decode("utf-8"))
+                    entry = _parse(raw.decode("utf-8"))
                     step = _step(entry["step"])
                     records = entry["records"]
                     if step is None or type(records) is not dict:
