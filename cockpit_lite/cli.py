@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.records import History
 
 DESCRIPTION = """\
@@ -46,13 +47,24 @@ def summary_text(history: History, where: str = "") -> str:
 
 def _load_runs(logdir: str) -> dict[str, History]:
     """The run in ``logdir`` under its own path, or every run of a folder of runs under theirs."""
+    import warnings
+
     from cockpit_lite.io import load
     from cockpit_lite.rundir import Runs
 
-    loaded = load(logdir)
-    if isinstance(loaded, Runs):
-        return {str(Path(logdir) / name): h for name, h in loaded.items()}
-    return {logdir: loaded}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CockpitWarning)  # the skipped lines are said once below
+        loaded = load(logdir)
+    runs = {str(Path(logdir) / name): h for name, h in loaded.items()} if isinstance(loaded, Runs) else {logdir: loaded}
+    for where, h in runs.items():
+        if h.skipped:
+            lines = ", ".join(map(str, h.skipped_lines)) + (", ..." if h.skipped > len(h.skipped_lines) else "")
+            print(
+                f"cockpit-lite: {where}: skipped {h.skipped} damaged line{'s' if h.skipped > 1 else ''} of "
+                f"cockpit.jsonl (line {lines}); the rest is shown",
+                file=sys.stderr,
+            )
+    return runs
 
 
 def _load(logdir: str) -> History:
@@ -119,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; a run that cannot be read at all (no run there, a ``cockpit.jsonl`` that is
+    a directory or unreadable) is one message line on stderr and exit status 1, damaged lines are
+    skipped and counted on stderr."""
+    from cockpit_lite.io import RunReadError
+
     ap = build_parser()
     args = ap.parse_args(argv)
     if not getattr(args, "func", None):
@@ -126,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, RunReadError) as e:
         print(f"cockpit-lite {args.command}: {e}", file=sys.stderr)
         return 1
 

@@ -67,15 +67,71 @@ def _number(v: Any) -> float:
         return math.nan
 
 
-class History(Mapping):
-    """tag -> [(step, value), ...] in step order. ``history["loss"]`` is a list of pairs."""
+#: steps of the recent window a live History keeps in full (every record, per-sample arrays too)
+WINDOW = 2048
 
-    def __init__(self) -> None:
+
+def _is_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (float, int, str, np.floating, np.integer))
+
+
+class History(Mapping):
+    """tag -> [(step, value), ...] in step order. ``history["loss"]`` is a list of pairs.
+
+    Bounded: a live history (``cockpit.history``) keeps, per tag, the records of the last ``window``
+    steps in full and, for the older steps, only scalar values (floats, strings) downsampled: every
+    k-th older record, k doubling (1, 2, 4, ...) whenever more than ``window`` older records would be
+    kept. So a tag holds at most ``3 * window + 1`` pairs (``2 * window + 1`` recent ones before a
+    compaction, ``window`` older ones) whatever the run length, arrays and dicts (per-sample values,
+    tables) only for the recent ``2 * window`` steps; the last value and the series for plotting are
+    always there, thinned in the past. A tag with few records (verdicts, notes) is never thinned. The
+    disk (``cockpit.jsonl``) stays the full record: ``load()`` returns a History with ``window=None``,
+    which keeps everything. ``skipped`` and ``skipped_lines`` count the damaged lines ``load()``
+    passed over (0 and [] for a live history).
+    """
+
+    def __init__(self, window: int | None = WINDOW) -> None:
+        if window is not None and window < 1:
+            raise ValueError(f"History window must be a positive number of steps or None, got {window}")
+        self.window = window
+        self.skipped = 0
+        self.skipped_lines: list[int] = []
         self._data: dict[str, list[tuple[int, Any]]] = defaultdict(list)
+        self._old: dict[str, int] = {}  # tag -> how many leading pairs are the thinned past
+        self._stride: dict[str, int] = {}  # tag -> k: one older record in k is kept
+        self._seen: dict[str, int] = {}  # tag -> older records met so far (picks every k-th)
 
     def add(self, step: int, records: Mapping[str, Any]) -> None:
+        data, window = self._data, self.window
         for tag, value in records.items():
-            self._data[tag].append((step, value))
+            pairs = data[tag]
+            pairs.append((step, value))
+            if window is not None and len(pairs) - self._old.get(tag, 0) > 2 * window + 1:
+                self._compact(tag)
+
+    def _compact(self, tag: str) -> None:
+        """Move the records older than the last ``window`` steps of ``tag`` into its thinned past."""
+        pairs, window = self._data[tag], self.window
+        n_old = self._old.get(tag, 0)
+        cutoff = pairs[-1][0] - window
+        old, recent = pairs[:n_old], []
+        k, seen = self._stride.get(tag, 1), self._seen.get(tag, 0)
+        for p in pairs[n_old:]:
+            if p[0] > cutoff:
+                recent.append(p)
+            elif _is_scalar(p[1]):
+                if seen % k == 0:
+                    old.append(p)
+                seen += 1
+        while len(old) > window:
+            old = old[::-1][::2][::-1]  # every other one, the newest kept
+            k *= 2
+        pairs[:] = old + recent
+        self._old[tag], self._stride[tag], self._seen[tag] = len(old), k, seen
+
+    def _load_sorted(self, data: Mapping[str, list[tuple[int, Any]]]) -> None:
+        """Fill from ``tag -> [(step, value), ...]`` lists already in step order (``load()``)."""
+        self._data.update(data)
 
     def __getitem__(self, tag: str) -> list[tuple[int, Any]]:
         if tag not in self._data:
