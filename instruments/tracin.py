@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from cockpit_lite.instruments._util import refuse_state
+from cockpit_lite.instruments.panels import InfluencePanel, influence_summary
 
 from cockpit_lite import Instrument, Need, Needs
 from cockpit_lite.distributed import DISTRIBUTED, all_gather_objects, is_sharded
 from cockpit_lite.errors import CockpitWarning
-from cockpit_lite.instruments._util import refuse_state
-from cockpit_lite.instruments.panels import InfluencePanel, influence_summary
 from cockpit_lite.losses import gradient_scale
 from cockpit_lite.model_io import tensors_of
 from cockpit_lite.pause import paused

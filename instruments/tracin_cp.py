@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from cockpit_lite.instruments.tracin import top_table
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from cockpit_lite import Instrument
 from cockpit_lite.distributed import is_main, is_sharded
 from cockpit_lite.errors import CockpitWarning
-from cockpit_lite.instruments.tracin import top_table
 from cockpit_lite.persample.cross import Projector, ViewCollector, cross
 from cockpit_lite.records import to_value
 from cockpit_lite.sinks.jsonl import JsonLines

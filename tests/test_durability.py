@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cockpit_lite.instruments import Checkpoints, Loss
 from torch import nn
 
 from cockpit_lite import Cockpit, CockpitWarning
-from cockpit_lite.instruments import Checkpoints, Loss
 from cockpit_lite.sinks import JsonLines, TensorBoard
 from cockpit_lite.sinks.appendfile import AppendFile
 from cockpit_lite.sinks.events import EventFile

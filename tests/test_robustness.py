@@ -12,15 +12,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
-from cockpit_lite import Cockpit
 from cockpit_lite.instruments.agc import clip_, unitwise_norm
 from cockpit_lite.instruments.clipping import Clipping
 from cockpit_lite.instruments.gradnorm import GradNorm
 from cockpit_lite.instruments.tracin import TracIn
 from cockpit_lite.instruments.update import Distance, UpdateSize
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cockpit_lite import Cockpit
 from cockpit_lite.pause import paused
 from cockpit_lite.sinks.dashboard import write_atomic
 from tests import models
