@@ -446,18 +446,8 @@ class CoupledPath:
             for key, d in directions.items():
                 proj[key] = self._project(base, d, *replay)
         if wants_dot and mean_grad is not None:
-            g2 = sum(float(g.double().square().sum()) for g in mean_grad.values())
-            self.sum_ratio = float(dot.double().sum()) / (batch * g2) if g2 > 0 else None
-        covered = frozenset(self.params)
-        return PerSampleResult(
-            sq_norms=MappingProxyType(sq),
-            dot_mean=dot if wants_dot else None,
-            gram=MappingProxyType(gram),
-            grads=MappingProxyType(grads),
-            projections=MappingProxyType(proj),
-            covered=covered,
-            failure=None,
-        )
+            self.sum_ratio = self._ratio(dot, mean_grad, batch)
+        return self._result(sq, dot if wants_dot else None, gram, grads, proj)
 
     def joined_statistics(
         self,
@@ -548,9 +538,13 @@ class CoupledPath:
                 ]  # fmt: skip
                 dot = torch.cat(parts)
                 self.sum_ratio = self._ratio(dot, gbar, n)
+        return self._result(sq, dot if wants_dot else None, gram, grads, proj)
+
+    def _result(self, sq: dict, dot: torch.Tensor | None, gram: dict, grads: dict, proj: dict) -> PerSampleResult:
+        """The immutable result of a coupled step: every parameter the path differentiates is covered."""
         return PerSampleResult(
             sq_norms=MappingProxyType(sq),
-            dot_mean=dot if wants_dot else None,
+            dot_mean=dot,
             gram=MappingProxyType(gram),
             grads=MappingProxyType(grads),
             projections=MappingProxyType(proj),
