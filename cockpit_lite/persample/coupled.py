@@ -47,7 +47,6 @@ import time
 import warnings
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -541,16 +540,8 @@ class CoupledPath:
         return self._result(sq, dot if wants_dot else None, gram, grads, proj)
 
     def _result(self, sq: dict, dot: torch.Tensor | None, gram: dict, grads: dict, proj: dict) -> PerSampleResult:
-        """The immutable result of a coupled step: every parameter the path differentiates is covered."""
-        return PerSampleResult(
-            sq_norms=MappingProxyType(sq),
-            dot_mean=dot,
-            gram=MappingProxyType(gram),
-            grads=MappingProxyType(grads),
-            projections=MappingProxyType(proj),
-            covered=frozenset(self.params),
-            failure=None,
-        )
+        """The result of a coupled step: every parameter the path differentiates is covered."""
+        return PerSampleResult(sq, dot, gram, grads, proj, self.params, None)
 
     @staticmethod
     def _ratio(dot: torch.Tensor, gbar: Mapping[str, torch.Tensor], n: int) -> float | None:

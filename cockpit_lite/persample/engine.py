@@ -55,6 +55,13 @@ class PerSampleResult:
     failure: str | None  #: why nothing was computed this step (None: all is well)
     notes: tuple[str, ...] = ()  #: what was left out, and why
 
+    def __post_init__(self) -> None:
+        """Read-only copies of the mappings the engine built (it goes on filling its own next step)."""
+        for name in ("sq_norms", "gram", "grads", "projections"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+        object.__setattr__(self, "covered", frozenset(self.covered))
+        object.__setattr__(self, "notes", tuple(self.notes))
+
 
 def _projections(views: list[View], directions: Mapping) -> dict[str, torch.Tensor]:
     """g_i . v summed over the layers' views, per direction key (keys no view serves are absent)."""
@@ -997,15 +1004,7 @@ class PerSampleEngine:
             return self._joined(directions or {}, mean_grad)
         projections = self.project(dict(directions)) if directions and self.failure is None else {}
         self._kept = []
-        return PerSampleResult(
-            sq_norms=MappingProxyType(dict(self.sq)),
-            dot_mean=self.dot_mean,
-            gram=MappingProxyType(dict(self.gram)),
-            grads=MappingProxyType(dict(self.grads)),
-            projections=MappingProxyType(projections),
-            covered=frozenset(self.covered),
-            failure=self.failure,
-        )
+        return PerSampleResult(self.sq, self.dot_mean, self.gram, self.grads, projections, self.covered, self.failure)
 
     @torch.no_grad()
     def _joined(self, directions: Mapping, mean_grad: Mapping[str, torch.Tensor] | None) -> PerSampleResult:
@@ -1090,17 +1089,8 @@ class PerSampleEngine:
         for seg in segments:
             seg.kept = []
         self._segments, self._kept = [], []
-        covered = frozenset(set.intersection(*(seg.covered for seg in segments)))
-        return PerSampleResult(
-            sq_norms=MappingProxyType(sq),
-            dot_mean=dot_mean,
-            gram=MappingProxyType(gram),
-            grads=MappingProxyType(grads),
-            projections=MappingProxyType(projections),
-            covered=covered,
-            failure=None,
-            notes=tuple(notes),
-        )
+        covered = set.intersection(*(seg.covered for seg in segments))
+        return PerSampleResult(sq, dot_mean, gram, grads, projections, covered, None, notes)
 
     def _mean_check(
         self, dot: torch.Tensor, mean_grad: Mapping[str, torch.Tensor], names: Collection[str], unit: float
