@@ -3,7 +3,7 @@
 from cockpit_lite.cockpit import Cockpit
 from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.instrument import Instrument
-from cockpit_lite.io import load
+from cockpit_lite.io import RunReadError, load
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.pause import paused
 from cockpit_lite.persample import LayerHandler, register_handler
@@ -20,6 +20,7 @@ __all__ = [
     "History",
     "StepRecord",
     "load",
+    "RunReadError",
     "register_handler",
     "LayerHandler",
 ]

@@ -358,15 +358,16 @@ def _prefixed_charts(charts: Mapping[str, Mapping[str, list]], prefix: str) -> M
 
 
 def value_row(history: Any, tag: str, label: str) -> str | None:
-    """One ``cockpit-lite summary`` line: the last value of ``tag`` and, for numbers, the median of the
-    last 10% of its values; None if the tag has no records."""
+    """One ``cockpit-lite summary`` line: the last value of ``tag`` and, for numbers, the median of its
+    values over the last 10% of its step range (by steps, not records: a live history keeps older steps
+    thinned); None if the tag has no records."""
     pairs = history.get(tag)
     if not pairs:
         return None
     step, value = pairs[-1]
     if isinstance(value, (float, int)) and not isinstance(value, bool):
-        vals = np.array([as_float(v) for _, v in pairs])
-        recent = vals[-max(1, len(vals) // 10) :]
+        since = step - (step - pairs[0][0]) / 10
+        recent = np.array([as_float(v) for s, v in pairs if s >= since])
         recent = recent[np.isfinite(recent)]
         med = f"{np.median(recent):.4g}" if recent.size else "nan"
         return f"  {label:36} {as_float(value):>10.4g}  (step {step}; median of last 10%: {med})"

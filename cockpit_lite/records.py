@@ -81,10 +81,11 @@ class History(Mapping):
     Bounded: a live history (``cockpit.history``) keeps, per tag, the records of the last ``window``
     steps in full and, for the older steps, only scalar values (floats, strings) downsampled: every
     k-th older record, k doubling (1, 2, 4, ...) whenever more than ``window`` older records would be
-    kept. So a tag holds at most ``3 * window + 1`` pairs (``2 * window + 1`` recent ones before a
-    compaction, ``window`` older ones) whatever the run length, arrays and dicts (per-sample values,
-    tables) only for the recent ``2 * window`` steps; the last value and the series for plotting are
-    always there, thinned in the past. A tag with few records (verdicts, notes) is never thinned. The
+    kept (the tag's first record stays, where ``window > 1``). So a tag holds at most
+    ``3 * window + 1`` pairs (``2 * window + 1`` recent ones before a compaction, ``window`` older
+    ones) whatever the run length, arrays and dicts (per-sample values, tables) only for the recent
+    ``2 * window`` steps; the last value and the series for plotting are always there, thinned in the
+    past. A tag with few records (verdicts, notes) is never thinned. The
     disk (``cockpit.jsonl``) stays the full record: ``load()`` returns a History with ``window=None``,
     which keeps everything. ``skipped`` and ``skipped_lines`` count the damaged lines ``load()``
     passed over (0 and [] for a live history).
@@ -123,8 +124,9 @@ class History(Mapping):
                 if seen % k == 0:
                     old.append(p)
                 seen += 1
+        pin = 1 if window > 1 else 0  # the tag's first record stays: where the series starts
         while len(old) > window:
-            old = old[::-1][::2][::-1]  # every other one, the newest kept
+            old = old[:pin] + old[pin:][::-1][::2][::-1]  # every other one, the newest kept
             k *= 2
         pairs[:] = old + recent
         self._old[tag], self._stride[tag], self._seen[tag] = len(old), k, seen
