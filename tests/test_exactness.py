@@ -213,6 +213,11 @@ MORE = {
     "LSTM (T, B, d) with an initial (h, c)": (lambda: _Seq2Seq(nn.LSTM, False), lambda: torch.randn(5, 6, 4)),
     "attention (T, B, d), masks, T = B": (_AttentionTimeFirst, lambda: torch.randn(6, 6, 8)),
     "attention (T, B, d), masks": (_AttentionTimeFirst, lambda: torch.randn(5, 6, 8)),
+    # g_i . gbar from the batch gradient autograd computes (LinearHandler.weight_grad_node): mm, in-place
+    "Linears without bias, in-place ReLU": (
+        lambda: nn.Sequential(nn.Linear(4, 5, bias=False), nn.ReLU(inplace=True), nn.Linear(5, 3, bias=False)),
+        lambda: torch.randn(6, 4),
+    ),
 }
 MORE_BATCH_AXIS = {name: 1 for name in MORE if "(T, B, d)" in name}
 

@@ -559,7 +559,9 @@ class PerSampleEngine:
             node = handler.weight_grad_node(outs) if wants_dot and not broadcast else None
             if node is not None:
                 # fires once the layer's backward has run: its output gradient and its weight gradient
-                node.register_hook(lambda gi, go, m=module, i=idx: self._on_grads(m, i, (go[0],), gi[1]))
+                node.register_hook(
+                    lambda gi, go, m=module, i=idx, h=handler: self._on_grads(m, i, (go[0],), h.weight_grad(gi))
+                )
             else:
                 self._register_grads(module, idx, outs)
         except PerSampleUndefined as e:

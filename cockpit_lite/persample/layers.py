@@ -189,9 +189,14 @@ class Handler:
         raise NotImplementedError
 
     def weight_grad_node(self, outputs: list[torch.Tensor]):
-        """The autograd node of this call whose second input gradient is the weight's, when the view
-        would otherwise recompute the batch weight gradient (None: nothing to save)."""
+        """The autograd node of this call that computes the weight's gradient (read by
+        :meth:`weight_grad` from the node's input gradients), when the view would otherwise recompute
+        the batch weight gradient sum_i g_i (None: nothing to save)."""
         return None
+
+    def weight_grad(self, grad_inputs: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+        """The weight's gradient among the input gradients of :meth:`weight_grad_node`'s node."""
+        return grad_inputs[1]
 
 
 def _leading_ambiguous(args: tuple, batch: int, n_feature: int) -> bool:
@@ -219,6 +224,27 @@ class LinearHandler(Handler):
         e = _cat(e_parts, 1).unsqueeze(1)
         m = self.module
         return FactorView(a, e, self.names.get("weight"), self.names.get("bias"), tuple(m.weight.shape))
+
+    def weight_grad_node(self, outputs):
+        """For a (B, i) -> (B, o) call: its ``addmm`` (``mm`` without bias) node, whose input gradient
+        for ``weight.T`` is the batch weight gradient, so that g_i . gbar costs one product
+        (:meth:`FactorView.dot_mean`)."""
+        if len(outputs) != 1 or "weight" not in self.names or outputs[0].dim() != 2:
+            return None
+        node = outputs[0].grad_fn
+        position = {"AddmmBackward0": 2, "MmBackward0": 1}.get(node.name() if node is not None else "")
+        nxt = node.next_functions if position is not None else ()
+        if len(nxt) <= position or nxt[position][0] is None or nxt[position][0].name() != "TBackward0":
+            return None
+        leaf = nxt[position][0].next_functions
+        if not leaf or getattr(leaf[0][0], "variable", None) is not self.module.weight:
+            return None
+        self._position = position
+        return node
+
+    def weight_grad(self, grad_inputs):
+        g = grad_inputs[self._position]
+        return None if g is None else g.T
 
 
 class ConvHandler(Handler):

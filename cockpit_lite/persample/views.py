@@ -271,11 +271,18 @@ class FactorView(View):
                 out = out + eb @ eb.mean(0)
             return out
         if t == 1 and self._cache is None:
-            # g_i . gbar = e_i^T gbar_W a_i with gbar_W = E^T A / B: two plain products, no g_i formed
+            # g_i . gbar = e_i^T gbar_W a_i with gbar_W = E^T A / B (or the batch gradient autograd
+            # computed, when the handler kept it): one or two plain products, no g_i formed
+            total = self.batch_grad
+            if total is not None and total.shape != (g * o, i):
+                total = None
             out = None
             for gi in range(g):
                 a, e = self.a[:, gi, 0], self.e[:, gi, 0]  # (B, i), (B, o)
-                part = ((e @ (e.T @ a / bsz)) * a).sum(1)
+                if total is None:
+                    part = ((e @ (e.T @ a / bsz)) * a).sum(1)
+                else:
+                    part = ((a @ total[gi * o : (gi + 1) * o].to(a.dtype).T) * e).sum(1) / bsz
                 out = part if out is None else out + part
             if self.b is not None:
                 gb = self._bias_grads()
