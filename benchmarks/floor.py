@@ -314,6 +314,96 @@ def cnn_macs(n_probes: int = 100) -> None:
     )
 
 
+def gpt_floor(model_name: str = "gpt", reps: int = 3) -> dict:
+    """The least work exact per-sample statistics need on the small GPT (B = 16, T = 128), counted and
+    timed. Every Linear call (B, T, i) -> (B, T, o) is seen by a forward hook; per layer the cheaper
+    route by multiply-adds: per-sample squared norms min(ghost B T^2 (i + o), formed B T i o);
+    norms and g_i . gbar together the formed B T i o (a projection onto gbar costs B T i o as well,
+    so the ghost route only adds work). The plain step: 3 x the Linear multiply-adds (forward, weight
+    and input gradients) and 3 x the attention products (2 B T^2 d per layer forward).
+
+    Then the same kernels are timed at the real shapes (random factors, 1 thread), interleaved with
+    plain steps: the ratio 1 + kernels / plain step is what these statistics cost with no hook,
+    bookkeeping or memory traffic beyond the kernels themselves."""
+    import statistics
+    import time
+
+    build, data, b = MODELS[model_name]
+    torch.manual_seed(0)
+    model = build()
+    opt = OPTIMIZERS["adam"](model.parameters())
+    shapes: list[tuple[int, int, int, int]] = []
+    attn: list[tuple[int, int, int]] = []
+
+    def hook(mod, inp, out):
+        x = inp[0]
+        shapes.append((x.shape[0], x[0].numel() // x.shape[-1], mod.in_features, mod.out_features))
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    batches = make_batches(model_name, 1)
+    x, y = batches[0]
+    loss_fn = nn.CrossEntropyLoss()
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    n_layers = sum(1 for m in model.modules() if type(m).__name__ == "CausalSelfAttention")
+    d = shapes[0][2]
+    attn = [(b, shapes[0][1], d)] * n_layers
+    lin = sum(bb * t * i * o for bb, t, i, o in shapes)
+    att = sum(2 * bb * t * t * dd for bb, t, dd in attn)
+    plain = 3 * lin + 3 * att
+    ghost = [bb * t * t * (i + o) for bb, t, i, o in shapes]
+    formed = [bb * t * i * o for bb, t, i, o in shapes]
+    norms = sum(min(g, f) for g, f in zip(ghost, formed, strict=True))
+    dots = sum(formed)
+    print(f"{model_name} (B = {b}, T = {shapes[0][1]}): {len(shapes)} Linear calls, {n_layers} attention layers")
+    print(f"  plain step {plain / 1e9:.2f} G multiply-adds (Linear {3 * lin / 1e9:.2f} G, attention {3 * att / 1e9:.2f} G)")
+    print(f"  per-sample norms at least {norms / 1e9:.2f} G -> {1 + norms / plain:.3f}x at the plain step's speed")
+    print(f"  norms and g_i . gbar at least {dots / 1e9:.2f} G -> {1 + dots / plain:.3f}x at the plain step's speed")
+
+    factors = [(torch.randn(bb, t, i), torch.randn(bb, t, o)) for bb, t, i, o in shapes]
+
+    def norm_kernels():
+        for (a, e), g, f in zip(factors, ghost, formed, strict=True):
+            if g < f:
+                aa, ee = a @ a.transpose(1, 2), e @ e.transpose(1, 2)
+                torch.linalg.vecdot(aa.flatten(1), ee.flatten(1))
+            else:
+                torch.linalg.vector_norm(torch.bmm(e.transpose(1, 2), a).flatten(1), dim=1)
+
+    def dot_kernels():
+        for a, e in factors:
+            gw = torch.bmm(e.transpose(1, 2), a).flatten(1)
+            gw @ gw.mean(0)
+            torch.linalg.vector_norm(gw, dim=1)
+
+    def plain_step():
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    times: dict[str, list[float]] = {"plain": [], "norms": [], "dots": []}
+    for fn in (plain_step, norm_kernels, dot_kernels):
+        fn()  # warm-up
+    for _ in range(reps):
+        for name, fn in (("plain", plain_step), ("norms", norm_kernels), ("dots", dot_kernels)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"  timed ({reps} interleaved reps, medians): plain step {med['plain'] * 1e3:.0f} ms")
+    print(f"  per-sample norm kernels {med['norms'] * 1e3:.0f} ms -> {1 + med['norms'] / med['plain']:.3f}x")
+    print(f"  norm and g_i . gbar kernels {med['dots'] * 1e3:.0f} ms -> {1 + med['dots'] / med['plain']:.3f}x")
+    return {
+        "plain_gmacs": plain / 1e9,
+        "norms_bound": 1 + norms / plain,
+        "dots_bound": 1 + dots / plain,
+        "norms_timed": 1 + med["norms"] / med["plain"],
+        "dots_timed": 1 + med["dots"] / med["plain"],
+    }
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="economy-alpha,economy,tracin-self,tracin-probes")
@@ -322,7 +412,13 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=11)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cnn-macs", action="store_true")
+    ap.add_argument(
+        "--gpt-floor", action="store_true", help="the small GPT's least per-sample work, counted and timed (only)"
+    )
     args = ap.parse_args(argv)
+    if args.gpt_floor:
+        torch.set_num_threads(args.threads)
+        return [gpt_floor("gpt", args.reps)]
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.reps} interleaved reps x {args.steps} steps")
     print(f"{'part':26} {'plain ms':>9} {'cockpit x':>10} {'lean x':>7} {'max rel diff':>13}")
