@@ -53,9 +53,7 @@ def requested_devices(spec: str | None, cuda_count: int) -> list[str]:
 
 def device_params(devices: Sequence[str]) -> list:
     """One ``pytest.param`` per device, id the device's name; the CUDA ones carry the ``cuda`` mark."""
-    return [
-        pytest.param(d, id=d, marks=[pytest.mark.cuda] if torch.device(d).type == "cuda" else []) for d in devices
-    ]
+    return [pytest.param(d, id=d, marks=[pytest.mark.cuda] if torch.device(d).type == "cuda" else []) for d in devices]
 
 
 def already_parametrized(metafunc: pytest.Metafunc, argname: str) -> bool:
