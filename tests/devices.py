@@ -7,7 +7,8 @@ mark, so ``pytest -m cuda`` selects exactly the CUDA runs (``benchmarks/gpu.sh``
 
 On CUDA the tests compare float32 work against float64 references at float32 tolerances, so TF32
 (cuDNN convolutions use it by default, matmuls where ``allow_tf32`` is set) is turned off for the
-session: a TF32 product carries a 10-bit mantissa, an error of about 1e-3, not a float32 one.
+session: a TF32 product carries a 10-bit mantissa, an error of about 1e-3, not a float32 one; and
+cuDNN picks deterministic algorithms (:func:`exact_float32_on_cuda`).
 """
 
 from __future__ import annotations
@@ -68,9 +69,13 @@ def already_parametrized(metafunc: pytest.Metafunc, argname: str) -> bool:
 
 
 def exact_float32_on_cuda() -> None:
-    """TF32 off for convolutions and matmuls (module docstring)."""
+    """TF32 off for convolutions and matmuls (module docstring), and deterministic cuDNN algorithms:
+    the tests that compare training with and without the cockpit bit for bit need the same kernels to
+    give the same bits twice."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def devices_from_environment() -> list[str]:
