@@ -18,9 +18,6 @@ and both the cockpit's step and the loop's batch forward draw their masks from t
 (``REPLAY_SEED``, inside ``torch.random.fork_rng``), so the loop splits the very step the cockpit saw.
 That the masks were the same is checked, not assumed: the loop's shares must add up to the step's
 ``p.grad`` (float32 and float64 draw the same masks on CPU; a mismatch fails that check).
-
-On a device (``device="cuda"``) the model, loss module, inputs and targets are moved there first and
-both the cockpit's step and the float64 loop run on it; the comparison is made on the CPU in float64.
 This needs no per-sample loss formula (weighted means, ignored targets and multi-element losses are
 served by the loss module itself) and shares no code with the engine. The cockpit's numbers come only
 through the public Instrument API (an instrument asking for ``Need.PER_SAMPLE_SQ_NORMS``,
@@ -38,6 +35,12 @@ it comes from (a bias followed by a normalisation has g_ip = 0 in exact arithmet
 round-off in the engine). Where g_i . gbar fails (the record holds only the sum over parameters), the
 step is run again once per module, with an optimizer holding only that module's parameters, to name
 the parameters at fault.
+
+On a device (``device="cuda"``) the model, loss module, inputs and targets are moved there first and
+both the cockpit's step and the float64 loop run on it; the comparison is made on the CPU in float64.
+A random model is a CPU case: CUDA's dropout kernels do not promise float64 the masks they drew in
+float32 (the add-up check above would fail); tests/test_attention_dropout.py checks CUDA dropout
+against float32 shares of the same forward on the same device.
 """
 
 from __future__ import annotations
