@@ -326,16 +326,16 @@ class TwoHeads(nn.Module):
         return self.head(h), {"aux": self.aux(h), "unused": h.detach() * 0 + 1}
 
 
-def test_several_outputs_and_keyword_inputs():
+def test_several_outputs_and_keyword_inputs(device):
     torch.manual_seed(0)
-    model = TwoHeads().double()
-    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
-    t = torch.randn(5, 2, dtype=torch.float64)
-    shift = torch.tensor(0.5, dtype=torch.float64)
+    model = TwoHeads().double().to(device)
+    x, y = torch.randn(5, 6, dtype=torch.float64).to(device), torch.randint(0, 3, (5,)).to(device)
+    t = torch.randn(5, 2, dtype=torch.float64).to(device)
+    shift = torch.tensor(0.5, dtype=torch.float64, device=device)
     before = copy.deepcopy(model)
     rec = CoupledRecorder(model)
     torch.manual_seed(2)
-    rng = torch.get_rng_state()
+    rng = rng_state(device)
     logits, extra = model(x, shift=shift)
     loss = nn.functional.cross_entropy(logits, y) + ((extra["aux"] - t) ** 2).sum(1).mean()
     loss.backward()
@@ -343,7 +343,7 @@ def test_several_outputs_and_keyword_inputs():
     path = CoupledPath(model, dict(model.named_parameters()))
     res = path.statistics(rec.args, rec.kwargs, rec.output_grads, 5.0, ALL, state=rec.state, outputs=rec.outputs)
     # reference: l_i = ce_i + ||aux_i - t_i||^2, one autograd call each
-    torch.set_rng_state(rng)
+    set_rng_state(rng, device)
     lo, ex = before(x, shift=shift)
     losses = nn.functional.cross_entropy(lo, y, reduction="none") + ((ex["aux"] - t) ** 2).sum(1)
     params = dict(before.named_parameters())
@@ -351,12 +351,12 @@ def test_several_outputs_and_keyword_inputs():
     for i in range(5):
         for n, g in zip(params, torch.autograd.grad(losses[i], list(params.values()), retain_graph=True), strict=True):
             ref[n].append(g)
-    flat = {n: torch.stack(ref[n]).reshape(5, -1).numpy() for n in params}
+    flat = {n: torch.stack(ref[n]).reshape(5, -1).cpu().numpy() for n in params}
     delta = EPS[torch.float64] * np.linalg.norm(np.concatenate(list(flat.values()), 1), axis=1)
     for n, r in flat.items():
         norm = np.linalg.norm(r, axis=1)
         close(res.sq_norms[n], norm**2, 1e-10, f"||g_i||^2 of {n}", delta * (2 * norm + delta))
-        close(res.grads[n].sum(0), 5 * model.get_parameter(n).grad.numpy(), 1e-10, f"sum of {n}", delta.sum())
+        close(res.grads[n].sum(0), 5 * model.get_parameter(n).grad.cpu().numpy(), 1e-10, f"sum of {n}", delta.sum())
     rec.close()
 
 
