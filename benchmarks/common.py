@@ -85,11 +85,20 @@ OPTIMIZERS = {
 }
 
 
-def make_batches(model: str, n: int, seed: int = 0):
+def make_batches(model: str, n: int, seed: int = 0, device: str | torch.device = "cpu"):
+    """n (inputs, targets) batches of the model's batch size, drawn on the CPU (the same numbers on
+    every device) and moved to ``device``."""
     _, data, batch = MODELS[model]
     targets = TARGETS.get(model, lambda b: torch.randint(0, 10, (b,)))
     torch.manual_seed(seed)
-    return [(data(batch), targets(batch)) for _ in range(n)]
+    return [(data(batch).to(device), targets(batch).to(device)) for _ in range(n)]
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: a timer read without this measures
+    the kernel launches, not the work); nothing on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def train_steps(model, optimizer, loss_fn, batches, after_backward=None) -> None:
@@ -151,13 +160,16 @@ class FuncNorms:
         self.last = out
 
 
-def interleaved(runners: dict, reps: int) -> dict[str, float]:
-    """{name: median seconds per call of runners[name]()} with the calls interleaved."""
+def interleaved(runners: dict, reps: int, device: str | torch.device = "cpu") -> dict[str, float]:
+    """{name: median seconds per call of runners[name]()} with the calls interleaved; on a CUDA device
+    each timed call starts and ends with :func:`synchronize`."""
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(reps):
         for name, run in runners.items():
+            synchronize(device)
             t0 = time.perf_counter()
             run()
+            synchronize(device)
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 

@@ -17,11 +17,21 @@ Memory: each configuration runs in a fresh subprocess; the figure is the peak of
 through malloc (where CPU tensors live), sampled at every module's forward/backward boundary and around
 the optimizer step, minus the bytes in use before the model was built: parameters, gradients,
 optimizer state, activations and everything the cockpit keeps.
+
+``--device cuda``: models, batches and cockpits on the GPU; every timed block starts and ends with
+``torch.cuda.synchronize()``. Memory is then the CUDA caching allocator's peak of allocated bytes
+(``torch.cuda.max_memory_allocated``) while the configuration is built and trained, minus the bytes
+allocated before it was built, measured in this process one configuration at a time (the others
+freed first): the same quantity as on the CPU, without malloc's noise.
+
+    python benchmarks/overhead.py --device cuda --models mlp,cnn,gpt,resnet18 --optims sgd \
+        --configs economy-alpha,economy,func-norms        # what benchmarks/gpu.sh runs
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -41,6 +51,7 @@ from common import (  # noqa: E402
     loss_module,
     make_batches,
     malloc_in_use_mb,
+    synchronize,
     train_steps,
 )
 
@@ -102,13 +113,16 @@ def config_entry(config: str):
     return CONFIGS[config]
 
 
-def build(model_name: str, optim: str, config: str, tmp: str):
-    """(model, optimizer, loss module or None, cockpit or None, after-backward reference or None)."""
+def build(model_name: str, optim: str, config: str, tmp: str, device: str = "cpu"):
+    """(model, optimizer, loss module or None, cockpit or None, after-backward reference or None), the
+    model and loss module on ``device``."""
     factory = MODELS[model_name][0]
     torch.manual_seed(0)
-    model = factory()
+    model = factory().to(device)
     opt = OPTIMIZERS[optim](model.parameters())
     loss_fn = loss_module(model_name)
+    if loss_fn is not None:
+        loss_fn.to(device)
     cockpit, reference = None, None
     if config in FUNC_CONFIGS:
         reference = FuncNorms(model, loss_fn, dot=FUNC_CONFIGS[config])
@@ -118,20 +132,20 @@ def build(model_name: str, optim: str, config: str, tmp: str):
     return model, opt, loss_fn, cockpit, reference
 
 
-def time_ratios(model_name, optim, configs, steps, reps, tmp):
+def time_ratios(model_name, optim, configs, steps, reps, tmp, device="cpu"):
     """{config: seconds per step}; a configuration that cannot be built for this model (a cockpit
     without a loss module, before the loss-free engine) gets the reason instead."""
-    batches = make_batches(model_name, steps)
+    batches = make_batches(model_name, steps, device=device)
     built, failed = {}, {}
     for c in configs:
         try:
-            built[c] = build(model_name, optim, c, tmp)
+            built[c] = build(model_name, optim, c, tmp, device)
         except Exception as e:
             failed[c] = f"{type(e).__name__}: {e}"
     runners = {c: (lambda b=b: train_steps(b[0], b[1], b[2], batches, b[4])) for c, b in built.items()}
     for run in runners.values():  # warm-up
         run()
-    med = interleaved(runners, reps)
+    med = interleaved(runners, reps, device)
     for b in built.values():
         if b[3] is not None:
             b[3].close()
@@ -156,7 +170,29 @@ def memory_child(model_name, optim, config, steps):
     print(json.dumps({"peak_delta_mb": sampler.peak - base}))
 
 
-def memory_delta(model_name, optim, config, steps) -> float:
+def cuda_memory_delta(model_name, optim, config, steps, device) -> float:
+    """Peak CUDA bytes allocated (MB) while ``config`` is built and trained for ``steps`` steps, minus
+    those allocated before it was built (its data included), in this process (module docstring)."""
+    batches = make_batches(model_name, steps, device=device)
+    gc.collect()
+    synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, opt, loss_fn, cockpit, reference = build(model_name, optim, config, tmp, device)
+        train_steps(model, opt, loss_fn, batches, reference)
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        if cockpit is not None:
+            cockpit.close()
+    del model, opt, loss_fn, cockpit, reference
+    gc.collect()
+    return (peak - base) / 2**20
+
+
+def memory_delta(model_name, optim, config, steps, device="cpu") -> float:
+    if torch.device(device).type == "cuda":
+        return cuda_memory_delta(model_name, optim, config, steps, device)
     out = subprocess.run(
         [sys.executable, __file__, "--memory-child", model_name, optim, config, "--steps", str(steps)],
         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
@@ -184,6 +220,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=9, help="interleaved repetitions")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where models, batches and cockpits live")
     ap.add_argument(
         "--malloc", choices=("default", "tuned"), default="default",
         help="glibc malloc as the process starts, or TUNED_MALLOC (no page faults on re-allocated memory)",
@@ -195,28 +232,38 @@ def main(argv=None):
         argv = sys.argv[1:] if argv is None else list(argv)
         os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **TUNED_MALLOC})
     torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch.cuda.is_available() is False on this machine")
     if args.memory_child:
         return memory_child(*args.memory_child, args.steps)
 
     configs = ["plain"] + [c for c in args.configs.split(",") if c != "plain"]
     rows = []
+    where = args.device
+    if torch.device(args.device).type == "cuda":
+        where += f" ({torch.cuda.get_device_name(args.device)}, CUDA {torch.version.cuda})"
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s), {args.reps} interleaved reps x {args.steps} steps, "
-        f"{_malloc_setting()} malloc"
+        f"torch {torch.__version__}, device {where}, {args.threads} thread(s), {args.reps} interleaved reps x "
+        f"{args.steps} steps, {_malloc_setting()} malloc"
     )
     print(f"{'model':9} {'optim':5} {'config':22} {'ms/step':>9} {'time x':>7} {'peak MB':>8} {'mem x':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         for model_name in args.models.split(","):
             for optim in args.optims.split(","):
-                per_step = time_ratios(model_name, optim, configs, args.steps, args.reps, tmp)
+                per_step = time_ratios(model_name, optim, configs, args.steps, args.reps, tmp, args.device)
                 ran = [c for c in configs if not isinstance(per_step[c], str)]
-                mem = {} if args.no_memory else {c: memory_delta(model_name, optim, c, args.steps) for c in ran}
+                mem = (
+                    {}
+                    if args.no_memory
+                    else {c: memory_delta(model_name, optim, c, args.steps, args.device) for c in ran}
+                )
                 for c in configs:
                     if c not in ran:
                         print(f"{model_name:9} {optim:5} {c:22} not run: {per_step[c]}")
                         continue
                     row = {
                         "model": model_name, "optim": optim, "config": c, "malloc": _malloc_setting(),
+                        "device": args.device,
                         "ms_per_step": per_step[c] * 1e3, "time_ratio": per_step[c] / per_step["plain"],
                         "peak_mb": mem.get(c), "mem_ratio": mem[c] / mem["plain"] if mem else None,
                     }  # fmt: skip

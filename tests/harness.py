@@ -35,6 +35,12 @@ it comes from (a bias followed by a normalisation has g_ip = 0 in exact arithmet
 round-off in the engine). Where g_i . gbar fails (the record holds only the sum over parameters), the
 step is run again once per module, with an optimizer holding only that module's parameters, to name
 the parameters at fault.
+
+On a device (``device="cuda"``) the model, loss module, inputs and targets are moved there first and
+both the cockpit's step and the float64 loop run on it; the comparison is made on the CPU in float64.
+A random model is a CPU case: CUDA's dropout kernels do not promise float64 the masks they drew in
+float32 (the add-up check above would fail); tests/test_attention_dropout.py checks CUDA dropout
+against float32 shares of the same forward on the same device.
 """
 
 from __future__ import annotations
@@ -90,6 +96,17 @@ class _Recorder(Instrument):
     def compute(self, record):
         self.record = record
         return {}
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """``obj`` with every tensor in it (nested tuples, lists and dicts) moved to ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
 
 
 def _as_tuple(inputs: Any) -> tuple:
@@ -197,7 +214,7 @@ def shares_loop(
         gs = torch.autograd.grad(full, wanted, grad_outputs=mask, retain_graph=True, allow_unused=True)
         for n, g, p in zip(names, gs, wanted, strict=True):
             rows[n].append(torch.zeros_like(p) if g is None else g * factor)
-    return {n: torch.stack(v).detach().numpy() for n, v in rows.items()}
+    return {n: torch.stack(v).detach().cpu().numpy() for n, v in rows.items()}
 
 
 def _batch_of(args: tuple, batch_axis: int) -> int:
@@ -207,13 +224,16 @@ def _batch_of(args: tuple, batch_axis: int) -> int:
     return sizes.pop()
 
 
-def random_directions(shapes: dict[str, torch.Size], k: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+def random_directions(
+    shapes: dict[str, torch.Size], k: int, seed: int = 0, device: torch.device | str = "cpu"
+) -> dict[str, dict[str, torch.Tensor]]:
     """K random directions (standard normal, one tensor per parameter, fixed seed) under ``v<k>``, and
-    each one restricted to each parameter under ``v<k>/<name>`` (projections per parameter)."""
+    each one restricted to each parameter under ``v<k>/<name>`` (projections per parameter). Drawn on
+    the CPU (the same numbers on every device), then moved to ``device``."""
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, dict[str, torch.Tensor]] = {}
     for j in range(k):
-        v = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+        v = {n: torch.randn(s, generator=gen).to(device) for n, s in shapes.items()}
         out[f"v{j}"] = v
         for n, t in v.items():
             out[f"v{j}/{n}"] = {n: t}
@@ -276,6 +296,7 @@ def assert_matches_loop(
     seed: int = 0,
     rtol: float = RTOL,
     rng_seed: int | None = None,
+    device: torch.device | str | None = None,
 ) -> Checked:
     """Check the cockpit's per-sample split of one step against the float64 loop (module docstring).
 
@@ -289,10 +310,16 @@ def assert_matches_loop(
         n_directions / seed: the random directions projected onto.
         rtol: allowed error relative to the largest |value| of each quantity over the samples.
         rng_seed: replay a random model from this seed (default ``REPLAY_SEED`` when it is random).
+        device: move the model and loss module (in place) and the inputs and targets there first
+            (None: leave everything where it is); the directions go to the parameters' device.
 
     Raises:
         AssertionError naming each parameter and quantity that failed.
     """
+    if device is not None:
+        model.to(device)
+        loss_fn.to(device)
+        inputs, targets = to_device(inputs, device), to_device(targets, device)
     args = _as_tuple(inputs)
     held = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     ids = {id(p) for p in held}
@@ -300,7 +327,8 @@ def assert_matches_loop(
     names = list(named)
     replay = rng_seed if rng_seed is not None else (REPLAY_SEED if is_random(model, args) else None)
     ref = shares_loop(model, args, targets, loss_fn, names, batch_axis, replay)
-    directions = random_directions({n: p.shape for n, p in named.items()}, n_directions, seed)
+    where = next(iter(named.values())).device if named else "cpu"
+    directions = random_directions({n: p.shape for n, p in named.items()}, n_directions, seed, where)
     recorder, seen = _run(model, args, targets, loss_fn, list(named.values()), directions, replay)
     rec = recorder.record
     if rec is None or rec.per_sample_sq_norms_by_param is None:
@@ -315,7 +343,7 @@ def assert_matches_loop(
     for n in names:
         total = c * ref[n].sum(0)
         tol = rtol * c * np.linalg.norm(ref[n].reshape(batch, -1), axis=1).sum() + whole
-        got = recorder.grads[n].numpy() if n in recorder.grads else np.zeros_like(total)  # no p.grad: zero
+        got = recorder.grads[n].cpu().numpy() if n in recorder.grads else np.zeros_like(total)  # no p.grad: zero
         diff = np.linalg.norm(got - total)
         if not diff <= tol:
             failures.append(
@@ -343,7 +371,7 @@ def assert_matches_loop(
             dot_failure + _localise_dot_mean(model, args, targets, loss_fn, named, flat, rtol, delta, replay)
         )
     for key, d in directions.items():
-        v = {n: t.double().numpy().reshape(-1) for n, t in d.items()}
+        v = {n: t.double().cpu().numpy().reshape(-1) for n, t in d.items()}
         want = sum(flat[n] @ v[n] for n in v)
         noise = delta * np.sqrt(sum(float(x @ x) for x in v.values()))
         what = f"g_i . {key}" if "/" in key else f"g_i . {key} (all parameters)"

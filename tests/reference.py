@@ -11,7 +11,8 @@ from cockpit_lite import Instrument, Need, Needs
 
 
 def per_sample_grads_loop(model, loss_fn, x, y, names=None) -> dict[str, np.ndarray]:
-    """{name: (B, *shape)} float64 gradients of l_i = loss_fn(model(x_i), y_i) (a batch of one)."""
+    """{name: (B, *shape)} float64 gradients of l_i = loss_fn(model(x_i), y_i) (a batch of one), computed
+    on the model's device (x, y on it too) and returned on the CPU."""
     m = copy.deepcopy(model).double()
     lf = copy.deepcopy(loss_fn).double()
     params = {n: p for n, p in m.named_parameters() if p.requires_grad and (names is None or n in names)}
@@ -23,7 +24,7 @@ def per_sample_grads_loop(model, loss_fn, x, y, names=None) -> dict[str, np.ndar
         gs = torch.autograd.grad(li, list(params.values()), allow_unused=True)
         for n, g, p in zip(params, gs, params.values(), strict=True):
             out[n].append(torch.zeros_like(p) if g is None else g)
-    return {n: torch.stack(v).numpy() for n, v in out.items()}
+    return {n: torch.stack(v).cpu().numpy() for n, v in out.items()}
 
 
 def flat(grads: dict[str, np.ndarray]) -> np.ndarray:

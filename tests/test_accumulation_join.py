@@ -88,16 +88,16 @@ MODELS = {
         ("transformer", [3, 2], "mean"),
     ],
 )
-def test_gram_and_grads_are_joined_over_the_micro_batches(arch, sizes, reduction):
+def test_gram_and_grads_are_joined_over_the_micro_batches(device, arch, sizes, reduction):
     """The N x N Gram per parameter (blocks of two micro-batches included), g_i, squared norms, g_i . gbar
     (the first step too) and the per-sample clipping cosine (from the Gram) against the float64 loop,
     with momentum, clip_grad_norm_ and a scheduler; the same training as without the cockpit."""
     factory, data = MODELS[arch]
     g = torch.Generator().manual_seed(0)
     n = sum(sizes)
-    batches = [(data(n, g), torch.randint(0, 3, (n,), generator=g)) for _ in range(3)]
+    batches = [(data(n, g).to(device), torch.randint(0, 3, (n,), generator=g).to(device)) for _ in range(3)]
     torch.manual_seed(0)
-    model = factory()
+    model = factory().to(device)
     plain = copy.deepcopy(model)
 
     def optim(m):
@@ -129,7 +129,7 @@ def test_gram_and_grads_are_joined_over_the_micro_batches(arch, sizes, reduction
             np.testing.assert_allclose(
                 rec.per_sample_gram_by_param[name], gf @ gf.T, rtol=RTOL, atol=RTOL * scale, err_msg=name
             )
-            got = rec.per_sample_grads[name].detach().double().numpy()
+            got = rec.per_sample_grads[name].detach().double().cpu().numpy()
             np.testing.assert_allclose(got, gn, rtol=RTOL, atol=RTOL * np.abs(gn).max() + 1e-9, err_msg=name)
         np.testing.assert_allclose(rec.per_sample_sq_norms, (G**2).sum(1), rtol=RTOL)
         gbar = G.mean(0)  # g_i . gbar with gbar = mean_j g_j (for either reduction)
@@ -141,14 +141,14 @@ def test_gram_and_grads_are_joined_over_the_micro_batches(arch, sizes, reduction
         assert dict(ck.history["clip/per_sample/cosine"])[step] == pytest.approx(cos, rel=1e-6, abs=1e-9)
 
 
-def test_gram_of_tied_embeddings_and_bare_broadcast_parameters():
+def test_gram_of_tied_embeddings_and_bare_broadcast_parameters(device):
     """nanoGPT-style tied embeddings (TiedEmbeddingView) and a position table broadcast over the batch:
     Gram entries across micro-batches against the float64 loop."""
     from tests.models_lm import NanoGPT, token_batch
 
     torch.manual_seed(0)
-    model = NanoGPT(vocab_size=13, block_size=8, n_layer=1, n_head=2, d=8, dropout=0.0)
-    idx, tgt = token_batch(b=6, t=8, vocab=13, seed=1)
+    model = NanoGPT(vocab_size=13, block_size=8, n_layer=1, n_head=2, d=8, dropout=0.0).to(device)
+    idx, tgt = (t.to(device) for t in token_batch(b=6, t=8, vocab=13, seed=1))
     probe = Probe(flags={Need.PER_SAMPLE_GRAM_BY_PARAM, Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     theta = copy.deepcopy(model).double()
@@ -162,7 +162,7 @@ def test_gram_of_tied_embeddings_and_bare_broadcast_parameters():
     for i in range(6):
         _, li = theta(idx[i : i + 1], tgt[i : i + 1])
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(li, list(params.values()))]))
-    G = torch.stack(rows).detach().numpy()
+    G = torch.stack(rows).detach().cpu().numpy()
     rec = probe.records[0]
     gram = sum(rec.per_sample_gram_by_param.values())
     np.testing.assert_allclose(gram, G @ G.T, rtol=1e-5, atol=1e-5 * np.abs(G @ G.T).max())
@@ -172,7 +172,7 @@ def test_gram_of_tied_embeddings_and_bare_broadcast_parameters():
 
 
 # --- 1. TracIn over every example of the step ---------------------------------------------------------------
-def _tracin_run(arch, sizes, expect=False, batch=None):
+def _tracin_run(arch, sizes, expect=False, batch=None, device="cpu"):
     factory, data = MODELS[arch]
     n_data, n_probes = 20, 3
     batch = batch or sum(sizes)
@@ -180,13 +180,13 @@ def _tracin_run(arch, sizes, expect=False, batch=None):
     X, Y = data(n_data, g), torch.randint(0, 3, (n_data,), generator=g)
     Xp, Yp = data(n_probes, g), torch.randint(0, 3, (n_probes,), generator=g)
     torch.manual_seed(0)
-    model = factory()
+    model = factory().to(device)
     plain = copy.deepcopy(model)
     head = [p for name, p in model.named_parameters() if name.startswith(("0.", "conv1.", "emb."))]
     rest = [p for name, p in model.named_parameters() if not name.startswith(("0.", "conv1.", "emb."))]
     opt = torch.optim.SGD([{"params": head, "lr": 0.05}, {"params": rest, "lr": 0.02}], lr=0.05)
     loss_fn = nn.CrossEntropyLoss()
-    tracin = TracIn(probes=(Xp, Yp))
+    tracin = TracIn(probes=(Xp.to(device), Yp.to(device)))
     loader = DataLoader(TensorDataset(X, Y), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(1))
     steps = []
     with Cockpit(model, opt, loss_fn, instruments=[tracin]) as ck:
@@ -194,6 +194,7 @@ def _tracin_run(arch, sizes, expect=False, batch=None):
             ck.engine.expect_accumulation()
         for x, y in ck.track(loader):
             rows = [int(torch.nonzero((X == xi).flatten(1).all(1))[0]) for xi in x]
+            x, y = x.to(device), y.to(device)
             steps.append((copy.deepcopy(model), rows, [grp["lr"] for grp in opt.param_groups]))
             opt.zero_grad()
             cut = sizes if sum(sizes) == len(y) else [len(y)]
@@ -217,13 +218,14 @@ def _tracin_run(arch, sizes, expect=False, batch=None):
     for x, y in DataLoader(
         TensorDataset(X, Y), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(1)
     ):
+        x, y = x.to(device), y.to(device)
         popt.zero_grad()
         cut = sizes if sum(sizes) == len(y) else [len(y)]
         for xb, yb in _split(x, y, cut):
             (loss_fn(plain(xb), yb) * len(yb) / len(y)).backward()
         popt.step()
     _assert_same_training(model, plain)
-    return tracin, steps, (X, Y, Xp, Yp)
+    return tracin, steps, (X.to(device), Y.to(device), Xp.to(device), Yp.to(device))
 
 
 def _tracin_reference(steps, data):
@@ -243,10 +245,10 @@ def _tracin_reference(steps, data):
 
 
 @pytest.mark.parametrize("arch,sizes", [("mlp", [3, 5]), ("cnn", [2, 3, 3]), ("transformer", [4, 1, 3])])
-def test_tracin_scores_every_example_of_an_accumulated_step(arch, sizes):
+def test_tracin_scores_every_example_of_an_accumulated_step(device, arch, sizes):
     """Loader batches of 8 split into unequal micro-batches (the last loader batch of 4 is not split):
     self-influence, the influence on every probe, proponents and opponents against the float64 loop."""
-    tracin, steps, data = _tracin_run(arch, sizes)
+    tracin, steps, data = _tracin_run(arch, sizes, device=device)
     ref_self, ref_infl = _tracin_reference(steps, data)
     assert tracin.probe_steps == len(steps) == 3
     np.testing.assert_allclose(tracin.self_influence(), ref_self, rtol=1e-4, atol=1e-9)
@@ -260,19 +262,19 @@ def test_tracin_scores_every_example_of_an_accumulated_step(arch, sizes):
         np.testing.assert_allclose(scores, np.sort(ref_infl[:, probe])[:4], rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_record_views_of_an_accumulated_step_are_joined_views():
+def test_record_views_of_an_accumulated_step_are_joined_views(device):
     """record.views holds one JoinedView per layer with every example's rows; their Gram is the loop's."""
 
     class Views(Probe):
         def on_before_step(self, record):
             super().on_before_step(record)
             self.views = record.views
-            self.gram = {n: g.double().numpy() for v in record.views for n, g in v.gram().items()}
-            self.sq = {n: s.double().numpy() for v in record.views for n, s in v.sq_norms().items()}
+            self.gram = {n: g.double().cpu().numpy() for v in record.views for n, g in v.gram().items()}
+            self.sq = {n: s.double().cpu().numpy() for v in record.views for n, s in v.sq_norms().items()}
 
     torch.manual_seed(0)
-    model = models.mlp()
-    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    model = models.mlp().to(device)
+    x, y = torch.randn(7, 6).to(device), torch.randint(0, 3, (7,)).to(device)
     probe = Views(flags={Need.PER_SAMPLE_CROSS})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     theta = copy.deepcopy(model)
@@ -305,12 +307,13 @@ class _Kept(GradientTests):
         self.kept.append((len(eng._kept) + sum(len(seg.kept) for seg in eng._segments), eng._trial))
 
 
-def _first_step(sizes, expect=False, trial_bytes=None, steps=2):
+def _first_step(sizes, expect=False, trial_bytes=None, steps=2, device="cpu"):
     g = torch.Generator().manual_seed(0)
     n = sum(sizes)
     batches = [(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)) for _ in range(steps)]
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
     torch.manual_seed(0)
-    model = models.mlp()
+    model = models.mlp().to(device)
     plain = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref = []
@@ -330,10 +333,10 @@ def _first_step(sizes, expect=False, trial_bytes=None, steps=2):
 
 
 @pytest.mark.parametrize("sizes", [[2, 3, 4], [5, 1]])
-def test_the_first_accumulated_step_has_g_i_dot_gbar(sizes):
+def test_the_first_accumulated_step_has_g_i_dot_gbar(device, sizes):
     """Nothing asks for projections: the first micro-batch's views are kept on trial (under
     TRIAL_BYTES), so the first step's g_i . gbar (and the gradient tests) are exact, without a note."""
-    ck, tests, probe, steps = _first_step(sizes)
+    ck, tests, probe, steps = _first_step(sizes, device=device)
     assert "note/gradient_tests" not in ck.history
     for step, (theta, x, y) in enumerate(steps):
         G = flat(per_sample_grads_loop(theta, nn.CrossEntropyLoss(), x, y))
@@ -348,22 +351,22 @@ def test_the_first_accumulated_step_has_g_i_dot_gbar(sizes):
     assert [k for k, _ in tests.kept] == [0, 0]
 
 
-def test_a_loop_without_accumulation_keeps_the_views_on_trial_once_and_releases_them_at_the_step():
-    ck, tests, probe, _ = _first_step([6], steps=3)
+def test_a_loop_without_accumulation_keeps_the_views_on_trial_once_and_releases_them_at_the_step(device):
+    ck, tests, probe, _ = _first_step([6], steps=3, device=device)
     # step 0: the trial ran and its views were released in the step's pre-hook; later steps keep nothing
     assert tests.kept == [(0, True), (0, False), (0, False)]
     assert not ck.engine.accumulating and ck.engine._tried
     assert "note/gradient_tests" not in ck.history
 
 
-def test_expect_accumulation_serves_the_first_step_whatever_the_budget():
+def test_expect_accumulation_serves_the_first_step_whatever_the_budget(device):
     """With a budget of 0 bytes the trial gives up (a note on the first step); an integration that says
     so in advance (cockpit.engine.expect_accumulation()) gets the first step exact."""
-    ck, _, probe, steps = _first_step([3, 3], trial_bytes=0)
+    ck, _, probe, steps = _first_step([3, 3], trial_bytes=0, device=device)
     assert "first step with gradient accumulation" in dict(ck.history["note/gradient_tests"])[0]
     assert 1 not in dict(ck.history["note/gradient_tests"])
     assert probe.records[0].per_sample_dot_mean is None
-    ck, _, probe, steps = _first_step([3, 3], trial_bytes=0, expect=True)
+    ck, _, probe, steps = _first_step([3, 3], trial_bytes=0, expect=True, device=device)
     assert "note/gradient_tests" not in ck.history
     theta, x, y = steps[0]
     G = flat(per_sample_grads_loop(theta, nn.CrossEntropyLoss(), x, y))
@@ -391,18 +394,19 @@ def _bn_reference(theta, micro, n, reduction):
         for i in range(len(yb)):
             for name, g in zip(names, torch.autograd.grad(losses[i], params, retain_graph=True), strict=True):
                 rows[name].append(g)
-    return {name: torch.stack(v).numpy() for name, v in rows.items()}
+    return {name: torch.stack(v).cpu().numpy() for name, v in rows.items()}
 
 
 @pytest.mark.parametrize("reduction,sizes", [("mean", [4, 2, 3, 3]), ("sum", [3, 3])])
-def test_train_mode_batchnorm_with_accumulation(reduction, sizes):
+def test_train_mode_batchnorm_with_accumulation(device, reduction, sizes):
     """Per-sample squared norms, Gram entries (across micro-batches too), g_i, g_i . gbar and projections
     onto the update with micro-batch-wise batch statistics, against autograd.grad(l_i) per example; with
     clip_grad_norm_ and a scheduler; parameters and running statistics bit-identical to a plain run."""
     n = sum(sizes)
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(n, 2, 5, 5, generator=g), torch.randint(0, 3, (n,), generator=g)) for _ in range(2)]
-    model, plain = _bn_model(), _bn_model()
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    model, plain = _bn_model().to(device), _bn_model().to(device)
     probe = Probe(flags=set(ALL), directions={"update": lambda rec: rec.update})
 
     def optim(m):
@@ -419,7 +423,10 @@ def test_train_mode_batchnorm_with_accumulation(reduction, sizes):
             steps += _accumulate(model, opt, sched, [(x, y)], sizes, loss_fn, clip=0.5)
             updates.append(
                 np.concatenate(
-                    [(p.detach() - b).reshape(-1).numpy() for p, b in zip(model.parameters(), before, strict=True)]
+                    [
+                        (p.detach() - b).reshape(-1).cpu().numpy()
+                        for p, b in zip(model.parameters(), before, strict=True)
+                    ]
                 )
             )
     popt, psched = optim(plain)
@@ -440,7 +447,7 @@ def test_train_mode_batchnorm_with_accumulation(reduction, sizes):
             close(rec.per_sample_sq_norms, (G**2).sum(1))
             close(rec.per_sample_gram, G @ G.T)
             for name, gn in ref.items():
-                got = rec.per_sample_grads[name].detach().double().numpy()
+                got = rec.per_sample_grads[name].detach().double().cpu().numpy()
                 # float32 round-off of the whole g_i (a bias before BatchNorm has g_i = 0 exactly)
                 np.testing.assert_allclose(got, gn, rtol=1e-4, atol=1e-5 * np.abs(G).max(), err_msg=name)
         else:
@@ -463,10 +470,10 @@ def _regularised_step(model, x, y, sizes, instruments):
     return ck
 
 
-def test_a_gradient_the_hooks_do_not_see_leaves_g_i_dot_gbar_out_with_a_note():
+def test_a_gradient_the_hooks_do_not_see_leaves_g_i_dot_gbar_out_with_a_note(device):
     torch.manual_seed(0)
-    model = models.mlp()
-    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    model = models.mlp().to(device)
+    x, y = torch.randn(7, 6).to(device), torch.randint(0, 3, (7,)).to(device)
     probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN})
     theta = copy.deepcopy(model)
     with pytest.warns(CockpitWarning, match="do not add up"):  # the first backward's one-time check
@@ -478,9 +485,9 @@ def test_a_gradient_the_hooks_do_not_see_leaves_g_i_dot_gbar_out_with_a_note():
     np.testing.assert_allclose(rec.per_sample_sq_norms, (G**2).sum(1), rtol=RTOL)  # the rest is kept
 
 
-def test_the_coupled_path_takes_gbar_from_the_replays_when_p_grad_holds_more():
-    x, y = torch.randn(7, 2, 5, 5), torch.randint(0, 3, (7,))
-    model = _bn_model()
+def test_the_coupled_path_takes_gbar_from_the_replays_when_p_grad_holds_more(device):
+    x, y = torch.randn(7, 2, 5, 5).to(device), torch.randint(0, 3, (7,)).to(device)
+    model = _bn_model().to(device)
     theta = copy.deepcopy(model)
     probe = Probe(flags={Need.PER_SAMPLE_DOT_MEAN})
     _regularised_step(model, x, y, [3, 4], [probe])

@@ -36,11 +36,11 @@ def _losses_and_grads(template: nn.Module, state: dict, loss_fn: nn.Module, x, y
         gs = torch.autograd.grad(li, params)
         losses.append(float(li.detach()))
         grads.append(torch.cat([g.reshape(-1) for g in gs]))
-    return np.array(losses), torch.stack(grads).numpy()
+    return np.array(losses), torch.stack(grads).cpu().numpy()
 
 
 def _flat_state(state: dict) -> np.ndarray:
-    return np.concatenate([v.double().numpy().reshape(-1) for v in state.values()])
+    return np.concatenate([v.double().cpu().numpy().reshape(-1) for v in state.values()])
 
 
 def reference_alpha(template, loss_fn, state_t, state_t1, batch_t, batch_t1) -> float:
@@ -79,9 +79,11 @@ def _train(model, optimizer, loss_fn, batches, instruments=None, clip=None, cock
     return states, cp
 
 
-def _batches(n, b=8, d_in=6, classes=3, seed=0):
+def _batches(n, b=8, d_in=6, classes=3, seed=0, device="cpu"):
+    """Drawn on the CPU (the same numbers on every device), moved to ``device``."""
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(b, d_in, generator=gen), torch.randint(0, classes, (b,), generator=gen)) for _ in range(n)]
+    batches = [(torch.randn(b, d_in, generator=gen), torch.randint(0, classes, (b,), generator=gen)) for _ in range(n)]
+    return [(x.to(device), y.to(device)) for x, y in batches]
 
 
 OPTIMIZERS = {
@@ -94,14 +96,14 @@ OPTIMIZERS = {
 
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
-def test_alpha_matches_float64_reference(opt):
+def test_alpha_matches_float64_reference(device, opt):
     torch.manual_seed(0)
-    model = models.mlp()
+    model = models.mlp().to(device)
     template = copy.deepcopy(model)
     make_opt, clip = OPTIMIZERS[opt]
     optimizer = make_opt(model.parameters())
     loss_fn = nn.CrossEntropyLoss()
-    batches = _batches(4)
+    batches = _batches(4, device=device)
     states, cp = _train(model, optimizer, loss_fn, batches, clip=clip)
     got = dict(cp.history["alpha"])
     assert sorted(got) == [0, 1, 2, 3]
@@ -121,14 +123,14 @@ def test_alpha_matches_float64_reference(opt):
         np.testing.assert_allclose(np.linalg.norm(d), 0.5 * clip, rtol=1e-4)
 
 
-def test_alpha_with_lr_scheduler_and_sum_reduction():
+def test_alpha_with_lr_scheduler_and_sum_reduction(device):
     torch.manual_seed(1)
-    model = models.mlp()
+    model = models.mlp().to(device)
     template = copy.deepcopy(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
     sched = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.3)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    batches = _batches(3, seed=3)
+    batches = _batches(3, seed=3, device=device)
     states = []
     with Cockpit(model, optimizer, loss_fn, instruments=[Alpha()]) as cp:
         for x, y in batches:
@@ -143,13 +145,13 @@ def test_alpha_with_lr_scheduler_and_sum_reduction():
         np.testing.assert_allclose(got[t], expected, rtol=1e-3, atol=1e-4)
 
 
-def test_alpha_every_k_steps_uses_the_next_step_as_end_point():
+def test_alpha_every_k_steps_uses_the_next_step_as_end_point(device):
     torch.manual_seed(2)
-    model = models.mlp()
+    model = models.mlp().to(device)
     template = copy.deepcopy(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
     loss_fn = nn.CrossEntropyLoss()
-    batches = _batches(6, seed=4)
+    batches = _batches(6, seed=4, device=device)
     states, cp = _train(model, optimizer, loss_fn, batches, instruments=[Alpha(every=2)])
     got = dict(cp.history["alpha"])
     assert sorted(got) == [0, 2, 4]
@@ -163,14 +165,15 @@ def test_alpha_every_k_steps_uses_the_next_step_as_end_point():
 
 
 @pytest.mark.parametrize("target", [-0.5, 0.0, 1.0])
-def test_closed_form_alpha_on_a_quadratic(target):
+def test_closed_form_alpha_on_a_quadratic(device, target):
     """l_i = (w x_i - y_i)^2, full batch: L(w) = a w^2 - 2 b w + c with a = mean x^2. A GD step of rate lr
     has s = 2 a lr |w - w*| and x* = |w - w*|, so alpha = s / x* - 1 = 2 a lr - 1 exactly."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(16, 1, generator=gen)
     y = 0.7 * x + 0.3 * torch.randn(16, 1, generator=gen)
     a = float((x.double() ** 2).mean())
-    model = nn.Linear(1, 1, bias=False)
+    x, y = x.to(device), y.to(device)
+    model = nn.Linear(1, 1, bias=False).to(device)
     with torch.no_grad():
         model.weight.fill_(-2.0)
     lr = (target + 1) / (2 * a)
@@ -245,35 +248,37 @@ class _Sin(nn.Module):
         return torch.sin(z)
 
 
-def test_concave_fit_recorded_as_concave_not_minus_one():
+def test_concave_fit_recorded_as_concave_not_minus_one(device):
     """l = sin(w x)^2 with w x near 1.2 is concave in w (second derivative 2 cos(2 w x) x^2 < 0)."""
     gen = torch.Generator().manual_seed(0)
-    x = 1 + 0.05 * torch.randn(16, 1, generator=gen)
-    model = nn.Sequential(nn.Linear(1, 1, bias=False), _Sin())
+    x = (1 + 0.05 * torch.randn(16, 1, generator=gen)).to(device)
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), _Sin()).to(device)
     with torch.no_grad():
         model[0].weight.fill_(1.2)
-    _, cp = _train(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(), [(x, torch.zeros(16, 1))] * 3)
+    _, cp = _train(
+        model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(), [(x, torch.zeros(16, 1, device=device))] * 3
+    )
     status = dict(cp.history["alpha/status"])
     alphas = dict(cp.history["alpha"])
     assert status[0] == status[1] == "concave"
     assert math.isnan(alphas[0]) and math.isnan(alphas[1])
 
 
-def test_zero_step_and_missing_data_and_small_batch():
+def test_zero_step_and_missing_data_and_small_batch(device):
     torch.manual_seed(0)
-    model = models.mlp()
+    model = models.mlp().to(device)
     loss_fn = nn.CrossEntropyLoss()
     # lr = 0: the parameters never move
-    _, cp = _train(model, torch.optim.SGD(model.parameters(), lr=0.0), loss_fn, _batches(3))
+    _, cp = _train(model, torch.optim.SGD(model.parameters(), lr=0.0), loss_fn, _batches(3, device=device))
     assert [v for _, v in cp.history["alpha/status"]] == ["zero_step"] * 3
     assert all(math.isnan(v) for _, v in cp.history["alpha"])
     # batches of one sample: no variance
-    _, cp = _train(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, _batches(2, b=1))
+    _, cp = _train(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, _batches(2, b=1, device=device))
     assert dict(cp.history["alpha/status"])[0] == "batch_too_small"
     # gradient accumulation (two forward/backward passes in step 2): the step's objective is the sum of
     # both; alpha is defined there too (the per-sample numbers are checked in tests/test_accumulation.py)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    batches = _batches(6)
+    batches = _batches(6, device=device)
     with Cockpit(model, optimizer, loss_fn, instruments=[Alpha()]) as cp:
         for i, (x, y) in enumerate(batches):
             optimizer.zero_grad()
@@ -287,11 +292,11 @@ def test_zero_step_and_missing_data_and_small_batch():
     assert status[5] == "no_end_point"
 
 
-def test_trajectory_unchanged_and_memory_is_one_update():
+def test_trajectory_unchanged_and_memory_is_one_update(device):
     torch.manual_seed(0)
-    model = models.mlp()
+    model = models.mlp().to(device)
     plain = copy.deepcopy(model)
-    batches = _batches(5)
+    batches = _batches(5, device=device)
     loss_fn = nn.CrossEntropyLoss()
     opt_a = torch.optim.Adam(model.parameters(), lr=0.05)
     opt_p = torch.optim.Adam(plain.parameters(), lr=0.05)

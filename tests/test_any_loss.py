@@ -37,7 +37,7 @@ def _loop(model, x, y, fn):
             params, torch.autograd.grad(li, list(params.values()), allow_unused=True), params.values(), strict=True
         ):
             out[n].append(torch.zeros_like(p) if g is None else g)
-    return {n: torch.stack(v).numpy() for n, v in out.items()}, np.array(losses)
+    return {n: torch.stack(v).cpu().numpy() for n, v in out.items()}, np.array(losses)
 
 
 def _flat(grads):
@@ -63,14 +63,14 @@ def _probe():
     return Probe(flags=set(FLAGS), directions={"update": lambda rec: rec.update})
 
 
-def _data(b=7):
-    return torch.randn(b, 6), torch.randint(0, 3, (b,))
+def _data(b=7, device="cpu"):
+    return torch.randn(b, 6).to(device), torch.randint(0, 3, (b,)).to(device)
 
 
 # --- a functional loss in the loop, no loss_fn ---------------------------------------------------------
-def test_functional_loss_without_loss_fn():
+def test_functional_loss_without_loss_fn(device):
     torch.manual_seed(0)
-    model, (x, y) = models.mlp(), _data()
+    model, (x, y) = models.mlp().to(device), _data(device=device)
     grads, losses = _loop(model, x, y, F.cross_entropy)
     before = copy.deepcopy(model)
     probe = _probe()
@@ -80,7 +80,8 @@ def test_functional_loss_without_loss_fn():
         opt.step()
     rec = probe.records[0]
     update = {
-        n: (p - q).detach().numpy() for (n, p), q in zip(model.named_parameters(), before.parameters(), strict=True)
+        n: (p - q).detach().cpu().numpy()
+        for (n, p), q in zip(model.named_parameters(), before.parameters(), strict=True)
     }
     _check(rec, grads, update=update)
     np.testing.assert_allclose(rec.loss, losses.mean(), rtol=RTOL)  # the root backward started from
@@ -90,9 +91,9 @@ def test_functional_loss_without_loss_fn():
     assert ck.history.last("loss") == pytest.approx(losses.mean(), rel=RTOL)
 
 
-def test_declared_sum_reduction():
+def test_declared_sum_reduction(device):
     torch.manual_seed(0)
-    model, (x, y) = models.mlp(), _data()
+    model, (x, y) = models.mlp().to(device), _data(device=device)
     grads, _ = _loop(model, x, y, F.cross_entropy)
     probe = _probe()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -140,9 +141,9 @@ class HFLike(nn.Module):
         return out
 
 
-def test_loss_inside_forward_tuple():
+def test_loss_inside_forward_tuple(device):
     torch.manual_seed(0)
-    model, (x, y) = LossInside(), _data()
+    model, (x, y) = LossInside().to(device), _data(device=device)
     grads, losses = _loop(model.net, x, y, F.cross_entropy)
     grads = {f"net.{n}": g for n, g in grads.items()}
     probe = _probe()
@@ -154,10 +155,10 @@ def test_loss_inside_forward_tuple():
     _check(probe.records[0], grads, losses)  # per-sample losses derived from (logits, targets), exact
 
 
-def test_hugging_face_style_output_with_labels():
+def test_hugging_face_style_output_with_labels(device):
     torch.manual_seed(0)
-    model = HFLike()
-    ids = torch.randint(0, 11, (5, 6))
+    model = HFLike().to(device)
+    ids = torch.randint(0, 11, (5, 6)).to(device)
     labels = ids.clone()
     labels[0, 4:] = -100  # padding of the first sequence
 
@@ -174,7 +175,7 @@ def test_hugging_face_style_output_with_labels():
         li = seq_loss(m64, i) * 5 / n_tokens
         losses.append(float(li.detach()))
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(li, list(params.values()))]))
-    G = torch.stack(rows).numpy()
+    G = torch.stack(rows).cpu().numpy()
     probe = _probe()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with Cockpit(model, opt, instruments=[probe]):
@@ -188,9 +189,9 @@ def test_hugging_face_style_output_with_labels():
     assert len(rec.per_sample_loss) == 5  # sequences, never tokens
 
 
-def test_a_per_sample_loss_callable():
+def test_a_per_sample_loss_callable(device):
     torch.manual_seed(0)
-    model, (x, y) = models.mlp(), _data()
+    model, (x, y) = models.mlp().to(device), _data(device=device)
     _, losses = _loop(model, x, y, F.cross_entropy)
     probe = _probe()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -203,18 +204,18 @@ def test_a_per_sample_loss_callable():
 
 # --- gradient accumulation --------------------------------------------------------------------------------
 @pytest.mark.parametrize("with_loss_fn", [True, False])
-def test_accumulation_equals_the_loop_on_the_concatenated_batch(with_loss_fn):
+def test_accumulation_equals_the_loop_on_the_concatenated_batch(device, with_loss_fn):
     """4 micro-batches of 4 per step, (loss / 4).backward(), a scheduler and clip_grad_norm_: the step's
     statistics are those of its 16 examples; loss is the accumulated mean; clipping sees the
     accumulated gradient."""
     torch.manual_seed(0)
-    model = models.mlp()
+    model = models.mlp().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     loss_fn = nn.CrossEntropyLoss()
     probe = _probe()
     clip = Clipping(max_norm=0.05)
-    steps = [_data(16) for _ in range(3)]
+    steps = [_data(16, device) for _ in range(3)]
     records = []
     with Cockpit(model, opt, loss_fn if with_loss_fn else None, instruments=[probe, clip, GradientTests()]) as ck:
         for x, y in steps:
@@ -247,18 +248,18 @@ def test_accumulation_equals_the_loop_on_the_concatenated_batch(with_loss_fn):
         np.testing.assert_allclose(dict(ck.history["tests/norm"])[step], norm_test, rtol=1e-4)
 
 
-def test_the_first_accumulated_step_says_what_it_leaves_out():
+def test_the_first_accumulated_step_says_what_it_leaves_out(device):
     """With nothing asking for projections and the first micro-batch's factors over the budget kept on
     trial (here 0 bytes), they are not kept before the cockpit knows the loop accumulates: that step's
     g_i . gbar is left out (a note naming the fix), later ones are exact."""
     torch.manual_seed(0)
-    model = models.mlp()
+    model = models.mlp().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with Cockpit(model, opt, instruments=[GradientTests()]) as ck:
         ck.engine.trial_bytes = 0
         thetas, batches = [], []
         for _ in range(2):
-            x, y = _data(8)
+            x, y = _data(8, device)
             thetas.append(copy.deepcopy(model))
             batches.append((x, y))
             opt.zero_grad()
@@ -275,13 +276,13 @@ def test_the_first_accumulated_step_says_what_it_leaves_out():
     np.testing.assert_allclose(dict(ck.history["tests/norm"])[1], expected, rtol=1e-4)
 
 
-def test_grad_scaler_with_a_functional_loss():
+def test_grad_scaler_with_a_functional_loss(device):
     torch.manual_seed(0)
-    model, (x, y) = models.mlp(), _data()
+    model, (x, y) = models.mlp().to(device), _data(device=device)
     grads, losses = _loop(model, x, y, F.cross_entropy)
     probe = _probe()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=2.0**12)
     with Cockpit(model, opt, instruments=[probe]):
         scaler.scale(F.cross_entropy(model(x), y)).backward()
         scaler.step(opt)
@@ -293,8 +294,8 @@ def test_grad_scaler_with_a_functional_loss():
     np.testing.assert_allclose(rec.loss, losses.mean(), rtol=RTOL)
 
 
-def test_a_model_input_without_batch_axis_is_said_once():
-    model = nn.Linear(3, 2)
+def test_a_model_input_without_batch_axis_is_said_once(device):
+    model = nn.Linear(3, 2).to(device)
 
     class NoBatch(nn.Module):
         def __init__(self):
@@ -302,7 +303,7 @@ def test_a_model_input_without_batch_axis_is_said_once():
             self.lin = model
 
         def forward(self):
-            return self.lin(torch.ones(4, 3)).sum()
+            return self.lin(torch.ones(4, 3, device=device)).sum()
 
     net = NoBatch()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -315,7 +316,7 @@ def test_a_model_input_without_batch_axis_is_said_once():
     assert len(ck.history["loss"]) == 3
 
 
-def test_coverage_is_recorded_and_the_gradient_tests_say_what_they_cover():
+def test_coverage_is_recorded_and_the_gradient_tests_say_what_they_cover(device):
     class Odd(nn.Module):
         """A layer whose forward the torch.func fallback cannot replay (an in-place buffer update)."""
 
@@ -331,9 +332,9 @@ def test_coverage_is_recorded_and_the_gradient_tests_say_what_they_cover():
     from cockpit_lite.instruments import PerSampleGradNorms
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5), Odd(), nn.Linear(5, 3))
+    model = nn.Sequential(nn.Linear(6, 5), Odd(), nn.Linear(5, 3)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = _data(8)
+    x, y = _data(8, device)
     with pytest.warns(CockpitWarning, match="leave out Odd"):
         with Cockpit(model, opt, instruments=[PerSampleGradNorms(), GradientTests()]) as ck:
             opt.zero_grad()
@@ -346,21 +347,23 @@ def test_coverage_is_recorded_and_the_gradient_tests_say_what_they_cover():
     assert math.isfinite(ck.history.last("tests/norm"))
 
 
-def test_tracin_follows_a_loader_batch_split_into_micro_batches():
+def test_tracin_follows_a_loader_batch_split_into_micro_batches(device):
     """TracIn self-influence with a tracked loader whose batches the loop splits into two micro-batches
     equals that of the same run without splitting (the step's objective is the same mean)."""
-    from cockpit_lite.instruments import TracIn
     from torch.utils.data import DataLoader, TensorDataset
+
+    from cockpit_lite.instruments import TracIn
 
     def run(split):
         torch.manual_seed(0)
-        model = models.mlp()
+        model = models.mlp().to(device)
         data = TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32,)))
         loader = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         tracin = TracIn()
         with Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[tracin]) as ck:
             for x, y in ck.track(loader):
+                x, y = x.to(device), y.to(device)
                 opt.zero_grad()
                 parts = [(x[:4], y[:4]), (x[4:], y[4:])] if split else [(x, y)]
                 for xb, yb in parts:
@@ -371,15 +374,15 @@ def test_tracin_follows_a_loader_batch_split_into_micro_batches():
     np.testing.assert_allclose(run(split=True), run(split=False), rtol=1e-5)
 
 
-def test_an_iteration_abandoned_after_a_non_finite_loss_is_no_part_of_the_next_step():
+def test_an_iteration_abandoned_after_a_non_finite_loss_is_no_part_of_the_next_step(device):
     """The loop skips backward and step after a NaN loss; the next iteration's step is tracked as if the
     abandoned forward had not happened (batch size, loss, per-sample statistics)."""
     torch.manual_seed(0)
-    model = models.mlp()
+    model = models.mlp().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probe = _probe()
-    x_bad, y_bad = _data(5)
-    x, y = _data(7)
+    x_bad, y_bad = _data(5, device)
+    x, y = _data(7, device)
     grads, losses = _loop(model, x, y, F.cross_entropy)
     loss_fn = nn.CrossEntropyLoss()
     with Cockpit(model, opt, loss_fn, instruments=[probe, GradientTests()]) as ck:
@@ -397,9 +400,9 @@ def test_an_iteration_abandoned_after_a_non_finite_loss_is_no_part_of_the_next_s
     assert math.isfinite(ck.history.last("tests/norm"))
 
 
-def test_a_loss_without_a_known_form_says_so():
+def test_a_loss_without_a_known_form_says_so(device):
     torch.manual_seed(0)
-    model, (x, y) = models.mlp(), _data()
+    model, (x, y) = models.mlp().to(device), _data(device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with Cockpit(model, opt, instruments=[Loss()]) as ck:
         (model(x) - F.one_hot(y, 3)).pow(4).mean().backward()  # no module, no cross-entropy

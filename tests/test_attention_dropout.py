@@ -453,11 +453,7 @@ def test_tracin_cross_products_with_attention_dropout(replay_only):
 
 
 # --- the same code on every device this machine has (CUDA: the CUDA generator's state is saved) ---------
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_on_device_against_same_device_shares(device, replay_only):
+def test_on_device_against_same_device_shares(device, replay_only):  # device: tests/conftest.py
     """Per-sample squared norms on ``device`` against shares of the same forward on the same device
     (float32 there: masks depend on the device's generator), and the gradient-sum check."""
     torch.manual_seed(0)

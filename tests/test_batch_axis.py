@@ -26,13 +26,13 @@ from tests.reference import Probe
 FLAGS = {Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN}
 
 
-def test_sequence_first_transformer_with_as_many_positions_as_examples():
+def test_sequence_first_transformer_with_as_many_positions_as_examples(device):
     """nn.TransformerEncoderLayer(batch_first=False) on (T, B, d) with T == B == 6: every parameter
     covered, equal to the float64 loop, no warning."""
     torch.manual_seed(0)
     model = models.TinyTransformer(batch_first=False)
     x, y = models.token_batch(b=6, t=6)
-    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), device=device)
     assert set(checked.record.per_sample_sq_norms_by_param) == {n for n, _ in model.named_parameters()}
     assert not checked.record.per_sample_uncovered and not checked.warnings
 
@@ -45,15 +45,20 @@ def test_batch_first_gpt_with_block_equal_to_batch_and_dropout(flash):
     model = M.LogitsForLoss(M.NanoGPT(dropout=0.2, block_size=8, flash=flash))
     x, y = M.token_batch(8, 8)
     assert is_random(model, x)
+    # CPU only: the float64 loop must draw the float32 step's dropout masks, which CUDA kernels do not
+    # promise across dtypes (tests/test_attention_dropout.py checks CUDA against same-device shares)
     checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
     assert set(checked.record.per_sample_sq_norms_by_param) == {n for n, _ in model.named_parameters()}
     assert not checked.warnings
 
 
-def _train(model, batches, cockpit: bool, loss_fn=None):
+def _train(model, batches, cockpit: bool, loss_fn=None, device="cpu"):
     """Train with Adam (its state follows every bit of the gradients); with the cockpit asking for
     per-sample statistics at every step. Returns the model's state, a torch.rand drawn after training,
-    the probe's records and the number of forward calls of the model (probes included)."""
+    the probe's records and the number of forward calls of the model (probes included). On ``device``
+    (model and batches moved there; the torch.rand is drawn on the CPU and on the device)."""
+    model.to(device)
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     calls = []
@@ -76,13 +81,14 @@ def _train(model, batches, cockpit: bool, loss_fn=None):
                 ctx.__exit__(None, None, None)
     handle.remove()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return state, torch.rand(4), probe.records, calls, engine
+    rand = torch.cat([torch.rand(4), torch.rand(4, device=device).cpu()])
+    return state, rand, probe.records, calls, engine
 
 
-def _assert_training_unchanged(build, batches, loss_fn=None):
+def _assert_training_unchanged(build, batches, loss_fn=None, device="cpu"):
     """Returns the cockpit run's records, model calls and engine."""
-    plain, plain_rand, _, plain_calls, _ = _train(build(), batches, cockpit=False, loss_fn=loss_fn)
-    state, rand, records, calls, engine = _train(build(), batches, cockpit=True, loss_fn=loss_fn)
+    plain, plain_rand, _, plain_calls, _ = _train(build(), batches, cockpit=False, loss_fn=loss_fn, device=device)
+    state, rand, records, calls, engine = _train(build(), batches, cockpit=True, loss_fn=loss_fn, device=device)
     assert plain.keys() == state.keys()
     for k in plain:
         assert torch.equal(plain[k], state[k]), k
@@ -91,7 +97,7 @@ def _assert_training_unchanged(build, batches, loss_fn=None):
     return records, calls, engine
 
 
-def test_training_is_bit_identical_and_the_probe_runs_once_per_run():
+def test_training_is_bit_identical_and_the_probe_runs_once_per_run(device):
     """nanoGPT with dropout, B == T: parameters, Adam's state and the random stream bit-identical to a
     run without the cockpit; one probe forward (on B - 1 examples) over the run, not one per step."""
     batches = [M.token_batch(8, 8, seed=s) for s in range(3)]
@@ -100,7 +106,7 @@ def test_training_is_bit_identical_and_the_probe_runs_once_per_run():
         torch.manual_seed(0)
         return M.LogitsForLoss(M.NanoGPT(dropout=0.2, block_size=8))
 
-    records, calls, engine = _assert_training_unchanged(build, batches)
+    records, calls, engine = _assert_training_unchanged(build, batches, device=device)
     assert calls == [8, 7, 8, 8]  # the first step's forward, the probe on 7 examples, then the steps
     assert engine.probe_runs == 1 and engine.probe_ms > 0
     names = {n for n, _ in build().named_parameters()}
@@ -136,7 +142,7 @@ class _BufferedSeqModel(nn.Module):
         return self.head(h.mean(1))
 
 
-def test_buffers_written_in_forward_are_untouched_by_the_probe():
+def test_buffers_written_in_forward_are_untouched_by_the_probe(device):
     torch.manual_seed(0)
     batches = [models.token_batch(b=6, t=6) for _ in range(2)]
 
@@ -144,15 +150,15 @@ def test_buffers_written_in_forward_are_untouched_by_the_probe():
         torch.manual_seed(0)
         return _BufferedSeqModel()
 
-    records, calls, engine = _assert_training_unchanged(build, batches)
+    records, calls, engine = _assert_training_unchanged(build, batches, device=device)
     assert calls == [6, 5, 6] and engine.probe_runs == 1
     assert all(not rec.per_sample_uncovered for rec in records)
     torch.manual_seed(0)
     x, y = models.token_batch(b=6, t=6)
-    assert_matches_loop(build(), x, y, nn.CrossEntropyLoss())
+    assert_matches_loop(build(), x, y, nn.CrossEntropyLoss(), device=device)
 
 
-def test_train_mode_batchnorm_with_as_many_positions_as_examples():
+def test_train_mode_batchnorm_with_as_many_positions_as_examples(device):
     """Train-mode BatchNorm goes through the coupled path (no per-layer axis, no probe): per-sample
     g_i . gbar equal to d l_i / d theta on the whole batch, and running statistics, parameters and the
     random stream bit-identical to a plain run."""
@@ -162,24 +168,24 @@ def test_train_mode_batchnorm_with_as_many_positions_as_examples():
         torch.manual_seed(0)
         return _BufferedSeqModel(norm="batch")
 
-    probe_model = build()
-    records, _, engine = _assert_training_unchanged(build, batches)
+    probe_model = build().to(device)
+    records, _, engine = _assert_training_unchanged(build, batches, device=device)
     assert engine.probe_runs == 0
-    x, y = batches[0]
+    x, y = (t.to(device) for t in batches[0])
     m = copy.deepcopy(probe_model).double().train()
     params = [p for p in m.parameters() if p.requires_grad]
     losses = F.cross_entropy(m(x).double(), y, reduction="none")
     rows = [torch.autograd.grad(losses[i], params, retain_graph=True) for i in range(6)]
-    G = torch.stack([torch.cat([g.reshape(-1) for g in gs]) for gs in rows]).numpy()
+    G = torch.stack([torch.cat([g.reshape(-1) for g in gs]) for gs in rows]).cpu().numpy()
     np.testing.assert_allclose(records[0].per_sample_dot_mean, G @ G.mean(0), rtol=1e-4, atol=1e-8)
 
 
-def test_the_probe_leaves_modes_and_batchnorm_statistics_alone():
+def test_the_probe_leaves_modes_and_batchnorm_statistics_alone(device):
     """Called directly: train-mode BatchNorm runs the probe in eval mode (the same shapes) and is back
     in train mode after, its running statistics untouched; the buffer the forward writes is a copy's."""
     torch.manual_seed(0)
-    model = _BufferedSeqModel(norm="batch")
-    x, _ = models.token_batch(b=6, t=6)
+    model = _BufferedSeqModel(norm="batch").to(device)
+    x = models.token_batch(b=6, t=6)[0].to(device)
     output = model(x)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     versions = {k: v._version for k, v in model.state_dict().items()}
@@ -202,18 +208,18 @@ class _SharedFeatures(nn.Module):
 
     def forward(self, tokens):
         w = self.pos.weight
-        t = torch.arange(tokens.shape[1], dtype=w.dtype)
-        feats = torch.sin(t[:, None] * torch.arange(1, 5, dtype=w.dtype))
+        t = torch.arange(tokens.shape[1], dtype=w.dtype, device=w.device)
+        feats = torch.sin(t[:, None] * torch.arange(1, 5, dtype=w.dtype, device=w.device))
         return self.head(torch.tanh(self.emb(tokens) + self.pos(feats)).mean(1))
 
 
 @pytest.mark.parametrize("t", [5, 6])
-def test_a_layer_on_position_features_shared_by_the_batch(t):
+def test_a_layer_on_position_features_shared_by_the_batch(device, t):
     """The shared call is split where its output meets the batch, also with T == B (before: its T rows
     were taken for the B samples, silently wrong): the probe says its input has no sample axis."""
     torch.manual_seed(0)
     x, y = models.token_batch(b=6, t=t)
-    checked = assert_matches_loop(_SharedFeatures(), x, y, nn.CrossEntropyLoss())
+    checked = assert_matches_loop(_SharedFeatures(), x, y, nn.CrossEntropyLoss(), device=device)
     assert not checked.record.per_sample_uncovered and not checked.warnings
 
 
@@ -226,20 +232,20 @@ class _FixedBatch(models.TinyTransformer):
         return super().forward(tokens)
 
 
-def test_a_probe_that_fails_keeps_the_refusal_with_its_reason():
+def test_a_probe_that_fails_keeps_the_refusal_with_its_reason(device):
     torch.manual_seed(0)
     model = _FixedBatch(batch_first=False)
     x, y = models.token_batch(b=6, t=6)
     with pytest.raises(AssertionError, match=r"(?s)gave no value.*ambiguous.*this model takes batches of 6"):
-        assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+        assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), device=device)
 
 
-def test_one_example_needs_no_probe():
+def test_one_example_needs_no_probe(device):
     """B == 1: any axis of size 1 is the sample axis (moving it does not reorder the data)."""
     torch.manual_seed(0)
     model = models.TinyTransformer(batch_first=False)
     x, y = torch.tensor([[3]]), torch.tensor([1])
-    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), device=device)
     assert not checked.record.per_sample_uncovered
 
 
@@ -252,11 +258,11 @@ def test_transformer_encoder_lm_with_default_dropout_and_as_many_positions_as_ex
     torch.manual_seed(0)
     model = LM(batch_first=batch_first)
     x, y = _tokens(b=6, t=6)
-    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), rng_seed=SEED)
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), rng_seed=SEED)  # CPU only, as above
     assert not checked.warnings and not checked.record.per_sample_uncovered
 
 
-def test_gradient_accumulation_with_micro_batches_as_long_as_the_sequence():
+def test_gradient_accumulation_with_micro_batches_as_long_as_the_sequence(device):
     """Micro-batches of 6, 6 and 3 sequences of 6 tokens through a (T, B, d) transformer: each micro-batch
     of 6 is resolved (one probe, cached), and the step's statistics over its 15 examples equal the float64
     loop on the concatenated batch; training as without the cockpit."""
@@ -266,8 +272,9 @@ def test_gradient_accumulation_with_micro_batches_as_long_as_the_sequence():
     sizes = [6, 6, 3]
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(1, 11, (15, 6), generator=g), torch.randint(0, 3, (15,), generator=g)) for _ in range(2)]
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
     torch.manual_seed(0)
-    model = models.TinyTransformer(batch_first=False)
+    model = models.TinyTransformer(batch_first=False).to(device)
     plain = copy.deepcopy(model)
     loss_fn = nn.CrossEntropyLoss()
     probe = Probe(flags=FLAGS)
@@ -298,14 +305,14 @@ class _LossInside(nn.Module):
         return self.net(idx, targets)[1]
 
 
-def test_a_model_that_returns_only_its_loss():
+def test_a_model_that_returns_only_its_loss(device):
     """The loss computed inside the model (mean over the batch's tokens), B == T: the probe cuts the
     targets too; every parameter covered, training unchanged."""
-    batches = [M.token_batch(8, 8, seed=s) for s in range(2)]
+    batches = [tuple(t.to(device) for t in M.token_batch(8, 8, seed=s)) for s in range(2)]
 
     def build():
         torch.manual_seed(0)
-        return _LossInside()
+        return _LossInside().to(device)
 
     def train(model, cockpit):
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -346,15 +353,15 @@ def test_a_model_that_returns_only_its_loss():
     np.testing.assert_allclose(probe.records[0].per_sample_sq_norms, sq, rtol=1e-4)
 
 
-def test_tracin_probe_views_with_as_many_positions_as_examples():
+def test_tracin_probe_views_with_as_many_positions_as_examples(device):
     """The engine's probe session (TracIn's other batch) with B == T through a (T, B, d) transformer:
     every layer's view, its squared norms equal to the float64 loop; the sample axes are resolved once
     and shared with the training steps' cache."""
     from tests.reference import per_sample_grads_loop
 
     torch.manual_seed(0)
-    model = models.TinyTransformer(batch_first=False)
-    x, y = models.token_batch(b=6, t=6)
+    model = models.TinyTransformer(batch_first=False).to(device)
+    x, y = (t.to(device) for t in models.token_batch(b=6, t=6))
     engine = PerSampleEngine(model)
     loss_fn = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
@@ -367,7 +374,7 @@ def test_tracin_probe_views_with_as_many_positions_as_examples():
     got = {n: v for view in views.values() for n, v in view.sq_norms().items()}
     assert set(got) == set(ref)
     for n, g in ref.items():
-        np.testing.assert_allclose(got[n].double().numpy(), (g.reshape(6, -1) ** 2).sum(1), rtol=1e-4, err_msg=n)
+        np.testing.assert_allclose(got[n].double().cpu().numpy(), (g.reshape(6, -1) ** 2).sum(1), rtol=1e-4, err_msg=n)
 
 
 class _WritesItsWeight(_SharedFeatures):
@@ -379,14 +386,14 @@ class _WritesItsWeight(_SharedFeatures):
         return super().forward(tokens)
 
 
-def test_a_forward_that_writes_its_parameters_stops_the_probe_before_the_write():
+def test_a_forward_that_writes_its_parameters_stops_the_probe_before_the_write(device):
     """The probe stops before the in-place write (training bit-identical to a plain run, backward
     intact); the layers it would have resolved are left out with the reason, not guessed."""
 
     def run(cockpit):
         torch.manual_seed(0)
-        model = _WritesItsWeight()
-        x, y = models.token_batch(b=6, t=6)
+        model = _WritesItsWeight().to(device)
+        x, y = (t.to(device) for t in models.token_batch(b=6, t=6))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         loss_fn = nn.CrossEntropyLoss()
         with warnings.catch_warnings(record=True) as caught:

@@ -74,7 +74,7 @@ class _Tokens(nn.Module):
     def forward(self, idx):
         b, t = idx.shape
         h = self.tok(idx)
-        positions = torch.arange(t)
+        positions = torch.arange(t, device=idx.device)
         if self.how == "add alpha":
             h = torch.add(h, self.wpe(positions), alpha=0.5)
         elif self.how == "sub":
@@ -130,11 +130,13 @@ def _used(model: nn.Module, x) -> list[nn.Parameter]:
 
 @pytest.mark.parametrize("how", CONSUMERS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_consumers_and_layout_ops(how, reduction):
+def test_consumers_and_layout_ops(device, how, reduction):
     torch.manual_seed(0)
     model = _Tokens(how)
     x, y = torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,))
-    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(reduction=reduction), params=_used(model, x))
+    checked = assert_matches_loop(
+        model, x, y, nn.CrossEntropyLoss(reduction=reduction), params=_used(model, x), device=device
+    )
     assert not checked.warnings
 
 
@@ -147,19 +149,19 @@ class _FeatureGain(nn.Module):
         self.lin, self.gain, self.head = nn.Linear(3, d), nn.Embedding(d, 1), nn.Linear(d, 3)
 
     def forward(self, x):
-        g = self.gain(torch.arange(self.gain.num_embeddings)).squeeze(-1)
+        g = self.gain(torch.arange(self.gain.num_embeddings, device=x.device)).squeeze(-1)
         return self.head(torch.tanh(self.lin(x)) * g)
 
 
 @pytest.mark.parametrize("d", [4, 6])
-def test_a_lookup_with_an_axis_of_the_batch_size_is_never_taken_for_the_batch(d):
+def test_a_lookup_with_an_axis_of_the_batch_size_is_never_taken_for_the_batch(device, d):
     """The lookup's consumer broadcasts it along the batch axis, which decides: split exactly, also
     with d == B, where the lookup expanded over the batch has two axes of size B and its sample axis is
     the one the expansion added (before, its rows were taken for the samples: silently wrong)."""
     torch.manual_seed(0)
     model = _FeatureGain(d)
     x, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
-    assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+    assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), device=device)
 
 
 class _Net(nn.Module):
@@ -181,7 +183,10 @@ class _Net(nn.Module):
         return self.drop(h)[:, :3]
 
 
-def _warns(model, x, y, loss_fn=None) -> list[str]:
+def _warns(model, x, y, loss_fn=None, device="cpu") -> list[str]:
+    """One step on ``device`` (model and data moved there): the record and the warnings."""
+    model.to(device)
+    x, y = x.to(device), y.to(device)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS})
@@ -193,12 +198,12 @@ def _warns(model, x, y, loss_fn=None) -> list[str]:
     return probe.records[0], [str(w.message) for w in caught]
 
 
-def test_a_bare_parameter_in_an_unknown_op_falls_back_to_torch_func_with_a_warning():
+def test_a_bare_parameter_in_an_unknown_op_falls_back_to_torch_func_with_a_warning(device):
     torch.manual_seed(0)
     model = _Net("matmul")
     assert isinstance(layers.build_handlers(model)[model], layers.BareParamsHandler)
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
-    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), device=device)
     fallback = [w for w in checked.warnings if "torch.func over the forward of _Net" in w]
     assert len(fallback) == 1 and "parameter w is used by Mm" in fallback[0]
 
@@ -222,13 +227,13 @@ class _PlainAndBroadcast(nn.Module):
         self.tok, self.wpe, self.head = nn.Embedding(9, 4), nn.Embedding(6, 4), nn.Linear(4, 3)
 
     def forward(self, idx):
-        p = self.wpe(torch.arange(idx.shape[1]))
+        p = self.wpe(torch.arange(idx.shape[1], device=idx.device))
         return self.head(torch.tanh(self.tok(idx) + p).mean(1) + torch.tanh(p).mean(0))
 
 
-def test_a_tensor_used_both_broadcast_and_not_is_refused_with_a_note():
+def test_a_tensor_used_both_broadcast_and_not_is_refused_with_a_note(device):
     torch.manual_seed(0)
-    rec, seen = _warns(_PlainAndBroadcast(), torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,)))
+    rec, seen = _warns(_PlainAndBroadcast(), torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,)), device=device)
     assert rec.per_sample_sq_norms is None
     assert any("is broadcast over the batch but also used by Tanh" in w and "wpe.weight" in w for w in seen)
 
@@ -241,30 +246,30 @@ class _Leaky(nn.Module):
         self.tok, self.wpe, self.head = nn.Embedding(9, 4), nn.Embedding(6, 4), nn.Linear(4, 3)
 
     def forward(self, idx):
-        self.p = self.wpe(torch.arange(idx.shape[1]))
+        self.p = self.wpe(torch.arange(idx.shape[1], device=idx.device))
         return self.head(torch.tanh(self.tok(idx) + self.p).mean(1))
 
 
-def test_shares_that_do_not_add_up_are_refused_with_a_note():
+def test_shares_that_do_not_add_up_are_refused_with_a_note(device):
     torch.manual_seed(0)
-    model, loss_fn = _Leaky(), nn.CrossEntropyLoss()
+    model, loss_fn = _Leaky().to(device), nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with Cockpit(model, opt, loss_fn, instruments=[probe]):
-            x, y = torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,))
+            x, y = torch.randint(0, 9, (5, 6)).to(device), torch.randint(0, 3, (5,)).to(device)
             (loss_fn(model(x), y) + model.p.square().sum()).backward()
             opt.step()
     assert probe.records[0].per_sample_sq_norms is None
     assert any("do not add up to the gradient autograd summed" in str(w.message) for w in caught)
 
 
-def test_scale_grad_by_freq_with_shared_positions_is_refused():
+def test_scale_grad_by_freq_with_shared_positions_is_refused(device):
     torch.manual_seed(0)
     model = _Tokens("unsqueeze")
     model.wpe.scale_grad_by_freq = True
-    rec, seen = _warns(model, torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,)))
+    rec, seen = _warns(model, torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,)), device=device)
     assert rec.per_sample_sq_norms is None and any("scale_grad_by_freq" in w for w in seen)
 
 
@@ -276,13 +281,13 @@ def test_bert_mlm_bias_is_the_decoders_not_a_bare_parameter():
     assert head not in handlers and handlers[head.decoder].names["bias"] == "cls.predictions.bias"
 
 
-def test_tracin_probe_of_a_model_with_shared_positions():
+def test_tracin_probe_of_a_model_with_shared_positions(device):
     """engine.probe (TracIn's probe batch) splits the position embedding too: its per-example
     gradients against autograd per example (losses as batches of one)."""
     torch.manual_seed(0)
-    model = M.LogitsForLoss(M.NanoGPT())
+    model = M.LogitsForLoss(M.NanoGPT()).to(device)
     loss_fn = nn.CrossEntropyLoss()
-    x, y = M.token_batch(3, 8)
+    x, y = (t.to(device) for t in M.token_batch(3, 8))
     engine = PerSampleEngine(model, attach=False)
     views, losses = engine.probe(x, y, loss_fn)
     got = views[("net.transformer.wpe.weight",)].grads()["net.transformer.wpe.weight"]
@@ -304,7 +309,7 @@ def test_models_without_candidates_walk_nothing(monkeypatch):
     assert rec.per_sample_sq_norms is not None and not walked
 
 
-def test_a_failure_inside_a_backward_hook_never_breaks_the_backward(monkeypatch):
+def test_a_failure_inside_a_backward_hook_never_breaks_the_backward(device, monkeypatch):
     from cockpit_lite.persample import broadcast
 
     def boom(t, shape, batch):
@@ -313,7 +318,7 @@ def test_a_failure_inside_a_backward_hook_never_breaks_the_backward(monkeypatch)
     monkeypatch.setattr(broadcast, "per_example", boom)
     torch.manual_seed(0)
     model = _Tokens("sub")
-    rec, seen = _warns(model, torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,)))
+    rec, seen = _warns(model, torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,)), device=device)
     assert rec.per_sample_sq_norms is None and rec.loss is not None
     assert any("broadcast over the batch: boom" in w for w in seen)
     assert all(p.grad is not None for p in (model.pos, model.tok.weight, model.head.weight))

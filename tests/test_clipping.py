@@ -50,9 +50,9 @@ class ConvNet(nn.Module):
         return self.head(torch.tanh(self.fc(self.gain(h))))
 
 
-def conv_batch(b=6, seed=0):
+def conv_batch(b=6, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 2, 8, 8, generator=g), torch.randint(0, 3, (b,), generator=g)
+    return torch.randn(b, 2, 8, 8, generator=g).to(device), torch.randint(0, 3, (b,), generator=g).to(device)
 
 
 def small_cnn():
@@ -63,9 +63,9 @@ def mlp():
     return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3))
 
 
-def mlp_batch(b=8, seed=0):
+def mlp_batch(b=8, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 5, generator=g) * 2, torch.randint(0, 3, (b,), generator=g)
+    return (torch.randn(b, 5, generator=g) * 2).to(device), torch.randint(0, 3, (b,), generator=g).to(device)
 
 
 def raw_grads(model, loss_fn, x, y) -> dict[str, torch.Tensor]:
@@ -193,13 +193,13 @@ def _expected_unit_stats(wn, gn, lam, eps):
 
 
 @pytest.mark.parametrize("exclude", ["final", ()])
-def test_agc_statistics_match_unit_loop_on_raw_gradients(exclude):
+def test_agc_statistics_match_unit_loop_on_raw_gradients(device, exclude):
     torch.manual_seed(0)
-    model = ConvNet()
+    model = ConvNet().to(device)
     with torch.no_grad():
         model.conv.weight[1].zero_()
     loss_fn = nn.CrossEntropyLoss()
-    x, y = conv_batch(8)
+    x, y = conv_batch(8, device=device)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = raw_grads(model, loss_fn, x, y)
     units = unit_ratios(weights, grads, 1e-3)
@@ -242,11 +242,11 @@ def test_agc_statistics_match_unit_loop_on_raw_gradients(exclude):
 
 
 # --- global -------------------------------------------------------------------------------------------
-def test_global_statistics_pre_clip_received_and_rolling_fraction():
+def test_global_statistics_pre_clip_received_and_rolling_fraction(device):
     torch.manual_seed(0)
-    model = mlp()
+    model = mlp().to(device)
     loss_fn = nn.CrossEntropyLoss()
-    batches = [mlp_batch(8, seed=s) for s in range(6)]
+    batches = [mlp_batch(8, seed=s, device=device) for s in range(6)]
     # raw norms along the trajectory, by an independent run with the same user clipping
     ref = copy.deepcopy(model)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
@@ -282,11 +282,11 @@ def test_global_statistics_pre_clip_received_and_rolling_fraction():
     assert set(cp.history.values("clip/global/would_clip")) == {0.0, 1.0}
 
 
-def test_user_agc_between_backward_and_step_is_measured():
+def test_user_agc_between_backward_and_step_is_measured(device):
     torch.manual_seed(1)
-    model = mlp()
+    model = mlp().to(device)
     loss_fn = nn.CrossEntropyLoss()
-    x, y = mlp_batch(8)
+    x, y = mlp_batch(8, device=device)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = raw_grads(model, loss_fn, x, y)
     clipped = loop_agc(weights, grads, 0.01, 1e-3)
@@ -309,11 +309,11 @@ def test_user_agc_between_backward_and_step_is_measured():
     "make, batch, reduction",
     [(mlp, mlp_batch, "mean"), (mlp, mlp_batch, "sum"), (small_cnn, conv_batch, "mean")],
 )
-def test_per_sample_statistics_match_float64_loop(make, batch, reduction):
+def test_per_sample_statistics_match_float64_loop(device, make, batch, reduction):
     torch.manual_seed(0)
-    model = make()
+    model = make().to(device)
     loss_fn = nn.CrossEntropyLoss(reduction=reduction)
-    batches = [batch(8, seed=s) for s in range(3)]
+    batches = [batch(8, seed=s, device=device) for s in range(3)]
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     refs = []
     ref_model = copy.deepcopy(model)
@@ -408,11 +408,11 @@ class PartlyFrozen(nn.Module):
         return self.used(torch.relu(self.frozen(x)))
 
 
-def test_parameters_without_gradients_are_skipped():
+def test_parameters_without_gradients_are_skipped(device):
     torch.manual_seed(0)
-    model = PartlyFrozen()
+    model = PartlyFrozen().to(device)
     loss_fn = nn.CrossEntropyLoss()
-    x, y = mlp_batch(8)
+    x, y = mlp_batch(8, device=device)
     grads = raw_grads(model, loss_fn, x, y)
     assert set(grads) == {"used.weight", "used.bias"}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -434,12 +434,12 @@ def test_parameters_without_gradients_are_skipped():
     assert last(cp, "clip/per_sample/frac_clipped") == pytest.approx(np.mean(n > 1.0))
 
 
-def test_training_trajectory_unchanged():
+def test_training_trajectory_unchanged(device):
     torch.manual_seed(0)
-    model = ConvNet()
+    model = ConvNet().to(device)
     twin = copy.deepcopy(model)
     loss_fn = nn.CrossEntropyLoss()
-    batches = [conv_batch(6, seed=s) for s in range(4)]
+    batches = [conv_batch(6, seed=s, device=device) for s in range(4)]
 
     def train(m, instruments):
         opt = torch.optim.Adam(m.parameters(), lr=1e-2)
@@ -461,9 +461,9 @@ def test_training_trajectory_unchanged():
     assert len(cp.history["clip/global/norm"]) == 4
 
 
-def test_every_and_instance_name():
+def test_every_and_instance_name(device):
     torch.manual_seed(0)
-    model = mlp()
+    model = mlp().to(device)
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     clips = [
@@ -472,7 +472,7 @@ def test_every_and_instance_name():
     ]
     with Cockpit(model, opt, loss_fn, instruments=clips) as cp:
         for s in range(9):
-            x, y = mlp_batch(8, seed=s)
+            x, y = mlp_batch(8, seed=s, device=device)
             opt.zero_grad()
             loss_fn(model(x), y).backward()
             opt.step()
@@ -497,16 +497,16 @@ def test_sorted_quantiles_match_numpy():
 
 
 @pytest.mark.parametrize("batch_steps", [1, 3])
-def test_agc_records_per_step_whatever_the_batching(batch_steps):
+def test_agc_records_per_step_whatever_the_batching(device, batch_steps):
     torch.manual_seed(0)
-    model = mlp()
+    model = mlp().to(device)
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     clip = Clipping(agc_clip=0.05, window=4, batch_steps=batch_steps, kinds=("agc",))
     seen = []  # the user's own snapshot between backward and step: the independent reference
     with Cockpit(model, opt, loss_fn, instruments=[clip]) as cp:
         for s in range(7):
-            x, y = mlp_batch(8, seed=s)
+            x, y = mlp_batch(8, seed=s, device=device)
             opt.zero_grad()
             loss_fn(model(x), y).backward()
             names = ["0.weight", "0.bias", "2.weight", "2.bias"]  # the final layer "4." is excluded
@@ -535,7 +535,7 @@ def test_agc_records_per_step_whatever_the_batching(batch_steps):
     assert list(cp.history.steps("clip/agc/frac_clipped")) == list(range(7))
 
 
-def test_statistics_under_amp_loss_scaling_are_those_of_the_loss():
+def test_statistics_under_amp_loss_scaling_are_those_of_the_loss(device):
     """With scaler.scale(loss).backward(), p.grad after backward is the loss scale times the gradient:
     the clipping statistics must not see the scale."""
     from cockpit_lite.instruments import Clipping
@@ -545,10 +545,10 @@ def test_statistics_under_amp_loss_scaling_are_those_of_the_loss():
     out = []
     for scale in (None, 1024.0):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         loss_fn = nn.CrossEntropyLoss()
-        x, y = torch.randn(9, 6), torch.randint(0, 3, (9,))
+        x, y = torch.randn(9, 6).to(device), torch.randint(0, 3, (9,)).to(device)
         clip = Clipping(max_norm=0.5, agc_clip=0.01, per_sample_clip=1.0, batch_steps=1, cosine_every=1)
         with Cockpit(model, opt, loss_fn, instruments=[clip]) as cockpit:
             opt.zero_grad()
@@ -556,7 +556,7 @@ def test_statistics_under_amp_loss_scaling_are_those_of_the_loss():
                 loss_fn(model(x), y).backward()
                 opt.step()
             else:
-                scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+                scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=scale)
                 scaler.scale(loss_fn(model(x), y)).backward()
                 scaler.step(opt)
                 scaler.update()

@@ -72,18 +72,35 @@ CASES = {
 }
 
 
+def rng_state(device="cpu") -> tuple:
+    """The CPU generator's state, and the CUDA device's where ``device`` is one (dropout draws there)."""
+    device = torch.device(device)
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_rng_state(state: tuple, device="cpu") -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], torch.device(device))
+
+
+def same_rng_state(a: tuple, b: tuple) -> bool:
+    return all((x is None and y is None) or torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 class Step:
     """One loop step ``loss_fn(model(x), y).backward()`` with a CoupledRecorder attached, and the float64
-    per-example reference for the same batch and RNG state."""
+    per-example reference for the same batch and RNG state, on ``device`` (model and data moved there)."""
 
-    def __init__(self, model, x, y, reduction="mean", dtype=torch.float64, seed=1):
-        self.model = model.to(dtype)
-        self.x, self.y = x.to(dtype), y
+    def __init__(self, model, x, y, reduction="mean", dtype=torch.float64, seed=1, device="cpu"):
+        self.device = device
+        self.model = model.to(device=device, dtype=dtype)
+        self.x, self.y = x.to(device=device, dtype=dtype), y.to(device)
         self.reduction = reduction
         self.before = copy.deepcopy(self.model)  # theta_t and the buffers before the step
         self.rec = CoupledRecorder(self.model)
         torch.manual_seed(seed)
-        self.rng = torch.get_rng_state()
+        self.rng = rng_state(device)
         self.z = self.model(self.x)
         nn.CrossEntropyLoss(reduction=reduction)(self.z, y).backward()
         self.rec.close()  # keeps what it captured
@@ -105,7 +122,7 @@ class Step:
         m = copy.deepcopy(model if model is not None else self.before).double()
         m.train(self.model.training)
         params = dict(m.named_parameters())
-        torch.set_rng_state(self.rng)
+        set_rng_state(self.rng, self.device)
         z = m(self.x.double())
         losses = nn.CrossEntropyLoss(reduction="none")(z, self.y)
         out = {n: [] for n in params}
@@ -114,7 +131,7 @@ class Step:
             for n, g, p in zip(params, gs, params.values(), strict=True):
                 out[n].append(torch.zeros_like(p) if g is None else g)
         self.ref_output = z.detach()
-        return {n: torch.stack(v).numpy() for n, v in out.items()}
+        return {n: torch.stack(v).cpu().numpy() for n, v in out.items()}
 
 
 def close(got, want, rtol, what, noise=0.0):
@@ -127,9 +144,9 @@ def close(got, want, rtol, what, noise=0.0):
     assert np.all(err <= tol), f"{what}: error {err[i]:.3g} > tolerance {tol[i]:.3g} at {i} (want {want[i]:.6g})"
 
 
-def directions(names_shapes, seed=0):
+def directions(names_shapes, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    v = {n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in names_shapes.items()}
+    v = {n: torch.randn(s, generator=gen, dtype=torch.float64).to(device) for n, s in names_shapes.items()}
     first = next(iter(v))
     return {"v": v, f"v/{first}": {first: v[first]}, "none": {}}
 
@@ -155,7 +172,7 @@ def check_all(step: Step, res, ref, dirs, rtol):
     dot_noise = delta * np.linalg.norm(gbar) + np.linalg.norm(G, axis=1) * delta.mean()
     close(res.dot_mean, G @ gbar, rtol, "g_i . gbar", dot_noise)
     for key, d in dirs.items():
-        v = {n: t.double().numpy().reshape(-1) for n, t in d.items()}
+        v = {n: t.double().cpu().numpy().reshape(-1) for n, t in d.items()}
         want = sum((flat[n] @ v[n] for n in v), np.zeros(b))
         vnorm = np.sqrt(sum(float(x @ x) for x in v.values()))
         close(res.projections[key], want, rtol, f"g_i . {key}", delta * vnorm)
@@ -164,21 +181,21 @@ def check_all(step: Step, res, ref, dirs, rtol):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("p_drop", [0.0, 0.4])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_float64_reference(case, p_drop, reduction):
+def test_matches_float64_reference(device, case, p_drop, reduction):
     build, data = CASES[case]
     torch.manual_seed(0)
     model = build(p_drop)
     x, y = data()
-    step = Step(model, x, y, reduction)
+    step = Step(model, x, y, reduction, device=device)
     assert coupling_modules(step.model)  # train-mode BatchNorm: the factor engine does not apply
     running = {n: b.clone() for n, b in step.model.named_buffers()}
     grads = {n: p.grad.clone() for n, p in step.model.named_parameters()}
     torch.manual_seed(123)
-    stream = torch.get_rng_state()
-    dirs = directions({n: p.shape for n, p in step.model.named_parameters()})
+    stream = rng_state(device)
+    dirs = directions({n: p.shape for n, p in step.model.named_parameters()}, device=device)
     res = step.stats(step.path(), directions=dirs)
-    # the path leaves the model, p.grad and the user's random stream as they were
-    assert torch.equal(torch.get_rng_state(), stream)
+    # the path leaves the model, p.grad and the user's random streams as they were
+    assert same_rng_state(rng_state(device), stream)
     for n, b in step.model.named_buffers():
         assert torch.equal(b, running[n]), f"buffer {n} changed"
     for n, p in step.model.named_parameters():
@@ -191,30 +208,30 @@ def test_matches_float64_reference(case, p_drop, reduction):
     G = np.concatenate([r.reshape(step.batch, -1) for r in ref.values()], 1)
     noise = EPS[torch.float64] * np.linalg.norm(G, axis=1).sum()
     for n, p in step.model.named_parameters():
-        close(res.grads[n].sum(0), factor * p.grad.numpy(), 1e-10, f"sum_i g_i of {n}", noise)
-        close(torch.as_tensor(ref[n].sum(0)), factor * p.grad.numpy(), 1e-10, f"reference sum of {n}", noise)
+        close(res.grads[n].sum(0), factor * p.grad.cpu().numpy(), 1e-10, f"sum_i g_i of {n}", noise)
+        close(torch.as_tensor(ref[n].sum(0)), factor * p.grad.cpu().numpy(), 1e-10, f"reference sum of {n}", noise)
     assert res.covered == frozenset(step.names)
 
 
-def test_resnet18_cifar_narrow():
+def test_resnet18_cifar_narrow(device):
     torch.manual_seed(0)
     model = models.resnet18_cifar(width=2, classes=4)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
-    step = Step(model, x, y)
-    dirs = directions({n: p.shape for n, p in step.model.named_parameters()})
+    step = Step(model, x, y, device=device)
+    dirs = directions({n: p.shape for n, p in step.model.named_parameters()}, device=device)
     res = step.stats(step.path(chunk=3), directions=dirs)
     check_all(step, res, step.reference(), dirs, 1e-10)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_chunks_loop_and_double_vjp_agree(case):
+def test_chunks_loop_and_double_vjp_agree(device, case):
     """Chunks smaller than the batch (Gram blocks across chunks), one backward per example, and
     reverse-over-reverse projections give the reference's numbers too."""
     build, data = CASES[case]
     torch.manual_seed(0)
-    step = Step(build(0.3), *data(7))
+    step = Step(build(0.3), *data(7), device=device)
     ref = step.reference()
-    dirs = directions({n: p.shape for n, p in step.model.named_parameters()})
+    dirs = directions({n: p.shape for n, p in step.model.named_parameters()}, device=device)
     path = step.path(chunk=3)
     check_all(step, step.stats(path, directions=dirs), ref, dirs, 1e-10)  # batched
     assert path.last_chunk is None and path.vjp_mode == "auto"  # the chunk was given, not estimated
@@ -235,25 +252,26 @@ def test_chunks_loop_and_double_vjp_agree(case):
     b = step.batch
     G = np.concatenate([ref[n].reshape(b, -1) for n in step.names], 1)
     close(res.dot_mean, G @ G.mean(0), 1e-10, "g_i . gbar by double vjp")
-    close(res.projections["v"], G @ np.concatenate([dirs["v"][n].numpy().reshape(-1) for n in step.names]), 1e-10, "v")
+    v = np.concatenate([dirs["v"][n].cpu().numpy().reshape(-1) for n in step.names])
+    close(res.projections["v"], G @ v, 1e-10, "v")
     assert not res.sq_norms and not res.gram and not res.grads
 
 
-def test_projections_alone_and_given_mean_gradient():
+def test_projections_alone_and_given_mean_gradient(device):
     """Without a chunk pass: g_i . gbar and projections by JVP alone, with gbar given (s/B p.grad) or
     computed from the replay; sum_ratio is 1 when p.grad holds the batch's gradient."""
     torch.manual_seed(0)
-    step = Step(bn_cnn(0.3), *cnn_data(6))
+    step = Step(bn_cnn(0.3), *cnn_data(6), device=device)
     ref = step.reference()
     b = step.batch
     G = np.concatenate([ref[n].reshape(b, -1) for n in step.names], 1)
-    dirs = directions({n: p.shape for n, p in step.model.named_parameters()})
+    dirs = directions({n: p.shape for n, p in step.model.named_parameters()}, device=device)
     gbar = {n: p.grad * (step.scale / b) for n, p in step.model.named_parameters()}
     for mean_grad in (None, gbar):
         path = step.path()
         res = step.stats(path, needs={Need.PER_SAMPLE_DOT_MEAN}, directions=dirs, mean_grad=mean_grad)
         close(res.dot_mean, G @ G.mean(0), 1e-10, "g_i . gbar")
-        v = np.concatenate([dirs["v"][n].numpy().reshape(-1) for n in step.names])
+        v = np.concatenate([dirs["v"][n].cpu().numpy().reshape(-1) for n in step.names])
         close(res.projections["v"], G @ v, 1e-10, "g_i . v")
     assert path.sum_ratio == pytest.approx(1.0, rel=1e-10)
     # a wrong gbar shows in the ratio
@@ -261,24 +279,24 @@ def test_projections_alone_and_given_mean_gradient():
     assert path.sum_ratio == pytest.approx(0.5, rel=1e-10)
 
 
-def test_float32_model_against_float64_reference():
+def test_float32_model_against_float64_reference(device):
     torch.manual_seed(0)
     model = bn_cnn(0.0)
     x, y = cnn_data(6)
-    step = Step(model, x, y, dtype=torch.float32)
+    step = Step(model, x, y, dtype=torch.float32, device=device)
     ref = step.reference(step.before)
-    dirs = directions({n: p.shape for n, p in step.model.named_parameters()})
+    dirs = directions({n: p.shape for n, p in step.model.named_parameters()}, device=device)
     dirs = {k: {n: t.float() for n, t in d.items()} for k, d in dirs.items()}
     res = step.stats(step.path(), directions=dirs)
     assert res.sq_norms[step.names[0]].dtype == torch.float32
     check_all(step, res, ref, dirs, 2e-5)
 
 
-def test_directions_after_the_step_at_theta_t():
+def test_directions_after_the_step_at_theta_t(device):
     """The update d = theta_{t+1} - theta_t is known only after optimizer.step(): project onto it at
     theta_t (the snapshot taken before the step), as Alpha needs."""
     torch.manual_seed(0)
-    step = Step(bn_mlp(0.3), *mlp_data(6))
+    step = Step(bn_mlp(0.3), *mlp_data(6), device=device)
     path = step.path()
     theta_t = path.snapshot()
     opt = torch.optim.SGD(step.model.parameters(), lr=0.1, momentum=0.0)
@@ -288,7 +306,8 @@ def test_directions_after_the_step_at_theta_t():
     ref = step.reference()  # at theta_t (the copy from before the step)
     b = step.batch
     G = np.concatenate([ref[n].reshape(b, -1) for n in step.names], 1)
-    close(res.projections["update"], G @ np.concatenate([d[n].numpy().reshape(-1) for n in step.names]), 1e-10, "d")
+    dd = np.concatenate([d[n].cpu().numpy().reshape(-1) for n in step.names])
+    close(res.projections["update"], G @ dd, 1e-10, "d")
     # without the snapshot the replay runs at theta_{t+1}, does not reproduce the batch's output, and is refused
     with pytest.raises(ReplayMismatch):
         step.stats(path, needs=set(), directions={"update": d})
@@ -307,16 +326,16 @@ class TwoHeads(nn.Module):
         return self.head(h), {"aux": self.aux(h), "unused": h.detach() * 0 + 1}
 
 
-def test_several_outputs_and_keyword_inputs():
+def test_several_outputs_and_keyword_inputs(device):
     torch.manual_seed(0)
-    model = TwoHeads().double()
-    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
-    t = torch.randn(5, 2, dtype=torch.float64)
-    shift = torch.tensor(0.5, dtype=torch.float64)
+    model = TwoHeads().double().to(device)
+    x, y = torch.randn(5, 6, dtype=torch.float64).to(device), torch.randint(0, 3, (5,)).to(device)
+    t = torch.randn(5, 2, dtype=torch.float64).to(device)
+    shift = torch.tensor(0.5, dtype=torch.float64, device=device)
     before = copy.deepcopy(model)
     rec = CoupledRecorder(model)
     torch.manual_seed(2)
-    rng = torch.get_rng_state()
+    rng = rng_state(device)
     logits, extra = model(x, shift=shift)
     loss = nn.functional.cross_entropy(logits, y) + ((extra["aux"] - t) ** 2).sum(1).mean()
     loss.backward()
@@ -324,7 +343,7 @@ def test_several_outputs_and_keyword_inputs():
     path = CoupledPath(model, dict(model.named_parameters()))
     res = path.statistics(rec.args, rec.kwargs, rec.output_grads, 5.0, ALL, state=rec.state, outputs=rec.outputs)
     # reference: l_i = ce_i + ||aux_i - t_i||^2, one autograd call each
-    torch.set_rng_state(rng)
+    set_rng_state(rng, device)
     lo, ex = before(x, shift=shift)
     losses = nn.functional.cross_entropy(lo, y, reduction="none") + ((ex["aux"] - t) ** 2).sum(1)
     params = dict(before.named_parameters())
@@ -332,19 +351,19 @@ def test_several_outputs_and_keyword_inputs():
     for i in range(5):
         for n, g in zip(params, torch.autograd.grad(losses[i], list(params.values()), retain_graph=True), strict=True):
             ref[n].append(g)
-    flat = {n: torch.stack(ref[n]).reshape(5, -1).numpy() for n in params}
+    flat = {n: torch.stack(ref[n]).reshape(5, -1).cpu().numpy() for n in params}
     delta = EPS[torch.float64] * np.linalg.norm(np.concatenate(list(flat.values()), 1), axis=1)
     for n, r in flat.items():
         norm = np.linalg.norm(r, axis=1)
         close(res.sq_norms[n], norm**2, 1e-10, f"||g_i||^2 of {n}", delta * (2 * norm + delta))
-        close(res.grads[n].sum(0), 5 * model.get_parameter(n).grad.numpy(), 1e-10, f"sum of {n}", delta.sum())
+        close(res.grads[n].sum(0), 5 * model.get_parameter(n).grad.cpu().numpy(), 1e-10, f"sum of {n}", delta.sum())
     rec.close()
 
 
-def test_replay_without_the_rng_state_is_caught():
+def test_replay_without_the_rng_state_is_caught(device):
     """A replay that draws other dropout masks is refused, not silently wrong."""
     torch.manual_seed(0)
-    step = Step(bn_cnn(0.5), *cnn_data(5))
+    step = Step(bn_cnn(0.5), *cnn_data(5), device=device)
     rec = step.rec
     with pytest.raises(ReplayMismatch):
         step.path().statistics(rec.args, rec.kwargs, rec.output_grads, step.scale, ALL, outputs=rec.outputs)
@@ -355,14 +374,14 @@ def test_replay_without_the_rng_state_is_caught():
         )  # fmt: skip
 
 
-def test_bad_output_gradients_are_refused():
+def test_bad_output_gradients_are_refused(device):
     torch.manual_seed(0)
-    step = Step(bn_mlp(), *mlp_data(5))
+    step = Step(bn_mlp(), *mlp_data(5), device=device)
     rec, path = step.rec, step.path()
     with pytest.raises(ValueError, match="no output gradient"):
         path.statistics(rec.args, rec.kwargs, [None], step.scale, ALL, state=rec.state)
     with pytest.raises(ValueError, match="no batch axis"):
-        path.statistics(rec.args, rec.kwargs, [torch.ones(())], step.scale, ALL, state=rec.state)
+        path.statistics(rec.args, rec.kwargs, [torch.ones((), device=device)], step.scale, ALL, state=rec.state)
     for needs in (ALL, {Need.PER_SAMPLE_DOT_MEAN}):  # the chunk pass and the JVP alone
         gbar = {n: p.grad for n, p in step.model.named_parameters()}
         with pytest.raises(ValueError, match="leaves"):
@@ -408,11 +427,11 @@ def _eval_bn(frozen: bool) -> nn.Module:
 
 @pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_eval_and_frozen_batchnorm_keep_the_factor_engine(frozen, reduction):
+def test_eval_and_frozen_batchnorm_keep_the_factor_engine(device, frozen, reduction):
     model = _eval_bn(frozen)
     assert coupling_modules(model) == []
     x, y = cnn_data(6)
-    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(reduction=reduction))
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(reduction=reduction), device=device)
     assert not checked.warnings
 
 
@@ -425,14 +444,14 @@ def test_coupling_modules_follow_the_mode():
     assert coupling_modules(no_stats) == ["1"]  # batch statistics in eval mode too
 
 
-def test_coupled_path_on_an_uncoupled_model_matches_the_harness_split():
+def test_coupled_path_on_an_uncoupled_model_matches_the_harness_split(device):
     """Where examples do not interact (eval-mode BatchNorm) the coupled definition is the harness's
     (and the factor engine's): g_i = B x example i's share of p.grad."""
-    model = _eval_bn(False)
-    x, y = cnn_data(5)
+    model = _eval_bn(False).to(device)
+    x, y = (t.to(device) for t in cnn_data(5))
     names = [n for n, _ in model.named_parameters()]
     want = shares_loop(model, x, y, nn.CrossEntropyLoss(), names)
-    step = Step(model, x, y)  # float64, eval mode
+    step = Step(model, x, y, device=device)  # float64, eval mode
     res = step.stats(step.path(chunk=2), needs={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_GRADS})
     for n in names:
         close(res.grads[n], want[n], 1e-10, f"g_i of {n}")
@@ -453,52 +472,53 @@ def test_sync_batchnorm_across_processes_is_refused(monkeypatch):
     path._refuse_collectives()
 
 
-def test_recorder_fed_by_the_owners_hooks():
+def test_recorder_fed_by_the_owners_hooks(device):
     """hooks=False: an owner (the per-sample provider) calls before_forward/after_forward itself; the
     statistics are the reference's."""
     torch.manual_seed(0)
-    model = bn_mlp(0.3).double()
-    x, y = mlp_data(5)
+    model = bn_mlp(0.3).double().to(device)
+    x, y = (t.to(device) for t in mlp_data(5))
     x = x.double()
     before = copy.deepcopy(model)
     rec = CoupledRecorder(model, hooks=False)
     pre = model.register_forward_pre_hook(lambda m, a, kw: rec.before_forward(a, kw), with_kwargs=True)
     post = model.register_forward_hook(lambda m, a, out: rec.after_forward(out))
     torch.manual_seed(3)
-    rng = torch.get_rng_state()
+    rng = rng_state(device)
     nn.CrossEntropyLoss()(model(x), y).backward()
     pre.remove()
     post.remove()
     path = CoupledPath(model, dict(model.named_parameters()))
     res = path.statistics(rec.args, rec.kwargs, rec.output_grads, 5.0, {Need.PER_SAMPLE_SQ_NORMS}, state=rec.state)
-    torch.set_rng_state(rng)
+    set_rng_state(rng, device)
     losses = nn.CrossEntropyLoss(reduction="none")(before(x), y)
     params = list(before.parameters())
     ref = [torch.autograd.grad(losses[i], params, retain_graph=True) for i in range(5)]
-    G = torch.stack([torch.cat([g.reshape(-1) for g in gs]) for gs in ref]).numpy()
+    G = torch.stack([torch.cat([g.reshape(-1) for g in gs]) for gs in ref]).cpu().numpy()
     got = sum(res.sq_norms.values())
     close(got, (G**2).sum(1), 1e-10, "||g_i||^2", EPS[torch.float64] * np.linalg.norm(G, axis=1) ** 2 * 3)
 
 
-def test_autocast_is_replayed():
-    """A forward under autocast (CPU, bfloat16) is replayed under autocast: without it the replay would
-    run in float32 and differ from the captured bfloat16 output (refused); with it the g_i add up to
-    B p.grad to bfloat16 precision."""
+def test_autocast_is_replayed(device):
+    """A forward under autocast (bfloat16, on the device's type) is replayed under autocast: without it
+    the replay would run in float32 and differ from the captured bfloat16 output (refused); with it the
+    g_i add up to B p.grad to bfloat16 precision."""
     torch.manual_seed(0)
-    model = bn_cnn(0.3)
-    x, y = cnn_data(6)
+    model = bn_cnn(0.3).to(device)
+    x, y = (t.to(device) for t in cnn_data(6))
+    kind = torch.device(device).type
     rec = CoupledRecorder(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(kind, dtype=torch.bfloat16):
         out = model(x)
     nn.CrossEntropyLoss()(out.float(), y).backward()
     rec.close()
-    assert rec.state.amp == (("cpu", torch.bfloat16),) and rec.outputs[0].dtype == torch.bfloat16
+    assert rec.state.amp == ((kind, torch.bfloat16),) and rec.outputs[0].dtype == torch.bfloat16
     path = CoupledPath(model, dict(model.named_parameters()))
     args = (rec.args, rec.kwargs, rec.output_grads, 6.0, {Need.PER_SAMPLE_GRADS})
     res = path.statistics(*args, state=rec.state, outputs=rec.outputs)
     got = torch.cat([res.grads[n].sum(0).reshape(-1) for n, _ in model.named_parameters()])
     want = torch.cat([6 * p.grad.reshape(-1) for p in model.parameters()])
     assert float((got - want).norm()) <= 2e-2 * float(want.norm())
-    plain = ReplayState(rec.state.cpu_rng, (), ())  # the same masks, no autocast
+    plain = ReplayState(rec.state.cpu_rng, rec.state.cuda_rng, ())  # the same masks, no autocast
     with pytest.raises(ReplayMismatch):
         path.statistics(*args, state=plain, outputs=rec.outputs)

@@ -32,15 +32,16 @@ def _reference(model, x, y):
     for i in range(len(y)):
         gs = torch.autograd.grad(losses[i], params, retain_graph=True)
         rows.append(torch.cat([g.reshape(-1) for g in gs]))
-    return torch.stack(rows).numpy()
+    return torch.stack(rows).cpu().numpy()
 
 
-def test_train_mode_batchnorm_through_the_cockpit():
-    model = _model()
+def test_train_mode_batchnorm_through_the_cockpit(device):
+    model = _model().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     flags = {Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN, Need.UPDATE}
     probe = Probe(flags=flags, directions={"update": lambda rec: rec.update})
     batches = [(torch.randn(6, 2, 6, 6), torch.randint(0, 3, (6,))) for _ in range(NORMS_EVERY + 1)]
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
     refs = []
     with Cockpit(model, opt, instruments=[probe, GradientTests(), Loss()]) as ck:
         for x, y in batches:
@@ -52,7 +53,10 @@ def test_train_mode_batchnorm_through_the_cockpit():
             refs[-1] = (
                 refs[-1],
                 np.concatenate(
-                    [(p.detach() - b).reshape(-1).numpy() for p, b in zip(model.parameters(), before, strict=True)]
+                    [
+                        (p.detach() - b).reshape(-1).cpu().numpy()
+                        for p, b in zip(model.parameters(), before, strict=True)
+                    ]
                 ),
             )
     for step, (rec, (G, d)) in enumerate(zip(probe.records, refs, strict=True)):
@@ -65,7 +69,7 @@ def test_train_mode_batchnorm_through_the_cockpit():
     assert "every 10th tracked step" in dict(ck.history["note/gradient_tests"])[1]
     assert math.isfinite(dict(ck.history["tests/norm"])[0])
     # training is unchanged: parameters and BatchNorm's running statistics bit-identical to a plain run
-    plain = _model()
+    plain = _model().to(device)
     plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
     for x, y in batches:
         plain_opt.zero_grad()

@@ -34,13 +34,13 @@ BATCH_AXIS = {"Linear on (T, B, d)": 1}
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_layer_zoo_split_matches_the_loop(name, reduction):
+def test_layer_zoo_split_matches_the_loop(device, name, reduction):
     build, data = MODELS[name]
     torch.manual_seed(0)
     model = build()
     x, y = data()
     checked = assert_matches_loop(
-        model, x, y, nn.CrossEntropyLoss(reduction=reduction), batch_axis=BATCH_AXIS.get(name, 0)
+        model, x, y, nn.CrossEntropyLoss(reduction=reduction), batch_axis=BATCH_AXIS.get(name, 0), device=device
     )
     assert not checked.warnings
 
@@ -96,7 +96,7 @@ class _MaskedAttention(nn.Module):
         self.attn, self.head = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
 
     def forward(self, x):
-        mask = torch.zeros(x.shape[:2], dtype=torch.bool)
+        mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
         mask[:, -1] = True
         return self.head(self.attn(x, x, x, key_padding_mask=mask, need_weights=False)[0].mean(1))
 
@@ -159,7 +159,7 @@ class _AttentionTimeFirst(nn.Module):
 
     def forward(self, x):
         t = x.shape[0]
-        causal = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), 1)
         padding = (x[..., 0] > 0.3).T.clone()
         padding[:, 0] = False
         h, w = self.attn(x, x, x, key_padding_mask=padding, attn_mask=causal)
@@ -224,7 +224,7 @@ MORE_BATCH_AXIS = {name: 1 for name in MORE if "(T, B, d)" in name}
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("name", list(MORE))
-def test_more_handler_paths_match_the_loop(name, reduction):
+def test_more_handler_paths_match_the_loop(device, name, reduction):
     build, data = MORE[name]
     torch.manual_seed(0)
     model = build()
@@ -232,7 +232,7 @@ def test_more_handler_paths_match_the_loop(name, reduction):
     axis = MORE_BATCH_AXIS.get(name, 0)
     classes = 7 if "tied embedding" in name else 2 if "BatchNorm" in name else 3
     y = torch.randint(0, classes, (x.shape[axis],))
-    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(reduction=reduction), batch_axis=axis)
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(reduction=reduction), batch_axis=axis, device=device)
     looped = ["loop over the samples" in w for w in checked.warnings]
     assert looped == ([True] if "GRU" in name else []), checked.warnings  # no other warning
 
@@ -261,12 +261,12 @@ LOSSES = {
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_losses_split_matches_the_loop(name, reduction):
+def test_losses_split_matches_the_loop(device, name, reduction):
     """g_i = B x example i's share of p.grad for a mean: weighted means and ignored targets included."""
     make_loss, targets = LOSSES[name]
     torch.manual_seed(0)
     model = models.mlp()
-    assert_matches_loop(model, torch.randn(6, 6), targets(), make_loss(reduction))
+    assert_matches_loop(model, torch.randn(6, 6), targets(), make_loss(reduction), device=device)
 
 
 # --- the harness can fail ----------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def _batch():
     return _layernorm_mlp(), torch.randn(6, 4), _labels(6)
 
 
-def test_a_wrong_split_that_adds_up_is_caught(monkeypatch):
+def test_a_wrong_split_that_adds_up_is_caught(device, monkeypatch):
     """Two samples' per-sample gradients of the LayerNorm swapped: the gradient-sum check cannot see
     it (the sum is unchanged), the harness names the parameters and quantities."""
     original = views_mod.MaterialisedView.__init__
@@ -296,7 +296,7 @@ def test_a_wrong_split_that_adds_up_is_caught(monkeypatch):
     model, x, y = _batch()
     monkeypatch.setattr(views_mod.MaterialisedView, "__init__", swapped)
     with pytest.raises(AssertionError) as err:
-        assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+        assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), device=device)
     msg = str(err.value)
     assert "||g_i||^2 of 1.weight" in msg and "||g_i||^2 of 1.bias" in msg
     assert "g_i . v0/1.weight" in msg and "g_i . v0 (all parameters)" in msg
@@ -304,7 +304,7 @@ def test_a_wrong_split_that_adds_up_is_caught(monkeypatch):
     assert "reference" not in msg  # the loop itself still adds up to p.grad
 
 
-def test_wrong_squared_norms_of_one_layer_are_caught(monkeypatch):
+def test_wrong_squared_norms_of_one_layer_are_caught(device, monkeypatch):
     original = views_mod.FactorView.sq_norms
 
     def swapped(self):
@@ -313,11 +313,11 @@ def test_wrong_squared_norms_of_one_layer_are_caught(monkeypatch):
     model, x, y = _batch()
     monkeypatch.setattr(views_mod.FactorView, "sq_norms", swapped)
     with pytest.raises(AssertionError, match=r"\|\|g_i\|\|\^2 of 3\.weight: .* at sample (2|4)") as err:
-        assert_matches_loop(model, x, y, nn.CrossEntropyLoss(reduction="sum"))
+        assert_matches_loop(model, x, y, nn.CrossEntropyLoss(reduction="sum"), device=device)
     assert "3.bias" not in str(err.value) and "g_i . gbar" not in str(err.value)
 
 
-def test_wrong_dot_with_the_mean_is_caught_and_localised(monkeypatch):
+def test_wrong_dot_with_the_mean_is_caught_and_localised(device, monkeypatch):
     """The record holds g_i . gbar summed over parameters: the harness reruns per module to name it."""
     original = views_mod.FactorView.dot_mean
 
@@ -328,13 +328,13 @@ def test_wrong_dot_with_the_mean_is_caught_and_localised(monkeypatch):
     model, x, y = _batch()
     monkeypatch.setattr(views_mod.FactorView, "dot_mean", off)
     with pytest.raises(AssertionError) as err:
-        assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+        assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), device=device)
     msg = str(err.value)
     assert "g_i . gbar (all parameters)" in msg
     assert "per module: g_i . gbar of 0.weight+0.bias" in msg and "of 3.weight+3.bias" not in msg
 
 
-def test_wrong_projection_of_one_parameter_is_caught(monkeypatch):
+def test_wrong_projection_of_one_parameter_is_caught(device, monkeypatch):
     original = views_mod.FactorView.project_many
 
     def swapped(self, directions):
@@ -344,7 +344,7 @@ def test_wrong_projection_of_one_parameter_is_caught(monkeypatch):
     model, x, y = _batch()
     monkeypatch.setattr(views_mod.FactorView, "project_many", swapped)
     with pytest.raises(AssertionError) as err:
-        assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+        assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), device=device)
     failed = [line.split(":")[0].strip() for line in str(err.value).splitlines()[1:]]
     assert failed == ["g_i . v0/3.bias", "g_i . v1/3.bias", "g_i . v2/3.bias"]
 
@@ -361,13 +361,13 @@ class _Centred(nn.Module):
         return h - h.mean(0, keepdim=True)
 
 
-def test_the_harness_refuses_a_model_that_couples_its_examples():
+def test_the_harness_refuses_a_model_that_couples_its_examples(device):
     torch.manual_seed(0)
     with pytest.raises(AssertionError, match="couples its examples in the forward"):
-        assert_matches_loop(_Centred(), torch.randn(6, 4), _labels(6), nn.CrossEntropyLoss())
+        assert_matches_loop(_Centred(), torch.randn(6, 4), _labels(6), nn.CrossEntropyLoss(), device=device)
 
 
-def test_missing_numbers_are_a_failure(monkeypatch):
+def test_missing_numbers_are_a_failure(device, monkeypatch):
     """A step the engine refuses (a (T, B, d) activation with T == B that the shape probe does not
     resolve: here it is switched off) fails with the cockpit's note."""
     monkeypatch.setattr(PerSampleEngine, "resolve_axes", lambda self, *args: "switched off by the test")
@@ -375,27 +375,27 @@ def test_missing_numbers_are_a_failure(monkeypatch):
     model = models.TinyTransformer(batch_first=False)
     x, y = models.token_batch(b=6, t=6)
     with pytest.raises(AssertionError, match=r"(?s)gave no value.*ambiguous"):
-        assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+        assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), device=device)
 
 
-def test_embedding_bag_with_scale_grad_by_freq_is_refused():
+def test_embedding_bag_with_scale_grad_by_freq_is_refused(device):
     """torch's EmbeddingBag backward divides rows by counts that are not their batch counts: no numbers,
     a warning that says so, the rest of the step kept."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.EmbeddingBag(10, 4, scale_grad_by_freq=True), nn.Linear(4, 3))
     x = torch.randint(0, 4, (6, 3))
     with pytest.raises(AssertionError, match=r"(?s)gave no value.*EmbeddingBag\(scale_grad_by_freq=True\)"):
-        assert_matches_loop(model, x, _labels(6), nn.CrossEntropyLoss())
+        assert_matches_loop(model, x, _labels(6), nn.CrossEntropyLoss(), device=device)
     p = torch.zeros(10, 1, requires_grad=True)  # the torch behaviour the message states, as it stands
     out = nn.functional.embedding_bag(torch.tensor([[5, 4, 4, 7]]), p, scale_grad_by_freq=True, mode="sum")
     (g,) = torch.autograd.grad(out.sum(), p)
     assert g[[4, 5, 7], 0].tolist() == [1.0, 0.5, 1.0]
 
 
-def test_only_the_parameters_the_optimizer_holds():
+def test_only_the_parameters_the_optimizer_holds(device):
     """An optimizer for the head alone: the cockpit covers those parameters, and so does the harness."""
     torch.manual_seed(0)
     model = models.mlp()
     x, y = torch.randn(7, 6), _labels(7)
-    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), params=model[4].parameters())
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), params=model[4].parameters(), device=device)
     assert set(checked.reference) == set(checked.record.per_sample_sq_norms_by_param) == {"4.weight", "4.bias"}

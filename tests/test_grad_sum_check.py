@@ -20,7 +20,10 @@ from tests.reference import Probe
 MISMATCH = "do not add up to the gradient"
 
 
-def _step(model, loss_fn, x, y, extra=None, scale=1.0, zero_grad=True, probe=None):
+def _step(model, loss_fn, x, y, extra=None, scale=1.0, zero_grad=True, probe=None, device="cpu"):
+    """One step on ``device`` (model and data moved there, p.grad with the model)."""
+    model.to(device)
+    x, y = x.to(device), y.to(device)
     probe = probe or Probe(flags={Need.PER_SAMPLE_SQ_NORMS})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ck = Cockpit(model, opt, loss_fn, instruments=[probe])
@@ -44,33 +47,35 @@ def _step(model, loss_fn, x, y, extra=None, scale=1.0, zero_grad=True, probe=Non
     ],
 )
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_supported_models_pass_the_check(name, build, batch, reduction):
+def test_supported_models_pass_the_check(device, name, build, batch, reduction):
     torch.manual_seed(0)
     model = build()
     x, y = batch()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning at all, the mismatch one included
-        ck, rec = _step(model, nn.CrossEntropyLoss(reduction=reduction), x, y)
+        ck, rec = _step(model, nn.CrossEntropyLoss(reduction=reduction), x, y, device=device)
     assert ck.engine.checks_left == 0, "the check did not complete"
     assert not any(MISMATCH in n for n in rec.notes)
 
 
-def test_amp_like_loss_scale_passes_the_check():
+def test_amp_like_loss_scale_passes_the_check(device):
     torch.manual_seed(0)
     model = models.mlp()
     x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ck, _ = _step(model, nn.CrossEntropyLoss(), x, y, scale=1024.0)
+        ck, _ = _step(model, nn.CrossEntropyLoss(), x, y, scale=1024.0, device=device)
     assert ck.engine.checks_left == 0
 
 
-def test_regulariser_added_outside_the_loss_module_is_reported():
+def test_regulariser_added_outside_the_loss_module_is_reported(device):
     torch.manual_seed(0)
     model = models.mlp()
     x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
     with pytest.warns(RuntimeWarning, match=MISMATCH) as caught:
-        _, rec = _step(model, nn.CrossEntropyLoss(), x, y, extra=lambda m: 0.1 * m[2].weight.square().sum())
+        _, rec = _step(
+            model, nn.CrossEntropyLoss(), x, y, extra=lambda m: 0.1 * m[2].weight.square().sum(), device=device
+        )
     text = " ".join(str(w.message) for w in caught if MISMATCH in str(w.message))
     assert "2.weight" in text and "0.weight" not in text and "4.weight" not in text  # only the layer concerned
     assert any(MISMATCH in n for n in rec.notes)
@@ -88,25 +93,25 @@ class _FunctionalReuse(nn.Module):
         return self.head(h + F.linear(h, self.lin.weight))  # lin.weight used a second time, outside lin
 
 
-def test_functional_use_of_a_weight_is_reported():
+def test_functional_use_of_a_weight_is_reported(device):
     torch.manual_seed(0)
     model = _FunctionalReuse()
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     with pytest.warns(RuntimeWarning, match=r"lin\.weight and lin\.bias \([-0-9.e]+\) " + MISMATCH):
-        _step(model, nn.CrossEntropyLoss(), x, y)
+        _step(model, nn.CrossEntropyLoss(), x, y, device=device)
 
 
-def test_check_waits_for_a_step_whose_gradients_start_from_zero():
+def test_check_waits_for_a_step_whose_gradients_start_from_zero(device):
     """Gradients left from an earlier step (no zero_grad) are not this step's: no false alarm, and
     the check is tried again on a later step."""
     torch.manual_seed(0)
-    model = models.mlp()
-    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    model = models.mlp().to(device)
+    x, y = torch.randn(7, 6).to(device), torch.randint(0, 3, (7,)).to(device)
     loss_fn = nn.CrossEntropyLoss()
     loss_fn(model(x), y).backward()  # p.grad now holds a gradient the cockpit never saw
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ck, _ = _step(model, loss_fn, x, y, zero_grad=False)
+        ck, _ = _step(model, loss_fn, x, y, zero_grad=False, device=device)
     assert ck.engine.checks_left == ck.engine.CHECKS - 1
 
 
@@ -185,7 +190,7 @@ LAYERS = {
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_layer_zoo_passes_the_check(name):
+def test_layer_zoo_passes_the_check(device, name):
     """Every handler on less common layers and arguments: the per-sample gradients must add up."""
     build, data = LAYERS[name]
     torch.manual_seed(0)
@@ -194,5 +199,5 @@ def test_layer_zoo_passes_the_check(name):
     y = torch.randint(0, 3, (6,))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ck, rec = _step(model, nn.CrossEntropyLoss(), x, y)
+        ck, rec = _step(model, nn.CrossEntropyLoss(), x, y, device=device)
     assert ck.engine.checks_left == 0 and rec.per_sample_sq_norms is not None

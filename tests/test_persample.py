@@ -17,7 +17,12 @@ from tests.reference import Probe, flat, per_sample_grads_loop
 RTOL, ATOL = 2e-4, 1e-6
 
 
-def _run_one_step(model, loss_fn, x, y, optimizer=None, directions=None, flags=None):
+def _run_one_step(model, loss_fn, x, y, optimizer=None, directions=None, flags=None, device="cpu"):
+    """One step on ``device`` (model and loss module moved there in place): the record, the float64
+    loop's per-sample gradients and the update (numpy, on the CPU)."""
+    model.to(device)
+    loss_fn.to(device)
+    x, y = x.to(device), y.to(device)
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1)
     probe = Probe(directions=directions, flags=flags)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -27,7 +32,7 @@ def _run_one_step(model, loss_fn, x, y, optimizer=None, directions=None, flags=N
         loss_fn(model(x), y).backward()
         optimizer.step()
     after = {n: p.detach().clone() for n, p in model.named_parameters()}
-    update = {n: (after[n] - before[n]).double().numpy() for n in before}
+    update = {n: (after[n] - before[n]).double().cpu().numpy() for n in before}
     return probe.records[0], ref, update
 
 
@@ -49,36 +54,43 @@ def _check_all(rec, ref, update, fixed=None):
         np.testing.assert_allclose(rec.projections["fixed"], G @ v, rtol=RTOL, atol=ATOL)
 
 
+def _on_params_device(rec, d: dict) -> dict:
+    return {n: v.to(next(iter(rec.params.values())).device) for n, v in d.items()}
+
+
 def _directions(model, seed=1):
+    """A fixed random direction (drawn on the CPU, moved to the parameters' device at the step)."""
     gen = torch.Generator().manual_seed(seed)
     fixed = {n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
-    return fixed, {"update": lambda rec: rec.update, "fixed": lambda rec: fixed}
+    return fixed, {"update": lambda rec: rec.update, "fixed": lambda rec: _on_params_device(rec, fixed)}
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_mlp_matches_float64_loop(reduction):
+def test_mlp_matches_float64_loop(device, reduction):
     torch.manual_seed(0)
     model = models.mlp()
     x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
     fixed, dirs = _directions(model)
-    rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(reduction=reduction), x, y, directions=dirs)
+    rec, ref, update = _run_one_step(
+        model, nn.CrossEntropyLoss(reduction=reduction), x, y, directions=dirs, device=device
+    )
     _check_all(rec, ref, update, fixed)
     # the mini-batch gradient is the mean (or sum) of the per-sample gradients
     scale = 1 / 7 if reduction == "mean" else 1.0
     np.testing.assert_allclose(rec.grad_norm, np.linalg.norm(flat(ref).sum(0) * scale), rtol=1e-5)
 
 
-def test_mse_multi_output_mean_reduction():
+def test_mse_multi_output_mean_reduction(device):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Sigmoid(), nn.Linear(6, 3))
     x, y = torch.randn(5, 4), torch.randn(5, 3)
-    rec, ref, update = _run_one_step(model, nn.MSELoss(), x, y, directions=_directions(model)[1])
+    rec, ref, update = _run_one_step(model, nn.MSELoss(), x, y, directions=_directions(model)[1], device=device)
     _check_all(rec, ref, update)
     np.testing.assert_allclose(rec.per_sample_loss.mean(), rec.loss, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kernel", ["unfold", "grouped", "swapped"])
-def test_cnn_grouped_conv_conv1d_groupnorm(kernel, monkeypatch):
+def test_cnn_grouped_conv_conv1d_groupnorm(device, kernel, monkeypatch):
     from cockpit_lite.persample.layers import ConvHandler
 
     monkeypatch.setattr(ConvHandler, "_choice", {})
@@ -87,7 +99,7 @@ def test_cnn_grouped_conv_conv1d_groupnorm(kernel, monkeypatch):
     model = models.GroupedCNN()
     x, y = models.cnn_batch(6)
     fixed, dirs = _directions(model)
-    rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs)
+    rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs, device=device)
     _check_all(rec, ref, update, fixed)
 
 
@@ -108,7 +120,7 @@ class _StridedCNN(nn.Module):
 
 
 @pytest.mark.parametrize("kernel", ["unfold", "grouped", "swapped"])
-def test_strided_dilated_convs_every_kernel(kernel, monkeypatch):
+def test_strided_dilated_convs_every_kernel(device, kernel, monkeypatch):
     from cockpit_lite.persample.layers import ConvHandler
 
     monkeypatch.setattr(ConvHandler, "_choice", {})
@@ -117,21 +129,21 @@ def test_strided_dilated_convs_every_kernel(kernel, monkeypatch):
     model = _StridedCNN()
     x, y = torch.randn(6, 3, 10, 10), torch.randint(0, 3, (6,))
     fixed, dirs = _directions(model)
-    rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs)
+    rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs, device=device)
     _check_all(rec, ref, update, fixed)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_transformer_embedding_attention_layernorm(batch_first):
+def test_transformer_embedding_attention_layernorm(device, batch_first):
     torch.manual_seed(0)
     model = models.TinyTransformer(batch_first=batch_first)
     x, y = models.token_batch(5)
     fixed, dirs = _directions(model)
-    rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs)
+    rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs, device=device)
     _check_all(rec, ref, update, fixed)
 
 
-def test_matches_backpack_batchgrad():
+def test_matches_backpack_batchgrad(device):
     """A second, independent reference: BackPACK's BatchGrad (right also for grouped conv)."""
     backpack = pytest.importorskip("backpack")
     from backpack.extensions import BatchGrad
@@ -141,7 +153,7 @@ def test_matches_backpack_batchgrad():
     x, y = models.cnn_batch(6)
     loss_fn = nn.CrossEntropyLoss()
     ext_model, ext_loss = backpack.extend(copy.deepcopy(model)), backpack.extend(nn.CrossEntropyLoss())
-    rec, _, _ = _run_one_step(model, loss_fn, x, y)
+    rec, _, _ = _run_one_step(model, loss_fn, x, y, device=device)
     with backpack.backpack(BatchGrad()):
         ext_loss(ext_model(x), y).backward()
     for n, p in ext_model.named_parameters():
@@ -149,12 +161,12 @@ def test_matches_backpack_batchgrad():
         np.testing.assert_allclose(rec.per_sample_sq_norms_by_param[n], (gb**2).sum(1).numpy(), rtol=RTOL)
 
 
-def test_sq_norms_only_path_uses_no_gram():
+def test_sq_norms_only_path_uses_no_gram(device):
     """Norms alone (ghost path for T > 1 when cheaper) agree with the loop too."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(3, 16, 3), nn.ReLU(), nn.Conv1d(16, 16, 3), nn.Flatten(), nn.Linear(16 * 4, 2))
     x, y = torch.randn(4, 3, 8), torch.randint(0, 2, (4,))
-    rec, ref, _ = _run_one_step(model, nn.CrossEntropyLoss(), x, y, flags={Need.PER_SAMPLE_SQ_NORMS})
+    rec, ref, _ = _run_one_step(model, nn.CrossEntropyLoss(), x, y, flags={Need.PER_SAMPLE_SQ_NORMS}, device=device)
     for n in ref:
         np.testing.assert_allclose(
             rec.per_sample_sq_norms_by_param[n], (ref[n].reshape(4, -1) ** 2).sum(1), rtol=RTOL, err_msg=n
@@ -163,20 +175,20 @@ def test_sq_norms_only_path_uses_no_gram():
 
 
 @pytest.mark.parametrize("batch", [130, 260])
-def test_dot_mean_from_gram_panels_at_large_batches(batch):
+def test_dot_mean_from_gram_panels_at_large_batches(device, batch):
     """g_i . gbar without the full Gram (only its upper row panels: 2 at B >= 128, 4 at B >= 256, cut
     unevenly here) agrees with the loop."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 3))
     x, y = torch.randn(batch, 784), torch.randint(0, 3, (batch,))
     flags = {Need.PER_SAMPLE_DOT_MEAN, Need.PER_SAMPLE_SQ_NORMS}
-    rec, ref, _ = _run_one_step(model, nn.CrossEntropyLoss(), x, y, flags=flags)
+    rec, ref, _ = _run_one_step(model, nn.CrossEntropyLoss(), x, y, flags=flags, device=device)
     G = flat(ref)
     np.testing.assert_allclose(rec.per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=ATOL)
     assert rec.per_sample_gram is None
 
 
-def test_weights_shared_by_two_linear_modules():
+def test_weights_shared_by_two_linear_modules(device):
     """A tied weight's per-sample gradient is the sum over its uses (with the cross terms between
     them): the engine forms and adds each use's g_i at the end of backward."""
     torch.manual_seed(0)
@@ -186,7 +198,7 @@ def test_weights_shared_by_two_linear_modules():
     fixed, dirs = _directions(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the gradient-sum check passes too
-        rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs)
+        rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs, device=device)
     assert set(rec.per_sample_sq_norms_by_param) == set(ref) == {"0.weight", "0.bias", "2.bias", "4.weight", "4.bias"}
     _check_all(rec, ref, update, fixed)
 
@@ -210,7 +222,7 @@ class _TiedLM(nn.Module):
 
 
 @pytest.mark.parametrize("bias,pooled", [(False, False), (True, False), (True, True)])
-def test_tied_input_embedding_and_output_layer(bias, pooled, monkeypatch):
+def test_tied_input_embedding_and_output_layer(device, bias, pooled, monkeypatch):
     """In factor form (TiedEmbeddingView): no per-sample gradients are formed, so no memory limit."""
     from cockpit_lite.persample import engine
 
@@ -225,12 +237,12 @@ def test_tied_input_embedding_and_output_layer(bias, pooled, monkeypatch):
     fixed, dirs = _directions(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs)
+        rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs, device=device)
     assert "emb.weight" in rec.per_sample_sq_norms_by_param
     _check_all(rec, ref, update, fixed)
 
 
-def test_tied_weights_too_large_to_form_are_refused(monkeypatch):
+def test_tied_weights_too_large_to_form_are_refused(device, monkeypatch):
     from cockpit_lite.persample import engine
 
     monkeypatch.setattr(engine, "TIED_BYTES", 100)
@@ -238,19 +250,19 @@ def test_tied_weights_too_large_to_form_are_refused(monkeypatch):
     model[2].weight = model[0].weight
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     with pytest.warns(RuntimeWarning, match=r"shared by several modules \(0.weight\) need their per-sample"):
-        rec, _, _ = _run_one_step(model, nn.CrossEntropyLoss(), x, y)
+        rec, _, _ = _run_one_step(model, nn.CrossEntropyLoss(), x, y, device=device)
     assert rec.per_sample_sq_norms is None and rec.per_sample_dot_mean is None
     assert any("untie the weights" in n for n in rec.notes)
     assert rec.loss is not None and rec.grad_norms  # the other records are unaffected
 
 
-def test_train_mode_batchnorm_is_served_by_the_coupled_path():
+def test_train_mode_batchnorm_is_served_by_the_coupled_path(device):
     """Train-mode BatchNorm couples the examples: g_i = d l_i / d theta with the batch as it was, from
     the coupled path (tests/test_coupled.py checks it in depth), against the float64 loop over examples
     on the whole batch."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2))
-    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)).to(device)
+    x, y = torch.randn(6, 4, device=device), torch.randint(0, 2, (6,), device=device)
     m = copy.deepcopy(model).double()
     losses = nn.functional.cross_entropy(m(x.double()), y, reduction="none")
     ref = [
@@ -266,22 +278,24 @@ def test_train_mode_batchnorm_is_served_by_the_coupled_path():
     assert rec.loss is not None and rec.grad_norms
 
 
-def test_eval_mode_batchnorm_is_served():
+def test_eval_mode_batchnorm_is_served(device):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2))
     model[1].running_mean.normal_()
     model[1].running_var.uniform_(0.5, 2)
     model[1].eval()
     x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
-    rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=_directions(model)[1])
+    rec, ref, update = _run_one_step(
+        model, nn.CrossEntropyLoss(), x, y, directions=_directions(model)[1], device=device
+    )
     _check_all(rec, ref, update)
 
 
-def test_weighted_cross_entropy_with_ignore_index():
+def test_weighted_cross_entropy_with_ignore_index(device):
     torch.manual_seed(0)
-    model = models.mlp()
-    x, y = torch.randn(6, 6), torch.tensor([0, 1, 2, -100, 1, 0])
-    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]))
+    model = models.mlp().to(device)
+    x, y = torch.randn(6, 6, device=device), torch.tensor([0, 1, 2, -100, 1, 0], device=device)
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], device=device))
     probe = Probe()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with Cockpit(model, opt, loss_fn, instruments=[probe]):
@@ -298,7 +312,7 @@ def test_weighted_cross_entropy_with_ignore_index():
     )
 
 
-def test_ambiguous_batch_axis_is_resolved_not_guessed():
+def test_ambiguous_batch_axis_is_resolved_not_guessed(device):
     """A (T, B, d) activation with T == B has two axes of the batch size: the shape probe (the model on
     B - 1 examples) tells the sample axis. Every parameter is covered, equal to the float64 loop."""
     torch.manual_seed(0)
@@ -308,12 +322,12 @@ def test_ambiguous_batch_axis_is_resolved_not_guessed():
     fixed, directions = _directions(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        rec, ref, update = _run_one_step(model, loss_fn, x, y, directions=directions)
+        rec, ref, update = _run_one_step(model, loss_fn, x, y, directions=directions, device=device)
     assert not rec.per_sample_uncovered and set(rec.per_sample_sq_norms_by_param) == set(ref)
     _check_all(rec, ref, update, fixed)
 
 
-def test_flattened_token_loss_gives_per_sequence_statistics():
+def test_flattened_token_loss_gives_per_sequence_statistics(device):
     """A loss over flattened tokens ((B*T) rows through attention): a sample is a whole sequence, its
     loss the mean over its tokens (L = mean_i l_i), its gradient that of l_i: against a float64 loop
     running each sequence alone."""
@@ -329,9 +343,9 @@ def test_flattened_token_loss_gives_per_sequence_statistics():
             h = self.body.layer(self.body.emb(tokens))
             return self.out(h).reshape(-1, 3)
 
-    model = TokenModel()
-    x = torch.randint(1, 11, (4, 5))
-    y = torch.randint(0, 3, (20,))
+    model = TokenModel().to(device)
+    x = torch.randint(1, 11, (4, 5), device=device)
+    y = torch.randint(0, 3, (20,), device=device)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     ref = copy.deepcopy(model).double()
     ref_params = [p for n, p in ref.named_parameters() if n in names]
@@ -368,7 +382,7 @@ class WideConv(nn.Module):
         return self.head(x.flatten(1))
 
 
-def test_conv_projections_through_the_forward_convolution():
+def test_conv_projections_through_the_forward_convolution(device):
     from cockpit_lite.persample.views import ConvView
 
     kept = []
@@ -384,12 +398,12 @@ def test_conv_projections_through_the_forward_convolution():
     fixed, dirs = _directions(model)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ConvView, "release", spy)
-        rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs)
+        rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs, device=device)
     assert kept.count(False) >= 2  # at least two layers kept their factors, not g_i
     _check_all(rec, ref, update, fixed)
 
 
-def test_conv_ghost_norms_and_dot_with_the_batch_gradient():
+def test_conv_ghost_norms_and_dot_with_the_batch_gradient(device):
     """Norms and g_i . gbar without forming g_i (few positions, wide layers): ghost form and a
     projection of the factors onto the batch gradient."""
     from cockpit_lite.persample.views import ConvView
@@ -407,7 +421,7 @@ def test_conv_ghost_norms_and_dot_with_the_batch_gradient():
     flags = {Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ConvView, "grads", spy)
-        rec, ref, _ = _run_one_step(model, nn.CrossEntropyLoss(), x, y, flags=flags)
+        rec, ref, _ = _run_one_step(model, nn.CrossEntropyLoss(), x, y, flags=flags, device=device)
     assert "c2.weight" not in formed and "c3.weight" not in formed  # the ghost path served them
     for n in ref:
         np.testing.assert_allclose(
@@ -418,7 +432,7 @@ def test_conv_ghost_norms_and_dot_with_the_batch_gradient():
 
 
 @pytest.mark.parametrize("hook_node", [True, False])
-def test_conv_ghost_takes_the_batch_gradient_from_autograd(hook_node):
+def test_conv_ghost_takes_the_batch_gradient_from_autograd(device, hook_node):
     """The ghost path's sum_i g_i comes from the convolution's own backward node (not recomputed);
     where that node cannot be hooked (a forward hook replaced the output) it is recomputed. Both
     agree with the loop, also with a mean loss scaled by an AMP-like backward factor."""
@@ -436,12 +450,13 @@ def test_conv_ghost_takes_the_batch_gradient_from_autograd(hook_node):
     if not hook_node:
         for m in (model.c2, model.c3):
             m.register_forward_hook(lambda mod, args, out: out * 1.0)
-    x, y = torch.randn(5, 3, 4, 4), torch.randint(0, 3, (5,))
+    model.to(device)
+    x, y = torch.randn(5, 3, 4, 4, device=device), torch.randint(0, 3, (5,), device=device)
     ref = per_sample_grads_loop(model, nn.CrossEntropyLoss(), x, y)
     probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn = nn.CrossEntropyLoss()
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=1024.0)
     with pytest.MonkeyPatch.context() as mp, Cockpit(model, opt, loss_fn, instruments=[probe]):
         mp.setattr(ConvHandler, "_batch_grad", spy)
         opt.zero_grad()
@@ -473,12 +488,12 @@ class _PartlyFrozen(nn.Module):
         return self.head(torch.tanh(self.fc(h.flatten(1))))
 
 
-def test_frozen_weights_with_trainable_biases():
+def test_frozen_weights_with_trainable_biases(device):
     """Only trainable parameters count: a frozen weight must not add to a layer's per-sample norms,
     Gram entries, dot products or projections (it once did, through its factors)."""
     torch.manual_seed(0)
-    model = _PartlyFrozen()
-    x, y = torch.randn(6, 2, 4, 4), torch.randint(0, 3, (6,))
+    model = _PartlyFrozen().to(device)
+    x, y = torch.randn(6, 2, 4, 4, device=device), torch.randint(0, 3, (6,), device=device)
     fixed, dirs = _directions(model)
     probe, loss_fn = Probe(directions=dirs), nn.CrossEntropyLoss()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -493,11 +508,11 @@ def test_frozen_weights_with_trainable_biases():
             opt.step()
     rec = probe.records[0]
     assert set(rec.per_sample_sq_norms_by_param) == set(ref)
-    update = {n: (p.detach() - before[n]).double().numpy() for n, p in model.named_parameters() if n in ref}
+    update = {n: (p.detach() - before[n]).double().cpu().numpy() for n, p in model.named_parameters() if n in ref}
     _check_all(rec, ref, update, {n: v for n, v in fixed.items() if n in ref})
 
 
-def test_per_sample_statistics_cover_the_optimizers_parameters_only():
+def test_per_sample_statistics_cover_the_optimizers_parameters_only(device):
     """A body left with requires_grad=True but not trained (optimizer built for the head) is not part
     of the per-sample statistics, as it is not part of GradNorm or UpdateSize."""
     torch.manual_seed(0)
@@ -506,7 +521,7 @@ def test_per_sample_statistics_cover_the_optimizers_parameters_only():
     head = ["4.weight", "4.bias"]
     opt = torch.optim.SGD(model[4].parameters(), lr=0.1)
     ref = per_sample_grads_loop(model, nn.CrossEntropyLoss(), x, y, names=head)
-    rec, _, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, optimizer=opt)
+    rec, _, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, optimizer=opt, device=device)
     assert set(rec.per_sample_sq_norms_by_param) == set(head) == set(rec.grad_norms)
     np.testing.assert_allclose(rec.per_sample_sq_norms, (flat(ref) ** 2).sum(1), rtol=RTOL, atol=ATOL)
     G = flat(ref)
@@ -524,7 +539,7 @@ class _Recurrent(nn.Module):
 
 
 @pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM])
-def test_recurrent_layers_by_torch_func_or_its_loop(cell):
+def test_recurrent_layers_by_torch_func_or_its_loop(device, cell):
     """LSTM goes through vmap; vmap cannot batch GRU's in-place state update, so its per-sample
     gradients come from a loop over samples, with a warning saying so; both exact."""
     torch.manual_seed(0)
@@ -533,7 +548,7 @@ def test_recurrent_layers_by_torch_func_or_its_loop(cell):
     fixed, dirs = _directions(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs)
+        rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs, device=device)
     looped = [w for w in caught if "loop over the samples" in str(w.message)]
     assert len(looped) == (1 if cell is nn.GRU else 0)
     _check_all(rec, ref, update, fixed)
@@ -552,16 +567,16 @@ class _CountingScale(nn.Module):
         return x * self.scale
 
 
-def test_a_module_that_mutates_its_buffers_is_not_replayed_into_the_model():
+def test_a_module_that_mutates_its_buffers_is_not_replayed_into_the_model(device):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), _CountingScale(), nn.Linear(4, 3))
+    model = nn.Sequential(nn.Linear(4, 4), _CountingScale(), nn.Linear(4, 3)).to(device)
     opt, loss_fn = torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss()
     probe = Probe()
     with pytest.warns(RuntimeWarning, match="leave out _CountingScale"):
         with Cockpit(model, opt, loss_fn, instruments=[probe]):
             for _ in range(3):
                 opt.zero_grad()
-                loss_fn(model(torch.randn(6, 4)), torch.randint(0, 3, (6,))).backward()
+                loss_fn(model(torch.randn(6, 4, device=device)), torch.randint(0, 3, (6,), device=device)).backward()
                 opt.step()
     assert model[1].calls.item() == 3  # the user's three forwards, none of the cockpit's
     assert "1.scale" in probe.records[-1].per_sample_uncovered and probe.records[-1].loss is not None
@@ -569,7 +584,7 @@ def test_a_module_that_mutates_its_buffers_is_not_replayed_into_the_model():
 
 
 @pytest.mark.parametrize("backward_inside", [False, True])
-def test_bfloat16_autocast(backward_inside):
+def test_bfloat16_autocast(device, backward_inside):
     """Under autocast, layer inputs arrive in float32 and output gradients in bfloat16: the conv kernels
     once failed on the mixed dtypes (oneDNN 'could not create a primitive descriptor'). Per-sample
     numbers now match the float64 loop to bfloat16 precision, and the gradient-sum check uses a
@@ -577,15 +592,15 @@ def test_bfloat16_autocast(backward_inside):
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 16), nn.LayerNorm(16), nn.Linear(16, 5)
-    )
-    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,))
+    ).to(device)
+    x, y = torch.randn(16, 3, 8, 8, device=device), torch.randint(0, 5, (16,), device=device)
     ref = flat(per_sample_grads_loop(model, nn.CrossEntropyLoss(), x, y))
     opt, loss_fn, probe = torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), Probe()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with Cockpit(model, opt, loss_fn, instruments=[probe]) as ck:
             opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
                 loss = loss_fn(model(x), y)
                 if backward_inside:
                     loss.backward()

@@ -198,14 +198,18 @@ ARCH = {
 }
 
 
-def _train(arch, reduction, n=20, batch=6, epochs=2, lr=0.05, probes=4, instruments_fn=None, seed=0, logdir=None):
-    """Train with TracIn; the loop itself keeps theta_t, the batch rows and the lr of every step."""
+def _train(
+    arch, reduction, n=20, batch=6, epochs=2, lr=0.05, probes=4, instruments_fn=None, seed=0, logdir=None, device="cpu"
+):
+    """Train with TracIn on ``device`` (the data drawn on the CPU, the loader's batches moved there); the
+    loop itself keeps theta_t, the batch rows and the lr of every step."""
     factory, data = ARCH[arch]
     g = torch.Generator().manual_seed(seed)
     X, Y = data(n, g), torch.randint(0, 3, (n,), generator=g)
     Xp, Yp = data(probes, g), torch.randint(0, 3, (probes,), generator=g)
+    Xp, Yp = Xp.to(device), Yp.to(device)
     torch.manual_seed(seed)
-    model = factory()
+    model = factory().to(device)
     first = [p for n_, p in model.named_parameters() if n_.startswith(("0.", "conv1."))]
     rest = [p for n_, p in model.named_parameters() if not n_.startswith(("0.", "conv1."))]
     opt = torch.optim.SGD([{"params": first, "lr": lr}, {"params": rest, "lr": lr / 2}], lr=lr)
@@ -218,16 +222,18 @@ def _train(arch, reduction, n=20, batch=6, epochs=2, lr=0.05, probes=4, instrume
     with Cockpit(model, opt, loss_fn, instruments=instruments, logdir=logdir) as cockpit:
         for _ in range(epochs):
             for x, y in cockpit.track(loader):
+                rows = [int(torch.nonzero((X == xi).flatten(1).all(1))[0]) for xi in x]
+                x, y = x.to(device), y.to(device)
                 opt.zero_grad()
                 loss_fn(model(x), y).backward()
-                rows = [int(torch.nonzero((X == xi).flatten(1).all(1))[0]) for xi in x]
                 state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 steps.append((state, rows, [grp["lr"] for grp in opt.param_groups]))
                 opt.step()
                 sched.step()
     return types.SimpleNamespace(
-        tracin=tracin, steps=steps, X=X, Y=Y, Xp=Xp, Yp=Yp, factory=factory, loss_fn=loss_fn, model=model
-    )
+        tracin=tracin, steps=steps, X=X.to(device), Y=Y.to(device), Xp=Xp, Yp=Yp, factory=factory, loss_fn=loss_fn,
+        model=model, device=device,
+    )  # fmt: skip
 
 
 def _reference(run, reduction):
@@ -236,7 +242,7 @@ def _reference(run, reduction):
     self_inf, infl = np.zeros(n), np.zeros((n, k))
     one = nn.CrossEntropyLoss()  # the loss of one example
     for state, rows, lrs in run.steps:
-        model = run.factory()
+        model = run.factory().to(run.device)
         model.load_state_dict(state)
         lr_of = {nm: lrs[0] if nm.startswith(("0.", "conv1.")) else lrs[1] for nm, _ in model.named_parameters()}
         c = 1 / len(rows) if reduction == "mean" else 1.0
@@ -255,8 +261,8 @@ def _reference(run, reduction):
     "arch,reduction",
     [("mlp", "mean"), ("mlp", "sum"), ("cnn", "mean"), ("tied", "mean"), ("embedding", "mean"), ("tied_lm", "mean")],
 )
-def test_online_tracin_matches_float64_loop_over_steps(arch, reduction):
-    run = _train(arch, reduction, **({"n": 10, "batch": 4, "epochs": 1} if arch == "cnn" else {}))
+def test_online_tracin_matches_float64_loop_over_steps(device, arch, reduction):
+    run = _train(arch, reduction, device=device, **({"n": 10, "batch": 4, "epochs": 1} if arch == "cnn" else {}))
     ref_self, ref_infl = _reference(run, reduction)
     np.testing.assert_allclose(run.tracin.self_influence(), ref_self, rtol=1e-4, atol=1e-9)
     scale = np.abs(ref_infl).max()
@@ -267,11 +273,11 @@ def test_online_tracin_matches_float64_loop_over_steps(arch, reduction):
     np.testing.assert_allclose(scores, np.sort(ref_infl[:, 1])[:3], rtol=1e-4)
 
 
-def test_sum_over_training_examples_matches_the_probe_loss_drop():
+def test_sum_over_training_examples_matches_the_probe_loss_drop(device):
     """REFERENCE.md section 5: sum_z TracIn(z, z') ~ l(theta_0, z') - l(theta_T, z') at a small lr."""
-    run = _train("mlp", "mean", n=30, batch=5, epochs=3, lr=1e-3, probes=5)
+    run = _train("mlp", "mean", n=30, batch=5, epochs=3, lr=1e-3, probes=5, device=device)
     one = nn.CrossEntropyLoss()
-    first = run.factory()
+    first = run.factory().to(device)
     first.load_state_dict(run.steps[0][0])
     with torch.no_grad():
         drop = np.array(
@@ -304,12 +310,13 @@ def test_without_track_tracin_says_what_it_needs():
         tracin.self_influence()
 
 
-def test_probe_pass_leaves_the_trajectory_unchanged(tmp_path):
-    """Dropout in train mode: the probe pass runs under a forked RNG, so training is bit-identical."""
+def test_probe_pass_leaves_the_trajectory_unchanged(device, tmp_path):
+    """Dropout in train mode: the probe pass runs under a forked RNG (the device's generator on CUDA),
+    so training is bit-identical."""
 
     def build():
         torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3))
+        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3)).to(device)
 
     g = torch.Generator().manual_seed(1)
     X, Y = torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
@@ -320,15 +327,17 @@ def test_probe_pass_leaves_the_trajectory_unchanged(tmp_path):
         loader = DataLoader(TensorDataset(X, Y), batch_size=4, shuffle=True)
         torch.manual_seed(5)
         if with_cockpit:
-            tracin = TracIn(probes=(X[:3], Y[:3]))
+            tracin = TracIn(probes=(X[:3].to(device), Y[:3].to(device)))
             with Cockpit(model, opt, loss_fn, instruments=[tracin]) as ck:
                 for x, y in ck.track(loader):
+                    x, y = x.to(device), y.to(device)
                     opt.zero_grad()
                     loss_fn(model(x), y).backward()
                     opt.step()
             assert tracin.probe_steps == 3
         else:
             for x, y in loader:
+                x, y = x.to(device), y.to(device)
                 opt.zero_grad()
                 loss_fn(model(x), y).backward()
                 opt.step()

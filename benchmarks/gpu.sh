@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Issue 15, Must 4: the test suite on CUDA, then the overhead benchmark on CUDA (MLP, 3C3D CNN, small GPT,
+# ResNet-18-style; economy minus Alpha, economy, torch.func norms; ratios to a plain step), in under
+# 5 minutes on one GPU. Run from anywhere:
+#
+#     bash benchmarks/gpu.sh                   # PYTHON=/path/to/python to choose the interpreter
+#
+# Settings (environment): GPU_TEST_WORKERS (pytest-xdist workers sharing the GPU, default 4; 0 = none),
+# GPU_STEPS / GPU_REPS (steps per timed block / interleaved repetitions, default 5 / 7), GPU_MODELS,
+# GPU_CONFIGS, GPU_OPTIMS, GPU_DEVICE (default cuda; cpu: a dry run of the script, where `-m cuda`
+# selects no test and pytest exits 5). Everything printed also goes to $OUT/gpu.txt when
+# OUT is set (the device runner's output folder), with the benchmark's rows in $OUT/overhead_gpu.json.
+# Exit status: that of the tests (the benchmark still runs after a failure), else the benchmark's.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python}
+WORKERS=${GPU_TEST_WORKERS:-4}
+STEPS=${GPU_STEPS:-5}
+REPS=${GPU_REPS:-7}
+MODELS=${GPU_MODELS:-mlp,cnn,gpt,resnet18}
+CONFIGS=${GPU_CONFIGS:-economy-alpha,economy,func-norms}
+OPTIMS=${GPU_OPTIMS:-sgd}
+DEVICE=${GPU_DEVICE:-cuda}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+JSON=""
+if [[ -n "${OUT:-}" ]]; then
+    mkdir -p "$OUT"
+    JSON="$OUT/overhead_gpu.json"
+    exec > >(tee "$OUT/gpu.txt") 2>&1
+fi
+
+section() { printf '\n=== %s (at %ds)\n' "$1" "$SECONDS"; }
+
+section "device"
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,utilization.gpu --format=csv
+else
+    echo "nvidia-smi: not found"
+fi
+GPU_DEVICE="$DEVICE" "$PY" - <<'EOF'
+import os
+import sys
+
+import torch
+
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"cuDNN {torch.backends.cudnn.version()}")
+if os.environ["GPU_DEVICE"].startswith("cuda") and not torch.cuda.is_available():
+    sys.exit("benchmarks/gpu.sh: torch.cuda.is_available() is False: no CUDA device to run on")
+for i in range(torch.cuda.device_count()):
+    print(f"cuda:{i}: {torch.cuda.get_device_name(i)}, capability {torch.cuda.get_device_capability(i)}")
+EOF
+
+# The built-in instruments live in instruments/ and install as cockpit_lite.instruments; a checkout
+# that is not installed (pip install -e .) gets the link a development worktree has, for this run only.
+if ! "$PY" -c "import cockpit_lite.instruments" 2>/dev/null; then
+    if [[ -d instruments && ! -e cockpit_lite/instruments ]]; then
+        ln -s ../instruments cockpit_lite/instruments
+        trap 'rm -f cockpit_lite/instruments' EXIT
+    fi
+    "$PY" -c "import cockpit_lite.instruments" || { echo "cannot import cockpit_lite: pip install -e ." >&2; exit 2; }
+fi
+
+section "tests on $DEVICE: pytest -m cuda (COCKPIT_TEST_DEVICES=$DEVICE)"
+parallel=()
+if [[ "$WORKERS" != 0 ]] && "$PY" -c "import xdist" 2>/dev/null; then
+    parallel=(-n "$WORKERS" --dist loadfile)
+fi
+tests_rc=0
+COCKPIT_TEST_DEVICES="$DEVICE" "$PY" -m pytest -m cuda -q -x -p no:cacheprovider "${parallel[@]}" || tests_rc=$?
+echo "pytest exit status: $tests_rc"
+
+section "overhead on $DEVICE: models $MODELS, configs $CONFIGS, optimizers $OPTIMS, $REPS reps x $STEPS steps"
+bench=("$PY" benchmarks/overhead.py --device "$DEVICE" --models "$MODELS" --configs "$CONFIGS"
+    --optims "$OPTIMS" --steps "$STEPS" --reps "$REPS")
+[[ -n "$JSON" ]] && bench+=(--json "$JSON")
+echo "${bench[*]}"
+bench_rc=0
+"${bench[@]}" || bench_rc=$?
+
+section "done: tests $tests_rc, benchmark $bench_rc"
+if [[ "$tests_rc" != 0 ]]; then
+    exit "$tests_rc"
+fi
+exit "$bench_rc"
