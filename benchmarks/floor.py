@@ -333,7 +333,6 @@ def gpt_floor(model_name: str = "gpt", reps: int = 3) -> dict:
     model = build()
     opt = OPTIMIZERS["adam"](model.parameters())
     shapes: list[tuple[int, int, int, int]] = []
-    attn: list[tuple[int, int, int]] = []
 
     def hook(mod, inp, out):
         x = inp[0]
@@ -358,7 +357,10 @@ def gpt_floor(model_name: str = "gpt", reps: int = 3) -> dict:
     norms = sum(min(g, f) for g, f in zip(ghost, formed, strict=True))
     dots = sum(formed)
     print(f"{model_name} (B = {b}, T = {shapes[0][1]}): {len(shapes)} Linear calls, {n_layers} attention layers")
-    print(f"  plain step {plain / 1e9:.2f} G multiply-adds (Linear {3 * lin / 1e9:.2f} G, attention {3 * att / 1e9:.2f} G)")
+    print(
+        f"  plain step {plain / 1e9:.2f} G multiply-adds (Linear {3 * lin / 1e9:.2f} G, "
+        f"attention {3 * att / 1e9:.2f} G)"
+    )
     print(f"  per-sample norms at least {norms / 1e9:.2f} G -> {1 + norms / plain:.3f}x at the plain step's speed")
     print(f"  norms and g_i . gbar at least {dots / 1e9:.2f} G -> {1 + dots / plain:.3f}x at the plain step's speed")
 

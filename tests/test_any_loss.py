@@ -350,9 +350,8 @@ def test_coverage_is_recorded_and_the_gradient_tests_say_what_they_cover(device)
 def test_tracin_follows_a_loader_batch_split_into_micro_batches(device):
     """TracIn self-influence with a tracked loader whose batches the loop splits into two micro-batches
     equals that of the same run without splitting (the step's objective is the same mean)."""
-    from torch.utils.data import DataLoader, TensorDataset
-
     from cockpit_lite.instruments import TracIn
+    from torch.utils.data import DataLoader, TensorDataset
 
     def run(split):
         torch.manual_seed(0)
