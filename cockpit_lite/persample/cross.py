@@ -93,17 +93,20 @@ class Projector:
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"projection_dim must be a positive integer, got {k!r}")
         self.k, self.seed = k, seed
-        self._mats: dict[tuple[str, int], torch.Tensor] = {}
+        self._mats: dict[tuple, torch.Tensor] = {}  # (key, d): float64 on the CPU; (key, d, device, dtype)
 
     def matrix(self, key: str, d: int, like: torch.Tensor) -> torch.Tensor | None:
         if d <= self.k:
             return None
-        m = self._mats.get((key, d))
+        m = self._mats.get((key, d, like.device, like.dtype))
         if m is None:
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{key}/{d}".encode()))
-            m = torch.randn(d, self.k, generator=gen, dtype=torch.float64) / self.k**0.5
-            self._mats[(key, d)] = m
-        return m.to(device=like.device, dtype=like.dtype)
+            m = self._mats.get((key, d))
+            if m is None:
+                gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{key}/{d}".encode()))
+                m = torch.randn(d, self.k, generator=gen, dtype=torch.float64) / self.k**0.5
+                self._mats[(key, d)] = m
+            m = self._mats[(key, d, like.device, like.dtype)] = m.to(device=like.device, dtype=like.dtype)
+        return m
 
     def apply(self, key: str, x: torch.Tensor) -> torch.Tensor:
         """Project the last axis of x."""

@@ -42,6 +42,15 @@ from cockpit_lite.persample.views import JoinedView, View, combined, joined_gram
 from cockpit_lite.profiling import Costs, timed
 
 
+def _tf32(t: torch.Tensor) -> bool:
+    """Whether CUDA products on ``t`` may run in TF32 (10-bit mantissa, relative error ~1e-3)."""
+    return (
+        t.is_cuda
+        and t.dtype == torch.float32
+        and (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+    )
+
+
 @dataclass(frozen=True)
 class PerSampleResult:
     """One step's per-sample statistics (tensors on the model's device), read-only."""
@@ -771,8 +780,9 @@ class PerSampleEngine:
                     calls.axes[idx] = SampleAxes(tuple(0 if torch.is_tensor(t) else None for t in leaves), (0,))
                     calls.axes_batch[idx] = self.batch
             calls.grads[idx] = tuple(None if g is None else g.detach() for g in grads)
-            if any(g is not None and g.dtype in _LOW_PRECISION for g in grads):
-                self.low_precision = True  # autocast: the step's gradients carry half-precision round-off
+            if any(g is not None and (g.dtype in _LOW_PRECISION or _tf32(g)) for g in grads):
+                # autocast: the step's gradients carry half-precision round-off; TF32 products ~1e-3
+                self.low_precision = True
             if weight_grad is not None:
                 calls.weight_grads[idx] = weight_grad.detach()
             if len(calls.grads) == len(calls.captures) and not isinstance(self.handlers[module], BareParamsHandler):
