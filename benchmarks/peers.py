@@ -45,8 +45,10 @@ import contextlib
 import copy
 import importlib.util
 import json
+import os
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -102,7 +104,8 @@ SWEEP = {"mlp": (32, 128, 512, 2048), "cnn": (32, 128, 512)}
 RTOL = 1e-3
 
 BUDGET_MISSING = "budget mode not available in this checkout"
-COCKPIT_MISSING = "not installable here (cockpit-for-pytorch is not on this machine's package registry)"
+COCKPIT_MISSING = "not installable here"
+COCKPIT_WHY = "cockpit-for-pytorch 1.0.2 is not on this machine's package registry; no figure is measured for it"
 
 
 class CannotRun(Exception):
@@ -270,6 +273,15 @@ class GhostNorms:
 
 
 # --- the rows ---------------------------------------------------------------------------------------------
+#: what a row starts from: a fresh (model, optimizer, loss module), the same initial weights each call
+Start = Callable[[], tuple[nn.Module, torch.optim.Optimizer, nn.Module]]
+
+
+def starter(model_name: str, optim: str) -> Start:
+    """The benchmark model ``model_name`` (seed 0) with ``optim`` and its loss module."""
+    return lambda: _start(model_name, optim)
+
+
 def _start(model_name: str, optim: str) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
     torch.manual_seed(0)
     model = MODELS[model_name][0]()
@@ -285,8 +297,8 @@ def _numpy(t: Any) -> np.ndarray | None:
     return t.detach().double().numpy() if torch.is_tensor(t) else np.asarray(t, dtype=np.float64)
 
 
-def _cockpit(model_name: str, optim: str, instruments: Any, **kw: Any) -> Arm:
-    model, opt, loss_fn = _start(model_name, optim)
+def _cockpit(start: Start, instruments: Any, **kw: Any) -> Arm:
+    model, opt, loss_fn = start()
     cockpit = Cockpit(model, opt, loss_fn, instruments=instruments, sinks=[], **kw)
 
     def sq() -> np.ndarray | None:
@@ -310,34 +322,34 @@ def _economy_minus_alpha() -> list:
     return [i for i in economy() if not isinstance(i, Alpha)]
 
 
-def build_norms(model_name: str, optim: str) -> Arm:
+def build_norms(start: Start) -> Arm:
     from cockpit_lite.instruments import PerSampleGradNorms
 
-    return _cockpit(model_name, optim, [PerSampleGradNorms()])
+    return _cockpit(start, [PerSampleGradNorms()])
 
 
-def build_economy_alpha(model_name: str, optim: str) -> Arm:
-    return _cockpit(model_name, optim, _economy_minus_alpha())
+def build_economy_alpha(start: Start) -> Arm:
+    return _cockpit(start, _economy_minus_alpha())
 
 
-def build_economy(model_name: str, optim: str) -> Arm:
-    return _cockpit(model_name, optim, "economy")
+def build_economy(start: Start) -> Arm:
+    return _cockpit(start, "economy")
 
 
-def build_economy_budget(model_name: str, optim: str) -> Arm:
+def build_economy_budget(start: Start) -> Arm:
     try:
-        return _cockpit(model_name, optim, "economy", budget=0.05)
+        return _cockpit(start, "economy", budget=0.05)
     except TypeError as e:
         if "budget" in str(e):
             raise CannotRun(BUDGET_MISSING) from e
         raise
 
 
-def build_backpack(model_name: str, optim: str) -> Arm:
+def build_backpack(start: Start) -> Arm:
     from backpack import backpack, extend
     from backpack.extensions import BatchL2Grad
 
-    model, opt, loss_fn = _start(model_name, optim)
+    model, opt, loss_fn = start()
     model = extend(model)
     owner = {id(p): type(m).__name__ for m in model.modules() for p in m.parameters(recurse=False)}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -358,12 +370,14 @@ def build_backpack(model_name: str, optim: str) -> Arm:
     )  # fmt: skip
 
 
-def build_opacus(model_name: str, optim: str) -> Arm:
+def build_opacus(start: Start) -> Arm:
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
-    model, opt, loss_fn = _start(model_name, optim)
+    model, opt, loss_fn = start()
     try:
-        gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean", use_ghost_clipping=True)
+        gsm = GradSampleModuleFastGradientClipping(
+            model, batch_first=True, loss_reduction="mean", use_ghost_clipping=True
+        )
     except NotImplementedError as e:
         raise CannotRun(str(e).split(":")[0].strip("[(\"' ")) from e
     state: dict[str, torch.Tensor] = {}
@@ -374,8 +388,8 @@ def build_opacus(model_name: str, optim: str) -> Arm:
     return Arm(gsm, opt, loss_fn, after_backward=reduce, sq_norms=lambda: _numpy(state.get("sq")), close=gsm._close)
 
 
-def _func(model_name: str, optim: str, dot: bool) -> Arm:
-    model, opt, loss_fn = _start(model_name, optim)
+def _func(start: Start, dot: bool) -> Arm:
+    model, opt, loss_fn = start()
     ref = FuncNorms(model, loss_fn, dot=dot)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     note = "per-example BatchNorm (replace_all_batch_norm_modules_): another definition of g_i" if has_bn else ""
@@ -386,29 +400,29 @@ def _func(model_name: str, optim: str, dot: bool) -> Arm:
     )  # fmt: skip
 
 
-def build_func_norms(model_name: str, optim: str) -> Arm:
-    return _func(model_name, optim, dot=False)
+def build_func_norms(start: Start) -> Arm:
+    return _func(start, dot=False)
 
 
-def build_func_norms_dot(model_name: str, optim: str) -> Arm:
-    return _func(model_name, optim, dot=True)
+def build_func_norms_dot(start: Start) -> Arm:
+    return _func(start, dot=True)
 
 
-def build_cockpit_102(model_name: str, optim: str) -> Arm:
+def build_cockpit_102(start: Start) -> Arm:
     raise CannotRun(COCKPIT_MISSING)
 
 
-def build_floor(model_name: str, optim: str) -> Arm:
-    model, opt, loss_fn = _start(model_name, optim)
+def build_floor(start: Start) -> Arm:
+    model, opt, loss_fn = start()
     floor = GhostNorms(model)
     return Arm(model, opt, loss_fn, after_backward=floor, sq_norms=lambda: _numpy(floor.last), close=floor.close)
 
 
-def build_plain(model_name: str, optim: str) -> Arm:
-    return Arm(*_start(model_name, optim))
+def build_plain(start: Start) -> Arm:
+    return Arm(*start())
 
 
-BUILDERS: dict[str, Callable[[str, str], Arm]] = {
+BUILDERS: dict[str, Callable[[Start], Arm]] = {
     "plain": build_plain,
     "norms": build_norms,
     "economy-alpha": build_economy_alpha,
@@ -438,7 +452,9 @@ def loop_reference(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: tor
         mask = torch.zeros_like(d_out)
         mask[i] = d_out[i] * b
         gs = torch.autograd.grad(out, params, grad_outputs=mask, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(gs, params)]))
+        rows.append(
+            torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(gs, params, strict=True)])
+        )
     g = torch.stack(rows)
     gbar = g.mean(0)
     sq, dots, g2 = g.square().sum(1), g @ gbar, gbar.square().sum()
@@ -482,11 +498,12 @@ def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _build_all(model_name: str, optim: str, rows: list[str]) -> tuple[dict[str, Arm], dict[str, Result]]:
+def build_all(start: Start, rows: list[str]) -> tuple[dict[str, Arm], dict[str, Result]]:
+    """The arms of plain training and of ``rows`` that build, and the reasons of those that do not."""
     arms, results = {}, {}
     for r in ["plain", *rows]:
         try:
-            arms[r] = BUILDERS[r](model_name, optim)
+            arms[r] = BUILDERS[r](start)
         except CannotRun as e:
             results[r] = Result(reason=str(e))
         except Exception as e:  # a peer raising on a model is a finding, not a crash of the benchmark
@@ -499,10 +516,29 @@ def _close(arms: dict[str, Arm]) -> None:
         a.close()
 
 
+def first_steps(arms: dict[str, Arm], results: dict[str, Result], batch: list, ref: dict | None, tag: str) -> None:
+    """Every arm's first step on the same batch from the same weights, checked against ``ref`` (the
+    loop); an arm that raises is closed, removed and given its reason."""
+    for r in list(arms):
+        try:
+            arms[r].run(batch)
+            results[r] = Result(diff=check(arms[r], ref) if ref is not None else None, note=arms[r].note)
+        except CannotRun as e:
+            results[r] = Result(reason=str(e))
+        except Exception as e:  # a peer raising on a model is a finding, not a crash of the benchmark
+            results[r] = Result(reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        if results[r].reason:
+            arms.pop(r).close()
+            _progress(f"[{tag}] {r:15} cannot run: {results[r].reason}")
+        elif ref is not None:
+            d = results[r].diff
+            _progress(f"[{tag}] {r:15} check: " + ("nothing to compare" if d is None else f"max rel diff {d:.1e}"))
+
+
 def measure(model_name: str, optim: str, rows: list[str], reps: int, steps: int, verify: bool = True, batch=None):
     """{row: Result} for one model: the check on one batch, then the interleaved timing."""
     t0 = time.perf_counter()
-    arms, results = _build_all(model_name, optim, rows)
+    arms, results = build_all(starter(model_name, optim), rows)
     if "plain" not in arms:
         raise SystemExit(f"{model_name}: plain training does not build: {results['plain'].reason}")
     batches = make_batches(model_name, steps + 1) if batch is None else make_batches_of(model_name, steps + 1, batch)
@@ -511,19 +547,7 @@ def measure(model_name: str, optim: str, rows: list[str], reps: int, steps: int,
     if verify:
         _progress(f"[{model_name}] float64 loop reference on one batch ...")
         ref = loop_reference(arms["plain"].model, arms["plain"].loss_fn, *first[0])
-    for r in list(arms):
-        try:  # every row's first step is on the same batch from the same weights
-            arms[r].run(first)
-            results[r] = Result(diff=check(arms[r], ref) if ref is not None else None, note=arms[r].note)
-        except CannotRun as e:
-            results[r] = Result(reason=str(e))
-        except Exception as e:
-            results[r] = Result(reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        if results[r].reason:
-            arms.pop(r).close()
-        elif ref is not None:
-            d = results[r].diff
-            _progress(f"[{model_name}] {r:15} check: " + ("nothing to compare" if d is None else f"max rel diff {d:.1e}"))
+    first_steps(arms, results, first, ref, model_name)
     runners = {r: (lambda a=a: a.run(batches)) for r, a in arms.items()}
     _progress(f"[{model_name}] warm-up and {reps} interleaved reps x {steps} steps of {len(runners)} rows ...")
     for run in runners.values():
@@ -574,7 +598,10 @@ def table(all_results: dict[str, dict[str, Result]], rows: list[str]) -> str:
 
 def check_table(all_results: dict[str, dict[str, Result]], rows: list[str]) -> str:
     models = list(all_results)
-    lines = ["| check: max rel diff to the float64 loop | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+    lines = [
+        "| check: max rel diff to the float64 loop | " + " | ".join(models) + " |",
+        "|---" * (len(models) + 1) + "|",
+    ]
     for r in rows:
         cells = []
         for m in models:
@@ -598,7 +625,9 @@ def sweep_table(sweep: dict[tuple[str, int], dict[str, Result]], rows: list[str]
     return "\n".join(lines)
 
 
-def _json_rows(results: dict[str, Result], model: str, batch: int, args: argparse.Namespace, sweep: bool) -> Iterator[dict]:
+def _json_rows(
+    results: dict[str, Result], model: str, batch: int, args: argparse.Namespace, sweep: bool
+) -> Iterator[dict]:
     plain = results["plain"].seconds
     for r, res in results.items():
         yield {
@@ -606,7 +635,8 @@ def _json_rows(results: dict[str, Result], model: str, batch: int, args: argpars
             "ms_per_step": None if res.seconds is None else res.seconds * 1e3,
             "time_ratio": None if res.seconds is None else res.seconds / plain,
             "check_rel_diff": res.diff, "not_run": res.reason or None,
-            "threads": args.threads, "reps": args.reps, "steps": args.steps, "round": args.round, "note": args.note,
+            "threads": args.threads, "malloc": args.malloc, "reps": args.reps, "steps": args.steps,
+            "round": args.round, "note": args.note,
         }  # fmt: skip
 
 
@@ -620,11 +650,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sweep", action="store_true", help="the B-sweep (MLP and CNN) instead of the table")
     ap.add_argument("--batches", default=None, help="B-sweep batch sizes, e.g. 32,128 (default: SWEEP)")
+    ap.add_argument(
+        "--malloc", choices=("default", "tuned"), default="default",
+        help="glibc malloc as the process starts, or overhead.py's TUNED_MALLOC (re-executes the script)",
+    )  # fmt: skip
     ap.add_argument("--json", help="append the rows to this JSON list")
     ap.add_argument("--round", default="peers", help="label of the rows in --json")
     ap.add_argument("--note", default="", help="note on the rows in --json")
     args = ap.parse_args(argv)
+    if args.malloc == "tuned":
+        from overhead import TUNED_MALLOC
+
+        if any(os.environ.get(k) != v for k, v in TUNED_MALLOC.items()):
+            argv = sys.argv[1:] if argv is None else list(argv)
+            os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **TUNED_MALLOC})
     torch.set_num_threads(args.threads)
+    for known in ("Extension saving to", "Full backward hook is firing", "There is a performance drop"):
+        warnings.filterwarnings("ignore", message=known)  # the peers' own notices, once per layer
     default_rows = "norms,economy-alpha" if args.sweep else ",".join(ROWS)
     rows = [r for r in (args.rows or default_rows).split(",") if r and r != "plain"]
     unknown = [r for r in rows if r not in ROWS]
@@ -633,7 +675,7 @@ def main(argv: list[str] | None = None) -> dict:
     models = (args.models or ",".join(SWEEP if args.sweep else TITLES)).split(",")
     head = (
         f"torch {torch.__version__}, {args.threads} thread(s), {args.optim}, {args.reps} interleaved reps x "
-        f"{args.steps} steps, medians; ratios to a plain step of the same model in the same run"
+        f"{args.steps} steps, {args.malloc} malloc, medians; ratios to a plain step of the same model in the same run"
     )
     out_rows: list[dict] = []
     if args.sweep:
@@ -658,7 +700,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(check_table(all_results, rows))
         result = {"table": all_results}
     if importlib.util.find_spec("cockpit") is None and "cockpit-1.0.2" in rows:
-        print(f"\nCockpit 1.0.2: {COCKPIT_MISSING}; no figure is measured for it here.")
+        print(f"\nCockpit 1.0.2: {COCKPIT_MISSING} ({COCKPIT_WHY}).")
     if args.json:
         path = Path(args.json)
         old = json.loads(path.read_text()) if path.exists() else []
