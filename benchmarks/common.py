@@ -224,3 +224,13 @@ def make_batches_of(model: str, n: int, batch: int, seed: int = 0) -> list[tuple
     targets = TARGETS.get(model, lambda b: torch.randint(0, 10, (b,)))
     torch.manual_seed(seed)
     return [(data(batch), targets(batch)) for _ in range(n)]
+
+
+def lm_eager() -> nn.Module:
+    """The same LM with explicit attention (softmax(q k^T) v, ``flash=False``): torch.func's vmap has no
+    batching rule for CPU flash attention and loops over the examples there, not here."""
+    return models_lm.LogitsForLoss(models_lm.NanoGPT(**{**LM, "flash": False}))
+
+
+MODELS["lm-eager"] = (lm_eager, _lm_tokens, 16)
+TARGETS["lm-eager"] = _lm_tokens

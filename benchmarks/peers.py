@@ -2,11 +2,12 @@
 
     python benchmarks/peers.py                               # every model and row, then the table
     python benchmarks/peers.py --models mlp,lm --rows norms,economy-alpha,func-norms,floor --reps 5
-    python benchmarks/peers.py --sweep                       # B-sweep: MLP and CNN, B = 32 ... 2048
+    python benchmarks/peers.py --sweep                       # B-sweep: MLP B = 32 ... 2048, CNN to 512
     python benchmarks/peers.py --reps 1 --steps 1            # a smoke run: does every row run?
 
 One run per model (benchmarks/common.py): the MLP 784-512-256-10 (B = 128), the 3C3D CNN (B = 64),
-the small transformer LM ``lm`` (nanoGPT, 2 layers, d = 256, T = 64, B = 16, tied embeddings), the
+the small transformer LM ``lm`` (nanoGPT, 2 layers, d = 256, T = 64, B = 16, tied embeddings, SDPA
+attention; ``lm-eager``, not in the default list: the same with explicit attention), the
 small GPT ``gpt`` (4 layers, d = 256, T = 128, B = 16, tied embeddings) and ResNet-18 on 32x32
 (B = 32, BatchNorm in train mode). Every row owns a copy of the model (same initial weights), its
 optimizer and its instrumentation; blocks of --steps training steps run interleaved over --reps
@@ -93,6 +94,7 @@ TITLES = {
     "mlp": "MLP 784-512-256-10, B=128",
     "cnn": "3C3D CNN, B=64",
     "lm": "small transformer LM (2 layers, d=256, T=64, B=16)",
+    "lm-eager": "the same LM, explicit attention (flash=False)",
     "gpt": "small GPT (4 layers, d=256, T=128, B=16)",
     "resnet18": "ResNet-18 32x32, B=32, train BatchNorm",
 }
@@ -649,7 +651,7 @@ def _json_rows(
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=None, help="default: mlp,cnn,lm,gpt,resnet18 (--sweep: mlp,cnn)")
+    ap.add_argument("--models", default=None, help="default: mlp,cnn,lm,gpt,resnet18 (--sweep: mlp,cnn); also lm-eager")
     ap.add_argument("--rows", default=None, help=f"comma-separated, of: {','.join(ROWS)} (default: all)")
     ap.add_argument("--optim", default="sgd", choices=sorted(OPTIMIZERS))
     ap.add_argument("--steps", type=int, default=3, help="steps per timed block")
@@ -679,7 +681,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}: choose from {list(ROWS)}")
-    models = (args.models or ",".join(SWEEP if args.sweep else TITLES)).split(",")
+    default_models = SWEEP if args.sweep else [m for m in TITLES if m != "lm-eager"]
+    models = (args.models or ",".join(default_models)).split(",")
     head = (
         f"torch {torch.__version__}, {args.threads} thread(s), {args.optim}, {args.reps} interleaved reps x "
         f"{args.steps} steps, {args.malloc} malloc, medians; ratios to a plain step of the same model in the same run"
