@@ -385,7 +385,8 @@ def build_opacus(start: Start) -> Arm:
             model, batch_first=True, loss_reduction="mean", use_ghost_clipping=True
         )
     except NotImplementedError as e:
-        raise CannotRun(str(e).split(":")[0].strip("[(\"' ")) from e
+        first = e.args[0][0] if e.args and isinstance(e.args[0], list) and e.args[0] else e
+        raise CannotRun(reason_of(first)) from e
     state: dict[str, torch.Tensor] = {}
 
     def reduce(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -502,6 +503,13 @@ class Result:
         return self.diff is None or self.diff <= RTOL
 
 
+def reason_of(e: BaseException) -> str:
+    """The exception's type and first sentence (at most 120 characters)."""
+    text = " ".join(str(e).split())
+    first = text.split(". ")[0].rstrip(".")
+    return f"{type(e).__name__}: {first[:117] + '...' if len(first) > 120 else first}"
+
+
 def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -515,7 +523,7 @@ def build_all(start: Start, rows: list[str]) -> tuple[dict[str, Arm], dict[str, 
         except CannotRun as e:
             results[r] = Result(reason=str(e))
         except Exception as e:  # a peer raising on a model is a finding, not a crash of the benchmark
-            results[r] = Result(reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            results[r] = Result(reason=reason_of(e))
     return arms, results
 
 
@@ -534,7 +542,7 @@ def first_steps(arms: dict[str, Arm], results: dict[str, Result], batch: list, r
         except CannotRun as e:
             results[r] = Result(reason=str(e))
         except Exception as e:  # a peer raising on a model is a finding, not a crash of the benchmark
-            results[r] = Result(reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            results[r] = Result(reason=reason_of(e))
         if results[r].reason:
             arms.pop(r).close()
             _progress(f"[{tag}] {r:15} cannot run: {results[r].reason}")
@@ -578,8 +586,18 @@ def _cell(res: Result | None, plain: Result) -> str:
     ratio = res.seconds / plain.seconds
     text = f"{ratio:.0f}x" if ratio >= 20 else f"{ratio:.2f}x"
     if not res.agrees:
-        text += f" (differs from the loop: {res.diff:.1e}{'; ' + res.note if res.note else ''})"
+        text += f" (differs from the loop: {res.diff:.1e}{', see below' if res.note else ''})"
     return text
+
+
+def notes(all_results: dict[str, dict[str, Result]]) -> str:
+    """One line per row that differs from the loop and says why."""
+    lines = []
+    for m, results in all_results.items():
+        for r, res in results.items():
+            if not res.agrees and res.note:
+                lines.append(f"- {m}, {r}: {res.note}")
+    return "\n".join(lines)
 
 
 def table(all_results: dict[str, dict[str, Result]], rows: list[str]) -> str:
@@ -706,6 +724,8 @@ def main(argv: list[str] | None = None) -> dict:
             out_rows += _json_rows(all_results[m], m, MODELS[m][2], args, sweep=False)
         print(head)
         print(table(all_results, rows))
+        if notes(all_results):
+            print(notes(all_results))
         print()
         print(check_table(all_results, rows))
         result = {"table": all_results}
