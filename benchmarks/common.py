@@ -209,3 +209,40 @@ class PeakSampler:
     def close(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+# --- issue 15 (benchmarks/peers.py): the small transformer LM and batches of any size ---------------------
+#: the small transformer LM of issue 15's table: a nanoGPT of 2 layers, d = 256, 4 heads, context T = 64,
+#: vocabulary 512, tied embeddings (B = 16), returning (B, V, T) logits for ``nn.CrossEntropyLoss``
+LM = dict(vocab_size=512, block_size=64, n_layer=2, n_head=4, d=256, dropout=0.0, flash=True)
+
+
+def lm() -> nn.Module:
+    """The 2-layer T = 64 LM returning (B, V, T) logits for a loss module."""
+    return models_lm.LogitsForLoss(models_lm.NanoGPT(**LM))
+
+
+def _lm_tokens(b: int) -> torch.Tensor:
+    return torch.randint(0, LM["vocab_size"], (b, LM["block_size"]))
+
+
+MODELS["lm"] = (lm, _lm_tokens, 16)
+TARGETS["lm"] = _lm_tokens
+
+
+def make_batches_of(model: str, n: int, batch: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Like :func:`make_batches` with a batch size other than the model's own (the B-sweep)."""
+    _, data, _ = MODELS[model]
+    targets = TARGETS.get(model, lambda b: torch.randint(0, 10, (b,)))
+    torch.manual_seed(seed)
+    return [(data(batch), targets(batch)) for _ in range(n)]
+
+
+def lm_eager() -> nn.Module:
+    """The same LM with explicit attention (softmax(q k^T) v, ``flash=False``): torch.func's vmap has no
+    batching rule for CPU flash attention and loops over the examples there, not here."""
+    return models_lm.LogitsForLoss(models_lm.NanoGPT(**{**LM, "flash": False}))
+
+
+MODELS["lm-eager"] = (lm_eager, _lm_tokens, 16)
+TARGETS["lm-eager"] = _lm_tokens
