@@ -24,6 +24,12 @@ from cockpit_lite.step import StepRecord
 INSTRUMENT_HOOKS = {"on_backward_end": "on_after_backward", "on_before_step": "on_before_step"}
 
 
+@functools.cache
+def _overrides(cls: type, base: type, method: str) -> bool:
+    """Whether ``cls`` replaces ``base``'s (no-op) ``method``: events skip objects that do not hear them."""
+    return getattr(cls, method) is not getattr(base, method)
+
+
 def guarded(fn: Callable) -> Callable:
     """For the Cockpit's hooks: no exception from the cockpit's work reaches the training loop; it
     becomes one warning (``self._warn``)."""
@@ -103,6 +109,8 @@ class Step:
         """Send a lifecycle event to the providers, then (record sealed) to the instruments that hear it."""
         rec = self.record
         for provider in self.providers:
+            if not _overrides(type(provider), Provider, name):
+                continue
             try:
                 getattr(provider, name)(rec, *args)
             except Exception as e:
@@ -112,7 +120,8 @@ class Step:
         if hook:
             rec.seal()
             for inst in self.active:
-                self.guard.instrument(inst, hook, rec)
+                if _overrides(type(inst), Instrument, hook):
+                    self.guard.instrument(inst, hook, rec)
             rec.seal(False)
 
     def complete(self) -> dict[Any, Any]:
