@@ -670,7 +670,8 @@ def _json_rows(
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=None, help="default: mlp,cnn,lm,gpt,resnet18 (--sweep: mlp,cnn); also lm-eager")
-    ap.add_argument("--rows", default=None, help=f"comma-separated, of: {','.join(ROWS)} (default: all)")
+    listed = ",".join(ROWS).replace("%", "%%")  # argparse formats help strings
+    ap.add_argument("--rows", default=None, help=f"comma-separated, of: {listed} (default: all)")
     ap.add_argument("--optim", default="sgd", choices=sorted(OPTIMIZERS))
     ap.add_argument("--steps", type=int, default=3, help="steps per timed block")
     ap.add_argument("--reps", type=int, default=7, help="interleaved repetitions")

@@ -188,3 +188,11 @@ def test_cli_prints_the_table_and_appends_json(peers, tmp_path, capsys, monkeypa
     assert len(checked) == 2 and all(r["check_rel_diff"] < peers.RTOL for r in checked)
     assert all(r["time_ratio"] > 0 for r in rows if r["config"] != "cockpit-1.0.2")
     assert "| tiny | 4 |" in text and "| tiny | 8 |" in text
+
+
+def test_cli_help_lists_every_row(peers, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        peers.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert all(row in out for row in peers.ROWS)  # "economy@5%" once broke argparse's help formatting
