@@ -10,12 +10,13 @@ forward pre-hook to the records being ready, then the sinks). A step the cockpit
 c_t = the budget's decision and w_t its time from the model's forward pre-hook to the optimizer's step
 post-hook. The share of a set of steps W is S(W) = sum_{t in W} c_t / sum_{t in W} w_t.
 
-**Warm-up** (2 + 2n steps for n instruments): the first step runs every instrument (it pays the one-time
+**Warm-up** (2 + 6n steps for n instruments): the first step runs every instrument (it pays the one-time
 costs: allocations, the gradient-sum check, shape probes), the next runs none (the follow-ups of the
-first: Alpha's end point). Then each instrument is measured alone, on a step its own schedule selects
-(the probe), followed by a step running nothing (its follow-up, if any): its cost alone is
-a_k = c(probe) + c(follow-up). An instrument whose own schedule selects none of 100 waiting steps is
-left unmeasured (and costly).
+first: Alpha's end point). Then, in ROUNDS = 3 rounds, each instrument is measured alone on a step its
+own schedule selects (the probe), followed by a step running nothing else (its follow-up, if any): its
+cost alone is a_k = min over rounds of c(probe) + min over rounds of c(follow-up) (timing noise only
+adds). An instrument whose own schedule selects none of 100 waiting steps is left unmeasured (and
+costly).
 
 **Classification.** With p the plain step (the smallest w_t - c_t of the last 16 steps), instruments
 are taken in ascending order of a_k into the *cheap* set while sum a_k / (p + sum a_k) <= budget / 2;
@@ -59,6 +60,8 @@ WINDOW = 100
 RECENT = {"run": 4, "follow": 4, "rest": 8}
 #: recent steps whose smallest w_t - c_t is the plain step p
 PLAIN = 16
+#: how many times the warm-up measures each instrument alone (the smallest cost counts: noise only adds)
+ROUNDS = 3
 
 # kinds of step
 FIRST, AFTER, PROBE, WAIT, RUN, FOLLOW, REST = "first", "after", "probe", "wait", "run", "follow", "rest"
@@ -113,7 +116,7 @@ class Budget:
 
     def _reset(self) -> None:
         self.stage = FIRST  # FIRST -> AFTER -> PROBE (probes) -> RUN (scheduling)
-        self.queue: list[str] = list(self.keys)  # instruments still to measure alone
+        self.queue: list[str] = list(self.keys) * ROUNDS  # instruments still to measure alone
         self.waited = 0
         self.solo_run: dict[str, float] = {}
         self.solo_follow: dict[str, float] = {}
@@ -307,9 +310,9 @@ class Budget:
         self.obs.append((step, c, w, kind))
         self.plain.append(max(w - c, 0.0))
         if kind == PROBE and d is not None and d.probe is not None:
-            self.solo_run[d.probe] = c
+            self.solo_run[d.probe] = min(c, self.solo_run.get(d.probe, math.inf))
         elif kind == AFTER and d is not None and d.probe is not None:
-            self.solo_follow[d.probe] = c
+            self.solo_follow[d.probe] = min(c, self.solo_follow.get(d.probe, math.inf))
         elif kind in self.recent:
             self.recent[kind].append(c)
         if kind == REST and not self._warned and len(self.recent[REST]) == RECENT[REST]:

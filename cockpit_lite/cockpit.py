@@ -73,8 +73,8 @@ class Cockpit:
             for a run restarted from a checkpoint with :meth:`load_state_dict`. Records of steps the run
             wrote before are replaced by the new ones when read back with ``load()``.
         budget: None, or the largest share of wall time the cockpit may take (0 < budget < 1, e.g.
-            ``0.05``): after a warm-up of 2 + 2n steps (n instruments) that measures each instrument
-            alone, the cheap instruments run every step and the costly ones together on the steps that
+            ``0.05``): after a warm-up of 2 + 6n steps (n instruments) that measures each instrument
+            alone (three times), the cheap instruments run every step and the costly ones together on the steps that
             keep the measured share <= budget over every window of 100 steps (:mod:`cockpit_lite.budget`,
             docs/budget.md). An instrument runs only where both its own schedule and the budget allow.
             The schedule is recorded (``budget/plan``, ``budget/interval``, ``budget/share``), and

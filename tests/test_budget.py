@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cockpit_lite import Cockpit, Instrument, Need, Needs, emitter, lifecycle, profiling
-from cockpit_lite.budget import WINDOW, Budget
+from cockpit_lite.budget import ROUNDS, WINDOW, Budget
 from cockpit_lite.instruments import presets
 
 PLAIN_MS = 10.0
@@ -135,8 +135,8 @@ def test_every_window_after_warmup_within_budget_cheap_every_step(clock):
     steps = 420
     with run(clock, steps) as cockpit:
         b, h = cockpit.budget, cockpit.history
-        # warm-up: step 0 all, 1 none, then each instrument alone followed by a step of nothing
-        assert b.start == 2 + 2 * 3
+        # warm-up: step 0 all, 1 none, then ROUNDS times each instrument alone, then a step of nothing
+        assert ROUNDS == 3 and b.start == 2 + 2 * 3 * 3
         assert b.cheap == ["cheap"] and b.costly == ["costly", "paired"]
         assert b.solo_run == pytest.approx({"cheap": 0.05, "costly": 8.0, "paired": 2.0}, abs=1e-6)
         assert b.solo_follow == pytest.approx({"cheap": 0.0, "costly": 0.0, "paired": 1.0}, abs=1e-6)
@@ -147,15 +147,15 @@ def test_every_window_after_warmup_within_budget_cheap_every_step(clock):
         # cheap statistics on every step after the warm-up; during it on step 0 and its probe step only
         cheap = set(series(h, "cheap/value"))
         assert set(range(b.start, steps)) <= cheap
-        assert cheap & set(range(b.start)) == {0, 2}
+        assert cheap & set(range(b.start)) == {0, 2, 8, 14}
         # the costly ones run together, and as often as the budget allows: per window of 100 steps
         # c = 100 * 0.05 + r * 11 ms (8 + 2 at the run step, 1 after it), w = 1000 + c, so at most 4 runs
         runs = sorted(s for s in series(h, "costly/value") if s >= b.start)
         assert runs == sorted(s for s in series(h, "paired/value") if s >= b.start)
         for first, _ in shares:
             assert sum(first <= r < first + WINDOW for r in runs) in (3, 4)
-        # its follow-ups: after step 0 (everything runs), after its probe (step 6), after each run
-        assert set(series(h, "paired/end")) == {1, 7} | {r + 1 for r in runs if r + 1 < steps}
+        # its follow-ups: after step 0 (everything runs), after its probes (steps 6, 12, 18), after each run
+        assert set(series(h, "paired/end")) == {1, 7, 13, 19} | {r + 1 for r in runs if r + 1 < steps}
 
 
 def test_schedule_recorded_share_and_interval(clock):
@@ -177,7 +177,8 @@ def test_schedule_recorded_share_and_interval(clock):
         # budget/share of step t: the measured share of steps t-99..t (fewer at the start), from the records
         share = series(h, "budget/share")
         cockpit_ms, step_ms = series(h, "cost/cockpit_ms"), series(h, "cost/step_ms")
-        assert set(range(steps)) - set(step_ms) == {3, 5}  # nothing ran (not even a follow-up): 0 ms of PLAIN_MS
+        # nothing ran (not even a follow-up) after the probes of cheap and costly: 0 ms of PLAIN_MS
+        assert set(range(steps)) - set(step_ms) == {3, 5, 9, 11, 15, 17}
         for t in (0, 5, 50, 99, 150, steps - 2):
             ws = range(max(0, t - WINDOW + 1), t + 1)
             want = sum(cockpit_ms.get(s, 0.0) for s in ws) / sum(step_ms.get(s, PLAIN_MS) for s in ws)
@@ -344,7 +345,7 @@ def test_budget_alone_policy():
         d = b.decide(t)
         c = sum(cost[k] for k in d.allowed)
         b.observe(t, c, PLAIN_MS + c, sorted(d.allowed))
-    assert b.cheap == ["a"] and b.costly == ["b"] and b.start == 6
+    assert b.cheap == ["a"] and b.costly == ["b"] and b.start == 2 + 2 * 2 * ROUNDS
     obs = {s: (c, w) for s, c, w, _ in b.obs}
     c = np.array([obs[s][0] for s in range(300, 400)])
     w = np.array([obs[s][1] for s in range(300, 400)])
@@ -387,7 +388,7 @@ def _mlp_run(clock, budget, steps):
 
 
 def test_economy_thinned_and_exact_on_the_steps_it_ran(monkeypatch, clock):
-    steps = 130
+    steps = 2 + 6 * 7 + 110
     with dear_engine(monkeypatch, clock, 2.0):
         thin = _mlp_run(clock, 0.3, steps)  # a run step costs 6 ms, its follow-up 6 ms: every 3rd step
         full = _mlp_run(clock, None, steps)
