@@ -20,7 +20,9 @@ costly).
 
 **Classification.** With p the plain step (the smallest w_t - c_t of the last 16 steps), instruments
 are taken in ascending order of a_k into the *cheap* set while sum a_k / (p + sum a_k) <= budget / 2;
-the others are *costly*. Cheap instruments run on every step (as their own schedules allow).
+the others are *costly*. Cheap instruments run on every step (as their own schedules allow). Whenever
+the last 8 rest steps (cheap instruments only) measure above 3/4 of the budget (the machine slowed down,
+an instrument grew), the cheap instrument dearest alone joins the costly ones (a new ``budget/plan``).
 
 **Scheduling** (from step T0, the first step after the warm-up). At step t the costly instruments run
 (a *run* step) iff one of them is due by its own schedule and every window of 100 consecutive steps
@@ -33,9 +35,9 @@ measured over the budget (noise) holds them back until it is under again.
 
 **Guarantee.** If every step costs no more than its estimate, every window of 100 steps that starts at
 or after T0 has S <= budget (tests/test_budget.py checks this on every window with an injected clock).
-It cannot hold if the cheap instruments alone exceed the budget (they run every step): a warning says
-so. A measured cost above its estimate (timing noise) can push a window over; the measured steps then
-enter every later check, so costly work waits until the window is back under.
+A measured cost above its estimate (timing noise, cheap instruments growing) can push a window over;
+the measured steps then enter every later check, so costly work waits until the window is back under,
+and cheap instruments that no longer fit are moved to the costly ones.
 
 An instrument runs on a step only if both its own schedule (``every``/``schedule``) and the budget
 allow it: the budget narrows the instrument's :meth:`~cockpit_lite.Instrument.scheduled`, so an
@@ -60,6 +62,9 @@ WINDOW = 100
 RECENT = {"run": 4, "follow": 4, "rest": 8}
 #: recent steps whose smallest w_t - c_t is the plain step p
 PLAIN = 16
+#: rest steps (the cheap instruments alone) measured above this share of the budget move a cheap
+#: instrument to the costly ones (the classification fills half the budget: the gap is hysteresis)
+DEMOTE = 0.75
 #: how many times the warm-up measures each instrument alone (the smallest cost counts: noise only adds)
 ROUNDS = 3
 
@@ -220,6 +225,29 @@ class Budget:
         self.start, self.stage = step, RUN
         self._pending[(step, "budget/plan")] = self.plan(p)
 
+    def _check_cheap(self, step: int) -> None:
+        """The rest steps (cheap instruments only) must leave room for the costly ones: when the last
+        RECENT["rest"] of them took more than DEMOTE x budget of their wall time, the cheap instrument
+        dearest alone joins the costly ones (from the next step on; a new ``budget/plan`` says so)."""
+        assert self.cheap is not None and self.costly is not None
+        rest = [(c, w) for _, c, w, kind in self.obs if kind == REST][-RECENT[REST] :]
+        share = sum(c for c, _ in rest) / sum(w for _, w in rest)
+        if share <= DEMOTE * self.fraction:
+            return
+        key = max(self.cheap, key=lambda k: (self._solo(k), k))
+        self.cheap.remove(key)
+        self.costly = [k for k in self.keys if k not in self.cheap]
+        for kind in (REST, FOLLOW):  # they described the old sets
+            self.recent[kind].clear()
+        self._pending[(step, "budget/plan")] = self.plan(min(self.plain))
+        if not self._warned:
+            self._warned = True
+            self.warn(
+                f"overhead budget {self.fraction:.3g}: the instruments that run every step took {100 * share:.2g}% "
+                f"of the last {len(rest)} such steps' wall time, more than {100 * DEMOTE:.0f}% of the budget: {key} "
+                "now runs with the costly ones (budget/plan says what runs every step)"
+            )
+
     def _solo(self, key: str) -> float:
         return self.solo_run.get(key, 0.0) + self.solo_follow.get(key, 0.0)
 
@@ -315,15 +343,8 @@ class Budget:
             self.solo_follow[d.probe] = min(c, self.solo_follow.get(d.probe, math.inf))
         elif kind in self.recent:
             self.recent[kind].append(c)
-        if kind == REST and not self._warned and len(self.recent[REST]) == RECENT[REST]:
-            base, p = sorted(self.recent[REST])[RECENT[REST] // 2], min(self.plain)
-            if base > self.fraction * (p + base):
-                self._warned = True
-                self.warn(
-                    f"overhead budget {self.fraction:.3g}: the instruments that run every step "
-                    f"({', '.join(self.cheap or []) or 'none'}) take {base:.3g} ms of a {p + base:.3g} ms step, more "
-                    "than the budget: it cannot be kept. Raise budget= or leave instruments out"
-                )
+        if kind == REST and self.cheap and len(self.recent[REST]) == RECENT[REST]:
+            self._check_cheap(step)
         window = [(cc, ww) for s, cc, ww, _ in self.obs if s > step - WINDOW]
         self._pending[(step, "budget/share")] = sum(x for x, _ in window) / sum(y for _, y in window)
 
