@@ -25,13 +25,15 @@ the last 8 rest steps (cheap instruments only) measure above 3/4 of the budget (
 an instrument grew), the cheap instrument dearest alone joins the costly ones (a new ``budget/plan``).
 
 **Scheduling** (from step T0, the first step after the warm-up). At step t the costly instruments run
-(a *run* step) iff one of them is due by its own schedule and every window of 100 consecutive steps
-starting at or after T0 that contains t or t + 1 keeps S <= budget, where steps before t count as
-measured, t at the cost of a run step, t + 1 at that of the step after a run (the follow-ups), and later
-steps at that of a rest step, each estimated as the largest of its last measurements (4 runs, 4 steps
-after a run, 8 rest steps; before any, the sums of the warm-up costs), with wall time p + cost. So the
-costly instruments run as often as the budget allows (the interval is recorded), and a window that
-measured over the budget (noise) holds them back until it is under again.
+(a *run* step) iff :meth:`Budget.interval` steps have passed since the last run (k = ceil(100 / N), N
+the most runs a window of 100 steps can hold by the estimates below), one of them is due by its own
+schedule, and every window of 100 consecutive steps starting at or after T0 that contains t or t + 1
+keeps S <= budget, where steps before t count as measured, t at the cost of a run step, t + 1 at that
+of the step after a run (the follow-ups), and later steps at that of a rest step, each estimated as the
+upper quartile of its last measurements (8 runs, 8 steps after a run, 16 rest steps; before any, the
+sums of the warm-up costs), with wall time p + cost. So the costly instruments run as often as the
+budget allows (the interval is recorded), and a window that measured over the budget (noise) holds
+them back until it is under again.
 
 **Guarantee.** If every step costs no more than its estimate, every window of 100 steps that starts at
 or after T0 has S <= budget (tests/test_budget.py checks this on every window with an injected clock).
@@ -58,8 +60,10 @@ from cockpit_lite.profiling import Costs
 
 #: the window of the guarantee, in steps
 WINDOW = 100
-#: how many recent measurements the estimates take the largest of, per kind of step
-RECENT = {"run": 4, "follow": 4, "rest": 8}
+#: how many recent measurements the estimates take the upper quartile of, per kind of step
+RECENT = {"run": 8, "follow": 8, "rest": 16}
+#: rest steps that tell whether the cheap instruments still fit (see ``DEMOTE``)
+DEMOTE_STEPS = 8
 #: recent steps whose smallest w_t - c_t is the plain step p
 PLAIN = 16
 #: rest steps (the cheap instruments alone) measured above this share of the budget move a cheap
@@ -128,7 +132,9 @@ class Budget:
         self.cheap: list[str] | None = None
         self.costly: list[str] | None = None
         self.start: int | None = None
+        #: (step, c_t, w_t, kind) of the last WINDOW steps observed, and the sums of c_t and w_t
         self.obs: deque[tuple[int, float, float, str]] = deque(maxlen=WINDOW)
+        self._sums = (0.0, 0.0)
         self.recent: dict[str, deque[float]] = {k: deque(maxlen=n) for k, n in RECENT.items()}
         self.plain: deque[float] = deque(maxlen=PLAIN)
         self.last_run: int | None = None
@@ -227,10 +233,10 @@ class Budget:
 
     def _check_cheap(self, step: int) -> None:
         """The rest steps (cheap instruments only) must leave room for the costly ones: when the last
-        RECENT["rest"] of them took more than DEMOTE x budget of their wall time, the cheap instrument
+        DEMOTE_STEPS of them took more than DEMOTE x budget of their wall time, the cheap instrument
         dearest alone joins the costly ones (from the next step on; a new ``budget/plan`` says so)."""
         assert self.cheap is not None and self.costly is not None
-        rest = [(c, w) for _, c, w, kind in self.obs if kind == REST][-RECENT[REST] :]
+        rest = [(c, w) for _, c, w, kind in self.obs if kind == REST][-DEMOTE_STEPS:]
         share = sum(c for c, _ in rest) / sum(w for _, w in rest)
         if share <= DEMOTE * self.fraction:
             return
@@ -276,50 +282,55 @@ class Budget:
         return cheap + sum(self.solo_follow.get(k, 0.0) for k in self.cheap)
 
     def estimate(self, kind: str) -> float:
-        """The cost (ms) a step of ``kind`` (run, follow, rest) is expected to have: the largest recent one."""
-        recent = self.recent[kind]
-        return max(recent) if recent else self._initial(kind)
+        """The cost (ms) a step of ``kind`` (run, follow, rest) is expected to have: the upper quartile
+        of its recent measurements (the ceil(3n/4)-th smallest of n: the largest of up to 3, and one
+        or two preempted steps among 8 neither count nor stall the schedule), before any the sums of
+        the warm-up costs."""
+        recent = sorted(self.recent[kind])
+        return recent[math.ceil(3 * len(recent) / 4) - 1] if recent else self._initial(kind)
 
     def interval(self) -> int | None:
-        """The interval k (steps) of the costly runs: the smallest whose steady state, one run step (r),
-        its follow-up (f) and k - 2 rest steps (b) per k steps of plain time p each, keeps
-        (r + f + (k - 2) b) / (k p + r + f + (k - 2) b) <= budget, i.e.
-        k >= (1 - budget)(r + f - 2 b) / (budget p - (1 - budget) b); 1 if r + f fits in one step; None
-        if the rest steps alone exceed the budget (then the costly ones never run)."""
+        """The interval k (steps) between runs of the costly instruments. A window of WINDOW steps with
+        n runs, each a run step (r) and its follow-up (f), and WINDOW - 2n rest steps (b), each of plain
+        time p plus its cost, keeps the budget iff n (1 - budget)(r + f - 2b) <= WINDOW (budget p -
+        (1 - budget) b); N is the largest such n, and k = ceil(WINDOW / N) puts at most N runs in any
+        window. None when not even one run fits (the costly instruments wait: the estimates may fall)."""
         if not self.plain:
             return None
         beta, p = self.fraction, min(self.plain)
         r, f, b = self.estimate(RUN), self.estimate(FOLLOW), self.estimate(REST)
-        if r + f <= beta * (p + r + f):
-            return 1
-        den = beta * p - (1.0 - beta) * b
-        if den <= 0:
-            return None
-        return max(2, math.ceil((1.0 - beta) * (r + f - 2.0 * b) / den - 1e-9))
+        per_run = (1.0 - beta) * (r + f - 2.0 * b)
+        room = WINDOW * (beta * p - (1.0 - beta) * b)
+        if per_run <= 0:  # a run costs no more than two rest steps
+            return 1 if room >= 0 else None
+        most = math.floor(room / per_run + 1e-9)
+        return math.ceil(WINDOW / min(most, WINDOW)) if most >= 1 else None
 
     def _fits(self, step: int) -> bool:
         """Whether running the costly instruments at ``step`` keeps every window of WINDOW steps that
-        starts at or after T0 and contains ``step`` or ``step + 1`` at a share <= the budget."""
+        starts at or after T0 and contains ``step`` or ``step + 1`` at a share <= the budget.
+
+        With the surplus g_t = c_t - budget w_t of each step, a window W keeps S(W) <= budget iff
+        sum_{t in W} g_t <= 0. The window starting k steps before ``step`` holds the k measured steps
+        before it (a step not measured counts 0), the run step, the follow-up if k <= WINDOW - 2 and
+        max(WINDOW - 2 - k, 0) rest steps, each predicted at wall time p + its cost."""
         if not self.plain or self.start is None:
             return False
-        p = min(self.plain)
-        r, f, b = self.estimate(RUN), self.estimate(FOLLOW), self.estimate(REST)
-        lo = max(self.start, step - WINDOW + 1)
-        measured = {s: (c, w) for s, c, w, _ in self.obs if lo <= s < step}
-        budget = self.fraction
-        # the window that starts at step + 1: the follow-up and WINDOW - 1 rest steps
-        if f + (WINDOW - 1) * b > budget * (WINDOW * p + f + (WINDOW - 1) * b):
+        beta, p = self.fraction, min(self.plain)
+        g_run, g_follow, g_rest = (x - beta * (p + x) for x in (self.estimate(k) for k in (RUN, FOLLOW, REST)))
+        if g_follow + (WINDOW - 1) * g_rest > 0:  # the window that starts at step + 1
             return False
-        sum_c = sum_w = 0.0  # measured steps s .. step - 1
-        for s in range(step, lo - 1, -1):
-            if s < step and s in measured:
-                c, w = measured[s]
-                sum_c, sum_w = sum_c + c, sum_w + w
-            end = s + WINDOW - 1
-            n_rest = max(end - step - 1, 0)
-            pc = r + (f if end >= step + 1 else 0.0) + n_rest * b
-            pw = (1 + (end >= step + 1) + n_rest) * p + pc
-            if sum_c + pc > budget * (sum_w + pw):
+        lo = max(self.start, step - WINDOW + 1)
+        g = [0.0] * (step - lo)  # measured steps lo .. step - 1
+        for s, c, w, _ in self.obs:
+            if lo <= s < step:
+                g[s - lo] = c - beta * w
+        total = 0.0  # sum of g over the k measured steps before step
+        for k in range(step - lo + 1):
+            if k:
+                total += g[-k]
+            rest = WINDOW - 2 - k
+            if total + g_run + (g_follow + rest * g_rest if rest >= 0 else 0.0) > 0:
                 return False
         return True
 
@@ -335,7 +346,13 @@ class Budget:
         self.steps += 1
         for key in ran:
             self.ran[key] = self.ran.get(key, 0) + 1
+        if len(self.obs) == WINDOW:
+            _, c0, w0, _ = self.obs[0]
+            self._sums = (self._sums[0] - c0, self._sums[1] - w0)
         self.obs.append((step, c, w, kind))
+        self._sums = (self._sums[0] + c, self._sums[1] + w)
+        if step % WINDOW == 0:  # no drift of the running sums over a long run
+            self._sums = (math.fsum(o[1] for o in self.obs), math.fsum(o[2] for o in self.obs))
         self.plain.append(max(w - c, 0.0))
         if kind == PROBE and d is not None and d.probe is not None:
             self.solo_run[d.probe] = min(c, self.solo_run.get(d.probe, math.inf))
@@ -343,10 +360,9 @@ class Budget:
             self.solo_follow[d.probe] = min(c, self.solo_follow.get(d.probe, math.inf))
         elif kind in self.recent:
             self.recent[kind].append(c)
-        if kind == REST and self.cheap and len(self.recent[REST]) == RECENT[REST]:
+        if kind == REST and self.cheap and len(self.recent[REST]) >= DEMOTE_STEPS:
             self._check_cheap(step)
-        window = [(cc, ww) for s, cc, ww, _ in self.obs if s > step - WINDOW]
-        self._pending[(step, "budget/share")] = sum(x for x, _ in window) / sum(y for _, y in window)
+        self._pending[(step, "budget/share")] = self._sums[0] / self._sums[1]
 
     def records(self) -> dict[Any, Any]:
         """Records waiting to be written (late records ``(step, tag)``): ``budget/share`` of the steps
@@ -404,6 +420,7 @@ class Budget:
         self.costly = None if state["costly"] is None else [str(k) for k in state["costly"]]
         self.start = None if state["start"] is None else int(state["start"])
         self.obs.extend((int(s), float(c), float(w), str(k)) for s, c, w, k in state["obs"])
+        self._sums = (math.fsum(o[1] for o in self.obs), math.fsum(o[2] for o in self.obs))
         for kind, values in state["recent"].items():
             self.recent[str(kind)].extend(float(v) for v in values)
         self.plain.extend(float(v) for v in state["plain"])
