@@ -109,13 +109,15 @@ class Budget:
         costs: the cockpit's timed regions; the budget's own decisions are timed under ``budget``.
 
     Attributes after the warm-up: :attr:`cheap` and :attr:`costly` (instrument keys), :attr:`start`
-    (T0), :attr:`solo` (each instrument's cost measured alone, ms), :attr:`ran` (steps each instrument
-    ran on, by its schedule and the budget) and :attr:`steps` (steps seen).
+    (T0), :attr:`solo_run` and :attr:`solo_follow` (each instrument's cost measured alone on its probe
+    step and on the step after, ms), :attr:`every` (the interval k), :attr:`ran` (steps each
+    instrument ran on, by its schedule and the budget) and :attr:`steps` (steps seen).
     """
 
     def __init__(self, fraction: float, warn: Callable[[str], None] | None = None, costs: Costs | None = None):
         checked = check_fraction(fraction)
-        assert checked is not None
+        if checked is None:
+            raise ValueError("Budget(None): give the share of wall time, 0 < fraction < 1")
         self.fraction = checked
         self.warn = warn or (lambda msg: None)
         self.costs = costs
