@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cockpit_lite import attach, signals
+from cockpit_lite.budget import Budget, check_fraction
 from cockpit_lite.compat import (
     BackwardWatch,
     dynamo_hook_guards,
@@ -71,6 +72,13 @@ class Cockpit:
         resume: continue the run already in ``logdir`` (and in the sinks' directories), appending to it:
             for a run restarted from a checkpoint with :meth:`load_state_dict`. Records of steps the run
             wrote before are replaced by the new ones when read back with ``load()``.
+        budget: None, or the largest share of wall time the cockpit may take (0 < budget < 1, e.g.
+            ``0.05``): after a warm-up of 2 + 6n steps (n instruments) that measures each instrument
+            alone (three times), the cheap instruments run every step and the costly ones together on the steps that
+            keep the measured share <= budget over every window of 100 steps (:mod:`cockpit_lite.budget`,
+            docs/budget.md). An instrument runs only where both its own schedule and the budget allow.
+            The schedule is recorded (``budget/plan``, ``budget/interval``, ``budget/share``), and
+            :meth:`verdicts` say how many steps a thinned instrument ran on. Not under DDP yet.
 
     Construction is atomic: if it raises, nothing stays attached. Use as a context manager, or call
     :meth:`close` when done; both remove every hook and close every file.
@@ -87,6 +95,7 @@ class Cockpit:
         profile: bool | Callable[[int], Any] = False,
         reduction: str = "mean",
         resume: bool = False,
+        budget: float | None = None,
     ):
         self._warned: set[str] = set()
         self._closed, self.step, self._step = False, 0, None
@@ -100,6 +109,12 @@ class Cockpit:
             check_loss(loss_fn)
             if reduction not in ("mean", "sum"):
                 raise ValueError(f"reduction={reduction!r}: say 'mean' (p.grad = mean_i g_i) or 'sum'")
+            fraction = check_fraction(budget)
+            if fraction is not None and world_size() > 1:
+                raise ValueError(
+                    "budget= is not supported under DDP yet: each rank would choose its own steps from its own "
+                    "timings. Use budget=None, or every=/schedule= on the costly instruments"
+                )
             self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
             self.instruments = attach.instruments_of(instruments)
             self.logdir = attach.run_dir_of(logdir, resume, self._warn)
@@ -113,6 +128,10 @@ class Cockpit:
                 self.network, optimizer, self.params, loss_fn, self.costs, warn=self._warn, reduction=reduction
             )
             self.providers = [cls(context) for cls in registered_providers()]
+            #: the overhead budget (None without ``budget=``): its schedule narrows the instruments'
+            self.budget = Budget(fraction, self._warn, self.costs) if fraction is not None else None
+            if self.budget is not None:
+                undo.callback(self.budget.attach(self.instruments))
             undo.callback(self._guard.each, self.providers, "close")
             for inst in self.instruments:
                 inst.on_attach(self.network, optimizer)
@@ -166,6 +185,8 @@ class Cockpit:
         final: dict[Any, Any] = {}
         for inst in self.instruments:
             final.update(self._guard.instrument(inst, "on_close") or {})
+        if self.budget is not None:
+            final.update(self.budget.records())
         if final:
             self.emitter.emit(max(self.step - 1, 0), final)
         st, self._step = self._step, None  # a hook already on a tensor that fires later finds no step
@@ -183,13 +204,28 @@ class Cockpit:
         return track(feed, loader, resolve_subsets=resolve_subsets)
 
     def verdicts(self) -> list[str]:
-        """Plain-language statements from every instrument that makes them (e.g. the learning rate)."""
-        return [v for inst in self.instruments for v in (self._guard.instrument(inst, "verdicts") or [])]
+        """Plain-language statements from every instrument that makes them (e.g. the learning rate).
+        Under an overhead budget, a verdict of an instrument the budget thins ends with the number of
+        steps it rests on: "(from 37 of 1200 steps: the overhead budget ran <key> on these only)"."""
+        out = []
+        for inst in self.instruments:
+            said = self._guard.instrument(inst, "verdicts") or []
+            thinned = self.budget.thinned(inst.key) if self.budget is not None else None
+            if thinned is not None:
+                ran, steps = thinned
+                why = f"the overhead budget ran {inst.key} on these only"
+                said = [f"{v} (from {ran} of {steps} steps: {why})" for v in said]
+            out.extend(said)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        """The step count and every instrument's state (by key), to resume a run from a checkpoint."""
+        """The step count and every instrument's state (by key), to resume a run from a checkpoint; with
+        ``budget=``, the budget's measurements and schedule (``"budget"``)."""
         states = {i.key: i.state_dict() for i in self.instruments}
-        return {"version": 1, "step": self.step, "checks_left": self.engine.checks_left, "instruments": states}
+        state = {"version": 1, "step": self.step, "checks_left": self.engine.checks_left, "instruments": states}
+        if self.budget is not None:
+            state["budget"] = self.budget.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue a run: the step count and the state of every instrument with the same key."""
@@ -206,6 +242,12 @@ class Cockpit:
                 inst.load_state_dict(saved[inst.key])
             elif inst.state_dict():
                 self._warn(f"no saved state for instrument {inst.key!r}: it starts afresh at step {self.step}")
+        if self.budget is not None and state.get("budget") is not None:
+            self.budget.load_state_dict(state["budget"])
+        elif self.budget is not None:
+            self._warn(f"no saved overhead budget in the state: it warms up afresh from step {self.step}")
+        elif state.get("budget") is not None:
+            self._warn("the state holds an overhead budget but this cockpit has none (budget=None): ignored")
 
     # --- for frameworks that call the model in parts (cockpit_lite.integrations) ------------------------
     def model_called(self, args: tuple, kwargs: Mapping[str, Any] | None = None) -> None:
@@ -239,6 +281,14 @@ class Cockpit:
     def _begin(self) -> Step:
         self._step = Step(self.step, self.instruments, self.providers, self._guard, **self._fields)
         return self._step
+
+    def _observe_budget(self, st: Step, cockpit_ms: float, wall_ms: float) -> None:
+        """Hand the budget the step's cost and wall time, both with the sinks' time for its records."""
+        assert self.budget is not None
+        written = self.emitter.sinks_ms
+        sinks_ms = written[1] if written is not None and written[0] == st.record.step else 0.0
+        ran = [i.key for i in st.active if i.scheduled(st.record.step)]
+        self.budget.observe(st.record.step, cockpit_ms + sinks_ms, wall_ms + sinks_ms, ran)
 
     # --- hooks: when things happen ---------------------------------------------------------------------
     @guarded
@@ -371,9 +421,19 @@ class Cockpit:
                 if skipped:
                     records["skipped"] = skipped
                 records.update(self.emitter.late_sink_cost())
+                if self.budget is not None:
+                    records.update(self.budget.records())
                 self.emitter.emit(st.record.step, records)
-            elif skipped:
-                self.emitter.emit(st.record.step, {"skipped": skipped})
+                cockpit_ms, wall_ms = records["cost/cockpit_ms"], records["cost/step_ms"]
+            else:
+                extra = {"skipped": skipped} if skipped else {}
+                if self.budget is not None:
+                    extra.update(self.budget.records())
+                if extra:
+                    self.emitter.emit(st.record.step, extra)
+                cockpit_ms, wall_ms = self.costs.total(), st.elapsed_ms()
+            if self.budget is not None:
+                self._observe_budget(st, cockpit_ms, wall_ms)
         finally:
             st.end()
             if self.profiler is not None:

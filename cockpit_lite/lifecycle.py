@@ -137,8 +137,12 @@ class Step:
             notes += inst.take_notes()
             if notes:
                 records[f"note/{inst.key}"] = "; ".join(notes)
-        records.update(cost_records(self.guard.costs, (time.perf_counter() - self.t0) * 1e3))
+        records.update(cost_records(self.guard.costs, self.elapsed_ms()))
         return records
+
+    def elapsed_ms(self) -> float:
+        """Wall time since the step began (the model's forward pre-hook), ms."""
+        return (time.perf_counter() - self.t0) * 1e3
 
     def reach(self, index: int, grad: Any = None) -> None:
         """Backward reached an output of model call ``index`` (usable as a tensor hook: returns None)."""

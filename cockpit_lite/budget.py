@@ -1,0 +1,434 @@
+"""An overhead budget: ``Cockpit(..., budget=0.05)`` keeps the cockpit's measured share of wall time at
+or below 5% over every window of 100 steps after a short warm-up, by running the costly instruments on
+some steps only (all of them on the same steps, so needs they share are paid once) while the cheap ones
+run on every step. The core knows no instrument by name: costs are measured (docs/budget.md).
+
+**Accounting.** For step t, the cockpit's time is c_t = ``cost/cockpit_ms`` + ``cost/sinks_ms`` (every
+timed region of the step, and the sinks writing its records; the budget's own decision is the region
+``budget``), and the step's wall time is w_t = ``cost/step_ms`` + ``cost/sinks_ms`` (from the model's
+forward pre-hook to the records being ready, then the sinks). A step the cockpit does not track has
+c_t = the budget's decision and w_t its time from the model's forward pre-hook to the optimizer's step
+post-hook. The share of a set of steps W is S(W) = sum_{t in W} c_t / sum_{t in W} w_t.
+
+**Warm-up** (2 + 6n steps for n instruments): the first step runs every instrument (it pays the one-time
+costs: allocations, the gradient-sum check, shape probes), the next runs none (the follow-ups of the
+first: Alpha's end point). Then, in ROUNDS = 3 rounds, each instrument is measured alone on a step its
+own schedule selects (the probe), followed by a step running nothing else (its follow-up, if any): its
+cost alone is a_k = min over rounds of c(probe) + min over rounds of c(follow-up) (timing noise only
+adds). An instrument whose own schedule selects none of 100 waiting steps is left unmeasured (and
+costly).
+
+**Classification.** With p the plain step (the smallest w_t - c_t of the last 16 steps), instruments
+are taken in ascending order of a_k into the *cheap* set while sum a_k / (p + sum a_k) <= budget / 2;
+the others are *costly*. Cheap instruments run on every step (as their own schedules allow). Whenever
+the last 8 rest steps (cheap instruments only) measure above 3/4 of the budget (the machine slowed down,
+an instrument grew), the cheap instrument dearest alone joins the costly ones (a new ``budget/plan``).
+
+**Scheduling** (from step T0, the first step after the warm-up). At step t the costly instruments run
+(a *run* step) iff :meth:`Budget.interval` steps have passed since the last run (k = ceil(100 / N), N
+the most runs a window of 100 steps can hold by the estimates below), one of them is due by its own
+schedule, and every window of 100 consecutive steps starting at or after T0 that contains t or t + 1
+keeps S <= budget, where steps before t count as measured, t at the cost of a run step, t + 1 at that
+of the step after a run (the follow-ups), and later steps at that of a rest step, each estimated as the
+upper quartile of its last measurements (8 runs, 8 steps after a run, 16 rest steps; before any, the
+sums of the warm-up costs), with wall time p + cost. So the costly instruments run as often as the
+budget allows (the interval is recorded), and a window that measured over the budget (noise) holds
+them back until it is under again.
+
+**Guarantee.** If every step costs no more than its estimate, every window of 100 steps that starts at
+or after T0 has S <= budget (tests/test_budget.py checks this on every window with an injected clock).
+A measured cost above its estimate (timing noise, cheap instruments growing) can push a window over;
+the measured steps then enter every later check, so costly work waits until the window is back under,
+and cheap instruments that no longer fit are moved to the costly ones.
+
+An instrument runs on a step only if both its own schedule (``every``/``schedule``) and the budget
+allow it: the budget narrows the instrument's :meth:`~cockpit_lite.Instrument.scheduled`, so an
+instrument's own follow-ups (Alpha's end point on the step after a start point) still run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+from cockpit_lite.instrument import Instrument
+from cockpit_lite.profiling import Costs
+
+#: the window of the guarantee, in steps
+WINDOW = 100
+#: how many recent measurements the estimates take the upper quartile of, per kind of step
+RECENT = {"run": 8, "follow": 8, "rest": 16}
+#: rest steps that tell whether the cheap instruments still fit (see ``DEMOTE``)
+DEMOTE_STEPS = 8
+#: recent steps whose smallest w_t - c_t is the plain step p
+PLAIN = 16
+#: rest steps (the cheap instruments alone) measured above this share of the budget move a cheap
+#: instrument to the costly ones (the classification fills half the budget: the gap is hysteresis)
+DEMOTE = 0.75
+#: how many times the warm-up measures each instrument alone (the smallest cost counts: noise only adds)
+ROUNDS = 3
+
+# kinds of step
+FIRST, AFTER, PROBE, WAIT, RUN, FOLLOW, REST = "first", "after", "probe", "wait", "run", "follow", "rest"
+
+
+def check_fraction(budget: Any) -> float | None:
+    """``budget=`` of the Cockpit: None (no budget) or a share of wall time 0 < budget < 1."""
+    if budget is None:
+        return None
+    ok = isinstance(budget, (int, float)) and not isinstance(budget, bool) and 0.0 < float(budget) < 1.0
+    if not ok or not math.isfinite(float(budget)):
+        raise ValueError(
+            f"budget={budget!r}: give the largest share of wall time the cockpit may take, a number between "
+            "0 and 1 (budget=0.05 for 5%), or budget=None to run every instrument on every step it is scheduled"
+        )
+    return float(budget)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the budget allows at ``step``: the kind of step and the keys of the instruments allowed."""
+
+    step: int
+    kind: str
+    allowed: frozenset[str]
+    probe: str | None = None  #: the instrument measured alone (warm-up probes and their follow-ups)
+
+
+class Budget:
+    """Schedules the costly instruments so that the cockpit's share of wall time stays <= ``fraction``
+    over every window of ``WINDOW`` steps after the warm-up (the module docstring states the policy).
+
+    Args:
+        fraction: the largest share of wall time the cockpit may take, 0 < fraction < 1.
+        warn: how to warn (the Cockpit's once-per-message warning).
+        costs: the cockpit's timed regions; the budget's own decisions are timed under ``budget``.
+
+    Attributes after the warm-up: :attr:`cheap` and :attr:`costly` (instrument keys), :attr:`start`
+    (T0), :attr:`solo_run` and :attr:`solo_follow` (each instrument's cost measured alone on its probe
+    step and on the step after, ms), :attr:`every` (the interval k), :attr:`ran` (steps each
+    instrument ran on, by its schedule and the budget) and :attr:`steps` (steps seen).
+    """
+
+    def __init__(self, fraction: float, warn: Callable[[str], None] | None = None, costs: Costs | None = None):
+        checked = check_fraction(fraction)
+        if checked is None:
+            raise ValueError("Budget(None): give the share of wall time, 0 < fraction < 1")
+        self.fraction = checked
+        self.warn = warn or (lambda msg: None)
+        self.costs = costs
+        self._own: dict[str, Callable[[int], bool]] = {}
+        self.keys: list[str] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.stage = FIRST  # FIRST -> AFTER -> PROBE (probes) -> RUN (scheduling)
+        self.queue: list[str] = list(self.keys) * ROUNDS  # instruments still to measure alone
+        self.waited = 0
+        self.solo_run: dict[str, float] = {}
+        self.solo_follow: dict[str, float] = {}
+        self.cheap: list[str] | None = None
+        self.costly: list[str] | None = None
+        self.start: int | None = None
+        #: (step, c_t, w_t, kind) of the last WINDOW steps observed, and the sums of c_t and w_t
+        self.obs: deque[tuple[int, float, float, str]] = deque(maxlen=WINDOW)
+        self._sums = (0.0, 0.0)
+        self.recent: dict[str, deque[float]] = {k: deque(maxlen=n) for k, n in RECENT.items()}
+        self.plain: deque[float] = deque(maxlen=PLAIN)
+        self.last_run: int | None = None
+        self.every: int | None = None
+        self._warned = False
+        self.ran: dict[str, int] = {k: 0 for k in self.keys}
+        self.steps = 0
+        self.decision: Decision | None = None
+        self._pending: dict[Any, Any] = {}
+
+    # --- attaching: the budget narrows each instrument's schedule ---------------------------------------
+    def attach(self, instruments: Sequence[Instrument]) -> Callable[[], None]:
+        """Narrow every instrument's ``scheduled(step)`` to its own schedule and the budget's decision;
+        returns the function that restores them."""
+        self.keys = [i.key for i in instruments]
+        for inst in instruments:
+            own = inst.scheduled  # the class's method (or a schedule the instrument set itself)
+            self._own[inst.key] = own
+            inst.scheduled = lambda step, key=inst.key, own=own: self.allows(key, step) and bool(own(step))  # type: ignore[method-assign]
+        self._reset()
+
+        def detach() -> None:
+            for inst in instruments:
+                inst.__dict__.pop("scheduled", None)
+
+        return detach
+
+    def allows(self, key: str, step: int) -> bool:
+        """Whether the budget lets instrument ``key`` run at ``step`` (its own schedule aside)."""
+        return key in self.decide(step).allowed
+
+    def decide(self, step: int) -> Decision:
+        """The decision for ``step``, made once (at the step's first question) and kept."""
+        if self.decision is None or self.decision.step != step:
+            with self.costs.region("budget") if self.costs is not None else nullcontext():
+                self.decision = self._choose(step)
+                if self.decision.kind == RUN:
+                    if self.last_run is not None and self.start is not None and self.last_run >= self.start:
+                        self._pending[(step, "budget/interval")] = float(step - self.last_run)
+                    self.last_run = step
+        return self.decision
+
+    def _due(self, key: str, step: int) -> bool:
+        try:
+            return bool(self._own[key](step))
+        except Exception:
+            return False
+
+    def _choose(self, step: int) -> Decision:
+        everyone = frozenset(self.keys)
+        if self.stage == FIRST:
+            self.stage = AFTER
+            return Decision(step, FIRST, everyone)
+        if self.stage == AFTER:
+            self.stage = PROBE
+            return Decision(step, AFTER, frozenset())
+        if self.stage == PROBE:
+            prev = self.decision
+            if prev is not None and prev.kind == PROBE and prev.step == step - 1:
+                return Decision(step, AFTER, frozenset(), prev.probe)
+            for key in self.queue:
+                if self._due(key, step):
+                    self.queue.remove(key)
+                    return Decision(step, PROBE, frozenset({key}), key)
+            if self.queue and self.waited < WINDOW:
+                self.waited += 1
+                return Decision(step, WAIT, frozenset())
+            self._classify(step)
+        assert self.cheap is not None and self.costly is not None
+        every = self.interval()
+        if every != self.every:
+            self.every = every
+            self._pending[(step, "budget/every")] = float(every) if every is not None else math.inf
+        spaced = every is not None and (self.last_run is None or step - self.last_run >= every)
+        if spaced and any(self._due(k, step) for k in self.costly) and self._fits(step):
+            return Decision(step, RUN, everyone)
+        kind = FOLLOW if self.last_run == step - 1 else REST
+        return Decision(step, kind, frozenset(self.cheap))
+
+    # --- the warm-up's outcome ----------------------------------------------------------------------------
+    def _classify(self, step: int) -> None:
+        p = min(self.plain) if self.plain else 0.0
+        measured = sorted((k for k in self.keys if k in self.solo_run), key=lambda k: (self._solo(k), k))
+        cheap, total = [], 0.0
+        for key in measured:
+            a = self._solo(key)
+            if (total + a) <= 0.5 * self.fraction * (p + total + a):
+                cheap.append(key)
+                total += a
+            else:
+                break
+        self.cheap = [k for k in self.keys if k in cheap]  # in the cockpit's order
+        self.costly = [k for k in self.keys if k not in cheap]
+        self.start, self.stage = step, RUN
+        self._pending[(step, "budget/plan")] = self.plan(p)
+
+    def _check_cheap(self, step: int) -> None:
+        """The rest steps (cheap instruments only) must leave room for the costly ones: when the last
+        DEMOTE_STEPS of them took more than DEMOTE x budget of their wall time, the cheap instrument
+        dearest alone joins the costly ones (from the next step on; a new ``budget/plan`` says so)."""
+        assert self.cheap is not None and self.costly is not None
+        rest = [(c, w) for _, c, w, kind in self.obs if kind == REST][-DEMOTE_STEPS:]
+        share = sum(c for c, _ in rest) / sum(w for _, w in rest)
+        if share <= DEMOTE * self.fraction:
+            return
+        key = max(self.cheap, key=lambda k: (self._solo(k), k))
+        self.cheap.remove(key)
+        self.costly = [k for k in self.keys if k not in self.cheap]
+        for kind in (REST, FOLLOW):  # they described the old sets
+            self.recent[kind].clear()
+        self._pending[(step, "budget/plan")] = self.plan(min(self.plain))
+        if not self._warned:
+            self._warned = True
+            self.warn(
+                f"overhead budget {self.fraction:.3g}: the instruments that run every step took {100 * share:.2g}% "
+                f"of the last {len(rest)} such steps' wall time, more than {100 * DEMOTE:.0f}% of the budget: {key} "
+                "now runs with the costly ones (budget/plan says what runs every step)"
+            )
+
+    def _solo(self, key: str) -> float:
+        return self.solo_run.get(key, 0.0) + self.solo_follow.get(key, 0.0)
+
+    def plan(self, plain_ms: float | None = None) -> str:
+        """The schedule chosen, in words (also written as ``budget/plan``)."""
+        if self.cheap is None or self.costly is None:
+            return f"overhead budget {self.fraction:.3g}: warming up (measuring each instrument alone)"
+        cost = lambda k: f"{k} {self._solo(k):.3g} ms" if k in self.solo_run else f"{k} not measured"  # noqa: E731
+        every = ", ".join(map(cost, self.cheap)) or "none"
+        some = ", ".join(map(cost, self.costly)) or "none"
+        plain = f"; plain step {plain_ms:.3g} ms" if plain_ms is not None else ""
+        return (
+            f"overhead budget {self.fraction:.3g} of wall time over any {WINDOW} steps from step {self.start}. "
+            f"Every step: {every}. Together, on the steps the budget allows: {some} "
+            f"(cost alone, measured in the warm-up{plain})"
+        )
+
+    def _initial(self, kind: str) -> float:
+        """The estimate of a kind of step before any measurement of it: sums of the warm-up costs."""
+        assert self.cheap is not None and self.costly is not None
+        cheap = sum(self.solo_run.get(k, 0.0) for k in self.cheap)
+        if kind == RUN:
+            return sum(self.solo_run.values())
+        if kind == FOLLOW:
+            return cheap + sum(self.solo_follow.values())
+        return cheap + sum(self.solo_follow.get(k, 0.0) for k in self.cheap)
+
+    def estimate(self, kind: str) -> float:
+        """The cost (ms) a step of ``kind`` (run, follow, rest) is expected to have: the upper quartile
+        of its recent measurements (the ceil(3n/4)-th smallest of n: the largest of up to 3, and one
+        or two preempted steps among 8 neither count nor stall the schedule), before any the sums of
+        the warm-up costs."""
+        recent = sorted(self.recent[kind])
+        return recent[math.ceil(3 * len(recent) / 4) - 1] if recent else self._initial(kind)
+
+    def interval(self) -> int | None:
+        """The interval k (steps) between runs of the costly instruments. A window of WINDOW steps with
+        n runs, each a run step (r) and its follow-up (f), and WINDOW - 2n rest steps (b), each of plain
+        time p plus its cost, keeps the budget iff n (1 - budget)(r + f - 2b) <= WINDOW (budget p -
+        (1 - budget) b); N is the largest such n, and k = ceil(WINDOW / N) puts at most N runs in any
+        window. None when not even one run fits (the costly instruments wait: the estimates may fall)."""
+        if not self.plain:
+            return None
+        beta, p = self.fraction, min(self.plain)
+        r, f, b = self.estimate(RUN), self.estimate(FOLLOW), self.estimate(REST)
+        per_run = (1.0 - beta) * (r + f - 2.0 * b)
+        room = WINDOW * (beta * p - (1.0 - beta) * b)
+        if per_run <= 0:  # a run costs no more than two rest steps
+            return 1 if room >= 0 else None
+        most = math.floor(room / per_run + 1e-9)
+        return math.ceil(WINDOW / min(most, WINDOW)) if most >= 1 else None
+
+    def _fits(self, step: int) -> bool:
+        """Whether running the costly instruments at ``step`` keeps every window of WINDOW steps that
+        starts at or after T0 and contains ``step`` or ``step + 1`` at a share <= the budget.
+
+        With the surplus g_t = c_t - budget w_t of each step, a window W keeps S(W) <= budget iff
+        sum_{t in W} g_t <= 0. The window starting k steps before ``step`` holds the k measured steps
+        before it (a step not measured counts 0), the run step, the follow-up if k <= WINDOW - 2 and
+        max(WINDOW - 2 - k, 0) rest steps, each predicted at wall time p + its cost."""
+        if not self.plain or self.start is None:
+            return False
+        beta, p = self.fraction, min(self.plain)
+        g_run, g_follow, g_rest = (x - beta * (p + x) for x in (self.estimate(k) for k in (RUN, FOLLOW, REST)))
+        if g_follow + (WINDOW - 1) * g_rest > 0:  # the window that starts at step + 1
+            return False
+        lo = max(self.start, step - WINDOW + 1)
+        g = [0.0] * (step - lo)  # measured steps lo .. step - 1
+        for s, c, w, _ in self.obs:
+            if lo <= s < step:
+                g[s - lo] = c - beta * w
+        total = 0.0  # sum of g over the k measured steps before step
+        for k in range(step - lo + 1):
+            if k:
+                total += g[-k]
+            rest = WINDOW - 2 - k
+            if total + g_run + (g_follow + rest * g_rest if rest >= 0 else 0.0) > 0:
+                return False
+        return True
+
+    # --- measurements -----------------------------------------------------------------------------------
+    def observe(self, step: int, cockpit_ms: float, wall_ms: float, ran: Iterable[str] = ()) -> None:
+        """Step ``step`` is over: the cockpit took ``cockpit_ms`` of its ``wall_ms`` (both with the sinks);
+        ``ran`` are the instruments that ran on it by their schedule and the budget."""
+        d = self.decision if self.decision is not None and self.decision.step == step else None
+        kind = d.kind if d is not None else REST
+        c, w = float(cockpit_ms), float(wall_ms)
+        if not (math.isfinite(c) and math.isfinite(w)) or w <= 0:
+            return
+        self.steps += 1
+        for key in ran:
+            self.ran[key] = self.ran.get(key, 0) + 1
+        if len(self.obs) == WINDOW:
+            _, c0, w0, _ = self.obs[0]
+            self._sums = (self._sums[0] - c0, self._sums[1] - w0)
+        self.obs.append((step, c, w, kind))
+        self._sums = (self._sums[0] + c, self._sums[1] + w)
+        if step % WINDOW == 0:  # no drift of the running sums over a long run
+            self._sums = (math.fsum(o[1] for o in self.obs), math.fsum(o[2] for o in self.obs))
+        self.plain.append(max(w - c, 0.0))
+        if kind == PROBE and d is not None and d.probe is not None:
+            self.solo_run[d.probe] = min(c, self.solo_run.get(d.probe, math.inf))
+        elif kind == AFTER and d is not None and d.probe is not None:
+            self.solo_follow[d.probe] = min(c, self.solo_follow.get(d.probe, math.inf))
+        elif kind in self.recent:
+            self.recent[kind].append(c)
+        if kind == REST and self.cheap and len(self.recent[REST]) >= DEMOTE_STEPS:
+            self._check_cheap(step)
+        self._pending[(step, "budget/share")] = self._sums[0] / self._sums[1]
+
+    def records(self) -> dict[Any, Any]:
+        """Records waiting to be written (late records ``(step, tag)``): ``budget/share`` of the steps
+        observed, ``budget/interval`` of each run step, ``budget/plan`` when the warm-up ends."""
+        out, self._pending = self._pending, {}
+        return out
+
+    def thinned(self, key: str) -> tuple[int, int] | None:
+        """``(steps instrument key ran on, steps seen)`` when the budget runs it on some steps only (a
+        costly instrument, or any during the warm-up), else None."""
+        if self.costly is not None and key not in self.costly:
+            return None
+        return self.ran.get(key, 0), self.steps
+
+    # --- state (resuming a run) ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The warm-up's progress and measurements, the classification, the last WINDOW steps' costs and
+        the estimates, the steps each instrument ran on: plain Python values."""
+        d = self.decision
+        return {
+            "fraction": self.fraction,
+            "keys": list(self.keys),
+            "stage": self.stage,
+            "queue": list(self.queue),
+            "waited": self.waited,
+            "solo_run": dict(self.solo_run),
+            "solo_follow": dict(self.solo_follow),
+            "cheap": None if self.cheap is None else list(self.cheap),
+            "costly": None if self.costly is None else list(self.costly),
+            "start": self.start,
+            "obs": [list(o) for o in self.obs],
+            "recent": {k: list(v) for k, v in self.recent.items()},
+            "plain": list(self.plain),
+            "last_run": self.last_run,
+            "every": self.every,
+            "ran": dict(self.ran),
+            "steps": self.steps,
+            "decision": None if d is None else [d.step, d.kind, sorted(d.allowed), d.probe],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`. This budget's fraction is kept (a resumed run may change it). A
+        state saved with other instruments (by key) is refused with a ValueError."""
+        if sorted(state["keys"]) != sorted(self.keys):
+            raise ValueError(
+                f"the saved overhead budget scheduled the instruments {sorted(state['keys'])}, this cockpit has "
+                f"{sorted(self.keys)}: leave 'budget' out of the state to warm up afresh"
+            )
+        self._reset()
+        self.stage, self.waited = str(state["stage"]), int(state["waited"])
+        self.queue = [str(k) for k in state["queue"]]
+        self.solo_run = {str(k): float(v) for k, v in state["solo_run"].items()}
+        self.solo_follow = {str(k): float(v) for k, v in state["solo_follow"].items()}
+        self.cheap = None if state["cheap"] is None else [str(k) for k in state["cheap"]]
+        self.costly = None if state["costly"] is None else [str(k) for k in state["costly"]]
+        self.start = None if state["start"] is None else int(state["start"])
+        self.obs.extend((int(s), float(c), float(w), str(k)) for s, c, w, k in state["obs"])
+        self._sums = (math.fsum(o[1] for o in self.obs), math.fsum(o[2] for o in self.obs))
+        for kind, values in state["recent"].items():
+            self.recent[str(kind)].extend(float(v) for v in values)
+        self.plain.extend(float(v) for v in state["plain"])
+        self.last_run = None if state["last_run"] is None else int(state["last_run"])
+        self.every = None if state["every"] is None else int(state["every"])
+        self.ran = {str(k): int(v) for k, v in state["ran"].items()}
+        self.steps = int(state["steps"])
+        d = state["decision"]
+        self.decision = None if d is None else Decision(int(d[0]), str(d[1]), frozenset(d[2]), d[3])
