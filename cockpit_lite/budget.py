@@ -48,6 +48,7 @@ instrument's own follow-ups (Alpha's end point on the step after a start point) 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -153,14 +154,13 @@ class Budget:
         returns the function that restores them."""
         self.keys = [i.key for i in instruments]
         for inst in instruments:
-            own = inst.scheduled  # the class's method (or a schedule the instrument set itself)
-            self._own[inst.key] = own
-            inst.scheduled = lambda step, key=inst.key, own=own: self.allows(key, step) and bool(own(step))  # type: ignore[method-assign]
+            self._own[inst.key] = inst.due
+            inst.gate(functools.partial(self.allows, inst.key))
         self._reset()
 
         def detach() -> None:
             for inst in instruments:
-                inst.__dict__.pop("scheduled", None)
+                inst.gate(None)
 
         return detach
 

@@ -99,8 +99,21 @@ class Instrument:
         return f"{self.name}/{tag}" if self.name else tag
 
     # --- scheduling ---------------------------------------------------------------------------------
-    def scheduled(self, step: int) -> bool:
+    #: set by :meth:`gate`: a second say over the steps this instrument tracks (an overhead budget)
+    _gate: Schedule | None = None
+
+    def due(self, step: int) -> bool:
+        """Whether its own ``every``/``schedule`` asks for ``step`` (whatever a gate says)."""
         return bool(self._schedule(step))
+
+    def scheduled(self, step: int) -> bool:
+        """Whether this instrument tracks ``step``: it is due and, if gated, the gate allows it."""
+        return self.due(step) and (self._gate is None or bool(self._gate(step)))
+
+    def gate(self, allows: Schedule | None) -> None:
+        """Narrow the schedule: track only the steps where ``allows(step)`` agrees too (the overhead
+        budget, :mod:`cockpit_lite.budget`, gates every instrument); None lifts the gate."""
+        self._gate = allows
 
     def requires(self, step: int) -> Needs:
         """What this instrument needs at ``step``; empty when it does not track the step."""

@@ -373,8 +373,11 @@ def test_budget_alone_policy():
         def __init__(self, key):
             self.key = key
 
-        def scheduled(self, step):
+        def due(self, step):
             return True
+
+        def gate(self, allows):
+            self.allows = allows
 
     insts = [Fake("a"), Fake("b")]
     b.attach(insts)
