@@ -162,7 +162,7 @@ class GradientNoiseScale(Instrument):
         ("noise_scale/b_simple", "noise scale B_simple (critical batch)"),
         ("noise_scale/batch", "batch size"),
     )
-    ORDER = 55.0
+    ORDER = 91.0  # after the built-in 3 x 4 grid (10 to 90), before the cost panels (100)
 
     NEEDS = frozenset({Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN})
 

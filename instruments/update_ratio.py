@@ -184,7 +184,7 @@ class UpdateRatio(Instrument):
         ("update_ratio/global", "update / parameter ratio (rule of thumb 1e-3)"),
         ("update_ratio/p50", "median tensor's update ratio"),
     )
-    ORDER = 25.0
+    ORDER = 92.0  # after the built-in 3 x 4 grid (10 to 90), before the cost panels (100)
 
     NEEDS = frozenset({Need.UPDATE, PARAM_NORMS})
 
