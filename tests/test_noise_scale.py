@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cockpit_lite import Cockpit
+from cockpit_lite.instruments.alpha import Alpha
 from cockpit_lite.instruments.noise_scale import GradientNoiseScale, batch_verdict, noise_scale_estimates
 from tests import models
 from tests.reference import flat, per_sample_grads_loop
@@ -256,3 +257,76 @@ def test_state_dict_round_trip_resumes_exactly():
         np.testing.assert_allclose([got[k] for k in range(60)], [want[k] for k in range(60)], rtol=1e-12)
     assert dict(second.history["verdict/batch_size"])[49] == dict(full.history["verdict/batch_size"])[49]
     assert second.verdicts() == full.verdicts()
+
+
+# --- DDP: the estimates of the global batch ------------------------------------------------------------
+WORLD, LOCAL, DDP_STEPS = 2, 6, 3
+
+
+def _ddp_data():
+    g = torch.Generator().manual_seed(8)
+    return [(torch.randn(WORLD * LOCAL, 6, generator=g), torch.randint(0, 3, (WORLD * LOCAL,), generator=g))
+            for _ in range(DDP_STEPS)]  # fmt: skip
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    import pickle
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(models.mlp())
+        opt = torch.optim.SGD(model.parameters(), lr=0.3)
+        loss_fn = nn.CrossEntropyLoss()
+        # Alpha asks for projections onto the update: see the test's docstring
+        insts = [GradientNoiseScale(beta=0.5), Alpha()]
+        with Cockpit(model, opt, loss_fn, instruments=insts, sinks=[]) as ck:
+            for x, y in _ddp_data():
+                opt.zero_grad()
+                part = slice(rank * LOCAL, (rank + 1) * LOCAL)
+                loss_fn(model(x[part]), y[part]).backward()
+                opt.step()
+        with open(f"{out}/rank{rank}.pkl", "wb") as f:
+            pickle.dump({t: ck.history[t] for t in ck.history if t.startswith("noise_scale/")}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_estimates_are_those_of_the_global_batch(tmp_path):
+    """Two gloo ranks of 6 examples each give, on both ranks, the estimates of one process on the 12.
+
+    Alpha runs beside it (as in the default preset). Without an instrument that asks for a projection, the
+    core leaves g_i . gbar out after the first step under DDP, silently: the per-sample provider decides in
+    its ``begin_step`` whether the engine keeps the layer views, before the distributed provider's
+    ``begin_step`` turns the need into a projection onto the all-reduced gradient (reported to the core;
+    GradientTests is affected the same way)."""
+    import pickle
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not built in")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.optim.SGD(models.mlp().parameters(), lr=0.1)  # the first optimizer imports torch._dynamo: before the fork
+    mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=WORLD, start_method="fork")
+    torch.manual_seed(0)
+    model, loss_fn = models.mlp(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    with Cockpit(model, opt, loss_fn, instruments=[GradientNoiseScale(beta=0.5)], sinks=[]) as ck:
+        for x, y in _ddp_data():
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    for rank in range(WORLD):
+        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
+            got = pickle.load(f)
+        assert [v for _, v in got["noise_scale/batch"]] == [float(WORLD * LOCAL)] * DDP_STEPS
+        for tag in ("noise_scale/grad_sq_raw", "noise_scale/trace_raw", "noise_scale/b_simple"):
+            np.testing.assert_allclose([v for _, v in got[tag]], _values(ck, tag), rtol=1e-4, err_msg=tag)
