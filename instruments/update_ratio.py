@@ -76,24 +76,18 @@ def ratio_verdict(
     lim = math.log10(far)
     above = {n: v for n, v in moving.items() if math.log10(v / m) > lim}
     below = {n: v for n, v in moving.items() if math.log10(v / m) < -lim}
+    rule = f"the {RULE_OF_THUMB:g} rule of thumb"
     if m > high:
-        level, how = (
-            "high",
-            (
-                f"above {high:g}, more than {high / RULE_OF_THUMB:g}x the {RULE_OF_THUMB:g} rule of thumb: the learning "
-                "rate is likely too large for these parameters"
-            ),
-        )
+        level = "high"
+        how = f"above {high:g}, more than {high / RULE_OF_THUMB:g}x {rule}: the learning rate is likely too large"
     elif m < low:
-        level, how = (
-            "low",
-            (
-                f"below {low:g}, less than {low / RULE_OF_THUMB:g}x the {RULE_OF_THUMB:g} rule of thumb: the parameters "
-                "barely move (learning rate too small, or large parameters)"
-            ),
+        level = "low"
+        how = (
+            f"below {low:g}, less than {low / RULE_OF_THUMB:g}x {rule}: the parameters barely move (learning rate "
+            "too small, or large parameters)"
         )
     else:
-        level, how = "near", f"near the {RULE_OF_THUMB:g} rule of thumb"
+        level, how = "near", f"near {rule}"
     parts = [f"the typical tensor moves {m:.2g} of its norm per step ({how})"]
 
     def listed(d: dict[str, float]) -> str:

@@ -111,8 +111,10 @@ def test_verdict_levels_and_rules():
     assert "far above the rest (more than 10x the typical ratio): d (0.05)" in text
     assert "far below the rest (less than 1/10 of the typical ratio): f (1e-05)" in text
     assert "not updated: e" in text
-    assert ratio_verdict({"a": 0.02, "b": 0.03})[0] == "high"
-    assert ratio_verdict({"a": 2e-5, "b": 3e-5})[0] == "low"
+    level, text, _ = ratio_verdict({"a": 0.02, "b": 0.03})
+    assert level == "high" and "(above 0.01, more than 10x the 0.001 rule of thumb: the learning rate is" in text
+    level, text, _ = ratio_verdict({"a": 2e-5, "b": 3e-5})
+    assert level == "low" and "(below 0.0001, less than 0.1x the 0.001 rule of thumb: the parameters" in text
     assert ratio_verdict({"a": 1e-3, "b": 9.9e-3})[2] == {}  # 9.9x: not far off
     assert ratio_verdict({})[0] == "undecided"
     assert UpdateRatio().verdicts() == []
@@ -165,7 +167,9 @@ def test_presentation_of_both_instruments(tmp_path):
         panel = fig.panel(key)
         assert not panel._note.get_visible(), panel._note.get_text()
         assert any(len(line.get_xdata()) for line in panel.ax.get_lines())
-    charts = assemble(ck.history, ck.instruments).charts
+    pres = assemble(ck.history, ck.instruments)
+    assert not pres.undeclared  # every tag is declared by its instrument
+    charts = pres.charts
     assert charts["Batch size"]["noise scale B_simple and batch size"][0] == "Multiline"
     assert "update-to-parameter ratio (rule of thumb 1e-3)" in charts["Step size"]
     text = summary_text(ck.history, instruments=ck.instruments)
