@@ -33,7 +33,7 @@ import numpy as np
 
 from cockpit_lite import Instrument, Need
 from cockpit_lite.instruments._util import quantile_records
-from cockpit_lite.panels import COLORS, QuantilePanel
+from cockpit_lite.panels import COLORS, Panel, QuantilePanel
 from cockpit_lite.providers.param_norms import PARAM_NORMS
 
 #: the rule of thumb for a healthy update-to-parameter ratio per step
@@ -125,6 +125,34 @@ class RatioPanel(QuantilePanel):
             self.legend()
 
 
+class RatioHistogram(Panel):
+    """The histogram of log10 ||Delta theta_p|| / ||theta_p|| over the tensors at the last tracked step."""
+
+    title = "Update ratio by tensor, last tracked step"
+    xlabel = "log10 ||Δθ_p|| / ||θ_p||  (-3 = rule of thumb)"
+    ylabel = "tensors"
+    key = "update_ratio:histogram"
+
+    def setup(self, ax) -> None:
+        self._bars: list = []
+        self._rule = ax.axvline(math.log10(RULE_OF_THUMB), color=COLORS["ref"], linestyle="--", linewidth=1)
+        self._rule.set_visible(False)
+
+    def update(self, h: Any) -> None:
+        self.clear_patches("_bars")
+        item = self.latest(h, "update_ratio/log10")
+        logs = np.asarray(item[1], dtype=np.float64) if item is not None else np.empty(0)
+        logs = logs[np.isfinite(logs)]
+        self._rule.set_visible(bool(logs.size))
+        if not self.shows(logs.size):
+            return
+        lo, hi = min(logs.min(), -3.0), max(logs.max(), -3.0)
+        counts, edges = np.histogram(logs, bins=max(5, min(30, logs.size)), range=(lo - 0.05, hi + 0.05))
+        self._bars = [self.histogram_bars(counts, edges, f"step {item[0]}")]
+        self.rescale()
+        self.legend()
+
+
 class UpdateRatio(Instrument):
     """||Delta theta_p|| / ||theta_p|| per parameter tensor, its distribution over tensors, and a verdict.
 
@@ -165,6 +193,7 @@ class UpdateRatio(Instrument):
             missing="not tracked: add the UpdateRatio instrument (`update_ratio/...`)",
             key="update_ratio",
         ),
+        RatioHistogram(missing="not tracked: add the UpdateRatio instrument (`update_ratio/log10`)"),
     )
     CHARTS = {
         "Step size": {

@@ -167,6 +167,10 @@ def test_presentation_of_both_instruments(tmp_path):
         panel = fig.panel(key)
         assert not panel._note.get_visible(), panel._note.get_text()
         assert any(len(line.get_xdata()) for line in panel.ax.get_lines())
+    hist = fig.panel("update_ratio:histogram")
+    assert not hist._note.get_visible(), hist._note.get_text()
+    heights = [bar.get_height() for container in hist._bars for bar in container]
+    assert sum(heights) == len(dict(ck.history["update_ratio/log10"])[5]) == len(list(model.parameters()))
     pres = assemble(ck.history, ck.instruments)
     assert not pres.undeclared  # every tag is declared by its instrument
     charts = pres.charts
