@@ -330,3 +330,41 @@ def test_ddp_estimates_are_those_of_the_global_batch(tmp_path):
         assert [v for _, v in got["noise_scale/batch"]] == [float(WORLD * LOCAL)] * DDP_STEPS
         for tag in ("noise_scale/grad_sq_raw", "noise_scale/trace_raw", "noise_scale/b_simple"):
             np.testing.assert_allclose([v for _, v in got[tag]], _values(ck, tag), rtol=1e-4, err_msg=tag)
+
+
+def test_a_summed_loss_gives_the_estimates_of_a_mean_loss():
+    """g_i is the gradient of l_i whatever the reduction: the same examples and parameters (lr 0) give the
+    same estimates with reduction="sum"."""
+    gen = torch.Generator().manual_seed(9)
+    batches = [(torch.randn(10, 6, generator=gen), torch.randint(0, 3, (10,), generator=gen)) for _ in range(3)]
+    runs = []
+    for reduction in ("mean", "sum"):
+        torch.manual_seed(0)
+        model, loss_fn = models.mlp(), nn.CrossEntropyLoss(reduction=reduction)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        with Cockpit(model, opt, loss_fn, instruments=[GradientNoiseScale(beta=0.5)], sinks=[]) as ck:
+            for x, y in batches:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+        runs.append(ck)
+    for tag in ("noise_scale/grad_sq_raw", "noise_scale/trace_raw", "noise_scale/b_simple"):
+        np.testing.assert_allclose(_values(runs[1], tag), _values(runs[0], tag), rtol=1e-5)
+
+
+def test_agrees_with_the_norm_test():
+    """With theta the norm test of GradientTests, B_simple = B theta^2 / (1 - theta^2) per step (both read the
+    same ||g_i||^2 and ||gbar||^2)."""
+    from cockpit_lite.instruments.gradient_tests import GradientTests
+
+    torch.manual_seed(0)
+    model, loss_fn = models.mlp(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    with Cockpit(model, opt, loss_fn, instruments=[GradientNoiseScale(), GradientTests()], sinks=[]) as ck:
+        for _ in range(4):
+            x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    theta2 = _values(ck, "tests/norm") ** 2
+    np.testing.assert_allclose(_values(ck, "noise_scale/b_simple_raw"), 12 * theta2 / (1 - theta2), rtol=1e-9)
