@@ -30,9 +30,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from cockpit_lite.instruments._util import quantile_records
 
 from cockpit_lite import Instrument, Need
-from cockpit_lite.instruments._util import quantile_records
 from cockpit_lite.panels import COLORS, Panel, QuantilePanel
 from cockpit_lite.providers.param_norms import PARAM_NORMS
 

@@ -20,11 +20,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from cockpit_lite.instruments.noise_scale import GradientNoiseScale, batch_verdict, noise_scale_estimates
 from torch import nn
 
 from cockpit_lite import Cockpit
-from cockpit_lite.instruments.alpha import Alpha
-from cockpit_lite.instruments.noise_scale import GradientNoiseScale, batch_verdict, noise_scale_estimates
 from tests import models
 from tests.reference import flat, per_sample_grads_loop
 
@@ -281,8 +280,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         model = nn.parallel.DistributedDataParallel(models.mlp())
         opt = torch.optim.SGD(model.parameters(), lr=0.3)
         loss_fn = nn.CrossEntropyLoss()
-        # Alpha asks for projections onto the update: see the test's docstring
-        insts = [GradientNoiseScale(beta=0.5), Alpha()]
+        insts = [GradientNoiseScale(beta=0.5)]  # alone: no other instrument asks for a projection
         with Cockpit(model, opt, loss_fn, instruments=insts, sinks=[]) as ck:
             for x, y in _ddp_data():
                 opt.zero_grad()
@@ -298,11 +296,10 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
 def test_ddp_estimates_are_those_of_the_global_batch(tmp_path):
     """Two gloo ranks of 6 examples each give, on both ranks, the estimates of one process on the 12.
 
-    Alpha runs beside it (as in the default preset). Without an instrument that asks for a projection, the
-    core leaves g_i . gbar out after the first step under DDP, silently: the per-sample provider decides in
-    its ``begin_step`` whether the engine keeps the layer views, before the distributed provider's
-    ``begin_step`` turns the need into a projection onto the all-reduced gradient (reported to the core;
-    GradientTests is affected the same way)."""
+    The instrument runs alone: no other instrument asks for a projection, so the engine must keep the
+    layer views for the distributed provider's projection onto the all-reduced gradient, which it adds
+    after the per-sample provider's ``begin_step`` (``engine.needs_changed()``; without it g_i . gbar was
+    left out silently from the second step on)."""
     import pickle
     import socket
 

@@ -418,6 +418,13 @@ class PerSampleEngine:
         if not self.covered and not self._segments:  # called before this step reduced any layer
             self._whole = self._keeps_views()
 
+    def needs_changed(self) -> None:
+        """The step's needs changed after :meth:`begin` (a later provider's ``begin_step``: under DDP the
+        distributed provider turns g_i . gbar into a projection onto the all-reduced gbar): decide again,
+        before any layer is reduced, whether this step keeps its layers' views."""
+        if self.active and not self.covered and not self._segments:
+            self._whole = self._keeps_views()
+
     def _keeps_views(self) -> bool:
         """Whether this step keeps the layers' views past their reduction (until the optimizer step)."""
         flags = self.needs.flags

@@ -116,6 +116,7 @@ class PerSampleProvider(Provider):
         if self.backwards:  # gradient accumulation: the next micro-batch of the same step
             self.engine.next_micro_batch(call.batch, self._factor(call.batch), self.mean)
         else:  # the first call, or a later one before any backward (an abandoned iteration's retry)
+            self.engine.needs_changed()  # every provider's begin_step has run by now
             self.engine.set_batch(call.batch, self._factor(call.batch), self.mean)
 
     def _uncovered(self, covered: set[str], record: StepRecord) -> dict[str, float]:
