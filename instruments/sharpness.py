@@ -224,33 +224,30 @@ class Sharpness(Instrument):
             return
         try:
             with paused():
-                loss = replay.loss()
-                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                loss, grads = replay.gradient(params)
         except ReplayMismatch as e:
             self.note(str(e))
             return
-        pairs = [(p, g, s) for p, g, s in zip(params, grads, scales, strict=True) if g is not None]
+        # a parameter whose gradient does not depend on theta has zero rows and columns in H: left out
+        pairs = [(p, g, s) for p, g, s in zip(params, grads, scales, strict=True) if g is not None and g.requires_grad]
+        lam, used, ok = self._power_iteration(pairs, record.step) if pairs else (0.0, 0, True)
+        self._result = {"lambda_max": lam, "limit": math.nan if limit is None else limit, "iterations": used, "ok": ok}
+
+    def _power_iteration(self, pairs: list[tuple], step: int) -> tuple[float, int, bool]:
+        """lambda_max of A = S H S by :func:`largest_eigenvalue`; ``pairs``: (parameter, its gradient with
+        a graph, its S)."""
+        params, grads, scales = zip(*pairs, strict=True)
 
         def matvec(v: list[torch.Tensor]) -> list[torch.Tensor]:
-            sv = [s * x for (_, _, s), x in zip(pairs, v, strict=True)]
             with paused():
                 hv = torch.autograd.grad(
-                    [g for _, g, _ in pairs],
-                    [p for p, _, _ in pairs],
-                    grad_outputs=sv,
-                    retain_graph=True,
-                    allow_unused=True,
+                    grads, params, grad_outputs=[s * x for s, x in zip(scales, v, strict=True)], retain_graph=True
                 )
-            return [s * (torch.zeros_like(x) if h is None else h.detach()) for (_, _, s), x, h in zip(pairs, v, hv, strict=True)]
+            return [s * h.detach() for s, h in zip(scales, hv, strict=True)]
 
-        gen = torch.Generator().manual_seed(self.seed + record.step)
-        start = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype) for p, _, _ in pairs]
-        if not pairs or not any(g.requires_grad for _, g, _ in pairs):  # the loss is linear in the parameters
-            lam, used, ok = 0.0, 0, True
-        else:
-            lam, used, ok = largest_eigenvalue(matvec, start, self.iterations, self.tol)
-        del grads, pairs, loss
-        self._result = {"lambda_max": lam, "limit": math.nan if limit is None else limit, "iterations": used, "ok": ok}
+        gen = torch.Generator().manual_seed(self.seed + step)
+        start = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype) for p in params]
+        return largest_eigenvalue(matvec, start, self.iterations, self.tol)
 
     def _scales(self, kind: str, lr: float) -> tuple[list[torch.nn.Parameter], list[torch.Tensor | float]]:
         """The parameters measured and S (per element) with A = S H S."""

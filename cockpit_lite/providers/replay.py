@@ -26,16 +26,17 @@ The recomputation leaves training as it was:
   as the step did); embeddings with ``max_norm`` do not renormalise their weights;
 - ``p.grad`` is untouched as long as the caller differentiates with ``torch.autograd.grad``.
 
-The first call checks that the recomputed loss equals the step's loss (the backward root, to 1e-4
-relative plus float round-off): a loop that adds terms the cockpit does not see (a penalty added in
-the loop), a model whose forward is not reproducible, or autocast (not replayed) fail the check, and
-``loss()`` raises :class:`ReplayMismatch` saying so.
+Two checks guard against a replay of another loss than the step's: the recomputed loss must equal
+the step's loss (the backward roots, to 1e-4 relative plus round-off), and :meth:`Replay.gradient`
+compares ||grad L(theta)|| with ||p.grad|| right after the step's backward (to 1e-3 relative), which
+catches what the weights w_k would absorb (a penalty added in the loop, ``(loss + pen).backward()``).
+A model whose forward is not reproducible and autocast (not replayed) fail them too; both raise
+:class:`ReplayMismatch` saying so.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,7 @@ from cockpit_lite.needs import Need, Needs
 from cockpit_lite.pause import paused
 from cockpit_lite.providers import register_provider
 from cockpit_lite.providers.base import BackwardRoot, Context, LossCall, ModelCall, Provider
+from cockpit_lite.providers.grad_norms import grad_norms
 from cockpit_lite.step import StepRecord
 
 #: the need (a plain name: no member of :class:`~cockpit_lite.needs.Need`): ``record.get(REPLAY)``
@@ -98,9 +100,39 @@ def _find_pred(output: Any, pred: torch.Tensor) -> tuple[list[int], torch.Size] 
 class Replay:
     """The step's loss recomputed at the current parameters (see the module docstring)."""
 
-    def __init__(self, context: Context, calls: list[_Call], weights: list[float], loss: float, devices: list[int]):
+    def __init__(
+        self,
+        context: Context,
+        calls: list[_Call],
+        weights: list[float],
+        loss: float,
+        devices: list[int],
+        norms: dict[str, float] | None = None,
+    ):
         self.context, self.calls, self.weights, self.step_loss, self.devices = context, calls, weights, loss, devices
+        #: ||p.grad|| by name right after the step's backward (divided by the AMP scale)
+        self.norms = norms
         self.checked = False
+
+    def gradient(
+        self, params: list[torch.nn.Parameter], create_graph: bool = True
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        """(L(theta), dL/dparams) by ``torch.autograd.grad`` (``p.grad`` untouched; run it and any
+        further differentiation inside :func:`cockpit_lite.pause.paused`). Raises ReplayMismatch unless
+        ||dL/dparams|| equals ||p.grad|| after the step's backward over the same parameters (1e-3 relative)."""
+        loss = self.loss()
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+        if self.norms is not None:
+            names = {id(p): n for n, p in self.context.params.items()}
+            pairs = [(g, self.norms.get(names.get(id(p), ""), 0.0)) for p, g in zip(params, grads, strict=True)]
+            got = math.sqrt(sum(float(g.detach().double().square().sum()) for g, _ in pairs if g is not None))
+            want = math.sqrt(sum(n * n for _, n in pairs))
+            if not abs(got - want) <= 1e-3 * want + 1e-12:
+                raise ReplayMismatch(
+                    f"the gradient of the recomputed loss has norm {got:.6g}, the step's backward gave {want:.6g}: the "
+                    "loop adds terms to the loss the cockpit does not see, or p.grad was not zeroed before the step"
+                )
+        return loss, grads
 
     def loss(self) -> torch.Tensor:
         """L(theta) as a 0-dim tensor with a graph to the parameters (differentiate it with
@@ -171,9 +203,10 @@ class ReplayProvider(Provider):
         super().__init__(context)
         self.calls: list[_Call] = []
         self.roots: list[float] = []
+        self.norms: dict[str, float] | None = None
 
     def begin_step(self, record: StepRecord, needs: Needs) -> None:
-        self.calls, self.roots, self.problem = [], [], None
+        self.calls, self.roots, self.problem, self.norms = [], [], None, None
         params = list(self.context.network.parameters())
         self.devices = sorted({p.device.index or 0 for p in params if p.is_cuda})
 
@@ -222,6 +255,10 @@ class ReplayProvider(Provider):
         else:
             self.problem = self.problem or "backward started from a non-scalar tensor"
 
+    def on_backward_end(self, record: StepRecord) -> None:
+        scale = record.backward_scale if record.backward_scale and math.isfinite(record.backward_scale) else 1.0
+        self.norms = {n: v / scale for n, v in grad_norms(self.context.params).items()}
+
     def on_before_step(self, record: StepRecord) -> None:
         calls = [c for c in self.calls if not record.reached or c.index in record.reached]
         replay, why = None, self.problem
@@ -245,14 +282,10 @@ class ReplayProvider(Provider):
                 loss = sum(self.roots)
             else:
                 weights, loss = [1.0] * len(calls), sum(c.value for c in calls)
-            replay = Replay(self.context, calls, weights, loss, self.devices)
+            replay = Replay(self.context, calls, weights, loss, self.devices, self.norms)
         else:
             record.add_note(f"no replay of the loss: {why}", self.PROVIDES)
         record.provided[REPLAY] = replay
 
     def end_step(self) -> None:
-        self.calls, self.roots = [], []
-
-
-#: for type hints of instruments
-ReplayFn = Callable[[], torch.Tensor]
+        self.calls, self.roots, self.norms = [], [], None
