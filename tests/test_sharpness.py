@@ -309,3 +309,82 @@ def test_state_dict_round_trip():
     cp2 = _quadratic_run(0.1, 1, restored)
     assert restored.verdicts()[0].startswith("sharpness: at the edge of stability since step 0")
     cp2.close()
+
+
+class TargetsAsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _mlp()
+
+    def forward(self, x, y):
+        return self.net(x)
+
+
+def test_a_loss_fn_callable_is_replayed():
+    """No loss module: the loop calls a functional loss; the Cockpit's loss_fn(output, *args) gives the
+    per-example losses the replay reduces (mean)."""
+    model = TargetsAsInput()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ((x, y),) = _batches(1)
+    want, _ = _top_two(exact_hessian(model, lambda m: nn.functional.cross_entropy(m(x, y), y)))
+    fn = lambda out, x, y: nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
+    cp = Cockpit(model, opt, loss_fn=fn, instruments=[_measure()])
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x, y), y).backward()
+    opt.step()
+    cp.close()
+    assert dict(cp.history.get("sharpness/lambda_max"))[0] == pytest.approx(want, rel=1e-3)
+
+
+def test_panel_charts_and_summary():
+    from cockpit_lite.figure import DashboardFigure
+    from cockpit_lite.presentation import assemble, summary_text
+
+    cp = _quadratic_run(0.1, 4, Sharpness(every=1, iterations=200, tol=1e-10))
+    cp.close()
+    h = cp.history
+    fig = DashboardFigure(instruments=cp.instruments)
+    fig.update(h)
+    panel = fig.panel("Sharpness and the stability limit")
+    assert panel.ax.get_yscale() == "log"
+    for tag in ("sharpness/lambda_max", "sharpness/limit"):
+        assert list(panel._lines[tag].get_ydata()) == pytest.approx(h.values(tag))
+    presentation = assemble(h, cp.instruments)
+    assert not presentation.undeclared
+    assert presentation.charts["Stability"]["sharpness: lambda_max and the limit"] == [
+        "Multiline",
+        ["^sharpness/lambda_max$", "^sharpness/limit$"],
+    ]
+    text = summary_text(h, instruments=cp.instruments)
+    assert "lambda_max of the Hessian (preconditioned for Adam)" in text
+    assert "at the edge of stability since step 0" in text
+
+
+def test_a_forward_under_autocast_is_replayed_under_it():
+    """bfloat16 autocast on the CPU: the replay reproduces the step's loss and gradient (no note) and
+    the training run is unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    ref = copy.deepcopy(model)
+    lf = nn.CrossEntropyLoss()
+    ((x, y),) = _batches(1)
+    x = x.float()
+
+    def run(m, instruments):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        cp = Cockpit(m, opt, loss_fn=lf, instruments=instruments) if instruments else None
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lf(m(x), y)
+        loss.backward()
+        opt.step()
+        return cp
+
+    cp = run(model, [Sharpness(every=1, iterations=50)])
+    run(ref, None)
+    cp.close()
+    notes = " ".join(v for _, v in cp.history.get("note/sharpness") or [])
+    assert "recomputed" not in notes and "differs" not in notes
+    assert math.isfinite(dict(cp.history.get("sharpness/lambda_max"))[0])
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)

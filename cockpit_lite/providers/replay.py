@@ -21,6 +21,7 @@ The recomputation leaves training as it was:
 - the random streams are forked (``torch.random.fork_rng``) and set, inside the fork, to their state
   at the start of the step's forward: dropout draws the step's own masks, and the loop's random stream
   continues as if the replay never ran;
+- the forward runs under the autocast the step's forward ran under;
 - every module buffer (BatchNorm running statistics and ``num_batches_tracked``) is replaced by a copy
   for the replay; modules keep their mode (train-mode BatchNorm normalises with the batch statistics,
   as the step did); embeddings with ``max_norm`` do not renormalise their weights;
@@ -30,20 +31,22 @@ Two checks guard against a replay of another loss than the step's: the recompute
 the step's loss (the backward roots, to 1e-4 relative plus round-off), and :meth:`Replay.gradient`
 compares ||grad L(theta)|| with ||p.grad|| right after the step's backward (to 1e-3 relative), which
 catches what the weights w_k would absorb (a penalty added in the loop, ``(loss + pen).backward()``).
-A model whose forward is not reproducible and autocast (not replayed) fail them too; both raise
-:class:`ReplayMismatch` saying so.
+A model whose forward is not reproducible fails them too; both raise :class:`ReplayMismatch` saying
+so. A forward that ran under ``torch.autocast`` (CPU or CUDA) is replayed under the same autocast; the
+loss module's call is replayed inside it too (where the loop may have called it outside).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
 
+from cockpit_lite.compat import tree_flatten, tree_map
 from cockpit_lite.losses import scalar_loss
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.pause import paused
@@ -66,11 +69,21 @@ class _Call:
     kwargs: dict
     index: int
     rng: tuple[torch.Tensor, list[torch.Tensor]]
+    #: the autocast regions the forward ran in: (device type, dtype)
+    autocast: list[tuple[str, torch.dtype]] = field(default_factory=list)
     #: how the loss of this call is computed from the model's output: ("module", path, shape, args,
     #: kwargs), ("model",), ("fn",) or None (not known yet)
     recipe: tuple | None = None
     value: float | None = None  #: L_k as the loop computed it
     extra: dict = field(default_factory=dict)
+
+
+def _autocast_state() -> list[tuple[str, torch.dtype]]:
+    out = []
+    for device in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device):
+            out.append((device, torch.get_autocast_dtype(device)))
+    return out
 
 
 def _rng_state(devices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -164,10 +177,15 @@ class Replay:
                 m.max_norm = None
             for m, name, b in buffers:
                 m._buffers[name] = b.detach().clone()
-            with paused(), torch.enable_grad(), torch.random.fork_rng(devices=self.devices):
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(paused())
+                stack.enter_context(torch.enable_grad())
+                stack.enter_context(torch.random.fork_rng(devices=self.devices))
                 torch.set_rng_state(call.rng[0])
                 for d, s in zip(self.devices, call.rng[1], strict=True):
                     torch.cuda.set_rng_state(s, d)
+                for device, dtype in call.autocast:
+                    stack.enter_context(torch.autocast(device, dtype=dtype))
                 output = model(*call.args, **call.kwargs)
                 return self._loss_of(call, output)
         finally:
@@ -211,7 +229,7 @@ class ReplayProvider(Provider):
         self.devices = sorted({p.device.index or 0 for p in params if p.is_cuda})
 
     def on_forward(self, record: StepRecord, call: ModelCall) -> None:
-        self.calls.append(_Call(call.args, dict(call.kwargs), call.index, _rng_state(self.devices)))
+        self.calls.append(_Call(call.args, dict(call.kwargs), call.index, _rng_state(self.devices), _autocast_state()))
 
     def on_output(self, record: StepRecord, call: ModelCall) -> None:
         if not self.calls:
