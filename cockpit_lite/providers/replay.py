@@ -30,7 +30,9 @@ The recomputation leaves training as it was:
 Two checks guard against a replay of another loss than the step's: the recomputed loss must equal
 the step's loss (the backward roots, to 1e-4 relative plus round-off), and :meth:`Replay.gradient`
 compares ||grad L(theta)|| with ||p.grad|| right after the step's backward (to 1e-3 relative), which
-catches what the weights w_k would absorb (a penalty added in the loop, ``(loss + pen).backward()``).
+catches what the weights w_k would absorb (a penalty added in the loop, ``(loss + pen).backward()``;
+skipped under DDP, where ``p.grad`` is the average over the ranks). A sharded model (FSDP) gets no
+replay (its forward gathers parameters with collectives the other ranks would not join).
 A model whose forward is not reproducible fails them too; both raise :class:`ReplayMismatch` saying
 so. A forward that ran under ``torch.autocast`` (CPU or CUDA) is replayed under the same autocast; the
 loss module's call is replayed inside it too (where the loop may have called it outside).
@@ -46,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cockpit_lite import distributed
 from cockpit_lite.compat import tree_flatten, tree_map
 from cockpit_lite.losses import scalar_loss
 from cockpit_lite.needs import Need, Needs
@@ -108,6 +111,12 @@ def _find_pred(output: Any, pred: torch.Tensor) -> tuple[list[int], torch.Size] 
         ):
             return [i], pred.shape
     return None
+
+
+def _sharded(model: nn.Module) -> bool:
+    from cockpit_lite.persample.engine import _sharded as sharded
+
+    return sharded(model)
 
 
 class Replay:
@@ -274,12 +283,16 @@ class ReplayProvider(Provider):
             self.problem = self.problem or "backward started from a non-scalar tensor"
 
     def on_backward_end(self, record: StepRecord) -> None:
+        if distributed.initialized() and distributed.world_size() > 1:
+            return  # p.grad is averaged over the ranks: no check against this rank's replay
         scale = record.backward_scale if record.backward_scale and math.isfinite(record.backward_scale) else 1.0
         self.norms = {n: v / scale for n, v in grad_norms(self.context.params).items()}
 
     def on_before_step(self, record: StepRecord) -> None:
         calls = [c for c in self.calls if not record.reached or c.index in record.reached]
         replay, why = None, self.problem
+        if why is None and _sharded(self.context.network):
+            why = "the model is sharded (FSDP): a replayed forward would gather parameters outside the collectives"
         if why is None:
             if not calls:
                 why = "no model call seen this step"
