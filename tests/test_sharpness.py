@@ -9,6 +9,7 @@ import copy
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from torch.func import functional_call
 
 from cockpit_lite import Cockpit
 from cockpit_lite.instruments.sharpness import Sharpness, largest_eigenvalue
+from cockpit_lite.pause import paused
 
 
 def _mlp() -> nn.Module:
@@ -46,7 +48,8 @@ def exact_hessian(model: nn.Module, loss_of) -> torch.Tensor:
             i += s.numel()
         return loss_of(lambda *a: functional_call(model, ps, a))
 
-    return torch.autograd.functional.hessian(f, theta)
+    with paused():  # the reference is no model call of the run
+        return torch.autograd.functional.hessian(f, theta)
 
 
 def _top_two(matrix: torch.Tensor) -> tuple[float, float]:
@@ -388,3 +391,35 @@ def test_a_forward_under_autocast_is_replayed_under_it():
     assert math.isfinite(dict(cp.history.get("sharpness/lambda_max"))[0])
     for a, b in zip(model.parameters(), ref.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_next_to_the_economy_preset_changes_no_other_record():
+    """Per-sample instruments (economy preset: per-sample norms, gradient tests, Alpha) record the same
+    values with Sharpness measuring at the same steps, and Sharpness matches the exact Hessian."""
+    from cockpit_lite.instruments.presets import economy
+
+    batches = _batches(3)
+    lf = nn.CrossEntropyLoss()
+
+    def run(extra):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        cp = Cockpit(model, opt, loss_fn=lf, instruments=[*economy(), *extra])
+        want = []
+        for x, y in batches:
+            if extra:
+                want.append(_top_two(exact_hessian(model, lambda m, x=x, y=y: lf(m(x), y)))[0])
+            opt.zero_grad()
+            lf(model(x), y).backward()
+            opt.step()
+        cp.close()
+        return cp.history, want
+
+    plain, _ = run([])
+    measured, want = run([_measure()])
+    assert [v for _, v in measured.get("sharpness/lambda_max")] == pytest.approx(want, rel=1e-3)
+    for tag in ("alpha", "tests/norm", "persample/grad_norm", "loss", "grad_norm"):
+        a, b = plain.get(tag), measured.get(tag)
+        assert a is not None and len(a) == len(b), tag
+        for (s1, v1), (s2, v2) in zip(a, b, strict=True):
+            assert s1 == s2 and np.array_equal(np.asarray(v1), np.asarray(v2), equal_nan=True), tag
