@@ -270,10 +270,10 @@ class Quadratic(nn.Module):
         return 0.5 * (self.a * self.w**2).sum() + 0.0 * x.sum()
 
 
-def _quadratic_run(lr: float, steps: int, inst: Sharpness) -> Cockpit:
+def _quadratic_run(lr: float, steps: int, inst: Sharpness, logdir=None) -> Cockpit:
     model = Quadratic([19.0, 3.0, 1.0])
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    cp = Cockpit(model, opt, instruments=[inst])
+    cp = Cockpit(model, opt, instruments=[inst], logdir=logdir)
     for _ in range(steps):
         opt.zero_grad()
         model(torch.ones(4, 1, dtype=torch.float64)).backward()
@@ -339,12 +339,21 @@ def test_a_loss_fn_callable_is_replayed():
     assert dict(cp.history.get("sharpness/lambda_max"))[0] == pytest.approx(want, rel=1e-3)
 
 
-def test_panel_charts_and_summary():
+def test_panel_charts_and_summary(tmp_path):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
     from cockpit_lite.figure import DashboardFigure
     from cockpit_lite.presentation import assemble, summary_text
+    from tests.sinks_util import accumulator
 
-    cp = _quadratic_run(0.1, 4, Sharpness(every=1, iterations=200, tol=1e-10))
+    cp = _quadratic_run(0.1, 4, Sharpness(every=1, iterations=200, tol=1e-10), logdir=tmp_path)
     cp.close()
+    events = accumulator(tmp_path)
+    assert [e.value for e in events.Scalars("sharpness/limit")] == pytest.approx([20.0] * 4)
+    layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
+    charts = {c.title: {chart.title: chart for chart in c.chart} for c in layout.category}
+    chart = charts["Stability"]["sharpness: lambda_max and the limit"]
+    assert list(chart.multiline.tag) == ["^sharpness/lambda_max$", "^sharpness/limit$"]
     h = cp.history
     fig = DashboardFigure(instruments=cp.instruments)
     fig.update(h)
@@ -423,3 +432,18 @@ def test_next_to_the_economy_preset_changes_no_other_record():
         assert a is not None and len(a) == len(b), tag
         for (s1, v1), (s2, v2) in zip(a, b, strict=True):
             assert s1 == s2 and np.array_equal(np.asarray(v1), np.asarray(v2), equal_nan=True), tag
+
+
+def test_a_loss_computed_in_the_loop_is_a_note():
+    """A functional loss and no loss_fn: nothing to replay; the note names the fix."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ((x, y),) = _batches(1)
+    cp = Cockpit(model, opt, instruments=[Sharpness(every=1)])
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    cp.close()
+    assert cp.history.get("sharpness/lambda_max") is None
+    assert "no replay of the loss" in dict(cp.history.get("note/sharpness"))[0]
+    assert "loss_fn" in dict(cp.history.get("note/sharpness"))[0]
