@@ -112,7 +112,8 @@ def stability_limit(optimizer: torch.optim.Optimizer) -> tuple[str, float, float
     top = max(groups, key=lambda g: float(g["lr"]))
     lr = float(top["lr"])
     if isinstance(optimizer, torch.optim.SGD):
-        beta, tau = float(top.get("momentum", 0.0)), float(top.get("dampening", 0.0))
+        beta = float(top.get("momentum", 0.0))
+        tau = float(top.get("dampening", 0.0)) if beta else 0.0  # dampening acts on the momentum buffer only
         if top.get("nesterov", False):
             return "sgd", lr, (2 + 2 * beta) / ((1 + 2 * beta) * lr), None
         return "sgd", lr, (2 + 2 * beta) / ((1 - tau) * lr) if tau < 1 else math.inf, None

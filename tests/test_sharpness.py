@@ -447,3 +447,29 @@ def test_a_loss_computed_in_the_loop_is_a_note():
     assert cp.history.get("sharpness/lambda_max") is None
     assert "no replay of the loss" in dict(cp.history.get("note/sharpness"))[0]
     assert "loss_fn" in dict(cp.history.get("note/sharpness"))[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"momentum": 0.9}, {"momentum": 0.5, "dampening": 0.3}, {"momentum": 0.9, "nesterov": True}],
+)
+def test_sgd_limits_are_where_torch_sgd_turns_unstable(kwargs):
+    """The limit from stability_limit against torch.optim.SGD itself on f(x) = a x^2 / 2: curvature
+    0.95 x limit converges, 1.05 x limit diverges."""
+    from cockpit_lite.instruments.sharpness import stability_limit
+
+    lr = 0.1
+    probe = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr, **kwargs)
+    kind, eta, limit, _ = stability_limit(probe)
+    assert kind == "sgd" and eta == lr
+
+    def final(a: float) -> float:
+        x = nn.Parameter(torch.ones(1, dtype=torch.float64))
+        opt = torch.optim.SGD([x], lr=lr, **kwargs)
+        for _ in range(800):
+            opt.zero_grad()
+            (0.5 * a * x**2).sum().backward()
+            opt.step()
+        return abs(float(x.detach()))
+
+    assert final(0.95 * limit) < 1e-2 and final(1.05 * limit) > 1e2
