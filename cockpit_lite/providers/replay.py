@@ -74,11 +74,12 @@ class _Call:
     rng: tuple[torch.Tensor, list[torch.Tensor]]
     #: the autocast regions the forward ran in: (device type, dtype)
     autocast: list[tuple[str, torch.dtype]] = field(default_factory=list)
-    #: how the loss of this call is computed from the model's output: ("module", path, shape, args,
-    #: kwargs), ("model",), ("fn",) or None (not known yet)
+    #: how the loss of this call is computed from the model's output: ("module", (position among the
+    #: output's tensors, shape the loss saw), other loss args, loss kwargs), ("model",), ("fn",) or None
+    #: (not known yet)
     recipe: tuple | None = None
     value: float | None = None  #: L_k as the loop computed it
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  #: the step's output, until the step's pre-hook
 
 
 def _autocast_state() -> list[tuple[str, torch.dtype]]:
@@ -289,6 +290,8 @@ class ReplayProvider(Provider):
         self.norms = {n: v / scale for n, v in grad_norms(self.context.params).items()}
 
     def on_before_step(self, record: StepRecord) -> None:
+        for c in self.calls:
+            c.extra.clear()  # the replay needs the inputs only
         calls = [c for c in self.calls if not record.reached or c.index in record.reached]
         replay, why = None, self.problem
         if why is None and _sharded(self.context.network):
