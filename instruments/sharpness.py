@@ -242,9 +242,13 @@ class Sharpness(Instrument):
         def matvec(v: list[torch.Tensor]) -> list[torch.Tensor]:
             with paused():
                 hv = torch.autograd.grad(
-                    grads, params, grad_outputs=[s * x for s, x in zip(scales, v, strict=True)], retain_graph=True
+                    grads,
+                    params,
+                    grad_outputs=[s * x for s, x in zip(scales, v, strict=True)],
+                    retain_graph=True,
+                    allow_unused=True,
                 )
-            return [s * h.detach() for s, h in zip(scales, hv, strict=True)]
+            return [torch.zeros_like(x) if h is None else s * h.detach() for s, x, h in zip(scales, v, hv, strict=True)]
 
         gen = torch.Generator().manual_seed(self.seed + step)
         start = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype) for p in params]
