@@ -473,3 +473,35 @@ def test_sgd_limits_are_where_torch_sgd_turns_unstable(kwargs):
         return abs(float(x.detach()))
 
     assert final(0.95 * limit) < 1e-2 and final(1.05 * limit) > 1e2
+
+
+def test_nanogpt_with_dropout_and_tied_weights_trains_bit_identically():
+    """nanoGPT (loss inside forward, logits.view(-1, V), tied embedding, dropout): the replay passes its
+    loss and gradient checks (the step's dropout masks) and training is unchanged."""
+    from tests.models_lm import NanoGPT
+
+    def run(instruments):
+        torch.manual_seed(0)
+        model = NanoGPT(vocab_size=11, block_size=6, n_layer=1, n_head=2, d=8, dropout=0.2)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        cp = Cockpit(model, opt, instruments=instruments) if instruments else None
+        g = torch.Generator().manual_seed(4)
+        for _ in range(3):
+            idx, tg = torch.randint(0, 11, (4, 6), generator=g), torch.randint(0, 11, (4, 6), generator=g)
+            opt.zero_grad()
+            model(idx, tg)[1].backward()
+            opt.step()
+        if cp is not None:
+            cp.close()
+        return model, torch.get_rng_state(), cp
+
+    plain, rng_plain, _ = run(None)
+    measured, rng_measured, cp = run([Sharpness(every=1, iterations=10)])
+    values = cp.history.get("sharpness/lambda_max")
+    assert [s for s, _ in values] == [0, 1, 2] and all(math.isfinite(v) and v > 0 for _, v in values)
+    assert dict(cp.history.get("sharpness/limit"))[0] == pytest.approx(38 / 1e-2)
+    notes = " ".join(v for _, v in cp.history.get("note/sharpness") or [])
+    assert "recomputed" not in notes and "differs" not in notes
+    for a, b in zip(plain.parameters(), measured.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(rng_plain, rng_measured)
