@@ -84,30 +84,54 @@ def test_sgd_lambda_max_matches_exact_hessian():
     assert all(v == 1.0 for _, v in cp.history.get("sharpness/converged"))
 
 
-def test_adam_preconditioned_sharpness_matches_direct():
-    """lambda_max(P^-1 H) at step 2 against eigvalsh(P^-1/2 H P^-1/2), P = (1 - beta1^t)(sqrt(v_hat) + eps)
-    with v_t read from a reference Adam's state after its step t (t = 3)."""
+ADAMS = {
+    "adam": (torch.optim.Adam, {}),
+    "adam_coupled_wd": (torch.optim.Adam, {"weight_decay": 0.5}),
+    "adamw": (torch.optim.AdamW, {"weight_decay": 0.5}),
+    "amsgrad": (torch.optim.Adam, {"amsgrad": True}),
+    "two_groups": (torch.optim.Adam, {"groups": True}),
+}
+
+
+@pytest.mark.parametrize("case", list(ADAMS))
+def test_adam_preconditioned_sharpness_matches_direct(case):
+    """lambda_max(D^1/2 P^-1/2 H P^-1/2 D^1/2) at step 2 against eigvalsh, P = (1 - beta1^t)(sqrt(v_hat) +
+    eps) with v_t read from a reference optimizer's state after its step t (t = 3): ``exp_avg_sq``, or
+    ``max_exp_avg_sq`` for AMSGrad; D = lr_group / lr_max (1 with one group)."""
+    cls, kwargs = ADAMS[case]
+    kwargs = dict(kwargs)
+    groups = kwargs.pop("groups", False)
     batches = _batches(3)
     lf = nn.CrossEntropyLoss()
     lr, betas, eps = 1e-2, (0.9, 0.99), 1e-3  # eps keeps P^-1 moderate: a clear top eigenvalue
+
+    def optimizer(model):
+        params = list(model.parameters())
+        if groups:  # the second layer at a quarter of the learning rate
+            return cls([{"params": params[:2]}, {"params": params[2:], "lr": lr / 4}], lr=lr, betas=betas, eps=eps)
+        return cls(params, lr=lr, betas=betas, eps=eps, **kwargs)
+
     ref = _mlp()
-    ref_opt = torch.optim.Adam(ref.parameters(), lr=lr, betas=betas, eps=eps)
+    ref_opt = optimizer(ref)
     for step, (x, y) in enumerate(batches):
         if step == 2:
-            theta = copy.deepcopy(ref)
-            h = exact_hessian(theta, lambda m, x=x, y=y: lf(m(x), y))
+            h = exact_hessian(copy.deepcopy(ref), lambda m, x=x, y=y: lf(m(x), y))
         ref_opt.zero_grad()
         lf(ref(x), y).backward()
         ref_opt.step()
     t = 3
-    v = torch.cat([ref_opt.state[p]["exp_avg_sq"].reshape(-1) for p in ref.parameters()])
+    key = "max_exp_avg_sq" if kwargs.get("amsgrad") else "exp_avg_sq"
+    v = torch.cat([ref_opt.state[p][key].reshape(-1) for p in ref.parameters()])
     assert all(int(ref_opt.state[p]["step"]) == t for p in ref.parameters())
     p_diag = (1 - betas[0] ** t) * ((v / (1 - betas[1] ** t)).sqrt() + eps)
-    s = p_diag.rsqrt()
+    d = torch.cat(
+        [torch.full((p.numel(),), g["lr"] / lr, dtype=torch.float64) for g in ref_opt.param_groups for p in g["params"]]
+    )
+    s = (d / p_diag).sqrt()
     want, _ = _top_two(s[:, None] * h * s[None, :])
 
     model = _mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=eps)
+    opt = optimizer(model)
     cp = Cockpit(model, opt, loss_fn=lf, instruments=[_measure()])
     for x, y in batches:
         opt.zero_grad()
