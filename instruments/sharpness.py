@@ -170,7 +170,7 @@ class Sharpness(Instrument):
             "Sharpness and the stability limit",
             ["sharpness/lambda_max", "sharpness/limit"],
             ylabel="eigenvalue",
-            labels=["lambda_max", "limit (2/lr; 38/lr for Adam)"],
+            labels=["lambda_max", "stability limit (2/lr for GD, 38/lr for Adam)"],
             log=True,
         ),
     )
