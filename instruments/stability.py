@@ -51,7 +51,7 @@ import torch
 
 from cockpit_lite import Instrument, Need, Needs
 from cockpit_lite.instruments._util import refuse_state
-from cockpit_lite.panels import COLORS, LinePanel, Panel, latest, series, wrap
+from cockpit_lite.panels import COLORS, LinePanel, Panel, latest, series
 from cockpit_lite.providers.param_norms import PARAM_NORMS
 
 RULES = ("olmo", "megatron", "either")
@@ -157,15 +157,43 @@ class StabilityPanel(Panel):
             self._marks.append(self.ax.axvline(s, color=COLORS["alert"], alpha=0.6, linewidth=1.2))
         if len(at):
             self._labelled["spike"] = self._marks[-1]
-        text = self.latest(h, "stability/attribution")
+        text = self._short(h, len(at))
         if text is not None:
-            self._box.set_text(wrap(f"{len(at)} spike(s); latest at step {text[0]}: {text[1]}", 60))
+            self._box.set_text(text)
         self._box.set_visible(text is not None)
         fin = np.concatenate([a[np.isfinite(a)] for a in arrays]) if arrays else np.empty(0)
         if fin.size and fin.min() > 0 and fin.max() / fin.min() > 30:
             self.ax.set_yscale("log")
         self.rescale()
-        self.legend(loc="upper right")
+        self.legend(loc="lower left")
+
+    def _short(self, h: Any, count: int) -> str | None:
+        """A few lines on the latest spike: the top examples by loss and the layers that jumped most."""
+        found = self.latest(h, "stability/attribution")
+        if found is None:
+            return None
+        lines = [f"{count} spike(s); latest at step {found[0]}"]
+        table = self.latest(h, "stability/examples/by_loss")
+        if table is not None and table[0] == found[0] and isinstance(table[1], dict):
+            col = "index" if "index" in table[1] else "position"
+            ids = [str(int(v)) for v in np.atleast_1d(table[1][col])[:4]]
+            lines.append(f"top losses: {'examples' if col == 'index' else 'positions'} {', '.join(ids)}")
+        layers = self.latest(h, "stability/layers")
+        if layers is not None and layers[0] == found[0] and isinstance(layers[1], dict):
+            names = short_names([str(n) for n in np.atleast_1d(layers[1]["layer"])])
+            jumps = np.atleast_1d(np.asarray(layers[1]["grad_jump"], dtype=float))
+            lines += [f"{n}: grad norm {j:.3g}x" for n, j in zip(names[:2], jumps[:2], strict=False)]
+        return "\n".join(lines)
+
+
+def short_names(names: Sequence[str]) -> list[str]:
+    """The names without the dotted prefix they all share (``net.transformer.h.0.ln_1.weight`` ->
+    ``h.0.ln_1.weight``)."""
+    parts = [n.split(".") for n in names]
+    k = 0
+    while parts and all(len(p) > k + 1 and p[k] == parts[0][k] for p in parts):
+        k += 1
+    return [".".join(p[k:]) for p in parts]
 
 
 class LayerJumpPanel(Panel):
@@ -205,7 +233,8 @@ class LayerJumpPanel(Panel):
             self._bars.append(
                 self.ax.barh(y - 0.2, upd, height=0.4, color=COLORS["second"], alpha=0.8, label="update norm")
             )
-        self.ax.set_yticks(y, [n if len(n) <= 28 else "…" + n[-27:] for n in names], fontsize=6.5)
+        shown = short_names(names)
+        self.ax.set_yticks(y, [n if len(n) <= 28 else "…" + n[-27:] for n in shown], fontsize=6.5)
         vals = np.concatenate([grad, upd]) if len(upd) == len(names) else grad
         fin = vals[np.isfinite(vals) & (vals > 0)]
         if fin.size and fin.max() / fin.min() > 30:
@@ -306,7 +335,7 @@ class StabilityMonitor(Instrument):
         }
     }
     SUMMARY = (("stability/score", "precursor score (z)"), stability_summary)
-    ORDER = 60.0
+    ORDER = 110.0
 
     def __init__(
         self,
@@ -492,9 +521,10 @@ class StabilityMonitor(Instrument):
                     f"carry {100 * share:.0f}% of the batch's {what}"
                 )
             else:
-                ratio = values[standout[0]] / med if med > 0 else math.inf
+                ratio = values[order[0]] / med if med > 0 else math.inf
+                first = ", ".join(str(int(names[i])) for i in order[:3])
                 words.append(
-                    f"no example's {biggest} stands out (the largest, {label[:-1]} {shown}, {ratio:.2g}x the median)"
+                    f"the largest {biggest}s: {label} {first} (at most {ratio:.2g}x the batch median: none stands out)"
                 )
         return out, words
 

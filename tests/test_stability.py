@@ -312,3 +312,31 @@ def test_settings_are_checked():
         StabilityMonitor(window=8, warmup=16)
     with pytest.raises(ValueError, match="window"):
         StabilityMonitor(window=0)
+
+
+def test_dashboard_panels_charts_and_summary(runs):
+    """The declared panels draw this run (spike mark, attribution box, layer bars equal to the table), the
+    TensorBoard layout holds the Stability charts, and the summary names the spike."""
+    from cockpit_lite.figure import DashboardFigure
+    from cockpit_lite.presentation import Presenter, summary_text
+
+    log, h = runs[True]
+    (monitor,) = log["monitors"]
+    fig = DashboardFigure(instruments=[monitor])
+    fig.update(h)
+    spikes = fig.panel("stability")
+    assert [m.get_xdata()[0] for m in spikes._marks] == [SPIKE]
+    box = spikes._box.get_text()
+    ((_, by_loss),) = h["stability/examples/by_loss"]
+    top = ", ".join(str(int(i)) for i in by_loss["index"][:4])
+    assert box.startswith(f"1 spike(s); latest at step {SPIKE}\ntop losses: examples {top}\n0.weight: grad norm")
+    assert not spikes._note.get_visible()
+    layers = fig.panel("stability_layers")
+    ((_, table),) = h["stability/layers"]
+    np.testing.assert_allclose([b.get_width() for b in layers._bars[0]], table["grad_jump"])
+    score = fig.panel("stability_score")
+    np.testing.assert_array_equal(score._lines["stability/score"].get_ydata(), h.values("stability/score"))
+    charts = Presenter([monitor])(h).charts
+    assert charts["Stability"]["loss spikes (1 = spike)"] == ["Multiline", ["^stability/spike$"]]
+    text = summary_text(h, instruments=[monitor])
+    assert f"loss spikes: 1 (steps {SPIKE})" in text and f"latest (step {SPIKE}): loss spike at step {SPIKE}" in text
