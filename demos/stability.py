@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from cockpit_lite import Cockpit, load  # noqa: E402
 from cockpit_lite.figure import DashboardFigure  # noqa: E402
-from cockpit_lite.instruments import GradNorm, Loss, UpdateSize  # noqa: E402
+from cockpit_lite.instruments import Distance, GradNorm, Loss, PerSampleGradNorms, UpdateSize  # noqa: E402
 from cockpit_lite.instruments.stability import StabilityMonitor  # noqa: E402
 from cockpit_lite.sinks.dashboard import write_atomic  # noqa: E402
 from tests.models_lm import LogitsForLoss, NanoGPT  # noqa: E402
@@ -97,7 +97,7 @@ def main(logdir: str = "runs/stability", out: str | None = str(ROOT / "docs" / "
     loader = DataLoader(dataset, batch_sampler=batch_plan(n))
     monitor = StabilityMonitor(top_k=8)
     extra = optional_instruments()
-    instruments = [Loss(), GradNorm(), UpdateSize(), monitor]
+    instruments = [Loss(), GradNorm(), UpdateSize(), Distance(), PerSampleGradNorms(), monitor]
     instruments += [i for i in extra.values() if not isinstance(i, Exception)]
     shutil.rmtree(logdir, ignore_errors=True)
     t0 = time.perf_counter()

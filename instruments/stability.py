@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cockpit_lite import Instrument, Need, Needs
+from cockpit_lite import Instrument, Need, Needs, distributed
 from cockpit_lite.instruments._util import refuse_state
 from cockpit_lite.panels import COLORS, LinePanel, Panel, latest, series
 from cockpit_lite.providers.param_norms import PARAM_NORMS
@@ -109,11 +109,13 @@ def adam_eps_shares(
         step = float(state["step"])
         beta2 = float(group["betas"][1])
         correction = 1.0 - beta2**step if step > 0 else 1.0
-        with torch.no_grad():
-            root = (v.detach().double() / correction).sqrt()
+        with torch.no_grad():  # FSDP2: the local shard's entries (no collective)
+            root = (distributed.local(v).detach().double() / correction).sqrt()
+            if not root.numel():
+                continue
             share = float((root < group["eps"]).double().mean())
             med = float(root.flatten().median())
-        out[name] = (share, med, v.numel())
+        out[name] = (share, med, root.numel())
     return out or None
 
 
