@@ -287,9 +287,12 @@ def test_megatron_rule_on_a_scaled_loss(rule):
     with Cockpit(model, opt, loss_fn, instruments=[monitor]) as cockpit:
         for step in range(30):
             opt.zero_grad()
-            loss = loss_fn(model(x[step % 4 * 16 : step % 4 * 16 + 16]), y[step % 4 * 16 : step % 4 * 16 + 16])
+            xb, yb = x[step % 4 * 16 : step % 4 * 16 + 16], y[step % 4 * 16 : step % 4 * 16 + 16]
+            out = model(xb)
+            loss = loss_fn(out, yb)
             if step == 25:
                 loss = loss * 50
+                at_spike = (out - yb).pow(2).detach().double().squeeze(1).numpy()
             loss.backward()
             losses.append(loss.item())
             opt.step()
@@ -303,6 +306,13 @@ def test_megatron_rule_on_a_scaled_loss(rule):
         text = cockpit.history["stability/attribution"][0][1]
         if rule == "megatron":
             assert "the largest of the first 10 tracked losses" in text
+        # no cockpit.track(): examples by position in the batch; the note says why, once
+        ((_, table),) = cockpit.history["stability/examples/by_loss"]
+        assert "index" not in table and "batch positions" in text
+        np.testing.assert_array_equal(table["position"], np.argsort(-at_spike, kind="stable")[:5])
+        np.testing.assert_allclose(table["loss"], at_spike[table["position"].astype(int)], rtol=1e-6)
+        notes = cockpit.history["note/stability"]
+        assert [s for s, _ in notes] == [0] and "cockpit.track" in notes[0][1]
 
 
 def test_settings_are_checked():
