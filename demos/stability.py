@@ -13,8 +13,8 @@ iterates ``cockpit.track(loader)``, so the cockpit knows every example's dataset
 The StabilityMonitor flags the spike by OLMo-core's rule (loss > mean + 6 sigma of the last 128 steps),
 names the examples with the largest per-sample losses and gradient norms (the corrupted ones), the
 layers whose gradient norm jumped against their recent median, and where Adam's update was limited by
-eps. The batch-size (GradientNoiseScale) and sharpness (Sharpness) verdicts are printed when those
-instruments are in this checkout. The dashboard goes to docs/img/stability_dashboard.png.
+eps. The batch-size (GradientNoiseScale), sharpness (Sharpness) and update-ratio (UpdateRatio) verdicts
+are printed when those instruments are in this checkout. The dashboard goes to docs/img/stability_dashboard.png.
 """
 
 from __future__ import annotations
@@ -72,11 +72,13 @@ def batch_plan(n: int, seed: int = 0) -> list[list[int]]:
 
 
 def optional_instruments() -> dict[str, object]:
-    """The batch-size and sharpness instruments, if this checkout has them (built alongside this one)."""
+    """The batch-size, sharpness and update-ratio instruments, if this checkout has them (built alongside
+    this one); else the exception that says why not."""
     found = {}
     for label, module, cls in (
         ("batch size (GradientNoiseScale)", "noise_scale", "GradientNoiseScale"),
         ("sharpness (Sharpness)", "sharpness", "Sharpness"),
+        ("update ratios (UpdateRatio)", "update_ratio", "UpdateRatio"),
     ):
         try:
             mod = __import__(f"cockpit_lite.instruments.{module}", fromlist=[cls])
