@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) demos/lr_debugging.py
 	$(PY) demos/make_readme_images.py --logdir runs/readme --out runs/readme
+	$(PY) demos/stability.py --logdir runs/stability --out runs/stability/dashboard.png
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -33,10 +33,11 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from cockpit_lite import Cockpit, load  # noqa: E402
-from cockpit_lite.figure import DashboardFigure  # noqa: E402
 from cockpit_lite.instruments import Distance, GradNorm, Loss, PerSampleGradNorms, UpdateSize  # noqa: E402
 from cockpit_lite.instruments.stability import StabilityMonitor  # noqa: E402
+
+from cockpit_lite import Cockpit, load  # noqa: E402
+from cockpit_lite.figure import DashboardFigure  # noqa: E402
 from cockpit_lite.sinks.dashboard import write_atomic  # noqa: E402
 from tests.models_lm import LogitsForLoss, NanoGPT  # noqa: E402
 

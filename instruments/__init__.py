@@ -8,6 +8,8 @@ from cockpit_lite.instruments.gradnorm import GradNorm
 from cockpit_lite.instruments.loss import Loss
 from cockpit_lite.instruments.noise_scale import GradientNoiseScale
 from cockpit_lite.instruments.persample_norms import PerSampleGradNorms
+from cockpit_lite.instruments.sharpness import Sharpness
+from cockpit_lite.instruments.stability import StabilityMonitor
 from cockpit_lite.instruments.tracin import TracIn
 from cockpit_lite.instruments.tracin_cp import Checkpoints, TracInCP
 from cockpit_lite.instruments.update import Distance, UpdateSize
@@ -27,5 +29,7 @@ __all__ = [
     "Clipping",
     "GradientNoiseScale",
     "UpdateRatio",
+    "StabilityMonitor",
+    "Sharpness",
     "agc",
 ]

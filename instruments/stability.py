@@ -48,9 +48,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from cockpit_lite.instruments._util import refuse_state
 
 from cockpit_lite import Instrument, Need, Needs, distributed
-from cockpit_lite.instruments._util import refuse_state
 from cockpit_lite.panels import COLORS, LinePanel, Panel, latest, series
 from cockpit_lite.providers.param_norms import PARAM_NORMS
 

@@ -12,11 +12,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from cockpit_lite.instruments.sharpness import Sharpness, largest_eigenvalue
 from torch import nn
 from torch.func import functional_call
 
 from cockpit_lite import Cockpit
-from cockpit_lite.instruments.sharpness import Sharpness, largest_eigenvalue
 from cockpit_lite.pause import paused
 
 

@@ -15,11 +15,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from cockpit_lite.instruments.stability import StabilityMonitor
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cockpit_lite import Cockpit, load
-from cockpit_lite.instruments.stability import StabilityMonitor
 from tests.reference import per_sample_grads_loop
 
 B = 32

@@ -11,11 +11,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from cockpit_lite.instruments.noise_scale import GradientNoiseScale
+from cockpit_lite.instruments.update_ratio import UpdateRatio, ratio_verdict
 from torch import nn
 
 from cockpit_lite import Cockpit
-from cockpit_lite.instruments.noise_scale import GradientNoiseScale
-from cockpit_lite.instruments.update_ratio import UpdateRatio, ratio_verdict
 from tests import models
 
 
