@@ -72,6 +72,10 @@ class Instrument:
     #: where this instrument's panels, charts and summary lines go among the others (built-ins 10 to
     #: 90, the cost panels 100; instruments of the same order keep the run's order)
     ORDER: ClassVar[float] = 500.0
+    #: for a built-in instrument (defined in ``cockpit_lite``): whether a dashboard of a run without it
+    #: still shows its panels, saying "not tracked: add ..." (the core grid does; specialised
+    #: instruments set False and appear only in runs that have them)
+    PLACEHOLDER: ClassVar[bool] = True
     #: the key of an instance without ``name=`` (default: the class name in snake case); the core
     #: files this instrument's notes under ``note/<key>`` and its cost under ``cost/<key>_ms``
     KEY: ClassVar[str | None] = None

@@ -10,8 +10,8 @@ Each instrument class declares its tags, dashboard panels, Custom Scalars charts
    declared tags (or whose ``note/<key>``) occur among the run's tags that no instrument of (1)
    declares: a saved run is shown by the classes that wrote it, plugins included;
 3. the built-in instruments (registered classes defined in ``cockpit_lite``) not found so far, not in
-   the run: their panels say "not tracked: add ..." and their charts stay empty, so every dashboard
-   shows what could be tracked;
+   the run, unless they say ``PLACEHOLDER = False``: their panels say "not tracked: add ..." and their
+   charts stay empty, so every dashboard shows what could be tracked;
 4. the core's records: ``verdict/...`` and ``note/...`` (the run summary panel and the summary's
    verdicts and notes), ``cost/...`` (two cost panels and a Cost category);
 5. tags nobody declares: grouped by their first path component, a generic panel per group (at most
@@ -216,7 +216,7 @@ class Presenter:
         out = list(self.live)
         for s in self._candidates:
             found = s.cls in self._found
-            if found or s.cls.__module__.startswith("cockpit_lite."):
+            if found or (s.cls.__module__.startswith("cockpit_lite.") and s.cls.PLACEHOLDER):
                 out.append(Source(s.cls, in_run=found, seq=len(out) + (0 if found else 10_000)))
         return sorted(out, key=lambda s: (s.order, s.seq))
 

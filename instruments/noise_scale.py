@@ -163,6 +163,7 @@ class GradientNoiseScale(Instrument):
         ("noise_scale/batch", "batch size"),
     )
     ORDER = 91.0  # after the built-in 3 x 4 grid (10 to 90), before the cost panels (100)
+    PLACEHOLDER = False  # shown only in runs that have it
 
     NEEDS = frozenset({Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN})
 

@@ -185,6 +185,7 @@ class Sharpness(Instrument):
         ("sharpness/ratio", "lambda_max / stability limit"),
     )
     ORDER = 75.0
+    PLACEHOLDER = False  # shown only in runs that have it
 
     def __init__(
         self,

@@ -338,6 +338,7 @@ class StabilityMonitor(Instrument):
     }
     SUMMARY = (("stability/score", "precursor score (z)"), stability_summary)
     ORDER = 110.0
+    PLACEHOLDER = False  # shown only in runs that have it
 
     def __init__(
         self,

@@ -208,6 +208,7 @@ class UpdateRatio(Instrument):
         ("update_ratio/p50", "median tensor's update ratio"),
     )
     ORDER = 92.0  # after the built-in 3 x 4 grid (10 to 90), before the cost panels (100)
+    PLACEHOLDER = False  # shown only in runs that have it
 
     NEEDS = frozenset({Need.UPDATE, PARAM_NORMS})
 

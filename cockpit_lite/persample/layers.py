@@ -233,7 +233,9 @@ class LinearHandler(Handler):
             return None
         node = outputs[0].grad_fn
         position = {"AddmmBackward0": 2, "MmBackward0": 1}.get(node.name() if node is not None else "")
-        nxt = node.next_functions if position is not None else ()
+        if position is None:  # another op (a view of the product, a Conv1D's addmm on the weight itself)
+            return None
+        nxt = node.next_functions
         if len(nxt) <= position or nxt[position][0] is None or nxt[position][0].name() != "TBackward0":
             return None
         leaf = nxt[position][0].next_functions
