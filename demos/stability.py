@@ -6,14 +6,17 @@ Data: scikit-learn's 8x8 handwritten digits (shipped with scikit-learn, nothing 
 sequences: a class token, then the 8 rows of the image, each row of 8 binarised pixels one token (256
 possible rows). A nanoGPT-style decoder (2 blocks, width 32, tests/models_lm.py) learns to predict each
 row from the class and the rows above it, with Adam, one loss per sequence (nn.CrossEntropyLoss on
-(B, V, T) logits). At step 350 a batch carries six corrupted sequences (row patterns no digit has, a random
+(B, V, T) logits). Two faults: at step 200 the learning rate jumps 30-fold for one step (a schedule
+gone wrong), and at step 350 a batch carries six corrupted sequences (row patterns no digit has, a random
 class token), appended to the dataset at the indices 1797 to 1802 and drawn by that batch only; the loop
 iterates ``cockpit.track(loader)``, so the cockpit knows every example's dataset index.
 
-The StabilityMonitor flags the spike by OLMo-core's rule (loss > mean + 6 sigma of the last 128 steps),
-names the examples with the largest per-sample losses and gradient norms (the corrupted ones), the
-layers whose gradient norm jumped against their recent median, and where Adam's update was limited by
-eps. The batch-size (GradientNoiseScale), sharpness (Sharpness) and update-ratio (UpdateRatio) verdicts
+The StabilityMonitor flags both spikes by OLMo-core's rule (loss > mean + 6 sigma of the last 128
+steps; the first shows in the loss of step 201, after the oversized update) and tells them apart: after
+the learning-rate jump no example stands out and the layers' update and gradient norms jumped; at step
+350 it names the examples with the largest per-sample losses and gradient norms (the corrupted ones),
+the layers whose gradient norm jumped against their recent median, and where Adam's update was
+limited by eps. The batch-size (GradientNoiseScale), sharpness (Sharpness) and update-ratio (UpdateRatio) verdicts
 are printed when those instruments are in this checkout. The dashboard goes to docs/img/stability_dashboard.png.
 """
 
@@ -89,12 +92,16 @@ def optional_instruments() -> dict[str, object]:
     return found
 
 
+#: Adam's learning rate, and the step at which a faulty schedule multiplies it by LR_JUMP for one step
+LR, LR_SPIKE, LR_JUMP = 3e-3, 200, 30.0
+
+
 def main(logdir: str = "runs/stability", out: str | None = str(ROOT / "docs" / "img" / "stability_dashboard.png")):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     tokens, n = digit_sequences()
     model = LogitsForLoss(NanoGPT(vocab_size=266, block_size=8, n_layer=2, n_head=2, d=32))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     loss_fn = nn.CrossEntropyLoss()
     dataset = TensorDataset(tokens[:, :-1], tokens[:, 1:])  # predict each row from the class and rows above
     loader = DataLoader(dataset, batch_sampler=batch_plan(n))
@@ -106,6 +113,8 @@ def main(logdir: str = "runs/stability", out: str | None = str(ROOT / "docs" / "
     t0 = time.perf_counter()
     with Cockpit(model, optimizer, loss_fn, instruments=instruments, logdir=logdir, sinks=[]) as cockpit:
         for inputs, targets in cockpit.track(loader):  # the same batches; the cockpit learns their indices
+            for group in optimizer.param_groups:  # a learning-rate schedule gone wrong for one step
+                group["lr"] = LR * (LR_JUMP if cockpit.step == LR_SPIKE else 1.0)
             optimizer.zero_grad()
             loss_fn(model(inputs), targets).backward()
             optimizer.step()
@@ -113,7 +122,10 @@ def main(logdir: str = "runs/stability", out: str | None = str(ROOT / "docs" / "
     h = cockpit.history
     spikes = [int(s) for s, v in h["stability/spike"] if v == 1.0]
     bad = f"{n}..{n + len(BAD_POSITIONS) - 1}"
-    print(f"trained {cockpit.step} steps in {seconds:.1f} s; corrupted sequences {bad} injected at step {SPIKE}")
+    print(
+        f"trained {cockpit.step} steps in {seconds:.1f} s; learning rate x{LR_JUMP:g} at step {LR_SPIKE}; "
+        f"corrupted sequences {bad} injected at step {SPIKE}"
+    )
     print(f"spike steps flagged: {spikes}")
     z, thr, loss = (dict(h[t]) for t in ("stability/loss_z", "stability/threshold", "loss"))
     print(f"step {SPIKE}: loss {loss[SPIKE]:.3f}, threshold {thr[SPIKE]:.3f}, z {z[SPIKE]:.1f}")
@@ -136,7 +148,10 @@ def main(logdir: str = "runs/stability", out: str | None = str(ROOT / "docs" / "
             said = inst.verdicts()
             print(f"  {label}: {said[0] if said else 'no verdict'}")
     if out is not None:
-        title = f"digits as token sequences, nanoGPT 2x32, Adam 3e-3; corrupted batch at step {SPIKE}"
+        title = (
+            f"digits as token sequences, nanoGPT 2x32, Adam 3e-3; learning rate x{LR_JUMP:g} at step {LR_SPIKE}, "
+            f"corrupted batch at step {SPIKE}"
+        )
         write_atomic(out, DashboardFigure(title=title, instruments=instruments).png(load(logdir)))
         print(f"\nwrote {out}")
     return cockpit, spikes

@@ -517,7 +517,7 @@ class StabilityMonitor(Instrument):
             mass = values if key == "loss" else values**2
             share = float(mass[standout].sum() / total) if total > 0 else math.nan
             shown = ", ".join(str(int(names[i])) for i in standout)
-            biggest = "loss" if key == "loss" else "gradient norm"
+            biggest, plural = ("loss", "losses") if key == "loss" else ("gradient norm", "gradient norms")
             if values[standout[0]] > self.standout * med:
                 words.append(
                     f"{label} {shown} ({len(standout)} of {n}, {biggest} above {self.standout:g}x the batch median) "
@@ -527,7 +527,7 @@ class StabilityMonitor(Instrument):
                 ratio = values[order[0]] / med if med > 0 else math.inf
                 first = ", ".join(str(int(names[i])) for i in order[:3])
                 words.append(
-                    f"the largest {biggest}s: {label} {first} (at most {ratio:.2g}x the batch median: none stands out)"
+                    f"the largest {plural}: {label} {first} (at most {ratio:.2g}x the batch median: none stands out)"
                 )
         return out, words
 
