@@ -833,7 +833,8 @@ class PerSampleEngine:
                 self._processing = False
                 handler.__dict__.pop("sample_axes", None)
             if calls.weight_grads and len(calls.weight_grads) == len(calls.captures):
-                view.batch_grad = sum(calls.weight_grads.values()) * self.inv_scale
+                parts, scale = list(calls.weight_grads.values()), self.inv_scale
+                view.batch_grad_fn = lambda: sum(parts) * scale
             if module in self.tied:  # added to the other uses of its parameters at the end of backward
                 if self.tied[module] not in self._dropped_groups:
                     self._tied_views.setdefault(self.tied[module], []).append(view)

@@ -15,7 +15,7 @@ and E (B, g, T, o) the output gradients of the per-sample losses,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -24,8 +24,14 @@ class View:
     """Interface: the per-sample gradients of some parameters (full names) of one module."""
 
     names: tuple[str, ...] = ()
-    #: sum_i g_i of the weight, when the engine took it from the layer's own backward (else None)
-    batch_grad: torch.Tensor | None = None
+    #: () -> sum_i g_i of the weight, when the engine took it from the layer's own backward (else None):
+    #: formed only by the views that use it (:attr:`batch_grad`)
+    batch_grad_fn: Callable[[], torch.Tensor] | None = None
+
+    @property
+    def batch_grad(self) -> torch.Tensor | None:
+        """sum_i g_i of the weight from the layer's own backward, or None."""
+        return None if self.batch_grad_fn is None else self.batch_grad_fn()
 
     def sq_norms(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -388,7 +394,9 @@ class ConvView(MaterialisedView):
     def dot_mean(self) -> torch.Tensor:
         if self._g or self._ghost is None:
             return super().dot_mean()
-        total = self.batch_grad if self.batch_grad is not None else self._ghost[1]()
+        total = self.batch_grad
+        if total is None:
+            total = self._ghost[1]()
         gbar = total / self._inputs[0].shape[0]
         out = self.project_many({"_": {self.w: gbar}})["_"]
         if self.b is not None:
