@@ -83,6 +83,23 @@ def set_log_if_wide(ax, *arrays: np.ndarray, ratio: float = 30.0) -> None:
     set_yscale(ax, "log" if wide else "linear")
 
 
+def note_box(ax, fontsize: float = 7.5):
+    """A hidden text box in the top left corner of ``ax`` for a panel's short note (a verdict, the
+    latest spike); show it with ``box.set_text(...)`` and ``box.set_visible(True)``."""
+    box = ax.text(
+        0.02,
+        0.97,
+        "",
+        transform=ax.transAxes,
+        ha="left",
+        va="top",
+        fontsize=fontsize,
+        bbox=dict(boxstyle="round", facecolor="lightyellow", alpha=0.9, linewidth=0.5),
+    )
+    box.set_visible(False)
+    return box
+
+
 def top_rows(table: Mapping[str, Any], top: int) -> tuple[list, np.ndarray | None, str]:
     """Labels and values of the ``top`` largest rows of a dict-of-columns table.
 

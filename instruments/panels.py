@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from cockpit_lite.panels import COLORS, Panel, as_float, series, top_rows, wrap
+from cockpit_lite.panels import COLORS, Panel, as_float, note_box, series, top_rows, wrap
 
 
 class AlphaPanel(Panel):
@@ -26,17 +26,7 @@ class AlphaPanel(Panel):
     def setup(self, ax) -> None:
         self._bars: list = []
         self._vlines: list = []
-        self._verdict = ax.text(
-            0.02,
-            0.97,
-            "",
-            transform=ax.transAxes,
-            ha="left",
-            va="top",
-            fontsize=7.5,
-            bbox=dict(boxstyle="round", facecolor="lightyellow", alpha=0.9, linewidth=0.5),
-        )
-        self._verdict.set_visible(False)
+        self._verdict = note_box(ax)
 
     def update(self, h: Any) -> None:
         _, a = self.series(h, "alpha")

@@ -51,7 +51,7 @@ import torch
 from cockpit_lite.instruments._util import refuse_state
 
 from cockpit_lite import Instrument, Need, Needs, distributed
-from cockpit_lite.panels import COLORS, LinePanel, Panel, latest, series
+from cockpit_lite.panels import COLORS, LinePanel, Panel, latest, note_box, series
 from cockpit_lite.providers.param_norms import PARAM_NORMS
 
 RULES = ("olmo", "megatron", "either")
@@ -130,17 +130,7 @@ class StabilityPanel(Panel):
 
     def setup(self, ax) -> None:
         self._marks: list = []
-        self._box = ax.text(
-            0.02,
-            0.97,
-            "",
-            transform=ax.transAxes,
-            ha="left",
-            va="top",
-            fontsize=7,
-            bbox=dict(boxstyle="round", facecolor="lightyellow", alpha=0.9, linewidth=0.5),
-        )
-        self._box.set_visible(False)
+        self._box = note_box(ax, fontsize=7)
 
     def update(self, h: Any) -> None:
         xs, spikes = self.series(h, "stability/spike")
