@@ -60,6 +60,7 @@ from cockpit_lite.needs import Need, Needs
 from cockpit_lite.pause import is_paused, paused
 from cockpit_lite.persample.engine import PerSampleResult
 from cockpit_lite.profiling import Costs
+from cockpit_lite.sandbox import cuda_devices
 
 #: default bound on the memory of one chunk of batched vector-Jacobian products (estimate, bytes)
 CHUNK_BYTES = 1 << 29
@@ -84,10 +85,6 @@ def coupling_modules(model: nn.Module) -> list[str]:
         for name, m in model.named_modules()
         if isinstance(m, BatchNormBase) and (m.training or m.running_mean is None)
     ]
-
-
-def _cuda_devices(tensors: Iterable[torch.Tensor]) -> list[int]:
-    return sorted({t.device.index or 0 for t in tensors if t.is_cuda})
 
 
 @dataclass(frozen=True)
@@ -160,7 +157,7 @@ class CoupledRecorder:
 
     def __init__(self, model: nn.Module, devices: Sequence[int] | None = None, hooks: bool = True):
         self.model = model
-        self.devices = list(devices) if devices is not None else _cuda_devices(model.parameters())
+        self.devices = list(devices) if devices is not None else cuda_devices(model.parameters())
         self.reset()
         self._handles = []
         if hooks:
@@ -279,7 +276,7 @@ class CoupledPath:
         self.chunk_bytes = chunk_bytes
         self.chunk = chunk
         self.costs = costs if costs is not None else Costs()
-        self.devices = _cuda_devices(self.params.values())
+        self.devices = cuda_devices(self.params.values())
         #: ``"jvp"`` (forward mode) or ``"double_vjp"`` (reverse over reverse, where an op has no
         #: forward-mode derivative: switched to at the first failure, with a warning)
         self.projection_method = "jvp"

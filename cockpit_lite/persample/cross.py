@@ -42,10 +42,6 @@ from cockpit_lite.persample.views import (
 )
 
 
-def _cuda_devices(model: nn.Module) -> list[int]:
-    return sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
-
-
 class ViewCollector:
     """Per-layer per-sample gradient views of any batch, outside the training step: the per-sample
     engine's :meth:`~cockpit_lite.persample.engine.PerSampleEngine.probe` session (the same capture,

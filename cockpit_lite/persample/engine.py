@@ -40,6 +40,7 @@ from cockpit_lite.persample.layers import (
 )
 from cockpit_lite.persample.views import JoinedView, View, combined, joined_gram, tied_view, view_bytes
 from cockpit_lite.profiling import Costs, timed
+from cockpit_lite.sandbox import cuda_devices, scratch_state
 
 
 def _tf32(t: torch.Tensor) -> bool:
@@ -704,26 +705,19 @@ class PerSampleEngine:
         model = self.model
         hooks = [m.register_forward_hook(record, with_kwargs=True) for m in self.handlers]
         norms = [m for m in model.modules() if isinstance(m, (BatchNormBase, InstanceNormBase)) and m.training]
-        renorms = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm]
-        max_norms = [m.max_norm for m in renorms]
-        # the probe writes to copies of the buffers: the step's own are never touched (not even their
-        # version counters, which autograd checks for tensors saved for backward)
-        buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
         params = [(n, p, tensor_version(p)) for n, p in model.named_parameters()]
         storages = {p.untyped_storage().data_ptr(): n for n, p, _ in params if p.untyped_storage().data_ptr()}
-        devices = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
+        devices = cuda_devices([*model.parameters(), *model.buffers()])
         t0 = time.perf_counter()
         self.probe_runs += 1
         self._processing = True  # no hook of this engine sees the probe (a TracIn session sees paused calls)
         try:
             for m in norms:
                 m.training = False
-            for m in renorms:
-                m.max_norm = None
-            for m, name, b in buffers:
-                m._buffers[name] = b.detach().clone()
-            with paused(), torch.no_grad(), torch.random.fork_rng(devices=devices), _ParameterGuard(storages):
-                p_output = model(*p_args, **p_kwargs)
+            # the probe writes to copies of the buffers: the step's own are never touched
+            with scratch_state(model), paused(), torch.no_grad(), torch.random.fork_rng(devices=devices):
+                with _ParameterGuard(storages):
+                    p_output = model(*p_args, **p_kwargs)
         except _WritesParameter as e:
             return f"the model's forward writes its own parameters in place ({e}); the probe stopped before the write"
         except Exception as e:
@@ -734,10 +728,6 @@ class PerSampleEngine:
                 h.remove()
             for m in norms:
                 m.training = True
-            for m, max_norm in zip(renorms, max_norms, strict=True):
-                m.max_norm = max_norm
-            for m, name, b in buffers:
-                m._buffers[name] = b
             self.probe_ms += (time.perf_counter() - t0) * 1e3
         changed = [n for n, p, version in params if tensor_version(p) != version]
         if changed:  # a forward that writes its own parameters: cannot be undone, and must not be guessed
@@ -1170,7 +1160,7 @@ class PerSampleEngine:
         # losses' rows then decide
         first = next((t for t in tree_flatten(args)[0] if torch.is_tensor(t) and t.dim() > 0), None)
         session.batch = None if first is None else int(first.shape[0])
-        devices = sorted({p.device.index or 0 for p in self.model.parameters() if p.is_cuda})
+        devices = cuda_devices(self.model.parameters())
         with paused(), torch.random.fork_rng(devices=devices), torch.enable_grad():
             session._attach()
             try:

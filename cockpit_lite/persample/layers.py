@@ -39,6 +39,7 @@ from cockpit_lite.compat import (
 from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.persample.broadcast import dropout_active
 from cockpit_lite.persample.views import ConvView, EmbeddingView, FactorView, MaterialisedView, View, ViewGroup
+from cockpit_lite.sandbox import cuda_devices
 
 
 class PerSampleUndefined(Exception):
@@ -671,7 +672,8 @@ class FuncHandler(Handler):
                     s = s + (outs[j] * gj.unsqueeze(dj)).sum()
                 return s
 
-            with torch.random.fork_rng(devices=_cuda_devices(params)), torch.enable_grad(), warnings.catch_warnings():
+            devices = cuda_devices(params.values())
+            with torch.random.fork_rng(devices=devices), torch.enable_grad(), warnings.catch_warnings():
                 # vmap falls back to a loop for fused attention kernels: correct, only slower
                 warnings.filterwarnings("ignore", message="There is a performance drop")
                 try:
@@ -702,10 +704,6 @@ def _expand(x, d):
 def _select(x, d, i: int):
     """Sample i of x (a tensor or a pytree of them) along each batch axis d."""
     return tree_map(lambda t, a: t.select(a, i) if a is not None and torch.is_tensor(t) else t, x, d)
-
-
-def _cuda_devices(params: dict[str, torch.Tensor]) -> list[int]:
-    return sorted({p.device.index or 0 for p in params.values() if p.is_cuda})
 
 
 # --- nn.MultiheadAttention: its projections in factor form, exact with attention dropout -------------

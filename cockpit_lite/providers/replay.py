@@ -56,6 +56,7 @@ from cockpit_lite.pause import paused
 from cockpit_lite.providers import register_provider
 from cockpit_lite.providers.base import BackwardRoot, Context, LossCall, ModelCall, Provider
 from cockpit_lite.providers.grad_norms import grad_norms
+from cockpit_lite.sandbox import cuda_devices, scratch_state
 from cockpit_lite.step import StepRecord
 
 #: the need (a plain name: no member of :class:`~cockpit_lite.needs.Need`): ``record.get(REPLAY)``
@@ -179,30 +180,18 @@ class Replay:
 
     def _one(self, call: _Call) -> torch.Tensor:
         model = self.context.network
-        norm_free = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm]
-        max_norms = [m.max_norm for m in norm_free]
-        buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
-        try:
-            for m in norm_free:
-                m.max_norm = None
-            for m, name, b in buffers:
-                m._buffers[name] = b.detach().clone()
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(paused())
-                stack.enter_context(torch.enable_grad())
-                stack.enter_context(torch.random.fork_rng(devices=self.devices))
-                torch.set_rng_state(call.rng[0])
-                for d, s in zip(self.devices, call.rng[1], strict=True):
-                    torch.cuda.set_rng_state(s, d)
-                for device, dtype in call.autocast:
-                    stack.enter_context(torch.autocast(device, dtype=dtype))
-                output = model(*call.args, **call.kwargs)
-                return self._loss_of(call, output)
-        finally:
-            for m, max_norm in zip(norm_free, max_norms, strict=True):
-                m.max_norm = max_norm
-            for m, name, b in buffers:
-                m._buffers[name] = b
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(scratch_state(model))
+            stack.enter_context(paused())
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(torch.random.fork_rng(devices=self.devices))
+            torch.set_rng_state(call.rng[0])
+            for d, s in zip(self.devices, call.rng[1], strict=True):
+                torch.cuda.set_rng_state(s, d)
+            for device, dtype in call.autocast:
+                stack.enter_context(torch.autocast(device, dtype=dtype))
+            output = model(*call.args, **call.kwargs)
+            return self._loss_of(call, output)
 
     def _loss_of(self, call: _Call, output: Any) -> torch.Tensor:
         kind = call.recipe[0]
@@ -236,7 +225,7 @@ class ReplayProvider(Provider):
     def begin_step(self, record: StepRecord, needs: Needs) -> None:
         self.calls, self.roots, self.problem, self.norms = [], [], None, None
         params = list(self.context.network.parameters())
-        self.devices = sorted({p.device.index or 0 for p in params if p.is_cuda})
+        self.devices = cuda_devices(params)
 
     def on_forward(self, record: StepRecord, call: ModelCall) -> None:
         self.calls.append(_Call(call.args, dict(call.kwargs), call.index, _rng_state(self.devices), _autocast_state()))
