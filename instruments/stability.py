@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 from cockpit_lite.instruments._util import refuse_state
+from cockpit_lite.instruments.update_ratio import update_ratios
 
 from cockpit_lite import Instrument, Need, Needs, distributed
 from cockpit_lite.panels import COLORS, LinePanel, Panel, latest, note_box, series
@@ -474,7 +475,7 @@ class StabilityMonitor(Instrument):
         updates = record.update_norms
         if not params or not updates:
             return {}
-        return {n: updates[n] / params[n] for n in updates if params.get(n, 0.0) > 0}
+        return {n: r for n, r in update_ratios(updates, params).items() if not math.isnan(r)}
 
     # --- attribution -------------------------------------------------------------------------------
     def _examples(self, record) -> tuple[dict[str, Any], list[str]]:
