@@ -133,7 +133,6 @@ class Budget:
         self.solo_run: dict[str, float] = {}
         self.solo_follow: dict[str, float] = {}
         self.cheap: list[str] | None = None
-        self.costly: list[str] | None = None
         self.start: int | None = None
         #: (step, c_t, w_t, kind) of the last WINDOW steps observed, and the sums of c_t and w_t
         self.obs: deque[tuple[int, float, float, str]] = deque(maxlen=WINDOW)
@@ -147,6 +146,11 @@ class Budget:
         self.steps = 0
         self.decision: Decision | None = None
         self._pending: dict[Any, Any] = {}
+
+    @property
+    def costly(self) -> list[str] | None:
+        """The instruments that are not cheap, in the cockpit's order (None before the classification)."""
+        return None if self.cheap is None else [k for k in self.keys if k not in self.cheap]
 
     # --- attaching: the budget narrows each instrument's schedule ---------------------------------------
     def attach(self, instruments: Sequence[Instrument]) -> Callable[[], None]:
@@ -205,7 +209,7 @@ class Budget:
                 self.waited += 1
                 return Decision(step, WAIT, frozenset())
             self._classify(step)
-        assert self.cheap is not None and self.costly is not None
+        assert self.cheap is not None
         every = self.interval()
         if every != self.every:
             self.every = every
@@ -229,7 +233,6 @@ class Budget:
             else:
                 break
         self.cheap = [k for k in self.keys if k in cheap]  # in the cockpit's order
-        self.costly = [k for k in self.keys if k not in cheap]
         self.start, self.stage = step, RUN
         self._pending[(step, "budget/plan")] = self.plan(p)
 
@@ -237,14 +240,13 @@ class Budget:
         """The rest steps (cheap instruments only) must leave room for the costly ones: when the last
         DEMOTE_STEPS of them took more than DEMOTE x budget of their wall time, the cheap instrument
         dearest alone joins the costly ones (from the next step on; a new ``budget/plan`` says so)."""
-        assert self.cheap is not None and self.costly is not None
+        assert self.cheap is not None
         rest = [(c, w) for _, c, w, kind in self.obs if kind == REST][-DEMOTE_STEPS:]
         share = sum(c for c, _ in rest) / sum(w for _, w in rest)
         if share <= DEMOTE * self.fraction:
             return
         key = max(self.cheap, key=lambda k: (self._solo(k), k))
         self.cheap.remove(key)
-        self.costly = [k for k in self.keys if k not in self.cheap]
         for kind in (REST, FOLLOW):  # they described the old sets
             self.recent[kind].clear()
         self._pending[(step, "budget/plan")] = self.plan(min(self.plain))
@@ -261,7 +263,7 @@ class Budget:
 
     def plan(self, plain_ms: float | None = None) -> str:
         """The schedule chosen, in words (also written as ``budget/plan``)."""
-        if self.cheap is None or self.costly is None:
+        if self.cheap is None:
             return f"overhead budget {self.fraction:.3g}: warming up (measuring each instrument alone)"
         cost = lambda k: f"{k} {self._solo(k):.3g} ms" if k in self.solo_run else f"{k} not measured"  # noqa: E731
         every = ", ".join(map(cost, self.cheap)) or "none"
@@ -275,7 +277,7 @@ class Budget:
 
     def _initial(self, kind: str) -> float:
         """The estimate of a kind of step before any measurement of it: sums of the warm-up costs."""
-        assert self.cheap is not None and self.costly is not None
+        assert self.cheap is not None
         cheap = sum(self.solo_run.get(k, 0.0) for k in self.cheap)
         if kind == RUN:
             return sum(self.solo_run.values())
@@ -393,7 +395,6 @@ class Budget:
             "solo_run": dict(self.solo_run),
             "solo_follow": dict(self.solo_follow),
             "cheap": None if self.cheap is None else list(self.cheap),
-            "costly": None if self.costly is None else list(self.costly),
             "start": self.start,
             "obs": [list(o) for o in self.obs],
             "recent": {k: list(v) for k, v in self.recent.items()},
@@ -419,7 +420,6 @@ class Budget:
         self.solo_run = {str(k): float(v) for k, v in state["solo_run"].items()}
         self.solo_follow = {str(k): float(v) for k, v in state["solo_follow"].items()}
         self.cheap = None if state["cheap"] is None else [str(k) for k in state["cheap"]]
-        self.costly = None if state["costly"] is None else [str(k) for k in state["costly"]]
         self.start = None if state["start"] is None else int(state["start"])
         self.obs.extend((int(s), float(c), float(w), str(k)) for s, c, w, k in state["obs"])
         self._sums = (math.fsum(o[1] for o in self.obs), math.fsum(o[2] for o in self.obs))
