@@ -176,8 +176,9 @@ def test_sq_norms_only_path_uses_no_gram(device):
 
 @pytest.mark.parametrize("batch", [130, 260])
 def test_dot_mean_from_gram_panels_at_large_batches(device, batch):
-    """g_i . gbar without the full Gram (only its upper row panels: 2 at B >= 128, 4 at B >= 256, cut
-    unevenly here) agrees with the loop."""
+    """g_i . gbar from the factors' Grams (full products below B = 256; above, only their four upper
+    row panels, cut unevenly here), and the squared norms from those Grams' diagonals, agree with the
+    loop."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 3))
     x, y = torch.randn(batch, 784), torch.randint(0, 3, (batch,))
@@ -185,6 +186,10 @@ def test_dot_mean_from_gram_panels_at_large_batches(device, batch):
     rec, ref, _ = _run_one_step(model, nn.CrossEntropyLoss(), x, y, flags=flags, device=device)
     G = flat(ref)
     np.testing.assert_allclose(rec.per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=ATOL)
+    for n in ref:
+        np.testing.assert_allclose(
+            rec.per_sample_sq_norms_by_param[n], (ref[n].reshape(batch, -1) ** 2).sum(1), rtol=RTOL, err_msg=n
+        )
     assert rec.per_sample_gram is None
 
 
