@@ -7,6 +7,7 @@ returns records ``{tag: value}``. The core knows no concrete instrument.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -29,6 +30,7 @@ def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
+@functools.cache
 def default_key(cls: type) -> str:
     """The key of an unnamed instance of the instrument class ``cls``: ``cls.KEY`` or the snake-case
     class name."""

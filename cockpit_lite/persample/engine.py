@@ -554,7 +554,10 @@ class PerSampleEngine:
         try:
             handler = self.handlers[module]
             handler.check()
-            outs = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
+            if torch.is_tensor(output):  # the usual single output: no pytree walk
+                outs = [output] if output.requires_grad else []
+            else:
+                outs = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
             if not outs:
                 return None
             calls = self._calls.setdefault(module, _Calls())
@@ -824,7 +827,7 @@ class PerSampleEngine:
                 handler.__dict__.pop("sample_axes", None)
             if calls.weight_grads and len(calls.weight_grads) == len(calls.captures):
                 parts, scale = list(calls.weight_grads.values()), self.inv_scale
-                view.batch_grad_fn = lambda: sum(parts) * scale
+                view.batch_grad_fn = lambda: (parts[0] if len(parts) == 1 else sum(parts)) * scale
             if module in self.tied:  # added to the other uses of its parameters at the end of backward
                 if self.tied[module] not in self._dropped_groups:
                     self._tied_views.setdefault(self.tied[module], []).append(view)

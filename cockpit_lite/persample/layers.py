@@ -219,12 +219,13 @@ class LinearHandler(Handler):
             # under autocast the input is float32 and the output gradient bfloat16/float16: one dtype
             dt = torch.promote_types(a.dtype, g.dtype)
             a_parts.append(a.to(dt))
-            e_parts.append(_scaled(_same_layout(g, batch, axis, 1), inv_scale).to(dt))
+            e_parts.append(_same_layout(g, batch, axis, 1).to(dt))
         # (B, 1, T, i) and (B, 1, T, o); no copy for the usual single call
         a = _cat(a_parts, 1).unsqueeze(1)
         e = _cat(e_parts, 1).unsqueeze(1)
         m = self.module
-        return FactorView(a, e, self.names.get("weight"), self.names.get("bias"), tuple(m.weight.shape))
+        names = self.names
+        return FactorView(a, e, names.get("weight"), names.get("bias"), tuple(m.weight.shape), e_scale=inv_scale)
 
     def weight_grad_node(self, outputs):
         """For a (B, i) -> (B, o) call: its ``addmm`` (``mm`` without bias) node, whose input gradient

@@ -186,10 +186,13 @@ class FactorView(View):
         a: (B, g, T, i) inputs. e: (B, g, T, o) output gradients of the per-sample losses.
         weight_name / bias_name: full parameter names (bias_name may be None).
         weight_shape: shape of W, whose view (g*o, i) matches the group layout.
+        e_scale: a factor the output gradients still need (B for a mean loss: the captured gradient
+            is a share of the mean's): ``e`` is scaled when first read, while the T = 1 Gram route
+            scales its (B,) results by ``e_scale**2`` instead of copying e.
     """
 
-    def __init__(self, a, e, weight_name, bias_name, weight_shape):
-        self.a, self.e = a, e
+    def __init__(self, a, e, weight_name, bias_name, weight_shape, e_scale: float = 1.0):
+        self.a, self._e, self.e_scale = a, e, e_scale
         self.w, self.b = weight_name, bias_name
         self.weight_shape = weight_shape
         self.names = tuple(n for n in (weight_name, bias_name) if n is not None)
@@ -198,9 +201,16 @@ class FactorView(View):
         self._diags: tuple[torch.Tensor, torch.Tensor] | None = None  # T = 1: (g, B) a_i . a_i, e_i . e_i
 
     @property
+    def e(self) -> torch.Tensor:
+        """(B, g, T, o) output gradients of the per-sample losses."""
+        if self.e_scale != 1.0:
+            self._e, self.e_scale = self._e * self.e_scale, 1.0
+        return self._e
+
+    @property
     def _dims(self):
         bsz, g, t, i = self.a.shape
-        return bsz, g, t, i, self.e.shape[-1]
+        return bsz, g, t, i, self._e.shape[-1]
 
     def _bias_grads(self) -> torch.Tensor:
         return self.e.sum(2).reshape(self.e.shape[0], -1)  # (B, g*o)
@@ -293,17 +303,27 @@ class FactorView(View):
                     out = out + eb @ eb.mean(0)
                 return out
             # the bias's share with the weight's: sum_j (a_i . a_j + 1)(e_i . e_j) / B
-            shift = float(self.b is not None)
-            parts = [_hadamard_gram_rowsums(self.a[:, gi, 0], self.e[:, gi, 0], shift) for gi in range(g)]
+            shift, s2 = float(self.b is not None), self.e_scale**2  # the Grams of e unscaled: s^2 on the results
+            parts = [_hadamard_gram_rowsums(self.a[:, gi, 0], self._e[:, gi, 0], shift) for gi in range(g)]
             rows, da, de = zip(*parts, strict=True)
-            self._diags = (da[0][None], de[0][None]) if g == 1 else (torch.stack(da), torch.stack(de))
-            return (rows[0] if g == 1 else torch.stack(rows).sum(0)).div_(bsz)
+            de = de[0][None] if g == 1 else torch.stack(de)
+            self._diags = (da[0][None] if g == 1 else torch.stack(da), de if s2 == 1.0 else de.mul_(s2))
+            return (rows[0] if g == 1 else torch.stack(rows).sum(0)).mul_(s2 / bsz)
         if t == 1 and self._cache is None:
             # g_i . gbar = e_i^T gbar_W a_i with gbar_W = E^T A / B (or the batch gradient autograd
             # computed, when the handler kept it): one or two plain products, no g_i formed
             total = self.batch_grad
             if total is not None and total.shape != (g * o, i):
                 total = None
+            if g == 1 and total is not None:
+                # e = s e': g_i . gbar = (s / B) (e'_i^T total a_i + s e'_i . sum_j e'_j), on the unscaled e'
+                a, e, s = self.a[:, 0, 0], self._e[:, 0, 0], self.e_scale
+                w = total.to(a.dtype)
+                # the product with the smaller output, except a very narrow one (slow in BLAS: measured)
+                out = torch.linalg.vecdot(e @ w, a) if o < 32 or i < o else torch.linalg.vecdot(a @ w.T, e)
+                if self.b is not None:
+                    out.add_(e @ e.sum(0), alpha=s)
+                return out.mul_(s / bsz)
             out = None
             for gi in range(g):
                 a, e = self.a[:, gi, 0], self.e[:, gi, 0]  # (B, i), (B, o)
