@@ -133,24 +133,25 @@ class LeanEconomy:
 
     @torch.no_grad()
     def _conv_bwd(self, mod, x, g):
-        b = x.shape[0]
-        e = g.flatten(2) * b  # (B, C_out, T)
+        # E_i here is the mean loss's output gradient, 1/B of example i's own: the norms are scaled by
+        # B^2 and the dots by B at the end (B-vectors, not (B, C_out, T) tensors)
+        e = g.flatten(2)  # (B, C_out, T)
         u = nn.functional.unfold(x, mod.kernel_size, padding=mod.padding, stride=mod.stride)  # (B, C_in k k, T)
-        gb = e.sum(2)  # the bias's g_i
+        gb = e.sum(2)  # the bias's g_i / B
         route = self.force
         if route is None:
             formed, ghost = conv_costs(mod, e.shape[2])
             route = "ghost" if ghost < formed else "formed"
         self.routes[mod] = route
         if route == "formed":
-            gw = torch.bmm(e, u.transpose(1, 2)).flatten(1)  # (B, C_out C_in k k): g_i
+            gw = torch.bmm(e, u.transpose(1, 2)).flatten(1)  # (B, C_out C_in k k): g_i / B
             sq = torch.linalg.vecdot(gw, gw)
             self.pending[mod] = (gw, gb)
         else:
-            ut = u.transpose(1, 2)
-            sq = (ut @ u).mul_(e.transpose(1, 2) @ e).sum((1, 2))
+            sq = (u.transpose(1, 2) @ u).mul_(e.transpose(1, 2) @ e).sum((1, 2))
             self.pending[mod] = (u, e, gb)
-        self.layer[mod] = (sq.add_(torch.linalg.vecdot(gb, gb)),)
+        b = x.shape[0]
+        self.layer[mod] = (sq.add_(torch.linalg.vecdot(gb, gb)).mul_(b * b),)
 
     @torch.no_grad()
     def _loss(self, mod, args, out):
@@ -167,7 +168,7 @@ class LeanEconomy:
             else:
                 u, e, gb = held
                 dot = (gbar_w.reshape(gbar_w.shape[0], -1) @ u).mul_(e).sum((1, 2))
-            self.layer[mod] = (self.layer[mod][0], dot.add_(gb @ gbar_b))
+            self.layer[mod] = (self.layer[mod][0], dot.add_(gb @ gbar_b).mul_(gb.shape[0]))
         self.pending.clear()
         ps = [p.detach() for p in self.params]
         self.grad_norms = torch._foreach_norm([p.grad for p in self.params])
