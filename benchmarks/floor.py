@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,14 +72,18 @@ class LeanEconomy:
 
     - Linear: ||g_i||^2 = (||a_i||^2 + 1) ||e_i||^2 and g_i . gbar = mean_j (a_i . a_j + 1)(e_i . e_j),
       from the B x B Grams, in the backward hook;
-    - Conv2d: the cheaper route of :func:`conv_costs`; formed: g_i = E_i U_i^T by one bmm, its squared
-      norm in the backward hook and g_i . gbar = g_i . p.grad in the optimizer's step pre-hook; ghost:
-      the Grams' inner product in the backward hook and sum_t e_{i,t} . (gbar_W u_{i,t}) (one product
-      of p.grad with the patches) in the pre-hook. The bias: b_i = sum_t e_{i,t}.
+    - Conv2d: the cheaper route of :func:`conv_costs`; formed: g_i = E_i U_i^T (by one bmm of the
+      output gradients with the unfolded patches U_i, or by the convolution's weight-gradient kernel
+      with the batch folded into the groups: the same multiply-adds, whichever is faster here, timed
+      once per layer), its squared norm in the backward hook and g_i . gbar = g_i . p.grad in the
+      optimizer's step pre-hook; ghost: the Grams' inner product in the backward hook and
+      sum_t e_{i,t} . (gbar_W u_{i,t}) (one product of p.grad with the patches) in the pre-hook.
+      The bias: b_i = sum_t e_{i,t}.
 
-    ``route`` forces "formed" or "ghost" on every conv layer (tests); None picks by the counts.
-    After each step ``last`` holds the tags' values, ``sq`` and ``dot`` the per-sample arrays and
-    ``routes`` the route each conv layer took.
+    ``route`` forces "formed" or "ghost" on every conv layer and ``kernel`` "bmm" or "conv" for the
+    formed route (tests); None picks by the counts and by timing. After each step ``last`` holds the
+    tags' values, ``sq`` and ``dot`` the per-sample arrays, ``routes`` the route each conv layer took
+    and ``kernels`` the formed kernel it uses.
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class LeanEconomy:
         loss_fn: nn.Module,
         alpha: bool,
         route: str | None = None,
+        kernel: str | None = None,
     ):
         self.lin = [m for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
         self.conv = [m for m in self.lin if isinstance(m, nn.Conv2d)]
@@ -102,7 +108,8 @@ class LeanEconomy:
         self.diff = [torch.empty_like(p) for p in self.params]
         self.prev = [torch.zeros_like(p) for p in self.params] if alpha else None
         self.alpha, self.has_prev = alpha, False
-        self.force = route
+        self.force, self.force_kernel = route, kernel
+        self.kernels: dict[nn.Conv2d, str] = {}  # formed route: "bmm" or "conv", the faster here
         self.layer: dict[nn.Module, tuple] = {}
         self.pending: dict[nn.Conv2d, tuple] = {}  # conv layers: what g_i . gbar needs once p.grad is there
         self.routes: dict[nn.Conv2d, str] = {}
@@ -131,23 +138,62 @@ class LeanEconomy:
         dot = (ga + 1.0).mul_(ge).mean(1)  # g_i . gbar
         self.layer[mod] = (sq, dot, a, e) if self.alpha else (sq, dot)
 
+    @staticmethod
+    def _unfold(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.unfold(x, mod.kernel_size, padding=mod.padding, stride=mod.stride)  # (B, C_in k k, T)
+
+    @staticmethod
+    def _formed_bmm(mod, x, e, u=None):
+        """(B, C_out C_in k k): E_i U_i^T by one bmm of the output gradients with the unfolded patches."""
+        u = LeanEconomy._unfold(mod, x) if u is None else u
+        return torch.bmm(e.flatten(2), u.transpose(1, 2)).flatten(1)
+
+    @staticmethod
+    def _formed_conv(mod, x, e):
+        """(B, C_out C_in k k): the same by the convolution's weight-gradient kernel with the batch folded
+        into the groups (no unfolded patches: the same multiply-adds, less memory traffic)."""
+        b = x.shape[0]
+        shape = (b * mod.out_channels, mod.in_channels, *mod.kernel_size)
+        gw = torch.nn.grad.conv2d_weight(
+            x.reshape(1, -1, *x.shape[2:]), shape, e.reshape(1, -1, *e.shape[2:]), mod.stride, mod.padding, groups=b
+        )
+        return gw.reshape(b, -1)
+
+    def _kernel(self, mod, x, e) -> str:
+        """The faster of the two formed kernels for this layer, timed once (best of 3) on its first call:
+        their multiply-adds are equal and the difference, the patches' memory traffic, is the machine's."""
+        if self.force_kernel is not None:
+            return self.force_kernel
+        if mod not in self.kernels:
+            best = {}
+            for name, fn in (("bmm", self._formed_bmm), ("conv", self._formed_conv)):
+                fn(mod, x, e)
+                times = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    fn(mod, x, e)
+                    times.append(time.perf_counter() - t0)
+                best[name] = min(times)
+            self.kernels[mod] = min(best, key=best.get)
+        return self.kernels[mod]
+
     @torch.no_grad()
     def _conv_bwd(self, mod, x, g):
-        # E_i here is the mean loss's output gradient, 1/B of example i's own: the norms are scaled by
-        # B^2 and the dots by B at the end (B-vectors, not (B, C_out, T) tensors)
-        e = g.flatten(2)  # (B, C_out, T)
-        u = nn.functional.unfold(x, mod.kernel_size, padding=mod.padding, stride=mod.stride)  # (B, C_in k k, T)
-        gb = e.sum(2)  # the bias's g_i / B
+        # g is the mean loss's output gradient, 1/B of example i's own: the norms are scaled by B^2 and
+        # the dots by B at the end (B-vectors, not (B, C_out, H, W) tensors)
+        gb = g.sum((2, 3))  # the bias's g_i / B
         route = self.force
         if route is None:
-            formed, ghost = conv_costs(mod, e.shape[2])
+            formed, ghost = conv_costs(mod, g.shape[2] * g.shape[3])
             route = "ghost" if ghost < formed else "formed"
         self.routes[mod] = route
         if route == "formed":
-            gw = torch.bmm(e, u.transpose(1, 2)).flatten(1)  # (B, C_out C_in k k): g_i / B
+            kernel = self._kernel(mod, x, g)
+            gw = self._formed_bmm(mod, x, g) if kernel == "bmm" else self._formed_conv(mod, x, g)  # g_i / B
             sq = torch.linalg.vecdot(gw, gw)
             self.pending[mod] = (gw, gb)
         else:
+            u, e = self._unfold(mod, x), g.flatten(2)
             sq = (u.transpose(1, 2) @ u).mul_(e.transpose(1, 2) @ e).sum((1, 2))
             self.pending[mod] = (u, e, gb)
         b = x.shape[0]
@@ -420,7 +466,6 @@ def gpt_floor(model_name: str = "gpt", reps: int = 3) -> dict:
     plain steps: the ratio 1 + kernels / plain step is what these statistics cost with no hook,
     bookkeeping or memory traffic beyond the kernels themselves."""
     import statistics
-    import time
 
     build, data, b = MODELS[model_name]
     torch.manual_seed(0)

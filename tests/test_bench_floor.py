@@ -82,11 +82,11 @@ def _reference(model, x, y) -> dict:
     }
 
 
-def _lean_step(floor, model, x, y, route=None):
+def _lean_step(floor, model, x, y, route=None, kernel=None):
     model = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
-    lean = floor.LeanEconomy(model, opt, loss_fn, alpha=False, route=route)
+    lean = floor.LeanEconomy(model, opt, loss_fn, alpha=False, route=route, kernel=kernel)
     try:
         opt.zero_grad()
         loss_fn(model(x), y).backward()
@@ -97,13 +97,23 @@ def _lean_step(floor, model, x, y, route=None):
 
 
 @pytest.mark.parametrize(
-    "kind, route",
-    [("mlp", None), ("cnn", None), ("cnn", "ghost"), ("small", None), ("small", "formed"), ("small", "ghost")],
+    "kind, route, kernel",
+    [
+        ("mlp", None, None),
+        ("cnn", None, None),
+        ("cnn", None, "bmm"),
+        ("cnn", None, "conv"),
+        ("cnn", "ghost", None),
+        ("small", None, None),
+        ("small", "formed", "bmm"),
+        ("small", "formed", "conv"),
+        ("small", "ghost", None),
+    ],
 )
-def test_lean_economy_matches_the_float64_loop(floor, kind, route):
+def test_lean_economy_matches_the_float64_loop(floor, kind, route, kernel):
     model, x, y = _case(kind, floor)
     ref = _reference(model, x, y)
-    lean = _lean_step(floor, model, x, y, route)
+    lean = _lean_step(floor, model, x, y, route, kernel)
     np.testing.assert_allclose(lean.sq, ref["sq"], rtol=1e-10)
     np.testing.assert_allclose(lean.dot, ref["dot"], rtol=1e-9, atol=1e-12 * np.abs(ref["dot"]).max())
     for tag in ("tests/norm", "tests/inner", "tests/ortho", "grad_norm", "loss"):
@@ -114,6 +124,10 @@ def test_lean_economy_matches_the_float64_loop(floor, kind, route):
     want = {"cnn": ["formed"] * 3, "small": ["formed", "ghost"], "mlp": []}[kind]
     got = [lean.routes[m] for m in model_convs(lean)]
     assert got == ([route] * len(want) if route else want)
+    if kernel is None:  # each formed layer timed its two kernels once and took one
+        formed = [m for m in model_convs(lean) if lean.routes[m] == "formed"]
+        assert set(lean.kernels) == set(formed)
+        assert all(lean.kernels[m] in ("bmm", "conv") for m in formed)
 
 
 def model_convs(lean) -> list[nn.Module]:
