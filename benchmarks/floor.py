@@ -55,7 +55,7 @@ def conv_costs(mod: nn.Conv2d, t: int) -> tuple[int, int]:
 
     The bias (sum_t e_{i,t}) costs the same either way and is left out. Returns (formed, ghost).
     The projection onto gbar alone costs what forming g_i does, so with it the ghost form wins only
-    where T^2 (i + o + 1) + T o < 2 i o (T of one or two positions)."""
+    where T^2 (i + o + 1) + T o < 2 i o: few output positions, T below about sqrt(2 i o / (i + o))."""
     i = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
     o = mod.out_channels
     return t * i * o + 2 * i * o, t * t * (i + o + 1) + t * i * o + t * o
