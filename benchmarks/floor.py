@@ -2,26 +2,33 @@
 
     python benchmarks/floor.py                   # MLP: economy-alpha, economy, TracIn (self, 100 probes)
     python benchmarks/floor.py --parts economy-alpha --optims sgd
+    python benchmarks/floor.py --parts economy-alpha --optims sgd --models cnn   # the 3C3D CNN, B = 64
 
 For the benchmark MLP (784-512-256-10, B = 128, an ``nn.Sequential`` of Linear and ReLU) this script
 hand-writes the statistics of each configuration with nothing but the hooks and tensor operations they
 need: no instrument objects, no step record, no records, no generality (Linear layers only, one call
-each, one parameter group). It runs plain training, the cockpit and this lean reference interleaved
-and prints each one's time per step as a ratio to plain training, and checks that the lean reference
-reproduces the cockpit's numbers (largest relative difference), so both do the same work.
+each, one parameter group, biases present). It runs plain training, the cockpit and this lean
+reference interleaved and prints each one's time per step as a ratio to plain training, and checks
+that the lean reference reproduces the cockpit's numbers (largest relative difference), so both do
+the same work.
 
 The lean ratio is what exact per-step statistics cost on this machine with eager PyTorch; the gap
 between it and the cockpit is the price of the cockpit's generality and bookkeeping. A target below the
 lean ratio cannot be met by tuning the cockpit.
 
-The CNN has no lean reference here; ``--cnn-macs`` prints the multiply-add count that its per-sample
-conv norms need at least, against the plain step's count (docs/performance.md).
+For the benchmark CNN (3C3D: 3 Conv2d + ReLU + MaxPool2d, Flatten, 3 Linear; B = 64) the same lean
+reference covers economy minus Alpha (``--models cnn``, with ``--parts economy-alpha``): per conv
+layer the cheaper exact route by multiply-adds (:func:`conv_costs`), formed per-sample gradients by
+one bmm of output gradients and unfolded patches, or the ghost form. ``--cnn-macs`` prints the
+multiply-add count that its per-sample conv norms need at least, against the plain step's count,
+and the route each conv layer takes (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,28 +37,82 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cockpit_lite.instruments import Alpha, Distance, GradientTests, GradNorm, Loss, TracIn, UpdateSize  # noqa: E402
-from common import MODELS, OPTIMIZERS, interleaved, make_batches, train_steps  # noqa: E402
+from common import MODELS, OPTIMIZERS, interleaved, make_batches, make_batches_of, train_steps  # noqa: E402
 
 from cockpit_lite import Cockpit  # noqa: E402
+from cockpit_lite.instruments import Alpha, Distance, GradientTests, GradNorm, Loss, TracIn, UpdateSize  # noqa: E402
 
 QUANTILES = np.array([0.05, 0.25, 0.5, 0.75, 0.95])
 
 
+def conv_costs(mod: nn.Conv2d, t: int) -> tuple[int, int]:
+    """Multiply-adds per sample of ||g_i||^2 and g_i . gbar of a Conv2d weight with T output positions,
+    i = C_in k_h k_w, o = C_out, U_i (i, T) its unfolded input, E_i (o, T) its output gradients:
+
+    - formed: g_i = E_i U_i^T (T i o), its squared norm (i o) and its dot with gbar (i o);
+    - ghost: ||g_i||^2 = sum_{t,s} (U_i^T U_i)_{ts} (E_i^T E_i)_{ts} (T^2 (i + o + 1)) and
+      g_i . gbar = sum_t e_{i,t} . (gbar_W u_{i,t}) (T i o + T o).
+
+    The bias (sum_t e_{i,t}) costs the same either way and is left out. Returns (formed, ghost).
+    The projection onto gbar alone costs what forming g_i does, so with it the ghost form wins only
+    where T^2 (i + o + 1) + T o < 2 i o: few output positions, T below about sqrt(2 i o / (i + o))."""
+    i = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
+    o = mod.out_channels
+    return t * i * o + 2 * i * o, t * t * (i + o + 1) + t * i * o + t * o
+
+
 class LeanEconomy:
     """Loss (+ per-sample quantiles), GradNorm, UpdateSize, Distance and GradientTests for a
-    Sequential of Linear/ReLU, and with ``alpha=True`` the two per-sample projections Alpha needs
-    (batch t onto d_t and onto d_{t-1}) and the means and variances its fit uses."""
+    Sequential of Linear, Conv2d (groups 1, dilation 1, zero padding) and parameter-free layers,
+    biases included; with ``alpha=True`` (Linear layers only) the two per-sample projections Alpha
+    needs (batch t onto d_t and onto d_{t-1}) and the means and variances its fit uses.
 
-    def __init__(self, model: nn.Sequential, opt: torch.optim.Optimizer, loss_fn: nn.Module, alpha: bool):
-        self.lin = [m for m in model if isinstance(m, nn.Linear)]
+    Per layer, with a_i / U_i the input and e_i / E_i the output gradient of example i's own loss
+    (B x the mean loss's output gradient):
+
+    - Linear: ||g_i||^2 = (||a_i||^2 + 1) ||e_i||^2 and g_i . gbar = mean_j (a_i . a_j + 1)(e_i . e_j),
+      from the B x B Grams, in the backward hook;
+    - Conv2d: the cheaper route of :func:`conv_costs`; formed: g_i = E_i U_i^T (by one bmm of the
+      output gradients with the unfolded patches U_i, or by the convolution's weight-gradient kernel
+      with the batch folded into the groups: the same multiply-adds, whichever is faster here, timed
+      once per layer), its squared norm in the backward hook and g_i . gbar = g_i . p.grad in the
+      optimizer's step pre-hook; ghost: the Grams' inner product in the backward hook and
+      sum_t e_{i,t} . (gbar_W u_{i,t}) (one product of p.grad with the patches) in the pre-hook.
+      The bias: b_i = sum_t e_{i,t}.
+
+    ``route`` forces "formed" or "ghost" on every conv layer and ``kernel`` "bmm" or "conv" for the
+    formed route (tests); None picks by the counts and by timing. After each step ``last`` holds the
+    tags' values, ``sq`` and ``dot`` the per-sample arrays, ``routes`` the route each conv layer took
+    and ``kernels`` the formed kernel it uses.
+    """
+
+    def __init__(
+        self,
+        model: nn.Sequential,
+        opt: torch.optim.Optimizer,
+        loss_fn: nn.Module,
+        alpha: bool,
+        route: str | None = None,
+        kernel: str | None = None,
+    ):
+        self.lin = [m for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
+        self.conv = [m for m in self.lin if isinstance(m, nn.Conv2d)]
+        if alpha and self.conv:
+            raise ValueError("the lean Alpha projections are written for Linear layers only")
+        for m in self.conv:
+            if m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros" or isinstance(m.padding, str):
+                raise ValueError(f"{m}: the lean reference takes groups 1, dilation 1 and numeric zero padding")
         self.params = [p for m in self.lin for p in (m.weight, m.bias)]
         self.theta0 = [p.detach().clone() for p in self.params]
         self.snap = [torch.empty_like(p) for p in self.params]
         self.diff = [torch.empty_like(p) for p in self.params]
         self.prev = [torch.zeros_like(p) for p in self.params] if alpha else None
         self.alpha, self.has_prev = alpha, False
-        self.layer: dict[nn.Linear, tuple] = {}
+        self.force, self.force_kernel = route, kernel
+        self.kernels: dict[nn.Conv2d, str] = {}  # formed route: "bmm" or "conv", the faster here
+        self.layer: dict[nn.Module, tuple] = {}
+        self.pending: dict[nn.Conv2d, tuple] = {}  # conv layers: what g_i . gbar needs once p.grad is there
+        self.routes: dict[nn.Conv2d, str] = {}
         self.last: dict[str, float] = {}
         self.hooks = [m.register_forward_hook(self._fwd) for m in self.lin]
         self.hooks += [
@@ -66,7 +127,8 @@ class LeanEconomy:
 
     def _fwd(self, mod, inp, out):
         a = inp[0].detach()
-        out.register_hook(lambda g, mod=mod, a=a: self._bwd(mod, a, g))
+        bwd = self._conv_bwd if isinstance(mod, nn.Conv2d) else self._bwd
+        out.register_hook(lambda g, mod=mod, a=a, bwd=bwd: bwd(mod, a, g))
 
     @torch.no_grad()
     def _bwd(self, mod, a, g):
@@ -76,6 +138,67 @@ class LeanEconomy:
         dot = (ga + 1.0).mul_(ge).mean(1)  # g_i . gbar
         self.layer[mod] = (sq, dot, a, e) if self.alpha else (sq, dot)
 
+    @staticmethod
+    def _unfold(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.unfold(x, mod.kernel_size, padding=mod.padding, stride=mod.stride)  # (B, C_in k k, T)
+
+    @staticmethod
+    def _formed_bmm(mod, x, e, u=None):
+        """(B, C_out C_in k k): E_i U_i^T by one bmm of the output gradients with the unfolded patches."""
+        u = LeanEconomy._unfold(mod, x) if u is None else u
+        return torch.bmm(e.flatten(2), u.transpose(1, 2)).flatten(1)
+
+    @staticmethod
+    def _formed_conv(mod, x, e):
+        """(B, C_out C_in k k): the same by the convolution's weight-gradient kernel with the batch folded
+        into the groups (no unfolded patches: the same multiply-adds, less memory traffic)."""
+        b = x.shape[0]
+        shape = (b * mod.out_channels, mod.in_channels, *mod.kernel_size)
+        gw = torch.nn.grad.conv2d_weight(
+            x.reshape(1, -1, *x.shape[2:]), shape, e.reshape(1, -1, *e.shape[2:]), mod.stride, mod.padding, groups=b
+        )
+        return gw.reshape(b, -1)
+
+    def _kernel(self, mod, x, e) -> str:
+        """The faster of the two formed kernels for this layer, timed once (best of 3) on its first call:
+        their multiply-adds are equal and the difference, the patches' memory traffic, is the machine's."""
+        if self.force_kernel is not None:
+            return self.force_kernel
+        if mod not in self.kernels:
+            best = {}
+            for name, fn in (("bmm", self._formed_bmm), ("conv", self._formed_conv)):
+                fn(mod, x, e)
+                times = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    fn(mod, x, e)
+                    times.append(time.perf_counter() - t0)
+                best[name] = min(times)
+            self.kernels[mod] = min(best, key=best.get)
+        return self.kernels[mod]
+
+    @torch.no_grad()
+    def _conv_bwd(self, mod, x, g):
+        # g is the mean loss's output gradient, 1/B of example i's own: the norms are scaled by B^2 and
+        # the dots by B at the end (B-vectors, not (B, C_out, H, W) tensors)
+        gb = g.sum((2, 3))  # the bias's g_i / B
+        route = self.force
+        if route is None:
+            formed, ghost = conv_costs(mod, g.shape[2] * g.shape[3])
+            route = "ghost" if ghost < formed else "formed"
+        self.routes[mod] = route
+        if route == "formed":
+            kernel = self._kernel(mod, x, g)
+            gw = self._formed_bmm(mod, x, g) if kernel == "bmm" else self._formed_conv(mod, x, g)  # g_i / B
+            sq = torch.linalg.vecdot(gw, gw)
+            self.pending[mod] = (gw, gb)
+        else:
+            u, e = self._unfold(mod, x), g.flatten(2)
+            sq = (u.transpose(1, 2) @ u).mul_(e.transpose(1, 2) @ e).sum((1, 2))
+            self.pending[mod] = (u, e, gb)
+        b = x.shape[0]
+        self.layer[mod] = (sq.add_(torch.linalg.vecdot(gb, gb)).mul_(b * b),)
+
     @torch.no_grad()
     def _loss(self, mod, args, out):
         self.per_sample = nn.functional.cross_entropy(args[0].detach(), args[1], reduction="none")
@@ -83,6 +206,16 @@ class LeanEconomy:
 
     @torch.no_grad()
     def _pre(self, opt, args, kw):
+        for mod, held in self.pending.items():
+            gbar_w, gbar_b = mod.weight.grad, mod.bias.grad
+            if len(held) == 2:  # formed
+                gw, gb = held
+                dot = gw @ gbar_w.reshape(-1)
+            else:
+                u, e, gb = held
+                dot = (gbar_w.reshape(gbar_w.shape[0], -1) @ u).mul_(e).sum((1, 2))
+            self.layer[mod] = (self.layer[mod][0], dot.add_(gb @ gbar_b).mul_(gb.shape[0]))
+        self.pending.clear()
         ps = [p.detach() for p in self.params]
         self.grad_norms = torch._foreach_norm([p.grad for p in self.params])
         torch._foreach_copy_(self.snap, ps)
@@ -114,6 +247,7 @@ class LeanEconomy:
         b = len(self.per_sample)
         gn, dist, un = v[:n], v[n : 2 * n], v[2 * n : 3 * n]
         sq, dot, pl = v[3 * n : 3 * n + b], v[3 * n + b : 3 * n + 2 * b], v[3 * n + 2 * b : 3 * n + 3 * b]
+        self.sq, self.dot = sq, dot
         g2 = dot.mean()
         denom = b * (b - 1) * g2
         out = {
@@ -195,21 +329,24 @@ def _rel(ours: float, lean: float) -> float:
     return abs(ours - lean) / max(abs(ours), 1e-30)
 
 
-def economy(optim: str, with_alpha: bool, steps: int, reps: int) -> dict:
-    batches = make_batches("mlp", steps)
+def economy(optim: str, with_alpha: bool, steps: int, reps: int, model: str = "mlp", batch: int | None = None) -> dict:
+    """Plain training, the cockpit and :class:`LeanEconomy` on ``model`` (a key of ``MODELS``; its own
+    batch size unless ``batch``), timed interleaved: seconds per step of each and the largest relative
+    difference between the cockpit's and the lean reference's values of the last step."""
+    batches = make_batches(model, steps) if batch is None else make_batches_of(model, steps, batch)
     arms = {}
     for arm in ("plain", "cockpit", "lean"):
         torch.manual_seed(0)
-        model = MODELS["mlp"][0]()
-        opt = OPTIMIZERS[optim](model.parameters())
+        net = MODELS[model][0]()
+        opt = OPTIMIZERS[optim](net.parameters())
         loss_fn = nn.CrossEntropyLoss()
         attached = None
         if arm == "cockpit":
             inst = [Loss(), GradNorm(), UpdateSize(), Distance(), GradientTests()] + ([Alpha()] if with_alpha else [])
-            attached = Cockpit(model, opt, loss_fn, instruments=inst, sinks=[])
+            attached = Cockpit(net, opt, loss_fn, instruments=inst, sinks=[])
         elif arm == "lean":
-            attached = LeanEconomy(model, opt, loss_fn, alpha=with_alpha)
-        arms[arm] = (model, opt, loss_fn, attached)
+            attached = LeanEconomy(net, opt, loss_fn, alpha=with_alpha)
+        arms[arm] = (net, opt, loss_fn, attached)
     runners = {k: (lambda a=a: train_steps(a[0], a[1], a[2], batches)) for k, a in arms.items()}
     for r in runners.values():
         r()
@@ -301,6 +438,9 @@ def cnn_macs(n_probes: int = 100) -> None:
             norms += min(mat, ghost)
             first = mat if first is None else first
             print(f"  {layer}: forward {mat / 1e6:7.0f} M, per-sample norms >= {min(mat, ghost) / 1e6:6.0f} M")
+            lf, lg = (b * c for c in conv_costs(layer, p))
+            route = "ghost" if lg < lf else "formed"
+            print(f"    norms and g_i . gbar: formed {lf / 1e6:.0f} M, ghost {lg / 1e6:.0f} M -> LeanEconomy {route}")
         elif isinstance(layer, nn.Linear):
             fwd += b * layer.in_features * layer.out_features
         x = y
@@ -326,7 +466,6 @@ def gpt_floor(model_name: str = "gpt", reps: int = 3) -> dict:
     plain steps: the ratio 1 + kernels / plain step is what these statistics cost with no hook,
     bookkeeping or memory traffic beyond the kernels themselves."""
     import statistics
-    import time
 
     build, data, b = MODELS[model_name]
     torch.manual_seed(0)
@@ -410,6 +549,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="economy-alpha,economy,tracin-self,tracin-probes")
     ap.add_argument("--optims", default="sgd,adam")
+    ap.add_argument(
+        "--models", default="mlp", help="mlp and/or cnn (the CNN has a lean reference for economy-alpha only)"
+    )
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--reps", type=int, default=11)
     ap.add_argument("--threads", type=int, default=1)
@@ -436,9 +578,17 @@ def main(argv=None):
 
     for part in args.parts.split(","):
         if part.startswith("economy"):
-            for optim in args.optims.split(","):
-                report(f"mlp {optim} {part}", economy(optim, part == "economy", args.steps, args.reps))
+            for model in args.models.split(","):
+                if model not in ("mlp", "cnn"):
+                    raise SystemExit(f"unknown model {model!r}")
+                if model == "cnn" and part != "economy-alpha":
+                    continue
+                for optim in args.optims.split(","):
+                    r = economy(optim, part == "economy", args.steps, args.reps, model)
+                    report(f"{model} {optim} {part}", r)
         elif part.startswith("tracin"):
+            if "mlp" not in args.models.split(","):
+                continue
             report(f"mlp sgd {part}", tracin(part == "tracin-probes", args.steps, args.reps))
         else:
             raise SystemExit(f"unknown part {part!r}")
