@@ -211,6 +211,13 @@ class LinearHandler(Handler):
         return _leading_ambiguous(args, batch, 1)
 
     def view(self, captures, grads, batch, inv_scale):
+        m, names = self.module, self.names
+        if len(captures) == 1 and not self.sample_axes:  # the usual single (B, i) call: views, no copies
+            (x,), ((g,),) = captures, grads
+            if g is not None and x.dim() == 2 == g.dim() and x.shape[0] == batch == g.shape[0] and x.dtype == g.dtype:
+                a, e = x.reshape(batch, 1, 1, -1), g.reshape(batch, 1, 1, -1)
+                w_shape = tuple(m.weight.shape)
+                return FactorView(a, e, names.get("weight"), names.get("bias"), w_shape, e_scale=inv_scale)
         a_parts, e_parts = [], []
         for k, (x, (g,)) in enumerate(zip(captures, grads, strict=True)):
             if g is None:
@@ -223,8 +230,6 @@ class LinearHandler(Handler):
         # (B, 1, T, i) and (B, 1, T, o); no copy for the usual single call
         a = _cat(a_parts, 1).unsqueeze(1)
         e = _cat(e_parts, 1).unsqueeze(1)
-        m = self.module
-        names = self.names
         return FactorView(a, e, names.get("weight"), names.get("bias"), tuple(m.weight.shape), e_scale=inv_scale)
 
     def weight_grad_node(self, outputs):
