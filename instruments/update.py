@@ -121,7 +121,7 @@ class Distance(Instrument):
         if self._diff is None:  # one buffer for theta_t - theta_0, allocated once (no page faults per step)
             self._diff = {n: torch.empty_like(self._theta0[n]) for n in names}
         for n in names:
-            torch.sub(record.params[n].detach(), self._theta0[n], out=self._diff[n])
+            torch.sub(record.params[n], self._theta0[n], out=self._diff[n])
         self._norms = _norms({n: self._diff[n] for n in names})
 
     def compute(self, record):

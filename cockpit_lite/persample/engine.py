@@ -779,12 +779,13 @@ class PerSampleEngine:
                     leaves = tree_flatten(calls.captures[idx])[0]
                     calls.axes[idx] = SampleAxes(tuple(0 if torch.is_tensor(t) else None for t in leaves), (0,))
                     calls.axes_batch[idx] = self.batch
-            calls.grads[idx] = tuple(None if g is None else g.detach() for g in grads)
+            # (a gradient needs detaching only under create_graph=True)
+            calls.grads[idx] = tuple(g.detach() if g is not None and g.requires_grad else g for g in grads)
             if any(g is not None and (g.dtype in _LOW_PRECISION or _tf32(g)) for g in grads):
                 # autocast: the step's gradients carry half-precision round-off; TF32 products ~1e-3
                 self.low_precision = True
             if weight_grad is not None:
-                calls.weight_grads[idx] = weight_grad.detach()
+                calls.weight_grads[idx] = weight_grad.detach() if weight_grad.requires_grad else weight_grad
             if len(calls.grads) == len(calls.captures) and not isinstance(self.handlers[module], BareParamsHandler):
                 self._process(module)  # (bare parameters wait for their gradients: end of backward)
         except PerSampleUndefined as e:

@@ -216,8 +216,8 @@ class LinearHandler(Handler):
             (x,), ((g,),) = captures, grads
             if g is not None and x.dim() == 2 == g.dim() and x.shape[0] == batch == g.shape[0] and x.dtype == g.dtype:
                 a, e = x.reshape(batch, 1, 1, -1), g.reshape(batch, 1, 1, -1)
-                w_shape = tuple(m.weight.shape)
-                return FactorView(a, e, names.get("weight"), names.get("bias"), w_shape, e_scale=inv_scale)
+                w, b, w_shape = names.get("weight"), names.get("bias"), tuple(m.weight.shape)
+                return FactorView(a, e, w, b, w_shape, e_scale=inv_scale, flat=(x, g))
         a_parts, e_parts = [], []
         for k, (x, (g,)) in enumerate(zip(captures, grads, strict=True)):
             if g is None:

@@ -191,21 +191,30 @@ class FactorView(View):
             scales its (B,) results by ``e_scale**2`` instead of copying e.
     """
 
-    def __init__(self, a, e, weight_name, bias_name, weight_shape, e_scale: float = 1.0):
+    def __init__(self, a, e, weight_name, bias_name, weight_shape, e_scale: float = 1.0, flat=None):
         self.a, self._e, self.e_scale = a, e, e_scale
+        #: T = 1, g = 1: the (B, i) input and (B, o) unscaled output gradient the 4-d factors view
+        self._flat: tuple[torch.Tensor, torch.Tensor] | None = flat
         self.w, self.b = weight_name, bias_name
         self.weight_shape = weight_shape
         self.names = tuple(n for n in (weight_name, bias_name) if n is not None)
         self._cache: torch.Tensor | None = None  # g_i of the weight, (B, g*o, i)
         self._grams: tuple[torch.Tensor, torch.Tensor] | None = None  # T = 1: (g, B, B) for a and e
-        self._diags: tuple[torch.Tensor, torch.Tensor] | None = None  # T = 1: (g, B) a_i . a_i, e_i . e_i
+        #: T = 1: a_i . a_i and e_i . e_i, (g, B) ((B,) for g = 1), from the Grams of g_i . gbar
+        self._diags: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def e(self) -> torch.Tensor:
         """(B, g, T, o) output gradients of the per-sample losses."""
-        if self.e_scale != 1.0:
-            self._e, self.e_scale = self._e * self.e_scale, 1.0
+        if self.e_scale != 1.0:  # (the unscaled flat pair goes with it)
+            self._e, self.e_scale, self._flat = self._e * self.e_scale, 1.0, None
         return self._e
+
+    def _pair(self, gi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """T = 1: group ``gi``'s (B, i) inputs and (B, o) unscaled output gradients."""
+        if self._flat is not None:
+            return self._flat
+        return self.a[:, gi, 0], self._e[:, gi, 0]
 
     @property
     def _dims(self):
@@ -250,9 +259,9 @@ class FactorView(View):
         if t == 1 and self._diags is not None:  # from the Grams g_i . gbar formed
             an, en = self._diags
             if self.w is not None:
-                out[self.w] = (an * en).sum(0)
+                out[self.w] = an * en if g == 1 else (an * en).sum(0)
             if self.b is not None:
-                out[self.b] = en.sum(0)
+                out[self.b] = en if g == 1 else en.sum(0)
             return out
         if t == 1:
             en = torch.linalg.vector_norm(self.e.reshape(bsz, g, o), dim=-1).square_()
@@ -304,10 +313,10 @@ class FactorView(View):
                 return out
             # the bias's share with the weight's: sum_j (a_i . a_j + 1)(e_i . e_j) / B
             shift, s2 = float(self.b is not None), self.e_scale**2  # the Grams of e unscaled: s^2 on the results
-            parts = [_hadamard_gram_rowsums(self.a[:, gi, 0], self._e[:, gi, 0], shift) for gi in range(g)]
+            parts = [_hadamard_gram_rowsums(*self._pair(gi), shift) for gi in range(g)]
             rows, da, de = zip(*parts, strict=True)
-            de = de[0][None] if g == 1 else torch.stack(de)
-            self._diags = (da[0][None] if g == 1 else torch.stack(da), de if s2 == 1.0 else de.mul_(s2))
+            da, de = (da[0], de[0]) if g == 1 else (torch.stack(da), torch.stack(de))
+            self._diags = (da, de if s2 == 1.0 else de.mul_(s2))
             return (rows[0] if g == 1 else torch.stack(rows).sum(0)).mul_(s2 / bsz)
         if t == 1 and self._cache is None:
             # g_i . gbar = e_i^T gbar_W a_i with gbar_W = E^T A / B (or the batch gradient autograd
@@ -317,7 +326,7 @@ class FactorView(View):
                 total = None
             if g == 1 and total is not None:
                 # e = s e': g_i . gbar = (s / B) (e'_i^T total a_i + s e'_i . sum_j e'_j), on the unscaled e'
-                a, e, s = self.a[:, 0, 0], self._e[:, 0, 0], self.e_scale
+                (a, e), s = self._pair(0), self.e_scale
                 w = total.to(a.dtype)
                 # the product with the smaller output, except a very narrow one (slow in BLAS: measured)
                 out = torch.linalg.vecdot(e @ w, a) if o < 32 or i < o else torch.linalg.vecdot(a @ w.T, e)

@@ -32,7 +32,8 @@ def grad_norms(params: dict[str, torch.nn.Parameter]) -> dict[str, float]:
     named = [(n, p.grad) for n, p in params.items() if p.grad is not None]
     if not named:
         return {}
-    norms = distributed.norms([stored_values(g.detach()) for _, g in named])
+    with torch.no_grad():  # (a gradient with a graph: create_graph=True)
+        norms = distributed.norms([stored_values(g) for _, g in named])
     return {n: float(v) for (n, _), v in zip(named, norms, strict=True)}
 
 

@@ -27,13 +27,17 @@ class UpdateProvider(Provider):
         super().__init__(context)
         self.buffers: list[torch.Tensor] | None = None
         self.taken = False
+        self.sharded = any(distributed.is_sharded(p) for p in context.params.values())
 
+    @torch.no_grad()
     def on_before_step(self, record: StepRecord) -> None:
-        params = [distributed.local(p) for p in self.context.params.values()]
+        params = list(self.context.params.values())
+        if self.sharded:
+            params = [distributed.local(p) for p in params]
         with self.context.costs.region("snapshot"):
             if self.buffers is None:
                 self.buffers = [torch.empty_like(p) for p in params]
-            foreach_copy_(self.buffers, [p.detach() for p in params])
+            foreach_copy_(self.buffers, params)
         self.taken = True
 
     @torch.no_grad()
@@ -43,8 +47,8 @@ class UpdateProvider(Provider):
         self.taken = False
         params = self.context.params
         for p, buf in zip(params.values(), self.buffers, strict=True):
-            torch.sub(distributed.local(p).detach(), buf, out=buf)  # the snapshot buffer now holds the update
-        if not any(distributed.is_sharded(p) for p in params.values()):
+            torch.sub(distributed.local(p) if self.sharded else p, buf, out=buf)  # the buffer now holds the update
+        if not self.sharded:
             record.update = dict(zip(params, self.buffers, strict=True))
             return
         from torch.distributed.tensor import DTensor
