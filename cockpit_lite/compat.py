@@ -20,6 +20,24 @@ from torch.utils import _pytree
 tree_flatten = _pytree.tree_flatten
 tree_map = _pytree.tree_map
 
+
+def tree_leaves(tree: Any) -> list[Any]:
+    """``tree_flatten(tree)[0]``, without the pytree walk for what the hooks see on most calls: a
+    tensor, or a tuple/list of tensors, tuples/lists of tensors and empty dicts (``(args, kwargs)``)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if type(tree) in (tuple, list):
+        out: list[Any] = []
+        for x in tree:
+            if isinstance(x, torch.Tensor):
+                out.append(x)
+            elif type(x) in (tuple, list) and all(isinstance(y, torch.Tensor) for y in x):
+                out.extend(x)
+            elif not (type(x) is dict and not x):
+                return _pytree.tree_leaves(tree)
+        return out
+    return _pytree.tree_leaves(tree)
+
 #: module classes with private names that the per-sample engine dispatches on
 BatchNormBase: type[nn.Module] = nn.modules.batchnorm._BatchNorm
 InstanceNormBase: type[nn.Module] = nn.modules.instancenorm._InstanceNorm

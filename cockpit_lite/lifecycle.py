@@ -90,7 +90,7 @@ class Step:
             asked = guard.instrument(inst, "requires", number)
             if asked is None or not (asked or inst.scheduled(number)):
                 continue
-            clash = Needs(set(needs.flags), dict(needs.directions)).merge(asked)
+            clash = [k for k, fn in asked.directions.items() if needs.directions.get(k, fn) is not fn]
             if clash:
                 guard.warn(
                     f"{inst.key} asks for projections under the key(s) {clash}, which another instrument uses "

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cockpit_lite.compat import foreach_norm, tree_flatten
+from cockpit_lite.compat import foreach_norm, tree_leaves
 from cockpit_lite.pause import paused
 
 
@@ -25,7 +25,7 @@ def tensors_of(output: Any) -> list[torch.Tensor]:
     """The tensors in a model's output: a tensor, a tuple or list, a dict or a Hugging Face ModelOutput."""
     if isinstance(output, Mapping):
         output = list(output.values())
-    return [t for t in tree_flatten(output)[0] if torch.is_tensor(t)]
+    return [t for t in tree_leaves(output) if torch.is_tensor(t)]
 
 
 def any_grad(params: Mapping[str, nn.Parameter]) -> bool:

@@ -83,7 +83,7 @@ class StepRecord:
     _sealed: bool = field(default=False, repr=False)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if getattr(self, "_sealed", False) and name not in ("_sealed", "_update_norms"):
+        if self._sealed and name != "_update_norms":  # (a class attribute until sealed)
             raise SealedRecordError(
                 f"the step record is read-only for instruments (tried to set {name!r}): return records "
                 "{tag: value} from compute(), and call self.note(text) to say why a number is missing"

@@ -23,6 +23,25 @@ def test_tree_flatten_and_map():
     assert out["a"].item() == 2.0 and out["b"] == 1
 
 
+def test_tree_leaves_fast_path_agrees_with_pytree():
+    """The fast path of tree_leaves (tensors, flat tuples/lists, (args, {})) returns pytree's leaves in
+    pytree's order, and everything else goes to pytree."""
+    from collections import namedtuple
+
+    from torch.utils import _pytree
+
+    t = [torch.full((1,), float(k)) for k in range(4)]
+    nt = namedtuple("NT", "x y")
+    trees = [
+        t[0], (t[0], t[1]), [t[0]], ((t[0], t[1]), {}), ((t[0],), {"k": t[1]}), (t[0], None, 3), (t[0], [t[1], 2]),
+        (nt(t[0], t[1]), {}), {"a": t[0], "b": (t[1], t[2])}, (t[0], (t[1], (t[2], t[3]))), (), 5, None,
+        (torch.nn.Parameter(t[3]),),
+    ]  # fmt: skip
+    for tree in trees:
+        got, want = compat.tree_leaves(tree), _pytree.tree_leaves(tree)
+        assert len(got) == len(want) and all(a is b for a, b in zip(got, want, strict=True)), tree
+
+
 def test_norm_base_classes():
     assert isinstance(nn.BatchNorm2d(3), compat.BatchNormBase) and isinstance(nn.SyncBatchNorm(3), compat.BatchNormBase)
     assert isinstance(nn.InstanceNorm1d(3), compat.InstanceNormBase)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cockpit_lite.compat import saved_attribute, tree_flatten, tree_map
+from cockpit_lite.compat import saved_attribute, tree_flatten, tree_leaves, tree_map
 
 #: ops whose output may carry the batch axis while one input does not (the broadcasting op)
 BROADCAST_OPS = frozenset({"AddBackward0", "SubBackward0", "MulBackward0", "ExpandBackward0"})
@@ -192,7 +192,7 @@ class BroadcastTracker:
 
     def on_model_input(self, args: tuple, kwargs: dict) -> None:
         """The model's leading input size: a hint for which calls may lack the batch axis."""
-        first = next((t for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t) and t.dim() > 0), None)
+        first = next((t for t in tree_leaves((args, kwargs)) if torch.is_tensor(t) and t.dim() > 0), None)
         self.input_batch = None if first is None else int(first.shape[0])
 
     def is_candidate(self, module: nn.Module, out: torch.Tensor) -> bool:

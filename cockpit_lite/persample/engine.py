@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from cockpit_lite.compat import BatchNormBase, InstanceNormBase, tensor_version, tree_flatten, tree_map
+from cockpit_lite.compat import BatchNormBase, InstanceNormBase, tensor_version, tree_flatten, tree_leaves, tree_map
 from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.hooks import SharedHook
 from cockpit_lite.needs import Need, Needs
@@ -112,12 +112,12 @@ class _Calls:
 
 def _leaf_shapes(tree: Any) -> tuple[tuple[int, ...] | None, ...]:
     """The shape of every leaf of ``tree`` (None for a leaf that is no tensor)."""
-    return tuple(tuple(t.shape) if torch.is_tensor(t) else None for t in tree_flatten(tree)[0])
+    return tuple(tuple(t.shape) if torch.is_tensor(t) else None for t in tree_leaves(tree))
 
 
 def _tensor_shapes(tree: Any) -> tuple[tuple[int, ...], ...]:
     """The shapes of the tensor leaves of ``tree``."""
-    return tuple(tuple(t.shape) for t in tree_flatten(tree)[0] if torch.is_tensor(t))
+    return tuple(tuple(t.shape) for t in tree_leaves(tree) if torch.is_tensor(t))
 
 
 def _several_batch_axes(shapes: tuple, batch: int) -> bool:
@@ -609,7 +609,7 @@ class PerSampleEngine:
         inputs = _leaf_shapes((args, kwargs))
         outputs = _tensor_shapes(output)
         key = (module, order, batch, inputs, outputs)
-        grad_outputs = tuple(t.requires_grad for t in tree_flatten(output)[0] if torch.is_tensor(t))
+        grad_outputs = tuple(t.requires_grad for t in tree_leaves(output) if torch.is_tensor(t))
         if key not in self._axes:
             out = outs[0] if len(outs) == 1 else None
             self._pending.append(_Pending(module, idx, key, grad_outputs, ambiguous, out))
@@ -1162,7 +1162,7 @@ class PerSampleEngine:
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         # the batch of the probe's inputs during its forward (sample axes are resolved for it); the
         # losses' rows then decide
-        first = next((t for t in tree_flatten(args)[0] if torch.is_tensor(t) and t.dim() > 0), None)
+        first = next((t for t in tree_leaves(args) if torch.is_tensor(t) and t.dim() > 0), None)
         session.batch = None if first is None else int(first.shape[0])
         devices = cuda_devices(self.model.parameters())
         with paused(), torch.random.fork_rng(devices=devices), torch.enable_grad():

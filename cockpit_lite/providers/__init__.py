@@ -91,13 +91,21 @@ def known_needs() -> set[str]:
     return {n for cls in _REGISTRY for n in cls.PROVIDES}
 
 
+_CLOSURES: dict[tuple[frozenset[str], int], frozenset[type[Provider]]] = {}
+
+
 def closure(needs: Iterable[str]) -> set[type[Provider]]:
-    """The providers that must run for ``needs``: their providers and every provider those use."""
-    out: set[type[Provider]] = set()
-    todo = list(needs)
-    while todo:
-        cls = provider_for(todo.pop())
-        if cls not in out:
-            out.add(cls)
-            todo.extend(cls.USES)
-    return out
+    """The providers that must run for ``needs``: their providers and every provider those use
+    (remembered per need set and registry size: asked once per step)."""
+    _load()
+    key = (frozenset(needs), len(_REGISTRY))
+    if key not in _CLOSURES:
+        out: set[type[Provider]] = set()
+        todo = list(key[0])
+        while todo:
+            cls = provider_for(todo.pop())
+            if cls not in out:
+                out.add(cls)
+                todo.extend(cls.USES)
+        _CLOSURES[key] = frozenset(out)
+    return set(_CLOSURES[key])
