@@ -617,3 +617,28 @@ def test_bfloat16_autocast(device, backward_inside):
     sq, dots = (ref**2).sum(1), ref @ ref.mean(0)
     np.testing.assert_allclose(rec.per_sample_sq_norms, sq, atol=3e-2 * sq.max())
     np.testing.assert_allclose(rec.per_sample_dot_mean, dots, atol=3e-2 * np.abs(dots).max())
+
+
+@pytest.mark.parametrize("scaled_first", [False, True])
+@pytest.mark.parametrize("shape", [(6, 5, 3), (6, 3, 40), (300, 7, 4), (4, 20, 30)])
+def test_factor_view_dot_mean_and_norms_against_formed_gradients(shape, scaled_first):
+    """A (B, i) Linear view with its output-gradient scale s and the batch weight gradient of autograd
+    (unscaled): ||g_i||^2 and g_i . gbar by every route (Gram of the factors, either product with the
+    batch gradient; the output gradients scaled before or after) equal those of the formed float64 g_i."""
+    from cockpit_lite.persample.views import FactorView
+
+    bsz, i, o = shape
+    torch.manual_seed(0)
+    x, g, s = torch.randn(bsz, i, dtype=torch.float64), torch.randn(bsz, o, dtype=torch.float64), 2.5
+    gw = s * g[:, :, None] * x[:, None, :]  # g_i of the weight (B, o, i), of the bias s e_i
+    G = torch.cat([gw.reshape(bsz, -1), s * g], 1)
+    want_dot, want_sq = G @ G.mean(0), (G**2).sum(1)
+    for with_parts in (False, True):
+        v = FactorView(x.reshape(bsz, 1, 1, i), g.reshape(bsz, 1, 1, o), "w", "b", (o, i), e_scale=s, flat=(x, g))
+        if with_parts:
+            v.batch_grad_parts = ([g.T @ x], s)
+        if scaled_first:
+            v.e  # noqa: B018 (the output gradients scaled before the statistics)
+        torch.testing.assert_close(v.dot_mean(), want_dot, rtol=1e-10, atol=1e-10)
+        sq = v.sq_norms()
+        torch.testing.assert_close(sq["w"] + sq["b"], want_sq, rtol=1e-10, atol=1e-10)

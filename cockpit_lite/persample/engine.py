@@ -827,8 +827,7 @@ class PerSampleEngine:
                 self._processing = False
                 handler.__dict__.pop("sample_axes", None)
             if calls.weight_grads and len(calls.weight_grads) == len(calls.captures):
-                parts, scale = list(calls.weight_grads.values()), self.inv_scale
-                view.batch_grad_fn = lambda: (parts[0] if len(parts) == 1 else sum(parts)) * scale
+                view.batch_grad_parts = (list(calls.weight_grads.values()), self.inv_scale)
             if module in self.tied:  # added to the other uses of its parameters at the end of backward
                 if self.tied[module] not in self._dropped_groups:
                     self._tied_views.setdefault(self.tied[module], []).append(view)

@@ -15,7 +15,7 @@ and E (B, g, T, o) the output gradients of the per-sample losses,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -24,14 +24,18 @@ class View:
     """Interface: the per-sample gradients of some parameters (full names) of one module."""
 
     names: tuple[str, ...] = ()
-    #: () -> sum_i g_i of the weight, when the engine took it from the layer's own backward (else None):
-    #: formed only by the views that use it (:attr:`batch_grad`)
-    batch_grad_fn: Callable[[], torch.Tensor] | None = None
+    #: (parts, s): the weight gradients autograd computed for the module's calls and the factor s of
+    #: the output gradients, sum_i g_i = s sum(parts), when the engine took them from the layer's own
+    #: backward (else None); summed only by the views that use it (:attr:`batch_grad`)
+    batch_grad_parts: tuple[list[torch.Tensor], float] | None = None
 
     @property
     def batch_grad(self) -> torch.Tensor | None:
         """sum_i g_i of the weight from the layer's own backward, or None."""
-        return None if self.batch_grad_fn is None else self.batch_grad_fn()
+        if self.batch_grad_parts is None:
+            return None
+        parts, s = self.batch_grad_parts
+        return (parts[0] if len(parts) == 1 else sum(parts)) * s
 
     def sq_norms(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -321,18 +325,20 @@ class FactorView(View):
         if t == 1 and self._cache is None:
             # g_i . gbar = e_i^T gbar_W a_i with gbar_W = E^T A / B (or the batch gradient autograd
             # computed, when the handler kept it): one or two plain products, no g_i formed
-            total = self.batch_grad
-            if total is not None and total.shape != (g * o, i):
-                total = None
-            if g == 1 and total is not None:
-                # e = s e': g_i . gbar = (s / B) (e'_i^T total a_i + s e'_i . sum_j e'_j), on the unscaled e'
-                (a, e), s = self._pair(0), self.e_scale
-                w = total.to(a.dtype)
+            parts = self.batch_grad_parts
+            if g == 1 and parts is not None and len(parts[0]) == 1 and parts[0][0].shape == (o, i) and parts[1]:
+                # e = c e (c = e_scale: s while e is unscaled, 1 once scaled), sum_i g_i = s W' (W' autograd's
+                # weight gradient): g_i . gbar = (c s / B) e_i^T W' a_i + (c^2 / B) e_i . sum_j e_j
+                (a, e), c, s = self._pair(0), self.e_scale, parts[1]
+                w = parts[0][0].to(a.dtype)
                 # the product with the smaller output, except a very narrow one (slow in BLAS: measured)
                 out = torch.linalg.vecdot(e @ w, a) if o < 32 or i < o else torch.linalg.vecdot(a @ w.T, e)
                 if self.b is not None:
-                    out.add_(e @ e.sum(0), alpha=s)
-                return out.mul_(s / bsz)
+                    out.add_(e @ e.sum(0), alpha=c / s)
+                return out.mul_(c * s / bsz)
+            total = self.batch_grad
+            if total is not None and total.shape != (g * o, i):
+                total = None
             out = None
             for gi in range(g):
                 a, e = self.a[:, gi, 0], self.e[:, gi, 0]  # (B, i), (B, o)
