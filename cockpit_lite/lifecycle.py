@@ -50,6 +50,14 @@ class Guard:
 
     def __init__(self, warn: Callable[[str], None], costs: Costs):
         self.warn, self.costs = warn, costs
+        self._listeners: dict[tuple[tuple[Provider, ...], str], tuple[Provider, ...]] = {}
+
+    def listeners(self, providers: tuple[Provider, ...], event: str) -> tuple[Provider, ...]:
+        """The providers of a step (the same objects step after step) that hear ``event``, in order."""
+        key = (providers, event)
+        if key not in self._listeners:
+            self._listeners[key] = tuple(p for p in providers if _overrides(type(p), Provider, event))
+        return self._listeners[key]
 
     def instrument(self, inst: Instrument, hook: str, *args: Any) -> Any:
         timed = hook in ("on_before_step", "compute")
@@ -102,15 +110,14 @@ class Step:
             self.asked[inst.key] = asked.names()
         wanted = closure(needs.names()) if self.active else set()
         self.providers = [p for p in providers if self.active and (type(p) in wanted or p.ALWAYS)]
+        self._providers = tuple(self.providers)
         self.record = StepRecord(step=number, **fields)
         guard.each(self.providers, "begin_step", self.record, needs)
 
     def event(self, name: str, *args: Any) -> None:
         """Send a lifecycle event to the providers, then (record sealed) to the instruments that hear it."""
         rec = self.record
-        for provider in self.providers:
-            if not _overrides(type(provider), Provider, name):
-                continue
+        for provider in self.guard.listeners(self._providers, name):
             try:
                 getattr(provider, name)(rec, *args)
             except Exception as e:

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 _STATE = threading.local()
 
 
-@contextmanager
-def paused() -> Iterator[None]:
+class paused:  # noqa: N801 (used as a function: ``with paused():``)
     """Run model/loss/optimizer calls that no cockpit must see (e.g. an instrument's own probe
-    forward/backward, or an evaluation pass with the training loss module)."""
-    depth = getattr(_STATE, "depth", 0)
-    _STATE.depth = depth + 1
-    try:
-        yield
-    finally:
-        _STATE.depth = depth
+    forward/backward, or an evaluation pass with the training loss module). A class rather than a
+    generator: the per-sample engine enters it for every layer of every tracked step."""
+
+    __slots__ = ("depth",)
+
+    def __enter__(self) -> None:
+        self.depth = getattr(_STATE, "depth", 0)
+        _STATE.depth = self.depth + 1
+
+    def __exit__(self, *exc: object) -> None:
+        _STATE.depth = self.depth
 
 
 def is_paused() -> bool:
