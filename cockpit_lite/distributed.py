@@ -179,7 +179,8 @@ def norms(tensors: list[torch.Tensor]) -> list[float]:
     it with the same tensors, in the same order as its other collectives."""
     if not tensors:
         return []
-    if not any(is_sharded(t) for t in tensors):
+    dtensor = _dtensor_type()
+    if dtensor is None or not any(isinstance(t, dtensor) for t in tensors):
         return torch.stack(foreach_norm(list(tensors))).double().cpu().tolist()
     if UNMERGED_SHARDS[0]:
         raise RuntimeError(UNMERGED_SHARDS[1])

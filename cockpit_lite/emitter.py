@@ -29,13 +29,19 @@ class Emitter:
 
     def emit(self, step: int, records: Mapping[Any, Any]) -> None:
         """Group ``records`` (keys ``tag`` for ``step`` or ``(step, tag)``) by step and write them."""
-        by_step: dict[int, dict[str, Any]] = {}
+        current: dict[str, Any] = {}
+        by_step: dict[int, dict[str, Any]] = {int(step): current}
         for key, value in records.items():
-            s, tag = key if isinstance(key, tuple) else (step, key)
             try:
-                by_step.setdefault(int(s), {})[tag] = to_value(value)
+                if type(key) is str:  # the step's own records, most of them floats
+                    current[key] = value if type(value) is float else to_value(value)
+                else:
+                    s, tag = key if isinstance(key, tuple) else (step, key)
+                    by_step.setdefault(int(s), {})[tag] = to_value(value)
             except TypeError as e:
-                self.warn(f"record {tag!r} dropped: {e}")
+                self.warn(f"record {key!r} dropped: {e}")
+        if not current:
+            del by_step[int(step)]
         t0 = time.perf_counter()
         for s in sorted(by_step):
             self.history.add(s, by_step[s])

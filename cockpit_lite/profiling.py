@@ -84,13 +84,13 @@ def cost_records(costs: Costs, step_ms: float) -> dict[str, float]:
     (that time / ``cost/step_ms``, the wall time from the model's forward to the records being ready);
     ``cost/cockpit_ms``/``_share`` sum every region."""
     out: dict[str, float] = {"cost/step_ms": step_ms}
-    share = (lambda ms: ms / step_ms) if step_ms > 0 else (lambda ms: math.nan)  # noqa: E731
+    per_ms = 1.0 / step_ms if step_ms > 0 else math.nan
     for name, ms in costs.ms.items():
         out[f"cost/{name}_ms"] = ms
-        out[f"cost/{name}_share"] = share(ms)
+        out[f"cost/{name}_share"] = ms * per_ms
     total = costs.total()
     out["cost/cockpit_ms"] = total
-    out["cost/cockpit_share"] = share(total)
+    out["cost/cockpit_share"] = total * per_ms
     return out
 
 

@@ -104,10 +104,11 @@ class History(Mapping):
 
     def add(self, step: int, records: Mapping[str, Any]) -> None:
         data, window = self._data, self.window
+        limit = 2 * window + 1 if window is not None else None
         for tag, value in records.items():
             pairs = data[tag]
             pairs.append((step, value))
-            if window is not None and len(pairs) - self._old.get(tag, 0) > 2 * window + 1:
+            if limit is not None and len(pairs) > limit and len(pairs) - self._old.get(tag, 0) > limit:
                 self._compact(tag)
 
     def _compact(self, tag: str) -> None:
