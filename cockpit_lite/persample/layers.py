@@ -238,6 +238,9 @@ class LinearHandler(Handler):
         (:meth:`FactorView.dot_mean`)."""
         if len(outputs) != 1 or "weight" not in self.names or outputs[0].dim() != 2:
             return None
+        (bsz, o), i = outputs[0].shape, self.module.weight.shape[1]
+        if bsz * (i + o) < i * o:  # g_i . gbar by the factors' Grams (FactorView.dot_mean): no use for it
+            return None
         node = outputs[0].grad_fn
         position = {"AddmmBackward0": 2, "MmBackward0": 1}.get(node.name() if node is not None else "")
         if position is None:  # another op (a view of the product, a Conv1D's addmm on the weight itself)
