@@ -38,6 +38,7 @@ def tree_leaves(tree: Any) -> list[Any]:
         return out
     return _pytree.tree_leaves(tree)
 
+
 #: module classes with private names that the per-sample engine dispatches on
 BatchNormBase: type[nn.Module] = nn.modules.batchnorm._BatchNorm
 InstanceNormBase: type[nn.Module] = nn.modules.instancenorm._InstanceNorm

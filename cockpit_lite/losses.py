@@ -145,6 +145,11 @@ def check_loss_module(loss_fn: object) -> None:
 def unreduced(loss_fn: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     """The loss module's element losses u (reduction="none") for these inputs; the module's own
     reduction is restored afterwards. Differentiable: callers detach or not."""
+    if type(loss_fn) is nn.CrossEntropyLoss and len(args) == 2 and not kwargs:  # its forward, unreduced
+        return F.cross_entropy(
+            args[0], args[1], weight=loss_fn.weight, ignore_index=loss_fn.ignore_index, reduction="none",
+            label_smoothing=loss_fn.label_smoothing,
+        )  # fmt: skip
     reduction = loss_fn.reduction
     loss_fn.reduction = "none"
     try:
@@ -173,7 +178,7 @@ def per_sample_losses(loss_fn: nn.Module, args: tuple, kwargs: dict) -> torch.Te
     detached = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
     u = unreduced(loss_fn, *detached, **kwargs)
     batch = u.shape[0] if u.dim() > 0 else 1
-    per_sample = u.reshape(batch, -1).sum(dim=1)
+    per_sample = u if u.dim() == 1 else u.reshape(batch, -1).sum(dim=1)
     if loss_fn.reduction == "mean":
         w = target_weights(loss_fn, detached[1], u.dtype) if len(detached) >= 2 else None
         n = w.sum() if w is not None else torch.tensor(float(u.numel()), dtype=u.dtype, device=u.device)

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from cockpit_lite import distributed
+from cockpit_lite.compat import BatchNormBase
 from cockpit_lite.model_io import any_grad
 from cockpit_lite.needs import Need, Needs
-from cockpit_lite.persample.coupled import CoupledPath, CoupledRecorder, coupling_modules
+from cockpit_lite.persample.coupled import CoupledPath, CoupledRecorder
 from cockpit_lite.persample.engine import PER_SAMPLE_NEEDS, PerSampleEngine, PerSampleResult
 from cockpit_lite.providers import register_provider
 from cockpit_lite.providers.base import Context, LossCall, ModelCall, Provider
@@ -68,6 +69,9 @@ class PerSampleProvider(Provider):
         #: FSDP2 (parameters are DTensors): the coupled path's replay at theta_t is refused (see _coupled)
         self.sharded = any(distributed.is_sharded(p) for p in context.params.values())
         self.coupled, self.path, self.recorder, self.coupled_steps, self.values = False, None, None, 0, None
+        #: the BatchNorm layers at attach (the engine's layers are those at attach too): whether one of them
+        #: couples the examples is asked every step without walking the model
+        self._norms = [m for m in context.network.modules() if isinstance(m, BatchNormBase)]
 
     def end_step(self) -> None:
         self.engine.stop()
@@ -94,7 +98,7 @@ class PerSampleProvider(Provider):
 
     def _coupled_step(self, needs: Needs) -> bool:
         """Whether this step goes through the coupled path (a train-mode BatchNorm in the model)."""
-        if not needs.names() & PER_SAMPLE_NEEDS or not coupling_modules(self.context.network):
+        if not needs.names() & PER_SAMPLE_NEEDS or not any(m.training or m.running_mean is None for m in self._norms):
             return False
         if self.path is None:
             self.path = CoupledPath(self.context.network, self.context.params, costs=self.context.costs)
