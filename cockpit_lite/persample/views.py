@@ -267,6 +267,16 @@ class FactorView(View):
             if self.b is not None:
                 out[self.b] = en if g == 1 else en.sum(0)
             return out
+        if t == 1 and g == 1:  # ||g_i(W)||^2 = ||a_i||^2 ||e_i||^2, of the bias ||e_i||^2; e unscaled: c^2 after
+            a, e = self._pair(0)
+            en = torch.linalg.vector_norm(e, dim=1).square_()
+            if self.e_scale != 1.0:
+                en.mul_(self.e_scale**2)
+            if self.w is not None:
+                out[self.w] = torch.linalg.vector_norm(a, dim=1).square_().mul_(en)
+            if self.b is not None:
+                out[self.b] = en
+            return out
         if t == 1:
             en = torch.linalg.vector_norm(self.e.reshape(bsz, g, o), dim=-1).square_()
             if self.w is not None:
