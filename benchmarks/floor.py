@@ -18,8 +18,10 @@ lean ratio cannot be met by tuning the cockpit.
 
 For the benchmark CNN (3C3D: 3 Conv2d + ReLU + MaxPool2d, Flatten, 3 Linear; B = 64) the same lean
 reference covers economy minus Alpha (``--models cnn``, with ``--parts economy-alpha``): per conv
-layer the cheaper exact route by multiply-adds (:func:`conv_costs`), formed per-sample gradients by
-one bmm of output gradients and unfolded patches, or the ghost form. ``--cnn-macs`` prints the
+layer the cheaper exact route by multiply-adds (:func:`conv_costs`): formed per-sample gradients, by
+the faster of two kernels with equal multiply-adds (one bmm of output gradients and unfolded patches,
+or the convolution's weight-gradient kernel with the batch folded into the groups: timed once per
+layer on the untimed warm-up step, as the difference is memory traffic), or the ghost form. ``--cnn-macs`` prints the
 multiply-add count that its per-sample conv norms need at least, against the plain step's count,
 and the route each conv layer takes (docs/performance.md).
 """
@@ -37,10 +39,10 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cockpit_lite.instruments import Alpha, Distance, GradientTests, GradNorm, Loss, TracIn, UpdateSize  # noqa: E402
 from common import MODELS, OPTIMIZERS, interleaved, make_batches, make_batches_of, train_steps  # noqa: E402
 
 from cockpit_lite import Cockpit  # noqa: E402
-from cockpit_lite.instruments import Alpha, Distance, GradientTests, GradNorm, Loss, TracIn, UpdateSize  # noqa: E402
 
 QUANTILES = np.array([0.05, 0.25, 0.5, 0.75, 0.95])
 
