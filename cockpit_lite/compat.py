@@ -75,9 +75,9 @@ def saved_attribute(node: Any, name: str) -> Any:
     return getattr(node, f"_saved_{name}")
 
 
-def profiler_enabled() -> bool:
-    """Whether a ``torch.profiler`` is recording right now."""
-    return bool(torch._C._autograd._profiler_enabled())
+#: () -> bool: whether a ``torch.profiler`` is recording right now (the C function itself: asked by
+#: every timed region of a step)
+profiler_enabled: Callable[[], bool] = torch._C._autograd._profiler_enabled
 
 
 def compiled_inner(model: nn.Module) -> nn.Module | None:
