@@ -7,30 +7,19 @@ conv layer takes is the cheaper by multiply-adds; and the timed comparison with 
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from tests.bench_util import benchmark_module
 from tests.harness import shares_loop
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def floor():
-    spec = importlib.util.spec_from_file_location("bench_floor", ROOT / "benchmarks" / "floor.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_floor"] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules["bench_floor"]
+    yield from benchmark_module("floor")
 
 
 def _small_conv() -> nn.Module:

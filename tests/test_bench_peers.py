@@ -6,10 +6,7 @@ flags numbers that are off."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,21 +14,13 @@ import torch
 from torch import nn
 
 from tests import models_lm as M
+from tests.bench_util import benchmark_module
 from tests.harness import shares_loop
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def peers():
-    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "benchmarks" / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_peers"] = module  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules["bench_peers"]
+    yield from benchmark_module("peers")
 
 
 def _conv_net() -> nn.Module:
