@@ -793,9 +793,14 @@ class PerSampleEngine:
         except Exception as e:
             self.drop(module, f"{type(e).__name__}: {e}")
 
-    @timed("engine")
-    @torch.no_grad()
     def _process(self, module) -> None:
+        with self.costs.region("engine"):
+            if not torch.is_grad_enabled():  # a gradient hook: grad mode is off unless create_graph=True
+                return self._process_calls(module)
+            with torch.no_grad():
+                return self._process_calls(module)
+
+    def _process_calls(self, module) -> None:
         calls = self._calls.pop(module)
         if self.batch is None:
             raise RuntimeError("no model call with a batch axis was seen before backward")
