@@ -38,7 +38,15 @@ from cockpit_lite.compat import (
 )
 from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.persample.broadcast import dropout_active
-from cockpit_lite.persample.views import ConvView, EmbeddingView, FactorView, MaterialisedView, View, ViewGroup
+from cockpit_lite.persample.views import (
+    ConvView,
+    EmbeddingView,
+    FactorView,
+    MaterialisedView,
+    View,
+    ViewGroup,
+    factor_grams_cheaper,
+)
 from cockpit_lite.sandbox import cuda_devices
 
 
@@ -239,7 +247,7 @@ class LinearHandler(Handler):
         if len(outputs) != 1 or "weight" not in self.names or outputs[0].dim() != 2:
             return None
         (bsz, o), i = outputs[0].shape, self.module.weight.shape[1]
-        if bsz * (i + o) < i * o:  # g_i . gbar by the factors' Grams (FactorView.dot_mean): no use for it
+        if factor_grams_cheaper(bsz, i, o):  # g_i . gbar by the factors' Grams: no use for it
             return None
         node = outputs[0].grad_fn
         position = {"AddmmBackward0": 2, "MmBackward0": 1}.get(node.name() if node is not None else "")

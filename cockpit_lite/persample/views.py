@@ -183,6 +183,12 @@ def _hadamard_gram_rowsums(
     return out, da, de
 
 
+def factor_grams_cheaper(bsz: int, i: int, o: int) -> bool:
+    """For a (B, i) -> (B, o) layer call (T = 1): whether g_i . gbar is cheaper from the factors' Grams,
+    B^2 (i + o) multiply-adds, than from one product with the batch weight gradient, B i o."""
+    return bsz * (i + o) < i * o
+
+
 class FactorView(View):
     """Factor pair form for layers z = W a + b applied at T positions in g groups.
 
@@ -317,7 +323,7 @@ class FactorView(View):
         if self.w is None:  # a frozen weight: the bias alone
             gb = self._bias_grads()
             return gb @ gb.mean(0)
-        if t == 1 and (self._grams is not None or bsz * (i + o) < i * o):  # Gram of the factors is cheaper
+        if t == 1 and (self._grams is not None or factor_grams_cheaper(bsz, i, o)):
             if self._grams is not None:
                 aa, ee = self._grams
                 out = (aa * ee).sum(0).mean(1)
