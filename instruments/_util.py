@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,19 @@ def sorted_quantiles(s: np.ndarray, levels: Sequence[float]) -> np.ndarray:
     t = (pos - lo).reshape((-1,) + (1,) * (s.ndim - 1))
     out = s[lo] + (s[hi] - s[lo]) * t
     return np.where(np.isnan(s[-1]), np.nan, out)
+
+
+def uncovered_note(record: Any, subject: str, describes: str) -> str | None:
+    """The note of a statistic over per-sample gradients when some parameters with a gradient have none
+    (``record.per_sample_uncovered``: their share of sum_p ||p.grad||^2), else None. ``subject`` is
+    "the tests are", ``describes`` "they describe" (the sentence's own words)."""
+    if not record.per_sample_uncovered:
+        return None
+    share = sum(record.per_sample_uncovered.values())
+    return (
+        f"{subject} over the parameters with per-sample statistics only ({share:.1%} of ||p.grad||^2 is in "
+        f"parameters left out): {describes} that part of the gradient"
+    )
 
 
 def refuse_state(instrument: str, what: str, fix: str) -> ValueError:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numpy as np
+from cockpit_lite.instruments._util import uncovered_note
 
 from cockpit_lite import Instrument, Need
 from cockpit_lite.panels import LinePanel
@@ -92,12 +93,9 @@ class GradientTests(Instrument):
             return {self.tag("tests/inner"): inner}
         if record.batch_size == 1:
             self.note("gradient tests need at least 2 samples per batch: NaN")
-        if record.per_sample_uncovered:
-            share = sum(record.per_sample_uncovered.values())
-            self.note(
-                f"the tests are over the parameters with per-sample statistics only ({share:.1%} of ||p.grad||^2 "
-                "is in parameters left out): they describe that part of the gradient"
-            )
+        uncovered = uncovered_note(record, "the tests are", "they describe")
+        if uncovered:
+            self.note(uncovered)
         if dots is None:  # ||g_i||^2 and ||gbar||^2 without g_i . gbar (FSDP2: gbar is sharded)
             return {self.tag("tests/norm"): norm_test(sq, g2)}
         tests = gradient_tests(sq, dots)

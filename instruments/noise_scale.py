@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from cockpit_lite.instruments._util import uncovered_note
 
 from cockpit_lite import Instrument, Need
 from cockpit_lite.panels import LinePanel
@@ -209,12 +210,9 @@ class GradientNoiseScale(Instrument):
         b = len(sq)
         if b < 2:
             self.note("the noise scale needs at least 2 samples per batch: NaN")
-        if record.per_sample_uncovered:
-            share = sum(record.per_sample_uncovered.values())
-            self.note(
-                f"the noise scale is over the parameters with per-sample statistics only ({share:.1%} of "
-                "||p.grad||^2 is in parameters left out): it describes that part of the gradient"
-            )
+        uncovered = uncovered_note(record, "the noise scale is", "it describes")
+        if uncovered:
+            self.note(uncovered)
         g2, tr = noise_scale_estimates(sq, g2bar)
         out: dict[Any, Any] = {
             self.tag("noise_scale/grad_sq_raw"): g2,
