@@ -76,15 +76,17 @@ class ReplayMismatch(RuntimeError):
     captured, a buffer the forward reads after changing it, inputs changed in place since)."""
 
 
+def couples_examples(norm: nn.Module) -> bool:
+    """Whether a BatchNorm module's forward couples the examples right now: in train mode, or without
+    running statistics (``track_running_stats=False`` normalises with the batch's statistics in eval
+    mode too)."""
+    return norm.training or norm.running_mean is None
+
+
 def coupling_modules(model: nn.Module) -> list[str]:
-    """Names of the modules of ``model`` whose forward couples the examples right now: BatchNorm in
-    train mode, or without running statistics (``track_running_stats=False`` normalises with the
-    batch's statistics in eval mode too). Empty: the per-layer factor engine applies."""
-    return [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, BatchNormBase) and (m.training or m.running_mean is None)
-    ]
+    """Names of the modules of ``model`` whose forward couples the examples right now
+    (:func:`couples_examples`). Empty: the per-layer factor engine applies."""
+    return [name for name, m in model.named_modules() if isinstance(m, BatchNormBase) and couples_examples(m)]
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ Events, in the order they fire within one step (one ``optimizer.step()``):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -30,6 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from cockpit_lite import distributed
 from cockpit_lite.needs import Needs
 from cockpit_lite.profiling import Costs
 from cockpit_lite.step import StepRecord
@@ -83,6 +85,11 @@ class Context:
     reduction: str = "mean"
     #: issue a CockpitWarning once per distinct message
     warn: Callable[[str], None] = print
+
+    @functools.cached_property
+    def sharded(self) -> bool:
+        """Whether the parameters are FSDP2 shards (DTensors; ``fully_shard`` comes before the cockpit)."""
+        return any(distributed.is_sharded(p) for p in self.params.values())
 
 
 class Provider:

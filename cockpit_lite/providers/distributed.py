@@ -79,7 +79,7 @@ class DistributedProvider(Provider):
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.gbar = False
         #: FSDP2: parameters are DTensors (checked at construction: one mesh of every rank, Shard placements)
-        self.sharded = any(distributed.is_sharded(p) for p in context.params.values())
+        self.sharded = context.sharded
         #: FSDP2: this rank's ||shard of p.grad||^2 per tensor at the end of backward (optimizer's units)
         self.gbar_sq: dict[str, float] | None = None
         self.left_out: list[tuple[str, frozenset]] = []

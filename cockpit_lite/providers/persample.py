@@ -14,11 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cockpit_lite import distributed
 from cockpit_lite.compat import BatchNormBase
 from cockpit_lite.model_io import any_grad
 from cockpit_lite.needs import Need, Needs
-from cockpit_lite.persample.coupled import CoupledPath, CoupledRecorder
+from cockpit_lite.persample.coupled import CoupledPath, CoupledRecorder, couples_examples
 from cockpit_lite.persample.engine import PER_SAMPLE_NEEDS, PerSampleEngine, PerSampleResult
 from cockpit_lite.providers import register_provider
 from cockpit_lite.providers.base import Context, LossCall, ModelCall, Provider
@@ -67,7 +66,7 @@ class PerSampleProvider(Provider):
                 self.engine.checks_left = 0
         self.needs = Needs()
         #: FSDP2 (parameters are DTensors): the coupled path's replay at theta_t is refused (see _coupled)
-        self.sharded = any(distributed.is_sharded(p) for p in context.params.values())
+        self.sharded = context.sharded
         self.coupled, self.path, self.recorder, self.coupled_steps, self.values = False, None, None, 0, None
         #: the BatchNorm layers at attach (the engine's layers are those at attach too): whether one of them
         #: couples the examples is asked every step without walking the model
@@ -98,7 +97,7 @@ class PerSampleProvider(Provider):
 
     def _coupled_step(self, needs: Needs) -> bool:
         """Whether this step goes through the coupled path (a train-mode BatchNorm in the model)."""
-        if not needs.names() & PER_SAMPLE_NEEDS or not any(m.training or m.running_mean is None for m in self._norms):
+        if not needs.names() & PER_SAMPLE_NEEDS or not any(map(couples_examples, self._norms)):
             return False
         if self.path is None:
             self.path = CoupledPath(self.context.network, self.context.params, costs=self.context.costs)

@@ -27,7 +27,7 @@ class UpdateProvider(Provider):
         super().__init__(context)
         self.buffers: list[torch.Tensor] | None = None
         self.taken = False
-        self.sharded = any(distributed.is_sharded(p) for p in context.params.values())
+        self.sharded = context.sharded
 
     @torch.no_grad()
     def on_before_step(self, record: StepRecord) -> None:
