@@ -180,8 +180,11 @@ def norms(tensors: list[torch.Tensor]) -> list[float]:
     if not tensors:
         return []
     dtensor = _dtensor_type()
-    if dtensor is None or not any(isinstance(t, dtensor) for t in tensors):
-        return torch.stack(foreach_norm(list(tensors))).double().cpu().tolist()
+    for t in tensors if dtensor is not None else ():
+        if isinstance(t, dtensor):
+            break
+    else:  # plain tensors
+        return torch.stack(foreach_norm(tensors)).double().cpu().tolist()
     if UNMERGED_SHARDS[0]:
         raise RuntimeError(UNMERGED_SHARDS[1])
     parts = [local(t) for t in tensors]

@@ -8,7 +8,6 @@ the record sealed. ``complete()`` asks each instrument for its records and adds 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,13 @@ INSTRUMENT_HOOKS = {"on_backward_end": "on_after_backward", "on_before_step": "o
 def _overrides(cls: type, base: type, method: str) -> bool:
     """Whether ``cls`` replaces ``base``'s (no-op) ``method``: events skip objects that do not hear them."""
     return getattr(cls, method) is not getattr(base, method)
+
+
+@functools.cache
+def _base_needs(needs: frozenset) -> Needs:
+    """What an instrument that keeps the base ``requires`` asks on a scheduled step: its NEEDS (one
+    object per need set, only read: ``Needs.merge`` copies from it)."""
+    return Needs(set(needs))
 
 
 def guarded(fn: Callable) -> Callable:
@@ -60,10 +66,11 @@ class Guard:
         return self._listeners[key]
 
     def instrument(self, inst: Instrument, hook: str, *args: Any) -> Any:
-        timed = hook in ("on_before_step", "compute")
         try:
-            with self.costs.region(inst.key) if timed else contextlib.nullcontext():
-                return getattr(inst, hook)(*args)
+            if hook in ("on_before_step", "compute"):  # timed under the instrument's key
+                with self.costs.region(inst.key):
+                    return getattr(inst, hook)(*args)
+            return getattr(inst, hook)(*args)
         except Exception as e:
             self.warn(f"{inst.key}.{hook} failed: {type(e).__name__}: {e}")
             return None
@@ -95,13 +102,16 @@ class Step:
         self.asked: dict[str, set[str]] = {}
         needs = Needs()
         for inst in instruments:
-            if not _overrides(type(inst), Instrument, "requires"):  # a step it does not track: no more to ask
+            asked = None
+            if not _overrides(type(inst), Instrument, "requires"):  # the base's: NEEDS on its scheduled steps
                 try:
                     if not inst.scheduled(number):
                         continue
+                    asked = _base_needs(frozenset(inst.NEEDS))
                 except Exception:  # (the guarded call below reports it)
                     pass
-            asked = guard.instrument(inst, "requires", number)
+            if asked is None:
+                asked = guard.instrument(inst, "requires", number)
             if asked is None or not (asked or inst.scheduled(number)):
                 continue
             clash = [k for k, fn in asked.directions.items() if needs.directions.get(k, fn) is not fn]
@@ -118,7 +128,7 @@ class Step:
         self.providers = [p for p in providers if self.active and (type(p) in wanted or p.ALWAYS)]
         self._providers = tuple(self.providers)
         self.record = StepRecord(step=number, **fields)
-        guard.each(self.providers, "begin_step", self.record, needs)
+        guard.each(guard.listeners(self._providers, "begin_step"), "begin_step", self.record, needs)
 
     def event(self, name: str, *args: Any) -> None:
         """Send a lifecycle event to the providers, then (record sealed) to the instruments that hear it."""
@@ -177,7 +187,7 @@ class Step:
 
     def end(self) -> None:
         """The step is over (completed or abandoned): providers release what it held."""
-        self.guard.each(self.providers, "end_step")
+        self.guard.each(self.guard.listeners(self._providers, "end_step"), "end_step")
 
     def _concerns(self, inst: Instrument, needs: frozenset) -> bool:
         return not needs or bool(self.asked[inst.key] & needs)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cockpit_lite.compat import without_grad
+
 SUPPORTED_REDUCTIONS = ("mean", "sum")
 
 
@@ -67,7 +69,7 @@ def scalar_loss(output: Any) -> torch.Tensor | None:
     return None
 
 
-@torch.no_grad()
+@without_grad
 def derived_losses(output: Any, args: tuple, kwargs: Mapping[str, Any], batch: int) -> torch.Tensor | None:
     """Per-example losses l_i of a model that computes its own cross-entropy loss (Hugging Face heads
     given ``labels``, nanoGPT's ``forward(idx, targets)``), with L = mean_i l_i for the loss L it
@@ -171,7 +173,7 @@ def target_weights(loss_fn: nn.Module, target: Any, dtype: torch.dtype) -> torch
     return w
 
 
-@torch.no_grad()
+@without_grad
 def per_sample_losses(loss_fn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     """l_i for the batch the loss module was just called on (shape B), with L = mean_i l_i for
     reduction="mean" (l_i = B sum(u_i) / N, N the element count or the summed target weights)."""
@@ -209,7 +211,7 @@ def gradient_scale(reduction: str, batch_size: int) -> float:
     return 1.0 / batch_size if reduction == "mean" else 1.0
 
 
-@torch.no_grad()
+@without_grad
 def nll_losses(terms: tuple, batch: int) -> torch.Tensor | None:
     """Per-example losses of a cross-entropy / NLL loss from its saved inputs (compat.nll_terms): the
     element losses -w[y] log p[y] (0 where y is ignore_index) summed per example (rows of a loss over

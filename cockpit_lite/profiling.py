@@ -39,10 +39,14 @@ class Costs:
     def __init__(self) -> None:
         self.ms: dict[str, float] = defaultdict(float)
         self._children: list[float] = []  # time spent in nested regions, one slot per open region
+        self._regions: dict[str, _Region] = {}
 
     def region(self, name: str) -> _Region:
         """``with costs.region(name):`` times the block (exclusive of nested regions) under ``name``."""
-        return _Region(self, name)
+        r = self._regions.get(name)
+        if r is None:
+            r = self._regions[name] = _Region(self, name)
+        return r
 
     def total(self) -> float:
         """Sum of every region's exclusive time this step (ms)."""
@@ -54,29 +58,32 @@ class Costs:
 
 
 class _Region:
-    """One timed region of :class:`Costs` (a class, not a generator: entered about 30 times a step)."""
+    """The timed region of :class:`Costs` under one name: one object per name, entered about 30 times
+    a step (a class, not a generator); re-entrant (an entry's start and label are kept on a stack)."""
 
-    __slots__ = ("costs", "name", "label", "t0")
+    __slots__ = ("costs", "name", "_open")
 
     def __init__(self, costs: Costs, name: str):
         self.costs, self.name = costs, name
+        self._open: list[tuple[Any, float]] = []
 
     def __enter__(self) -> None:
-        self.label = record_function(PREFIX + self.name) if profiler_enabled() else None
-        if self.label is not None:
-            self.label.__enter__()
+        label = record_function(PREFIX + self.name) if profiler_enabled() else None
+        if label is not None:
+            label.__enter__()
         self.costs._children.append(0.0)
-        self.t0 = time.perf_counter()
+        self._open.append((label, time.perf_counter()))
 
     def __exit__(self, *exc: Any) -> None:
-        elapsed = (time.perf_counter() - self.t0) * 1e3
+        label, t0 = self._open.pop()
+        elapsed = (time.perf_counter() - t0) * 1e3
         costs = self.costs
         nested = costs._children.pop()
         costs.ms[self.name] += elapsed - nested
         if costs._children:
             costs._children[-1] += elapsed
-        if self.label is not None:
-            self.label.__exit__(*exc)
+        if label is not None:
+            label.__exit__(*exc)
 
 
 def cost_records(costs: Costs, step_ms: float) -> dict[str, float]:

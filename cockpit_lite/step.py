@@ -6,6 +6,7 @@ instrument (assigning a field then raises), and unseals it for the providers' ne
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,18 +81,11 @@ class StepRecord:
     #: values of needs served by providers without a field of their own, by need name
     provided: dict[str, Any] = field(default_factory=dict)
     _update_norms: dict[str, float] | None = field(default=None, repr=False)
-    _sealed: bool = field(default=False, repr=False)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if self._sealed and name != "_update_norms":  # (a class attribute until sealed)
-            raise SealedRecordError(
-                f"the step record is read-only for instruments (tried to set {name!r}): return records "
-                "{tag: value} from compute(), and call self.note(text) to say why a number is missing"
-            )
-        object.__setattr__(self, name, value)
 
     def seal(self, sealed: bool = True) -> None:
-        object.__setattr__(self, "_sealed", sealed)
+        """Make the record read-only (``sealed``) or writable again: a sealed record is a
+        :class:`SealedStepRecord`, whose assignments raise (a writable one assigns at C speed)."""
+        object.__setattr__(self, "__class__", SealedStepRecord if sealed else StepRecord)
 
     def add_note(self, text: str, needs: frozenset = frozenset()) -> None:
         """(Providers) record why something of ``needs`` is missing this step."""
@@ -107,7 +101,7 @@ class StepRecord:
     def global_norm(norms: Mapping[str, float] | None) -> float | None:
         if norms is None:
             return None
-        return float(np.sqrt(sum(v * v for v in norms.values())))
+        return math.hypot(*norms.values())
 
     @property
     def grad_norm(self) -> float | None:
@@ -123,3 +117,15 @@ class StepRecord:
             norms = torch.stack(foreach_norm([self.update[n] for n in names])).double().cpu().tolist() if names else []
             self._update_norms = dict(zip(names, norms, strict=True))
         return self._update_norms
+
+
+class SealedStepRecord(StepRecord):
+    """A :class:`StepRecord` while instruments read it: assigning a field raises."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "_update_norms":  # (the norms of the update, computed once on first read)
+            raise SealedRecordError(
+                f"the step record is read-only for instruments (tried to set {name!r}): return records "
+                "{tag: value} from compute(), and call self.note(text) to say why a number is missing"
+            )
+        object.__setattr__(self, name, value)

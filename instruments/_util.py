@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 QUANTILES = {"p5": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95}
+_LEVELS = list(QUANTILES.values())
 
 
 def quantile_records(prefix: str, values: np.ndarray) -> dict[str, float]:
@@ -15,10 +16,10 @@ def quantile_records(prefix: str, values: np.ndarray) -> dict[str, float]:
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
         return {}
-    qs = sorted_quantiles(np.sort(v), list(QUANTILES.values()))
-    out = {f"{prefix}/{k}": float(q) for k, q in zip(QUANTILES, qs, strict=True)}
-    out[f"{prefix}/max"] = float(v.max())
-    out[f"{prefix}/mean"] = float(v.mean())
+    qs = sorted_quantiles(np.sort(v), _LEVELS).tolist()
+    out = {f"{prefix}/{k}": q for k, q in zip(QUANTILES, qs, strict=True)}
+    out[f"{prefix}/max"] = float(np.maximum.reduce(v, axis=None))  # (v.max(), v.mean() without their
+    out[f"{prefix}/mean"] = float(np.add.reduce(v, axis=None)) / v.size  # Python wrappers: the same numbers)
     return out
 
 

@@ -40,7 +40,8 @@ class GradNorm(Instrument):
     def compute(self, record):
         if record.grad_norms is None:
             return {}
-        out = {self.tag("grad_norm"): record.global_norm(record.grad_norms)}
+        tag = self.tag("grad_norm")
+        out = {tag: record.global_norm(record.grad_norms)}
         if self.per_param:
-            out.update({self.tag(f"grad_norm/{n}"): v for n, v in record.grad_norms.items()})
+            out.update({f"{tag}/{n}": v for n, v in record.grad_norms.items()})
         return out

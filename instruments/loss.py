@@ -56,6 +56,7 @@ class Loss(Instrument):
             return {}
         out = {self.tag("loss"): record.loss}
         if self.per_sample and record.per_sample_loss is not None:
-            out[self.tag("loss/per_sample")] = record.per_sample_loss
-            out.update({self.tag(k): v for k, v in quantile_records("loss/per_sample", record.per_sample_loss).items()})
+            tag = self.tag("loss/per_sample")
+            out[tag] = record.per_sample_loss
+            out.update(quantile_records(tag, record.per_sample_loss))
         return out

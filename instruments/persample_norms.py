@@ -68,7 +68,7 @@ class PerSampleGradNorms(Instrument):
         out = {self.tag("persample/grad_norm"): norms}
         if record.per_sample_uncovered is not None:
             out[self.tag("persample/coverage")] = 1.0 - sum(record.per_sample_uncovered.values())
-        out.update({self.tag(k): v for k, v in quantile_records("persample/grad_norm", norms).items()})
+        out.update(quantile_records(self.tag("persample/grad_norm"), norms))
         if self.per_param:
             for n, sq in record.per_sample_sq_norms_by_param.items():
                 out[self.tag(f"persample/grad_norm/{n}")] = np.sqrt(np.maximum(sq, 0.0))

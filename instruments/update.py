@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,6 +11,7 @@ from cockpit_lite.instruments._util import refuse_state
 from cockpit_lite.instruments.gradnorm import GRAD_AND_UPDATE
 
 from cockpit_lite import Instrument, Need, distributed
+from cockpit_lite.compat import without_grad
 from cockpit_lite.panels import LinePanel
 
 
@@ -21,9 +23,10 @@ def _norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def _records(tag_fn, base: str, norms: dict[str, float], per_param: bool) -> dict[str, float]:
-    out = {tag_fn(base): sum(v * v for v in norms.values()) ** 0.5}
+    tag = tag_fn(base)
+    out = {tag: math.hypot(*norms.values())}  # the global norm: sqrt of the sum of squares
     if per_param:
-        out.update({tag_fn(f"{base}/{n}"): v for n, v in norms.items()})
+        out.update({f"{tag}/{n}": v for n, v in norms.items()})
     return out
 
 
@@ -115,7 +118,7 @@ class Distance(Instrument):
             )
         return {n: t.to(device=params[n].device, dtype=params[n].dtype) for n, t in theta0.items()}
 
-    @torch.no_grad()
+    @without_grad
     def on_before_step(self, record):
         names = [n for n in record.params if n in self._theta0]
         if self._diff is None:  # one buffer for theta_t - theta_0, allocated once (no page faults per step)

@@ -245,7 +245,7 @@ class UpdateRatio(Instrument):
         total_d = math.sqrt(sum(after[n] ** 2 for n in ratios))
         out[self.tag("update_ratio/global")] = total_d / total_p if total_p > 0 else math.nan
         values = np.array([v for v in ratios.values() if math.isfinite(v)], dtype=np.float64)
-        out.update({self.tag(k): v for k, v in quantile_records("update_ratio", values).items()})
+        out.update(quantile_records(self.tag("update_ratio"), values))
         positive = values[values > 0]
         if positive.size:
             logs = np.log10(positive)

@@ -236,3 +236,27 @@ def test_nll_terms_reads_the_saved_inputs_of_a_cross_entropy():
     torch.testing.assert_close(per.mean(), 2 * loss.detach())
     assert compat.nll_terms((logits.sum()).grad_fn) is None
     assert compat.nll_terms(F.cross_entropy(logits, target, label_smoothing=0.1).grad_fn) is None
+
+
+def test_without_grad_switches_grad_mode_off_inside_and_restores_it():
+    """compat.without_grad (``torch._C._set_grad_enabled``): off inside, back on after a return or an
+    exception, left off when it was off."""
+    seen = []
+
+    @compat.without_grad
+    def f(fail=False):
+        seen.append(torch.is_grad_enabled())
+        if fail:
+            raise ValueError("boom")
+        return (torch.ones(2, requires_grad=True) * 2).requires_grad
+
+    assert f() is False and seen == [False] and torch.is_grad_enabled()
+    try:
+        f(fail=True)
+    except ValueError:
+        pass
+    assert torch.is_grad_enabled()
+    with torch.no_grad():
+        f()
+        assert not torch.is_grad_enabled()
+    assert seen == [False, False, False]

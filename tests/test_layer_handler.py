@@ -193,6 +193,26 @@ def test_registering_replaces_and_returns_the_previous_handler():
     assert layers.handler_for(model[0]) is layers.LinearHandler
 
 
+def test_a_linear_handler_subclass_with_its_own_view_serves_single_calls():
+    """The engine's short path for a single Linear call (``Handler.single_view``) gives way to a subclass
+    of LinearHandler that overrides ``view``: its view serves every call, and the numbers match the loop."""
+    seen = []
+
+    class Logged(layers.LinearHandler):
+        def view(self, captures, grads, batch, inv_scale):
+            seen.append(len(captures))
+            return super().view(captures, grads, batch, inv_scale)
+
+    previous = register_handler(nn.Linear, Logged)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        assert_matches_loop(model, torch.randn(6, 4), torch.randint(0, 3, (6,)), nn.CrossEntropyLoss())
+    finally:
+        register_handler(nn.Linear, previous)
+    assert seen and set(seen) == {1}
+
+
 class _Custom(nn.Module):
     def __init__(self):
         super().__init__()

@@ -88,6 +88,21 @@ def test_costs_are_exclusive(monkeypatch):
     assert c.total() == pytest.approx(11.0)
 
 
+def test_a_region_nested_in_itself_counts_its_time_once(monkeypatch):
+    """One region object per name: entered again inside itself (re-entrant), the step's time under the
+    name is the outer block's wall time, neither doubled nor lost."""
+    now = [0.0]
+    monkeypatch.setattr(profiling_mod.time, "perf_counter", lambda: now[0] / 1e3)
+    c = Costs()
+    with c.region("engine"):
+        now[0] = 1.0
+        with c.region("engine"):
+            now[0] = 4.0
+        now[0] = 6.0
+    assert dict(c.ms) == {"engine": pytest.approx(6.0)}
+    assert c.region("engine") is c.region("engine")
+
+
 def test_profile_needs_a_logdir():
     with pytest.raises(ValueError, match="logdir"):
         train(1, profile=True)

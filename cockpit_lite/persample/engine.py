@@ -560,7 +560,9 @@ class PerSampleEngine:
                 outs = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
             if not outs:
                 return None
-            calls = self._calls.setdefault(module, _Calls())
+            calls = self._calls.get(module)
+            if calls is None:
+                calls = self._calls[module] = _Calls()
             idx = len(calls.captures)
             calls.captures.append(handler.capture(args, kwargs, output))
             shared = self._sample_axes(module, idx, order, args, kwargs, output, outs, calls)
@@ -768,6 +770,8 @@ class PerSampleEngine:
             return
         try:
             calls = self._calls[module]
+            if len(calls.captures) == 1 and len(grads) == 1 and self._single(module, calls, grads[0], weight_grad):
+                return
             if len(grads) == 1 and grads[0] is not None:
                 shares = self._bcast.complete_call(module, idx, grads[0])
                 if isinstance(shares, str):
@@ -792,6 +796,39 @@ class PerSampleEngine:
             self.fail(str(e))
         except Exception as e:
             self.drop(module, f"{type(e).__name__}: {e}")
+
+    def _single(self, module, calls: _Calls, g: torch.Tensor | None, weight_grad: torch.Tensor | None) -> bool:
+        """The short path of :meth:`_on_grads` for the step's only call of a module with one output: its
+        view straight from the handler's :meth:`~Handler.single_view` and reduced, without the general
+        path's bookkeeping (broadcast candidates, resolved sample axes, tied parameters, autocast, a
+        gradient with a graph). The same view and statistics as the general path; False where that path
+        is needed (nothing done)."""
+        if (
+            g is None
+            or g.requires_grad
+            or calls.axes
+            or self.batch is None
+            or module in self.tied
+            or self._bcast.has_call(module, 0)
+            or torch.is_grad_enabled()
+            or g.device.type not in ("cpu", "cuda")
+            or torch.is_autocast_enabled(g.device.type)
+        ):
+            return False
+        with self.costs.region("engine"):
+            view = self.handlers[module].single_view(calls.captures[0], g, self.batch, self.inv_scale)
+            if view is None:
+                return False
+            del self._calls[module]
+            if g.dtype in _LOW_PRECISION or _tf32(g):
+                self.low_precision = True
+            if weight_grad is not None:
+                view.batch_grad_parts = (
+                    [weight_grad.detach() if weight_grad.requires_grad else weight_grad],
+                    self.inv_scale,
+                )
+            self._reduce(view)
+        return True
 
     def _process(self, module) -> None:
         with self.costs.region("engine"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from transformers.pytorch_utils import Conv1D
 
 from cockpit_lite.persample.layers import HANDLERS, LinearHandler, register_handler
-from cockpit_lite.persample.views import TransposedFactorView
+from cockpit_lite.persample.views import FactorView, TransposedFactorView
 
 
 class Conv1DHandler(LinearHandler):
@@ -19,9 +19,15 @@ class Conv1DHandler(LinearHandler):
     Linear one (inputs a (B, T, in), output gradients e (B, T, out)), with g_i(W) = sum_t a_it e_it^T
     (:class:`~cockpit_lite.persample.views.TransposedFactorView`): no B x in x out unless it is cheaper."""
 
-    def view(self, captures, grads, batch, inv_scale):
-        linear = super().view(captures, grads, batch, inv_scale)
+    def _transposed(self, linear: FactorView) -> TransposedFactorView:
         return TransposedFactorView(linear.a, linear.e, linear.w, linear.b, tuple(self.module.weight.shape))
+
+    def single_view(self, capture, grad, batch, inv_scale):
+        linear = self._flat_view(capture, grad, batch, inv_scale)
+        return None if linear is None else self._transposed(linear)
+
+    def view(self, captures, grads, batch, inv_scale):
+        return self._transposed(super().view(captures, grads, batch, inv_scale))
 
 
 def register() -> None:

@@ -197,6 +197,13 @@ class Handler:
         """
         raise NotImplementedError
 
+    def single_view(self, capture: object, grad: torch.Tensor, batch: int, inv_scale: float) -> View | None:
+        """The view of a step's only call of the module, from its capture and the gradient of its single
+        output, where the shapes are the plain case the engine's short path serves without a sample-axes
+        probe, copies or replays (the same view :meth:`view` returns); None otherwise, and by default:
+        the engine then takes :meth:`view`."""
+        return None
+
     def weight_grad_node(self, outputs: list[torch.Tensor]):
         """The autograd node of this call that computes the weight's gradient (read by
         :meth:`weight_grad` from the node's input gradients), when the view would otherwise recompute
@@ -211,21 +218,34 @@ class Handler:
 def _leading_ambiguous(args: tuple, batch: int, n_feature: int) -> bool:
     """Whether the first argument has several leading axes (all but its last ``n_feature``) of size B."""
     x = args[0] if args and torch.is_tensor(args[0]) else None
-    return x is not None and sum(1 for n in x.shape[: x.dim() - n_feature] if n == batch) > 1
+    if x is None or x.dim() - n_feature < 2:  # (one leading axis at most: nothing to tell apart)
+        return False
+    return sum(1 for n in x.shape[: x.dim() - n_feature] if n == batch) > 1
 
 
 class LinearHandler(Handler):
     def ambiguous(self, args, kwargs, output, batch):
         return _leading_ambiguous(args, batch, 1)
 
+    def single_view(self, capture, grad, batch, inv_scale):
+        if type(self).view is not LinearHandler.view:  # a subclass's own view serves its calls
+            return None
+        return self._flat_view(capture, grad, batch, inv_scale)
+
+    def _flat_view(self, x: torch.Tensor, g: torch.Tensor, batch: int, inv_scale: float) -> FactorView | None:
+        """The usual single (B, i) call: the factors as views, no copies (None for other shapes)."""
+        if x.dim() == 2 == g.dim() and x.shape[0] == batch == g.shape[0] and x.dtype == g.dtype:
+            a, e = x.reshape(batch, 1, 1, -1), g.reshape(batch, 1, 1, -1)
+            w, b, w_shape = self.names.get("weight"), self.names.get("bias"), tuple(self.module.weight.shape)
+            return FactorView(a, e, w, b, w_shape, e_scale=inv_scale, flat=(x, g))
+        return None
+
     def view(self, captures, grads, batch, inv_scale):
         m, names = self.module, self.names
-        if len(captures) == 1 and not self.sample_axes:  # the usual single (B, i) call: views, no copies
-            (x,), ((g,),) = captures, grads
-            if g is not None and x.dim() == 2 == g.dim() and x.shape[0] == batch == g.shape[0] and x.dtype == g.dtype:
-                a, e = x.reshape(batch, 1, 1, -1), g.reshape(batch, 1, 1, -1)
-                w, b, w_shape = names.get("weight"), names.get("bias"), tuple(m.weight.shape)
-                return FactorView(a, e, w, b, w_shape, e_scale=inv_scale, flat=(x, g))
+        if len(captures) == 1 and not self.sample_axes and grads[0][0] is not None:
+            view = self._flat_view(captures[0], grads[0][0], batch, inv_scale)
+            if view is not None:
+                return view
         a_parts, e_parts = [], []
         for k, (x, (g,)) in enumerate(zip(captures, grads, strict=True)):
             if g is None:

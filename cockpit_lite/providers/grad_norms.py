@@ -33,7 +33,7 @@ def grad_norms(params: dict[str, torch.nn.Parameter]) -> dict[str, float]:
     if not named:
         return {}
     with torch.no_grad():  # (a gradient with a graph: create_graph=True)
-        norms = distributed.norms([stored_values(g) for _, g in named])
+        norms = distributed.norms([g if g.layout == torch.strided else stored_values(g) for _, g in named])
     return {n: float(v) for (n, _), v in zip(named, norms, strict=True)}
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cockpit_lite.compat import BatchNormBase
+from cockpit_lite.compat import BatchNormBase, without_grad
 from cockpit_lite.model_io import any_grad
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.persample.coupled import CoupledPath, CoupledRecorder, couples_examples
@@ -213,7 +213,7 @@ class PerSampleProvider(Provider):
             record.views = eng.kept_views()
             record.engine = eng
 
-    @torch.no_grad()
+    @without_grad
     def on_after_step(self, record: StepRecord) -> None:
         record.views = None  # per-layer factors are not kept past the step
         directions = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from cockpit_lite import distributed
-from cockpit_lite.compat import foreach_copy_
+from cockpit_lite.compat import foreach_copy_, without_grad
 from cockpit_lite.needs import Need
 from cockpit_lite.providers import register_provider
 from cockpit_lite.providers.base import Context, Provider
@@ -29,7 +29,7 @@ class UpdateProvider(Provider):
         self.taken = False
         self.sharded = context.sharded
 
-    @torch.no_grad()
+    @without_grad
     def on_before_step(self, record: StepRecord) -> None:
         params = list(self.context.params.values())
         if self.sharded:
@@ -40,7 +40,7 @@ class UpdateProvider(Provider):
             foreach_copy_(self.buffers, params)
         self.taken = True
 
-    @torch.no_grad()
+    @without_grad
     def on_after_step(self, record: StepRecord) -> None:
         if not self.taken:
             return
