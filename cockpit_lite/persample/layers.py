@@ -235,9 +235,8 @@ class LinearHandler(Handler):
     def _flat_view(self, x: torch.Tensor, g: torch.Tensor, batch: int, inv_scale: float) -> FactorView | None:
         """The usual single (B, i) call: the factors as views, no copies (None for other shapes)."""
         if x.dim() == 2 == g.dim() and x.shape[0] == batch == g.shape[0] and x.dtype == g.dtype:
-            a, e = x.reshape(batch, 1, 1, -1), g.reshape(batch, 1, 1, -1)
-            w, b, w_shape = self.names.get("weight"), self.names.get("bias"), tuple(self.module.weight.shape)
-            return FactorView(a, e, w, b, w_shape, e_scale=inv_scale, flat=(x, g))
+            w, b, w_shape = self.names.get("weight"), self.names.get("bias"), (g.shape[1], x.shape[1])
+            return FactorView(None, None, w, b, w_shape, e_scale=inv_scale, flat=(x, g))
         return None
 
     def view(self, captures, grads, batch, inv_scale):

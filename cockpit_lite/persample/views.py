@@ -202,7 +202,8 @@ class FactorView(View):
     """
 
     def __init__(self, a, e, weight_name, bias_name, weight_shape, e_scale: float = 1.0, flat=None):
-        self.a, self._e, self.e_scale = a, e, e_scale
+        # (a and e may be None with ``flat``: their 4-d views are formed on first use)
+        self._a, self._e, self.e_scale = a, e, e_scale
         #: T = 1, g = 1: the (B, i) input and (B, o) unscaled output gradient the 4-d factors view
         self._flat: tuple[torch.Tensor, torch.Tensor] | None = flat
         self.w, self.b = weight_name, bias_name
@@ -214,22 +215,40 @@ class FactorView(View):
         self._diags: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
+    def a(self) -> torch.Tensor:
+        """(B, g, T, i) inputs."""
+        if self._a is None:
+            x = self._flat[0]
+            self._a = x.reshape(x.shape[0], 1, 1, -1)
+        return self._a
+
+    def _e_unscaled(self) -> torch.Tensor:
+        if self._e is None:
+            g = self._flat[1]
+            self._e = g.reshape(g.shape[0], 1, 1, -1)
+        return self._e
+
+    @property
     def e(self) -> torch.Tensor:
         """(B, g, T, o) output gradients of the per-sample losses."""
         if self.e_scale != 1.0:  # (the unscaled flat pair goes with it)
-            self._e, self.e_scale, self._flat = self._e * self.e_scale, 1.0, None
-        return self._e
+            self.a  # noqa: B018 (formed from the flat pair first)
+            self._e, self.e_scale, self._flat = self._e_unscaled() * self.e_scale, 1.0, None
+        return self._e_unscaled()
 
     def _pair(self, gi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """T = 1: group ``gi``'s (B, i) inputs and (B, o) unscaled output gradients."""
         if self._flat is not None:
             return self._flat
-        return self.a[:, gi, 0], self._e[:, gi, 0]
+        return self.a[:, gi, 0], self._e_unscaled()[:, gi, 0]
 
     @property
     def _dims(self):
+        if self._flat is not None:
+            (bsz, i), o = self._flat[0].shape, self._flat[1].shape[1]
+            return bsz, 1, 1, i, o
         bsz, g, t, i = self.a.shape
-        return bsz, g, t, i, self._e.shape[-1]
+        return bsz, g, t, i, self._e_unscaled().shape[-1]
 
     def _bias_grads(self) -> torch.Tensor:
         return self.e.sum(2).reshape(self.e.shape[0], -1)  # (B, g*o)
