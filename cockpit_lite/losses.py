@@ -182,9 +182,16 @@ def per_sample_losses(loss_fn: nn.Module, args: tuple, kwargs: dict) -> torch.Te
     batch = u.shape[0] if u.dim() > 0 else 1
     per_sample = u if u.dim() == 1 else u.reshape(batch, -1).sum(dim=1)
     if loss_fn.reduction == "mean":
-        w = target_weights(loss_fn, detached[1], u.dtype) if len(detached) >= 2 else None
-        n = w.sum() if w is not None else torch.tensor(float(u.numel()), dtype=u.dtype, device=u.device)
-        per_sample = per_sample * (batch / n)
+        target = detached[1] if len(detached) >= 2 else None
+        if (
+            type(loss_fn) in (nn.CrossEntropyLoss, nn.NLLLoss)
+            and loss_fn.weight is None
+            and torch.is_tensor(target)
+            and not torch.is_floating_point(target)
+        ):  # class indices without class weights: N counts the targets that are not ignore_index
+            return per_sample.mul(batch).div_((target != loss_fn.ignore_index).sum())
+        w = target_weights(loss_fn, target, u.dtype) if target is not None else None
+        return per_sample.mul(batch).div_(w.sum()) if w is not None else per_sample * (batch / u.numel())
     return per_sample
 
 
