@@ -125,15 +125,14 @@ class Step:
             self.active.append(inst)
             self.asked[inst.key] = asked.names()
         wanted = closure(needs.names()) if self.active else set()
-        self.providers = [p for p in providers if self.active and (type(p) in wanted or p.ALWAYS)]
-        self._providers = tuple(self.providers)
+        self.providers = tuple(p for p in providers if self.active and (type(p) in wanted or p.ALWAYS))
         self.record = StepRecord(step=number, **fields)
-        guard.each(guard.listeners(self._providers, "begin_step"), "begin_step", self.record, needs)
+        guard.each(guard.listeners(self.providers, "begin_step"), "begin_step", self.record, needs)
 
     def event(self, name: str, *args: Any) -> None:
         """Send a lifecycle event to the providers, then (record sealed) to the instruments that hear it."""
         rec = self.record
-        for provider in self.guard.listeners(self._providers, name):
+        for provider in self.guard.listeners(self.providers, name):
             try:
                 getattr(provider, name)(rec, *args)
             except Exception as e:
@@ -187,7 +186,7 @@ class Step:
 
     def end(self) -> None:
         """The step is over (completed or abandoned): providers release what it held."""
-        self.guard.each(self.guard.listeners(self._providers, "end_step"), "end_step")
+        self.guard.each(self.guard.listeners(self.providers, "end_step"), "end_step")
 
     def _concerns(self, inst: Instrument, needs: frozenset) -> bool:
         return not needs or bool(self.asked[inst.key] & needs)

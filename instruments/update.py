@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,6 +12,7 @@ from cockpit_lite.instruments.gradnorm import GRAD_AND_UPDATE
 from cockpit_lite import Instrument, Need, distributed
 from cockpit_lite.compat import without_grad
 from cockpit_lite.panels import LinePanel
+from cockpit_lite.step import StepRecord
 
 
 def _norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -24,7 +24,7 @@ def _norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def _records(tag_fn, base: str, norms: dict[str, float], per_param: bool) -> dict[str, float]:
     tag = tag_fn(base)
-    out = {tag: math.hypot(*norms.values())}  # the global norm: sqrt of the sum of squares
+    out = {tag: StepRecord.global_norm(norms)}
     if per_param:
         out.update({f"{tag}/{n}": v for n, v in norms.items()})
     return out

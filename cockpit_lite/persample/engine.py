@@ -822,11 +822,8 @@ class PerSampleEngine:
             del self._calls[module]
             if g.dtype in _LOW_PRECISION or _tf32(g):
                 self.low_precision = True
-            if weight_grad is not None:
-                view.batch_grad_parts = (
-                    [weight_grad.detach() if weight_grad.requires_grad else weight_grad],
-                    self.inv_scale,
-                )
+            if weight_grad is not None:  # (no graph: grad mode is off in this backward)
+                view.batch_grad_parts = ([weight_grad], self.inv_scale)
             self._reduce(view)
         return True
 
