@@ -32,7 +32,7 @@ from cockpit_lite.compat import (
 from cockpit_lite.distributed import world_size
 from cockpit_lite.emitter import Emitter
 from cockpit_lite.errors import warn
-from cockpit_lite.hooks import SharedHook
+from cockpit_lite.hooks import SharedHook, on_gradient
 from cockpit_lite.instrument import Instrument
 from cockpit_lite.lifecycle import Guard, Step, guarded
 from cockpit_lite.losses import check_loss
@@ -317,12 +317,12 @@ class Cockpit:
         if not st.active:  # only whether backward reaches it (an abandoned iteration is counted as skipped)
             for t in tensors_of(output):
                 if t.requires_grad:
-                    t.register_hook(functools.partial(Step.reach, st, index))
+                    on_gradient(t, functools.partial(Step.reach, st, index))
             return
         st.event("on_output", ModelCall(args, kwargs, st.forwards[-1], output, index))
         for t in tensors_of(output):  # backward is seen where it reaches the model's outputs
             if t.requires_grad:
-                t.register_hook(functools.partial(self._on_output_grad, index))
+                on_gradient(t, functools.partial(self._on_output_grad, index))
 
     @guarded
     def _on_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -333,7 +333,7 @@ class Cockpit:
             return  # nothing tracked, or an evaluation under no_grad
         with self.costs.region("loss"):
             st.event("on_loss", LossCall(module, args, kwargs, output))
-            output.register_hook(functools.partial(self._on_output_grad, None))
+            on_gradient(output, functools.partial(self._on_output_grad, None))
 
     @guarded
     def _on_backward_root(self, tensors: Any, grad_tensors: Any) -> None:

@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from cockpit_lite.compat import BatchNormBase, InstanceNormBase, tensor_version, tree_flatten, tree_leaves, tree_map
 from cockpit_lite.errors import CockpitWarning
-from cockpit_lite.hooks import SharedHook
+from cockpit_lite.hooks import SharedHook, on_gradient
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.pause import is_paused, paused
 from cockpit_lite.persample.broadcast import BroadcastTracker, expand_over_batch
@@ -759,7 +759,11 @@ class PerSampleEngine:
 
     def _register_grads(self, module: nn.Module, idx: int, outs: list[torch.Tensor]) -> None:
         if len(outs) == 1:
-            outs[0].register_hook(lambda g, m=module, i=idx: self._on_grads(m, i, (g,)))
+            hook = lambda g, m=module, i=idx: self._on_grads(m, i, (g,))  # noqa: E731
+            if self._probing:  # torch.autograd.grad(..., outs) stops at outs: their nodes never run
+                outs[0].register_hook(hook)
+            else:
+                on_gradient(outs[0], hook)
         else:
             torch.autograd.graph.register_multi_grad_hook(
                 outs, lambda gs, m=module, i=idx: self._on_grads(m, i, tuple(gs))
