@@ -9,9 +9,11 @@ gradient is the mean of the per-sample gradients.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -174,6 +176,14 @@ def target_weights(loss_fn: nn.Module, target: Any, dtype: torch.dtype) -> torch
 
 
 @without_grad
+def _kept_targets(target: torch.Tensor, ignore_index: int) -> int | torch.Tensor:
+    """N, the class-index targets that are not ``ignore_index``: counted by numpy for a plain CPU tensor
+    (no tensor ops on the step's path), else on the target's device (a 0-dim tensor)."""
+    if type(target) is torch.Tensor and target.device.type == "cpu" and target.layout == torch.strided:
+        return int(np.count_nonzero(target.numpy() != ignore_index))
+    return (target != ignore_index).sum()
+
+
 def per_sample_losses(loss_fn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     """l_i for the batch the loss module was just called on (shape B), with L = mean_i l_i for
     reduction="mean" (l_i = B sum(u_i) / N, N the element count or the summed target weights)."""
@@ -189,7 +199,10 @@ def per_sample_losses(loss_fn: nn.Module, args: tuple, kwargs: dict) -> torch.Te
             and torch.is_tensor(target)
             and not torch.is_floating_point(target)
         ):  # class indices without class weights: N counts the targets that are not ignore_index
-            return per_sample.mul(batch).div_((target != loss_fn.ignore_index).sum())
+            n = _kept_targets(target, loss_fn.ignore_index)
+            if isinstance(n, torch.Tensor):
+                return per_sample.mul(batch).div_(n)
+            return per_sample * (batch / n if n else math.nan)  # (no target counted: the loss is 0/0)
         w = target_weights(loss_fn, target, u.dtype) if target is not None else None
         return per_sample.mul(batch).div_(w.sum()) if w is not None else per_sample * (batch / u.numel())
     return per_sample

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cockpit_lite import Cockpit, Need
@@ -315,6 +316,32 @@ def test_weighted_cross_entropy_with_ignore_index(device):
     np.testing.assert_allclose(
         rec.mean_grad_sq_norm, sum(float((v.double() ** 2).sum()) for v in g.values()), rtol=1e-4
     )
+
+
+def test_cross_entropy_with_ignored_targets_per_sample_losses(device):
+    """Unweighted class-index targets, some ignored: l_i = B u_i / N, N the targets counted (the loss's
+    own mean), from an independent evaluation per example; all ignored: the loss is 0/0, so is every l_i."""
+    torch.manual_seed(0)
+    model = models.mlp().to(device)
+    x = torch.randn(6, 6, device=device)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    probe = Probe()
+    targets = [torch.tensor([0, 1, 2, -100, 1, -100], device=device), torch.full((6,), -100, device=device)]
+    with Cockpit(model, opt, loss_fn, instruments=[probe]):
+        for y in targets:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    with torch.no_grad():
+        logits = model(x).double()
+    y = targets[0]
+    expected = [
+        0.0 if int(y[i]) == -100 else 6 * float(F.cross_entropy(logits[i : i + 1], y[i : i + 1], reduction="sum")) / 4
+        for i in range(6)
+    ]
+    np.testing.assert_allclose(probe.records[0].per_sample_loss, expected, rtol=1e-6, atol=1e-12)
+    assert np.isnan(probe.records[1].per_sample_loss).all()
 
 
 def test_ambiguous_batch_axis_is_resolved_not_guessed(device):

@@ -66,9 +66,9 @@ class PerSampleResult:
     notes: tuple[str, ...] = ()  #: what was left out, and why
 
     def __post_init__(self) -> None:
-        """Read-only copies of the mappings the engine built (it goes on filling its own next step)."""
+        """Read-only views of the mappings the engine built (it builds new ones for its next step)."""
         for name in ("sq_norms", "gram", "grads", "projections"):
-            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+            object.__setattr__(self, name, MappingProxyType(getattr(self, name)))
         object.__setattr__(self, "covered", frozenset(self.covered))
         object.__setattr__(self, "notes", tuple(self.notes))
 

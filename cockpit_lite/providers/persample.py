@@ -300,10 +300,10 @@ class PerSampleProvider(Provider):
         rows = rows_to_numpy(parts) if parts else []  # one transfer for all B-vectors
         if names:
             record.per_sample_sq_norms_by_param = dict(zip(names, rows[: len(names)], strict=True))
-            record.per_sample_sq_norms = np.sum(rows[: len(names)], axis=0)
+            record.per_sample_sq_norms = np.add.reduce(rows[: len(names)], axis=0)  # (np.sum without its wrapper)
         if dot_mean is not None:
             record.per_sample_dot_mean = rows[-1]
-            record.mean_grad_sq_norm = float(rows[-1].mean())
+            record.mean_grad_sq_norm = float(np.add.reduce(rows[-1])) / len(rows[-1])
         if flags & {Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM} and result.gram:
             by_param = {n: v.double().cpu().numpy() for n, v in result.gram.items()}
             record.per_sample_gram = np.sum(list(by_param.values()), axis=0)
