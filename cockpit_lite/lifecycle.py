@@ -57,6 +57,8 @@ class Guard:
     def __init__(self, warn: Callable[[str], None], costs: Costs):
         self.warn, self.costs = warn, costs
         self._listeners: dict[tuple[tuple[Provider, ...], str], tuple[Provider, ...]] = {}
+        #: Step plans by the scheduled instruments (those that ask their NEEDS: the same objects each step)
+        self.plans: dict[tuple, tuple] = {}
 
     def listeners(self, providers: tuple[Provider, ...], event: str) -> tuple[Provider, ...]:
         """The providers of a step (the same objects step after step) that hear ``event``, in order."""
@@ -98,9 +100,8 @@ class Step:
         #: backward with no step: see ``Cockpit._on_model_forward``)
         self.skipped = 0
         guard.costs.reset()
-        self.active: list[Instrument] = []
-        self.asked: dict[str, set[str]] = {}
-        needs = Needs()
+        scheduled: list[tuple[Instrument, Needs]] = []
+        base = True  # every scheduled instrument asks its NEEDS (a plan of the same ones can be reused)
         for inst in instruments:
             asked = None
             if not _overrides(type(inst), Instrument, "requires"):  # the base's: NEEDS on its scheduled steps
@@ -111,9 +112,31 @@ class Step:
                 except Exception:  # (the guarded call below reports it)
                     pass
             if asked is None:
+                base = False
                 asked = guard.instrument(inst, "requires", number)
             if asked is None or not (asked or inst.scheduled(number)):
                 continue
+            scheduled.append((inst, asked))
+        key = tuple((inst, id(asked)) for inst, asked in scheduled) if base else None  # (_base_needs keeps them)
+        plan = guard.plans.get(key) if base else None
+        if plan is None:
+            plan = self._plan(scheduled, providers, guard)
+            if base:
+                guard.plans[key] = plan
+        self.active, self.asked, merged, self.providers = plan
+        needs = Needs(set(merged.flags), dict(merged.directions))  # (a provider may adjust its copy)
+        self.record = StepRecord(step=number, **fields)
+        guard.each(guard.listeners(self.providers, "begin_step"), "begin_step", self.record, needs)
+
+    @staticmethod
+    def _plan(scheduled: list[tuple[Instrument, Needs]], providers: Sequence[Provider], guard: Guard) -> tuple:
+        """(active instruments, need names each asked by key, the merged needs, the providers to run) for
+        these scheduled instruments and what they asked; an instrument whose projection key another one
+        uses for another direction is skipped with a warning."""
+        active: list[Instrument] = []
+        asked_by: dict[str, set[str]] = {}
+        needs = Needs()
+        for inst, asked in scheduled:
             clash = [k for k, fn in asked.directions.items() if needs.directions.get(k, fn) is not fn]
             if clash:
                 guard.warn(
@@ -122,12 +145,10 @@ class Step:
                 )
                 continue
             needs.merge(asked)
-            self.active.append(inst)
-            self.asked[inst.key] = asked.names()
-        wanted = closure(needs.names()) if self.active else set()
-        self.providers = tuple(p for p in providers if self.active and (type(p) in wanted or p.ALWAYS))
-        self.record = StepRecord(step=number, **fields)
-        guard.each(guard.listeners(self.providers, "begin_step"), "begin_step", self.record, needs)
+            active.append(inst)
+            asked_by[inst.key] = asked.names()
+        wanted = closure(needs.names()) if active else set()
+        return tuple(active), asked_by, needs, tuple(p for p in providers if active and (type(p) in wanted or p.ALWAYS))
 
     def event(self, name: str, *args: Any) -> None:
         """Send a lifecycle event to the providers, then (record sealed) to the instruments that hear it."""

@@ -209,6 +209,20 @@ def test_two_instruments_with_one_direction_key_warn_and_the_first_keeps_its_num
     assert len(ck.history["loss"]) == 2
 
 
+def test_schedules_that_alternate_give_each_step_its_own_instruments_and_work():
+    """Steps with different scheduled instruments (the plans of a step are reused by their instrument
+    set): per-sample work and its records only on the steps whose instruments ask for it."""
+    model, opt, loss_fn = _setup()
+    with Cockpit(model, opt, loss_fn, instruments=[Loss(), GradientTests(every=2), GradNorm(every=3)]) as ck:
+        _train(model, opt, loss_fn, _batches(7))
+    steps = lambda tag: [s for s, _ in ck.history[tag]]  # noqa: E731
+    assert steps("loss") == list(range(7))
+    assert steps("tests/norm") == [0, 2, 4, 6]
+    assert steps("grad_norm") == [0, 3, 6]
+    assert steps("cost/engine_ms") == [0, 2, 4, 6]  # the per-sample engine ran on the tests' steps only
+    assert steps("cost/grad_norms_ms") == [0, 3, 6]
+
+
 def test_sinks_that_raise_never_reach_the_loop_and_the_others_still_get_records():
     model, opt, loss_fn = _setup()
     good = RecordingSink()

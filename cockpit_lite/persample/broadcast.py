@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cockpit_lite.compat import saved_attribute, tree_flatten, tree_leaves, tree_map
+from cockpit_lite.compat import saved_attribute, tree_flatten, tree_map
 
 #: ops whose output may carry the batch axis while one input does not (the broadcasting op)
 BROADCAST_OPS = frozenset({"AddBackward0", "SubBackward0", "MulBackward0", "ExpandBackward0"})
@@ -190,10 +190,10 @@ class BroadcastTracker:
         """Whether this forward has anything to walk the graph for."""
         return bool(self._new) or bool(self.bare)
 
-    def on_model_input(self, args: tuple, kwargs: dict) -> None:
-        """The model's leading input size: a hint for which calls may lack the batch axis."""
-        first = next((t for t in tree_leaves((args, kwargs)) if torch.is_tensor(t) and t.dim() > 0), None)
-        self.input_batch = None if first is None else int(first.shape[0])
+    def on_model_input(self, rows: int | None) -> None:
+        """The model's leading input size (of its first tensor input with an axis): a hint for which
+        calls may lack the batch axis."""
+        self.input_batch = rows
 
     def is_candidate(self, module: nn.Module, out: torch.Tensor) -> bool:
         """Whether a module call's single output may lack the batch axis: an embedding lookup (its

@@ -516,14 +516,14 @@ class PerSampleEngine:
 
     def _model_input(self, module, args, kwargs):
         if module is self.model and not self._processing and (not is_paused() or self._probing):
-            self._bcast.on_model_input(args, kwargs)
             # kept (no copy) until the forward returns: the shape probe reruns the model on fewer examples
             self._model_call, self._order, self._pending = (args, kwargs), {}, []
+            shapes = _leaf_shapes((args, kwargs))
+            rows = next((s[0] for s in shapes if s), None)  # the first tensor input's leading size
+            self._bcast.on_model_input(rows)
             # an input with several axes of its batch size (tokens (B, T) with T == B): every call of this
             # forward is checked by the shape probe, also those with one axis of size B that may be a
             # position axis shared by the batch (a Linear on (T, k) position features)
-            shapes = _leaf_shapes((args, kwargs))
-            rows = next((s[0] for s in shapes if s), None)
             self._suspect = rows is not None and rows > 1 and _several_batch_axes(shapes, rows)
 
     def _model_output(self, module, args, output):
