@@ -290,6 +290,19 @@ def nll_terms(root_fn: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
     return None
 
 
+def nll_total_weight(loss: torch.Tensor) -> torch.Tensor | None:
+    """The normaliser torch divided a mean NLL / cross-entropy loss by (without label smoothing): the
+    summed class weights of the targets it counted (their count without weights, ignore_index left
+    out), read from the loss's backward node (``_saved_total_weight``, a 0-dim tensor); else None."""
+    fn = loss.grad_fn
+    if fn is None or type(fn).__name__ not in ("NllLossBackward0", "NllLoss2DBackward0"):
+        return None
+    try:
+        return fn._saved_total_weight
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def _signed64(value: int) -> int:
     """A 64-bit integer saved unsigned (``ignore_index=-100`` reads 2^64 - 100) as the signed value."""
     return value - (1 << 64) if value >= (1 << 63) else value

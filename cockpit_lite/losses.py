@@ -13,12 +13,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cockpit_lite.compat import without_grad
+from cockpit_lite.compat import nll_total_weight, without_grad
 
 SUPPORTED_REDUCTIONS = ("mean", "sum")
 
@@ -175,34 +174,36 @@ def target_weights(loss_fn: nn.Module, target: Any, dtype: torch.dtype) -> torch
     return w
 
 
+_NLL_MODULES = (nn.CrossEntropyLoss, nn.NLLLoss)
+
+
 @without_grad
-def _kept_targets(target: torch.Tensor, ignore_index: int) -> int | torch.Tensor:
-    """N, the class-index targets that are not ``ignore_index``: counted by numpy for a plain CPU tensor
-    (no tensor ops on the step's path), else on the target's device (a 0-dim tensor)."""
-    if type(target) is torch.Tensor and target.device.type == "cpu" and target.layout == torch.strided:
-        return int(np.count_nonzero(target.numpy() != ignore_index))
-    return (target != ignore_index).sum()
-
-
-def per_sample_losses(loss_fn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+def per_sample_losses(
+    loss_fn: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor | None = None
+) -> torch.Tensor:
     """l_i for the batch the loss module was just called on (shape B), with L = mean_i l_i for
-    reduction="mean" (l_i = B sum(u_i) / N, N the element count or the summed target weights)."""
+    reduction="mean" (l_i = B sum(u_i) / N, N the element count or the summed target weights).
+    ``output``: the loss the module returned; for a cross-entropy / NLL loss N is then read from its
+    backward node (:func:`~cockpit_lite.compat.nll_total_weight`) instead of counted again."""
     detached = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
     u = unreduced(loss_fn, *detached, **kwargs)
     batch = u.shape[0] if u.dim() > 0 else 1
     per_sample = u if u.dim() == 1 else u.reshape(batch, -1).sum(dim=1)
     if loss_fn.reduction == "mean":
+        total = nll_total_weight(output) if output is not None and type(loss_fn) in _NLL_MODULES else None
+        if total is not None:
+            if total.device.type == "cpu":  # (a host number: one scaling op)
+                n = float(total)
+                return per_sample * (batch / n if n else math.nan)  # (no target counted: the loss is 0/0)
+            return per_sample.mul(batch).div_(total)
         target = detached[1] if len(detached) >= 2 else None
         if (
-            type(loss_fn) in (nn.CrossEntropyLoss, nn.NLLLoss)
+            type(loss_fn) in _NLL_MODULES
             and loss_fn.weight is None
             and torch.is_tensor(target)
             and not torch.is_floating_point(target)
         ):  # class indices without class weights: N counts the targets that are not ignore_index
-            n = _kept_targets(target, loss_fn.ignore_index)
-            if isinstance(n, torch.Tensor):
-                return per_sample.mul(batch).div_(n)
-            return per_sample * (batch / n if n else math.nan)  # (no target counted: the loss is 0/0)
+            return per_sample.mul(batch).div_((target != loss_fn.ignore_index).sum())
         w = target_weights(loss_fn, target, u.dtype) if target is not None else None
         return per_sample.mul(batch).div_(w.sum()) if w is not None else per_sample * (batch / u.numel())
     return per_sample

@@ -260,3 +260,14 @@ def test_without_grad_switches_grad_mode_off_inside_and_restores_it():
         f()
         assert not torch.is_grad_enabled()
     assert seen == [False, False, False]
+
+
+def test_nll_total_weight_is_the_normaliser_of_a_mean_cross_entropy():
+    logits, y = torch.randn(6, 3, requires_grad=True), torch.tensor([0, 1, 2, -100, 1, 0])
+    assert float(compat.nll_total_weight(nn.CrossEntropyLoss()(logits, y))) == 5.0  # ignore_index not counted
+    weight = torch.tensor([1.0, 2.0, 0.5])
+    assert float(compat.nll_total_weight(nn.CrossEntropyLoss(weight=weight)(logits, y))) == 6.5  # 1+2+.5+2+1
+    x4, y4 = torch.randn(2, 3, 4, 5, requires_grad=True), torch.randint(0, 3, (2, 4, 5))
+    assert float(compat.nll_total_weight(nn.CrossEntropyLoss()(x4, y4))) == 40.0  # NllLoss2d: every position
+    assert compat.nll_total_weight(nn.CrossEntropyLoss(label_smoothing=0.1)(logits, y)) is None  # not an NLL node
+    assert compat.nll_total_weight(logits.sum()) is None

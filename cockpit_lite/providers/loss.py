@@ -119,7 +119,7 @@ class LossProvider(Provider):
             record.micro_batches = list(self.batches)
             record.batch_size = sum(self.batches)
         if self.per_sample:
-            rows = per_sample_losses(call.module, call.args, call.kwargs)
+            rows = per_sample_losses(call.module, call.args, call.kwargs, call.output)
             self.parts[-1] = fold_rows(rows, self.batches[-1], call.module.reduction)
 
     def on_backward_root(self, record: StepRecord, root: BackwardRoot) -> None:
