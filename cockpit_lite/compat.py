@@ -218,7 +218,7 @@ def grad_scaler_factor(root: torch.Tensor) -> float | None:
     """The loss scale s if ``root`` is the output of ``torch.amp.GradScaler.scale(loss)`` (recorded by
     the wrapper :class:`BackwardWatch` puts around ``GradScaler.scale``), else None. ``scaler.step()``
     divides s out of ``p.grad`` before the optimizer sees it."""
-    scale = _scaled_outputs.get(root) if torch.is_tensor(root) else None
+    scale = _scaled_outputs.get(root) if _scaled_outputs and torch.is_tensor(root) else None
     return None if scale is None else float(scale)
 
 

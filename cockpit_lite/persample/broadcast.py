@@ -199,12 +199,10 @@ class BroadcastTracker:
         """Whether a module call's single output may lack the batch axis: an embedding lookup (its
         indices may be positions shared by the batch), or an output with no axis of the batch size
         (the engine's, else the model input's leading size)."""
-        if out.grad_fn is None:
-            return False
         if isinstance(module, nn.Embedding):
-            return True
+            return out.grad_fn is not None
         batch = self.engine.batch if self.engine.batch is not None else self.input_batch
-        return batch is not None and batch not in out.shape
+        return batch is not None and batch not in out.shape and out.grad_fn is not None
 
     def has_call(self, module: nn.Module, idx: int) -> bool:
         """Whether this call of ``module`` is a candidate of the current forward."""
