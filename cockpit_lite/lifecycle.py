@@ -19,6 +19,9 @@ from cockpit_lite.profiling import Costs, cost_records
 from cockpit_lite.providers import Provider, closure
 from cockpit_lite.step import StepRecord
 
+#: step plans a Guard keeps (one per set of scheduled instruments seen; a schedule repeats few)
+MAX_PLANS = 64
+
 #: provider events that instruments hear too, under their own hook names
 INSTRUMENT_HOOKS = {"on_backward_end": "on_after_backward", "on_before_step": "on_before_step"}
 
@@ -57,8 +60,8 @@ class Guard:
     def __init__(self, warn: Callable[[str], None], costs: Costs):
         self.warn, self.costs = warn, costs
         self._listeners: dict[tuple[tuple[Provider, ...], str], tuple[Provider, ...]] = {}
-        #: Step plans by the scheduled instruments (those that ask their NEEDS: the same objects each step)
-        self.plans: dict[tuple, tuple] = {}
+        #: Step plans by the scheduled instruments and what they asked (``Step.form_plan``)
+        self._plans: dict[tuple, tuple] = {}
 
     def listeners(self, providers: tuple[Provider, ...], event: str) -> tuple[Provider, ...]:
         """The providers of a step (the same objects step after step) that hear ``event``, in order."""
@@ -66,6 +69,22 @@ class Guard:
         if key not in self._listeners:
             self._listeners[key] = tuple(p for p in providers if _overrides(type(p), Provider, event))
         return self._listeners[key]
+
+    def plan(self, scheduled: list[tuple[Instrument, Needs]], providers: Sequence[Provider], reuse: bool) -> tuple:
+        """``Step.form_plan`` of these scheduled instruments, formed once and reused when ``reuse`` (every
+        one asked its NEEDS: ``_base_needs`` objects, alive as long as the process) and the same instrument
+        objects ask the same needs again. At most ``MAX_PLANS`` are kept."""
+        if not reuse:
+            return Step.form_plan(scheduled, providers, self)
+        key = tuple((id(inst), id(asked)) for inst, asked in scheduled)
+        kept = self._plans.get(key)
+        if kept is not None and all(a is b for a, (b, _) in zip(kept[0], scheduled, strict=True)):
+            return kept[1]
+        plan = Step.form_plan(scheduled, providers, self)
+        if len(self._plans) >= MAX_PLANS:
+            self._plans.clear()
+        self._plans[key] = (tuple(inst for inst, _ in scheduled), plan)
+        return plan
 
     def instrument(self, inst: Instrument, hook: str, *args: Any) -> Any:
         try:
@@ -117,19 +136,13 @@ class Step:
             if asked is None or not (asked or inst.scheduled(number)):
                 continue
             scheduled.append((inst, asked))
-        key = tuple((inst, id(asked)) for inst, asked in scheduled) if base else None  # (_base_needs keeps them)
-        plan = guard.plans.get(key) if base else None
-        if plan is None:
-            plan = self._plan(scheduled, providers, guard)
-            if base:
-                guard.plans[key] = plan
-        self.active, self.asked, merged, self.providers = plan
+        self.active, self.asked, merged, self.providers = guard.plan(scheduled, providers, base)
         needs = Needs(set(merged.flags), dict(merged.directions))  # (a provider may adjust its copy)
         self.record = StepRecord(step=number, **fields)
         guard.each(guard.listeners(self.providers, "begin_step"), "begin_step", self.record, needs)
 
     @staticmethod
-    def _plan(scheduled: list[tuple[Instrument, Needs]], providers: Sequence[Provider], guard: Guard) -> tuple:
+    def form_plan(scheduled: list[tuple[Instrument, Needs]], providers: Sequence[Provider], guard: Guard) -> tuple:
         """(active instruments, need names each asked by key, the merged needs, the providers to run) for
         these scheduled instruments and what they asked; an instrument whose projection key another one
         uses for another direction is skipped with a warning."""
