@@ -161,7 +161,8 @@ class Step:
             active.append(inst)
             asked_by[inst.key] = asked.names()
         wanted = closure(needs.names()) if active else set()
-        return tuple(active), asked_by, needs, tuple(p for p in providers if active and (type(p) in wanted or p.ALWAYS))
+        run = tuple(p for p in providers if active and not p.idle and (type(p) in wanted or p.ALWAYS))
+        return tuple(active), asked_by, needs, run
 
     def event(self, name: str, *args: Any) -> None:
         """Send a lifecycle event to the providers, then (record sealed) to the instruments that hear it."""

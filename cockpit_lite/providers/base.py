@@ -103,6 +103,9 @@ class Provider:
     ALWAYS: ClassVar[bool] = False
     #: events reach providers with a lower ORDER first (after the providers they USE)
     ORDER: ClassVar[int] = 100
+    #: nothing to do in this run, whatever is asked (set at construction, e.g. the distributed provider
+    #: of a single process): no step runs it
+    idle: bool = False
 
     def __init__(self, context: Context):
         self.context = context

@@ -85,6 +85,7 @@ class DistributedProvider(Provider):
         self.left_out: list[tuple[str, frozenset]] = []
         self.buffers: dict[str, torch.Tensor] | None = None
         self.snapshot: dict[str, torch.Tensor] | None = None
+        self.idle = self.merged is False and not self.sharded  # one process, plain parameters
 
     def begin_step(self, record: StepRecord, needs: Needs) -> None:
         self.gbar, self.snapshot, self.gbar_sq, self.left_out = False, None, None, []
