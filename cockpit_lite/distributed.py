@@ -183,8 +183,8 @@ def norms(tensors: list[torch.Tensor]) -> list[float]:
     for t in tensors if dtensor is not None else ():
         if isinstance(t, dtensor):
             break
-    else:  # plain tensors
-        return torch.stack(foreach_norm(tensors)).double().cpu().tolist()
+    else:  # plain tensors (tolist: Python floats, exact from any float dtype, one transfer)
+        return torch.stack(foreach_norm(tensors)).tolist()
     if UNMERGED_SHARDS[0]:
         raise RuntimeError(UNMERGED_SHARDS[1])
     parts = [local(t) for t in tensors]

@@ -114,7 +114,7 @@ class StepRecord:
             return None
         if self._update_norms is None:
             names = list(self.update)
-            norms = torch.stack(foreach_norm([self.update[n] for n in names])).double().cpu().tolist() if names else []
+            norms = torch.stack(foreach_norm([self.update[n] for n in names])).tolist() if names else []
             self._update_norms = dict(zip(names, norms, strict=True))
         return self._update_norms
 

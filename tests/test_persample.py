@@ -669,3 +669,13 @@ def test_factor_view_dot_mean_and_norms_against_formed_gradients(shape, scaled_f
         torch.testing.assert_close(v.dot_mean(), want_dot, rtol=1e-10, atol=1e-10)
         sq = v.sq_norms()
         torch.testing.assert_close(sq["w"] + sq["b"], want_sq, rtol=1e-10, atol=1e-10)
+
+
+def test_host_float64_is_exact_for_every_float_dtype():
+    from cockpit_lite.providers.base import host_float64
+
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        t = torch.randn(7).to(dtype)
+        a = host_float64(t)
+        assert a.dtype == np.float64
+        assert [float(x) for x in a] == [float(x) for x in t]  # each value as the dtype holds it

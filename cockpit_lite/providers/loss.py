@@ -29,7 +29,7 @@ from cockpit_lite.compat import nll_terms
 from cockpit_lite.losses import derived_losses, fold_rows, nll_losses, per_sample_losses, scalar_loss
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.providers import register_provider
-from cockpit_lite.providers.base import BackwardRoot, LossCall, ModelCall, Provider
+from cockpit_lite.providers.base import BackwardRoot, LossCall, ModelCall, Provider, host_float64
 from cockpit_lite.step import StepRecord
 
 NO_PER_SAMPLE = (
@@ -150,7 +150,7 @@ class LossProvider(Provider):
         if any(p is None for p in self.parts):
             record.add_note(NO_PER_SAMPLE, frozenset({Need.PER_SAMPLE_LOSS}))
             return None
-        parts = [p.double().cpu().numpy() for p in self.parts]
+        parts = [host_float64(p) for p in self.parts]
         if len(parts) == 1:
             return parts[0]
         # micro-batches: weight w_k = root_k / L_k (the factor the loop scaled L_k by before backward)

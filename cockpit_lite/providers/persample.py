@@ -20,7 +20,7 @@ from cockpit_lite.needs import Need, Needs
 from cockpit_lite.persample.coupled import CoupledPath, CoupledRecorder, couples_examples
 from cockpit_lite.persample.engine import PER_SAMPLE_NEEDS, PerSampleEngine, PerSampleResult
 from cockpit_lite.providers import register_provider
-from cockpit_lite.providers.base import Context, LossCall, ModelCall, Provider
+from cockpit_lite.providers.base import Context, LossCall, ModelCall, Provider, host_float64
 from cockpit_lite.providers.grad_norms import grad_norms
 from cockpit_lite.step import StepRecord
 
@@ -45,9 +45,9 @@ def rows_to_numpy(tensors: Sequence[torch.Tensor]) -> np.ndarray | list[np.ndarr
     """float64 numpy copies of equally shaped tensors: one (n, ...) array from one transfer when they
     share a device, else a list."""
     try:
-        return torch.stack(list(tensors)).double().cpu().numpy()
+        return host_float64(torch.stack(list(tensors)))
     except RuntimeError:  # different devices or shapes
-        return [t.double().cpu().numpy() for t in tensors]
+        return [host_float64(t) for t in tensors]
 
 
 @register_provider
