@@ -8,6 +8,7 @@ copy of the model calls the original cockpit, whose identity checks then ignore 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -39,14 +40,11 @@ def on_gradient(t: torch.Tensor, fn: Callable[[torch.Tensor], Any]) -> None:
     node.register_prehook(hook)
 
 
-class SharedHook:
-    __slots__ = ("fn",)
+class SharedHook(functools.partial):
+    """``SharedHook(fn)`` calls ``fn`` (a ``functools.partial`` without arguments: called from C, no
+    Python frame of its own); a deep or shallow copy is the hook itself, a pickle a no-op."""
 
-    def __init__(self, fn: Callable[..., Any]):
-        self.fn = fn
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
+    __slots__ = ()
 
     def __deepcopy__(self, memo: dict) -> SharedHook:
         return self
