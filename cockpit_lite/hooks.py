@@ -52,9 +52,14 @@ class SharedHook(functools.partial):
     def __copy__(self) -> SharedHook:
         return self
 
-    def __reduce__(self):  # pickling a model with hooks attached keeps it picklable (hooks dropped)
-        return (_noop, ())
+    def __reduce__(self):  # a pickled model with hooks attached loads with no-op hooks in their place
+        return (_noop_hook, ())
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def _noop_hook() -> Callable[..., None]:
+    """What a pickled :class:`SharedHook` loads as: a hook that does nothing."""
+    return _noop

@@ -63,3 +63,30 @@ def test_on_gradient_sees_what_flows_after_the_tensors_own_hooks():
     y.sum().backward()
     torch.testing.assert_close(seen[0], torch.full((5, 3), 2.0))
     assert lin.weight.grad is not None and torch.allclose(lin.weight.grad, 2 * x.sum(0).expand(3, 4))
+
+
+def test_a_model_with_a_cockpit_attached_pickles_and_its_copy_trains_alone():
+    import io
+
+    from cockpit_lite.instruments import Loss
+    from torch import nn
+
+    from cockpit_lite import Cockpit
+
+    model, x, y = nn.Linear(3, 2), torch.randn(4, 3), torch.randn(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Cockpit(model, opt, nn.MSELoss(), instruments=[Loss()], sinks=[]) as ck:
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        copy = torch.load(buf, weights_only=False)
+        copy_opt = torch.optim.SGD(copy.parameters(), lr=0.1)
+        copy_opt.zero_grad()
+        nn.MSELoss()(copy(x), y).backward()
+        copy_opt.step()  # the copy's hooks were dropped when pickled: the cockpit saw nothing
+        assert "loss" not in ck.history
+        opt.zero_grad()
+        nn.MSELoss()(model(x), y).backward()
+        opt.step()
+        assert len(ck.history["loss"]) == 1
+    torch.testing.assert_close(copy.weight, model.weight)  # the same start, the same step
