@@ -23,9 +23,9 @@ def on_gradient(t: torch.Tensor, fn: Callable[[torch.Tensor], Any]) -> None:
 
     A pre-hook on the node that made ``t`` (``t.grad_fn.register_prehook``: the node's hook dict and
     handle) rather than ``t.register_hook`` (the same plus the tensor's own hook dict and checks, about
-    twice the Python calls; a plain tensor's hooks are pre-hooks of that node too). Leaves and tensor subclasses (``__torch_function__`` may redirect hooks) take
-    ``register_hook``. Not for a tensor that is an ``inputs`` of ``torch.autograd.grad``: backward
-    stops there and its node never runs."""
+    twice the Python calls; a plain tensor's hooks are pre-hooks of that node too). Leaves and tensor
+    subclasses (``__torch_function__`` may redirect hooks) take ``register_hook``. Not for a tensor
+    that is an ``inputs`` of ``torch.autograd.grad``: backward stops there and its node never runs."""
     node = t.grad_fn if type(t) is torch.Tensor else None
     if node is None:
         t.register_hook(fn)
