@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from cockpit_lite.persample import views as views_mod
@@ -166,6 +167,19 @@ class _AttentionTimeFirst(nn.Module):
         return self.head(h.mean(0)) + w.sum((1, 2))[:, None]
 
 
+class _Checkpointed(nn.Module):
+    """A block under activation checkpointing (non-reentrant, as recommended): its layers' forward runs
+    again inside backward (the engine's hooks see that call too) and its graph is the first forward's."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
+
+
 def _tied_linears():
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
     model[2].weight = model[0].weight
@@ -213,6 +227,7 @@ MORE = {
     "LSTM (T, B, d) with an initial (h, c)": (lambda: _Seq2Seq(nn.LSTM, False), lambda: torch.randn(5, 6, 4)),
     "attention (T, B, d), masks, T = B": (_AttentionTimeFirst, lambda: torch.randn(6, 6, 8)),
     "attention (T, B, d), masks": (_AttentionTimeFirst, lambda: torch.randn(5, 6, 8)),
+    "activation checkpointing (non-reentrant)": (_Checkpointed, lambda: torch.randn(6, 4)),
     # g_i . gbar from the batch gradient autograd computes (LinearHandler.weight_grad_node): mm, in-place
     "Linears without bias, in-place ReLU": (
         lambda: nn.Sequential(nn.Linear(4, 5, bias=False), nn.ReLU(inplace=True), nn.Linear(5, 3, bias=False)),
