@@ -414,3 +414,42 @@ def test_only_the_parameters_the_optimizer_holds(device):
     x, y = torch.randn(7, 6), _labels(7)
     checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), params=model[4].parameters(), device=device)
     assert set(checked.reference) == set(checked.record.per_sample_sq_norms_by_param) == {"4.weight", "4.bias"}
+
+
+def test_reentrant_activation_checkpointing_matches_a_loop_of_backward_calls():
+    """``checkpoint(..., use_reentrant=True)`` (no ``autograd.grad`` through it, so not the harness): the
+    block's layers run under no_grad in the forward and again inside backward. ||g_i||^2 and g_i . gbar
+    against one ``backward()`` per example in float64."""
+    import numpy as np
+
+    from cockpit_lite import Cockpit
+    from tests.reference import Probe
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 6))
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=True))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x, y = torch.randn(5, 6, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (5,))
+    loss_fn, opt = nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.0)
+    probe = Probe(flags={"per_sample_sq_norms", "per_sample_dot_mean"})
+    with Cockpit(model, opt, loss_fn, instruments=[probe], sinks=[]):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    grads = []
+    for i in range(5):
+        model.zero_grad()
+        xi = x[i : i + 1].detach().clone().requires_grad_(True)
+        nn.functional.cross_entropy(model(xi), y[i : i + 1], reduction="sum").backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    g = torch.stack(grads)
+    rec = probe.records[0]
+    np.testing.assert_allclose(rec.per_sample_sq_norms, (g**2).sum(1).numpy(), rtol=1e-10)
+    np.testing.assert_allclose(rec.per_sample_dot_mean, (g @ g.mean(0)).numpy(), rtol=1e-10)
