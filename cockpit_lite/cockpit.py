@@ -127,6 +127,10 @@ class Cockpit:
             context = Context(
                 self.network, optimizer, self.params, loss_fn, self.costs, warn=self._warn, reduction=reduction
             )
+            # the model's pre-hook before the providers' hooks: the step (and what it asks of the per-sample
+            # engine) is set up before the engine's own pre-hook reads the input
+            hooks = [model.register_forward_pre_hook(SharedHook(self._on_model_forward), with_kwargs=True)]
+            undo.callback(self._guard.each, hooks, "remove")
             self.providers = [cls(context) for cls in registered_providers()]
             #: the overhead budget (None without ``budget=``): its schedule narrows the instruments'
             self.budget = Budget(fraction, self._warn, self.costs) if fraction is not None else None
@@ -135,8 +139,7 @@ class Cockpit:
             undo.callback(self._guard.each, self.providers, "close")
             for inst in self.instruments:
                 inst.on_attach(self.network, optimizer)
-            hooks = [
-                model.register_forward_pre_hook(SharedHook(self._on_model_forward), with_kwargs=True),
+            hooks += [
                 model.register_forward_hook(SharedHook(self._on_model_output), with_kwargs=True),
                 optimizer.register_step_pre_hook(SharedHook(self._on_before_step)),
                 optimizer.register_step_post_hook(SharedHook(self._on_after_step)),
@@ -144,7 +147,6 @@ class Cockpit:
             ]
             if isinstance(loss_fn, nn.Module):
                 hooks.append(loss_fn.register_forward_hook(SharedHook(self._on_loss), with_kwargs=True))
-            undo.callback(self._guard.each, hooks, "remove")
             run = RunContext(logdir=self.logdir, history=self.history, instruments=tuple(self.instruments))
             self.emitter = Emitter(self.history, [], self._warn)
             undo.callback(self.emitter.close)

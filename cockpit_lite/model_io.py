@@ -23,6 +23,8 @@ def batch_of(args: tuple, kwargs: Mapping[str, Any]) -> int | None:
 
 def tensors_of(output: Any) -> list[torch.Tensor]:
     """The tensors in a model's output: a tensor, a tuple or list, a dict or a Hugging Face ModelOutput."""
+    if type(output) is torch.Tensor:
+        return [output]
     if isinstance(output, Mapping):
         output = list(output.values())
     return [t for t in tree_leaves(output) if torch.is_tensor(t)]

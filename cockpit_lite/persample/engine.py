@@ -515,7 +515,8 @@ class PerSampleEngine:
         return None
 
     def _model_input(self, module, args, kwargs):
-        if module is self.model and not self._processing and (not is_paused() or self._probing):
+        # (inactive: a step without per-sample work; the Cockpit's pre-hook has begun it, see Cockpit)
+        if self.active and module is self.model and not self._processing and (not is_paused() or self._probing):
             # kept (no copy) until the forward returns: the shape probe reruns the model on fewer examples
             self._model_call, self._order, self._pending = (args, kwargs), {}, []
             shapes = _leaf_shapes((args, kwargs))
