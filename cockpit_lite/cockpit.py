@@ -288,9 +288,9 @@ class Cockpit:
         """Hand the budget the step's cost and wall time, both with the sinks' time for its records."""
         assert self.budget is not None
         written = self.emitter.sinks_ms
-        sinks_ms = written[1] if written is not None and written[0] == st.record.step else 0.0
-        ran = [i.key for i in st.active if i.scheduled(st.record.step)]
-        self.budget.observe(st.record.step, cockpit_ms + sinks_ms, wall_ms + sinks_ms, ran)
+        sinks_ms = written[1] if written is not None and written[0] == st.number else 0.0
+        ran = [i.key for i in st.active if i.scheduled(st.number)]
+        self.budget.observe(st.number, cockpit_ms + sinks_ms, wall_ms + sinks_ms, ran)
 
     # --- hooks: when things happen ---------------------------------------------------------------------
     @guarded
@@ -308,7 +308,8 @@ class Cockpit:
             st = self._begin()
             st.skipped = skipped
         st.forwards.append(batch_of(args, kwargs))
-        st.event("on_forward", ModelCall(args, kwargs, st.forwards[-1], index=len(st.forwards) - 1))
+        if st.active:
+            st.event("on_forward", ModelCall(args, kwargs, st.forwards[-1], index=len(st.forwards) - 1))
 
     @guarded
     def _on_model_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -425,14 +426,14 @@ class Cockpit:
                 records.update(self.emitter.late_sink_cost())
                 if self.budget is not None:
                     records.update(self.budget.records())
-                self.emitter.emit(st.record.step, records)
+                self.emitter.emit(st.number, records)
                 cockpit_ms, wall_ms = records["cost/cockpit_ms"], records["cost/step_ms"]
             else:
                 extra = {"skipped": skipped} if skipped else {}
                 if self.budget is not None:
                     extra.update(self.budget.records())
                 if extra:
-                    self.emitter.emit(st.record.step, extra)
+                    self.emitter.emit(st.number, extra)
                 cockpit_ms, wall_ms = self.costs.total(), st.elapsed_ms()
             if self.budget is not None:
                 self._observe_budget(st, cockpit_ms, wall_ms)

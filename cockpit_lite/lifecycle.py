@@ -110,7 +110,7 @@ class Step:
     def __init__(
         self, number: int, instruments: Sequence[Instrument], providers: Sequence[Provider], guard: Guard, **fields: Any
     ):
-        self.guard, self.t0 = guard, time.perf_counter()
+        self.guard, self.t0, self.number = guard, time.perf_counter(), number
         self.skip = self.backward_done = self.in_backward = self.queued = False
         self.amp_scale = 1.0  #: GradScaler's loss scale of the current backward (1 without one)
         self.forwards: list[int | None] = []  #: examples of each (grad-enabled) model call of the step
@@ -138,7 +138,8 @@ class Step:
             scheduled.append((inst, asked))
         self.active, self.asked, merged, self.providers = guard.plan(scheduled, providers, base)
         needs = Needs(set(merged.flags), dict(merged.directions))  # (a provider may adjust its copy)
-        self.record = StepRecord(step=number, **fields)
+        #: the step record (None on a step no instrument tracks: nothing reads one)
+        self.record: StepRecord | None = StepRecord(step=number, **fields) if self.active else None
         guard.each(guard.listeners(self.providers, "begin_step"), "begin_step", self.record, needs)
 
     @staticmethod
