@@ -71,9 +71,9 @@ class Guard:
         return self._listeners[key]
 
     def plan(self, scheduled: list[tuple[Instrument, Needs]], providers: Sequence[Provider], reuse: bool) -> tuple:
-        """``Step.form_plan`` of these scheduled instruments, formed once and reused when ``reuse`` (every
-        one asked its NEEDS: ``_base_needs`` objects, alive as long as the process) and the same instrument
-        objects ask the same needs again. At most ``MAX_PLANS`` are kept."""
+        """``Step.form_plan`` of these scheduled instruments, formed once and reused when ``reuse`` (none
+        scheduled, or every one asked its NEEDS: ``_base_needs`` objects, alive as long as the process) and
+        the same instrument objects ask the same needs again. At most ``MAX_PLANS`` are kept."""
         if not reuse:
             return Step.form_plan(scheduled, providers, self)
         key = tuple((id(inst), id(asked)) for inst, asked in scheduled)
@@ -136,7 +136,7 @@ class Step:
             if asked is None or not (asked or inst.scheduled(number)):
                 continue
             scheduled.append((inst, asked))
-        self.active, self.asked, merged, self.providers = guard.plan(scheduled, providers, base)
+        self.active, self.asked, merged, self.providers = guard.plan(scheduled, providers, base or not scheduled)
         needs = Needs(set(merged.flags), dict(merged.directions))  # (a provider may adjust its copy)
         #: the step record (None on a step no instrument tracks: nothing reads one)
         self.record: StepRecord | None = StepRecord(step=number, **fields) if self.active else None
@@ -222,7 +222,8 @@ class Step:
 
     def end(self) -> None:
         """The step is over (completed or abandoned): providers release what it held."""
-        self.guard.each(self.guard.listeners(self.providers, "end_step"), "end_step")
+        if self.providers:
+            self.guard.each(self.guard.listeners(self.providers, "end_step"), "end_step")
 
     def _concerns(self, inst: Instrument, needs: frozenset) -> bool:
         return not needs or bool(self.asked[inst.key] & needs)
