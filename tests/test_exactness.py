@@ -168,16 +168,17 @@ class _AttentionTimeFirst(nn.Module):
 
 
 class _Checkpointed(nn.Module):
-    """A block under activation checkpointing (non-reentrant, as recommended): its layers' forward runs
-    again inside backward (the engine's hooks see that call too) and its graph is the first forward's."""
+    """A block under activation checkpointing: its layers' forward runs again inside backward (the
+    engine's hooks see that call too). Non-reentrant (as recommended): the graph is the first forward's;
+    reentrant: the first forward runs under no_grad and backward builds the block's graph anew."""
 
-    def __init__(self):
+    def __init__(self, reentrant: bool = False):
         super().__init__()
         self.block = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6))
-        self.head = nn.Linear(6, 3)
+        self.head, self.reentrant = nn.Linear(6, 3), reentrant
 
     def forward(self, x):
-        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.reentrant))
 
 
 def _tied_linears():
@@ -417,26 +418,16 @@ def test_only_the_parameters_the_optimizer_holds(device):
 
 
 def test_reentrant_activation_checkpointing_matches_a_loop_of_backward_calls():
-    """``checkpoint(..., use_reentrant=True)`` (no ``autograd.grad`` through it, so not the harness): the
-    block's layers run under no_grad in the forward and again inside backward. ||g_i||^2 and g_i . gbar
-    against one ``backward()`` per example in float64."""
+    """``checkpoint(..., use_reentrant=True)`` (no ``autograd.grad`` through it, so not the harness):
+    ||g_i||^2 and g_i . gbar against one ``backward()`` per example in float64."""
     import numpy as np
 
     from cockpit_lite import Cockpit
     from tests.reference import Probe
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 6))
-            self.head = nn.Linear(6, 3)
-
-        def forward(self, x):
-            return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=True))
-
     torch.manual_seed(0)
-    model = Net().double()
-    x, y = torch.randn(5, 6, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (5,))
+    model = _Checkpointed(reentrant=True).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (5,))
     loss_fn, opt = nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.0)
     probe = Probe(flags={"per_sample_sq_norms", "per_sample_dot_mean"})
     with Cockpit(model, opt, loss_fn, instruments=[probe], sinks=[]):
