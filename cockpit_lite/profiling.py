@@ -86,6 +86,10 @@ class _Region:
             label.__exit__(*exc)
 
 
+#: the two tags of each region name, formed once
+_COST_KEYS: dict[str, tuple[str, str]] = {}
+
+
 def cost_records(costs: Costs, step_ms: float) -> dict[str, float]:
     """``cost/<name>_ms`` (exclusive wall time of each region this step) and ``cost/<name>_share``
     (that time / ``cost/step_ms``, the wall time from the model's forward to the records being ready);
@@ -93,8 +97,11 @@ def cost_records(costs: Costs, step_ms: float) -> dict[str, float]:
     out: dict[str, float] = {"cost/step_ms": step_ms}
     per_ms = 1.0 / step_ms if step_ms > 0 else math.nan
     for name, ms in costs.ms.items():
-        out[f"cost/{name}_ms"] = ms
-        out[f"cost/{name}_share"] = ms * per_ms
+        keys = _COST_KEYS.get(name)
+        if keys is None:
+            keys = _COST_KEYS[name] = (f"cost/{name}_ms", f"cost/{name}_share")
+        out[keys[0]] = ms
+        out[keys[1]] = ms * per_ms
     total = costs.total()
     out["cost/cockpit_ms"] = total
     out["cost/cockpit_share"] = total * per_ms
