@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cockpit_lite.compat import foreach_norm
+from cockpit_lite import distributed
 
 
 class SealedRecordError(AttributeError):
@@ -114,7 +114,7 @@ class StepRecord:
             return None
         if self._update_norms is None:
             names = list(self.update)
-            norms = torch.stack(foreach_norm([self.update[n] for n in names])).tolist() if names else []
+            norms = distributed.norms([self.update[n] for n in names])
             self._update_norms = dict(zip(names, norms, strict=True))
         return self._update_norms
 

@@ -293,7 +293,7 @@ class PerSampleProvider(Provider):
     def _fill(self, record: StepRecord, result: PerSampleResult) -> None:
         flags = self.needs.flags
         for key, proj in result.projections.items():
-            record.projections[key] = proj.double().cpu().numpy()
+            record.projections[key] = host_float64(proj)
         names = list(result.sq_norms) if Need.PER_SAMPLE_SQ_NORMS in flags else []
         dot_mean = result.dot_mean if Need.PER_SAMPLE_DOT_MEAN in flags else None
         parts = [result.sq_norms[n] for n in names] + ([dot_mean] if dot_mean is not None else [])
@@ -305,7 +305,7 @@ class PerSampleProvider(Provider):
             record.per_sample_dot_mean = rows[-1]
             record.mean_grad_sq_norm = float(np.add.reduce(rows[-1])) / len(rows[-1])
         if flags & {Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM} and result.gram:
-            by_param = {n: v.double().cpu().numpy() for n, v in result.gram.items()}
+            by_param = {n: host_float64(v) for n, v in result.gram.items()}
             record.per_sample_gram = np.sum(list(by_param.values()), axis=0)
             if Need.PER_SAMPLE_GRAM_BY_PARAM in flags:
                 record.per_sample_gram_by_param = by_param
