@@ -73,9 +73,15 @@ def test_cost_records_ms_and_share(run):
         assert [e.step for e in acc.Scalars(tag)] == list(h.steps(tag))
 
 
-def test_costs_are_exclusive(monkeypatch):
-    now = [0.0]
-    monkeypatch.setattr(profiling_mod.time, "perf_counter", lambda: now[0] / 1e3)
+@pytest.fixture
+def now(monkeypatch):
+    """A fake clock for Costs: ``now[0]`` is the time in ms."""
+    clock = [0.0]
+    monkeypatch.setattr(profiling_mod.time, "perf_counter", lambda: clock[0] / 1e3)
+    return clock
+
+
+def test_costs_are_exclusive(now):
     c = Costs()
     with c.region("outer"):
         now[0] = 2.0
@@ -88,11 +94,9 @@ def test_costs_are_exclusive(monkeypatch):
     assert c.total() == pytest.approx(11.0)
 
 
-def test_a_region_nested_in_itself_counts_its_time_once(monkeypatch):
+def test_a_region_nested_in_itself_counts_its_time_once(now):
     """One region object per name: entered again inside itself (re-entrant), the step's time under the
     name is the outer block's wall time, neither doubled nor lost."""
-    now = [0.0]
-    monkeypatch.setattr(profiling_mod.time, "perf_counter", lambda: now[0] / 1e3)
     c = Costs()
     with c.region("engine"):
         now[0] = 1.0
