@@ -192,8 +192,10 @@ def per_sample_losses(
     if loss_fn.reduction == "mean":
         total = nll_total_weight(output) if output is not None and type(loss_fn) in _NLL_MODULES else None
         if total is not None:
-            if total.device.type == "cpu":  # (a host number: one scaling op)
+            if total.device.type == "cpu":  # (a host number: one scaling op, none when N = B)
                 n = float(total)
+                if n == batch:
+                    return per_sample
                 return per_sample * (batch / n if n else math.nan)  # (no target counted: the loss is 0/0)
             return per_sample.mul(batch).div_(total)
         target = detached[1] if len(detached) >= 2 else None

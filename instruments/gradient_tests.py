@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from cockpit_lite.instruments._util import uncovered_note
 
@@ -20,9 +22,23 @@ def gradient_tests(sq_norms: np.ndarray, dots: np.ndarray) -> dict[str, float]:
     ||g_i - c_i gbar||^2 = ||g_i||^2 - (g_i . gbar)^2 / ||gbar||^2. NaN when B = 1 or gbar = 0.
     """
     b = len(sq_norms)
-    g2 = float(np.mean(dots))  # ||gbar||^2 = mean_i g_i . gbar
+    g2 = float(np.add.reduce(dots)) / b if b else math.nan  # ||gbar||^2 = mean_i g_i . gbar
+    if b > 1 and g2 > 0.0:  # no division by zero or root of a negative: plain floats (np.mean, np.sum and
+        # np.errstate cost a Python call each)
+        denom = b * (b - 1) * g2
+        var = max(float(np.add.reduce(sq_norms)) - b * g2, 0.0)
+        inner_sum = float(np.add.reduce((dots - g2) ** 2))
+        ortho_sum = max(float(np.add.reduce(sq_norms - dots**2 / g2)), 0.0)
+        return {
+            "norm": math.sqrt(var / denom),
+            "inner": math.sqrt(inner_sum / (denom * g2)),
+            "ortho": math.sqrt(ortho_sum / denom),
+        }
+    if b < 2 or g2 == 0.0:  # (gbar = 0: every gradient zero, or their mean)
+        return {"norm": math.nan, "inner": math.nan, "ortho": math.nan}
+    g2 = np.float64(g2)  # a NaN or (round-off) negative ||gbar||^2: numpy's NaN, no exception
     with np.errstate(divide="ignore", invalid="ignore"):
-        denom = b * (b - 1) * g2 if b > 1 else np.nan
+        denom = b * (b - 1) * g2
         var = max(float(np.sum(sq_norms)) - b * g2, 0.0)
         norm = np.sqrt(var / denom)
         inner = np.sqrt(np.sum((dots - g2) ** 2) / (denom * g2))
@@ -33,11 +49,13 @@ def gradient_tests(sq_norms: np.ndarray, dots: np.ndarray) -> dict[str, float]:
 
 def norm_test(sq_norms: np.ndarray, mean_sq_norm: float) -> float:
     """The norm test from ||g_i||^2 and ||gbar||^2 alone (as in :func:`gradient_tests`):
-    sqrt( (sum_i ||g_i||^2 - B ||gbar||^2) / (B (B-1) ||gbar||^2) ). NaN when B = 1."""
+    sqrt( (sum_i ||g_i||^2 - B ||gbar||^2) / (B (B-1) ||gbar||^2) ). NaN when B = 1 or gbar = 0."""
     b = len(sq_norms)
+    if b < 2 or mean_sq_norm == 0.0:
+        return math.nan
     var = max(float(np.sum(sq_norms)) - b * mean_sq_norm, 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return float(np.sqrt(np.float64(var) / (b * (b - 1) * mean_sq_norm))) if b > 1 else float("nan")
+        return float(np.sqrt(np.float64(var) / (b * (b - 1) * mean_sq_norm)))
 
 
 class GradientTests(Instrument):

@@ -115,3 +115,40 @@ def test_inner_test_from_dot_products_alone():
     gbar = g.mean(0)
     expected = np.sqrt(((dots - gbar @ gbar) ** 2).sum() / (8 * 7 * (gbar @ gbar) ** 2))
     np.testing.assert_allclose(full["inner"], expected, rtol=1e-12)
+
+
+def test_gradient_tests_match_their_definitions_and_edge_cases():
+    """The three tests against Cockpit's definitions evaluated on formed g_i (float64); NaN, never an
+    error or a warning, for B = 1, gbar = 0 and NaN inputs."""
+    import warnings
+
+    from cockpit_lite.instruments.gradient_tests import gradient_tests, norm_test
+
+    rng = np.random.default_rng(1)
+    g = rng.normal(size=(16, 7)) + 0.3
+    b, gbar = len(g), g.mean(0)
+    g2 = gbar @ gbar
+    dots = g @ gbar
+    proj = g - np.outer(dots / g2, gbar)
+    expected = {
+        "norm": np.sqrt(((g - gbar) ** 2).sum() / (b * (b - 1) * g2)),
+        "inner": np.sqrt(((dots - g2) ** 2).sum() / (b * (b - 1) * g2**2)),
+        "ortho": np.sqrt((proj**2).sum() / (b * (b - 1) * g2)),
+    }
+    got = gradient_tests((g**2).sum(1), dots)
+    for k, v in expected.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-10, err_msg=k)
+    sym = np.concatenate([g, -g])  # gbar = 0
+    nan_dots = dots.copy()
+    nan_dots[3] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cases = [
+            gradient_tests((g[:1] ** 2).sum(1), g[:1] @ g[0]),  # B = 1
+            gradient_tests((sym**2).sum(1), sym @ sym.mean(0)),
+            gradient_tests((g**2).sum(1), nan_dots),
+        ]
+        cases.append({"norm": norm_test((sym**2).sum(1), 0.0)})
+    for case in cases:
+        assert all(np.isnan(v) for v in case.values()), case
+    np.testing.assert_allclose(norm_test((g**2).sum(1), g2), expected["norm"], rtol=1e-10)

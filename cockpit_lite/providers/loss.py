@@ -136,7 +136,10 @@ class LossProvider(Provider):
     def on_before_step(self, record: StepRecord) -> None:
         self._keep_reached(record)
         roots = [(float(v), s) for v, s in self.roots]
-        values = [None if v is None else float(v) for v in self.values]
+        # L_k as the modules returned them: wanted without a backward root, or to weigh micro-batches
+        values = [None] * len(self.values)
+        if not roots or (self.per_sample and len(self.parts) > 1):
+            values = [None if v is None else float(v) for v in self.values]
         if roots:
             record.loss = sum(v / s for v, s in roots)
         elif any(v is not None for v in values):
