@@ -111,6 +111,8 @@ class GradientTests(Instrument):
             return {self.tag("tests/inner"): inner}
         if record.batch_size == 1:
             self.note("gradient tests need at least 2 samples per batch: NaN")
+        elif g2 == 0.0:
+            self.note("the mean gradient is zero: the tests divide by ||gbar||^2 and are undefined (NaN)")
         uncovered = uncovered_note(record, "the tests are", "they describe")
         if uncovered:
             self.note(uncovered)

@@ -126,15 +126,9 @@ def test_gradient_tests_match_their_definitions_and_edge_cases():
 
     rng = np.random.default_rng(1)
     g = rng.normal(size=(16, 7)) + 0.3
-    b, gbar = len(g), g.mean(0)
-    g2 = gbar @ gbar
-    dots = g @ gbar
-    proj = g - np.outer(dots / g2, gbar)
-    expected = {
-        "norm": np.sqrt(((g - gbar) ** 2).sum() / (b * (b - 1) * g2)),
-        "inner": np.sqrt(((dots - g2) ** 2).sum() / (b * (b - 1) * g2**2)),
-        "ortho": np.sqrt((proj**2).sum() / (b * (b - 1) * g2)),
-    }
+    gbar = g.mean(0)
+    g2, dots = gbar @ gbar, g @ gbar
+    expected = _cockpit_tests_direct(g)
     got = gradient_tests((g**2).sum(1), dots)
     for k, v in expected.items():
         np.testing.assert_allclose(got[k], v, rtol=1e-10, err_msg=k)
@@ -152,3 +146,16 @@ def test_gradient_tests_match_their_definitions_and_edge_cases():
     for case in cases:
         assert all(np.isnan(v) for v in case.values()), case
     np.testing.assert_allclose(norm_test((g**2).sum(1), g2), expected["norm"], rtol=1e-10)
+
+
+def test_gradient_tests_of_zero_gradients_are_nan_with_a_note():
+    """Every gradient zero (the output scaled by 0): the tests divide by ||gbar||^2 = 0; NaN and a note,
+    the other instruments unaffected."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3))
+    model.register_forward_hook(lambda m, a, out: out * 0.0)
+    hist, _, _ = _run(model, nn.CrossEntropyLoss(), _batches("mlp", 2), [GradientTests(), GradNorm()])
+    for k in ("norm", "inner", "ortho"):
+        assert [np.isnan(v) for _, v in hist[f"tests/{k}"]] == [True, True]
+    assert "mean gradient is zero" in hist["note/gradient_tests"][0][1]
+    assert [v for _, v in hist["grad_norm"]] == [0.0, 0.0]
