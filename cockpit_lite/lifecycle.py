@@ -60,6 +60,7 @@ class Guard:
     def __init__(self, warn: Callable[[str], None], costs: Costs):
         self.warn, self.costs = warn, costs
         self._listeners: dict[tuple[tuple[Provider, ...], str], tuple[Provider, ...]] = {}
+        self._hearing: dict[tuple[tuple[Instrument, ...], str], tuple[Instrument, ...]] = {}
         #: Step plans by the scheduled instruments and what they asked (``Step.form_plan``)
         self._plans: dict[tuple, tuple] = {}
 
@@ -69,6 +70,13 @@ class Guard:
         if key not in self._listeners:
             self._listeners[key] = tuple(p for p in providers if _overrides(type(p), Provider, event))
         return self._listeners[key]
+
+    def hearing(self, instruments: tuple[Instrument, ...], hook: str) -> tuple[Instrument, ...]:
+        """The instruments of a step (a plan's tuple, the same object step after step) that override ``hook``."""
+        key = (instruments, hook)
+        if key not in self._hearing:
+            self._hearing[key] = tuple(i for i in instruments if _overrides(type(i), Instrument, hook))
+        return self._hearing[key]
 
     def plan(self, scheduled: list[tuple[Instrument, Needs]], providers: Sequence[Provider], reuse: bool) -> tuple:
         """``Step.form_plan`` of these scheduled instruments, formed once and reused when ``reuse`` (none
@@ -175,11 +183,11 @@ class Step:
                 self.guard.warn(f"{type(provider).__name__}.{name} failed ({type(e).__name__}: {e})")
                 rec.add_note(f"{type(provider).__name__} failed: {e}", provider.PROVIDES)
         hook = INSTRUMENT_HOOKS.get(name)
-        if hook:
+        hearing = self.guard.hearing(self.active, hook) if hook else ()
+        if hearing:
             rec.seal()
-            for inst in self.active:
-                if _overrides(type(inst), Instrument, hook):
-                    self.guard.instrument(inst, hook, rec)
+            for inst in hearing:
+                self.guard.instrument(inst, hook, rec)
             rec.seal(False)
 
     def complete(self) -> dict[Any, Any]:

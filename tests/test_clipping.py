@@ -496,6 +496,22 @@ def test_sorted_quantiles_match_numpy():
     assert np.isnan(sorted_quantiles(np.sort(np.array([1.0, np.nan, 2.0])), [0.1])).all()
 
 
+def test_quantile_records_match_numpy():
+    from cockpit_lite.instruments._util import QUANTILES, quantile_records
+
+    rng = np.random.default_rng(1)
+    for n in (1, 2, 7, 128, 1000):
+        x = rng.standard_normal(n).astype(np.float32)  # (float32 per-sample values, read as float64)
+        got = quantile_records("q", x)
+        ref = np.quantile(x.astype(np.float64), list(QUANTILES.values()))
+        np.testing.assert_allclose([got[f"q/{k}"] for k in QUANTILES], ref, rtol=1e-12, atol=1e-15)
+        assert got["q/max"] == float(np.max(x)) and got["q/mean"] == float(np.mean(x.astype(np.float64)))
+        assert all(type(v) is float for v in got.values())
+    with_nan = quantile_records("q", np.array([1.0, np.nan, 2.0]))
+    assert len(with_nan) == len(QUANTILES) + 2 and all(np.isnan(v) for v in with_nan.values())
+    assert quantile_records("q", np.array([])) == {}
+
+
 @pytest.mark.parametrize("batch_steps", [1, 3])
 def test_agc_records_per_step_whatever_the_batching(device, batch_steps):
     torch.manual_seed(0)
