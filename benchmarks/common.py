@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -160,9 +161,10 @@ class FuncNorms:
         self.last = out
 
 
-def interleaved(runners: dict, reps: int, device: str | torch.device = "cpu") -> dict[str, float]:
-    """{name: median seconds per call of runners[name]()} with the calls interleaved; on a CUDA device
-    each timed call starts and ends with :func:`synchronize`."""
+def interleaved_times(runners: dict, reps: int, device: str | torch.device = "cpu") -> dict[str, list[float]]:
+    """{name: seconds of each of ``reps`` calls of runners[name]()} with the calls interleaved (rep k of
+    every runner ran in the same round); on a CUDA device each timed call starts and ends with
+    :func:`synchronize`."""
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(reps):
         for name, run in runners.items():
@@ -171,7 +173,19 @@ def interleaved(runners: dict, reps: int, device: str | torch.device = "cpu") ->
             run()
             synchronize(device)
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved(runners: dict, reps: int, device: str | torch.device = "cpu") -> dict[str, float]:
+    """{name: median seconds per call of runners[name]()} with the calls interleaved (:func:`interleaved_times`)."""
+    return {k: statistics.median(v) for k, v in interleaved_times(runners, reps, device).items()}
+
+
+def paired_ratio(num: list[float], den: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of num[k] / den[k] over the rounds of :func:`interleaved_times`: a ratio of
+    two arms measured side by side, round by round (less exposed to a slow minute than a ratio of medians)."""
+    q = np.quantile([a / b for a, b in zip(num, den, strict=True)], [0.5, 0.25, 0.75])
+    return float(q[0]), float(q[1]), float(q[2])
 
 
 class _MallInfo2(ctypes.Structure):

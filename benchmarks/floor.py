@@ -29,6 +29,7 @@ and the route each conv layer takes (docs/performance.md).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,7 +41,16 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cockpit_lite.instruments import Alpha, Distance, GradientTests, GradNorm, Loss, TracIn, UpdateSize  # noqa: E402
-from common import MODELS, OPTIMIZERS, interleaved, make_batches, make_batches_of, train_steps  # noqa: E402
+from common import (  # noqa: E402
+    MODELS,
+    OPTIMIZERS,
+    interleaved,
+    interleaved_times,
+    make_batches,
+    make_batches_of,
+    paired_ratio,
+    train_steps,
+)
 
 from cockpit_lite import Cockpit  # noqa: E402
 
@@ -352,7 +362,8 @@ def economy(optim: str, with_alpha: bool, steps: int, reps: int, model: str = "m
     runners = {k: (lambda a=a: train_steps(a[0], a[1], a[2], batches)) for k, a in arms.items()}
     for r in runners.values():
         r()
-    med = interleaved(runners, reps)
+    times = interleaved_times(runners, reps)
+    med = {k: statistics.median(v) for k, v in times.items()}
     cockpit, lean = arms["cockpit"][3], arms["lean"][3]
     # the cockpit's history is a step behind for Distance (theta before the step): compare the last step
     tags = ["loss", "grad_norm", "update_size", "distance", "tests/norm", "tests/inner", "tests/ortho"]
@@ -360,7 +371,11 @@ def economy(optim: str, with_alpha: bool, steps: int, reps: int, model: str = "m
     for a in arms.values():
         if a[3] is not None:
             a[3].close()
-    return {"plain": med["plain"] / steps, "cockpit": med["cockpit"] / steps, "lean": med["lean"] / steps, "diff": diff}
+    over = paired_ratio(times["cockpit"], times["lean"])
+    return {
+        "plain": med["plain"] / steps, "cockpit": med["cockpit"] / steps, "lean": med["lean"] / steps, "diff": diff,
+        "over_lean": over[0], "over_lean_iqr": over[1:],
+    }  # fmt: skip
 
 
 class _Indexed(TensorDataset):
@@ -567,14 +582,17 @@ def main(argv=None):
         return [gpt_floor("gpt", args.reps)]
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.reps} interleaved reps x {args.steps} steps")
-    print(f"{'part':26} {'plain ms':>9} {'cockpit x':>10} {'lean x':>7} {'max rel diff':>13}")
+    print(f"{'part':26} {'plain ms':>9} {'cockpit x':>10} {'lean x':>7} {'max rel diff':>13}  cockpit / lean by rep")
     rows = []
 
     def report(name: str, r: dict) -> None:
         rows.append({"part": name, **r})
+        paired = ""
+        if "over_lean" in r:  # per round: the cockpit's time over the lean reference's, median [quartiles]
+            paired = f"  {r['over_lean']:.3f} [{r['over_lean_iqr'][0]:.3f}, {r['over_lean_iqr'][1]:.3f}]"
         print(
             f"{name:26} {r['plain'] * 1e3:9.2f} {r['cockpit'] / r['plain']:10.2f} {r['lean'] / r['plain']:7.2f} "
-            f"{r['diff']:13.1e}",
+            f"{r['diff']:13.1e}{paired}",
             flush=True,
         )
 

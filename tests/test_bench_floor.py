@@ -154,6 +154,14 @@ def test_timed_economy_agrees_with_the_cockpit(floor, model, batch):
         torch.set_num_threads(threads)
     assert r["diff"] < 1e-4
     assert min(r["plain"], r["cockpit"], r["lean"]) > 0
+    lo, hi = r["over_lean_iqr"]
+    assert 0 < lo <= r["over_lean"] <= hi
+
+
+def test_paired_ratio_is_taken_round_by_round(floor):
+    # a slow round in both arms (the machine busy) leaves the paired ratio alone
+    med, lo, hi = floor.paired_ratio([2.0, 20.0, 2.2, 2.1], [1.0, 10.0, 1.0, 1.0])
+    assert med == pytest.approx(2.05) and lo == pytest.approx(2.0) and hi == pytest.approx(2.125)
 
 
 def test_cli_runs_the_cnn_row(floor, monkeypatch, capsys):
