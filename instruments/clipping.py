@@ -423,6 +423,8 @@ class Clipping(Instrument):
             received = record.grad_norm
             out["clip/global/received_norm"] = received
             out["clip/global/received_ratio"] = received / norm if norm > 0 else float("nan")
+            if norm == 0:
+                self.note("clipping: the gradient after backward is zero: received_ratio is undefined (NaN)")
         if not math.isfinite(norm):
             self.note(f"clipping: non-finite gradient norm {norm}; left out of the rolling statistics")
             return out

@@ -226,6 +226,11 @@ class GradientNoiseScale(Instrument):
             self._n += 1
             self._batch = b
         sg2, str_, bs = self.smoothed()
+        if math.isnan(bs) and sg2 <= 0.0:
+            self.note(
+                f"the smoothed |G|^2 is {sg2:.3g} (not positive: the noise hides the gradient at this batch size): "
+                "B_simple is undefined (NaN)"
+            )
         out[self.tag("noise_scale/grad_sq")] = sg2
         out[self.tag("noise_scale/trace")] = str_
         out[self.tag("noise_scale/b_simple")] = bs

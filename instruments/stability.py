@@ -447,6 +447,13 @@ class StabilityMonitor(Instrument):
             self._asked_indices = True
             if record.indices is None:  # no cockpit.track(loader): positions in the batch from now on
                 self._use_indices = False
+        warming, losses, grads = [], len(self._losses), len(self._grad_hist)
+        if losses < self.warmup:
+            warming.append(f"the loss check starts once its window holds {self.warmup} losses ({losses} so far)")
+        if grads < self.score_warmup:
+            warming.append(f"the precursor score starts after {self.score_warmup} tracked steps ({grads} so far)")
+        if warming:  # (their tags are NaN until then)
+            self.note("warm-up: " + "; ".join(warming))
         spike, z, threshold, why = self._detect(float(record.loss))
         ratios = self._update_ratios(record)
         ratio = max(ratios.values()) if ratios else None

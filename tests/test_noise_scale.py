@@ -365,3 +365,15 @@ def test_agrees_with_the_norm_test():
             opt.step()
     theta2 = _values(ck, "tests/norm") ** 2
     np.testing.assert_allclose(_values(ck, "noise_scale/b_simple_raw"), 12 * theta2 / (1 - theta2), rtol=1e-9)
+
+
+def test_b_simple_undefined_while_the_smoothed_gradient_is_not_positive_says_so():
+    """At the optimum (w = w*) the true |G|^2 is 0 and its estimates are noise around it: on the steps whose
+    smoothed |G|^2 is not positive B_simple is NaN with a note that says why, and only there."""
+    ck, _, _ = _least_squares_run(d=4, b=8, s=1.0, u0=0.0, lr=1e-4, steps=30, seed=0, gns=GradientNoiseScale())
+    g2 = dict(ck.history["noise_scale/grad_sq"])
+    b_simple = dict(ck.history["noise_scale/b_simple"])
+    notes = {s for s, t in ck.history["note/gradient_noise_scale"] if "not positive" in t}
+    undefined = {s for s, v in b_simple.items() if math.isnan(v)}
+    assert undefined and len(undefined) < len(b_simple)  # both kinds of step occur
+    assert undefined == {s for s, v in g2.items() if v <= 0} == notes

@@ -312,7 +312,13 @@ def test_megatron_rule_on_a_scaled_loss(rule):
         np.testing.assert_array_equal(table["position"], np.argsort(-at_spike, kind="stable")[:5])
         np.testing.assert_allclose(table["loss"], at_spike[table["position"].astype(int)], rtol=1e-6)
         notes = cockpit.history["note/stability"]
-        assert [s for s, _ in notes] == [0] and "cockpit.track" in notes[0][1]
+        assert [s for s, t in notes if "cockpit.track" in t] == [0]
+        # the loss check's window (16 losses) and the score (8 steps) warm up: a note on each such step
+        warm = [(s, t) for s, t in notes if "warm-up" in t]
+        assert [s for s, _ in warm] == list(range(16))
+        assert all("precursor score" in t for s, t in warm if s < 8) and not any("precursor" in t for s, t in warm[8:])
+        assert all(math.isnan(v) for _, v in cockpit.history["stability/loss_z"][:16])
+        assert math.isfinite(cockpit.history["stability/loss_z"][16][1])
 
 
 def test_settings_are_checked():

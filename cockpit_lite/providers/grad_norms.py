@@ -61,6 +61,14 @@ class GradNormsProvider(Provider):
         if not self.before_step:
             return
         with self.context.costs.region("grad_norms"):
-            record.grad_norms = grad_norms(self.context.params)
-        if not record.grad_norms:
+            record.grad_norms = norms = grad_norms(self.context.params)
+        if not norms:
             record.add_note("no parameter has a gradient: was loss.backward() called?", self.PROVIDES)
+            return
+        if not math.isfinite(sum(norms.values())):  # (one sum: the usual step pays no loop)
+            bad = [n for n, v in norms.items() if not math.isfinite(v)]
+            record.add_note(
+                f"p.grad holds non-finite values ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}): this "
+                "step's statistics follow from them",
+                frozenset(),
+            )

@@ -145,7 +145,8 @@ class LossProvider(Provider):
         elif any(v is not None for v in values):
             record.loss = sum(v for v in values if v is not None) / (len(values) if record.reduction == "mean" else 1)
         if record.loss is not None and not math.isfinite(record.loss):
-            record.add_note(f"non-finite loss {record.loss}", self.PROVIDES)
+            # (every statistic of the step descends from it: the note concerns every instrument)
+            record.add_note(f"non-finite loss {record.loss}: this step's statistics follow from it", frozenset())
         if self.per_sample and self.batches:
             record.per_sample_loss = self._per_sample(record, roots, values)
 

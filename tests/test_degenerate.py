@@ -1,0 +1,149 @@
+"""Every built-in instrument on degenerate loops (all gradients zero, lr = 0, one example per batch,
+identical examples, a frozen parameter, a NaN loss, a saturated softmax): no instrument fails (a
+"failed" warning), no tag holds an infinity, and every NaN a numeric tag holds has its reason recorded
+at that step (a ``note/<instrument>`` record, or Alpha's ``alpha/status``)."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from cockpit_lite.instruments import (
+    Alpha,
+    Clipping,
+    Distance,
+    GradientNoiseScale,
+    GradientTests,
+    GradNorm,
+    Loss,
+    PerSampleGradNorms,
+    Sharpness,
+    StabilityMonitor,
+    TracIn,
+    UpdateRatio,
+    UpdateSize,
+)
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cockpit_lite import Cockpit
+
+SCENARIOS = ["plain", "zero_grads", "lr0", "batch_of_one", "identical", "frozen", "nan_loss", "saturated"]
+
+
+def _instruments() -> list:
+    probes = (torch.randn(3, 6), torch.randint(0, 3, (3,)))
+    return [
+        Loss(), GradNorm(), UpdateSize(), Distance(), PerSampleGradNorms(per_param=True), GradientTests(),
+        Alpha(window=4, verdict_every=4, min_alphas=2), Clipping(), GradientNoiseScale(verdict_every=4, min_steps=2),
+        Sharpness(), StabilityMonitor(), UpdateRatio(), TracIn(probes=probes),
+    ]  # fmt: skip
+
+
+class _Zero(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 0.0
+
+
+def _loop(name: str):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(48, 6), torch.randint(0, 3, (48,))
+    lr, batch = 0.05, 8
+    if name == "zero_grads":
+        model.append(_Zero())
+    elif name == "lr0":
+        lr = 0.0
+    elif name == "batch_of_one":
+        batch = 1
+    elif name == "identical":
+        x[:], y[:] = x[0].clone(), y[0].clone()
+    elif name == "frozen":
+        model[0].weight.requires_grad_(False)
+    elif name == "saturated":  # logits so large that most per-sample gradients underflow to 0
+        with torch.no_grad():
+            model[2].weight.mul_(1e4)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    return model, opt, DataLoader(TensorDataset(x, y), batch_size=batch)
+
+
+def _numbers(value) -> np.ndarray | None:
+    if isinstance(value, str):
+        return None
+    arr = np.asarray(value)
+    return arr.astype(float).ravel() if arr.dtype.kind in "fiu" else None
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_no_instrument_fails_and_every_nan_has_its_reason(name):
+    model, opt, loader = _loop(name)
+    lf = nn.CrossEntropyLoss()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Cockpit(model, opt, lf, instruments=_instruments(), sinks=[]) as cockpit:
+            for k, (x, y) in enumerate(cockpit.track(loader)):
+                if k == 6:
+                    break
+                opt.zero_grad()
+                loss = lf(model(x), y)
+                (loss * float("nan") if name == "nan_loss" and k == 3 else loss).backward()
+                opt.step()
+    failed = [str(w.message) for w in caught if "fail" in str(w.message)]
+    assert not failed, failed
+    history = cockpit.history
+
+    def owner(tag: str):
+        found = [i for i in cockpit.instruments if any(re.fullmatch(p, tag) for p in i.TAGS)]
+        assert len(found) == 1, (tag, found)
+        return found[0]
+
+    def reasons(inst) -> set[int]:  # the steps with a recorded reason of this instrument
+        tags = [f"note/{inst.key}"] + [t for t in inst.TAGS if t.endswith("/status")]
+        return {step for t in tags if t in history for step, _ in history[t]}
+
+    infinite, unexplained = [], []
+    for tag in history:
+        if tag.startswith(("note/", "cost/")):
+            continue
+        for step, value in history[tag]:
+            values = _numbers(value)
+            if values is None:
+                continue
+            if np.isinf(values).any():
+                infinite.append((tag, step))
+            if np.isnan(values).any() and step not in reasons(owner(tag)):
+                unexplained.append((tag, step))
+    assert not infinite, infinite
+    assert not unexplained, unexplained
+
+
+def test_the_reasons_of_a_nan_loss_and_of_a_step_without_gradients():
+    """A NaN loss: every instrument of the step notes it, and GradNorm that p.grad is non-finite; a step
+    whose loop called no backward: GradNorm notes that no parameter has a gradient."""
+    model, opt, loader = _loop("plain")
+    lf = nn.CrossEntropyLoss()
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        Cockpit(model, opt, lf, instruments=[Loss(), GradNorm(), UpdateSize()], sinks=[]) as cockpit,
+    ):
+        warnings.simplefilter("always")
+        for k, (x, y) in enumerate(loader):
+            opt.zero_grad()
+            loss = lf(model(x), y)
+            if k == 1:
+                (loss * float("nan")).backward()
+            elif k != 2:  # step 2: no backward (p.grad None after zero_grad)
+                loss.backward()
+            opt.step()
+            if k == 2:
+                break
+    assert not [str(w.message) for w in caught if "fail" in str(w.message)]
+    notes = {tag: dict(cockpit.history[tag]) for tag in ("note/loss", "note/grad_norm", "note/update_size")}
+    for tag in notes:
+        assert "non-finite loss nan" in notes[tag][1], tag
+    assert "p.grad holds non-finite values (0.weight, 0.bias, 2.weight, 2.bias)" in notes["note/grad_norm"][1]
+    assert "no parameter has a gradient" in notes["note/grad_norm"][2]
+    assert 0 not in notes["note/grad_norm"]
