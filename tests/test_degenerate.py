@@ -1,5 +1,6 @@
-"""Every built-in instrument on degenerate loops (all gradients zero, lr = 0, one example per batch,
-identical examples, a frozen parameter, a NaN loss, a saturated softmax): no instrument fails (a
+"""Every built-in instrument on degenerate loops (all gradients zero, lr = 0, one or two examples per
+batch, identical examples, a frozen or unused parameter, a NaN loss, a saturated softmax, Adam, a summed
+loss, train-mode BatchNorm, gradient accumulation): no instrument fails (a
 "failed" warning), no tag holds an infinity, and every NaN a numeric tag holds has its reason recorded
 at that step (a ``note/<instrument>`` record, or Alpha's ``alpha/status``)."""
 
@@ -31,7 +32,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cockpit_lite import Cockpit
 
-SCENARIOS = ["plain", "zero_grads", "lr0", "batch_of_one", "identical", "frozen", "nan_loss", "saturated"]
+SCENARIOS = [
+    "plain", "zero_grads", "lr0", "batch_of_one", "batch_of_two", "identical", "frozen", "unused", "nan_loss",
+    "saturated", "adam", "sum", "batchnorm", "batchnorm_identical", "accumulation",
+]  # fmt: skip
 
 
 def _instruments() -> list:
@@ -48,6 +52,15 @@ class _Zero(nn.Module):
         return x * 0.0
 
 
+class _WithUnused(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.unused = inner, nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
 def _loop(name: str):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
@@ -57,8 +70,14 @@ def _loop(name: str):
         model.append(_Zero())
     elif name == "lr0":
         lr = 0.0
-    elif name == "batch_of_one":
-        batch = 1
+    elif name in ("batch_of_one", "batch_of_two"):
+        batch = 1 if name == "batch_of_one" else 2
+    elif name.startswith("batchnorm"):  # train mode: the examples interact (the coupled path)
+        model.insert(1, nn.BatchNorm1d(5))
+        if name == "batchnorm_identical":  # the batch's variance is 0
+            x[:], y[:] = x[0].clone(), y[0].clone()
+    elif name == "unused":  # a parameter the forward never uses: no gradient, ever
+        model = _WithUnused(model)
     elif name == "identical":
         x[:], y[:] = x[0].clone(), y[0].clone()
     elif name == "frozen":
@@ -66,7 +85,8 @@ def _loop(name: str):
     elif name == "saturated":  # logits so large that most per-sample gradients underflow to 0
         with torch.no_grad():
             model[2].weight.mul_(1e4)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr, momentum=0.9)
     return model, opt, DataLoader(TensorDataset(x, y), batch_size=batch)
 
 
@@ -80,7 +100,7 @@ def _numbers(value) -> np.ndarray | None:
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_no_instrument_fails_and_every_nan_has_its_reason(name):
     model, opt, loader = _loop(name)
-    lf = nn.CrossEntropyLoss()
+    lf = nn.CrossEntropyLoss(reduction="sum" if name == "sum" else "mean")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with Cockpit(model, opt, lf, instruments=_instruments(), sinks=[]) as cockpit:
@@ -88,8 +108,12 @@ def test_no_instrument_fails_and_every_nan_has_its_reason(name):
                 if k == 6:
                     break
                 opt.zero_grad()
-                loss = lf(model(x), y)
-                (loss * float("nan") if name == "nan_loss" and k == 3 else loss).backward()
+                if name == "accumulation":  # two micro-batches of 4 per step
+                    for half in (slice(0, 4), slice(4, 8)):
+                        (lf(model(x[half]), y[half]) / 2).backward()
+                else:
+                    loss = lf(model(x), y)
+                    (loss * float("nan") if name == "nan_loss" and k == 3 else loss).backward()
                 opt.step()
     failed = [str(w.message) for w in caught if "fail" in str(w.message)]
     assert not failed, failed
