@@ -239,7 +239,8 @@ def nll_losses(terms: tuple, batch: int) -> torch.Tensor | None:
     """Per-example losses of a cross-entropy / NLL loss from its saved inputs (compat.nll_terms): the
     element losses -w[y] log p[y] (0 where y is ignore_index) summed per example (rows of a loss over
     flattened tokens folded to their sequences), normalised as the loss was (l_i = B s_i / sum of the
-    counted weights for a mean, s_i for a sum), so that L = mean_i l_i (sum_i l_i)."""
+    counted weights for a mean, s_i for a sum), so that L = mean_i l_i (sum_i l_i); every target ignored:
+    the loss is 0/0, and so is every l_i (NaN), as for a loss module."""
     logp, target, weight, ignore, reduction = terms
     if reduction not in (1, 2) or logp.dim() < 1 or target.dtype not in (torch.int64, torch.int32):
         return None
@@ -253,5 +254,5 @@ def nll_losses(terms: tuple, batch: int) -> torch.Tensor | None:
         return None
     if reduction == 2:
         return per_example
-    total = w.sum()
-    return per_example * (batch / total) if float(total) > 0 else None
+    total = float(w.sum())
+    return per_example * (batch / total if total > 0 else math.nan)  # (no target counted: the loss is 0/0)

@@ -234,6 +234,8 @@ def test_nll_terms_reads_the_saved_inputs_of_a_cross_entropy():
     counted = (weight[target.clamp(min=0)] * (target != -100)).sum()
     torch.testing.assert_close(per, 4 * elem.sum(1) / counted)
     torch.testing.assert_close(per.mean(), 2 * loss.detach())
+    every = F.cross_entropy(logits, torch.full_like(target, -100))  # nothing counted: 0/0
+    assert torch.isnan(nll_losses(compat.nll_terms(every.grad_fn), 4)).all()
     assert compat.nll_terms((logits.sum()).grad_fn) is None
     assert compat.nll_terms(F.cross_entropy(logits, target, label_smoothing=0.1).grad_fn) is None
 

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cockpit_lite import Cockpit
+from tests.models_lm import NanoGPT, token_batch
 
 SCENARIOS = [
     "plain", "zero_grads", "lr0", "batch_of_one", "batch_of_two", "identical", "frozen", "unused", "nan_loss",
@@ -97,24 +98,8 @@ def _numbers(value) -> np.ndarray | None:
     return arr.astype(float).ravel() if arr.dtype.kind in "fiu" else None
 
 
-@pytest.mark.parametrize("name", SCENARIOS)
-def test_no_instrument_fails_and_every_nan_has_its_reason(name):
-    model, opt, loader = _loop(name)
-    lf = nn.CrossEntropyLoss(reduction="sum" if name == "sum" else "mean")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with Cockpit(model, opt, lf, instruments=_instruments(), sinks=[]) as cockpit:
-            for k, (x, y) in enumerate(cockpit.track(loader)):
-                if k == 6:
-                    break
-                opt.zero_grad()
-                if name == "accumulation":  # two micro-batches of 4 per step
-                    for half in (slice(0, 4), slice(4, 8)):
-                        (lf(model(x[half]), y[half]) / 2).backward()
-                else:
-                    loss = lf(model(x), y)
-                    (loss * float("nan") if name == "nan_loss" and k == 3 else loss).backward()
-                opt.step()
+def _check(cockpit: Cockpit, caught: list) -> None:
+    """No failed instrument, no infinity, every NaN with its instrument's reason at its step."""
     failed = [str(w.message) for w in caught if "fail" in str(w.message)]
     assert not failed, failed
     history = cockpit.history
@@ -144,6 +129,27 @@ def test_no_instrument_fails_and_every_nan_has_its_reason(name):
     assert not unexplained, unexplained
 
 
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_no_instrument_fails_and_every_nan_has_its_reason(name):
+    model, opt, loader = _loop(name)
+    lf = nn.CrossEntropyLoss(reduction="sum" if name == "sum" else "mean")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Cockpit(model, opt, lf, instruments=_instruments(), sinks=[]) as cockpit:
+            for k, (x, y) in enumerate(cockpit.track(loader)):
+                if k == 6:
+                    break
+                opt.zero_grad()
+                if name == "accumulation":  # two micro-batches of 4 per step
+                    for half in (slice(0, 4), slice(4, 8)):
+                        (lf(model(x[half]), y[half]) / 2).backward()
+                else:
+                    loss = lf(model(x), y)
+                    (loss * float("nan") if name == "nan_loss" and k == 3 else loss).backward()
+                opt.step()
+    _check(cockpit, caught)
+
+
 def test_the_reasons_of_a_nan_loss_and_of_a_step_without_gradients():
     """A NaN loss: every instrument of the step notes it, and GradNorm that p.grad is non-finite; a step
     whose loop called no backward: GradNorm notes that no parameter has a gradient."""
@@ -171,3 +177,26 @@ def test_the_reasons_of_a_nan_loss_and_of_a_step_without_gradients():
     assert "p.grad holds non-finite values (0.weight, 0.bias, 2.weight, 2.bias)" in notes["note/grad_norm"][1]
     assert "no parameter has a gradient" in notes["note/grad_norm"][2]
     assert 0 not in notes["note/grad_norm"]
+
+
+def test_a_language_model_with_its_loss_inside_forward_and_ignored_targets():
+    """nanoGPT (the loss is a functional cross-entropy inside forward, ignore_index=-1): a sequence with
+    every target ignored, then a step with every target ignored (the loss is 0/0): the same three rules."""
+    torch.manual_seed(0)
+    model = NanoGPT()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    instruments = [i for i in _instruments() if not isinstance(i, TracIn)]  # (TracIn needs a loss module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Cockpit(model, opt, instruments=instruments, sinks=[]) as cockpit:
+            for k in range(5):
+                x, y = token_batch(b=4, seed=k)
+                y[0] = -1
+                if k == 2:
+                    y[:] = -1
+                opt.zero_grad()
+                model(x, y)[1].backward()
+                opt.step()
+    _check(cockpit, caught)
+    per_sample = dict(cockpit.history["loss/per_sample"])
+    assert np.isnan(per_sample[2]).all() and per_sample[1][0] == 0.0 and (per_sample[1][1:] > 0).all()
