@@ -19,43 +19,32 @@ def gradient_tests(sq_norms: np.ndarray, dots: np.ndarray) -> dict[str, float]:
     inner = sqrt( sum_i (g_i . gbar - ||gbar||^2)^2 / (B (B-1) ||gbar||^4) )
     ortho = sqrt( sum_i ||g_i - (g_i . gbar / ||gbar||^2) gbar||^2 / (B (B-1) ||gbar||^2) )
     using sum_i ||g_i - gbar||^2 = sum_i ||g_i||^2 - B ||gbar||^2 and
-    ||g_i - c_i gbar||^2 = ||g_i||^2 - (g_i . gbar)^2 / ||gbar||^2. NaN when B = 1 or gbar = 0.
+    ||g_i - c_i gbar||^2 = ||g_i||^2 - (g_i . gbar)^2 / ||gbar||^2. NaN when B = 1 or ||gbar||^2 <= 0.
     """
     b = len(sq_norms)
     g2 = float(np.add.reduce(dots)) / b if b else math.nan  # ||gbar||^2 = mean_i g_i . gbar
-    if b > 1 and g2 > 0.0:  # no division by zero or root of a negative: plain floats (np.mean, np.sum and
-        # np.errstate cost a Python call each)
-        denom = b * (b - 1) * g2
-        var = max(float(np.add.reduce(sq_norms)) - b * g2, 0.0)
-        inner_sum = float(np.add.reduce((dots - g2) ** 2))
-        ortho_sum = max(float(np.add.reduce(sq_norms - dots**2 / g2)), 0.0)
-        return {
-            "norm": math.sqrt(var / denom),
-            "inner": math.sqrt(inner_sum / (denom * g2)),
-            "ortho": math.sqrt(ortho_sum / denom),
-        }
-    if b < 2 or g2 == 0.0:  # (gbar = 0: every gradient zero, or their mean)
+    if b < 2 or not g2 > 0.0:  # gbar = 0 (or a round-off below it), or NaN: the tests are undefined
         return {"norm": math.nan, "inner": math.nan, "ortho": math.nan}
-    g2 = np.float64(g2)  # a NaN or (round-off) negative ||gbar||^2: numpy's NaN, no exception
-    with np.errstate(divide="ignore", invalid="ignore"):
-        denom = b * (b - 1) * g2
-        var = max(float(np.sum(sq_norms)) - b * g2, 0.0)
-        norm = np.sqrt(var / denom)
-        inner = np.sqrt(np.sum((dots - g2) ** 2) / (denom * g2))
-        ortho_sum = max(float(np.sum(sq_norms - dots**2 / g2)), 0.0)
-        ortho = np.sqrt(ortho_sum / denom)
-    return {"norm": float(norm), "inner": float(inner), "ortho": float(ortho)}
+    denom = b * (b - 1) * g2
+    var = max(float(np.add.reduce(sq_norms)) - b * g2, 0.0)
+    inner_sum = float(np.add.reduce((dots - g2) ** 2))
+    ortho_sum = max(float(np.add.reduce(sq_norms - dots**2 / g2)), 0.0)
+    # (plain floats: np.mean, np.sum and np.errstate cost a Python call each)
+    return {
+        "norm": math.sqrt(var / denom),
+        "inner": math.sqrt(inner_sum / (denom * g2)),
+        "ortho": math.sqrt(ortho_sum / denom),
+    }
 
 
 def norm_test(sq_norms: np.ndarray, mean_sq_norm: float) -> float:
     """The norm test from ||g_i||^2 and ||gbar||^2 alone (as in :func:`gradient_tests`):
-    sqrt( (sum_i ||g_i||^2 - B ||gbar||^2) / (B (B-1) ||gbar||^2) ). NaN when B = 1 or gbar = 0."""
+    sqrt( (sum_i ||g_i||^2 - B ||gbar||^2) / (B (B-1) ||gbar||^2) ). NaN when B = 1 or ||gbar||^2 <= 0."""
     b = len(sq_norms)
-    if b < 2 or mean_sq_norm == 0.0:
+    if b < 2 or not mean_sq_norm > 0.0:
         return math.nan
-    var = max(float(np.sum(sq_norms)) - b * mean_sq_norm, 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return float(np.sqrt(np.float64(var) / (b * (b - 1) * mean_sq_norm)))
+    var = max(float(np.add.reduce(sq_norms)) - b * mean_sq_norm, 0.0)
+    return math.sqrt(var / (b * (b - 1) * mean_sq_norm))
 
 
 class GradientTests(Instrument):
@@ -111,8 +100,8 @@ class GradientTests(Instrument):
             return {self.tag("tests/inner"): inner}
         if record.batch_size == 1:
             self.note("gradient tests need at least 2 samples per batch: NaN")
-        elif g2 == 0.0:
-            self.note("the mean gradient is zero: the tests divide by ||gbar||^2 and are undefined (NaN)")
+        elif g2 is not None and g2 <= 0.0:  # zero, or a round-off below it
+            self.note(f"||gbar||^2 = {g2:.3g}: the tests divide by it and are undefined (NaN)")
         uncovered = uncovered_note(record, "the tests are", "they describe")
         if uncovered:
             self.note(uncovered)
