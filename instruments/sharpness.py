@@ -206,9 +206,11 @@ class Sharpness(Instrument):
         self._streak_start: int | None = None  # first step of the current run of measurements at the edge
         self._streak = 0
         self._last: tuple[int, float, float] | None = None  # (step, lambda_max, limit)
+        self._named: dict[str, torch.nn.Parameter] = {}
 
     def on_attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
+        self._named = dict(model.named_parameters())
 
     # --- measurement ------------------------------------------------------------------------------------
     def on_before_step(self, record: StepRecord) -> None:
@@ -225,15 +227,26 @@ class Sharpness(Instrument):
             self.note("no parameter with a learning rate > 0 and a gradient")
             return
         try:
-            with paused():
-                loss, grads = replay.gradient(params)
+            lam, used, ok = self._measure(replay, params, scales, record.step)
         except ReplayMismatch as e:
             self.note(str(e))
             return
+        except RuntimeError as e:  # an op of the model without a second derivative (a custom Function's)
+            self.note(
+                f"Hessian-vector products failed ({e}): an op of the model has no second derivative (a custom "
+                "autograd Function marked once_differentiable, or one whose backward detaches); lambda_max is "
+                "left out"
+            )
+            return
+        self._result = {"lambda_max": lam, "limit": math.nan if limit is None else limit, "iterations": used, "ok": ok}
+
+    def _measure(self, replay: Any, params: list, scales: list, step: int) -> tuple[float, int, bool]:
+        """(lambda_max, products used, converged) on the recomputed loss's gradient."""
+        with paused():
+            _, grads = replay.gradient(params)
         # a parameter whose gradient does not depend on theta has zero rows and columns in H: left out
         pairs = [(p, g, s) for p, g, s in zip(params, grads, scales, strict=True) if g is not None and g.requires_grad]
-        lam, used, ok = self._power_iteration(pairs, record.step) if pairs else (0.0, 0, True)
-        self._result = {"lambda_max": lam, "limit": math.nan if limit is None else limit, "iterations": used, "ok": ok}
+        return self._power_iteration(pairs, step) if pairs else (0.0, 0, True)
 
     def _power_iteration(self, pairs: list[tuple], step: int) -> tuple[float, int, bool]:
         """lambda_max of A = S H S by :func:`largest_eigenvalue`; ``pairs``: (parameter, its gradient with
@@ -249,11 +262,21 @@ class Sharpness(Instrument):
                     retain_graph=True,
                     allow_unused=True,
                 )
-            return [torch.zeros_like(x) if h is None else s * h.detach() for s, x, h in zip(scales, v, hv, strict=True)]
+            if any(h is None for h in hv):
+                # a gradient with a graph that reaches no parameter: an op's backward ran without one (a custom
+                # Function marked once_differentiable, or one that detaches): H v would be silently partial
+                cut = [n for n, h in zip(self._names(params), hv, strict=True) if h is None]
+                raise RuntimeError(f"the Hessian-vector product does not reach {', '.join(cut[:5])}")
+            return [s * h.detach() for s, h in zip(scales, hv, strict=True)]
 
         gen = torch.Generator().manual_seed(self.seed + step)
         start = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype) for p in params]
         return largest_eigenvalue(matvec, start, self.iterations, self.tol)
+
+    def _names(self, params: Sequence[torch.nn.Parameter]) -> list[str]:
+        """The parameters' names in the model (their positions where no name is known)."""
+        names = {id(p): n for n, p in self._named.items()} if self._named else {}
+        return [names.get(id(p), f"parameter {k}") for k, p in enumerate(params)]
 
     def _scales(self, kind: str, lr: float) -> tuple[list[torch.nn.Parameter], list[torch.Tensor | float]]:
         """The parameters measured and S (per element) with A = S H S."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -529,3 +530,65 @@ def test_nanogpt_with_dropout_and_tied_weights_trains_bit_identically():
     for a, b in zip(plain.parameters(), measured.parameters(), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(rng_plain, rng_measured)
+
+
+def test_attention_by_a_fused_kernel_is_measured_by_the_math_kernel():
+    """nn.TransformerEncoderLayer runs scaled dot-product attention by a fused CPU kernel that has no second
+    derivative; the replay behind the Hessian-vector products takes the math kernel: lambda_max is the
+    exact Hessian's (the reference by the math kernel too), and the training step is the fused one."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tests import models
+
+    torch.manual_seed(0)
+    model, lf = models.TinyTransformer().double(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = models.token_batch(b=4, t=5)
+    with sdpa_kernel(SDPBackend.MATH):
+        want = float(torch.linalg.eigvalsh(exact_hessian(model, lambda m: lf(m(x), y)))[-1])
+    twin = copy.deepcopy(model)
+    cp = Cockpit(model, opt, loss_fn=lf, instruments=[_measure()])
+    opt.zero_grad()
+    lf(model(x), y).backward()
+    opt.step()
+    cp.close()
+    assert "note/sharpness" not in cp.history
+    assert dict(cp.history.get("sharpness/lambda_max"))[0] == pytest.approx(want, rel=1e-3)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    lf(twin(x), y).backward()
+    twin_opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
+
+
+class _OnceDifferentiable(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.tanh()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (1 - x.tanh() ** 2)
+
+
+def test_an_op_without_a_second_derivative_is_a_note():
+    """A custom autograd Function marked once_differentiable: no Hessian-vector product exists; the step's
+    note says so, no warning of a failed instrument, training unaffected."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3).double()
+    model = nn.Sequential(lin)
+    model.register_forward_hook(lambda m, a, out: _OnceDifferentiable.apply(out))
+    opt, lf = torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss()
+    ((x, y),) = _batches(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cp = Cockpit(model, opt, loss_fn=lf, instruments=[Sharpness(every=1)])
+        opt.zero_grad()
+        lf(model(x), y).backward()
+        opt.step()
+        cp.close()
+    assert not [w for w in caught if "failed" in str(w.message)]
+    assert cp.history.get("sharpness/lambda_max") is None
+    assert "has no second derivative" in dict(cp.history.get("note/sharpness"))[0]

@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cockpit_lite import distributed
 from cockpit_lite.compat import tree_flatten, tree_map
@@ -143,8 +144,10 @@ class Replay:
     ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
         """(L(theta), dL/dparams) by ``torch.autograd.grad`` (``p.grad`` untouched; run it and any
         further differentiation inside :func:`cockpit_lite.pause.paused`). Raises ReplayMismatch unless
-        ||dL/dparams|| equals ||p.grad|| after the step's backward over the same parameters (1e-3 relative)."""
-        loss = self.loss()
+        ||dL/dparams|| equals ||p.grad|| after the step's backward over the same parameters (1e-3 relative).
+        With ``create_graph`` the forward's scaled dot-product attention takes PyTorch's math kernel, the one
+        with a second derivative (the fused CPU/CUDA kernels have none)."""
+        loss = self.loss(twice=create_graph)
         grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
         if self.norms is not None:
             names = {id(p): n for n, p in self.context.params.items()}
@@ -158,13 +161,14 @@ class Replay:
                 )
         return loss, grads
 
-    def loss(self) -> torch.Tensor:
+    def loss(self, twice: bool = False) -> torch.Tensor:
         """L(theta) as a 0-dim tensor with a graph to the parameters (differentiate it with
-        ``torch.autograd.grad`` inside :func:`cockpit_lite.pause.paused`). Raises ReplayMismatch when
-        the first recomputation does not reproduce the step's loss."""
+        ``torch.autograd.grad`` inside :func:`cockpit_lite.pause.paused`; ``twice``: attention by the math
+        kernel, differentiable twice). Raises ReplayMismatch when the first recomputation does not
+        reproduce the step's loss."""
         total = None
         for call, w in zip(self.calls, self.weights, strict=True):
-            part = self._one(call) * w
+            part = self._one(call, twice) * w
             total = part if total is None else total + part
         assert total is not None
         if not self.checked:
@@ -178,9 +182,11 @@ class Replay:
             self.checked = True
         return total
 
-    def _one(self, call: _Call) -> torch.Tensor:
+    def _one(self, call: _Call, twice: bool = False) -> torch.Tensor:
         model = self.context.network
         with contextlib.ExitStack() as stack:
+            if twice:
+                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
             stack.enter_context(scratch_state(model))
             stack.enter_context(paused())
             stack.enter_context(torch.enable_grad())
