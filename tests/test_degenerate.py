@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cockpit_lite import Cockpit
+from tests import models
 from tests.models_lm import NanoGPT, token_batch
 
 SCENARIOS = [
@@ -200,3 +201,29 @@ def test_a_language_model_with_its_loss_inside_forward_and_ignored_targets():
     _check(cockpit, caught)
     per_sample = dict(cockpit.history["loss/per_sample"])
     assert np.isnan(per_sample[2]).all() and per_sample[1][0] == 0.0 and (per_sample[1][1:] > 0).all()
+
+
+@pytest.mark.parametrize("kind", ["cnn", "transformer"])
+@pytest.mark.parametrize("scenario", ["plain", "zero_grads", "batch_of_one", "identical"])
+def test_convolutions_and_attention_on_degenerate_batches(kind, scenario):
+    """A grouped CNN and a TransformerEncoderLayer (fused attention, LayerNorm) with every instrument,
+    TracIn's probes included: the same three rules."""
+    torch.manual_seed(0)
+    if kind == "cnn":
+        model, make = models.GroupedCNN(), lambda b: models.cnn_batch(b)
+    else:
+        model, make = models.TinyTransformer(), lambda b: tuple(t[:b] for t in models.token_batch(b=4, t=5))
+    opt, lf = torch.optim.SGD(model.parameters(), lr=0.05), nn.CrossEntropyLoss()
+    instruments = [i for i in _instruments() if not isinstance(i, TracIn)] + [TracIn(probes=make(3))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Cockpit(model, opt, lf, instruments=instruments, sinks=[]) as cockpit:
+            for _ in range(4):
+                x, y = make(1 if scenario == "batch_of_one" else 4)
+                if scenario == "identical":
+                    x, y = x[:1].expand_as(x).clone(), y[:1].expand_as(y).clone()
+                opt.zero_grad()
+                out = model(x)
+                lf(out * 0.0 if scenario == "zero_grads" else out, y).backward()
+                opt.step()
+    _check(cockpit, caught)
