@@ -265,6 +265,10 @@ class Panel:
             (self._lines[key],) = (ax or self.ax).plot([], [], **{"linewidth": 1.3, **style})
         self._lines[key].set_data(x, y)
         self._lines[key].set_visible(len(x) > 0)
+        # a lone finite point has no segment to draw: a marker shows it (a measurement every 100 steps)
+        lone = len(x) > 0 and int(np.isfinite(np.asarray(y, dtype=float)).sum()) == 1
+        self._lines[key].set_marker("o" if lone else "None")
+        self._lines[key].set_markersize(3)
         if style.get("label"):
             self._labelled[style["label"]] = self._lines[key]
 
@@ -299,7 +303,8 @@ class Panel:
             for h, lab in zip(handles, labels, strict=True)
             if h is not None and getattr(h, "get_visible", lambda: True)()
         ]
-        key = tuple(lab for _, lab in visible)
+        # (a line's marker is part of its legend entry: a lone point's marker, gone once it has neighbours)
+        key = tuple((lab, getattr(h, "get_marker", lambda: None)()) for h, lab in visible)
         if key != self._legend_keys:
             self._legend_keys = key
             if self.ax.get_legend() is not None:
@@ -368,7 +373,8 @@ class LinePanel(Panel):
 
     def update(self, h: Any) -> None:
         data = [self.series(h, t) for t in self.tag_list]
-        if not self.shows(any(len(x) for x, _ in data)):
+        # nothing finite to draw (every value NaN: a warm-up, an undefined statistic): the note says why
+        if not self.shows(any(np.isfinite(y).any() for _, y in data)):
             return
         for i, (tag, label, (x, y)) in enumerate(zip(self.tag_list, self.labels, data, strict=True)):
             self.line(tag, x, y, color=f"C{i % 10}", label=label)

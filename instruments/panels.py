@@ -167,9 +167,19 @@ def _tables(h: Any, tag: Callable[[str], str]) -> list[tuple[str, int, dict]]:
     return out
 
 
+def _top_table(tables: list[tuple[str, int, dict]], top: int) -> tuple[str, int, list, np.ndarray, str] | None:
+    """(tag, step, labels, values, value name) of the ``top`` rows of the first table with one value per
+    example, self-influence first (proponents and opponents hold one column per probe: no such table)."""
+    for tag, step, table in sorted(tables, key=lambda t: "self" not in t[0]):
+        labels, values, value_name = top_rows(table, top)
+        if values is not None:
+            return tag, step, labels, values, value_name
+    return None
+
+
 class InfluencePanel(Panel):
-    """The top rows of the first TracIn table (self-influence, proponents, ...) as bars; the TracIn
-    scalars as lines when there is no table yet."""
+    """The top rows of a TracIn table with one value per example (self-influence first) as bars; the
+    TracIn scalars as lines when there is no table yet."""
 
     title = "Influence: top self-influence (TracIn)"
     xlabel = "self-influence"
@@ -199,11 +209,11 @@ class InfluencePanel(Panel):
             self.rescale()
             self.legend()
             return
-        tag, step, table = tables[0]
-        labels, values, value_name = top_rows(table, self.TOP)
-        if values is None:
-            self.note(f"{tag}: no numeric column to plot")
+        top = _top_table(tables, self.TOP)
+        if top is None:
+            self.note(f"{', '.join(t for t, _, _ in tables)}: no table with one value per example to plot")
             return
+        tag, step, labels, values, value_name = top
         self.note(None)
         y = np.arange(len(values))[::-1]
         self._bars = [self.ax.barh(y, values, color=COLORS["second"], alpha=0.8)]
@@ -216,13 +226,12 @@ class InfluencePanel(Panel):
 
 
 def influence_summary(h: Any, tag: Callable[[str], str], top: int = 10) -> list[str]:
-    """``cockpit-lite summary`` lines of TracIn: the top rows of its first table, else its tags."""
-    tables = _tables(h, tag)
-    if tables:
-        name, step, table = tables[0]
-        labels, values, value_name = top_rows(table, top)
-        if values is not None:
-            out = [f"top influence ({name}, step {step}), by {value_name}:"]
-            return out + [f"  {lab:>16}  {v:.4g}" for lab, v in zip(labels, values, strict=True)]
+    """``cockpit-lite summary`` lines of TracIn: the top rows of a table with one value per example
+    (:func:`_top_table`), else its tags."""
+    found = _top_table(_tables(h, tag), top)
+    if found is not None:
+        name, step, labels, values, value_name = found
+        out = [f"top influence ({name}, step {step}), by {value_name}:"]
+        return out + [f"  {lab:>16}  {v:.4g}" for lab, v in zip(labels, values, strict=True)]
     names = sorted(t for t in h if t.startswith(tag("tracin/")))
     return ["influence: " + ", ".join(names)] if names else []

@@ -88,6 +88,27 @@ def test_absent_tags_say_not_tracked():
     assert "loss" not in missing and "alpha" in missing and "influence" in missing
 
 
+def test_an_all_nan_series_shows_its_note_and_a_lone_point_a_marker():
+    """Line panels: values that are all NaN (a statistic undefined so far) show the instrument's note, not
+    empty axes; a series with one finite point (a measurement every 100 steps) draws it as a marker."""
+    h = History()
+    for s in range(3):
+        h.add(s, {"tests/norm": float("nan"), "tests/inner": float("nan"), "tests/ortho": float("nan")})
+        h.add(s, {"note/gradient_tests": f"||gbar||^2 = 0: undefined ({s})"})
+    h.add(0, {"sharpness/lambda_max": 4.0, "sharpness/limit": 40.0})
+    fig = DashboardFigure()
+    fig.update(h)
+    tests = fig.panel("gradient_tests")
+    assert tests._note.get_visible() and "||gbar||^2 = 0: undefined (2)" in tests._note.get_text()
+    sharp = next(p for p in fig.panels if "sharpness/lambda_max" in getattr(p, "tag_list", ()))
+    assert all(line.get_marker() == "o" for line in sharp._lines.values() if line.get_visible())
+    for s in range(1, 3):
+        h.add(s * 100, {"sharpness/lambda_max": 4.0 + s, "sharpness/limit": 40.0})
+    fig.update(h)  # neighbours now: lines again, and the legend follows
+    assert all(line.get_marker() == "None" for line in sharp._lines.values())
+    assert all(handle.get_marker() == "None" for handle in sharp.ax.get_legend().legend_handles)
+
+
 def test_top_rows():
     labels, values, name = _top_rows({"index": np.array([5, 7, 9]), "self_influence": np.array([0.1, 0.9, 0.5])}, 2)
     assert labels == ["index 7", "index 9"] and list(values) == [0.9, 0.5] and name == "self_influence"
@@ -159,3 +180,41 @@ def test_needs_no_display_and_no_pyplot(tmp_path):
 def test_bad_path():
     with pytest.raises(ValueError, match=r"\.png"):
         Dashboard("runs/exp1/dashboard.jpg")
+
+
+def test_influence_panel_shows_self_influence_next_to_probe_tables():
+    """A TracIn run with probes writes proponents and opponents (one column per probe) besides the
+    self-influence table: the panel draws the self-influence's top examples, largest first."""
+    import torch
+    from cockpit_lite.instruments import TracIn
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cockpit_lite import Cockpit
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    opt, lf = torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss()
+    data = TensorDataset(torch.randn(24, 4), torch.randint(0, 3, (24,)))
+    tracin = TracIn(probes=(torch.randn(2, 4), torch.randint(0, 3, (2,))))
+    with Cockpit(model, opt, lf, instruments=[tracin], sinks=[]) as cockpit:
+        for x, y in cockpit.track(DataLoader(data, batch_size=8)):
+            opt.zero_grad()
+            lf(model(x), y).backward()
+            opt.step()
+    h = cockpit.history
+    assert {"tracin/proponents", "tracin/opponents", "tracin/self_influence/top"} <= set(h)
+    fig = DashboardFigure()
+    fig.update(h)
+    panel = fig.panel("influence")
+    assert not panel._note.get_visible()
+    top = h["tracin/self_influence/top"][-1][1]
+    score = dict(zip(np.asarray(top["index"]).tolist(), np.asarray(top["score"]).tolist(), strict=True))
+    widths = [bar.get_width() for bar in panel._bars[0]]
+    assert widths == sorted(score.values(), reverse=True)[: panel.TOP]  # the largest, largest first
+    labels = [t.get_text() for t in panel.ax.get_yticklabels()]
+    assert [score[int(lab.split()[1])] for lab in labels] == widths  # each example with its own value
+    from cockpit_lite.instruments.panels import influence_summary
+
+    summary = influence_summary(h, lambda t: t)  # cockpit-lite summary's lines: the same table
+    assert summary[0].startswith("top influence (tracin/self_influence/top") and len(summary) == 1 + len(widths)
