@@ -214,6 +214,24 @@ class BackwardWatch:
                 _original_backward = _original_scale = None
 
 
+def cut_second_derivative(tensors: Sequence[Any]) -> bool:
+    """Whether the autograd graph of ``tensors`` (gradients taken with ``create_graph=True``) passes an op
+    whose backward has no graph of its own: a custom Function marked ``once_differentiable`` leaves a
+    ``DelayedError`` node (named ``torch::autograd::Error``) whose input is a detached copy, so a further
+    derivative through it is silently partial (it reaches that copy, not the parameters)."""
+    stack = [t.grad_fn for t in tensors if torch.is_tensor(t) and t.grad_fn is not None]
+    seen: dict[int, Any] = {}  # (the nodes themselves held: an id is not reused during the walk)
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        if node.name() == "torch::autograd::Error":
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
 def grad_scaler_factor(root: torch.Tensor) -> float | None:
     """The loss scale s if ``root`` is the output of ``torch.amp.GradScaler.scale(loss)`` (recorded by
     the wrapper :class:`BackwardWatch` puts around ``GradScaler.scale``), else None. ``scaler.step()``

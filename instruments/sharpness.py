@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from cockpit_lite import Instrument, StepRecord
+from cockpit_lite.compat import cut_second_derivative
 from cockpit_lite.panels import LinePanel
 from cockpit_lite.pause import paused
 from cockpit_lite.providers.replay import REPLAY, ReplayMismatch
@@ -234,8 +235,7 @@ class Sharpness(Instrument):
         except RuntimeError as e:  # an op of the model without a second derivative (a custom Function's)
             self.note(
                 f"Hessian-vector products failed ({e}): an op of the model has no second derivative (a custom "
-                "autograd Function marked once_differentiable, or one whose backward detaches); lambda_max is "
-                "left out"
+                "autograd Function marked once_differentiable, for one); lambda_max is left out"
             )
             return
         self._result = {"lambda_max": lam, "limit": math.nan if limit is None else limit, "iterations": used, "ok": ok}
@@ -244,6 +244,8 @@ class Sharpness(Instrument):
         """(lambda_max, products used, converged) on the recomputed loss's gradient."""
         with paused():
             _, grads = replay.gradient(params)
+        if cut_second_derivative(grads):  # products through that op would silently miss what lies before it
+            raise RuntimeError("the gradient's graph passes an op marked once_differentiable")
         # a parameter whose gradient does not depend on theta has zero rows and columns in H: left out
         pairs = [(p, g, s) for p, g, s in zip(params, grads, scales, strict=True) if g is not None and g.requires_grad]
         return self._power_iteration(pairs, step) if pairs else (0.0, 0, True)

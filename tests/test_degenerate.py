@@ -227,3 +227,59 @@ def test_convolutions_and_attention_on_degenerate_batches(kind, scenario):
                 lf(out * 0.0 if scenario == "zero_grads" else out, y).backward()
                 opt.step()
     _check(cockpit, caught)
+
+
+class _OnceDifferentiableTanh(torch.autograd.Function):
+    """tanh with a backward marked once_differentiable: no second derivative, no forward-mode rule."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.tanh()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (1 - x.tanh() ** 2)
+
+
+class _Act(nn.Module):
+    def __init__(self, once: bool):
+        super().__init__()
+        self.once = once
+
+    def forward(self, x):
+        return _OnceDifferentiableTanh.apply(x) if self.once else x.tanh()
+
+
+def test_an_op_without_a_second_derivative_gives_notes_not_wrong_numbers():
+    """Train-mode BatchNorm (the coupled path, whose projections fall back to reverse over reverse when
+    forward mode fails) and Sharpness (Hessian-vector products) through a tanh marked once_differentiable,
+    in the middle of the network: a further derivative through it silently misses the layers before it.
+    Every number written equals the same network's with a plain tanh; the rest is left out with a note."""
+    runs = {}
+    for once in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), _Act(once), nn.Linear(5, 3)).double()
+        opt, lf = torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss()
+        instruments = [GradientTests(), Alpha(), Sharpness(every=1)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Cockpit(model, opt, lf, instruments=instruments, sinks=[]) as cockpit:
+                for _ in range(3):
+                    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+                    opt.zero_grad()
+                    lf(model(x), y).backward()
+                    opt.step()
+        runs[once] = cockpit.history
+    plain, once = runs[False], runs[True]
+    written = [t for t in once if not t.startswith(("note/", "cost/", "verdict/")) and t != "alpha/status"]
+    for tag in written:
+        for step, value in once[tag]:
+            if isinstance(value, float) and not np.isnan(value):
+                assert value == pytest.approx(dict(plain[tag])[step], rel=1e-9), (tag, step)
+    assert len(plain["tests/inner"]) == 3 and [s for s, _ in once["tests/inner"]] == [0]  # the norms step only
+    assert "sharpness/lambda_max" in plain and "sharpness/lambda_max" not in once
+    assert "no second derivative" in once["note/sharpness"][0][1]
+    assert all("second derivative" in text for _, text in once["note/gradient_tests"][1:])

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from cockpit_lite.compat import BatchNormBase, tree_flatten, tree_map
+from cockpit_lite.compat import BatchNormBase, cut_second_derivative, tree_flatten, tree_map
 from cockpit_lite.errors import warn
 from cockpit_lite.hooks import SharedHook
 from cockpit_lite.needs import Need, Needs
@@ -715,6 +715,12 @@ class CoupledPath:
         names = list(tangent)
         ws = torch.autograd.grad(zs, [leaves[n] for n in names], us, create_graph=True, allow_unused=True)
         inner = sum((w * tangent[n]).sum() for n, w in zip(names, ws, strict=True) if w is not None)
+        if cut_second_derivative([inner]):  # J v would silently miss what passes that op: wrong numbers
+            raise RuntimeError(
+                "the coupled path's projections need a second derivative (reverse over reverse) that an op of the "
+                "model does not have (a custom autograd Function marked once_differentiable); its per-sample "
+                "projections are left out"
+            )
         if not torch.is_tensor(inner) or not inner.requires_grad:
             return [torch.zeros_like(z) for z in zs]
         jv = torch.autograd.grad(inner, us, allow_unused=True)
