@@ -391,6 +391,9 @@ def test_batchnorm_in_parts_of_the_module_is_named_in_a_warning(tmp_path):
     with pytest.warns(CockpitWarning, match=r"BatchNorm layers \(body.1\).*call self\(x\)"):
         trainer = _fit(Net("parts", norm=True), [cb], tmp_path, "bn_parts", 2)
     assert trainer.global_step == 2 and [s for s, _ in cb.history["loss"]] == [0, 1]
+    # the run's note says the same (the statistics are left out, not wrong)
+    assert "whole forward as one call" in cb.history["note/per_sample_grad_norms"][0][1]
+    assert "persample/grad_norm" not in cb.history
 
 
 class Fails(Net):

@@ -648,7 +648,11 @@ class CoupledPath:
         for k in sel:
             if not torch.is_tensor(out[k]) or out[k].shape != output_grads[k].shape:
                 shape = tuple(out[k].shape) if torch.is_tensor(out[k]) else type(out[k]).__name__
-                raise ValueError(f"output {k} is {shape}, its gradient {tuple(output_grads[k].shape)}")
+                raise ValueError(
+                    f"the replayed model call's output {k} is {shape}, the gradient backward brought to it "
+                    f"{tuple(output_grads[k].shape)}: the loop calls parts of the model (or its output changed "
+                    "shape); train-mode BatchNorm's per-sample statistics need the whole forward as one call"
+                )
         return sel
 
     @classmethod
