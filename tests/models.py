@@ -105,3 +105,19 @@ def resnet18_cifar(width: int = 64, classes: int = 10) -> ResNetCifar:
     """ResNet-18 for CIFAR (BasicBlocks [2, 2, 2, 2], widths 64..512; 11.2 M parameters). A narrower
     variant (``width=4``: 4..32) keeps tests fast."""
     return ResNetCifar((2, 2, 2, 2), width=width, classes=classes)
+
+
+class OnceDifferentiableTanh(torch.autograd.Function):
+    """tanh with a backward marked ``once_differentiable``: no second derivative (a further derivative
+    through it is cut) and no forward-mode rule."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.tanh()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (1 - x.tanh() ** 2)

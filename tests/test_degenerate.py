@@ -229,28 +229,13 @@ def test_convolutions_and_attention_on_degenerate_batches(kind, scenario):
     _check(cockpit, caught)
 
 
-class _OnceDifferentiableTanh(torch.autograd.Function):
-    """tanh with a backward marked once_differentiable: no second derivative, no forward-mode rule."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.tanh()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (1 - x.tanh() ** 2)
-
-
 class _Act(nn.Module):
     def __init__(self, once: bool):
         super().__init__()
         self.once = once
 
     def forward(self, x):
-        return _OnceDifferentiableTanh.apply(x) if self.once else x.tanh()
+        return models.OnceDifferentiableTanh.apply(x) if self.once else x.tanh()
 
 
 def test_an_op_without_a_second_derivative_gives_notes_not_wrong_numbers():

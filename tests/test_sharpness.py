@@ -19,6 +19,7 @@ from torch.func import functional_call
 
 from cockpit_lite import Cockpit
 from cockpit_lite.pause import paused
+from tests import models
 
 
 def _mlp() -> nn.Module:
@@ -538,8 +539,6 @@ def test_attention_by_a_fused_kernel_is_measured_by_the_math_kernel():
     exact Hessian's (the reference by the math kernel too), and the training step is the fused one."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from tests import models
-
     torch.manual_seed(0)
     model, lf = models.TinyTransformer().double(), nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -560,26 +559,13 @@ def test_attention_by_a_fused_kernel_is_measured_by_the_math_kernel():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
 
 
-class _OnceDifferentiable(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.tanh()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (1 - x.tanh() ** 2)
-
-
 def test_an_op_without_a_second_derivative_is_a_note():
     """A custom autograd Function marked once_differentiable: no Hessian-vector product exists; the step's
     note says so, no warning of a failed instrument, training unaffected."""
     torch.manual_seed(0)
     lin = nn.Linear(4, 3).double()
     model = nn.Sequential(lin)
-    model.register_forward_hook(lambda m, a, out: _OnceDifferentiable.apply(out))
+    model.register_forward_hook(lambda m, a, out: models.OnceDifferentiableTanh.apply(out))
     opt, lf = torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss()
     ((x, y),) = _batches(1)
     with warnings.catch_warnings(record=True) as caught:
