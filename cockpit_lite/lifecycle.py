@@ -59,24 +59,18 @@ class Guard:
 
     def __init__(self, warn: Callable[[str], None], costs: Costs):
         self.warn, self.costs = warn, costs
-        self._listeners: dict[tuple[tuple[Provider, ...], str], tuple[Provider, ...]] = {}
-        self._hearing: dict[tuple[tuple[Instrument, ...], str], tuple[Instrument, ...]] = {}
+        self._hearing: dict[tuple[tuple, type, str], tuple] = {}
         #: Step plans by the scheduled instruments and what they asked (``Step.form_plan``)
         self._plans: dict[tuple, tuple] = {}
 
-    def listeners(self, providers: tuple[Provider, ...], event: str) -> tuple[Provider, ...]:
-        """The providers of a step (the same objects step after step) that hear ``event``, in order."""
-        key = (providers, event)
-        if key not in self._listeners:
-            self._listeners[key] = tuple(p for p in providers if _overrides(type(p), Provider, event))
-        return self._listeners[key]
-
-    def hearing(self, instruments: tuple[Instrument, ...], hook: str) -> tuple[Instrument, ...]:
-        """The instruments of a step (a plan's tuple, the same object step after step) that override ``hook``."""
-        key = (instruments, hook)
-        if key not in self._hearing:
-            self._hearing[key] = tuple(i for i in instruments if _overrides(type(i), Instrument, hook))
-        return self._hearing[key]
+    def hearing(self, objects: tuple, base: type, method: str) -> tuple:
+        """The objects of a step (a plan's tuple of providers or instruments, the same object step after
+        step) whose class replaces ``base``'s no-op ``method``, in order: those an event reaches."""
+        key = (objects, base, method)
+        found = self._hearing.get(key)
+        if found is None:
+            found = self._hearing[key] = tuple(o for o in objects if _overrides(type(o), base, method))
+        return found
 
     def plan(self, scheduled: list[tuple[Instrument, Needs]], providers: Sequence[Provider], reuse: bool) -> tuple:
         """``Step.form_plan`` of these scheduled instruments, formed once and reused when ``reuse`` (none
@@ -148,7 +142,7 @@ class Step:
         needs = Needs(set(merged.flags), dict(merged.directions))  # (a provider may adjust its copy)
         #: the step record (None on a step no instrument tracks: nothing reads one)
         self.record: StepRecord | None = StepRecord(step=number, **fields) if self.active else None
-        guard.each(guard.listeners(self.providers, "begin_step"), "begin_step", self.record, needs)
+        guard.each(guard.hearing(self.providers, Provider, "begin_step"), "begin_step", self.record, needs)
 
     @staticmethod
     def form_plan(scheduled: list[tuple[Instrument, Needs]], providers: Sequence[Provider], guard: Guard) -> tuple:
@@ -176,14 +170,14 @@ class Step:
     def event(self, name: str, *args: Any) -> None:
         """Send a lifecycle event to the providers, then (record sealed) to the instruments that hear it."""
         rec = self.record
-        for provider in self.guard.listeners(self.providers, name):
+        for provider in self.guard.hearing(self.providers, Provider, name):
             try:
                 getattr(provider, name)(rec, *args)
             except Exception as e:
                 self.guard.warn(f"{type(provider).__name__}.{name} failed ({type(e).__name__}: {e})")
                 rec.add_note(f"{type(provider).__name__} failed: {e}", provider.PROVIDES)
         hook = INSTRUMENT_HOOKS.get(name)
-        hearing = self.guard.hearing(self.active, hook) if hook else ()
+        hearing = self.guard.hearing(self.active, Instrument, hook) if hook else ()
         if hearing:
             rec.seal()
             for inst in hearing:
@@ -231,7 +225,7 @@ class Step:
     def end(self) -> None:
         """The step is over (completed or abandoned): providers release what it held."""
         if self.providers:
-            self.guard.each(self.guard.listeners(self.providers, "end_step"), "end_step")
+            self.guard.each(self.guard.hearing(self.providers, Provider, "end_step"), "end_step")
 
     def _concerns(self, inst: Instrument, needs: frozenset) -> bool:
         return not needs or bool(self.asked[inst.key] & needs)
