@@ -277,7 +277,7 @@ class Sharpness(Instrument):
 
     def _names(self, params: Sequence[torch.nn.Parameter]) -> list[str]:
         """The parameters' names in the model (their positions where no name is known)."""
-        names = {id(p): n for n, p in self._named.items()} if self._named else {}
+        names = {id(p): n for n, p in self._named.items()}
         return [names.get(id(p), f"parameter {k}") for k, p in enumerate(params)]
 
     def _scales(self, kind: str, lr: float) -> tuple[list[torch.nn.Parameter], list[torch.Tensor | float]]:
