@@ -56,6 +56,7 @@ class Instrument:
     without the ``name=`` prefix; the presentation of a named instance is prefixed for it.
     """
 
+    #: what it needs on the steps it tracks (an instance whose options change it sets its own in ``__init__``)
     NEEDS: ClassVar[frozenset[Need]] = frozenset()
 
     #: the tags this instrument writes: ``{tag or regular expression (matched against the whole tag):

@@ -23,7 +23,8 @@ class Need(str, Enum):
     GRAD_NORMS = "grad_norms"  #: ||p.grad|| per tensor, as the optimizer receives it
     BACKWARD_GRAD_NORMS = "backward_grad_norms"  #: ||p.grad|| per tensor right after backward
     UPDATE = "update"  #: d = theta_{t+1} - theta_t per tensor
-    PER_SAMPLE_SQ_NORMS = "per_sample_sq_norms"  #: ||g_i||^2, total and per tensor
+    PER_SAMPLE_SQ_NORMS = "per_sample_sq_norms"  #: ||g_i||^2 summed over tensors
+    PER_SAMPLE_SQ_NORMS_BY_PARAM = "per_sample_sq_norms_by_param"  #: the same per tensor, and the total
     PER_SAMPLE_DOT_MEAN = "per_sample_dot_mean"  #: g_i . gbar with gbar = mean_j g_j, and ||gbar||^2
     PER_SAMPLE_GRAM = "per_sample_gram"  #: G_ij = g_i . g_j (B x B), summed over tensors
     PER_SAMPLE_GRAM_BY_PARAM = "per_sample_gram_by_param"  #: the same per tensor

@@ -56,6 +56,7 @@ class StepRecord:
     #: step: read them in ``compute``; copy what must outlive the step.
     update: dict[str, torch.Tensor] | None = None
     per_sample_sq_norms: np.ndarray | None = None
+    #: ||g_i||^2 per tensor: only when an instrument asks ``Need.PER_SAMPLE_SQ_NORMS_BY_PARAM``
     per_sample_sq_norms_by_param: dict[str, np.ndarray] | None = None
     per_sample_dot_mean: np.ndarray | None = None  #: g_i . gbar, gbar = mean_j g_j
     mean_grad_sq_norm: float | None = None  #: ||gbar||^2 (with per_sample_dot_mean)

@@ -60,6 +60,8 @@ class PerSampleGradNorms(Instrument):
     def __init__(self, per_param: bool = False, **kw):
         super().__init__(**kw)
         self.per_param = per_param
+        if per_param:  # rows per tensor only where they are shown (the total is one row summed on the device)
+            self.NEEDS = frozenset({Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM})
 
     def compute(self, record):
         if record.per_sample_sq_norms is None:

@@ -146,7 +146,7 @@ class TracIn(Instrument):
     def requires(self, step: int) -> Needs:
         if not self.scheduled(step):
             return Needs()
-        flags = {Need.PER_SAMPLE_SQ_NORMS, Need.INDICES}
+        flags = {Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM, Need.INDICES}
         if self.probes is not None:
             flags.add(Need.PER_SAMPLE_CROSS)
         return Needs(flags)

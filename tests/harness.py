@@ -20,10 +20,13 @@ That the masks were the same is checked, not assumed: the loop's shares must add
 ``p.grad`` (float32 and float64 draw the same masks on CPU; a mismatch fails that check).
 This needs no per-sample loss formula (weighted means, ignored targets and multi-element losses are
 served by the loss module itself) and shares no code with the engine. The cockpit's numbers come only
-through the public Instrument API (an instrument asking for ``Need.PER_SAMPLE_SQ_NORMS``,
-``Need.PER_SAMPLE_DOT_MEAN`` and projections onto fixed random directions), and are compared with
+through the public Instrument API (an instrument asking for ``Need.PER_SAMPLE_SQ_NORMS`` with
+``_BY_PARAM``, ``Need.PER_SAMPLE_DOT_MEAN`` and projections onto fixed random directions), and are
+compared with
 
     ||g_ip||^2                      per parameter p          (record.per_sample_sq_norms_by_param)
+    ||g_i||^2                       all parameters           (record.per_sample_sq_norms, and again from a
+                                                              second step asking for the total alone)
     g_i . gbar, gbar = mean_j g_j   all parameters           (record.per_sample_dot_mean)
     g_ip . v_kp                     per parameter p, k < K   (record.projections, one key per (k, p))
     g_i . v_k                       all parameters, k < K    (record.projections)
@@ -77,18 +80,23 @@ class Checked:
     warnings: list[str] = field(default_factory=list)
 
 
-class _Recorder(Instrument):
-    """Asks for squared norms, dots with the mean and the given projections; keeps the step record."""
+#: what the harness's main step asks for (its second step asks for the squared norms' total alone)
+FLAGS = frozenset({Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM, Need.PER_SAMPLE_DOT_MEAN})
 
-    def __init__(self, directions: dict[str, dict[str, torch.Tensor]]):
+
+class _Recorder(Instrument):
+    """Asks for ``flags`` and projections onto the given directions; keeps the step record."""
+
+    def __init__(self, directions: dict[str, dict[str, torch.Tensor]], flags: frozenset = FLAGS):
         super().__init__(name="exactness")
         self.directions = directions
+        self.flags = flags
         self.record = None
         self.grads: dict[str, torch.Tensor] = {}
 
     def requires(self, step: int) -> Needs:
         dirs = {key: (lambda rec, d=d: d) for key, d in self.directions.items()}
-        return Needs(flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN}, directions=dirs)
+        return Needs(flags=set(self.flags), directions=dirs)
 
     def on_before_step(self, record) -> None:
         self.grads = {n: p.grad.detach().double().clone() for n, p in record.params.items() if p.grad is not None}
@@ -261,8 +269,10 @@ def _mismatch(quantity: str, got: Any, want: np.ndarray, rtol: float, noise: np.
     )
 
 
-def _run(model, args, targets, loss_fn, params: list[nn.Parameter], directions, replay_seed: int | None = None):
-    recorder = _Recorder(directions)
+def _run(
+    model, args, targets, loss_fn, params: list[nn.Parameter], directions, replay_seed: int | None = None, flags=FLAGS
+):
+    recorder = _Recorder(directions, flags)
     opt = torch.optim.SGD(params, lr=0.0)  # theta unchanged: a step can be repeated
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -297,6 +307,7 @@ def assert_matches_loop(
     rtol: float = RTOL,
     rng_seed: int | None = None,
     device: torch.device | str | None = None,
+    totals: bool = True,
 ) -> Checked:
     """Check the cockpit's per-sample split of one step against the float64 loop (module docstring).
 
@@ -312,6 +323,8 @@ def assert_matches_loop(
         rng_seed: replay a random model from this seed (default ``REPLAY_SEED`` when it is random).
         device: move the model and loss module (in place) and the inputs and targets there first
             (None: leave everything where it is); the directions go to the parameters' device.
+        totals: also run a second step asking for the squared norms' total alone (off for a test
+            counting what one step calls).
 
     Raises:
         AssertionError naming each parameter and quantity that failed.
@@ -363,6 +376,18 @@ def assert_matches_loop(
             noise = delta * (2 * norm + delta)  # | ||g + d||^2 - ||g||^2 | <= ||d|| (2 ||g|| + ||d||)
             want = norm**2
             failures.append(_mismatch(f"||g_i||^2 of {n}", rec.per_sample_sq_norms_by_param[n], want, rtol, noise))
+    # ||g_i||^2 over all parameters: in the record of the main step (summed from the rows per parameter), and
+    # of a second step that asks for the total alone (summed on the device layer by layer, no row per parameter)
+    norm = np.linalg.norm(G, axis=1)
+    noise = delta * (2 * norm + delta)
+    failures.append(_mismatch("||g_i||^2 (all parameters)", rec.per_sample_sq_norms, norm**2, rtol, noise))
+    if totals:
+        alone, _ = _run(model, args, targets, loss_fn, list(named.values()), {}, replay, {Need.PER_SAMPLE_SQ_NORMS})
+        total_rec = alone.record
+        if total_rec is not None and total_rec.per_sample_sq_norms_by_param is not None:
+            failures.append("the total alone was asked for, yet the record holds rows per parameter")
+        got = None if total_rec is None else total_rec.per_sample_sq_norms
+        failures.append(_mismatch("||g_i||^2 (all parameters, asked alone)", got, norm**2, rtol, noise))
     gbar = G.mean(0)
     noise = delta * (np.linalg.norm(gbar) + delta.mean())  # noise of g_i times gbar, g_i times noise of gbar
     dot_failure = _mismatch("g_i . gbar (all parameters)", rec.per_sample_dot_mean, G @ gbar, rtol, noise)

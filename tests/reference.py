@@ -41,7 +41,7 @@ class Probe(Instrument):
             Need.PER_SAMPLE_LOSS,
             Need.GRAD_NORMS,
             Need.UPDATE,
-            Need.PER_SAMPLE_SQ_NORMS,
+            Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM,
             Need.PER_SAMPLE_DOT_MEAN,
             Need.PER_SAMPLE_GRAM_BY_PARAM,
         }

@@ -292,7 +292,7 @@ def test_the_trajectory_is_bit_identical_with_and_without_the_cockpit():
         model = LM()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         loss_fn = nn.CrossEntropyLoss()
-        probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN})
+        probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM, Need.PER_SAMPLE_DOT_MEAN})
         cockpit = Cockpit(model, opt, loss_fn, instruments=[*preset("economy"), probe]) if attach else None
         torch.manual_seed(3)
         for k in range(3):
@@ -324,7 +324,7 @@ def test_an_sdpa_backend_chosen_around_the_forward_only_is_the_replays_too(repla
     names = [n for n, _ in model.named_parameters()]
     with sdpa_kernel(SDPBackend.MATH):
         ref = shares_loop(model, x, y, loss_fn, names)
-    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS})
+    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM})
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with Cockpit(model, opt, loss_fn, instruments=[probe]):
         with sdpa_kernel(SDPBackend.MATH):
@@ -345,7 +345,7 @@ def test_a_random_draw_between_the_hooks_and_the_dropout_is_refused():
     model = LM()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     loss_fn = nn.CrossEntropyLoss()
-    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS})
+    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with Cockpit(model, opt, loss_fn, instruments=[probe]):
@@ -416,7 +416,7 @@ def test_an_attention_without_a_replay_is_refused_when_random():
     model = _own_attention_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     loss_fn = nn.CrossEntropyLoss()
-    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS})
+    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM})
     with pytest.warns(RuntimeWarning, match="cannot be redrawn"), Cockpit(model, opt, loss_fn, instruments=[probe]):
         loss_fn(model(torch.randn(B, T, D)), torch.randint(0, 3, (B,))).backward()
         opt.step()
@@ -474,7 +474,7 @@ def test_on_device_against_same_device_shares(device, replay_only):  # device: t
             gs = torch.autograd.grad(out, list(params.values()), mask, retain_graph=True)
             for n, g in zip(params, gs, strict=True):
                 want[n].append(float((B * g.double()).square().sum()))
-    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS})
+    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM})
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

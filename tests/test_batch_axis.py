@@ -23,7 +23,7 @@ from tests import models_lm as M
 from tests.harness import assert_matches_loop, is_random
 from tests.reference import Probe
 
-FLAGS = {Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN}
+FLAGS = {Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM, Need.PER_SAMPLE_DOT_MEAN}
 
 
 def test_sequence_first_transformer_with_as_many_positions_as_examples(device):

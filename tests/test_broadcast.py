@@ -189,7 +189,7 @@ def _warns(model, x, y, loss_fn=None, device="cpu") -> list[str]:
     x, y = x.to(device), y.to(device)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS})
+    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with Cockpit(model, opt, loss_fn, instruments=[probe]):
@@ -254,7 +254,7 @@ def test_shares_that_do_not_add_up_are_refused_with_a_note(device):
     torch.manual_seed(0)
     model, loss_fn = _Leaky().to(device), nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS})
+    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with Cockpit(model, opt, loss_fn, instruments=[probe]):

@@ -95,7 +95,15 @@ class Probe(Instrument):
         self.theta: dict[str, torch.Tensor] = {}
 
     def requires(self, step):
-        return Needs(flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_LOSS, Need.INDICES, Need.GRAD_NORMS})
+        return Needs(
+            flags={
+                Need.PER_SAMPLE_SQ_NORMS,
+                Need.PER_SAMPLE_SQ_NORMS_BY_PARAM,
+                Need.PER_SAMPLE_LOSS,
+                Need.INDICES,
+                Need.GRAD_NORMS,
+            }
+        )
 
     def on_before_step(self, record):
         if record.step == self.snapshot_step:

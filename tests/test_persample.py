@@ -167,7 +167,14 @@ def test_sq_norms_only_path_uses_no_gram(device):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(3, 16, 3), nn.ReLU(), nn.Conv1d(16, 16, 3), nn.Flatten(), nn.Linear(16 * 4, 2))
     x, y = torch.randn(4, 3, 8), torch.randint(0, 2, (4,))
-    rec, ref, _ = _run_one_step(model, nn.CrossEntropyLoss(), x, y, flags={Need.PER_SAMPLE_SQ_NORMS}, device=device)
+    rec, ref, _ = _run_one_step(
+        model,
+        nn.CrossEntropyLoss(),
+        x,
+        y,
+        flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM},
+        device=device,
+    )
     for n in ref:
         np.testing.assert_allclose(
             rec.per_sample_sq_norms_by_param[n], (ref[n].reshape(4, -1) ** 2).sum(1), rtol=RTOL, err_msg=n
@@ -183,7 +190,7 @@ def test_dot_mean_from_gram_panels_at_large_batches(device, batch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 3))
     x, y = torch.randn(batch, 784), torch.randint(0, 3, (batch,))
-    flags = {Need.PER_SAMPLE_DOT_MEAN, Need.PER_SAMPLE_SQ_NORMS}
+    flags = {Need.PER_SAMPLE_DOT_MEAN, Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM}
     rec, ref, _ = _run_one_step(model, nn.CrossEntropyLoss(), x, y, flags=flags, device=device)
     G = flat(ref)
     np.testing.assert_allclose(rec.per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=ATOL)
@@ -450,7 +457,7 @@ def test_conv_ghost_norms_and_dot_with_the_batch_gradient(device):
     torch.manual_seed(0)
     model = WideConv()
     x, y = torch.randn(5, 3, 4, 4), torch.randint(0, 3, (5,))
-    flags = {Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN}
+    flags = {Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM, Need.PER_SAMPLE_DOT_MEAN}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ConvView, "grads", spy)
         rec, ref, _ = _run_one_step(model, nn.CrossEntropyLoss(), x, y, flags=flags, device=device)
@@ -485,7 +492,7 @@ def test_conv_ghost_takes_the_batch_gradient_from_autograd(device, hook_node):
     model.to(device)
     x, y = torch.randn(5, 3, 4, 4, device=device), torch.randint(0, 3, (5,), device=device)
     ref = per_sample_grads_loop(model, nn.CrossEntropyLoss(), x, y)
-    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_DOT_MEAN})
+    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM, Need.PER_SAMPLE_DOT_MEAN})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn = nn.CrossEntropyLoss()
     scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=1024.0)

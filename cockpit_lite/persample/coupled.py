@@ -67,7 +67,13 @@ CHUNK_BYTES = 1 << 29
 
 #: the needs served by the chunked VJP pass (the others are projections: one JVP each)
 _CHUNK_NEEDS = frozenset(
-    {Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM, Need.PER_SAMPLE_GRADS}
+    {
+        Need.PER_SAMPLE_SQ_NORMS,
+        Need.PER_SAMPLE_SQ_NORMS_BY_PARAM,
+        Need.PER_SAMPLE_GRAM,
+        Need.PER_SAMPLE_GRAM_BY_PARAM,
+        Need.PER_SAMPLE_GRADS,
+    }
 )
 
 
@@ -833,7 +839,7 @@ class CoupledPath:
                             gram[n][cols, rows] = block.T
                     del gb
             del ga
-        if str(Need.PER_SAMPLE_SQ_NORMS) not in flags:
+        if not flags & {str(Need.PER_SAMPLE_SQ_NORMS), str(Need.PER_SAMPLE_SQ_NORMS_BY_PARAM)}:
             sq = {}
         return sq, gram, grads, proj
 

@@ -56,7 +56,9 @@ def _tf32(t: torch.Tensor) -> bool:
 class PerSampleResult:
     """One step's per-sample statistics (tensors on the model's device), read-only."""
 
-    sq_norms: Mapping[str, torch.Tensor]  #: ||g_i||^2 per parameter name, shape (B,)
+    #: ||g_i||^2 per parameter name, shape (B,); their sum alone under ``ALL_PARAMS`` when the step asked
+    #: for the total only (``Need.PER_SAMPLE_SQ_NORMS`` without ``_BY_PARAM``)
+    sq_norms: Mapping[str, torch.Tensor]
     dot_mean: torch.Tensor | None  #: g_i . gbar over every covered parameter, shape (B,)
     gram: Mapping[str, torch.Tensor]  #: g_i . g_j per parameter name, shape (B, B)
     grads: Mapping[str, torch.Tensor]  #: materialised g_i per parameter name, shape (B, *p.shape)
@@ -202,10 +204,15 @@ class _Pending:
     out: torch.Tensor | None  #: its single output that requires grad (a broadcast candidate if it has no sample axis)
 
 
+#: the key of ``PerSampleResult.sq_norms`` under which the squared norms summed over every parameter
+#: stand when no instrument asked for them per parameter (no parameter is named "")
+ALL_PARAMS = ""
+
 #: the needs the engine computes (any of them switches its per-layer work on for a step)
 PER_SAMPLE_NEEDS = frozenset(
     {
         Need.PER_SAMPLE_SQ_NORMS,
+        Need.PER_SAMPLE_SQ_NORMS_BY_PARAM,
         Need.PER_SAMPLE_DOT_MEAN,
         Need.PER_SAMPLE_GRAM,
         Need.PER_SAMPLE_GRAM_BY_PARAM,
@@ -909,8 +916,12 @@ class PerSampleEngine:
                 self.dot_mean = dm if self.dot_mean is None else self.dot_mean + dm
             if self.checking:
                 self._sums[tuple(view.names)] = (dm.sum() * len(dm), dm.abs().sum() * len(dm))
-        if Need.PER_SAMPLE_SQ_NORMS in flags:
+        if Need.PER_SAMPLE_SQ_NORMS_BY_PARAM in flags:
             self.sq.update(view.sq_norms())
+        elif Need.PER_SAMPLE_SQ_NORMS in flags:  # the total alone: one row, summed layer by layer
+            total = view.sq_total()
+            if total is not None:
+                self.sq[ALL_PARAMS] = total if ALL_PARAMS not in self.sq else self.sq[ALL_PARAMS] + total
         self.covered.update(view.names)
         if self._whole:
             if Need.PER_SAMPLE_CROSS not in flags:  # cross products need what release() drops (conv g_i)

@@ -40,6 +40,16 @@ class View:
     def sq_norms(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def sq_total(self) -> torch.Tensor | None:
+        """sum over this view's parameters of ||g_i||^2 (shape B; None for a view of no parameter)."""
+        rows = list(self.sq_norms().values())
+        if not rows:
+            return None
+        total = rows[0]
+        for row in rows[1:]:
+            total = total + row
+        return total
+
     def gram(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -318,6 +328,17 @@ class FactorView(View):
         if self.b is not None:
             out[self.b] = en.sum(1) if t == 1 else self._bias_grads().square().sum(1)
         return out
+
+    def sq_total(self) -> torch.Tensor:
+        """T = 1, one group, weight and bias: (||a_i||^2 + 1) ||e_i||^2 by one fused op."""
+        _, g, t, _, _ = self._dims
+        if t == 1 and g == 1 and self.w is not None and self.b is not None:
+            if self._diags is None:
+                sq = self.sq_norms()
+                return sq[self.w].add_(sq[self.b])  # (the weight's row is formed anew for this call)
+            an, en = self._diags
+            return torch.addcmul(en, an, en)
+        return super().sq_total()
 
     def gram(self) -> dict[str, torch.Tensor]:
         bsz, g, t, i, o = self._dims

@@ -18,7 +18,7 @@ from cockpit_lite.compat import BatchNormBase, without_grad
 from cockpit_lite.model_io import any_grad
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.persample.coupled import CoupledPath, CoupledRecorder, couples_examples
-from cockpit_lite.persample.engine import PER_SAMPLE_NEEDS, PerSampleEngine, PerSampleResult
+from cockpit_lite.persample.engine import ALL_PARAMS, PER_SAMPLE_NEEDS, PerSampleEngine, PerSampleResult
 from cockpit_lite.providers import register_provider
 from cockpit_lite.providers.base import Context, LossCall, ModelCall, Provider, host_float64
 from cockpit_lite.providers.grad_norms import grad_norms
@@ -26,9 +26,8 @@ from cockpit_lite.step import StepRecord
 
 #: on steps of a train-mode BatchNorm model, squared norms and Gram entries every this many tracked steps
 NORMS_EVERY = 10
-CHUNK_NEEDS = frozenset(
-    {Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM, Need.PER_SAMPLE_GRADS}
-)
+SQ_NEEDS = frozenset({Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM})
+CHUNK_NEEDS = SQ_NEEDS | {Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM, Need.PER_SAMPLE_GRADS}
 
 MISMATCH = (
     "the per-sample gradients of {listed} do not add up to the gradient autograd accumulated "
@@ -294,11 +293,13 @@ class PerSampleProvider(Provider):
         flags = self.needs.flags
         for key, proj in result.projections.items():
             record.projections[key] = host_float64(proj)
-        names = list(result.sq_norms) if Need.PER_SAMPLE_SQ_NORMS in flags else []
+        names = list(result.sq_norms) if flags & SQ_NEEDS else []
         dot_mean = result.dot_mean if Need.PER_SAMPLE_DOT_MEAN in flags else None
         parts = [result.sq_norms[n] for n in names] + ([dot_mean] if dot_mean is not None else [])
         rows = rows_to_numpy(parts) if parts else []  # one transfer for all B-vectors
-        if names:
+        if names == [ALL_PARAMS]:  # the total alone was asked for
+            record.per_sample_sq_norms = rows[0]
+        elif names:
             record.per_sample_sq_norms_by_param = dict(zip(names, rows[: len(names)], strict=True))
             record.per_sample_sq_norms = np.add.reduce(rows[: len(names)], axis=0)  # (np.sum without its wrapper)
         if dot_mean is not None:
