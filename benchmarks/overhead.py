@@ -90,8 +90,10 @@ def _sinks(*which: str):
 #: configuration name -> (instrument factory, extra Cockpit kwargs factory(tmpdir)); "plain" = no cockpit
 CONFIGS = {
     "plain": None,
+    "minimal": (lambda: "minimal", lambda d: {}),
     "economy-alpha": (_economy_minus_alpha, lambda d: {}),
     "economy": (lambda: "economy", lambda d: {}),
+    "full": (lambda: "full", lambda d: {}),
     "economy+clipping": (_economy_clipping, lambda d: {}),
     "economy+sinks": (lambda: "economy", _sinks("tensorboard", "dashboard")),
     "economy+tensorboard": (lambda: "economy", _sinks("tensorboard")),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +171,12 @@ def local(t: torch.Tensor) -> torch.Tensor:
 #: [whether the last cockpit to join holds FSDP2 shards but not every rank's cockpit came, why]: a norm of
 #: a sharded tensor then needs a collective the other ranks never join, so :func:`norms` refuses it
 UNMERGED_SHARDS: list = [False, ""]
+
+
+def any_dtensor(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether any of ``tensors`` is a DTensor (FSDP2's sharded parameters and what is derived from them)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
 
 
 def norms(tensors: list[torch.Tensor]) -> list[float]:

@@ -58,6 +58,11 @@ class Instrument:
 
     #: what it needs on the steps it tracks (an instance whose options change it sets its own in ``__init__``)
     NEEDS: ClassVar[frozenset[Need]] = frozenset()
+    #: whether its ``on_after_backward``/``on_before_step`` read values the providers filled at that event
+    #: (``record.loss``, per-sample losses): the step's host batch is then flushed before the hook, one
+    #: transfer more; False lets them reach the host after the step with the others (norms such as
+    #: ``record.grad_norms`` are read lazily either way: cockpit_lite/host.py)
+    READS_VALUES_IN_HOOKS: ClassVar[bool] = True
 
     #: the tags this instrument writes: ``{tag or regular expression (matched against the whole tag):
     #: meaning}``. Tags no instrument declares get a generic panel, chart and summary line.

@@ -179,6 +179,8 @@ class Step:
         hook = INSTRUMENT_HOOKS.get(name)
         hearing = self.guard.hearing(self.active, Instrument, hook) if hook else ()
         if hearing:
+            if rec.host.pending and any(inst.READS_VALUES_IN_HOOKS for inst in hearing):
+                rec.host.flush()  # what the providers filled at this event, as fields (one more transfer)
             rec.seal()
             for inst in hearing:
                 self.guard.instrument(inst, hook, rec)
@@ -189,6 +191,7 @@ class Step:
         rec = self.record
         with self.guard.costs.region("after_step"):
             self.event("on_after_step")
+            rec.host.flush()  # the step's norms and per-sample vectors, by one transfer
         rec.seal()
         records: dict[Any, Any] = {}
         for inst in self.active:

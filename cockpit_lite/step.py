@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from cockpit_lite import distributed
+from cockpit_lite.host import HostBatch
 
 
 class SealedRecordError(AttributeError):
@@ -81,7 +82,15 @@ class StepRecord:
     note_needs: tuple[frozenset, ...] = ()
     #: values of needs served by providers without a field of their own, by need name
     provided: dict[str, Any] = field(default_factory=dict)
-    _update_norms: dict[str, float] | None = field(default=None, repr=False)
+    _update_norms: Mapping[str, float] | None = field(default=None, repr=False)
+    #: the step's :class:`cockpit_lite.host.HostBatch`: norms and per-sample vectors wait there for one
+    #: transfer (providers and instruments hand it device tensors; see cockpit_lite/host.py)
+    host: HostBatch = field(init=False, repr=False)
+    #: whether instruments are reading it (assignments raise): see :meth:`seal`
+    SEALED: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        self.host = HostBatch(self)
 
     def seal(self, sealed: bool = True) -> None:
         """Make the record read-only (``sealed``) or writable again: a sealed record is a
@@ -109,8 +118,9 @@ class StepRecord:
         return self.global_norm(self.grad_norms)
 
     @property
-    def update_norms(self) -> dict[str, float] | None:
-        """||d|| per tensor, computed once per step for every instrument that asks."""
+    def update_norms(self) -> Mapping[str, float] | None:
+        """||d|| per tensor, computed once per step for every instrument that asks (the update provider
+        hands them to the step's host batch)."""
         if self.update is None:
             return None
         if self._update_norms is None:
@@ -122,6 +132,8 @@ class StepRecord:
 
 class SealedStepRecord(StepRecord):
     """A :class:`StepRecord` while instruments read it: assigning a field raises."""
+
+    SEALED = True
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name != "_update_norms":  # (the norms of the update, computed once on first read)

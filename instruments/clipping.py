@@ -188,6 +188,8 @@ class Clipping(Instrument):
     ``clip/per_sample/...``, ``clip/suggest/...`` (docs/clipping.md, docs/tags.md).
     """
 
+    READS_VALUES_IN_HOOKS = False  # (its hook reads parameters and fields filled at once: no flush for it)
+
     TAGS = {
         "clip/global/.+": "global-norm clipping statistics",
         "clip/agc/.+": "adaptive (AGC) clipping statistics, also per parameter tensor",

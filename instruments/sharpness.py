@@ -157,6 +157,8 @@ class Sharpness(Instrument):
         patience: consecutive measurements at the edge before the verdict says so (3).
     """
 
+    READS_VALUES_IN_HOOKS = False  # (its hook reads parameters and fields filled at once: no flush for it)
+
     NEEDS = frozenset({REPLAY})
     TAGS = {
         "sharpness/lambda_max": "largest eigenvalue of the Hessian (of P^-1 H for Adam) on the step's batch",

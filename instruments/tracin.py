@@ -87,6 +87,8 @@ class TracIn(Instrument):
     Memory: N floats, plus N x K with probes.
     """
 
+    READS_VALUES_IN_HOOKS = False  # (its hook reads parameters and fields filled at once: no flush for it)
+
     KEY = "tracin"
     TAGS = {
         "tracin/steps": "number of steps traced",

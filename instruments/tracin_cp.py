@@ -54,6 +54,8 @@ class Checkpoints(Instrument):
     Cost: one ``torch.save`` of the parameters per saved step; nothing on other steps.
     """
 
+    READS_VALUES_IN_HOOKS = False  # (its hook reads parameters and fields filled at once: no flush for it)
+
     KEY = "checkpoints"
     TAGS = {"tracin/checkpoints": "number of checkpoints saved so far"}
     SUMMARY = (("tracin/checkpoints", "checkpoints saved"),)

@@ -9,20 +9,13 @@ import torch
 from cockpit_lite.instruments._util import refuse_state
 from cockpit_lite.instruments.gradnorm import GRAD_AND_UPDATE
 
-from cockpit_lite import Instrument, Need, distributed
+from cockpit_lite import Instrument, Need, host
 from cockpit_lite.compat import without_grad
 from cockpit_lite.panels import LinePanel
 from cockpit_lite.step import StepRecord
 
 
-def _norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
-    names = list(tensors)
-    if not names:
-        return {}
-    return dict(zip(names, distributed.norms([tensors[n] for n in names]), strict=True))  # FSDP2: by shards
-
-
-def _records(tag_fn, base: str, norms: dict[str, float], per_param: bool) -> dict[str, float]:
+def _records(tag_fn, base: str, norms: Mapping[str, float], per_param: bool) -> dict[str, float]:
     tag = tag_fn(base)
     out = {tag: StepRecord.global_norm(norms)}
     if per_param:
@@ -61,6 +54,8 @@ class Distance(Instrument):
     Cost: keeps theta_0 and a difference buffer (2 D floats).
     """
 
+    READS_VALUES_IN_HOOKS = False  # (its hook reads parameters and fields filled at once: no flush for it)
+
     TAGS = {"distance": "||theta_t - theta_0||", "distance/.+": "per parameter tensor"}
     PANELS = (
         LinePanel(
@@ -82,7 +77,7 @@ class Distance(Instrument):
         self.per_param = per_param
         self._theta0: dict[str, torch.Tensor] = {}
         self._diff: dict[str, torch.Tensor] | None = None
-        self._norms: dict[str, float] | None = None
+        self._norms: Mapping[str, float] | None = None
         self._params: dict[str, torch.Tensor] | None = None
         self._loaded = False
 
@@ -125,7 +120,8 @@ class Distance(Instrument):
             self._diff = {n: torch.empty_like(self._theta0[n]) for n in names}
         for n in names:
             torch.sub(record.params[n], self._theta0[n], out=self._diff[n])
-        self._norms = _norms({n: self._diff[n] for n in names})
+        # (FSDP2: from the shards; otherwise the values come with the step's other numbers, one transfer)
+        self._norms = host.norms(record.host, names, [self._diff[n] for n in names])
 
     def compute(self, record):
         if self._norms is None:

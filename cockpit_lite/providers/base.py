@@ -28,11 +28,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
 from cockpit_lite import distributed
+from cockpit_lite.host import host_float64  # noqa: F401 (providers import it from here)
 from cockpit_lite.needs import Needs
 from cockpit_lite.profiling import Costs
 from cockpit_lite.step import StepRecord
@@ -91,15 +91,6 @@ class Context:
     def sharded(self) -> bool:
         """Whether the parameters are FSDP2 shards (DTensors; ``fully_shard`` comes before the cockpit)."""
         return any(distributed.is_sharded(p) for p in self.params.values())
-
-
-def host_float64(t: torch.Tensor) -> np.ndarray:
-    """A float64 numpy array of ``t``'s values (exact from any float dtype): a float32 CPU tensor by
-    numpy's conversion (no tensor op), any other through ``.double().cpu()``. The array may share
-    memory with a float64 CPU tensor: copy it before the tensor changes."""
-    if t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad and type(t) is torch.Tensor:
-        return t.numpy().astype(np.float64)
-    return t.double().cpu().numpy()
 
 
 class Provider:

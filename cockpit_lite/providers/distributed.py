@@ -173,6 +173,7 @@ class DistributedProvider(Provider):
                 record.add_note(distributed.SHARDED_LEFT_OUT.format(what=what), needs)
             return
         with self.context.costs.region("distributed"):
+            record.host.flush()  # the per-sample provider's vectors wait there: this rank's values first
             try:
                 payload = self._payload(record)
             except Exception as e:  # still join the collective: the other ranks wait for it

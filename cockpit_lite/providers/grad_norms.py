@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 
 import torch
 
-from cockpit_lite import distributed
+from cockpit_lite import host
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.providers import register_provider
 from cockpit_lite.providers.base import Provider
@@ -25,16 +26,19 @@ def stored_values(g: torch.Tensor) -> torch.Tensor:
     return g.values()  # compressed layouts (CSR, CSC, BSR, BSC) store no duplicates
 
 
-def grad_norms(params: dict[str, torch.nn.Parameter]) -> dict[str, float]:
-    """||p.grad|| by name for every parameter with a gradient (one fused norm, one transfer; under
-    FSDP2 from the local shards and one all-reduce of the squared norms: :func:`distributed.norms`).
+def grad_norms(
+    params: dict[str, torch.nn.Parameter],
+    batch: host.HostBatch | None = None,
+    then: Callable[[Mapping[str, float]], None] | None = None,
+) -> Mapping[str, float]:
+    """||p.grad|| by name for every parameter with a gradient: one fused norm, its values by one transfer
+    now, or with the step's host ``batch`` (then ``then(norms)``: :func:`cockpit_lite.host.norms`); under
+    FSDP2 from the local shards and one all-reduce of the squared norms (:func:`distributed.norms`).
     Sparse gradients count by their stored values (:func:`stored_values`)."""
     named = [(n, p.grad) for n, p in params.items() if p.grad is not None]
-    if not named:
-        return {}
     with torch.no_grad():  # (a gradient with a graph: create_graph=True)
-        norms = distributed.norms([g if g.layout == torch.strided else stored_values(g) for _, g in named])
-    return {n: float(v) for (n, _), v in zip(named, norms, strict=True)}
+        tensors = [g if g.layout == torch.strided else stored_values(g) for _, g in named]
+        return host.norms(batch, [n for n, _ in named], tensors, then)
 
 
 @register_provider
@@ -61,10 +65,13 @@ class GradNormsProvider(Provider):
         if not self.before_step:
             return
         with self.context.costs.region("grad_norms"):
-            record.grad_norms = norms = grad_norms(self.context.params)
-        if not norms:
+            # (checked for non-finite values when they reach the host, with the step's other numbers)
+            record.grad_norms = grad_norms(self.context.params, record.host, lambda n: self._check(record, n))
+        if not record.grad_norms:
             record.add_note("no parameter has a gradient: was loss.backward() called?", self.PROVIDES)
-            return
+
+    def _check(self, record: StepRecord, norms: Mapping[str, float]) -> None:
+        """A note for every instrument when some ||p.grad|| is not finite."""
         if not math.isfinite(sum(norms.values())):  # (one sum: the usual step pays no loop)
             bad = [n for n, v in norms.items() if not math.isfinite(v)]
             record.add_note(

@@ -29,7 +29,7 @@ from cockpit_lite.compat import nll_terms
 from cockpit_lite.losses import derived_losses, fold_rows, nll_losses, per_sample_losses, scalar_loss
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.providers import register_provider
-from cockpit_lite.providers.base import BackwardRoot, LossCall, ModelCall, Provider, host_float64
+from cockpit_lite.providers.base import BackwardRoot, LossCall, ModelCall, Provider
 from cockpit_lite.step import StepRecord
 
 NO_PER_SAMPLE = (
@@ -134,12 +134,32 @@ class LossProvider(Provider):
                         self.values[-1] = self.parts[-1].mean() if record.reduction == "mean" else self.parts[-1].sum()
 
     def on_before_step(self, record: StepRecord) -> None:
+        """The step's tensors (backward roots, the losses the modules returned where wanted, per-sample
+        losses) join the step's host batch; :meth:`_finish` fills the record from their values."""
         self._keep_reached(record)
-        roots = [(float(v), s) for v, s in self.roots]
+        scales = [s for _, s in self.roots]
         # L_k as the modules returned them: wanted without a backward root, or to weigh micro-batches
-        values = [None] * len(self.values)
-        if not roots or (self.per_sample and len(self.parts) > 1):
-            values = [None if v is None else float(v) for v in self.values]
+        want = not self.roots or (self.per_sample and len(self.parts) > 1)
+        given = [k for k, v in enumerate(self.values) if v is not None] if want else []
+        parts = list(self.parts) if self.per_sample and self.batches else []
+        if parts and any(p is None for p in parts):
+            record.add_note(NO_PER_SAMPLE, frozenset({Need.PER_SAMPLE_LOSS}))
+            parts = []
+        tensors = [v for v, _ in self.roots] + [self.values[k] for k in given] + parts
+        if not tensors:
+            return
+        n_values, batches = len(self.values), list(self.batches)
+
+        def finish(host: list[np.ndarray]) -> None:
+            roots = [(float(v), s) for v, s in zip(host, scales, strict=False)]
+            values: list[float | None] = [None] * n_values
+            for k, v in zip(given, host[len(roots) :], strict=False):
+                values[k] = float(v)
+            self._finish(record, roots, values, host[len(roots) + len(given) :], batches)
+
+        record.host.defer(tensors, finish)
+
+    def _finish(self, record: StepRecord, roots: list, values: list, parts: list, batches: list[int]) -> None:
         if roots:
             record.loss = sum(v / s for v, s in roots)
         elif any(v is not None for v in values):
@@ -147,14 +167,13 @@ class LossProvider(Provider):
         if record.loss is not None and not math.isfinite(record.loss):
             # (every statistic of the step descends from it: the note concerns every instrument)
             record.add_note(f"non-finite loss {record.loss}: this step's statistics follow from it", frozenset())
-        if self.per_sample and self.batches:
-            record.per_sample_loss = self._per_sample(record, roots, values)
+        if parts:
+            record.per_sample_loss = self._per_sample(record, roots, values, parts, batches)
 
-    def _per_sample(self, record: StepRecord, roots: list, values: list) -> np.ndarray | None:
-        if any(p is None for p in self.parts):
-            record.add_note(NO_PER_SAMPLE, frozenset({Need.PER_SAMPLE_LOSS}))
-            return None
-        parts = [host_float64(p) for p in self.parts]
+    @staticmethod
+    def _per_sample(
+        record: StepRecord, roots: list, values: list, parts: list, batches: list[int]
+    ) -> np.ndarray | None:
         if len(parts) == 1:
             return parts[0]
         # micro-batches: weight w_k = root_k / L_k (the factor the loop scaled L_k by before backward)
@@ -165,10 +184,10 @@ class LossProvider(Provider):
                 frozenset({Need.PER_SAMPLE_LOSS}),
             )
             return None
-        n = sum(self.batches)
+        n = sum(batches)
         mean = record.reduction == "mean"
         out = [
             part * (root / scale / value) * ((n / b) if mean else 1.0)
-            for part, (root, scale), value, b in zip(parts, roots, values, self.batches, strict=True)
+            for part, (root, scale), value, b in zip(parts, roots, values, batches, strict=True)
         ]
         return np.concatenate(out)

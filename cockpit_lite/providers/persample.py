@@ -9,8 +9,6 @@ record's numpy fields with one transfer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
@@ -38,15 +36,6 @@ MISMATCH = (
     "statistics describe only the loss module's term through their module; compute the other "
     "term inside the loss module, or call the module, to have them counted."
 )
-
-
-def rows_to_numpy(tensors: Sequence[torch.Tensor]) -> np.ndarray | list[np.ndarray]:
-    """float64 numpy copies of equally shaped tensors: one (n, ...) array from one transfer when they
-    share a device, else a list."""
-    try:
-        return host_float64(torch.stack(list(tensors)))
-    except RuntimeError:  # different devices or shapes
-        return [host_float64(t) for t in tensors]
 
 
 @register_provider
@@ -290,21 +279,16 @@ class PerSampleProvider(Provider):
         self._fill(record, result)
 
     def _fill(self, record: StepRecord, result: PerSampleResult) -> None:
+        """The result's B-vectors (squared norms, g_i . gbar, projections) join the step's host batch, to
+        reach the record with the step's other numbers by one transfer; Gram entries and g_i now."""
         flags = self.needs.flags
-        for key, proj in result.projections.items():
-            record.projections[key] = host_float64(proj)
         names = list(result.sq_norms) if flags & SQ_NEEDS else []
         dot_mean = result.dot_mean if Need.PER_SAMPLE_DOT_MEAN in flags else None
-        parts = [result.sq_norms[n] for n in names] + ([dot_mean] if dot_mean is not None else [])
-        rows = rows_to_numpy(parts) if parts else []  # one transfer for all B-vectors
-        if names == [ALL_PARAMS]:  # the total alone was asked for
-            record.per_sample_sq_norms = rows[0]
-        elif names:
-            record.per_sample_sq_norms_by_param = dict(zip(names, rows[: len(names)], strict=True))
-            record.per_sample_sq_norms = np.add.reduce(rows[: len(names)], axis=0)  # (np.sum without its wrapper)
-        if dot_mean is not None:
-            record.per_sample_dot_mean = rows[-1]
-            record.mean_grad_sq_norm = float(np.add.reduce(rows[-1])) / len(rows[-1])
+        keys = list(result.projections)
+        rows = [result.sq_norms[n] for n in names] + ([dot_mean] if dot_mean is not None else [])
+        rows += [result.projections[k] for k in keys]
+        if rows:
+            record.host.defer(rows, lambda values: self._rows(record, names, dot_mean is not None, keys, values))
         if flags & {Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM} and result.gram:
             by_param = {n: host_float64(v) for n, v in result.gram.items()}
             record.per_sample_gram = np.sum(list(by_param.values()), axis=0)
@@ -312,3 +296,19 @@ class PerSampleProvider(Provider):
                 record.per_sample_gram_by_param = by_param
         if Need.PER_SAMPLE_GRADS in flags and result.grads:
             record.per_sample_grads = dict(result.grads)
+
+    @staticmethod
+    def _rows(record: StepRecord, names: list[str], dot: bool, keys: list[str], values: list[np.ndarray]) -> None:
+        """Fill the record from the host values of :meth:`_fill`'s rows (in its order)."""
+        sq, rest = values[: len(names)], values[len(names) :]
+        if names == [ALL_PARAMS]:  # the total alone was asked for
+            record.per_sample_sq_norms = sq[0]
+        elif names:
+            record.per_sample_sq_norms_by_param = dict(zip(names, sq, strict=True))
+            record.per_sample_sq_norms = np.add.reduce(sq, axis=0)  # (np.sum without its wrapper)
+        if dot:
+            record.per_sample_dot_mean = rest[0]
+            record.mean_grad_sq_norm = float(np.add.reduce(rest[0])) / len(rest[0])
+            rest = rest[1:]
+        for key, proj in zip(keys, rest, strict=True):
+            record.projections[key] = proj

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from cockpit_lite import distributed
+from cockpit_lite import distributed, host
 from cockpit_lite.compat import foreach_copy_, without_grad
 from cockpit_lite.needs import Need
 from cockpit_lite.providers import register_provider
@@ -50,6 +50,9 @@ class UpdateProvider(Provider):
             torch.sub(distributed.local(p) if self.sharded else p, buf, out=buf)  # the buffer now holds the update
         if not self.sharded:
             record.update = dict(zip(params, self.buffers, strict=True))
+            # ||d|| per tensor (every instrument that asks for the update reads them): fused now, its
+            # values with the step's other numbers
+            record._update_norms = host.norms(record.host, list(params), self.buffers)
             return
         from torch.distributed.tensor import DTensor
 

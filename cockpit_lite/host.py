@@ -1,0 +1,164 @@
+"""Numbers a step brings to the host together: one transfer (one synchronisation on a GPU) for the
+step's norms and per-sample vectors, instead of one per provider.
+
+Providers and instruments hand device tensors to the step's :class:`HostBatch` (``record.host``) as they
+compute them and get a :class:`Deferred`; the Cockpit flushes the batch once the providers' work of the
+step is done (after the optimizer step, before any instrument's ``compute``): every pending tensor is
+flattened, concatenated on its device and copied to float64 numpy by one transfer, then each
+``then`` callback runs (a provider filling its record fields). A value read before that (a
+:class:`LazyNorms` read in an earlier hook) flushes what is pending at that moment: the same numbers,
+one transfer more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, Sequence, ValuesView
+from typing import Any
+
+import numpy as np
+import torch
+
+from cockpit_lite import distributed
+from cockpit_lite.compat import foreach_norm
+
+
+def host_float64(t: torch.Tensor) -> np.ndarray:
+    """A float64 numpy array of ``t``'s values (exact from any float dtype): a float32 CPU tensor by
+    numpy's conversion (no tensor op), any other through ``.double().cpu()``. The array may share
+    memory with a float64 CPU tensor: copy it before the tensor changes."""
+    if t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad and type(t) is torch.Tensor:
+        return t.numpy().astype(np.float64)
+    return t.double().cpu().numpy()
+
+
+class Deferred:
+    """Tensors waiting in a :class:`HostBatch`; :meth:`get` gives their values as float64 arrays of
+    their shapes (flushing the batch first if it has not been)."""
+
+    __slots__ = ("tensors", "then", "values", "_batch")
+
+    def __init__(self, batch: HostBatch, tensors: list[torch.Tensor], then: Callable[[list], None] | None):
+        self._batch, self.tensors, self.then = batch, tensors, then
+        self.values: list[np.ndarray] | None = None
+
+    def get(self) -> list[np.ndarray]:
+        if self.values is None:
+            self._batch.flush()
+        return self.values  # type: ignore[return-value]
+
+
+class HostBatch:
+    """The tensors a step wants on the host (module docstring). ``record``: the step record, unsealed
+    while the callbacks run (they fill its fields and notes)."""
+
+    def __init__(self, record: Any = None):
+        self.record = record
+        self._pending: list[Deferred] = []
+
+    @property
+    def pending(self) -> bool:
+        """Whether tensors wait for the flush."""
+        return bool(self._pending)
+
+    def defer(self, tensors: Sequence[torch.Tensor], then: Callable[[list], None] | None = None) -> Deferred:
+        """Queue ``tensors`` (any float dtype and shape); ``then(values)`` runs at the flush."""
+        d = Deferred(self, [t.detach() if t.requires_grad else t for t in tensors], then)
+        self._pending.append(d)
+        return d
+
+    def flush(self) -> None:
+        """Bring every pending tensor to the host by one transfer per device, then run the callbacks."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        flat = [t if t.dim() == 1 else t.reshape(-1) for d in pending for t in d.tensors]
+        try:
+            host = host_float64(torch.cat(flat)) if len(flat) > 1 else host_float64(flat[0])
+        except RuntimeError:  # tensors on several devices: one transfer each
+            host = np.concatenate([host_float64(t) for t in flat])
+        at = 0
+        for d in pending:
+            values = []
+            for t in d.tensors:
+                n = t.numel()
+                values.append(host[at : at + n].reshape(t.shape))
+                at += n
+            d.values, d.tensors = values, []
+        record = self.record
+        sealed = getattr(record, "SEALED", False)
+        if sealed:
+            record.seal(False)
+        try:
+            for d in pending:
+                if d.then is not None:
+                    d.then(d.values)
+        finally:
+            if sealed:
+                record.seal(True)
+
+
+class LazyNorms(Mapping):
+    """{name: ||t||} whose values arrive with the step's host batch (read them as a dict)."""
+
+    __slots__ = ("names", "_deferred", "_dict")
+
+    def __init__(self, names: Sequence[str], deferred: Deferred):
+        self.names, self._deferred = list(names), deferred
+        self._dict: dict[str, float] | None = None
+
+    def _values(self) -> dict[str, float]:
+        if self._dict is None:
+            self._dict = dict(zip(self.names, self._deferred.get()[0].tolist(), strict=True))
+        return self._dict
+
+    def __getitem__(self, name: str) -> float:
+        return self._values()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    # (the dict's own views: Mapping's would call __getitem__ per item)
+    def keys(self) -> KeysView[str]:
+        return self._values().keys()
+
+    def values(self) -> ValuesView[float]:
+        return self._values().values()
+
+    def items(self) -> ItemsView[str, float]:
+        return self._values().items()
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._values().get(name, default)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._values()
+
+    def __repr__(self) -> str:
+        return repr(self._values())
+
+
+def norms(
+    batch: HostBatch | None,
+    names: Sequence[str],
+    tensors: Sequence[torch.Tensor],
+    then: Callable[[Mapping[str, float]], None] | None = None,
+) -> Mapping[str, float]:
+    """{name: ||tensor||}: deferred to ``batch`` for plain tensors (one fused norm now, the values with the
+    step's transfer, then ``then(norms)``), at once through :func:`cockpit_lite.distributed.norms` for
+    FSDP2's DTensors (an all-reduce, which every rank must call in the same order) or without a batch."""
+    if not names:
+        out: Mapping[str, float] = {}
+    elif batch is None or distributed.any_dtensor(tensors):
+        out = dict(zip(names, distributed.norms(list(tensors)), strict=True))
+    else:
+        deferred = batch.defer([torch.stack(foreach_norm(list(tensors)))])
+        out = LazyNorms(names, deferred)
+        if then is not None:
+            deferred.then = lambda values: then(out)
+        return out
+    if then is not None:
+        then(out)
+    return out

@@ -1,0 +1,106 @@
+"""The step's host batch (cockpit_lite/host.py): its values, its callbacks, and one transfer per step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from cockpit_lite.instruments import Distance, GradientTests, GradNorm, Loss, UpdateSize
+from torch import nn
+
+import cockpit_lite.host as host
+from cockpit_lite import Cockpit
+from cockpit_lite.host import HostBatch, LazyNorms
+from cockpit_lite.step import SealedRecordError, StepRecord
+
+
+def test_values_come_back_exact_in_their_shapes_from_any_float_dtype():
+    batch = HostBatch()
+    a = torch.randn(3, 4)
+    b = torch.randn((), dtype=torch.float64)
+    c = torch.randn(5).to(torch.bfloat16)
+    first = batch.defer([a, b])
+    second = batch.defer([c])
+    assert first.values is None and second.values is None  # nothing moves before the flush
+    batch.flush()
+    got_a, got_b = first.values
+    (got_c,) = second.values
+    assert got_a.shape == (3, 4) and got_b.shape == () and got_c.shape == (5,)
+    assert got_a.dtype == got_b.dtype == got_c.dtype == np.float64
+    np.testing.assert_array_equal(got_a, a.double().numpy())  # float32 -> float64 is exact
+    assert float(got_b) == b.item()
+    np.testing.assert_array_equal(got_c, c.double().numpy())  # so is bfloat16 -> float64 (via float32)
+
+
+def test_a_value_read_before_the_flush_brings_everything_pending():
+    batch = HostBatch()
+    seen = []
+    early = batch.defer([torch.tensor([1.0, 2.0])])
+    late = batch.defer([torch.tensor(3.0)], then=lambda values: seen.append(float(values[0])))
+    np.testing.assert_array_equal(early.get()[0], [1.0, 2.0])
+    assert late.values is not None and seen == [3.0]  # one flush served both, the callback ran
+    batch.flush()  # nothing left: nothing runs twice
+    assert seen == [3.0]
+
+
+def test_lazy_norms_read_as_a_dict_and_know_their_length_without_a_transfer(monkeypatch):
+    batch = HostBatch()
+    tensors = [torch.randn(4, 3), torch.randn(7)]
+    calls = []
+    real = host.host_float64
+    monkeypatch.setattr(host, "host_float64", lambda t: calls.append(1) or real(t))
+    norms = host.norms(batch, ["w", "b"], tensors)
+    assert isinstance(norms, LazyNorms) and len(norms) == 2 and list(norms) == ["w", "b"] and not calls
+    want = {n: float(torch.linalg.vector_norm(t.double())) for n, t in zip(["w", "b"], tensors, strict=True)}
+    assert dict(norms) == pytest.approx(want, rel=1e-6)
+    assert len(calls) == 1
+    assert host.norms(None, ["w"], tensors[:1]) == pytest.approx({"w": want["w"]}, rel=1e-6)  # no batch: now
+
+
+def test_callbacks_fill_a_sealed_record_and_leave_it_sealed():
+    record = StepRecord(step=0)
+    record.host.defer([torch.tensor([1.0, 2.0])], then=lambda v: setattr(record, "per_sample_loss", v[0]))
+    record.seal()
+    with pytest.raises(SealedRecordError):
+        record.loss = 1.0
+    record.host.flush()  # (an instrument's read of a lazy value flushes while the record is sealed)
+    np.testing.assert_array_equal(record.per_sample_loss, [1.0, 2.0])
+    with pytest.raises(SealedRecordError):
+        record.loss = 1.0
+
+
+def test_a_tracked_step_brings_its_norms_and_per_sample_vectors_over_in_one_transfer(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    instruments = [Loss(), GradNorm(), UpdateSize(), Distance(), GradientTests()]
+    with Cockpit(model, opt, loss_fn, instruments=instruments, sinks=[]) as cockpit:
+        for _ in range(2):  # (the first step also checks that the per-sample gradients add up)
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        transfers = []
+        real = host.host_float64
+        monkeypatch.setattr(host, "host_float64", lambda t: transfers.append(t.numel()) or real(t))
+        theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.zero_grad()
+        out = loss_fn(model(x), y)
+        out.backward()
+        loss = out.item()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        h = cockpit.history
+    # the loss, the per-sample losses, 4 tensors x 3 norms (gradient, update, distance), ||g_i||^2 and
+    # g_i . gbar (B = 8 each): one transfer
+    assert transfers == [1 + 8 + 3 * 4 + 2 * 8]
+    step = 2
+    assert h.value_at("loss", step) == pytest.approx(loss, rel=1e-7)
+    want_grad = float(torch.sqrt(sum(g.double().square().sum() for g in grads.values())))
+    assert h.value_at("grad_norm", step) == pytest.approx(want_grad, rel=1e-6)
+    for n, p in model.named_parameters():
+        assert h.value_at(f"update_size/{n}", step) == pytest.approx(
+            float((p.detach() - theta[n]).double().norm()), rel=1e-5
+        )
+        assert h.value_at(f"grad_norm/{n}", step) == pytest.approx(float(grads[n].double().norm()), rel=1e-6)
