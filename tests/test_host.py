@@ -14,11 +14,11 @@ from cockpit_lite.host import HostBatch, LazyNorms
 from cockpit_lite.step import SealedRecordError, StepRecord
 
 
-def test_values_come_back_exact_in_their_shapes_from_any_float_dtype():
+def test_values_come_back_exact_in_their_shapes_from_any_float_dtype(device):
     batch = HostBatch()
-    a = torch.randn(3, 4)
-    b = torch.randn((), dtype=torch.float64)
-    c = torch.randn(5).to(torch.bfloat16)
+    a = torch.randn(3, 4, device=device)
+    b = torch.randn((), dtype=torch.float64, device=device)
+    c = torch.randn(5, device=device).to(torch.bfloat16)
     first = batch.defer([a, b])
     second = batch.defer([c])
     assert first.values is None and second.values is None  # nothing moves before the flush
@@ -27,9 +27,9 @@ def test_values_come_back_exact_in_their_shapes_from_any_float_dtype():
     (got_c,) = second.values
     assert got_a.shape == (3, 4) and got_b.shape == () and got_c.shape == (5,)
     assert got_a.dtype == got_b.dtype == got_c.dtype == np.float64
-    np.testing.assert_array_equal(got_a, a.double().numpy())  # float32 -> float64 is exact
+    np.testing.assert_array_equal(got_a, a.double().cpu().numpy())  # float32 -> float64 is exact
     assert float(got_b) == b.item()
-    np.testing.assert_array_equal(got_c, c.double().numpy())  # so is bfloat16 -> float64 (via float32)
+    np.testing.assert_array_equal(got_c, c.double().cpu().numpy())  # so is bfloat16 -> float64 (via float32)
 
 
 def test_a_value_read_before_the_flush_brings_everything_pending():
@@ -69,12 +69,12 @@ def test_callbacks_fill_a_sealed_record_and_leave_it_sealed():
         record.loss = 1.0
 
 
-def test_a_tracked_step_brings_its_norms_and_per_sample_vectors_over_in_one_transfer(monkeypatch):
+def test_a_tracked_step_brings_its_norms_and_per_sample_vectors_over_in_one_transfer(device, monkeypatch):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
-    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    x, y = torch.randn(8, 6, device=device), torch.randint(0, 3, (8,), device=device)
     instruments = [Loss(), GradNorm(), UpdateSize(), Distance(), GradientTests()]
     with Cockpit(model, opt, loss_fn, instruments=instruments, sinks=[]) as cockpit:
         for _ in range(2):  # (the first step also checks that the per-sample gradients add up)
