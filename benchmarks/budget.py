@@ -37,7 +37,7 @@ from cockpit_lite import Cockpit
 from cockpit_lite.sinks import Sink
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, make_batches, paired_ratio, train_steps  # noqa: E402
+from common import MODELS, make_batches, paired_ratio, synchronize, train_steps  # noqa: E402
 from overhead import build  # noqa: E402
 
 WINDOW = 100
@@ -67,11 +67,11 @@ def window_share(kept: Keep, first: int, last: int, plain_ms: float) -> float:
     return max(shares) if shares else float("nan")
 
 
-def run_model(name: str, budget: float, steps: int, reps: int, warmup: int) -> dict:
-    batches = make_batches(name, steps)
+def run_model(name: str, budget: float, steps: int, reps: int, warmup: int, device: str = "cpu") -> dict:
+    batches = make_batches(name, steps, device=device)
     with tempfile.TemporaryDirectory() as tmp:
-        plain = build(name, "sgd", "plain", tmp)
-        model, opt, loss_fn = build(name, "sgd", "plain", tmp)[:3]  # the same initial weights
+        plain = build(name, "sgd", "plain", tmp, device)
+        model, opt, loss_fn = build(name, "sgd", "plain", tmp, device)[:3]  # the same initial weights
         kept = Keep()
         cockpit = Cockpit(model, opt, loss_fn, instruments="economy", sinks=[kept], budget=budget)
         arms = {"plain": plain[:3], "budget": (model, opt, loss_fn)}
@@ -82,8 +82,10 @@ def run_model(name: str, budget: float, steps: int, reps: int, warmup: int) -> d
         times: dict[str, list[float]] = {k: [] for k in arms}
         for _ in range(reps):
             for k, b in arms.items():
+                synchronize(device)
                 t0 = time.perf_counter()
                 train_steps(*b, batches)
+                synchronize(device)
                 times[k].append((time.perf_counter() - t0) / steps)
         last = cockpit.step - 1
         plain_ms = statistics.median(times["plain"]) * 1e3
@@ -117,16 +119,19 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=100, help="untimed steps first (>= 44: the budget's warm-up)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--device", default="cpu", help="cuda: models, batches and cockpits on the GPU (blocks synchronized)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), budget {args.budget}, "
+        f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} thread(s), budget {args.budget}, "
         f"{args.reps} interleaved reps x {args.steps} steps after {args.warmup} untimed"
     )
     for name in args.models.split(","):
         if name not in MODELS:
             raise SystemExit(f"unknown model {name!r}: one of {sorted(MODELS)}")
-        r = run_model(name, args.budget, args.steps, args.reps, args.warmup)
+        r = run_model(name, args.budget, args.steps, args.reps, args.warmup, args.device)
         med, lo, hi = r["ratio"]
         print(
             f"\n{name}: plain step {r['plain_ms']:.1f} ms; budget arm {med:.3f}x plain [{lo:.3f}, {hi:.3f}] "

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Issue 15, Must 4: the test suite on CUDA, then the overhead benchmark on CUDA (MLP, 3C3D CNN, small GPT,
-# ResNet-18-style; economy minus Alpha, economy, torch.func norms; ratios to a plain step), in under
-# 5 minutes on one GPU. Run from anywhere:
+# ResNet-18-style; economy minus Alpha, economy, torch.func norms; ratios to a plain step) and the
+# overhead budget's cost on the same models (benchmarks/budget.py), in under 5 minutes on one GPU. Run from anywhere:
 #
 #     bash benchmarks/gpu.sh                   # PYTHON=/path/to/python to choose the interpreter
 #
 # Settings (environment): GPU_TEST_WORKERS (pytest-xdist workers sharing the GPU, default 4; 0 = none),
 # GPU_STEPS / GPU_REPS (steps per timed block / interleaved repetitions, default 5 / 7), GPU_MODELS,
 # GPU_CONFIGS, GPU_OPTIMS, GPU_DEVICE (default cuda; cpu: a dry run of the script, where `-m cuda`
-# selects no test and pytest exits 5). Everything printed also goes to $OUT/gpu.txt when
+# selects no test and pytest exits 5), GPU_BUDGET (0: skip benchmarks/budget.py, the overhead budget's
+# cost per model; GPU_BUDGET_REPS interleaved 100-step blocks, default 3). Everything printed also goes to $OUT/gpu.txt when
 # OUT is set (the device runner's output folder), with the benchmark's rows in $OUT/overhead_gpu.json.
 # Exit status: that of the tests (the benchmark still runs after a failure), else the benchmark's.
 set -euo pipefail
@@ -79,6 +80,13 @@ bench=("$PY" benchmarks/overhead.py --device "$DEVICE" --models "$MODELS" --conf
 echo "${bench[*]}"
 bench_rc=0
 "${bench[@]}" || bench_rc=$?
+
+if [[ "${GPU_BUDGET:-1}" != 0 ]]; then
+    section "overhead budget on $DEVICE: economy with budget=0.05 against plain training, models $MODELS"
+    budget=("$PY" benchmarks/budget.py --device "$DEVICE" --models "$MODELS" --reps "${GPU_BUDGET_REPS:-3}")
+    echo "${budget[*]}"
+    "${budget[@]}" || bench_rc=$?
+fi
 
 section "done: tests $tests_rc, benchmark $bench_rc"
 if [[ "$tests_rc" != 0 ]]; then
