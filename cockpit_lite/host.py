@@ -35,16 +35,19 @@ class Deferred:
     """Tensors waiting in a :class:`HostBatch`; :meth:`get` gives their values as float64 arrays of
     their shapes (flushing the batch first if it has not been)."""
 
-    __slots__ = ("tensors", "then", "values", "_batch")
+    __slots__ = ("tensors", "then", "values", "error", "_batch")
 
     def __init__(self, batch: HostBatch, tensors: list[torch.Tensor], then: Callable[[list], None] | None):
         self._batch, self.tensors, self.then = batch, tensors, then
         self.values: list[np.ndarray] | None = None
+        self.error: str | None = None  #: why the values could not be had (a note says it too)
 
     def get(self) -> list[np.ndarray]:
-        if self.values is None:
+        if self.values is None and self.error is None:
             self._batch.flush()
-        return self.values  # type: ignore[return-value]
+        if self.values is None:
+            raise RuntimeError(f"these values could not be brought to the host: {self.error}")
+        return self.values
 
 
 class HostBatch:
@@ -54,6 +57,8 @@ class HostBatch:
     def __init__(self, record: Any = None):
         self.record = record
         self._pending: list[Deferred] = []
+        #: reports a failure once (the Cockpit's warning; set by the step), beside the record's note
+        self.warn: Callable[[str], None] | None = None
 
     @property
     def pending(self) -> bool:
@@ -67,34 +72,52 @@ class HostBatch:
         return d
 
     def flush(self) -> None:
-        """Bring every pending tensor to the host by one transfer per device, then run the callbacks."""
+        """Bring every pending tensor to the host by one transfer, then run the callbacks. Never raises:
+        tensors that cannot be brought over (or a callback that fails) become a note on the record."""
         pending, self._pending = self._pending, []
         if not pending:
             return
         flat = [t if t.dim() == 1 else t.reshape(-1) for d in pending for t in d.tensors]
         try:
             host = host_float64(torch.cat(flat)) if len(flat) > 1 else host_float64(flat[0])
-        except RuntimeError:  # tensors on several devices: one transfer each
-            host = np.concatenate([host_float64(t) for t in flat])
-        at = 0
-        for d in pending:
-            values = []
-            for t in d.tensors:
-                n = t.numel()
-                values.append(host[at : at + n].reshape(t.shape))
-                at += n
-            d.values, d.tensors = values, []
+        except Exception:  # tensors on several devices (or of a kind cat refuses): each deferral on its own
+            host = None
         record = self.record
         sealed = getattr(record, "SEALED", False)
-        if sealed:
+        if sealed:  # (an instrument's read flushed it: the providers' callbacks write the record)
             record.seal(False)
         try:
+            at = 0
             for d in pending:
-                if d.then is not None:
-                    d.then(d.values)
+                spans = []
+                for t in d.tensors:
+                    spans.append((at, t.numel(), t.shape))
+                    at += spans[-1][1]
+                try:
+                    if host is None:
+                        d.values = [host_float64(t).reshape(t.shape) for t in d.tensors]
+                    else:
+                        d.values = [host[a : a + n].reshape(shape) for a, n, shape in spans]
+                except Exception as e:
+                    self._failed(d, e)
+            for d in pending:
+                d.tensors = []
+                if d.then is not None and d.values is not None:
+                    try:
+                        d.then(d.values)
+                    except Exception as e:
+                        self._failed(d, e)
         finally:
             if sealed:
                 record.seal(True)
+
+    def _failed(self, d: Deferred, e: Exception) -> None:
+        d.error = f"{type(e).__name__}: {e}"
+        msg = f"numbers of this step could not be brought to the host ({d.error}): they are left out"
+        if self.warn is not None:
+            self.warn(msg)
+        if self.record is not None:
+            self.record.add_note(msg, frozenset())
 
 
 class LazyNorms(Mapping):

@@ -142,6 +142,8 @@ class Step:
         needs = Needs(set(merged.flags), dict(merged.directions))  # (a provider may adjust its copy)
         #: the step record (None on a step no instrument tracks: nothing reads one)
         self.record: StepRecord | None = StepRecord(step=number, **fields) if self.active else None
+        if self.record is not None:
+            self.record.host.warn = guard.warn
         guard.each(guard.hearing(self.providers, Provider, "begin_step"), "begin_step", self.record, needs)
 
     @staticmethod

@@ -43,6 +43,24 @@ def test_a_value_read_before_the_flush_brings_everything_pending():
     assert seen == [3.0]
 
 
+def test_what_cannot_be_brought_over_becomes_a_note_and_the_rest_arrives():
+    record = StepRecord(step=0)
+    warned = []
+    record.host.warn = warned.append
+    good = record.host.defer([torch.tensor([1.0, 2.0])])
+    bad = record.host.defer([torch.empty(3, device="meta")])  # no values anywhere: cannot be copied
+    failing = record.host.defer([torch.tensor(4.0)], then=lambda v: 1 / 0)
+    record.host.defer([torch.tensor(5.0)], then=lambda v: setattr(record, "loss", float(v[0])))
+    record.host.flush()  # never raises
+    np.testing.assert_array_equal(good.values[0], [1.0, 2.0])
+    assert record.loss == 5.0  # a failing callback does not stop the others
+    with pytest.raises(RuntimeError, match="could not be brought to the host"):
+        bad.get()
+    assert failing.error.startswith("ZeroDivisionError")
+    assert len(record.notes) == 2 and all("left out" in n for n in record.notes) and len(warned) == 2
+    assert record.note_needs == (frozenset(), frozenset())  # (a note for every instrument of the step)
+
+
 def test_lazy_norms_read_as_a_dict_and_know_their_length_without_a_transfer(monkeypatch):
     batch = HostBatch()
     tensors = [torch.randn(4, 3), torch.randn(7)]
