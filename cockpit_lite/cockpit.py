@@ -125,7 +125,7 @@ class Cockpit:
             self.history, self.costs = History(), Costs()
             self._guard = Guard(self._warn, self.costs)
             context = Context(
-                self.network, optimizer, self.params, loss_fn, self.costs, warn=self._warn, reduction=reduction
+                self.network, optimizer, self.params, loss_fn, self.costs, reduction, self._warn, fraction
             )
             # the model's pre-hook before the providers' hooks: the step (and what it asks of the per-sample
             # engine) is set up before the engine's own pre-hook reads the input

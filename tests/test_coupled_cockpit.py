@@ -77,3 +77,27 @@ def test_train_mode_batchnorm_through_the_cockpit(device):
         plain_opt.step()
     for a, b in zip(model.state_dict().values(), plain.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_under_a_budget_squared_norms_come_on_every_step_they_are_asked():
+    """The coupled path thins its squared norms (B backward passes) to every 10th step by itself; under an
+    overhead budget the budget alone chooses the steps, from what it measured them to cost, so the path
+    computes them whenever asked (else the budget's warm-up would time a step without them and run them
+    every step as cheap). Checked against the float64 loop on consecutive steps."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS})
+    batches = [(torch.randn(6, 2, 6, 6), torch.randint(0, 3, (6,))) for _ in range(4)]
+    refs = []
+    with Cockpit(model, opt, instruments=[probe], sinks=[], budget=0.5) as ck:
+        for x, y in batches:
+            refs.append(_reference(model, x, y))
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    # the warm-up: step 0 runs every instrument, step 1 only follow-ups, step 2 the probe's first round
+    assert [rec.step for rec in probe.records] == [0, 2]
+    for rec in probe.records:  # (without the budget: norms on step 0 only, a note on step 2)
+        G = refs[rec.step]
+        np.testing.assert_allclose(rec.per_sample_sq_norms, (G**2).sum(1), rtol=1e-4)
+    assert not any("every 10th" in str(v) for _, v in ck.history.get("note/probe", []))

@@ -86,6 +86,10 @@ class Context:
     reduction: str = "mean"
     #: issue a CockpitWarning once per distinct message
     warn: Callable[[str], None] = print
+    #: the overhead budget's fraction (None: no budget). Under a budget the budget alone chooses the steps
+    #: a statistic is computed on, from what it measured them to cost: a provider then serves what is asked
+    #: on every step it is asked, without a thinning of its own that the budget's measurements would miss
+    budget: float | None = None
 
     @functools.cached_property
     def sharded(self) -> bool:

@@ -59,6 +59,9 @@ class PerSampleProvider(Provider):
         #: the BatchNorm layers at attach (the engine's layers are those at attach too): whether one of them
         #: couples the examples is asked every step without walking the model
         self._norms = [m for m in context.network.modules() if isinstance(m, BatchNormBase)]
+        #: the coupled path's squared norms every this many of its steps; under an overhead budget on every
+        #: step they are asked (the budget measures their cost and thins the steps itself)
+        self.norms_every = NORMS_EVERY if context.budget is None else 1
 
     def end_step(self) -> None:
         self.engine.stop()
@@ -246,13 +249,13 @@ class PerSampleProvider(Provider):
             )
             return
         flags = set(self.needs.flags)
-        norms_step = self.coupled_steps % NORMS_EVERY == 0
+        norms_step = self.coupled_steps % self.norms_every == 0
         self.coupled_steps += 1
         if not norms_step and flags & CHUNK_NEEDS:
             flags -= CHUNK_NEEDS
             record.add_note(
                 f"train-mode BatchNorm: squared per-sample norms and Gram entries (B backward passes through the "
-                f"batch) are computed every {NORMS_EVERY}th tracked step; this one has projections only",
+                f"batch) are computed every {self.norms_every}th tracked step; this one has projections only",
                 frozenset(CHUNK_NEEDS),
             )
         n = sum(self.path.batch_of(c) for c in reached)
