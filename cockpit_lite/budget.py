@@ -20,7 +20,10 @@ costly).
 
 **Classification.** With p the plain step (the smallest w_t - c_t of the last 16 steps), instruments
 are taken in ascending order of a_k into the *cheap* set while sum a_k / (p + sum a_k) <= budget / 2;
-the others are *costly*. Cheap instruments run on every step (as their own schedules allow). Whenever
+the others are *costly*. Costly instruments (ascending a_k again) whose joining the group would leave no
+room for a single run in a window by the warm-up's costs are *left out*: they cannot run within the
+budget (the plan and a warning say so) and the affordable ones still run. Cheap instruments run on every
+step (as their own schedules allow). Whenever
 the last 8 rest steps (cheap instruments only) measure above 3/4 of the budget (the machine slowed down,
 an instrument grew), the cheap instrument dearest alone joins the costly ones (a new ``budget/plan``).
 
@@ -133,6 +136,9 @@ class Budget:
         self.solo_run: dict[str, float] = {}
         self.solo_follow: dict[str, float] = {}
         self.cheap: list[str] | None = None
+        #: measured instruments one run of which costs more than a window's budget holds (with the cheaper
+        #: costly ones): they cannot run within the budget and are left out (the plan says so)
+        self.unaffordable: list[str] = []
         self.start: int | None = None
         #: (step, c_t, w_t, kind) of the last WINDOW steps observed, and the sums of c_t and w_t
         self.obs: deque[tuple[int, float, float, str]] = deque(maxlen=WINDOW)
@@ -150,7 +156,9 @@ class Budget:
     @property
     def costly(self) -> list[str] | None:
         """The instruments that are not cheap, in the cockpit's order (None before the classification)."""
-        return None if self.cheap is None else [k for k in self.keys if k not in self.cheap]
+        if self.cheap is None:
+            return None
+        return [k for k in self.keys if k not in self.cheap and k not in self.unaffordable]
 
     # --- attaching: the budget narrows each instrument's schedule ---------------------------------------
     def attach(self, instruments: Sequence[Instrument]) -> Callable[[], None]:
@@ -216,7 +224,7 @@ class Budget:
             self._pending[(step, "budget/every")] = float(every) if every is not None else math.inf
         spaced = every is not None and (self.last_run is None or step - self.last_run >= every)
         if spaced and any(self._due(k, step) for k in self.costly) and self._fits(step):
-            return Decision(step, RUN, everyone)
+            return Decision(step, RUN, everyone - frozenset(self.unaffordable))
         kind = FOLLOW if self.last_run == step - 1 else REST
         return Decision(step, kind, frozenset(self.cheap))
 
@@ -233,8 +241,34 @@ class Budget:
             else:
                 break
         self.cheap = [k for k in self.keys if k in cheap]  # in the cockpit's order
+        # the costly ones run together: the dearest that would leave no run in a window are left out
+        group = [k for k in self.keys if k not in cheap and k not in self.solo_run]  # (unmeasured: kept)
+        for i, key in enumerate(k for k in measured if k not in cheap):
+            if not self._affordable(group + [key], p):
+                self.unaffordable = [k for k in measured if k not in cheap][i:]
+                break
+            group.append(key)
         self.start, self.stage = step, RUN
         self._pending[(step, "budget/plan")] = self.plan(p)
+        if self.unaffordable:
+            self.warn(
+                f"overhead budget {self.fraction:.3g}: {', '.join(self.unaffordable)} cannot run within it (one run "
+                f"costs more than a window of {WINDOW} steps allows: budget/plan gives the costs), left out. Raise "
+                "the budget, or leave budget=None and give the costly instruments every=..."
+            )
+
+    def _affordable(self, group: list[str], p: float) -> bool:
+        """Whether the cheap instruments and ``group`` running together leave room for at least one run
+        in a window of WINDOW steps, by the warm-up's costs (the estimates :meth:`interval` starts from)."""
+        assert self.cheap is not None
+        beta = self.fraction
+        cheap_run = sum(self.solo_run.get(k, 0.0) for k in self.cheap)
+        r = cheap_run + sum(self.solo_run.get(k, 0.0) for k in group)
+        f = cheap_run + sum(self.solo_follow.get(k, 0.0) for k in [*self.cheap, *group])
+        b = cheap_run + sum(self.solo_follow.get(k, 0.0) for k in self.cheap)
+        per_run = (1.0 - beta) * (r + f - 2.0 * b)
+        room = WINDOW * (beta * p - (1.0 - beta) * b)
+        return room >= per_run if per_run > 0 else room >= 0
 
     def _check_cheap(self, step: int) -> None:
         """The rest steps (cheap instruments only) must leave room for the costly ones: when the last
@@ -269,10 +303,16 @@ class Budget:
         every = ", ".join(map(cost, self.cheap)) or "none"
         some = ", ".join(map(cost, self.costly)) or "none"
         plain = f"; plain step {plain_ms:.3g} ms" if plain_ms is not None else ""
+        out = ""
+        if self.unaffordable:
+            out = (
+                f" Left out: {', '.join(map(cost, self.unaffordable))}: one run with them costs more than a window "
+                f"of {WINDOW} steps allows."
+            )
         return (
             f"overhead budget {self.fraction:.3g} of wall time over any {WINDOW} steps from step {self.start}. "
             f"Every step: {every}. Together, on the steps the budget allows: {some} "
-            f"(cost alone, measured in the warm-up{plain})"
+            f"(cost alone, measured in the warm-up{plain}).{out}"
         )
 
     def _initial(self, kind: str) -> float:
@@ -280,9 +320,9 @@ class Budget:
         assert self.cheap is not None
         cheap = sum(self.solo_run.get(k, 0.0) for k in self.cheap)
         if kind == RUN:
-            return sum(self.solo_run.values())
+            return sum(v for k, v in self.solo_run.items() if k not in self.unaffordable)
         if kind == FOLLOW:
-            return cheap + sum(self.solo_follow.values())
+            return cheap + sum(v for k, v in self.solo_follow.items() if k not in self.unaffordable)
         return cheap + sum(self.solo_follow.get(k, 0.0) for k in self.cheap)
 
     def estimate(self, kind: str) -> float:
@@ -376,8 +416,8 @@ class Budget:
 
     def thinned(self, key: str) -> tuple[int, int] | None:
         """``(steps instrument key ran on, steps seen)`` when the budget runs it on some steps only (a
-        costly instrument, or any during the warm-up), else None."""
-        if self.costly is not None and key not in self.costly:
+        costly or left-out instrument, or any during the warm-up), else None."""
+        if self.cheap is not None and key in self.cheap:
             return None
         return self.ran.get(key, 0), self.steps
 
@@ -395,6 +435,7 @@ class Budget:
             "solo_run": dict(self.solo_run),
             "solo_follow": dict(self.solo_follow),
             "cheap": None if self.cheap is None else list(self.cheap),
+            "unaffordable": list(self.unaffordable),
             "start": self.start,
             "obs": [list(o) for o in self.obs],
             "recent": {k: list(v) for k, v in self.recent.items()},
@@ -420,6 +461,7 @@ class Budget:
         self.solo_run = {str(k): float(v) for k, v in state["solo_run"].items()}
         self.solo_follow = {str(k): float(v) for k, v in state["solo_follow"].items()}
         self.cheap = None if state["cheap"] is None else [str(k) for k in state["cheap"]]
+        self.unaffordable = [str(k) for k in state.get("unaffordable", [])]
         self.start = None if state["start"] is None else int(state["start"])
         self.obs.extend((int(s), float(c), float(w), str(k)) for s, c, w, k in state["obs"])
         self._sums = (math.fsum(o[1] for o in self.obs), math.fsum(o[2] for o in self.obs))

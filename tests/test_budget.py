@@ -23,6 +23,7 @@ from torch import nn
 
 from cockpit_lite import Cockpit, Instrument, Need, Needs, emitter, lifecycle, profiling
 from cockpit_lite.budget import ROUNDS, WINDOW, Budget
+from cockpit_lite.errors import CockpitWarning
 
 PLAIN_MS = 10.0
 
@@ -184,6 +185,38 @@ def test_schedule_recorded_share_and_interval(clock):
             want = sum(cockpit_ms.get(s, 0.0) for s in ws) / sum(step_ms.get(s, PLAIN_MS) for s in ws)
             assert share[t] == pytest.approx(want, rel=1e-9)
     assert series(cockpit.history, "budget/share").keys() == set(range(steps))  # the last one at close
+
+
+def test_an_instrument_no_window_can_hold_is_left_out_and_the_others_still_run(clock):
+    """One run of `huge` (200 ms) costs more than a window's 5% of 100 plain steps (about 53 ms) holds: the
+    costly group with it would never run (`budget/every` inf, everything but the cheap ones dark); it is
+    left out instead, the plan and a warning say so, its verdicts say on how few steps they rest, and the
+    affordable costly instrument runs as often as the budget allows."""
+    model, opt, loss_fn = tiny()
+    insts = [
+        Costing(clock, 0.05, name="cheap"),
+        Costing(clock, 8.0, name="costly"),
+        Costing(clock, 200.0, name="huge", verdict="huge says so"),
+    ]
+    steps = 300
+    with pytest.warns(CockpitWarning, match="huge cannot run within it"):
+        cockpit = Cockpit(model, opt, loss_fn, instruments=insts, sinks=[], budget=0.05)
+        train(cockpit, model, opt, loss_fn, clock, steps)
+    with cockpit:
+        b, h = cockpit.budget, cockpit.history
+        assert b.cheap == ["cheap"] and b.costly == ["costly"] and b.unaffordable == ["huge"]
+        plan = series(h, "budget/plan")[b.start]
+        assert "Left out: huge 200 ms" in plan and "Together, on the steps the budget allows: costly 8 ms" in plan
+        assert all(s < b.start for s in series(h, "huge/value"))  # the warm-up only
+        runs = [s for s in series(h, "costly/value") if s >= b.start]
+        assert len(runs) >= (steps - b.start) // WINDOW * 4  # 10.05 ms a run: 4 fit in a window, as above
+        assert max(s for _, s in window_shares(h, b.start, steps)) <= 0.05 + 1e-9
+        warmup_runs = len(series(h, "huge/value"))
+        assert cockpit.verdicts() == [
+            f"huge says so (from {warmup_runs} of {steps} steps: the overhead budget ran huge on these only)"
+        ]
+        state = cockpit.state_dict()["budget"]
+    assert state["unaffordable"] == ["huge"]
 
 
 def test_instruments_own_schedule_and_budget_both_apply(clock):
