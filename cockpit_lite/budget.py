@@ -260,15 +260,7 @@ class Budget:
     def _affordable(self, group: list[str], p: float) -> bool:
         """Whether the cheap instruments and ``group`` running together leave room for at least one run
         in a window of WINDOW steps, by the warm-up's costs (the estimates :meth:`interval` starts from)."""
-        assert self.cheap is not None
-        beta = self.fraction
-        cheap_run = sum(self.solo_run.get(k, 0.0) for k in self.cheap)
-        r = cheap_run + sum(self.solo_run.get(k, 0.0) for k in group)
-        f = cheap_run + sum(self.solo_follow.get(k, 0.0) for k in [*self.cheap, *group])
-        b = cheap_run + sum(self.solo_follow.get(k, 0.0) for k in self.cheap)
-        per_run = (1.0 - beta) * (r + f - 2.0 * b)
-        room = WINDOW * (beta * p - (1.0 - beta) * b)
-        return room >= per_run if per_run > 0 else room >= 0
+        return self._window_runs(*(self._initial(k, group) for k in (RUN, FOLLOW, REST)), p) >= 1
 
     def _check_cheap(self, step: int) -> None:
         """The rest steps (cheap instruments only) must leave room for the costly ones: when the last
@@ -315,14 +307,16 @@ class Budget:
             f"(cost alone, measured in the warm-up{plain}).{out}"
         )
 
-    def _initial(self, kind: str) -> float:
-        """The estimate of a kind of step before any measurement of it: sums of the warm-up costs."""
+    def _initial(self, kind: str, costly: Sequence[str] | None = None) -> float:
+        """The estimate of a kind of step before any measurement of it: sums of the warm-up costs of the
+        cheap instruments and the ``costly`` ones (default: :attr:`costly`, those that run together)."""
         assert self.cheap is not None
+        group = self.costly if costly is None else costly
         cheap = sum(self.solo_run.get(k, 0.0) for k in self.cheap)
         if kind == RUN:
-            return sum(v for k, v in self.solo_run.items() if k not in self.unaffordable)
+            return cheap + sum(self.solo_run.get(k, 0.0) for k in group)
         if kind == FOLLOW:
-            return cheap + sum(v for k, v in self.solo_follow.items() if k not in self.unaffordable)
+            return cheap + sum(self.solo_follow.get(k, 0.0) for k in [*self.cheap, *group])
         return cheap + sum(self.solo_follow.get(k, 0.0) for k in self.cheap)
 
     def estimate(self, kind: str) -> float:
@@ -341,14 +335,20 @@ class Budget:
         window. None when not even one run fits (the costly instruments wait: the estimates may fall)."""
         if not self.plain:
             return None
-        beta, p = self.fraction, min(self.plain)
-        r, f, b = self.estimate(RUN), self.estimate(FOLLOW), self.estimate(REST)
+        most = self._window_runs(self.estimate(RUN), self.estimate(FOLLOW), self.estimate(REST), min(self.plain))
+        return math.ceil(WINDOW / min(most, WINDOW)) if most >= 1 else None
+
+    def _window_runs(self, r: float, f: float, b: float, p: float) -> int:
+        """The most runs N a window of WINDOW steps holds within the budget, with a run step costing r, its
+        follow-up f, a rest step b and the plain step p (WINDOW when a run costs no more than two rest steps
+        and rest steps fit; < 1: none): the largest n with n (1 - budget)(r + f - 2b) <= WINDOW (budget p -
+        (1 - budget) b)."""
+        beta = self.fraction
         per_run = (1.0 - beta) * (r + f - 2.0 * b)
         room = WINDOW * (beta * p - (1.0 - beta) * b)
         if per_run <= 0:  # a run costs no more than two rest steps
-            return 1 if room >= 0 else None
-        most = math.floor(room / per_run + 1e-9)
-        return math.ceil(WINDOW / min(most, WINDOW)) if most >= 1 else None
+            return WINDOW if room >= 0 else 0
+        return math.floor(room / per_run + 1e-9)
 
     def _fits(self, step: int) -> bool:
         """Whether running the costly instruments at ``step`` keeps every window of WINDOW steps that
