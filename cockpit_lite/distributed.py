@@ -186,11 +186,7 @@ def norms(tensors: list[torch.Tensor]) -> list[float]:
     it with the same tensors, in the same order as its other collectives."""
     if not tensors:
         return []
-    dtensor = _dtensor_type()
-    for t in tensors if dtensor is not None else ():
-        if isinstance(t, dtensor):
-            break
-    else:  # plain tensors (tolist: Python floats, exact from any float dtype, one transfer)
+    if not any_dtensor(tensors):  # plain tensors (tolist: Python floats, exact from any float dtype, one transfer)
         return torch.stack(foreach_norm(tensors)).tolist()
     if UNMERGED_SHARDS[0]:
         raise RuntimeError(UNMERGED_SHARDS[1])
