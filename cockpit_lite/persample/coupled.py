@@ -65,16 +65,10 @@ from cockpit_lite.sandbox import cuda_devices
 #: default bound on the memory of one chunk of batched vector-Jacobian products (estimate, bytes)
 CHUNK_BYTES = 1 << 29
 
-#: the needs served by the chunked VJP pass (the others are projections: one JVP each)
-_CHUNK_NEEDS = frozenset(
-    {
-        Need.PER_SAMPLE_SQ_NORMS,
-        Need.PER_SAMPLE_SQ_NORMS_BY_PARAM,
-        Need.PER_SAMPLE_GRAM,
-        Need.PER_SAMPLE_GRAM_BY_PARAM,
-        Need.PER_SAMPLE_GRADS,
-    }
-)
+#: the squared per-sample norms (the total, or per tensor too)
+SQ_NEEDS = frozenset({Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM})
+#: the needs served by the chunked VJP pass (B backward passes; the others are projections: one JVP each)
+CHUNK_NEEDS = SQ_NEEDS | {Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM, Need.PER_SAMPLE_GRADS}
 
 
 class ReplayMismatch(RuntimeError):
@@ -418,7 +412,7 @@ class CoupledPath:
                 raise ValueError("no output gradient: backward did not reach the model's output")
             cs = [output_grads[k] for k in sel]
             batch = self._batch(cs)
-            chunked = bool(flags & {str(n) for n in _CHUNK_NEEDS})
+            chunked = bool(flags & {str(n) for n in CHUNK_NEEDS})
             wants_dot = str(Need.PER_SAMPLE_DOT_MEAN) in flags
             gbar = dict(mean_grad) if (wants_dot and mean_grad is not None) else None
             sq: dict[str, torch.Tensor] = {}
@@ -839,7 +833,7 @@ class CoupledPath:
                             gram[n][cols, rows] = block.T
                     del gb
             del ga
-        if not flags & {str(Need.PER_SAMPLE_SQ_NORMS), str(Need.PER_SAMPLE_SQ_NORMS_BY_PARAM)}:
+        if not flags & {str(n) for n in SQ_NEEDS}:
             sq = {}
         return sq, gram, grads, proj
 

@@ -15,7 +15,7 @@ import torch
 from cockpit_lite.compat import BatchNormBase, without_grad
 from cockpit_lite.model_io import any_grad
 from cockpit_lite.needs import Need, Needs
-from cockpit_lite.persample.coupled import CoupledPath, CoupledRecorder, couples_examples
+from cockpit_lite.persample.coupled import CHUNK_NEEDS, SQ_NEEDS, CoupledPath, CoupledRecorder, couples_examples
 from cockpit_lite.persample.engine import ALL_PARAMS, PER_SAMPLE_NEEDS, PerSampleEngine, PerSampleResult
 from cockpit_lite.providers import register_provider
 from cockpit_lite.providers.base import Context, LossCall, ModelCall, Provider, host_float64
@@ -24,8 +24,6 @@ from cockpit_lite.step import StepRecord
 
 #: on steps of a train-mode BatchNorm model, squared norms and Gram entries every this many tracked steps
 NORMS_EVERY = 10
-SQ_NEEDS = frozenset({Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM})
-CHUNK_NEEDS = SQ_NEEDS | {Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM, Need.PER_SAMPLE_GRADS}
 
 MISMATCH = (
     "the per-sample gradients of {listed} do not add up to the gradient autograd accumulated "
