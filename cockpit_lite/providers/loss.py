@@ -150,12 +150,13 @@ class LossProvider(Provider):
             return
         n_values, batches = len(self.values), list(self.batches)
 
-        def finish(host: list[np.ndarray]) -> None:
-            roots = [(float(v), s) for v, s in zip(host, scales, strict=False)]
+        def finish(host: list[np.ndarray]) -> None:  # host: roots, then the given L_k, then the parts
+            n_roots, n_given = len(scales), len(given)
+            roots = [(float(v), s) for v, s in zip(host[:n_roots], scales, strict=True)]
             values: list[float | None] = [None] * n_values
-            for k, v in zip(given, host[len(roots) :], strict=False):
+            for k, v in zip(given, host[n_roots : n_roots + n_given], strict=True):
                 values[k] = float(v)
-            self._finish(record, roots, values, host[len(roots) + len(given) :], batches)
+            self._finish(record, roots, values, host[n_roots + n_given :], batches)
 
         record.host.defer(tensors, finish)
 
