@@ -26,7 +26,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from cockpit_lite import Cockpit
 from cockpit_lite.sinks import Sink
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, make_batches, paired_ratio, synchronize, train_steps  # noqa: E402
+from common import MODELS, interleaved_times, make_batches, paired_ratio, train_steps  # noqa: E402
 from overhead import build  # noqa: E402
 
 WINDOW = 100
@@ -79,14 +78,9 @@ def run_model(name: str, budget: float, steps: int, reps: int, warmup: int, devi
             for _ in range(max(1, -(-warmup // steps))):
                 train_steps(*b, batches)
         first = cockpit.step
-        times: dict[str, list[float]] = {k: [] for k in arms}
-        for _ in range(reps):
-            for k, b in arms.items():
-                synchronize(device)
-                t0 = time.perf_counter()
-                train_steps(*b, batches)
-                synchronize(device)
-                times[k].append((time.perf_counter() - t0) / steps)
+        runners = {k: (lambda b=b: train_steps(*b, batches)) for k, b in arms.items()}
+        blocks = interleaved_times(runners, reps, device)
+        times = {k: [t / steps for t in v] for k, v in blocks.items()}
         last = cockpit.step - 1
         plain_ms = statistics.median(times["plain"]) * 1e3
         ran = {}
