@@ -26,6 +26,9 @@ budget (the plan and a warning say so) and the affordable ones still run. Cheap 
 step (as their own schedules allow). Whenever
 the last 8 rest steps (cheap instruments only) measure above 3/4 of the budget (the machine slowed down,
 an instrument grew), the cheap instrument dearest alone joins the costly ones (a new ``budget/plan``).
+When the costly ones have not fit a window for a whole window (no run for WINDOW steps with rest steps
+that fit: a costly instrument grew after the warm-up), the costly instrument dearest alone is left out
+too (a new ``budget/plan``, a warning), and the others run again.
 
 **Scheduling** (from step T0, the first step after the warm-up). At step t the costly instruments run
 (a *run* step) iff :meth:`Budget.interval` steps have passed since the last run (k = ceil(100 / N), N
@@ -112,10 +115,11 @@ class Budget:
         warn: how to warn (the Cockpit's once-per-message warning).
         costs: the cockpit's timed regions; the budget's own decisions are timed under ``budget``.
 
-    Attributes after the warm-up: :attr:`cheap` and :attr:`costly` (instrument keys), :attr:`start`
-    (T0), :attr:`solo_run` and :attr:`solo_follow` (each instrument's cost measured alone on its probe
-    step and on the step after, ms), :attr:`every` (the interval k), :attr:`ran` (steps each
-    instrument ran on, by its schedule and the budget) and :attr:`steps` (steps seen).
+    Attributes after the warm-up: :attr:`cheap`, :attr:`costly` and :attr:`unaffordable` (instrument
+    keys), :attr:`start` (T0), :attr:`changed` (the step an instrument was last left out after T0),
+    :attr:`solo_run` and :attr:`solo_follow` (each instrument's cost measured alone on its probe step and
+    on the step after, ms), :attr:`every` (the interval k), :attr:`ran` (steps each instrument ran on, by
+    its schedule and the budget) and :attr:`steps` (steps seen).
     """
 
     def __init__(self, fraction: float, warn: Callable[[str], None] | None = None, costs: Costs | None = None):
@@ -140,6 +144,8 @@ class Budget:
         #: costly ones): they cannot run within the budget and are left out (the plan says so)
         self.unaffordable: list[str] = []
         self.start: int | None = None
+        #: the step of the latest change of the classification after T0 (an instrument left out)
+        self.changed: int | None = None
         #: (step, c_t, w_t, kind) of the last WINDOW steps observed, and the sums of c_t and w_t
         self.obs: deque[tuple[int, float, float, str]] = deque(maxlen=WINDOW)
         self._sums = (0.0, 0.0)
@@ -219,6 +225,9 @@ class Budget:
             self._classify(step)
         assert self.cheap is not None
         every = self.interval()
+        if every is None and self._stalled(step):
+            self._leave_out(step)
+            every = self.interval()
         if every != self.every:
             self.every = every
             self._pending[(step, "budget/every")] = float(every) if every is not None else math.inf
@@ -284,6 +293,32 @@ class Budget:
                 "now runs with the costly ones (budget/plan says what runs every step)"
             )
 
+    def _stalled(self, step: int) -> bool:
+        """Whether the costly group has not fit a window for a whole window of steps, while the rest steps
+        fit (the cheap instruments leave room: otherwise :meth:`_check_cheap` acts): one of its
+        instruments grew after the warm-up, and waiting would keep every one of them dark."""
+        if not self.costly or not self.plain or self.start is None:
+            return False
+        since = max(x for x in (self.start, self.last_run, self.changed) if x is not None)
+        rest_fits = self.fraction * min(self.plain) - (1.0 - self.fraction) * self.estimate(REST) > 0
+        return step - since >= WINDOW and rest_fits
+
+    def _leave_out(self, step: int) -> None:
+        """Leave out the costly instrument dearest alone (by the warm-up's costs): the run estimates
+        described the old group and start again from the warm-up's sums of the smaller one."""
+        key = max(self.costly or [], key=lambda k: (self._solo(k), k))
+        self.unaffordable = [k for k in self.keys if k in self.unaffordable or k == key]
+        self.changed = step
+        for kind in (RUN, FOLLOW):
+            self.recent[kind].clear()
+        self._pending[(step, "budget/plan")] = self.plan(min(self.plain))
+        self.warn(
+            f"overhead budget {self.fraction:.3g}: the instruments that run together have not fit a window of "
+            f"{WINDOW} steps for {step - max(x for x in (self.start, self.last_run) if x is not None)} steps (one "
+            f"of them costs more than in the warm-up): {key} is left out and the others run again. Raise the "
+            "budget, or give it every=... with budget=None"
+        )
+
     def _solo(self, key: str) -> float:
         return self.solo_run.get(key, 0.0) + self.solo_follow.get(key, 0.0)
 
@@ -299,7 +334,8 @@ class Budget:
         if self.unaffordable:
             out = (
                 f" Left out: {', '.join(map(cost, self.unaffordable))}: one run with them costs more than a window "
-                f"of {WINDOW} steps allows."
+                f"of {WINDOW} steps allows"
+                + (f" (as measured by step {self.changed})." if self.changed is not None else ".")
             )
         return (
             f"overhead budget {self.fraction:.3g} of wall time over any {WINDOW} steps from step {self.start}. "
@@ -410,7 +446,8 @@ class Budget:
 
     def records(self) -> dict[Any, Any]:
         """Records waiting to be written (late records ``(step, tag)``): ``budget/share`` of the steps
-        observed, ``budget/interval`` of each run step, ``budget/plan`` when the warm-up ends."""
+        observed, ``budget/interval`` of each run step, ``budget/plan`` when the warm-up ends and when the
+        classification changes."""
         out, self._pending = self._pending, {}
         return out
 
@@ -437,6 +474,7 @@ class Budget:
             "cheap": None if self.cheap is None else list(self.cheap),
             "unaffordable": list(self.unaffordable),
             "start": self.start,
+            "changed": self.changed,
             "obs": [list(o) for o in self.obs],
             "recent": {k: list(v) for k, v in self.recent.items()},
             "plain": list(self.plain),
@@ -463,6 +501,7 @@ class Budget:
         self.cheap = None if state["cheap"] is None else [str(k) for k in state["cheap"]]
         self.unaffordable = [str(k) for k in state.get("unaffordable", [])]
         self.start = None if state["start"] is None else int(state["start"])
+        self.changed = None if state.get("changed") is None else int(state["changed"])
         self.obs.extend((int(s), float(c), float(w), str(k)) for s, c, w, k in state["obs"])
         self._sums = (math.fsum(o[1] for o in self.obs), math.fsum(o[2] for o in self.obs))
         for kind, values in state["recent"].items():

@@ -219,6 +219,39 @@ def test_an_instrument_no_window_can_hold_is_left_out_and_the_others_still_run(c
     assert state["unaffordable"] == ["huge"]
 
 
+def test_a_costly_instrument_that_grows_past_any_window_is_left_out_later(clock):
+    """`costly` grows from 8 ms to 200 ms after the warm-up: its runs push windows over until the run
+    estimate has grown (upper quartile of the last 8 runs), then no run fits a window (`budget/every`
+    inf) and, without the re-check, `paired` would stay dark with it. After a whole window without a run
+    the dearest costly instrument is left out (a warning, a new plan, the state), `paired` runs again,
+    and every window after that keeps the budget."""
+    model, opt, loss_fn = tiny()
+    insts = instruments(clock)
+    steps = 1000
+    with pytest.warns(CockpitWarning, match="costly is left out and the others run again"):
+        cockpit = Cockpit(model, opt, loss_fn, instruments=insts, sinks=[], budget=0.05)
+        train(cockpit, model, opt, loss_fn, clock, 100)
+        insts[1].ms = 200.0
+        train(cockpit, model, opt, loss_fn, clock, steps - 100, seed=1)
+    with cockpit:
+        b, h = cockpit.budget, cockpit.history
+        assert b.unaffordable == ["costly"] and b.costly == ["paired"] and b.changed is not None
+        every = series(h, "budget/every")
+        assert math.inf in every.values() and every[max(every)] < math.inf  # stalled, then runs again
+        stalled = [s for s, v in every.items() if v == math.inf]
+        runs = sorted(series(h, "paired/value"))
+        assert b.changed - max(r for r in runs if r < b.changed) >= WINDOW  # a whole window without a run
+        assert sum(r > b.changed for r in runs) >= (steps - b.changed) // WINDOW * 10  # 3 ms a run: 10 fit
+        assert all(s <= b.changed for s in series(h, "costly/value")) and min(stalled) < b.changed
+        plans = series(h, "budget/plan")
+        assert "Left out: costly 8 ms" in plans[b.changed] and "Together, on the steps the budget allows: paired" in (
+            plans[b.changed]
+        )
+        assert max(s for _, s in window_shares(h, b.changed, steps)) <= 0.05 + 1e-9
+        state = cockpit.state_dict()["budget"]
+    assert state["unaffordable"] == ["costly"] and state["changed"] == b.changed
+
+
 def test_instruments_own_schedule_and_budget_both_apply(clock):
     model, opt, loss_fn = tiny()
     insts = [
