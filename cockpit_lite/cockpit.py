@@ -123,6 +123,7 @@ class Cockpit:
             profiling = profile is not False and profile is not None
             trace_dir = attach.profile_dir(self.logdir, self.sinks) if profiling else None
             self.history, self.costs = History(), Costs()
+            self._first_param = next(iter(self.params.values()), None)
             self._guard = Guard(self._warn, self.costs)
             context = Context(
                 self.network, optimizer, self.params, loss_fn, self.costs, reduction, self._warn, fraction
@@ -281,6 +282,9 @@ class Cockpit:
             self._guard.each([self.profiler], "close")
 
     def _begin(self) -> Step:
+        # a CUDA model's costs are timed on its device timeline (profiling.py): followed each step, as
+        # a model may be moved to the GPU after the cockpit was built (Lightning)
+        self.costs.follow(self._first_param)
         self._step = Step(self.step, self.instruments, self.providers, self._guard, **self._fields)
         return self._step
 

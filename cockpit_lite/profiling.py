@@ -5,6 +5,14 @@ with ``Cockpit(..., profile=True)`` shows each instrument's work by name, and it
 per step into ``cost/<name>_ms`` records. Times are *exclusive*: a region nested inside another (the
 per-sample engine's projections inside ``after_step``) is counted under its own name only, so the
 costs of one step add up to the cockpit's total (``cost/cockpit_ms``).
+
+On a CUDA model the host's clock is the wrong one: kernels run asynchronously, so a region that waits
+for the device (the step's one transfer to the host) would be charged with the training's own queued
+kernels, and a region whose kernels run later would look free. There every region is also bracketed by
+CUDA events on the current stream (:class:`DeviceClock`), and a tracked step's costs are the device
+timeline's exclusive time between them (:meth:`Costs.resolve`, after the step's transfer): a region's
+kernels while the device is busy, its host time while the device waits for it, nothing for host work
+hidden behind queued kernels, and never the wait for the training's kernels.
 """
 
 from __future__ import annotations
@@ -33,13 +41,80 @@ def label(name: str):
     return record_function(PREFIX + name) if profiler_enabled() else nullcontext()
 
 
+class DeviceClock:
+    """CUDA events on the current stream of ``device``, reused from step to step (creating one costs
+    more than recording it)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._pool: list[Any] = []
+        self._used = 0
+
+    def mark(self) -> Any:
+        """An event recorded now on the current stream (None while a CUDA graph is being captured: an
+        event recorded there would become part of the graph)."""
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        if self._used == len(self._pool):
+            self._pool.append(torch.cuda.Event(enable_timing=True))
+        event = self._pool[self._used]
+        self._used += 1
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    @staticmethod
+    def elapsed_ms(start: Any, end: Any) -> float:
+        """Device time between two recorded events (waits for ``end``)."""
+        end.synchronize()
+        return float(start.elapsed_time(end))
+
+    def reset(self) -> None:
+        self._used = 0
+
+
 class Costs:
-    """Accumulates exclusive wall time (ms) per name within one step; every region is a profiler label."""
+    """Accumulates exclusive wall time (ms) per name within one step; every region is a profiler label.
+    With a :attr:`clock` (a CUDA model: :meth:`follow`) regions are also timed on the device timeline."""
 
     def __init__(self) -> None:
         self.ms: dict[str, float] = defaultdict(float)
         self._children: list[float] = []  # time spent in nested regions, one slot per open region
         self._regions: dict[str, _Region] = {}
+        #: the device timeline's clock of a CUDA model (None: the host's clock is the step's)
+        self.clock: DeviceClock | None = None
+        self._clocks: dict[torch.device, DeviceClock] = {}
+        self._spans: list[list[Any]] = []  # [name, start event, end event, parent span or -1]
+        self._open_spans: list[int] = []
+
+    def follow(self, tensor: torch.Tensor | None) -> None:
+        """Time regions on the device timeline of ``tensor`` (a parameter of the model) if it is on a CUDA
+        device, else on the host's clock (called as each step begins: a model moved to the GPU after the
+        cockpit was built is followed)."""
+        device = tensor.device if tensor is not None else None
+        if device is None or device.type != "cuda":
+            self.clock = None
+            return
+        clock = self._clocks.get(device)
+        if clock is None:
+            clock = self._clocks[device] = DeviceClock(device)
+        self.clock = clock
+
+    def resolve(self) -> None:
+        """Replace this step's host times by the device timeline's exclusive times of the regions that
+        were bracketed by events (waits for the last of them; call it once the step's work is on the host
+        anyway). A region entered while a CUDA graph was captured keeps its host time."""
+        spans, clock = self._spans, self.clock
+        if not spans or clock is None or self._open_spans:
+            return
+        elapsed = [clock.elapsed_ms(start, end) for _, start, end, _ in spans]
+        device: dict[str, float] = defaultdict(float)
+        for (name, _, _, parent), ms in zip(spans, elapsed, strict=True):
+            device[name] += ms
+            if parent >= 0:
+                device[spans[parent][0]] -= ms
+        for name, ms in device.items():
+            self.ms[name] = max(ms, 0.0)
+        spans.clear()
 
     def region(self, name: str) -> _Region:
         """``with costs.region(name):`` times the block (exclusive of nested regions) under ``name``."""
@@ -55,6 +130,10 @@ class Costs:
     def reset(self) -> None:
         self.ms.clear()
         self._children.clear()
+        self._spans.clear()
+        self._open_spans.clear()
+        if self.clock is not None:
+            self.clock.reset()
 
 
 class _Region:
@@ -71,13 +150,28 @@ class _Region:
         label = record_function(PREFIX + self.name) if profiler_enabled() else None
         if label is not None:
             label.__enter__()
-        self.costs._children.append(0.0)
-        self._open.append((label, time.perf_counter()))
+        costs = self.costs
+        span = -1
+        if costs.clock is not None:
+            start = costs.clock.mark()
+            if start is not None:
+                span = len(costs._spans)
+                costs._spans.append([self.name, start, None, costs._open_spans[-1] if costs._open_spans else -1])
+                costs._open_spans.append(span)
+        costs._children.append(0.0)
+        self._open.append((label, time.perf_counter(), span))
 
     def __exit__(self, *exc: Any) -> None:
-        label, t0 = self._open.pop()
+        label, t0, span = self._open.pop()
         elapsed = (time.perf_counter() - t0) * 1e3
         costs = self.costs
+        if span >= 0 and costs._open_spans and costs._open_spans[-1] == span:
+            costs._open_spans.pop()
+            end = costs.clock.mark() if costs.clock is not None else None
+            if end is None:  # (cannot happen outside a capture begun inside the region): no device time
+                costs._spans[span:] = []
+            else:
+                costs._spans[span][2] = end
         nested = costs._children.pop()
         costs.ms[self.name] += elapsed - nested
         if costs._children:
@@ -93,7 +187,9 @@ _COST_KEYS: dict[str, tuple[str, str]] = {}
 def cost_records(costs: Costs, step_ms: float) -> dict[str, float]:
     """``cost/<name>_ms`` (exclusive wall time of each region this step) and ``cost/<name>_share``
     (that time / ``cost/step_ms``, the wall time from the model's forward to the records being ready);
-    ``cost/cockpit_ms``/``_share`` sum every region."""
+    ``cost/cockpit_ms``/``_share`` sum every region. On a CUDA model (``costs.clock``) the regions' times
+    are the device timeline's (:meth:`Costs.resolve`)."""
+    costs.resolve()
     out: dict[str, float] = {"cost/step_ms": step_ms}
     per_ms = 1.0 / step_ms if step_ms > 0 else math.nan
     for name, ms in costs.ms.items():

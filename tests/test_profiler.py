@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -105,6 +106,130 @@ def test_a_region_nested_in_itself_counts_its_time_once(now):
         now[0] = 6.0
     assert dict(c.ms) == {"engine": pytest.approx(6.0)}
     assert c.region("engine") is c.region("engine")
+
+
+class FakeEvent:
+    """A CUDA event on a fake device timeline: ``time`` is where the device is when it reaches it."""
+
+    def __init__(self, device_now):
+        self.device_now, self.time = device_now, None
+
+    def record(self, stream=None):
+        self.time = self.device_now[0]
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return end.time - self.time
+
+
+@pytest.fixture
+def device_clock(monkeypatch, now):
+    """Costs on a fake CUDA timeline: ``dev[0]`` (ms) is where the device is; ``now`` the host."""
+    dev = [0.0]
+    monkeypatch.setattr(profiling_mod.torch.cuda, "Event", lambda enable_timing: FakeEvent(dev))
+    monkeypatch.setattr(profiling_mod.torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(profiling_mod.torch.cuda, "is_current_stream_capturing", lambda: False)
+    c = Costs()
+    c.clock = profiling_mod.DeviceClock(torch.device("cuda"))
+    return c, dev
+
+
+def test_on_cuda_regions_cost_their_device_time_exclusive(device_clock, now):
+    """The host waits 40 ms inside `after_step` for the training's queued kernels (its transfer): the
+    device reaches the region's start only then, so the region costs its own 1 ms, not 41. `loss`'s
+    host work (3 ms) hid behind queued kernels: the device reached its end as soon as its start.
+    `outer` holds `inner`: each counts its own device time once."""
+    c, dev = device_clock
+    with c.region("loss"):
+        now[0] += 3.0  # host work only; the device is busy with the training's forward meanwhile
+    dev[0] = 50.0
+    with c.region("outer"):
+        dev[0] += 2.0
+        with c.region("inner"):
+            dev[0] += 5.0
+        dev[0] += 1.0
+    with c.region("after_step"):
+        now[0] += 41.0
+        dev[0] += 1.0
+    assert c.ms["after_step"] == pytest.approx(41.0) and c.ms["loss"] == pytest.approx(3.0)  # the host's view
+    records = profiling_mod.cost_records(c, 100.0)
+    assert records["cost/after_step_ms"] == pytest.approx(1.0)
+    assert records["cost/loss_ms"] == pytest.approx(0.0)
+    assert records["cost/outer_ms"] == pytest.approx(3.0) and records["cost/inner_ms"] == pytest.approx(5.0)
+    assert records["cost/cockpit_ms"] == pytest.approx(9.0)
+    assert records["cost/outer_share"] == pytest.approx(0.03)
+    c.reset()
+    assert not c.ms and c.clock._used == 0
+
+
+def test_a_region_entered_during_graph_capture_keeps_its_host_time(device_clock, now, monkeypatch):
+    c, dev = device_clock
+    monkeypatch.setattr(profiling_mod.torch.cuda, "is_current_stream_capturing", lambda: True)
+    with c.region("engine"):
+        now[0] += 2.0
+        dev[0] += 7.0
+    monkeypatch.setattr(profiling_mod.torch.cuda, "is_current_stream_capturing", lambda: False)
+    with c.region("loss"):
+        dev[0] += 1.0
+    assert profiling_mod.cost_records(c, 10.0)["cost/engine_ms"] == pytest.approx(2.0)
+    assert dict(c.ms) == {"engine": pytest.approx(2.0), "loss": pytest.approx(1.0)}
+
+
+def test_costs_follow_the_model_to_its_device(monkeypatch):
+    c = Costs()
+    c.follow(torch.zeros(1))
+    assert c.clock is None
+    c.follow(torch.zeros(1, device="meta"))
+    assert c.clock is None
+    if torch.cuda.is_available():
+        c.follow(torch.zeros(1, device="cuda"))
+        assert c.clock is not None and c.clock.device.type == "cuda"
+
+
+def test_the_wait_for_queued_training_kernels_is_not_the_cockpits_cost(device):
+    """A step whose plain work is long (a chain of large products in the model) and whose cockpit work is
+    the loss alone: on CUDA the kernels are queued and the step's one transfer to the host waits for
+    them inside the cockpit's `after_step`; the cost records must not charge that wait to the cockpit
+    (without the device clock `cost/after_step_ms` was most of the step there)."""
+    from cockpit_lite.instruments import Loss
+    from torch import nn
+
+    from cockpit_lite import Cockpit
+
+    class Chain(nn.Module):  # the plain work: products with a fixed matrix (no parameters)
+        def __init__(self, n: int, d: int):
+            super().__init__()
+            self.n = n
+            self.register_buffer("big", torch.randn(d, d) / d**0.5)
+
+        def forward(self, x):
+            for _ in range(self.n):
+                x = x @ self.big
+            return x
+
+    torch.manual_seed(0)
+    # on CUDA about 100 ms of kernels a step (fp32) behind a few ms of launches; on the CPU a small one
+    d = 4096 if torch.device(device).type == "cuda" else 256
+    model = nn.Sequential(nn.Linear(d, d), Chain(20, d)).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    loss_fn = nn.MSELoss()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cockpit = Cockpit(model, opt, loss_fn, instruments=[Loss()], sinks=[])
+        for _ in range(4):
+            x, y = torch.randn(d, d, device=device), torch.randn(d, d, device=device)
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        cockpit.close()
+    h = cockpit.history
+    assert len(dict(h["loss"])) == 4
+    for step in (2, 3):
+        cost, total = dict(h["cost/cockpit_ms"])[step], dict(h["cost/step_ms"])[step]
+        assert cost < 0.25 * total, (step, cost, total, {t: dict(h[t]).get(step) for t in h if t.startswith("cost/")})
 
 
 def test_profile_needs_a_logdir():
