@@ -52,14 +52,17 @@ class DeviceClock:
 
     def mark(self) -> Any:
         """An event recorded now on the current stream (None while a CUDA graph is being captured: an
-        event recorded there would become part of the graph)."""
-        if torch.cuda.is_current_stream_capturing():
+        event recorded there would become part of the graph; None too if recording fails)."""
+        try:
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            if self._used == len(self._pool):
+                self._pool.append(torch.cuda.Event(enable_timing=True))
+            event = self._pool[self._used]
+            event.record(torch.cuda.current_stream(self.device))
+        except Exception:  # never the cockpit's work: the region keeps its host time
             return None
-        if self._used == len(self._pool):
-            self._pool.append(torch.cuda.Event(enable_timing=True))
-        event = self._pool[self._used]
         self._used += 1
-        event.record(torch.cuda.current_stream(self.device))
         return event
 
     @staticmethod
@@ -106,7 +109,11 @@ class Costs:
         spans, clock = self._spans, self.clock
         if not spans or clock is None or self._open_spans:
             return
-        elapsed = [clock.elapsed_ms(start, end) for _, start, end, _ in spans]
+        try:
+            elapsed = [clock.elapsed_ms(start, end) for _, start, end, _ in spans]
+        except Exception:  # (a device error: the host's times stand)
+            spans.clear()
+            return
         device: dict[str, float] = defaultdict(float)
         for (name, _, _, parent), ms in zip(spans, elapsed, strict=True):
             device[name] += ms
