@@ -316,7 +316,7 @@ class Budget:
             f"overhead budget {self.fraction:.3g}: the instruments that run together have not fit a window of "
             f"{WINDOW} steps for {step - max(x for x in (self.start, self.last_run) if x is not None)} steps (one "
             f"of them costs more than in the warm-up): {key} is left out and the others run again. Raise the "
-            "budget, or give it every=... with budget=None"
+            "budget, or leave budget=None and give the costly instruments every=..."
         )
 
     def _solo(self, key: str) -> float:
