@@ -62,9 +62,30 @@ def without_grad(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+#: dtypes whose norms are accumulated and returned in float32 (a float16 norm above 65504 is inf; a
+#: bfloat16 one keeps 8 bits of mantissa)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def foreach_norm(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """2-norm of each tensor in one fused call (``torch._foreach_norm``)."""
-    return list(torch._foreach_norm(list(tensors)))
+    """2-norm of each tensor in one fused call (``torch._foreach_norm``); float16 and bfloat16 tensors
+    in float32 (their own dtype would overflow or round the norm), the others in their dtype."""
+    tensors = list(tensors)
+    half = [i for i, t in enumerate(tensors) if t.dtype in HALF_DTYPES]
+    if not half:
+        return list(torch._foreach_norm(tensors))
+    out: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    rest = [i for i, t in enumerate(tensors) if t.dtype not in HALF_DTYPES]
+    try:
+        low = torch._foreach_norm([tensors[i] for i in half], 2, dtype=torch.float32)
+    except TypeError:  # (a torch without the dtype argument)
+        low = [tensors[i].float().norm() for i in half]
+    for i, n in zip(half, low, strict=True):
+        out[i] = n
+    if rest:
+        for i, n in zip(rest, torch._foreach_norm([tensors[i] for i in rest]), strict=True):
+            out[i] = n
+    return out
 
 
 def foreach_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:

@@ -116,6 +116,11 @@ class Distance(Instrument):
     @without_grad
     def on_before_step(self, record):
         names = [n for n in record.params if n in self._theta0]
+        t0 = self._theta0[names[0]] if names else None
+        if t0 is not None and (t0.device, t0.dtype) != (record.params[names[0]].device, record.params[names[0]].dtype):
+            # the model moved (model.to("cuda") after the cockpit was built): theta_0 follows it
+            self._theta0 = {n: t.to(record.params[n]) if n in record.params else t for n, t in self._theta0.items()}
+            self._diff = None
         if self._diff is None:  # one buffer for theta_t - theta_0, allocated once (no page faults per step)
             self._diff = {n: torch.empty_like(self._theta0[n]) for n in names}
         for n in names:

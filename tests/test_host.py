@@ -122,3 +122,62 @@ def test_a_tracked_step_brings_its_norms_and_per_sample_vectors_over_in_one_tran
             float((p.detach() - theta[n]).double().norm()), rel=1e-5
         )
         assert h.value_at(f"grad_norm/{n}", step) == pytest.approx(float(grads[n].double().norm()), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_norms_of_half_precision_parameters_are_taken_in_float32(dtype):
+    """A model trained in float16/bfloat16 (not autocast): ||g|| against the float64 norm of the same
+    gradients (a float16 norm above 65504 was inf; bfloat16 kept 8 bits); ||theta_t - theta_0|| and
+    ||update|| too, up to the rounding of the differences, which are taken in the parameters' dtype."""
+    torch.manual_seed(0)
+    model = nn.Linear(100, 100).to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    seen: dict[str, list[float]] = {"grad": [], "before": [], "after": []}
+    theta0 = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+
+    def flat(ts):
+        return torch.cat([t.detach().double().flatten() for t in ts])
+
+    with Cockpit(model, opt, None, instruments=[GradNorm(), UpdateSize(), Distance()], sinks=[]) as cockpit:
+        opt.register_step_pre_hook(lambda *a: seen["grad"].append(flat(p.grad for p in model.parameters())))
+        opt.register_step_pre_hook(lambda *a: seen["before"].append(flat(model.parameters())))
+        opt.register_step_post_hook(lambda *a: seen["after"].append(flat(model.parameters())))
+        for _ in range(2):
+            x = torch.randn(32, 100).to(dtype)
+            opt.zero_grad()
+            (model(x) * 200.0).sum().backward()  # gradient entries about 1e3, their norm about 1e5
+            opt.step()
+    h = cockpit.history
+    for step in range(2):
+        grad = seen["grad"][step].norm().item()
+        assert grad > 65504  # what a float16 norm cannot hold
+        assert dict(h["grad_norm"])[step] == pytest.approx(grad, rel=1e-5)
+        rounding = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0**-11  # of the differences in the dtype
+        assert dict(h["distance"])[step] == pytest.approx((seen["before"][step] - theta0).norm().item(), rel=rounding)
+        update = (seen["after"][step] - seen["before"][step]).norm().item()
+        assert dict(h["update_size"])[step] == pytest.approx(update, rel=rounding)
+
+
+def test_a_model_moved_after_the_cockpit_was_built_is_followed(device):
+    """model.to(...) after Cockpit(...): Distance's theta_0 (taken when attached) and the update's
+    buffers follow the parameters to their device and dtype (before, on CUDA the difference raised on
+    every step: Distance was dark)."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    theta0 = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cockpit = Cockpit(model, opt, nn.MSELoss(), instruments=[Distance(), UpdateSize()], sinks=[])
+    model.to(device=device, dtype=torch.float64)
+    before = []
+    opt.register_step_pre_hook(lambda *a: before.append(torch.cat([p.detach().flatten() for p in model.parameters()])))
+    with cockpit:
+        for _ in range(3):
+            x = torch.randn(8, 6, dtype=torch.float64, device=device)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), torch.zeros(8, 3, dtype=torch.float64, device=device)).backward()
+            opt.step()
+    h = cockpit.history
+    assert sorted(dict(h["distance"])) == [0, 1, 2] and sorted(dict(h["update_size"])) == [0, 1, 2]
+    for step in range(3):
+        want = (before[step].cpu() - theta0).norm().item()
+        assert dict(h["distance"])[step] == pytest.approx(want, rel=1e-12)  # in float64, as the model now is

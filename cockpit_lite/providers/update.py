@@ -35,7 +35,10 @@ class UpdateProvider(Provider):
         if self.sharded:
             params = [distributed.local(p) for p in params]
         with self.context.costs.region("snapshot"):
-            if self.buffers is None:
+            first = params[0] if params else None
+            if self.buffers is None or (
+                first is not None and (self.buffers[0].device, self.buffers[0].dtype) != (first.device, first.dtype)
+            ):  # (allocated once; again if the model moved to another device or dtype)
                 self.buffers = [torch.empty_like(p) for p in params]
             foreach_copy_(self.buffers, params)
         self.taken = True
