@@ -9,8 +9,8 @@ gradient is the mean of the per-sample gradients.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -70,16 +70,52 @@ def scalar_loss(output: Any) -> torch.Tensor | None:
     return None
 
 
+@dataclass
+class DerivedLosses:
+    """Candidate per-example losses of a model that computes its own cross-entropy loss, one row per
+    convention (:func:`derived_losses`), and whether each reproduces the loss the model returned: chosen
+    once their values are on the host (:meth:`choose`), so the forward never waits for the device."""
+
+    keys: tuple[tuple, ...]  #: (shift, ignore_index, normaliser) of each row
+    rows: torch.Tensor  #: (K, B): l_i under each convention, with L = mean_i l_i
+    ok: torch.Tensor  #: (K,): 1 where the row's mean reproduces the returned loss, else 0
+    want: torch.Tensor  #: the loss the model returned (0-dim, float32)
+
+    def add(self, key: tuple, per_example: torch.Tensor) -> DerivedLosses:
+        """These candidates and one more (``per_example``, with L = mean_i l_i if it is right), last."""
+        ok = _reproduces(per_example.float().sum() / len(per_example), self.want)
+        return DerivedLosses(
+            (*self.keys, key),
+            torch.cat([self.rows, per_example.to(self.rows.dtype).unsqueeze(0)]),
+            torch.cat([self.ok, ok.float().unsqueeze(0)]),
+            self.want,
+        )
+
+    def choose(self, rows: Any, ok: Any) -> tuple[tuple, Any] | None:
+        """(key, l_i) of the first convention that reproduces the loss, from the host values of
+        :attr:`rows` and :attr:`ok`; None if none does."""
+        for k, key in enumerate(self.keys):
+            if ok[k] > 0.5:
+                return key, rows[k]
+        return None
+
+
 @without_grad
-def derived_losses(output: Any, args: tuple, kwargs: Mapping[str, Any], batch: int) -> torch.Tensor | None:
+def derived_losses(
+    output: Any, args: tuple, kwargs: Mapping[str, Any], batch: int, conventions: tuple[tuple, ...] | None = None
+) -> DerivedLosses | None:
     """Per-example losses l_i of a model that computes its own cross-entropy loss (Hugging Face heads
     given ``labels``, nanoGPT's ``forward(idx, targets)``), with L = mean_i l_i for the loss L it
-    returned; None unless one of the usual definitions reproduces L exactly (to float32 round-off).
+    returned, as candidates: a convention counts only if it reproduces L exactly (to float32 round-off),
+    which :meth:`DerivedLosses.choose` checks on the host values (no synchronisation here). None if the
+    output holds no logits and integer targets of the batch.
 
     Candidates: token cross-entropy of logits (B, T, V) against targets (B, T), next-token (shifted by
     one) or not, ignoring -100 or -1, normalised by the counted tokens or by ``num_items_in_batch``;
-    sequence classification, logits (B, C) against labels (B,). For a match, l_i = B x (sum of example
-    i's token losses) / normaliser: each sequence's share of the loss, never per-token values."""
+    sequence classification, logits (B, C) against labels (B,). l_i = B x (sum of example i's token
+    losses) / normaliser: each sequence's share of the loss, never per-token values. A convention whose
+    targets hold other negative values is computed on them masked and never matches. ``conventions``:
+    only these keys (the one that matched before: one cross-entropy instead of up to four)."""
     loss = scalar_loss(output)
     if loss is None or batch is None:
         return None
@@ -93,35 +129,51 @@ def derived_losses(output: Any, args: tuple, kwargs: Mapping[str, Any], batch: i
         return None
     if logits.shape[0] != batch or targets.shape[0] != batch:
         return None
-    want = float(loss.detach())
+    want = loss.detach().float()
     logits, targets = logits.detach().float(), targets.detach()
-    norms = [None, kwargs.get("num_items_in_batch")]
-    candidates = []
+    items = kwargs.get("num_items_in_batch")
+    if torch.is_tensor(items):
+        items = items.detach().float()
+    elif items is not None:
+        items = float(items)
+    shapes: list[tuple[tuple, torch.Tensor, torch.Tensor]] = []  # (shift, ignore), logits, targets
     if logits.dim() == 3 and targets.dim() == 2:
         for shift in (0, 1):
             lg = logits[:, :-1] if shift else logits
             tg = targets[:, 1:] if shift else targets
-            if lg.shape[1] != tg.shape[1]:
-                continue
-            for ignore in (-100, -1):
-                if bool(((tg < 0) & (tg != ignore)).any()):  # other negative targets: not this convention
-                    continue
-                ce = F.cross_entropy(lg.transpose(1, 2), tg, ignore_index=ignore, reduction="none")
-                candidates.append((ce, (tg != ignore).sum()))
+            if lg.shape[1] == tg.shape[1]:
+                shapes += [((shift, ignore), lg, tg) for ignore in (-100, -1)]
     elif logits.dim() == 2 and targets.dim() == 1:
-        ce = F.cross_entropy(logits, targets, ignore_index=-100, reduction="none").unsqueeze(1)
-        candidates.append((ce, (targets != -100).sum()))
-    for ce, count in candidates:
+        shapes.append((("classes", -100), logits, targets))
+    keys, rows, oks = [], [], []
+    for (kind, ignore), lg, tg in shapes:
+        wanted = [n for n in ("count", "items") if conventions is None or (kind, ignore, n) in conventions]
+        if not wanted:
+            continue
+        other = (tg < 0) & (tg != ignore)  # other negative targets: not this convention (masked, never matched)
+        ce = F.cross_entropy(
+            lg.transpose(1, 2) if lg.dim() == 3 else lg, tg.masked_fill(other, ignore), ignore_index=ignore,
+            reduction="none",
+        )
         per_example = ce.reshape(batch, -1).sum(1)
-        for norm in norms:
-            n = count if norm is None else norm
-            n = float(n)
-            if n <= 0:
+        valid = ~other.any()
+        for norm in wanted:
+            n = (tg != ignore).sum().float() if norm == "count" else items
+            if n is None or (not torch.is_tensor(n) and n <= 0):
                 continue
-            got = float(per_example.sum()) / n
-            if abs(got - want) <= 1e-5 * max(abs(want), 1e-6) + 1e-7:
-                return per_example * (batch / n)
-    return None
+            got = per_example.sum() / n
+            keys.append((kind, ignore, norm))
+            rows.append(per_example * (batch / n) if not torch.is_tensor(n) else per_example.mul(batch).div(n))
+            oks.append(valid & _reproduces(got, want) & (n > 0 if torch.is_tensor(n) else True))
+    if not keys:
+        return None
+    return DerivedLosses(tuple(keys), torch.stack(rows), torch.stack(oks).float(), want)
+
+
+def _reproduces(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Whether ``got`` is ``want`` to float32 round-off, or both are NaN (every target ignored: the loss
+    is 0/0, and so is every l_i); a 0-dim bool tensor: nothing is read."""
+    return ((got - want).abs() <= 1e-5 * want.abs().clamp(min=1e-6) + 1e-7) | (got.isnan() & want.isnan())
 
 
 def check_loss_module(loss_fn: object) -> None:
@@ -191,12 +243,7 @@ def per_sample_losses(
     per_sample = u if u.dim() == 1 else u.reshape(batch, -1).sum(dim=1)
     if loss_fn.reduction == "mean":
         total = nll_total_weight(output) if output is not None and type(loss_fn) in _NLL_MODULES else None
-        if total is not None:
-            if total.device.type == "cpu":  # (a host number: one scaling op, none when N = B)
-                n = float(total)
-                if n == batch:
-                    return per_sample
-                return per_sample * (batch / n if n else math.nan)  # (no target counted: the loss is 0/0)
+        if total is not None:  # (read on the device, never on the host: no target counted gives 0/0)
             return per_sample.mul(batch).div_(total)
         target = detached[1] if len(detached) >= 2 else None
         if (
@@ -254,5 +301,5 @@ def nll_losses(terms: tuple, batch: int) -> torch.Tensor | None:
         return None
     if reduction == 2:
         return per_example
-    total = float(w.sum())
-    return per_example * (batch / total if total > 0 else math.nan)  # (no target counted: the loss is 0/0)
+    # (on the device: no synchronisation; no target counted: the loss is 0/0, and so is every l_i)
+    return per_example.mul(batch).div_(w.sum())

@@ -407,3 +407,97 @@ def test_a_loss_without_a_known_form_says_so(device):
         (model(x) - F.one_hot(y, 3)).pow(4).mean().backward()  # no module, no cross-entropy
         opt.step()
     assert "no per-sample losses" in ck.history.last("note/loss") and math.isfinite(ck.history.last("loss"))
+
+
+# --- a model's own loss: candidates chosen on the host ---------------------------------------------------
+def _hand_ce(logits, targets, ignore, shift, items=None):
+    """A token cross-entropy written out (its backward root is no NLL node): mean over the counted
+    targets, or their sum / ``items``."""
+    lg, tg = (logits[:, :-1], targets[:, 1:]) if shift else (logits, targets)
+    keep = tg != ignore
+    logp = torch.log_softmax(lg.float(), -1).gather(-1, tg.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    total = -(logp * keep).sum()
+    return total / (keep.sum() if items is None else items)
+
+
+@pytest.mark.parametrize(
+    "shift,ignore,items", [(0, -100, None), (1, -100, None), (1, -1, None), (1, -100, 13.0), (0, -1, 9.0)]
+)
+def test_derived_losses_pick_the_convention_that_reproduces_the_loss(device, shift, ignore, items):
+    """Each convention (shift by one or not, -100 or -1 ignored, counted targets or num_items_in_batch):
+    the chosen row is B x (sequence i's token losses) / normaliser, in float64 from a loop; the
+    candidates are computed without reading any value on the host (the choice is made there)."""
+    from cockpit_lite.losses import derived_losses
+
+    torch.manual_seed(0)
+    b, t, v = 4, 6, 7
+    logits = torch.randn(b, t, v, device=device)
+    targets = torch.randint(0, v, (b, t), device=device)
+    targets[0, 3:] = ignore
+    loss = _hand_ce(logits, targets, ignore, shift, items)
+    kwargs = {"labels": targets} | ({"num_items_in_batch": items} if items is not None else {})
+    derived = derived_losses({"logits": logits, "loss": loss}, (), kwargs, b)
+    key, row = derived.choose(derived.rows.cpu().numpy(), derived.ok.cpu().numpy())
+    assert key[:2] == (shift, ignore) and key[2] == ("items" if items is not None else "count")
+    lg, tg = (logits[:, :-1], targets[:, 1:]) if shift else (logits, targets)
+    n = items if items is not None else float((tg != ignore).sum())
+    want = [
+        b * float(F.cross_entropy(lg[i].double(), tg[i], ignore_index=ignore, reduction="sum")) / n for i in range(b)
+    ]
+    np.testing.assert_allclose(row, want, rtol=1e-5)
+    # the convention alone, as the provider asks once it has matched: the same row
+    alone = derived_losses({"logits": logits, "loss": loss}, (), kwargs, b, conventions=(key,))
+    assert alone.keys == (key,)
+    np.testing.assert_allclose(alone.rows[0].cpu().numpy(), row, rtol=1e-6)
+
+
+def test_derived_losses_other_negative_targets_never_match(device):
+    """Targets holding -1 and -100 both: no convention ignores both, none is chosen, and nothing raises
+    (cross-entropy is never given an out-of-range target: on CUDA that is a device-side assert)."""
+    from cockpit_lite.losses import derived_losses
+
+    logits = torch.randn(2, 5, 4, device=device)
+    targets = torch.randint(0, 4, (2, 5), device=device)
+    targets[0, 0], targets[1, 1] = -1, -100
+    loss = torch.tensor(1.0, device=device)
+    derived = derived_losses((logits, loss), (None, targets), {}, 2)
+    assert derived.choose(derived.rows.cpu().numpy(), derived.ok.cpu().numpy()) is None
+
+
+class OwnLoss(nn.Module):
+    """A causal LM returning (logits, loss) with its cross-entropy written out (no NLL node to read),
+    normalised by ``num_items_in_batch`` where the loop gives it (Hugging Face's convention)."""
+
+    def __init__(self, vocab=9, d=8):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(vocab, d), nn.Linear(d, vocab)
+
+    def forward(self, ids, targets, num_items_in_batch=None):
+        logits = self.head(torch.tanh(self.emb(ids)))
+        return logits, _hand_ce(logits, targets, -100, 1, num_items_in_batch)
+
+
+def test_a_models_own_loss_keeps_its_convention_and_says_when_it_changes(device):
+    torch.manual_seed(0)
+    model = OwnLoss().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    expected = []
+    with Cockpit(model, opt, instruments=[Loss()], sinks=[]) as ck:
+        for step in range(4):
+            items = 50.0 if step >= 2 else None  # the loop starts passing num_items_in_batch at step 2
+            ids = torch.randint(0, 9, (3, 5), generator=g).to(device)
+            logits, loss = model(ids, ids, num_items_in_batch=items)
+            n = items or float(ids[:, 1:].numel())
+            lg = logits.detach().double()
+            expected.append([3 * float(F.cross_entropy(lg[i, :-1], ids[i, 1:], reduction="sum")) / n for i in range(3)])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        provider = next(p for p in ck.providers if type(p).__name__ == "LossProvider")
+        assert provider.convention == ((1, -100, "items"),)
+    per_sample = dict(ck.history["loss/per_sample"])
+    assert sorted(per_sample) == [0, 1, 3]  # step 2: the convention found before no longer matched
+    for step in (0, 1, 3):
+        np.testing.assert_allclose(per_sample[step], expected[step], rtol=1e-5)
+    assert "no longer matches the definition" in dict(ck.history["note/loss"])[2]

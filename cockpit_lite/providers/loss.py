@@ -26,12 +26,16 @@ import torch
 from torch import nn
 
 from cockpit_lite.compat import nll_terms
-from cockpit_lite.losses import derived_losses, fold_rows, nll_losses, per_sample_losses, scalar_loss
+from cockpit_lite.losses import DerivedLosses, derived_losses, fold_rows, nll_losses, per_sample_losses, scalar_loss
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.providers import register_provider
 from cockpit_lite.providers.base import BackwardRoot, LossCall, ModelCall, Provider
 from cockpit_lite.step import StepRecord
 
+CHANGED = (
+    "no per-sample losses on this step: the model's loss no longer matches the definition (shift, ignored "
+    "targets, normaliser) found on earlier steps; the next step looks for it again"
+)
 NO_PER_SAMPLE = (
     "no per-sample losses: the loss is not computed by a loss module the cockpit watches, and the model's "
     "output does not let them be derived exactly; pass Cockpit(..., loss_fn=nn.CrossEntropyLoss()) if the "
@@ -47,11 +51,14 @@ class LossProvider(Provider):
     PROVIDES = frozenset({Need.LOSS, Need.PER_SAMPLE_LOSS})
     ORDER = 0
     ALWAYS = True  # the loss of every tracked step is recorded; per-sample losses only when asked
+    #: the convention of a model's own loss that matched (``DerivedLosses`` keys): tried alone next time
+    convention: tuple[tuple, ...] | None = None
 
     def begin_step(self, record: StepRecord, needs: Needs) -> None:
         self.per_sample = Need.PER_SAMPLE_LOSS in needs.flags
         self.batches: list[int] = []
-        self.parts: list[torch.Tensor | None] = []  # l_i^(k) per micro-batch, L_k = mean (or sum) of them
+        # l_i^(k) per micro-batch, L_k = mean (or sum) of them (candidates for a model's own loss)
+        self.parts: list[torch.Tensor | DerivedLosses | None] = []
         self.values: list[torch.Tensor | None] = []  # L_k as the loss module or the model returned it
         self.roots: list[tuple[torch.Tensor, float]] = []  # (root value, GradScaler scale) per backward
         self.calls: list[int] = []  # the model call each micro-batch came from
@@ -102,7 +109,7 @@ class LossProvider(Provider):
                 raise ValueError(f"loss_fn returned {losses.numel()} values for a batch of {call.batch}: return (B,)")
             self.parts[-1] = losses
         elif fn is None:
-            self.parts[-1] = derived_losses(call.output, call.args, call.kwargs, call.batch)
+            self.parts[-1] = derived_losses(call.output, call.args, call.kwargs, call.batch, self.convention)
 
     def on_loss(self, record: StepRecord, call: LossCall) -> None:
         record.reduction = call.module.reduction
@@ -125,13 +132,18 @@ class LossProvider(Provider):
     def on_backward_root(self, record: StepRecord, root: BackwardRoot) -> None:
         if len(root.tensors) == 1 and torch.is_tensor(root.tensors[0]) and root.tensors[0].dim() == 0:
             self.roots.append((root.tensors[0], root.scale))
-            if self.per_sample and self.parts and self.parts[-1] is None and root.nodes:
-                # a functional cross-entropy / NLL in the loop: its per-example losses from its saved inputs
+            last = self.parts[-1] if self.per_sample and self.parts else False
+            if (last is None or isinstance(last, DerivedLosses)) and root.nodes:
+                # a cross-entropy / NLL in the loop (or the model): its per-example losses from its saved
+                # inputs; for a model's own loss one more candidate, kept if it reproduces that loss
                 terms = nll_terms(root.nodes[0])
-                if terms is not None:
-                    self.parts[-1] = nll_losses(terms, self.batches[-1])
-                    if self.parts[-1] is not None and self.values[-1] is None:
-                        self.values[-1] = self.parts[-1].mean() if record.reduction == "mean" else self.parts[-1].sum()
+                found = nll_losses(terms, self.batches[-1]) if terms is not None else None
+                if found is not None and isinstance(last, DerivedLosses):
+                    self.parts[-1] = last.add(("nll",), found)
+                elif found is not None:
+                    self.parts[-1] = found
+                    if self.values[-1] is None:
+                        self.values[-1] = found.mean() if record.reduction == "mean" else found.sum()
 
     def on_before_step(self, record: StepRecord) -> None:
         """The step's tensors (backward roots, the losses the modules returned where wanted, per-sample
@@ -145,7 +157,8 @@ class LossProvider(Provider):
         if parts and any(p is None for p in parts):
             record.add_note(NO_PER_SAMPLE, frozenset({Need.PER_SAMPLE_LOSS}))
             parts = []
-        tensors = [v for v, _ in self.roots] + [self.values[k] for k in given] + parts
+        flat = [t for p in parts for t in ([p.rows, p.ok] if isinstance(p, DerivedLosses) else [p])]
+        tensors = [v for v, _ in self.roots] + [self.values[k] for k in given] + flat
         if not tensors:
             return
         n_values, batches = len(self.values), list(self.batches)
@@ -156,9 +169,28 @@ class LossProvider(Provider):
             values: list[float | None] = [None] * n_values
             for k, v in zip(given, host[n_roots : n_roots + n_given], strict=True):
                 values[k] = float(v)
-            self._finish(record, roots, values, host[n_roots + n_given :], batches)
+            self._finish(record, roots, values, self._chosen(record, parts, host[n_roots + n_given :]), batches)
 
         record.host.defer(tensors, finish)
+
+    def _chosen(self, record: StepRecord, parts: list, host: list[np.ndarray]) -> list[np.ndarray]:
+        """The parts' host values, with each model's own loss's candidates replaced by the row that
+        reproduces the loss (no part at all, and a note, where none does)."""
+        out, at = [], 0
+        for p in parts:
+            if not isinstance(p, DerivedLosses):
+                out.append(host[at])
+                at += 1
+                continue
+            found = p.choose(host[at], host[at + 1])
+            at += 2
+            if found is None:
+                record.add_note(CHANGED if self.convention else NO_PER_SAMPLE, frozenset({Need.PER_SAMPLE_LOSS}))
+                self.convention = None
+                return []
+            self.convention = (found[0],)
+            out.append(found[1])
+        return out
 
     def _finish(self, record: StepRecord, roots: list, values: list, parts: list, batches: list[int]) -> None:
         if roots:

@@ -1,0 +1,69 @@
+"""A tracked step reads no tensor value on the host before its one transfer (cockpit_lite/host.py).
+
+On CUDA every read (``.item()``, ``float(t)``, ``bool(t)``, ``.tolist()``, ``torch.equal``) waits for the
+device. Counted on the CPU by :class:`tests.syncs.HostReads` from the second step on (the first step
+checks the per-sample engine's gradient sums once, by one transfer), for the loops people run: a loss
+module, a functional cross-entropy in the loop, a model that returns its own loss, with the economy
+preset and the others.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cockpit_lite.instruments import presets
+from torch import nn
+
+from cockpit_lite import Cockpit
+from tests import models
+from tests.syncs import HostReads
+from tests.test_any_loss import OwnLoss
+
+
+def _mlp_batch(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+def _token_batch(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 9, (4, 6), generator=g)
+    return ids, ids
+
+
+LOOPS = {
+    "loss module": (models.mlp, _mlp_batch, None, nn.CrossEntropyLoss()),
+    "functional cross-entropy": (models.mlp, _mlp_batch, lambda m, x, y: F.cross_entropy(m(x), y), None),
+    "the model's own loss": (OwnLoss, _token_batch, lambda m, x, y: m(x, y)[1], None),
+}
+
+
+def _train(make, batch, loss_of, loss_fn, instruments, steps=4, accumulate=1, scaler=None):
+    torch.manual_seed(0)
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with HostReads() as reads, Cockpit(model, opt, loss_fn, instruments=instruments, sinks=[]) as cockpit:
+        for step in range(steps):
+            for k in range(accumulate):
+                x, y = batch(10 * step + k)
+                loss = (loss_fn(model(x), y) if loss_fn is not None else loss_of(model, x, y)) / accumulate
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad()
+    return reads, cockpit
+
+
+@pytest.mark.parametrize("loop", list(LOOPS))
+@pytest.mark.parametrize("preset", ["economy", "full"])
+def test_no_host_read_before_the_transfer(loop, preset):
+    make, batch, loss_of, loss_fn = LOOPS[loop]
+    reads, cockpit = _train(make, batch, loss_of, loss_fn, getattr(presets, preset)())
+    assert not reads.after(1), reads.after(1)
+    assert len(dict(cockpit.history["loss/per_sample"])) == 4  # (the statistics were computed)
+    # the counter sees reads: the first step's check of the gradient sums is one
+    assert [what for (where, what) in reads.after(0) if where.startswith("engine.py")] == ["cpu", "tolist"]
