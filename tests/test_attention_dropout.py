@@ -340,7 +340,10 @@ def test_an_sdpa_backend_chosen_around_the_forward_only_is_the_replays_too(repla
 # --- when the mask cannot be redrawn, no numbers rather than wrong ones ----------------------------------
 def test_a_random_draw_between_the_hooks_and_the_dropout_is_refused():
     """A forward pre-hook registered after the cockpit draws random numbers: the replay, started from
-    the state saved before that hook, draws another mask; the step gets a note, no numbers."""
+    the state saved before that hook, draws another mask. The replay's output is compared with the
+    call's on the host, with the step's other values (no wait for the device in backward): the step gets
+    a note and no per-sample numbers; from the next step on that attention is left out (its mask cannot
+    be redrawn) and the other layers are computed. Never another mask's numbers."""
     torch.manual_seed(0)
     model = LM()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -350,18 +353,20 @@ def test_a_random_draw_between_the_hooks_and_the_dropout_is_refused():
         warnings.simplefilter("always")
         with Cockpit(model, opt, loss_fn, instruments=[probe]):
             handle = model.enc.layers[0].self_attn.register_forward_pre_hook(lambda m, a: torch.rand(1) and None)
-            x, y = _tokens()
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            opt.step()
+            for _ in range(2):
+                x, y = _tokens()
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
             handle.remove()
-    (rec,) = probe.records
-    # that attention is left out (never given another mask's numbers), the other layers are computed
+    first, second = probe.records
+    assert first.per_sample_sq_norms is None and first.per_sample_sq_norms_by_param is None
+    assert any("another output" in n and "dropout mask cannot be redrawn" in n for n in first.notes)
     assert {"enc.layers.0.self_attn.in_proj_weight", "enc.layers.0.self_attn.out_proj.weight"} <= set(
-        rec.per_sample_uncovered
+        second.per_sample_uncovered
     )
-    assert not set(rec.per_sample_uncovered) & set(rec.per_sample_sq_norms_by_param)
-    text = " ".join(rec.notes) + " ".join(str(w.message) for w in caught)
+    assert not set(second.per_sample_uncovered) & set(second.per_sample_sq_norms_by_param)
+    text = " ".join(second.notes) + " ".join(str(w.message) for w in caught)
     assert "another output" in text and "dropout mask" in text and "cannot be redrawn" in text
 
 

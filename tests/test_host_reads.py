@@ -16,7 +16,7 @@ from cockpit_lite.instruments import presets
 from torch import nn
 
 from cockpit_lite import Cockpit
-from tests import models
+from tests import models, models_lm
 from tests.syncs import HostReads
 from tests.test_any_loss import OwnLoss
 
@@ -32,10 +32,23 @@ def _token_batch(seed: int):
     return ids, ids
 
 
+def _gpt_batch(seed: int):
+    return models_lm.token_batch(4, 8, 50, seed=seed)
+
+
+def _classes_batch(seed: int):
+    torch.manual_seed(seed)
+    return models.token_batch()
+
+
 LOOPS = {
     "loss module": (models.mlp, _mlp_batch, None, nn.CrossEntropyLoss()),
     "functional cross-entropy": (models.mlp, _mlp_batch, lambda m, x, y: F.cross_entropy(m(x), y), None),
     "the model's own loss": (OwnLoss, _token_batch, lambda m, x, y: m(x, y)[1], None),
+    # position embeddings broadcast over the batch, tied weights, the loss inside forward
+    "nanoGPT": (models_lm.NanoGPT, _gpt_batch, lambda m, x, y: m(x, y)[1], None),
+    # nn.MultiheadAttention, replayed in backward
+    "TransformerEncoderLayer": (models.TinyTransformer, _classes_batch, None, nn.CrossEntropyLoss()),
 }
 
 

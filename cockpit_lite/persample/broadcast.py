@@ -37,10 +37,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from cockpit_lite.compat import saved_attribute, tree_flatten, tree_map
+from cockpit_lite.persample.checks import DeferredCheck
 
 #: ops whose output may carry the batch axis while one input does not (the broadcasting op)
 BROADCAST_OPS = frozenset({"AddBackward0", "SubBackward0", "MulBackward0", "ExpandBackward0"})
@@ -411,24 +413,29 @@ class BroadcastTracker:
             got += " (the per-sample engine splits a bare parameter into examples where it is broadcast over the batch)"
         self.param_failures[slot.owner] = got
 
-    def check(self) -> str | None:
-        """After backward: None if every broadcast tensor's shares add up to the gradient autograd
-        summed for it, else a message naming those that do not (one transfer for all)."""
+    def check(self) -> DeferredCheck | None:
+        """After backward: the condition that every broadcast tensor's shares add up to the gradient
+        autograd summed for it, decided with the step's values on the host (None: nothing broadcast)."""
         sums, self._sums = self._sums, []
         if not sums:
             return None
         rtol = SUM_RTOL[1] if self.low_precision else SUM_RTOL[0]
         errs = torch.stack([(a.double() - b.double()).norm() for _, a, b in sums])
         scales = torch.stack([b.double().norm() + a.double().norm() for _, a, b in sums])
-        rows = torch.stack([errs, scales]).cpu().tolist()
-        bad = [label for (label, _, _), e, s in zip(sums, *rows, strict=True) if not e <= rtol * s]
-        if not bad:
-            return None
-        return (
-            f"the per-example shares of {', '.join(bad)} (broadcast over the batch) do not add up to the "
-            "gradient autograd summed for it: it is also used outside the model's forward or by an op the "
-            "per-sample engine did not see. Per-sample statistics are skipped for this step"
-        )
+        labels = [label for label, _, _ in sums]
+
+        def verdict(host: np.ndarray) -> str | None:
+            errs, scales = host[: len(labels)], host[len(labels) :]
+            bad = [label for label, e, s in zip(labels, errs, scales, strict=True) if not e <= rtol * s]
+            if not bad:
+                return None
+            return (
+                f"the per-example shares of {', '.join(bad)} (broadcast over the batch) do not add up to the "
+                "gradient autograd summed for it: it is also used outside the model's forward or by an op the "
+                "per-sample engine did not see. Per-sample statistics are skipped for this step"
+            )
+
+        return DeferredCheck(torch.cat([errs, scales]), verdict)
 
 
 def expand_over_batch(capture: Any, batch: int) -> Any:

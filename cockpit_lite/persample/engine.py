@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -30,6 +31,7 @@ from cockpit_lite.hooks import SharedHook, on_gradient
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.pause import is_paused, paused
 from cockpit_lite.persample.broadcast import BroadcastTracker, expand_over_batch
+from cockpit_lite.persample.checks import DeferredCheck
 from cockpit_lite.persample.layers import (
     BareParamsHandler,
     Handler,
@@ -66,6 +68,8 @@ class PerSampleResult:
     covered: frozenset[str]  #: parameter names whose per-sample gradients were seen
     failure: str | None  #: why nothing was computed this step (None: all is well)
     notes: tuple[str, ...] = ()  #: what was left out, and why
+    #: conditions the statistics hold under, decided with the step's values on the host
+    checks: tuple[DeferredCheck, ...] = ()
 
     def __post_init__(self) -> None:
         """Read-only views of the mappings the engine built (it builds new ones for its next step)."""
@@ -73,6 +77,7 @@ class PerSampleResult:
             object.__setattr__(self, name, MappingProxyType(getattr(self, name)))
         object.__setattr__(self, "covered", frozenset(self.covered))
         object.__setattr__(self, "notes", tuple(self.notes))
+        object.__setattr__(self, "checks", tuple(self.checks))
 
 
 def _projections(views: list[View], directions: Mapping) -> dict[str, torch.Tensor]:
@@ -380,6 +385,8 @@ class PerSampleEngine:
         self.covered: set[str] = set()
         self._tied_views: dict[int, list[View]] = {}
         self._dropped_groups: set[int] = set()
+        #: conditions of this step's statistics, decided on the host with its other values
+        self.checks: list[DeferredCheck] = []
         #: this step is checked by :meth:`check_sums`: per layer (B sum_i g_i . gbar, B sum_i |g_i . gbar|)
         self.checking = False
         #: some output gradient arrived in float16/bfloat16 (autocast): looser tolerance for the check
@@ -877,6 +884,7 @@ class PerSampleEngine:
             finally:
                 self._processing = False
                 handler.__dict__.pop("sample_axes", None)
+            self.checks += handler.take_checks()
             if calls.weight_grads and len(calls.weight_grads) == len(calls.captures):
                 view.batch_grad_parts = (list(calls.weight_grads.values()), self.inv_scale)
             if module in self.tied:  # added to the other uses of its parameters at the end of backward
@@ -933,6 +941,26 @@ class PerSampleEngine:
                     self.needs.directions or Need.PER_SAMPLE_CROSS in flags
                 ):  # over the budget: give the trial up for this micro-batch
                     self._trial_over, self._trial, self._whole, self._kept = self._trial_size, False, False, []
+
+    def decide_checks(self) -> None:
+        """Decide this step's conditions now (one transfer; a pass whose values are needed before the
+        step's own transfer, such as cross products read before the optimizer step): the first that
+        fails the whole step fails it (:meth:`fail`); one that concerns some statistics only stays."""
+        if not self.checks:
+            return
+        whole = [c for c in self.checks if c.drops is None]
+        self.checks = [c for c in self.checks if c.drops is not None]
+        if not whole:
+            return
+        host = torch.cat([c.values.reshape(-1) for c in whole]).double().cpu().numpy()
+        at = 0
+        for c in whole:
+            n = c.values.numel()
+            note = c.decide(host[at : at + n])
+            at += n
+            if note is not None:
+                self.fail(note)
+                return
 
     def before_step(self, mean_grad: Mapping[str, torch.Tensor] | None = None) -> None:
         """The optimizer is about to step: no micro-batch follows. Views kept only to join micro-batches
@@ -1004,9 +1032,9 @@ class PerSampleEngine:
                 self.drop(module, f"{type(e).__name__}: {e}")
         try:
             self._reduce_tied()
-            mismatch = self._bcast.check()
-            if mismatch is not None:
-                raise PerSampleUndefined(mismatch)
+            check = self._bcast.check()
+            if check is not None:
+                self.checks.append(check)
         except PerSampleUndefined as e:
             self.fail(str(e))
         except Exception as e:
@@ -1072,7 +1100,9 @@ class PerSampleEngine:
             return self._joined(directions or {}, mean_grad)
         projections = self.project(dict(directions)) if directions and self.failure is None else {}
         self._kept = []
-        return PerSampleResult(self.sq, self.dot_mean, self.gram, self.grads, projections, self.covered, self.failure)
+        return PerSampleResult(
+            self.sq, self.dot_mean, self.gram, self.grads, projections, self.covered, self.failure, (), self.checks
+        )
 
     @torch.no_grad()
     def _joined(self, directions: Mapping, mean_grad: Mapping[str, torch.Tensor] | None) -> PerSampleResult:
@@ -1126,16 +1156,8 @@ class PerSampleEngine:
                 if not segments[-1].mean:  # p.grad = sum_i g_i: gbar is p.grad / N
                     dot_mean = dot_mean / sum(batches)
                 names = {name for seg in segments for v in seg.kept for name in v.names}
-                ratio = self._mean_check(dot_mean, mean_grad, names, 1.0 if segments[-1].mean else 1.0 / sum(batches))
-                if ratio is not None:
-                    dot_mean = None
-                    notes.append(
-                        "g_i . gbar of this accumulated step is left out: gbar taken from p.grad after its last "
-                        "backward is not the mean of the step's per-sample gradients (sum_i g_i . gbar / "
-                        f"(N ||gbar||^2) = {ratio:.4g}, not 1): a gradient left from before the step (no "
-                        "zero_grad()), or a term of the loss or a use of the weights that the per-layer hooks do "
-                        "not see"
-                    )
+                unit = 1.0 if segments[-1].mean else 1.0 / sum(batches)
+                self.checks.append(self._mean_check(dot_mean, mean_grad, names, unit))
         if directions:
             if whole:
                 projections = joined([_projections(seg.kept, dict(directions)) for seg in segments])
@@ -1158,21 +1180,33 @@ class PerSampleEngine:
             seg.kept = []
         self._segments, self._kept = [], []
         covered = set.intersection(*(seg.covered for seg in segments))
-        return PerSampleResult(sq, dot_mean, gram, grads, projections, covered, None, notes)
+        return PerSampleResult(sq, dot_mean, gram, grads, projections, covered, None, notes, self.checks)
 
     def _mean_check(
         self, dot: torch.Tensor, mean_grad: Mapping[str, torch.Tensor], names: Collection[str], unit: float
-    ) -> float | None:
-        """None if gbar = ``unit`` x ``mean_grad`` (over ``names``) is the mean of the g_i whose g_i . gbar
-        are ``dot``: sum_i g_i . gbar = N ||gbar||^2, to the tolerance of :meth:`check_sums` (one
-        transfer). Else the ratio of the two sides."""
+    ) -> DeferredCheck:
+        """gbar = ``unit`` x ``mean_grad`` (over ``names``) must be the mean of the g_i whose g_i . gbar are
+        ``dot``: sum_i g_i . gbar = N ||gbar||^2, to the tolerance of :meth:`check_sums`; decided on the
+        host with the step's values (else g_i . gbar is left out, with the ratio of the two sides)."""
         sq = [mean_grad[n].double().square().sum() for n in names if n in mean_grad]
         want = (torch.stack(sq).sum() if sq else dot.new_zeros((), dtype=torch.float64)) * (unit * unit * len(dot))
-        got, spread, want = torch.stack([dot.double().sum(), dot.double().abs().sum(), want.to(dot.device)]).tolist()
+        values = torch.stack([dot.double().sum(), dot.double().abs().sum(), want.to(dot.device)])
         rtol, stol = (3e-2, 3e-3) if self.low_precision else (1e-3, 1e-4)
-        if not all(math.isfinite(v) for v in (got, spread, want)) or abs(got - want) <= rtol * want + stol * spread:
-            return None
-        return got / want if want > 0 else float("inf")
+
+        def verdict(host: np.ndarray) -> str | None:
+            got, spread, want = (float(v) for v in host)
+            if not all(math.isfinite(v) for v in (got, spread, want)) or abs(got - want) <= rtol * want + stol * spread:
+                return None
+            ratio = got / want if want > 0 else float("inf")
+            return (
+                "g_i . gbar of this accumulated step is left out: gbar taken from p.grad after its last "
+                "backward is not the mean of the step's per-sample gradients (sum_i g_i . gbar / "
+                f"(N ||gbar||^2) = {ratio:.4g}, not 1): a gradient left from before the step (no "
+                "zero_grad()), or a term of the loss or a use of the weights that the per-layer hooks do "
+                "not see"
+            )
+
+        return DeferredCheck(values, verdict, frozenset({"dot_mean"}))
 
     def _first_step_note(self, what: str) -> str:
         """Why the first accumulated step leaves ``what`` out, and the fix."""
@@ -1230,6 +1264,8 @@ class PerSampleEngine:
             if session._outputs:
                 torch.autograd.grad(losses.sum(), session._outputs, allow_unused=True)
             session.finish_backward()
+        if session.failure is None:  # (the probe is its own pass: its conditions are decided now)
+            session.decide_checks()
         if session.failure is not None:
             raise RuntimeError(session.failure)
         views = {tuple(v.names): v for v in session.kept_views()}

@@ -18,6 +18,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +39,7 @@ from cockpit_lite.compat import (
 )
 from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.persample.broadcast import dropout_active
+from cockpit_lite.persample.checks import DeferredCheck
 from cockpit_lite.persample.views import (
     ConvView,
     EmbeddingView,
@@ -173,6 +175,11 @@ class Handler:
 
     def check(self) -> None:
         """Raise :class:`PerSampleUndefined` if per-sample gradients are undefined right now."""
+
+    def take_checks(self) -> list[DeferredCheck]:
+        """The conditions the last :meth:`view` holds under, to be decided on the host with the step's
+        values (:mod:`cockpit_lite.persample.checks`); taken once, after each :meth:`view`."""
+        return []
 
     def pre_forward(self, args: tuple, kwargs: dict) -> None:
         """Called just before each forward call of the module on a step with per-sample work, when a
@@ -895,6 +902,44 @@ class AttentionHandler(FuncHandler):
     def __init__(self, module: nn.Module, names: dict[str, str]):
         super().__init__(module, names)
         self._pending: _Snapshot | None = None
+        #: per replayed call of the last view: 1 where the replay reproduced the call bit for bit and its
+        #: out-projection is laid out as read (decided on the host: :meth:`take_checks`)
+        self._same: list[torch.Tensor] = []
+        self._random_calls = False
+        #: why replays stopped being taken (a replay that did not reproduce its call): calls without
+        #: randomness are served by :class:`FuncHandler` from then on, random ones give no numbers
+        self.no_replay: str | None = None
+
+    def take_checks(self) -> list[DeferredCheck]:
+        same, self._same = self._same, []
+        if not same:
+            return []
+        random = self._random_calls
+
+        def verdict(host: np.ndarray) -> str | None:
+            if (host > 0.5).all():
+                return None
+            return (
+                f"the replay of {type(self.module).__name__} ({', '.join(self.names.values())}) gave another output "
+                "than its call"
+                + (
+                    " (something drew random numbers between the call's forward pre-hooks and its dropout, or a "
+                    "forward hook changed its output)"
+                    if random
+                    else " (a forward hook changed its output, or a kernel is not deterministic)"
+                )
+                + ": per-sample statistics are skipped for this step; from the next step on its calls are "
+                + ("served without a replay" if not random else "left out (their dropout mask cannot be redrawn)")
+            )
+
+        def on_fail() -> None:
+            self.no_replay = (
+                "an earlier replay gave another output than its call (a random draw between the call's forward "
+                "pre-hooks and its dropout, a forward hook that changes its output, or a kernel that is not "
+                "deterministic)"
+            )
+
+        return [DeferredCheck(torch.stack(same).float(), verdict, None, on_fail)]
 
     def _random(self) -> bool:
         m = self.module
@@ -936,9 +981,13 @@ class AttentionHandler(FuncHandler):
         )
 
     def view(self, captures, grads, batch, inv_scale):
+        self._same, self._random_calls = [], any(c.random for c in captures)
         try:
+            if self.no_replay is not None:
+                raise _NotReplayable(self.no_replay)
             return self._replayed_view(captures, grads, batch, inv_scale)
         except _NotReplayable as e:
+            self._same = []
             if any(c.random for c in captures):
                 raise ValueError(
                     f"{e}; the attention dropout mask of this step cannot be redrawn, so per-sample statistics "
@@ -996,17 +1045,8 @@ class AttentionHandler(FuncHandler):
             if rec.calls != 1 or not rec.linears or len(outs) != len(call.outputs):
                 raise _NotReplayable(f"{type(m).__name__}.forward did not run F.multi_head_attention_forward once")
             for r, o in zip(outs, call.outputs, strict=True):
-                if not self._same_output(r.detach(), o):
-                    raise _NotReplayable(
-                        "its replay gave another output than the call"
-                        + (
-                            " (something drew random numbers between the call's forward pre-hooks and its dropout, "
-                            "or a forward hook changed its output)"
-                            if call.random
-                            else " (a forward hook changed its output, or a kernel is not deterministic)"
-                        )
-                    )
-            self._check_layout(rec, flat[0], n)
+                self._same.append(self._same_output(r.detach(), o))
+            self._same.append(self._check_layout(rec, flat[0], n))
             params = dict(m.named_parameters())
             located = [(_locate(w, params), _locate(b, params), x, z) for x, w, b, z in rec.linears]
             wanted = [
@@ -1041,13 +1081,16 @@ class AttentionHandler(FuncHandler):
         return parts, extra
 
     @staticmethod
-    def _same_output(replayed: torch.Tensor, captured: torch.Tensor) -> bool:
-        """Bit for bit: the same kernels on the same inputs with the same mask give the same numbers."""
-        return replayed.shape == captured.shape and replayed.dtype == captured.dtype and torch.equal(replayed, captured)
+    def _same_output(replayed: torch.Tensor, captured: torch.Tensor) -> torch.Tensor:
+        """Bit for bit: the same kernels on the same inputs with the same mask give the same numbers (a
+        0-dim bool on the device, decided on the host with the step's values; NaN is never the same)."""
+        if replayed.shape != captured.shape or replayed.dtype != captured.dtype:
+            raise _NotReplayable("its replay gave an output of another shape or dtype than the call")
+        return (replayed == captured).all()
 
-    def _check_layout(self, rec: _ProjectionRecorder, output: torch.Tensor, n: int) -> None:
+    def _check_layout(self, rec: _ProjectionRecorder, output: torch.Tensor, n: int) -> torch.Tensor:
         """The out-projection's rows are (position, sample) pairs as :func:`_per_sample` reads them: its
-        output, so read, must be the call's output."""
+        output, so read, must be the call's output (a 0-dim bool on the device, as :meth:`_same_output`)."""
         m = self.module
         out = output.detach()
         if out.dim() == 2:
@@ -1055,8 +1098,10 @@ class AttentionHandler(FuncHandler):
         elif m.batch_first:
             out = out.transpose(0, 1)
         z = rec.linears[-1][3].detach()
-        if z.shape[-1] != out.shape[-1] or not torch.equal(_per_sample(z, n), out.transpose(0, 1)):
+        read = _per_sample(z, n)
+        if z.shape[-1] != out.shape[-1] or read.shape != out.transpose(0, 1).shape:
             raise _NotReplayable("its last projection is not the output projection laid out as expected")
+        return (read == out.transpose(0, 1)).all()
 
     def _replayed_view(self, captures, grads, batch, inv_scale) -> View:
         parts: list[_Part] = []

@@ -9,16 +9,19 @@ record's numpy fields with one transfer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from cockpit_lite.compat import BatchNormBase, without_grad
 from cockpit_lite.model_io import any_grad
 from cockpit_lite.needs import Need, Needs
+from cockpit_lite.persample.checks import DeferredCheck
 from cockpit_lite.persample.coupled import CHUNK_NEEDS, SQ_NEEDS, CoupledPath, CoupledRecorder, couples_examples
 from cockpit_lite.persample.engine import ALL_PARAMS, PER_SAMPLE_NEEDS, PerSampleEngine, PerSampleResult
 from cockpit_lite.providers import register_provider
-from cockpit_lite.providers.base import Context, LossCall, ModelCall, Provider, host_float64
+from cockpit_lite.providers.base import Context, LossCall, ModelCall, Provider
 from cockpit_lite.providers.grad_norms import grad_norms
 from cockpit_lite.step import StepRecord
 
@@ -199,8 +202,10 @@ class PerSampleProvider(Provider):
                     self.PROVIDES,
                 )
         if Need.PER_SAMPLE_CROSS in self.needs.flags:
-            record.views = eng.kept_views()
-            record.engine = eng
+            eng.decide_checks()  # the views are read before the step's transfer: their conditions now
+            if eng.failure is None:
+                record.views = eng.kept_views()
+                record.engine = eng
 
     @without_grad
     def on_after_step(self, record: StepRecord) -> None:
@@ -280,36 +285,65 @@ class PerSampleProvider(Provider):
         self._fill(record, result)
 
     def _fill(self, record: StepRecord, result: PerSampleResult) -> None:
-        """The result's B-vectors (squared norms, g_i . gbar, projections) join the step's host batch, to
-        reach the record with the step's other numbers by one transfer; Gram entries and g_i now."""
+        """The result's B-vectors (squared norms, g_i . gbar, projections), Gram entries and the values of
+        its conditions join the step's host batch, to reach the record with the step's other numbers by
+        one transfer (:meth:`_rows`); g_i (device tensors) now, withdrawn if a condition fails."""
         flags = self.needs.flags
         names = list(result.sq_norms) if flags & SQ_NEEDS else []
         dot_mean = result.dot_mean if Need.PER_SAMPLE_DOT_MEAN in flags else None
         keys = list(result.projections)
+        grams = list(result.gram) if flags & {Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM} else []
         rows = [result.sq_norms[n] for n in names] + ([dot_mean] if dot_mean is not None else [])
-        rows += [result.projections[k] for k in keys]
+        rows += [result.projections[k] for k in keys] + [result.gram[n] for n in grams]
+        rows += [c.values for c in result.checks]
         if rows:
-            record.host.defer(rows, lambda values: self._rows(record, names, dot_mean is not None, keys, values))
-        if flags & {Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM} and result.gram:
-            by_param = {n: host_float64(v) for n, v in result.gram.items()}
-            record.per_sample_gram = np.sum(list(by_param.values()), axis=0)
-            if Need.PER_SAMPLE_GRAM_BY_PARAM in flags:
-                record.per_sample_gram_by_param = by_param
+            layout = _Layout(names, dot_mean is not None, keys, grams, result.checks)
+            record.host.defer(rows, lambda values: self._rows(record, layout, values))
         if Need.PER_SAMPLE_GRADS in flags and result.grads:
             record.per_sample_grads = dict(result.grads)
 
-    @staticmethod
-    def _rows(record: StepRecord, names: list[str], dot: bool, keys: list[str], values: list[np.ndarray]) -> None:
-        """Fill the record from the host values of :meth:`_fill`'s rows (in its order)."""
+    def _rows(self, record: StepRecord, layout: _Layout, values: list[np.ndarray]) -> None:
+        """Fill the record from the host values of :meth:`_fill`'s rows (in its order), unless one of
+        the result's conditions fails: then what it concerns is left out, with its note."""
+        n_checks = len(layout.checks)
+        checks, values = (values[-n_checks:], values[:-n_checks]) if n_checks else ([], values)
+        dropped: set[str] = set()
+        for check, host in zip(layout.checks, checks, strict=True):
+            note = check.decide(host)
+            if note is not None:
+                self.context.warn(note)
+                record.add_note(note, self.PROVIDES)
+                dropped |= {"*"} if check.drops is None else set(check.drops)
+        if "*" in dropped:
+            record.per_sample_grads = None
+            return
+        names, keys, grams = layout.names, layout.keys, layout.grams
         sq, rest = values[: len(names)], values[len(names) :]
         if names == [ALL_PARAMS]:  # the total alone was asked for
             record.per_sample_sq_norms = sq[0]
         elif names:
             record.per_sample_sq_norms_by_param = dict(zip(names, sq, strict=True))
             record.per_sample_sq_norms = np.add.reduce(sq, axis=0)  # (np.sum without its wrapper)
-        if dot:
-            record.per_sample_dot_mean = rest[0]
-            record.mean_grad_sq_norm = float(np.add.reduce(rest[0])) / len(rest[0])
+        if layout.dot:
+            if "dot_mean" not in dropped:
+                record.per_sample_dot_mean = rest[0]
+                record.mean_grad_sq_norm = float(np.add.reduce(rest[0])) / len(rest[0])
             rest = rest[1:]
-        for key, proj in zip(keys, rest, strict=True):
+        for key, proj in zip(keys, rest[: len(keys)], strict=True):
             record.projections[key] = proj
+        if grams:
+            by_param = dict(zip(grams, rest[len(keys) :], strict=True))
+            record.per_sample_gram = np.add.reduce(list(by_param.values()), axis=0)
+            if Need.PER_SAMPLE_GRAM_BY_PARAM in self.needs.flags:
+                record.per_sample_gram_by_param = by_param
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each of :meth:`PerSampleProvider._fill`'s rows sits in the host values."""
+
+    names: list[str]
+    dot: bool
+    keys: list[str]
+    grams: list[str]
+    checks: tuple[DeferredCheck, ...]
