@@ -36,7 +36,7 @@ from cockpit_lite.hooks import SharedHook, on_gradient
 from cockpit_lite.instrument import Instrument
 from cockpit_lite.lifecycle import Guard, Step, guarded
 from cockpit_lite.losses import check_loss
-from cockpit_lite.model_io import any_grad, batch_of, step_closure, tensors_of
+from cockpit_lite.model_io import batch_of, grad_marks, step_closure, tensors_of, zeroed_since
 from cockpit_lite.pause import is_paused
 from cockpit_lite.profiling import Costs, Profiler
 from cockpit_lite.providers import BackwardRoot, Context, LossCall, ModelCall, registered_providers
@@ -303,7 +303,7 @@ class Cockpit:
             return
         st = self._step
         skipped = 0
-        if st is not None and st.backward_done and not any_grad(self.params):
+        if st is not None and st.backward_done and zeroed_since(self.params, st.grad_marks):
             # backward ran, grads were zeroed, no step came (the loop or AMP skipped it): this is a retry
             skipped = st.skipped + st.abandoned_calls() + 1
             st.end()
@@ -390,6 +390,7 @@ class Cockpit:
                 queue_backward_callback(functools.partial(self._on_backward_end, True))
                 return
             st.backward_done, st.in_backward, st.queued = True, False, False
+            st.grad_marks = grad_marks(self.params)  # (a later forward tells a retry from accumulation by them)
             with self.costs.region("after_backward"):
                 st.event("on_backward_end")
 

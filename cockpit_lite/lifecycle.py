@@ -120,6 +120,8 @@ class Step:
         #: iterations abandoned since the last optimizer step and before this step's (a retry after a
         #: backward with no step: see ``Cockpit._on_model_forward``)
         self.skipped = 0
+        #: the gradients at the end of the last backward (``model_io.grad_marks``)
+        self.grad_marks: tuple = ()
         guard.costs.reset()
         scheduled: list[tuple[Instrument, Needs]] = []
         base = True  # every scheduled instrument asks its NEEDS (a plan of the same ones can be reused)

@@ -31,9 +31,27 @@ def tensors_of(output: Any) -> list[torch.Tensor]:
 
 
 def any_grad(params: Mapping[str, nn.Parameter]) -> bool:
-    """Whether any parameter holds a gradient other than None or zeros (one fused reduction)."""
+    """Whether any parameter holds a gradient other than None or zeros (one fused reduction, read on the
+    host: on CUDA a synchronisation)."""
     grads = [p.grad for p in params.values() if p.grad is not None]
     return bool(grads) and bool(torch.stack(foreach_norm(grads)).any())
+
+
+def grad_marks(params: Mapping[str, nn.Parameter]) -> tuple:
+    """(parameter, its gradient, that tensor's version counter) for every parameter with a gradient."""
+    return tuple((p, p.grad, p.grad._version) for p in params.values() if p.grad is not None)
+
+
+def zeroed_since(params: Mapping[str, nn.Parameter], marks: tuple) -> bool:
+    """Whether every gradient is None or zero, knowing what :func:`grad_marks` saw at the end of the
+    last backward: the same tensors at the same versions were not touched (no zeroing: the loop
+    accumulates); all None were zeroed (``zero_grad()``, ``set_to_none``); only otherwise (zeroed or
+    changed in place) are the values read (:func:`any_grad`)."""
+    if marks and all(p.grad is g and g._version == v for p, g, v in marks):
+        return False
+    if all(p.grad is None for p in params.values()):
+        return True
+    return not any_grad(params)
 
 
 def step_closure(closure: Callable[[], Any], gradients_final: Callable[[], Any]) -> Callable[[], Any]:

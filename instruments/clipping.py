@@ -339,16 +339,16 @@ class Clipping(Instrument):
             g_norms.append(g)
             w_norms.append(unitwise_norm(p.detach()).reshape(-1))
         if g_norms or g_excluded:
-            # one tensor, one transfer: [w (kept units), g (kept units), g (excluded units)]
-            self._agc = (names, sizes, sum(sizes), torch.cat(w_norms + g_norms + g_excluded))
+            # one tensor: [w (kept units), g (kept units), g (excluded units)], with the step's other numbers
+            self._agc = (names, sizes, sum(sizes), record.host.defer([torch.cat(w_norms + g_norms + g_excluded)]))
 
     def compute(self, record):
         out: dict = {}
         agc_data, self._agc = self._agc, None
         units = None
         if agc_data is not None:
-            names, sizes, n, flat = agc_data
-            flat = flat.double().cpu().numpy()
+            names, sizes, n, deferred = agc_data
+            (flat,) = deferred.get()  # (float64, brought over by the step's one transfer)
             units = (names, sizes, flat[:n], flat[n : 2 * n], flat[n:])
         if "global" in self.kinds:
             out.update(self._global(record, units))

@@ -134,6 +134,7 @@ class TracIn(Instrument):
         self._seen = np.zeros(0, dtype=bool)
         self.steps = 0
         self.probe_steps = 0
+        self._pending_probe: tuple | None = None  #: (dataset indices, deferred rows) of this step's probes
         self._group_of: dict[str, int] = {}
         self._collector: ViewCollector | None = None
         self._model: torch.nn.Module | None = None
@@ -325,6 +326,11 @@ class TracIn(Instrument):
             if not merged:
                 raise
             idx, rows, why = None, None, f"{type(e).__name__}: {e}"
+        if not merged and why is None and idx is not None:
+            # the rows reach the host with the step's other numbers (one transfer): added in compute()
+            self._pending_probe = (idx, record.host.defer([rows]))
+            return
+        rows = rows.cpu().numpy() if torch.is_tensor(rows) else rows
         if merged:
             parts = all_gather_objects((idx, rows, why))
             whys = [f"rank {k}: {w}" for k, (_, _, w) in enumerate(parts) if w]
@@ -342,8 +348,9 @@ class TracIn(Instrument):
         _scatter_add(self._infl, idx, rows)
         self.probe_steps += 1
 
-    def _probe_rows(self, record, weight: float) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
-        """(dataset indices, influence rows (B x K) times ``weight``, why not) of this rank's batch."""
+    def _probe_rows(self, record, weight: float) -> tuple[np.ndarray | None, torch.Tensor | None, str | None]:
+        """(dataset indices, influence rows (B x K, float64, on the device) times ``weight``, why not) of
+        this rank's batch."""
         if record.indices is None:
             return None, None, None  # compute() says how to get indices
         if not record.views:
@@ -372,7 +379,7 @@ class TracIn(Instrument):
         total = sum(c.double() * (w * weight) for w, c in by_weight.items())
         if total.shape[0] != len(idx):  # never expected: rows and indices must describe the same examples
             return None, None, f"{total.shape[0]} rows of per-sample factors for {len(idx)} dataset indices"
-        return np.asarray(idx), total.cpu().numpy(), None
+        return np.asarray(idx), total, None
 
     def _probe_views(self, record):
         inputs, targets = self.probes
@@ -384,6 +391,12 @@ class TracIn(Instrument):
         return self._collector(inputs, targets, record.loss_fn)
 
     def compute(self, record):
+        if self._pending_probe is not None:
+            (probe_idx, deferred), self._pending_probe = self._pending_probe, None
+            (rows,) = deferred.get()
+            self._ensure(max(int(probe_idx.max()) + 1, record.dataset_size or 0))
+            _scatter_add(self._infl, probe_idx, rows)
+            self.probe_steps += 1
         idx = self._indices(record)
         if idx is None:
             return {}

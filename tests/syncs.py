@@ -45,25 +45,28 @@ def _caller() -> str | None:
 
 
 class HostReads:
-    """``with HostReads() as reads:`` records ``(step, where, what)`` for every read before the flush,
-    in ``reads.before`` (steps counted by the steps begun inside the block, from 0)."""
+    """``with HostReads() as reads:`` records ``(step, where, what)`` for every read before the flush
+    in ``reads.before``, and after it in ``reads.later`` (steps counted by the steps begun inside the
+    block, from 0)."""
 
     def __init__(self) -> None:
         self.before: list[tuple[int, str, str]] = []
+        #: reads after the step's flush (each a second transfer on CUDA), as ``before``
+        self.later: list[tuple[int, str, str]] = []
         self._step = -1
         self._flushing = self._flushed = False
         self._saved: dict[str, Any] = {}
 
     def _record(self, what: str) -> None:
-        if self._step < 0 or self._flushing or self._flushed:
+        if self._step < 0 or self._flushing:
             return
         where = _caller()
         if where is not None:
-            self.before.append((self._step, where, what))
+            (self.later if self._flushed else self.before).append((self._step, where, what))
 
-    def after(self, step: int) -> Counter:
-        """The reads before the flush on steps >= ``step``, counted by where and what."""
-        return Counter((w, what) for s, w, what in self.before if s >= step)
+    def after(self, step: int, later: bool = False) -> Counter:
+        """The reads before the flush (``later``: after it) on steps >= ``step``, counted by where and what."""
+        return Counter((w, what) for s, w, what in (self.later if later else self.before) if s >= step)
 
     def __enter__(self) -> HostReads:
         reads = self

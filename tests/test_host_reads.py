@@ -9,6 +9,8 @@ preset and the others.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,3 +82,30 @@ def test_no_host_read_before_the_transfer(loop, preset):
     assert len(dict(cockpit.history["loss/per_sample"])) == 4  # (the statistics were computed)
     # the counter sees reads: the first step's check of the gradient sums is one
     assert [what for (where, what) in reads.after(0) if where.startswith("engine.py")] == ["cpu", "tolist"]
+
+
+def test_tracin_with_probes_and_clipping_read_nothing_before_the_transfer():
+    """TracIn (self-influence and 100 probes' influence, dataset indices from cockpit.track) and
+    Clipping's three kinds: their rows join the step's one transfer (the probe pass itself, its own
+    forward and backward, decides its conditions at once: not counted here, as it is not the step's)."""
+    from cockpit_lite.instruments import Clipping, TracIn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = nn.CrossEntropyLoss()
+    tracin = TracIn(probes=(torch.randn(100, 6), torch.randint(0, 3, (100,))))
+    clipping = Clipping(kinds=("global", "agc", "per_sample"), per_sample_clip=1.0)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    with HostReads() as reads, Cockpit(model, opt, loss_fn, instruments=[tracin, clipping], sinks=[]) as cockpit:
+        for xb, yb in cockpit.track(loader):
+            opt.zero_grad()
+            loss_fn(model(xb), yb).backward()
+            opt.step()
+    before = Counter({k: v for k, v in reads.after(1).items() if not k[0].startswith("engine.py")})
+    assert not before and not reads.after(1, later=True), (before, reads.after(1, later=True))
+    assert tracin.probe_steps == 4 and tracin.steps == 4
+    h = cockpit.history
+    assert len(dict(h["clip/global/norm"])) == len(dict(h["clip/per_sample/frac_clipped"])) == 4

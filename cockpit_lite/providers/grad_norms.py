@@ -55,11 +55,16 @@ class GradNormsProvider(Provider):
     def on_backward_end(self, record: StepRecord) -> None:
         if not self.after_backward:
             return
-        norms = grad_norms(self.context.params)
         scale = record.backward_scale
-        if scale not in (None, 0.0, 1.0) and math.isfinite(scale):
-            norms = {n: v / scale for n, v in norms.items()}
-        record.backward_grad_norms = norms
+        if scale in (None, 0.0, 1.0) or not math.isfinite(scale):
+            # taken now (before the loop clips p.grad), its values with the step's other numbers
+            record.backward_grad_norms = grad_norms(self.context.params, record.host)
+            return
+
+        def unscaled(norms: Mapping[str, float]) -> None:
+            record.backward_grad_norms = {n: v / scale for n, v in norms.items()}
+
+        grad_norms(self.context.params, record.host, unscaled)  # (the field is filled with the values)
 
     def on_before_step(self, record: StepRecord) -> None:
         if not self.before_step:
