@@ -109,3 +109,11 @@ def test_tracin_with_probes_and_clipping_read_nothing_before_the_transfer():
     assert tracin.probe_steps == 4 and tracin.steps == 4
     h = cockpit.history
     assert len(dict(h["clip/global/norm"])) == len(dict(h["clip/per_sample/frac_clipped"])) == 4
+
+
+def test_gradient_accumulation_reads_nothing_before_the_transfer():
+    """Two micro-batches a step: the forward after a backward tells accumulation from a retry by the
+    gradients' tensors and versions (no read), and gbar's check joins the transfer."""
+    reads, cockpit = _train(models.mlp, _mlp_batch, None, nn.CrossEntropyLoss(), presets.economy(), accumulate=2)
+    assert not reads.after(1) and not reads.after(1, later=True), (reads.after(1), reads.after(1, later=True))
+    assert len(dict(cockpit.history["tests/inner"])) == 4  # g_i . gbar of every accumulated step
