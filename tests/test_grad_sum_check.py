@@ -201,3 +201,25 @@ def test_layer_zoo_passes_the_check(device, name):
         warnings.simplefilter("error")
         ck, rec = _step(model, nn.CrossEntropyLoss(), x, y, device=device)
     assert ck.engine.checks_left == 0 and rec.per_sample_sq_norms is not None
+
+
+def test_tf32_loosens_the_check_only_where_products_may_run_in_it(device):
+    """cuDNN's TF32 flag (on by default) concerns convolutions and RNNs; a Linear layer's and the
+    engine's products are cuBLAS's, loosened only by ``matmul.allow_tf32`` or a float32 matmul
+    precision below "highest". On the CPU nothing runs in TF32."""
+    from cockpit_lite.persample.engine import _tf32
+
+    g = torch.zeros(2, device=device)
+    cuda = torch.device(device).type == "cuda"
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+        torch.set_float32_matmul_precision("highest")
+        assert not _tf32(g, nn.Linear(2, 2))
+        assert _tf32(g, nn.Conv2d(1, 1, 1)) == cuda
+        assert not _tf32(g.double(), nn.Conv2d(1, 1, 1))
+        torch.set_float32_matmul_precision("high")
+        assert _tf32(g, nn.Linear(2, 2)) == cuda
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])

@@ -44,14 +44,20 @@ from cockpit_lite.persample.views import JoinedView, View, combined, joined_gram
 from cockpit_lite.profiling import Costs, timed
 from cockpit_lite.sandbox import cuda_devices, scratch_state
 
+#: modules whose CUDA kernels come from cuDNN (TF32 by ``torch.backends.cudnn.allow_tf32``, on by default)
+_CUDNN_MODULES = (nn.modules.conv._ConvNd, nn.RNNBase)
 
-def _tf32(t: torch.Tensor) -> bool:
-    """Whether CUDA products on ``t`` may run in TF32 (10-bit mantissa, relative error ~1e-3)."""
-    return (
-        t.is_cuda
-        and t.dtype == torch.float32
-        and (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
-    )
+
+def _tf32(t: torch.Tensor, module: nn.Module | None = None) -> bool:
+    """Whether CUDA products on ``t`` may run in TF32 (10-bit mantissa, relative error ~1e-3): matrix
+    products (cuBLAS: the engine's own, a Linear layer's) when ``allow_tf32`` or a float32 matmul
+    precision below "highest" allows it; ``module``'s own kernels too when cuDNN computes them
+    (convolutions, RNNs: cuDNN's flag, on by default, says nothing of a Linear layer's products)."""
+    if not (t.is_cuda and t.dtype == torch.float32):
+        return False
+    if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
+        return True
+    return isinstance(module, _CUDNN_MODULES) and torch.backends.cudnn.allow_tf32
 
 
 @dataclass(frozen=True)
@@ -804,7 +810,7 @@ class PerSampleEngine:
                     calls.axes_batch[idx] = self.batch
             # (a gradient needs detaching only under create_graph=True)
             calls.grads[idx] = tuple(g.detach() if g is not None and g.requires_grad else g for g in grads)
-            if any(g is not None and (g.dtype in _LOW_PRECISION or _tf32(g)) for g in grads):
+            if any(g is not None and (g.dtype in _LOW_PRECISION or _tf32(g, module)) for g in grads):
                 # autocast: the step's gradients carry half-precision round-off; TF32 products ~1e-3
                 self.low_precision = True
             if weight_grad is not None:
@@ -839,7 +845,7 @@ class PerSampleEngine:
             if view is None:
                 return False
             del self._calls[module]
-            if g.dtype in _LOW_PRECISION or _tf32(g):
+            if g.dtype in _LOW_PRECISION or _tf32(g, module):
                 self.low_precision = True
             if weight_grad is not None:  # (no graph: grad mode is off in this backward)
                 view.batch_grad_parts = ([weight_grad], self.inv_scale)
