@@ -88,6 +88,16 @@ def foreach_norm(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def stacked_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`foreach_norm` of ``tensors`` as one vector, on the first tensor's device (a model spread
+    over several GPUs: the other norms are copied there, device to device)."""
+    norms = foreach_norm(tensors)
+    device = norms[0].device
+    if any(n.device != device for n in norms):
+        norms = [n.to(device) for n in norms]
+    return torch.stack(norms)
+
+
 def foreach_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
     """dst[i].copy_(src[i]) for all i in one fused call (``torch._foreach_copy_``)."""
     torch._foreach_copy_(list(dst), list(src))

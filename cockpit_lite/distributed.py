@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cockpit_lite.compat import default_store, foreach_norm
+from cockpit_lite.compat import default_store, foreach_norm, stacked_norms
 
 #: need name of the distributed provider: ``record.get(DISTRIBUTED)`` is a :class:`Ranks`
 DISTRIBUTED = "distributed"
@@ -187,7 +187,7 @@ def norms(tensors: list[torch.Tensor]) -> list[float]:
     if not tensors:
         return []
     if not any_dtensor(tensors):  # plain tensors (tolist: Python floats, exact from any float dtype, one transfer)
-        return torch.stack(foreach_norm(tensors)).tolist()
+        return stacked_norms(tensors).tolist()
     if UNMERGED_SHARDS[0]:
         raise RuntimeError(UNMERGED_SHARDS[1])
     parts = [local(t) for t in tensors]

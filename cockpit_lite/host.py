@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cockpit_lite import distributed
-from cockpit_lite.compat import foreach_norm
+from cockpit_lite.compat import stacked_norms
 
 
 def host_float64(t: torch.Tensor) -> np.ndarray:
@@ -177,7 +177,7 @@ def norms(
     elif batch is None or distributed.any_dtensor(tensors):
         out = dict(zip(names, distributed.norms(list(tensors)), strict=True))
     else:
-        deferred = batch.defer([torch.stack(foreach_norm(list(tensors)))])
+        deferred = batch.defer([stacked_norms(list(tensors))])
         out = LazyNorms(names, deferred)
         if then is not None:
             deferred.then = lambda values: then(out)

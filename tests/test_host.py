@@ -181,3 +181,17 @@ def test_a_model_moved_after_the_cockpit_was_built_is_followed(device):
     for step in range(3):
         want = (before[step].cpu() - theta0).norm().item()
         assert dict(h["distance"])[step] == pytest.approx(want, rel=1e-12)  # in float64, as the model now is
+
+
+def test_norms_of_tensors_on_several_devices_come_together(device):
+    """A model spread over devices (HF device_map, pipeline stages): the norms are gathered on the first
+    tensor's device before they are stacked (stacking across devices raised: GradNorm was dark)."""
+    from cockpit_lite.compat import stacked_norms
+
+    a, b = torch.full((4,), 2.0), torch.full((9,), 1.0, device=device)
+    got = stacked_norms([a, b])
+    assert got.device == a.device and got.tolist() == [4.0, 3.0]
+    batch = HostBatch()
+    lazy = host.norms(batch, ["a", "b"], [b, a])
+    batch.flush()
+    assert dict(lazy) == {"a": 3.0, "b": 4.0}

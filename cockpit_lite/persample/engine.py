@@ -1011,7 +1011,7 @@ class PerSampleEngine:
             got, spread = sums[k]
             want = torch.as_tensor(e, dtype=torch.float64, device=got.device)
             rows.append(torch.stack([got.double(), spread.double(), want]))
-        flat = torch.stack(rows).cpu().tolist()  # one transfer
+        flat = torch.stack([r.to(rows[0].device) for r in rows]).cpu().tolist()  # one transfer (layers on any GPU)
         if not all(math.isfinite(x) for row in flat for x in row):  # an overflowing AMP step: try later
             self.skip_check()
             return {}
