@@ -196,6 +196,7 @@ class Step:
         with self.guard.costs.region("after_step"):
             self.event("on_after_step")
             rec.host.flush()  # the step's norms and per-sample vectors, by one transfer
+        self.guard.costs.host_clock()  # (what follows is host work on the values: profiling.py)
         rec.seal()
         records: dict[Any, Any] = {}
         for inst in self.active:

@@ -102,13 +102,20 @@ class Costs:
             clock = self._clocks[device] = DeviceClock(device)
         self.clock = clock
 
+    def host_clock(self) -> None:
+        """Time the rest of this step on the host's clock: the step's values are on the host (the device
+        is synchronised), what follows is host work (instruments' ``compute``), and the events before
+        are then complete, so :meth:`resolve` waits for nothing. The next step follows the model again."""
+        self.clock = None
+
     def resolve(self) -> None:
         """Replace this step's host times by the device timeline's exclusive times of the regions that
-        were bracketed by events (waits for the last of them; call it once the step's work is on the host
-        anyway). A region entered while a CUDA graph was captured keeps its host time."""
-        spans, clock = self._spans, self.clock
-        if not spans or clock is None or self._open_spans:
+        were bracketed by events (waits for the last of them: call it once the step's work is on the
+        host anyway). A region entered while a CUDA graph was captured keeps its host time."""
+        spans = self._spans
+        if not spans or self._open_spans:
             return
+        clock = DeviceClock
         try:
             elapsed = [clock.elapsed_ms(start, end) for _, start, end, _ in spans]
         except Exception:  # (a device error: the host's times stand)
@@ -139,8 +146,8 @@ class Costs:
         self._children.clear()
         self._spans.clear()
         self._open_spans.clear()
-        if self.clock is not None:
-            self.clock.reset()
+        for clock in self._clocks.values():  # (the events are reused from step to step)
+            clock.reset()
 
 
 class _Region:

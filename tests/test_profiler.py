@@ -132,7 +132,7 @@ def device_clock(monkeypatch, now):
     monkeypatch.setattr(profiling_mod.torch.cuda, "current_stream", lambda device=None: None)
     monkeypatch.setattr(profiling_mod.torch.cuda, "is_current_stream_capturing", lambda: False)
     c = Costs()
-    c.clock = profiling_mod.DeviceClock(torch.device("cuda"))
+    c.clock = c._clocks[torch.device("cuda")] = profiling_mod.DeviceClock(torch.device("cuda"))
     return c, dev
 
 
@@ -153,15 +153,22 @@ def test_on_cuda_regions_cost_their_device_time_exclusive(device_clock, now):
     with c.region("after_step"):
         now[0] += 41.0
         dev[0] += 1.0
+    c.host_clock()  # the values are on the host: what follows is host work, timed on the host's clock
+    with c.region("alpha"):
+        now[0] += 2.0
+        dev[0] += 0.5  # (a copy it launched runs on behind the host)
     assert c.ms["after_step"] == pytest.approx(41.0) and c.ms["loss"] == pytest.approx(3.0)  # the host's view
     records = profiling_mod.cost_records(c, 100.0)
+    assert records["cost/alpha_ms"] == pytest.approx(2.0)
     assert records["cost/after_step_ms"] == pytest.approx(1.0)
     assert records["cost/loss_ms"] == pytest.approx(0.0)
     assert records["cost/outer_ms"] == pytest.approx(3.0) and records["cost/inner_ms"] == pytest.approx(5.0)
-    assert records["cost/cockpit_ms"] == pytest.approx(9.0)
+    assert records["cost/cockpit_ms"] == pytest.approx(11.0)
     assert records["cost/outer_share"] == pytest.approx(0.03)
+    clock = c._clocks[torch.device("cuda")]
+    assert clock._used == 8  # two events for each of the four regions before host_clock(), none after
     c.reset()
-    assert not c.ms and c.clock._used == 0
+    assert not c.ms and not c._spans and clock._used == 0  # (the events are reused next step)
 
 
 def test_a_region_entered_during_graph_capture_keeps_its_host_time(device_clock, now, monkeypatch):
