@@ -527,3 +527,41 @@ def test_bfloat16_autocast(backward_inside, replay_only):
     for n in ("enc.layers.0.self_attn.in_proj_weight", "enc.layers.1.self_attn.out_proj.weight"):
         want = (ref[n].reshape(B, -1) ** 2).sum(1)
         np.testing.assert_allclose(rec.per_sample_sq_norms_by_param[n], want, atol=3e-2 * want.max(), err_msg=n)
+
+
+def test_an_overflowing_step_replays_as_itself_and_keeps_the_replay():
+    """An example whose activations are NaN (an overflowing step): the replay gives NaN where the call
+    did, which is the same output; the replay route stays (a NaN step must not send every later step
+    to the slower route, or leave a dropout layer out for good), and the next step is computed."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, dropout=0.2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss_fn = nn.CrossEntropyLoss()
+    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the NaN step's own notes)
+        with Cockpit(model, opt, loss_fn, instruments=[probe]) as cockpit:
+            for step in range(2):
+                x, y = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
+                if step == 0:
+                    x[1, 2] = float("nan")
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                if step == 0:  # (as GradScaler skips an overflowing step: the parameters stay finite)
+                    opt.zero_grad()
+                opt.step()
+            handler = cockpit.engine.handlers[model.attn]
+    assert handler.no_replay is None
+    first, second = probe.records
+    assert not any("another output" in n for n in first.notes)
+    assert second.per_sample_sq_norms is not None and np.isfinite(second.per_sample_sq_norms).all()

@@ -750,6 +750,11 @@ def _select(x, d, i: int):
 
 
 # --- nn.MultiheadAttention: its projections in factor form, exact with attention dropout -------------
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Whether ``a`` and ``b`` hold the same numbers, NaN at the same places (a 0-dim bool tensor)."""
+    return ((a == b) | (a.isnan() & b.isnan())).all()
+
+
 class _NotReplayable(Exception):
     """The attention call cannot be replayed with its projections made explicit."""
 
@@ -1082,11 +1087,12 @@ class AttentionHandler(FuncHandler):
 
     @staticmethod
     def _same_output(replayed: torch.Tensor, captured: torch.Tensor) -> torch.Tensor:
-        """Bit for bit: the same kernels on the same inputs with the same mask give the same numbers (a
-        0-dim bool on the device, decided on the host with the step's values; NaN is never the same)."""
+        """Bit for bit: the same kernels on the same inputs with the same mask give the same numbers, NaN
+        where the call had NaN (an overflowing step replays as itself) (a 0-dim bool on the device,
+        decided on the host with the step's values)."""
         if replayed.shape != captured.shape or replayed.dtype != captured.dtype:
             raise _NotReplayable("its replay gave an output of another shape or dtype than the call")
-        return (replayed == captured).all()
+        return _same_values(replayed, captured)
 
     def _check_layout(self, rec: _ProjectionRecorder, output: torch.Tensor, n: int) -> torch.Tensor:
         """The out-projection's rows are (position, sample) pairs as :func:`_per_sample` reads them: its
@@ -1101,7 +1107,7 @@ class AttentionHandler(FuncHandler):
         read = _per_sample(z, n)
         if z.shape[-1] != out.shape[-1] or read.shape != out.transpose(0, 1).shape:
             raise _NotReplayable("its last projection is not the output projection laid out as expected")
-        return (read == out.transpose(0, 1)).all()
+        return _same_values(read, out.transpose(0, 1))
 
     def _replayed_view(self, captures, grads, batch, inv_scale) -> View:
         parts: list[_Part] = []
