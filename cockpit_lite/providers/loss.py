@@ -188,7 +188,8 @@ class LossProvider(Provider):
                 record.add_note(CHANGED if self.convention else NO_PER_SAMPLE, frozenset({Need.PER_SAMPLE_LOSS}))
                 self.convention = None
                 return []
-            self.convention = (found[0],)
+            # (the NLL node's losses are found again at each backward: only a derived convention is kept)
+            self.convention = (found[0],) if found[0] != ("nll",) else None
             out.append(found[1])
         return out
 
