@@ -9,6 +9,7 @@ gradient is the mean of the per-sample gradients.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cockpit_lite.compat import nll_total_weight, without_grad
+from cockpit_lite.compat import cpu_value, nll_total_weight, without_grad
 
 SUPPORTED_REDUCTIONS = ("mean", "sum")
 
@@ -243,8 +244,13 @@ def per_sample_losses(
     per_sample = u if u.dim() == 1 else u.reshape(batch, -1).sum(dim=1)
     if loss_fn.reduction == "mean":
         total = nll_total_weight(output) if output is not None and type(loss_fn) in _NLL_MODULES else None
-        if total is not None:  # (read on the device, never on the host: no target counted gives 0/0)
-            return per_sample.mul(batch).div_(total)
+        if total is not None:
+            if total.device.type == "cpu":  # (a host number: one scaling op, none when N = B)
+                n = cpu_value(total)
+                if n == batch:
+                    return per_sample
+                return per_sample * (batch / n if n else math.nan)  # (no target counted: the loss is 0/0)
+            return per_sample.mul(batch).div_(total)  # (on a GPU: read on the device, never on the host)
         target = detached[1] if len(detached) >= 2 else None
         if (
             type(loss_fn) in _NLL_MODULES

@@ -39,8 +39,8 @@ def _caller() -> str | None:
     f = sys._getframe(3)  # (_caller, HostReads._record, the patched method)
     while f is not None and f.f_code.co_filename.startswith(_TORCH):
         f = f.f_back
-    if f is None or not f.f_code.co_filename.startswith(_OURS):
-        return None
+    if f is None or not f.f_code.co_filename.startswith(_OURS) or f.f_code.co_name == "cpu_value":
+        return None  # (compat.cpu_value reads CPU tensors only, by construction: never a synchronisation)
     return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
 
 
