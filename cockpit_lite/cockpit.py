@@ -28,6 +28,7 @@ from cockpit_lite.compat import (
     dynamo_hook_guards,
     grad_scaler_factor,
     queue_backward_callback,
+    read_loss_scale,
 )
 from cockpit_lite.distributed import world_size
 from cockpit_lite.emitter import Emitter
@@ -311,6 +312,7 @@ class Cockpit:
         if st is None:
             st = self._begin()
             st.skipped = skipped
+            read_loss_scale()  # (GradScaler's scale while the device is idle: none read at backward)
         st.forwards.append(batch_of(args, kwargs))
         if st.active:
             st.event("on_forward", ModelCall(args, kwargs, st.forwards[-1], index=len(st.forwards) - 1))

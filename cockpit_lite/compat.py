@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree
+from torch.utils.weak import WeakIdKeyDictionary
 
 #: ``torch.utils._pytree``: flatten/map nested outputs (tuples, dicts, ModelOutput-like containers)
 tree_flatten = _pytree.tree_flatten
@@ -207,15 +208,45 @@ def set_index_sampler(iterator: Any, sampler: Any) -> None:
 _backward_listeners: list[Callable[[Any, Any], None]] = []
 _original_backward: Callable[..., Any] | None = None
 _original_scale: Callable[..., Any] | None = None
-#: tensors returned by GradScaler.scale -> the scale they were multiplied by (while a watch is attached)
-_scaled_outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: tensors returned by GradScaler.scale -> the scale they were multiplied by (while a watch is attached);
+#: by identity (a tensor's == is elementwise: a lookup by equality would read a value on the host)
+_scaled_outputs: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: the GradScaler that scaled the last loss, and its scale as read at the start of a step
+#: (:func:`read_loss_scale`): (the scale tensor, its version counter then, its value)
+_last_scaler: weakref.ref | None = None
+_known_scale: tuple[torch.Tensor, int, float] | None = None
 
 
 def _watched_scale(self: Any, outputs: Any) -> Any:
+    global _last_scaler
     out = _original_scale(self, outputs)
     if torch.is_tensor(out) and getattr(self, "_scale", None) is not None:
         _scaled_outputs[out] = self._scale
+        _last_scaler = weakref.ref(self)
     return out
+
+
+def read_loss_scale() -> None:
+    """At the start of a step (the model's forward pre-hook, before its forward is launched): read the
+    loss scale of the GradScaler seen last, while the device holds no work of the step (the previous
+    step's values were brought to the host; only the scaler's update is queued). :func:`grad_scaler_factor`
+    then needs no read at backward, where one would wait for the whole forward, as long as the scale
+    tensor's version counter says it is unchanged."""
+    global _known_scale
+    scaler = _last_scaler() if _last_scaler is not None else None
+    scale = getattr(scaler, "_scale", None)
+    if not torch.is_tensor(scale):
+        _known_scale = None
+        return
+    if _known_scale is not None and _known_scale[0] is scale and _known_scale[1] == scale._version:
+        return
+    _known_scale = (scale, scale._version, _read_idle(scale))
+
+
+def _read_idle(t: torch.Tensor) -> float:
+    """The value of ``t`` read where the device has no work of the step queued (``tests/syncs.py`` does
+    not count these reads: :func:`read_loss_scale`)."""
+    return float(t)
 
 
 def _watched_backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -277,7 +308,12 @@ def grad_scaler_factor(root: torch.Tensor) -> float | None:
     the wrapper :class:`BackwardWatch` puts around ``GradScaler.scale``), else None. ``scaler.step()``
     divides s out of ``p.grad`` before the optimizer sees it."""
     scale = _scaled_outputs.get(root) if _scaled_outputs and torch.is_tensor(root) else None
-    return None if scale is None else float(scale)
+    if scale is None:
+        return None
+    known = _known_scale
+    if known is not None and known[0] is scale and known[1] == scale._version:
+        return known[2]  # (read at the step's start: unchanged since)
+    return float(scale)
 
 
 _UNGUARDED: dict[Callable, Callable] = {}

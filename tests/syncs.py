@@ -32,6 +32,9 @@ _OURS = tuple(
     }
 )
 _TORCH = os.path.dirname(torch.__file__) + os.sep
+#: reads that wait for nothing of the step: ``compat.cpu_value`` reads CPU tensors only, by construction;
+#: ``compat._read_idle`` reads GradScaler's scale before the step's forward is launched
+_EXEMPT = ("cpu_value", "_read_idle")
 
 
 def _caller() -> str | None:
@@ -39,8 +42,8 @@ def _caller() -> str | None:
     f = sys._getframe(3)  # (_caller, HostReads._record, the patched method)
     while f is not None and f.f_code.co_filename.startswith(_TORCH):
         f = f.f_back
-    if f is None or not f.f_code.co_filename.startswith(_OURS) or f.f_code.co_name == "cpu_value":
-        return None  # (compat.cpu_value reads CPU tensors only, by construction: never a synchronisation)
+    if f is None or not f.f_code.co_filename.startswith(_OURS) or f.f_code.co_name in _EXEMPT:
+        return None
     return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
 
 

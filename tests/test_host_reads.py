@@ -117,3 +117,31 @@ def test_gradient_accumulation_reads_nothing_before_the_transfer():
     reads, cockpit = _train(models.mlp, _mlp_batch, None, nn.CrossEntropyLoss(), presets.economy(), accumulate=2)
     assert not reads.after(1) and not reads.after(1, later=True), (reads.after(1), reads.after(1, later=True))
     assert len(dict(cockpit.history["tests/inner"])) == 4  # g_i . gbar of every accumulated step
+
+
+def test_grad_scaler_scale_is_read_before_the_forward_and_followed_when_it_changes():
+    """GradScaler: the loss scale is read at the step's start (nothing of the step queued), not at
+    backward, and each step uses the scale its loss was multiplied by, also after an overflowing step
+    made the scaler back off (the scale tensor's version counter says it changed)."""
+    from tests.reference import Probe
+
+    torch.manual_seed(0)
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    probe = Probe(flags=set(presets.economy()[0].NEEDS))
+    loss_fn = nn.CrossEntropyLoss()
+    used = []
+    with HostReads() as reads, Cockpit(model, opt, loss_fn, instruments=[probe], sinks=[]):
+        for step in range(6):
+            x, y = _mlp_batch(step)
+            loss = loss_fn(model(x), y) * (float("inf") if step == 2 else 1.0)  # step 2 overflows
+            used.append(scaler.get_scale())
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    assert not reads.after(1), reads.after(1)
+    assert used[2] > used[1] and used[3] < used[2]  # grown, then backed off after the overflow
+    # (the overflowing step was skipped by the scaler: no optimizer step, no record)
+    assert [r.backward_scale for r in probe.records] == used[:2] + used[3:]
