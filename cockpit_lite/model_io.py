@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cockpit_lite.compat import foreach_norm, tree_leaves
+from cockpit_lite.compat import stacked_norms, tree_leaves
 from cockpit_lite.pause import paused
 
 
@@ -34,7 +34,7 @@ def any_grad(params: Mapping[str, nn.Parameter]) -> bool:
     """Whether any parameter holds a gradient other than None or zeros (one fused reduction, read on the
     host: on CUDA a synchronisation)."""
     grads = [p.grad for p in params.values() if p.grad is not None]
-    return bool(grads) and bool(torch.stack(foreach_norm(grads)).any())
+    return bool(grads) and bool(stacked_norms(grads).any())
 
 
 def grad_marks(params: Mapping[str, nn.Parameter]) -> tuple:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from cockpit_lite import distributed
-from cockpit_lite.compat import foreach_copy_, foreach_norm
+from cockpit_lite.compat import foreach_copy_, stacked_norms
 from cockpit_lite.distributed import DISTRIBUTED, Ranks
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.providers import register_provider
@@ -129,7 +129,7 @@ class DistributedProvider(Provider):
         named = [(n, distributed.local(p.grad).detach()) for n, p in self.context.params.items() if p.grad is not None]
         if not named:
             return {}
-        sq = torch.stack(foreach_norm([g for _, g in named])).double().square().cpu().tolist()
+        sq = stacked_norms([g for _, g in named]).double().square().cpu().tolist()
         scale = record.backward_scale
         div = scale * scale if scale not in (None, 0.0) else 1.0
         return {n: v / div for (n, _), v in zip(named, sq, strict=True)}
