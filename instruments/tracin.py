@@ -344,7 +344,11 @@ class TracIn(Instrument):
             self._warn(f"TracIn probes skipped at step {record.step}: {why}")
         if idx is None:
             return
-        self._ensure(max(int(idx.max()) + 1, record.dataset_size or 0))
+        self._add_probe_rows(idx, rows, record.dataset_size)
+
+    def _add_probe_rows(self, idx: np.ndarray, rows: np.ndarray, dataset_size: int | None) -> None:
+        """Add a step's probe influence rows (n x K) to the dataset indices ``idx`` they belong to."""
+        self._ensure(max(int(idx.max()) + 1, dataset_size or 0))
         _scatter_add(self._infl, idx, rows)
         self.probe_steps += 1
 
@@ -393,10 +397,7 @@ class TracIn(Instrument):
     def compute(self, record):
         if self._pending_probe is not None:
             (probe_idx, deferred), self._pending_probe = self._pending_probe, None
-            (rows,) = deferred.get()
-            self._ensure(max(int(probe_idx.max()) + 1, record.dataset_size or 0))
-            _scatter_add(self._infl, probe_idx, rows)
-            self.probe_steps += 1
+            self._add_probe_rows(probe_idx, deferred.get()[0], record.dataset_size)
         idx = self._indices(record)
         if idx is None:
             return {}
