@@ -237,10 +237,15 @@ def read_loss_scale() -> None:
     scale = getattr(scaler, "_scale", None)
     if not torch.is_tensor(scale):
         _known_scale = None
-        return
-    if _known_scale is not None and _known_scale[0] is scale and _known_scale[1] == scale._version:
-        return
-    _known_scale = (scale, scale._version, _read_idle(scale))
+    elif _known_value(scale) is None:
+        _known_scale = (scale, scale._version, _read_idle(scale))
+
+
+def _known_value(scale: torch.Tensor) -> float | None:
+    """The value :func:`read_loss_scale` read of ``scale``, if the tensor is unchanged since (its version
+    counter: ``scaler.update()`` writes it in place); else None."""
+    known = _known_scale
+    return known[2] if known is not None and known[0] is scale and known[1] == scale._version else None
 
 
 def _read_idle(t: torch.Tensor) -> float:
@@ -310,10 +315,8 @@ def grad_scaler_factor(root: torch.Tensor) -> float | None:
     scale = _scaled_outputs.get(root) if _scaled_outputs and torch.is_tensor(root) else None
     if scale is None:
         return None
-    known = _known_scale
-    if known is not None and known[0] is scale and known[1] == scale._version:
-        return known[2]  # (read at the step's start: unchanged since)
-    return float(scale)
+    known = _known_value(scale)  # (read at the step's start, unchanged since)
+    return known if known is not None else float(scale)
 
 
 _UNGUARDED: dict[Callable, Callable] = {}
