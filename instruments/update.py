@@ -111,7 +111,12 @@ class Distance(Instrument):
                 "Load the state saved from this model, or leave 'distance' out of the state to measure the "
                 "distance from the parameters at resumption.",
             )
-        return {n: t.to(device=params[n].device, dtype=params[n].dtype) for n, t in theta0.items()}
+        return Distance._moved(theta0, params)
+
+    @staticmethod
+    def _moved(theta0: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """theta_0 on the device and in the dtype of the parameters of the same names."""
+        return {n: t.to(params[n]) if n in params else t for n, t in theta0.items()}
 
     @without_grad
     def on_before_step(self, record):
@@ -119,7 +124,7 @@ class Distance(Instrument):
         t0 = self._theta0[names[0]] if names else None
         if t0 is not None and (t0.device, t0.dtype) != (record.params[names[0]].device, record.params[names[0]].dtype):
             # the model moved (model.to("cuda") after the cockpit was built): theta_0 follows it
-            self._theta0 = {n: t.to(record.params[n]) if n in record.params else t for n, t in self._theta0.items()}
+            self._theta0 = self._moved(self._theta0, record.params)
             self._diff = None
         if self._diff is None:  # one buffer for theta_t - theta_0, allocated once (no page faults per step)
             self._diff = {n: torch.empty_like(self._theta0[n]) for n in names}
