@@ -164,7 +164,7 @@ def derived_losses(
                 continue
             got = per_example.sum() / n
             keys.append((kind, ignore, norm))
-            rows.append(per_example * (batch / n) if not torch.is_tensor(n) else per_example.mul(batch).div(n))
+            rows.append(per_example.mul(batch).div(n))  # (n: a count on the device, or a number)
             oks.append(valid & _reproduces(got, want) & (n > 0 if torch.is_tensor(n) else True))
     if not keys:
         return None
