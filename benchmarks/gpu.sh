@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 15, Must 4: the test suite on CUDA, then the overhead benchmark on CUDA (MLP, 3C3D CNN, small GPT,
-# ResNet-18-style; economy minus Alpha, economy, torch.func norms; ratios to a plain step) and the
-# overhead budget's cost on the same models (benchmarks/budget.py), in under 5 minutes on one GPU. Run from anywhere:
+# ResNet-18-style; economy minus Alpha and economy, each also with overlap=True, torch.func norms; ratios
+# to a plain step) and the overhead budget's cost on the same models (benchmarks/budget.py), in under 5
+# minutes on one GPU. Run from anywhere:
 #
 #     bash benchmarks/gpu.sh                   # PYTHON=/path/to/python to choose the interpreter
 #
@@ -20,7 +21,7 @@ WORKERS=${GPU_TEST_WORKERS:-4}
 STEPS=${GPU_STEPS:-5}
 REPS=${GPU_REPS:-7}
 MODELS=${GPU_MODELS:-mlp,cnn,gpt,resnet18}
-CONFIGS=${GPU_CONFIGS:-economy-alpha,economy,func-norms}
+CONFIGS=${GPU_CONFIGS:-economy-alpha,economy-alpha+overlap,economy,economy+overlap,func-norms}
 OPTIMS=${GPU_OPTIMS:-sgd}
 DEVICE=${GPU_DEVICE:-cuda}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

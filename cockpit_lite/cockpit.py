@@ -80,6 +80,13 @@ class Cockpit:
             docs/budget.md). An instrument runs only where both its own schedule and the budget allow.
             The schedule is recorded (``budget/plan``, ``budget/interval``, ``budget/share``), and
             :meth:`verdicts` say how many steps a thinned instrument ran on. Not under DDP yet.
+        overlap: make each step's records during the next step, once its forward has been launched
+            (docs/design.md, "Overlap"): the step's one transfer to the host is launched without waiting
+            for it, so on a GPU the device never waits for the cockpit, and the host's work on the records
+            (instruments' ``compute``, the sinks) runs while the device computes the next step. The
+            numbers are the same; each step's records are written one step later, the last one by
+            :meth:`close` (or :meth:`state_dict`). Nothing is gained on a CPU. Under DDP the per-sample
+            vectors are gathered at the step, as without it. Not with ``budget=`` yet.
 
     Construction is atomic: if it raises, nothing stays attached. Use as a context manager, or call
     :meth:`close` when done; both remove every hook and close every file.
@@ -97,9 +104,13 @@ class Cockpit:
         reduction: str = "mean",
         resume: bool = False,
         budget: float | None = None,
+        overlap: bool = False,
     ):
         self._warned: set[str] = set()
         self._closed, self.step, self._step = False, 0, None
+        self.overlap = bool(overlap)
+        #: overlap=True: the step launched last, and its skipped iterations, whose records are still to make
+        self._late: tuple[Step, int] | None = None
         with contextlib.ExitStack() as undo:
             #: the user's module inside DDP/DataParallel/torch.compile wrappers: names and hooks see it
             self.network, compiled = unwrap(model)
@@ -111,6 +122,11 @@ class Cockpit:
             if reduction not in ("mean", "sum"):
                 raise ValueError(f"reduction={reduction!r}: say 'mean' (p.grad = mean_i g_i) or 'sum'")
             fraction = check_fraction(budget)
+            if fraction is not None and overlap:
+                raise ValueError(
+                    "budget= and overlap=True together are not supported yet: the budget schedules each step from "
+                    "the costs of the step before, which overlap=True measures only during the next one. Use one"
+                )
             if fraction is not None and world_size() > 1:
                 raise ValueError(
                     "budget= is not supported under DDP yet: each rank would choose its own steps from its own "
@@ -185,6 +201,7 @@ class Cockpit:
         """Let instruments write final records, then remove every hook and close every sink."""
         if self._closed:
             return
+        self._finish_late()
         self._closed = True
         final: dict[Any, Any] = {}
         for inst in self.instruments:
@@ -211,6 +228,7 @@ class Cockpit:
         """Plain-language statements from every instrument that makes them (e.g. the learning rate).
         Under an overhead budget, a verdict of an instrument the budget thins ends with the number of
         steps it rests on: "(from 37 of 1200 steps: the overhead budget ran <key> on these only)"."""
+        self._finish_late()
         out = []
         for inst in self.instruments:
             said = self._guard.instrument(inst, "verdicts") or []
@@ -225,6 +243,7 @@ class Cockpit:
     def state_dict(self) -> dict[str, Any]:
         """The step count and every instrument's state (by key), to resume a run from a checkpoint; with
         ``budget=``, the budget's measurements and schedule (``"budget"``)."""
+        self._finish_late()  # (overlap=True: the last step's records first, as its compute changes state)
         states = {i.key: i.state_dict() for i in self.instruments}
         state = {"version": 1, "step": self.step, "checks_left": self.engine.checks_left, "instruments": states}
         if self.budget is not None:
@@ -236,6 +255,7 @@ class Cockpit:
         self._check_open("cockpit.load_state_dict()")
         if state.get("version") != 1:
             raise ValueError(f"not a cockpit state of version 1 (got {state.get('version')!r}): save it anew")
+        self._finish_late()
         self.step = int(state["step"])
         self.engine.checks_left = int(state.get("checks_left", self.engine.checks_left))
         saved = state.get("instruments", {})
@@ -317,8 +337,33 @@ class Cockpit:
         if st.active:
             st.event("on_forward", ModelCall(args, kwargs, st.forwards[-1], index=len(st.forwards) - 1))
 
+    def _finish_late(self) -> None:
+        """overlap=True: make and write the records of the step launched last (at the first of the next
+        step's model output, end of backward, step; or at close). Never raises."""
+        late, self._late = self._late, None
+        if late is None:
+            return
+        st, skipped = late
+        try:
+            self._report(st, st.finish(), skipped)
+        except Exception as e:
+            self._warn(f"the records of step {st.number} failed ({type(e).__name__}: {e}); training is unaffected")
+
+    def _report(self, st: Step, records: dict[Any, Any], skipped: int) -> None:
+        """Write a completed step's records (with the budget's), and hand the budget its costs."""
+        if skipped:
+            records["skipped"] = skipped
+        records.update(self.emitter.late_sink_cost())
+        if self.budget is not None:
+            records.update(self.budget.records())
+        self.emitter.emit(st.number, records)
+        if self.budget is not None:
+            self._observe_budget(st, records["cost/cockpit_ms"], records["cost/step_ms"])
+
     @guarded
     def _on_model_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._late is not None and module is self.model and not is_paused():
+            self._finish_late()  # the next step's forward is on the device: the host's work overlaps it
         st = self._step
         if st is None or is_paused() or module is not self.model or st.skip or not st.forwards:
             return
@@ -386,6 +431,8 @@ class Cockpit:
 
     @guarded
     def _on_backward_end(self, after_reducer: bool = False) -> None:
+        if self._late is not None and not is_paused():
+            self._finish_late()
         st = self._step
         if st is not None and st.active:
             if not after_reducer and world_size() > 1:  # DDP averages p.grad in a callback queued during backward
@@ -408,6 +455,7 @@ class Cockpit:
         return None
 
     def _gradients_final(self) -> None:
+        self._finish_late()
         if self._step is not None and self._step.active and not self._step.skip:
             with self.costs.region("before_step"):
                 self._step.event("on_before_step")
@@ -422,28 +470,25 @@ class Cockpit:
         st = self._step
         if st is None or is_paused() or optimizer is not self.optimizer:
             return
+        self._finish_late()
         self._step = None
         self.step += 1
         try:
             skipped = st.skipped + st.abandoned_calls()
             if not st.skip and st.active:
-                records = st.complete()
-                if skipped:
-                    records["skipped"] = skipped
-                records.update(self.emitter.late_sink_cost())
-                if self.budget is not None:
-                    records.update(self.budget.records())
-                self.emitter.emit(st.number, records)
-                cockpit_ms, wall_ms = records["cost/cockpit_ms"], records["cost/step_ms"]
+                if self.overlap:
+                    st.launch()  # the records are made during the next step (_finish_late)
+                    self._late = (st, skipped)
+                else:
+                    self._report(st, st.complete(), skipped)
             else:
                 extra = {"skipped": skipped} if skipped else {}
                 if self.budget is not None:
                     extra.update(self.budget.records())
                 if extra:
                     self.emitter.emit(st.number, extra)
-                cockpit_ms, wall_ms = self.costs.total(), st.elapsed_ms()
-            if self.budget is not None:
-                self._observe_budget(st, cockpit_ms, wall_ms)
+                if self.budget is not None:
+                    self._observe_budget(st, self.costs.total(), st.elapsed_ms())
         finally:
             st.end()
             if self.profiler is not None:

@@ -8,6 +8,11 @@ flattened, concatenated on its device and copied to float64 numpy by one transfe
 ``then`` callback runs (a provider filling its record fields). A value read before that (a
 :class:`LazyNorms` read in an earlier hook) flushes what is pending at that moment: the same numbers,
 one transfer more.
+
+The flush is two halves: :meth:`HostBatch.start` launches the transfer (on a CUDA device a
+non-blocking copy into pinned host memory and an event: the host does not wait) and
+:meth:`HostBatch.finish` waits for it and runs the callbacks. ``Cockpit(..., overlap=True)`` puts the
+next step's forward between the two, so the device never waits for the cockpit.
 """
 
 from __future__ import annotations
@@ -20,6 +25,39 @@ import torch
 
 from cockpit_lite import distributed
 from cockpit_lite.compat import stacked_norms
+
+
+class _Copy:
+    """A transfer to the host in flight: float64 values in pinned host memory, ready once ``event`` has
+    completed (a CUDA tensor), or already on the host (``array``)."""
+
+    __slots__ = ("array", "pinned", "event")
+
+    def __init__(self, t: torch.Tensor):
+        self.array: np.ndarray | None = None
+        self.pinned: torch.Tensor | None = None
+        self.event: Any = None
+        if t.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            try:
+                src = t.detach().to(torch.float64)
+                pinned = torch.empty(src.shape, dtype=torch.float64, pin_memory=True)
+                pinned.copy_(src, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(t.device))
+            except Exception:  # (pinned memory refused, say): the blocking copy below
+                pass
+            else:
+                self.pinned, self.event = pinned, event
+                return
+        self.array = host_float64(t)
+
+    def values(self) -> np.ndarray:
+        """The float64 values on the host (waits for the copy to complete)."""
+        if self.array is None:
+            assert self.pinned is not None and self.event is not None
+            self.event.synchronize()
+            self.array, self.pinned, self.event = self.pinned.numpy(), None, None
+        return self.array
 
 
 def host_float64(t: torch.Tensor) -> np.ndarray:
@@ -57,6 +95,8 @@ class HostBatch:
     def __init__(self, record: Any = None):
         self.record = record
         self._pending: list[Deferred] = []
+        #: transfers launched by :meth:`start`, awaiting :meth:`finish`: (deferrals, copy or None)
+        self._started: list[tuple[list[Deferred], _Copy | None]] = []
         #: reports a failure once (the Cockpit's warning; set by the step), beside the record's note
         self.warn: Callable[[str], None] | None = None
 
@@ -72,16 +112,42 @@ class HostBatch:
         return d
 
     def flush(self) -> None:
-        """Bring every pending tensor to the host by one transfer, then run the callbacks. Never raises:
-        tensors that cannot be brought over (or a callback that fails) become a note on the record."""
+        """Bring every pending tensor to the host by one transfer, then run the callbacks (:meth:`start`,
+        then :meth:`finish`). Never raises: tensors that cannot be brought over (or a callback that
+        fails) become a note on the record."""
+        self.start()
+        self.finish()
+
+    def start(self) -> None:
+        """Launch the transfer of every pending tensor: concatenated on its device and copied to float64
+        host memory (on a CUDA device without waiting: pinned memory and an event). Never raises."""
         pending, self._pending = self._pending, []
         if not pending:
             return
         flat = [t if t.dim() == 1 else t.reshape(-1) for d in pending for t in d.tensors]
         try:
-            host = host_float64(torch.cat(flat)) if len(flat) > 1 else host_float64(flat[0])
+            copy: _Copy | None = _Copy(torch.cat(flat) if len(flat) > 1 else flat[0])
         except Exception:  # tensors on several devices (or of a kind cat refuses): each deferral on its own
-            host = None
+            copy = None
+        self._started.append((pending, copy))
+
+    @property
+    def started(self) -> bool:
+        """Whether a transfer was launched that :meth:`finish` has not completed."""
+        return bool(self._started)
+
+    def finish(self) -> None:
+        """Wait for the transfers :meth:`start` launched, hand each deferral its values and run the
+        callbacks, in the order the tensors were deferred. Never raises."""
+        started, self._started = self._started, []
+        for pending, copy in started:
+            try:
+                host = copy.values() if copy is not None else None
+            except Exception:  # (a device error surfacing at the wait): each deferral on its own
+                host = None
+            self._deliver(pending, host)
+
+    def _deliver(self, pending: list[Deferred], host: np.ndarray | None) -> None:
         record = self.record
         sealed = getattr(record, "SEALED", False)
         if sealed:  # (an instrument's read flushed it: the providers' callbacks write the record)

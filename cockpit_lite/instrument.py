@@ -47,8 +47,11 @@ class Instrument:
 
     Subclasses set :attr:`NEEDS` (or override :meth:`requires`) and implement :meth:`compute`.
     Hook names say when they fire: :meth:`on_attach` once, :meth:`on_after_backward` when backward
-    is done, :meth:`on_before_step` with the gradients the optimizer will use, :meth:`compute` after
-    the optimizer step, :meth:`on_close` at the end.
+    is done, :meth:`on_before_step` with the gradients the optimizer will use, :meth:`on_after_step`
+    once it has stepped, :meth:`compute` when the step's numbers are on the host (after the optimizer
+    step; during the next step with ``Cockpit(..., overlap=True)``), :meth:`on_close` at the end.
+    Keep what :meth:`compute` needs of a step on the record or in host values: with ``overlap=True``
+    the next step's forward runs (and ``p.grad`` may change) before it.
 
     Presentation is declared at class level, so it works from the class alone (a saved run is shown
     by the registered classes whose :attr:`TAGS` occur on disk; ``cockpit_lite.presentation``):
@@ -58,10 +61,10 @@ class Instrument:
 
     #: what it needs on the steps it tracks (an instance whose options change it sets its own in ``__init__``)
     NEEDS: ClassVar[frozenset[Need]] = frozenset()
-    #: whether its ``on_after_backward``/``on_before_step`` read values the providers filled at that event
-    #: (``record.loss``, per-sample losses): the step's host batch is then flushed before the hook, one
-    #: transfer more; False lets them reach the host after the step with the others (norms such as
-    #: ``record.grad_norms`` are read lazily either way: cockpit_lite/host.py)
+    #: whether its ``on_after_backward``/``on_before_step``/``on_after_step`` read values the providers
+    #: filled at that event (``record.loss``, per-sample losses): the step's host batch is then flushed
+    #: before the hook, one transfer more; False lets them reach the host after the step with the others
+    #: (norms such as ``record.grad_norms`` are read lazily either way: cockpit_lite/host.py)
     READS_VALUES_IN_HOOKS: ClassVar[bool] = True
 
     #: the tags this instrument writes: ``{tag or regular expression (matched against the whole tag):
@@ -144,6 +147,12 @@ class Instrument:
 
         ``p.grad`` holds the gradient the optimizer is about to use; parameters are still theta_t.
         """
+
+    def on_after_step(self, record: StepRecord) -> None:
+        """Called in the optimizer's step post-hook of a step this instrument requires, after the
+        providers' work there (``record.update`` holds theta_{t+1} - theta_t): for device work on the step's
+        tensors that must not wait for :meth:`compute` (with ``Cockpit(..., overlap=True)`` that runs
+        during the next step, after the next forward)."""
 
     def compute(self, record: StepRecord) -> Mapping[Any, Any]:
         """Return this step's records ``{tag: value}`` (use :meth:`tag` for the keys)."""

@@ -2,8 +2,9 @@
 and the events in their order. The Cockpit's hooks say *when*; a :class:`Step` says *to whom*.
 
 Events reach the step's providers first (in registration order, a provider after those it uses), then,
-for the two events instruments hear (``on_after_backward`` and ``on_before_step``), the instruments with
-the record sealed. ``complete()`` asks each instrument for its records and adds its notes.
+for the three events instruments hear (``on_after_backward``, ``on_before_step``, ``on_after_step``), the
+instruments with the record sealed. ``complete()`` asks each instrument for its records and adds its notes
+(or, with ``Cockpit(..., overlap=True)``, ``launch()`` at the step and ``finish()`` during the next).
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ from cockpit_lite.step import StepRecord
 MAX_PLANS = 64
 
 #: provider events that instruments hear too, under their own hook names
-INSTRUMENT_HOOKS = {"on_backward_end": "on_after_backward", "on_before_step": "on_before_step"}
+INSTRUMENT_HOOKS = {
+    "on_backward_end": "on_after_backward",
+    "on_before_step": "on_before_step",
+    "on_after_step": "on_after_step",
+}
 
 
 @functools.cache
@@ -90,7 +95,7 @@ class Guard:
 
     def instrument(self, inst: Instrument, hook: str, *args: Any) -> Any:
         try:
-            if hook in ("on_before_step", "compute"):  # timed under the instrument's key
+            if hook in ("on_before_step", "on_after_step", "compute"):  # timed under the instrument's key
                 with self.costs.region(inst.key):
                     return getattr(inst, hook)(*args)
             return getattr(inst, hook)(*args)
@@ -122,6 +127,8 @@ class Step:
         self.skipped = 0
         #: the gradients at the end of the last backward (``model_io.grad_marks``)
         self.grad_marks: tuple = ()
+        #: (the step's costs, its wall time in ms) set aside by :meth:`launch` for a later :meth:`finish`
+        self._held: tuple[Costs, float] | None = None
         guard.costs.reset()
         scheduled: list[tuple[Instrument, Needs]] = []
         base = True  # every scheduled instrument asks its NEEDS (a plan of the same ones can be reused)
@@ -191,12 +198,38 @@ class Step:
             rec.seal(False)
 
     def complete(self) -> dict[Any, Any]:
-        """The records of the step: every instrument's, their notes, and the step's costs."""
-        rec = self.record
+        """The optimizer has stepped: the providers' and instruments' ``on_after_step``, the step's numbers
+        to the host by one transfer, then the records of the step: every instrument's, their notes, and
+        the step's costs."""
         with self.guard.costs.region("after_step"):
             self.event("on_after_step")
-            rec.host.flush()  # the step's norms and per-sample vectors, by one transfer
+            self.record.host.flush()  # the step's norms and per-sample vectors, by one transfer
         self.guard.costs.host_clock()  # (what follows is host work on the values: profiling.py)
+        return self._records(self.guard.costs, None)
+
+    def launch(self) -> None:
+        """:meth:`complete` in two halves (``Cockpit(..., overlap=True)``): the ``on_after_step`` events
+        and the transfer launched now (:meth:`HostBatch.start`); the step's costs and wall time so far are
+        set aside, and :meth:`finish` makes the records during the next step."""
+        with self.guard.costs.region("after_step"):
+            self.event("on_after_step")
+            self.record.host.start()
+        self._held = (self.guard.costs.handover(), self.elapsed_ms())
+
+    def finish(self) -> dict[Any, Any]:
+        """The records of a launched step (:meth:`launch`): its values reach the providers' fields, then every
+        instrument's ``compute``. Its own costs are those set aside; this work is the current step's
+        (``cost/records_ms``, and each ``compute`` under its instrument's key)."""
+        assert self._held is not None, "finish() after launch()"
+        (costs, step_ms), self._held = self._held, None
+        with self.guard.costs.region("records"):
+            self.record.host.finish()
+            return self._records(costs, step_ms)
+
+    def _records(self, costs: Costs, step_ms: float | None) -> dict[Any, Any]:
+        """Every active instrument's records and notes, then the costs (``step_ms`` None: the wall time
+        until now)."""
+        rec = self.record
         rec.seal()
         records: dict[Any, Any] = {}
         for inst in self.active:
@@ -205,7 +238,7 @@ class Step:
             notes += inst.take_notes()
             if notes:
                 records[f"note/{inst.key}"] = "; ".join(notes)
-        records.update(cost_records(self.guard.costs, self.elapsed_ms()))
+        records.update(cost_records(costs, self.elapsed_ms() if step_ms is None else step_ms))
         return records
 
     def elapsed_ms(self) -> float:

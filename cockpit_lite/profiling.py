@@ -74,6 +74,16 @@ class DeviceClock:
     def reset(self) -> None:
         self._used = 0
 
+    def release(self) -> list[Any]:
+        """Hand over the events recorded since :meth:`reset` (a step's, resolved later); the pool keeps
+        the unused ones. Give them back with :meth:`reuse` once they are complete."""
+        used, self._pool, self._used = self._pool[: self._used], self._pool[self._used :], 0
+        return used
+
+    def reuse(self, events: list[Any]) -> None:
+        """Return complete events to the pool (after the ones in use)."""
+        self._pool.extend(events)
+
 
 class Costs:
     """Accumulates exclusive wall time (ms) per name within one step; every region is a profiler label.
@@ -88,6 +98,7 @@ class Costs:
         self._clocks: dict[torch.device, DeviceClock] = {}
         self._spans: list[list[Any]] = []  # [name, start event, end event, parent span or -1]
         self._open_spans: list[int] = []
+        self._lent: list[tuple[DeviceClock, list[Any]]] = []  # (handed over: see handover)
 
     def follow(self, tensor: torch.Tensor | None) -> None:
         """Time regions on the device timeline of ``tensor`` (a parameter of the model) if it is on a CUDA
@@ -113,7 +124,12 @@ class Costs:
         were bracketed by events (waits for the last of them: call it once the step's work is on the
         host anyway). A region entered while a CUDA graph was captured keeps its host time."""
         spans = self._spans
-        if not spans or self._open_spans:
+        if self._open_spans:
+            return
+        lent, self._lent = self._lent, []
+        if not spans:
+            for clock_, events in lent:
+                clock_.reuse(events)
             return
         clock = DeviceClock
         try:
@@ -129,6 +145,21 @@ class Costs:
         for name, ms in device.items():
             self.ms[name] = max(ms, 0.0)
         spans.clear()
+        for clock_, events in lent:  # (complete now: a handed-over step's events go back to their pool)
+            clock_.reuse(events)
+
+    def handover(self) -> Costs:
+        """This step's costs so far, moved to a new :class:`Costs` to be resolved and reported later
+        (``Cockpit(..., overlap=True)``: the step's records are made during the next step); this one
+        starts afresh. The events of its device spans leave the pools, and return when it resolves."""
+        held = Costs()
+        held.ms.update(self.ms)
+        held._spans, self._spans = self._spans, []
+        held._lent = [(clock, clock.release()) for clock in self._clocks.values()]
+        self.ms.clear()
+        self._children.clear()
+        self._open_spans.clear()
+        return held
 
     def region(self, name: str) -> _Region:
         """``with costs.region(name):`` times the block (exclusive of nested regions) under ``name``."""

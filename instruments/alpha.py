@@ -198,6 +198,7 @@ class Alpha(Instrument):
     CHARTS = {"Step size": {"alpha (0 = valley floor, >1 = overshoot)": ["Multiline", ["^alpha$"]]}}
     SUMMARY = (("alpha", "alpha (0 = valley floor)"),)
     ORDER = 40.0
+    READS_VALUES_IN_HOOKS = False  # (its hook copies record.update, a tensor field filled at once)
 
     def __init__(self, window: int = 100, verdict_every: int = 100, min_alphas: int = 10, **kw):
         super().__init__(**kw)
@@ -212,9 +213,11 @@ class Alpha(Instrument):
         self.counts: dict[str, int] = {}
         self._last_step = 0
         self._update_copy: dict[str, torch.Tensor] | None = None
+        #: (step t, our copy of its update d_t): the end point's direction, projected at step t + 1
+        self._kept: tuple[int, dict[str, torch.Tensor]] | None = None
         self._params: dict[str, torch.Tensor] | None = None  # the model's, to place a loaded update
         self._start_fn = lambda rec: rec.update
-        self._end_fn = lambda rec: self._pending.update if self._pending is not None else None
+        self._end_fn = lambda rec: self._kept[1] if self._kept is not None and self._kept[0] == rec.step - 1 else None
 
     def _keep(self, update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Copy d_t into a buffer of our own (allocated once): it is the direction of the end point,
@@ -229,6 +232,7 @@ class Alpha(Instrument):
         self._params = dict(model.named_parameters())
         if self._pending is not None:  # a state loaded before attaching
             self._pending.update = self._update_copy = self._placed(self._pending.update)
+            self._kept = (self._pending.step, self._pending.update)
 
     # --- state (resuming a run) ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -260,6 +264,7 @@ class Alpha(Instrument):
             start = _Start(int(pending["step"]), float(pending["s"]), self._placed(update), stats)
         self._pending = start
         self._update_copy = start.update if start is not None else None
+        self._kept = (start.step, start.update) if start is not None else None
         self._alphas = deque((float(a) for a in state["alphas"]), maxlen=self.window)
         self._since_verdict = int(state["since_verdict"])
         self.counts = {str(k): int(v) for k, v in state["counts"].items()}
@@ -290,12 +295,19 @@ class Alpha(Instrument):
     def _expects_end(self, step: int) -> bool:
         return self._pending is not None and self._pending.step == step - 1
 
+    def _wants_end(self, step: int) -> bool:
+        """Whether ``step`` projects onto d_{step-1}: whenever it was kept, as compute of step - 1, which
+        says whether a start point awaits this end, may not have run yet (``overlap=True``). (So the
+        projections of a step are the same with and without overlap: one more direction can move the
+        last bits of the others, and a step after one without a start point projects onto both.)"""
+        return self._kept is not None and self._kept[0] == step - 1
+
     def requires(self, step: int) -> Needs:
         needs = Needs()
         if self.scheduled(step):
             needs.flags |= {Need.PER_SAMPLE_LOSS, Need.UPDATE}
             needs.directions[self._start_key] = self._start_fn
-        if self._expects_end(step):
+        if self._wants_end(step):
             needs.flags.add(Need.PER_SAMPLE_LOSS)
             needs.directions[self._end_key] = self._end_fn
         return needs
@@ -363,6 +375,13 @@ class Alpha(Instrument):
         return self._result(start.step, fit.alpha, fit.status, start.s)
 
     @torch.no_grad()
+    def on_after_step(self, record) -> None:
+        """Keep d_t (our copy): the next step projects onto it, possibly before :meth:`compute` of this
+        step has run (``Cockpit(..., overlap=True)``)."""
+        if self.scheduled(record.step) and record.update is not None:
+            self._kept = (record.step, self._keep(record.update))
+
+    @torch.no_grad()
     def compute(self, record) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
         step = record.step
@@ -379,7 +398,9 @@ class Alpha(Instrument):
         if record.update is None:
             out.update(self._result(step, math.nan, MISSING_DATA, None))
             return out
-        update = self._keep(record.update)  # the core reuses its buffers at the next step
+        kept = self._kept
+        # (our copy from on_after_step; the core reuses its buffers at the next step)
+        update = kept[1] if kept is not None and kept[0] == step else self._keep(record.update)
         s = StepRecord.global_norm(record.update_norms) or 0.0
         if not math.isfinite(s):
             out.update(self._result(step, math.nan, NONFINITE, s))

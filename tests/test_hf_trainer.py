@@ -301,18 +301,29 @@ def test_the_first_accumulated_step_has_every_statistic(tmp_path):
 
 def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
     """Default dropout (the cockpit must not draw from the Trainer's random stream), AdamW, clipping,
-    accumulation, a scheduler: the same parameters after 6 steps."""
+    accumulation, a scheduler: the same parameters after 6 steps; with ``overlap=True`` too, whose
+    records (made one step later) are the same numbers."""
     steps = 6
     plain = gpt2(dropout=0.1)
     tracked = gpt2(dropout=0.1)
+    lagged = gpt2(dropout=0.1)
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), tracked.parameters(), strict=True))
     a = train(plain, training_args(tmp_path / "a", max_steps=steps))
     callback = CockpitCallback(instruments=[*economy(), TracIn()])
     b = train(tracked, training_args(tmp_path / "b", max_steps=steps), callback)
-    for (n, p), q in zip(plain.named_parameters(), tracked.parameters(), strict=True):
-        assert torch.equal(p, q), n
-    assert [e["loss"] for e in trainer_logs(a)] == [e["loss"] for e in trainer_logs(b)]
+    overlapped = CockpitCallback(instruments=[*economy(), TracIn()], overlap=True)
+    c = train(lagged, training_args(tmp_path / "c", max_steps=steps), overlapped)
+    for (n, p), q, r in zip(plain.named_parameters(), tracked.parameters(), lagged.parameters(), strict=True):
+        assert torch.equal(p, q) and torch.equal(p, r), n
+    assert [e["loss"] for e in trainer_logs(a)] == [e["loss"] for e in trainer_logs(b)] == [
+        e["loss"] for e in trainer_logs(c)
+    ]
     assert len(callback.cockpit.history["loss"]) == steps and "persample/grad_norm" in callback.cockpit.history
+    assert overlapped.cockpit.overlap
+    sync, late = _without_costs(callback.cockpit.history), _without_costs(overlapped.cockpit.history)
+    assert sync.keys() == late.keys()
+    for tag in sync:
+        assert len(sync[tag]) == len(late[tag]) and all(map(_same, sync[tag], late[tag])), tag
 
 
 def _without_costs(history) -> dict:

@@ -219,18 +219,31 @@ def _fit(module, callbacks, tmp_path, name, max_steps, loader=None, ckpt_path=No
 
 
 @pytest.mark.parametrize(
-    "calls, manual, accumulate",
-    [("self", False, ACCUMULATE), ("parts", False, ACCUMULATE), ("model", False, 1), ("parts", True, ACCUMULATE)],
-    ids=["automatic-self(x)", "automatic-submodules", "automatic-model(x)-no-accumulation", "manual-submodules"],
+    "calls, manual, accumulate, overlap",
+    [
+        ("self", False, ACCUMULATE, False),
+        ("parts", False, ACCUMULATE, False),
+        ("model", False, 1, False),
+        ("parts", True, ACCUMULATE, False),
+        ("self", False, ACCUMULATE, True),
+    ],
+    ids=[
+        "automatic-self(x)",
+        "automatic-submodules",
+        "automatic-model(x)-no-accumulation",
+        "manual-submodules",
+        "automatic-self(x)-overlap",
+    ],
 )
-def test_every_number_matches_lightning_and_the_float64_loop(tmp_path, calls, manual, accumulate):
+def test_every_number_matches_lightning_and_the_float64_loop(tmp_path, calls, manual, accumulate, overlap):
     """accumulate_grad_batches and gradient_clip_val (manual: its own accumulation and
     self.clip_gradients), 20 steps: loss, gradient norms before and after clipping, per-sample norms,
-    dataset indices and TracIn self-influence."""
+    dataset indices and TracIn self-influence; also with each step's records made during the next step
+    (``overlap=True``)."""
     torch.manual_seed(0)
     module, truth, indices, tracin = Net(calls, manual), Truth(), IndicesSeen(), TracIn()
     instruments = [Loss(), GradNorm(), Clipping(max_norm=CLIP), PerSampleGradNorms(), tracin, indices]
-    cb = CockpitCallback(instruments=instruments, logdir=str(tmp_path / "cockpit"), sinks=[])
+    cb = CockpitCallback(instruments=instruments, logdir=str(tmp_path / "cockpit"), sinks=[], overlap=overlap)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CockpitWarning)
         trainer = _fit(

@@ -138,6 +138,9 @@ class CockpitCallback(TrainerCallback, ExportableState):
             ``clip/global/{norm,received_norm,received_ratio,coef,would_clip,frac_clipped}``.
         log_verdicts: add the cockpit's verdicts to the Trainer's log (``on_log``).
         resolve_subsets: dataset indices beneath ``torch.utils.data.Subset`` wrappers (as for ``track``).
+        overlap: make each step's records during the next step (``Cockpit(..., overlap=True)``): on a GPU
+            the device never waits for the cockpit; records arrive one step later, the last at the end of
+            training.
 
     After ``on_train_begin``, :attr:`cockpit` is the attached Cockpit (it stays readable after training:
     ``callback.cockpit.history``).
@@ -168,6 +171,7 @@ class CockpitCallback(TrainerCallback, ExportableState):
         clipping: bool = True,
         log_verdicts: bool = True,
         resolve_subsets: bool = False,
+        overlap: bool = False,
         _restored: bool = False,
     ):
         if _restored and getattr(self, "_configured", False):
@@ -175,7 +179,7 @@ class CockpitCallback(TrainerCallback, ExportableState):
         self._configured = True
         self.instruments, self.logdir, self.sinks, self.profile = instruments, logdir, sinks, profile
         self.loss_fn, self.reduction, self.clipping = loss_fn, reduction, clipping
-        self.log_verdicts, self.resolve_subsets = log_verdicts, resolve_subsets
+        self.log_verdicts, self.resolve_subsets, self.overlap = log_verdicts, resolve_subsets, overlap
         self._args = _json_able(
             {
                 "instruments": instruments,
@@ -184,6 +188,7 @@ class CockpitCallback(TrainerCallback, ExportableState):
                 "clipping": clipping,
                 "log_verdicts": log_verdicts,
                 "resolve_subsets": resolve_subsets,
+                "overlap": overlap,
             }
         )
         #: the attached cockpit (from ``on_train_begin`` on)
@@ -262,6 +267,7 @@ class CockpitCallback(TrainerCallback, ExportableState):
             profile=self.profile,
             reduction=self.reduction,
             resume=run is not None,  # continue the checkpoint's run; else a logdir holding a run gets <logdir>-2
+            overlap=self.overlap,
         )
         self._after_attach(args, state, train_dataloader, saved)
 

@@ -194,6 +194,9 @@ class CockpitCallback(Callback):
         clipping: when the Trainer clips by norm (``gradient_clip_val``) and no ``Clipping`` instrument
             is given, add ``Clipping(max_norm=gradient_clip_val, kinds="global")`` (one pass over the
             gradients): the norm before clipping, the norm received, whether the step was clipped.
+        overlap: make each step's records during the next step (``Cockpit(..., overlap=True)``): on a GPU
+            the device never waits for the cockpit; records arrive one step later, the last at the end of
+            training.
 
     The Cockpit tracks the LightningModule's parameters that the Trainer's first optimizer holds (with
     several optimizers, the first; a warning says so). Its state (step count, every instrument's state)
@@ -214,6 +217,7 @@ class CockpitCallback(Callback):
         profile: bool | Callable[[int], Any] = False,
         resolve_subsets: bool = False,
         clipping: bool = True,
+        overlap: bool = False,
     ):
         if not isinstance(instruments, str):
             instruments = list(instruments)
@@ -223,7 +227,7 @@ class CockpitCallback(Callback):
         self.instruments, self.sinks, self.loss_fn = instruments, sinks, loss_fn
         self.logdir = os.fspath(logdir) if logdir is not None else None
         self.reduction, self.profile, self.resolve_subsets = reduction, profile, resolve_subsets
-        self.clipping = clipping
+        self.clipping, self.overlap = clipping, overlap
         #: the Cockpit of the current (or last) fit; closed once training ends
         self.cockpit: Cockpit | None = None
         #: the instruments' verdicts at the end of training
@@ -334,6 +338,7 @@ class CockpitCallback(Callback):
             profile=self.profile,
             reduction=self.reduction,
             resume=run is not None,
+            overlap=self.overlap,
         )
         try:
             if saved is not None:

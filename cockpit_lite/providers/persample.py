@@ -297,7 +297,8 @@ class PerSampleProvider(Provider):
         rows += [result.projections[k] for k in keys] + [result.gram[n] for n in grams]
         rows += [c.values for c in result.checks]
         if rows:
-            layout = _Layout(names, dot_mean is not None, keys, grams, result.checks)
+            by_param = Need.PER_SAMPLE_GRAM_BY_PARAM in flags
+            layout = _Layout(names, dot_mean is not None, keys, grams, by_param, result.checks)
             record.host.defer(rows, lambda values: self._rows(record, layout, values))
         if Need.PER_SAMPLE_GRADS in flags and result.grads:
             record.per_sample_grads = dict(result.grads)
@@ -334,7 +335,7 @@ class PerSampleProvider(Provider):
         if grams:
             by_param = dict(zip(grams, rest[len(keys) :], strict=True))
             record.per_sample_gram = np.add.reduce(list(by_param.values()), axis=0)
-            if Need.PER_SAMPLE_GRAM_BY_PARAM in self.needs.flags:
+            if layout.gram_by_param:
                 record.per_sample_gram_by_param = by_param
 
 
@@ -346,4 +347,5 @@ class _Layout:
     dot: bool
     keys: list[str]
     grams: list[str]
+    gram_by_param: bool  # (the step's need: the record's values are made during the next step with overlap)
     checks: tuple[DeferredCheck, ...]
