@@ -190,12 +190,18 @@ def check_loss_module(loss_fn: object) -> None:
             f"{type(loss_fn).__name__} has no 'reduction' attribute: the cockpit needs a loss module with "
             "reduction='mean' or 'sum' to derive per-sample losses."
         )
-    if reduction not in SUPPORTED_REDUCTIONS:
+    if reduction not in SUPPORTED_REDUCTIONS and not (reduction == "batchmean" and isinstance(loss_fn, nn.KLDivLoss)):
         raise ValueError(
             f"{type(loss_fn).__name__}(reduction={reduction!r}) is not supported: the training loop must "
             "reduce the loss itself, so the cockpit cannot know the scale of the gradient. Use "
             "reduction='mean' (or 'sum') in the loss module and let the module reduce."
         )
+
+
+def reduction_of(loss_fn: nn.Module) -> str:
+    """How a loss module reduces over examples: ``"mean"`` or ``"sum"``. ``KLDivLoss(reduction="batchmean")``
+    (the sum of all elements over B: the mean over examples of each example's sum) is a mean."""
+    return "mean" if loss_fn.reduction == "batchmean" else loss_fn.reduction
 
 
 def unreduced(loss_fn: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -242,7 +248,7 @@ def per_sample_losses(
     u = unreduced(loss_fn, *detached, **kwargs)
     batch = u.shape[0] if u.dim() > 0 else 1
     per_sample = u if u.dim() == 1 else u.reshape(batch, -1).sum(dim=1)
-    if loss_fn.reduction == "mean":
+    if loss_fn.reduction == "mean":  # (batchmean: L = sum(u) / B is already the mean of the sums)
         total = nll_total_weight(output) if output is not None and type(loss_fn) in _NLL_MODULES else None
         if total is not None:
             if total.device.type == "cpu":  # (a host number: one scaling op, none when N = B)
@@ -274,7 +280,7 @@ def example_losses(loss_fn: nn.Module, pred: torch.Tensor, target: Any) -> torch
     u = unreduced(loss_fn, pred, target)
     k = u.shape[0] if u.dim() > 0 else 1
     flat = u.reshape(k, -1)
-    if loss_fn.reduction == "sum":
+    if loss_fn.reduction in ("sum", "batchmean"):  # (batchmean: a batch of one sums its elements)
         return flat.sum(1)
     w = target_weights(loss_fn, target, u.dtype)
     if w is not None:

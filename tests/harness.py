@@ -214,7 +214,7 @@ def shares_loop(
             "not apply"
         )
     (d_out,) = torch.autograd.grad(lf(full, y), full, retain_graph=True)
-    factor = batch if lf.reduction == "mean" else 1
+    factor = batch if lf.reduction in ("mean", "batchmean") else 1
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for i in range(batch):
         mask = torch.zeros_like(d_out)
@@ -350,7 +350,7 @@ def assert_matches_loop(
 
     failures = [f"gradient-sum check: {w}" for w in seen if "do not add up" in w]  # a false alarm if all else matches
     batch = next(iter(ref.values())).shape[0]
-    c = 1.0 / batch if loss_fn.reduction == "mean" else 1.0
+    c = 1.0 / batch if loss_fn.reduction in ("mean", "batchmean") else 1.0
     # the reference itself: its float64 shares must add up to the float32 p.grad of the cockpit's step
     whole = c * NOISE * sum(np.linalg.norm(np.concatenate([ref[n].reshape(batch, -1) for n in names], 1), axis=1))
     for n in names:

@@ -501,3 +501,29 @@ def test_a_models_own_loss_keeps_its_convention_and_says_when_it_changes(device)
     for step in (0, 1, 3):
         np.testing.assert_allclose(per_sample[step], expected[step], rtol=1e-5)
     assert "no longer matches the definition" in dict(ck.history["note/loss"])[2]
+
+
+def test_kl_div_batchmean_is_the_mean_over_examples_of_their_sums(device):
+    """``KLDivLoss(reduction="batchmean")``: L = sum(u) / B, the mean over examples of each example's
+    summed element losses (torch's recommended KL reduction). Per-sample gradients against the float64
+    loop; per-sample losses against each example's own divergence, the batch loss their mean."""
+    from tests.harness import assert_matches_loop
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(-1))
+    x, target = torch.randn(5, 4), torch.softmax(torch.randn(5, 3), -1)
+    loss_fn = nn.KLDivLoss(reduction="batchmean")
+    checked = assert_matches_loop(model, x, target, loss_fn, device=device)
+    assert not checked.warnings
+    model, x, target = model.to(device), x.to(device), target.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    probe = Probe(flags={Need.LOSS, Need.PER_SAMPLE_LOSS})
+    with Cockpit(model, opt, loss_fn, instruments=[probe], sinks=[]):
+        loss = loss_fn(model(x), target)
+        loss.backward()
+        opt.step()
+    rec = probe.records[0]
+    with torch.no_grad():
+        want = np.array([float(F.kl_div(model(x[i : i + 1]), target[i : i + 1], reduction="sum")) for i in range(5)])
+    np.testing.assert_allclose(rec.per_sample_loss, want, rtol=1e-5)
+    assert rec.loss == pytest.approx(float(loss), rel=1e-6) == pytest.approx(want.mean(), rel=1e-5)

@@ -470,11 +470,12 @@ def test_conv_ghost_norms_and_dot_with_the_batch_gradient(device):
     np.testing.assert_allclose(rec.per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("hook_node", [True, False])
+@pytest.mark.parametrize("hook_node", [True, False, "user hook"])
 def test_conv_ghost_takes_the_batch_gradient_from_autograd(device, hook_node):
-    """The ghost path's sum_i g_i comes from the convolution's own backward node (not recomputed);
-    where that node cannot be hooked (a forward hook replaced the output) it is recomputed. Both
-    agree with the loop, also with a mean loss scaled by an AMP-like backward factor."""
+    """The ghost path's sum_i g_i comes from the convolution's own backward node (not recomputed), also
+    where a forward hook of the user's replaces the output (the engine's hook runs first and sees the
+    convolution's own); where that node cannot be hooked it is recomputed. All agree with the loop,
+    also with a mean loss scaled by an AMP-like backward factor."""
     from cockpit_lite.persample.layers import ConvHandler
 
     recomputed = []
@@ -486,7 +487,7 @@ def test_conv_ghost_takes_the_batch_gradient_from_autograd(device, hook_node):
 
     torch.manual_seed(0)
     model = WideConv()
-    if not hook_node:
+    if hook_node == "user hook":
         for m in (model.c2, model.c3):
             m.register_forward_hook(lambda mod, args, out: out * 1.0)
     model.to(device)
@@ -498,11 +499,13 @@ def test_conv_ghost_takes_the_batch_gradient_from_autograd(device, hook_node):
     scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=1024.0)
     with pytest.MonkeyPatch.context() as mp, Cockpit(model, opt, loss_fn, instruments=[probe]):
         mp.setattr(ConvHandler, "_batch_grad", spy)
+        if hook_node is False:  # (as for an output autograd did not make by the convolution's own node)
+            mp.setattr(ConvHandler, "weight_grad_node", lambda self, outputs: None)
         opt.zero_grad()
         scaler.scale(loss_fn(model(x), y)).backward()  # backward starts from 1024: the scale is divided out
         scaler.step(opt)
         scaler.update()
-    assert sorted(recomputed) == ([] if hook_node else ["c2.weight", "c3.weight"])
+    assert sorted(recomputed) == ([] if hook_node else ["c2.weight", "c3.weight"])  # (c1 takes the formed route)
     G = flat(ref)
     np.testing.assert_allclose(probe.records[0].per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=ATOL)
 

@@ -33,7 +33,9 @@ from cockpit_lite.pause import is_paused, paused
 from cockpit_lite.persample.broadcast import BroadcastTracker, expand_over_batch
 from cockpit_lite.persample.checks import DeferredCheck
 from cockpit_lite.persample.layers import (
+    AttentionHandler,
     BareParamsHandler,
+    FuncHandler,
     Handler,
     PerSampleUndefined,
     SampleAxes,
@@ -121,6 +123,27 @@ class _Calls:
     axes: dict[int, SampleAxes] = field(default_factory=dict)
     #: the batch size each entry of ``axes`` holds for (a loss that later sets another batch voids it)
     axes_batch: dict[int, int] = field(default_factory=dict)
+
+
+def _outside_gradients(handler: Handler, output: Any) -> bool:
+    """Whether the engine hands a call's outputs downstream as identity views, to see only the gradients
+    that reach them from outside the call (``_forward_hook``): for modules replayed by torch.func (whose
+    outputs may be computed from one another) with several outputs in plain tuples and lists (a
+    PackedSequence or a dict output is left as it is). Attention's factor form reads its outputs' own."""
+    if not isinstance(handler, FuncHandler) or isinstance(handler, AttentionHandler):
+        return False
+
+    def plain(x: Any) -> bool:
+        if type(x) in (tuple, list):
+            return all(plain(y) for y in x)
+        return torch.is_tensor(x) or x is None or isinstance(x, (bool, int, float, str))
+
+    return type(output) in (tuple, list) and plain(output)
+
+
+def _identity_view(t: Any) -> Any:
+    """``t.view_as(t)`` for a tensor that requires grad (a new autograd node, the same storage), else ``t``."""
+    return t.view_as(t) if torch.is_tensor(t) and t.requires_grad else t
 
 
 def _leaf_shapes(tree: Any) -> tuple[tuple[int, ...] | None, ...]:
@@ -345,7 +368,12 @@ class PerSampleEngine:
         self._reset(Needs())
 
     def _attach(self) -> None:
-        self._hooks = [m.register_forward_hook(SharedHook(self._forward_hook), with_kwargs=True) for m in self.handlers]
+        # first among the module's forward hooks: a hook of the user's that replaces the output (out * 2)
+        # is then part of what follows the module, and the engine pairs the module's own output with its input
+        self._hooks = [
+            m.register_forward_hook(SharedHook(self._forward_hook), with_kwargs=True, prepend=True)
+            for m in self.handlers
+        ]
         # handlers that keep what holds just before the call (the random state attention dropout draws from)
         self._hooks += [
             m.register_forward_pre_hook(SharedHook(self._pre_forward_hook), with_kwargs=True)
@@ -389,6 +417,8 @@ class PerSampleEngine:
         self.dot_mean: torch.Tensor | None = None
         self.grads: dict[str, torch.Tensor] = {}
         self.covered: set[str] = set()
+        #: parameters left out of this step by :meth:`drop`, by full name, with the reason said
+        self.left_out: dict[str, str] = {}
         self._tied_views: dict[int, list[View]] = {}
         self._dropped_groups: set[int] = set()
         #: conditions of this step's statistics, decided on the host with its other values
@@ -507,7 +537,9 @@ class PerSampleEngine:
             gid = self.tied[module]
             self._tied_views.pop(gid, None)
             self._dropped_groups.add(gid)
-        names = ", ".join(sorted(self.handlers[module].names.values())) if module in self.handlers else "?"
+        full = sorted(self.handlers[module].names.values()) if module in self.handlers else []
+        names = ", ".join(full) or "?"
+        self.left_out.update(dict.fromkeys(full, reason))
         if "ambiguous" in reason and module in self._probe_notes:
             reason = f"{reason} ({self._probe_notes[module]})"
         message = f"per-sample statistics leave out {type(module).__name__} ({names}) for this step: {reason}"
@@ -574,6 +606,8 @@ class PerSampleEngine:
         self._order[module] = order + 1
         try:
             handler = self.handlers[module]
+            if handler.refused is not None:
+                raise PerSampleUndefined(handler.refused)
             handler.check()
             if torch.is_tensor(output):  # the usual single output: no pytree walk
                 outs = [output] if output.requires_grad else []
@@ -581,6 +615,13 @@ class PerSampleEngine:
                 outs = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
             if not outs:
                 return None
+            replaced = None
+            if len(outs) > 1 and not self._probing and _outside_gradients(handler, output):
+                # a hook on an output sees its whole gradient: where one output is computed from another
+                # inside the call (LSTMCell: h = o * tanh(c)), c's would hold h's share too, counted twice by
+                # the replay; the identity views handed downstream get only the gradients from outside
+                output = replaced = tree_map(_identity_view, output)
+                outs = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
             calls = self._calls.get(module)
             if calls is None:
                 calls = self._calls[module] = _Calls()
@@ -607,6 +648,7 @@ class PerSampleEngine:
                 )
             else:
                 self._register_grads(module, idx, outs)
+            return replaced
         except PerSampleUndefined as e:
             if getattr(e, "couples", False):  # examples interact: no layer's rows are per-example shares
                 self.fail(str(e))
@@ -1028,7 +1070,7 @@ class PerSampleEngine:
         if not self.active:
             return
         for module, handler in self.handlers.items():  # bare parameters used outside their module's call
-            if isinstance(handler, BareParamsHandler) and module not in self._calls:
+            if isinstance(handler, BareParamsHandler) and module not in self._calls and handler.refused is None:
                 if self._bcast.has_results(handler.names.values()):
                     self._calls[module] = _Calls()
         for module in list(self._calls):

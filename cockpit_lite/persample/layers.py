@@ -143,10 +143,15 @@ class Handler:
     #: call index -> where the sample axis lies in that call's tensors, set by the engine around
     #: :meth:`view` for calls whose shapes alone do not tell it (see :class:`SampleAxes`)
     sample_axes: Mapping[int, SampleAxes] = MappingProxyType({})
+    #: the module's own parameters (local names) this handler's view serves; None: every one it is given
+    SERVES: frozenset[str] | None = None
+    #: why the module cannot be served at all (the engine leaves it out at each call, saying this)
+    refused: str | None = None
 
     def __init__(self, module: nn.Module, names: dict[str, str]):
         self.module = module
         self.names = names
+        self.refused = _refusal(module, names, type(self).SERVES)
 
     def _input_axis(self, call: int) -> int | None:
         """The resolved sample axis of call ``call``'s first input, None if none was resolved.
@@ -222,6 +227,27 @@ class Handler:
         return grad_inputs[1]
 
 
+def _refusal(module: nn.Module, names: Mapping[str, str], serves: frozenset[str] | None) -> str | None:
+    """Why a handler cannot serve ``module``'s parameters ``names`` (None if it can): parameters from
+    which the module's forward computes the tensors it uses, which the engine does not follow."""
+    from torch.nn.utils import parametrize
+
+    if isinstance(module, parametrize.ParametrizationList):
+        return (
+            f"{', '.join(sorted(names.values()))} are parametrized (torch.nn.utils.parametrize: "
+            "parametrizations.weight_norm, orthogonal, spectral_norm): the tensor the layer uses is computed "
+            "from them at every call, which the per-sample engine does not follow"
+        )
+    extra = sorted(names[n] for n in names if serves is not None and n not in serves)
+    if extra:
+        return (
+            f"{type(module).__name__} holds {', '.join(extra)} besides its own {' and '.join(sorted(serves))}: its "
+            "forward uses a tensor computed from them (torch.nn.utils.weight_norm or spectral_norm recompute the "
+            "weight before each call), which the per-sample engine does not follow"
+        )
+    return None
+
+
 def _leading_ambiguous(args: tuple, batch: int, n_feature: int) -> bool:
     """Whether the first argument has several leading axes (all but its last ``n_feature``) of size B."""
     x = args[0] if args and torch.is_tensor(args[0]) else None
@@ -231,6 +257,8 @@ def _leading_ambiguous(args: tuple, batch: int, n_feature: int) -> bool:
 
 
 class LinearHandler(Handler):
+    SERVES = frozenset({"weight", "bias"})
+
     def ambiguous(self, args, kwargs, output, batch):
         return _leading_ambiguous(args, batch, 1)
 
@@ -302,6 +330,8 @@ class ConvHandler(Handler):
     the batch folded into the groups, or a forward convolution of the input with the output
     gradients as filters (:meth:`_grads_swapped`).
     """
+
+    SERVES = frozenset({"weight", "bias"})
 
     def ambiguous(self, args, kwargs, output, batch):
         return False  # (B, C, *spatial): the sample axis is 0
@@ -514,6 +544,8 @@ class ConvHandler(Handler):
 
 
 class EmbeddingHandler(Handler):
+    SERVES = frozenset({"weight"})
+
     def ambiguous(self, args, kwargs, output, batch):
         return _leading_ambiguous(args, batch, 0)
 
@@ -537,6 +569,8 @@ class EmbeddingHandler(Handler):
 
 class NormHandler(Handler):
     """Affine normalisations: per-sample grads of the gain and bias are (B, C) or (B, *shape): cheap."""
+
+    SERVES = frozenset({"weight", "bias"})
 
     def ambiguous(self, args, kwargs, output, batch):
         m = self.module
@@ -610,6 +644,13 @@ class FuncHandler(Handler):
                 "and 7 get 1, 1/2 and 1), which the engine cannot reproduce per sample. Per-sample statistics "
                 "are skipped; nn.Embedding with scale_grad_by_freq followed by a sum or mean over the bag is served."
             )
+        if m.training and isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1:
+            raise PerSampleUndefined(
+                f"{type(m).__name__} with dropout={m.dropout} between its {m.num_layers} layers in train mode draws "
+                "its dropout masks inside one fused call, which cannot be redrawn per sample. Per-sample statistics "
+                "leave out its parameters on such steps; set its dropout to 0 (an nn.Dropout module between "
+                "single-layer RNNs is served) or track it in eval mode."
+            )
         if m.training and isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
             raise PerSampleUndefined(
                 "MultiheadAttention with dropout > 0 in train mode draws its attention dropout mask inside "
@@ -618,6 +659,18 @@ class FuncHandler(Handler):
             )
 
     def capture(self, args, kwargs, output):
+        if any(isinstance(a, nn.utils.rnn.PackedSequence) for a in (*args, *kwargs.values())):
+            raise PerSampleUndefined(
+                f"{type(self.module).__name__} called on a PackedSequence: the per-sample replay takes padded "
+                "(B, T, ...) tensors, not packed ones. Per-sample statistics leave out its parameters; call it on "
+                "the padded batch to have them counted."
+            )
+        if isinstance(self.module, nn.EmbeddingBag) and args and torch.is_tensor(args[0]) and args[0].dim() == 1:
+            raise PerSampleUndefined(
+                "EmbeddingBag on a flat input with offsets: the per-sample replay takes one bag per row of a "
+                "(B, n) input. Per-sample statistics leave out its weight; pass the bags as a (B, n) tensor "
+                "(padding_idx for shorter bags) to have it counted."
+            )
         detach = lambda t: t.detach() if torch.is_tensor(t) else t  # noqa: E731
         return tree_map(detach, args), tree_map(detach, kwargs)
 

@@ -26,7 +26,15 @@ import torch
 from torch import nn
 
 from cockpit_lite.compat import nll_terms
-from cockpit_lite.losses import DerivedLosses, derived_losses, fold_rows, nll_losses, per_sample_losses, scalar_loss
+from cockpit_lite.losses import (
+    DerivedLosses,
+    derived_losses,
+    fold_rows,
+    nll_losses,
+    per_sample_losses,
+    reduction_of,
+    scalar_loss,
+)
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.providers import register_provider
 from cockpit_lite.providers.base import BackwardRoot, LossCall, ModelCall, Provider
@@ -112,7 +120,7 @@ class LossProvider(Provider):
             self.parts[-1] = derived_losses(call.output, call.args, call.kwargs, call.batch, self.convention)
 
     def on_loss(self, record: StepRecord, call: LossCall) -> None:
-        record.reduction = call.module.reduction
+        record.reduction = reduction_of(call.module)
         if not self.batches:  # a loss module called without a model forward seen: its batch is the step's
             pred = call.args[0] if call.args else next(iter(call.kwargs.values()))
             self.on_forward(
@@ -127,7 +135,7 @@ class LossProvider(Provider):
             record.batch_size = sum(self.batches)
         if self.per_sample:
             rows = per_sample_losses(call.module, call.args, call.kwargs, call.output)
-            self.parts[-1] = fold_rows(rows, self.batches[-1], call.module.reduction)
+            self.parts[-1] = fold_rows(rows, self.batches[-1], record.reduction)
 
     def on_backward_root(self, record: StepRecord, root: BackwardRoot) -> None:
         if len(root.tensors) == 1 and torch.is_tensor(root.tensors[0]) and root.tensors[0].dim() == 0:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from cockpit_lite.compat import BatchNormBase, without_grad
+from cockpit_lite.losses import reduction_of
 from cockpit_lite.model_io import any_grad
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.persample.checks import DeferredCheck
@@ -125,7 +126,7 @@ class PerSampleProvider(Provider):
 
     def on_loss(self, record: StepRecord, call: LossCall) -> None:
         """A loss module declares its reduction; its batch is the micro-batch's unless it folds to it."""
-        self.mean = call.module.reduction == "mean"
+        self.mean = reduction_of(call.module) == "mean"
         if self.coupled:
             return
         pred = call.args[0] if call.args else next(iter(call.kwargs.values()))
@@ -192,10 +193,12 @@ class PerSampleProvider(Provider):
             record.per_sample_uncovered = self._uncovered(eng.covered, record)
             if record.per_sample_uncovered:
                 missing = sorted(record.per_sample_uncovered)
-                self.context.warn(
-                    f"parameters {missing} have gradients but no per-sample contribution was seen (used "
-                    "outside their module's forward?): per-sample statistics exclude them"
-                )
+                unseen = [n for n in missing if n not in eng.left_out]  # (the others were left out with a reason)
+                if unseen:
+                    self.context.warn(
+                        f"parameters {unseen} have gradients but no per-sample contribution was seen (used "
+                        "outside their module's forward?): per-sample statistics exclude them"
+                    )
                 share = sum(record.per_sample_uncovered.values())
                 record.add_note(
                     f"per-sample statistics cover all parameters but {missing} ({share:.1%} of ||p.grad||^2)",
