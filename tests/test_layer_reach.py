@@ -52,6 +52,50 @@ class UsesTwo(nn.Module):
         return self.head(h * 0.5 + t)
 
 
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's: an nn.Embedding whose own forward multiplies the lookup by sqrt(d)."""
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embedding_dim**0.5
+
+
+class MaskPositions(nn.Embedding):
+    """OPT's learned positions: the forward takes the attention mask and looks up positions from it."""
+
+    def forward(self, mask):
+        return super().forward(torch.cumsum(mask, 1) * mask - 1 + 2)
+
+
+class Tokens(nn.Module):
+    """Token and position embeddings of the two kinds above, the output layer tied to the tokens'."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.positions = ScaledEmbedding(11, 6, padding_idx=0), MaskPositions(12, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.tokens.weight
+
+    def forward(self, ids):
+        mask = (ids != 0).long()
+        return self.head(torch.tanh(self.tokens(ids) + self.positions(mask)).mean(1))
+
+
+class ScaledLinear(nn.Linear):
+    """An nn.Linear subclass with a forward of its own: served by torch.func, not the Linear factors."""
+
+    def forward(self, x):
+        return super().forward(x) * 3.0 + 1.0
+
+
+class WithScaledLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = ScaledLinear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x)))
+
+
 class Rescaled(nn.Module):
     """A forward hook of the user's replaces a layer's output (registered before the cockpit attaches)."""
 
@@ -66,10 +110,12 @@ class Rescaled(nn.Module):
 
 @pytest.mark.parametrize(
     "build",
-    [lambda: OneCell(False), lambda: OneCell(True), UsesTwo, Rescaled],
-    ids=["lstmcell-h", "lstmcell-h-and-c", "module-with-dependent-outputs", "user-hook-replaces-output"],
+    [lambda: OneCell(False), lambda: OneCell(True), UsesTwo, Rescaled, WithScaledLinear],
+    ids=["lstmcell-h", "lstmcell-h-and-c", "dependent-outputs", "user-hook-replaces-output", "linear-subclass"],
 )
 def test_outputs_computed_from_one_another_and_replaced_outputs_are_exact(build, device):
+    """LSTMCell and a module of the user's return one output computed from another; a forward hook of the
+    user's replaces a layer's output; an nn.Linear subclass has a forward of its own."""
     torch.manual_seed(0)
     x, y = torch.randn(B, 4), torch.randint(0, 3, (B,))
     checked = assert_matches_loop(build(), x, y, nn.CrossEntropyLoss(), device=device)
@@ -162,3 +208,15 @@ def test_what_cannot_be_served_is_left_out_with_its_reason(case):
     assert record.per_sample_sq_norms is not None  # (the rest is still computed)
     assert any("cover all parameters but" in n for n in record.notes)
     assert not any(torch.equal(a, b) for a, b in zip(plain, model.parameters(), strict=True))  # (it trained)
+
+
+def test_embeddings_with_a_forward_of_their_own_are_read_at_their_lookup(device):
+    """Gemma's scaled token embedding (tied to the output layer) and OPT's positions from the attention
+    mask: nn.Embedding subclasses whose forward changes what the lookup returns (1/d of ||g_i||^2 before)."""
+    torch.manual_seed(0)
+    ids = torch.randint(1, 11, (B, 7))
+    ids[1, 5:] = 0  # (padding: position ids from the mask, padding_idx rows)
+    checked = assert_matches_loop(Tokens(), ids, torch.randint(0, 11, (B,)), nn.CrossEntropyLoss(), device=device)
+    assert set(checked.record.per_sample_sq_norms_by_param) == {"tokens.weight", "positions.weight"}
+    assert not checked.warnings
+

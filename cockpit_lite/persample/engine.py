@@ -615,6 +615,15 @@ class PerSampleEngine:
                 outs = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
             if not outs:
                 return None
+            lookup = None
+            if getattr(handler, "own_forward", False):  # an nn.Embedding subclass: read at its lookup
+                if self._probing or len(outs) != 1:
+                    raise PerSampleUndefined(
+                        f"{type(module).__name__} (an nn.Embedding with a forward of its own) is read at its lookup, "
+                        "which TracIn's probe pass (or a call with several outputs) does not reach"
+                    )
+                lookup, indices = handler.lookup(outs[0])
+                args, kwargs = (indices,), {}
             replaced = None
             if len(outs) > 1 and not self._probing and _outside_gradients(handler, output):
                 # a hook on an output sees its whole gradient: where one output is computed from another
@@ -628,6 +637,15 @@ class PerSampleEngine:
             idx = len(calls.captures)
             calls.captures.append(handler.capture(args, kwargs, output))
             shared = self._sample_axes(module, idx, order, args, kwargs, output, outs, calls)
+            if lookup is not None:  # (its indices tell: the batch's own, or positions shared by it)
+                if shared or self.batch not in args[0].shape:
+                    raise PerSampleUndefined(
+                        f"{type(module).__name__} (an nn.Embedding with a forward of its own) looks up indices "
+                        "shared by the batch, which the engine splits where the module's output meets the batch, "
+                        "not at its lookup"
+                    )
+                lookup.register_prehook(lambda grads, m=module, i=idx: self._on_grads(m, i, (grads[0],)))
+                return replaced
             # an output that may lack the batch axis (a position embedding): decided by its consumers
             broadcast = len(outs) == 1 and (shared or self._bcast.is_candidate(module, outs[0]))
             if broadcast:

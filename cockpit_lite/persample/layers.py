@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from cockpit_lite.compat import (
     conv_forward,
     conv_weight_grad,
     pad_like_conv,
+    saved_attribute,
     sdpa_backends,
     tensor_version,
     tree_flatten,
@@ -105,10 +107,17 @@ def _feature_first_samples(
             "it; per-sample statistics are skipped for this layer. A batch size different from the sequence "
             "length avoids the question."
         )
+    flattened = any(size % batch == 0 and size > batch for size in lead)
     raise ValueError(
         f"cannot find the batch axis of size {batch} in an activation of shape {tuple(x.shape)}; per-sample "
-        "statistics need the loss's batch dimension in every layer's input (a loss over flattened tokens "
-        "has no per-token gradients once layers mix positions)"
+        "statistics need the batch axis in every layer's input"
+        + (
+            f" (here the examples look flattened into one axis with their positions, {batch} x "
+            f"{next(s for s in lead if s % batch == 0 and s > batch) // batch} rows: a layer on (B T, d) rows, as in "
+            "OPT's feed-forward blocks, or a loss over flattened tokens)"
+            if flattened
+            else ""
+        )
     )
 
 
@@ -544,7 +553,42 @@ class ConvHandler(Handler):
 
 
 class EmbeddingHandler(Handler):
+    """nn.Embedding: g_i(W) rows are the output gradient rows of example i's tokens. A subclass with a
+    forward of its own (Gemma's embedding scaled by sqrt(d), OPT's positions computed from the attention
+    mask) is read at its lookup: the indices and the output gradient of the ``F.embedding`` of its weight
+    that its forward makes (:meth:`lookup`), not at the module's input and output."""
+
     SERVES = frozenset({"weight"})
+
+    def __init__(self, module: nn.Module, names: dict[str, str]):
+        super().__init__(module, names)
+        self.own_forward = type(module).forward is not nn.Embedding.forward
+
+    def lookup(self, output: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """The autograd node of this call's one lookup of the weight (``EmbeddingBackward0``), found from
+        the call's output within a few nodes, and its indices.
+
+        Raises:
+            PerSampleUndefined: no such node, or several (a forward that looks the weight up twice)."""
+        weight = self.module.weight
+        queue, seen, found = [output.grad_fn], set(), []
+        while queue and len(seen) < 64:
+            node = queue.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            nxt = [n for n, _ in node.next_functions if n is not None]
+            if node.name() == "EmbeddingBackward0" and any(getattr(n, "variable", None) is weight for n in nxt):
+                found.append(node)
+                continue
+            queue.extend(n for n in nxt if n.name() != "AccumulateGrad")
+        if len(found) != 1:
+            raise PerSampleUndefined(
+                f"{type(self.module).__name__} (an nn.Embedding with a forward of its own) looks its weight up "
+                f"{len(found)} times in a call, not once, as far as the engine can follow from its output: "
+                "per-sample statistics leave it out"
+            )
+        return found[0], saved_attribute(found[0], "indices")
 
     def ambiguous(self, args, kwargs, output, batch):
         return _leading_ambiguous(args, batch, 0)
@@ -1357,11 +1401,19 @@ HANDLERS: dict[type, type[Handler]] = {
 WHOLE_MODULES: tuple[type, ...] = (nn.MultiheadAttention, nn.RNNBase)
 
 
+#: layer classes whose factor forms assume their own forward: a subclass with a forward of its own is
+#: replayed by torch.func instead (exact); an nn.Embedding subclass is read at its lookup (EmbeddingHandler)
+OWN_FORWARD_REPLAYED: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)
+
+
 def handler_for(module: nn.Module) -> type[Handler]:
     """The handler class registered for the nearest class in the module's MRO; :class:`FuncHandler`
-    (torch.func on that module alone) if none is."""
+    (torch.func on that module alone) if none is, or if the module's class replaces the forward of one of
+    :data:`OWN_FORWARD_REPLAYED`."""
     for cls in type(module).__mro__:
         if cls in HANDLERS:
+            if cls in OWN_FORWARD_REPLAYED and type(module).forward is not cls.forward:
+                return FuncHandler
             return HANDLERS[cls]
     return FuncHandler
 
