@@ -150,6 +150,29 @@ def hf_gpt2(n_layer: int = 2, d: int = 32, n_head: int = 2, vocab: int = 50, n_p
     return GPT2LMHeadModel(config)
 
 
+def hf_gemma(n_layer: int = 2, d: int = 32, n_head: int = 2, vocab: int = 50, n_positions: int = 16) -> nn.Module:
+    """``GemmaForCausalLM``: its token embedding is an ``nn.Embedding`` subclass whose forward multiplies
+    the lookup by sqrt(d) (tied to the output layer), RMSNorm with 1 + weight, rotary positions."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    config = GemmaConfig(
+        vocab_size=vocab,
+        hidden_size=d,
+        intermediate_size=2 * d,
+        num_hidden_layers=n_layer,
+        num_attention_heads=n_head,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=n_positions,
+        use_cache=False,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    config._attn_implementation = "eager"
+    return GemmaForCausalLM(config)
+
+
 def hf_bert(n_layer: int = 2, d: int = 32, n_head: int = 2, vocab: int = 50, n_positions: int = 16) -> nn.Module:
     """``BertForMaskedLM`` (decoder tied to the word embeddings, position ids of shape (1, T))."""
     from transformers import BertConfig, BertForMaskedLM

@@ -37,6 +37,7 @@ CASES = {
     "hf gpt2": (M.hf_gpt2, lambda: M.token_batch(5, 8), True),
     "hf gpt2 no dropout": (lambda: _no_dropout(M.hf_gpt2()), lambda: M.token_batch(5, 8), False),
     "hf bert mlm": (M.hf_bert, lambda: M.mlm_batch(5, 8), True),
+    "hf gemma": (M.hf_gemma, lambda: M.token_batch(5, 8), False),
     "hf vit": (M.hf_vit, lambda: M.image_batch(6), False),
     "hf vit dropout": (
         lambda: M.hf_vit(hidden_dropout=0.1, attention_dropout=0.1),

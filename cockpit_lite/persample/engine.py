@@ -37,6 +37,7 @@ from cockpit_lite.persample.layers import (
     BareParamsHandler,
     FuncHandler,
     Handler,
+    LayerLeftOut,
     PerSampleUndefined,
     SampleAxes,
     build_handlers,
@@ -624,6 +625,8 @@ class PerSampleEngine:
                     )
                 lookup, indices = handler.lookup(outs[0])
                 args, kwargs = (indices,), {}
+                if lookup is outs[0].grad_fn:  # its output is the lookup's (BART's positions): served as one
+                    lookup = None
             replaced = None
             if len(outs) > 1 and not self._probing and _outside_gradients(handler, output):
                 # a hook on an output sees its whole gradient: where one output is computed from another
@@ -877,6 +880,8 @@ class PerSampleEngine:
                 calls.weight_grads[idx] = weight_grad.detach() if weight_grad.requires_grad else weight_grad
             if len(calls.grads) == len(calls.captures) and not isinstance(self.handlers[module], BareParamsHandler):
                 self._process(module)  # (bare parameters wait for their gradients: end of backward)
+        except LayerLeftOut as e:
+            self.drop(module, str(e))
         except PerSampleUndefined as e:
             self.fail(str(e))
         except Exception as e:
@@ -1094,6 +1099,8 @@ class PerSampleEngine:
         for module in list(self._calls):
             try:
                 self._process(module)
+            except LayerLeftOut as e:
+                self.drop(module, str(e))
             except Exception as e:
                 self.drop(module, f"{type(e).__name__}: {e}")
         try:

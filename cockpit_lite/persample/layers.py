@@ -64,6 +64,11 @@ class PerSampleUndefined(Exception):
         self.couples = couples
 
 
+class LayerLeftOut(PerSampleUndefined):
+    """This layer's per-sample gradients cannot be had on this step (found while computing them, in
+    backward): only the layer is left out, with this message as the reason."""
+
+
 @dataclass(frozen=True)
 class SampleAxes:
     """Where the sample axis lies in the tensors of one module call, found by the engine's shape probe
@@ -819,6 +824,13 @@ class FuncHandler(Handler):
                 try:
                     per = vmap(grad(inner), in_dims=(None, arg_dims, kw_dims, g_dims))(params, args, kwargs, g_tensors)
                 except RuntimeError as e:  # an op vmap cannot batch (GRU's in-place state update): loop
+                    if "random operation" in str(e):  # a loop would draw other random numbers than the step did
+                        raise LayerLeftOut(
+                            f"{type(m).__name__} draws random numbers in its forward (stochastic depth / drop_path, "
+                            "a functional dropout): a per-sample recomputation would draw others than the step "
+                            "did. Per-sample statistics leave out its parameters on such steps (in eval mode, or "
+                            "with that randomness off, they are served)."
+                        ) from e
                     rows = [
                         grad(inner)(
                             params,

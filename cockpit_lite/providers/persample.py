@@ -34,9 +34,15 @@ MISMATCH = (
     "(in brackets: ||sum_i g_i||^2 over ||p.grad||^2, scaled by the loss's batch factor; 1 if they "
     "did). These parameters get gradient from outside the module calls the per-sample engine "
     "sees: a term added to the loss outside the loss module (a regulariser), a functional use of "
-    "the weight (F.linear(x, layer.weight)), or a hook that rescales gradients. Their per-sample "
-    "statistics describe only the loss module's term through their module; compute the other "
-    "term inside the loss module, or call the module, to have them counted."
+    "the weight (F.linear(x, layer.weight)), or a hook that rescales gradients; or their layer "
+    "computes its output in a way the engine does not follow. Their per-sample statistics describe "
+    "only the loss module's term through their module; compute the other term inside the loss "
+    "module, or call the module, to have them counted."
+)
+#: on every later step: what the check found (it runs once)
+MISMATCHED = (
+    "the per-sample gradients of {names} did not add up to their gradient when checked at step {step}: "
+    "their per-sample statistics describe only part of it (that step's note says more)"
 )
 
 
@@ -55,6 +61,8 @@ class PerSampleProvider(Provider):
             if torch.distributed.get_world_size() > 1:  # p.grad is averaged over ranks: no sum to check
                 self.engine.checks_left = 0
         self.needs = Needs()
+        #: (step, parameter names) of a failed gradient-sum check: said again on every later step
+        self.mismatch: tuple[int, str] | None = None
         #: FSDP2 (parameters are DTensors): the coupled path's replay at theta_t is refused (see _coupled)
         self.sharded = context.sharded
         self.coupled, self.path, self.recorder, self.coupled_steps, self.values = False, None, None, 0, None
@@ -178,6 +186,7 @@ class PerSampleProvider(Provider):
             msg = MISMATCH.format(listed=listed)
             self.context.warn(msg)
             record.add_note(msg, self.PROVIDES)
+            self.mismatch = (record.step, ", ".join(n for names in bad for n in names))
 
     def on_before_step(self, record: StepRecord) -> None:
         if self.coupled:
@@ -204,6 +213,8 @@ class PerSampleProvider(Provider):
                     f"per-sample statistics cover all parameters but {missing} ({share:.1%} of ||p.grad||^2)",
                     self.PROVIDES,
                 )
+        if self.mismatch is not None and self.mismatch[0] != record.step and eng.active:
+            record.add_note(MISMATCHED.format(step=self.mismatch[0], names=self.mismatch[1]), self.PROVIDES)
         if Need.PER_SAMPLE_CROSS in self.needs.flags:
             eng.decide_checks()  # the views are read before the step's transfer: their conditions now
             if eng.failure is None:
