@@ -275,3 +275,53 @@ def test_a_failed_gradient_sum_check_is_said_on_every_later_step():
     assert any("do not add up" in n for n in notes[0])
     for later in notes[1:]:
         assert any("0.weight" in n and "when checked at step 0" in n for n in later), later
+
+
+class Flattened(nn.Module):
+    """OPT's feed-forward block: (B, T, d) activations flattened to (B T, d) rows for a LayerNorm and two
+    Linear layers; ``time_major``: flattened positions first ((T, B) order), which cannot be split by
+    example without knowing the order."""
+
+    def __init__(self, time_major: bool = False):
+        super().__init__()
+        self.time_major = time_major
+        self.embed = nn.Embedding(11, 6)
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(6), nn.Linear(6, 8), nn.Linear(8, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        x = self.embed(ids)  # (B, T, d)
+        b, t, d = x.shape
+        rows = x.transpose(0, 1).reshape(-1, d) if self.time_major else x.reshape(-1, d)
+        h = self.fc2(torch.relu(self.fc1(self.norm(rows))))
+        h = h.reshape(t, b, d).transpose(0, 1) if self.time_major else h.reshape(b, t, d)
+        return self.head((x + h).mean(1))
+
+
+def test_examples_flattened_with_their_positions_are_split_example_by_example(device):
+    """(B T, d) rows: the shape probe finds the axis ((B - 1) T rows on B - 1 examples) and checks that its
+    rows are the step's first ones (example by example): exact against the loop."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 11, (B, 7))
+    checked = assert_matches_loop(Flattened(), ids, torch.randint(0, 3, (B,)), nn.CrossEntropyLoss(), device=device)
+    assert {"fc1.weight", "fc2.weight", "norm.weight"} <= set(checked.record.per_sample_sq_norms_by_param)
+    assert not checked.warnings
+
+
+def test_positions_flattened_first_are_left_out_not_guessed():
+    torch.manual_seed(0)
+    model = Flattened(time_major=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cockpit = Cockpit(model, opt, loss_fn, instruments=[PerSampleGradNorms()], sinks=[])
+        records = []
+        cockpit.instruments[0].compute = lambda record, keep=records: keep.append(record) or {}
+        opt.zero_grad()
+        loss_fn(model(torch.randint(0, 11, (B, 7))), torch.randint(0, 3, (B,))).backward()
+        opt.step()
+        cockpit.close()
+    said = " ".join(str(w.message) for w in caught)
+    assert "another order than example by example" in said
+    assert {"fc1.weight", "fc2.weight", "norm.weight"} <= set(records[0].per_sample_uncovered)

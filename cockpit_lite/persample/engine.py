@@ -162,11 +162,48 @@ def _several_batch_axes(shapes: tuple, batch: int) -> bool:
     return any(s is not None and sum(1 for n in s if n == batch) > 1 for s in shapes)
 
 
+def _flattened(args: tuple, batch: int) -> bool:
+    """Whether a call's first argument has no axis of the batch size but one of a multiple of it: its
+    examples may be flattened with their positions ((B T, d) rows, as OPT's feed-forward blocks and Swin's
+    windows have them), which the shape probe tells (:meth:`PerSampleEngine._resolve_pending`)."""
+    x = args[0] if args and torch.is_tensor(args[0]) else None
+    return x is not None and x.dim() > 0 and batch not in x.shape and any(n > batch and n % batch == 0 for n in x.shape)
+
+
+def _same_first_rows(first: torch.Tensor, axis: int | None, probe: torch.Tensor | None, batch: int) -> None:
+    """For a call whose examples are flattened with their positions along ``axis`` (B k rows): the probe's
+    (B - 1) k rows must be the step's first ones (up to float32 round-off of another batch size), as they
+    are when the flattening goes example by example; another order (positions first: (T, B) flattened) is
+    refused, never guessed. A read of values, once per shape (the probe runs once).
+
+    Raises:
+        ValueError: the rows differ, or the probe did not see the call's argument."""
+    if axis is None or first.shape[axis] == batch:
+        return
+    if probe is None or probe.shape[axis] > first.shape[axis]:
+        raise ValueError("the shape probe did not see the call's first argument")
+    head = first.narrow(axis, 0, probe.shape[axis])
+    if head.shape != probe.shape:
+        raise ValueError(f"its first argument {tuple(first.shape)} became {tuple(probe.shape)} in the probe")
+    if head.is_floating_point():
+        scale = float(head.abs().max()) if head.numel() else 0.0
+        same = torch.allclose(head.double(), probe.double(), rtol=1e-4, atol=1e-6 * scale)
+    else:
+        same = torch.equal(head, probe)
+    if not same:
+        raise ValueError(
+            f"its {first.shape[axis]} rows along axis {axis} hold {batch} examples with their positions, but the "
+            "shape probe found them in another order than example by example (or a random op, dropout, drew "
+            "other numbers in it)"
+        )
+
+
 def _changed_axis(real: tuple[int, ...] | None, probe: tuple[int, ...] | None, batch: int) -> int | None:
     """The sample axis of a tensor of shape ``real`` (batch B) that had shape ``probe`` when the model ran
-    on B - 1 examples: the one axis whose size followed the batch; None for a tensor shared by every
-    example (no axis changed). Raises ValueError when the shapes differ in any other way (other data,
-    another code path) or several axes followed the batch."""
+    on B - 1 examples: the one axis whose size followed the batch (B to B - 1, or B k to (B - 1) k for
+    examples flattened with their positions); None for a tensor shared by every example (no axis
+    changed). Raises ValueError when the shapes differ in any other way (other data, another code path)
+    or several axes followed the batch."""
     if real is None or probe is None:
         if real != probe:
             raise ValueError("a tensor argument in one run is not a tensor in the other")
@@ -174,7 +211,7 @@ def _changed_axis(real: tuple[int, ...] | None, probe: tuple[int, ...] | None, b
     if len(real) != len(probe):
         raise ValueError(f"shape {real} became {probe}")
     changed = [a for a, (n, m) in enumerate(zip(real, probe, strict=True)) if n != m]
-    if any(real[a] != batch or probe[a] != batch - 1 for a in changed):
+    if any(real[a] % batch or probe[a] * batch != real[a] * (batch - 1) for a in changed):
         raise ValueError(f"shape {real} became {probe}, not only along an axis of the batch size")
     if len(changed) > 1:
         raise ValueError(f"shape {real} became {probe}: several axes follow the batch")
@@ -237,6 +274,9 @@ class _Pending:
     grad_outputs: tuple[bool, ...]  #: per tensor output, whether it required grad (had an output gradient)
     ambiguous: bool  #: some tensor of the call has several axes of size B (else: checked, in a suspect forward)
     out: torch.Tensor | None  #: its single output that requires grad (a broadcast candidate if it has no sample axis)
+    #: its first argument, when its examples may be flattened with their positions (``_flattened``): the
+    #: probe's rows must be its first rows for the flattening to be example by example
+    first: torch.Tensor | None = None
 
 
 #: the key of ``PerSampleResult.sq_norms`` under which the squared norms summed over every parameter
@@ -358,6 +398,9 @@ class PerSampleEngine:
         self.probe_ms = 0.0
         #: per module, why the shape probe could not resolve its sample axis (added to a refusal's note)
         self._probe_notes: dict[nn.Module, str] = {}
+        #: (module, order) of the calls the next shape probe keeps the first argument of, and what it kept
+        self._want_firsts: set[tuple[nn.Module, int]] = set()
+        self._probe_firsts: dict[tuple[nn.Module, int], torch.Tensor] = {}
         self.warned: set[str] = set()
         self.checks_left = self.CHECKS
         #: the loop accumulates gradients over several forward/backward passes per step (seen once: sticky;
@@ -541,7 +584,7 @@ class PerSampleEngine:
         full = sorted(self.handlers[module].names.values()) if module in self.handlers else []
         names = ", ".join(full) or "?"
         self.left_out.update(dict.fromkeys(full, reason))
-        if "ambiguous" in reason and module in self._probe_notes:
+        if ("ambiguous" in reason or "cannot find the batch axis" in reason) and module in self._probe_notes:
             reason = f"{reason} ({self._probe_notes[module]})"
         message = f"per-sample statistics leave out {type(module).__name__} ({names}) for this step: {reason}"
         if message not in self.warned:
@@ -689,7 +732,8 @@ class PerSampleEngine:
         batch = self.batch
         if batch is None or batch < 2 or self._model_call is None:
             return False
-        ambiguous = self.handlers[module].ambiguous(args, kwargs, output, batch)
+        flattened = _flattened(args, batch)
+        ambiguous = self.handlers[module].ambiguous(args, kwargs, output, batch) or flattened
         if not ambiguous and not self._suspect:
             return False
         inputs = _leaf_shapes((args, kwargs))
@@ -698,7 +742,8 @@ class PerSampleEngine:
         grad_outputs = tuple(t.requires_grad for t in tree_leaves(output) if torch.is_tensor(t))
         if key not in self._axes:
             out = outs[0] if len(outs) == 1 else None
-            self._pending.append(_Pending(module, idx, key, grad_outputs, ambiguous, out))
+            first = args[0].detach() if flattened else None
+            self._pending.append(_Pending(module, idx, key, grad_outputs, ambiguous, out, first))
             return False
         found = self._axes[key]
         if found is None:
@@ -711,7 +756,10 @@ class PerSampleEngine:
         """Resolve the sample axes of this forward's ambiguous calls by one shape probe, cache them, and
         hand them to the calls' records. A call the probe cannot resolve gets no axes: its handler goes
         by shapes and documented layouts as before, and refuses what they do not tell."""
+        # the calls whose examples may be flattened with their positions: the probe keeps their first argument
+        self._want_firsts = {p.key[:2] for p in self._pending if p.first is not None}
         probe = self.resolve_axes(args, kwargs, self.batch, output)
+        firsts, self._probe_firsts, self._want_firsts = self._probe_firsts, {}, set()
         for pend in self._pending:
             module, order, batch, inputs, outputs = pend.key
             found: tuple[tuple, tuple] | None = None
@@ -728,7 +776,10 @@ class PerSampleEngine:
                             tuple(_changed_axis(r, q, batch) for r, q in zip(inputs, seen[0], strict=True)),
                             tuple(_changed_axis(r, q, batch) for r, q in zip(outputs, seen[1], strict=True)),
                         )
+                        if pend.first is not None and found[0]:
+                            _same_first_rows(pend.first, found[0][0], firsts.get((module, order)), batch)
                     except ValueError as e:
+                        found = None
                         reason = str(e)
             self._axes[pend.key] = found
             if found is None:  # said only if the handler then refuses the call (see drop)
@@ -790,6 +841,8 @@ class PerSampleEngine:
             order = counts.get(module, 0)
             counts[module] = order + 1
             seen[(module, order)] = (_leaf_shapes((a, kw)), _tensor_shapes(out))
+            if (module, order) in self._want_firsts and a and torch.is_tensor(a[0]):  # (compared: _same_first_rows)
+                self._probe_firsts[(module, order)] = a[0]
 
         model = self.model
         hooks = [m.register_forward_hook(record, with_kwargs=True) for m in self.handlers]

@@ -97,7 +97,8 @@ def _feature_first_samples(
     """
     lead = x.shape[: x.dim() - n_feature]
     feat = x.shape[x.dim() - n_feature :]
-    if axis is not None and not (0 <= axis < len(lead) and lead[axis] == batch):
+    # (a resolved axis may hold the examples flattened with their positions, B k rows example by example)
+    if axis is not None and not (0 <= axis < len(lead) and lead[axis] % batch == 0 and lead[axis] > 0):
         raise ValueError(f"the resolved sample axis {axis} of an activation {tuple(x.shape)} has no size {batch}")
     axes = [axis] if axis is not None else [a for a, size in enumerate(lead) if size == batch]
     if len(axes) == 1 or (len(axes) > 1 and batch == 1):
@@ -800,6 +801,12 @@ class FuncHandler(Handler):
         for k, ((args, kwargs), gouts) in enumerate(zip(captures, grads, strict=True)):
             resolved = self.sample_axes.get(k)
             arg_dims, kw_dims = self._input_dims(args, kwargs, batch, resolved)
+            for t, d in zip(tree_flatten((args, kwargs))[0], tree_flatten((arg_dims, kw_dims))[0], strict=False):
+                if d is not None and torch.is_tensor(t) and t.shape[d] != batch:  # (B k rows: see _changed_axis)
+                    raise ValueError(
+                        f"an argument {tuple(t.shape)} of {type(m).__name__} holds the examples flattened with their "
+                        "positions along one axis, which its torch.func replay does not take apart"
+                    )
             live = [(i, g * inv_scale) for i, g in enumerate(gouts) if g is not None]
             g_tensors = [g for _, g in live]
             g_dims = [self._output_dim(i, g, batch, resolved) for i, g in live]
