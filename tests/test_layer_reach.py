@@ -213,28 +213,36 @@ CASES = {
 }
 
 
+def _train(model: nn.Module, batches: list[tuple], penalty=None) -> tuple[list[str], list]:
+    """Train on ``batches`` ((inputs, targets) pairs; a loss term ``penalty(model)`` added outside the loss
+    module) with per-sample norms tracked: the cockpit's warnings and the step records."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    records = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cockpit = Cockpit(model, opt, loss_fn, instruments=[PerSampleGradNorms()], sinks=[])
+        cockpit.instruments[0].compute = lambda record: records.append(record) or {}
+        for inputs, y in batches:
+            opt.zero_grad()
+            loss = loss_fn(model(*inputs), y)
+            (loss + penalty(model) if penalty is not None else loss).backward()
+            opt.step()
+        cockpit.close()
+    return [str(w.message) for w in caught if "cockpit-lite" in str(w.message)], records
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_what_cannot_be_served_is_left_out_with_its_reason(case):
     build, inputs, reason = CASES[case]
     torch.manual_seed(0)
     model = build()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss_fn = nn.CrossEntropyLoss()
     plain = [p.detach().clone() for p in model.parameters()]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cockpit = Cockpit(model, opt, loss_fn, instruments=[PerSampleGradNorms()], sinks=[])
-        probe = []
-        cockpit.instruments[0].compute = lambda record, keep=probe: keep.append(record) or {}
-        opt.zero_grad()
-        loss_fn(model(*inputs()), torch.randint(0, 3, (B,))).backward()
-        opt.step()
-        cockpit.close()
-    said = [str(w.message) for w in caught if "cockpit-lite" in str(w.message)]
+    said, records = _train(model, [(inputs(), torch.randint(0, 3, (B,)))])
     left_out = [m for m in said if "leave out" in m]
     assert left_out and all(reason in m for m in left_out), said
     assert not [m for m in said if "used outside their module's forward" in m or "Error:" in m], said
-    record = probe[0]
+    record = records[0]
     assert record.per_sample_uncovered and "head.weight" not in record.per_sample_uncovered
     assert record.per_sample_sq_norms is not None  # (the rest is still computed)
     assert any("cover all parameters but" in n for n in record.notes)
@@ -259,19 +267,9 @@ def test_a_failed_gradient_sum_check_is_said_on_every_later_step():
     sweep found wrong numbers on steps 1 and 2 with no note), here for a penalty outside the loss module."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss_fn = nn.CrossEntropyLoss()
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        cockpit = Cockpit(model, opt, loss_fn, instruments=[PerSampleGradNorms()], sinks=[])
-        notes = []
-        cockpit.instruments[0].compute = lambda record, keep=notes: keep.append(list(record.notes)) or {}
-        for _ in range(3):
-            opt.zero_grad()
-            penalty = 0.1 * model[0].weight.square().sum()
-            (loss_fn(model(torch.randn(B, 4)), torch.randint(0, 3, (B,))) + penalty).backward()
-            opt.step()
-        cockpit.close()
+    batches = [((torch.randn(B, 4),), torch.randint(0, 3, (B,))) for _ in range(3)]
+    _, records = _train(model, batches, penalty=lambda m: 0.1 * m[0].weight.square().sum())
+    notes = [list(r.notes) for r in records]
     assert any("do not add up" in n for n in notes[0])
     for later in notes[1:]:
         assert any("0.weight" in n and "when checked at step 0" in n for n in later), later
@@ -310,18 +308,6 @@ def test_examples_flattened_with_their_positions_are_split_example_by_example(de
 
 def test_positions_flattened_first_are_left_out_not_guessed():
     torch.manual_seed(0)
-    model = Flattened(time_major=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss_fn = nn.CrossEntropyLoss()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cockpit = Cockpit(model, opt, loss_fn, instruments=[PerSampleGradNorms()], sinks=[])
-        records = []
-        cockpit.instruments[0].compute = lambda record, keep=records: keep.append(record) or {}
-        opt.zero_grad()
-        loss_fn(model(torch.randint(0, 11, (B, 7))), torch.randint(0, 3, (B,))).backward()
-        opt.step()
-        cockpit.close()
-    said = " ".join(str(w.message) for w in caught)
-    assert "another order than example by example" in said
+    said, records = _train(Flattened(time_major=True), [((torch.randint(0, 11, (B, 7)),), torch.randint(0, 3, (B,)))])
+    assert "another order than example by example" in " ".join(said)
     assert {"fc1.weight", "fc2.weight", "norm.weight"} <= set(records[0].per_sample_uncovered)
