@@ -152,15 +152,44 @@ def test_outputs_computed_from_one_another_and_replaced_outputs_are_exact(build,
     assert not [w for w in checked.warnings if "do not add up" in w]
 
 
-class Packed(nn.Module):
-    def __init__(self):
+class PackedRNN(nn.Module):
+    """An RNN over a PackedSequence of sequences of several lengths (enforce_sorted=False): its padded
+    output and its last state both feed the head, from a given initial state or none."""
+
+    def __init__(self, cls, batch_first: bool, bidirectional: bool, layers: int, with_h0: bool):
         super().__init__()
-        self.rnn, self.head = nn.LSTM(4, 5, batch_first=True), nn.Linear(5, 3)
+        self.rnn = cls(4, 5, num_layers=layers, batch_first=batch_first, bidirectional=bidirectional)
+        self.lstm, self.with_h0 = cls is nn.LSTM, with_h0
+        d = 2 if bidirectional else 1
+        self.h0 = nn.Parameter(torch.randn(layers * d, 1, 5) / 3) if with_h0 else None
+        self.head = nn.Linear(5 * d + 5, 3)
 
     def forward(self, x, lengths):
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        _, (h, _) = self.rnn(packed)
-        return self.head(h[-1])
+        seqs = x if self.rnn.batch_first else x.transpose(0, 1)
+        first = self.rnn.batch_first
+        packed = nn.utils.rnn.pack_padded_sequence(seqs, lengths, batch_first=first, enforce_sorted=False)
+        hx = None
+        if self.with_h0:
+            h0 = self.h0.expand(-1, x.shape[0], -1).contiguous()
+            hx = (h0, torch.zeros_like(h0)) if self.lstm else h0
+        out, state = self.rnn(packed, hx)
+        padded, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        h = state[0] if self.lstm else state
+        return self.head(torch.cat([padded.sum(1), h[-1]], 1))
+
+
+@pytest.mark.parametrize(
+    "cls, batch_first, bidirectional, layers, with_h0",
+    [(nn.LSTM, True, True, 2, False), (nn.GRU, False, False, 1, True), (nn.LSTM, False, False, 1, True)],
+    ids=["lstm-bidirectional-2-layers", "gru-time-major-h0", "lstm-time-major-h0"],
+)
+def test_rnns_over_packed_sequences_are_exact(cls, batch_first, bidirectional, layers, with_h0):
+    """Each sequence unpacked to its own length and replayed alone (packing means no step sees padding)."""
+    torch.manual_seed(0)
+    model = PackedRNN(cls, batch_first, bidirectional, layers, with_h0)
+    x, lengths = torch.randn(B, 6, 4), torch.tensor([6, 3, 2, 6, 1])
+    checked = assert_matches_loop(model, (x, lengths), torch.randint(0, 3, (B,)), nn.CrossEntropyLoss())
+    assert {n for n, _ in model.named_parameters()} == set(checked.record.per_sample_sq_norms_by_param)
 
 
 class Reparametrised(nn.Module):
@@ -198,7 +227,6 @@ class StackedRNN(nn.Module):
 
 
 CASES = {
-    "packed sequence": (Packed, lambda: (torch.randn(B, 5, 4), torch.tensor([5, 3, 2, 5, 1])), "PackedSequence"),
     "parametrizations.weight_norm": (lambda: Reparametrised("weight_norm"), lambda: (torch.randn(B, 4),), "parametri"),
     "parametrizations.orthogonal": (lambda: Reparametrised("orthogonal"), lambda: (torch.randn(B, 4),), "parametri"),
     "old weight_norm": (lambda: Reparametrised("old weight_norm"), lambda: (torch.randn(B, 4),), "a.weight_v besides"),

@@ -709,12 +709,17 @@ class FuncHandler(Handler):
             )
 
     def capture(self, args, kwargs, output):
-        if any(isinstance(a, nn.utils.rnn.PackedSequence) for a in (*args, *kwargs.values())):
-            raise PerSampleUndefined(
-                f"{type(self.module).__name__} called on a PackedSequence: the per-sample replay takes padded "
-                "(B, T, ...) tensors, not packed ones. Per-sample statistics leave out its parameters; call it on "
-                "the padded batch to have them counted."
-            )
+        if args and isinstance(args[0], nn.utils.rnn.PackedSequence):
+            if not isinstance(self.module, nn.RNNBase) or any(
+                isinstance(a, nn.utils.rnn.PackedSequence) for a in (*args[1:], *kwargs.values())
+            ):
+                raise PerSampleUndefined(
+                    f"{type(self.module).__name__} called on a PackedSequence: the per-sample replay unpacks the "
+                    "input of an RNN only. Per-sample statistics leave out its parameters."
+                )
+            packed, rest = args[0], tree_map(lambda t: t.detach() if torch.is_tensor(t) else t, (args[1:], kwargs))
+            # (the packing's order tensors as they are: a PackedSequence is rebuilt from its four fields)
+            return (nn.utils.rnn.PackedSequence(packed.data.detach(), *packed[1:]), *rest[0]), rest[1]
         if isinstance(self.module, nn.EmbeddingBag) and args and torch.is_tensor(args[0]) and args[0].dim() == 1:
             raise PerSampleUndefined(
                 "EmbeddingBag on a flat input with offsets: the per-sample replay takes one bag per row of a "
@@ -799,6 +804,11 @@ class FuncHandler(Handler):
         buffers = dict(m.named_buffers())
         total: dict[str, torch.Tensor] = {}
         for k, ((args, kwargs), gouts) in enumerate(zip(captures, grads, strict=True)):
+            if args and isinstance(args[0], nn.utils.rnn.PackedSequence):
+                per = _packed_grads(m, args, kwargs, gouts, batch, inv_scale, params, {**frozen, **buffers})
+                for n, g in per.items():
+                    total[self.names[n]] = total[self.names[n]] + g if self.names[n] in total else g
+                continue
             resolved = self.sample_axes.get(k)
             arg_dims, kw_dims = self._input_dims(args, kwargs, batch, resolved)
             for t, d in zip(tree_flatten((args, kwargs))[0], tree_flatten((arg_dims, kw_dims))[0], strict=False):
@@ -853,6 +863,46 @@ class FuncHandler(Handler):
                 full = self.names[n]
                 total[full] = total[full] + g if full in total else g
         return MaterialisedView(total)
+
+
+def _packed_grads(
+    m: nn.Module, args: tuple, kwargs: dict, gouts, batch: int, inv_scale: float, params: dict, fixed: dict
+) -> dict[str, torch.Tensor]:
+    """Per-sample gradients of an RNN called on a PackedSequence: each sequence unpacked to its own
+    length and run alone (what packing means: no step of it sees padding), with its rows of the output
+    gradients (the packed output's, unpacked in the batch's order, and h_n's / c_n's column), one
+    ``torch.func.grad`` per sequence: exact, B calls."""
+    from torch.func import functional_call, grad
+    from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+    packed = args[0]
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    x, lengths = pad_packed_sequence(packed, batch_first=True)  # (B, T, d) in the batch's order
+    if x.shape[0] != batch:
+        raise ValueError(f"a PackedSequence of {x.shape[0]} sequences in a batch of {batch} examples")
+    gs = [None if g is None else g * inv_scale for g in gouts]  # (packed output data, h_n[, c_n])
+    g_seq = None
+    if gs and gs[0] is not None:
+        g_seq = pad_packed_sequence(PackedSequence(gs[0], *packed[1:]), batch_first=True)[0]
+    g_state = gs[1:]
+
+    def inner(p, xi, hxi, gi, gsi):
+        out, state = functional_call(m, {**p, **fixed}, (xi,) if hxi is None else (xi, hxi))
+        s = (out * gi).sum() if gi is not None else out.sum() * 0.0
+        for st, g in zip(state if isinstance(state, tuple) else (state,), gsi, strict=False):
+            if g is not None:
+                s = s + (st * g).sum()
+        return s
+
+    def seq(t: torch.Tensor, i: int, n: int) -> torch.Tensor:  # sequence i's first n steps, in the RNN's layout
+        return t[i : i + 1, :n] if m.batch_first else t[i : i + 1, :n].transpose(0, 1)
+
+    rows = []
+    for i, n in enumerate(lengths.tolist()):  # (the lengths are on the CPU, as PackedSequence keeps them)
+        hxi = tree_map(lambda t, i=i: t[:, i : i + 1], hx) if hx is not None else None
+        gsi = [None if g is None else g[:, i : i + 1] for g in g_state]
+        rows.append(grad(inner)(params, seq(x, i, n), hxi, seq(g_seq, i, n) if g_seq is not None else None, gsi))
+    return {n: torch.stack([r[n] for r in rows]) for n in rows[0]}
 
 
 def _expand(x, d):
