@@ -198,12 +198,14 @@ def _same_first_rows(first: torch.Tensor, axis: int | None, probe: torch.Tensor 
         )
 
 
-def _changed_axis(real: tuple[int, ...] | None, probe: tuple[int, ...] | None, batch: int) -> int | None:
+def _changed_axis(
+    real: tuple[int, ...] | None, probe: tuple[int, ...] | None, batch: int, flattened: bool = False
+) -> int | None:
     """The sample axis of a tensor of shape ``real`` (batch B) that had shape ``probe`` when the model ran
-    on B - 1 examples: the one axis whose size followed the batch (B to B - 1, or B k to (B - 1) k for
-    examples flattened with their positions); None for a tensor shared by every example (no axis
-    changed). Raises ValueError when the shapes differ in any other way (other data, another code path)
-    or several axes followed the batch."""
+    on B - 1 examples: the one axis whose size followed the batch (B to B - 1; with ``flattened``, also B k
+    to (B - 1) k for examples flattened with their positions, whose order :func:`_same_first_rows`
+    checks); None for a tensor shared by every example (no axis changed). Raises ValueError when the
+    shapes differ in any other way (other data, another code path) or several axes followed the batch."""
     if real is None or probe is None:
         if real != probe:
             raise ValueError("a tensor argument in one run is not a tensor in the other")
@@ -211,7 +213,12 @@ def _changed_axis(real: tuple[int, ...] | None, probe: tuple[int, ...] | None, b
     if len(real) != len(probe):
         raise ValueError(f"shape {real} became {probe}")
     changed = [a for a, (n, m) in enumerate(zip(real, probe, strict=True)) if n != m]
-    if any(real[a] % batch or probe[a] * batch != real[a] * (batch - 1) for a in changed):
+    if any(
+        (real[a] % batch or probe[a] * batch != real[a] * (batch - 1))
+        if flattened
+        else (real[a] != batch or probe[a] != batch - 1)
+        for a in changed
+    ):
         raise ValueError(f"shape {real} became {probe}, not only along an axis of the batch size")
     if len(changed) > 1:
         raise ValueError(f"shape {real} became {probe}: several axes follow the batch")
@@ -772,9 +779,13 @@ class PerSampleEngine:
                     try:
                         if len(seen[0]) != len(inputs) or len(seen[1]) != len(outputs):
                             raise ValueError("the call's arguments or outputs differ in number")
+                        flat = pend.first is not None  # (its first argument's rows checked below; outputs follow)
                         found = (
-                            tuple(_changed_axis(r, q, batch) for r, q in zip(inputs, seen[0], strict=True)),
-                            tuple(_changed_axis(r, q, batch) for r, q in zip(outputs, seen[1], strict=True)),
+                            tuple(
+                                _changed_axis(r, q, batch, flat and j == 0)
+                                for j, (r, q) in enumerate(zip(inputs, seen[0], strict=True))
+                            ),
+                            tuple(_changed_axis(r, q, batch, flat) for r, q in zip(outputs, seen[1], strict=True)),
                         )
                         if pend.first is not None and found[0]:
                             _same_first_rows(pend.first, found[0][0], firsts.get((module, order)), batch)
