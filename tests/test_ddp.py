@@ -140,7 +140,16 @@ def _params(model) -> np.ndarray:
 
 
 def _ddp_run(
-    rank: int, out: str, name: str, sizes, attach: bool, instruments=None, clip=None, net=_net, reduction="mean"
+    rank: int,
+    out: str,
+    name: str,
+    sizes,
+    attach: bool,
+    instruments=None,
+    clip=None,
+    net=_net,
+    reduction="mean",
+    overlap: bool = False,
 ) -> None:
     model = nn.parallel.DistributedDataParallel(net())
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
@@ -151,7 +160,7 @@ def _ddp_run(
         logdir = os.path.join(out, name)
         sinks = [TensorBoard(logdir, image_every=None)] if name == "equal" else []  # no dashboard image: slow
         loss_fn = nn.CrossEntropyLoss(reduction=reduction)
-        cockpit = Cockpit(model, opt, loss_fn, instruments=insts, logdir=logdir, sinks=sinks)
+        cockpit = Cockpit(model, opt, loss_fn, instruments=insts, logdir=logdir, sinks=sinks, overlap=overlap)
     log: list = []
     _train(model, opt, loader, cockpit, clip, log)
     result = {"params": _params(model), "clip": log}
@@ -209,6 +218,7 @@ def _distributed_runs(rank: int, port: int, out: str) -> None:
         _ddp_run(rank, out, "equal", EQUAL, attach=True)
         _ddp_run(rank, out, "equal", EQUAL, attach=False)
         _ddp_run(rank, out, "unequal", UNEQUAL, attach=True)
+        _ddp_run(rank, out, "overlap", UNEQUAL, attach=True, overlap=True)
         _ddp_run(rank, out, "clip", EQUAL, attach=True, instruments=_clipping, clip=MAX_NORM)
         _no_sync(rank, out)
         _ddp_run(rank, out, "batchnorm", EQUAL, attach=True, instruments=economy, net=_bn_net)
@@ -477,6 +487,21 @@ def ddp_runs(tmp_path_factory):
             return pickle.load(f)
 
     return out, read
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_ddp_with_overlap_writes_the_same_records_on_every_rank(ddp_runs):
+    """overlap=True under DDP (each step's records made during the next step, at the same point on every
+    rank): the records of the synchronous run, bit for bit, and training unchanged."""
+    out, read = ddp_runs
+    for r in range(WORLD):
+        lagged, sync = read(f"overlap_with_rank{r}.pkl"), read(f"unequal_with_rank{r}.pkl")
+        assert lagged["history"].keys() == sync["history"].keys()
+        for tag, rows in sync["history"].items():
+            assert [s for s, _ in lagged["history"][tag]] == [s for s, _ in rows], tag
+            for (_, a), (_, b) in zip(lagged["history"][tag], rows, strict=True):
+                assert repr(a) == repr(b), (tag, r)
+        np.testing.assert_array_equal(lagged["params"], sync["params"])
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
