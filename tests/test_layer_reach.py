@@ -339,3 +339,32 @@ def test_positions_flattened_first_are_left_out_not_guessed():
     said, records = _train(Flattened(time_major=True), [((torch.randint(0, 11, (B, 7)),), torch.randint(0, 3, (B,)))])
     assert "another order than example by example" in " ".join(said)
     assert {"fc1.weight", "fc2.weight", "norm.weight"} <= set(records[0].per_sample_uncovered)
+
+
+def test_tracin_probes_read_embeddings_with_a_forward_of_their_own_at_their_lookup(device):
+    """TracIn's probe pass (engine.probe, its own forward and autograd.grad) reads Gemma's scaled token
+    embedding and OPT's mask positions at their lookups too: per-example gradients against autograd per
+    example (losses as batches of one)."""
+    from cockpit_lite.persample.engine import PerSampleEngine
+
+    class Probed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokens, self.positions = ScaledEmbedding(11, 6, padding_idx=0), MaskPositions(12, 6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.tokens(ids) + self.positions((ids != 0).long())).mean(1))
+
+    torch.manual_seed(0)
+    model, loss_fn = Probed().to(device), nn.CrossEntropyLoss()
+    x, y = torch.randint(1, 11, (3, 5), device=device), torch.randint(0, 3, (3,), device=device)
+    x[1, 3:] = 0
+    engine = PerSampleEngine(model, attach=False)
+    views, _ = engine.probe(x, y, loss_fn)
+    for name, param in (("tokens.weight", model.tokens.weight), ("positions.weight", model.positions.weight)):
+        got = views[(name,)].grads()[name]
+        for k in range(3):
+            want = torch.autograd.grad(loss_fn(model(x[k : k + 1]), y[k : k + 1]), param)[0]
+            assert torch.allclose(got[k], want, rtol=1e-4, atol=1e-6), (name, k)
+    engine.close()

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -235,6 +236,27 @@ _INPLACE_DUNDERS = frozenset(
 )
 
 
+class _LookupRecorder(TorchFunctionMode):
+    """Active during TracIn's probe forward (the engine's own pass) when an ``nn.Embedding`` subclass is
+    read at its lookup: records each ``F.embedding`` of such a module's weight, (indices, output, its
+    version), so the probe differentiates with respect to the lookup's own output."""
+
+    def __init__(self, weights: list[torch.Tensor]):
+        super().__init__()
+        self.weights = {id(w) for w in weights}
+        self.calls: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.embedding:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if id(weight) in self.weights:
+                indices = args[0] if args else kwargs["input"]
+                self.calls.setdefault(id(weight), []).append((indices, out, tensor_version(out)))
+        return out
+
+
 class _ParameterGuard(TorchFunctionMode):
     """Active during the shape probe: stops the forward before any in-place op on a tensor that shares
     storage with a parameter (``clamp_``, ``copy_``, ``__setitem__``, an ``out=`` argument, through
@@ -391,6 +413,8 @@ class PerSampleEngine:
         #: a probe session (:meth:`probe`): sees calls inside ``paused()`` and hands clones downstream
         self._probing = False
         self._outputs: list[torch.Tensor] = []
+        #: TracIn's probe forward: the lookups of nn.Embedding subclasses read at their lookup (_LookupRecorder)
+        self._lookups: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] | None = None
         #: the current model call's arguments (until its forward returns), each handled module's calls so
         #: far in it, and its calls whose sample axis the shape probe must resolve
         self._model_call: tuple[tuple, dict] | None = None
@@ -667,11 +691,20 @@ class PerSampleEngine:
             if not outs:
                 return None
             lookup = None
-            if getattr(handler, "own_forward", False):  # an nn.Embedding subclass: read at its lookup
-                if self._probing or len(outs) != 1:
+            if getattr(handler, "own_forward", False) and self._probing:  # its lookup, as the recorder saw it
+                seen = self._lookups.get(id(module.weight)) if self._lookups is not None else None
+                if not seen or len(outs) != 1 or tensor_version(seen[-1][1]) != seen[-1][2]:
                     raise PerSampleUndefined(
                         f"{type(module).__name__} (an nn.Embedding with a forward of its own) is read at its lookup, "
-                        "which TracIn's probe pass (or a call with several outputs) does not reach"
+                        "which TracIn's probe pass did not see once, unchanged, in this call"
+                    )
+                indices, looked_up, _ = seen.pop()
+                args, kwargs, outs = (indices,), {}, [looked_up]
+            elif getattr(handler, "own_forward", False):  # an nn.Embedding subclass: read at its lookup
+                if len(outs) != 1:
+                    raise PerSampleUndefined(
+                        f"{type(module).__name__} (an nn.Embedding with a forward of its own) is read at its lookup, "
+                        "which a call with several outputs does not reach"
                     )
                 lookup, indices = handler.lookup(outs[0])
                 args, kwargs = (indices,), {}
@@ -709,6 +742,8 @@ class PerSampleEngine:
                 # in-place op there (ReLU(inplace=True)) does not rebase them
                 self._outputs.extend(outs)
                 self._register_grads(module, idx, outs)
+                if getattr(handler, "own_forward", False):  # (the lookup's output, inside the module's forward)
+                    return None
                 return tree_map(lambda t: t.clone() if torch.is_tensor(t) and t.requires_grad else t, output)
             wants_dot = Need.PER_SAMPLE_DOT_MEAN in self.needs.flags or self.checking
             node = handler.weight_grad_node(outs) if wants_dot and not broadcast else None
@@ -1390,10 +1425,14 @@ class PerSampleEngine:
         first = next((t for t in tree_leaves(args) if torch.is_tensor(t) and t.dim() > 0), None)
         session.batch = None if first is None else int(first.shape[0])
         devices = cuda_devices(self.model.parameters())
+        own = [m.weight for m, h in self.handlers.items() if getattr(h, "own_forward", False)]
+        recorder = _LookupRecorder(own) if own else contextlib.nullcontext()
         with paused(), torch.random.fork_rng(devices=devices), torch.enable_grad():
             session._attach()
             try:
-                pred = self.model(*args)
+                with recorder:
+                    session._lookups = recorder.calls if own else None
+                    pred = self.model(*args)
             finally:
                 session.close_hooks()
             losses = example_losses(loss_fn, pred, targets)
