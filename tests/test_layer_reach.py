@@ -101,6 +101,29 @@ class DropPath(nn.Module):
         return x + torch.tanh(x @ self.weight.T) * keep
 
 
+class _Product(torch.autograd.Function):
+    """x @ w.T with its own backward and no setup_context (torch.func refuses it)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w.T
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g @ w, g.T @ x
+
+
+class CustomFunction(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w, self.head = nn.Parameter(torch.randn(5, 4) / 2), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(_Product.apply(x, self.w)))
+
+
 class Stochastic(nn.Module):
     def __init__(self):
         super().__init__()
@@ -238,6 +261,7 @@ CASES = {
     "LSTM with dropout between layers": (lambda: StackedRNN(nn.LSTM), lambda: (torch.randn(B, 6, 4),), "dropout=0.3"),
     "GRU with dropout between layers": (lambda: StackedRNN(nn.GRU), lambda: (torch.randn(B, 6, 4),), "dropout=0.3"),
     "stochastic depth": (Stochastic, lambda: (torch.randn(B, 4),), "draws random numbers in its forward"),
+    "custom autograd.Function": (CustomFunction, lambda: (torch.randn(B, 4),), "without a setup_context"),
 }
 
 

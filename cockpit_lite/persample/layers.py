@@ -841,6 +841,13 @@ class FuncHandler(Handler):
                 try:
                     per = vmap(grad(inner), in_dims=(None, arg_dims, kw_dims, g_dims))(params, args, kwargs, g_tensors)
                 except RuntimeError as e:  # an op vmap cannot batch (GRU's in-place state update): loop
+                    if "setup_context" in str(e):  # (torch.func refuses such a Function in any form)
+                        raise LayerLeftOut(
+                            f"{type(m).__name__} calls a custom torch.autograd.Function without a setup_context "
+                            "staticmethod, which torch.func cannot differentiate per sample (give the Function "
+                            "setup_context, docs.pytorch.org 'Extending torch.func with autograd.Function'). "
+                            "Per-sample statistics leave out its parameters."
+                        ) from e
                     if "random operation" in str(e):  # a loop would draw other random numbers than the step did
                         raise LayerLeftOut(
                             f"{type(m).__name__} draws random numbers in its forward (stochastic depth / drop_path, "
