@@ -1386,9 +1386,9 @@ class BareParamsHandler(FuncHandler):
                     f"{reasons}; a recomputation of {type(self.module).__name__} by torch.func would draw other "
                     "dropout masks than the step did, so per-sample statistics are skipped while its dropout is active"
                 )
-            self._warn_fallback(reasons)
             sub = FuncHandler(self.module, {local: self.names[local] for local in failed})
             out.update(sub.view(captures, grads, batch, inv_scale).grads())
+            self._warn_fallback(reasons)  # (once the replay served them: a refused one says why instead)
         return MaterialisedView(out) if out else None
 
     def _warn_fallback(self, reasons: str) -> None:
