@@ -332,28 +332,33 @@ class Flattened(nn.Module):
     Linear layers; ``time_major``: flattened positions first ((T, B) order), which cannot be split by
     example without knowing the order."""
 
-    def __init__(self, time_major: bool = False):
+    def __init__(self, time_major: bool = False, dropout: float = 0.0):
         super().__init__()
         self.time_major = time_major
         self.embed = nn.Embedding(11, 6)
         self.norm, self.fc1, self.fc2 = nn.LayerNorm(6), nn.Linear(6, 8), nn.Linear(8, 6)
+        self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(6, 3)
 
     def forward(self, ids):
         x = self.embed(ids)  # (B, T, d)
         b, t, d = x.shape
         rows = x.transpose(0, 1).reshape(-1, d) if self.time_major else x.reshape(-1, d)
-        h = self.fc2(torch.relu(self.fc1(self.norm(rows))))
+        h = self.fc2(self.drop(torch.relu(self.fc1(self.norm(self.drop(rows))))))
         h = h.reshape(t, b, d).transpose(0, 1) if self.time_major else h.reshape(b, t, d)
         return self.head((x + h).mean(1))
 
 
-def test_examples_flattened_with_their_positions_are_split_example_by_example(device):
-    """(B T, d) rows: the shape probe finds the axis ((B - 1) T rows on B - 1 examples) and checks that its
-    rows are the step's first ones (example by example): exact against the loop."""
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["deterministic", "dropout"])
+def test_examples_flattened_with_their_positions_are_split_example_by_example(dropout):
+    """(B T, d) rows: the shape probe finds the axis ((B - 1) T rows on B - 1 examples) and checks that the
+    rows go example by example (two runs in eval mode on B and B - 1 examples: also where dropout draws
+    other masks in every run, as in OPT's default config): exact against the loop (which replays the
+    step's masks)."""
     torch.manual_seed(0)
     ids = torch.randint(0, 11, (B, 7))
-    checked = assert_matches_loop(Flattened(), ids, torch.randint(0, 3, (B,)), nn.CrossEntropyLoss(), device=device)
+    model = Flattened(dropout=dropout)
+    checked = assert_matches_loop(model, ids, torch.randint(0, 3, (B,)), nn.CrossEntropyLoss())
     assert {"fc1.weight", "fc2.weight", "norm.weight"} <= set(checked.record.per_sample_sq_norms_by_param)
     assert not checked.warnings
 

@@ -432,6 +432,7 @@ class PerSampleEngine:
         #: (module, order) of the calls the next shape probe keeps the first argument of, and what it kept
         self._want_firsts: set[tuple[nn.Module, int]] = set()
         self._probe_firsts: dict[tuple[nn.Module, int], torch.Tensor] = {}
+        self._eval_firsts: tuple[dict, dict] | None = None  # (the same from two runs in eval mode: _rows_in_eval)
         self.warned: set[str] = set()
         self.checks_left = self.CHECKS
         #: the loop accumulates gradients over several forward/backward passes per step (seen once: sticky;
@@ -800,8 +801,10 @@ class PerSampleEngine:
         by shapes and documented layouts as before, and refuses what they do not tell."""
         # the calls whose examples may be flattened with their positions: the probe keeps their first argument
         self._want_firsts = {p.key[:2] for p in self._pending if p.first is not None}
+        self._eval_firsts = None
         probe = self.resolve_axes(args, kwargs, self.batch, output)
         firsts, self._probe_firsts, self._want_firsts = self._probe_firsts, {}, set()
+        in_eval, self._eval_firsts = self._eval_firsts, None
         for pend in self._pending:
             module, order, batch, inputs, outputs = pend.key
             found: tuple[tuple, tuple] | None = None
@@ -823,7 +826,11 @@ class PerSampleEngine:
                             tuple(_changed_axis(r, q, batch, flat) for r, q in zip(outputs, seen[1], strict=True)),
                         )
                         if pend.first is not None and found[0]:
-                            _same_first_rows(pend.first, found[0][0], firsts.get((module, order)), batch)
+                            full, part = in_eval if in_eval is not None else ({}, {})
+                            if (module, order) in full and (module, order) in part:  # (the order, without randomness)
+                                _same_first_rows(full[(module, order)], found[0][0], part[(module, order)], batch)
+                            else:
+                                _same_first_rows(pend.first, found[0][0], firsts.get((module, order)), batch)
                     except ValueError as e:
                         found = None
                         reason = str(e)
@@ -906,6 +913,8 @@ class PerSampleEngine:
             with scratch_state(model), paused(), torch.no_grad(), torch.random.fork_rng(devices=devices):
                 with _ParameterGuard(storages):
                     p_output = model(*p_args, **p_kwargs)
+            if self._want_firsts:  # examples flattened with their positions: their order, without randomness
+                self._eval_firsts = self._rows_in_eval(args, kwargs, p_args, p_kwargs, storages, devices)
         except _WritesParameter as e:
             return f"the model's forward writes its own parameters in place ({e}); the probe stopped before the write"
         except Exception as e:
@@ -939,6 +948,42 @@ class PerSampleEngine:
                 "follow the batch, so axis 0 of the model's input is not the batch"
             )
         return seen
+
+    def _rows_in_eval(self, args, kwargs, p_args, p_kwargs, storages, devices) -> tuple[dict, dict] | None:
+        """The first argument of each call :func:`_flattened` asked about, from the model run in eval mode
+        on the step's B examples and on the probe's B - 1 (every module's ``training`` off for the two
+        runs, buffers on copies): whether the rows go example by example is a property of the model's
+        code, which these two runs tell even where dropout made the step's rows differ from any rerun.
+        None if the runs failed."""
+        model = self.model
+        runs: list[dict] = [{}, {}]
+        counts: list[dict] = [{}, {}]
+        which = [0]
+
+        def record(module, a, kw, out):
+            order = counts[which[0]].get(module, 0)
+            counts[which[0]][module] = order + 1
+            if (module, order) in self._want_firsts and a and torch.is_tensor(a[0]):
+                runs[which[0]][(module, order)] = a[0]
+
+        modes = [(m, m.training) for m in model.modules()]
+        hooks = [m.register_forward_hook(record, with_kwargs=True) for m in self.handlers]
+        try:
+            for m, _ in modes:
+                m.training = False
+            for k, (a, kw) in enumerate(((args, kwargs), (p_args, p_kwargs))):
+                which[0] = k
+                with scratch_state(model), paused(), torch.no_grad(), torch.random.fork_rng(devices=devices):
+                    with _ParameterGuard(storages):
+                        model(*a, **kw)
+        except Exception:
+            return None
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, mode in modes:
+                m.training = mode
+        return runs[0], runs[1]
 
     def _register_grads(self, module: nn.Module, idx: int, outs: list[torch.Tensor]) -> None:
         if len(outs) == 1:
