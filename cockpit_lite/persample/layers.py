@@ -113,15 +113,14 @@ def _feature_first_samples(
             "it; per-sample statistics are skipped for this layer. A batch size different from the sequence "
             "length avoids the question."
         )
-    flattened = any(size % batch == 0 and size > batch for size in lead)
+    flat = next((size for size in lead if size % batch == 0 and size > batch), None)  # (B k rows?)
     raise ValueError(
         f"cannot find the batch axis of size {batch} in an activation of shape {tuple(x.shape)}; per-sample "
         "statistics need the batch axis in every layer's input"
         + (
-            f" (here the examples look flattened into one axis with their positions, {batch} x "
-            f"{next(s for s in lead if s % batch == 0 and s > batch) // batch} rows: a layer on (B T, d) rows, as in "
-            "OPT's feed-forward blocks, or a loss over flattened tokens)"
-            if flattened
+            f" (here the examples look flattened into one axis with their positions, {batch} x {flat // batch} "
+            "rows: a layer on (B T, d) rows, as in OPT's feed-forward blocks, or a loss over flattened tokens)"
+            if flat is not None
             else ""
         )
     )
@@ -803,11 +802,15 @@ class FuncHandler(Handler):
         frozen = {n: p.detach() for n, p in m.named_parameters() if n not in self.names}
         buffers = dict(m.named_buffers())
         total: dict[str, torch.Tensor] = {}
+
+        def add(per: dict[str, torch.Tensor]) -> None:  # one call's (B, *shape) per parameter: calls add up
+            for n, g in per.items():
+                full = self.names[n]
+                total[full] = total[full] + g if full in total else g
+
         for k, ((args, kwargs), gouts) in enumerate(zip(captures, grads, strict=True)):
             if args and isinstance(args[0], nn.utils.rnn.PackedSequence):
-                per = _packed_grads(m, args, kwargs, gouts, batch, inv_scale, params, {**frozen, **buffers})
-                for n, g in per.items():
-                    total[self.names[n]] = total[self.names[n]] + g if self.names[n] in total else g
+                add(_packed_grads(m, args, kwargs, gouts, batch, inv_scale, params, {**frozen, **buffers}))
                 continue
             resolved = self.sample_axes.get(k)
             arg_dims, kw_dims = self._input_dims(args, kwargs, batch, resolved)
@@ -866,9 +869,7 @@ class FuncHandler(Handler):
                     ]
                     per = {n: torch.stack([r[n] for r in rows]) for n in rows[0]}
                     self._warn_loop(e)
-            for n, g in per.items():
-                full = self.names[n]
-                total[full] = total[full] + g if full in total else g
+            add(per)
         return MaterialisedView(total)
 
 
