@@ -429,10 +429,6 @@ class PerSampleEngine:
         self.probe_ms = 0.0
         #: per module, why the shape probe could not resolve its sample axis (added to a refusal's note)
         self._probe_notes: dict[nn.Module, str] = {}
-        #: (module, order) of the calls the next shape probe keeps the first argument of, and what it kept
-        self._want_firsts: set[tuple[nn.Module, int]] = set()
-        self._probe_firsts: dict[tuple[nn.Module, int], torch.Tensor] = {}
-        self._eval_firsts: tuple[dict, dict] | None = None  # (the same from two runs in eval mode: _rows_in_eval)
         self.warned: set[str] = set()
         self.checks_left = self.CHECKS
         #: the loop accumulates gradients over several forward/backward passes per step (seen once: sticky;
@@ -800,11 +796,10 @@ class PerSampleEngine:
         hand them to the calls' records. A call the probe cannot resolve gets no axes: its handler goes
         by shapes and documented layouts as before, and refuses what they do not tell."""
         # the calls whose examples may be flattened with their positions: the probe keeps their first argument
-        self._want_firsts = {p.key[:2] for p in self._pending if p.first is not None}
-        self._eval_firsts = None
-        probe = self.resolve_axes(args, kwargs, self.batch, output)
-        firsts, self._probe_firsts, self._want_firsts = self._probe_firsts, {}, set()
-        in_eval, self._eval_firsts = self._eval_firsts, None
+        want = {p.key[:2] for p in self._pending if p.first is not None}
+        rows: dict[str, Any] = {}
+        probe = self.resolve_axes(args, kwargs, self.batch, output, want, rows)
+        firsts, in_eval = rows.get("probe", {}), rows.get("eval")
         for pend in self._pending:
             module, order, batch, inputs, outputs = pend.key
             found: tuple[tuple, tuple] | None = None
@@ -850,7 +845,13 @@ class PerSampleEngine:
 
     @timed("engine")
     def resolve_axes(
-        self, args: tuple, kwargs: dict, batch: int, output: Any
+        self,
+        args: tuple,
+        kwargs: dict,
+        batch: int,
+        output: Any,
+        want: Collection[tuple[nn.Module, int]] = (),
+        rows: dict[str, Any] | None = None,
     ) -> dict[tuple[nn.Module, int], tuple] | str:
         """The shape probe: run the model once on the first B - 1 examples of its call ``(args, kwargs)``
         (every tensor argument whose axis 0 has size B is cut; axis 0 of the model's input is the batch),
@@ -867,6 +868,10 @@ class PerSampleEngine:
         their running statistics), embeddings with ``max_norm`` do not renormalise their weights, and
         every buffer is replaced by a copy for the probe (a forward that writes one writes the copy). Returns
         {(module, order): (input leaf shapes, output tensor shapes)}, or why the probe failed.
+
+        ``want``: calls (module, order) whose examples may be flattened with their positions; their first
+        argument goes into ``rows``: ``"probe"`` {(module, order): as the probe saw it}, and ``"eval"``
+        the same from the model run in eval mode on B and on B - 1 examples (:meth:`_rows_in_eval`).
         """
         import time
 
@@ -889,13 +894,14 @@ class PerSampleEngine:
             return f"no tensor argument of the model has {batch} rows"
         seen: dict[tuple[nn.Module, int], tuple] = {}
         counts: dict[nn.Module, int] = {}
+        firsts: dict[tuple[nn.Module, int], torch.Tensor] = {}
 
         def record(module, a, kw, out):
             order = counts.get(module, 0)
             counts[module] = order + 1
             seen[(module, order)] = (_leaf_shapes((a, kw)), _tensor_shapes(out))
-            if (module, order) in self._want_firsts and a and torch.is_tensor(a[0]):  # (compared: _same_first_rows)
-                self._probe_firsts[(module, order)] = a[0]
+            if (module, order) in want and a and torch.is_tensor(a[0]):  # (compared: _same_first_rows)
+                firsts[(module, order)] = a[0]
 
         model = self.model
         hooks = [m.register_forward_hook(record, with_kwargs=True) for m in self.handlers]
@@ -913,8 +919,10 @@ class PerSampleEngine:
             with scratch_state(model), paused(), torch.no_grad(), torch.random.fork_rng(devices=devices):
                 with _ParameterGuard(storages):
                     p_output = model(*p_args, **p_kwargs)
-            if self._want_firsts:  # examples flattened with their positions: their order, without randomness
-                self._eval_firsts = self._rows_in_eval(args, kwargs, p_args, p_kwargs, storages, devices)
+            if rows is not None:
+                rows["probe"] = firsts
+                if want:  # examples flattened with their positions: their order, without randomness
+                    rows["eval"] = self._rows_in_eval(want, args, kwargs, p_args, p_kwargs, storages, devices)
         except _WritesParameter as e:
             return f"the model's forward writes its own parameters in place ({e}); the probe stopped before the write"
         except Exception as e:
@@ -949,10 +957,10 @@ class PerSampleEngine:
             )
         return seen
 
-    def _rows_in_eval(self, args, kwargs, p_args, p_kwargs, storages, devices) -> tuple[dict, dict] | None:
-        """The first argument of each call :func:`_flattened` asked about, from the model run in eval mode
-        on the step's B examples and on the probe's B - 1 (every module's ``training`` off for the two
-        runs, buffers on copies): whether the rows go example by example is a property of the model's
+    def _rows_in_eval(self, want, args, kwargs, p_args, p_kwargs, storages, devices) -> tuple[dict, dict] | None:
+        """The first argument of each call in ``want`` (:func:`_flattened` asked about it), from the model
+        run in eval mode on the step's B examples and on the probe's B - 1 (every module's ``training``
+        off for the two runs, buffers on copies): whether the rows go example by example is a property of the model's
         code, which these two runs tell even where dropout made the step's rows differ from any rerun.
         None if the runs failed."""
         model = self.model
@@ -963,7 +971,7 @@ class PerSampleEngine:
         def record(module, a, kw, out):
             order = counts[which[0]].get(module, 0)
             counts[which[0]][module] = order + 1
-            if (module, order) in self._want_firsts and a and torch.is_tensor(a[0]):
+            if (module, order) in want and a and torch.is_tensor(a[0]):
                 runs[which[0]][(module, order)] = a[0]
 
         modes = [(m, m.training) for m in model.modules()]
