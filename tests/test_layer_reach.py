@@ -221,11 +221,7 @@ class Reparametrised(nn.Module):
         self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # (the old weight_norm is deprecated)
-            {
-                "weight_norm": nn.utils.parametrizations.weight_norm,
-                "orthogonal": nn.utils.parametrizations.orthogonal,
-                "old weight_norm": nn.utils.weight_norm,
-            }[kind](self.a)
+            {"old weight_norm": nn.utils.weight_norm}[kind](self.a)  # (the parametrizations: test_parametrized.py)
 
     def forward(self, x):
         return self.head(torch.tanh(self.a(x)))
@@ -250,8 +246,6 @@ class StackedRNN(nn.Module):
 
 
 CASES = {
-    "parametrizations.weight_norm": (lambda: Reparametrised("weight_norm"), lambda: (torch.randn(B, 4),), "parametri"),
-    "parametrizations.orthogonal": (lambda: Reparametrised("orthogonal"), lambda: (torch.randn(B, 4),), "parametri"),
     "old weight_norm": (lambda: Reparametrised("old weight_norm"), lambda: (torch.randn(B, 4),), "a.weight_v besides"),
     "EmbeddingBag with offsets": (
         Bag,

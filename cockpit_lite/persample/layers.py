@@ -1536,6 +1536,8 @@ def build_handlers(model: nn.Module, params: Collection[int] | None = None) -> d
     :data:`WHOLE_MODULES` get one torch.func handler for all their parameters (their children's hooks
     never fire), unless a handler is registered for their class. Parameters that a module with children
     holds itself get a :class:`BareParamsHandler`."""
+    from cockpit_lite.persample import parametrized
+
     _register_optional_handlers()
     handlers: dict[nn.Module, Handler] = {}
     claimed: list[str] = []
@@ -1545,17 +1547,27 @@ def build_handlers(model: nn.Module, params: Collection[int] | None = None) -> d
         if any(mname.startswith(c + ".") for c in claimed):
             continue
         whole = isinstance(module, WHOLE_MODULES)
-        found = module.named_parameters(recurse=whole)
+        cls = handler_for(module)
+        found = list(module.named_parameters(recurse=whole))
+        # a parametrized layer (torch.nn.utils.parametrize) of a class with a layer rule: its originals too
+        reparametrized = not whole and parametrized.serves(module, cls)
+        if reparametrized:
+            found += list(module.parametrizations.named_parameters(prefix="parametrizations"))
         names = {
             local: canonical.get(id(p), f"{mname}.{local}" if mname else local)
             for local, p in found
             if p.requires_grad and (params is None or id(p) in params)
         }
+        if reparametrized:
+            claimed.append(f"{mname}.parametrizations" if mname else "parametrizations")
         if not names:
             continue
         if whole:
             claimed.append(mname)
-        handlers[module] = handler_for(module)(module, names)
+        if reparametrized:
+            handlers[module] = parametrized.ParametrizedHandler(module, names, cls)
+        else:
+            handlers[module] = cls(module, names)
     return _bare_parameters(handlers)
 
 

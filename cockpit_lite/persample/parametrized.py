@@ -1,0 +1,170 @@
+"""Layers whose tensors are computed by ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``,
+``orthogonal``, ``spectral_norm``, or a parametrization of the user's).
+
+A parametrized layer computes the tensor it uses, W = f(o_1, ..., o_k), from the parameters the optimizer
+trains (the originals: ``parametrizations.weight.original0``, ...) at every call. Example i's loss l_i
+depends on the originals only through W, so by the chain rule its gradient with respect to them is the
+vector-Jacobian product of f at the current originals with its gradient with respect to W:
+
+    g_i(o_j) = (dW/do_j)^T g_i(W)
+
+g_i(W) comes from the handler of the layer's own class (the factor forms of Linear and Conv), formed as
+B x |W| numbers, and one ``torch.func.vmap`` of f's ``vjp`` maps the B of them at once. f is evaluated in
+eval mode (``spectral_norm``'s power iteration ran in the forward, whose u and v it then used: another
+iteration would give another W and change the buffers), on the originals before the optimizer steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from cockpit_lite.persample.layers import FuncHandler, Handler
+from cockpit_lite.persample.views import MaterialisedView, View
+
+#: g_i(W) is formed for the B examples: beyond this many bytes a parametrized layer is left out
+FORMED_BYTES = 1 << 29
+
+
+def parametrized_names(module: nn.Module, names: Mapping[str, str]) -> dict[str, list[tuple[str, str]]]:
+    """{parametrized tensor (``"weight"``): [(original's local name in its ParametrizationList, full name)]}
+    of ``names`` (the module's local names, ``parametrizations.weight.original0``, to full names)."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for local, full in names.items():
+        parts = local.split(".")
+        if len(parts) == 3 and parts[0] == "parametrizations":
+            out.setdefault(parts[1], []).append((parts[2], full))
+    return out
+
+
+class ParametrizedHandler(Handler):
+    """Serves a parametrized layer through the handler of its own class (module docstring).
+
+    ``names`` maps the layer's local names, its own parameters (``"bias"``) and the originals of its
+    parametrized tensors (``"parametrizations.weight.original0"``), to full names. The inner handler is
+    given the parametrized tensors under names of their own (``"<layer>.weight"``, no parameter's name),
+    and its per-sample gradients of them become those of the originals in :meth:`view`.
+    """
+
+    def __init__(self, module: nn.Module, names: dict[str, str], inner_class: type):
+        self.module, self.names = module, names
+        self.tensors = parametrized_names(module, names)
+        #: the inner handler's name of each parametrized tensor ("conv.weight": the layer's name from an
+        #: original's full name)
+        self.stand_in = {}
+        for tensor, originals in self.tensors.items():
+            local, full = originals[0]
+            tail = f"parametrizations.{tensor}.{local}"
+            self.stand_in[tensor] = full[: -len(tail)] + tensor if full.endswith(tail) else f"{full}:{tensor}"
+        inner_names = {local: full for local, full in names.items() if not local.startswith("parametrizations.")}
+        inner_names.update(self.stand_in)
+        self.inner = inner_class(module, inner_names)
+        self.refused = self.inner.refused
+        self.SERVES = None
+
+    # --- what the engine asks at each call: the inner handler's answers ---------------------------------
+    # (each with the parametrizations in eval mode: the inner handler may read the layer's weight, which
+    # computes W again, and spectral_norm's power iteration must run in the user's forward alone)
+    def check(self) -> None:
+        with _eval(self.module):
+            self.inner.check()
+
+    def capture(self, args: tuple, kwargs: dict, output: Any) -> object:
+        with _eval(self.module):
+            return self.inner.capture(args, kwargs, output)
+
+    def ambiguous(self, args: tuple, kwargs: dict, output: Any, batch: int) -> bool:
+        with _eval(self.module):
+            return self.inner.ambiguous(args, kwargs, output, batch)
+
+    def pre_forward(self, args: tuple, kwargs: dict) -> None:
+        with _eval(self.module):
+            self.inner.pre_forward(args, kwargs)
+
+    def take_checks(self) -> list:
+        return self.inner.take_checks()
+
+    def weight_grad_node(self, outputs: list[torch.Tensor]) -> None:
+        return None  # (the batch gradient of W is of no use: the originals' g_i are formed)
+
+    def weight_grad(self, grad_inputs: Sequence[torch.Tensor | None]) -> None:
+        return None
+
+    # --- the step's per-sample gradients ---------------------------------------------------------------
+    def single_view(self, capture: object, grad: torch.Tensor, batch: int, inv_scale: float) -> View | None:
+        with _eval(self.module):
+            view = self.inner.single_view(capture, grad, batch, inv_scale)
+            return None if view is None else self._originals(view, batch)
+
+    def view(self, captures: list, grads: list, batch: int, inv_scale: float) -> View:
+        axes = self.__dict__.get("sample_axes")
+        if axes is not None:  # (set by the engine around this call)
+            self.inner.sample_axes = axes
+        try:
+            with _eval(self.module):
+                return self._originals(self.inner.view(captures, grads, batch, inv_scale), batch)
+        finally:
+            self.inner.__dict__.pop("sample_axes", None)
+
+    def _originals(self, inner: View, batch: int) -> MaterialisedView:
+        """The inner view's per-sample gradients, those of each parametrized tensor mapped to its originals."""
+        grads = dict(inner.grads())
+        out = {n: g for n, g in grads.items() if n not in self.stand_in.values()}
+        for tensor, originals in self.tensors.items():
+            g_w = grads.pop(self.stand_in[tensor])
+            plist = self.module.parametrizations[tensor]
+            size = g_w.numel() * g_w.element_size()
+            if size > FORMED_BYTES:
+                raise ValueError(
+                    f"the per-sample gradients of the parametrized {type(self.module).__name__}.{tensor} are formed: "
+                    f"{size / 2**20:.0f} MiB at this batch size, more than the {FORMED_BYTES / 2**20:.0f} MiB "
+                    "allowed; use a smaller batch to get them"
+                )
+            per = _vjp_originals(plist, g_w.reshape(batch, *getattr(self.module, tensor).shape))
+            wanted = dict(originals)
+            out.update({wanted[local]: g for local, g in per.items() if local in wanted})
+        return MaterialisedView(out)
+
+
+@contextlib.contextmanager
+def _eval(module: nn.Module) -> Iterator[None]:
+    """The parametrizations of ``module`` in eval mode for the block (their modes restored after)."""
+    modes = [(m, m.training) for m in module.parametrizations.modules()]
+    for m, _ in modes:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _vjp_originals(plist: nn.Module, g_w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{original's local name: (B, *its shape)}: the vjp of the ParametrizationList ``plist`` (W = f(originals),
+    in the mode it is in: eval, see :func:`_eval`) at its current originals with each of the B cotangents
+    ``g_w`` (B, *W.shape)."""
+    from torch.func import functional_call, vjp, vmap
+
+    named = [(n, p.detach()) for n, p in plist.named_parameters()]
+    local = [n for n, _ in named]
+    w, pullback = vjp(lambda *o: functional_call(plist, dict(zip(local, o, strict=True)), ()), *[p for _, p in named])
+    with warnings.catch_warnings():  # (weight_norm's backward has no batching rule: a loop in C++, said once)
+        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        per = vmap(pullback)(g_w.to(w.dtype))
+    return dict(zip(local, per, strict=True))
+
+
+def serves(module: nn.Module, inner_class: type) -> bool:
+    """Whether a parametrized ``module`` can be served through ``inner_class`` (a handler of its own class's
+    layer rule: not the torch.func replay of an unknown module, whose replay would need the originals)."""
+    return (
+        parametrize.is_parametrized(module)
+        and inner_class is not FuncHandler
+        and not issubclass(inner_class, FuncHandler)
+    )

@@ -1,0 +1,190 @@
+"""Layers whose weight is computed by torch.nn.utils.parametrize (weight_norm, orthogonal, spectral_norm): the
+per-sample gradients of the parameters the optimizer trains (the originals), by the chain rule from the layer's
+own per-sample gradients, against the float64 loop; training unchanged (spectral_norm's power iteration too)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from cockpit_lite.instruments import Distance, GradientTests, GradNorm, Loss, PerSampleGradNorms, UpdateSize
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from cockpit_lite import Cockpit
+from tests.harness import _run, assert_matches_loop, shares_loop
+
+B = 5
+
+
+class PositionalConv(nn.Module):
+    """wav2vec2's positional convolution: a grouped, padded Conv1d with weight_norm over its kernel axis
+    (dim=2), then a Linear head on the pooled features."""
+
+    def __init__(self, frozen_gain: bool = False):
+        super().__init__()
+        self.conv = parametrizations.weight_norm(nn.Conv1d(4, 4, 3, padding=1, groups=2), name="weight", dim=2)
+        if frozen_gain:
+            self.conv.parametrizations.weight.original0.requires_grad_(False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).mean(2))
+
+
+class Reparametrised(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        if kind == "weight_norm":
+            parametrizations.weight_norm(self.a)
+        elif kind == "orthogonal":
+            parametrizations.orthogonal(self.a)
+        elif kind == "spectral_norm":
+            parametrizations.spectral_norm(self.a)
+            parametrizations.spectral_norm(self.head)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x)))
+
+
+MODELS = {
+    "weight_norm": (lambda: Reparametrised("weight_norm"), (B, 4)),
+    "orthogonal": (lambda: Reparametrised("orthogonal"), (B, 4)),
+    "spectral_norm in train mode": (lambda: Reparametrised("spectral_norm"), (B, 4)),
+    "spectral_norm in eval mode": (lambda: Reparametrised("spectral_norm").eval(), (B, 4)),
+    "wav2vec2 positional conv": (PositionalConv, (B, 4, 7)),
+    "weight_norm with a frozen gain": (lambda: PositionalConv(frozen_gain=True), (B, 4, 7)),
+}
+
+
+@pytest.mark.parametrize("case", [c for c in MODELS if c != "spectral_norm in train mode"])
+def test_the_originals_of_a_parametrized_layer_are_exact(case, device):
+    build, shape = MODELS[case]
+    torch.manual_seed(0)
+    model = build()
+    checked = assert_matches_loop(
+        model, torch.randn(*shape), torch.randint(0, 3, (B,)), nn.CrossEntropyLoss(), device=device
+    )
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(checked.record.per_sample_sq_norms_by_param) == trained
+    assert not checked.warnings, checked.warnings
+
+
+def _train(model: nn.Module, batches, instruments) -> list:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    cockpit = Cockpit(model, opt, loss_fn, instruments=instruments, sinks=[]) if instruments is not None else None
+    for x, y in batches:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    if cockpit is not None:
+        cockpit.close()
+    return [t.detach().clone() for t in [*model.parameters(), *model.buffers()]]
+
+
+@pytest.mark.parametrize("case", ["spectral_norm in train mode", "wav2vec2 positional conv"])
+def test_training_is_unchanged_and_nothing_is_left_out(case):
+    """Parameters and buffers (spectral_norm's u and v, updated by each forward's power iteration)
+    bit-identical to plain training; every statistic served, with no warning."""
+    build, shape = MODELS[case]
+    torch.manual_seed(1)
+    batches = [(torch.randn(*shape), torch.randint(0, 3, (B,))) for _ in range(4)]
+    torch.manual_seed(0)
+    plain = _train(build(), batches, None)
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watched = _train(
+            build(), batches, [Loss(), GradNorm(), UpdateSize(), Distance(), GradientTests(), PerSampleGradNorms()]
+        )
+    assert all(torch.equal(a, b) for a, b in zip(plain, watched, strict=True))
+    said = [str(w.message) for w in caught if "cockpit-lite" in str(w.message)]
+    assert not said, said
+
+
+class OwnLayer(nn.Module):
+    """A layer of the user's (no layer rule: replayed by torch.func), its weight parametrized."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4) / 2)
+
+    def forward(self, x):
+        return torch.tanh(x @ self.weight.T)
+
+
+def test_a_parametrized_layer_without_a_layer_rule_is_left_out_with_its_reason():
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrizations.weight_norm(OwnLayer()), nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    records = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[PerSampleGradNorms()], sinks=[])
+        cockpit.instruments[0].compute = lambda record: records.append(record) or {}
+        opt.zero_grad()
+        nn.CrossEntropyLoss()(model(torch.randn(B, 4)), torch.randint(0, 3, (B,))).backward()
+        opt.step()
+        cockpit.close()
+    said = [str(w.message) for w in caught if "leave out" in str(w.message)]
+    assert said and all("parametrized" in m for m in said), said
+    record = records[0]
+    assert record.per_sample_uncovered and "1.weight" not in record.per_sample_uncovered
+    assert record.per_sample_sq_norms is not None  # (the rest is still computed)
+
+
+def test_spectral_norm_in_train_mode_against_the_loop_at_the_iterates_its_forward_used():
+    """In train mode each forward runs a power iteration on spectral_norm's u and v, then uses them: the
+    float64 loop runs on the model as the step left it, in eval mode (the same u and v, no iteration)."""
+    torch.manual_seed(0)
+    model = Reparametrised("spectral_norm")
+    x, y = torch.randn(B, 4), torch.randint(0, 3, (B,))
+    before = [b.clone() for b in model.buffers()]
+    used = {}  # the iterates the forward used: the buffers as its power iterations left them
+    model.register_forward_hook(lambda m, a, out: used.update({n: b.clone() for n, b in m.named_buffers()}))
+    recorder, said = _run(model, (x,), y, nn.CrossEntropyLoss(), list(model.parameters()), {})
+    assert not any(torch.equal(a, b) for a, b in zip(before, model.buffers(), strict=True))  # (it iterated)
+    assert all(torch.equal(used[n], b) for n, b in model.named_buffers())  # (and nothing else did)
+    names = [n for n, _ in model.named_parameters()]
+    reference = copy.deepcopy(model).eval()
+    reference.load_state_dict({**reference.state_dict(), **used})
+    want = shares_loop(reference, x, y, nn.CrossEntropyLoss(), names)
+    got = recorder.record.per_sample_sq_norms_by_param
+    for n in names:
+        ref = (want[n].reshape(B, -1) ** 2).sum(1)
+        assert np.allclose(got[n], ref, rtol=1e-5, atol=1e-7 * ref.max()), (n, got[n], ref)
+    assert not [m for m in said if "cockpit-lite" in m], said
+
+
+class Wav2Vec2Logits(nn.Module):
+    """A tiny random-weight wav2vec2 classifier (transformers): its positional convolution is weight-normed
+    (``parametrizations.weight_norm``, dim=2, grouped), its feature encoder GroupNorm-ed convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+
+        config = Wav2Vec2Config(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+            conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+            mask_time_prob=0.0, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+            feat_proj_dropout=0.0, layerdrop=0.0, final_dropout=0.0, num_labels=3, classifier_proj_size=8,
+        )  # fmt: skip
+        self.model = Wav2Vec2ForSequenceClassification(config)
+
+    def forward(self, audio):
+        return self.model(audio).logits
+
+
+def test_wav2vec2_is_served_whole():
+    torch.manual_seed(0)
+    model = Wav2Vec2Logits()
+    checked = assert_matches_loop(model, torch.randn(4, 400), torch.randint(0, 3, (4,)), nn.CrossEntropyLoss())
+    assert any("parametrizations" in n for n in checked.record.per_sample_sq_norms_by_param)
+    assert set(checked.record.per_sample_sq_norms_by_param) == {n for n, _ in model.named_parameters()}
+    assert not checked.warnings, checked.warnings
