@@ -230,7 +230,7 @@ class Reparametrised(nn.Module):
 class Bag(nn.Module):
     def __init__(self):
         super().__init__()
-        self.bag, self.head = nn.EmbeddingBag(10, 4, mode="mean"), nn.Linear(4, 3)
+        self.bag, self.head = nn.EmbeddingBag(10, 4, mode="max"), nn.Linear(4, 3)  # (sum, mean: test_embedding_bag)
 
     def forward(self, flat, offsets):
         return self.head(self.bag(flat, offsets))
@@ -247,10 +247,10 @@ class StackedRNN(nn.Module):
 
 CASES = {
     "old weight_norm": (lambda: Reparametrised("old weight_norm"), lambda: (torch.randn(B, 4),), "a.weight_v besides"),
-    "EmbeddingBag with offsets": (
+    "EmbeddingBag(mode=max) with offsets": (
         Bag,
         lambda: (torch.randint(0, 10, (12,)), torch.tensor([0, 2, 5, 6, 10])),
-        "EmbeddingBag on a flat input with offsets",
+        'EmbeddingBag(mode="max") on a flat input with offsets',
     ),
     "LSTM with dropout between layers": (lambda: StackedRNN(nn.LSTM), lambda: (torch.randn(B, 6, 4),), "dropout=0.3"),
     "GRU with dropout between layers": (lambda: StackedRNN(nn.GRU), lambda: (torch.randn(B, 6, 4),), "dropout=0.3"),

@@ -32,6 +32,7 @@ from torch import nn
 
 from cockpit_lite.persample.layers import Handler
 from cockpit_lite.persample.views import (
+    BagView,
     EmbeddingView,
     FactorView,
     TiedEmbeddingView,
@@ -129,6 +130,10 @@ def cross(left: View, right: View, projector: Projector | None = None) -> dict[s
         pairs = {rv.names: rv for rv in right.views}
         if all(lv.names in pairs for lv in left.views):  # the same handler on both sides: part by part
             return {n: c for lv in left.views for n, c in cross(lv, pairs[lv.names], projector).items()}
+    if isinstance(left, BagView):  # (bags: their lookups padded to the longest bag)
+        left = left.padded()
+    if isinstance(right, BagView):
+        right = right.padded()
     if _factor(left) and _factor(right):
         return _cross_factor(left, right, projector)
     if projector is None and isinstance(left, EmbeddingView) and isinstance(right, EmbeddingView):

@@ -43,6 +43,7 @@ from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.persample.broadcast import dropout_active
 from cockpit_lite.persample.checks import DeferredCheck
 from cockpit_lite.persample.views import (
+    BagView,
     ConvView,
     EmbeddingView,
     FactorView,
@@ -616,6 +617,70 @@ class EmbeddingHandler(Handler):
         return EmbeddingView(_cat(idx_parts, 1), _cat(e_parts, 1), self.names["weight"], m.num_embeddings)
 
 
+#: why nn.EmbeddingBag(scale_grad_by_freq=True) is left out
+BAG_FREQ = (
+    "EmbeddingBag(scale_grad_by_freq=True): torch's backward divides rows by counts that are not "
+    "their counts in the batch (for the bag [5, 4, 4, 7] and unit output gradients the rows of 4, 5 "
+    "and 7 get 1, 1/2 and 1), which the engine cannot reproduce per sample. Per-sample statistics "
+    "are skipped; nn.Embedding with scale_grad_by_freq followed by a sum or mean over the bag is served."
+)
+
+
+class EmbeddingBagHandler(Handler):
+    """nn.EmbeddingBag in mode "sum" or "mean" (mode "max" is replayed by torch.func): bag i is example i.
+    Example i's gradient has, at the row of each element j of its bag, c_j e_i, with e_i the bag's output
+    gradient and c_j the element's weight in the bag (its per-sample weight in a sum, 1/n_i in a mean over
+    the bag's n_i elements other than padding_idx, 0 for padding_idx). Bags as rows of a (B, n) input or
+    as a flat input with offsets (``include_last_offset`` either way, empty bags too): :class:`BagView`."""
+
+    SERVES = frozenset({"weight"})
+
+    def check(self) -> None:
+        if self.module.scale_grad_by_freq:
+            raise PerSampleUndefined(BAG_FREQ)
+
+    def capture(self, args, kwargs, output):
+        bound = inspect.signature(nn.EmbeddingBag.forward).bind(self.module, *args, **kwargs).arguments
+        detach = lambda t: t.detach() if torch.is_tensor(t) else t  # noqa: E731
+        return detach(bound["input"]), detach(bound.get("offsets")), detach(bound.get("per_sample_weights"))
+
+    def ambiguous(self, args, kwargs, output, batch):
+        return False  # (the bags are the rows of the output)
+
+    def view(self, captures, grads, batch, inv_scale):
+        m = self.module
+        vs, bs, rows = [], [], []
+        for (inp, offsets, weights), (go,) in zip(captures, grads, strict=True):
+            if go is None:
+                continue
+            if go.shape[0] != batch:
+                raise PerSampleUndefined(
+                    f"EmbeddingBag made {go.shape[0]} bags for a batch of {batch} examples: the engine takes bag i "
+                    "to be example i's. Per-sample statistics leave out its weight."
+                )
+            if inp.dim() == 2:  # (B, n): bag i is row i
+                v = inp.reshape(-1)
+                b = torch.arange(inp.shape[0], device=inp.device).repeat_interleave(inp.shape[1])
+            else:  # flat, with offsets: bag i holds input[offsets[i]:offsets[i + 1]]
+                starts = offsets[: go.shape[0]]
+                v = inp
+                b = torch.searchsorted(starts, torch.arange(inp.numel(), device=inp.device), right=True) - 1
+            c = torch.ones(v.shape, dtype=go.dtype, device=go.device)
+            if weights is not None:
+                c = c * weights.reshape(-1).to(go.dtype)
+            if m.padding_idx is not None:
+                c = c * (v != m.padding_idx).to(go.dtype)
+            if m.mode == "mean":  # (padding_idx is not counted)
+                kept = torch.ones_like(c) if m.padding_idx is None else (v != m.padding_idx).to(go.dtype)
+                c = c / go.new_zeros(batch).index_add_(0, b, kept).clamp(min=1.0)[b]
+            vs.append(v)
+            bs.append(b)
+            rows.append(c.unsqueeze(1) * _scaled(go, inv_scale)[b])
+        if not vs:
+            return MaterialisedView({})
+        return BagView(torch.cat(vs), torch.cat(bs), torch.cat(rows), batch, self.names["weight"], m.num_embeddings)
+
+
 class NormHandler(Handler):
     """Affine normalisations: per-sample grads of the gain and bias are (B, C) or (B, *shape): cheap."""
 
@@ -687,12 +752,7 @@ class FuncHandler(Handler):
     def check(self) -> None:
         m = self.module
         if isinstance(m, nn.EmbeddingBag) and m.scale_grad_by_freq:
-            raise PerSampleUndefined(
-                "EmbeddingBag(scale_grad_by_freq=True): torch's backward divides rows by counts that are not "
-                "their counts in the batch (for the bag [5, 4, 4, 7] and unit output gradients the rows of 4, 5 "
-                "and 7 get 1, 1/2 and 1), which the engine cannot reproduce per sample. Per-sample statistics "
-                "are skipped; nn.Embedding with scale_grad_by_freq followed by a sum or mean over the bag is served."
-            )
+            raise PerSampleUndefined(BAG_FREQ)
         if m.training and isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1:
             raise PerSampleUndefined(
                 f"{type(m).__name__} with dropout={m.dropout} between its {m.num_layers} layers in train mode draws "
@@ -721,9 +781,9 @@ class FuncHandler(Handler):
             return (nn.utils.rnn.PackedSequence(packed.data.detach(), *packed[1:]), *rest[0]), rest[1]
         if isinstance(self.module, nn.EmbeddingBag) and args and torch.is_tensor(args[0]) and args[0].dim() == 1:
             raise PerSampleUndefined(
-                "EmbeddingBag on a flat input with offsets: the per-sample replay takes one bag per row of a "
-                "(B, n) input. Per-sample statistics leave out its weight; pass the bags as a (B, n) tensor "
-                "(padding_idx for shorter bags) to have it counted."
+                'EmbeddingBag(mode="max") on a flat input with offsets: the per-sample replay takes one bag per row '
+                "of a (B, n) input. Per-sample statistics leave out its weight; pass the bags as a (B, n) tensor "
+                '(padding_idx for shorter bags) to have it counted (modes "sum" and "mean" are served either way).'
             )
         detach = lambda t: t.detach() if torch.is_tensor(t) else t  # noqa: E731
         return tree_map(detach, args), tree_map(detach, kwargs)
@@ -1466,6 +1526,7 @@ HANDLERS: dict[type, type[Handler]] = {
     nn.Conv1d: ConvHandler,
     nn.Conv2d: ConvHandler,
     nn.Embedding: EmbeddingHandler,
+    nn.EmbeddingBag: EmbeddingBagHandler,
     nn.MultiheadAttention: AttentionHandler,
     nn.LayerNorm: NormHandler,
     nn.GroupNorm: NormHandler,
@@ -1480,7 +1541,7 @@ WHOLE_MODULES: tuple[type, ...] = (nn.MultiheadAttention, nn.RNNBase)
 
 #: layer classes whose factor forms assume their own forward: a subclass with a forward of its own is
 #: replayed by torch.func instead (exact); an nn.Embedding subclass is read at its lookup (EmbeddingHandler)
-OWN_FORWARD_REPLAYED: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)
+OWN_FORWARD_REPLAYED: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.EmbeddingBag)
 
 
 def handler_for(module: nn.Module) -> type[Handler]:
@@ -1490,6 +1551,8 @@ def handler_for(module: nn.Module) -> type[Handler]:
     for cls in type(module).__mro__:
         if cls in HANDLERS:
             if cls in OWN_FORWARD_REPLAYED and type(module).forward is not cls.forward:
+                return FuncHandler
+            if cls is nn.EmbeddingBag and module.mode == "max":  # (the bag's argmax: the torch.func replay)
                 return FuncHandler
             return HANDLERS[cls]
     return FuncHandler

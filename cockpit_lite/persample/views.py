@@ -620,6 +620,70 @@ class EmbeddingView(View):
         return {self.w: g}
 
 
+class BagView(View):
+    """Bags of lookups (``nn.EmbeddingBag``, sum or mean): element j of the step's bags looks up row v_j
+    for bag (example) b_j and carries rows_j = c_j e_{b_j}, with c_j its weight in the bag (1 for a sum,
+    its per-sample weight, 1/n_i for a mean over the n_i counted elements, 0 for padding_idx) and e_i
+    the bag's output gradient, so that g_i = sum_{j: b_j = i} onehot(v_j) rows_j^T. Flat (N elements, no
+    padding to the longest bag): squared norms add rows that look up the same row for the same bag
+    first (a sort by (b, v)), g_i . gbar and projections gather the table's rows; the Gram and the
+    per-sample gradients go through the padded (B, n_max) lookups of :class:`EmbeddingView`."""
+
+    def __init__(self, v: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, bags: int, weight_name: str, n: int):
+        self.v, self.b, self.rows = v, b, rows  # (N,), (N,), (N, d)
+        self.bags, self.w, self.n = bags, weight_name, n
+        self.names = (weight_name,)
+
+    def _per_bag(self, per_element: torch.Tensor) -> torch.Tensor:
+        return per_element.new_zeros(self.bags).index_add_(0, self.b, per_element)
+
+    def sq_norms(self) -> dict[str, torch.Tensor]:
+        if self.v.numel() == 0:
+            return {self.w: self.rows.new_zeros(self.bags)}
+        key = self.b * self.n + self.v
+        key, order = torch.sort(key)
+        new = torch.ones_like(key, dtype=torch.bool)
+        new[1:] = key[1:] != key[:-1]
+        run = torch.cumsum(new, 0) - 1  # (elements of one bag looking up one row share a run)
+        summed = torch.zeros_like(self.rows).index_add_(0, run, self.rows[order])
+        bag_of_run = torch.zeros_like(self.b).scatter_(0, run, self.b[order])  # (unused runs: 0, adding 0)
+        sq = torch.linalg.vector_norm(summed, dim=1).square()
+        return {self.w: sq.new_zeros(self.bags).index_add_(0, bag_of_run, sq)}
+
+    def dot_mean(self) -> torch.Tensor:
+        d = self.rows.shape[1]
+        table = self.rows.new_zeros(self.n, d).index_add_(0, self.v, self.rows) / self.bags
+        return self._per_bag((table[self.v] * self.rows).sum(1))
+
+    def project_many(self, directions):
+        out: dict[str, torch.Tensor] = {}
+        for k, d in directions.items():
+            vec = d.get(self.w)
+            if vec is not None:
+                out[k] = self._per_bag((vec.to(self.rows.dtype)[self.v] * self.rows).sum(1))
+        return out
+
+    def padded(self) -> EmbeddingView:
+        """The same lookups as (B, n_max) indices and (B, n_max, d) rows (zero rows at index 0 pad the
+        shorter bags); n_max is read on the host."""
+        order = torch.sort(self.b, stable=True)[1]
+        b, v, rows = self.b[order], self.v[order], self.rows[order]
+        counts = torch.bincount(b, minlength=self.bags)
+        width = int(counts.max()) if b.numel() else 0
+        slot = torch.arange(b.numel(), device=b.device) - (torch.cumsum(counts, 0) - counts)[b]
+        idx = torch.zeros(self.bags, width, dtype=v.dtype, device=v.device)
+        idx[b, slot] = v
+        e = rows.new_zeros(self.bags, width, rows.shape[1])
+        e[b, slot] = rows
+        return EmbeddingView(idx, e, self.w, self.n)
+
+    def gram(self) -> dict[str, torch.Tensor]:
+        return self.padded().gram()
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        return self.padded().grads()
+
+
 class TiedEmbeddingView(View):
     """An embedding table W (V, d) that is also the weight of an output layer z_s = W h_s (+ b), as in
     language models with tied input and output embeddings, without forming the B x V x d gradients.

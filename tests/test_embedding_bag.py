@@ -1,0 +1,94 @@
+"""nn.EmbeddingBag in modes "sum" and "mean" (flat input with offsets, or (B, n) bags; per-sample weights,
+padding_idx, empty bags, include_last_offset, duplicate rows within a bag, two calls a step) against the
+float64 loop; mode "max" replayed by torch.func; the flat view's Gram and per-sample gradients against a
+direct construction of each bag's gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cockpit_lite.persample.views import BagView
+from tests.harness import assert_matches_loop
+
+B = 5
+#: each example's ids, the first ``LENGTHS`` of each row counted: duplicates within a bag (row 0: 3, 3), an
+#: empty bag (example 2), padding (id 0) in the bags of examples 0 and 3
+IDS = torch.tensor([[3, 1, 3, 0, 4], [7, 2, 2, 8, 8], [5, 5, 5, 5, 5], [9, 0, 5, 1, 1], [6, 8, 4, 2, 6]])
+LENGTHS = torch.tensor([4, 3, 0, 3, 5])
+
+
+class Bags(nn.Module):
+    """A bag of each example's ids, then a Linear head. ``flat``: the bags passed to the EmbeddingBag as
+    one flat tensor with offsets (as a recommender's ragged input is), else as the rows of a (B, n) tensor;
+    ``twice``: the bag module called again on the ids shifted by one (two calls in a step)."""
+
+    def __init__(self, mode: str, flat: bool, padding_idx=None, last: bool = False, twice: bool = False):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(10, 4, mode=mode, padding_idx=padding_idx, include_last_offset=last)
+        self.head, self.flat, self.last, self.twice = nn.Linear(4, 3), flat, last, twice
+
+    def _bags(self, ids, lengths, weights):
+        if not self.flat:
+            return self.bag(ids, per_sample_weights=weights)
+        kept = torch.arange(ids.shape[1]) < lengths[:, None]
+        offsets = torch.cumsum(lengths, 0) - lengths
+        if self.last:
+            offsets = torch.cat([offsets, lengths.sum().reshape(1)])
+        return self.bag(ids[kept], offsets, per_sample_weights=None if weights is None else weights[kept])
+
+    def forward(self, ids, lengths, weights=None):
+        h = self._bags(ids, lengths, weights)
+        if self.twice:
+            h = h + 0.5 * self._bags((ids + 1) % 10, lengths, weights)
+        return self.head(torch.tanh(h))
+
+
+def _weights():
+    return torch.rand(B, IDS.shape[1]) + 0.5
+
+
+CASES = {
+    "sum, flat with offsets": (lambda: Bags("sum", True), lambda: (IDS, LENGTHS)),
+    "mean, flat, padding_idx": (lambda: Bags("mean", True, padding_idx=0), lambda: (IDS, LENGTHS)),
+    "sum, flat, per-sample weights, include_last_offset": (
+        lambda: Bags("sum", True, last=True),
+        lambda: (IDS, LENGTHS, _weights()),
+    ),
+    "mean, flat, two calls a step": (lambda: Bags("mean", True, twice=True), lambda: (IDS, LENGTHS)),
+    "mean, (B, n) bags with padding": (lambda: Bags("mean", False, padding_idx=0), lambda: (IDS, LENGTHS)),
+    "sum, (B, n) bags with weights": (lambda: Bags("sum", False), lambda: (IDS, LENGTHS, _weights())),
+    "max, (B, n) bags (torch.func)": (lambda: Bags("max", False), lambda: (IDS, LENGTHS)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bags_are_exact(case, device):
+    build, inputs = CASES[case]
+    torch.manual_seed(0)
+    model = build()
+    checked = assert_matches_loop(model, inputs(), torch.randint(0, 3, (B,)), nn.CrossEntropyLoss(), device=device)
+    assert set(checked.record.per_sample_sq_norms_by_param) == {"bag.weight", "head.weight", "head.bias"}
+    assert not checked.warnings, checked.warnings
+
+
+def test_the_flat_view_against_each_bag_formed():
+    """Squared norms, Gram, g_i . gbar, projections and g_i of a BagView against each bag's gradient built
+    element by element in float64."""
+    torch.manual_seed(0)
+    n, d, bags = 6, 3, 4
+    v = torch.tensor([1, 1, 4, 0, 2, 5, 5, 5, 1])
+    b = torch.tensor([0, 0, 0, 1, 1, 3, 3, 3, 0])  # bag 2 empty, rows repeated within bags 0 and 3
+    rows = torch.randn(v.numel(), d, dtype=torch.float64)
+    want = torch.zeros(bags, n, d, dtype=torch.float64)
+    for j in range(v.numel()):
+        want[b[j], v[j]] += rows[j]
+    flat = want.reshape(bags, -1)
+    view = BagView(v, b, rows, bags, "w", n)
+    direction = torch.randn(n, d, dtype=torch.float64)
+    assert torch.allclose(view.sq_norms()["w"], (flat**2).sum(1))
+    assert torch.allclose(view.gram()["w"], flat @ flat.T)
+    assert torch.allclose(view.dot_mean(), flat @ flat.mean(0))
+    assert torch.allclose(view.project_many({"k": {"w": direction}})["k"], flat @ direction.reshape(-1))
+    assert torch.allclose(view.grads()["w"], want)
