@@ -5,10 +5,14 @@ direct construction of each bag's gradient."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+from cockpit_lite.instruments import PerSampleGradNorms
 from torch import nn
 
+from cockpit_lite import Cockpit
 from cockpit_lite.persample.views import BagView
 from tests.harness import assert_matches_loop
 
@@ -92,3 +96,35 @@ def test_the_flat_view_against_each_bag_formed():
     assert torch.allclose(view.dot_mean(), flat @ flat.mean(0))
     assert torch.allclose(view.project_many({"k": {"w": direction}})["k"], flat @ direction.reshape(-1))
     assert torch.allclose(view.grads()["w"], want)
+
+
+class TwoBagsEach(nn.Module):
+    """Two bags per example (a flat input with 2 B offsets): bag i is not example i."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag, self.head = nn.EmbeddingBag(10, 4, mode="sum"), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        flat = ids.reshape(-1)
+        offsets = torch.arange(0, flat.numel(), ids.shape[1] // 2)
+        return self.head(self.bag(flat, offsets).reshape(ids.shape[0], 8))
+
+
+def test_more_bags_than_examples_leave_out_the_bag_alone():
+    torch.manual_seed(0)
+    model = TwoBagsEach()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    records = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[PerSampleGradNorms()], sinks=[])
+        cockpit.instruments[0].compute = lambda record: records.append(record) or {}
+        opt.zero_grad()
+        nn.CrossEntropyLoss()(model(IDS[:, :4]), torch.randint(0, 3, (B,))).backward()
+        opt.step()
+        cockpit.close()
+    said = [str(w.message) for w in caught if "leave out" in str(w.message)]
+    assert said and all("made 10 bags for a batch of 5" in m for m in said), said
+    assert records[0].per_sample_uncovered and "head.weight" not in records[0].per_sample_uncovered
+    assert records[0].per_sample_sq_norms is not None  # (the rest is still computed)

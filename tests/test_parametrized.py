@@ -188,3 +188,24 @@ def test_wav2vec2_is_served_whole():
     assert any("parametrizations" in n for n in checked.record.per_sample_sq_norms_by_param)
     assert set(checked.record.per_sample_sq_norms_by_param) == {n for n, _ in model.named_parameters()}
     assert not checked.warnings, checked.warnings
+
+
+def test_a_parametrized_layer_over_the_formed_bytes_is_left_out_with_its_reason(monkeypatch):
+    from cockpit_lite.persample import parametrized
+
+    monkeypatch.setattr(parametrized, "FORMED_BYTES", 16)
+    torch.manual_seed(0)
+    model = Reparametrised("weight_norm")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    records = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[PerSampleGradNorms()], sinks=[])
+        cockpit.instruments[0].compute = lambda record: records.append(record) or {}
+        opt.zero_grad()
+        nn.CrossEntropyLoss()(model(torch.randn(B, 4)), torch.randint(0, 3, (B,))).backward()
+        opt.step()
+        cockpit.close()
+    said = [str(w.message) for w in caught if "leave out" in str(w.message)]
+    assert said and all("a parametrized Linear's weight are formed" in m and "Error" not in m for m in said), said
+    assert records[0].per_sample_uncovered and "head.weight" not in records[0].per_sample_uncovered

@@ -654,7 +654,7 @@ class EmbeddingBagHandler(Handler):
             if go is None:
                 continue
             if go.shape[0] != batch:
-                raise PerSampleUndefined(
+                raise LayerLeftOut(
                     f"EmbeddingBag made {go.shape[0]} bags for a batch of {batch} examples: the engine takes bag i "
                     "to be example i's. Per-sample statistics leave out its weight."
                 )

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from cockpit_lite.persample.layers import FuncHandler, Handler
+from cockpit_lite.persample.layers import FuncHandler, Handler, LayerLeftOut
 from cockpit_lite.persample.views import MaterialisedView, View
 
 #: g_i(W) is formed for the B examples: beyond this many bytes a parametrized layer is left out
@@ -66,7 +66,6 @@ class ParametrizedHandler(Handler):
         inner_names.update(self.stand_in)
         self.inner = inner_class(module, inner_names)
         self.refused = self.inner.refused
-        self.SERVES = None
 
     # --- what the engine asks at each call: the inner handler's answers ---------------------------------
     # (each with the parametrizations in eval mode: the inner handler may read the layer's weight, which
@@ -121,10 +120,11 @@ class ParametrizedHandler(Handler):
             plist = self.module.parametrizations[tensor]
             size = g_w.numel() * g_w.element_size()
             if size > FORMED_BYTES:
-                raise ValueError(
-                    f"the per-sample gradients of the parametrized {type(self.module).__name__}.{tensor} are formed: "
-                    f"{size / 2**20:.0f} MiB at this batch size, more than the {FORMED_BYTES / 2**20:.0f} MiB "
-                    "allowed; use a smaller batch to get them"
+                layer = type(self.module).__bases__[0].__name__  # (parametrize subclasses the layer's class)
+                raise LayerLeftOut(
+                    f"the per-sample gradients of a parametrized {layer}'s {tensor} are formed to reach its originals: "
+                    f"{size / 2**20:.1f} MiB at this batch size, more than the {FORMED_BYTES / 2**20:.1f} MiB allowed; "
+                    "use a smaller batch to get them"
                 )
             per = _vjp_originals(plist, g_w.reshape(batch, *getattr(self.module, tensor).shape))
             wanted = dict(originals)
@@ -154,7 +154,7 @@ def _vjp_originals(plist: nn.Module, g_w: torch.Tensor) -> dict[str, torch.Tenso
     named = [(n, p.detach()) for n, p in plist.named_parameters()]
     local = [n for n, _ in named]
     w, pullback = vjp(lambda *o: functional_call(plist, dict(zip(local, o, strict=True)), ()), *[p for _, p in named])
-    with warnings.catch_warnings():  # (weight_norm's backward has no batching rule: a loop in C++, said once)
+    with warnings.catch_warnings():  # (weight_norm's backward has no batching rule: vmap loops in C++)
         warnings.filterwarnings("ignore", message=".*batching rule.*")
         per = vmap(pullback)(g_w.to(w.dtype))
     return dict(zip(local, per, strict=True))
