@@ -76,7 +76,23 @@ class ParametrizedHandler(Handler):
 
     def capture(self, args: tuple, kwargs: dict, output: Any) -> object:
         with _eval(self.module):
-            return self.inner.capture(args, kwargs, output)
+            return self.inner.capture(args, kwargs, output), self._versions()
+
+    def _versions(self) -> list[int]:
+        """The versions of the parametrizations' buffers (spectral_norm's u and v, updated in place by each
+        train-mode evaluation of W): the W of a call is replayed only while they are those of its forward."""
+        return [b._version for b in self.module.parametrizations.buffers()]
+
+    def _unchanged(self, captures: list) -> list:
+        """The inner handler's captures, once the buffers are checked to be those each call's W used."""
+        if any(versions != self._versions() for _, versions in captures):
+            raise LayerLeftOut(
+                f"the parametrization of this {type(self.module).__bases__[0].__name__} updated its buffers "
+                "(spectral_norm's power iteration) after a call whose W the step used, before that call's "
+                "backward: that W cannot be recomputed, so per-sample statistics leave its parameters out "
+                "on this step (a call's forward followed by its backward is served)"
+            )
+        return [inner for inner, _ in captures]
 
     def ambiguous(self, args: tuple, kwargs: dict, output: Any, batch: int) -> bool:
         with _eval(self.module):
@@ -97,8 +113,9 @@ class ParametrizedHandler(Handler):
 
     # --- the step's per-sample gradients ---------------------------------------------------------------
     def single_view(self, capture: object, grad: torch.Tensor, batch: int, inv_scale: float) -> View | None:
+        (inner,) = self._unchanged([capture])
         with _eval(self.module):
-            view = self.inner.single_view(capture, grad, batch, inv_scale)
+            view = self.inner.single_view(inner, grad, batch, inv_scale)
             return None if view is None else self._originals(view, batch)
 
     def view(self, captures: list, grads: list, batch: int, inv_scale: float) -> View:
@@ -106,8 +123,9 @@ class ParametrizedHandler(Handler):
         if axes is not None:  # (set by the engine around this call)
             self.inner.sample_axes = axes
         try:
+            inner = self._unchanged(captures)
             with _eval(self.module):
-                return self._originals(self.inner.view(captures, grads, batch, inv_scale), batch)
+                return self._originals(self.inner.view(inner, grads, batch, inv_scale), batch)
         finally:
             self.inner.__dict__.pop("sample_axes", None)
 
