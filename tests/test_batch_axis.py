@@ -264,8 +264,10 @@ def test_transformer_encoder_lm_with_default_dropout_and_as_many_positions_as_ex
 
 def test_gradient_accumulation_with_micro_batches_as_long_as_the_sequence(device):
     """Micro-batches of 6, 6 and 3 sequences of 6 tokens through a (T, B, d) transformer: each micro-batch
-    of 6 is resolved (one probe, cached), and the step's statistics over its 15 examples equal the float64
-    loop on the concatenated batch; training as without the cockpit."""
+    of 6 is resolved (one probe, cached), the one of 3 too (its (6, 3, d) activations could hold the 3
+    examples flattened with 2 positions each along the first axis: a second probe, cached), and the step's
+    statistics over its 15 examples equal the float64 loop on the concatenated batch; training as without
+    the cockpit."""
     from tests.reference import flat, per_sample_grads_loop
     from tests.test_accumulation_join import _accumulate, _assert_same_training
 
@@ -283,7 +285,7 @@ def test_gradient_accumulation_with_micro_batches_as_long_as_the_sequence(device
         warnings.simplefilter("error")
         with Cockpit(model, opt, loss_fn, instruments=[probe]) as ck:
             steps = _accumulate(model, opt, None, batches, sizes, loss_fn)
-            assert ck.engine.probe_runs == 1
+            assert ck.engine.probe_runs == 2
     _accumulate(plain, torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9), None, batches, sizes, loss_fn)
     _assert_same_training(model, plain)
     for rec, (theta, x, y) in zip(probe.records, steps, strict=True):

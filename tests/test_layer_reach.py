@@ -357,6 +357,38 @@ def test_examples_flattened_with_their_positions_are_split_example_by_example(dr
     assert not checked.warnings
 
 
+class Unfolded(nn.Module):
+    """MobileViT's unfolded patches (and PatchTST's channels): a conv map (B, C, H, W) unfolded to
+    (B P^2, N, C) rows, P^2 pixels of each of N patches, through a Linear and a LayerNorm, folded back. With
+    N == B the rows' first axis is a multiple of B and their second has the batch size: taken for the sample
+    axis by its size alone, every number was wrong and nothing said so (session 14's sweep)."""
+
+    def __init__(self, patch: int = 2):
+        super().__init__()
+        self.conv, self.lin, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 8), nn.LayerNorm(8)
+        self.head, self.patch = nn.Linear(8, 3), patch
+
+    def forward(self, x):
+        f, p = self.conv(x), self.patch
+        b, c, h, w = f.shape
+        nh, nw = h // p, w // p
+        rows = f.reshape(b * c * nh, p, nw, p).transpose(1, 2).reshape(b, c, nh * nw, p * p).transpose(1, 3)
+        rows = self.norm(self.lin(rows.reshape(b * p * p, nh * nw, c)))  # (B P^2, N, C)
+        return self.head(rows.reshape(b, p * p, nh * nw, c).mean((1, 2)))
+
+
+@pytest.mark.parametrize("side", [4, 6], ids=["patches-as-many-as-examples", "other-patch-count"])
+def test_rows_of_several_examples_are_split_when_another_axis_has_the_batch_size(side):
+    """(B k, N, d) rows with N == B (4 patches of a 4 x 4 map, B = 4) go to the shape probe like (B k, d)
+    rows: exact, as with 9 patches."""
+    torch.manual_seed(0)
+    model = Unfolded()
+    x = torch.randn(4, 3, side, side)
+    checked = assert_matches_loop(model, x, torch.randint(0, 3, (4,)), nn.CrossEntropyLoss())
+    assert {"lin.weight", "norm.weight"} <= set(checked.record.per_sample_sq_norms_by_param)
+    assert not checked.warnings
+
+
 def test_positions_flattened_first_are_left_out_not_guessed():
     torch.manual_seed(0)
     said, records = _train(Flattened(time_major=True), [((torch.randint(0, 11, (B, 7)),), torch.randint(0, 3, (B,)))])

@@ -164,11 +164,14 @@ def _several_batch_axes(shapes: tuple, batch: int) -> bool:
 
 
 def _flattened(args: tuple, batch: int) -> bool:
-    """Whether a call's first argument has no axis of the batch size but one of a multiple of it: its
-    examples may be flattened with their positions ((B T, d) rows, as OPT's feed-forward blocks and Swin's
-    windows have them), which the shape probe tells (:meth:`PerSampleEngine._resolve_pending`)."""
+    """Whether a call's first argument has an axis of a multiple of the batch size and none of the batch
+    size first: its examples may be flattened with their positions ((B T, d) rows, as OPT's feed-forward
+    blocks and Swin's windows have them; (B k, N, d) rows with N == B, as MobileViT's unfolded patches and
+    PatchTST's channels have them at some sizes), which the shape probe tells
+    (:meth:`PerSampleEngine._resolve_pending`). An argument whose first axis has the batch size is taken to
+    be batch-first, as the layers' own rules take it."""
     x = args[0] if args and torch.is_tensor(args[0]) else None
-    return x is not None and x.dim() > 0 and batch not in x.shape and any(n > batch and n % batch == 0 for n in x.shape)
+    return x is not None and x.dim() > 0 and x.shape[0] != batch and any(n > batch and n % batch == 0 for n in x.shape)
 
 
 def _same_first_rows(first: torch.Tensor, axis: int | None, probe: torch.Tensor | None, batch: int) -> None:
