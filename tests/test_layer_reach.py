@@ -307,7 +307,6 @@ def test_embeddings_with_a_forward_of_their_own_are_read_at_their_lookup(device)
     assert not checked.warnings
 
 
-
 def test_a_failed_gradient_sum_check_is_said_on_every_later_step():
     """The check runs once; the layers it found are named in the notes of every later step (a helper's
     sweep found wrong numbers on steps 1 and 2 with no note), here for a penalty outside the loss module."""
@@ -386,6 +385,37 @@ def test_rows_of_several_examples_are_split_when_another_axis_has_the_batch_size
     x = torch.randn(4, 3, side, side)
     checked = assert_matches_loop(model, x, torch.randint(0, 3, (4,)), nn.CrossEntropyLoss())
     assert {"lin.weight", "norm.weight"} <= set(checked.record.per_sample_sq_norms_by_param)
+    assert not checked.warnings
+
+
+class Latents(nn.Module):
+    """Perceiver's latents and trainable position encodings: a module whose forward takes the batch size (an
+    int) and returns its parameter expanded over the batch. Its torch.func replay gets no per-example input
+    and returns all B rows: each g_i was the sum over the B rows' shares, B times too large (session 14)."""
+
+    def __init__(self):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(3, 8))
+
+    def forward(self, batch_size):
+        return self.latents.expand(batch_size, -1, -1)
+
+
+class WithLatents(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin, self.head = Latents(), nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x.shape[0]) + self.lin(x)[:, None]).mean(1))
+
+
+def test_a_parameter_a_module_expands_over_the_batch_itself_is_exact(device):
+    torch.manual_seed(0)
+    checked = assert_matches_loop(
+        WithLatents(), torch.randn(B, 5), torch.randint(0, 3, (B,)), nn.CrossEntropyLoss(), device=device
+    )
+    assert "emb.latents" in checked.record.per_sample_sq_norms_by_param
     assert not checked.warnings
 
 

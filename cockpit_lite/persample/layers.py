@@ -887,14 +887,17 @@ class FuncHandler(Handler):
                 raise ValueError(f"cannot find the batch axis in the output gradient of {type(m).__name__}")
             positions = [i for i, _ in live]
 
-            def inner(p, a, kw, gs, a_dims=arg_dims, k_dims=kw_dims, o_dims=g_dims, pos=positions):
+            def inner(p, a, kw, gs, row, a_dims=arg_dims, k_dims=kw_dims, o_dims=g_dims, pos=positions):
                 a = tuple(_expand(x, d) for x, d in zip(a, a_dims, strict=True))
                 kw = {k: _expand(v, k_dims[k]) for k, v in kw.items()}
                 out = functional_call(m, {**p, **frozen, **buffers}, a, kw)
                 outs = [o for o in tree_flatten(out)[0] if torch.is_tensor(o)]
                 s = 0.0
                 for j, gj, dj in zip(pos, gs, o_dims, strict=True):
-                    s = s + (outs[j] * gj.unsqueeze(dj)).sum()
+                    o = outs[j]
+                    if o.shape[dj] == batch != 1:  # the batch axis made inside (param.expand(batch_size, ...)):
+                        o = o.index_select(dj, row)  # the example's own row of it, not all B
+                    s = s + (o * gj.unsqueeze(dj)).sum()
                 return s
 
             devices = cuda_devices(params.values())
@@ -902,7 +905,10 @@ class FuncHandler(Handler):
                 # vmap falls back to a loop for fused attention kernels: correct, only slower
                 warnings.filterwarnings("ignore", message="There is a performance drop")
                 try:
-                    per = vmap(grad(inner), in_dims=(None, arg_dims, kw_dims, g_dims))(params, args, kwargs, g_tensors)
+                    rows_of = torch.arange(batch, device=g_tensors[0].device).unsqueeze(1)  # (each example's row)
+                    per = vmap(grad(inner), in_dims=(None, arg_dims, kw_dims, g_dims, 0))(
+                        params, args, kwargs, g_tensors, rows_of
+                    )
                 except RuntimeError as e:  # an op vmap cannot batch (GRU's in-place state update): loop
                     if "setup_context" in str(e):  # (torch.func refuses such a Function in any form)
                         raise LayerLeftOut(
@@ -924,6 +930,7 @@ class FuncHandler(Handler):
                             tuple(_select(x, d, i) for x, d in zip(args, arg_dims, strict=True)),
                             {k: _select(v, kw_dims[k], i) for k, v in kwargs.items()},
                             [_select(g, d, i) for g, d in zip(g_tensors, g_dims, strict=True)],
+                            torch.tensor([i], device=g_tensors[0].device),
                         )
                         for i in range(batch)
                     ]
