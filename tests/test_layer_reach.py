@@ -419,6 +419,39 @@ def test_a_parameter_a_module_expands_over_the_batch_itself_is_exact(device):
     assert not checked.warnings
 
 
+class Relative(nn.Module):
+    """Funnel's relative attention in small: a bare parameter used by a matrix product (served by torch.func
+    over this module) and a mask shared by the batch, (T, T), passed in."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.r = nn.Linear(4, 4), nn.Parameter(torch.randn(4, 4) / 2)
+
+    def forward(self, x, mask):
+        return mask @ torch.tanh(self.q(x) @ self.r)  # (T, T) @ (B, T, 4)
+
+
+class WithRelative(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rel, self.head = Relative(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        t = x.shape[1]
+        mask = torch.tril(x.new_ones(t, t)) / torch.arange(1, t + 1, dtype=x.dtype, device=x.device)[:, None]
+        return self.head(self.rel(x, mask).mean(1))
+
+
+def test_a_bare_parameters_replay_takes_the_axes_the_shape_probe_found(device):
+    """With as many positions as examples (Funnel after its first pooling, B = T = 4), the (T, T) mask has
+    two axes of the batch size: the shape probe finds it shared, and the torch.func replay of the module that
+    serves the bare parameter now takes that, where it split the mask by rows (session 14's sweep)."""
+    torch.manual_seed(0)
+    x = torch.randn(B, B, 4).to(device)
+    checked = assert_matches_loop(WithRelative().to(device), x, torch.randint(0, 3, (B,)), nn.CrossEntropyLoss())
+    assert "rel.r" in checked.record.per_sample_sq_norms_by_param
+
+
 def test_positions_flattened_first_are_left_out_not_guessed():
     torch.manual_seed(0)
     said, records = _train(Flattened(time_major=True), [((torch.randint(0, 11, (B, 7)),), torch.randint(0, 3, (B,)))])

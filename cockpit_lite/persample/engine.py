@@ -1085,14 +1085,20 @@ class PerSampleEngine:
             raise RuntimeError("no model call with a batch axis was seen before backward")
         handler = self.handlers[module]
         grads = [calls.grads.get(i, (None,)) for i in range(len(calls.captures))]
+        # the sample axes the shape probe resolved (calls whose shapes do not tell: an axis of the batch size
+        # that is not the examples', a sequence as long as the batch)
+        axes = {i: a for i, a in calls.axes.items() if calls.axes_batch.get(i) == self.batch}
         if isinstance(handler, BareParamsHandler):
             with _no_autocast(grads):
                 self._processing = True
+                if axes:  # (for its torch.func fallback)
+                    handler.sample_axes = axes
                 try:
                     with paused():  # a torch.func replay of the whole model must not look like a model call
                         view = handler.bare_view(self._bcast, calls.captures, grads, self.batch, self.inv_scale)
                 finally:
                     self._processing = False
+                    handler.__dict__.pop("sample_axes", None)
             if view is not None:
                 self._reduce(view)
             return
@@ -1101,7 +1107,6 @@ class PerSampleEngine:
         # a backward called inside autocast must not recast the engine's own products
         with _no_autocast(grads):
             self._processing = True
-            axes = {i: a for i, a in calls.axes.items() if calls.axes_batch.get(i) == self.batch}
             if axes:
                 handler.sample_axes = axes
             try:

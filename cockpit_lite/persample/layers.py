@@ -1455,6 +1455,7 @@ class BareParamsHandler(FuncHandler):
                     "dropout masks than the step did, so per-sample statistics are skipped while its dropout is active"
                 )
             sub = FuncHandler(self.module, {local: self.names[local] for local in failed})
+            sub.sample_axes = self.sample_axes  # (what the engine's shape probe resolved for these calls)
             out.update(sub.view(captures, grads, batch, inv_scale).grads())
             self._warn_fallback(reasons)  # (once the replay served them: a refused one says why instead)
         return MaterialisedView(out) if out else None
