@@ -816,9 +816,13 @@ class PerSampleEngine:
                         if len(seen[0]) != len(inputs) or len(seen[1]) != len(outputs):
                             raise ValueError("the call's arguments or outputs differ in number")
                         flat = pend.first is not None  # (its first argument's rows checked below; outputs follow)
+                        # a torch.func replay takes every argument's rows apart, and checks its outputs are the
+                        # call's (FuncHandler._rows_view); a layer rule takes the first argument's
+                        handler = self.handlers[module]
+                        every = isinstance(handler, FuncHandler) and not isinstance(handler, AttentionHandler)
                         found = (
                             tuple(
-                                _changed_axis(r, q, batch, flat and j == 0)
+                                _changed_axis(r, q, batch, flat and (j == 0 or every))
                                 for j, (r, q) in enumerate(zip(inputs, seen[0], strict=True))
                             ),
                             tuple(_changed_axis(r, q, batch, flat) for r, q in zip(outputs, seen[1], strict=True)),

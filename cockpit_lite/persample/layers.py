@@ -874,12 +874,11 @@ class FuncHandler(Handler):
                 continue
             resolved = self.sample_axes.get(k)
             arg_dims, kw_dims = self._input_dims(args, kwargs, batch, resolved)
-            for t, d in zip(tree_flatten((args, kwargs))[0], tree_flatten((arg_dims, kw_dims))[0], strict=False):
-                if d is not None and torch.is_tensor(t) and t.shape[d] != batch:  # (B k rows: see _changed_axis)
-                    raise ValueError(
-                        f"an argument {tuple(t.shape)} of {type(m).__name__} holds the examples flattened with their "
-                        "positions along one axis, which its torch.func replay does not take apart"
-                    )
+            leaves = zip(tree_flatten((args, kwargs))[0], tree_flatten((arg_dims, kw_dims))[0], strict=False)
+            if any(d is not None and torch.is_tensor(t) and t.shape[d] != batch for t, d in leaves):
+                # (B k rows, examples flattened with their positions: see _changed_axis)
+                add(self._rows_view(args, kwargs, arg_dims, kw_dims, gouts, batch, inv_scale, resolved, params, frozen))
+                continue
             live = [(i, g * inv_scale) for i, g in enumerate(gouts) if g is not None]
             g_tensors = [g for _, g in live]
             g_dims = [self._output_dim(i, g, batch, resolved) for i, g in live]
@@ -938,6 +937,85 @@ class FuncHandler(Handler):
                     self._warn_loop(e)
             add(per)
         return MaterialisedView(total)
+
+    def _rows_view(self, args, kwargs, arg_dims, kw_dims, gouts, batch, inv_scale, resolved, params, frozen):
+        """A call whose examples are flattened with their positions along an axis of its tensors (B k rows, in
+        example order: the engine's shape probe checked the first argument's): each example's k rows replayed
+        alone, as the call had them (a router or the experts of a mixture of experts on (B T, d) tokens).
+        Exact only for a module that computes its rows example by example, which is checked: the replays'
+        outputs must be the call's rows (one more forward of the module on the whole call); a module that
+        mixes rows of several examples (a normalisation over all of them, an expert capacity over the batch)
+        is left out with that reason."""
+        from torch.func import functional_call, grad, vmap
+
+        m = self.module
+        state = {**frozen, **dict(m.named_buffers())}
+
+        def split(t, d):  # (..., B k, ...) -> (..., B, k, ...)
+            if d is None or not torch.is_tensor(t):
+                return t
+            if t.shape[d] % batch:
+                raise LayerLeftOut(
+                    f"{type(m).__name__}: an argument {tuple(t.shape)} does not hold {batch} examples' rows"
+                )
+            return t.unflatten(d, (batch, t.shape[d] // batch))
+
+        s_args = tuple(tree_map(split, a, d) for a, d in zip(args, arg_dims, strict=True))
+        s_kwargs = {k: tree_map(split, v, kw_dims[k]) for k, v in kwargs.items()}
+        live = [(i, g * inv_scale) for i, g in enumerate(gouts) if g is not None]
+        g_dims = [resolved.outputs[i] if resolved is not None and i < len(resolved.outputs) else None for i, _ in live]
+        if any(d is None or g.shape[d] % batch for (_, g), d in zip(live, g_dims, strict=True)):
+            raise LayerLeftOut(f"cannot find the rows of the examples in the output gradient of {type(m).__name__}")
+        g_split = [split(g, d) for (_, g), d in zip(live, g_dims, strict=True)]
+        positions = [i for i, _ in live]
+
+        def inner(p, a, kw, gs):
+            outs = [o for o in tree_flatten(functional_call(m, {**p, **state}, a, kw))[0] if torch.is_tensor(o)]
+            s = sum((outs[j] * g).sum() for j, g in zip(positions, gs, strict=True))
+            return s, tuple(outs[j].detach() for j in positions)
+
+        devices = cuda_devices(params.values())
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            try:
+                per, rows = vmap(grad(inner, has_aux=True), in_dims=(None, arg_dims, kw_dims, g_dims))(
+                    params, s_args, s_kwargs, g_split
+                )
+                rows = [r.movedim(0, d) for r, d in zip(rows, g_dims, strict=True)]
+            except RuntimeError as e:  # data-dependent control flow (experts picked by the router): a loop
+                if "random operation" in str(e) or "setup_context" in str(e):
+                    raise LayerLeftOut(f"{type(m).__name__} cannot be replayed per example ({e})") from e
+                each = [
+                    grad(inner, has_aux=True)(
+                        params,
+                        tuple(_select(x, d, i) for x, d in zip(s_args, arg_dims, strict=True)),
+                        {k: _select(v, kw_dims[k], i) for k, v in s_kwargs.items()},
+                        [g.select(d, i) for g, d in zip(g_split, g_dims, strict=True)],
+                    )
+                    for i in range(batch)
+                ]
+                per = {n: torch.stack([g[n] for g, _ in each]) for n in each[0][0]}
+                rows = [torch.stack([r[j] for _, r in each], d) for j, d in enumerate(g_dims)]
+            with torch.no_grad():
+                whole = [
+                    o
+                    for o in tree_flatten(functional_call(m, {**params, **state}, args, kwargs))[0]
+                    if torch.is_tensor(o)
+                ]
+        for j, r, d in zip(positions, rows, g_dims, strict=True):
+            full = whole[j].detach()
+            mine = r.flatten(d, d + 1)
+            scale = float(full.abs().max()) if full.numel() else 0.0
+            if mine.shape != full.shape or not torch.allclose(
+                mine.double(), full.double(), rtol=1e-4, atol=1e-5 * scale
+            ):
+                raise LayerLeftOut(
+                    f"{type(m).__name__} holds the rows of several examples along one axis and does not compute "
+                    "them example by example (one example's rows replayed alone do not give its rows of the call's "
+                    "output: a normalisation over all rows, a capacity over the batch, randomness): per-sample "
+                    "statistics leave out its parameters"
+                )
+        return per
 
 
 def _packed_grads(

@@ -1,0 +1,141 @@
+"""Mixtures of experts as Hugging Face writes them (transformers 5: a top-k router and the experts' weights
+fused into 3-D parameters, both called on the (B T, d) tokens of the batch): each example's tokens replayed
+alone (their rows of every argument, in example order) against the float64 loop; a module that mixes the
+rows of several examples is left out with the reason, never split."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cockpit_lite.instruments import PerSampleGradNorms
+from torch import nn
+
+from cockpit_lite import Cockpit
+from tests.harness import assert_matches_loop
+
+B, T, D, E, K = 4, 5, 6, 4, 2
+
+
+class Router(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D) / 2)
+
+    def forward(self, h):
+        logits = F.linear(h, self.weight)
+        top, idx = torch.topk(logits.softmax(-1), K, dim=-1)
+        return logits, top / top.sum(-1, keepdim=True), idx
+
+
+class Experts(nn.Module):
+    """E experts' gated MLPs as two 3-D parameters, each expert run on the tokens routed to it (a loop whose
+    shapes depend on the routing, as transformers' eager experts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.randn(E, 8, D) / 2)
+        self.down = nn.Parameter(torch.randn(E, D, 4) / 2)
+
+    def forward(self, h, idx, weights):
+        out = torch.zeros_like(h)
+        for e in range(E):
+            token, slot = torch.where(idx == e)
+            gate, up = F.linear(h[token], self.gate_up[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down[e]) * weights[token, slot, None]
+            out = out.index_add(0, token, y)
+        return out
+
+
+class RowsNormalised(nn.Module):
+    """A module on the (B T, d) tokens that scales them by a statistic of all of them: it mixes examples."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(D, D) / 2)
+
+    def forward(self, h):
+        return F.linear(h, self.weight) / h.norm()
+
+
+class MoE(nn.Module):
+    def __init__(self, mixing: bool = False):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(11, D), nn.Linear(D, 3)
+        self.router, self.experts = Router(), Experts()
+        self.mixing = RowsNormalised() if mixing else None
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        h = x.reshape(-1, D)  # (B T, d): the batch's tokens
+        _, weights, idx = self.router(h)
+        h = h + self.experts(h, idx, weights)
+        if self.mixing is not None:
+            h = h + self.mixing(h)
+        return self.head(h.reshape(ids.shape[0], -1, D).mean(1))
+
+
+def test_router_and_fused_experts_are_exact(device):
+    torch.manual_seed(0)
+    model = MoE()
+    checked = assert_matches_loop(
+        model, torch.randint(0, 11, (B, T)), torch.randint(0, 3, (B,)), nn.CrossEntropyLoss(), device=device
+    )
+    assert {"router.weight", "experts.gate_up", "experts.down"} <= set(checked.record.per_sample_sq_norms_by_param)
+    assert not checked.warnings, checked.warnings
+
+
+def test_a_module_that_mixes_the_examples_rows_is_left_out_with_its_reason():
+    torch.manual_seed(0)
+    model = MoE(mixing=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    records = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[PerSampleGradNorms()], sinks=[])
+        cockpit.instruments[0].compute = lambda record: records.append(record) or {}
+        opt.zero_grad()
+        nn.CrossEntropyLoss()(model(torch.randint(0, 11, (B, T))), torch.randint(0, 3, (B,))).backward()
+        opt.step()
+        cockpit.close()
+    said = [str(w.message) for w in caught if "leave out" in str(w.message)]
+    assert said and all("does not compute them example by example" in m for m in said), said
+    assert set(records[0].per_sample_uncovered) == {"mixing.weight"}
+    assert records[0].per_sample_sq_norms is not None
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_hugging_face_mixtures_of_experts_are_served_whole(arch):
+    """Tiny random-weight Mixtral and Qwen2-MoE (a shared expert and its gate too): every parameter served,
+    the routers' and the fused experts' included."""
+    import transformers
+
+    common = dict(vocab_size=40, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+    if arch == "mixtral":
+        config = transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+        cls = transformers.MixtralForSequenceClassification
+    else:
+        config = transformers.Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                                             shared_expert_intermediate_size=8)  # fmt: skip
+        cls = transformers.Qwen2MoeForSequenceClassification
+    config.num_labels, config.pad_token_id = 3, 0
+    # transformers' default grouped_mm experts have no float64 kernel for the loop: both run the eager loop
+    config._experts_implementation = "eager"
+    torch.manual_seed(0)
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = cls(config)
+
+        def forward(self, ids):
+            return self.m(input_ids=ids).logits
+
+    model = Logits()
+    ids = torch.randint(1, 40, (B, 6))
+    checked = assert_matches_loop(model, ids, torch.randint(0, 3, (B,)), nn.CrossEntropyLoss())
+    assert set(checked.record.per_sample_sq_norms_by_param) == {n for n, _ in model.named_parameters()}
+    assert not [w for w in checked.warnings if "leave out" in w], checked.warnings
