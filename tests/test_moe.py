@@ -84,10 +84,13 @@ def test_router_and_fused_experts_are_exact(device):
         model, torch.randint(0, 11, (B, T)), torch.randint(0, 3, (B,)), nn.CrossEntropyLoss(), device=device
     )
     assert {"router.weight", "experts.gate_up", "experts.down"} <= set(checked.record.per_sample_sq_norms_by_param)
-    assert not checked.warnings, checked.warnings
+    # (the experts' loop picks tokens by the routing: vmap cannot batch it, a loop over the examples says so)
+    assert [w for w in checked.warnings if "loop over the samples" not in w] == [], checked.warnings
 
 
 def test_a_module_that_mixes_the_examples_rows_is_left_out_with_its_reason():
+    """Found on the host with the step's values (no wait in backward): that step's per-sample statistics
+    are skipped with the reason, and from the next step on the module's parameters are left out."""
     torch.manual_seed(0)
     model = MoE(mixing=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -96,14 +99,19 @@ def test_a_module_that_mixes_the_examples_rows_is_left_out_with_its_reason():
         warnings.simplefilter("always")
         cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[PerSampleGradNorms()], sinks=[])
         cockpit.instruments[0].compute = lambda record: records.append(record) or {}
-        opt.zero_grad()
-        nn.CrossEntropyLoss()(model(torch.randint(0, 11, (B, T))), torch.randint(0, 3, (B,))).backward()
-        opt.step()
+        for _ in range(2):
+            opt.zero_grad()
+            nn.CrossEntropyLoss()(model(torch.randint(0, 11, (B, T))), torch.randint(0, 3, (B,))).backward()
+            opt.step()
         cockpit.close()
+    first, second = records
+    assert first.per_sample_sq_norms is None and any(
+        "does not compute them example by example" in n for n in first.notes
+    )
     said = [str(w.message) for w in caught if "leave out" in str(w.message)]
     assert said and all("does not compute them example by example" in m for m in said), said
-    assert set(records[0].per_sample_uncovered) == {"mixing.weight"}
-    assert records[0].per_sample_sq_norms is not None
+    assert set(second.per_sample_uncovered) == {"mixing.weight"}
+    assert second.per_sample_sq_norms is not None
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])

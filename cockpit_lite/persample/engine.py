@@ -1103,6 +1103,7 @@ class PerSampleEngine:
                 finally:
                     self._processing = False
                     handler.__dict__.pop("sample_axes", None)
+                self.checks += handler.take_checks()
             if view is not None:
                 self._reduce(view)
             return

@@ -617,6 +617,13 @@ class EmbeddingHandler(Handler):
         return EmbeddingView(_cat(idx_parts, 1), _cat(e_parts, 1), self.names["weight"], m.num_embeddings)
 
 
+#: why a module replayed on each example's rows (FuncHandler._rows_view) is left out
+ROWS_MIXED = (
+    "it holds the rows of several examples along one axis and does not compute them example by example (one "
+    "example's rows replayed alone did not give its rows of the call's output: a normalisation over all rows, "
+    "a capacity over the batch, randomness); per-sample statistics leave out its parameters from then on"
+)
+
 #: why nn.EmbeddingBag(scale_grad_by_freq=True) is left out
 BAG_FREQ = (
     "EmbeddingBag(scale_grad_by_freq=True): torch's backward divides rows by counts that are not "
@@ -949,7 +956,8 @@ class FuncHandler(Handler):
         from torch.func import functional_call, grad, vmap
 
         m = self.module
-        state = {**frozen, **dict(m.named_buffers())}
+        # (copies: a forward that updates its buffers in place must leave the model's)
+        state = {**frozen, **{n: b.clone() for n, b in m.named_buffers()}}
 
         def split(t, d):  # (..., B k, ...) -> (..., B, k, ...)
             if d is None or not torch.is_tensor(t):
@@ -978,13 +986,25 @@ class FuncHandler(Handler):
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="There is a performance drop")
             try:
+                if getattr(self, "_rows_loop", False):  # (vmap failed on an earlier step: straight to the loop)
+                    raise RuntimeError("a loop")
                 per, rows = vmap(grad(inner, has_aux=True), in_dims=(None, arg_dims, kw_dims, g_dims))(
                     params, s_args, s_kwargs, g_split
                 )
                 rows = [r.movedim(0, d) for r, d in zip(rows, g_dims, strict=True)]
             except RuntimeError as e:  # data-dependent control flow (experts picked by the router): a loop
-                if "random operation" in str(e) or "setup_context" in str(e):
-                    raise LayerLeftOut(f"{type(m).__name__} cannot be replayed per example ({e})") from e
+                if "random operation" in str(e):
+                    raise LayerLeftOut(
+                        f"{type(m).__name__} draws random numbers in its forward (a router's jitter, dropout): a "
+                        "replay of each example's rows would draw others than the step did. Per-sample statistics "
+                        "leave out its parameters on such steps (in eval mode, or with that randomness off, they "
+                        "are served)."
+                    ) from e
+                if "setup_context" in str(e):
+                    raise LayerLeftOut(f"{type(m).__name__} cannot be replayed per example by torch.func ({e})") from e
+                if not getattr(self, "_rows_loop", False):
+                    self._rows_loop = True
+                    self._warn_loop(e)
                 each = [
                     grad(inner, has_aux=True)(
                         params,
@@ -997,25 +1017,42 @@ class FuncHandler(Handler):
                 per = {n: torch.stack([g[n] for g, _ in each]) for n in each[0][0]}
                 rows = [torch.stack([r[j] for _, r in each], d) for j, d in enumerate(g_dims)]
             with torch.no_grad():
+                copies = {n: t.clone() for n, t in state.items()}
                 whole = [
                     o
-                    for o in tree_flatten(functional_call(m, {**params, **state}, args, kwargs))[0]
+                    for o in tree_flatten(functional_call(m, {**params, **copies}, args, kwargs))[0]
                     if torch.is_tensor(o)
                 ]
+        # the replays' rows against the call's: decided on the host with the step's values (take_checks)
+        checks = self.__dict__.setdefault("_rows_checks", [])
         for j, r, d in zip(positions, rows, g_dims, strict=True):
-            full = whole[j].detach()
-            mine = r.flatten(d, d + 1)
-            scale = float(full.abs().max()) if full.numel() else 0.0
-            if mine.shape != full.shape or not torch.allclose(
-                mine.double(), full.double(), rtol=1e-4, atol=1e-5 * scale
-            ):
-                raise LayerLeftOut(
-                    f"{type(m).__name__} holds the rows of several examples along one axis and does not compute "
-                    "them example by example (one example's rows replayed alone do not give its rows of the call's "
-                    "output: a normalisation over all rows, a capacity over the batch, randomness): per-sample "
-                    "statistics leave out its parameters"
-                )
+            full, mine = whole[j].detach(), r.flatten(d, d + 1)
+            if mine.shape != full.shape:
+                raise LayerLeftOut(f"{type(m).__name__}: {ROWS_MIXED}")
+            if full.numel():
+                checks.append(torch.stack([(mine - full).abs().max(), full.abs().max()]).double())
         return per
+
+    def take_checks(self) -> list[DeferredCheck]:
+        """That the rows of several examples replayed one example at a time (:meth:`_rows_view`) gave the
+        call's own rows; if not, the step's per-sample statistics are left out and, from the next step on,
+        this module's parameters."""
+        pairs, self._rows_checks = self.__dict__.get("_rows_checks", []), []
+        if not pairs:
+            return []
+        name = type(self.module).__name__
+
+        def verdict(host: np.ndarray) -> str | None:
+            err, scale = host.reshape(-1, 2).T
+            if (err <= 1e-4 * scale).all():
+                return None
+            names = ", ".join(self.names.values())
+            return f"{name} ({names}): {ROWS_MIXED}; this step's per-sample statistics are skipped"
+
+        def on_fail() -> None:
+            self.refused = f"{name}: {ROWS_MIXED}"
+
+        return [DeferredCheck(torch.cat([p.to(pairs[0].device) for p in pairs]), verdict, None, on_fail)]
 
 
 def _packed_grads(
@@ -1534,7 +1571,10 @@ class BareParamsHandler(FuncHandler):
                 )
             sub = FuncHandler(self.module, {local: self.names[local] for local in failed})
             sub.sample_axes = self.sample_axes  # (what the engine's shape probe resolved for these calls)
+            sub._rows_checks = self.__dict__.setdefault("_rows_checks", [])  # (decided by this handler's checks)
+            sub._rows_loop = getattr(self, "_rows_loop", False)
             out.update(sub.view(captures, grads, batch, inv_scale).grads())
+            self._rows_loop = getattr(sub, "_rows_loop", False)
             self._warn_fallback(reasons)  # (once the replay served them: a refused one says why instead)
         return MaterialisedView(out) if out else None
 
