@@ -452,6 +452,31 @@ def test_a_bare_parameters_replay_takes_the_axes_the_shape_probe_found(device):
     assert "rel.r" in checked.record.per_sample_sq_norms_by_param
 
 
+class ChannelsAsRows(nn.Module):
+    """PatchTST's and LeViT's eval-mode BatchNorm1d on (B k, C) rows: every channel (or position) of every
+    example a row of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm, self.head = nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+        self.norm.running_mean.uniform_(-0.5, 0.5)
+        self.norm.running_var.uniform_(0.5, 2.0)
+        self.norm.eval()
+
+    def forward(self, x):  # (B, k, 3)
+        rows = self.norm(self.lin(x.reshape(-1, 3)))  # (B k, 6)
+        return self.head(torch.tanh(rows).reshape(x.shape[0], -1, 6).mean(1))
+
+
+def test_an_eval_mode_batch_norm_on_rows_of_several_examples_is_exact(device):
+    torch.manual_seed(0)
+    checked = assert_matches_loop(
+        ChannelsAsRows(), torch.randn(B, 4, 3), torch.randint(0, 3, (B,)), nn.CrossEntropyLoss(), device=device
+    )
+    assert {"norm.weight", "norm.bias", "lin.weight"} <= set(checked.record.per_sample_sq_norms_by_param)
+    assert not checked.warnings
+
+
 def test_positions_flattened_first_are_left_out_not_guessed():
     torch.manual_seed(0)
     said, records = _train(Flattened(time_major=True), [((torch.randint(0, 11, (B, 7)),), torch.randint(0, 3, (B,)))])

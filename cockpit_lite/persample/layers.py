@@ -732,11 +732,12 @@ class NormHandler(Handler):
                 continue
             xhat, n_feat = self._normalised(x)
             e = _scaled(go, inv_scale)
-            if n_feat == -1:  # channel axis 1, sample axis 0
-                if x.shape[0] != batch:
-                    raise ValueError(f"norm input has batch {x.shape[0]}, loss has batch {batch}")
-                gw = (e * xhat).reshape(batch, x.shape[1], -1).sum(-1)
-                gb = e.reshape(batch, x.shape[1], -1).sum(-1)
+            if n_feat == -1:  # channel axis 1, sample axis 0 (B k rows: examples flattened with positions)
+                rows = x.shape[0]
+                if rows != batch and (rows % batch or self._input_axis(k) != 0):
+                    raise ValueError(f"norm input has batch {rows}, loss has batch {batch}")
+                gw = (e * xhat).reshape(batch, rows // batch, x.shape[1], -1).sum((1, 3))
+                gb = e.reshape(batch, rows // batch, x.shape[1], -1).sum((1, 3))
             else:
                 xs, axis = _feature_first_samples(xhat, batch, n_feat, self._input_axis(k))
                 es = _same_layout(e, batch, axis, n_feat)
