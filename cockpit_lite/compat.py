@@ -113,6 +113,12 @@ def foreach_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> N
     torch._foreach_copy_(list(dst), list(src))
 
 
+def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
+    """g v / ||v|| (the norm over every axis but ``dim``): the weight of the older
+    ``torch.nn.utils.weight_norm`` and of ``parametrizations.weight_norm`` (``torch._weight_norm``)."""
+    return torch._weight_norm(v, g, dim)
+
+
 def queue_backward_callback(fn: Callable[[], None]) -> None:
     """Run ``fn`` once the current backward pass has finished (autograd engine's ``queue_callback``).
     Valid only while a backward pass runs (from a tensor or node hook)."""

@@ -221,7 +221,7 @@ class Reparametrised(nn.Module):
         self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # (the old weight_norm is deprecated)
-            {"old weight_norm": nn.utils.weight_norm}[kind](self.a)  # (the parametrizations: test_parametrized.py)
+            {"old spectral_norm": nn.utils.spectral_norm}[kind](self.a)  # (weight_norm: test_parametrized.py)
 
     def forward(self, x):
         return self.head(torch.tanh(self.a(x)))
@@ -246,7 +246,11 @@ class StackedRNN(nn.Module):
 
 
 CASES = {
-    "old weight_norm": (lambda: Reparametrised("old weight_norm"), lambda: (torch.randn(B, 4),), "a.weight_v besides"),
+    "old spectral_norm": (
+        lambda: Reparametrised("old spectral_norm"),
+        lambda: (torch.randn(B, 4),),
+        "a.weight_orig besides",
+    ),
     "EmbeddingBag(mode=max) with offsets": (
         Bag,
         lambda: (torch.randint(0, 10, (12,)), torch.tensor([0, 2, 5, 6, 10])),

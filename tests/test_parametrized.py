@@ -14,7 +14,7 @@ from cockpit_lite.instruments import Distance, GradientTests, GradNorm, Loss, Pe
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from cockpit_lite import Cockpit
+from cockpit_lite import Cockpit, Need
 from tests.harness import _run, assert_matches_loop, shares_loop
 
 B = 5
@@ -269,3 +269,52 @@ def test_a_w_that_cannot_be_recomputed_is_left_out_with_its_reason():
     assert said and all("power iteration" in m for m in said), said
     assert records[0].per_sample_uncovered and "head.weight" not in records[0].per_sample_uncovered
     assert records[0].per_sample_sq_norms is not None
+
+
+class OldWeightNorm(nn.Module):
+    """The older torch.nn.utils.weight_norm (a forward pre-hook, still in many vocoders): a Linear and a Conv1d
+    normed over its kernel axis (their layer rules and the chain rule) and a ConvTranspose1d (no layer rule:
+    its torch.func replay runs the pre-hook on the replayed weight_g and weight_v)."""
+
+    def __init__(self):
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            self.a = nn.utils.weight_norm(nn.Linear(4, 6))
+            self.c = nn.utils.weight_norm(nn.Conv1d(6, 6, 3, padding=1), dim=2)
+            self.t = nn.utils.weight_norm(nn.ConvTranspose1d(6, 6, 3))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x)).transpose(1, 2)
+        return self.head(torch.tanh(self.t(torch.tanh(self.c(h)))).mean(2))
+
+
+def test_the_older_weight_norm_is_exact_where_its_layer_has_a_rule():
+    """Against a float64 loop over the examples of a twin built from the same seed (the harness deep-copies
+    the model, which the older weight_norm does not allow)."""
+    torch.manual_seed(0)
+    model = OldWeightNorm()
+    torch.manual_seed(0)
+    twin = OldWeightNorm().double()
+    x, y = torch.randn(B, 7, 4), torch.randint(0, 3, (B,))
+    from tests.reference import Probe
+
+    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS_BY_PARAM})
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[probe], sinks=[])
+        opt.zero_grad()
+        nn.CrossEntropyLoss()(model(x), y).backward()
+        opt.step()
+        cockpit.close()
+    got = probe.records[0].per_sample_sq_norms_by_param
+    params = dict(twin.named_parameters())
+    for i in range(B):
+        loss = nn.CrossEntropyLoss()(twin(x[i : i + 1].double()), y[i : i + 1])
+        for name, g in zip(params, torch.autograd.grad(loss, list(params.values())), strict=True):
+            want = float(g.square().sum())
+            assert abs(got[name][i] - want) <= 1e-4 * want + 1e-10, (name, i, got[name][i], want)
+    assert set(got) == set(params)
+    assert not [str(w.message) for w in caught if "cockpit-lite" in str(w.message)]

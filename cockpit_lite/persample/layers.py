@@ -257,7 +257,7 @@ def _refusal(module: nn.Module, names: Mapping[str, str], serves: frozenset[str]
     if extra:
         return (
             f"{type(module).__name__} holds {', '.join(extra)} besides its own {' and '.join(sorted(serves))}: its "
-            "forward uses a tensor computed from them (torch.nn.utils.weight_norm or spectral_norm recompute the "
+            "forward uses a tensor computed from them (the older torch.nn.utils.spectral_norm recomputes the "
             "weight before each call), which the per-sample engine does not follow"
         )
     return None
@@ -1741,14 +1741,14 @@ def build_handlers(model: nn.Module, params: Collection[int] | None = None) -> d
         found = list(module.named_parameters(recurse=whole))
         # a parametrized layer (torch.nn.utils.parametrize) of a class with a layer rule: its originals too
         reparametrized = not whole and parametrized.serves(module, cls)
-        if reparametrized:
+        if reparametrized and hasattr(module, "parametrizations"):
             found += list(module.parametrizations.named_parameters(prefix="parametrizations"))
         names = {
             local: canonical.get(id(p), f"{mname}.{local}" if mname else local)
             for local, p in found
             if p.requires_grad and (params is None or id(p) in params)
         }
-        if reparametrized:
+        if reparametrized and hasattr(module, "parametrizations"):
             claimed.append(f"{mname}.parametrizations" if mname else "parametrizations")
         if not names:
             continue

@@ -1,5 +1,6 @@
 """Layers whose tensors are computed by ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``,
-``orthogonal``, ``spectral_norm``, or a parametrization of the user's).
+``orthogonal``, ``spectral_norm``, or a parametrization of the user's), or by the older
+``torch.nn.utils.weight_norm`` (a forward pre-hook that sets ``weight`` from ``weight_g`` and ``weight_v``).
 
 A parametrized layer computes the tensor it uses, W = f(o_1, ..., o_k), from the parameters the optimizer
 trains (the originals: ``parametrizations.weight.original0``, ...) at every call. Example i's loss l_i
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from cockpit_lite.compat import weight_norm
 from cockpit_lite.persample.layers import FuncHandler, Handler, LayerLeftOut
 from cockpit_lite.persample.views import MaterialisedView, View
 
@@ -33,14 +35,41 @@ FORMED_BYTES = 1 << 29
 
 
 def parametrized_names(module: nn.Module, names: Mapping[str, str]) -> dict[str, list[tuple[str, str]]]:
-    """{parametrized tensor (``"weight"``): [(original's local name in its ParametrizationList, full name)]}
-    of ``names`` (the module's local names, ``parametrizations.weight.original0``, to full names)."""
+    """{parametrized tensor (``"weight"``): [(original's local name, full name)]} of ``names`` (the module's
+    local names to full names): ``parametrizations.weight.original0`` (local name ``original0``, in its
+    ParametrizationList), or the older weight_norm's ``weight_g`` and ``weight_v`` (local names as they are)."""
     out: dict[str, list[tuple[str, str]]] = {}
     for local, full in names.items():
         parts = local.split(".")
         if len(parts) == 3 and parts[0] == "parametrizations":
             out.setdefault(parts[1], []).append((parts[2], full))
+    for hook in _old_weight_norms(module):
+        for suffix in ("_g", "_v"):
+            if hook.name + suffix in names:
+                out.setdefault(hook.name, []).append((hook.name + suffix, names[hook.name + suffix]))
     return out
+
+
+def _old_weight_norms(module: nn.Module) -> list[Any]:
+    """The older ``torch.nn.utils.weight_norm``'s hooks on ``module`` (each sets ``hook.name`` before a call)."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return [h for h in module._forward_pre_hooks.values() if isinstance(h, WeightNorm)]
+
+
+def _compute(module: nn.Module, tensor: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """The originals of ``tensor`` by local name, and f: {local name: tensor} -> the tensor the layer uses."""
+    from torch.func import functional_call
+
+    for hook in _old_weight_norms(module):
+        if hook.name == tensor:
+            g, v = f"{tensor}_g", f"{tensor}_v"
+            return (
+                {g: getattr(module, g).detach(), v: getattr(module, v).detach()},
+                lambda o, g=g, v=v, dim=hook.dim: weight_norm(o[v], o[g], dim),
+            )
+    plist = module.parametrizations[tensor]
+    return {n: p.detach() for n, p in plist.named_parameters()}, lambda o: functional_call(plist, o, ())
 
 
 class ParametrizedHandler(Handler):
@@ -58,11 +87,12 @@ class ParametrizedHandler(Handler):
         #: the inner handler's name of each parametrized tensor ("conv.weight": the layer's name from an
         #: original's full name)
         self.stand_in = {}
-        for tensor, originals in self.tensors.items():
-            local, full = originals[0]
-            tail = f"parametrizations.{tensor}.{local}"
+        for tensor, pairs in self.tensors.items():
+            local, full = pairs[0]
+            tail = f"parametrizations.{tensor}.{local}" if local.startswith("original") else local
             self.stand_in[tensor] = full[: -len(tail)] + tensor if full.endswith(tail) else f"{full}:{tensor}"
-        inner_names = {local: full for local, full in names.items() if not local.startswith("parametrizations.")}
+        originals = {full for pairs in self.tensors.values() for _, full in pairs}
+        inner_names = {local: full for local, full in names.items() if full not in originals}
         inner_names.update(self.stand_in)
         self.inner = inner_class(module, inner_names)
         self.refused = self.inner.refused
@@ -81,7 +111,8 @@ class ParametrizedHandler(Handler):
     def _versions(self) -> list[int]:
         """The versions of the parametrizations' buffers (spectral_norm's u and v, updated in place by each
         train-mode evaluation of W): the W of a call is replayed only while they are those of its forward."""
-        return [b._version for b in self.module.parametrizations.buffers()]
+        plists = getattr(self.module, "parametrizations", None)
+        return [b._version for b in plists.buffers()] if plists is not None else []
 
     def _unchanged(self, captures: list) -> list:
         """The inner handler's captures, once the buffers are checked to be those each call's W used."""
@@ -135,7 +166,6 @@ class ParametrizedHandler(Handler):
         out = {n: g for n, g in grads.items() if n not in self.stand_in.values()}
         for tensor, originals in self.tensors.items():
             g_w = grads.pop(self.stand_in[tensor])
-            plist = self.module.parametrizations[tensor]
             size = g_w.numel() * g_w.element_size()
             if size > FORMED_BYTES:
                 layer = type(self.module).__bases__[0].__name__  # (parametrize subclasses the layer's class)
@@ -144,7 +174,9 @@ class ParametrizedHandler(Handler):
                     f"{size / 2**20:.1f} MiB at this batch size, more than the {FORMED_BYTES / 2**20:.1f} MiB allowed; "
                     "use a smaller batch to get them"
                 )
-            per = _vjp_originals(plist, g_w.reshape(batch, *getattr(self.module, tensor).shape))
+            per = _vjp_originals(
+                *_compute(self.module, tensor), g_w.reshape(batch, *getattr(self.module, tensor).shape)
+            )
             wanted = dict(originals)
             out.update({wanted[local]: g for local, g in per.items() if local in wanted})
         return MaterialisedView(out)
@@ -153,7 +185,8 @@ class ParametrizedHandler(Handler):
 @contextlib.contextmanager
 def _eval(module: nn.Module) -> Iterator[None]:
     """The parametrizations of ``module`` in eval mode for the block (their modes restored after)."""
-    modes = [(m, m.training) for m in module.parametrizations.modules()]
+    plists = getattr(module, "parametrizations", None)
+    modes = [(m, m.training) for m in plists.modules()] if plists is not None else []
     for m, _ in modes:
         m.training = False
     try:
@@ -163,26 +196,26 @@ def _eval(module: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def _vjp_originals(plist: nn.Module, g_w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{original's local name: (B, *its shape)}: the vjp of the ParametrizationList ``plist`` (W = f(originals),
-    in the mode it is in: eval, see :func:`_eval`) at its current originals with each of the B cotangents
-    ``g_w`` (B, *W.shape)."""
-    from torch.func import functional_call, vjp, vmap
+def _vjp_originals(originals: dict[str, torch.Tensor], f: Any, g_w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{original's local name: (B, *its shape)}: the vjp of W = f(originals) (a ParametrizationList in the
+    mode it is in: eval, see :func:`_eval`) at the current originals with each of the B cotangents ``g_w``
+    (B, *W.shape)."""
+    from torch.func import vjp, vmap
 
-    named = [(n, p.detach()) for n, p in plist.named_parameters()]
-    local = [n for n, _ in named]
-    w, pullback = vjp(lambda *o: functional_call(plist, dict(zip(local, o, strict=True)), ()), *[p for _, p in named])
+    local = list(originals)
+    w, pullback = vjp(lambda *o: f(dict(zip(local, o, strict=True))), *originals.values())
     with warnings.catch_warnings():  # (weight_norm's backward has no batching rule: vmap loops in C++)
         warnings.filterwarnings("ignore", message=".*batching rule.*")
         per = vmap(pullback)(g_w.to(w.dtype))
     return dict(zip(local, per, strict=True))
 
 
+def old_weight_norm(module: nn.Module) -> bool:
+    """Whether the older ``torch.nn.utils.weight_norm`` sets a tensor of ``module`` before each call."""
+    return bool(_old_weight_norms(module))
+
+
 def serves(module: nn.Module, inner_class: type) -> bool:
     """Whether a parametrized ``module`` can be served through ``inner_class`` (a handler of its own class's
     layer rule: not the torch.func replay of an unknown module, whose replay would need the originals)."""
-    return (
-        parametrize.is_parametrized(module)
-        and inner_class is not FuncHandler
-        and not issubclass(inner_class, FuncHandler)
-    )
+    return (parametrize.is_parametrized(module) or old_weight_norm(module)) and not issubclass(inner_class, FuncHandler)
