@@ -118,24 +118,14 @@ class OwnLayer(nn.Module):
         return torch.tanh(x @ self.weight.T)
 
 
-def test_a_parametrized_layer_without_a_layer_rule_is_left_out_with_its_reason():
+def test_a_parametrized_layer_of_the_users_is_replayed_with_its_originals(device):
     torch.manual_seed(0)
     model = nn.Sequential(parametrizations.weight_norm(OwnLayer()), nn.Linear(4, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    records = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[PerSampleGradNorms()], sinks=[])
-        cockpit.instruments[0].compute = lambda record: records.append(record) or {}
-        opt.zero_grad()
-        nn.CrossEntropyLoss()(model(torch.randn(B, 4)), torch.randint(0, 3, (B,))).backward()
-        opt.step()
-        cockpit.close()
-    said = [str(w.message) for w in caught if "leave out" in str(w.message)]
-    assert said and all("parametrized" in m for m in said), said
-    record = records[0]
-    assert record.per_sample_uncovered and "1.weight" not in record.per_sample_uncovered
-    assert record.per_sample_sq_norms is not None  # (the rest is still computed)
+    checked = assert_matches_loop(
+        model, torch.randn(B, 4), torch.randint(0, 3, (B,)), nn.CrossEntropyLoss(), device=device
+    )
+    assert set(checked.record.per_sample_sq_norms_by_param) == {n for n, _ in model.named_parameters()}
+    assert not checked.warnings, checked.warnings
 
 
 def test_spectral_norm_in_train_mode_against_the_loop_at_the_iterates_its_forward_used():
@@ -317,4 +307,45 @@ def test_the_older_weight_norm_is_exact_where_its_layer_has_a_rule():
             want = float(g.square().sum())
             assert abs(got[name][i] - want) <= 1e-4 * want + 1e-10, (name, i, got[name][i], want)
     assert set(got) == set(params)
+    assert not [str(w.message) for w in caught if "cockpit-lite" in str(w.message)]
+
+
+class Upsampler(nn.Module):
+    """HiFi-GAN's upsampler as transformers' SpeechT5HifiGan builds it: ConvTranspose1d (no layer rule:
+    replayed by torch.func) with parametrizations.weight_norm, and one with spectral_norm."""
+
+    def __init__(self, spectral: bool = False):
+        super().__init__()
+        self.inp = nn.Conv1d(4, 6, 3, padding=1)
+        norm = parametrizations.spectral_norm if spectral else parametrizations.weight_norm
+        self.up = norm(nn.ConvTranspose1d(6, 6, 4, stride=2))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.up(torch.tanh(self.inp(x)))).mean(2))
+
+
+@pytest.mark.parametrize("spectral", [False, True], ids=["weight_norm", "spectral_norm-eval"])
+def test_a_parametrized_layer_without_a_layer_rule_is_replayed_with_its_originals(spectral, device):
+    torch.manual_seed(0)
+    model = Upsampler(spectral)
+    if spectral:
+        model.eval()  # (the float64 loop runs the forward again: train mode would iterate u and v there)
+    checked = assert_matches_loop(
+        model, torch.randn(B, 4, 5), torch.randint(0, 3, (B,)), nn.CrossEntropyLoss(), device=device
+    )
+    assert set(checked.record.per_sample_sq_norms_by_param) == {n for n, _ in model.named_parameters()}
+    assert not checked.warnings, checked.warnings
+
+
+def test_a_spectral_normed_layer_without_a_layer_rule_leaves_training_unchanged():
+    torch.manual_seed(1)
+    batches = [(torch.randn(B, 4, 5), torch.randint(0, 3, (B,))) for _ in range(3)]
+    torch.manual_seed(0)
+    plain = _train(Upsampler(spectral=True), batches, None)
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watched = _train(Upsampler(spectral=True), batches, [GradientTests(), PerSampleGradNorms()])
+    assert all(torch.equal(a, b) for a, b in zip(plain, watched, strict=True))
     assert not [str(w.message) for w in caught if "cockpit-lite" in str(w.message)]

@@ -83,7 +83,10 @@ class ParametrizedHandler(Handler):
 
     def __init__(self, module: nn.Module, names: dict[str, str], inner_class: type):
         self.module, self.names = module, names
-        self.tensors = parametrized_names(module, names)
+        #: a module without a layer rule: its torch.func replay takes the originals by their own names (the
+        #: layer's forward computes W from them), no chain rule
+        self.direct = issubclass(inner_class, FuncHandler)
+        self.tensors = {} if self.direct else parametrized_names(module, names)
         #: the inner handler's name of each parametrized tensor ("conv.weight": the layer's name from an
         #: original's full name)
         self.stand_in = {}
@@ -216,6 +219,9 @@ def old_weight_norm(module: nn.Module) -> bool:
 
 
 def serves(module: nn.Module, inner_class: type) -> bool:
-    """Whether a parametrized ``module`` can be served through ``inner_class`` (a handler of its own class's
-    layer rule: not the torch.func replay of an unknown module, whose replay would need the originals)."""
-    return (parametrize.is_parametrized(module) or old_weight_norm(module)) and not issubclass(inner_class, FuncHandler)
+    """Whether ``module`` is parametrized (``torch.nn.utils.parametrize``) or has the older weight_norm,
+    served through ``inner_class``: its layer rule and the chain rule, or, for the older weight_norm on a
+    module without one, the torch.func replay as it is (it runs the pre-hook on the replayed originals)."""
+    if parametrize.is_parametrized(module):
+        return True
+    return old_weight_norm(module) and not issubclass(inner_class, FuncHandler)
