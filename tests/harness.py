@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from cockpit_lite.instruments import PerSampleGradNorms
 from torch import nn
 
 from cockpit_lite import Cockpit, Instrument, Need, Needs
@@ -430,3 +431,22 @@ def _localise_dot_mean(model, args, targets, loss_fn, named, flat, rtol, delta, 
     if not bad:
         return "\n    no module alone reproduces it"
     return "\n    per module: " + "\n    ".join(bad)
+
+
+def watched_steps(model: nn.Module, batches: list[tuple], penalty=None) -> tuple[list[str], list]:
+    """Train on ``batches`` ((inputs, targets) pairs; a loss term ``penalty(model)`` added outside the loss
+    module) with per-sample norms tracked: the cockpit's warnings and the step records."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    records = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cockpit = Cockpit(model, opt, loss_fn, instruments=[PerSampleGradNorms()], sinks=[])
+        cockpit.instruments[0].compute = lambda record: records.append(record) or {}
+        for inputs, y in batches:
+            opt.zero_grad()
+            loss = loss_fn(model(*inputs), y)
+            (loss + penalty(model) if penalty is not None else loss).backward()
+            opt.step()
+        cockpit.close()
+    return [str(w.message) for w in caught if "cockpit-lite" in str(w.message)], records

@@ -5,16 +5,12 @@ direct construction of each bag's gradient."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
-from cockpit_lite.instruments import PerSampleGradNorms
 from torch import nn
 
-from cockpit_lite import Cockpit
 from cockpit_lite.persample.views import BagView
-from tests.harness import assert_matches_loop
+from tests.harness import assert_matches_loop, watched_steps
 
 B = 5
 #: each example's ids, the first ``LENGTHS`` of each row counted: duplicates within a bag (row 0: 3, 3), an
@@ -113,18 +109,8 @@ class TwoBagsEach(nn.Module):
 
 def test_more_bags_than_examples_leave_out_the_bag_alone():
     torch.manual_seed(0)
-    model = TwoBagsEach()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    records = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[PerSampleGradNorms()], sinks=[])
-        cockpit.instruments[0].compute = lambda record: records.append(record) or {}
-        opt.zero_grad()
-        nn.CrossEntropyLoss()(model(IDS[:, :4]), torch.randint(0, 3, (B,))).backward()
-        opt.step()
-        cockpit.close()
-    said = [str(w.message) for w in caught if "leave out" in str(w.message)]
+    said, records = watched_steps(TwoBagsEach(), [((IDS[:, :4],), torch.randint(0, 3, (B,)))])
+    said = [m for m in said if "leave out" in m]
     assert said and all("made 10 bags for a batch of 5" in m for m in said), said
     assert records[0].per_sample_uncovered and "head.weight" not in records[0].per_sample_uncovered
     assert records[0].per_sample_sq_norms is not None  # (the rest is still computed)

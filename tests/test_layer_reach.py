@@ -8,11 +8,9 @@ import warnings
 
 import pytest
 import torch
-from cockpit_lite.instruments import PerSampleGradNorms
 from torch import nn
 
-from cockpit_lite import Cockpit
-from tests.harness import assert_matches_loop
+from tests.harness import assert_matches_loop, watched_steps
 
 B = 5
 
@@ -263,32 +261,13 @@ CASES = {
 }
 
 
-def _train(model: nn.Module, batches: list[tuple], penalty=None) -> tuple[list[str], list]:
-    """Train on ``batches`` ((inputs, targets) pairs; a loss term ``penalty(model)`` added outside the loss
-    module) with per-sample norms tracked: the cockpit's warnings and the step records."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss_fn = nn.CrossEntropyLoss()
-    records = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cockpit = Cockpit(model, opt, loss_fn, instruments=[PerSampleGradNorms()], sinks=[])
-        cockpit.instruments[0].compute = lambda record: records.append(record) or {}
-        for inputs, y in batches:
-            opt.zero_grad()
-            loss = loss_fn(model(*inputs), y)
-            (loss + penalty(model) if penalty is not None else loss).backward()
-            opt.step()
-        cockpit.close()
-    return [str(w.message) for w in caught if "cockpit-lite" in str(w.message)], records
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_what_cannot_be_served_is_left_out_with_its_reason(case):
     build, inputs, reason = CASES[case]
     torch.manual_seed(0)
     model = build()
     plain = [p.detach().clone() for p in model.parameters()]
-    said, records = _train(model, [(inputs(), torch.randint(0, 3, (B,)))])
+    said, records = watched_steps(model, [(inputs(), torch.randint(0, 3, (B,)))])
     left_out = [m for m in said if "leave out" in m]
     assert left_out and all(reason in m for m in left_out), said
     assert not [m for m in said if "used outside their module's forward" in m or "Error:" in m], said
@@ -317,7 +296,7 @@ def test_a_failed_gradient_sum_check_is_said_on_every_later_step():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
     batches = [((torch.randn(B, 4),), torch.randint(0, 3, (B,))) for _ in range(3)]
-    _, records = _train(model, batches, penalty=lambda m: 0.1 * m[0].weight.square().sum())
+    _, records = watched_steps(model, batches, penalty=lambda m: 0.1 * m[0].weight.square().sum())
     notes = [list(r.notes) for r in records]
     assert any("do not add up" in n for n in notes[0])
     for later in notes[1:]:
@@ -483,7 +462,9 @@ def test_an_eval_mode_batch_norm_on_rows_of_several_examples_is_exact(device):
 
 def test_positions_flattened_first_are_left_out_not_guessed():
     torch.manual_seed(0)
-    said, records = _train(Flattened(time_major=True), [((torch.randint(0, 11, (B, 7)),), torch.randint(0, 3, (B,)))])
+    said, records = watched_steps(
+        Flattened(time_major=True), [((torch.randint(0, 11, (B, 7)),), torch.randint(0, 3, (B,)))]
+    )
     assert "another order than example by example" in " ".join(said)
     assert {"fc1.weight", "fc2.weight", "norm.weight"} <= set(records[0].per_sample_uncovered)
 

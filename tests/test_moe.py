@@ -5,16 +5,12 @@ rows of several examples is left out with the reason, never split."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
-from cockpit_lite.instruments import PerSampleGradNorms
 from torch import nn
 
-from cockpit_lite import Cockpit
-from tests.harness import assert_matches_loop
+from tests.harness import assert_matches_loop, watched_steps
 
 B, T, D, E, K = 4, 5, 6, 4, 2
 
@@ -92,23 +88,12 @@ def test_a_module_that_mixes_the_examples_rows_is_left_out_with_its_reason():
     """Found on the host with the step's values (no wait in backward): that step's per-sample statistics
     are skipped with the reason, and from the next step on the module's parameters are left out."""
     torch.manual_seed(0)
-    model = MoE(mixing=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    records = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[PerSampleGradNorms()], sinks=[])
-        cockpit.instruments[0].compute = lambda record: records.append(record) or {}
-        for _ in range(2):
-            opt.zero_grad()
-            nn.CrossEntropyLoss()(model(torch.randint(0, 11, (B, T))), torch.randint(0, 3, (B,))).backward()
-            opt.step()
-        cockpit.close()
-    first, second = records
+    batches = [((torch.randint(0, 11, (B, T)),), torch.randint(0, 3, (B,))) for _ in range(2)]
+    said, (first, second) = watched_steps(MoE(mixing=True), batches)
     assert first.per_sample_sq_norms is None and any(
         "does not compute them example by example" in n for n in first.notes
     )
-    said = [str(w.message) for w in caught if "leave out" in str(w.message)]
+    said = [m for m in said if "leave out" in m]
     assert said and all("does not compute them example by example" in m for m in said), said
     assert set(second.per_sample_uncovered) == {"mixing.weight"}
     assert second.per_sample_sq_norms is not None

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from cockpit_lite import Cockpit, Need
-from tests.harness import _run, assert_matches_loop, shares_loop
+from tests.harness import _run, assert_matches_loop, shares_loop, watched_steps
 
 B = 5
 
@@ -185,18 +185,8 @@ def test_a_parametrized_layer_over_the_formed_bytes_is_left_out_with_its_reason(
 
     monkeypatch.setattr(parametrized, "FORMED_BYTES", 16)
     torch.manual_seed(0)
-    model = Reparametrised("weight_norm")
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    records = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[PerSampleGradNorms()], sinks=[])
-        cockpit.instruments[0].compute = lambda record: records.append(record) or {}
-        opt.zero_grad()
-        nn.CrossEntropyLoss()(model(torch.randn(B, 4)), torch.randint(0, 3, (B,))).backward()
-        opt.step()
-        cockpit.close()
-    said = [str(w.message) for w in caught if "leave out" in str(w.message)]
+    said, records = watched_steps(Reparametrised("weight_norm"), [((torch.randn(B, 4),), torch.randint(0, 3, (B,)))])
+    said = [m for m in said if "leave out" in m]
     assert said and all("a parametrized Linear's weight are formed" in m and "Error" not in m for m in said), said
     assert records[0].per_sample_uncovered and "head.weight" not in records[0].per_sample_uncovered
 
@@ -244,18 +234,8 @@ class TwiceNormed(nn.Module):
 
 def test_a_w_that_cannot_be_recomputed_is_left_out_with_its_reason():
     torch.manual_seed(0)
-    model = TwiceNormed()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    records = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[PerSampleGradNorms()], sinks=[])
-        cockpit.instruments[0].compute = lambda record: records.append(record) or {}
-        opt.zero_grad()
-        nn.CrossEntropyLoss()(model(torch.randn(B, 4)), torch.randint(0, 3, (B,))).backward()
-        opt.step()
-        cockpit.close()
-    said = [str(w.message) for w in caught if "leave out" in str(w.message)]
+    said, records = watched_steps(TwiceNormed(), [((torch.randn(B, 4),), torch.randint(0, 3, (B,)))])
+    said = [m for m in said if "leave out" in m]
     assert said and all("power iteration" in m for m in said), said
     assert records[0].per_sample_uncovered and "head.weight" not in records[0].per_sample_uncovered
     assert records[0].per_sample_sq_norms is not None
