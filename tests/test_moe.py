@@ -132,3 +132,18 @@ def test_hugging_face_mixtures_of_experts_are_served_whole(arch):
     checked = assert_matches_loop(model, ids, torch.randint(0, 3, (B,)), nn.CrossEntropyLoss())
     assert set(checked.record.per_sample_sq_norms_by_param) == {n for n, _ in model.named_parameters()}
     assert not [w for w in checked.warnings if "leave out" in w], checked.warnings
+
+
+def test_a_parametrized_module_that_mixes_the_examples_rows_is_left_out_from_the_next_step_on():
+    """The same check through the handler of a parametrized module (its refusal is its replay's)."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = MoE(mixing=True)
+    parametrizations.weight_norm(model.mixing)
+    batches = [((torch.randint(0, 11, (B, T)),), torch.randint(0, 3, (B,))) for _ in range(3)]
+    _, (first, second, third) = watched_steps(model, batches)
+    assert first.per_sample_sq_norms is None
+    left = {"mixing.parametrizations.weight.original0", "mixing.parametrizations.weight.original1"}
+    for later in (second, third):
+        assert later.per_sample_sq_norms is not None and set(later.per_sample_uncovered) == left

@@ -98,7 +98,11 @@ class ParametrizedHandler(Handler):
         inner_names = {local: full for local, full in names.items() if full not in originals}
         inner_names.update(self.stand_in)
         self.inner = inner_class(module, inner_names)
-        self.refused = self.inner.refused
+
+    @property
+    def refused(self) -> str | None:  # type: ignore[override]
+        """The inner handler's refusal (set at attach, or by a failed check of its replay later)."""
+        return self.inner.refused
 
     # --- what the engine asks at each call: the inner handler's answers ---------------------------------
     # (each with the parametrizations in eval mode: the inner handler may read the layer's weight, which
