@@ -93,7 +93,7 @@ def cpu_value(t: torch.Tensor) -> float:
     """The value of a 0-dim tensor that is on the CPU (reading it waits for no device). For the CPU
     branches that save tiny ops (a handful of microseconds each, more with cold caches); a tensor on a
     GPU takes the device branch beside it. ``tests/syncs.py`` does not count these reads."""
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise ValueError(f"cpu_value of a tensor on {t.device}: reading it would wait for the device")
     return float(t)
 

@@ -37,7 +37,7 @@ class _Copy:
         self.array: np.ndarray | None = None
         self.pinned: torch.Tensor | None = None
         self.event: Any = None
-        if t.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        if t.is_cuda and not torch.cuda.is_current_stream_capturing():
             try:
                 src = t.detach().to(torch.float64)
                 pinned = torch.empty(src.shape, dtype=torch.float64, pin_memory=True)
@@ -64,7 +64,7 @@ def host_float64(t: torch.Tensor) -> np.ndarray:
     """A float64 numpy array of ``t``'s values (exact from any float dtype): a float32 CPU tensor by
     numpy's conversion (no tensor op), any other through ``.double().cpu()``. The array may share
     memory with a float64 CPU tensor: copy it before the tensor changes."""
-    if t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad and type(t) is torch.Tensor:
+    if t.dtype == torch.float32 and t.is_cpu and not t.requires_grad and type(t) is torch.Tensor:
         return t.numpy().astype(np.float64)
     return t.double().cpu().numpy()
 

@@ -251,7 +251,7 @@ def per_sample_losses(
     if loss_fn.reduction == "mean":  # (batchmean: L = sum(u) / B is already the mean of the sums)
         total = nll_total_weight(output) if output is not None and type(loss_fn) in _NLL_MODULES else None
         if total is not None:
-            if total.device.type == "cpu":  # (a host number: one scaling op, none when N = B)
+            if total.is_cpu:  # (a host number: one scaling op, none when N = B)
                 n = cpu_value(total)
                 if n == batch:
                     return per_sample

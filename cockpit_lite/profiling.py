@@ -104,10 +104,10 @@ class Costs:
         """Time regions on the device timeline of ``tensor`` (a parameter of the model) if it is on a CUDA
         device, else on the host's clock (called as each step begins: a model moved to the GPU after the
         cockpit was built is followed)."""
-        device = tensor.device if tensor is not None else None
-        if device is None or device.type != "cuda":
+        if tensor is None or not tensor.is_cuda:  # (is_cuda: no device object made every step)
             self.clock = None
             return
+        device = tensor.device
         clock = self._clocks.get(device)
         if clock is None:
             clock = self._clocks[device] = DeviceClock(device)

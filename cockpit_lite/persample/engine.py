@@ -1060,8 +1060,8 @@ class PerSampleEngine:
             or module in self.tied
             or self._bcast.has_call(module, 0)
             or torch.is_grad_enabled()
-            or g.device.type not in ("cpu", "cuda")
-            or torch.is_autocast_enabled(g.device.type)
+            or not (g.is_cpu or g.is_cuda)
+            or torch.is_autocast_enabled("cuda" if g.is_cuda else "cpu")
         ):
             return False
         with self.costs.region("engine"):
