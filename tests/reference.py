@@ -41,7 +41,8 @@ class Probe(Instrument):
             Need.PER_SAMPLE_LOSS,
             Need.GRAD_NORMS,
             Need.UPDATE,
-            Need.PER_SAMPLE_SQ_NORMS, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM,
+            Need.PER_SAMPLE_SQ_NORMS,
+            Need.PER_SAMPLE_SQ_NORMS_BY_PARAM,
             Need.PER_SAMPLE_DOT_MEAN,
             Need.PER_SAMPLE_GRAM_BY_PARAM,
         }
@@ -60,3 +61,34 @@ class Probe(Instrument):
     def compute(self, record):
         self.records.append(record)
         return {}
+
+
+def assert_accumulated_views_match_loop(model, x, y, sizes, rtol: float = 1e-5) -> list:
+    """One optimizer step over micro-batches of ``sizes`` (in order; the mean loss of the whole batch) with
+    the views asked for (``Need.PER_SAMPLE_CROSS``): every parameter's Gram and squared norms from the
+    step's views equal the float64 loop's over all the examples. Returns the views (``record.views``)."""
+    from cockpit_lite import Cockpit
+
+    class Views(Probe):
+        def on_before_step(self, record):
+            super().on_before_step(record)
+            self.views = record.views
+            self.gram = {n: g.double().cpu().numpy() for v in record.views for n, g in v.gram().items()}
+            self.sq = {n: s.double().cpu().numpy() for v in record.views for n, s in v.sq_norms().items()}
+
+    n = len(y)
+    probe = Views(flags={Need.PER_SAMPLE_CROSS})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    theta = copy.deepcopy(model)
+    cuts = np.cumsum([0, *sizes])
+    with Cockpit(model, opt, instruments=[probe]):
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            (torch.nn.functional.cross_entropy(model(x[a:b]), y[a:b]) * (b - a) / n).backward()
+        opt.step()
+    ref = per_sample_grads_loop(theta, torch.nn.CrossEntropyLoss(), x, y)
+    assert set(probe.gram) == set(ref)
+    for name, g in ref.items():
+        g = g.reshape(n, -1)
+        np.testing.assert_allclose(probe.gram[name], g @ g.T, rtol=rtol, atol=1e-9)
+        np.testing.assert_allclose(probe.sq[name], (g**2).sum(1), rtol=rtol, atol=1e-9)
+    return probe.views

@@ -28,7 +28,7 @@ from cockpit_lite import Cockpit, CockpitWarning, Need
 from cockpit_lite.persample.views import JoinedView
 from cockpit_lite.providers.persample import NORMS_EVERY
 from tests import models
-from tests.reference import Probe, flat, per_sample_grads_loop
+from tests.reference import Probe, assert_accumulated_views_match_loop, flat, per_sample_grads_loop
 
 RTOL = 1e-5
 ALL = {
@@ -264,30 +264,11 @@ def test_tracin_scores_every_example_of_an_accumulated_step(device, arch, sizes)
 
 def test_record_views_of_an_accumulated_step_are_joined_views(device):
     """record.views holds one JoinedView per layer with every example's rows; their Gram is the loop's."""
-
-    class Views(Probe):
-        def on_before_step(self, record):
-            super().on_before_step(record)
-            self.views = record.views
-            self.gram = {n: g.double().cpu().numpy() for v in record.views for n, g in v.gram().items()}
-            self.sq = {n: s.double().cpu().numpy() for v in record.views for n, s in v.sq_norms().items()}
-
     torch.manual_seed(0)
     model = models.mlp().to(device)
     x, y = torch.randn(7, 6).to(device), torch.randint(0, 3, (7,)).to(device)
-    probe = Views(flags={Need.PER_SAMPLE_CROSS})
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    theta = copy.deepcopy(model)
-    with Cockpit(model, opt, instruments=[probe]):
-        for xb, yb in _split(x, y, [2, 5]):
-            (F.cross_entropy(model(xb), yb) * len(yb) / 7).backward()
-        opt.step()
-    assert probe.views and all(isinstance(v, JoinedView) and v.batch == 7 for v in probe.views)
-    ref = per_sample_grads_loop(theta, nn.CrossEntropyLoss(), x, y)
-    for name, gn in ref.items():
-        gf = gn.reshape(7, -1)
-        np.testing.assert_allclose(probe.gram[name], gf @ gf.T, rtol=RTOL, atol=1e-9)
-        np.testing.assert_allclose(probe.sq[name], (gf**2).sum(1), rtol=RTOL, atol=1e-9)
+    views = assert_accumulated_views_match_loop(model, x, y, [2, 5], rtol=RTOL)
+    assert views and all(isinstance(v, JoinedView) and v.batch == 7 for v in views)
 
 
 # --- 2. g_i . gbar of the first accumulated step --------------------------------------------------------------

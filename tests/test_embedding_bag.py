@@ -119,36 +119,12 @@ def test_more_bags_than_examples_leave_out_the_bag_alone():
 def test_an_accumulated_step_joins_the_bags_of_every_micro_batch():
     """Micro-batches of 2 and 5 examples of flat bags: the step's joined views (Gram and squared norms)
     against the float64 loop over the 7."""
-    import copy
-
-    import numpy as np
-
-    from cockpit_lite import Cockpit, Need
-    from tests.reference import Probe, per_sample_grads_loop
-
-    class Views(Probe):
-        def on_before_step(self, record):
-            super().on_before_step(record)
-            self.gram = {n: g.double().numpy() for v in record.views for n, g in v.gram().items()}
-            self.sq = {n: s.double().numpy() for v in record.views for n, s in v.sq_norms().items()}
+    from tests.reference import assert_accumulated_views_match_loop
 
     class Packed(Bags):  # (one input tensor for the loop: the lengths in the last column)
         def forward(self, packed):
             return super().forward(packed[:, :-1], packed[:, -1])
 
     torch.manual_seed(0)
-    model = Packed("mean", True, padding_idx=0)
     x = torch.cat([torch.cat([IDS, LENGTHS[:, None]], 1)] * 2)[:7]
-    y = torch.randint(0, 3, (7,))
-    probe = Views(flags={Need.PER_SAMPLE_CROSS})
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    theta = copy.deepcopy(model)
-    with Cockpit(model, opt, instruments=[probe]):
-        for rows in (slice(0, 2), slice(2, 7)):
-            (nn.functional.cross_entropy(model(x[rows]), y[rows]) * len(y[rows]) / 7).backward()
-        opt.step()
-    ref = per_sample_grads_loop(theta, nn.CrossEntropyLoss(), x, y)
-    for name, g in ref.items():
-        g = g.reshape(7, -1)
-        np.testing.assert_allclose(probe.gram[name], g @ g.T, rtol=1e-5, atol=1e-9)
-        np.testing.assert_allclose(probe.sq[name], (g**2).sum(1), rtol=1e-5, atol=1e-9)
+    assert_accumulated_views_match_loop(Packed("mean", True, padding_idx=0), x, torch.randint(0, 3, (7,)), [2, 5])

@@ -194,31 +194,10 @@ def test_a_parametrized_layer_over_the_formed_bytes_is_left_out_with_its_reason(
 def test_an_accumulated_step_joins_the_originals_of_every_micro_batch():
     """Two micro-batches of 2 and 5 examples: the step's joined views hold every example's gradient of the
     originals (their Gram and squared norms against the float64 loop over the 7)."""
-    from cockpit_lite import Need
-    from tests.reference import Probe, per_sample_grads_loop
-
-    class Views(Probe):
-        def on_before_step(self, record):
-            super().on_before_step(record)
-            self.gram = {n: g.double().numpy() for v in record.views for n, g in v.gram().items()}
-            self.sq = {n: s.double().numpy() for v in record.views for n, s in v.sq_norms().items()}
+    from tests.reference import assert_accumulated_views_match_loop
 
     torch.manual_seed(0)
-    model = PositionalConv()
-    x, y = torch.randn(7, 4, 7), torch.randint(0, 3, (7,))
-    probe = Views(flags={Need.PER_SAMPLE_CROSS})
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    theta = copy.deepcopy(model)
-    with Cockpit(model, opt, instruments=[probe]):
-        for rows in (slice(0, 2), slice(2, 7)):
-            (nn.functional.cross_entropy(model(x[rows]), y[rows]) * len(y[rows]) / 7).backward()
-        opt.step()
-    ref = per_sample_grads_loop(theta, nn.CrossEntropyLoss(), x, y)
-    assert set(probe.gram) == set(ref)
-    for name, g in ref.items():
-        g = g.reshape(7, -1)
-        np.testing.assert_allclose(probe.gram[name], g @ g.T, rtol=1e-5, atol=1e-9)
-        np.testing.assert_allclose(probe.sq[name], (g**2).sum(1), rtol=1e-5, atol=1e-9)
+    assert_accumulated_views_match_loop(PositionalConv(), torch.randn(7, 4, 7), torch.randint(0, 3, (7,)), [2, 5])
 
 
 class TwiceNormed(nn.Module):
