@@ -633,6 +633,10 @@ BAG_FREQ = (
 )
 
 
+#: nn.EmbeddingBag's forward signature, read once (EmbeddingBagHandler.capture binds every call to it)
+_BAG_FORWARD = inspect.signature(nn.EmbeddingBag.forward)
+
+
 class EmbeddingBagHandler(Handler):
     """nn.EmbeddingBag in mode "sum" or "mean" (mode "max" is replayed by torch.func): bag i is example i.
     Example i's gradient has, at the row of each element j of its bag, c_j e_i, with e_i the bag's output
@@ -647,7 +651,7 @@ class EmbeddingBagHandler(Handler):
             raise PerSampleUndefined(BAG_FREQ)
 
     def capture(self, args, kwargs, output):
-        bound = inspect.signature(nn.EmbeddingBag.forward).bind(self.module, *args, **kwargs).arguments
+        bound = _BAG_FORWARD.bind(self.module, *args, **kwargs).arguments
         detach = lambda t: t.detach() if torch.is_tensor(t) else t  # noqa: E731
         return detach(bound["input"]), detach(bound.get("offsets")), detach(bound.get("per_sample_weights"))
 
@@ -672,13 +676,10 @@ class EmbeddingBagHandler(Handler):
                 starts = offsets[: go.shape[0]]
                 v = inp
                 b = torch.searchsorted(starts, torch.arange(inp.numel(), device=inp.device), right=True) - 1
-            c = torch.ones(v.shape, dtype=go.dtype, device=go.device)
-            if weights is not None:
-                c = c * weights.reshape(-1).to(go.dtype)
-            if m.padding_idx is not None:
-                c = c * (v != m.padding_idx).to(go.dtype)
-            if m.mode == "mean":  # (padding_idx is not counted)
-                kept = torch.ones_like(c) if m.padding_idx is None else (v != m.padding_idx).to(go.dtype)
+            # the elements a bag counts (padding_idx is not), each with its weight in the bag
+            kept = (v != m.padding_idx).to(go.dtype) if m.padding_idx is not None else go.new_ones(v.shape)
+            c = kept if weights is None else kept * weights.reshape(-1).to(go.dtype)
+            if m.mode == "mean":
                 c = c / go.new_zeros(batch).index_add_(0, b, kept).clamp(min=1.0)[b]
             vs.append(v)
             bs.append(b)
