@@ -83,10 +83,10 @@ class ParametrizedHandler(Handler):
 
     def __init__(self, module: nn.Module, names: dict[str, str], inner_class: type):
         self.module, self.names = module, names
-        #: a module without a layer rule: its torch.func replay takes the originals by their own names (the
-        #: layer's forward computes W from them), no chain rule
-        self.direct = issubclass(inner_class, FuncHandler)
-        self.tensors = {} if self.direct else parametrized_names(module, names)
+        # (a module without a layer rule: its torch.func replay takes the originals by their own names, the
+        # layer's forward computing W from them: no chain rule, no parametrized tensors to map)
+        replayed = issubclass(inner_class, FuncHandler)
+        self.tensors = {} if replayed else parametrized_names(module, names)
         #: the inner handler's name of each parametrized tensor ("conv.weight": the layer's name from an
         #: original's full name)
         self.stand_in = {}
