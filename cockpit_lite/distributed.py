@@ -173,10 +173,16 @@ def local(t: torch.Tensor) -> torch.Tensor:
 UNMERGED_SHARDS: list = [False, ""]
 
 
+_PLAIN_TENSOR = {torch.Tensor}
+
+
 def any_dtensor(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether any of ``tensors`` is a DTensor (FSDP2's sharded parameters and what is derived from them)."""
     dtensor = _dtensor_type()
-    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
+    if dtensor is None:
+        return False
+    kinds = set(map(type, tensors))  # (one C-level pass: plain tensors are the usual case)
+    return kinds != _PLAIN_TENSOR and any(issubclass(k, dtensor) for k in kinds)
 
 
 def norms(tensors: list[torch.Tensor]) -> list[float]:

@@ -18,6 +18,10 @@ from cockpit_lite.profiling import label
 from cockpit_lite.records import History, to_value
 from cockpit_lite.sinks.base import Sink
 
+#: value types a record keeps as they are (``to_value`` returns them unchanged)
+_PLAIN = frozenset({float, str, type(None)})
+_STR = {str}
+
 
 class Emitter:
     """Writes records to the history and the sinks; a sink that raises is reported once and kept."""
@@ -29,22 +33,33 @@ class Emitter:
 
     def emit(self, step: int, records: Mapping[Any, Any]) -> None:
         """Group ``records`` (keys ``tag`` for ``step`` or ``(step, tag)``) by step and write them."""
-        current: dict[str, Any] = {}
-        by_step: dict[int, dict[str, Any]] = {int(step): current}
-        for key, value in records.items():
-            try:
-                if type(key) is str:  # the step's own records, most of them floats
-                    current[key] = value if type(value) is float else to_value(value)
-                else:
-                    s, tag = key if isinstance(key, tuple) else (step, key)
+        step = int(step)
+        try:  # the step's own records, most of them floats: C-level checks, then a copy
+            if _PLAIN.issuperset(map(type, records.values())) and set(map(type, records)) == _STR:
+                current = dict(records)
+            else:
+                current = {k: v if type(v) is float else to_value(v) for k, v in records.items() if type(k) is str}
+        except TypeError:
+            current = {}
+            for key, value in records.items():
+                if type(key) is str:
+                    try:
+                        current[key] = to_value(value)
+                    except TypeError as e:
+                        self.warn(f"record {key!r} dropped: {e}")
+        by_step: dict[int, dict[str, Any]] = {step: current} if current else {}
+        if len(current) != len(records):
+            for key, value in records.items():
+                if type(key) is str:
+                    continue
+                s, tag = key if isinstance(key, tuple) else (step, key)
+                try:
                     by_step.setdefault(int(s), {})[tag] = to_value(value)
-            except TypeError as e:
-                self.warn(f"record {key!r} dropped: {e}")
-        if not current:
-            del by_step[int(step)]
+                except TypeError as e:
+                    self.warn(f"record {key!r} dropped: {e}")
         t0 = time.perf_counter()
         for s in sorted(by_step):
-            self.history.add(s, by_step[s])
+            self.history._own(s, by_step[s])
             for sink in self.sinks:
                 try:
                     with label(f"sink/{type(sink).__name__}"):

@@ -17,6 +17,7 @@ next step's forward between the two, so the device never waits for the cockpit.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, Sequence, ValuesView
 from typing import Any
 
@@ -93,12 +94,19 @@ class HostBatch:
     while the callbacks run (they fill its fields and notes)."""
 
     def __init__(self, record: Any = None):
-        self.record = record
+        # (held weakly: the record holds its batch, and a step's objects are freed by reference counting,
+        # not left to the garbage collector as a cycle)
+        self._record = weakref.ref(record) if record is not None else None
         self._pending: list[Deferred] = []
         #: transfers launched by :meth:`start`, awaiting :meth:`finish`: (deferrals, copy or None)
         self._started: list[tuple[list[Deferred], _Copy | None]] = []
         #: reports a failure once (the Cockpit's warning; set by the step), beside the record's note
         self.warn: Callable[[str], None] | None = None
+
+    @property
+    def record(self) -> Any:
+        """The step record the callbacks fill (None without one, or once it is gone)."""
+        return self._record() if self._record is not None else None
 
     @property
     def pending(self) -> bool:
@@ -168,9 +176,10 @@ class HostBatch:
                     self._failed(d, e)
             for d in pending:
                 d.tensors = []
-                if d.then is not None and d.values is not None:
+                then, d.then, d._batch = d.then, None, None  # (delivered: no cycle through a callback or the batch)
+                if then is not None and d.values is not None:
                     try:
-                        d.then(d.values)
+                        then(d.values)
                     except Exception as e:
                         self._failed(d, e)
         finally:
@@ -182,8 +191,9 @@ class HostBatch:
         msg = f"numbers of this step could not be brought to the host ({d.error}): they are left out"
         if self.warn is not None:
             self.warn(msg)
-        if self.record is not None:
-            self.record.add_note(msg, frozenset())
+        record = self.record
+        if record is not None:
+            record.add_note(msg, frozenset())
 
 
 class LazyNorms(Mapping):

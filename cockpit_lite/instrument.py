@@ -92,6 +92,8 @@ class Instrument:
     KEY: ClassVar[str | None] = None
 
     def __init__(self, every: int = 1, schedule: Schedule | None = None, name: str | None = None):
+        #: every step is due (``every=1``, no schedule): the driver then need not ask (see ``Step``)
+        self._every_step = schedule is None and every == 1
         if schedule is None:
             if not isinstance(every, int) or isinstance(every, bool) or every < 1:
                 raise ValueError(f"{type(self).__name__}: every={every!r} must be a positive integer")

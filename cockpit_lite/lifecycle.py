@@ -67,6 +67,8 @@ class Guard:
         self._hearing: dict[tuple[tuple, type, str], tuple] = {}
         #: Step plans by the scheduled instruments and what they asked (``Step.form_plan``)
         self._plans: dict[tuple, tuple] = {}
+        #: (instruments, their NEEDS, plan) of :meth:`every_step_plan`
+        self._every_step: tuple | None = None
 
     def hearing(self, objects: tuple, base: type, method: str) -> tuple:
         """The objects of a step (a plan's tuple of providers or instruments, the same object step after
@@ -92,6 +94,38 @@ class Guard:
             self._plans.clear()
         self._plans[key] = (tuple(inst for inst, _ in scheduled), plan)
         return plan
+
+    def every_step_plan(self, instruments: Sequence[Instrument], providers: Sequence[Provider]) -> tuple | None:
+        """The plan of a step where every instrument tracks every step and asks its NEEDS (the base
+        ``requires``, ``scheduled`` and ``due``, ``every=1``, no schedule, no gate: the usual run), formed
+        once and reused while that holds for the same instrument objects with the same NEEDS; None
+        otherwise (the step asks each instrument)."""
+        kept = self._every_step
+        if (
+            kept is None
+            or len(kept[0]) != len(instruments)
+            or any(a is not b for a, b in zip(kept[0], instruments, strict=True))
+        ):
+            kept = self._every_step = (tuple(instruments), self._always_due(instruments), None, None)
+        insts, always, asks, plan = kept
+        if not always or any(inst._gate is not None for inst in insts):
+            return None
+        if plan is None or any(inst.NEEDS is not n for inst, n in zip(insts, asks, strict=True)):
+            asks = tuple(inst.NEEDS for inst in insts)
+            scheduled = [(inst, _base_needs(frozenset(n))) for inst, n in zip(insts, asks, strict=True)]
+            plan = self.plan(scheduled, providers, True)
+            self._every_step = (insts, True, asks, plan)
+        return plan
+
+    @staticmethod
+    def _always_due(instruments: Sequence[Instrument]) -> bool:
+        """Whether each instrument keeps the base ``requires``, ``scheduled`` and ``due`` with ``every=1``
+        and no schedule (what does not change during a run; a gate may)."""
+        return all(
+            getattr(inst, "_every_step", False)
+            and not any(_overrides(type(inst), Instrument, m) for m in ("requires", "scheduled", "due"))
+            for inst in instruments
+        )
 
     def instrument(self, inst: Instrument, hook: str, *args: Any) -> Any:
         try:
@@ -130,6 +164,10 @@ class Step:
         #: (the step's costs, its wall time in ms) set aside by :meth:`launch` for a later :meth:`finish`
         self._held: tuple[Costs, float] | None = None
         guard.costs.reset()
+        plan = guard.every_step_plan(instruments, providers)
+        if plan is not None:
+            self._start(plan, fields)
+            return
         scheduled: list[tuple[Instrument, Needs]] = []
         base = True  # every scheduled instrument asks its NEEDS (a plan of the same ones can be reused)
         for inst in instruments:
@@ -147,10 +185,15 @@ class Step:
             if asked is None or not (asked or inst.scheduled(number)):
                 continue
             scheduled.append((inst, asked))
-        self.active, self.asked, merged, self.providers = guard.plan(scheduled, providers, base or not scheduled)
+        self._start(guard.plan(scheduled, providers, base or not scheduled), fields)
+
+    def _start(self, plan: tuple, fields: dict[str, Any]) -> None:
+        """Take ``plan`` (``form_plan``'s), make the step record and begin the providers."""
+        guard = self.guard
+        self.active, self.asked, merged, self.providers = plan
         needs = Needs(set(merged.flags), dict(merged.directions))  # (a provider may adjust its copy)
         #: the step record (None on a step no instrument tracks: nothing reads one)
-        self.record: StepRecord | None = StepRecord(step=number, **fields) if self.active else None
+        self.record: StepRecord | None = StepRecord(step=self.number, **fields) if self.active else None
         if self.record is not None:
             self.record.host.warn = guard.warn
         guard.each(guard.hearing(self.providers, Provider, "begin_step"), "begin_step", self.record, needs)

@@ -153,7 +153,9 @@ def derived_losses(
             continue
         other = (tg < 0) & (tg != ignore)  # other negative targets: not this convention (masked, never matched)
         ce = F.cross_entropy(
-            lg.transpose(1, 2) if lg.dim() == 3 else lg, tg.masked_fill(other, ignore), ignore_index=ignore,
+            lg.transpose(1, 2) if lg.dim() == 3 else lg,
+            tg.masked_fill(other, ignore),
+            ignore_index=ignore,
             reduction="none",
         )
         per_example = ce.reshape(batch, -1).sum(1)

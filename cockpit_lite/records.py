@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,9 @@ def _number(v: Any) -> float:
 #: steps of the recent window a live History keeps in full (every record, per-sample arrays too)
 WINDOW = 2048
 
+#: steps a History holds as handed over before filing them by tag (:meth:`History.add`)
+SETTLE_EVERY = 64
+
 
 def _is_scalar(v: Any) -> bool:
     return v is None or isinstance(v, (float, int, str, np.floating, np.integer))
@@ -101,15 +105,62 @@ class History(Mapping):
         self._old: dict[str, int] = {}  # tag -> how many leading pairs are the thinned past
         self._stride: dict[str, int] = {}  # tag -> k: one older record in k is kept
         self._seen: dict[str, int] = {}  # tag -> older records met so far (picks every k-th)
+        self._pending: list[tuple[int, dict[str, Any]]] = []  # steps added, not yet filed by tag
+        self._tags: set[str] = set()  # every tag added (filed or pending)
 
     def add(self, step: int, records: Mapping[str, Any]) -> None:
+        """File ``records`` under ``step``. They are held as handed over (a copy of the mapping) and filed
+        by tag, by a few C-level passes over up to ``SETTLE_EVERY`` steps at once, before anything reads
+        the history: a step's records cost no Python loop over its tags."""
+        self._own(step, dict(records))
+
+    def _own(self, step: int, records: dict[str, Any]) -> None:
+        """:meth:`add` of a dict no one changes afterwards (the emitter's own: not copied)."""
+        if not records:
+            return
+        if not self._tags.issuperset(records):
+            self._tags.update(records)
+        self._pending.append((step, records))
+        if len(self._pending) >= SETTLE_EVERY:
+            self._settle()
+
+    def _settle(self) -> None:
+        """File the pending steps by tag, in the order they were added. Steps with the same tags (in the
+        same order) form a group, filed by one extend per tag (the values gathered by ``itemgetter`` and
+        transposed by ``zip``) where the groups share no tag and no tag reaches its compaction point;
+        otherwise step by step, so that what is kept is the same whenever the history is read."""
+        pending, self._pending = self._pending, []
         data, window = self._data, self.window
         limit = 2 * window + 1 if window is not None else None
-        for tag, value in records.items():
-            pairs = data[tag]
-            pairs.append((step, value))
-            if limit is not None and len(pairs) > limit and len(pairs) - self._old.get(tag, 0) > limit:
-                self._compact(tag)
+        groups: dict[tuple[str, ...], list[tuple[int, dict[str, Any]]]] = {}
+        for entry in pending:
+            key = tuple(entry[1])
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [entry]
+            else:
+                group.append(entry)
+        disjoint = len(groups) == 1 or sum(map(len, groups)) == len(set().union(*groups))
+        if not disjoint or (
+            limit is not None
+            and any(len(data[t]) - self._old.get(t, 0) + len(g) > limit for tags, g in groups.items() for t in tags)
+        ):
+            for step, records in pending:
+                for tag, value in records.items():
+                    pairs = data[tag]
+                    pairs.append((step, value))
+                    if limit is not None and len(pairs) > limit and len(pairs) - self._old.get(tag, 0) > limit:
+                        self._compact(tag)
+            return
+        for tags, group in groups.items():
+            steps = [s for s, _ in group]
+            if len(tags) == 1:
+                columns: Any = [[r[tags[0]] for _, r in group]]
+            else:
+                get = itemgetter(*tags)
+                columns = zip(*[get(r) for _, r in group], strict=True)
+            for tag, column in zip(tags, columns, strict=True):
+                data[tag].extend(zip(steps, column, strict=True))
 
     def _compact(self, tag: str) -> None:
         """Move the records older than the last ``window`` steps of ``tag`` into its thinned past."""
@@ -134,39 +185,52 @@ class History(Mapping):
 
     def _load_sorted(self, data: Mapping[str, list[tuple[int, Any]]]) -> None:
         """Fill from ``tag -> [(step, value), ...]`` lists already in step order (``load()``)."""
+        self._settled()
         self._data.update(data)
+        self._tags.update(data)
+
+    def _settled(self) -> dict[str, list[tuple[int, Any]]]:
+        """The records by tag, every step added filed."""
+        if self._pending:
+            self._settle()
+        return self._data
 
     def __getitem__(self, tag: str) -> list[tuple[int, Any]]:
-        if tag not in self._data:
+        if tag not in self._settled():
             raise KeyError(f"no records under {tag!r}; tags present: {sorted(self._data)}")
         return self._data[tag]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._data)
+        return iter(self._settled())
 
     def __len__(self) -> int:
-        return len(self._data)
+        """The number of tags (without filing the pending steps: a sink asks at every step)."""
+        return len(self._tags)
 
     def __contains__(self, tag: object) -> bool:
-        return tag in self._data and bool(self._data[tag])
+        data = self._settled()
+        return tag in data and bool(data[tag])
 
     def get(self, tag: str, default: Any = None) -> Any:  # type: ignore[override]
         """The ``[(step, value), ...]`` pairs of ``tag``, or ``default`` if it has none."""
-        pairs = self._data.get(tag)
+        pairs = self._settled().get(tag)
         return pairs if pairs else default
 
     def tags(self, prefix: str = "") -> list[str]:
         """The tags that start with ``prefix``, sorted."""
-        return sorted(t for t, pairs in self._data.items() if pairs and t.startswith(prefix))
+        return sorted(t for t, pairs in self._settled().items() if pairs and t.startswith(prefix))
 
     def latest(self, tag: str) -> tuple[int, Any] | None:
         """The last ``(step, value)`` pair of ``tag`` (None if it has none)."""
+        for step, records in reversed(self._pending):  # (read at every step: no filing for it)
+            if tag in records:
+                return step, records[tag]
         pairs = self._data.get(tag)
         return pairs[-1] if pairs else None
 
     def value_at(self, tag: str, step: int, default: Any = None) -> Any:
         """The value of ``tag`` recorded under ``step`` (the last one if several), or ``default``."""
-        for s, v in reversed(self._data.get(tag) or ()):
+        for s, v in reversed(self._settled().get(tag) or ()):
             if s == step:
                 return v
         return default
@@ -177,7 +241,7 @@ class History(Mapping):
         With ``max_points``, a longer series is thinned to at most that many points by an even stride
         counted from the end, so the last point is always kept.
         """
-        pairs = self._data.get(tag)
+        pairs = self._settled().get(tag)
         if not pairs:
             return np.empty(0), np.empty(0)
         if max_points is not None and len(pairs) > max_points:
@@ -194,15 +258,16 @@ class History(Mapping):
         return [v for _, v in self[tag]]
 
     def last(self, tag: str, default: Any = None) -> Any:
-        return self._data[tag][-1][1] if self._data.get(tag) else default
+        found = self.latest(tag)
+        return found[1] if found is not None else default
 
     def last_step(self) -> int | None:
         """The largest step any record is filed under (None for an empty history)."""
-        return max((pairs[-1][0] for pairs in self._data.values() if pairs), default=None)
+        return max((pairs[-1][0] for pairs in self._settled().values() if pairs), default=None)
 
     def sort(self) -> None:
-        for pairs in self._data.values():
+        for pairs in self._settled().values():
             pairs.sort(key=lambda sv: sv[0])
 
     def __repr__(self) -> str:
-        return f"History({', '.join(f'{t}: {len(v)}' for t, v in sorted(self._data.items()))})"
+        return f"History({', '.join(f'{t}: {len(v)}' for t, v in sorted(self._settled().items()))})"
