@@ -99,6 +99,9 @@ class Costs:
         self._spans: list[list[Any]] = []  # [name, start event, end event, parent span or -1]
         self._open_spans: list[int] = []
         self._lent: list[tuple[DeviceClock, list[Any]]] = []  # (handed over: see handover)
+        #: regions take the short path (host clock, no profiler label): decided as each step begins, when
+        #: the clock changes, and with :meth:`refresh`
+        self.fast = False
 
     def follow(self, tensor: torch.Tensor | None) -> None:
         """Time regions on the device timeline of ``tensor`` (a parameter of the model) if it is on a CUDA
@@ -106,18 +109,25 @@ class Costs:
         cockpit was built is followed)."""
         if tensor is None or not tensor.is_cuda:  # (is_cuda: no device object made every step)
             self.clock = None
-            return
-        device = tensor.device
-        clock = self._clocks.get(device)
-        if clock is None:
-            clock = self._clocks[device] = DeviceClock(device)
-        self.clock = clock
+        else:
+            device = tensor.device
+            clock = self._clocks.get(device)
+            if clock is None:
+                clock = self._clocks[device] = DeviceClock(device)
+            self.clock = clock
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Decide whether regions take the short path: no device clock and no profiler recording (a
+        profiler started inside a step labels the regions from the next step on)."""
+        self.fast = self.clock is None and not profiler_enabled()
 
     def host_clock(self) -> None:
         """Time the rest of this step on the host's clock: the step's values are on the host (the device
         is synchronised), what follows is host work (instruments' ``compute``), and the events before
         are then complete, so :meth:`resolve` waits for nothing. The next step follows the model again."""
         self.clock = None
+        self.refresh()
 
     def resolve(self) -> None:
         """Replace this step's host times by the device timeline's exclusive times of the regions that
@@ -179,6 +189,7 @@ class Costs:
         self._open_spans.clear()
         for clock in self._clocks.values():  # (the events are reused from step to step)
             clock.reset()
+        self.refresh()
 
 
 class _Region:
@@ -192,10 +203,14 @@ class _Region:
         self._open: list[tuple[Any, float]] = []
 
     def __enter__(self) -> None:
+        costs = self.costs
+        if costs.fast:  # host clock, no profiler: the start time alone
+            costs._children.append(0.0)
+            self._open.append(time.perf_counter())
+            return
         label = record_function(PREFIX + self.name) if profiler_enabled() else None
         if label is not None:
             label.__enter__()
-        costs = self.costs
         span = -1
         if costs.clock is not None:
             start = costs.clock.mark()
@@ -207,9 +222,18 @@ class _Region:
         self._open.append((label, time.perf_counter(), span))
 
     def __exit__(self, *exc: Any) -> None:
-        label, t0, span = self._open.pop()
-        elapsed = (time.perf_counter() - t0) * 1e3
+        entry = self._open.pop()
         costs = self.costs
+        if type(entry) is float:  # (entered on the short path)
+            elapsed = (time.perf_counter() - entry) * 1e3
+            children = costs._children
+            nested = children.pop()
+            costs.ms[self.name] += elapsed - nested
+            if children:
+                children[-1] += elapsed
+            return
+        label, t0, span = entry
+        elapsed = (time.perf_counter() - t0) * 1e3
         if span >= 0 and costs._open_spans and costs._open_spans[-1] == span:
             costs._open_spans.pop()
             end = costs.clock.mark() if costs.clock is not None else None
