@@ -108,6 +108,14 @@ def stacked_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(norms)
 
 
+def same_place(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` have the same dtype and device, without making device objects (the hot
+    path): the same ``get_device()`` index (-1 on the CPU) on the same kind of device."""
+    if a.dtype != b.dtype or a.get_device() != b.get_device():
+        return False
+    return a.is_cpu == b.is_cpu and a.is_cuda == b.is_cuda and a.is_meta == b.is_meta
+
+
 def foreach_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
     """dst[i].copy_(src[i]) for all i in one fused call (``torch._foreach_copy_``)."""
     torch._foreach_copy_(list(dst), list(src))

@@ -69,6 +69,8 @@ class Guard:
         self._plans: dict[tuple, tuple] = {}
         #: (instruments, their NEEDS, plan) of :meth:`every_step_plan`
         self._every_step: tuple | None = None
+        #: (plan, its event routes) of :meth:`routes`
+        self._routes: tuple[Any, dict[str, tuple]] = (None, {})
 
     def hearing(self, objects: tuple, base: type, method: str) -> tuple:
         """The objects of a step (a plan's tuple of providers or instruments, the same object step after
@@ -94,6 +96,12 @@ class Guard:
             self._plans.clear()
         self._plans[key] = (tuple(inst for inst, _ in scheduled), plan)
         return plan
+
+    def routes(self, plan: tuple) -> dict[str, tuple]:
+        """The event routes (``Step._route``) of steps of ``plan``, kept for the last plan seen."""
+        if self._routes[0] is not plan:
+            self._routes = (plan, {})
+        return self._routes[1]
 
     def every_step_plan(self, instruments: Sequence[Instrument], providers: Sequence[Provider]) -> tuple | None:
         """The plan of a step where every instrument tracks every step and asks its NEEDS (the base
@@ -191,6 +199,8 @@ class Step:
         """Take ``plan`` (``form_plan``'s), make the step record and begin the providers."""
         guard = self.guard
         self.active, self.asked, merged, self.providers = plan
+        #: event name -> :meth:`_route`, kept with the plan (the same plan object step after step)
+        self._routes: dict[str, tuple] = guard.routes(plan)
         needs = Needs(set(merged.flags), dict(merged.directions))  # (a provider may adjust its copy)
         #: the step record (None on a step no instrument tracks: nothing reads one)
         self.record: StepRecord | None = StepRecord(step=self.number, **fields) if self.active else None
@@ -224,21 +234,31 @@ class Step:
     def event(self, name: str, *args: Any) -> None:
         """Send a lifecycle event to the providers, then (record sealed) to the instruments that hear it."""
         rec = self.record
-        for provider in self.guard.hearing(self.providers, Provider, name):
+        found = self._routes.get(name)
+        if found is None:
+            found = self._routes[name] = self._route(name)
+        providers, hook, hearing, reads = found
+        for provider in providers:
             try:
                 getattr(provider, name)(rec, *args)
             except Exception as e:
                 self.guard.warn(f"{type(provider).__name__}.{name} failed ({type(e).__name__}: {e})")
                 rec.add_note(f"{type(provider).__name__} failed: {e}", provider.PROVIDES)
-        hook = INSTRUMENT_HOOKS.get(name)
-        hearing = self.guard.hearing(self.active, Instrument, hook) if hook else ()
         if hearing:
-            if rec.host.pending and any(inst.READS_VALUES_IN_HOOKS for inst in hearing):
+            if reads and rec.host.pending:
                 rec.host.flush()  # what the providers filled at this event, as fields (one more transfer)
             rec.seal()
             for inst in hearing:
                 self.guard.instrument(inst, hook, rec)
             rec.seal(False)
+
+    def _route(self, name: str) -> tuple:
+        """Who hears event ``name`` this step: (providers, the instruments' hook name, the instruments
+        that hear it, whether one of them reads values in its hook)."""
+        hook = INSTRUMENT_HOOKS.get(name)
+        hearing = self.guard.hearing(self.active, Instrument, hook) if hook else ()
+        reads = any(inst.READS_VALUES_IN_HOOKS for inst in hearing)
+        return self.guard.hearing(self.providers, Provider, name), hook, hearing, reads
 
     def complete(self) -> dict[Any, Any]:
         """The optimizer has stepped: the providers' and instruments' ``on_after_step``, the step's numbers

@@ -10,7 +10,7 @@ from cockpit_lite.instruments._util import refuse_state
 from cockpit_lite.instruments.gradnorm import GRAD_AND_UPDATE
 
 from cockpit_lite import Instrument, Need, host
-from cockpit_lite.compat import without_grad
+from cockpit_lite.compat import same_place, without_grad
 from cockpit_lite.panels import LinePanel
 from cockpit_lite.step import StepRecord
 
@@ -122,7 +122,7 @@ class Distance(Instrument):
     def on_before_step(self, record):
         names = [n for n in record.params if n in self._theta0]
         t0 = self._theta0[names[0]] if names else None
-        if t0 is not None and (t0.device, t0.dtype) != (record.params[names[0]].device, record.params[names[0]].dtype):
+        if t0 is not None and not same_place(t0, record.params[names[0]]):
             # the model moved (model.to("cuda") after the cockpit was built): theta_0 follows it
             self._theta0 = self._moved(self._theta0, record.params)
             self._diff = None

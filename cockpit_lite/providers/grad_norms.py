@@ -35,10 +35,16 @@ def grad_norms(
     now, or with the step's host ``batch`` (then ``then(norms)``: :func:`cockpit_lite.host.norms`); under
     FSDP2 from the local shards and one all-reduce of the squared norms (:func:`distributed.norms`).
     Sparse gradients count by their stored values (:func:`stored_values`)."""
-    named = [(n, p.grad) for n, p in params.items() if p.grad is not None]
-    with torch.no_grad():  # (a gradient with a graph: create_graph=True)
-        tensors = [g if g.layout == torch.strided else stored_values(g) for _, g in named]
-        return host.norms(batch, [n for n, _ in named], tensors, then)
+    names, tensors = [], []
+    for n, p in params.items():
+        g = p.grad
+        if g is not None:
+            names.append(n)
+            tensors.append(g if g.layout == torch.strided else stored_values(g))
+    if any(g.requires_grad for g in tensors):  # (a gradient with a graph: create_graph=True)
+        with torch.no_grad():
+            return host.norms(batch, names, tensors, then)
+    return host.norms(batch, names, tensors, then)
 
 
 @register_provider

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from cockpit_lite import distributed, host
-from cockpit_lite.compat import foreach_copy_, without_grad
+from cockpit_lite.compat import foreach_copy_, same_place, without_grad
 from cockpit_lite.needs import Need
 from cockpit_lite.providers import register_provider
 from cockpit_lite.providers.base import Context, Provider
@@ -36,9 +36,8 @@ class UpdateProvider(Provider):
             params = [distributed.local(p) for p in params]
         with self.context.costs.region("snapshot"):
             first = params[0] if params else None
-            if self.buffers is None or (
-                first is not None and (self.buffers[0].device, self.buffers[0].dtype) != (first.device, first.dtype)
-            ):  # (allocated once; again if the model moved to another device or dtype)
+            if self.buffers is None or (first is not None and not same_place(self.buffers[0], first)):
+                # (allocated once; again if the model moved to another device or dtype)
                 self.buffers = [torch.empty_like(p) for p in params]
             foreach_copy_(self.buffers, params)
         self.taken = True
