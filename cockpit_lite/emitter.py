@@ -59,7 +59,8 @@ class Emitter:
                     self.warn(f"record {key!r} dropped: {e}")
         t0 = time.perf_counter()
         for s in sorted(by_step):
-            self.history._own(s, by_step[s])
+            # (the history files the group later: a copy of it where sinks get the group too)
+            (self.history.add if self.sinks else self.history._own)(s, by_step[s])
             for sink in self.sinks:
                 try:
                     with label(f"sink/{type(sink).__name__}"):

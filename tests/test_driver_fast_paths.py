@@ -1,0 +1,198 @@
+"""The driver's short paths (issue 15, Must 2) change how much Python a step costs, never what it
+records: the History files steps in groups, a step of an every-step run reuses one plan, cost regions
+take a short path without a profiler, and a step's objects are freed by reference counting."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import random
+import time
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from cockpit_lite.instruments import GradNorm, Loss
+from torch import nn
+
+from cockpit_lite import Cockpit, Instrument, Need
+from cockpit_lite.profiling import Costs
+from cockpit_lite.records import SETTLE_EVERY, History
+
+
+def _steps(n: int, seed: int) -> list[tuple[int, dict]]:
+    """Records of n steps with changing tag sets: a steady group, late records of the previous step
+    (another group), tags that appear now and then, arrays and strings."""
+    rng = random.Random(seed)
+    out = []
+    for s in range(n):
+        recs = {"loss": float(s), "cost/step_ms": 1.0 + s, "per_sample": np.full(2, float(s))}
+        if rng.random() < 0.2:
+            recs["verdict"] = f"at {s}"
+        out.append((s, recs))
+        if s and rng.random() < 0.7:
+            out.append((s - 1, {"cost/sinks_ms": 0.5 * s}))  # a late record (Emitter.late_sink_cost)
+        if rng.random() < 0.05:
+            out.append((s, {"loss": -float(s)}))  # a tag of the main group, alone: the groups overlap
+    return out
+
+
+def _naive(entries: list[tuple[int, dict]]) -> dict[str, list]:
+    """tag -> [(step, value), ...] in the order the records were added: no window."""
+    out: dict[str, list] = {}
+    for step, recs in entries:
+        for tag, value in recs.items():
+            out.setdefault(tag, []).append((step, value))
+    return out
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        sa == sb and (np.array_equal(va, vb) if isinstance(va, np.ndarray) else va == vb)
+        for (sa, va), (sb, vb) in zip(a, b, strict=True)
+    )
+
+
+def test_history_groups_file_what_was_added_in_order():
+    entries = _steps(5 * SETTLE_EVERY + 7, seed=0)
+    h = History(window=None)
+    for step, recs in entries:
+        h.add(step, recs)
+    want = _naive(entries)
+    assert sorted(h) == sorted(want) and len(h) == len(want)
+    for tag, pairs in want.items():
+        assert _same(h[tag], pairs), tag
+
+
+def test_history_filed_in_groups_equals_filed_at_every_step():
+    """Thinning past the window: filing 64 steps at once keeps exactly what filing each step keeps."""
+    entries = _steps(40 * 8 + 11, seed=1)
+    grouped, eager = History(window=8), History(window=8)
+    for step, recs in entries:
+        grouped.add(step, recs)
+        eager.add(step, recs)
+        eager.tags()  # (a read files the pending steps: one step at a time)
+    assert sorted(grouped) == sorted(eager)
+    for tag in eager:
+        assert _same(grouped[tag], eager[tag]), tag
+        assert len(grouped[tag]) <= 3 * 8 + 1
+
+
+def test_history_reads_every_step_without_filing():
+    h = History()
+    for s in range(3):
+        h.add(s, {"cost/step_ms": float(s), "loss": 1.0})
+    h.add(1, {"cost/sinks_ms": 0.25})
+    assert h._pending  # nothing read yet: held as handed over
+    assert h.last("cost/step_ms") == 2.0 and h.latest("cost/sinks_ms") == (1, 0.25) and len(h) == 3
+    assert h._pending  # last(), latest() and len() file nothing
+    assert h.last("absent", default="none") == "none"
+    assert h["cost/sinks_ms"] == [(1, 0.25)] and not h._pending
+    recs = {"loss": 3.0}
+    h.add(3, recs)
+    recs["loss"] = 99.0  # the caller's dict changes afterwards: the history holds a copy
+    assert h.latest("loss") == (3, 3.0)
+
+
+def _model_and_batches(n: int = 6):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    batches = [(torch.randn(8, 5), torch.randint(0, 3, (8,))) for _ in range(n)]
+    return model, batches
+
+
+def _train(cockpit: Cockpit, model: nn.Module, opt: torch.optim.Optimizer, batches, between=None) -> None:
+    for k, (x, y) in enumerate(batches):
+        if between is not None:
+            between(k)
+        opt.zero_grad()
+        cockpit.loss_fn(model(x), y).backward()
+        opt.step()
+
+
+def test_gates_and_needs_changed_mid_run_are_obeyed():
+    """The every-step plan is reused only while every instrument tracks every step with its NEEDS: a gate
+    set and lifted during the run, and NEEDS changed on an instance, take effect at the next step."""
+    model, batches = _model_and_batches(8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss, gnorm = Loss(), GradNorm()
+    cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[loss, gnorm], sinks=[])
+
+    def between(k: int) -> None:
+        if k == 2:
+            gnorm.gate(lambda step: step % 2 == 0)
+        if k == 5:
+            gnorm.gate(None)
+        if k == 6:
+            loss.NEEDS = frozenset({Need.LOSS})  # (no per-sample losses from here on)
+
+    _train(cockpit, model, opt, batches, between)
+    cockpit.close()
+    assert [s for s, _ in cockpit.history["grad_norm"]] == [0, 1, 2, 4, 5, 6, 7]
+    assert [s for s, _ in cockpit.history["loss"]] == list(range(8))
+    assert [s for s, _ in cockpit.history["loss/per_sample/p50"]] == list(range(6))
+
+
+def test_costs_are_recorded_on_the_short_path_and_with_a_profiler(tmp_path):
+    model, batches = _model_and_batches(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[Loss(), GradNorm()], sinks=[])
+    with torch.profiler.profile() as prof:
+        _train(cockpit, model, opt, batches[:2])
+    _train(cockpit, model, opt, batches[2:])
+    cockpit.close()
+    labels = {e.name for e in prof.events()}
+    assert "cockpit_lite/grad_norms" in labels and "cockpit_lite/loss" in labels  # (steps 0-1: labelled)
+    for tag in ("cost/grad_norms_ms", "cost/loss_ms", "cost/cockpit_ms"):
+        steps = [s for s, v in cockpit.history[tag] if v >= 0.0]
+        assert steps == [0, 1, 2, 3], tag
+
+
+@pytest.mark.parametrize("profiled", [False, True])
+def test_region_times_are_exclusive_on_both_paths(profiled):
+    """Nested regions: each is charged its own time only (measured against sleeps), on the short path
+    and on the labelled one a running profiler takes."""
+    costs = Costs()
+    with torch.profiler.profile() if profiled else contextlib.nullcontext():
+        costs.reset()
+        assert costs.fast is not profiled
+        with costs.region("outer"):
+            time.sleep(0.02)
+            with costs.region("inner"):
+                time.sleep(0.03)
+            with costs.region("outer"):  # (re-entered inside itself)
+                time.sleep(0.01)
+    assert abs(costs.ms["outer"] - 30.0) < 8.0 and abs(costs.ms["inner"] - 30.0) < 8.0, dict(costs.ms)
+
+
+class _Keeps(Instrument):
+    """Keeps a weak reference to each step record it is handed."""
+
+    NEEDS = frozenset({Need.GRAD_NORMS, Need.UPDATE, Need.LOSS})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[weakref.ref] = []
+
+    def compute(self, record):
+        self.refs.append(weakref.ref(record))
+        return {"kept": float(len(self.refs))}
+
+
+def test_a_step_is_freed_without_the_garbage_collector():
+    model, batches = _model_and_batches(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    keeps = _Keeps()
+    cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[keeps, Loss(), GradNorm()], sinks=[])
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        _train(cockpit, model, opt, batches)
+        # every step's record but the cockpit's current one is gone by reference counting alone
+        assert all(r() is None for r in keeps.refs[:-1])
+    finally:
+        if was:
+            gc.enable()
+    cockpit.close()
+    assert [v for _, v in cockpit.history["kept"]] == [1.0, 2.0, 3.0, 4.0]
