@@ -8,7 +8,6 @@ all read the same records.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from operator import itemgetter
 from typing import Any
@@ -101,8 +100,12 @@ class History(Mapping):
         self.window = window
         self.skipped = 0
         self.skipped_lines: list[int] = []
-        self._data: dict[str, list[tuple[int, Any]]] = defaultdict(list)
-        self._old: dict[str, int] = {}  # tag -> how many leading pairs are the thinned past
+        # tag -> its steps and its values, side by side (no pair objects while a run writes); the pairs
+        # a reader gets are formed on first read and kept until the tag's next records are filed
+        self._steps: dict[str, list[int]] = {}
+        self._values: dict[str, list[Any]] = {}
+        self._pairs: dict[str, list[tuple[int, Any]]] = {}
+        self._old: dict[str, int] = {}  # tag -> how many leading records are the thinned past
         self._stride: dict[str, int] = {}  # tag -> k: one older record in k is kept
         self._seen: dict[str, int] = {}  # tag -> older records met so far (picks every k-th)
         self._pending: list[tuple[int, dict[str, Any]]] = []  # steps added, not yet filed by tag
@@ -111,7 +114,7 @@ class History(Mapping):
     def add(self, step: int, records: Mapping[str, Any]) -> None:
         """File ``records`` under ``step``. They are held as handed over (a copy of the mapping) and filed
         by tag, by a few C-level passes over up to ``SETTLE_EVERY`` steps at once, before anything reads
-        the history: a step's records cost no Python loop over its tags."""
+        the history: a step's records cost no Python loop over its tags and make no objects."""
         self._own(step, dict(records))
 
     def _own(self, step: int, records: dict[str, Any]) -> None:
@@ -124,13 +127,22 @@ class History(Mapping):
         if len(self._pending) >= SETTLE_EVERY:
             self._settle()
 
+    def _column(self, tag: str) -> tuple[list[int], list[Any]]:
+        """The step and value lists of ``tag`` to file more records in (its read pairs dropped)."""
+        steps = self._steps.get(tag)
+        if steps is None:
+            steps = self._steps[tag] = []
+            self._values[tag] = []
+        self._pairs.pop(tag, None)
+        return steps, self._values[tag]
+
     def _settle(self) -> None:
         """File the pending steps by tag, in the order they were added. Steps with the same tags (in the
-        same order) form a group, filed by one extend per tag (the values gathered by ``itemgetter`` and
+        same order) form a group, filed by two extends per tag (the values gathered by ``itemgetter`` and
         transposed by ``zip``) where the groups share no tag and no tag reaches its compaction point;
         otherwise step by step, so that what is kept is the same whenever the history is read."""
         pending, self._pending = self._pending, []
-        data, window = self._data, self.window
+        window = self.window
         limit = 2 * window + 1 if window is not None else None
         groups: dict[tuple[str, ...], list[tuple[int, dict[str, Any]]]] = {}
         for entry in pending:
@@ -143,33 +155,41 @@ class History(Mapping):
         disjoint = len(groups) == 1 or sum(map(len, groups)) == len(set().union(*groups))
         if not disjoint or (
             limit is not None
-            and any(len(data[t]) - self._old.get(t, 0) + len(g) > limit for tags, g in groups.items() for t in tags)
+            and any(
+                len(self._steps.get(t, ())) - self._old.get(t, 0) + len(g) > limit
+                for tags, g in groups.items()
+                for t in tags
+            )
         ):
             for step, records in pending:
                 for tag, value in records.items():
-                    pairs = data[tag]
-                    pairs.append((step, value))
-                    if limit is not None and len(pairs) > limit and len(pairs) - self._old.get(tag, 0) > limit:
+                    steps, values = self._column(tag)
+                    steps.append(step)
+                    values.append(value)
+                    if limit is not None and len(steps) - self._old.get(tag, 0) > limit:
                         self._compact(tag)
             return
         for tags, group in groups.items():
-            steps = [s for s, _ in group]
+            at = [s for s, _ in group]
             if len(tags) == 1:
                 columns: Any = [[r[tags[0]] for _, r in group]]
             else:
                 get = itemgetter(*tags)
                 columns = zip(*[get(r) for _, r in group], strict=True)
             for tag, column in zip(tags, columns, strict=True):
-                data[tag].extend(zip(steps, column, strict=True))
+                steps, values = self._column(tag)
+                steps.extend(at)
+                values.extend(column)
 
     def _compact(self, tag: str) -> None:
         """Move the records older than the last ``window`` steps of ``tag`` into its thinned past."""
-        pairs, window = self._data[tag], self.window
+        steps, values, window = self._steps[tag], self._values[tag], self.window
         n_old = self._old.get(tag, 0)
-        cutoff = pairs[-1][0] - window
-        old, recent = pairs[:n_old], []
+        cutoff = steps[-1] - window
+        old = list(zip(steps[:n_old], values[:n_old], strict=True))
+        recent = []
         k, seen = self._stride.get(tag, 1), self._seen.get(tag, 0)
-        for p in pairs[n_old:]:
+        for p in zip(steps[n_old:], values[n_old:], strict=True):
             if p[0] > cutoff:
                 recent.append(p)
             elif _is_scalar(p[1]):
@@ -180,59 +200,76 @@ class History(Mapping):
         while len(old) > window:
             old = old[:pin] + old[pin:][::-1][::2][::-1]  # every other one, the newest kept
             k *= 2
-        pairs[:] = old + recent
+        kept = old + recent
+        steps[:] = [s for s, _ in kept]
+        values[:] = [v for _, v in kept]
+        self._pairs.pop(tag, None)
         self._old[tag], self._stride[tag], self._seen[tag] = len(old), k, seen
 
     def _load_sorted(self, data: Mapping[str, list[tuple[int, Any]]]) -> None:
         """Fill from ``tag -> [(step, value), ...]`` lists already in step order (``load()``)."""
         self._settled()
-        self._data.update(data)
+        for tag, pairs in data.items():
+            self._steps[tag] = [s for s, _ in pairs]
+            self._values[tag] = [v for _, v in pairs]
+            self._pairs.pop(tag, None)
         self._tags.update(data)
 
-    def _settled(self) -> dict[str, list[tuple[int, Any]]]:
-        """The records by tag, every step added filed."""
+    def _settled(self) -> dict[str, list[int]]:
+        """The steps by tag, every step added filed."""
         if self._pending:
             self._settle()
-        return self._data
+        return self._steps
+
+    def _pairs_of(self, tag: str) -> list[tuple[int, Any]] | None:
+        """The ``(step, value)`` pairs of ``tag`` (formed once per filing), or None if it has none."""
+        steps = self._settled().get(tag)
+        if not steps:
+            return None
+        pairs = self._pairs.get(tag)
+        if pairs is None:
+            pairs = self._pairs[tag] = list(zip(steps, self._values[tag], strict=True))
+        return pairs
 
     def __getitem__(self, tag: str) -> list[tuple[int, Any]]:
-        if tag not in self._settled():
-            raise KeyError(f"no records under {tag!r}; tags present: {sorted(self._data)}")
-        return self._data[tag]
+        pairs = self._pairs_of(tag)
+        if pairs is None:
+            raise KeyError(f"no records under {tag!r}; tags present: {sorted(self)}")
+        return pairs
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._settled())
+        return iter([t for t, steps in self._settled().items() if steps])
 
     def __len__(self) -> int:
         """The number of tags (without filing the pending steps: a sink asks at every step)."""
         return len(self._tags)
 
     def __contains__(self, tag: object) -> bool:
-        data = self._settled()
-        return tag in data and bool(data[tag])
+        return bool(self._settled().get(tag))  # type: ignore[call-overload]
 
     def get(self, tag: str, default: Any = None) -> Any:  # type: ignore[override]
         """The ``[(step, value), ...]`` pairs of ``tag``, or ``default`` if it has none."""
-        pairs = self._settled().get(tag)
-        return pairs if pairs else default
+        pairs = self._pairs_of(tag)
+        return pairs if pairs is not None else default
 
     def tags(self, prefix: str = "") -> list[str]:
         """The tags that start with ``prefix``, sorted."""
-        return sorted(t for t, pairs in self._settled().items() if pairs and t.startswith(prefix))
+        return sorted(t for t, steps in self._settled().items() if steps and t.startswith(prefix))
 
     def latest(self, tag: str) -> tuple[int, Any] | None:
         """The last ``(step, value)`` pair of ``tag`` (None if it has none)."""
         for step, records in reversed(self._pending):  # (read at every step: no filing for it)
             if tag in records:
                 return step, records[tag]
-        pairs = self._data.get(tag)
-        return pairs[-1] if pairs else None
+        steps = self._steps.get(tag)
+        return (steps[-1], self._values[tag][-1]) if steps else None
 
     def value_at(self, tag: str, step: int, default: Any = None) -> Any:
         """The value of ``tag`` recorded under ``step`` (the last one if several), or ``default``."""
-        for s, v in reversed(self._settled().get(tag) or ()):
-            if s == step:
-                return v
+        steps = self._settled().get(tag) or []
+        for k in range(len(steps) - 1, -1, -1):
+            if steps[k] == step:
+                return self._values[tag][k]
         return default
 
     def series(self, tag: str, max_points: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -241,21 +278,22 @@ class History(Mapping):
         With ``max_points``, a longer series is thinned to at most that many points by an even stride
         counted from the end, so the last point is always kept.
         """
-        pairs = self._settled().get(tag)
-        if not pairs:
+        steps = self._settled().get(tag)
+        if not steps:
             return np.empty(0), np.empty(0)
-        if max_points is not None and len(pairs) > max_points:
-            stride = math.ceil(len(pairs) / max_points)
-            pairs = pairs[::-1][::stride][::-1]
-        steps = np.fromiter((s for s, _ in pairs), dtype=float, count=len(pairs))
-        values = np.fromiter((_number(v) for _, v in pairs), dtype=float, count=len(pairs))
-        return steps, values
+        values = self._values[tag]
+        if max_points is not None and len(steps) > max_points:
+            stride = math.ceil(len(steps) / max_points)
+            steps, values = steps[::-1][::stride][::-1], values[::-1][::stride][::-1]
+        return np.array(steps, dtype=float), np.fromiter(map(_number, values), dtype=float, count=len(values))
 
     def steps(self, tag: str) -> np.ndarray:
-        return np.array([s for s, _ in self[tag]])
+        self[tag]  # noqa: B018 (a KeyError naming the tags present, for an absent one)
+        return np.array(self._steps[tag])
 
     def values(self, tag: str) -> list[Any]:  # type: ignore[override]
-        return [v for _, v in self[tag]]
+        self[tag]  # noqa: B018
+        return list(self._values[tag])
 
     def last(self, tag: str, default: Any = None) -> Any:
         found = self.latest(tag)
@@ -263,11 +301,16 @@ class History(Mapping):
 
     def last_step(self) -> int | None:
         """The largest step any record is filed under (None for an empty history)."""
-        return max((pairs[-1][0] for pairs in self._settled().values() if pairs), default=None)
+        return max((steps[-1] for steps in self._settled().values() if steps), default=None)
 
     def sort(self) -> None:
-        for pairs in self._settled().values():
-            pairs.sort(key=lambda sv: sv[0])
+        """Put each tag's records in step order (stable: records of one step keep their order)."""
+        for tag, steps in self._settled().items():
+            order = sorted(range(len(steps)), key=steps.__getitem__)
+            values = self._values[tag]
+            steps[:] = [steps[k] for k in order]
+            values[:] = [values[k] for k in order]
+            self._pairs.pop(tag, None)
 
     def __repr__(self) -> str:
         return f"History({', '.join(f'{t}: {len(v)}' for t, v in sorted(self._settled().items()))})"
