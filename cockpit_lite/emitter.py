@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from itertools import compress
+from operator import not_
 from typing import Any
 
 from cockpit_lite.profiling import label
@@ -20,7 +22,7 @@ from cockpit_lite.sinks.base import Sink
 
 #: value types a record keeps as they are (``to_value`` returns them unchanged)
 _PLAIN = frozenset({float, str, type(None)})
-_STR = {str}
+_STR = frozenset({str})
 
 
 class Emitter:
@@ -34,29 +36,25 @@ class Emitter:
     def emit(self, step: int, records: Mapping[Any, Any]) -> None:
         """Group ``records`` (keys ``tag`` for ``step`` or ``(step, tag)``) by step and write them."""
         step = int(step)
-        try:  # the step's own records, most of them floats: C-level checks, then a copy
-            if _PLAIN.issuperset(map(type, records.values())) and set(map(type, records)) == _STR:
-                current = dict(records)
-            else:
-                current = {k: v if type(v) is float else to_value(v) for k, v in records.items() if type(k) is str}
-        except TypeError:
-            current = {}
-            for key, value in records.items():
-                if type(key) is str:
-                    try:
-                        current[key] = to_value(value)
-                    except TypeError as e:
-                        self.warn(f"record {key!r} dropped: {e}")
+        # the step's own records, most of them floats: a copy, then only the others looked at (the keys
+        # and values to look at are picked by C-level passes)
+        current = dict(records)
+        late = list(compress(current, map(not_, map(_STR.__contains__, map(type, current)))))
+        for key in late:
+            del current[key]
+        for key in list(compress(current, map(not_, map(_PLAIN.__contains__, map(type, current.values()))))):
+            try:
+                current[key] = to_value(current[key])
+            except TypeError as e:
+                del current[key]
+                self.warn(f"record {key!r} dropped: {e}")
         by_step: dict[int, dict[str, Any]] = {step: current} if current else {}
-        if len(current) != len(records):
-            for key, value in records.items():
-                if type(key) is str:
-                    continue
-                s, tag = key if isinstance(key, tuple) else (step, key)
-                try:
-                    by_step.setdefault(int(s), {})[tag] = to_value(value)
-                except TypeError as e:
-                    self.warn(f"record {key!r} dropped: {e}")
+        for key in late:
+            s, tag = key if isinstance(key, tuple) else (step, key)
+            try:
+                by_step.setdefault(int(s), {})[tag] = to_value(records[key])
+            except TypeError as e:
+                self.warn(f"record {key!r} dropped: {e}")
         t0 = time.perf_counter()
         for s in sorted(by_step):
             # (the history files the group later: a copy of it where sinks get the group too)

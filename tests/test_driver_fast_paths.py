@@ -17,6 +17,7 @@ from cockpit_lite.instruments import GradNorm, Loss
 from torch import nn
 
 from cockpit_lite import Cockpit, Instrument, Need
+from cockpit_lite.emitter import Emitter
 from cockpit_lite.profiling import Costs
 from cockpit_lite.records import SETTLE_EVERY, History
 
@@ -196,3 +197,35 @@ def test_a_step_is_freed_without_the_garbage_collector():
             gc.enable()
     cockpit.close()
     assert [v for _, v in cockpit.history["kept"]] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_emitter_groups_normalises_and_drops_what_is_no_value():
+    warned: list[str] = []
+    history = History(window=None)
+    emitter = Emitter(history, [], warned.append)
+    records = {
+        "a": 1.5,
+        "b": np.float32(2.5),
+        "c": 3,
+        "d": True,
+        "e": np.arange(3, dtype=np.float32),
+        "f": torch.tensor([1.0, 2.0]),
+        "g": "a note",
+        "h": {"rows": [1, 2]},
+        "bad": object(),
+        (4, "late"): 7.0,
+        (5, "own"): np.float64(8.0),
+        (4, "bad"): object(),
+    }
+    emitter.emit(5, records)
+    assert len(warned) == 2 and all("dropped" in w for w in warned)
+    got = {t: history[t] for t in history}
+    assert sorted(got) == ["a", "b", "c", "d", "e", "f", "g", "h", "late", "own"]
+    assert got["a"] == [(5, 1.5)] and got["b"] == [(5, 2.5)] and type(got["b"][0][1]) is float
+    assert got["c"] == [(5, 3.0)] and got["d"] == [(5, True)] and got["g"] == [(5, "a note")]
+    assert got["late"] == [(4, 7.0)] and got["own"] == [(5, 8.0)]
+    for tag, want in (("e", [0.0, 1.0, 2.0]), ("f", [1.0, 2.0])):
+        value = got[tag][0][1]
+        assert isinstance(value, np.ndarray) and value.dtype == np.float64 and value.tolist() == want
+    assert np.asarray(got["h"][0][1]["rows"]).tolist() == [1, 2]
+    assert emitter.sinks_ms is not None and emitter.sinks_ms[0] == 5
