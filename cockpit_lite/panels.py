@@ -551,9 +551,41 @@ class VerdictsPanel(Panel):
         self._text.set_text("\n".join(text))
 
 
+def instrument_cost(history: Any, name: str, window: int | None = None) -> tuple[float, float, float]:
+    """(ms a training step, ms a run, steps between runs) of the cockpit's work ``name`` from its
+    ``cost/<name>_ms`` records (the last ``window`` of them, or all): a run's cost is their median; the
+    steps between runs the median gap between their steps (1 for work on every step, as most is; the
+    budget, ``every=`` and schedules leave gaps); the cost a step is a run's divided by that gap, what it
+    adds to an average step. NaN where there is no record (and the gap where there is only one)."""
+    steps, values = series(history, f"cost/{name}_ms", max_points=None)
+    if window is not None:
+        steps, values = steps[-window:], values[-window:]
+    keep = np.isfinite(values)
+    steps, values = steps[keep], values[keep]
+    if not values.size:
+        return math.nan, math.nan, math.nan
+    run = float(np.median(values))
+    gap = float(np.median(np.diff(steps))) if steps.size > 1 else math.nan
+    return (run / gap if gap >= 1 else run if steps.size > 1 else math.nan), run, gap
+
+
+def cost_phrase(per_step: float, run: float, gap: float, step_ms: float, digits: int = 2) -> str:
+    """How the cost of a piece of work reads: "0.45 ms (4%)" for work on every step; "69.26 ms a run, 1 in
+    100 steps: 0.69 ms (6%) a step" for work on some steps; the share is of a whole step's median."""
+
+    def share(ms: float) -> str:
+        return f" ({ms / step_ms:.0%})" if step_ms and math.isfinite(step_ms) and math.isfinite(ms) else ""
+
+    if math.isfinite(gap) and gap > 1.5:
+        return f"{run:.{digits}f} ms a run, 1 in {gap:.0f} steps: {per_step:.{digits}f} ms{share(per_step)} a step"
+    if not math.isfinite(gap) and not math.isfinite(per_step):
+        return f"{run:.{digits}f} ms a run (once so far)"
+    return f"{per_step:.{digits}f} ms{share(per_step)}"
+
+
 class CostBarsPanel(Panel):
     title = "Cockpit cost per tracked step, by instrument"
-    xlabel = "ms per tracked step (median of the last 50)"
+    xlabel = "ms a step (a run's median over its last 50 runs / steps between runs)"
     ylabel = ""
     missing = "no cost records (`cost/<name>_ms`) yet"
     key = "core:cost_bars"
@@ -571,21 +603,17 @@ class CostBarsPanel(Panel):
         if not self.shows(names):
             return
 
-        def med(tag):
-            v = series(h, tag)[1][-self.WINDOW :]
-            v = v[np.isfinite(v)]
-            return float(np.median(v)) if v.size else math.nan
-
-        ms = {n: med(f"cost/{n}_ms") for n in names}
-        step = med("cost/step_ms")
+        costs = {n: instrument_cost(h, n, self.WINDOW) for n in names}
+        ms = {n: c[0] if math.isfinite(c[0]) else c[1] for n, c in costs.items()}  # (one run so far: that run)
+        step = instrument_cost(h, "step", self.WINDOW)[1]
         names = sorted(names, key=lambda n: ms[n])
         y = np.arange(len(names))
         self._bars = [self.ax.barh(y, [ms[n] for n in names], color=COLORS["third"], alpha=0.8)]
         self.ax.set_yticks(y, names, fontsize=7.5)
         top = max([v for v in ms.values() if math.isfinite(v)] or [1.0])
         for yi, n in zip(y, names, strict=True):
-            share = f" ({ms[n] / step:.0%})" if step and math.isfinite(step) else ""
-            self._bars.append(self.ax.text(ms[n] + 0.01 * top, yi, f"{ms[n]:.2f} ms{share}", va="center", fontsize=7))
+            label = cost_phrase(*costs[n], step)
+            self._bars.append(self.ax.text(ms[n] + 0.01 * top, yi, label, va="center", fontsize=7))
         self.ax.set_xlim(0, top * 1.35)
         self.ax.set_ylim(-0.6, len(names) - 0.4)
         if math.isfinite(step):

@@ -41,6 +41,8 @@ from cockpit_lite.panels import (
     Panel,
     VerdictsPanel,
     as_float,
+    cost_phrase,
+    instrument_cost,
     tracked_steps,
 )
 
@@ -444,19 +446,15 @@ def _costs(history: Any) -> list[str]:
     if not names:
         return []
 
-    def med(tag: str) -> float:
-        v = history.series(tag)[1]
-        v = v[np.isfinite(v)]
-        return float(np.median(v)) if v.size else math.nan
-
-    step, cockpit, sinks = med("cost/step_ms"), med("cost/cockpit_ms"), med("cost/sinks_ms")
+    step, cockpit, sinks = (instrument_cost(history, n)[1] for n in ("step", "cockpit", "sinks"))
     out = [
         f"cost per tracked step (median): whole step {step:.2f} ms, cockpit {cockpit:.2f} ms "
-        f"({cockpit / step:.0%}), sinks {sinks:.2f} ms"
+        f"({cockpit / step:.0%}), sinks {sinks:.2f} ms; by piece of work, what it adds to a step (work "
+        "done on some steps only: a run's cost over the steps between runs):"
     ]
-    for name in sorted(names, key=lambda n: -med(f"cost/{n}_ms")):
-        ms = med(f"cost/{name}_ms")
-        out.append(f"  {name:28} {ms:8.3f} ms  {ms / step:6.1%}")
+    costs = {n: instrument_cost(history, n) for n in names}
+    for name in sorted(names, key=lambda n: -(costs[n][0] if math.isfinite(costs[n][0]) else costs[n][1])):
+        out.append(f"  {name:28} {cost_phrase(*costs[name], step, digits=3)}")
     return out
 
 

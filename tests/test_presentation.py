@@ -424,3 +424,44 @@ def test_nothing_outside_records_reads_the_private_history_data():
                 if pattern.search(line):
                     offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_work_on_some_steps_is_read_as_a_run_over_the_steps_between_runs():
+    """A piece of work on 1 step in 10 (the budget, ``every=``, Sharpness' schedule) costs its run over
+    the 10 steps in the cost bars and the summary, not its run as if it were every step's."""
+    from cockpit_lite.panels import CostBarsPanel, cost_phrase, instrument_cost
+
+    h = History()
+    for s in range(60):
+        recs = {"cost/step_ms": 10.0 + (s % 3), "cost/cockpit_ms": 2.0, "cost/cheap_ms": 1.0 + 0.01 * (s % 5)}
+        if s % 10 == 3:
+            recs["cost/costly_ms"] = 40.0 + s % 7  # runs at 3, 13, ..., 53: medians 43, gap 10
+        h.add(s, recs)
+    h.add(59, {"cost/once_ms": 7.0})
+    assert instrument_cost(h, "cheap") == pytest.approx((1.02, 1.02, 1.0))
+    costly = [40.0 + s % 7 for s in range(3, 60, 10)]
+    assert instrument_cost(h, "costly") == pytest.approx((np.median(costly) / 10, np.median(costly), 10.0))
+    per_step, run, gap = instrument_cost(h, "once")
+    assert run == 7.0 and np.isnan(per_step) and np.isnan(gap)
+    step = float(np.median([10.0 + (s % 3) for s in range(10, 60)]))  # the bars: the last 50 steps
+    assert cost_phrase(*instrument_cost(h, "costly"), step) == f"{np.median(costly):.2f} ms a run, 1 in 10 steps: " + (
+        f"{np.median(costly) / 10:.2f} ms ({np.median(costly) / 10 / step:.0%}) a step"
+    )
+    assert cost_phrase(*instrument_cost(h, "once"), step) == "7.00 ms a run (once so far)"
+    text = full_summary(h)
+    assert "costly" in text and "a run, 1 in 10 steps" in text and "once so far" in text
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    panel = CostBarsPanel()
+    panel.attach(ax)
+    panel.draw(h)
+    labels = {t.get_text() for t in ax.texts}
+    plt.close(fig)
+    assert f"{np.median(costly):.2f} ms a run, 1 in 10 steps: {np.median(costly) / 10:.2f} ms" in " ".join(labels)
+    bars = {tick.get_text(): patch.get_width() for tick, patch in zip(ax.get_yticklabels(), ax.patches, strict=True)}
+    assert bars["costly"] == pytest.approx(np.median(costly) / 10) and bars["cheap"] == pytest.approx(1.02)
