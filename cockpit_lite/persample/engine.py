@@ -408,6 +408,8 @@ class PerSampleEngine:
             for local, full in h.names.items()
         }
         self._bcast = BroadcastTracker(self, bare)
+        #: the modules whose parameters are used bare (their handlers never change after this)
+        self._bare_handlers = [(m, h) for m, h in self.handlers.items() if isinstance(h, BareParamsHandler)]
         self._hooks: list = []
         if attach:
             self._attach()
@@ -1261,8 +1263,8 @@ class PerSampleEngine:
         """Called before the optimizer step: reduce layers whose outputs got no gradient in some call."""
         if not self.active:
             return
-        for module, handler in self.handlers.items():  # bare parameters used outside their module's call
-            if isinstance(handler, BareParamsHandler) and module not in self._calls and handler.refused is None:
+        for module, handler in self._bare_handlers:  # bare parameters used outside their module's call
+            if module not in self._calls and handler.refused is None:
                 if self._bcast.has_results(handler.names.values()):
                     self._calls[module] = _Calls()
         for module in list(self._calls):
