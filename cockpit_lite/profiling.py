@@ -200,7 +200,7 @@ class _Region:
 
     def __init__(self, costs: Costs, name: str):
         self.costs, self.name = costs, name
-        self._open: list[tuple[Any, float]] = []
+        self._open: list[Any] = []  # per entry: its start time (short path), or (label, start, span)
 
     def __enter__(self) -> None:
         costs = self.costs
