@@ -46,15 +46,26 @@ def _base_needs(needs: frozenset) -> Needs:
 
 def guarded(fn: Callable) -> Callable:
     """For the Cockpit's hooks: no exception from the cockpit's work reaches the training loop; it
-    becomes one warning (``self._warn``)."""
+    becomes one warning (``self._warn``). The hook's own time outside any region (the driver's
+    bookkeeping) is added to ``self.costs.driver_ms``; a hook called inside another (a probe's model call
+    in an instrument's ``compute``) is counted by the outer one."""
 
     @functools.wraps(fn)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        costs = self.costs
+        outer = not costs.driving
+        if outer:
+            costs.driving = True
+            t0, timed = time.perf_counter(), costs.timed_ms
         try:
             return fn(self, *args, **kwargs)
         except Exception as e:
             self._warn(f"{fn.__name__.strip('_')} failed ({type(e).__name__}: {e}); training is unaffected")
             return None
+        finally:
+            if outer:
+                costs.driving = False
+                costs.driver_ms += max((time.perf_counter() - t0) * 1e3 - (costs.timed_ms - timed), 0.0)
 
     return wrapper
 

@@ -590,7 +590,7 @@ class CostBarsPanel(Panel):
     missing = "no cost records (`cost/<name>_ms`) yet"
     key = "core:cost_bars"
     order = 100.0
-    SKIP = {"step", "cockpit", "sinks"}
+    SKIP = {"step", "cockpit", "sinks"}  # (the hooks' own time, "driver", is a bar of its own)
     WINDOW = 50
 
     def setup(self, ax) -> None:

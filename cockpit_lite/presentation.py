@@ -62,11 +62,11 @@ def _rx(*tags: str) -> list[str]:
 #: the Custom Scalars category of the core's ``cost/...`` records (docs/profiling.md)
 CORE_CHARTS: dict[str, dict[str, list]] = {
     "Cost": {
-        "ms per tracked step (whole step, cockpit, sinks)": [
+        "ms per tracked step (whole step, cockpit, sinks, driver)": [
             "Multiline",
-            _rx("cost/step_ms", "cost/cockpit_ms", "cost/sinks_ms"),
+            _rx("cost/step_ms", "cost/cockpit_ms", "cost/sinks_ms", "cost/driver_ms"),
         ],
-        "ms per tracked step, by instrument": ["Multiline", [r"^cost/(?!step_|cockpit_|sinks_).*_ms$"]],
+        "ms per tracked step, by instrument": ["Multiline", [r"^cost/(?!step_|cockpit_|sinks_|driver_).*_ms$"]],
         "share of the step, by instrument": ["Multiline", [r"^cost/.*_share$"]],
     },
 }
@@ -441,16 +441,19 @@ def _costs(history: Any) -> list[str]:
     names = sorted(
         t[len("cost/") : -len("_ms")]
         for t in history
-        if t.startswith("cost/") and t.endswith("_ms") and t not in ("cost/step_ms", "cost/cockpit_ms", "cost/sinks_ms")
+        if t.startswith("cost/")
+        and t.endswith("_ms")
+        and t not in ("cost/step_ms", "cost/cockpit_ms", "cost/sinks_ms", "cost/driver_ms")
     )
     if not names:
         return []
 
-    step, cockpit, sinks = (instrument_cost(history, n)[1] for n in ("step", "cockpit", "sinks"))
+    step, cockpit, sinks, driver = (instrument_cost(history, n)[1] for n in ("step", "cockpit", "sinks", "driver"))
+    hooks = f", the hooks' own time {driver:.2f} ms ({driver / step:.0%})" if math.isfinite(driver) else ""
     out = [
         f"cost per tracked step (median): whole step {step:.2f} ms, cockpit {cockpit:.2f} ms "
-        f"({cockpit / step:.0%}), sinks {sinks:.2f} ms; by piece of work, what it adds to a step (work "
-        "done on some steps only: a run's cost over the steps between runs):"
+        f"({cockpit / step:.0%}), sinks {sinks:.2f} ms{hooks}; by piece of work, what it adds to a step "
+        "(work done on some steps only: a run's cost over the steps between runs):"
     ]
     costs = {n: instrument_cost(history, n) for n in names}
     for name in sorted(names, key=lambda n: -(costs[n][0] if math.isfinite(costs[n][0]) else costs[n][1])):

@@ -102,6 +102,17 @@ class Costs:
         #: regions take the short path (host clock, no profiler label): decided as each step begins, when
         #: the clock changes, and with :meth:`refresh`
         self.fast = False
+        #: every region's exclusive host time since these costs began (never reset: the driver's hooks
+        #: subtract what ran in regions inside them, see :meth:`drive`)
+        self.timed_ms = 0.0
+        #: the time of the cockpit's hooks outside any region since :meth:`take_driver` last took it
+        self.driver_ms = 0.0
+        self.driving = False
+
+    def take_driver(self) -> float:
+        """The hooks' own time (ms) outside regions since the last call (``cost/driver_ms``)."""
+        ms, self.driver_ms = self.driver_ms, 0.0
+        return ms
 
     def follow(self, tensor: torch.Tensor | None) -> None:
         """Time regions on the device timeline of ``tensor`` (a parameter of the model) if it is on a CUDA
@@ -229,6 +240,7 @@ class _Region:
             children = costs._children
             nested = children.pop()
             costs.ms[self.name] += elapsed - nested
+            costs.timed_ms += elapsed - nested
             if children:
                 children[-1] += elapsed
             return
@@ -243,6 +255,7 @@ class _Region:
                 costs._spans[span][2] = end
         nested = costs._children.pop()
         costs.ms[self.name] += elapsed - nested
+        costs.timed_ms += elapsed - nested
         if costs._children:
             costs._children[-1] += elapsed
         if label is not None:

@@ -229,3 +229,62 @@ def test_emitter_groups_normalises_and_drops_what_is_no_value():
         assert isinstance(value, np.ndarray) and value.dtype == np.float64 and value.tolist() == want
     assert np.asarray(got["h"][0][1]["rows"]).tolist() == [1, 2]
     assert emitter.sinks_ms is not None and emitter.sinks_ms[0] == 5
+
+
+def test_driver_time_is_the_hooks_own_outside_regions_sinks_and_the_loop(monkeypatch):
+    """``cost/driver_ms``: time spent in the cockpit's hooks outside any region. With a clock that moves
+    only when told: the loop's own forward (3 ms), an instrument's compute (a region, 7 ms) and a sink's
+    write (2 ms) are not in it; 1 ms of the driver's bookkeeping (building the step) is, every step."""
+    import types
+
+    from cockpit_lite import cockpit as cockpit_mod
+    from cockpit_lite import emitter as emitter_mod
+    from cockpit_lite import lifecycle, profiling
+    from cockpit_lite.sinks.base import Sink
+
+    now = [1000.0]
+    fake = types.SimpleNamespace(perf_counter=lambda: now[0])
+    for module in (profiling, lifecycle, emitter_mod, cockpit_mod):
+        monkeypatch.setattr(module, "time", fake)
+
+    def advance(ms: float) -> None:
+        now[0] += ms / 1e3
+
+    class Slow(Instrument):
+        NEEDS = frozenset({Need.LOSS})
+
+        def compute(self, record):
+            advance(7.0)
+            return {"slow": 1.0}
+
+    class SlowSink(Sink):
+        def write(self, step, records):
+            advance(2.0)
+
+    start = lifecycle.Step.__init__
+
+    def building(self, *args, **kwargs):
+        advance(1.0)
+        start(self, *args, **kwargs)
+
+    monkeypatch.setattr(lifecycle.Step, "__init__", building)
+    model, batches = _model_and_batches(5)
+    forward = model.forward
+
+    def user_forward(x):
+        advance(3.0)
+        return forward(x)
+
+    model.forward = user_forward
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[Slow()], sinks=[SlowSink()])
+    _train(cockpit, model, opt, batches)
+    cockpit.close()
+    h = cockpit.history
+    assert [v for _, v in h["cost/driver_ms"]] == pytest.approx([1.0] * 5)
+    assert all(v == pytest.approx(7.0) for _, v in h["cost/slow_ms"])
+    # (a step's records, then from the second on also the last step's late sinks record: one write each)
+    assert [v for _, v in h["cost/sinks_ms"]] == pytest.approx([2.0, 4.0, 4.0, 4.0])
+    steps = [v for _, v in h["cost/step_ms"]]
+    assert steps == pytest.approx([3.0 + 7.0] * 5)  # (from the step's start: its building is before)
+    assert [v for _, v in h["cost/driver_share"]] == pytest.approx([1.0 / s for s in steps])

@@ -57,12 +57,16 @@ def test_cost_records_ms_and_share(run):
         names = [t[5:-3] for t, v in rec.items() if t.endswith("_ms") and v is not None]
         for k in INSTRUMENTS + ["engine", "loss", "after_step"]:
             assert k in names, (step, k)
-        regions = [n for n in names if n not in ("step", "cockpit", "sinks")]
+        regions = [n for n in names if n not in ("step", "cockpit", "sinks", "driver")]
         for n in regions:
             assert rec[f"cost/{n}_share"] == pytest.approx(rec[f"cost/{n}_ms"] / step_ms)
         total = sum(rec[f"cost/{n}_ms"] for n in regions)
         assert rec["cost/cockpit_ms"] == pytest.approx(total)
         assert 0 < total <= step_ms  # exclusive times: nested regions are not counted twice
+        # the hooks' own time outside the regions (since the last step's records: a window shifted by
+        # the last step's records being written): there, and no region's or sink's time counted in it
+        assert 0 < rec["cost/driver_ms"] < step_ms
+        assert rec["cost/driver_share"] == pytest.approx(rec["cost/driver_ms"] / step_ms)
         if step < 4:  # the sinks' time of a step is recorded with the next tracked step
             assert rec["cost/sinks_ms"] > 0
             assert rec["cost/sinks_share"] == pytest.approx(rec["cost/sinks_ms"] / step_ms)

@@ -66,11 +66,11 @@ LAYOUT = {
         "TracIn scalars": ["Multiline", [r"^tracin/.*"]],
     },
     "Cost": {
-        "ms per tracked step (whole step, cockpit, sinks)": [
+        "ms per tracked step (whole step, cockpit, sinks, driver)": [
             "Multiline",
-            _rx("cost/step_ms", "cost/cockpit_ms", "cost/sinks_ms"),
+            _rx("cost/step_ms", "cost/cockpit_ms", "cost/sinks_ms", "cost/driver_ms"),
         ],
-        "ms per tracked step, by instrument": ["Multiline", [r"^cost/(?!step_|cockpit_|sinks_).*_ms$"]],
+        "ms per tracked step, by instrument": ["Multiline", [r"^cost/(?!step_|cockpit_|sinks_|driver_).*_ms$"]],
         "share of the step, by instrument": ["Multiline", [r"^cost/.*_share$"]],
     },
 }

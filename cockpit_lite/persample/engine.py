@@ -679,6 +679,11 @@ class PerSampleEngine:
         # not during our own recomputation (torch.func), nor for a deepcopy that carries our hooks
         if not self.active or self._processing or module not in self.handlers or (is_paused() and not self._probing):
             return None
+        with self.costs.region("engine"):  # (what the layer's call keeps is the engine's work too)
+            return self._capture_call(module, args, kwargs, output)
+
+    def _capture_call(self, module, args, kwargs, output):
+        """:meth:`_forward_hook`'s work: keep what this call of a handled module needs at its backward."""
         order = self._order.get(module, 0)
         self._order[module] = order + 1
         try:
