@@ -52,8 +52,8 @@ def guarded(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        costs = self.costs
-        outer = not costs.driving
+        costs = getattr(self, "costs", None)  # (none yet while the cockpit is being built: not timed)
+        outer = costs is not None and not costs.driving
         if outer:
             costs.driving = True
             t0, timed = time.perf_counter(), costs.timed_ms
