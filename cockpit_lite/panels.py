@@ -569,6 +569,12 @@ def instrument_cost(history: Any, name: str, window: int | None = None) -> tuple
     return (run / gap if gap >= 1 else run if steps.size > 1 else math.nan), run, gap
 
 
+def cost_ms(cost: tuple[float, float, float]) -> float:
+    """The ms an :func:`instrument_cost` stands for in a bar or an ordering: its cost a step, or its one
+    run so far."""
+    return cost[0] if math.isfinite(cost[0]) else cost[1]
+
+
 def cost_phrase(per_step: float, run: float, gap: float, step_ms: float, digits: int = 2) -> str:
     """How the cost of a piece of work reads: "0.45 ms (4%)" for work on every step; "69.26 ms a run, 1 in
     100 steps: 0.69 ms (6%) a step" for work on some steps; the share is of a whole step's median."""
@@ -604,7 +610,7 @@ class CostBarsPanel(Panel):
             return
 
         costs = {n: instrument_cost(h, n, self.WINDOW) for n in names}
-        ms = {n: c[0] if math.isfinite(c[0]) else c[1] for n, c in costs.items()}  # (one run so far: that run)
+        ms = {n: cost_ms(c) for n, c in costs.items()}
         step = instrument_cost(h, "step", self.WINDOW)[1]
         names = sorted(names, key=lambda n: ms[n])
         y = np.arange(len(names))

@@ -41,6 +41,7 @@ from cockpit_lite.panels import (
     Panel,
     VerdictsPanel,
     as_float,
+    cost_ms,
     cost_phrase,
     instrument_cost,
     tracked_steps,
@@ -456,7 +457,7 @@ def _costs(history: Any) -> list[str]:
         "(work done on some steps only: a run's cost over the steps between runs):"
     ]
     costs = {n: instrument_cost(history, n) for n in names}
-    for name in sorted(names, key=lambda n: -(costs[n][0] if math.isfinite(costs[n][0]) else costs[n][1])):
+    for name in sorted(names, key=lambda n: -cost_ms(costs[n])):
         out.append(f"  {name:28} {cost_phrase(*costs[name], step, digits=3)}")
     return out
 

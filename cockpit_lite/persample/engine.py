@@ -401,15 +401,10 @@ class PerSampleEngine:
         self.tied = tied_groups(self.handlers)
         self._tied_bytes = _tied_bytes(self.handlers, self.tied)
         #: tensors broadcast over the batch (position embeddings, bare parameters): see broadcast.py
-        bare = {
-            full: m.get_parameter(local)
-            for m, h in self.handlers.items()
-            if isinstance(h, BareParamsHandler)
-            for local, full in h.names.items()
-        }
-        self._bcast = BroadcastTracker(self, bare)
         #: the modules whose parameters are used bare (their handlers never change after this)
         self._bare_handlers = [(m, h) for m, h in self.handlers.items() if isinstance(h, BareParamsHandler)]
+        bare = {full: m.get_parameter(local) for m, h in self._bare_handlers for local, full in h.names.items()}
+        self._bcast = BroadcastTracker(self, bare)
         self._hooks: list = []
         if attach:
             self._attach()
