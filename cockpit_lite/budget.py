@@ -3,12 +3,17 @@ or below 5% over every window of 100 steps after a short warm-up, by running the
 some steps only (all of them on the same steps, so needs they share are paid once) while the cheap ones
 run on every step. The core knows no instrument by name: costs are measured (docs/budget.md).
 
-**Accounting.** For step t, the cockpit's time is c_t = ``cost/cockpit_ms`` + ``cost/sinks_ms`` (every
-timed region of the step, and the sinks writing its records; the budget's own decision is the region
-``budget``), and the step's wall time is w_t = ``cost/step_ms`` + ``cost/sinks_ms`` (from the model's
-forward pre-hook to the records being ready, then the sinks). A step the cockpit does not track has
-c_t = the budget's decision and w_t its time from the model's forward pre-hook to the optimizer's step
-post-hook. The share of a set of steps W is S(W) = sum_{t in W} c_t / sum_{t in W} w_t.
+**Accounting.** For step t, the cockpit's time is c_t = ``cost/cockpit_ms`` + ``cost/sinks_ms`` +
+``cost/driver_ms`` (every timed region of the step, the budget's own decision among them, the sinks
+writing its records, and its hooks' own time outside regions), and the step's wall time is w_t =
+``cost/step_ms`` + ``cost/sinks_ms`` (from the model's forward pre-hook to the records being ready, then
+the sinks). A step the cockpit does not track has c_t = the budget's decision and its hooks' time, and w_t
+its time from the model's forward pre-hook to the optimizer's step post-hook. The share of a set of steps
+W is S(W) = sum_{t in W} c_t / sum_{t in W} w_t. The hooks are a floor every step pays: h, the upper
+quartile of ``cost/driver_ms`` over the last HOOKS steps no instrument ran on; an instrument's cost alone
+(below) leaves them out, and every estimate before its first measurement adds h. When h alone exceeds the
+budget (h > budget (p + h)), no schedule keeps it: the budget says so (a warning, the plan) and keeps the
+instruments' work beyond the hooks (c_t without ``cost/driver_ms``) within the budget instead.
 
 **Warm-up** (2 + 6n steps for n instruments): the first step runs every instrument (it pays the one-time
 costs: allocations, the gradient-sum check, shape probes), the next runs none (the follow-ups of the
@@ -57,7 +62,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +83,11 @@ PLAIN = 16
 DEMOTE = 0.75
 #: how many times the warm-up measures each instrument alone (the smallest cost counts: noise only adds)
 ROUNDS = 3
+#: steps that nothing tracks hold their ``budget/share`` records back until this many wait (or the next tracked
+#: step's records, or the close): writing one record costs as much as a step's hooks (docs/budget.md)
+FLUSH = 16
+#: recent steps whose hooks' time (``cost/driver_ms``) gives the hooks' estimate h
+HOOKS = 16
 
 # kinds of step
 FIRST, AFTER, PROBE, WAIT, RUN, FOLLOW, REST = "first", "after", "probe", "wait", "run", "follow", "rest"
@@ -130,6 +140,8 @@ class Budget:
         self.warn = warn or (lambda msg: None)
         self.costs = costs
         self._own: dict[str, Callable[[int], bool]] = {}
+        #: the gate given to each instrument (by key): ``allows`` for its key
+        self.gates: dict[str, Callable[[int], bool]] = {}
         self.keys: list[str] = []
         self._reset()
 
@@ -151,6 +163,11 @@ class Budget:
         self._sums = (0.0, 0.0)
         self.recent: dict[str, deque[float]] = {k: deque(maxlen=n) for k, n in RECENT.items()}
         self.plain: deque[float] = deque(maxlen=PLAIN)
+        #: the hooks' own time (``cost/driver_ms``) of the last HOOKS steps no instrument ran on (but the first)
+        self.hooks: deque[float] = deque(maxlen=HOOKS)
+        #: True once the hooks alone took more than the budget of a step: from then on c_t leaves them out
+        #: (the budget keeps the instruments' share beyond them; the plan and a warning say so)
+        self.beyond_hooks = False
         self.last_run: int | None = None
         self.every: int | None = None
         self._warned = False
@@ -173,14 +190,20 @@ class Budget:
         self.keys = [i.key for i in instruments]
         for inst in instruments:
             self._own[inst.key] = inst.due
-            inst.gate(functools.partial(self.allows, inst.key))
+            self.gates[inst.key] = functools.partial(self.allows, inst.key)
+            inst.gate(self.gates[inst.key])
         self._reset()
 
         def detach() -> None:
             for inst in instruments:
                 inst.gate(None)
+            self.gates.clear()
 
         return detach
+
+    def allowed(self, step: int) -> frozenset[str]:
+        """The keys of the instruments the budget lets run at ``step`` (their own schedules aside)."""
+        return self.decide(step).allowed
 
     def allows(self, key: str, step: int) -> bool:
         """Whether the budget lets instrument ``key`` run at ``step`` (its own schedule aside)."""
@@ -240,8 +263,12 @@ class Budget:
     # --- the warm-up's outcome ----------------------------------------------------------------------------
     def _classify(self, step: int) -> None:
         p = min(self.plain) if self.plain else 0.0
+        h = self.hooks_ms()
+        if h > self.fraction * (p + h):
+            self._exceed(step, p, h)
+            h = 0.0
         measured = sorted((k for k in self.keys if k in self.solo_run), key=lambda k: (self._solo(k), k))
-        cheap, total = [], 0.0
+        cheap, total = [], h
         for key in measured:
             a = self._solo(key)
             if (total + a) <= 0.5 * self.fraction * (p + total + a):
@@ -319,6 +346,40 @@ class Budget:
             "budget, or leave budget=None and give the costly instruments every=..."
         )
 
+    def hooks_ms(self, counted: bool = True) -> float:
+        """The hooks' estimate h (ms a step): the upper quartile of the cockpit's hooks' own time
+        (``cost/driver_ms``) over the last HOOKS steps no instrument ran on (what every step pays; the
+        hooks' time of a step running instruments is in its measured c_t); with ``counted``, 0 once the
+        budget counts the instruments' work beyond the hooks (:attr:`beyond_hooks`)."""
+        if (counted and self.beyond_hooks) or not self.hooks:
+            return 0.0
+        recent = sorted(self.hooks)
+        return recent[math.ceil(3 * len(recent) / 4) - 1]
+
+    def _exceed(self, step: int, p: float, h: float) -> None:
+        """The hooks alone take more than the budget of a step: no schedule can keep it. From ``step`` on
+        the budget keeps the instruments' share beyond the hooks (c_t without ``cost/driver_ms``), and says
+        so once (a warning; the plan)."""
+        self.beyond_hooks = True
+        for kind in self.recent:  # (they held the hooks' time)
+            self.recent[kind].clear()
+        self.warn(
+            f"overhead budget {self.fraction:.3g}: the cockpit's hooks alone take {100 * h / (p + h):.2g}% of a step "
+            f"({h:.3g} ms of {p + h:.3g} ms, cost/driver_ms), more than the budget: it cannot be kept on this step. "
+            "From here the budget keeps the instruments' work beyond the hooks within it. A larger step (batch) or "
+            "a larger budget keeps it in full"
+        )
+
+    def _check_hooks(self, step: int) -> None:
+        """With no cheap instrument left, the rest steps are the hooks alone: when the last DEMOTE_STEPS of
+        them took more than the budget of their wall time, the costly instruments could never run again;
+        the budget counts the instruments' work beyond the hooks from here (:meth:`_exceed`)."""
+        rest = [(c, w) for _, c, w, kind in self.obs if kind == REST][-DEMOTE_STEPS:]
+        c, w = sum(c for c, _ in rest), sum(w for _, w in rest)
+        if c > self.fraction * w:
+            self._exceed(step, w / len(rest) - c / len(rest), c / len(rest))
+            self._pending[(step, "budget/plan")] = self.plan(min(self.plain))
+
     def _solo(self, key: str) -> float:
         return self.solo_run.get(key, 0.0) + self.solo_follow.get(key, 0.0)
 
@@ -330,6 +391,14 @@ class Budget:
         every = ", ".join(map(cost, self.cheap)) or "none"
         some = ", ".join(map(cost, self.costly)) or "none"
         plain = f"; plain step {plain_ms:.3g} ms" if plain_ms is not None else ""
+        h = self.hooks_ms(counted=False)
+        if self.beyond_hooks:
+            hooks = (
+                f" The cockpit's hooks alone ({h:.3g} ms a step, cost/driver_ms) take more than the budget: it "
+                "keeps the instruments' work beyond them."
+            )
+        else:
+            hooks = f" The cockpit's hooks take {h:.3g} ms every step, counted."
         out = ""
         if self.unaffordable:
             out = (
@@ -340,15 +409,16 @@ class Budget:
         return (
             f"overhead budget {self.fraction:.3g} of wall time over any {WINDOW} steps from step {self.start}. "
             f"Every step: {every}. Together, on the steps the budget allows: {some} "
-            f"(cost alone, measured in the warm-up{plain}).{out}"
+            f"(cost alone, measured in the warm-up{plain}).{hooks}{out}"
         )
 
     def _initial(self, kind: str, costly: Sequence[str] | None = None) -> float:
-        """The estimate of a kind of step before any measurement of it: sums of the warm-up costs of the
-        cheap instruments and the ``costly`` ones (default: :attr:`costly`, those that run together)."""
+        """The estimate of a kind of step before any measurement of it: the hooks' time h
+        (:meth:`hooks_ms`) and the sums of the warm-up costs of the cheap instruments and the ``costly``
+        ones (default: :attr:`costly`, those that run together)."""
         assert self.cheap is not None
         group = self.costly if costly is None else costly
-        cheap = sum(self.solo_run.get(k, 0.0) for k in self.cheap)
+        cheap = self.hooks_ms() + sum(self.solo_run.get(k, 0.0) for k in self.cheap)
         if kind == RUN:
             return cheap + sum(self.solo_run.get(k, 0.0) for k in group)
         if kind == FOLLOW:
@@ -415,14 +485,18 @@ class Budget:
         return True
 
     # --- measurements -----------------------------------------------------------------------------------
-    def observe(self, step: int, cockpit_ms: float, wall_ms: float, ran: Iterable[str] = ()) -> None:
-        """Step ``step`` is over: the cockpit took ``cockpit_ms`` of its ``wall_ms`` (both with the sinks);
-        ``ran`` are the instruments that ran on it by their schedule and the budget."""
+    def observe(
+        self, step: int, cockpit_ms: float, wall_ms: float, ran: Collection[str] = (), hooks_ms: float = 0.0
+    ) -> None:
+        """Step ``step`` is over: the cockpit's timed work took ``cockpit_ms`` and its hooks' own time
+        ``hooks_ms`` (``cost/driver_ms``) of the step's ``wall_ms`` (the first and the last with the
+        sinks); ``ran`` are the instruments that ran on it by their schedule and the budget."""
         d = self.decision if self.decision is not None and self.decision.step == step else None
         kind = d.kind if d is not None else REST
-        c, w = float(cockpit_ms), float(wall_ms)
-        if not (math.isfinite(c) and math.isfinite(w)) or w <= 0:
+        timed, hooks, w = float(cockpit_ms), float(hooks_ms), float(wall_ms)
+        if not (math.isfinite(timed) and math.isfinite(hooks) and math.isfinite(w)) or w <= 0:
             return
+        c = timed if self.beyond_hooks else timed + hooks
         self.steps += 1
         for key in ran:
             self.ran[key] = self.ran.get(key, 0) + 1
@@ -434,15 +508,27 @@ class Budget:
         if step % WINDOW == 0:  # no drift of the running sums over a long run
             self._sums = (math.fsum(o[1] for o in self.obs), math.fsum(o[2] for o in self.obs))
         self.plain.append(max(w - c, 0.0))
+        if kind != FIRST and not ran:  # (the first step's hooks build what later steps reuse)
+            self.hooks.append(hooks)
+        # an instrument's cost alone leaves out the hooks' time: every step pays that (h, hooks_ms)
         if kind == PROBE and d is not None and d.probe is not None:
-            self.solo_run[d.probe] = min(c, self.solo_run.get(d.probe, math.inf))
+            self.solo_run[d.probe] = min(timed, self.solo_run.get(d.probe, math.inf))
         elif kind == AFTER and d is not None and d.probe is not None:
-            self.solo_follow[d.probe] = min(c, self.solo_follow.get(d.probe, math.inf))
+            self.solo_follow[d.probe] = min(timed, self.solo_follow.get(d.probe, math.inf))
         elif kind in self.recent:
             self.recent[kind].append(c)
-        if kind == REST and self.cheap and len(self.recent[REST]) >= DEMOTE_STEPS:
-            self._check_cheap(step)
+        if kind == REST and len(self.recent[REST]) >= DEMOTE_STEPS:
+            if self.cheap:
+                self._check_cheap(step)
+            elif self.cheap is not None and not self.beyond_hooks:
+                self._check_hooks(step)
         self._pending[(step, "budget/share")] = self._sums[0] / self._sums[1]
+
+    def waiting(self) -> bool:
+        """Whether records wait that a step nothing tracks should write now: anything but ``budget/share``
+        (a plan, an interval), or FLUSH steps' shares (a live view sees them every FLUSH steps at most)."""
+        pending = self._pending
+        return len(pending) >= FLUSH or any(tag != "budget/share" for _, tag in pending)
 
     def records(self) -> dict[Any, Any]:
         """Records waiting to be written (late records ``(step, tag)``): ``budget/share`` of the steps
@@ -478,6 +564,8 @@ class Budget:
             "obs": [list(o) for o in self.obs],
             "recent": {k: list(v) for k, v in self.recent.items()},
             "plain": list(self.plain),
+            "hooks": list(self.hooks),
+            "beyond_hooks": self.beyond_hooks,
             "last_run": self.last_run,
             "every": self.every,
             "ran": dict(self.ran),
@@ -507,6 +595,8 @@ class Budget:
         for kind, values in state["recent"].items():
             self.recent[str(kind)].extend(float(v) for v in values)
         self.plain.extend(float(v) for v in state["plain"])
+        self.hooks.extend(float(v) for v in state.get("hooks", []))
+        self.beyond_hooks = bool(state.get("beyond_hooks", False))
         self.last_run = None if state["last_run"] is None else int(state["last_run"])
         self.every = None if state["every"] is None else int(state["every"])
         self.ran = {str(k): int(v) for k, v in state["ran"].items()}

@@ -307,16 +307,18 @@ class Cockpit:
         # a CUDA model's costs are timed on its device timeline (profiling.py): followed each step, as
         # a model may be moved to the GPU after the cockpit was built (Lightning)
         self.costs.follow(self._first_param)
-        self._step = Step(self.step, self.instruments, self.providers, self._guard, **self._fields)
+        gates = (self.budget.gates, self.budget.allowed) if self.budget is not None else None
+        self._step = Step(self.step, self.instruments, self.providers, self._guard, gates, **self._fields)
         return self._step
 
-    def _observe_budget(self, st: Step, cockpit_ms: float, wall_ms: float) -> None:
-        """Hand the budget the step's cost and wall time, both with the sinks' time for its records."""
+    def _observe_budget(self, st: Step, cockpit_ms: float, wall_ms: float, hooks_ms: float) -> None:
+        """Hand the budget the step's cost and wall time, both with the sinks' time for its records, and
+        its hooks' own time."""
         assert self.budget is not None
         written = self.emitter.sinks_ms
         sinks_ms = written[1] if written is not None and written[0] == st.number else 0.0
         ran = [i.key for i in st.active if i.scheduled(st.number)]
-        self.budget.observe(st.number, cockpit_ms + sinks_ms, wall_ms + sinks_ms, ran)
+        self.budget.observe(st.number, cockpit_ms + sinks_ms, wall_ms + sinks_ms, ran, hooks_ms)
 
     # --- hooks: when things happen ---------------------------------------------------------------------
     @guarded
@@ -356,7 +358,7 @@ class Cockpit:
             records["skipped"] = skipped
         records.update(self.emitter.late_sink_cost())
         # the hooks' own time since the last step's records (this step's hooks so far, the last one's after its
-        # records): reported, not yet handed to the overhead budget (docs/profiling.md)
+        # records; docs/profiling.md)
         driver = self.costs.take_driver()
         step_ms = records.get("cost/step_ms")
         records["cost/driver_ms"] = driver
@@ -366,7 +368,7 @@ class Cockpit:
             records.update(self.budget.records())
         self._emit(st.number, records)
         if self.budget is not None:
-            self._observe_budget(st, records["cost/cockpit_ms"], records["cost/step_ms"])
+            self._observe_budget(st, records["cost/cockpit_ms"], records["cost/step_ms"], driver)
 
     def _emit(self, step: int, records: dict[Any, Any]) -> None:
         """Hand records to the emitter; the sinks' time (``cost/sinks_ms``, reported on its own) is no part
@@ -499,13 +501,13 @@ class Cockpit:
                     self._report(st, st.complete(), skipped)
             else:
                 extra = {"skipped": skipped} if skipped else {}
-                if self.budget is not None:
+                if self.budget is not None and (extra or self.budget.waiting()):
                     extra.update(self.budget.records())
                 if extra:
                     self._emit(st.number, extra)
-                self.costs.take_driver()  # (an untracked step's hooks: no part of the next step's records)
+                driver = self.costs.take_driver()  # (an untracked step's hooks: not in the next step's records)
                 if self.budget is not None:
-                    self._observe_budget(st, self.costs.total(), st.elapsed_ms())
+                    self._observe_budget(st, self.costs.total(), st.elapsed_ms(), driver)
         finally:
             st.end()
             if self.profiler is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cockpit_lite.instrument import Instrument
@@ -82,6 +82,8 @@ class Guard:
         self._every_step: tuple | None = None
         #: (plan, its event routes) of :meth:`routes`
         self._routes: tuple[Any, dict[str, tuple]] = (None, {})
+        #: id(instrument) -> (instrument, :meth:`base_schedule`)
+        self._base: dict[int, tuple[Instrument, bool]] = {}
 
     def hearing(self, objects: tuple, base: type, method: str) -> tuple:
         """The objects of a step (a plan's tuple of providers or instruments, the same object step after
@@ -136,6 +138,14 @@ class Guard:
             self._every_step = (insts, True, asks, plan)
         return plan
 
+    def base_schedule(self, inst: Instrument) -> bool:
+        """Whether ``inst`` keeps the base ``requires``, ``scheduled`` and ``due`` with ``every=1`` and no
+        schedule: it asks its NEEDS on every step its gate allows (kept by object: these do not change)."""
+        found = self._base.get(id(inst))
+        if found is None or found[0] is not inst:
+            found = self._base[id(inst)] = (inst, self._always_due([inst]))
+        return found[1]
+
     @staticmethod
     def _always_due(instruments: Sequence[Instrument]) -> bool:
         """Whether each instrument keeps the base ``requires``, ``scheduled`` and ``due`` with ``every=1``
@@ -168,8 +178,17 @@ class Step:
     """Step ``number``: its scheduled instruments, their needs, the providers of those, the record."""
 
     def __init__(
-        self, number: int, instruments: Sequence[Instrument], providers: Sequence[Provider], guard: Guard, **fields: Any
+        self,
+        number: int,
+        instruments: Sequence[Instrument],
+        providers: Sequence[Provider],
+        guard: Guard,
+        gates: tuple[Mapping[str, Any], Callable[[int], frozenset[str]]] | None = None,
+        **fields: Any,
     ):
+        """``gates``: (the gate each instrument key was given, the keys those gates allow at a step: the
+        overhead budget's decision). An instrument still holding its gate, due every step by the base
+        schedule (:meth:`Guard.base_schedule`), is then scheduled iff its key is allowed, without asking it."""
         self.guard, self.t0, self.number = guard, time.perf_counter(), number
         self.skip = self.backward_done = self.in_backward = self.queued = False
         self.amp_scale = 1.0  #: GradScaler's loss scale of the current backward (1 without one)
@@ -187,9 +206,21 @@ class Step:
         if plan is not None:
             self._start(plan, fields)
             return
+        allowed: frozenset[str] = frozenset()
+        if gates is not None:
+            try:
+                allowed = gates[1](number)  # (after the reset: the decision is timed with the step)
+            except Exception as e:
+                guard.warn(f"the overhead budget's decision failed ({type(e).__name__}: {e}): each instrument is asked")
+                gates = None
         scheduled: list[tuple[Instrument, Needs]] = []
         base = True  # every scheduled instrument asks its NEEDS (a plan of the same ones can be reused)
         for inst in instruments:
+            gate = gates[0].get(inst.key) if gates is not None else None
+            if gate is not None and inst._gate is gate and guard.base_schedule(inst):
+                if inst.key in allowed:
+                    scheduled.append((inst, _base_needs(frozenset(inst.NEEDS))))
+                continue
             asked = None
             if not _overrides(type(inst), Instrument, "requires"):  # the base's: NEEDS on its scheduled steps
                 try:

@@ -22,6 +22,7 @@ from cockpit_lite.instruments import presets
 from torch import nn
 
 from cockpit_lite import Cockpit, Instrument, Need, Needs, emitter, lifecycle, profiling
+from cockpit_lite import budget as budget_mod
 from cockpit_lite.budget import ROUNDS, WINDOW, Budget
 from cockpit_lite.errors import CockpitWarning
 
@@ -343,6 +344,125 @@ def test_cheap_set_fills_half_the_budget_and_an_overrun_moves_one_to_the_costly(
         shares = window_shares(h, b.start, cockpit.step)
         assert all(s <= 0.05 + 1e-9 for first, s in shares if first > moved or first + WINDOW <= grown)
         assert sum(first > moved for first, _ in shares) > 100 and len(series(h, "costly/value")) > 10
+
+
+# --- the hooks' own time (cost/driver_ms) -----------------------------------------------------------------
+@pytest.fixture
+def hooks(clock, monkeypatch):
+    """The cockpit's hooks take ``hooks.ms`` of the fake clock on every step, outside any timed region
+    (while the step is formed, inside its wall time): ``cost/driver_ms``."""
+    form = lifecycle.Guard.every_step_plan
+    state = types.SimpleNamespace(ms=0.0)
+
+    def slow(self, *args, **kwargs):
+        clock.advance(state.ms)
+        return form(self, *args, **kwargs)
+
+    monkeypatch.setattr(lifecycle.Guard, "every_step_plan", slow)
+    return state
+
+
+def shares_with_hooks(
+    history, hooks_ms: dict[int, float], start: int, stop: int, counted: bool = True
+) -> list[tuple[int, float]]:
+    """(first step, share) of every window of WINDOW steps in [start, stop), the hooks' time counted: c_t =
+    cost/cockpit_ms + cost/sinks_ms + cost/driver_ms (a step without records: its hooks, ``hooks_ms``),
+    w_t = cost/step_ms + cost/sinks_ms (without records: PLAIN_MS and its hooks). Without ``counted``, c_t
+    leaves the hooks out (w_t still holds them)."""
+    cockpit, step, sinks, driver = (
+        series(history, t) for t in ("cost/cockpit_ms", "cost/step_ms", "cost/sinks_ms", "cost/driver_ms")
+    )
+    own = {s: driver.get(s, hooks_ms[s]) if counted else 0.0 for s in range(start, stop)}
+    c = np.array([cockpit.get(s, 0.0) + sinks.get(s, 0.0) + own[s] for s in range(start, stop)])
+    w = np.array([step.get(s, PLAIN_MS + hooks_ms[s]) + sinks.get(s, 0.0) for s in range(start, stop)])
+    return [(start + i, c[i : i + WINDOW].sum() / w[i : i + WINDOW].sum()) for i in range(len(c) - WINDOW + 1)]
+
+
+def test_the_hooks_own_time_is_counted_every_step(clock, hooks):
+    """The hooks take 0.2 ms a step (2% of the plain step): the budget counts them on every step, so a
+    window holds 2 runs of the costly group instead of 4 (the first test), and every window keeps 5% with
+    them counted (independently summed from the records, cost/driver_ms included)."""
+    hooks.ms, steps = 0.2, 420
+    with run(clock, steps) as cockpit:
+        b, h = cockpit.budget, cockpit.history
+        assert b.hooks_ms() == pytest.approx(0.2) and not b.beyond_hooks
+        assert b.cheap == ["cheap"] and b.costly == ["costly", "paired"]
+        assert [v for _, v in h["cost/driver_ms"]] == pytest.approx([0.2] * len(h["cost/driver_ms"]))
+        shares = shares_with_hooks(h, {s: 0.2 for s in range(steps)}, b.start, steps)
+        assert max(s for _, s in shares) <= 0.05 + 1e-9
+        # a window with n runs: n x 11.1 ms of runs, (100 - 2n) x 0.05 ms of rest steps, 100 x 0.2 ms of hooks
+        share_of = lambda n: (n * 11.1 + (100 - 2 * n) * 0.05 + 20) / (1020 + n * 11.1 + (100 - 2 * n) * 0.05)  # noqa: E731
+        assert share_of(2) <= 0.05 < share_of(3)
+        runs = sorted(s for s in series(h, "costly/value") if s >= b.start)
+        assert all(sum(first <= r < first + WINDOW for r in runs) == 2 for first, _ in shares)
+        assert "The cockpit's hooks take 0.2 ms every step, counted." in series(h, "budget/plan")[b.start]
+
+
+def test_hooks_alone_over_the_budget_say_so_and_the_instruments_still_run(clock, hooks):
+    """The hooks take 0.6 ms of a 10.6 ms step: 5.7%, more than the whole budget of 5%, so no schedule can
+    keep it (every window would be over with nothing running). The plan and a warning say so, and the budget
+    keeps the instruments' work beyond the hooks within 5% (the accounting without cost/driver_ms): the
+    costly ones still run, 4 in each window, rather than never."""
+    hooks.ms, steps = 0.6, 420
+    with pytest.warns(CockpitWarning, match=r"hooks alone take 5.7% of a step \(0.6 ms of 10.6 ms"):
+        cockpit = run(clock, steps)
+    with cockpit:
+        b, h = cockpit.budget, cockpit.history
+        assert b.beyond_hooks and b.hooks_ms() == 0.0 and b.hooks_ms(counted=False) == pytest.approx(0.6)
+        assert "The cockpit's hooks alone (0.6 ms a step, cost/driver_ms) take more than the budget" in (
+            series(h, "budget/plan")[b.start]
+        )
+        assert b.cheap == ["cheap"] and b.costly == ["costly", "paired"]
+        runs = sorted(s for s in series(h, "costly/value") if s >= b.start)
+        hooks_ms = {s: 0.6 for s in range(steps)}
+        shares = shares_with_hooks(h, hooks_ms, b.start, steps, counted=False)
+        assert max(s for _, s in shares) <= 0.05 + 1e-9
+        assert all(sum(first <= r < first + WINDOW for r in runs) == 4 for first, _ in shares)
+        assert min(s for _, s in shares_with_hooks(h, hooks_ms, b.start, steps)) > 0.05
+
+
+def test_hooks_that_grow_past_the_budget_later_switch_the_accounting(clock, hooks):
+    """The hooks grow from 0.1 ms to 0.7 ms a step after the warm-up: the rest steps (cheap + hooks) no
+    longer fit 3/4 of the budget, so the cheap instrument joins the costly ones (as in the test above);
+    the rest steps, the hooks alone now, still take 6.5% > 5%: the costly ones could never run again. The
+    budget says so and keeps the instruments' work beyond the hooks; the costly ones run again."""
+    hooks.ms = 0.1
+    model, opt, loss_fn = tiny()
+    with Cockpit(model, opt, loss_fn, instruments=instruments(clock), sinks=[], budget=0.05) as cockpit:
+        train(cockpit, model, opt, loss_fn, clock, 100)
+        b = cockpit.budget
+        assert b.cheap == ["cheap"] and not b.beyond_hooks
+        hooks.ms = 0.7
+        with pytest.warns(CockpitWarning) as caught:
+            train(cockpit, model, opt, loss_fn, clock, 400, seed=1)
+        said = [str(w.message) for w in caught]
+        assert any("the instruments that run every step took" in m and ": cheap now runs" in m for m in said)
+        assert any("hooks alone take 6.5% of a step (0.7 ms of 10.7 ms" in m for m in said)
+        assert b.beyond_hooks and b.cheap == []
+        h = cockpit.history
+        plans = series(h, "budget/plan")
+        switched = max(plans)
+        assert "take more than the budget: it keeps the instruments' work beyond them" in plans[switched]
+        runs = [s for s in series(h, "costly/value") if s > switched]
+        assert len(runs) >= (cockpit.step - switched) // WINDOW * 4
+        beyond = shares_with_hooks(h, {s: 0.7 for s in range(cockpit.step)}, switched + 1, cockpit.step, counted=False)
+        assert max(s for _, s in beyond) <= 0.05 + 1e-9
+
+
+def test_steps_nothing_tracks_write_their_shares_in_groups(clock):
+    """A step no instrument tracks holds its ``budget/share`` back (one record a step costs as much as
+    the step's hooks): written with the next tracked step, or once FLUSH wait; all of them by the close."""
+    model, opt, loss_fn = tiny()
+    insts = [Costing(clock, 8.0, name="costly")]  # nothing cheap: most steps track nothing
+    with Cockpit(model, opt, loss_fn, instruments=insts, sinks=[], budget=0.05) as cockpit:
+        written = []
+        for _ in range(300):
+            train(cockpit, model, opt, loss_fn, clock, 1)
+            written.append(max(series(cockpit.history, "budget/share"), default=-1))
+        start = cockpit.budget.start
+        assert max(t - w for t, w in enumerate(written) if t > start) <= budget_mod.FLUSH
+        assert any(t - w > 1 for t, w in enumerate(written) if t > start)
+    assert series(cockpit.history, "budget/share").keys() == set(range(300))
 
 
 # --- verdicts, state, arguments ------------------------------------------------------------------------------
