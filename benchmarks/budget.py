@@ -12,10 +12,11 @@ interleaved (SGD with momentum, 1 thread). Printed per model:
   per-round ratios with their quartiles (``common.paired_ratio``): everything the cockpit costs, timed
   regions or not;
 - the largest share the cockpit's own records give any window of 100 steps after the warm-up,
-  S(W) = sum c_t / sum w_t, summed here from ``cost/cockpit_ms``, ``cost/sinks_ms`` and ``cost/step_ms``
-  (a step with nothing scheduled writes no cost records: its c_t is taken as 0 and its w_t as the
-  plain arm's median step), and the budget's own ``budget/share`` at its largest over the windows that
-  begin after its warm-up;
+  S(W) = sum c_t / sum w_t, summed here from ``cost/cockpit_ms``, ``cost/sinks_ms``, ``cost/driver_ms``
+  (the hooks' own time; left out when the budget says the hooks alone exceed it) and ``cost/step_ms`` (a
+  step with nothing scheduled writes no cost records: its c_t is taken as the budget's hooks estimate and
+  its w_t as the plain arm's median step), and the budget's own ``budget/share`` at its largest over the
+  windows that begin after its warm-up;
 - the schedule the budget chose: its last ``budget/every``, the steps each instrument ran on over the
   whole run (``Cockpit.budget.thinned``; "every step" for the cheap ones) and the last ``budget/plan``.
 """
@@ -54,13 +55,19 @@ class Keep(Sink):
                 self.values.setdefault(tag, {})[step] = v
 
 
-def window_share(kept: Keep, first: int, last: int, plain_ms: float) -> float:
-    """The largest S(W) over the windows of ``WINDOW`` steps within [first, last] (module docstring)."""
-    c, s, w = (kept.values.get(t, {}) for t in ("cost/cockpit_ms", "cost/sinks_ms", "cost/step_ms"))
+def window_share(kept: Keep, first: int, last: int, plain_ms: float, hooks_ms: float | None) -> float:
+    """The largest S(W) over the windows of ``WINDOW`` steps within [first, last] (module docstring), from
+    the cost records: c_t = cost/cockpit_ms + cost/sinks_ms + cost/driver_ms, w_t = cost/step_ms +
+    cost/sinks_ms. A step without records (nothing ran) counts the hooks' estimate ``hooks_ms`` over the
+    plain step's median. With ``hooks_ms`` None (the budget counts the instruments beyond the hooks: the
+    hooks alone exceed it) c_t leaves the hooks out."""
+    tags = ("cost/cockpit_ms", "cost/sinks_ms", "cost/step_ms", "cost/driver_ms")
+    c, s, w, d = (kept.values.get(t, {}) for t in tags)
+    own = (lambda t: d.get(t, hooks_ms)) if hooks_ms is not None else (lambda t: 0.0)
     shares = []
     for t0 in range(first, last - WINDOW + 2):
         steps = range(t0, t0 + WINDOW)
-        cost = sum(c.get(t, 0.0) + s.get(t, 0.0) for t in steps)
+        cost = sum(c.get(t, 0.0) + s.get(t, 0.0) + own(t) for t in steps)
         wall = sum(w.get(t, plain_ms) + s.get(t, 0.0) for t in steps)
         shares.append(cost / wall)
     return max(shares) if shares else float("nan")
@@ -92,11 +99,15 @@ def run_model(name: str, budget: float, steps: int, reps: int, warmup: int, devi
         shares = [v for t, v in kept.values.get("budget/share", {}).items() if since <= t <= last]
         every = [v for t, v in sorted(kept.values.get("budget/every", {}).items()) if t <= last]
         plans = [v for t, v in sorted(kept.values.get("budget/plan", {}).items()) if t <= last]
+        beyond = cockpit.budget.beyond_hooks
+        hooks_ms = cockpit.budget.hooks_ms(counted=False)
         cockpit.close()
     return {
         "plain_ms": plain_ms,
         "ratio": paired_ratio(times["budget"], times["plain"]),
-        "window_max": window_share(kept, first, last, plain_ms),
+        "window_max": window_share(kept, first, last, plain_ms, None if beyond else hooks_ms),
+        "hooks_ms": hooks_ms,
+        "beyond_hooks": beyond,
         "budget_share_max": max(shares) if shares else float("nan"),
         "every": every[-1] if every else None,
         "ran": ran,
@@ -131,9 +142,10 @@ def main(argv=None) -> None:
             f"\n{name}: plain step {r['plain_ms']:.1f} ms; budget arm {med:.3f}x plain [{lo:.3f}, {hi:.3f}] "
             f"over {r['steps']} timed steps"
         )
+        counted = "without the hooks: they alone exceed the budget" if r["beyond_hooks"] else "the hooks counted"
         print(
-            f"  largest 100-step window share from the cost records: {r['window_max']:.2%}; "
-            f"budget/share at most {r['budget_share_max']:.2%}; budget/every {r['every']}"
+            f"  largest 100-step window share from the cost records ({counted}; hooks {r['hooks_ms']:.3g} ms a "
+            f"step): {r['window_max']:.2%}; budget/share at most {r['budget_share_max']:.2%}; budget/every {r['every']}"
         )
         print("  instruments ran on: " + ", ".join(f"{k} {v}" for k, v in r["ran"].items()) + " (whole run)")
         print(f"  plan: {r['plan']}")

@@ -144,7 +144,7 @@ class Cockpit:
             self._first_param = next(iter(self.params.values()), None)
             self._guard = Guard(self._warn, self.costs)
             context = Context(
-                self.network, optimizer, self.params, loss_fn, self.costs, reduction, self._warn, fraction
+                self.network, optimizer, self.params, loss_fn, self.costs, reduction, self._warn, fraction, compiled
             )
             # the model's pre-hook before the providers' hooks: the step (and what it asks of the per-sample
             # engine) is set up before the engine's own pre-hook reads the input

@@ -342,6 +342,9 @@ JOIN_NEEDS = frozenset({Need.PER_SAMPLE_DOT_MEAN, Need.PER_SAMPLE_GRAM, Need.PER
 #: it at the second forward), so it keeps them up to this size and releases them at the optimizer step
 #: if no second micro-batch came (:meth:`PerSampleEngine.expect_accumulation` saves the question)
 TRIAL_BYTES = 1 << 29
+#: model calls without per-sample work after which the layers' hooks are taken off until a step needs them
+#: (each hooked layer's call costs the slow path of ``Module.__call__`` and a hook's call: about 5 us)
+SLEEP_AFTER = 4
 
 
 def _tied_bytes(handlers: dict[nn.Module, Handler], group: dict[nn.Module, int]) -> dict[int, int]:
@@ -406,6 +409,14 @@ class PerSampleEngine:
         bare = {full: m.get_parameter(local) for m, h in self._bare_handlers for local, full in h.names.items()}
         self._bcast = BroadcastTracker(self, bare)
         self._hooks: list = []
+        #: the handled layers' hooks (none while asleep, see :meth:`_sleep`), and the model calls without
+        #: per-sample work since the last step with it
+        self._layer_hooks: list = []
+        self._idle = 0
+        #: whether the layer hooks may be taken off after SLEEP_AFTER calls without per-sample work (not
+        #: under torch.compile: its compiled code guards on them, every change would recompile)
+        self.may_sleep = False
+        self._attached = attach
         if attach:
             self._attach()
         self.active = False
@@ -440,28 +451,42 @@ class PerSampleEngine:
         self._reset(Needs())
 
     def _attach(self) -> None:
+        self._hooks = [
+            self.model.register_forward_pre_hook(SharedHook(self._model_input), with_kwargs=True),
+            self.model.register_forward_hook(SharedHook(self._model_output)),
+        ]
+        self._wake()
+
+    def _wake(self) -> None:
+        """Hook the handled layers (again, after :meth:`_sleep`)."""
         # first among the module's forward hooks: a hook of the user's that replaces the output (out * 2)
         # is then part of what follows the module, and the engine pairs the module's own output with its input
-        self._hooks = [
+        self._layer_hooks = [
             m.register_forward_hook(SharedHook(self._forward_hook), with_kwargs=True, prepend=True)
             for m in self.handlers
         ]
         # handlers that keep what holds just before the call (the random state attention dropout draws from)
-        self._hooks += [
+        self._layer_hooks += [
             m.register_forward_pre_hook(SharedHook(self._pre_forward_hook), with_kwargs=True)
             for m, h in self.handlers.items()
             if type(h).pre_forward is not Handler.pre_forward
         ]
-        self._hooks += [
-            self.model.register_forward_pre_hook(SharedHook(self._model_input), with_kwargs=True),
-            self.model.register_forward_hook(SharedHook(self._model_output)),
-        ]
+        self._idle = 0
+
+    def _sleep(self) -> None:
+        """Unhook the handled layers: the model's calls of steps without per-sample work (an overhead budget's
+        rest steps, ``every=``) then run no hook of the engine's per layer. :meth:`begin` of a step with
+        per-sample work hooks them again, from the model's forward pre-hook, before any layer runs."""
+        for h in self._layer_hooks:
+            h.remove()
+        self._layer_hooks = []
 
     # --- lifecycle ------------------------------------------------------------------------------------
     def close_hooks(self) -> None:
-        for h in self._hooks:
+        for h in (*self._hooks, *self._layer_hooks):
             h.remove()
         self._hooks.clear()
+        self._layer_hooks = []
 
     def stop(self) -> None:
         """No more per-layer work until the next :meth:`begin`; release what this step held."""
@@ -519,6 +544,10 @@ class PerSampleEngine:
         """A new step starts; attach per-layer work only if the step needs it."""
         self._reset(needs)
         self.active = bool(needs.names() & PER_SAMPLE_NEEDS)
+        if self.active:
+            self._idle = 0
+            if self._attached and not self._layer_hooks:
+                self._wake()
         self.checking = self.active and self.checks_left > 0
         if self.active and not self.accumulating and not self._tried and needs.flags & JOIN_NEEDS:
             if not self._keeps_views():
@@ -657,6 +686,9 @@ class PerSampleEngine:
             return
         call, self._model_call = self._model_call, None
         if not self.active:
+            self._idle += 1
+            if self._idle >= SLEEP_AFTER and self._layer_hooks and self.may_sleep:
+                self._sleep()
             return
         if call is not None and any(p.ambiguous for p in self._pending):
             try:

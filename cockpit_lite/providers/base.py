@@ -90,6 +90,8 @@ class Context:
     #: a statistic is computed on, from what it measured them to cost: a provider then serves what is asked
     #: on every step it is asked, without a thinning of its own that the budget's measurements would miss
     budget: float | None = None
+    #: the model runs under torch.compile (its compiled code guards on the layer hooks: they stay in place)
+    compiled: bool = False
 
     @functools.cached_property
     def sharded(self) -> bool:

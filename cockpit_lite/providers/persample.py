@@ -57,6 +57,7 @@ class PerSampleProvider(Provider):
         self.engine = PerSampleEngine(
             context.network, costs=context.costs, params={id(p) for p in context.params.values()}, warn=context.warn
         )
+        self.engine.may_sleep = not context.compiled
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_world_size() > 1:  # p.grad is averaged over ranks: no sum to check
                 self.engine.checks_left = 0
