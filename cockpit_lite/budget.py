@@ -156,8 +156,12 @@ class Budget:
         #: costly ones): they cannot run within the budget and are left out (the plan says so)
         self.unaffordable: list[str] = []
         self.start: int | None = None
-        #: the step of the latest change of the classification after T0 (an instrument left out)
+        #: the step of the latest change of the classification after T0 (an instrument left out, the hooks
+        #: counted beyond for want of room)
         self.changed: int | None = None
+        #: steps in a row a run was due and spaced but the window check held it back (estimates that no longer
+        #: describe the group: after WINDOW of them the group is stalled, as when no run fits at all)
+        self.refused = 0
         #: (step, c_t, w_t, kind) of the last WINDOW steps observed, and the sums of c_t and w_t
         self.obs: deque[tuple[int, float, float, str]] = deque(maxlen=WINDOW)
         self._sums = (0.0, 0.0)
@@ -248,15 +252,25 @@ class Budget:
             self._classify(step)
         assert self.cheap is not None
         every = self.interval()
-        if every is None and self._stalled(step):
-            self._leave_out(step)
+        if (every is None or self.refused >= WINDOW) and self._stalled(step):
+            if len(self.costly or []) == 1 and not self.cheap and not self.beyond_hooks and self.hooks_ms() > 0:
+                # leaving the last one out would leave nothing running, for want of room the hooks take
+                self._exceed(step, min(self.plain), self.hooks_ms(), room=True)
+                self.changed = step
+                self._pending[(step, "budget/plan")] = self.plan(min(self.plain))
+            else:
+                self._leave_out(step)
+            self.refused = 0
             every = self.interval()
         if every != self.every:
             self.every = every
             self._pending[(step, "budget/every")] = float(every) if every is not None else math.inf
         spaced = every is not None and (self.last_run is None or step - self.last_run >= every)
-        if spaced and any(self._due(k, step) for k in self.costly) and self._fits(step):
-            return Decision(step, RUN, everyone - frozenset(self.unaffordable))
+        if spaced and any(self._due(k, step) for k in self.costly):
+            if self._fits(step):
+                self.refused = 0
+                return Decision(step, RUN, everyone - frozenset(self.unaffordable))
+            self.refused += 1
         kind = FOLLOW if self.last_run == step - 1 else REST
         return Decision(step, kind, frozenset(self.cheap))
 
@@ -266,24 +280,17 @@ class Budget:
         h = self.hooks_ms()
         if h > self.fraction * (p + h):
             self._exceed(step, p, h)
-            h = 0.0
-        measured = sorted((k for k in self.keys if k in self.solo_run), key=lambda k: (self._solo(k), k))
-        cheap, total = [], h
-        for key in measured:
-            a = self._solo(key)
-            if (total + a) <= 0.5 * self.fraction * (p + total + a):
-                cheap.append(key)
-                total += a
-            else:
-                break
-        self.cheap = [k for k in self.keys if k in cheap]  # in the cockpit's order
-        # the costly ones run together: the dearest that would leave no run in a window are left out
-        group = [k for k in self.keys if k not in cheap and k not in self.solo_run]  # (unmeasured: kept)
-        for i, key in enumerate(k for k in measured if k not in cheap):
-            if not self._affordable(group + [key], p):
-                self.unaffordable = [k for k in measured if k not in cheap][i:]
-                break
-            group.append(key)
+        cheap, unaffordable = self._split(p)
+        measured = [k for k in self.keys if k in self.solo_run]
+        if not self.beyond_hooks and h > 0 and measured and len(unaffordable) == len(measured):
+            # the hooks leave no room for any instrument: counted beyond them, at least one would run
+            self.beyond_hooks = True
+            beyond = self._split(p)
+            self.beyond_hooks = False
+            if len(beyond[1]) < len(unaffordable):
+                self._exceed(step, p, h, room=True)
+                cheap, unaffordable = beyond
+        self.cheap, self.unaffordable = cheap, unaffordable
         self.start, self.stage = step, RUN
         self._pending[(step, "budget/plan")] = self.plan(p)
         if self.unaffordable:
@@ -292,6 +299,29 @@ class Budget:
                 f"costs more than a window of {WINDOW} steps allows: budget/plan gives the costs), left out. Raise "
                 "the budget, or leave budget=None and give the costly instruments every=..."
             )
+
+    def _split(self, p: float) -> tuple[list[str], list[str]]:
+        """The cheap instruments (ascending cost alone, while they and the hooks fill at most half the
+        budget) and the costly ones left out (the dearest whose joining the group leaves no run in a window),
+        both in the cockpit's order, by the warm-up's costs and the plain step ``p``."""
+        measured = sorted((k for k in self.keys if k in self.solo_run), key=lambda k: (self._solo(k), k))
+        cheap, total = [], self.hooks_ms()
+        for key in measured:
+            a = self._solo(key)
+            if (total + a) <= 0.5 * self.fraction * (p + total + a):
+                cheap.append(key)
+                total += a
+            else:
+                break
+        self.cheap = [k for k in self.keys if k in cheap]  # (what the estimates of the group start from)
+        # the costly ones run together: the dearest that would leave no run in a window are left out
+        group = [k for k in self.keys if k not in cheap and k not in self.solo_run]  # (unmeasured: kept)
+        costly = [k for k in measured if k not in cheap]
+        for i, key in enumerate(costly):
+            if not self._affordable(group + [key], p):
+                return self.cheap, [k for k in self.keys if k in costly[i:]]
+            group.append(key)
+        return self.cheap, []
 
     def _affordable(self, group: list[str], p: float) -> bool:
         """Whether the cheap instruments and ``group`` running together leave room for at least one run
@@ -321,9 +351,11 @@ class Budget:
             )
 
     def _stalled(self, step: int) -> bool:
-        """Whether the costly group has not fit a window for a whole window of steps, while the rest steps
-        fit (the cheap instruments leave room: otherwise :meth:`_check_cheap` acts): one of its
-        instruments grew after the warm-up, and waiting would keep every one of them dark."""
+        """Whether the costly group has not fit a window for a whole window of steps (no run fits by the
+        estimates, or the window check held every due run back for WINDOW steps in a row: estimates that no
+        longer describe the group), while the rest steps fit (the cheap instruments leave room: otherwise
+        :meth:`_check_cheap` acts): one of its instruments, or the hooks, grew after the warm-up, and waiting
+        would keep every one of them dark."""
         if not self.costly or not self.plain or self.start is None:
             return False
         since = max(x for x in (self.start, self.last_run, self.changed) if x is not None)
@@ -356,18 +388,23 @@ class Budget:
         recent = sorted(self.hooks)
         return recent[math.ceil(3 * len(recent) / 4) - 1]
 
-    def _exceed(self, step: int, p: float, h: float) -> None:
-        """The hooks alone take more than the budget of a step: no schedule can keep it. From ``step`` on
-        the budget keeps the instruments' share beyond the hooks (c_t without ``cost/driver_ms``), and says
-        so once (a warning; the plan)."""
+    def _exceed(self, step: int, p: float, h: float, room: bool = False) -> None:
+        """The hooks alone take more than the budget of a step (``room``: so much of it that no instrument
+        could run in any window), so no schedule can keep it with a statistic computed. From ``step`` on the
+        budget keeps the instruments' share beyond the hooks (c_t without ``cost/driver_ms``), and says so
+        (a warning; the plan)."""
         self.beyond_hooks = True
         for kind in self.recent:  # (they held the hooks' time)
             self.recent[kind].clear()
+        said = (
+            "which leaves no room for any instrument in it: nothing would run."
+            if room
+            else "more than the budget: it cannot be kept on this step."
+        )
         self.warn(
             f"overhead budget {self.fraction:.3g}: the cockpit's hooks alone take {100 * h / (p + h):.2g}% of a step "
-            f"({h:.3g} ms of {p + h:.3g} ms, cost/driver_ms), more than the budget: it cannot be kept on this step. "
-            "From here the budget keeps the instruments' work beyond the hooks within it. A larger step (batch) or "
-            "a larger budget keeps it in full"
+            f"({h:.3g} ms of {p + h:.3g} ms, cost/driver_ms), {said} From here the budget keeps the instruments' "
+            "work beyond the hooks within it. A larger step (batch) or a larger budget keeps it in full"
         )
 
     def _check_hooks(self, step: int) -> None:
@@ -394,8 +431,8 @@ class Budget:
         h = self.hooks_ms(counted=False)
         if self.beyond_hooks:
             hooks = (
-                f" The cockpit's hooks alone ({h:.3g} ms a step, cost/driver_ms) take more than the budget: it "
-                "keeps the instruments' work beyond them."
+                f" The cockpit's hooks alone ({h:.3g} ms a step, cost/driver_ms) take more than the budget, or so "
+                "much of it that no instrument could run: it keeps the instruments' work beyond them."
             )
         else:
             hooks = f" The cockpit's hooks take {h:.3g} ms every step, counted."
@@ -561,6 +598,7 @@ class Budget:
             "unaffordable": list(self.unaffordable),
             "start": self.start,
             "changed": self.changed,
+            "refused": self.refused,
             "obs": [list(o) for o in self.obs],
             "recent": {k: list(v) for k, v in self.recent.items()},
             "plain": list(self.plain),
@@ -590,6 +628,7 @@ class Budget:
         self.unaffordable = [str(k) for k in state.get("unaffordable", [])]
         self.start = None if state["start"] is None else int(state["start"])
         self.changed = None if state.get("changed") is None else int(state["changed"])
+        self.refused = int(state.get("refused", 0))
         self.obs.extend((int(s), float(c), float(w), str(k)) for s, c, w, k in state["obs"])
         self._sums = (math.fsum(o[1] for o in self.obs), math.fsum(o[2] for o in self.obs))
         for kind, values in state["recent"].items():

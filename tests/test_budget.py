@@ -421,6 +421,49 @@ def test_hooks_alone_over_the_budget_say_so_and_the_instruments_still_run(clock,
         assert min(s for _, s in shares_with_hooks(h, hooks_ms, b.start, steps)) > 0.05
 
 
+def test_hooks_that_leave_no_room_for_any_instrument_are_counted_beyond(clock, hooks):
+    """The hooks take 0.45 ms of a 10.45 ms step (4.3%): under the budget, but a window counting them holds
+    no run of the only instrument (8 ms: 100 (0.05 x 10 - 0.95 x 0.45) = 7.25 ms of room against 7.6 ms a
+    run), which would leave it out and every statistic dark. The budget says so and keeps the instrument's
+    work beyond the hooks within 5% instead, running it as often as that allows."""
+    hooks.ms, steps = 0.45, 420
+    model, opt, loss_fn = tiny()
+    with pytest.warns(CockpitWarning, match="which leaves no room for any instrument in it: nothing would run"):
+        cockpit = Cockpit(model, opt, loss_fn, instruments=[Costing(clock, 8.0, name="costly")], sinks=[], budget=0.05)
+        train(cockpit, model, opt, loss_fn, clock, steps)
+    with cockpit:
+        b, h = cockpit.budget, cockpit.history
+        assert b.beyond_hooks and b.unaffordable == [] and b.costly == ["costly"]
+        runs = sorted(s for s in series(h, "costly/value") if s >= b.start)
+        shares = shares_with_hooks(h, {s: 0.45 for s in range(steps)}, b.start, steps, counted=False)
+        assert max(s for _, s in shares) <= 0.05 + 1e-9
+        # (beyond the hooks a window holds 6 runs: 6 x 0.95 x 8 <= 100 x 0.05 x 10; every ceil(100 / 6) = 17 steps)
+        assert b.every == 17 and {sum(first <= r < first + WINDOW for r in runs) for first, _ in shares} == {5, 6}
+
+
+def test_hooks_that_grow_until_no_run_fits_switch_rather_than_leave_the_last_one_out(clock, hooks):
+    """The hooks grow from 0.2 ms to 0.45 ms a step after the warm-up: the rest steps still fit the budget,
+    but no window fits a run of the only costly instrument any more. After a whole window without one, the
+    budget would leave it out (every statistic dark); it counts its work beyond the hooks instead."""
+    hooks.ms = 0.2
+    model, opt, loss_fn = tiny()
+    insts = [Costing(clock, 8.0, name="costly")]
+    with Cockpit(model, opt, loss_fn, instruments=insts, sinks=[], budget=0.05) as cockpit:
+        train(cockpit, model, opt, loss_fn, clock, 100)
+        b = cockpit.budget
+        assert not b.beyond_hooks and b.every is not None
+        hooks.ms = 0.45
+        # (the run and follow-up estimates, upper quartiles of the last 8, take 3 runs to hold the new hooks)
+        with pytest.warns(CockpitWarning, match="which leaves no room for any instrument in it"):
+            train(cockpit, model, opt, loss_fn, clock, 700, seed=1)
+        assert b.beyond_hooks and b.unaffordable == [] and b.costly == ["costly"]
+        plans = series(cockpit.history, "budget/plan")
+        switched = max(plans)
+        assert switched > 100 and "so much of it that no instrument could run" in plans[switched]
+        runs = [s for s in series(cockpit.history, "costly/value") if s > switched]
+        assert len(runs) >= (cockpit.step - switched) // WINDOW * 5
+
+
 def test_hooks_that_grow_past_the_budget_later_switch_the_accounting(clock, hooks):
     """The hooks grow from 0.1 ms to 0.7 ms a step after the warm-up: the rest steps (cheap + hooks) no
     longer fit 3/4 of the budget, so the cheap instrument joins the costly ones (as in the test above);
@@ -442,7 +485,7 @@ def test_hooks_that_grow_past_the_budget_later_switch_the_accounting(clock, hook
         h = cockpit.history
         plans = series(h, "budget/plan")
         switched = max(plans)
-        assert "take more than the budget: it keeps the instruments' work beyond them" in plans[switched]
+        assert "take more than the budget, or so much of it that no instrument could run: it keeps" in plans[switched]
         runs = [s for s in series(h, "costly/value") if s > switched]
         assert len(runs) >= (cockpit.step - switched) // WINDOW * 4
         beyond = shares_with_hooks(h, {s: 0.7 for s in range(cockpit.step)}, switched + 1, cockpit.step, counted=False)
