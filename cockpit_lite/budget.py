@@ -129,7 +129,8 @@ class Budget:
     keys), :attr:`start` (T0), :attr:`changed` (the step an instrument was last left out after T0),
     :attr:`solo_run` and :attr:`solo_follow` (each instrument's cost measured alone on its probe step and
     on the step after, ms), :attr:`every` (the interval k), :attr:`ran` (steps each instrument ran on, by
-    its schedule and the budget) and :attr:`steps` (steps seen).
+    its schedule and the budget), :attr:`steps` (steps seen), :meth:`hooks_ms` (the hooks' time a step)
+    and :attr:`beyond_hooks` (the hooks alone exceed the budget: it keeps the instruments' work beyond them).
     """
 
     def __init__(self, fraction: float, warn: Callable[[str], None] | None = None, costs: Costs | None = None):
