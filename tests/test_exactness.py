@@ -253,6 +253,41 @@ def test_more_handler_paths_match_the_loop(device, name, reduction):
     assert looped == ([True] if "GRU" in name else []), checked.warnings  # no other warning
 
 
+CHUNKED = ["Conv2d called twice", "strided, dilated convs", "wide convs (factors kept)", "grouped cnn"]
+
+
+@pytest.mark.parametrize("name", [*CHUNKED, "wide Conv2d called twice (ghost)"])
+def test_convolutions_reduced_in_chunks_of_examples_match_the_loop(device, name, monkeypatch):
+    """A convolution whose per-sample gradients (or, on the ghost path, unfolded patches) exceed
+    ``CONV_CHUNK_BYTES`` forms them a chunk of examples at a time for the squared norms and g_i . gbar
+    (here the limit is 600 bytes: chunks of one to a few examples, the last one shorter): the same numbers
+    as the float64 loop, projections (kept views) included."""
+    from cockpit_lite.persample.layers import ConvHandler
+
+    monkeypatch.setattr(views_mod, "CONV_CHUNK_BYTES", {"cpu": 600, "cuda": 600})
+    calls: list = []
+    for cls, method in ((views_mod.ConvView, "_chunk_stats"), (ConvHandler, "_ghost_rows")):
+        original = getattr(cls, method)
+
+        def spy(self, *args, _original=original, _method=method, **kwargs):
+            calls.append((_method, kwargs["dot"] if _method == "_chunk_stats" else len(args[0][0])))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, spy)
+    build, data = MORE[name] if name in MORE else MODELS[name]
+    torch.manual_seed(0)
+    model = build()
+    x = data()
+    x = x[0] if isinstance(x, tuple) else x
+    y = torch.randint(0, 3, (x.shape[0],))
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), device=device)
+    assert not checked.warnings
+    if "ghost" in name:  # chunks of fewer examples than the batch, the norms of each added up
+        assert calls and all(m == "_ghost_rows" and rows < x.shape[0] for m, rows in calls)
+    else:  # both statistics went through the chunks
+        assert ("_chunk_stats", True) in calls and ("_chunk_stats", False) in calls
+
+
 LOSSES = {
     "weighted cross-entropy, ignore_index": (
         lambda r: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]), ignore_index=-100, reduction=r),

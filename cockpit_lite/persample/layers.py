@@ -50,6 +50,7 @@ from cockpit_lite.persample.views import (
     MaterialisedView,
     View,
     ViewGroup,
+    chunk_rows,
     factor_grams_cheaper,
 )
 from cockpit_lite.sandbox import cuda_devices
@@ -488,15 +489,19 @@ class ConvHandler(Handler):
         if "weight" not in self.names:  # a frozen weight: the bias alone
             return MaterialisedView({self.names["bias"]: bias_grads()})
 
-        def make_grads():
-            gw = sum(self._weight_grads(x, e) for x, e in zip(inputs, out_grads, strict=True))
+        def make_grads(rows: slice | None = None):
+            """The per-sample gradients of the examples ``rows`` (default: all)."""
+            xs = inputs if rows is None else [x[rows] for x in inputs]
+            es = out_grads if rows is None else [e[rows] for e in out_grads]
+            gw = sum(self._weight_grads(x, e) for x, e in zip(xs, es, strict=True))
             out = {self.names["weight"]: gw}
             if "bias" in self.names:
-                out[self.names["bias"]] = bias_grads()
+                out[self.names["bias"]] = sum(e.flatten(2).sum(2) for e in es)
             return out
 
         conv = lambda x, v: conv_forward(m, x, v)  # noqa: E731
-        ghost = (lambda: self._ghost_sq_norms(inputs, out_grads), lambda: self._batch_grad(inputs, out_grads))
+        total = lambda: self._batch_grad(inputs, out_grads)  # noqa: E731
+        ghost = (lambda: self._ghost_sq_norms(inputs, out_grads), total)
         return ConvView(
             make_grads,
             inputs,
@@ -506,16 +511,21 @@ class ConvHandler(Handler):
             self.names.get("bias"),
             m.weight.numel(),
             ghost if self._ghost_is_cheaper(inputs[0], out_grads[0]) else None,
+            total,
         )
 
     def weight_grad_node(self, outputs):
-        """The convolution's backward node, if the ghost path serves this call (its g_i . gbar needs
-        sum_i g_i, which that node computes anyway) and the node convolves with the weight itself."""
+        """The convolution's backward node, if the ghost path or the chunked one serves this call (their
+        g_i . gbar needs sum_i g_i, which that node computes anyway) and the node convolves with the weight
+        itself."""
         if len(outputs) != 1 or "weight" not in self.names:
             return None
         out = outputs[0]
         node = out.grad_fn
-        if node is None or "Convolution" not in node.name() or not self._ghost_is_cheaper(None, out):
+        if node is None or "Convolution" not in node.name():
+            return None
+        chunked = chunk_rows(out.shape[0], self.module.weight.numel(), out) is not None
+        if not (self._ghost_is_cheaper(None, out) or chunked):
             return None
         nxt = node.next_functions
         if len(nxt) < 2 or nxt[1][0] is None or getattr(nxt[1][0], "variable", None) is not self.module.weight:
@@ -531,6 +541,22 @@ class ConvHandler(Handler):
         return t * (i + o) < i * o
 
     def _ghost_sq_norms(self, inputs, out_grads) -> torch.Tensor:
+        """||g_i||^2 = sum_{s,t} (a_s . a_t)(e_s . e_t) per group, over the unfolded patches, formed for a
+        chunk of examples at a time when they exceed ``CONV_CHUNK_BYTES`` (:func:`chunk_rows`)."""
+        m = self.module
+        bsz = inputs[0].shape[0]
+        per_row = sum((m.weight[0].numel() * m.groups + m.out_channels) * e[0, 0].numel() for e in out_grads)
+        rows = chunk_rows(bsz, per_row, out_grads[0])
+        if rows is None:
+            return self._ghost_rows(inputs, out_grads)
+        return torch.cat(
+            [
+                self._ghost_rows([x[s : s + rows] for x in inputs], [e[s : s + rows] for e in out_grads])
+                for s in range(0, bsz, rows)
+            ]
+        )
+
+    def _ghost_rows(self, inputs, out_grads) -> torch.Tensor:
         m = self.module
         g = m.groups
         cols = _cat([self._unfold(x) for x in inputs], 2)  # (B, C_in k, T)
