@@ -29,6 +29,9 @@ class View:
     #: the output gradients, sum_i g_i = s sum(parts), when the engine took them from the layer's own
     #: backward (else None); summed only by the views that use it (:attr:`batch_grad`)
     batch_grad_parts: tuple[list[torch.Tensor], float] | None = None
+    #: the engine keeps this view across the optimizer step (:meth:`release`, then projections): set
+    #: before its statistics are asked, so a view that will keep its g_i forms them once
+    kept: bool = False
 
     @property
     def batch_grad(self) -> torch.Tensor | None:
@@ -566,8 +569,16 @@ class ConvView(MaterialisedView):
         the whole batch exceed ``CONV_CHUNK_BYTES``, no ghost form, none formed yet, the kernels at hand)."""
         if self._g or self._ghost is not None or self._make is None or not self._inputs or self.w is None:
             return None
+        if self.kept and self._keeps_grads():  # (release() forms them all anyway: once is enough)
+            return None
         x = self._inputs[0]
         return chunk_rows(x.shape[0], self._weight_numel, x)
+
+    def _keeps_grads(self) -> bool:
+        """Whether :meth:`release` keeps the formed g_i: smaller than the factors (within 2x)."""
+        bsz = self._inputs[0].shape[0]
+        factors = sum(x.numel() + e.numel() for x, e in zip(self._inputs, self._out_grads, strict=True))
+        return bsz * self._weight_numel <= 2 * factors
 
     def _chunk_stats(self, dot: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """||g_i||^2 per parameter and (with ``dot``) g_i . gbar, forming g_i for ``_rows()`` examples at a
@@ -635,9 +646,7 @@ class ConvView(MaterialisedView):
     def release(self) -> None:
         if not self._inputs:  # already released to g_i
             return
-        bsz = self._inputs[0].shape[0]
-        factors = sum(x.numel() + e.numel() for x, e in zip(self._inputs, self._out_grads, strict=True))
-        if bsz * self._weight_numel <= 2 * factors:
+        if self._keeps_grads():
             self.grads()  # keep g_i: smaller than the factors (within 2x) and projections become cheap
             # the kernels' closures hold the inputs too: drop them, or the factors stay alive
             self._inputs, self._out_grads, self._make, self._ghost, self._total = [], [], None, None, None
