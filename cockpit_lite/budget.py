@@ -15,13 +15,14 @@ quartile of ``cost/driver_ms`` over the last HOOKS steps no instrument ran on; a
 budget (h > budget (p + h)), no schedule keeps it: the budget says so (a warning, the plan) and keeps the
 instruments' work beyond the hooks (c_t without ``cost/driver_ms``) within the budget instead.
 
-**Warm-up** (2 + 6n steps for n instruments): the first step runs every instrument (it pays the one-time
+**Warm-up** (4 + 6n steps for n instruments): the first step runs every instrument (it pays the one-time
 costs: allocations, the gradient-sum check, shape probes), the next runs none (the follow-ups of the
 first: Alpha's end point). Then, in ROUNDS = 3 rounds, each instrument is measured alone on a step its
 own schedule selects (the probe), followed by a step running nothing else (its follow-up, if any): its
 cost alone is a_k = min over rounds of c(probe) + min over rounds of c(follow-up) (timing noise only
 adds). An instrument whose own schedule selects none of 100 waiting steps is left unmeasured (and
-costly).
+costly). Last, IDLE = 2 steps run nothing: the hooks alone (a step's hooks' time holds the tail of the last
+step's, so h is measured on a step after one that ran nothing).
 
 **Classification.** With p the plain step (the smallest w_t - c_t of the last 16 steps), instruments
 are taken in ascending order of a_k into the *cheap* set while sum a_k / (p + sum a_k) <= budget / 2;
@@ -88,6 +89,9 @@ ROUNDS = 3
 FLUSH = 16
 #: recent steps whose hooks' time (``cost/driver_ms``) gives the hooks' estimate h
 HOOKS = 16
+#: steps running nothing at the end of the warm-up: a step's ``cost/driver_ms`` holds the tail of the last
+#: step's hooks (its records), so the hooks alone are measured on a step after one that ran nothing
+IDLE = 2
 
 # kinds of step
 FIRST, AFTER, PROBE, WAIT, RUN, FOLLOW, REST = "first", "after", "probe", "wait", "run", "follow", "rest"
@@ -150,6 +154,7 @@ class Budget:
         self.stage = FIRST  # FIRST -> AFTER -> PROBE (probes) -> RUN (scheduling)
         self.queue: list[str] = list(self.keys) * ROUNDS  # instruments still to measure alone
         self.waited = 0
+        self.idle = 0  # steps that ran nothing at the warm-up's end (IDLE)
         self.solo_run: dict[str, float] = {}
         self.solo_follow: dict[str, float] = {}
         self.cheap: list[str] | None = None
@@ -168,8 +173,14 @@ class Budget:
         self._sums = (0.0, 0.0)
         self.recent: dict[str, deque[float]] = {k: deque(maxlen=n) for k, n in RECENT.items()}
         self.plain: deque[float] = deque(maxlen=PLAIN)
-        #: the hooks' own time (``cost/driver_ms``) of the last HOOKS steps no instrument ran on (but the first)
+        #: the hooks' own time (``cost/driver_ms``) of the last HOOKS steps no instrument tracked, after a step
+        #: no instrument tracked either
         self.hooks: deque[float] = deque(maxlen=HOOKS)
+        #: the same of steps no instrument tracked after one that was (its records' tail in them): the
+        #: estimate until a step after an untracked one is seen
+        self._hooks_after: deque[float] = deque(maxlen=HOOKS)
+        #: the last step no instrument tracked
+        self._quiet: int | None = None
         #: True once the hooks alone took more than the budget of a step: from then on c_t leaves them out
         #: (the budget keeps the instruments' share beyond them; the plan and a warning say so)
         self.beyond_hooks = False
@@ -249,6 +260,9 @@ class Budget:
                     return Decision(step, PROBE, frozenset({key}), key)
             if self.queue and self.waited < WINDOW:
                 self.waited += 1
+                return Decision(step, WAIT, frozenset())
+            if self.idle < IDLE:  # (steps after a step that tracked nothing: the hooks alone, h)
+                self.idle += 1
                 return Decision(step, WAIT, frozenset())
             self._classify(step)
         assert self.cheap is not None
@@ -381,12 +395,16 @@ class Budget:
 
     def hooks_ms(self, counted: bool = True) -> float:
         """The hooks' estimate h (ms a step): the upper quartile of the cockpit's hooks' own time
-        (``cost/driver_ms``) over the last HOOKS steps no instrument ran on (what every step pays; the
-        hooks' time of a step running instruments is in its measured c_t); with ``counted``, 0 once the
-        budget counts the instruments' work beyond the hooks (:attr:`beyond_hooks`)."""
-        if (counted and self.beyond_hooks) or not self.hooks:
+        (``cost/driver_ms``) and the budget's decision over the last HOOKS steps no instrument tracked,
+        after a step no instrument tracked (what every step pays: a step's hooks' time holds the tail of
+        the last step's, its records;
+        the hooks' time of a step running instruments is in its measured c_t); with ``counted``, 0 once
+        the budget counts the instruments' work beyond the hooks (:attr:`beyond_hooks`)."""
+        if counted and self.beyond_hooks:
             return 0.0
-        recent = sorted(self.hooks)
+        recent = sorted(self.hooks or self._hooks_after)
+        if not recent:
+            return 0.0
         return recent[math.ceil(3 * len(recent) / 4) - 1]
 
     def _exceed(self, step: int, p: float, h: float, room: bool = False) -> None:
@@ -524,11 +542,18 @@ class Budget:
 
     # --- measurements -----------------------------------------------------------------------------------
     def observe(
-        self, step: int, cockpit_ms: float, wall_ms: float, ran: Collection[str] = (), hooks_ms: float = 0.0
+        self,
+        step: int,
+        cockpit_ms: float,
+        wall_ms: float,
+        ran: Collection[str] = (),
+        hooks_ms: float = 0.0,
+        quiet: bool | None = None,
     ) -> None:
         """Step ``step`` is over: the cockpit's timed work took ``cockpit_ms`` and its hooks' own time
         ``hooks_ms`` (``cost/driver_ms``) of the step's ``wall_ms`` (the first and the last with the
-        sinks); ``ran`` are the instruments that ran on it by their schedule and the budget."""
+        sinks); ``ran`` are the instruments that ran on it by their schedule and the budget; ``quiet``:
+        no instrument tracked it, not even for a follow-up (no records: default, ``ran`` is empty)."""
         d = self.decision if self.decision is not None and self.decision.step == step else None
         kind = d.kind if d is not None else REST
         timed, hooks, w = float(cockpit_ms), float(hooks_ms), float(wall_ms)
@@ -546,8 +571,14 @@ class Budget:
         if step % WINDOW == 0:  # no drift of the running sums over a long run
             self._sums = (math.fsum(o[1] for o in self.obs), math.fsum(o[2] for o in self.obs))
         self.plain.append(max(w - c, 0.0))
-        if kind != FIRST and not ran:  # (the first step's hooks build what later steps reuse)
-            self.hooks.append(hooks)
+        quiet = not ran if quiet is None else quiet
+        # the floor: a step no instrument tracks costs its hooks and the budget's decision (its only region)
+        if quiet and self._quiet == step - 1:  # (the last step's records are in this one's hooks)
+            self.hooks.append(hooks + timed)
+        elif quiet and kind != FIRST:
+            self._hooks_after.append(hooks + timed)
+        if quiet:
+            self._quiet = step
         # an instrument's cost alone leaves out the hooks' time: every step pays that (h, hooks_ms)
         if kind == PROBE and d is not None and d.probe is not None:
             self.solo_run[d.probe] = min(timed, self.solo_run.get(d.probe, math.inf))
@@ -604,6 +635,9 @@ class Budget:
             "recent": {k: list(v) for k, v in self.recent.items()},
             "plain": list(self.plain),
             "hooks": list(self.hooks),
+            "hooks_after": list(self._hooks_after),
+            "quiet": self._quiet,
+            "idle": self.idle,
             "beyond_hooks": self.beyond_hooks,
             "last_run": self.last_run,
             "every": self.every,
@@ -636,6 +670,9 @@ class Budget:
             self.recent[str(kind)].extend(float(v) for v in values)
         self.plain.extend(float(v) for v in state["plain"])
         self.hooks.extend(float(v) for v in state.get("hooks", []))
+        self._hooks_after.extend(float(v) for v in state.get("hooks_after", []))
+        self._quiet = None if state.get("quiet") is None else int(state["quiet"])
+        self.idle = int(state.get("idle", IDLE))
         self.beyond_hooks = bool(state.get("beyond_hooks", False))
         self.last_run = None if state["last_run"] is None else int(state["last_run"])
         self.every = None if state["every"] is None else int(state["every"])

@@ -75,7 +75,7 @@ class Cockpit:
             for a run restarted from a checkpoint with :meth:`load_state_dict`. Records of steps the run
             wrote before are replaced by the new ones when read back with ``load()``.
         budget: None, or the largest share of wall time the cockpit may take (0 < budget < 1, e.g.
-            ``0.05``): after a warm-up of 2 + 6n steps (n instruments) that measures each instrument
+            ``0.05``): after a warm-up of 4 + 6n steps (n instruments) that measures each instrument
             alone (three times), the cheap instruments run every step and the costly ones together on the steps that
             keep the measured share <= budget over every window of 100 steps (:mod:`cockpit_lite.budget`,
             docs/budget.md). An instrument runs only where both its own schedule and the budget allow.
@@ -318,7 +318,8 @@ class Cockpit:
         written = self.emitter.sinks_ms
         sinks_ms = written[1] if written is not None and written[0] == st.number else 0.0
         ran = [i.key for i in st.active if i.scheduled(st.number)]
-        self.budget.observe(st.number, cockpit_ms + sinks_ms, wall_ms + sinks_ms, ran, hooks_ms)
+        quiet = st.skip or not st.active
+        self.budget.observe(st.number, cockpit_ms + sinks_ms, wall_ms + sinks_ms, ran, hooks_ms, quiet)
 
     # --- hooks: when things happen ---------------------------------------------------------------------
     @guarded

@@ -23,7 +23,7 @@ from torch import nn
 
 from cockpit_lite import Cockpit, Instrument, Need, Needs, emitter, lifecycle, profiling
 from cockpit_lite import budget as budget_mod
-from cockpit_lite.budget import ROUNDS, WINDOW, Budget
+from cockpit_lite.budget import IDLE, ROUNDS, WINDOW, Budget
 from cockpit_lite.errors import CockpitWarning
 
 PLAIN_MS = 10.0
@@ -137,8 +137,9 @@ def test_every_window_after_warmup_within_budget_cheap_every_step(clock):
     steps = 420
     with run(clock, steps) as cockpit:
         b, h = cockpit.budget, cockpit.history
-        # warm-up: step 0 all, 1 none, then ROUNDS times each instrument alone, then a step of nothing
-        assert ROUNDS == 3 and b.start == 2 + 2 * 3 * 3
+        # warm-up: step 0 all, 1 none, then ROUNDS times each instrument alone (each followed by a step of
+        # nothing else), then IDLE steps of nothing (the hooks alone)
+        assert ROUNDS == 3 and IDLE == 2 and b.start == 2 + 2 * 3 * 3 + 2
         assert b.cheap == ["cheap"] and b.costly == ["costly", "paired"]
         assert b.solo_run == pytest.approx({"cheap": 0.05, "costly": 8.0, "paired": 2.0}, abs=1e-6)
         assert b.solo_follow == pytest.approx({"cheap": 0.0, "costly": 0.0, "paired": 1.0}, abs=1e-6)
@@ -179,8 +180,8 @@ def test_schedule_recorded_share_and_interval(clock):
         # budget/share of step t: the measured share of steps t-99..t (fewer at the start), from the records
         share = series(h, "budget/share")
         cockpit_ms, step_ms = series(h, "cost/cockpit_ms"), series(h, "cost/step_ms")
-        # nothing ran (not even a follow-up) after the probes of cheap and costly: 0 ms of PLAIN_MS
-        assert set(range(steps)) - set(step_ms) == {3, 5, 9, 11, 15, 17}
+        # nothing ran (not even a follow-up) after the probes of cheap and costly, nor on the IDLE steps: 0 ms
+        assert set(range(steps)) - set(step_ms) == {3, 5, 9, 11, 15, 17, 20, 21}
         for t in (0, 5, 50, 99, 150, steps - 2):
             ws = range(max(0, t - WINDOW + 1), t + 1)
             want = sum(cockpit_ms.get(s, 0.0) for s in ws) / sum(step_ms.get(s, PLAIN_MS) for s in ws)
@@ -322,7 +323,7 @@ def test_cheap_set_fills_half_the_budget_and_an_overrun_moves_one_to_the_costly(
     model, opt, loss_fn = tiny()
     insts = [Costing(clock, 0.2, name=f"c{i}") for i in range(4)] + [Costing(clock, 8.0, name="costly")]
     with Cockpit(model, opt, loss_fn, instruments=insts, sinks=[], budget=0.05) as cockpit:
-        train(cockpit, model, opt, loss_fn, clock, 40)
+        train(cockpit, model, opt, loss_fn, clock, 42)
         b = cockpit.budget
         # each alone is 2% of a step: the cheap set takes them while their sum stays <= budget / 2
         assert b.cheap == ["c0"] and b.costly == ["c1", "c2", "c3", "costly"]
@@ -395,6 +396,29 @@ def test_the_hooks_own_time_is_counted_every_step(clock, hooks):
         assert share_of(2) <= 0.05 < share_of(3)
         runs = sorted(s for s in series(h, "costly/value") if s >= b.start)
         assert all(sum(first <= r < first + WINDOW for r in runs) == 2 for first, _ in shares)
+        assert "The cockpit's hooks take 0.2 ms every step, counted." in series(h, "budget/plan")[b.start]
+
+
+def test_the_hooks_alone_are_measured_after_a_step_that_ran_nothing(clock, hooks, monkeypatch):
+    """A tracked step's hooks go on after its records are made (0.1 ms here, outside any region): that tail
+    is in the next step's ``cost/driver_ms``. The floor h is what a step with nothing running pays after
+    one with nothing running (the warm-up ends with IDLE such steps): 0.2 ms, not the 0.3 ms of a step
+    after a probe."""
+    from cockpit_lite import cockpit as cockpit_mod
+
+    report = cockpit_mod.Cockpit._report
+
+    def with_tail(self, *args, **kwargs):
+        report(self, *args, **kwargs)
+        clock.advance(0.1)
+
+    monkeypatch.setattr(cockpit_mod.Cockpit, "_report", with_tail)
+    hooks.ms = 0.2
+    with run(clock, 60) as cockpit:
+        b, h = cockpit.budget, cockpit.history
+        driver = series(h, "cost/driver_ms")
+        assert driver[b.start - IDLE - 1] == pytest.approx(0.3)  # (the last probe's follow-up, after the probe)
+        assert b.hooks_ms() == pytest.approx(0.2) and not b.beyond_hooks
         assert "The cockpit's hooks take 0.2 ms every step, counted." in series(h, "budget/plan")[b.start]
 
 
@@ -615,7 +639,7 @@ def test_budget_alone_policy():
         d = b.decide(t)
         c = sum(cost[k] for k in d.allowed)
         b.observe(t, c, PLAIN_MS + c, sorted(d.allowed))
-    assert b.cheap == ["a"] and b.costly == ["b"] and b.start == 2 + 2 * 2 * ROUNDS
+    assert b.cheap == ["a"] and b.costly == ["b"] and b.start == 2 + 2 * 2 * ROUNDS + IDLE
     obs = {s: (c, w) for s, c, w, _ in b.obs}
     c = np.array([obs[s][0] for s in range(300, 400)])
     w = np.array([obs[s][1] for s in range(300, 400)])
