@@ -100,7 +100,7 @@ CONFIGS = {
     "economy+dashboard": (lambda: "economy", _sinks("dashboard")),
     "economy+jsonl": (lambda: "economy", _sinks("jsonl")),
     # the overhead budget (docs/budget.md): time it over blocks of >= 100 steps (--steps 100); its
-    # warm-up (2 + 6n steps: 44 for the economy preset) falls in the untimed first block
+    # warm-up (4 + 6n steps: 46 for the economy preset) falls in the untimed first block
     "economy@5%": (lambda: "economy", lambda d: {"budget": 0.05}),
     # each step's records made during the next step (Cockpit(..., overlap=True)): on a GPU the device never
     # waits for the step's transfer to the host; on a CPU the same work as without

@@ -271,8 +271,7 @@ class Budget:
             if len(self.costly or []) == 1 and not self.cheap and not self.beyond_hooks and self.hooks_ms() > 0:
                 # leaving the last one out would leave nothing running, for want of room the hooks take
                 self._exceed(step, min(self.plain), self.hooks_ms(), room=True)
-                self.changed = step
-                self._pending[(step, "budget/plan")] = self.plan(min(self.plain))
+                self._reclassify(step)
             else:
                 self._leave_out(step)
             self.refused = 0
@@ -426,6 +425,14 @@ class Budget:
             "work beyond the hooks within it. A larger step (batch) or a larger budget keeps it in full"
         )
 
+    def _reclassify(self, step: int) -> None:
+        """After the accounting changed (the hooks counted beyond): the cheap, costly and left-out
+        instruments again by the warm-up's costs (an instrument left out for want of room may fit now;
+        one that still does not is left out again a window later), a new ``budget/plan``."""
+        self.cheap, self.unaffordable = self._split(min(self.plain))
+        self.changed = step
+        self._pending[(step, "budget/plan")] = self.plan(min(self.plain))
+
     def _check_hooks(self, step: int) -> None:
         """With no cheap instrument left, the rest steps are the hooks alone: when the last DEMOTE_STEPS of
         them took more than the budget of their wall time, the costly instruments could never run again;
@@ -434,7 +441,7 @@ class Budget:
         c, w = sum(c for c, _ in rest), sum(w for _, w in rest)
         if c > self.fraction * w:
             self._exceed(step, w / len(rest) - c / len(rest), c / len(rest))
-            self._pending[(step, "budget/plan")] = self.plan(min(self.plain))
+            self._reclassify(step)
 
     def _solo(self, key: str) -> float:
         return self.solo_run.get(key, 0.0) + self.solo_follow.get(key, 0.0)

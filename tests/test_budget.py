@@ -492,7 +492,8 @@ def test_hooks_that_grow_past_the_budget_later_switch_the_accounting(clock, hook
     """The hooks grow from 0.1 ms to 0.7 ms a step after the warm-up: the rest steps (cheap + hooks) no
     longer fit 3/4 of the budget, so the cheap instrument joins the costly ones (as in the test above);
     the rest steps, the hooks alone now, still take 6.5% > 5%: the costly ones could never run again. The
-    budget says so and keeps the instruments' work beyond the hooks; the costly ones run again."""
+    budget says so, keeps the instruments' work beyond the hooks and classifies them again by the warm-up's
+    costs: the cheap one runs every step again, the costly ones run again."""
     hooks.ms = 0.1
     model, opt, loss_fn = tiny()
     with Cockpit(model, opt, loss_fn, instruments=instruments(clock), sinks=[], budget=0.05) as cockpit:
@@ -505,13 +506,14 @@ def test_hooks_that_grow_past_the_budget_later_switch_the_accounting(clock, hook
         said = [str(w.message) for w in caught]
         assert any("the instruments that run every step took" in m and ": cheap now runs" in m for m in said)
         assert any("hooks alone take 6.5% of a step (0.7 ms of 10.7 ms" in m for m in said)
-        assert b.beyond_hooks and b.cheap == []
+        assert b.beyond_hooks and b.cheap == ["cheap"]  # (classified again beyond the hooks: it fits again)
         h = cockpit.history
         plans = series(h, "budget/plan")
         switched = max(plans)
         assert "take more than the budget, or so much of it that no instrument could run: it keeps" in plans[switched]
         runs = [s for s in series(h, "costly/value") if s > switched]
         assert len(runs) >= (cockpit.step - switched) // WINDOW * 4
+        assert set(series(h, "cheap/value")) >= set(range(switched + 1, cockpit.step))
         beyond = shares_with_hooks(h, {s: 0.7 for s in range(cockpit.step)}, switched + 1, cockpit.step, counted=False)
         assert max(s for _, s in beyond) <= 0.05 + 1e-9
 
