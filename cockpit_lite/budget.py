@@ -181,6 +181,8 @@ class Budget:
         self._hooks_after: deque[float] = deque(maxlen=HOOKS)
         #: the last step no instrument tracked
         self._quiet: int | None = None
+        #: (timed c_t, its hooks, w_t) of the last HOOKS rest steps: whether counting the hooks fits again
+        self._rest_whole: deque[tuple[float, float, float]] = deque(maxlen=HOOKS)
         #: True once the hooks alone took more than the budget of a step: from then on c_t leaves them out
         #: (the budget keeps the instruments' share beyond them; the plan and a warning say so)
         self.beyond_hooks = False
@@ -412,6 +414,7 @@ class Budget:
         budget keeps the instruments' share beyond the hooks (c_t without ``cost/driver_ms``), and says so
         (a warning; the plan)."""
         self.beyond_hooks = True
+        self._rest_whole.clear()
         for kind in self.recent:  # (they held the hooks' time)
             self.recent[kind].clear()
         said = (
@@ -424,6 +427,31 @@ class Budget:
             f"({h:.3g} ms of {p + h:.3g} ms, cost/driver_ms), {said} From here the budget keeps the instruments' "
             "work beyond the hooks within it. A larger step (batch) or a larger budget keeps it in full"
         )
+
+    def _check_back(self, step: int) -> None:
+        """Counting beyond the hooks: when the last HOOKS rest steps, the hooks counted, took at most
+        DEMOTE x budget of their wall time (the hooks shrank, or the warm-up measured them high) and
+        counting them leaves room for an instrument, the budget counts them again (a new ``budget/plan``)."""
+        c = sum(t + h for t, h, _ in self._rest_whole)
+        w = sum(w for _, _, w in self._rest_whole)
+        if c > DEMOTE * self.fraction * w or not self.plain:
+            return
+        # the floor from these steps' hooks (an upper bound where the cheap instruments ran on them)
+        floor = deque((h + (t if not self.cheap else 0.0) for t, h, _ in self._rest_whole), maxlen=HOOKS)
+        kept, self.beyond_hooks = (self.cheap, self.unaffordable, self.hooks), False
+        self.hooks = floor
+        measured = [k for k in self.keys if k in self.solo_run]
+        cheap, unaffordable = self._split(min(self.plain))
+        if measured and len(unaffordable) == len(measured):  # (no room for any: stay beyond them)
+            self.beyond_hooks = True
+            self.cheap, self.unaffordable, self.hooks = kept
+            return
+        for kind in self.recent:  # (they left the hooks out)
+            self.recent[kind].clear()
+        self._rest_whole.clear()
+        self.cheap, self.unaffordable = cheap, unaffordable
+        self.changed = step
+        self._pending[(step, "budget/plan")] = self.plan(min(self.plain))
 
     def _reclassify(self, step: int) -> None:
         """After the accounting changed (the hooks counted beyond): the cheap, costly and left-out
@@ -593,6 +621,10 @@ class Budget:
             self.solo_follow[d.probe] = min(timed, self.solo_follow.get(d.probe, math.inf))
         elif kind in self.recent:
             self.recent[kind].append(c)
+        if kind == REST:
+            self._rest_whole.append((timed, hooks, w))
+            if self.beyond_hooks and len(self._rest_whole) == HOOKS:
+                self._check_back(step)
         if kind == REST and len(self.recent[REST]) >= DEMOTE_STEPS:
             if self.cheap:
                 self._check_cheap(step)

@@ -445,6 +445,32 @@ def test_hooks_alone_over_the_budget_say_so_and_the_instruments_still_run(clock,
         assert min(s for _, s in shares_with_hooks(h, hooks_ms, b.start, steps)) > 0.05
 
 
+def test_hooks_that_shrink_below_the_budget_are_counted_again(clock, hooks):
+    """The warm-up measures the hooks at 0.6 ms (5.7% of a step: beyond the budget alone); later they
+    take 0.2 ms. Once 16 rest steps with them counted took at most 3/4 of the budget, the budget counts
+    them again (a new plan) and every window from then on keeps 5% with them counted."""
+    hooks.ms = 0.6
+    model, opt, loss_fn = tiny()
+    with pytest.warns(CockpitWarning, match="hooks alone take 5.7% of a step"):
+        cockpit = Cockpit(model, opt, loss_fn, instruments=instruments(clock), sinks=[], budget=0.05)
+        train(cockpit, model, opt, loss_fn, clock, 60)
+    with cockpit:
+        b = cockpit.budget
+        assert b.beyond_hooks
+        hooks.ms = 0.2
+        train(cockpit, model, opt, loss_fn, clock, 400, seed=1)
+        assert not b.beyond_hooks and b.cheap == ["cheap"] and b.costly == ["costly", "paired"]
+        h = cockpit.history
+        plans = series(h, "budget/plan")
+        back = max(plans)
+        assert back > 60 and "The cockpit's hooks take 0.2 ms every step, counted." in plans[back]
+        hooks_ms = {s: 0.6 if s < 60 else 0.2 for s in range(cockpit.step)}
+        shares = shares_with_hooks(h, hooks_ms, back, cockpit.step)
+        assert max(s for _, s in shares) <= 0.05 + 1e-9
+        runs = [s for s in series(h, "costly/value") if s > back]
+        assert len(runs) >= (cockpit.step - back) // WINDOW * 2
+
+
 def test_hooks_that_leave_no_room_for_any_instrument_are_counted_beyond(clock, hooks):
     """The hooks take 0.45 ms of a 10.45 ms step (4.3%): under the budget, but a window counting them holds
     no run of the only instrument (8 ms: 100 (0.05 x 10 - 0.95 x 0.45) = 7.25 ms of room against 7.6 ms a
