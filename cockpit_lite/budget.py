@@ -329,20 +329,20 @@ class Budget:
                 total += a
             else:
                 break
-        self.cheap = [k for k in self.keys if k in cheap]  # (what the estimates of the group start from)
+        cheap = [k for k in self.keys if k in cheap]  # (in the cockpit's order)
         # the costly ones run together: the dearest that would leave no run in a window are left out
         group = [k for k in self.keys if k not in cheap and k not in self.solo_run]  # (unmeasured: kept)
         costly = [k for k in measured if k not in cheap]
         for i, key in enumerate(costly):
-            if not self._affordable(group + [key], p):
-                return self.cheap, [k for k in self.keys if k in costly[i:]]
+            if not self._affordable(cheap, group + [key], p):
+                return cheap, [k for k in self.keys if k in costly[i:]]
             group.append(key)
-        return self.cheap, []
+        return cheap, []
 
-    def _affordable(self, group: list[str], p: float) -> bool:
-        """Whether the cheap instruments and ``group`` running together leave room for at least one run
-        in a window of WINDOW steps, by the warm-up's costs (the estimates :meth:`interval` starts from)."""
-        return self._window_runs(*(self._initial(k, group) for k in (RUN, FOLLOW, REST)), p) >= 1
+    def _affordable(self, cheap: Sequence[str], group: list[str], p: float) -> bool:
+        """Whether the ``cheap`` instruments and ``group`` running together leave room for at least one
+        run in a window of WINDOW steps, by the warm-up's costs (the estimates :meth:`interval` starts from)."""
+        return self._window_runs(*(self._initial(k, group, cheap) for k in (RUN, FOLLOW, REST)), p) >= 1
 
     def _check_cheap(self, step: int) -> None:
         """The rest steps (cheap instruments only) must leave room for the costly ones: when the last
@@ -438,13 +438,12 @@ class Budget:
             return
         # the floor from these steps' hooks (an upper bound where the cheap instruments ran on them)
         floor = deque((h + (t if not self.cheap else 0.0) for t, h, _ in self._rest_whole), maxlen=HOOKS)
-        kept, self.beyond_hooks = (self.cheap, self.unaffordable, self.hooks), False
+        kept, self.beyond_hooks = self.hooks, False
         self.hooks = floor
         measured = [k for k in self.keys if k in self.solo_run]
         cheap, unaffordable = self._split(min(self.plain))
         if measured and len(unaffordable) == len(measured):  # (no room for any: stay beyond them)
-            self.beyond_hooks = True
-            self.cheap, self.unaffordable, self.hooks = kept
+            self.beyond_hooks, self.hooks = True, kept
             return
         for kind in self.recent:  # (they left the hooks out)
             self.recent[kind].clear()
@@ -503,18 +502,19 @@ class Budget:
             f"(cost alone, measured in the warm-up{plain}).{hooks}{out}"
         )
 
-    def _initial(self, kind: str, costly: Sequence[str] | None = None) -> float:
+    def _initial(self, kind: str, costly: Sequence[str] | None = None, cheap: Sequence[str] | None = None) -> float:
         """The estimate of a kind of step before any measurement of it: the hooks' time h
-        (:meth:`hooks_ms`) and the sums of the warm-up costs of the cheap instruments and the ``costly``
-        ones (default: :attr:`costly`, those that run together)."""
-        assert self.cheap is not None
+        (:meth:`hooks_ms`) and the sums of the warm-up costs of the ``cheap`` instruments (default:
+        :attr:`cheap`) and the ``costly`` ones (default: :attr:`costly`, those that run together)."""
+        every = self.cheap if cheap is None else cheap
+        assert every is not None
         group = self.costly if costly is None else costly
-        cheap = self.hooks_ms() + sum(self.solo_run.get(k, 0.0) for k in self.cheap)
+        base = self.hooks_ms() + sum(self.solo_run.get(k, 0.0) for k in every)
         if kind == RUN:
-            return cheap + sum(self.solo_run.get(k, 0.0) for k in group)
+            return base + sum(self.solo_run.get(k, 0.0) for k in group)
         if kind == FOLLOW:
-            return cheap + sum(self.solo_follow.get(k, 0.0) for k in [*self.cheap, *group])
-        return cheap + sum(self.solo_follow.get(k, 0.0) for k in self.cheap)
+            return base + sum(self.solo_follow.get(k, 0.0) for k in [*every, *group])
+        return base + sum(self.solo_follow.get(k, 0.0) for k in every)
 
     def estimate(self, kind: str) -> float:
         """The cost (ms) a step of ``kind`` (run, follow, rest) is expected to have: the upper quartile
