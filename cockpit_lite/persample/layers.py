@@ -485,7 +485,7 @@ class ConvHandler(Handler):
             dt = torch.promote_types(x.dtype, go.dtype)
             inputs.append(x.to(dt))
             out_grads.append(_scaled(go.to(dt), inv_scale))
-        bias_grads = lambda: sum(e.flatten(2).sum(2) for e in out_grads)  # noqa: E731  (output grads over positions)
+        bias_grads = lambda es=out_grads: sum(e.flatten(2).sum(2) for e in es)  # noqa: E731  (over positions)
         if "weight" not in self.names:  # a frozen weight: the bias alone
             return MaterialisedView({self.names["bias"]: bias_grads()})
 
@@ -496,12 +496,11 @@ class ConvHandler(Handler):
             gw = sum(self._weight_grads(x, e) for x, e in zip(xs, es, strict=True))
             out = {self.names["weight"]: gw}
             if "bias" in self.names:
-                out[self.names["bias"]] = sum(e.flatten(2).sum(2) for e in es)
+                out[self.names["bias"]] = bias_grads(es)
             return out
 
         conv = lambda x, v: conv_forward(m, x, v)  # noqa: E731
-        total = lambda: self._batch_grad(inputs, out_grads)  # noqa: E731
-        ghost = (lambda: self._ghost_sq_norms(inputs, out_grads), total)
+        ghost = lambda: self._ghost_sq_norms(inputs, out_grads)  # noqa: E731
         return ConvView(
             make_grads,
             inputs,
@@ -511,7 +510,7 @@ class ConvHandler(Handler):
             self.names.get("bias"),
             m.weight.numel(),
             ghost if self._ghost_is_cheaper(inputs[0], out_grads[0]) else None,
-            total,
+            lambda: self._batch_grad(inputs, out_grads),
         )
 
     def weight_grad_node(self, outputs):

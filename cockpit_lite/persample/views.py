@@ -539,9 +539,12 @@ class ConvView(MaterialisedView):
     layer's own forward convolution: g_i . V = <conv(x_i; V), e_i>, no unfolded patches).
 
     Args:
-        make_grads: () -> {name: (B, *shape)} per-sample gradients of weight (and bias).
+        make_grads: (rows=None) -> {name: (B, *shape)} per-sample gradients of weight (and bias) of the
+            examples ``rows`` (a slice; default all).
         inputs / out_grads: per call, the layer input and the output gradient of the per-sample losses.
         conv: ``conv(x, V)`` the layer's convolution with weight V and no bias.
+        ghost: () -> the weight's ||g_i||^2 by the ghost form, or None (g_i are formed).
+        total: () -> sum_i g_i of the weight by the weight-gradient kernel.
     """
 
     def __init__(
@@ -553,16 +556,35 @@ class ConvView(MaterialisedView):
         self._inputs, self._out_grads, self._conv = inputs, out_grads, conv
         self.w, self.b = weight_name, bias_name
         self._weight_numel = weight_numel
-        #: optional (sq_norms_fn, batch_grad_fn) for layers whose g_i is large and positions few:
-        #: ||g_i||^2 by the ghost form and g_i . gbar = <conv(x_i; gbar), e_i>, without forming g_i
+        #: optional () -> ||g_i||^2 of the weight by the ghost form, for layers whose g_i is large and positions
+        #: few (g_i . gbar is then <conv(x_i; gbar), e_i>): g_i is not formed
         self._ghost = ghost
-        #: () -> sum_i g_i of the weight (the convolution's weight-gradient kernel), for the chunked path
+        #: () -> sum_i g_i of the weight (the convolution's weight-gradient kernel), where the layer's own
+        #: backward did not give it (``batch_grad``): gbar of the ghost and chunked paths
         self._total = total
         #: the chunked path's squared norms and g_i . gbar, once computed
         self._chunked: tuple[dict[str, torch.Tensor], torch.Tensor | None] | None = None
 
     def _bias(self) -> torch.Tensor:
         return sum(e.flatten(2).sum(2) for e in self._out_grads)
+
+    def _gbar(self) -> torch.Tensor:
+        """gbar of the weight: sum_i g_i from the layer's own backward, or the weight-gradient kernel, / B."""
+        total = self.batch_grad
+        if total is None:
+            total = self._total()
+        return total / self._inputs[0].shape[0]
+
+    def _with_bias_sq(self, sq: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The weight's ||g_i||^2 ``sq`` and the bias's."""
+        return {self.w: sq} if self.b is None else {self.w: sq, self.b: self._bias().square().sum(1)}
+
+    def _with_bias_dot(self, dm: torch.Tensor) -> torch.Tensor:
+        """The weight's g_i . gbar ``dm`` plus the bias's."""
+        if self.b is None:
+            return dm
+        gb = self._bias()
+        return dm + gb @ gb.mean(0)
 
     def _rows(self) -> int | None:
         """Examples per chunk, when the squared norms and g_i . gbar are reduced chunk by chunk (the g_i of
@@ -588,12 +610,7 @@ class ConvView(MaterialisedView):
         rows = self._rows()
         assert rows is not None
         bsz = self._inputs[0].shape[0]
-        gbar = None
-        if dot:
-            total = self.batch_grad
-            if total is None:
-                total = self._total()
-            gbar = total.reshape(-1) / bsz
+        gbar = self._gbar().reshape(-1) if dot else None
         sq, dots = [], []
         for start in range(0, bsz, rows):
             g = self._make(slice(start, start + rows))[self.w]
@@ -601,14 +618,7 @@ class ConvView(MaterialisedView):
             sq.append(torch.linalg.vector_norm(g, dim=1).square())
             if gbar is not None:
                 dots.append(g @ gbar.to(g.dtype))
-        out = {self.w: torch.cat(sq)}
-        dm = torch.cat(dots) if dots else None
-        if self.b is not None:
-            gb = self._bias()
-            out[self.b] = gb.square().sum(1)
-            if dm is not None:
-                dm = dm + gb @ gb.mean(0)
-        self._chunked = (out, dm)
+        self._chunked = (self._with_bias_sq(torch.cat(sq)), self._with_bias_dot(torch.cat(dots)) if dots else None)
         return self._chunked
 
     def sq_norms(self) -> dict[str, torch.Tensor]:
@@ -616,10 +626,7 @@ class ConvView(MaterialisedView):
             return dict(self._chunk_stats(dot=False)[0])
         if self._g or self._ghost is None:
             return super().sq_norms()
-        out = {self.w: self._ghost[0]()}
-        if self.b is not None:
-            out[self.b] = self._bias().square().sum(1)
-        return out
+        return self._with_bias_sq(self._ghost())
 
     def dot_mean(self) -> torch.Tensor:
         if self._rows() is not None:
@@ -628,15 +635,7 @@ class ConvView(MaterialisedView):
             return dm
         if self._g or self._ghost is None:
             return super().dot_mean()
-        total = self.batch_grad
-        if total is None:
-            total = self._ghost[1]()
-        gbar = total / self._inputs[0].shape[0]
-        out = self.project_many({"_": {self.w: gbar}})["_"]
-        if self.b is not None:
-            gb = self._bias()
-            out = out + gb @ gb.mean(0)
-        return out
+        return self._with_bias_dot(self.project_many({"_": {self.w: self._gbar()}})["_"])
 
     def grads(self) -> dict[str, torch.Tensor]:
         if not self._g:
