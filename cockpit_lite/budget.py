@@ -357,7 +357,7 @@ class Budget:
         self.cheap.remove(key)
         for kind in (REST, FOLLOW):  # they described the old sets
             self.recent[kind].clear()
-        self._pending[(step, "budget/plan")] = self.plan(min(self.plain))
+        self._replan(step)
         if not self._warned:
             self._warned = True
             self.warn(
@@ -386,7 +386,7 @@ class Budget:
         self.changed = step
         for kind in (RUN, FOLLOW):
             self.recent[kind].clear()
-        self._pending[(step, "budget/plan")] = self.plan(min(self.plain))
+        self._replan(step)
         self.warn(
             f"overhead budget {self.fraction:.3g}: the instruments that run together have not fit a window of "
             f"{WINDOW} steps for {step - max(x for x in (self.start, self.last_run) if x is not None)} steps (one "
@@ -413,10 +413,7 @@ class Budget:
         could run in any window), so no schedule can keep it with a statistic computed. From ``step`` on the
         budget keeps the instruments' share beyond the hooks (c_t without ``cost/driver_ms``), and says so
         (a warning; the plan)."""
-        self.beyond_hooks = True
-        self._rest_whole.clear()
-        for kind in self.recent:  # (they held the hooks' time)
-            self.recent[kind].clear()
+        self._count(beyond=True)
         said = (
             "which leaves no room for any instrument in it: nothing would run."
             if room
@@ -445,19 +442,27 @@ class Budget:
         if measured and len(unaffordable) == len(measured):  # (no room for any: stay beyond them)
             self.beyond_hooks, self.hooks = True, kept
             return
-        for kind in self.recent:  # (they left the hooks out)
-            self.recent[kind].clear()
-        self._rest_whole.clear()
-        self.cheap, self.unaffordable = cheap, unaffordable
-        self.changed = step
-        self._pending[(step, "budget/plan")] = self.plan(min(self.plain))
+        self._count(beyond=False)
+        self._reclassify(step, (cheap, unaffordable))
 
-    def _reclassify(self, step: int) -> None:
-        """After the accounting changed (the hooks counted beyond): the cheap, costly and left-out
-        instruments again by the warm-up's costs (an instrument left out for want of room may fit now;
-        one that still does not is left out again a window later), a new ``budget/plan``."""
-        self.cheap, self.unaffordable = self._split(min(self.plain))
+    def _count(self, beyond: bool) -> None:
+        """Count the hooks (``beyond`` False) or the instruments' work beyond them: the recent estimates and
+        rest steps described the other accounting."""
+        self.beyond_hooks = beyond
+        self._rest_whole.clear()
+        for kind in self.recent:
+            self.recent[kind].clear()
+
+    def _reclassify(self, step: int, split: tuple[list[str], list[str]] | None = None) -> None:
+        """After the accounting changed: the cheap, costly and left-out instruments again by the warm-up's
+        costs (``split``: :meth:`_split`'s, when already made; an instrument left out for want of room may
+        fit now, one that still does not is left out again a window later), a new ``budget/plan``."""
+        self.cheap, self.unaffordable = split if split is not None else self._split(min(self.plain))
         self.changed = step
+        self._replan(step)
+
+    def _replan(self, step: int) -> None:
+        """``budget/plan`` at ``step``: the classification changed."""
         self._pending[(step, "budget/plan")] = self.plan(min(self.plain))
 
     def _check_hooks(self, step: int) -> None:
