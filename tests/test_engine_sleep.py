@@ -43,18 +43,25 @@ def _check(record, theta: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         np.testing.assert_allclose(record.per_sample_sq_norms_by_param[name], want, rtol=1e-10)
 
 
-def test_layer_hooks_sleep_between_steps_that_need_them_and_wake_exact():
+def _training(every: int, seed: int):
+    """A float64 MLP, SGD, cross-entropy, a probe asking FLAGS every ``every`` steps, a batch generator."""
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss_fn = nn.CrossEntropyLoss()
-    probe = Probe(flags=FLAGS, every=6)
-    g = torch.Generator().manual_seed(1)
+    return model, opt, nn.CrossEntropyLoss(), Probe(flags=FLAGS, every=every), torch.Generator().manual_seed(seed)
+
+
+def _batch(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_layer_hooks_sleep_between_steps_that_need_them_and_wake_exact():
+    model, opt, loss_fn, probe, g = _training(every=6, seed=1)
     with Cockpit(model, opt, loss_fn, instruments=[probe], sinks=[]) as cockpit:
         engine = _engine(cockpit)
         assert engine.may_sleep and _layer_hooks(model) == 3
         hooked = {}
         for step in range(20):
-            x, y = torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+            x, y = _batch(g, 5)
             theta = copy.deepcopy(model) if step % 6 == 0 else None
             hooked[step] = _layer_hooks(model)
             loss_fn(model(x), y).backward()
@@ -72,15 +79,11 @@ def test_layer_hooks_sleep_between_steps_that_need_them_and_wake_exact():
 
 
 def test_a_step_after_sleeping_that_accumulates_micro_batches_is_exact():
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss_fn = nn.CrossEntropyLoss()
-    probe = Probe(flags=FLAGS, every=7)
-    g = torch.Generator().manual_seed(2)
+    model, opt, loss_fn, probe, g = _training(every=7, seed=2)
     with Cockpit(model, opt, loss_fn, instruments=[probe], sinks=[]) as cockpit:
         cockpit.engine.expect_accumulation()
         for step in range(15):
-            x, y = torch.randn(6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+            x, y = _batch(g, 6)
             theta = copy.deepcopy(model)
             for a, b in ((0, 2), (2, 6)):  # the mean loss of the whole batch, in two micro-batches
                 (loss_fn(model(x[a:b]), y[a:b]) * (b - a) / 6).backward()
@@ -92,16 +95,12 @@ def test_a_step_after_sleeping_that_accumulates_micro_batches_is_exact():
 
 
 def test_a_compiled_model_keeps_its_layer_hooks():
-    model = _model()
+    model, opt, loss_fn, probe, g = _training(every=8, seed=3)
     compiled = torch.compile(model, backend="eager")
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss_fn = nn.CrossEntropyLoss()
-    probe = Probe(flags=FLAGS, every=8)
-    g = torch.Generator().manual_seed(3)
     with Cockpit(compiled, opt, loss_fn, instruments=[probe], sinks=[]) as cockpit:
         assert not _engine(cockpit).may_sleep
         for step in range(9):
-            x, y = torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+            x, y = _batch(g, 5)
             theta = copy.deepcopy(model) if step == 8 else None
             loss_fn(compiled(x), y).backward()
             opt.step()
