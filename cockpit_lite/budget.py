@@ -45,7 +45,9 @@ of the step after a run (the follow-ups), and later steps at that of a rest step
 upper quartile of its last measurements (8 runs, 8 steps after a run, 16 rest steps; before any, the
 sums of the warm-up costs), with wall time p + cost. So the costly instruments run as often as the
 budget allows (the interval is recorded), and a window that measured over the budget (noise) holds
-them back until it is under again.
+them back until it is under again. k is taken anew on the two steps after a run (its measurements) and
+from the step it has passed; while no run fits (k undefined), every RECHECK steps. In between, a step's
+decision is a few comparisons: it is paid on every step.
 
 **Guarantee.** If every step costs no more than its estimate, every window of 100 steps that starts at
 or after T0 has S <= budget (tests/test_budget.py checks this on every window with an injected clock).
@@ -92,6 +94,9 @@ HOOKS = 16
 #: steps running nothing at the end of the warm-up: a step's ``cost/driver_ms`` holds the tail of the last
 #: step's hooks (its records), so the hooks alone are measured on a step after one that ran nothing
 IDLE = 2
+
+#: while no run of the costly instruments fits a window, the interval is taken anew every RECHECK steps
+RECHECK = 8
 
 # kinds of step
 FIRST, AFTER, PROBE, WAIT, RUN, FOLLOW, REST = "first", "after", "probe", "wait", "run", "follow", "rest"
@@ -181,13 +186,17 @@ class Budget:
         self._hooks_after: deque[float] = deque(maxlen=HOOKS)
         #: the last step no instrument tracked
         self._quiet: int | None = None
-        #: (timed c_t, its hooks, w_t) of the last HOOKS rest steps: whether counting the hooks fits again
+        #: (timed c_t, its hooks, w_t) of the last HOOKS rest steps since the accounting or the cheap set last
+        #: changed: whether the cheap instruments still fit (the last DEMOTE_STEPS), whether counting the hooks
+        #: fits again (all)
         self._rest_whole: deque[tuple[float, float, float]] = deque(maxlen=HOOKS)
         #: True once the hooks alone took more than the budget of a step: from then on c_t leaves them out
         #: (the budget keeps the instruments' share beyond them; the plan and a warning say so)
         self.beyond_hooks = False
         self.last_run: int | None = None
         self.every: int | None = None
+        #: while no run fits (``every`` None), the step the interval is taken anew
+        self._recheck = 0
         self._warned = False
         self.ran: dict[str, int] = {k: 0 for k in self.keys}
         self.steps = 0
@@ -245,6 +254,13 @@ class Budget:
             return False
 
     def _choose(self, step: int) -> Decision:
+        if self.stage == RUN and self.refused < WINDOW:
+            # between runs, once a run and its follow-up are measured, the interval is taken anew once it has
+            # passed (a later run, should the rest steps have grown cheaper since: the windows are kept
+            # anyway); while no run fits, every RECHECK steps
+            last, every = self.last_run, self.every
+            if step < self._recheck if every is None else last is not None and 2 < step - last < every:
+                return Decision(step, FOLLOW if last == step - 1 else REST, frozenset(self.cheap or ()))
         everyone = frozenset(self.keys)
         if self.stage == FIRST:
             self.stage = AFTER
@@ -278,6 +294,8 @@ class Budget:
                 self._leave_out(step)
             self.refused = 0
             every = self.interval()
+        if every is None:
+            self._recheck = step + RECHECK
         if every != self.every:
             self.every = every
             self._pending[(step, "budget/every")] = float(every) if every is not None else math.inf
@@ -349,20 +367,21 @@ class Budget:
         DEMOTE_STEPS of them took more than DEMOTE x budget of their wall time, the cheap instrument
         dearest alone joins the costly ones (from the next step on; a new ``budget/plan`` says so)."""
         assert self.cheap is not None
-        rest = [(c, w) for _, c, w, kind in self.obs if kind == REST][-DEMOTE_STEPS:]
-        share = sum(c for c, _ in rest) / sum(w for _, w in rest)
+        c, w, n = self._last_rest()
+        share = c / w
         if share <= DEMOTE * self.fraction:
             return
         key = max(self.cheap, key=lambda k: (self._solo(k), k))
         self.cheap.remove(key)
         for kind in (REST, FOLLOW):  # they described the old sets
             self.recent[kind].clear()
+        self._rest_whole.clear()
         self._replan(step)
         if not self._warned:
             self._warned = True
             self.warn(
                 f"overhead budget {self.fraction:.3g}: the instruments that run every step took {100 * share:.2g}% "
-                f"of the last {len(rest)} such steps' wall time, more than {100 * DEMOTE:.0f}% of the budget: {key} "
+                f"of the last {n} such steps' wall time, more than {100 * DEMOTE:.0f}% of the budget: {key} "
                 "now runs with the costly ones (budget/plan says what runs every step)"
             )
 
@@ -372,11 +391,12 @@ class Budget:
         longer describe the group), while the rest steps fit (the cheap instruments leave room: otherwise
         :meth:`_check_cheap` acts): one of its instruments, or the hooks, grew after the warm-up, and waiting
         would keep every one of them dark."""
-        if not self.costly or not self.plain or self.start is None:
+        if not self.plain or self.start is None:
             return False
         since = max(x for x in (self.start, self.last_run, self.changed) if x is not None)
-        rest_fits = self.fraction * min(self.plain) - (1.0 - self.fraction) * self.estimate(REST) > 0
-        return step - since >= WINDOW and rest_fits
+        if step - since < WINDOW or not self.costly:
+            return False
+        return self.fraction * min(self.plain) - (1.0 - self.fraction) * self.estimate(REST) > 0
 
     def _leave_out(self, step: int) -> None:
         """Leave out the costly instrument dearest alone (by the warm-up's costs): the run estimates
@@ -429,8 +449,9 @@ class Budget:
         """Counting beyond the hooks: when the last HOOKS rest steps, the hooks counted, took at most
         DEMOTE x budget of their wall time (the hooks shrank, or the warm-up measured them high) and
         counting them leaves room for an instrument, the budget counts them again (a new ``budget/plan``)."""
-        c = sum(t + h for t, h, _ in self._rest_whole)
-        w = sum(w for _, _, w in self._rest_whole)
+        c = w = 0.0
+        for t, h, wt in self._rest_whole:
+            c, w = c + t + h, w + wt
         if c > DEMOTE * self.fraction * w or not self.plain:
             return
         # the floor from these steps' hooks (an upper bound where the cheap instruments ran on them)
@@ -469,11 +490,21 @@ class Budget:
         """With no cheap instrument left, the rest steps are the hooks alone: when the last DEMOTE_STEPS of
         them took more than the budget of their wall time, the costly instruments could never run again;
         the budget counts the instruments' work beyond the hooks from here (:meth:`_exceed`)."""
-        rest = [(c, w) for _, c, w, kind in self.obs if kind == REST][-DEMOTE_STEPS:]
-        c, w = sum(c for c, _ in rest), sum(w for _, w in rest)
+        c, w, n = self._last_rest()
         if c > self.fraction * w:
-            self._exceed(step, w / len(rest) - c / len(rest), c / len(rest))
+            self._exceed(step, (w - c) / n, c / n)
             self._reclassify(step)
+
+    def _last_rest(self) -> tuple[float, float, int]:
+        """(sum of c_t, sum of w_t, n) of the last DEMOTE_STEPS rest steps, in the accounting in force."""
+        c = w = 0.0
+        n = 0
+        beyond = self.beyond_hooks
+        for t, h, wt in reversed(self._rest_whole):
+            c, w, n = c + (t if beyond else t + h), w + wt, n + 1
+            if n == DEMOTE_STEPS:
+                break
+        return c, w, n
 
     def _solo(self, key: str) -> float:
         return self.solo_run.get(key, 0.0) + self.solo_follow.get(key, 0.0)
@@ -630,7 +661,7 @@ class Budget:
             self._rest_whole.append((timed, hooks, w))
             if self.beyond_hooks and len(self._rest_whole) == HOOKS:
                 self._check_back(step)
-        if kind == REST and len(self.recent[REST]) >= DEMOTE_STEPS:
+        if kind == REST and len(self._rest_whole) >= DEMOTE_STEPS:
             if self.cheap:
                 self._check_cheap(step)
             elif self.cheap is not None and not self.beyond_hooks:
@@ -681,6 +712,7 @@ class Budget:
             "hooks": list(self.hooks),
             "hooks_after": list(self._hooks_after),
             "quiet": self._quiet,
+            "rest_whole": [list(r) for r in self._rest_whole],
             "idle": self.idle,
             "beyond_hooks": self.beyond_hooks,
             "last_run": self.last_run,
@@ -716,6 +748,7 @@ class Budget:
         self.hooks.extend(float(v) for v in state.get("hooks", []))
         self._hooks_after.extend(float(v) for v in state.get("hooks_after", []))
         self._quiet = None if state.get("quiet") is None else int(state["quiet"])
+        self._rest_whole.extend((float(t), float(h), float(w)) for t, h, w in state.get("rest_whole", []))
         self.idle = int(state.get("idle", IDLE))
         self.beyond_hooks = bool(state.get("beyond_hooks", False))
         self.last_run = None if state["last_run"] is None else int(state["last_run"])

@@ -84,6 +84,8 @@ class Guard:
         self._routes: tuple[Any, dict[str, tuple]] = (None, {})
         #: id(instrument) -> (instrument, :meth:`base_schedule`)
         self._base: dict[int, tuple[Instrument, bool]] = {}
+        #: (gates, instruments, entries) of :meth:`held`
+        self._held: tuple | None = None
 
     def hearing(self, objects: tuple, base: type, method: str) -> tuple:
         """The objects of a step (a plan's tuple of providers or instruments, the same object step after
@@ -137,6 +139,27 @@ class Guard:
             plan = self.plan(scheduled, providers, True)
             self._every_step = (insts, True, asks, plan)
         return plan
+
+    def held(self, instruments: Sequence[Instrument], gates: Mapping[str, Any]) -> tuple:
+        """Per instrument, (its key, its gate in ``gates``, its NEEDS, what it asks) where that gate holds it
+        and it is due every step by the base schedule (:meth:`base_schedule`): scheduled iff the gate allows
+        its key, asking its NEEDS; else None (it is asked). Kept for the same instrument objects and gates;
+        a step checks that each still holds its gate and NEEDS."""
+        kept = self._held
+        if (
+            kept is not None
+            and kept[0] is gates
+            and len(kept[1]) == len(instruments)
+            and all(a is b for a, b in zip(kept[1], instruments, strict=True))
+        ):
+            return kept[2]
+        entries = []
+        for inst in instruments:
+            gate = gates.get(inst.key)
+            held = gate is not None and inst._gate is gate and self.base_schedule(inst)
+            entries.append((inst.key, gate, inst.NEEDS, _base_needs(frozenset(inst.NEEDS))) if held else None)
+        self._held = (gates, tuple(instruments), tuple(entries))
+        return self._held[2]
 
     def base_schedule(self, inst: Instrument) -> bool:
         """Whether ``inst`` keeps the base ``requires``, ``scheduled`` and ``due`` with ``every=1`` and no
@@ -202,7 +225,7 @@ class Step:
         #: (the step's costs, its wall time in ms) set aside by :meth:`launch` for a later :meth:`finish`
         self._held: tuple[Costs, float] | None = None
         guard.costs.reset()
-        plan = guard.every_step_plan(instruments, providers)
+        plan = guard.every_step_plan(instruments, providers) if gates is None else None  # (gated: never)
         if plan is not None:
             self._start(plan, fields)
             return
@@ -215,11 +238,12 @@ class Step:
                 gates = None
         scheduled: list[tuple[Instrument, Needs]] = []
         base = True  # every scheduled instrument asks its NEEDS (a plan of the same ones can be reused)
-        for inst in instruments:
-            gate = gates[0].get(inst.key) if gates is not None else None
-            if gate is not None and inst._gate is gate and guard.base_schedule(inst):
-                if inst.key in allowed:
-                    scheduled.append((inst, _base_needs(frozenset(inst.NEEDS))))
+        held = guard.held(instruments, gates[0]) if gates is not None else None
+        for k, inst in enumerate(instruments):
+            entry = held[k] if held is not None else None
+            if entry is not None and inst._gate is entry[1] and inst.NEEDS is entry[2]:
+                if entry[0] in allowed:
+                    scheduled.append((inst, entry[3]))
                 continue
             asked = None
             if not _overrides(type(inst), Instrument, "requires"):  # the base's: NEEDS on its scheduled steps

@@ -352,14 +352,14 @@ def test_cheap_set_fills_half_the_budget_and_an_overrun_moves_one_to_the_costly(
 def hooks(clock, monkeypatch):
     """The cockpit's hooks take ``hooks.ms`` of the fake clock on every step, outside any timed region
     (while the step is formed, inside its wall time): ``cost/driver_ms``."""
-    form = lifecycle.Guard.every_step_plan
+    start = lifecycle.Step._start
     state = types.SimpleNamespace(ms=0.0)
 
     def slow(self, *args, **kwargs):
         clock.advance(state.ms)
-        return form(self, *args, **kwargs)
+        return start(self, *args, **kwargs)
 
-    monkeypatch.setattr(lifecycle.Guard, "every_step_plan", slow)
+    monkeypatch.setattr(lifecycle.Step, "_start", slow)
     return state
 
 
