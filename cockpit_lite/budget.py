@@ -71,16 +71,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from cockpit_lite.instrument import Instrument
+from cockpit_lite.ledger import HOOKS, RECENT, WINDOW, Ledger
 from cockpit_lite.profiling import Costs
 
-#: the window of the guarantee, in steps
-WINDOW = 100
-#: how many recent measurements the estimates take the upper quartile of, per kind of step
-RECENT = {"run": 8, "follow": 8, "rest": 16}
 #: rest steps that tell whether the cheap instruments still fit (see ``DEMOTE``)
 DEMOTE_STEPS = 8
-#: recent steps whose smallest w_t - c_t is the plain step p
-PLAIN = 16
 #: rest steps (the cheap instruments alone) measured above this share of the budget move a cheap
 #: instrument to the costly ones (the classification fills half the budget: the gap is hysteresis)
 DEMOTE = 0.75
@@ -89,8 +84,6 @@ ROUNDS = 3
 #: steps that nothing tracks hold their ``budget/share`` records back until this many wait (or the next tracked
 #: step's records, or the close): writing one record costs as much as a step's hooks (docs/budget.md)
 FLUSH = 16
-#: recent steps whose hooks' time (``cost/driver_ms``) gives the hooks' estimate h
-HOOKS = 16
 #: steps running nothing at the end of the warm-up: a step's ``cost/driver_ms`` holds the tail of the last
 #: step's hooks (its records), so the hooks alone are measured on a step after one that ran nothing
 IDLE = 2
@@ -138,8 +131,9 @@ class Budget:
     keys), :attr:`start` (T0), :attr:`changed` (the step an instrument was last left out after T0),
     :attr:`solo_run` and :attr:`solo_follow` (each instrument's cost measured alone on its probe step and
     on the step after, ms), :attr:`every` (the interval k), :attr:`ran` (steps each instrument ran on, by
-    its schedule and the budget), :attr:`steps` (steps seen), :meth:`hooks_ms` (the hooks' time a step)
-    and :attr:`beyond_hooks` (the hooks alone exceed the budget: it keeps the instruments' work beyond them).
+    its schedule and the budget), :attr:`steps` (steps seen), :meth:`hooks_ms` (the hooks' time a step),
+    :attr:`beyond_hooks` (the hooks alone exceed the budget: it keeps the instruments' work beyond them)
+    and :attr:`ledger` (what the last steps cost: :class:`cockpit_lite.ledger.Ledger`).
     """
 
     def __init__(self, fraction: float, warn: Callable[[str], None] | None = None, costs: Costs | None = None):
@@ -173,23 +167,9 @@ class Budget:
         #: steps in a row a run was due and spaced but the window check held it back (estimates that no longer
         #: describe the group: after WINDOW of them the group is stalled, as when no run fits at all)
         self.refused = 0
-        #: (step, c_t, w_t, kind) of the last WINDOW steps observed, and the sums of c_t and w_t
-        self.obs: deque[tuple[int, float, float, str]] = deque(maxlen=WINDOW)
-        self._sums = (0.0, 0.0)
-        self.recent: dict[str, deque[float]] = {k: deque(maxlen=n) for k, n in RECENT.items()}
-        self.plain: deque[float] = deque(maxlen=PLAIN)
-        #: the hooks' own time (``cost/driver_ms``) of the last HOOKS steps no instrument tracked, after a step
-        #: no instrument tracked either
-        self.hooks: deque[float] = deque(maxlen=HOOKS)
-        #: the same of steps no instrument tracked after one that was (its records' tail in them): the
-        #: estimate until a step after an untracked one is seen
-        self._hooks_after: deque[float] = deque(maxlen=HOOKS)
-        #: the last step no instrument tracked
-        self._quiet: int | None = None
-        #: (timed c_t, its hooks, w_t) of the last HOOKS rest steps since the accounting or the cheap set last
-        #: changed: whether the cheap instruments still fit (the last DEMOTE_STEPS), whether counting the hooks
-        #: fits again (all)
-        self._rest_whole: deque[tuple[float, float, float]] = deque(maxlen=HOOKS)
+        #: what the last steps cost (the rest steps' parts since the accounting or the cheap set last changed:
+        #: whether the cheap instruments still fit, whether counting the hooks fits again)
+        self.ledger = Ledger()
         #: True once the hooks alone took more than the budget of a step: from then on c_t leaves them out
         #: (the budget keeps the instruments' share beyond them; the plan and a warning say so)
         self.beyond_hooks = False
@@ -288,7 +268,7 @@ class Budget:
         if (every is None or self.refused >= WINDOW) and self._stalled(step):
             if len(self.costly or []) == 1 and not self.cheap and not self.beyond_hooks and self.hooks_ms() > 0:
                 # leaving the last one out would leave nothing running, for want of room the hooks take
-                self._exceed(step, min(self.plain), self.hooks_ms(), room=True)
+                self._exceed(step, self._plain(), self.hooks_ms(), room=True)
                 self._reclassify(step)
             else:
                 self._leave_out(step)
@@ -310,13 +290,12 @@ class Budget:
 
     # --- the warm-up's outcome ----------------------------------------------------------------------------
     def _classify(self, step: int) -> None:
-        p = min(self.plain) if self.plain else 0.0
+        p = self._plain()
         h = self.hooks_ms()
         if h > self.fraction * (p + h):
             self._exceed(step, p, h)
         cheap, unaffordable = self._split(p)
-        measured = [k for k in self.keys if k in self.solo_run]
-        if not self.beyond_hooks and h > 0 and measured and len(unaffordable) == len(measured):
+        if not self.beyond_hooks and h > 0 and self._none_affordable(unaffordable):
             # the hooks leave no room for any instrument: counted beyond them, at least one would run
             self.beyond_hooks = True
             beyond = self._split(p)
@@ -367,15 +346,13 @@ class Budget:
         DEMOTE_STEPS of them took more than DEMOTE x budget of their wall time, the cheap instrument
         dearest alone joins the costly ones (from the next step on; a new ``budget/plan`` says so)."""
         assert self.cheap is not None
-        c, w, n = self._last_rest()
+        c, w, n = self.ledger.last_rest(DEMOTE_STEPS, self.beyond_hooks)
         share = c / w
         if share <= DEMOTE * self.fraction:
             return
         key = max(self.cheap, key=lambda k: (self._solo(k), k))
         self.cheap.remove(key)
-        for kind in (REST, FOLLOW):  # they described the old sets
-            self.recent[kind].clear()
-        self._rest_whole.clear()
+        self.ledger.forget((REST, FOLLOW), rest=True)  # (they described the old sets)
         self._replan(step)
         if not self._warned:
             self._warned = True
@@ -391,12 +368,13 @@ class Budget:
         longer describe the group), while the rest steps fit (the cheap instruments leave room: otherwise
         :meth:`_check_cheap` acts): one of its instruments, or the hooks, grew after the warm-up, and waiting
         would keep every one of them dark."""
-        if not self.plain or self.start is None:
+        p = self.ledger.plain_ms()
+        if p is None or self.start is None:
             return False
         since = max(x for x in (self.start, self.last_run, self.changed) if x is not None)
         if step - since < WINDOW or not self.costly:
             return False
-        return self.fraction * min(self.plain) - (1.0 - self.fraction) * self.estimate(REST) > 0
+        return self.fraction * p - (1.0 - self.fraction) * self.estimate(REST) > 0
 
     def _leave_out(self, step: int) -> None:
         """Leave out the costly instrument dearest alone (by the warm-up's costs): the run estimates
@@ -404,8 +382,7 @@ class Budget:
         key = max(self.costly or [], key=lambda k: (self._solo(k), k))
         self.unaffordable = [k for k in self.keys if k in self.unaffordable or k == key]
         self.changed = step
-        for kind in (RUN, FOLLOW):
-            self.recent[kind].clear()
+        self.ledger.forget((RUN, FOLLOW))
         self._replan(step)
         self.warn(
             f"overhead budget {self.fraction:.3g}: the instruments that run together have not fit a window of "
@@ -421,12 +398,7 @@ class Budget:
         the last step's, its records;
         the hooks' time of a step running instruments is in its measured c_t); with ``counted``, 0 once
         the budget counts the instruments' work beyond the hooks (:attr:`beyond_hooks`)."""
-        if counted and self.beyond_hooks:
-            return 0.0
-        recent = sorted(self.hooks or self._hooks_after)
-        if not recent:
-            return 0.0
-        return recent[math.ceil(3 * len(recent) / 4) - 1]
+        return 0.0 if counted and self.beyond_hooks else self.ledger.hooks_ms()
 
     def _exceed(self, step: int, p: float, h: float, room: bool = False) -> None:
         """The hooks alone take more than the budget of a step (``room``: so much of it that no instrument
@@ -449,19 +421,17 @@ class Budget:
         """Counting beyond the hooks: when the last HOOKS rest steps, the hooks counted, took at most
         DEMOTE x budget of their wall time (the hooks shrank, or the warm-up measured them high) and
         counting them leaves room for an instrument, the budget counts them again (a new ``budget/plan``)."""
-        c = w = 0.0
-        for t, h, wt in self._rest_whole:
-            c, w = c + t + h, w + wt
-        if c > DEMOTE * self.fraction * w or not self.plain:
+        ledger = self.ledger
+        c, w, _ = ledger.last_rest(HOOKS, beyond=False)
+        if c > DEMOTE * self.fraction * w or ledger.plain_ms() is None:
             return
         # the floor from these steps' hooks (an upper bound where the cheap instruments ran on them)
-        floor = deque((h + (t if not self.cheap else 0.0) for t, h, _ in self._rest_whole), maxlen=HOOKS)
-        kept, self.beyond_hooks = self.hooks, False
-        self.hooks = floor
-        measured = [k for k in self.keys if k in self.solo_run]
-        cheap, unaffordable = self._split(min(self.plain))
-        if measured and len(unaffordable) == len(measured):  # (no room for any: stay beyond them)
-            self.beyond_hooks, self.hooks = True, kept
+        floor = deque((h + (t if not self.cheap else 0.0) for t, h, _ in ledger.rest), maxlen=HOOKS)
+        kept, self.beyond_hooks = ledger.hooks, False
+        ledger.hooks = floor
+        cheap, unaffordable = self._split(self._plain())
+        if self._none_affordable(unaffordable):  # (no room for any: stay beyond them)
+            self.beyond_hooks, ledger.hooks = True, kept
             return
         self._count(beyond=False)
         self._reclassify(step, (cheap, unaffordable))
@@ -470,41 +440,38 @@ class Budget:
         """Count the hooks (``beyond`` False) or the instruments' work beyond them: the recent estimates and
         rest steps described the other accounting."""
         self.beyond_hooks = beyond
-        self._rest_whole.clear()
-        for kind in self.recent:
-            self.recent[kind].clear()
+        self.ledger.forget(RECENT, rest=True)
 
     def _reclassify(self, step: int, split: tuple[list[str], list[str]] | None = None) -> None:
         """After the accounting changed: the cheap, costly and left-out instruments again by the warm-up's
         costs (``split``: :meth:`_split`'s, when already made; an instrument left out for want of room may
         fit now, one that still does not is left out again a window later), a new ``budget/plan``."""
-        self.cheap, self.unaffordable = split if split is not None else self._split(min(self.plain))
+        self.cheap, self.unaffordable = split if split is not None else self._split(self._plain())
         self.changed = step
         self._replan(step)
 
     def _replan(self, step: int) -> None:
         """``budget/plan`` at ``step``: the classification changed."""
-        self._pending[(step, "budget/plan")] = self.plan(min(self.plain))
+        self._pending[(step, "budget/plan")] = self.plan(self._plain())
 
     def _check_hooks(self, step: int) -> None:
         """With no cheap instrument left, the rest steps are the hooks alone: when the last DEMOTE_STEPS of
         them took more than the budget of their wall time, the costly instruments could never run again;
         the budget counts the instruments' work beyond the hooks from here (:meth:`_exceed`)."""
-        c, w, n = self._last_rest()
+        c, w, n = self.ledger.last_rest(DEMOTE_STEPS, self.beyond_hooks)
         if c > self.fraction * w:
             self._exceed(step, (w - c) / n, c / n)
             self._reclassify(step)
 
-    def _last_rest(self) -> tuple[float, float, int]:
-        """(sum of c_t, sum of w_t, n) of the last DEMOTE_STEPS rest steps, in the accounting in force."""
-        c = w = 0.0
-        n = 0
-        beyond = self.beyond_hooks
-        for t, h, wt in reversed(self._rest_whole):
-            c, w, n = c + (t if beyond else t + h), w + wt, n + 1
-            if n == DEMOTE_STEPS:
-                break
-        return c, w, n
+    def _plain(self) -> float:
+        """The plain step p (0 before any step is measured)."""
+        p = self.ledger.plain_ms()
+        return 0.0 if p is None else p
+
+    def _none_affordable(self, unaffordable: Collection[str]) -> bool:
+        """Whether every measured instrument is among ``unaffordable``: no room for any."""
+        measured = [k for k in self.keys if k in self.solo_run]
+        return bool(measured) and len(unaffordable) == len(measured)
 
     def _solo(self, key: str) -> float:
         return self.solo_run.get(key, 0.0) + self.solo_follow.get(key, 0.0)
@@ -557,8 +524,8 @@ class Budget:
         of its recent measurements (the ceil(3n/4)-th smallest of n: the largest of up to 3, and one
         or two preempted steps among 8 neither count nor stall the schedule), before any the sums of
         the warm-up costs."""
-        recent = sorted(self.recent[kind])
-        return recent[math.ceil(3 * len(recent) / 4) - 1] if recent else self._initial(kind)
+        found = self.ledger.estimate(kind)
+        return self._initial(kind) if found is None else found
 
     def interval(self) -> int | None:
         """The interval k (steps) between runs of the costly instruments. A window of WINDOW steps with
@@ -566,9 +533,10 @@ class Budget:
         time p plus its cost, keeps the budget iff n (1 - budget)(r + f - 2b) <= WINDOW (budget p -
         (1 - budget) b); N is the largest such n, and k = ceil(WINDOW / N) puts at most N runs in any
         window. None when not even one run fits (the costly instruments wait: the estimates may fall)."""
-        if not self.plain:
+        p = self.ledger.plain_ms()
+        if p is None:
             return None
-        most = self._window_runs(self.estimate(RUN), self.estimate(FOLLOW), self.estimate(REST), min(self.plain))
+        most = self._window_runs(self.estimate(RUN), self.estimate(FOLLOW), self.estimate(REST), p)
         return math.ceil(WINDOW / min(most, WINDOW)) if most >= 1 else None
 
     def _window_runs(self, r: float, f: float, b: float, p: float) -> int:
@@ -591,17 +559,17 @@ class Budget:
         sum_{t in W} g_t <= 0. The window starting k steps before ``step`` holds the k measured steps
         before it (a step not measured counts 0), the run step, the follow-up if k <= WINDOW - 2 and
         max(WINDOW - 2 - k, 0) rest steps, each predicted at wall time p + its cost."""
-        if not self.plain or self.start is None:
+        p = self.ledger.plain_ms()
+        if p is None or self.start is None:
             return False
-        beta, p = self.fraction, min(self.plain)
+        beta = self.fraction
         g_run, g_follow, g_rest = (x - beta * (p + x) for x in (self.estimate(k) for k in (RUN, FOLLOW, REST)))
         if g_follow + (WINDOW - 1) * g_rest > 0:  # the window that starts at step + 1
             return False
         lo = max(self.start, step - WINDOW + 1)
         g = [0.0] * (step - lo)  # measured steps lo .. step - 1
-        for s, c, w, _ in self.obs:
-            if lo <= s < step:
-                g[s - lo] = c - beta * w
+        for s, c, w in self.ledger.measured(lo, step):
+            g[s - lo] = c - beta * w
         total = 0.0  # sum of g over the k measured steps before step
         for k in range(step - lo + 1):
             if k:
@@ -630,43 +598,26 @@ class Budget:
         timed, hooks, w = float(cockpit_ms), float(hooks_ms), float(wall_ms)
         if not (math.isfinite(timed) and math.isfinite(hooks) and math.isfinite(w)) or w <= 0:
             return
-        c = timed if self.beyond_hooks else timed + hooks
         self.steps += 1
         for key in ran:
             self.ran[key] = self.ran.get(key, 0) + 1
-        if len(self.obs) == WINDOW:
-            _, c0, w0, _ = self.obs[0]
-            self._sums = (self._sums[0] - c0, self._sums[1] - w0)
-        self.obs.append((step, c, w, kind))
-        self._sums = (self._sums[0] + c, self._sums[1] + w)
-        if step % WINDOW == 0:  # no drift of the running sums over a long run
-            self._sums = (math.fsum(o[1] for o in self.obs), math.fsum(o[2] for o in self.obs))
-        self.plain.append(max(w - c, 0.0))
         quiet = not ran if quiet is None else quiet
-        # the floor: a step no instrument tracks costs its hooks and the budget's decision (its only region)
-        if quiet and self._quiet == step - 1:  # (the last step's records are in this one's hooks)
-            self.hooks.append(hooks + timed)
-        elif quiet and kind != FIRST:
-            self._hooks_after.append(hooks + timed)
-        if quiet:
-            self._quiet = step
+        ledger = self.ledger
+        ledger.add(step, kind, timed, hooks, w, quiet, self.beyond_hooks, kind == FIRST)
         # an instrument's cost alone leaves out the hooks' time: every step pays that (h, hooks_ms)
         if kind == PROBE and d is not None and d.probe is not None:
             self.solo_run[d.probe] = min(timed, self.solo_run.get(d.probe, math.inf))
         elif kind == AFTER and d is not None and d.probe is not None:
             self.solo_follow[d.probe] = min(timed, self.solo_follow.get(d.probe, math.inf))
-        elif kind in self.recent:
-            self.recent[kind].append(c)
         if kind == REST:
-            self._rest_whole.append((timed, hooks, w))
-            if self.beyond_hooks and len(self._rest_whole) == HOOKS:
+            if self.beyond_hooks and len(ledger.rest) == HOOKS:
                 self._check_back(step)
-        if kind == REST and len(self._rest_whole) >= DEMOTE_STEPS:
-            if self.cheap:
-                self._check_cheap(step)
-            elif self.cheap is not None and not self.beyond_hooks:
-                self._check_hooks(step)
-        self._pending[(step, "budget/share")] = self._sums[0] / self._sums[1]
+            if len(ledger.rest) >= DEMOTE_STEPS:
+                if self.cheap:
+                    self._check_cheap(step)
+                elif self.cheap is not None and not self.beyond_hooks:
+                    self._check_hooks(step)
+        self._pending[(step, "budget/share")] = ledger.share()
 
     def waiting(self) -> bool:
         """Whether records wait that a step nothing tracks should write now: anything but ``budget/share``
@@ -706,13 +657,7 @@ class Budget:
             "start": self.start,
             "changed": self.changed,
             "refused": self.refused,
-            "obs": [list(o) for o in self.obs],
-            "recent": {k: list(v) for k, v in self.recent.items()},
-            "plain": list(self.plain),
-            "hooks": list(self.hooks),
-            "hooks_after": list(self._hooks_after),
-            "quiet": self._quiet,
-            "rest_whole": [list(r) for r in self._rest_whole],
+            **self.ledger.state_dict(),
             "idle": self.idle,
             "beyond_hooks": self.beyond_hooks,
             "last_run": self.last_run,
@@ -740,15 +685,7 @@ class Budget:
         self.start = None if state["start"] is None else int(state["start"])
         self.changed = None if state.get("changed") is None else int(state["changed"])
         self.refused = int(state.get("refused", 0))
-        self.obs.extend((int(s), float(c), float(w), str(k)) for s, c, w, k in state["obs"])
-        self._sums = (math.fsum(o[1] for o in self.obs), math.fsum(o[2] for o in self.obs))
-        for kind, values in state["recent"].items():
-            self.recent[str(kind)].extend(float(v) for v in values)
-        self.plain.extend(float(v) for v in state["plain"])
-        self.hooks.extend(float(v) for v in state.get("hooks", []))
-        self._hooks_after.extend(float(v) for v in state.get("hooks_after", []))
-        self._quiet = None if state.get("quiet") is None else int(state["quiet"])
-        self._rest_whole.extend((float(t), float(h), float(w)) for t, h, w in state.get("rest_whole", []))
+        self.ledger.load_state_dict(state)
         self.idle = int(state.get("idle", IDLE))
         self.beyond_hooks = bool(state.get("beyond_hooks", False))
         self.last_run = None if state["last_run"] is None else int(state["last_run"])

@@ -668,12 +668,12 @@ def test_budget_alone_policy():
         c = sum(cost[k] for k in d.allowed)
         b.observe(t, c, PLAIN_MS + c, sorted(d.allowed))
     assert b.cheap == ["a"] and b.costly == ["b"] and b.start == 2 + 2 * 2 * ROUNDS + IDLE
-    obs = {s: (c, w) for s, c, w, _ in b.obs}
+    obs = {s: (c, w) for s, c, w, _ in b.ledger.obs}
     c = np.array([obs[s][0] for s in range(300, 400)])
     w = np.array([obs[s][1] for s in range(300, 400)])
     assert c.sum() / w.sum() <= 0.1 + 1e-12
     # (100 * 0.1 + 5 r) / (1000 + 100 * 0.1 + 5 r) <= 0.1 allows r = 20 runs of b in 100 steps
-    assert sum(1 for s, _, _, k in b.obs if k == "run") == 20
+    assert sum(1 for s, _, _, k in b.ledger.obs if k == "run") == 20
 
 
 # --- the real instruments: thinned, and exact where they ran --------------------------------------------------
