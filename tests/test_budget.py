@@ -735,3 +735,38 @@ def test_economy_thinned_and_exact_on_the_steps_it_ran(monkeypatch, clock):
     # are rounded in another order (differences of alpha about 1e-8 here; alpha is O(1))
     assert all(alpha[s] == pytest.approx(alpha_ref[s], rel=1e-6, abs=1e-6, nan_ok=True) for s in alpha)
     assert max(s for _, s in window_shares(h, b.start, steps)) <= 0.3 + 1e-9
+
+
+class Steady(Instrument):
+    """Keeps the base ``requires`` (its NEEDS on its scheduled steps): a step takes its gate from the kept
+    table (``Guard.held``) instead of asking it. Costs ``ms`` of the fake clock a run; records the step."""
+
+    NEEDS = frozenset({Need.LOSS})
+
+    def __init__(self, clock: Clock, ms: float, **kw):
+        super().__init__(**kw)
+        self.clock, self.ms = clock, ms
+
+    def compute(self, record):
+        self.clock.advance(self.ms)
+        return {self.tag("value"): float(record.step)}
+
+
+def test_base_schedule_instruments_follow_the_gate_and_a_lifted_gate_is_seen(clock):
+    """Instruments asking their NEEDS every step run where the budget allows them (the cheap one every step,
+    the costly one on the run steps only), by the step's kept table of gates; once the costly one's gate is
+    lifted (``inst.gate(None)``), the table no longer holds it and it runs on every step again."""
+    model, opt, loss_fn = tiny()
+    insts = [Steady(clock, 0.05, name="cheap"), Steady(clock, 8.0, name="dear")]
+    with Cockpit(model, opt, loss_fn, instruments=insts, sinks=[], budget=0.05) as cockpit:
+        train(cockpit, model, opt, loss_fn, clock, 260)
+        b, h = cockpit.budget, cockpit.history
+        assert b.cheap == ["cheap"] and b.costly == ["dear"]
+        assert set(range(b.start, 260)) <= set(series(h, "cheap/value"))
+        runs = sorted(s for s in series(h, "dear/value") if s >= b.start)
+        # a window holds 5 runs of 8 ms (45 of 1045 ms) and not 6: every 20 steps
+        assert len(runs) > 5 and all(q - r >= 20 for r, q in zip(runs, runs[1:], strict=False))
+        assert max(s for _, s in window_shares(h, b.start, 260)) <= 0.05 + 1e-9
+        insts[1].gate(None)
+        train(cockpit, model, opt, loss_fn, clock, 20, seed=1)
+        assert set(series(h, "dear/value")) >= set(range(260, 280))
