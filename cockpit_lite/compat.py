@@ -102,8 +102,7 @@ def stacked_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """:func:`foreach_norm` of ``tensors`` as one vector, on the first tensor's device (a model spread
     over several GPUs: the other norms are copied there, device to device)."""
     norms = foreach_norm(tensors)
-    where = norms[0].get_device()  # (an int: no device object made per norm)
-    if any(n.get_device() != where for n in norms):
+    if len(set(map(torch.Tensor.get_device, norms))) > 1:  # (ints: no device object, no Python frame per norm)
         norms = [n.to(norms[0].device) for n in norms]
     return torch.stack(norms)
 
