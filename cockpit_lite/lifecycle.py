@@ -84,8 +84,8 @@ class Guard:
         self._routes: tuple[Any, dict[str, tuple]] = (None, {})
         #: id(instrument) -> (instrument, :meth:`base_schedule`)
         self._base: dict[int, tuple[Instrument, bool]] = {}
-        #: (gates, instruments, entries) of :meth:`held`
-        self._held: tuple | None = None
+        #: (gates, instruments, entries) of :meth:`gated`
+        self._gated: tuple | None = None
 
     def hearing(self, objects: tuple, base: type, method: str) -> tuple:
         """The objects of a step (a plan's tuple of providers or instruments, the same object step after
@@ -140,12 +140,12 @@ class Guard:
             self._every_step = (insts, True, asks, plan)
         return plan
 
-    def held(self, instruments: Sequence[Instrument], gates: Mapping[str, Any]) -> tuple:
+    def gated(self, instruments: Sequence[Instrument], gates: Mapping[str, Any]) -> tuple:
         """Per instrument, (its key, its gate in ``gates``, its NEEDS, what it asks) where that gate holds it
         and it is due every step by the base schedule (:meth:`base_schedule`): scheduled iff the gate allows
         its key, asking its NEEDS; else None (it is asked). Kept for the same instrument objects and gates;
         a step checks that each still holds its gate and NEEDS."""
-        kept = self._held
+        kept = self._gated
         if (
             kept is not None
             and kept[0] is gates
@@ -158,8 +158,8 @@ class Guard:
             gate = gates.get(inst.key)
             held = gate is not None and inst._gate is gate and self.base_schedule(inst)
             entries.append((inst.key, gate, inst.NEEDS, _base_needs(frozenset(inst.NEEDS))) if held else None)
-        self._held = (gates, tuple(instruments), tuple(entries))
-        return self._held[2]
+        self._gated = (gates, tuple(instruments), tuple(entries))
+        return self._gated[2]
 
     def base_schedule(self, inst: Instrument) -> bool:
         """Whether ``inst`` keeps the base ``requires``, ``scheduled`` and ``due`` with ``every=1`` and no
@@ -238,9 +238,9 @@ class Step:
                 gates = None
         scheduled: list[tuple[Instrument, Needs]] = []
         base = True  # every scheduled instrument asks its NEEDS (a plan of the same ones can be reused)
-        held = guard.held(instruments, gates[0]) if gates is not None else None
+        table = guard.gated(instruments, gates[0]) if gates is not None else None
         for k, inst in enumerate(instruments):
-            entry = held[k] if held is not None else None
+            entry = table[k] if table is not None else None
             if entry is not None and inst._gate is entry[1] and inst.NEEDS is entry[2]:
                 if entry[0] in allowed:
                     scheduled.append((inst, entry[3]))

@@ -739,7 +739,7 @@ def test_economy_thinned_and_exact_on_the_steps_it_ran(monkeypatch, clock):
 
 class Steady(Instrument):
     """Keeps the base ``requires`` (its NEEDS on its scheduled steps): a step takes its gate from the kept
-    table (``Guard.held``) instead of asking it. Costs ``ms`` of the fake clock a run; records the step."""
+    table (``Guard.gated``) instead of asking it. Costs ``ms`` of the fake clock a run; records the step."""
 
     NEEDS = frozenset({Need.LOSS})
 
