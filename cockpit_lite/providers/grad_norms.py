@@ -36,12 +36,14 @@ def grad_norms(
     FSDP2 from the local shards and one all-reduce of the squared norms (:func:`distributed.norms`).
     Sparse gradients count by their stored values (:func:`stored_values`)."""
     names, tensors = [], []
+    graph = False  # (a gradient with a graph: create_graph=True)
     for n, p in params.items():
         g = p.grad
         if g is not None:
             names.append(n)
             tensors.append(g if g.layout == torch.strided else stored_values(g))
-    if any(g.requires_grad for g in tensors):  # (a gradient with a graph: create_graph=True)
+            graph = graph or g.requires_grad
+    if graph:
         with torch.no_grad():
             return host.norms(batch, names, tensors, then)
     return host.norms(batch, names, tensors, then)

@@ -127,7 +127,10 @@ class PerSampleProvider(Provider):
     def _uncovered(self, covered: set[str], record: StepRecord) -> dict[str, float]:
         """Parameters with a gradient the engine did not see, with their share of sum_p ||p.grad||^2
         (from the gradient norms of the step when the GradNorms provider computed them)."""
-        if all(n in covered for n, p in self.context.params.items() if p.grad is not None):
+        for n, p in self.context.params.items():  # (a loop, not a generator: this runs every step)
+            if n not in covered and p.grad is not None:
+                break
+        else:
             return {}
         norms = record.grad_norms if record.grad_norms is not None else grad_norms(self.context.params)
         total = sum(v * v for v in norms.values()) or 1.0
