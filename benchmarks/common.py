@@ -7,6 +7,7 @@ reported as medians and ratios to plain training measured in the same run: the m
 from __future__ import annotations
 
 import ctypes
+import random
 import statistics
 import sys
 import time
@@ -163,11 +164,14 @@ class FuncNorms:
 
 def interleaved_times(runners: dict, reps: int, device: str | torch.device = "cpu") -> dict[str, list[float]]:
     """{name: seconds of each of ``reps`` calls of runners[name]()} with the calls interleaved (rep k of
-    every runner ran in the same round); on a CUDA device each timed call starts and ends with
-    :func:`synchronize`."""
+    every runner ran in the same round, the runners in an order shuffled each round, seeded: a fixed order
+    favours or burdens a position with what the one before leaves in the caches); on a CUDA device each
+    timed call starts and ends with :func:`synchronize`."""
     times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(reps):
-        for name, run in runners.items():
+    for rep in range(reps):
+        order = list(runners.items())
+        random.Random(rep).shuffle(order)
+        for name, run in order:
             synchronize(device)
             t0 = time.perf_counter()
             run()
