@@ -43,6 +43,9 @@ class Ledger:
     steps)."""
 
     def __init__(self) -> None:
+        self._clear()
+
+    def _clear(self) -> None:
         self.obs: deque[tuple[int, float, float, str]] = deque(maxlen=WINDOW)
         self._sums = (0.0, 0.0)
         self.recent: dict[str, deque[float]] = {k: deque(maxlen=n) for k, n in RECENT.items()}
@@ -138,7 +141,7 @@ class Ledger:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (keys a state of an older version lacks start empty)."""
-        self.__init__()  # type: ignore[misc]
+        self._clear()
         self.obs.extend((int(s), float(c), float(w), str(k)) for s, c, w, k in state["obs"])
         self._resum()
         for kind, values in state["recent"].items():
