@@ -51,6 +51,7 @@ from cockpit_lite.persample.views import (
     View,
     ViewGroup,
     chunk_rows,
+    conv_bias_grads,
     factor_grams_cheaper,
 )
 from cockpit_lite.sandbox import cuda_devices
@@ -485,9 +486,8 @@ class ConvHandler(Handler):
             dt = torch.promote_types(x.dtype, go.dtype)
             inputs.append(x.to(dt))
             out_grads.append(_scaled(go.to(dt), inv_scale))
-        bias_grads = lambda es=out_grads: sum(e.flatten(2).sum(2) for e in es)  # noqa: E731  (over positions)
         if "weight" not in self.names:  # a frozen weight: the bias alone
-            return MaterialisedView({self.names["bias"]: bias_grads()})
+            return MaterialisedView({self.names["bias"]: conv_bias_grads(out_grads)})
 
         def make_grads(rows: slice | None = None):
             """The per-sample gradients of the examples ``rows`` (default: all)."""
@@ -496,7 +496,7 @@ class ConvHandler(Handler):
             gw = sum(self._weight_grads(x, e) for x, e in zip(xs, es, strict=True))
             out = {self.names["weight"]: gw}
             if "bias" in self.names:
-                out[self.names["bias"]] = bias_grads(es)
+                out[self.names["bias"]] = conv_bias_grads(es)
             return out
 
         conv = lambda x, v: conv_forward(m, x, v)  # noqa: E731

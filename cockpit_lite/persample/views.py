@@ -16,7 +16,7 @@ and E (B, g, T, o) the output gradients of the per-sample losses,
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -531,6 +531,12 @@ def chunk_rows(bsz: int, numel: int, like: torch.Tensor) -> int | None:
     return max(1, math.ceil(bsz / chunks))
 
 
+def conv_bias_grads(out_grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B, C_out): a convolution bias's g_i, each call's output gradients (B, C_out, ...) summed over their
+    positions, summed over the calls."""
+    return sum(e.flatten(2).sum(2) for e in out_grads)
+
+
 class ConvView(MaterialisedView):
     """Conv1d/Conv2d. Per-sample weight gradients are formed only when asked (norms, Gram, dot with
     the mean) by one weight-gradient-sized product with the fastest exact kernel for the shape.
@@ -566,7 +572,7 @@ class ConvView(MaterialisedView):
         self._chunked: tuple[dict[str, torch.Tensor], torch.Tensor | None] | None = None
 
     def _bias(self) -> torch.Tensor:
-        return sum(e.flatten(2).sum(2) for e in self._out_grads)
+        return conv_bias_grads(self._out_grads)
 
     def _gbar(self) -> torch.Tensor:
         """gbar of the weight: sum_i g_i from the layer's own backward, or the weight-gradient kernel, / B."""
