@@ -570,9 +570,13 @@ class ConvView(MaterialisedView):
         self._total = total
         #: the chunked path's squared norms and g_i . gbar, once computed
         self._chunked: tuple[dict[str, torch.Tensor], torch.Tensor | None] | None = None
+        #: the bias's g_i (B, C_out), once formed (its squared norms and g_i . gbar both read it)
+        self._bias_g: torch.Tensor | None = None
 
     def _bias(self) -> torch.Tensor:
-        return conv_bias_grads(self._out_grads)
+        if self._bias_g is None:
+            self._bias_g = conv_bias_grads(self._out_grads)
+        return self._bias_g
 
     def _gbar(self) -> torch.Tensor:
         """gbar of the weight: sum_i g_i from the layer's own backward, or the weight-gradient kernel, / B."""
@@ -617,13 +621,18 @@ class ConvView(MaterialisedView):
         assert rows is not None
         bsz = self._inputs[0].shape[0]
         gbar = self._gbar().reshape(-1) if dot else None
-        sq, dots = [], []
+        sq, dots, biases = [], [], []
         for start in range(0, bsz, rows):
-            g = self._make(slice(start, start + rows))[self.w]
+            formed = self._make(slice(start, start + rows))
+            if self.b is not None:
+                biases.append(formed[self.b])
+            g = formed[self.w]
             g = g.reshape(g.shape[0], -1)
             sq.append(torch.linalg.vector_norm(g, dim=1).square())
             if gbar is not None:
                 dots.append(g @ gbar.to(g.dtype))
+        if biases and self._bias_g is None:  # (formed with the chunks' weights: not summed again)
+            self._bias_g = torch.cat(biases)
         self._chunked = (self._with_bias_sq(torch.cat(sq)), self._with_bias_dot(torch.cat(dots)) if dots else None)
         return self._chunked
 
