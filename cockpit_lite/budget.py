@@ -395,9 +395,9 @@ class Budget:
         """The hooks' estimate h (ms a step): the upper quartile of the cockpit's hooks' own time
         (``cost/driver_ms``) and the budget's decision over the last HOOKS steps no instrument tracked,
         after a step no instrument tracked (what every step pays: a step's hooks' time holds the tail of
-        the last step's, its records;
-        the hooks' time of a step running instruments is in its measured c_t); with ``counted``, 0 once
-        the budget counts the instruments' work beyond the hooks (:attr:`beyond_hooks`)."""
+        the last step's, its records; the hooks' time of a step running instruments is in its measured
+        c_t); with ``counted``, 0 once the budget counts the instruments' work beyond the hooks
+        (:attr:`beyond_hooks`)."""
         return 0.0 if counted and self.beyond_hooks else self.ledger.hooks_ms()
 
     def _exceed(self, step: int, p: float, h: float, room: bool = False) -> None:
