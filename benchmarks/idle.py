@@ -17,10 +17,8 @@ session 17".
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, OPTIMIZERS, loss_module, make_batches  # noqa: E402
+from common import MODELS, OPTIMIZERS, interleaved_times, loss_module, make_batches  # noqa: E402
 
 from cockpit_lite import Cockpit  # noqa: E402
 
@@ -62,28 +60,30 @@ def run(model: str, steps: int, warmup: int, budget: float) -> dict[str, float]:
             cockpit = Cockpit(net, opt, loss_fn, instruments="economy", sinks=[], budget=budget)
         arms[arm] = (net, opt, loss_fn, cockpit)
 
-    def step(arm: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        net, opt, loss_fn, _ = arms[arm]
-        opt.zero_grad(set_to_none=True)
-        loss = net(x, y)[1] if loss_fn is None else loss_fn(net(x), y)
-        loss.backward()
-        opt.step()
-
-    for i in range(warmup):
-        for arm in arms:
-            step(arm, *batches[i % len(batches)])
-    times: dict[str, list[float]] = {arm: [] for arm in arms}
-    rest: list[bool] = []
+    rest: list[bool] = []  # per round: the budget's step tracked nothing
     b = arms["budget"][3].budget
-    for i in range(steps):
-        x, y = batches[i % len(batches)]
-        order = list(arms)
-        random.Random(i).shuffle(order)
-        for arm in order:
-            t0 = time.perf_counter()
-            step(arm, x, y)
-            times[arm].append(time.perf_counter() - t0)
-        rest.append(b.decision is not None and b.decision.kind == "rest" and not b.cheap)
+
+    def stepper(arm: str):
+        net, opt, loss_fn, _ = arms[arm]
+        done = [0]
+
+        def step() -> None:  # one training step on this arm's next batch (the same batch for every arm)
+            x, y = batches[done[0] % len(batches)]
+            done[0] += 1
+            opt.zero_grad(set_to_none=True)
+            loss = net(x, y)[1] if loss_fn is None else loss_fn(net(x), y)
+            loss.backward()
+            opt.step()
+            if arm == "budget" and done[0] > warmup:
+                rest.append(b.decision is not None and b.decision.kind == "rest" and not b.cheap)
+
+        return step
+
+    runners = {arm: stepper(arm) for arm in arms}
+    for _ in range(warmup):
+        for run_ in runners.values():
+            run_()
+    times = interleaved_times(runners, steps)  # (one step per arm a round, in a shuffled order)
     plain = times["plain"]
 
     def over(arm: str, keep: list[bool]) -> float:

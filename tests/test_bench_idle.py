@@ -4,6 +4,7 @@ rest steps, and reports the budget's measure of its hooks; the timing rounds shu
 from __future__ import annotations
 
 import math
+import random
 import sys
 
 import pytest
@@ -18,13 +19,13 @@ def idle():
 
 def test_a_short_run_reports_the_hooks_and_the_budgets_rest_steps(idle, monkeypatch):
     orders = []
-    shuffle = idle.random.Random.shuffle
+    shuffle = random.Random.shuffle
 
     def seen(self, order):
         shuffle(self, order)
-        orders.append(tuple(order))
+        orders.append(tuple(name for name, _ in order))  # ((name, runner) pairs)
 
-    monkeypatch.setattr(idle.random.Random, "shuffle", seen)
+    monkeypatch.setattr(random.Random, "shuffle", seen)  # (the rounds' order: common.interleaved_times)
     r = idle.run("tiny", steps=60, warmup=60, budget=0.05)
     assert r["plain_ms"] > 0 and math.isfinite(r["hooks_us"]) and math.isfinite(r["budget_mean_us"])
     # after the warm-up (46 steps) most steps of the tiny model are rest steps that track nothing
