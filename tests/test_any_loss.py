@@ -241,8 +241,10 @@ def test_accumulation_equals_the_loop_on_the_concatenated_batch(device, with_los
         if with_loss_fn:
             np.testing.assert_allclose(rec.per_sample_loss, losses, rtol=RTOL)
         np.testing.assert_allclose(ck.history["clip/global/norm"][step][1], accumulated, rtol=RTOL)
-        # the probe asks for a projection, so every micro-batch's factors are kept from the start
-        np.testing.assert_allclose(rec.per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=1e-9)
+        # the probe asks for a projection, so every micro-batch's factors are kept from the start; a dot
+        # product carries float32 round-off of its largest terms' size (a near-zero one on CUDA, too)
+        dots = G @ G.mean(0)
+        np.testing.assert_allclose(rec.per_sample_dot_mean, dots, rtol=RTOL, atol=RTOL * np.abs(dots).max())
         gbar = G.mean(0)
         norm_test = math.sqrt(((G - gbar) ** 2).sum() / (16 * 15 * (gbar @ gbar)))
         np.testing.assert_allclose(dict(ck.history["tests/norm"])[step], norm_test, rtol=1e-4)

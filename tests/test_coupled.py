@@ -102,7 +102,7 @@ class Step:
         torch.manual_seed(seed)
         self.rng = rng_state(device)
         self.z = self.model(self.x)
-        nn.CrossEntropyLoss(reduction=reduction)(self.z, y).backward()
+        nn.CrossEntropyLoss(reduction=reduction)(self.z, self.y).backward()
         self.rec.close()  # keeps what it captured
         self.names = [n for n, _ in self.model.named_parameters()]
         self.batch = x.shape[0]

@@ -32,7 +32,7 @@ class Bags(nn.Module):
     def _bags(self, ids, lengths, weights):
         if not self.flat:
             return self.bag(ids, per_sample_weights=weights)
-        kept = torch.arange(ids.shape[1]) < lengths[:, None]
+        kept = torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]
         offsets = torch.cumsum(lengths, 0) - lengths
         if self.last:
             offsets = torch.cat([offsets, lengths.sum().reshape(1)])

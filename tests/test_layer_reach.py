@@ -430,8 +430,8 @@ def test_a_bare_parameters_replay_takes_the_axes_the_shape_probe_found(device):
     two axes of the batch size: the shape probe finds it shared, and the torch.func replay of the module that
     serves the bare parameter now takes that, where it split the mask by rows (session 14's sweep)."""
     torch.manual_seed(0)
-    x = torch.randn(B, B, 4).to(device)
-    checked = assert_matches_loop(WithRelative().to(device), x, torch.randint(0, 3, (B,)), nn.CrossEntropyLoss())
+    x = torch.randn(B, B, 4)
+    checked = assert_matches_loop(WithRelative(), x, torch.randint(0, 3, (B,)), nn.CrossEntropyLoss(), device=device)
     assert "rel.r" in checked.record.per_sample_sq_norms_by_param
 
 

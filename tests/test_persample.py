@@ -592,7 +592,10 @@ def test_recurrent_layers_by_torch_func_or_its_loop(device, cell):
         warnings.simplefilter("always")
         rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs, device=device)
     looped = [w for w in caught if "loop over the samples" in str(w.message)]
-    assert len(looped) == (1 if cell is nn.GRU else 0)
+    if torch.device(device).type == "cpu":
+        assert len(looped) == (1 if cell is nn.GRU else 0)
+    else:  # (cuDNN is off for the replay: PyTorch's fused CUDA cells, which vmap may batch or not)
+        assert len(looped) <= 1
     _check_all(rec, ref, update, fixed)
 
 
