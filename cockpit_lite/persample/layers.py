@@ -775,6 +775,23 @@ class NormHandler(Handler):
         return MaterialisedView(out)
 
 
+@contextlib.contextmanager
+def _without_cudnn(module: nn.Module):
+    """cuDNN off while an RNN on a CUDA device is replayed per sample: torch.func cannot differentiate
+    cuDNN's fused RNN (it reads the weights' data pointers, which torch.func's wrapped tensors do not
+    have: "Cannot access data pointer of Tensor that doesn't have storage"); PyTorch's own CUDA kernels
+    compute the same function. Nothing changes for any other module or device."""
+    backends = torch.backends.cudnn
+    if not (isinstance(module, nn.RNNBase) and backends.enabled and any(p.is_cuda for p in module.parameters())):
+        yield
+        return
+    backends.enabled = False
+    try:
+        yield
+    finally:
+        backends.enabled = True
+
+
 class FuncHandler(Handler):
     """Any other module with parameters: per-sample gradients of this module alone by torch.func.
 
@@ -888,6 +905,10 @@ class FuncHandler(Handler):
         return axis if g.dim() > axis and g.shape[axis] == batch else None
 
     def view(self, captures, grads, batch, inv_scale):
+        with _without_cudnn(self.module):
+            return self._view(captures, grads, batch, inv_scale)
+
+    def _view(self, captures, grads, batch, inv_scale):
         from torch.func import functional_call, grad, vmap
 
         m = self.module
