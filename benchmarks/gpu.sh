@@ -7,9 +7,12 @@
 #     bash benchmarks/gpu.sh                   # PYTHON=/path/to/python to choose the interpreter
 #
 # Settings (environment): GPU_TEST_WORKERS (pytest-xdist workers sharing the GPU, default 4; 0 = none),
+# GPU_TEST_MAXFAIL (the tests stop after this many failures, default 10), GPU_TEST_TIMEOUT (seconds the
+# tests may take before they are stopped and the benchmark runs, default 300),
 # GPU_STEPS / GPU_REPS (steps per timed block / interleaved repetitions, default 5 / 7), GPU_MODELS,
 # GPU_CONFIGS, GPU_OPTIMS, GPU_DEVICE (default cuda; cpu: a dry run of the script, where `-m cuda`
-# selects no test and pytest exits 5), GPU_BUDGET (0: skip benchmarks/budget.py, the overhead budget's
+# selects no test and pytest exits 5), GPU_PROFILE (0: skip benchmarks/profile_step.py, where a step's
+# time goes by torch.profiler), GPU_BUDGET (0: skip benchmarks/budget.py, the overhead budget's
 # cost per model; GPU_BUDGET_REPS interleaved 100-step blocks, default 3). Everything printed also goes to $OUT/gpu.txt when
 # OUT is set (the device runner's output folder), with the benchmark's rows in $OUT/overhead_gpu.json.
 # Exit status: that of the tests (the benchmark still runs after a failure), else the benchmark's.
@@ -55,14 +58,33 @@ for i in range(torch.cuda.device_count()):
     print(f"cuda:{i}: {torch.cuda.get_device_name(i)}, capability {torch.cuda.get_device_capability(i)}")
 EOF
 
-# The built-in instruments live in instruments/ and install as cockpit_lite.instruments; a checkout
-# that is not installed (pip install -e .) gets the link a development worktree has, for this run only.
+# The built-in instruments live in instruments/ and install as cockpit_lite.instruments, and the presets
+# and instruments are found by their entry points. A checkout that is not installed (pip install -e .) gets,
+# for this run only, the link a development worktree has and its entry points (a dist-info folder made
+# from pyproject.toml in a temporary folder on PYTHONPATH): nothing is installed.
 if ! "$PY" -c "import cockpit_lite.instruments" 2>/dev/null; then
     if [[ -d instruments && ! -e cockpit_lite/instruments ]]; then
         ln -s ../instruments cockpit_lite/instruments
         trap 'rm -f cockpit_lite/instruments' EXIT
     fi
     "$PY" -c "import cockpit_lite.instruments" || { echo "cannot import cockpit_lite: pip install -e ." >&2; exit 2; }
+fi
+if ! "$PY" -c "import sys; from cockpit_lite.registry import available_presets; sys.exit(not available_presets())"; then
+    meta=$(mktemp -d)
+    "$PY" - "$meta" <<'EOF'
+import pathlib
+import sys
+import tomllib
+
+project = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]
+info = pathlib.Path(sys.argv[1]) / f"cockpit_lite-{project['version']}.dist-info"
+info.mkdir()
+(info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: cockpit-lite\nVersion: {project['version']}\n")
+groups = [[f"[{group}]"] + [f"{k} = {v}" for k, v in eps.items()] for group, eps in project["entry-points"].items()]
+(info / "entry_points.txt").write_text("\n\n".join("\n".join(g) for g in groups) + "\n")
+EOF
+    export PYTHONPATH="$PYTHONPATH:$meta"
+    "$PY" -c "from cockpit_lite.registry import available_presets as a; print('entry points from $meta:', a())"
 fi
 
 section "tests on $DEVICE: pytest -m cuda (COCKPIT_TEST_DEVICES=$DEVICE)"
@@ -71,8 +93,9 @@ if [[ "$WORKERS" != 0 ]] && "$PY" -c "import xdist" 2>/dev/null; then
     parallel=(-n "$WORKERS" --dist loadfile)
 fi
 tests_rc=0
-COCKPIT_TEST_DEVICES="$DEVICE" "$PY" -m pytest -m cuda -q -x -p no:cacheprovider "${parallel[@]}" || tests_rc=$?
-echo "pytest exit status: $tests_rc"
+COCKPIT_TEST_DEVICES="$DEVICE" timeout "${GPU_TEST_TIMEOUT:-300}" "$PY" -m pytest -m cuda -q -p no:cacheprovider \
+    --maxfail "${GPU_TEST_MAXFAIL:-10}" "${parallel[@]}" || tests_rc=$?
+echo "pytest exit status: $tests_rc$([[ $tests_rc == 124 ]] && echo ' (stopped: GPU_TEST_TIMEOUT)')"
 
 section "overhead on $DEVICE: models $MODELS, configs $CONFIGS, optimizers $OPTIMS, $REPS reps x $STEPS steps"
 bench=("$PY" benchmarks/overhead.py --device "$DEVICE" --models "$MODELS" --configs "$CONFIGS"
@@ -81,6 +104,13 @@ bench=("$PY" benchmarks/overhead.py --device "$DEVICE" --models "$MODELS" --conf
 echo "${bench[*]}"
 bench_rc=0
 "${bench[@]}" || bench_rc=$?
+
+if [[ "${GPU_PROFILE:-1}" != 0 ]]; then
+    section "where a step's time goes on $DEVICE (torch.profiler): plain and economy minus Alpha, models $MODELS"
+    prof=("$PY" benchmarks/profile_step.py --device "$DEVICE" --models "$MODELS" --config economy-alpha)
+    echo "${prof[*]}"
+    "${prof[@]}" 2>&1 | grep -v "^USDT:" || bench_rc=$?
+fi
 
 if [[ "${GPU_BUDGET:-1}" != 0 ]]; then
     section "overhead budget on $DEVICE: economy with budget=0.05 against plain training, models $MODELS"
