@@ -12,7 +12,8 @@
 # GPU_STEPS / GPU_REPS (steps per timed block / interleaved repetitions, default 5 / 7), GPU_MODELS,
 # GPU_CONFIGS, GPU_OPTIMS, GPU_DEVICE (default cuda; cpu: a dry run of the script, where `-m cuda`
 # selects no test and pytest exits 5), GPU_PROFILE (0: skip benchmarks/profile_step.py, where a step's
-# time goes by torch.profiler), GPU_BUDGET (0: skip benchmarks/budget.py, the overhead budget's
+# time goes by torch.profiler), GPU_IDLE (0: skip benchmarks/idle.py, an untracked step's cost, on
+# GPU_IDLE_MODELS, default mlp,gpt, over GPU_IDLE_STEPS rounds, default 500), GPU_BUDGET (0: skip benchmarks/budget.py, the overhead budget's
 # cost per model; GPU_BUDGET_REPS interleaved 100-step blocks, default 3). Everything printed also goes to $OUT/gpu.txt when
 # OUT is set (the device runner's output folder), with the benchmark's rows in $OUT/overhead_gpu.json.
 # Exit status: that of the tests (the benchmark still runs after a failure), else the benchmark's.
@@ -110,6 +111,14 @@ if [[ "${GPU_PROFILE:-1}" != 0 ]]; then
     prof=("$PY" benchmarks/profile_step.py --device "$DEVICE" --models "$MODELS" --config economy-alpha)
     echo "${prof[*]}"
     "${prof[@]}" 2>&1 | grep -v "^USDT:" || bench_rc=$?
+fi
+
+if [[ "${GPU_IDLE:-1}" != 0 ]]; then
+    IDLE_MODELS=${GPU_IDLE_MODELS:-mlp,gpt}
+    section "untracked steps on $DEVICE: the hooks alone and the budget's rest steps, models $IDLE_MODELS"
+    idle=("$PY" benchmarks/idle.py --device "$DEVICE" --models "$IDLE_MODELS" --steps "${GPU_IDLE_STEPS:-500}")
+    echo "${idle[*]}"
+    "${idle[@]}" || bench_rc=$?
 fi
 
 if [[ "${GPU_BUDGET:-1}" != 0 ]]; then

@@ -10,8 +10,9 @@ one step each in turn, in an order shuffled every round (at this scale a fixed o
 of microseconds), and each step is timed alone. Printed per model: the plain step (median) and each arm's
 cost over it, the median of the per-round differences, for ``budget`` over the rounds where the budget
 ran nothing (its rest steps); and the budget's own measure of its hooks (``Cockpit.budget.hooks_ms()``),
-which sees the hooks' work but not PyTorch calling them. Figures: docs/performance.md, "Issue 15,
-session 17".
+which sees the hooks' work but not PyTorch calling them. ``--device cuda``: models and batches on the GPU,
+each timed step between two ``torch.cuda.synchronize()`` (the host's work and the device's in series: a
+hook's host time shows in full). Figures: docs/performance.md, "Issue 15, session 17" and "session 18".
 """
 
 from __future__ import annotations
@@ -36,23 +37,26 @@ def tiny() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
 
 
-def _batches(model: str, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(model: str, n: int, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if model == "tiny":
         g = torch.Generator().manual_seed(0)
-        return [(torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
-    return make_batches(model, n)
+        pairs = [(torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
+        return [(x.to(device), y.to(device)) for x, y in pairs]
+    return make_batches(model, n, device=device)
 
 
-def run(model: str, steps: int, warmup: int, budget: float) -> dict[str, float]:
+def run(model: str, steps: int, warmup: int, budget: float, device: str = "cpu") -> dict[str, float]:
     """Per-step costs (us) of the ``hooks`` and ``budget`` arms over plain training on ``model``."""
     build = tiny if model == "tiny" else MODELS[model][0]
-    batches = _batches(model, 8)
+    batches = _batches(model, 8, device)
     arms = {}
     for arm in ("plain", "hooks", "budget"):
         torch.manual_seed(0)
-        net = build()
+        net = build().to(device)
         opt = OPTIMIZERS["sgd"](net.parameters())
         loss_fn = nn.CrossEntropyLoss() if model == "tiny" else loss_module(model)
+        if loss_fn is not None:
+            loss_fn.to(device)
         cockpit = None
         if arm == "hooks":
             cockpit = Cockpit(net, opt, loss_fn, instruments=[], sinks=[])
@@ -83,7 +87,7 @@ def run(model: str, steps: int, warmup: int, budget: float) -> dict[str, float]:
     for _ in range(warmup):
         for run_ in runners.values():
             run_()
-    times = interleaved_times(runners, steps)  # (one step per arm a round, in a shuffled order)
+    times = interleaved_times(runners, steps, device)  # (one step per arm a round, in a shuffled order)
     plain = times["plain"]
 
     def over(arm: str, keep: list[bool]) -> float:
@@ -107,12 +111,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=150, help="untimed steps first (>= 46: the budget's warm-up)")
     ap.add_argument("--budget", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")  # (the budget's warnings about the hooks of a small step: they are the subject)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} rounds after {args.warmup} untimed")
+    print(
+        f"torch {torch.__version__}, device {args.device}, {args.threads} thread(s), {args.steps} rounds after "
+        f"{args.warmup} untimed"
+    )
     for model in args.models.split(","):
-        r = run(model, args.steps, args.warmup, args.budget)
+        r = run(model, args.steps, args.warmup, args.budget, args.device)
         print(
             f"{model}: plain step {r['plain_ms']:.3f} ms; hooks alone +{r['hooks_us']:.0f} us a step; "
             f"economy under budget={args.budget:g}: rest steps (nothing tracked, {r['rest_steps']} of {args.steps}) "

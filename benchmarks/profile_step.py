@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,16 +43,16 @@ def _device_us(evt) -> float:
 
 def _summary(prof, steps: int, wall_s: float) -> dict:
     events = prof.key_averages()
-    kernels = [e for e in events if _device_us(e) > 0 and not e.key.startswith("cuda")]
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # (the kernels and copies themselves)
     launches = sum(e.count for e in events if "LaunchKernel" in e.key)
-    syncs = sum(e.count for e in events if e.key in SYNCS)
+    syncs = {k: sum(e.count for e in events if e.key == k) / steps for k in SYNCS}
     host_ops = [e for e in events if not e.key.startswith(("cuda", "cu")) and e.self_cpu_time_total > 0]
     return {
         "wall_ms": 1e3 * wall_s / steps,
         "device_ms": sum(_device_us(e) for e in kernels) / 1e3 / steps,
         "host_ops_ms": sum(e.self_cpu_time_total for e in host_ops) / 1e3 / steps,
         "launches": launches / steps,
-        "syncs": syncs / steps,
+        "syncs": syncs,
         "events": events,
     }
 
@@ -107,12 +108,13 @@ def main(argv=None) -> None:
         plain = profile_config(name, args.optim, "plain", args.steps, args.warmup, args.device, args.trace)
         tracked = profile_config(name, args.optim, args.config, args.steps, args.warmup, args.device, args.trace)
         print(
-            f"\n{name}: {'':14s} {'wall ms':>8s} {'device ms':>10s} {'host ops ms':>12s} {'launches':>9s} {'syncs':>6s}"
+            f"\n{name}: {'':14s} {'wall ms':>8s} {'device ms':>10s} {'host ops ms':>12s} {'launches':>9s}  "
+            "syncs: stream/event/device/memcpy"
         )
         for label, s in (("plain", plain), (args.config, tracked)):
             print(
                 f"  {label:20s} {s['wall_ms']:8.2f} {s['device_ms']:10.2f} {s['host_ops_ms']:12.2f} "
-                f"{s['launches']:9.0f} {s['syncs']:6.1f}"
+                f"{s['launches']:9.0f}  {'/'.join(f'{v:.1f}' for v in s['syncs'].values())}"
             )
         print(f"  {args.config}: the most own host time (all {args.steps} steps)")
         print(_table(tracked["events"], "host", args.top))

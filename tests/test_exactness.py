@@ -250,7 +250,9 @@ def test_more_handler_paths_match_the_loop(device, name, reduction):
     y = torch.randint(0, classes, (x.shape[axis],))
     checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(reduction=reduction), batch_axis=axis, device=device)
     looped = ["loop over the samples" in w for w in checked.warnings]
-    assert looped == ([True] if "GRU" in name else []), checked.warnings  # no other warning
+    # (on CUDA the replay runs PyTorch's fused GRU cell, cuDNN off, which vmap may batch: no loop then)
+    gru_loops = "GRU" in name and torch.device(device).type == "cpu"
+    assert looped in (([True],) if gru_loops else ([], [True]) if "GRU" in name else ([],)), checked.warnings
 
 
 CHUNKED = ["Conv2d called twice", "strided, dilated convs", "wide convs (factors kept)", "grouped cnn"]
