@@ -62,7 +62,8 @@ EOF
 # The built-in instruments live in instruments/ and install as cockpit_lite.instruments, and the presets
 # and instruments are found by their entry points. A checkout that is not installed (pip install -e .) gets,
 # for this run only, the link a development worktree has and its entry points (a dist-info folder made
-# from pyproject.toml in a temporary folder on PYTHONPATH): nothing is installed.
+# from pyproject.toml by benchmarks/checkout_metadata.py in a temporary folder on PYTHONPATH): nothing is
+# installed.
 if ! "$PY" -c "import cockpit_lite.instruments" 2>/dev/null; then
     if [[ -d instruments && ! -e cockpit_lite/instruments ]]; then
         ln -s ../instruments cockpit_lite/instruments
@@ -72,18 +73,7 @@ if ! "$PY" -c "import cockpit_lite.instruments" 2>/dev/null; then
 fi
 if ! "$PY" -c "import sys; from cockpit_lite.registry import available_presets; sys.exit(not available_presets())"; then
     meta=$(mktemp -d)
-    "$PY" - "$meta" <<'EOF'
-import pathlib
-import sys
-import tomllib
-
-project = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]
-info = pathlib.Path(sys.argv[1]) / f"cockpit_lite-{project['version']}.dist-info"
-info.mkdir()
-(info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: cockpit-lite\nVersion: {project['version']}\n")
-groups = [[f"[{group}]"] + [f"{k} = {v}" for k, v in eps.items()] for group, eps in project["entry-points"].items()]
-(info / "entry_points.txt").write_text("\n\n".join("\n".join(g) for g in groups) + "\n")
-EOF
+    "$PY" benchmarks/checkout_metadata.py "$meta" >/dev/null
     export PYTHONPATH="$PYTHONPATH:$meta"
     "$PY" -c "from cockpit_lite.registry import available_presets as a; print('entry points from $meta:', a())"
 fi

@@ -30,7 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import make_batches, synchronize, train_steps  # noqa: E402
 from overhead import build  # noqa: E402
 
+from cockpit_lite.profiling import PREFIX  # noqa: E402
+
 SYNCS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpy")
+
+
+def _kernel(evt) -> bool:
+    """A kernel or copy on the device (the labels around them, ``cockpit_lite/<name>`` and PyTorch's own such
+    as ``Optimizer.step#SGD.step``, appear on the device's timeline too, spanning their kernels and gaps)."""
+    return evt.device_type == DeviceType.CUDA and not evt.key.startswith((PREFIX, "Optimizer.", "ProfilerStep"))
 
 
 def _device_us(evt) -> float:
@@ -52,7 +60,7 @@ def _by_region(prof) -> dict[str, float]:
             continue
         label, p = "training", e
         while p is not None:
-            if p.name.startswith("cockpit_lite/"):
+            if p.name.startswith(PREFIX):
                 label = p.name
                 break
             p = p.cpu_parent
@@ -70,7 +78,7 @@ def _regions(prof) -> dict[str, float]:
 
 def _summary(prof, steps: int, wall_s: float) -> dict:
     events = prof.key_averages()
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # (the kernels and copies themselves)
+    kernels = [e for e in events if _kernel(e)]
     launches = sum(e.count for e in events if "LaunchKernel" in e.key)
     syncs = {k: sum(e.count for e in events if e.key == k) / steps for k in SYNCS}
     host_ops = [e for e in events if not e.key.startswith(("cuda", "cu")) and e.self_cpu_time_total > 0]
@@ -90,7 +98,7 @@ def profile_config(model_name: str, optim: str, config: str, steps: int, warmup:
     with tempfile.TemporaryDirectory() as tmp:
         model, opt, loss_fn, cockpit, reference = build(model_name, optim, config, tmp, device)
         batches = make_batches(model_name, warmup + steps, device=device)
-        after = reference.after_backward if reference is not None else None
+        after = reference  # (a torch.func reference runs between backward and the step, as in overhead.py)
         train_steps(model, opt, loss_fn, batches[:warmup], after)
         synchronize(device)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if str(device).startswith("cuda") else [])
@@ -111,7 +119,7 @@ def _table(events, key: str, n: int) -> str:
     """The ``n`` operators with the most own host time (``key`` "host"), or the ``n`` kernels and copies
     with the most device time ("device")."""
     if key == "device":
-        rows = sorted((e for e in events if e.device_type == DeviceType.CUDA), key=_device_us, reverse=True)[:n]
+        rows = sorted((e for e in events if _kernel(e)), key=_device_us, reverse=True)[:n]
     else:
         rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
     lines = [f"    {'operator / kernel':80s} {'calls':>7s} {'own host ms':>12s} {'device ms':>10s}"]
@@ -157,7 +165,7 @@ def main(argv=None) -> None:
             regions = sorted(tracked["regions"].items(), key=lambda kv: -kv[1])
             print(
                 f"  {args.config}: device ms per step by region: "
-                + ", ".join(f"{k.removeprefix('cockpit_lite/')} {v / 1e3 / args.steps:.2f}" for k, v in regions)
+                + ", ".join(f"{k.removeprefix(PREFIX)} {v / 1e3 / args.steps:.2f}" for k, v in regions)
             )
 
 
