@@ -120,6 +120,38 @@ def foreach_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> N
     torch._foreach_copy_(list(dst), list(src))
 
 
+def foreach_difference(out: Sequence[torch.Tensor], a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
+    """out[i] = a[i] - b[i] for all i, by two fused calls (a copy, then an in-place subtraction: the same
+    rounding as ``torch.sub``; on a GPU two multi-tensor kernels instead of one kernel per tensor)."""
+    out, a, b = list(out), list(a), list(b)
+    if not _plain(out, a, b):  # (FSDP2's DTensors: one subtraction each, as their sharding rules allow)
+        for o, x, y in zip(out, a, b, strict=True):
+            torch.sub(x, y, out=o)
+        return
+    torch._foreach_copy_(out, a)
+    torch._foreach_sub_(out, b)
+
+
+def foreach_difference_from_(buffers: Sequence[torch.Tensor], a: Sequence[torch.Tensor]) -> None:
+    """buffers[i] = a[i] - buffers[i] in place for all i, by two fused calls: buffers - a, then its sign flipped
+    (exact: x - y is -(y - x) in IEEE arithmetic, so the values are ``torch.sub(a, buffers)``'s bit for bit)."""
+    buffers, a = list(buffers), list(a)
+    if not _plain(buffers, a):
+        for buf, x in zip(buffers, a, strict=True):
+            torch.sub(x, buf, out=buf)
+        return
+    torch._foreach_sub_(buffers, a)
+    torch._foreach_neg_(buffers)
+
+
+def _plain(*lists: list[torch.Tensor]) -> bool:
+    """Every tensor a plain tensor or parameter (no subclass such as a DTensor), the lists of equal length."""
+    return len({len(x) for x in lists}) == 1 and all(type(t) in _PLAIN for x in lists for t in x)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
     """g v / ||v|| (the norm over every axis but ``dim``): the weight of the older
     ``torch.nn.utils.weight_norm`` and of ``parametrizations.weight_norm`` (``torch._weight_norm``)."""

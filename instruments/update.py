@@ -10,7 +10,7 @@ from cockpit_lite.instruments._util import refuse_state
 from cockpit_lite.instruments.gradnorm import GRAD_AND_UPDATE
 
 from cockpit_lite import Instrument, Need, host
-from cockpit_lite.compat import same_place, without_grad
+from cockpit_lite.compat import foreach_difference, same_place, without_grad
 from cockpit_lite.panels import LinePanel
 from cockpit_lite.step import StepRecord
 
@@ -128,8 +128,8 @@ class Distance(Instrument):
             self._diff = None
         if self._diff is None:  # one buffer for theta_t - theta_0, allocated once (no page faults per step)
             self._diff = {n: torch.empty_like(self._theta0[n]) for n in names}
-        for n in names:
-            torch.sub(record.params[n], self._theta0[n], out=self._diff[n])
+        diff = [self._diff[n] for n in names]
+        foreach_difference(diff, [record.params[n] for n in names], [self._theta0[n] for n in names])
         # (FSDP2: from the shards; otherwise the values come with the step's other numbers, one transfer)
         self._norms = host.norms(record.host, names, [self._diff[n] for n in names])
 

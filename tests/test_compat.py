@@ -56,6 +56,33 @@ def test_foreach_norm_and_copy():
     assert all(torch.equal(d, t) for d, t in zip(dst, ts, strict=True))
 
 
+def test_foreach_differences_are_torch_subs_bit_for_bit(monkeypatch):
+    """out = a - b and buf = a - buf by fused calls (parameters among the operands), the same bits as one
+    torch.sub per tensor; a subclass (FSDP2's DTensor) takes the loop of torch.sub."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,), (2, 3, 2), ()]
+    a = [nn.Parameter(torch.randn(s, generator=gen) * 10 ** torch.randint(-3, 4, (), generator=gen)) for s in shapes]
+    b = [torch.randn(s, generator=gen) for s in shapes]
+    fused = []
+    for name in ("_foreach_sub_", "_foreach_neg_"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *args, real=real, name=name: fused.append(name) or real(*args))
+    out, bufs = [torch.empty(s) for s in shapes], [t.clone() for t in b]
+    with torch.no_grad():  # (as the providers call them)
+        compat.foreach_difference(out, a, b)
+        compat.foreach_difference_from_(bufs, a)
+        for x, y, o, buf in zip(a, b, out, bufs, strict=True):
+            assert torch.equal(o, torch.sub(x, y)) and torch.equal(buf, torch.sub(x, y))
+        assert fused == ["_foreach_sub_", "_foreach_sub_", "_foreach_neg_"]
+
+        class Sub(torch.Tensor):
+            pass
+
+        fused.clear()
+        compat.foreach_difference(out, [x.detach().as_subclass(Sub) for x in a], b)
+        assert not fused and all(torch.equal(o, torch.sub(x, y)) for x, y, o in zip(a, b, out, strict=True))
+
+
 def test_queue_backward_callback_runs_after_the_whole_backward():
     w = torch.randn(3, requires_grad=True)
     seen = []

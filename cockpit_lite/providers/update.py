@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from cockpit_lite import distributed, host
-from cockpit_lite.compat import foreach_copy_, same_place, without_grad
+from cockpit_lite.compat import foreach_copy_, foreach_difference_from_, same_place, without_grad
 from cockpit_lite.needs import Need
 from cockpit_lite.providers import register_provider
 from cockpit_lite.providers.base import Context, Provider
@@ -48,8 +48,8 @@ class UpdateProvider(Provider):
             return
         self.taken = False
         params = self.context.params
-        for p, buf in zip(params.values(), self.buffers, strict=True):
-            torch.sub(distributed.local(p) if self.sharded else p, buf, out=buf)  # the buffer now holds the update
+        now = [distributed.local(p) for p in params.values()] if self.sharded else list(params.values())
+        foreach_difference_from_(self.buffers, now)  # the buffers now hold the update
         if not self.sharded:
             record.update = dict(zip(params, self.buffers, strict=True))
             # ||d|| per tensor (every instrument that asks for the update reads them): fused now, its
