@@ -120,28 +120,39 @@ def foreach_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> N
     torch._foreach_copy_(list(dst), list(src))
 
 
-def foreach_difference(out: Sequence[torch.Tensor], a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
-    """out[i] = a[i] - b[i] for all i, by two fused calls (a copy, then an in-place subtraction: the same
-    rounding as ``torch.sub``; on a GPU two multi-tensor kernels instead of one kernel per tensor)."""
+def foreach_difference(
+    out: Sequence[torch.Tensor], a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], fused: bool | None = None
+) -> None:
+    """out[i] = a[i] - b[i] for all i. ``fused`` (None: on a CUDA device): by two fused calls, a copy and an
+    in-place subtraction (the same rounding as ``torch.sub``; two multi-tensor kernels instead of one
+    launch per tensor, which a GPU's step bound by the host pays for); else one ``torch.sub`` per tensor,
+    one pass over the memory (on the CPU the fused pair's second pass costs more than the calls it saves)."""
     out, a, b = list(out), list(a), list(b)
-    if not _plain(out, a, b):  # (FSDP2's DTensors: one subtraction each, as their sharding rules allow)
-        for o, x, y in zip(out, a, b, strict=True):
-            torch.sub(x, y, out=o)
+    if _fuse(fused, out) and _plain(out, a, b):
+        torch._foreach_copy_(out, a)
+        torch._foreach_sub_(out, b)
         return
-    torch._foreach_copy_(out, a)
-    torch._foreach_sub_(out, b)
+    for o, x, y in zip(out, a, b, strict=True):  # (and FSDP2's DTensors, as their sharding rules allow)
+        torch.sub(x, y, out=o)
 
 
-def foreach_difference_from_(buffers: Sequence[torch.Tensor], a: Sequence[torch.Tensor]) -> None:
-    """buffers[i] = a[i] - buffers[i] in place for all i, by two fused calls: buffers - a, then its sign flipped
-    (exact: x - y is -(y - x) in IEEE arithmetic, so the values are ``torch.sub(a, buffers)``'s bit for bit)."""
+def foreach_difference_from_(
+    buffers: Sequence[torch.Tensor], a: Sequence[torch.Tensor], fused: bool | None = None
+) -> None:
+    """buffers[i] = a[i] - buffers[i] in place for all i; ``fused`` as in :func:`foreach_difference`: buffers - a,
+    then its sign flipped (exact: x - y is -(y - x) in IEEE arithmetic, so the values are
+    ``torch.sub(a, buffers)``'s bit for bit)."""
     buffers, a = list(buffers), list(a)
-    if not _plain(buffers, a):
-        for buf, x in zip(buffers, a, strict=True):
-            torch.sub(x, buf, out=buf)
+    if _fuse(fused, buffers) and _plain(buffers, a):
+        torch._foreach_sub_(buffers, a)
+        torch._foreach_neg_(buffers)
         return
-    torch._foreach_sub_(buffers, a)
-    torch._foreach_neg_(buffers)
+    for buf, x in zip(buffers, a, strict=True):
+        torch.sub(x, buf, out=buf)
+
+
+def _fuse(fused: bool | None, tensors: list[torch.Tensor]) -> bool:
+    return fused if fused is not None else bool(tensors) and tensors[0].is_cuda
 
 
 def _plain(*lists: list[torch.Tensor]) -> bool:

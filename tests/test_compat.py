@@ -58,7 +58,7 @@ def test_foreach_norm_and_copy():
 
 def test_foreach_differences_are_torch_subs_bit_for_bit(monkeypatch):
     """out = a - b and buf = a - buf by fused calls (parameters among the operands), the same bits as one
-    torch.sub per tensor; a subclass (FSDP2's DTensor) takes the loop of torch.sub."""
+    torch.sub per tensor; on the CPU by default, and for a subclass (FSDP2's DTensor), the loop of torch.sub."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(3, 4), (5,), (2, 3, 2), ()]
     a = [nn.Parameter(torch.randn(s, generator=gen) * 10 ** torch.randint(-3, 4, (), generator=gen)) for s in shapes]
@@ -67,19 +67,21 @@ def test_foreach_differences_are_torch_subs_bit_for_bit(monkeypatch):
     for name in ("_foreach_sub_", "_foreach_neg_"):
         real = getattr(torch, name)
         monkeypatch.setattr(torch, name, lambda *args, real=real, name=name: fused.append(name) or real(*args))
-    out, bufs = [torch.empty(s) for s in shapes], [t.clone() for t in b]
     with torch.no_grad():  # (as the providers call them)
-        compat.foreach_difference(out, a, b)
-        compat.foreach_difference_from_(bufs, a)
-        for x, y, o, buf in zip(a, b, out, bufs, strict=True):
-            assert torch.equal(o, torch.sub(x, y)) and torch.equal(buf, torch.sub(x, y))
-        assert fused == ["_foreach_sub_", "_foreach_sub_", "_foreach_neg_"]
+        for how in (True, None):  # fused, and by the device (on the CPU one torch.sub per tensor)
+            fused.clear()
+            out, bufs = [torch.empty(s) for s in shapes], [t.clone() for t in b]
+            compat.foreach_difference(out, a, b, fused=how)
+            compat.foreach_difference_from_(bufs, a, fused=how)
+            for x, y, o, buf in zip(a, b, out, bufs, strict=True):
+                assert torch.equal(o, torch.sub(x, y)) and torch.equal(buf, torch.sub(x, y))
+            assert fused == (["_foreach_sub_", "_foreach_sub_", "_foreach_neg_"] if how else [])
 
         class Sub(torch.Tensor):
             pass
 
         fused.clear()
-        compat.foreach_difference(out, [x.detach().as_subclass(Sub) for x in a], b)
+        compat.foreach_difference(out, [x.detach().as_subclass(Sub) for x in a], b, fused=True)
         assert not fused and all(torch.equal(o, torch.sub(x, y)) for x, y, o in zip(a, b, out, strict=True))
 
 
