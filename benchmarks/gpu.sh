@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 15, Must 4: the test suite on CUDA, then the overhead benchmark on CUDA (MLP, 3C3D CNN, small GPT,
 # ResNet-18-style; economy minus Alpha and economy, each also with overlap=True, torch.func norms; ratios
-# to a plain step) and the overhead budget's cost on the same models (benchmarks/budget.py), in under 5
-# minutes on one GPU. Run from anywhere:
+# to a plain step), where a step's time goes, an untracked step's cost, and the overhead budget's cost on
+# the same models (benchmarks/budget.py), in under 5 minutes on one GPU. Run from anywhere:
 #
 #     bash benchmarks/gpu.sh                   # PYTHON=/path/to/python to choose the interpreter
 #
@@ -13,9 +13,11 @@
 # GPU_CONFIGS, GPU_OPTIMS, GPU_DEVICE (default cuda; cpu: a dry run of the script, where `-m cuda`
 # selects no test and pytest exits 5), GPU_PROFILE (0: skip benchmarks/profile_step.py, where a step's
 # time goes by torch.profiler), GPU_IDLE (0: skip benchmarks/idle.py, an untracked step's cost, on
-# GPU_IDLE_MODELS, default mlp,gpt, over GPU_IDLE_STEPS rounds, default 500), GPU_BUDGET (0: skip benchmarks/budget.py, the overhead budget's
-# cost per model; GPU_BUDGET_REPS interleaved 100-step blocks, default 3). Everything printed also goes to $OUT/gpu.txt when
-# OUT is set (the device runner's output folder), with the benchmark's rows in $OUT/overhead_gpu.json.
+# GPU_IDLE_MODELS, default mlp,gpt, over GPU_IDLE_STEPS rounds, default 500), GPU_BUDGET (0: skip
+# benchmarks/budget.py, the overhead budget's cost per model; GPU_BUDGET_REPS interleaved 100-step blocks,
+# default 3; 7 narrow its spread on a shared host: docs/performance.md, "GPU"). Everything printed also
+# goes to $OUT/gpu.txt when OUT is set (the device runner's output folder), with the benchmark's rows in
+# $OUT/overhead_gpu.json. On an H200 the whole script took 186 s (session 18).
 # Exit status: that of the tests (the benchmark still runs after a failure), else the benchmark's.
 set -euo pipefail
 
