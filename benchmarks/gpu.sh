@@ -6,7 +6,8 @@
 #
 #     bash benchmarks/gpu.sh                   # PYTHON=/path/to/python to choose the interpreter
 #
-# Settings (environment): GPU_TEST_WORKERS (pytest-xdist workers sharing the GPU, default 4; 0 = none),
+# Settings (environment): GPU_TESTS (0: skip the tests, for a rerun of the benchmarks alone),
+# GPU_TEST_WORKERS (pytest-xdist workers sharing the GPU, default 4; 0 = none),
 # GPU_TEST_MAXFAIL (the tests stop after this many failures, default 10), GPU_TEST_TIMEOUT (seconds the
 # tests may take before they are stopped and the benchmark runs, default 300),
 # GPU_STEPS / GPU_REPS (steps per timed block / interleaved repetitions, default 5 / 7), GPU_MODELS,
@@ -80,15 +81,17 @@ if ! "$PY" -c "import sys; from cockpit_lite.registry import available_presets; 
     "$PY" -c "from cockpit_lite.registry import available_presets as a; print('entry points from $meta:', a())"
 fi
 
-section "tests on $DEVICE: pytest -m cuda (COCKPIT_TEST_DEVICES=$DEVICE)"
-parallel=()
-if [[ "$WORKERS" != 0 ]] && "$PY" -c "import xdist" 2>/dev/null; then
-    parallel=(-n "$WORKERS" --dist loadfile)
-fi
 tests_rc=0
-COCKPIT_TEST_DEVICES="$DEVICE" timeout "${GPU_TEST_TIMEOUT:-300}" "$PY" -m pytest -m cuda -q -p no:cacheprovider \
-    --maxfail "${GPU_TEST_MAXFAIL:-10}" "${parallel[@]}" || tests_rc=$?
-echo "pytest exit status: $tests_rc$([[ $tests_rc == 124 ]] && echo ' (stopped: GPU_TEST_TIMEOUT)')"
+if [[ "${GPU_TESTS:-1}" != 0 ]]; then
+    section "tests on $DEVICE: pytest -m cuda (COCKPIT_TEST_DEVICES=$DEVICE)"
+    parallel=()
+    if [[ "$WORKERS" != 0 ]] && "$PY" -c "import xdist" 2>/dev/null; then
+        parallel=(-n "$WORKERS" --dist loadfile)
+    fi
+    COCKPIT_TEST_DEVICES="$DEVICE" timeout "${GPU_TEST_TIMEOUT:-300}" "$PY" -m pytest -m cuda -q -p no:cacheprovider \
+        --maxfail "${GPU_TEST_MAXFAIL:-10}" "${parallel[@]}" || tests_rc=$?
+    echo "pytest exit status: $tests_rc$([[ $tests_rc == 124 ]] && echo ' (stopped: GPU_TEST_TIMEOUT)')"
+fi
 
 section "overhead on $DEVICE: models $MODELS, configs $CONFIGS, optimizers $OPTIMS, $REPS reps x $STEPS steps"
 bench=("$PY" benchmarks/overhead.py --device "$DEVICE" --models "$MODELS" --configs "$CONFIGS"
