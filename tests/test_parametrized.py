@@ -308,3 +308,118 @@ def test_a_spectral_normed_layer_without_a_layer_rule_leaves_training_unchanged(
         watched = _train(Upsampler(spectral=True), batches, [GradientTests(), PerSampleGradNorms()])
     assert all(torch.equal(a, b) for a, b in zip(plain, watched, strict=True))
     assert not [str(w.message) for w in caught if "cockpit-lite" in str(w.message)]
+
+
+def _old_spectral(layer: nn.Module, **kw) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return nn.utils.spectral_norm(layer, **kw)
+
+
+class OldSpectral(nn.Module):
+    """A GAN discriminator's layers under the older torch.nn.utils.spectral_norm (a forward pre-hook that
+    iterates u and v in train mode): a Conv2d normed over its input channels (dim=1: the weight's matrix
+    permuted) and a Linear (their layer rules and the chain rule), and with ``no_rule`` a ConvTranspose1d
+    (no layer rule: its torch.func replay runs the pre-hook, without the power iteration)."""
+
+    def __init__(self, no_rule: bool = False):
+        super().__init__()
+        self.c = _old_spectral(nn.Conv2d(3, 4, 3, padding=1), dim=1)
+        self.a = _old_spectral(nn.Linear(4, 6))
+        self.t = _old_spectral(nn.ConvTranspose1d(6, 6, 3)) if no_rule else None
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(torch.tanh(self.c(x)).mean((2, 3))))
+        if self.t is not None:
+            h = torch.tanh(self.t(h[:, :, None])).mean(2)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("no_rule", [False, True], ids=["layer rules", "with a replayed layer"])
+@pytest.mark.parametrize("train", [True, False], ids=["train mode", "eval mode"])
+def test_the_older_spectral_norm_is_exact(train, no_rule):
+    """Against a float64 loop over the examples, one autograd call each, of a twin built from the same seed
+    holding the u and v the step's forward used (after its power iteration in train mode), in eval mode:
+    W = W_orig / (u^T W_orig v) with those u and v."""
+    from tests.reference import Probe
+
+    torch.manual_seed(0)
+    model = OldSpectral(no_rule).train(train)
+    torch.manual_seed(0)
+    twin = OldSpectral(no_rule).double()
+    x, y = torch.randn(B, 3, 5, 5), torch.randint(0, 3, (B,))
+    before = [b.clone() for b in model.buffers()]
+    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS_BY_PARAM, Need.PER_SAMPLE_DOT_MEAN})
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[probe], sinks=[])
+        opt.zero_grad()
+        nn.CrossEntropyLoss()(model(x), y).backward()
+        opt.step()
+        cockpit.close()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.buffers(), strict=True)) == train
+    twin.load_state_dict({n: t.double() for n, t in model.state_dict().items()})  # (the iterates used)
+    twin.eval()
+    params = dict(twin.named_parameters())
+    rows = []
+    for i in range(B):
+        loss = nn.CrossEntropyLoss()(twin(x[i : i + 1].double()), y[i : i + 1])
+        rows.append(torch.autograd.grad(loss, list(params.values())))
+    record = probe.records[0]
+    got = record.per_sample_sq_norms_by_param
+    assert set(got) == set(params) and {"c.weight_orig", "a.weight_orig"} <= set(got)
+    for k, name in enumerate(params):
+        want = np.array([float(r[k].square().sum()) for r in rows])
+        assert np.allclose(got[name], want, rtol=1e-4, atol=1e-9 * want.max()), (name, got[name], want)
+    flat = torch.stack([torch.cat([g.flatten() for g in r]) for r in rows])
+    want = (flat @ flat.mean(0)).numpy()
+    assert np.allclose(record.per_sample_dot_mean, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert not [str(w.message) for w in caught if "cockpit-lite" in str(w.message)]
+
+
+def test_the_older_spectral_norm_leaves_training_unchanged():
+    """Bit-identical parameters and buffers (u and v iterated by the user's forwards alone, also around the
+    replayed ConvTranspose1d), every statistic served, no warning."""
+    torch.manual_seed(1)
+    batches = [(torch.randn(B, 3, 5, 5), torch.randint(0, 3, (B,))) for _ in range(3)]
+    torch.manual_seed(0)
+    plain = _train(OldSpectral(no_rule=True), batches, None)
+    torch.manual_seed(0)
+    model = OldSpectral(no_rule=True)
+    instruments = [Loss(), GradNorm(), UpdateSize(), Distance(), GradientTests(), PerSampleGradNorms()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watched = _train(model, batches, instruments)
+    assert all(torch.equal(a, b) for a, b in zip(plain, watched, strict=True))
+    assert not [str(w.message) for w in caught if "cockpit-lite" in str(w.message)]
+    # the tensor the hook set in the user's forward is put back after a replay (not one of torch.func's)
+    assert not torch._C._functorch.is_functorch_wrapped_tensor(model.t.weight)
+
+
+class TwoForwards(nn.Module):
+    """D(real) and D(fake) before one backward, as a GAN's discriminator step: the older spectral_norm
+    iterates u and v at each call, so the first call's W cannot be recomputed at its backward."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.d = nn.Sequential(_old_spectral(layer), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+
+    def forward(self, x):
+        return self.d(x) + self.d(x.flip(0))
+
+
+@pytest.mark.parametrize("layer", ["Linear", "ConvTranspose1d"])
+def test_the_older_spectral_norm_called_twice_is_left_out_with_its_reason(layer):
+    torch.manual_seed(0)
+    model, x = (
+        (TwoForwards(nn.Linear(4, 4)), torch.randn(B, 4))
+        if layer == "Linear"
+        else (TwoForwards(nn.ConvTranspose1d(2, 2, 3)), torch.randn(B, 2, 3))
+    )
+    model(x)  # (the lazy head's shape)
+    said, records = watched_steps(model, [((x,), torch.randint(0, 3, (B,)))])
+    said = [m for m in said if "leave out" in m]
+    assert said and all("power iteration" in m and layer in m for m in said), said
+    assert set(records[0].per_sample_uncovered) == {"d.0.weight_orig", "d.0.bias"}

@@ -259,8 +259,8 @@ def _refusal(module: nn.Module, names: Mapping[str, str], serves: frozenset[str]
     if extra:
         return (
             f"{type(module).__name__} holds {', '.join(extra)} besides its own {' and '.join(sorted(serves))}: its "
-            "forward uses a tensor computed from them (the older torch.nn.utils.spectral_norm recomputes the "
-            "weight before each call), which the per-sample engine does not follow"
+            "forward uses a tensor computed from them (a forward pre-hook that recomputes the weight before each "
+            "call), which the per-sample engine does not follow"
         )
     return None
 

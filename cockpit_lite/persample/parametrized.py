@@ -1,6 +1,9 @@
 """Layers whose tensors are computed by ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``,
 ``orthogonal``, ``spectral_norm``, or a parametrization of the user's), or by the older
-``torch.nn.utils.weight_norm`` (a forward pre-hook that sets ``weight`` from ``weight_g`` and ``weight_v``).
+``torch.nn.utils.weight_norm`` (a forward pre-hook that sets ``weight`` from ``weight_g`` and ``weight_v``) or
+the older ``torch.nn.utils.spectral_norm`` (a forward pre-hook that sets ``weight`` = ``weight_orig`` / sigma,
+sigma = u^T W_orig v with the u and v its power iteration left in the ``weight_u`` and ``weight_v`` buffers,
+taken as constants, as its own forward does: Miyato et al. 2018, "Spectral Normalization for GANs").
 
 A parametrized layer computes the tensor it uses, W = f(o_1, ..., o_k), from the parameters the optimizer
 trains (the originals: ``parametrizations.weight.original0``, ...) at every call. Example i's loss l_i
@@ -47,6 +50,9 @@ def parametrized_names(module: nn.Module, names: Mapping[str, str]) -> dict[str,
         for suffix in ("_g", "_v"):
             if hook.name + suffix in names:
                 out.setdefault(hook.name, []).append((hook.name + suffix, names[hook.name + suffix]))
+    for hook in _old_spectral_norms(module):
+        if hook.name + "_orig" in names:
+            out.setdefault(hook.name, []).append((hook.name + "_orig", names[hook.name + "_orig"]))
     return out
 
 
@@ -55,6 +61,18 @@ def _old_weight_norms(module: nn.Module) -> list[Any]:
     from torch.nn.utils.weight_norm import WeightNorm
 
     return [h for h in module._forward_pre_hooks.values() if isinstance(h, WeightNorm)]
+
+
+def _old_spectral_norms(module: nn.Module) -> list[Any]:
+    """The older ``torch.nn.utils.spectral_norm``'s hooks on ``module`` (each sets ``hook.name`` before a call)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
+    return [h for h in module._forward_pre_hooks.values() if isinstance(h, SpectralNorm)]
+
+
+def _old_spectral_buffers(module: nn.Module) -> list[torch.Tensor]:
+    """The u and v of the older spectral_norm's hooks on ``module``."""
+    return [getattr(module, h.name + suffix) for h in _old_spectral_norms(module) for suffix in ("_u", "_v")]
 
 
 def _compute(module: nn.Module, tensor: str) -> tuple[dict[str, torch.Tensor], Any]:
@@ -68,6 +86,15 @@ def _compute(module: nn.Module, tensor: str) -> tuple[dict[str, torch.Tensor], A
                 {g: getattr(module, g).detach(), v: getattr(module, v).detach()},
                 lambda o, g=g, v=v, dim=hook.dim: weight_norm(o[v], o[g], dim),
             )
+    for hook in _old_spectral_norms(module):
+        if hook.name == tensor:
+            orig = f"{tensor}_orig"
+            u, v = getattr(module, f"{tensor}_u").detach(), getattr(module, f"{tensor}_v").detach()
+
+            def spectral(o, orig=orig, u=u, v=v, matrix=hook.reshape_weight_to_matrix):
+                return o[orig] / torch.dot(u, torch.mv(matrix(o[orig]), v))
+
+            return {orig: getattr(module, orig).detach()}, spectral
     plist = module.parametrizations[tensor]
     return {n: p.detach() for n, p in plist.named_parameters()}, lambda o: functional_call(plist, o, ())
 
@@ -119,13 +146,14 @@ class ParametrizedHandler(Handler):
         """The versions of the parametrizations' buffers (spectral_norm's u and v, updated in place by each
         train-mode evaluation of W): the W of a call is replayed only while they are those of its forward."""
         plists = getattr(self.module, "parametrizations", None)
-        return [b._version for b in plists.buffers()] if plists is not None else []
+        buffers = list(plists.buffers()) if plists is not None else _old_spectral_buffers(self.module)
+        return [b._version for b in buffers]
 
     def _unchanged(self, captures: list) -> list:
         """The inner handler's captures, once the buffers are checked to be those each call's W used."""
         if any(versions != self._versions() for _, versions in captures):
             raise LayerLeftOut(
-                f"the parametrization of this {type(self.module).__bases__[0].__name__} updated its buffers "
+                f"the parametrization of this {_layer(self.module)} updated its buffers "
                 "(spectral_norm's power iteration) after a call whose W the step used, before that call's "
                 "backward: that W cannot be recomputed, so per-sample statistics leave its parameters out "
                 "on this step (a call's forward followed by its backward is served)"
@@ -175,7 +203,7 @@ class ParametrizedHandler(Handler):
             g_w = grads.pop(self.stand_in[tensor])
             size = g_w.numel() * g_w.element_size()
             if size > FORMED_BYTES:
-                layer = type(self.module).__bases__[0].__name__  # (parametrize subclasses the layer's class)
+                layer = _layer(self.module)
                 raise LayerLeftOut(
                     f"the per-sample gradients of a parametrized {layer}'s {tensor} are formed to reach its originals: "
                     f"{size / 2**20:.1f} MiB at this batch size, more than the {FORMED_BYTES / 2**20:.1f} MiB allowed; "
@@ -189,18 +217,32 @@ class ParametrizedHandler(Handler):
         return MaterialisedView(out)
 
 
+def _layer(module: nn.Module) -> str:
+    """The layer's class name (parametrize subclasses the layer's class; the older hooks leave it as it is)."""
+    return type(module).__bases__[0].__name__ if parametrize.is_parametrized(module) else type(module).__name__
+
+
 @contextlib.contextmanager
 def _eval(module: nn.Module) -> Iterator[None]:
-    """The parametrizations of ``module`` in eval mode for the block (their modes restored after)."""
+    """The parametrizations of ``module`` in eval mode for the block (their modes restored after), and the
+    older spectral_norm's hooks without their power iteration (a replay of the layer then computes W from
+    the u and v its forward used, and leaves them as they are; the tensor the hook sets is put back)."""
     plists = getattr(module, "parametrizations", None)
     modes = [(m, m.training) for m in plists.modules()] if plists is not None else []
+    hooks = [(h, h.n_power_iterations, module.__dict__.get(h.name)) for h in _old_spectral_norms(module)]
     for m, _ in modes:
         m.training = False
+    for h, _, _ in hooks:
+        h.n_power_iterations = 0
     try:
         yield
     finally:
         for m, mode in modes:
             m.training = mode
+        for h, n, tensor in hooks:
+            h.n_power_iterations = n
+            if tensor is not None:
+                setattr(module, h.name, tensor)
 
 
 def _vjp_originals(originals: dict[str, torch.Tensor], f: Any, g_w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -223,9 +265,11 @@ def old_weight_norm(module: nn.Module) -> bool:
 
 
 def serves(module: nn.Module, inner_class: type) -> bool:
-    """Whether ``module`` is parametrized (``torch.nn.utils.parametrize``) or has the older weight_norm,
-    served through ``inner_class``: its layer rule and the chain rule, or, for the older weight_norm on a
-    module without one, the torch.func replay as it is (it runs the pre-hook on the replayed originals)."""
-    if parametrize.is_parametrized(module):
+    """Whether ``module`` is parametrized (``torch.nn.utils.parametrize``) or has the older weight_norm or
+    spectral_norm, served through ``inner_class``: its layer rule and the chain rule, or, for a module
+    without one, its torch.func replay, which runs the pre-hook on the replayed originals (the older
+    weight_norm's as it is; the older spectral_norm's through this handler: without its power iteration,
+    at the u and v of the call, see :func:`_eval`)."""
+    if parametrize.is_parametrized(module) or _old_spectral_norms(module):
         return True
     return old_weight_norm(module) and not issubclass(inner_class, FuncHandler)
