@@ -905,8 +905,15 @@ class FuncHandler(Handler):
         return axis if g.dim() > axis and g.shape[axis] == batch else None
 
     def view(self, captures, grads, batch, inv_scale):
-        with _without_cudnn(self.module):
-            return self._view(captures, grads, batch, inv_scale)
+        m = self.module
+        # tensors a forward pre-hook sets as plain attributes (the older weight_norm's and spectral_norm's
+        # weight): the replay's (torch.func's wrapped tensors) must not outlive it, the user's forward's stay
+        kept = [(k, v) for k, v in m.__dict__.items() if isinstance(v, torch.Tensor)]
+        try:
+            with _without_cudnn(m):
+                return self._view(captures, grads, batch, inv_scale)
+        finally:
+            m.__dict__.update(kept)
 
     def _view(self, captures, grads, batch, inv_scale):
         from torch.func import functional_call, grad, vmap

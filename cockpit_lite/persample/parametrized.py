@@ -226,23 +226,22 @@ def _layer(module: nn.Module) -> str:
 def _eval(module: nn.Module) -> Iterator[None]:
     """The parametrizations of ``module`` in eval mode for the block (their modes restored after), and the
     older spectral_norm's hooks without their power iteration (a replay of the layer then computes W from
-    the u and v its forward used, and leaves them as they are; the tensor the hook sets is put back)."""
+    the u and v its forward used, and leaves them as they are; the replay puts back the tensor the hook
+    set: ``FuncHandler.view``)."""
     plists = getattr(module, "parametrizations", None)
     modes = [(m, m.training) for m in plists.modules()] if plists is not None else []
-    hooks = [(h, h.n_power_iterations, module.__dict__.get(h.name)) for h in _old_spectral_norms(module)]
+    hooks = [(h, h.n_power_iterations) for h in _old_spectral_norms(module)]
     for m, _ in modes:
         m.training = False
-    for h, _, _ in hooks:
+    for h, _ in hooks:
         h.n_power_iterations = 0
     try:
         yield
     finally:
         for m, mode in modes:
             m.training = mode
-        for h, n, tensor in hooks:
+        for h, n in hooks:
             h.n_power_iterations = n
-            if tensor is not None:
-                setattr(module, h.name, tensor)
 
 
 def _vjp_originals(originals: dict[str, torch.Tensor], f: Any, g_w: torch.Tensor) -> dict[str, torch.Tensor]:
