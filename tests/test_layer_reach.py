@@ -157,18 +157,73 @@ class Rescaled(nn.Module):
         return self.head(torch.tanh(self.a(x)))
 
 
+class RescaledReplay(nn.Module):
+    """A forward hook of the user's replaces the output of a layer the engine replays by torch.func (GRU):
+    the replay is the layer's bare forward, as the engine pairs its own output with its output gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.GRU(4, 5, batch_first=True), nn.Linear(5, 3)
+        self.rnn.register_forward_hook(lambda module, args, out: (out[0] * 2, out[1]))
+
+    def forward(self, x):
+        return self.head(self.rnn(x[:, None].expand(-1, 3, -1))[0][:, -1])
+
+
 @pytest.mark.parametrize(
     "build",
-    [lambda: OneCell(False), lambda: OneCell(True), UsesTwo, Rescaled, WithScaledLinear],
-    ids=["lstmcell-h", "lstmcell-h-and-c", "dependent-outputs", "user-hook-replaces-output", "linear-subclass"],
+    [lambda: OneCell(False), lambda: OneCell(True), UsesTwo, Rescaled, RescaledReplay, WithScaledLinear],
+    ids=[
+        "lstmcell-h",
+        "lstmcell-h-and-c",
+        "dependent-outputs",
+        "user-hook-replaces-output",
+        "user-hook-replaces-a-replayed-output",
+        "linear-subclass",
+    ],
 )
 def test_outputs_computed_from_one_another_and_replaced_outputs_are_exact(build, device):
     """LSTMCell and a module of the user's return one output computed from another; a forward hook of the
-    user's replaces a layer's output; an nn.Linear subclass has a forward of its own."""
+    user's replaces a layer's output (one with a layer rule, one replayed by torch.func); an nn.Linear
+    subclass has a forward of its own."""
     torch.manual_seed(0)
     x, y = torch.randn(B, 4), torch.randint(0, 3, (B,))
     checked = assert_matches_loop(build(), x, y, nn.CrossEntropyLoss(), device=device)
     assert not [w for w in checked.warnings if "do not add up" in w]
+
+
+def test_the_users_hooks_on_a_replayed_layer_run_in_the_users_steps_alone():
+    """A forward pre-hook, a forward hook and a full backward hook of the user's on an LSTM (replayed per
+    sample by torch.func) run once per training step, as without the cockpit, never on torch.func's tensors."""
+    from cockpit_lite.instruments import GradientTests, PerSampleGradNorms
+
+    from cockpit_lite import Cockpit
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LSTM(4, 5, batch_first=True), Last(), nn.Linear(5, 3))
+    seen = {"pre": [], "forward": [], "backward": []}
+    lstm = model[0]
+    lstm.register_forward_pre_hook(lambda m, args: seen["pre"].append(args[0]))
+    lstm.register_forward_hook(lambda m, args, out: seen["forward"].append(out[0]))
+    lstm.register_full_backward_hook(lambda m, gin, gout: seen["backward"].append(gout[0]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[PerSampleGradNorms(), GradientTests()], sinks=[])
+    for _ in range(3):
+        opt.zero_grad()
+        nn.CrossEntropyLoss()(model(torch.randn(B, 6, 4)), torch.randint(0, 3, (B,))).backward()
+        opt.step()
+    cockpit.close()
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    assert not any(wrapped(t) for ts in seen.values() for t in ts)
+    # once per step on the batch (the engine's shape probe, a forward of the model on fewer examples on the
+    # first step, runs the model's hooks too: it is a forward of the model)
+    assert {k: sum(t.shape[0] == B for t in v) for k, v in seen.items()} == {"pre": 3, "forward": 3, "backward": 3}
+    assert len(seen["backward"]) == 3 and len(seen["pre"]) <= 4
+
+
+class Last(nn.Module):
+    def forward(self, out):
+        return out[0][:, -1]
 
 
 class PackedRNN(nn.Module):

@@ -14,6 +14,7 @@ import inspect
 import math
 import sys
 import warnings
+from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -792,6 +793,32 @@ def _without_cudnn(module: nn.Module):
         backends.enabled = True
 
 
+@contextlib.contextmanager
+def _own_hooks_off(module: nn.Module):
+    """The module's own hooks off while it is replayed per sample: the engine pairs the module's own output
+    (taken before the user's forward hooks, which may replace it: ``out * 2``) with its inputs as its forward
+    received them (after the user's pre-hooks), so the replay is the bare forward; and a hook of the user's
+    (logging, a gradient hook) must not run on torch.func's tensors. Kept: the older ``weight_norm`` and
+    ``spectral_norm`` pre-hooks, which compute the weight the forward uses from the replayed originals.
+    The hooks of the module's children stay: they are part of its forward."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    saved = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    if not any(saved):
+        yield
+        return
+    module._forward_hooks = OrderedDict()
+    module._forward_pre_hooks = OrderedDict(
+        (k, h) for k, h in saved[1].items() if isinstance(h, (WeightNorm, SpectralNorm))
+    )
+    module._backward_hooks, module._backward_pre_hooks = OrderedDict(), OrderedDict()
+    try:
+        yield
+    finally:
+        module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks = saved
+
+
 class FuncHandler(Handler):
     """Any other module with parameters: per-sample gradients of this module alone by torch.func.
 
@@ -910,7 +937,7 @@ class FuncHandler(Handler):
         # weight): the replay's (torch.func's wrapped tensors) must not outlive it, the user's forward's stay
         kept = [(k, v) for k, v in m.__dict__.items() if isinstance(v, torch.Tensor)]
         try:
-            with _without_cudnn(m):
+            with _without_cudnn(m), _own_hooks_off(m):
                 return self._view(captures, grads, batch, inv_scale)
         finally:
             m.__dict__.update(kept)
