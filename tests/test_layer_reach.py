@@ -158,13 +158,17 @@ class Rescaled(nn.Module):
 
 
 class RescaledReplay(nn.Module):
-    """A forward hook of the user's replaces the output of a layer the engine replays by torch.func (GRU):
-    the replay is the layer's bare forward, as the engine pairs its own output with its output gradient."""
+    """A forward hook of the user's replaces the output of a layer the engine replays by torch.func (GRU), or
+    a pre-hook its input: the replay is the layer's bare forward, as the engine pairs its own output with its
+    output gradient and the inputs its forward received (before session 18 either was applied twice)."""
 
-    def __init__(self):
+    def __init__(self, pre: bool = False):
         super().__init__()
         self.rnn, self.head = nn.GRU(4, 5, batch_first=True), nn.Linear(5, 3)
-        self.rnn.register_forward_hook(lambda module, args, out: (out[0] * 2, out[1]))
+        if pre:
+            self.rnn.register_forward_pre_hook(lambda module, args: (args[0] * 3,))
+        else:
+            self.rnn.register_forward_hook(lambda module, args, out: (out[0] * 2, out[1]))
 
     def forward(self, x):
         return self.head(self.rnn(x[:, None].expand(-1, 3, -1))[0][:, -1])
@@ -172,13 +176,22 @@ class RescaledReplay(nn.Module):
 
 @pytest.mark.parametrize(
     "build",
-    [lambda: OneCell(False), lambda: OneCell(True), UsesTwo, Rescaled, RescaledReplay, WithScaledLinear],
+    [
+        lambda: OneCell(False),
+        lambda: OneCell(True),
+        UsesTwo,
+        Rescaled,
+        RescaledReplay,
+        lambda: RescaledReplay(pre=True),
+        WithScaledLinear,
+    ],
     ids=[
         "lstmcell-h",
         "lstmcell-h-and-c",
         "dependent-outputs",
         "user-hook-replaces-output",
         "user-hook-replaces-a-replayed-output",
+        "user-pre-hook-scales-a-replayed-input",
         "linear-subclass",
     ],
 )
