@@ -205,6 +205,30 @@ def test_outputs_computed_from_one_another_and_replaced_outputs_are_exact(build,
     assert not [w for w in checked.warnings if "do not add up" in w]
 
 
+class Reversed(nn.Module):
+    """A backward pre-hook of the user's rescales a layer's output gradient (gradient reversal, as in domain
+    adaptation): the weight's gradient uses the rescaled one, and so do its per-sample gradients."""
+
+    def __init__(self, replayed: bool):
+        super().__init__()
+        self.replayed = replayed
+        self.a = nn.GRU(4, 6, batch_first=True) if replayed else nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+        self.a.register_full_backward_pre_hook(lambda module, grad_out: (-2.0 * grad_out[0], *grad_out[1:]))
+
+    def forward(self, x):
+        h = self.a(x[:, None].expand(-1, 3, -1))[0][:, -1] if self.replayed else self.a(x)
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("replayed", [False, True], ids=["Linear", "GRU"])
+def test_a_backward_pre_hook_rescaling_the_output_gradient_is_exact(replayed):
+    torch.manual_seed(0)
+    x, y = torch.randn(B, 4, requires_grad=True), torch.randint(0, 3, (B,))
+    checked = assert_matches_loop(Reversed(replayed), x, y, nn.CrossEntropyLoss())
+    assert not [w for w in checked.warnings if "do not add up" in w]
+
+
 def test_the_users_hooks_on_a_replayed_layer_run_in_the_users_steps_alone():
     """A forward pre-hook, a forward hook and a full backward hook of the user's on an LSTM (replayed per
     sample by torch.func) run once per training step, as without the cockpit, never on torch.func's tensors."""
