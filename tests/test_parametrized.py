@@ -239,17 +239,11 @@ class OldWeightNorm(nn.Module):
         return self.head(torch.tanh(self.t(torch.tanh(self.c(h)))).mean(2))
 
 
-def test_the_older_weight_norm_is_exact_where_its_layer_has_a_rule():
-    """Against a float64 loop over the examples of a twin built from the same seed (the harness deep-copies
-    the model, which the older weight_norm does not allow)."""
-    torch.manual_seed(0)
-    model = OldWeightNorm()
-    torch.manual_seed(0)
-    twin = OldWeightNorm().double()
-    x, y = torch.randn(B, 7, 4), torch.randint(0, 3, (B,))
+def _probed_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flags: set) -> tuple:
+    """One step at lr 0 with a probe asking ``flags``: (its step record, the warnings said)."""
     from tests.reference import Probe
 
-    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS_BY_PARAM})
+    probe = Probe(flags=flags)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -258,7 +252,19 @@ def test_the_older_weight_norm_is_exact_where_its_layer_has_a_rule():
         nn.CrossEntropyLoss()(model(x), y).backward()
         opt.step()
         cockpit.close()
-    got = probe.records[0].per_sample_sq_norms_by_param
+    return probe.records[0], caught
+
+
+def test_the_older_weight_norm_is_exact_where_its_layer_has_a_rule():
+    """Against a float64 loop over the examples of a twin built from the same seed (the harness deep-copies
+    the model, which the older weight_norm does not allow)."""
+    torch.manual_seed(0)
+    model = OldWeightNorm()
+    torch.manual_seed(0)
+    twin = OldWeightNorm().double()
+    x, y = torch.randn(B, 7, 4), torch.randint(0, 3, (B,))
+    record, caught = _probed_step(model, x, y, {Need.PER_SAMPLE_SQ_NORMS_BY_PARAM})
+    got = record.per_sample_sq_norms_by_param
     params = dict(twin.named_parameters())
     for i in range(B):
         loss = nn.CrossEntropyLoss()(twin(x[i : i + 1].double()), y[i : i + 1])
@@ -344,23 +350,13 @@ def test_the_older_spectral_norm_is_exact(train, no_rule):
     """Against a float64 loop over the examples, one autograd call each, of a twin built from the same seed
     holding the u and v the step's forward used (after its power iteration in train mode), in eval mode:
     W = W_orig / (u^T W_orig v) with those u and v."""
-    from tests.reference import Probe
-
     torch.manual_seed(0)
     model = OldSpectral(no_rule).train(train)
     torch.manual_seed(0)
     twin = OldSpectral(no_rule).double()
     x, y = torch.randn(B, 3, 5, 5), torch.randint(0, 3, (B,))
     before = [b.clone() for b in model.buffers()]
-    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS_BY_PARAM, Need.PER_SAMPLE_DOT_MEAN})
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[probe], sinks=[])
-        opt.zero_grad()
-        nn.CrossEntropyLoss()(model(x), y).backward()
-        opt.step()
-        cockpit.close()
+    record, caught = _probed_step(model, x, y, {Need.PER_SAMPLE_SQ_NORMS_BY_PARAM, Need.PER_SAMPLE_DOT_MEAN})
     assert any(not torch.equal(a, b) for a, b in zip(before, model.buffers(), strict=True)) == train
     twin.load_state_dict({n: t.double() for n, t in model.state_dict().items()})  # (the iterates used)
     twin.eval()
@@ -369,7 +365,6 @@ def test_the_older_spectral_norm_is_exact(train, no_rule):
     for i in range(B):
         loss = nn.CrossEntropyLoss()(twin(x[i : i + 1].double()), y[i : i + 1])
         rows.append(torch.autograd.grad(loss, list(params.values())))
-    record = probe.records[0]
     got = record.per_sample_sq_norms_by_param
     assert set(got) == set(params) and {"c.weight_orig", "a.weight_orig"} <= set(got)
     for k, name in enumerate(params):
