@@ -174,9 +174,25 @@ class RescaledReplay(nn.Module):
         return self.head(self.rnn(x[:, None].expand(-1, 3, -1))[0][:, -1])
 
 
+class InPlaceAfterReplay(nn.Module):
+    """An in-place op downstream of a replayed layer with several outputs (GRU, then ReLU(inplace=True) and a
+    scaling in place): the engine hands the outputs on as copies; on views of them (before session 18) the
+    in-place ops rebased the views past the engine's hook, and the GRU was left out as unseen."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.act, self.head = nn.GRU(4, 5, batch_first=True), nn.ReLU(inplace=True), nn.Linear(5, 3)
+
+    def forward(self, x):
+        out = self.rnn(x[:, None].expand(-1, 3, -1))[0]
+        out.mul_(3.0)
+        return self.head(self.act(out)[:, -1])
+
+
 @pytest.mark.parametrize(
     "build",
     [
+        InPlaceAfterReplay,
         lambda: OneCell(False),
         lambda: OneCell(True),
         UsesTwo,
@@ -186,6 +202,7 @@ class RescaledReplay(nn.Module):
         WithScaledLinear,
     ],
     ids=[
+        "in-place-after-a-replayed-layer",
         "lstmcell-h",
         "lstmcell-h-and-c",
         "dependent-outputs",

@@ -128,7 +128,7 @@ class _Calls:
 
 
 def _outside_gradients(handler: Handler, output: Any) -> bool:
-    """Whether the engine hands a call's outputs downstream as identity views, to see only the gradients
+    """Whether the engine hands a call's outputs downstream as copies, to see only the gradients
     that reach them from outside the call (``_forward_hook``): for modules replayed by torch.func (whose
     outputs may be computed from one another) with several outputs in plain tuples and lists (a
     PackedSequence or a dict output is left as it is). Attention's factor form reads its outputs' own."""
@@ -143,9 +143,11 @@ def _outside_gradients(handler: Handler, output: Any) -> bool:
     return type(output) in (tuple, list) and plain(output)
 
 
-def _identity_view(t: Any) -> Any:
-    """``t.view_as(t)`` for a tensor that requires grad (a new autograd node, the same storage), else ``t``."""
-    return t.view_as(t) if torch.is_tensor(t) and t.requires_grad else t
+def _outside_copy(t: Any) -> Any:
+    """``t.clone()`` for a tensor that requires grad (a new autograd node of its own), else ``t``. Not a view:
+    an in-place op downstream (``nn.ReLU(inplace=True)`` after a GRU) on a view would rebase it onto the
+    call's output, past the hook on the view's node, and the call would get no gradient at all."""
+    return t.clone() if torch.is_tensor(t) and t.requires_grad else t
 
 
 def _leaf_shapes(tree: Any) -> tuple[tuple[int, ...] | None, ...]:
@@ -748,8 +750,8 @@ class PerSampleEngine:
             if len(outs) > 1 and not self._probing and _outside_gradients(handler, output):
                 # a hook on an output sees its whole gradient: where one output is computed from another
                 # inside the call (LSTMCell: h = o * tanh(c)), c's would hold h's share too, counted twice by
-                # the replay; the identity views handed downstream get only the gradients from outside
-                output = replaced = tree_map(_identity_view, output)
+                # the replay; the copies handed downstream get only the gradients from outside
+                output = replaced = tree_map(_outside_copy, output)
                 outs = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
             calls = self._calls.get(module)
             if calls is None:
