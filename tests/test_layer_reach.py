@@ -189,9 +189,31 @@ class InPlaceAfterReplay(nn.Module):
         return self.head(self.act(out)[:, -1])
 
 
+class InPlaceAfterTokenLinear(nn.Module):
+    """A feed-forward block on (B, T, d) tokens with nn.ReLU(inplace=True) and a residual added in place to a
+    Linear's output: F.linear returns a view of its product there, which an in-place op rebases past the
+    view's own node (before session 18 both Linear layers were left out as unseen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.act, self.down, self.head = (
+            nn.Linear(4, 8),
+            nn.ReLU(inplace=True),
+            nn.Linear(8, 4),
+            nn.Linear(4, 3),
+        )
+
+    def forward(self, x):
+        tokens = x[:, None].expand(-1, 3, -1) * torch.arange(1.0, 4.0)[:, None]
+        h = self.down(self.act(self.up(tokens)))
+        h += tokens
+        return self.head(h.mean(1))
+
+
 @pytest.mark.parametrize(
     "build",
     [
+        InPlaceAfterTokenLinear,
         InPlaceAfterReplay,
         lambda: OneCell(False),
         lambda: OneCell(True),
@@ -202,6 +224,7 @@ class InPlaceAfterReplay(nn.Module):
         WithScaledLinear,
     ],
     ids=[
+        "in-place-after-a-linear-on-tokens",
         "in-place-after-a-replayed-layer",
         "lstmcell-h",
         "lstmcell-h-and-c",

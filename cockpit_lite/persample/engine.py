@@ -150,6 +150,26 @@ def _outside_copy(t: Any) -> Any:
     return t.clone() if torch.is_tensor(t) and t.requires_grad else t
 
 
+#: the autograd nodes of the matrix products a layer reshapes into its output (F.linear on (B, T, d) inputs,
+#: transformers' Conv1D): view(addmm(...)) or view(mm(...))
+_PRODUCTS = frozenset({"AddmmBackward0", "MmBackward0"})
+
+
+def _product_under_view(out: torch.Tensor) -> torch.Tensor | None:
+    """The product ``out`` is a reshaping view of (F.linear on a (B, T, d) input returns view(addmm), a
+    tensor the layer made and nothing else holds), or None. The engine takes the layer's output gradient
+    at the product's node: an in-place op downstream (``nn.ReLU(inplace=True)``, ``x += r``) rebases a view
+    onto its base, past the view's own node, whose hook then never runs (the layer was left out as unseen);
+    the product's node receives the same gradient either way."""
+    if not out._is_view():
+        return None
+    base = out._base
+    node = base.grad_fn if base is not None else None
+    if node is None or node.name() not in _PRODUCTS or base.numel() != out.numel():
+        return None
+    return base if base.is_contiguous() and out.is_contiguous() else None
+
+
 def _leaf_shapes(tree: Any) -> tuple[tuple[int, ...] | None, ...]:
     """The shape of every leaf of ``tree`` (None for a leaf that is no tensor)."""
     return tuple(tuple(t.shape) if torch.is_tensor(t) else None for t in tree_leaves(tree))
@@ -1041,8 +1061,13 @@ class PerSampleEngine:
             hook = lambda g, m=module, i=idx: self._on_grads(m, i, (g,))  # noqa: E731
             if self._probing:  # torch.autograd.grad(..., outs) stops at outs: their nodes never run
                 outs[0].register_hook(hook)
-            else:
-                on_gradient(outs[0], hook)
+                return
+            out = outs[0]
+            base = _product_under_view(out)
+            if base is None:
+                on_gradient(out, hook)
+            else:  # the product's gradient, in the output's shape (the same numbers)
+                on_gradient(base, lambda g, shape=out.shape, h=hook: h(g.view(shape)))
         else:
             torch.autograd.graph.register_multi_grad_hook(
                 outs, lambda gs, m=module, i=idx: self._on_grads(m, i, tuple(gs))
