@@ -210,9 +210,30 @@ class InPlaceAfterTokenLinear(nn.Module):
         return self.head(h.mean(1))
 
 
+class InPlaceAfterAttention(nn.Module):
+    """MultiheadAttention's output (a view: transposed, or reshaped from its product) changed in place, a
+    residual added and a ReLU: the engine hands the view on as a copy (before session 18 the attention's
+    parameters were left out as unseen)."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.attn, self.head = nn.MultiheadAttention(4, 2, batch_first=batch_first), nn.Linear(4, 3)
+
+    def forward(self, x):
+        tokens = x[:, None].expand(-1, 3, -1) * torch.arange(1.0, 4.0)[:, None]
+        seq = tokens if self.batch_first else tokens.transpose(0, 1)
+        out = self.attn(seq, seq, seq)[0]
+        out += seq
+        out.relu_()
+        return self.head((out if self.batch_first else out.transpose(0, 1)).mean(1))
+
+
 @pytest.mark.parametrize(
     "build",
     [
+        lambda: InPlaceAfterAttention(True),
+        lambda: InPlaceAfterAttention(False),
         InPlaceAfterTokenLinear,
         InPlaceAfterReplay,
         lambda: OneCell(False),
@@ -224,6 +245,8 @@ class InPlaceAfterTokenLinear(nn.Module):
         WithScaledLinear,
     ],
     ids=[
+        "in-place-after-attention-batch-first",
+        "in-place-after-attention-sequence-first",
         "in-place-after-a-linear-on-tokens",
         "in-place-after-a-replayed-layer",
         "lstmcell-h",

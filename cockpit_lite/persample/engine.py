@@ -170,6 +170,17 @@ def _product_under_view(out: torch.Tensor) -> torch.Tensor | None:
     return base if base.is_contiguous() and out.is_contiguous() else None
 
 
+def _rebasable(t: torch.Tensor, single: bool) -> bool:
+    """A layer's output an in-place op downstream would rebase past the engine's hook: a view, other than the
+    single output's reshaping view of a product (:func:`_product_under_view`: the engine takes its gradient at
+    the product; several outputs share one hook on themselves)."""
+    return t._is_view() and not (single and _product_under_view(t) is not None)
+
+
+def _copy_if_rebasable(t: Any, single: bool) -> Any:
+    return t.clone() if torch.is_tensor(t) and t.requires_grad and _rebasable(t, single) else t
+
+
 def _leaf_shapes(tree: Any) -> tuple[tuple[int, ...] | None, ...]:
     """The shape of every leaf of ``tree`` (None for a leaf that is no tensor)."""
     return tuple(tuple(t.shape) if torch.is_tensor(t) else None for t in tree_leaves(tree))
@@ -772,6 +783,12 @@ class PerSampleEngine:
                 # inside the call (LSTMCell: h = o * tanh(c)), c's would hold h's share too, counted twice by
                 # the replay; the copies handed downstream get only the gradients from outside
                 output = replaced = tree_map(_outside_copy, output)
+                outs = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
+            elif not self._probing and lookup is None and any(_rebasable(t, len(outs) == 1) for t in outs):
+                # an output that is a view (MultiheadAttention's transposed output): an in-place op downstream
+                # would rebase it past the hook on its node; a copy downstream keeps that node in the graph
+                single = len(outs) == 1
+                output = replaced = tree_map(lambda t: _copy_if_rebasable(t, single), output)
                 outs = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
             calls = self._calls.get(module)
             if calls is None:
