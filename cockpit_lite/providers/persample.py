@@ -209,8 +209,9 @@ class PerSampleProvider(Provider):
                 unseen = [n for n in missing if n not in eng.left_out]  # (the others were left out with a reason)
                 if unseen:
                     self.context.warn(
-                        f"parameters {unseen} have gradients but no per-sample contribution was seen (used "
-                        "outside their module's forward?): per-sample statistics exclude them"
+                        f"parameters {unseen} have gradients but no per-sample contribution was seen: used outside "
+                        "their module's forward (a functional use of the weight, F.linear(x, layer.weight)), or their "
+                        "module called through a method that skips its hooks; per-sample statistics exclude them"
                     )
                 share = sum(record.per_sample_uncovered.values())
                 record.add_note(
