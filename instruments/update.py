@@ -131,7 +131,7 @@ class Distance(Instrument):
         diff = [self._diff[n] for n in names]
         foreach_difference(diff, [record.params[n] for n in names], [self._theta0[n] for n in names])
         # (FSDP2: from the shards; otherwise the values come with the step's other numbers, one transfer)
-        self._norms = host.norms(record.host, names, [self._diff[n] for n in names])
+        self._norms = host.norms(record.host, names, diff)
 
     def compute(self, record):
         if self._norms is None:
