@@ -13,6 +13,7 @@ micro-batch's views until the optimizer's pre-hook (docs/design.md, "Gradient ac
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Callable, Collection, Mapping
@@ -778,17 +779,19 @@ class PerSampleEngine:
                 if lookup is outs[0].grad_fn:  # its output is the lookup's (BART's positions): served as one
                     lookup = None
             replaced = None
-            if len(outs) > 1 and not self._probing and _outside_gradients(handler, output):
+            copy = None
+            single = len(outs) == 1
+            if not self._probing and not single and _outside_gradients(handler, output):
                 # a hook on an output sees its whole gradient: where one output is computed from another
                 # inside the call (LSTMCell: h = o * tanh(c)), c's would hold h's share too, counted twice by
                 # the replay; the copies handed downstream get only the gradients from outside
-                output = replaced = tree_map(_outside_copy, output)
-                outs = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
-            elif not self._probing and lookup is None and any(_rebasable(t, len(outs) == 1) for t in outs):
+                copy = _outside_copy
+            elif not self._probing and lookup is None and any(_rebasable(t, single) for t in outs):
                 # an output that is a view (MultiheadAttention's transposed output): an in-place op downstream
                 # would rebase it past the hook on its node; a copy downstream keeps that node in the graph
-                single = len(outs) == 1
-                output = replaced = tree_map(lambda t: _copy_if_rebasable(t, single), output)
+                copy = functools.partial(_copy_if_rebasable, single=single)
+            if copy is not None:
+                output = replaced = tree_map(copy, output)
                 outs = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
             calls = self._calls.get(module)
             if calls is None:
