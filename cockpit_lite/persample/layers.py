@@ -801,17 +801,14 @@ def _own_hooks_off(module: nn.Module):
     (logging, a gradient hook) must not run on torch.func's tensors. Kept: the older ``weight_norm`` and
     ``spectral_norm`` pre-hooks, which compute the weight the forward uses from the replayed originals.
     The hooks of the module's children stay: they are part of its forward."""
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
+    from cockpit_lite.persample.parametrized import WEIGHT_HOOKS
 
     saved = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
     if not any(saved):
         yield
         return
     module._forward_hooks = OrderedDict()
-    module._forward_pre_hooks = OrderedDict(
-        (k, h) for k, h in saved[1].items() if isinstance(h, (WeightNorm, SpectralNorm))
-    )
+    module._forward_pre_hooks = OrderedDict((k, h) for k, h in saved[1].items() if isinstance(h, WEIGHT_HOOKS))
     module._backward_hooks, module._backward_pre_hooks = OrderedDict(), OrderedDict()
     try:
         yield

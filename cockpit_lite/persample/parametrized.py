@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from cockpit_lite.compat import weight_norm
 from cockpit_lite.persample.layers import FuncHandler, Handler, LayerLeftOut
@@ -56,18 +58,22 @@ def parametrized_names(module: nn.Module, names: Mapping[str, str]) -> dict[str,
     return out
 
 
-def _old_weight_norms(module: nn.Module) -> list[Any]:
-    """The older ``torch.nn.utils.weight_norm``'s hooks on ``module`` (each sets ``hook.name`` before a call)."""
-    from torch.nn.utils.weight_norm import WeightNorm
+#: the older forward pre-hooks that compute a layer's weight from its parameters before each call (they set
+#: ``hook.name`` on the module): ``torch.nn.utils.weight_norm``'s and ``spectral_norm``'s
+WEIGHT_HOOKS = (WeightNorm, SpectralNorm)
 
-    return [h for h in module._forward_pre_hooks.values() if isinstance(h, WeightNorm)]
+
+def _old_hooks(module: nn.Module, kind: type) -> list[Any]:
+    """The forward pre-hooks of class ``kind`` on ``module``."""
+    return [h for h in module._forward_pre_hooks.values() if isinstance(h, kind)]
+
+
+def _old_weight_norms(module: nn.Module) -> list[Any]:
+    return _old_hooks(module, WeightNorm)
 
 
 def _old_spectral_norms(module: nn.Module) -> list[Any]:
-    """The older ``torch.nn.utils.spectral_norm``'s hooks on ``module`` (each sets ``hook.name`` before a call)."""
-    from torch.nn.utils.spectral_norm import SpectralNorm
-
-    return [h for h in module._forward_pre_hooks.values() if isinstance(h, SpectralNorm)]
+    return _old_hooks(module, SpectralNorm)
 
 
 def _old_spectral_buffers(module: nn.Module) -> list[torch.Tensor]:
