@@ -157,6 +157,12 @@ class Rescaled(nn.Module):
         return self.head(torch.tanh(self.a(x)))
 
 
+def _sequence(x: torch.Tensor, scaled: bool = False) -> torch.Tensor:
+    """(B, d) examples as (B, 3, d) sequences of 3 positions (each position scaled by 1, 2, 3 with ``scaled``)."""
+    seq = x[:, None].expand(-1, 3, -1)
+    return seq * torch.arange(1.0, 4.0)[:, None] if scaled else seq
+
+
 class RescaledReplay(nn.Module):
     """A forward hook of the user's replaces the output of a layer the engine replays by torch.func (GRU), or
     a pre-hook its input: the replay is the layer's bare forward, as the engine pairs its own output with its
@@ -171,7 +177,7 @@ class RescaledReplay(nn.Module):
             self.rnn.register_forward_hook(lambda module, args, out: (out[0] * 2, out[1]))
 
     def forward(self, x):
-        return self.head(self.rnn(x[:, None].expand(-1, 3, -1))[0][:, -1])
+        return self.head(self.rnn(_sequence(x))[0][:, -1])
 
 
 class InPlaceAfterReplay(nn.Module):
@@ -184,7 +190,7 @@ class InPlaceAfterReplay(nn.Module):
         self.rnn, self.act, self.head = nn.GRU(4, 5, batch_first=True), nn.ReLU(inplace=True), nn.Linear(5, 3)
 
     def forward(self, x):
-        out = self.rnn(x[:, None].expand(-1, 3, -1))[0]
+        out = self.rnn(_sequence(x))[0]
         out.mul_(3.0)
         return self.head(self.act(out)[:, -1])
 
@@ -204,7 +210,7 @@ class InPlaceAfterTokenLinear(nn.Module):
         )
 
     def forward(self, x):
-        tokens = x[:, None].expand(-1, 3, -1) * torch.arange(1.0, 4.0)[:, None]
+        tokens = _sequence(x, scaled=True)
         h = self.down(self.act(self.up(tokens)))
         h += tokens
         return self.head(h.mean(1))
@@ -221,7 +227,7 @@ class InPlaceAfterAttention(nn.Module):
         self.attn, self.head = nn.MultiheadAttention(4, 2, batch_first=batch_first), nn.Linear(4, 3)
 
     def forward(self, x):
-        tokens = x[:, None].expand(-1, 3, -1) * torch.arange(1.0, 4.0)[:, None]
+        tokens = _sequence(x, scaled=True)
         seq = tokens if self.batch_first else tokens.transpose(0, 1)
         out = self.attn(seq, seq, seq)[0]
         out += seq
@@ -280,7 +286,7 @@ class Reversed(nn.Module):
         self.a.register_full_backward_pre_hook(lambda module, grad_out: (-2.0 * grad_out[0], *grad_out[1:]))
 
     def forward(self, x):
-        h = self.a(x[:, None].expand(-1, 3, -1))[0][:, -1] if self.replayed else self.a(x)
+        h = self.a(_sequence(x))[0][:, -1] if self.replayed else self.a(x)
         return self.head(torch.tanh(h))
 
 
