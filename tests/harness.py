@@ -271,18 +271,27 @@ def _mismatch(quantity: str, got: Any, want: np.ndarray, rtol: float, noise: np.
 
 
 def _run(
-    model, args, targets, loss_fn, params: list[nn.Parameter], directions, replay_seed: int | None = None, flags=FLAGS
+    model,
+    args,
+    targets,
+    loss_fn,
+    params: list[nn.Parameter],
+    directions,
+    replay_seed: int | None = None,
+    flags=FLAGS,
+    warmup: int = 0,
 ):
     recorder = _Recorder(directions, flags)
     opt = torch.optim.SGD(params, lr=0.0)  # theta unchanged: a step can be repeated
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with Cockpit(model, opt, loss_fn, instruments=[recorder]):
-            opt.zero_grad()
-            with _seeded(replay_seed):
-                out = model(*args)
-            loss_fn(out, targets).backward()
-            opt.step()
+            for _ in range(warmup + 1):  # (the recorder keeps the last step's record)
+                opt.zero_grad()
+                with _seeded(replay_seed):
+                    out = model(*args)
+                loss_fn(out, targets).backward()
+                opt.step()
     opt.zero_grad()
     return recorder, [str(w.message) for w in caught]
 
@@ -309,6 +318,7 @@ def assert_matches_loop(
     rng_seed: int | None = None,
     device: torch.device | str | None = None,
     totals: bool = True,
+    warmup: int = 0,
 ) -> Checked:
     """Check the cockpit's per-sample split of one step against the float64 loop (module docstring).
 
@@ -326,6 +336,8 @@ def assert_matches_loop(
             (None: leave everything where it is); the directions go to the parameters' device.
         totals: also run a second step asking for the squared norms' total alone (off for a test
             counting what one step calls).
+        warmup: steps the cockpit runs before the checked one (what it learns on a first step, such as
+            parameters it serves from the next: ``PerSampleEngine.rehome``).
 
     Raises:
         AssertionError naming each parameter and quantity that failed.
@@ -343,7 +355,7 @@ def assert_matches_loop(
     ref = shares_loop(model, args, targets, loss_fn, names, batch_axis, replay)
     where = next(iter(named.values())).device if named else "cpu"
     directions = random_directions({n: p.shape for n, p in named.items()}, n_directions, seed, where)
-    recorder, seen = _run(model, args, targets, loss_fn, list(named.values()), directions, replay)
+    recorder, seen = _run(model, args, targets, loss_fn, list(named.values()), directions, replay, warmup=warmup)
     rec = recorder.record
     if rec is None or rec.per_sample_sq_norms_by_param is None:
         notes = rec.notes if rec is not None else []
@@ -383,7 +395,9 @@ def assert_matches_loop(
     noise = delta * (2 * norm + delta)
     failures.append(_mismatch("||g_i||^2 (all parameters)", rec.per_sample_sq_norms, norm**2, rtol, noise))
     if totals:
-        alone, _ = _run(model, args, targets, loss_fn, list(named.values()), {}, replay, {Need.PER_SAMPLE_SQ_NORMS})
+        alone, _ = _run(
+            model, args, targets, loss_fn, list(named.values()), {}, replay, {Need.PER_SAMPLE_SQ_NORMS}, warmup
+        )
         total_rec = alone.record
         if total_rec is not None and total_rec.per_sample_sq_norms_by_param is not None:
             failures.append("the total alone was asked for, yet the record holds rows per parameter")

@@ -563,6 +563,8 @@ class PerSampleEngine:
         #: per-sample gradients are of a mean loss over its examples
         self._segments: list[_Segment] = []
         self.mean = True
+        #: the handled modules called this step (:meth:`rehome` serves the parameters of one never called)
+        self._called: set[nn.Module] = set()
         self._bcast.reset()
         #: this step keeps the first micro-batch's views on trial (see ``TRIAL_BYTES``), their bytes so
         #: far, and the bytes at which the trial was given up (None: it was not)
@@ -685,6 +687,56 @@ class PerSampleEngine:
             else:
                 warnings.warn(f"cockpit-lite: {message}", CockpitWarning, stacklevel=3)
 
+    def rehome(self, unseen: Collection[str]) -> list[str]:
+        """Serve, from the next step on, parameters that got gradient this step while the module that holds
+        them was never called: its parent's forward uses them functionally (transformers' Mamba mixer reads
+        ``self.conv1d.weight`` and ``self.dt_proj.weight`` inside its own forward). They become bare
+        parameters of the nearest ancestor called this step that holds bare parameters of its own
+        (:class:`~cockpit_lite.persample.layers.BareParamsHandler`: split where they meet the batch, else
+        torch.func over that ancestor's forward, exact for a deterministic forward), and the next steps run
+        the gradient-sum check again (a use outside that forward is then said, not hidden). ``unseen``: full
+        names of parameters with a gradient that no layer covered. Returns a sentence per module moved."""
+        unseen = set(unseen)
+        if not unseen or not self._called:
+            return []
+        path = {m: name for name, m in self.model.named_modules()}
+        # the called modules that hold bare parameters, innermost first
+        owners = sorted(
+            (m for m in self._called if m in path and isinstance(self.handlers.get(m), BareParamsHandler)),
+            key=lambda m: -len(path[m]),
+        )
+        moved: list[str] = []
+        for module, handler in list(self.handlers.items()):
+            if module in self._called or module not in path or isinstance(handler, BareParamsHandler):
+                continue
+            if not handler.names or not unseen.issuperset(handler.names.values()):
+                continue
+            name = path[module]
+            parent = next((m for m in owners if path[m] == "" or name.startswith(path[m] + ".")), None)
+            if parent is None:
+                continue
+            rel = name[len(path[parent]) + 1 :] if path[parent] else name
+            names = dict(self.handlers[parent].names)
+            names.update({f"{rel}.{local}": full for local, full in handler.names.items()})
+            del self.handlers[module]
+            self.handlers[parent] = BareParamsHandler(parent, names)
+            moved.append(
+                f"{type(module).__name__} ({', '.join(sorted(handler.names.values()))}) was never called while its "
+                f"parameters got gradient: from the next step they are served as bare parameters of "
+                f"{type(parent).__name__} ({path[parent] or 'the model'}), whose forward uses them"
+            )
+        if moved:
+            self.param_names = [n for h in self.handlers.values() for n in h.names.values()]
+            self.tied = tied_groups(self.handlers)
+            self._tied_bytes = _tied_bytes(self.handlers, self.tied)
+            self._bare_handlers = [(m, h) for m, h in self.handlers.items() if isinstance(h, BareParamsHandler)]
+            self._bcast.bare = {
+                full: m.get_parameter(local) for m, h in self._bare_handlers for local, full in h.names.items()
+            }
+            # the gradient-sum check again: the next steps verify that the ancestor's forward is where they are used
+            self.checks_left = self.CHECKS
+        return moved
+
     def rescale(self, factor: float) -> None:
         """Multiply the factor that turns captured output gradients into those of the per-sample losses
         (backward started from the loss times 1 / factor: AMP's loss scale)."""
@@ -747,6 +799,7 @@ class PerSampleEngine:
         """:meth:`_forward_hook`'s work: keep what this call of a handled module needs at its backward."""
         order = self._order.get(module, 0)
         self._order[module] = order + 1
+        self._called.add(module)
         try:
             handler = self.handlers[module]
             if handler.refused is not None:

@@ -1,0 +1,120 @@
+"""Parameters of a child layer that the parent's forward uses functionally, the child never called
+(transformers' Mamba mixer reads ``self.conv1d.weight`` and ``self.dt_proj.weight`` in its own forward):
+left out with the reason on the first step, then served as bare parameters of the parent
+(``PerSampleEngine.rehome``), checked against the float64 loop on the step after."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.harness import assert_matches_loop, watched_steps
+
+B, T, D, R = 4, 6, 5, 2
+
+
+class Mixer(nn.Module):
+    """A Mamba-like mixer: a depthwise causal convolution and a time-step projection used through their
+    weights, beside layers it calls and a parameter of its own (``A``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_proj = nn.Linear(D, 2 * D)
+        self.conv1d = nn.Conv1d(D, D, kernel_size=3, groups=D, padding=2)
+        self.x_proj = nn.Linear(D, R)
+        self.dt_proj = nn.Linear(R, D)
+        self.A = nn.Parameter(torch.randn(D) / 2)
+
+    def forward(self, x):
+        u, z = self.in_proj(x).chunk(2, dim=-1)
+        u = F.conv1d(u.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, padding=2, groups=D)[..., :T]
+        u = F.silu(u).transpose(1, 2)
+        dt = (self.dt_proj.weight @ self.x_proj(u).transpose(1, 2)).transpose(1, 2) + self.dt_proj.bias
+        return u * torch.sigmoid(dt) * self.A.exp() + z
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mixer = Mixer()
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.head(self.mixer(x).mean(1))
+
+
+def _batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, D, generator=g), torch.randint(0, 3, (B,), generator=g)
+
+
+def test_first_step_says_so_and_the_next_is_exact() -> None:
+    torch.manual_seed(0)
+    model = Net()
+    x, y = _batch()
+    said, records = watched_steps(model, [((x,), y), ((x,), y)])
+    moved = [w for w in said if "never called" in w]
+    assert moved and "Conv1d" in moved[0] and "Mixer (mixer)" in moved[0], said
+    first, second = records
+    left = {"mixer.conv1d.weight", "mixer.conv1d.bias", "mixer.dt_proj.weight", "mixer.dt_proj.bias"}
+    assert left <= set(first.per_sample_uncovered), first.per_sample_uncovered
+    assert second.per_sample_uncovered == {}, second.per_sample_uncovered
+    assert not [w for w in said if "do not add up" in w], said
+
+
+def test_served_parameters_match_the_loop() -> None:
+    torch.manual_seed(1)
+    model = Net()
+    x, y = _batch(1)
+    assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), warmup=1)
+
+
+def test_without_the_warmup_the_loop_check_sees_them_missing() -> None:
+    """The harness can fail here: on the first step the functional uses are not covered."""
+    torch.manual_seed(1)
+    model = Net()
+    x, y = _batch(1)
+    with pytest.raises(AssertionError):
+        assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+
+
+def test_hf_mamba_served_from_the_second_step() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MambaConfig(
+        vocab_size=32, hidden_size=8, state_size=4, num_hidden_layers=1, expand=2, conv_kernel=3, use_cache=False
+    )
+    lm = transformers.MambaForCausalLM(config)  # (train mode: no dropout in Mamba; the slow path on the CPU)
+
+    class Last(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, ids):
+            return self.lm(input_ids=ids).logits[:, -1]
+
+    model = Last()
+    g = torch.Generator().manual_seed(0)
+    ids, y = torch.randint(0, 32, (3, 5), generator=g), torch.randint(0, 32, (3,), generator=g)
+    assert_matches_loop(model, ids, y, nn.CrossEntropyLoss(), warmup=1)
+
+
+class Outside(Net):
+    """The time-step projection's weight used by the model, outside the mixer's forward: the mixer's replay
+    cannot see it, and the re-armed gradient-sum check says so."""
+
+    def forward(self, x):
+        h = self.mixer(x).mean(1)
+        return self.head(h + F.linear(h[:, :R], self.mixer.dt_proj.weight))
+
+
+def test_a_use_outside_the_ancestor_is_said_not_hidden() -> None:
+    torch.manual_seed(2)
+    model = Outside()
+    x, y = _batch(2)
+    said, records = watched_steps(model, [((x,), y)] * 3)
+    assert any("never called" in w for w in said), said
+    assert any("do not add up" in w and "dt_proj" in w for w in said), said
