@@ -687,7 +687,7 @@ class PerSampleEngine:
             else:
                 warnings.warn(f"cockpit-lite: {message}", CockpitWarning, stacklevel=3)
 
-    def rehome(self, unseen: Collection[str]) -> list[str]:
+    def rehome(self, unseen: Collection[str]) -> dict[str, str]:
         """Serve, from the next step on, parameters that got gradient this step while the module that holds
         them was never called: its parent's forward uses them functionally (transformers' Mamba mixer reads
         ``self.conv1d.weight`` and ``self.dt_proj.weight`` inside its own forward). They become bare
@@ -695,17 +695,18 @@ class PerSampleEngine:
         (:class:`~cockpit_lite.persample.layers.BareParamsHandler`: split where they meet the batch, else
         torch.func over that ancestor's forward, exact for a deterministic forward), and the next steps run
         the gradient-sum check again (a use outside that forward is then said, not hidden). ``unseen``: full
-        names of parameters with a gradient that no layer covered. Returns a sentence per module moved."""
+        names of parameters with a gradient that no layer covered. Returns {full name: the sentence that says
+        where it goes} for the parameters moved."""
         unseen = set(unseen)
         if not unseen or not self._called:
-            return []
+            return {}
         path = {m: name for name, m in self.model.named_modules()}
         # the called modules that hold bare parameters, innermost first
         owners = sorted(
             (m for m in self._called if m in path and isinstance(self.handlers.get(m), BareParamsHandler)),
             key=lambda m: -len(path[m]),
         )
-        moved: list[str] = []
+        moved: dict[str, str] = {}
         for module, handler in list(self.handlers.items()):
             if module in self._called or module not in path or isinstance(handler, BareParamsHandler):
                 continue
@@ -720,11 +721,12 @@ class PerSampleEngine:
             names.update({f"{rel}.{local}": full for local, full in handler.names.items()})
             del self.handlers[module]
             self.handlers[parent] = BareParamsHandler(parent, names)
-            moved.append(
+            said = (
                 f"{type(module).__name__} ({', '.join(sorted(handler.names.values()))}) was never called while its "
                 f"parameters got gradient: from the next step they are served as bare parameters of "
                 f"{type(parent).__name__} ({path[parent] or 'the model'}), whose forward uses them"
             )
+            moved.update(dict.fromkeys(handler.names.values(), said))
         if moved:
             self.param_names = [n for h in self.handlers.values() for n in h.names.values()]
             self.tied = tied_groups(self.handlers)

@@ -207,10 +207,11 @@ class PerSampleProvider(Provider):
             if record.per_sample_uncovered:
                 missing = sorted(record.per_sample_uncovered)
                 unseen = [n for n in missing if n not in eng.left_out]  # (the others were left out with a reason)
-                moved = eng.rehome(unseen) if unseen else []
+                moved = eng.rehome(unseen) if unseen else {}
                 if moved:  # (left out on this step; served from the next)
-                    self.context.warn(f"parameters {unseen}: " + "; ".join(moved))
-                elif unseen:
+                    self.context.warn(f"parameters {sorted(moved)}: " + "; ".join(dict.fromkeys(moved.values())))
+                unseen = [n for n in unseen if n not in moved]
+                if unseen:
                     self.context.warn(
                         f"parameters {unseen} have gradients but no per-sample contribution was seen: used outside "
                         "their module's forward (a functional use of the weight, F.linear(x, layer.weight)), or their "
