@@ -147,3 +147,79 @@ def test_a_parametrized_module_that_mixes_the_examples_rows_is_left_out_from_the
     left = {"mixing.parametrizations.weight.original0", "mixing.parametrizations.weight.original1"}
     for later in (second, third):
         assert later.per_sample_sq_norms is not None and set(later.per_sample_uncovered) == left
+
+
+class InsideRouter(nn.Module):
+    """A router called on the (B, T, d) hidden states that flattens them itself (DeepSeek-V3's
+    ``hidden_states.view(-1, d)``): (B T, E) rows out of a batch-first input; ``position_major`` flattens
+    the positions first instead (T B rows), which no split by example order can serve."""
+
+    def __init__(self, position_major: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D) / 2)
+        self.position_major = position_major
+
+    def forward(self, h):
+        x = h.transpose(0, 1) if self.position_major else h
+        return F.linear(x.reshape(-1, D), self.weight).softmax(-1)
+
+
+class InsideNet(nn.Module):
+    def __init__(self, position_major: bool = False):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(11, D), nn.Linear(E, 3)
+        self.router = InsideRouter(position_major)
+
+    def forward(self, ids):
+        p = self.router(self.embed(ids))
+        rows = p.reshape(T, -1, E).transpose(0, 1) if self.router.position_major else p.reshape(-1, T, E)
+        return self.head(rows.mean(1))
+
+
+def test_rows_flattened_inside_the_module_are_exact(device):
+    """The shape probe sees a batch-first input; the output's rows are made inside the call: each example's
+    rows replayed alone and checked against the call's own."""
+    torch.manual_seed(0)
+    checked = assert_matches_loop(
+        InsideNet(), torch.randint(0, 11, (B, T)), torch.randint(0, 3, (B,)), nn.CrossEntropyLoss(), device=device
+    )
+    assert "router.weight" in checked.record.per_sample_sq_norms_by_param
+    assert not [w for w in checked.warnings if "leave out" in w], checked.warnings
+
+
+def test_rows_flattened_positions_first_inside_the_module_are_left_out_not_wrong():
+    torch.manual_seed(0)
+    batches = [((torch.randint(0, 11, (B, T)),), torch.randint(0, 3, (B,))) for _ in range(2)]
+    said, (first, second) = watched_steps(InsideNet(position_major=True), batches)
+    assert first.per_sample_sq_norms is None and any("example by example" in n for n in first.notes), first.notes
+    assert "router.weight" in second.per_sample_uncovered
+    assert second.per_sample_sq_norms is not None
+
+
+def test_hugging_face_deepseek_v3_router_is_served():
+    """DeepSeek-V3's router flattens the (B, T, d) hidden states itself: its weight is served with the rest."""
+    import transformers
+
+    config = transformers.DeepseekV3Config(
+        vocab_size=40, hidden_size=16, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, n_shared_experts=1,
+        n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4,
+        qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1, first_k_dense_replace=1, use_cache=False,
+        pad_token_id=0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    config._experts_implementation = "eager"  # (grouped_mm has no float64 kernel for the loop)
+    torch.manual_seed(0)
+
+    class Last(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = transformers.DeepseekV3ForCausalLM(config)
+
+        def forward(self, ids):
+            return self.m(input_ids=ids).logits[:, -1]
+
+    model = Last()
+    ids, y = torch.randint(1, 40, (B, 6)), torch.randint(0, 40, (B,))
+    checked = assert_matches_loop(model, ids, y, nn.CrossEntropyLoss())
+    assert "m.model.layers.1.mlp.gate.weight" in checked.record.per_sample_sq_norms_by_param
+    assert not [w for w in checked.warnings if "leave out" in w], checked.warnings

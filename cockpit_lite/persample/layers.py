@@ -816,6 +816,14 @@ def _own_hooks_off(module: nn.Module):
         module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks = saved
 
 
+def _rows_made_inside(live: list, arg_dims, kw_dims, batch: int) -> bool:
+    """Whether a call's output gradients hold B k rows on their first axis (k > 1) while its tensor inputs
+    carry the examples on an axis of their own: the module flattened its examples' positions itself, in
+    example order if it reshaped a batch-first tensor (checked by the replay: :meth:`FuncHandler._rows_view`)."""
+    dims = [d for d in tree_flatten((arg_dims, kw_dims))[0] if d is not None]
+    return bool(dims) and all(g.dim() >= 1 and g.shape[0] > batch and g.shape[0] % batch == 0 for _, g in live)
+
+
 class FuncHandler(Handler):
     """Any other module with parameters: per-sample gradients of this module alone by torch.func.
 
@@ -968,6 +976,12 @@ class FuncHandler(Handler):
             live = [(i, g * inv_scale) for i, g in enumerate(gouts) if g is not None]
             g_tensors = [g for _, g in live]
             g_dims = [self._output_dim(i, g, batch, resolved) for i, g in live]
+            inside = resolved is None and any(d is None for d in g_dims)
+            if inside and _rows_made_inside(live, arg_dims, kw_dims, batch):
+                # (B, T, d) in, (B T, n) out: the module flattens its examples' positions itself (DeepSeek-V3's
+                # router): each example's rows replayed alone, checked against the call's own
+                add(self._rows_view(args, kwargs, arg_dims, kw_dims, gouts, batch, inv_scale, None, params, frozen))
+                continue
             if any(d is None for d in g_dims):
                 raise ValueError(f"cannot find the batch axis in the output gradient of {type(m).__name__}")
             positions = [i for i, _ in live]
@@ -1050,7 +1064,10 @@ class FuncHandler(Handler):
         s_args = tuple(tree_map(split, a, d) for a, d in zip(args, arg_dims, strict=True))
         s_kwargs = {k: tree_map(split, v, kw_dims[k]) for k, v in kwargs.items()}
         live = [(i, g * inv_scale) for i, g in enumerate(gouts) if g is not None]
-        g_dims = [resolved.outputs[i] if resolved is not None and i < len(resolved.outputs) else None for i, _ in live]
+        if resolved is None:  # (rows made inside the module: :func:`_rows_made_inside`, on the first axis)
+            g_dims = [0] * len(live)
+        else:
+            g_dims = [resolved.outputs[i] if i < len(resolved.outputs) else None for i, _ in live]
         if any(d is None or g.shape[d] % batch for (_, g), d in zip(live, g_dims, strict=True)):
             raise LayerLeftOut(f"cannot find the rows of the examples in the output gradient of {type(m).__name__}")
         g_split = [split(g, d) for (_, g), d in zip(live, g_dims, strict=True)]
