@@ -118,3 +118,36 @@ def test_a_use_outside_the_ancestor_is_said_not_hidden() -> None:
     said, records = watched_steps(model, [((x,), y)] * 3)
     assert any("never called" in w for w in said), said
     assert any("do not add up" in w and "dt_proj" in w for w in said), said
+
+
+class Branch(nn.Module):
+    """A layer called on some steps only, with p.grad zeroed (not set to None) between steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, D)
+        self.A = nn.Parameter(torch.zeros(D))  # (bare parameters of its own, as the mixer's)
+        self.use_b = True
+
+    def forward(self, x):
+        h = self.a(x) + self.A
+        return self.b(h) if self.use_b else h
+
+
+def test_a_layer_not_called_with_zeroed_gradients_stays_its_own() -> None:
+    from cockpit_lite.instruments import PerSampleGradNorms
+
+    from cockpit_lite import Cockpit
+
+    torch.manual_seed(3)
+    model = nn.Sequential(Branch(), nn.Flatten(), nn.Linear(T * D, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = _batch(3)
+    with Cockpit(model, opt, loss_fn, instruments=[PerSampleGradNorms()], sinks=[]) as cockpit:
+        for use_b in (True, False, True):
+            model[0].use_b = use_b
+            opt.zero_grad(set_to_none=False)
+            loss_fn(model(x), y).backward()
+            opt.step()
+        assert model[0].b in cockpit.engine.handlers, "moved to its parent though it was only not called"

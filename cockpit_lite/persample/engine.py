@@ -712,6 +712,9 @@ class PerSampleEngine:
                 continue
             if not handler.names or not unseen.issuperset(handler.names.values()):
                 continue
+            grads = [module.get_parameter(local).grad for local in handler.names]
+            if all(g is None or not bool(g.any()) for g in grads):  # (zeroed, not set to None: a module not called)
+                continue
             name = path[module]
             parent = next((m for m in owners if path[m] == "" or name.startswith(path[m] + ".")), None)
             if parent is None:
