@@ -151,3 +151,30 @@ def test_a_layer_not_called_with_zeroed_gradients_stays_its_own() -> None:
             loss_fn(model(x), y).backward()
             opt.step()
         assert model[0].b in cockpit.engine.handlers, "moved to its parent though it was only not called"
+
+
+class Plain(nn.Module):
+    """A module with no parameters of its own that uses its child's weight itself (SigLIP2's embeddings
+    resize their position table's weight): it gets a handler, and hooks, from the second step."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(D, D)
+        self.table = nn.Embedding(T, D)
+
+    def forward(self, x):
+        return self.inner(x) + F.interpolate(self.table.weight.T[None], size=T, mode="linear")[0].T
+
+
+def test_a_parent_without_parameters_of_its_own_is_hooked_and_serves_them() -> None:
+    torch.manual_seed(4)
+    model = nn.Sequential(Plain(), nn.Flatten(), nn.Linear(T * D, 3))
+    x, y = _batch(4)
+    said, records = watched_steps(model, [((x,), y)] * 2)
+    assert any("never called" in w and "Plain (0)" in w for w in said), said
+    assert "0.table.weight" in records[0].per_sample_uncovered and records[1].per_sample_uncovered == {}
+    assert not [w for w in said if "do not add up" in w], said
+    torch.manual_seed(4)
+    assert_matches_loop(
+        nn.Sequential(Plain(), nn.Flatten(), nn.Linear(T * D, 3)), x, y, nn.CrossEntropyLoss(), warmup=1
+    )

@@ -404,6 +404,17 @@ def _no_autocast(grads: list):
     return torch.autocast(device, enabled=False) if on else contextlib.nullcontext()
 
 
+def _forward_ancestor(model: nn.Module, name: str) -> nn.Module | None:
+    """The nearest ancestor of the submodule ``name`` whose forward can use a child's parameters itself: not a
+    container (``nn.ModuleList``, ``nn.ModuleDict``: no forward; ``nn.Sequential``: only calls its children)."""
+    parts = name.split(".")
+    for k in range(len(parts) - 1, -1, -1):
+        m = model.get_submodule(".".join(parts[:k]))
+        if not isinstance(m, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
+            return m
+    return None
+
+
 class PerSampleEngine:
     """Computes per-sample gradient statistics of ``model`` for the steps that need them.
 
@@ -691,8 +702,10 @@ class PerSampleEngine:
         """Serve, from the next step on, parameters that got gradient this step while the module that holds
         them was never called: its parent's forward uses them functionally (transformers' Mamba mixer reads
         ``self.conv1d.weight`` and ``self.dt_proj.weight`` inside its own forward). They become bare
-        parameters of the nearest ancestor called this step that holds bare parameters of its own
-        (:class:`~cockpit_lite.persample.layers.BareParamsHandler`: split where they meet the batch, else
+        parameters of the nearest ancestor called this step that holds bare parameters of its own, else of the
+        nearest ancestor with a forward of its own (hooked from the next step; a container such as
+        ``nn.ModuleList`` is passed over) (:class:`~cockpit_lite.persample.layers.BareParamsHandler`: split
+        where they meet the batch, else
         torch.func over that ancestor's forward, exact for a deterministic forward), and the next steps run
         the gradient-sum check again (a use outside that forward is then said, not hidden). ``unseen``: full
         names of parameters with a gradient that no layer covered. Returns {full name: the sentence that says
@@ -707,6 +720,7 @@ class PerSampleEngine:
             key=lambda m: -len(path[m]),
         )
         moved: dict[str, str] = {}
+        created: set[nn.Module] = set()  # (ancestors that had no handler: hooked from the next step)
         for module, handler in list(self.handlers.items()):
             if module in self._called or module not in path or isinstance(handler, BareParamsHandler):
                 continue
@@ -717,10 +731,13 @@ class PerSampleEngine:
                 continue
             name = path[module]
             parent = next((m for m in owners if path[m] == "" or name.startswith(path[m] + ".")), None)
-            if parent is None:
-                continue
+            if parent is None:  # its nearest ancestor with a forward of its own, handled from now on
+                parent = _forward_ancestor(self.model, name)
+                if parent is None or (parent in self.handlers and parent not in created):
+                    continue
+                created.add(parent)
             rel = name[len(path[parent]) + 1 :] if path[parent] else name
-            names = dict(self.handlers[parent].names)
+            names = dict(self.handlers[parent].names) if parent in self.handlers else {}
             names.update({f"{rel}.{local}": full for local, full in handler.names.items()})
             del self.handlers[module]
             self.handlers[parent] = BareParamsHandler(parent, names)
@@ -740,6 +757,9 @@ class PerSampleEngine:
             }
             # the gradient-sum check again: the next steps verify that the ancestor's forward is where they are used
             self.checks_left = self.CHECKS
+            if created and self._layer_hooks:  # (asleep: :meth:`_wake` hooks them with the others)
+                self._sleep()
+                self._wake()
         return moved
 
     def rescale(self, factor: float) -> None:
