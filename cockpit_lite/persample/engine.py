@@ -477,6 +477,8 @@ class PerSampleEngine:
         self._order: dict[nn.Module, int] = {}
         self._pending: list[_Pending] = []
         self._suspect = False
+        #: the first forward with per-sample work has been looked through for layers used without a call
+        self._graph_seen = False
         #: resolved sample axes by (module, order in the forward, batch, input shapes, output shapes):
         #: (per input leaf, per tensor output), or None where the probe could not tell (see resolve_axes)
         self._axes: dict[tuple, tuple[tuple, tuple] | None] = {}
@@ -698,7 +700,7 @@ class PerSampleEngine:
             else:
                 warnings.warn(f"cockpit-lite: {message}", CockpitWarning, stacklevel=3)
 
-    def rehome(self, unseen: Collection[str]) -> dict[str, str]:
+    def rehome(self, unseen: Collection[str], in_graph: bool = False) -> dict[str, str]:
         """Serve, from the next step on, parameters that got gradient this step while the module that holds
         them was never called: its parent's forward uses them functionally (transformers' Mamba mixer reads
         ``self.conv1d.weight`` and ``self.dt_proj.weight`` inside its own forward). They become bare
@@ -708,8 +710,10 @@ class PerSampleEngine:
         where they meet the batch, else
         torch.func over that ancestor's forward, exact for a deterministic forward), and the next steps run
         the gradient-sum check again (a use outside that forward is then said, not hidden). ``unseen``: full
-        names of parameters with a gradient that no layer covered. Returns {full name: the sentence that says
-        where it goes} for the parameters moved."""
+        names of parameters with a gradient that no layer covered. ``in_graph``: ``unseen`` are parameters of
+        layers not called in the forward that just ended, found in its graph (:meth:`_rehome_from_graph`):
+        moved to an ancestor that holds bare parameters only (its call of this forward was captured), and
+        served from this step. Returns {full name: the sentence that says where it goes} for those moved."""
         unseen = set(unseen)
         if not unseen or not self._called:
             return {}
@@ -727,10 +731,12 @@ class PerSampleEngine:
             if not handler.names or not unseen.issuperset(handler.names.values()):
                 continue
             grads = [module.get_parameter(local).grad for local in handler.names]
-            if all(g is None or not bool(g.any()) for g in grads):  # (zeroed, not set to None: a module not called)
+            if not in_graph and all(g is None or not bool(g.any()) for g in grads):  # (zeroed: only not called)
                 continue
             name = path[module]
             parent = next((m for m in owners if path[m] == "" or name.startswith(path[m] + ".")), None)
+            if parent is None and in_graph:  # (an ancestor hooked only now has no call of this step)
+                continue
             if parent is None:  # its nearest ancestor with a forward of its own, handled from now on
                 parent = _forward_ancestor(self.model, name)
                 if parent is None or (parent in self.handlers and parent not in created):
@@ -742,8 +748,12 @@ class PerSampleEngine:
             del self.handlers[module]
             self.handlers[parent] = BareParamsHandler(parent, names)
             said = (
-                f"{type(module).__name__} ({', '.join(sorted(handler.names.values()))}) was never called while its "
-                f"parameters got gradient: from the next step they are served as bare parameters of "
+                f"{type(module).__name__} ({', '.join(sorted(handler.names.values()))}) is never called, its "
+                f"parameters used by {type(parent).__name__} ({path[parent] or 'the model'}): they are served as its "
+                "bare parameters"
+                if in_graph
+                else f"{type(module).__name__} ({', '.join(sorted(handler.names.values()))}) was never called while "
+                f"its parameters got gradient: from the next step they are served as bare parameters of "
                 f"{type(parent).__name__} ({path[parent] or 'the model'}), whose forward uses them"
             )
             moved.update(dict.fromkeys(handler.names.values(), said))
@@ -761,6 +771,39 @@ class PerSampleEngine:
                 self._sleep()
                 self._wake()
         return moved
+
+    def _rehome_from_graph(self, output: Any) -> None:
+        """Once, at the end of the first forward with per-sample work: the parameters of handled layers this
+        forward never called that are in its graph all the same (used by an ancestor's forward itself) are
+        served from this step (:meth:`rehome`), and the warning says where."""
+        nodes: dict[Any, str] = {}
+        for module, handler in self.handlers.items():
+            if module in self._called or isinstance(handler, BareParamsHandler):
+                continue
+            for local, full in handler.names.items():
+                p = module.get_parameter(local)
+                if p.requires_grad:
+                    nodes[torch.autograd.graph.get_gradient_edge(p).node] = full
+        if not nodes:
+            return
+        found: set[str] = set()
+        stack = [t.grad_fn for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.grad_fn is not None]
+        seen: set = set()
+        while stack and len(found) < len(nodes):
+            x = stack.pop()
+            if x in seen:
+                continue
+            seen.add(x)
+            if x in nodes:
+                found.add(nodes[x])
+            stack.extend(y for y, _ in x.next_functions if y is not None)
+        moved = self.rehome(found, in_graph=True) if found else {}
+        if moved:
+            message = f"parameters {sorted(moved)}: " + "; ".join(dict.fromkeys(moved.values()))
+            if self._warn is not None:
+                self._warn(message)
+            else:
+                warnings.warn(f"cockpit-lite: {message}", CockpitWarning, stacklevel=2)
 
     def rescale(self, factor: float) -> None:
         """Multiply the factor that turns captured output gradients into those of the per-sample losses
@@ -807,6 +850,12 @@ class PerSampleEngine:
             except Exception as e:  # never break the user's forward
                 self.fail(f"per-sample engine disabled for this step (sample axis probe: {type(e).__name__}: {e})")
         self._pending = []
+        if not self._graph_seen and not self._probing:
+            self._graph_seen = True
+            try:
+                self._rehome_from_graph(output)
+            except Exception:  # (never the user's forward: the end of backward finds them instead)
+                pass
         if self._bcast.wanted:
             try:
                 self._bcast.walk(output)
