@@ -188,3 +188,37 @@ def test_a_parent_without_parameters_of_its_own_is_hooked_and_serves_them() -> N
     assert_matches_loop(
         nn.Sequential(Plain(), nn.Flatten(), nn.Linear(T * D, 3)), x, y, nn.CrossEntropyLoss(), warmup=1
     )
+
+
+class Partial(nn.Module):
+    """Bare ``c`` split where it meets the batch; the never-called ``lin`` used through its weight in a forward
+    that also returns rows no replay can split (three of the batch's tokens): ``lin`` is left out with that
+    reason, ``c`` stays served (WavLM's attention, which returns its position bias over batch and heads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+        self.c = nn.Parameter(torch.randn(D) / 2)
+
+    def forward(self, x):
+        y = F.linear(x + self.c, self.lin.weight, self.lin.bias)
+        return y, y.reshape(-1, D)[:3]
+
+
+class PartialNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix, self.head = Partial(), nn.Linear(D, 3)
+
+    def forward(self, x):
+        y, rows = self.mix(x)
+        return self.head(y.mean(1)) + rows.sum() * 0.0
+
+
+def test_a_replay_that_fails_leaves_the_others_of_the_ancestor_served() -> None:
+    torch.manual_seed(5)
+    x, y = _batch(5)
+    said, records = watched_steps(PartialNet(), [((x,), y)] * 2)
+    for r in records:
+        assert set(r.per_sample_uncovered) == {"mix.lin.weight", "mix.lin.bias"}, r.per_sample_uncovered
+    assert any("its other parameters are served" in w and "mix.lin.weight" in w for w in said), said

@@ -679,6 +679,20 @@ class PerSampleEngine:
             else:
                 warnings.warn(f"cockpit-lite: {reason}", CockpitWarning, stacklevel=3)
 
+    def _drop_names(self, module: nn.Module, names: set[str], reason: str) -> None:
+        """Leave some parameters of a module out of this step (its others are served), said once per reason."""
+        self.left_out.update(dict.fromkeys(names, reason))
+        message = (
+            f"per-sample statistics leave out {', '.join(sorted(names))} of {type(module).__name__} for this step "
+            f"(its other parameters are served): {reason}"
+        )
+        if message not in self.warned:
+            self.warned.add(message)
+            if self._warn is not None:
+                self._warn(message)
+            else:
+                warnings.warn(f"cockpit-lite: {message}", CockpitWarning, stacklevel=3)
+
     def drop(self, module: nn.Module, reason: str) -> None:
         """Leave one layer out of this step (its parameters are then reported as not covered, with their
         share of ||p.grad||^2); every other layer is still computed. Said once per layer and reason."""
@@ -1312,6 +1326,9 @@ class PerSampleEngine:
                     self._processing = False
                     handler.__dict__.pop("sample_axes", None)
                 self.checks += handler.take_checks()
+                partial = handler.take_partial()
+                if partial is not None:
+                    self._drop_names(module, *partial)
             if view is not None:
                 self._reduce(view)
             return

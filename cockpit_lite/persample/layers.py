@@ -1669,10 +1669,22 @@ class BareParamsHandler(FuncHandler):
             sub.sample_axes = self.sample_axes  # (what the engine's shape probe resolved for these calls)
             sub._rows_checks = self.__dict__.setdefault("_rows_checks", [])  # (decided by this handler's checks)
             sub._rows_loop = getattr(self, "_rows_loop", False)
-            out.update(sub.view(captures, grads, batch, inv_scale).grads())
-            self._rows_loop = getattr(sub, "_rows_loop", False)
-            self._warn_fallback(reasons)  # (once the replay served them: a refused one says why instead)
+            try:
+                out.update(sub.view(captures, grads, batch, inv_scale).grads())
+            except (ValueError, RuntimeError, LayerLeftOut) as e:
+                if not out:
+                    raise
+                # the parameters split where they meet the batch stay served; the replay's are left out
+                self.partial = ({self.names[local] for local in failed}, f"{type(e).__name__}: {e}")
+            else:
+                self._rows_loop = getattr(sub, "_rows_loop", False)
+                self._warn_fallback(reasons)  # (once the replay served them: a refused one says why instead)
         return MaterialisedView(out) if out else None
+
+    def take_partial(self) -> tuple[set[str], str] | None:
+        """(full names, why) of the parameters the last :meth:`bare_view` left out while it served the
+        others; taken once."""
+        return self.__dict__.pop("partial", None)
 
     def _warn_fallback(self, reasons: str) -> None:
         if reasons not in getattr(self, "_fallbacks", set()):
