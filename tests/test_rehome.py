@@ -222,3 +222,26 @@ def test_a_replay_that_fails_leaves_the_others_of_the_ancestor_served() -> None:
     for r in records:
         assert set(r.per_sample_uncovered) == {"mix.lin.weight", "mix.lin.bias"}, r.per_sample_uncovered
     assert any("its other parameters are served" in w and "mix.lin.weight" in w for w in said), said
+
+
+class TiedUnused(nn.Module):
+    """An output layer tied to the embedding and never called (the logits by the embedding's weight, in the
+    forward): its weight is in the graph through the embedding's call, which serves it; nothing moves."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, D)
+        self.out = nn.Linear(D, 11, bias=False)
+        self.out.weight = self.embed.weight
+        self.c = nn.Parameter(torch.zeros(D))  # (bare parameters of its own: an owner there would be)
+
+    def forward(self, ids):
+        return (self.embed(ids) + self.c).mean(1) @ self.embed.weight.T
+
+
+def test_a_tied_layer_never_called_is_not_moved() -> None:
+    torch.manual_seed(6)
+    model = TiedUnused()
+    ids, y = torch.randint(0, 11, (B, T)), torch.randint(0, 11, (B,))
+    said, _ = watched_steps(model, [((ids,), y)] * 2)
+    assert not [w for w in said if "never called" in w], said

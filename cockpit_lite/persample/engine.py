@@ -790,13 +790,15 @@ class PerSampleEngine:
         """Once, at the end of the first forward with per-sample work: the parameters of handled layers this
         forward never called that are in its graph all the same (used by an ancestor's forward itself) are
         served from this step (:meth:`rehome`), and the warning says where."""
+        # (a parameter a called layer holds too, tied weights, is in the graph through that layer)
+        held = {full for m in self._called if m in self.handlers for full in self.handlers[m].names.values()}
         nodes: dict[Any, str] = {}
         for module, handler in self.handlers.items():
             if module in self._called or isinstance(handler, BareParamsHandler):
                 continue
             for local, full in handler.names.items():
                 p = module.get_parameter(local)
-                if p.requires_grad:
+                if p.requires_grad and full not in held:
                     nodes[torch.autograd.graph.get_gradient_edge(p).node] = full
         if not nodes:
             return
