@@ -64,11 +64,11 @@ def test_served_from_the_first_step_with_the_reason_said() -> None:
     assert not [w for w in said if "do not add up" in w], said
 
 
-def test_served_parameters_match_the_loop() -> None:
+def test_served_parameters_match_the_loop(device) -> None:
     torch.manual_seed(1)
     model = Net()
     x, y = _batch(1)
-    assert_matches_loop(model, x, y, nn.CrossEntropyLoss())
+    assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), device=device)
 
 
 def test_without_the_graph_they_are_served_from_the_second_step(monkeypatch) -> None:
@@ -90,7 +90,7 @@ def test_without_the_graph_they_are_served_from_the_second_step(monkeypatch) -> 
     assert_matches_loop(Net(), x, y, nn.CrossEntropyLoss(), warmup=1)
 
 
-def test_hf_mamba_served() -> None:
+def test_hf_mamba_served(device) -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.MambaConfig(
@@ -109,7 +109,7 @@ def test_hf_mamba_served() -> None:
     model = Last()
     g = torch.Generator().manual_seed(0)
     ids, y = torch.randint(0, 32, (3, 5), generator=g), torch.randint(0, 32, (3,), generator=g)
-    assert_matches_loop(model, ids, y, nn.CrossEntropyLoss())
+    assert_matches_loop(model, ids, y, nn.CrossEntropyLoss(), device=device)
 
 
 class Outside(Net):
