@@ -351,6 +351,12 @@ def cut_second_derivative(tensors: Sequence[Any]) -> bool:
     whose backward has no graph of its own: a custom Function marked ``once_differentiable`` leaves a
     ``DelayedError`` node (named ``torch::autograd::Error``) whose input is a detached copy, so a further
     derivative through it is silently partial (it reaches that copy, not the parameters)."""
+    return any(node.name() == "torch::autograd::Error" for node in graph_nodes(tensors))
+
+
+def graph_nodes(tensors: Sequence[Any]) -> Iterator[Any]:
+    """Every autograd node of the graph behind ``tensors``, each once (depth first; stop early by
+    leaving the loop)."""
     stack = [t.grad_fn for t in tensors if torch.is_tensor(t) and t.grad_fn is not None]
     seen: dict[int, Any] = {}  # (the nodes themselves held: an id is not reused during the walk)
     while stack:
@@ -358,10 +364,8 @@ def cut_second_derivative(tensors: Sequence[Any]) -> bool:
         if node is None or id(node) in seen:
             continue
         seen[id(node)] = node
-        if node.name() == "torch::autograd::Error":
-            return True
+        yield node
         stack.extend(n for n, _ in node.next_functions)
-    return False
 
 
 def grad_scaler_factor(root: torch.Tensor) -> float | None:
