@@ -27,7 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from cockpit_lite.compat import BatchNormBase, InstanceNormBase, tensor_version, tree_flatten, tree_leaves, tree_map
+from cockpit_lite.compat import (
+    BatchNormBase,
+    InstanceNormBase,
+    graph_nodes,
+    tensor_version,
+    tree_flatten,
+    tree_leaves,
+    tree_map,
+)
 from cockpit_lite.errors import CockpitWarning
 from cockpit_lite.hooks import SharedHook, on_gradient
 from cockpit_lite.needs import Need, Needs
@@ -444,15 +452,8 @@ class PerSampleEngine:
         self.handlers: dict[nn.Module, Handler] = (
             dict(handlers) if handlers is not None else build_handlers(model, params)
         )
-        self.param_names: list[str] = [n for h in self.handlers.values() for n in h.names.values()]
-        #: modules with tied weights: their views are added up at the end of backward (see combined())
-        self.tied = tied_groups(self.handlers)
-        self._tied_bytes = _tied_bytes(self.handlers, self.tied)
         #: tensors broadcast over the batch (position embeddings, bare parameters): see broadcast.py
-        #: the modules whose parameters are used bare (their handlers never change after this)
-        self._bare_handlers = [(m, h) for m, h in self.handlers.items() if isinstance(h, BareParamsHandler)]
-        bare = {full: m.get_parameter(local) for m, h in self._bare_handlers for local, full in h.names.items()}
-        self._bcast = BroadcastTracker(self, bare)
+        self._bcast = BroadcastTracker(self, self._derive())
         self._hooks: list = []
         #: the handled layers' hooks (none while asleep, see :meth:`_sleep`), and the model calls without
         #: per-sample work since the last step with it
@@ -672,12 +673,18 @@ class PerSampleEngine:
         self.checking = False
         self._calls.clear()
         self._kept.clear()
-        if reason not in self.warned:
-            self.warned.add(reason)
-            if self._warn is not None:
-                self._warn(reason)
-            else:
-                warnings.warn(f"cockpit-lite: {reason}", CockpitWarning, stacklevel=3)
+        self._say(reason)
+
+    def _say(self, message: str, stacklevel: int = 3) -> None:
+        """Warn once per message: through the Cockpit's warning where there is one, else a
+        :class:`CockpitWarning` (``stacklevel`` counted from the caller of this method's caller)."""
+        if message in self.warned:
+            return
+        self.warned.add(message)
+        if self._warn is not None:
+            self._warn(message)
+        else:
+            warnings.warn(f"cockpit-lite: {message}", CockpitWarning, stacklevel=stacklevel + 1)
 
     def _drop_names(self, module: nn.Module, names: set[str], reason: str) -> None:
         """Leave some parameters of a module out of this step (its others are served), said once per reason."""
@@ -686,12 +693,7 @@ class PerSampleEngine:
             f"per-sample statistics leave out {', '.join(sorted(names))} of {type(module).__name__} for this step "
             f"(its other parameters are served): {reason}"
         )
-        if message not in self.warned:
-            self.warned.add(message)
-            if self._warn is not None:
-                self._warn(message)
-            else:
-                warnings.warn(f"cockpit-lite: {message}", CockpitWarning, stacklevel=3)
+        self._say(message)
 
     def drop(self, module: nn.Module, reason: str) -> None:
         """Leave one layer out of this step (its parameters are then reported as not covered, with their
@@ -707,26 +709,34 @@ class PerSampleEngine:
         if ("ambiguous" in reason or "cannot find the batch axis" in reason) and module in self._probe_notes:
             reason = f"{reason} ({self._probe_notes[module]})"
         message = f"per-sample statistics leave out {type(module).__name__} ({names}) for this step: {reason}"
-        if message not in self.warned:
-            self.warned.add(message)
-            if self._warn is not None:
-                self._warn(message)
-            else:
-                warnings.warn(f"cockpit-lite: {message}", CockpitWarning, stacklevel=3)
+        self._say(message)
+
+    def _derive(self) -> dict[str, nn.Parameter]:
+        """What follows from ``self.handlers`` (at construction, and again when :meth:`rehome` changed them): the
+        covered parameter names, the groups of tied modules and their bytes, the modules whose parameters are used
+        bare; returns those bare parameters by full name (for the broadcast tracker)."""
+        self.param_names: list[str] = [n for h in self.handlers.values() for n in h.names.values()]
+        #: modules with tied weights: their views are added up at the end of backward (see combined())
+        self.tied = tied_groups(self.handlers)
+        self._tied_bytes = _tied_bytes(self.handlers, self.tied)
+        #: the modules whose parameters are used bare (their handlers change only by :meth:`rehome`)
+        self._bare_handlers = [(m, h) for m, h in self.handlers.items() if isinstance(h, BareParamsHandler)]
+        return {full: m.get_parameter(local) for m, h in self._bare_handlers for local, full in h.names.items()}
 
     def rehome(self, unseen: Collection[str], in_graph: bool = False) -> dict[str, str]:
-        """Serve, from the next step on, parameters that got gradient this step while the module that holds
-        them was never called: its parent's forward uses them functionally (transformers' Mamba mixer reads
-        ``self.conv1d.weight`` and ``self.dt_proj.weight`` inside its own forward). They become bare
-        parameters of the nearest ancestor called this step that holds bare parameters of its own, else of the
-        nearest ancestor with a forward of its own (hooked from the next step; a container such as
-        ``nn.ModuleList`` is passed over) (:class:`~cockpit_lite.persample.layers.BareParamsHandler`: split
-        where they meet the batch, else
-        torch.func over that ancestor's forward, exact for a deterministic forward), and the next steps run
-        the gradient-sum check again (a use outside that forward is then said, not hidden). ``unseen``: full
-        names of parameters with a gradient that no layer covered. ``in_graph``: ``unseen`` are parameters of
-        layers not called in the forward that just ended, found in its graph (:meth:`_rehome_from_graph`):
-        moved to an ancestor that holds bare parameters only (its call of this forward was captured), and
+        """Serve parameters of a handled layer that was never called while they were used: its ancestor's
+        forward reads them itself (transformers' Mamba mixer reads ``self.conv1d.weight`` and
+        ``self.dt_proj.weight``). They become bare parameters
+        (:class:`~cockpit_lite.persample.layers.BareParamsHandler`: split where they meet the batch, else
+        torch.func over the ancestor's forward) of the nearest ancestor called this step that holds bare
+        parameters of its own, else of the nearest ancestor with a forward of its own (containers such as
+        ``nn.ModuleList`` passed over), which is then hooked. The gradient-sum check runs again on the next
+        steps, so a use outside that forward is said, not hidden.
+
+        ``unseen``: full names of such parameters. Without ``in_graph`` they are those with a gradient no layer
+        covered at the end of backward (served from the next step; a layer whose gradients are zero, only not
+        called, is left to its rule); with it, those :meth:`_rehome_from_graph` found in the graph of the forward
+        that just ended, moved only to an ancestor already handled (its call of that forward was captured) and
         served from this step. Returns {full name: the sentence that says where it goes} for those moved."""
         unseen = set(unseen)
         if not unseen or not self._called:
@@ -744,7 +754,7 @@ class PerSampleEngine:
                 continue
             if not handler.names or not unseen.issuperset(handler.names.values()):
                 continue
-            grads = [module.get_parameter(local).grad for local in handler.names]
+            grads = (module.get_parameter(local).grad for local in handler.names)
             if not in_graph and all(g is None or not bool(g.any()) for g in grads):  # (zeroed: only not called)
                 continue
             name = path[module]
@@ -761,24 +771,17 @@ class PerSampleEngine:
             names.update({f"{rel}.{local}": full for local, full in handler.names.items()})
             del self.handlers[module]
             self.handlers[parent] = BareParamsHandler(parent, names)
+            layer = f"{type(module).__name__} ({', '.join(sorted(handler.names.values()))})"
+            owner = f"{type(parent).__name__} ({path[parent] or 'the model'})"
             said = (
-                f"{type(module).__name__} ({', '.join(sorted(handler.names.values()))}) is never called, its "
-                f"parameters used by {type(parent).__name__} ({path[parent] or 'the model'}): they are served as its "
-                "bare parameters"
+                f"{layer} is never called, its parameters used by {owner}: they are served as its bare parameters"
                 if in_graph
-                else f"{type(module).__name__} ({', '.join(sorted(handler.names.values()))}) was never called while "
-                f"its parameters got gradient: from the next step they are served as bare parameters of "
-                f"{type(parent).__name__} ({path[parent] or 'the model'}), whose forward uses them"
+                else f"{layer} was never called while its parameters got gradient: from the next step they are "
+                f"served as bare parameters of {owner}, whose forward uses them"
             )
             moved.update(dict.fromkeys(handler.names.values(), said))
         if moved:
-            self.param_names = [n for h in self.handlers.values() for n in h.names.values()]
-            self.tied = tied_groups(self.handlers)
-            self._tied_bytes = _tied_bytes(self.handlers, self.tied)
-            self._bare_handlers = [(m, h) for m, h in self.handlers.items() if isinstance(h, BareParamsHandler)]
-            self._bcast.bare = {
-                full: m.get_parameter(local) for m, h in self._bare_handlers for local, full in h.names.items()
-            }
+            self._bcast.bare = self._derive()
             # the gradient-sum check again: the next steps verify that the ancestor's forward is where they are used
             self.checks_left = self.CHECKS
             if created and self._layer_hooks:  # (asleep: :meth:`_wake` hooks them with the others)
@@ -803,23 +806,14 @@ class PerSampleEngine:
         if not nodes:
             return
         found: set[str] = set()
-        stack = [t.grad_fn for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.grad_fn is not None]
-        seen: set = set()
-        while stack and len(found) < len(nodes):
-            x = stack.pop()
-            if x in seen:
-                continue
-            seen.add(x)
-            if x in nodes:
-                found.add(nodes[x])
-            stack.extend(y for y, _ in x.next_functions if y is not None)
+        for node in graph_nodes(tree_flatten(output)[0]):
+            if node in nodes:
+                found.add(nodes[node])
+                if len(found) == len(nodes):
+                    break
         moved = self.rehome(found, in_graph=True) if found else {}
         if moved:
-            message = f"parameters {sorted(moved)}: " + "; ".join(dict.fromkeys(moved.values()))
-            if self._warn is not None:
-                self._warn(message)
-            else:
-                warnings.warn(f"cockpit-lite: {message}", CockpitWarning, stacklevel=2)
+            self._say(f"parameters {sorted(moved)}: " + "; ".join(dict.fromkeys(moved.values())), stacklevel=2)
 
     def rescale(self, factor: float) -> None:
         """Multiply the factor that turns captured output gradients into those of the per-sample losses
@@ -1164,12 +1158,7 @@ class PerSampleEngine:
         if changed:  # a forward that writes its own parameters: cannot be undone, and must not be guessed
             reason = f"the model's forward changed the parameters {changed} in place, which the probe cannot undo"
             message = f"the shape probe (the model run once on {small} examples to find its sample axes): {reason}"
-            if message not in self.warned:  # training saw one more write than without the cockpit: say so
-                self.warned.add(message)
-                if self._warn is not None:
-                    self._warn(message)
-                else:
-                    warnings.warn(f"cockpit-lite: {message}", CockpitWarning, stacklevel=2)
+            self._say(message, stacklevel=2)  # training saw one more write than without the cockpit: say so
             return reason
         real, probe = _tensor_shapes(output), _tensor_shapes(p_output)
         rows = [(r, q) for r, q in zip(real, probe, strict=False) if r and r[0] == batch]
