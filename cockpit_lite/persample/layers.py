@@ -816,12 +816,12 @@ def _own_hooks_off(module: nn.Module):
         module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks = saved
 
 
-def _rows_made_inside(live: list, arg_dims, kw_dims, batch: int) -> bool:
+def _rows_made_inside(present: list, arg_dims, kw_dims, batch: int) -> bool:
     """Whether a call's output gradients hold B k rows on their first axis (k > 1) while its tensor inputs
     carry the examples on an axis of their own: the module flattened its examples' positions itself, in
     example order if it reshaped a batch-first tensor (checked by the replay: :meth:`FuncHandler._rows_view`)."""
     dims = [d for d in tree_flatten((arg_dims, kw_dims))[0] if d is not None]
-    return bool(dims) and all(g.dim() >= 1 and g.shape[0] > batch and g.shape[0] % batch == 0 for _, g in live)
+    return bool(dims) and all(g.dim() >= 1 and g.shape[0] > batch and g.shape[0] % batch == 0 for _, g in present)
 
 
 class FuncHandler(Handler):
@@ -973,15 +973,16 @@ class FuncHandler(Handler):
                 # (B k rows, examples flattened with their positions: see _changed_axis)
                 add(self._rows_view(args, kwargs, arg_dims, kw_dims, gouts, batch, inv_scale, resolved, params, frozen))
                 continue
-            live = [(i, g * inv_scale) for i, g in enumerate(gouts) if g is not None]
-            g_tensors = [g for _, g in live]
-            g_dims = [self._output_dim(i, g, batch, resolved) for i, g in live]
+            present = [(i, g) for i, g in enumerate(gouts) if g is not None]
+            g_dims = [self._output_dim(i, g, batch, resolved) for i, g in present]
             inside = resolved is None and any(d is None for d in g_dims)
-            if inside and _rows_made_inside(live, arg_dims, kw_dims, batch):
+            if inside and _rows_made_inside(present, arg_dims, kw_dims, batch):
                 # (B, T, d) in, (B T, n) out: the module flattens its examples' positions itself (DeepSeek-V3's
                 # router): each example's rows replayed alone, checked against the call's own
                 add(self._rows_view(args, kwargs, arg_dims, kw_dims, gouts, batch, inv_scale, None, params, frozen))
                 continue
+            live = [(i, g * inv_scale) for i, g in present]  # (scaled once the route is known)
+            g_tensors = [g for _, g in live]
             if any(d is None for d in g_dims):
                 raise ValueError(f"cannot find the batch axis in the output gradient of {type(m).__name__}")
             positions = [i for i, _ in live]
