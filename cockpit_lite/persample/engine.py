@@ -737,7 +737,8 @@ class PerSampleEngine:
         covered at the end of backward (served from the next step; a layer whose gradients are zero, only not
         called, is left to its rule); with it, those :meth:`_rehome_from_graph` found in the graph of the forward
         that just ended, moved only to an ancestor already handled (its call of that forward was captured) and
-        served from this step. Returns {full name: the sentence that says where it goes} for those moved."""
+        served from this step. Says where they go (one warning) and returns {full name: that sentence} for those
+        moved."""
         unseen = set(unseen)
         if not unseen or not self._called:
             return {}
@@ -781,6 +782,7 @@ class PerSampleEngine:
             )
             moved.update(dict.fromkeys(handler.names.values(), said))
         if moved:
+            self._say(f"parameters {sorted(moved)}: " + "; ".join(dict.fromkeys(moved.values())), stacklevel=2)
             self._bcast.bare = self._derive()
             # the gradient-sum check again: the next steps verify that the ancestor's forward is where they are used
             self.checks_left = self.CHECKS
@@ -792,7 +794,7 @@ class PerSampleEngine:
     def _rehome_from_graph(self, output: Any) -> None:
         """Once, at the end of the first forward with per-sample work: the parameters of handled layers this
         forward never called that are in its graph all the same (used by an ancestor's forward itself) are
-        served from this step (:meth:`rehome`), and the warning says where."""
+        served from this step (:meth:`rehome`)."""
         # (a parameter a called layer holds too, tied weights, is in the graph through that layer)
         held = {full for m in self._called if m in self.handlers for full in self.handlers[m].names.values()}
         nodes: dict[Any, str] = {}
@@ -811,9 +813,8 @@ class PerSampleEngine:
                 found.add(nodes[node])
                 if len(found) == len(nodes):
                     break
-        moved = self.rehome(found, in_graph=True) if found else {}
-        if moved:
-            self._say(f"parameters {sorted(moved)}: " + "; ".join(dict.fromkeys(moved.values())), stacklevel=2)
+        if found:
+            self.rehome(found, in_graph=True)
 
     def rescale(self, factor: float) -> None:
         """Multiply the factor that turns captured output gradients into those of the per-sample losses

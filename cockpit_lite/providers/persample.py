@@ -207,9 +207,7 @@ class PerSampleProvider(Provider):
             if record.per_sample_uncovered:
                 missing = sorted(record.per_sample_uncovered)
                 unseen = [n for n in missing if n not in eng.left_out]  # (the others were left out with a reason)
-                moved = eng.rehome(unseen) if unseen else {}
-                if moved:  # (left out on this step; served from the next)
-                    self.context.warn(f"parameters {sorted(moved)}: " + "; ".join(dict.fromkeys(moved.values())))
+                moved = eng.rehome(unseen) if unseen else {}  # (left out on this step, served from the next: said)
                 unseen = [n for n in unseen if n not in moved]
                 if unseen:
                     self.context.warn(
