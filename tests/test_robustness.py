@@ -119,6 +119,119 @@ def test_an_abandoned_micro_batch_between_two_trained_ones_is_one_skipped_iterat
     assert cp.history.last("loss/per_sample").shape == (12,)
 
 
+
+def _loss_of(form: str, lf: nn.Module, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss of a model call in one of the forms a loop writes: the loss module on the output itself
+    (its hook stands for the output's), on a view of it, or without the loss module."""
+    if form == "module":
+        return lf(out, y)
+    if form == "view":
+        return lf(out.view(out.shape[0], -1), y)
+    return nn.functional.cross_entropy(out, y)
+
+
+@pytest.mark.parametrize("form", ["module", "view", "functional"])
+def test_backward_reaching_a_model_call_is_seen_whatever_computes_the_loss(form):
+    """Which model calls backward reached decides the skipped iterations and what the per-sample statistics
+    cover: an abandoned micro-batch between two trained ones is one skipped iteration, and the step's
+    per-sample norms are those of the two trained batches (against one autograd call per example)."""
+    torch.manual_seed(0)
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lf = nn.CrossEntropyLoss()
+    batches = [_batch(seed=k) for k in range(3)]
+    with Cockpit(model, opt, lf, instruments="economy") as cp:
+        opt.zero_grad()
+        for k, (x, y) in enumerate(batches):
+            loss = _loss_of(form, lf, model(x), y) * (float("nan") if k == 1 else 1.0)
+            if torch.isfinite(loss):
+                loss.backward()
+        opt.step()
+    assert cp.history["skipped"] == [(0, 1)]
+    x = torch.cat([batches[0][0], batches[2][0]])
+    y = torch.cat([batches[0][1], batches[2][1]])
+    g = _per_sample_grads(x, y, scale=2.0)  # g_i = 12 x (1/6) grad l_i: two micro-batches' means of 6
+    np.testing.assert_allclose(cp.history.last("persample/grad_norm"), np.linalg.norm(g, axis=1), rtol=1e-4)
+    _assert_gradient_tests(cp, g)
+
+
+def _per_sample_grads(x: torch.Tensor, y: torch.Tensor, scale: float) -> np.ndarray:
+    """(B, D) float64: ``scale`` x the gradient of each example's cross-entropy at the initial
+    ``models.mlp()``, one autograd call per example."""
+    torch.manual_seed(0)
+    ref = models.mlp().double()
+    rows = []
+    for i in range(len(x)):
+        ref.zero_grad()
+        nn.functional.cross_entropy(ref(x[i : i + 1].double()), y[i : i + 1]).backward()
+        rows.append(scale * torch.cat([p.grad.reshape(-1) for p in ref.parameters()]).numpy())
+    return np.stack(rows)
+
+
+def _assert_gradient_tests(cp: Cockpit, g: np.ndarray) -> None:
+    """The norm, inner-product and orthogonality tests of the last step, from the paper's formulas
+    (Bollapragada et al. 2018, Byrd et al. 2012) evaluated on the float64 per-sample gradients ``g``."""
+    b, gbar = len(g), g.mean(0)
+    g2 = gbar @ gbar
+    dots = g @ gbar
+    denom = b * (b - 1) * g2
+    expect = {
+        "tests/norm": math.sqrt(max((np.linalg.norm(g, axis=1) ** 2).sum() - b * g2, 0.0) / denom),
+        "tests/inner": math.sqrt(((dots - g2) ** 2).sum() / (denom * g2)),
+        "tests/ortho": math.sqrt(((g - np.outer(dots / g2, gbar)) ** 2).sum() / denom),
+    }
+    for tag, value in expect.items():
+        np.testing.assert_allclose(cp.history.last(tag), value, rtol=1e-4, err_msg=tag)
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_one_backward_over_two_model_calls_leaves_per_sample_statistics_out_with_the_reason(accumulate):
+    """The engine splits gradients within one model call: a loss over two calls (their examples are
+    different ones) is said, never reported as the examples of one call."""
+    torch.manual_seed(0)
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lf = nn.CrossEntropyLoss()
+    (x1, y1), (x2, y2), (x3, y3) = (_batch(seed=k) for k in range(3))
+    with pytest.warns(Warning, match="one backward reached 2 calls of the model"):
+        with Cockpit(model, opt, lf, instruments="economy") as cp:
+            opt.zero_grad()
+            if accumulate:
+                lf(model(x3), y3).backward()
+            (lf(model(x1), y1) + lf(model(x2), y2)).backward()
+            opt.step()
+    assert "persample/grad_norm" not in cp.history and "tests/norm" not in cp.history
+    assert "one backward reached 2 calls" in cp.history.last("note/gradient_tests")
+    assert "grad_norm" in cp.history and "loss" in cp.history  # (the rest is computed)
+
+
+@pytest.mark.parametrize("form", ["module", "view", "functional", "none"])
+def test_an_abandoned_calls_graph_is_not_kept_past_the_next_model_call(form):
+    """The cockpit holds a model call's outputs until it knows how backward will be seen (the loss call,
+    backward, the next model call): an abandoned call's graph is freed by the next model call at the latest."""
+    import weakref
+
+    torch.manual_seed(0)
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lf = nn.CrossEntropyLoss()
+    with Cockpit(model, opt, lf, instruments="economy"):
+        x, y = _batch(seed=0)
+        out = model(x)
+        if form != "none":
+            _loss_of(form, lf, out, y)  # (computed, never trained on)
+        gone = weakref.ref(out)
+        del out
+        freed = []  # (checked as the next call's first layer runs: before its activations exist)
+        hook = model[0].register_forward_pre_hook(lambda m, a: freed.append(gone() is None))
+        x, y = _batch(seed=1)
+        loss = lf(model(x), y)
+        hook.remove()
+        assert freed == [True]
+        loss.backward()
+        opt.step()
+
+
 # --- Must 6: sparse gradients -----------------------------------------------------------------------------
 class _Bag(nn.Module):
     def __init__(self) -> None:

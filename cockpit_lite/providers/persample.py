@@ -39,6 +39,14 @@ MISMATCH = (
     "only the loss module's term through their module; compute the other term inside the loss "
     "module, or call the module, to have them counted."
 )
+#: a backward that reached several model calls: their examples cannot yet be told apart in one backward
+SHARED_BACKWARD = (
+    "one backward reached {calls} calls of the model (a loss over several model calls, e.g. "
+    "lf(model(x1), y1) + lf(model(x2), y2)): the per-sample engine splits gradients within one model call, "
+    "and would take the examples of these calls for the same ones; per-sample statistics are left out for "
+    "this step. Call the model once on the joined batch, or call backward once per model call (gradient "
+    "accumulation), to have them"
+)
 #: on every later step: what the check found (it runs once)
 MISMATCHED = (
     "the per-sample gradients of {names} did not add up to their gradient when checked at step {step}: "
@@ -85,6 +93,10 @@ class PerSampleProvider(Provider):
         self.needs = needs
         self.backward_done = False
         self.backwards = 0
+        #: a model call whose backward has not come yet (the next call replaces it if none comes: abandoned)
+        self.call_open = False
+        #: the model calls backward reached by the end of the last backward (``record.reached``)
+        self.reached_before: frozenset[int] = frozenset()
         self.mean = self.context.reduction == "mean"
         self.snapshot: dict[str, torch.Tensor] | None = None
         self.engine.begin(needs)
@@ -118,11 +130,16 @@ class PerSampleProvider(Provider):
             return
         if call.batch is None:
             return
-        if self.backwards:  # gradient accumulation: the next micro-batch of the same step
+        if self.backwards and not self.call_open:  # gradient accumulation: the next micro-batch of the same step
             self.engine.next_micro_batch(call.batch, self._factor(call.batch), self.mean)
-        else:  # the first call, or a later one before any backward (an abandoned iteration's retry)
-            self.engine.needs_changed()  # every provider's begin_step has run by now
+        else:
+            # the first call, or one after a call no backward followed: that call was abandoned (what it
+            # captured gets no gradient and is no part of the step), or its loss is taken with this one's
+            # (one backward over both: told at the end of that backward, see on_backward_end)
+            if not self.backwards:
+                self.engine.needs_changed()  # every provider's begin_step has run by now
             self.engine.set_batch(call.batch, self._factor(call.batch), self.mean)
+        self.call_open = True
 
     def _uncovered(self, covered: set[str], record: StepRecord) -> dict[str, float]:
         """Parameters with a gradient the engine did not see, with their share of sum_p ||p.grad||^2
@@ -167,6 +184,10 @@ class PerSampleProvider(Provider):
     def on_backward_end(self, record: StepRecord) -> None:
         self.backward_done = True
         self.backwards += 1
+        self.call_open = False
+        reached, self.reached_before = record.reached - self.reached_before, record.reached
+        if len(reached) > 1 and not self.coupled:
+            self.engine.fail(SHARED_BACKWARD.format(calls=len(reached)))
         self.engine.finish_backward()
         if self.engine.checking:
             self._check_sums(record)
