@@ -232,6 +232,74 @@ def test_an_abandoned_calls_graph_is_not_kept_past_the_next_model_call(form):
         opt.step()
 
 
+
+def _two_head_losses(x: torch.Tensor, y: torch.Tensor, y2: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per example, float64 at the initial ``models.mlp(classes=6)``, one autograd call each: the losses
+    a_i + b_i of the two 3-class heads and the gradients of a_i + b_i (rows of (B, D))."""
+    torch.manual_seed(0)
+    ref = models.mlp(classes=6).double()
+    losses, rows = [], []
+    for i in range(len(x)):
+        ref.zero_grad()
+        out = ref(x[i : i + 1].double())
+        loss = nn.functional.cross_entropy(out[:, :3], y[i : i + 1]) + nn.functional.cross_entropy(out[:, 3:], y2[i : i + 1])
+        loss.backward()
+        losses.append(float(loss))
+        rows.append(torch.cat([p.grad.reshape(-1) for p in ref.parameters()]).numpy())
+    return np.array(losses), np.stack(rows)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_two_loss_module_calls_on_one_output_add_up_per_example(weight):
+    """A loss over two heads, lf(out[:, :3], y) + w lf(out[:, 3:], y2): per-example losses a_i + b_i when
+    backward starts from their sum; with another weight they cannot be split, and are left out with a note.
+    The per-sample gradients are exact either way."""
+    torch.manual_seed(0)
+    model = models.mlp(classes=6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lf = nn.CrossEntropyLoss()
+    x, y = _batch()
+    y2 = (y + 1) % 3
+    with Cockpit(model, opt, lf, instruments="economy") as cp:
+        opt.zero_grad()
+        out = model(x)
+        (lf(out[:, :3], y) + weight * lf(out[:, 3:], y2)).backward()
+        opt.step()
+    losses, g = _two_head_losses(x, y, y2)
+    if weight == 1.0:
+        np.testing.assert_allclose(cp.history.last("loss/per_sample"), losses, rtol=1e-5)
+        np.testing.assert_allclose(cp.history.last("loss"), losses.mean(), rtol=1e-5)
+        np.testing.assert_allclose(cp.history.last("persample/grad_norm"), np.linalg.norm(g, axis=1), rtol=1e-4)
+    else:
+        assert "loss/per_sample" not in cp.history
+        assert "is not the mean of their per-example sums" in cp.history.last("note/loss")
+        assert cp.history.last("persample/grad_norm") is not None
+
+
+def test_two_backward_passes_through_one_model_call_are_said_not_split_wrongly():
+    """loss_a.backward(retain_graph=True); loss_b.backward(): the step's loss and per-example losses are
+    a + b; per-sample statistics (the engine takes a call's gradients at its first backward) are left out
+    with the reason, never reported as loss_a's alone."""
+    torch.manual_seed(0)
+    model = models.mlp(classes=6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lf = nn.CrossEntropyLoss()
+    x, y = _batch()
+    y2 = (y + 1) % 3
+    with pytest.warns(Warning, match="a second backward through the same model call"):
+        with Cockpit(model, opt, lf, instruments="economy") as cp:
+            opt.zero_grad()
+            out = model(x)
+            lf(out[:, :3], y).backward(retain_graph=True)
+            lf(out[:, 3:], y2).backward()
+            opt.step()
+    losses, _ = _two_head_losses(x, y, y2)
+    np.testing.assert_allclose(cp.history.last("loss/per_sample"), losses, rtol=1e-5)
+    np.testing.assert_allclose(cp.history.last("loss"), losses.mean(), rtol=1e-5)
+    assert "persample/grad_norm" not in cp.history and "tests/norm" not in cp.history
+    assert "a second backward through the same model call" in cp.history.last("note/gradient_tests")
+
+
 # --- Must 6: sparse gradients -----------------------------------------------------------------------------
 class _Bag(nn.Module):
     def __init__(self) -> None:

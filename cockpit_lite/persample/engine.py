@@ -1230,7 +1230,9 @@ class PerSampleEngine:
         if not self.active:
             return
         try:
-            calls = self._calls[module]
+            calls = self._calls.get(module)
+            if calls is None:  # (its calls already taken: a layer left out, or a second backward through the call)
+                return
             if len(calls.captures) == 1 and len(grads) == 1 and self._single(module, calls, grads[0], weight_grad):
                 return
             if len(grads) == 1 and grads[0] is not None:

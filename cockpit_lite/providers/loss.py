@@ -50,6 +50,18 @@ NO_PER_SAMPLE = (
     "loop calls one, or loss_fn=lambda output, *args, **kwargs: per-example losses (B,)"
 )
 
+NOT_THEIR_SUM = (
+    "no per-sample losses on this step: the loss module was called {calls} times for one model call and the "
+    "loss backward started from ({root:.6g}) is not the {kind} of their per-example sums ({found:.6g}): a "
+    "weighted or partial combination, which the per-example losses cannot be split by"
+)
+
+ACCUMULATED_CALLS = (
+    "no per-sample losses on this step: the loss module was called {calls} times for one model call under "
+    "gradient accumulation, where each micro-batch is weighed by the loss backward started from: a weighted "
+    "combination of the calls could not be told from their sum"
+)
+
 
 @register_provider
 class LossProvider(Provider):
@@ -70,6 +82,8 @@ class LossProvider(Provider):
         self.values: list[torch.Tensor | None] = []  # L_k as the loss module or the model returned it
         self.roots: list[tuple[torch.Tensor, float]] = []  # (root value, GradScaler scale) per backward
         self.calls: list[int] = []  # the model call each micro-batch came from
+        #: loss-module calls per micro-batch (several: their per-example losses are added up, checked at the end)
+        self.loss_calls: list[int] = []
         record.reduction = self.context.reduction
 
     def on_forward(self, record: StepRecord, call: ModelCall) -> None:
@@ -79,6 +93,7 @@ class LossProvider(Provider):
         self.parts.append(None)
         self.values.append(None)
         self.calls.append(call.index)
+        self.loss_calls.append(0)
         record.micro_batches = list(self.batches)
         record.batch_size = sum(self.batches)
 
@@ -93,6 +108,7 @@ class LossProvider(Provider):
         self.parts = [self.parts[k] for k in keep]
         self.values = [self.values[k] for k in keep]
         self.calls = [self.calls[k] for k in keep]
+        self.loss_calls = [self.loss_calls[k] for k in keep]
         record.micro_batches = list(self.batches)
         record.batch_size = sum(self.batches)
         record.add_note(
@@ -126,7 +142,10 @@ class LossProvider(Provider):
             self.on_forward(
                 record, ModelCall(call.args, call.kwargs, int(pred.shape[0]) if pred.dim() else 1, index=-1)
             )
-        self.values[-1] = call.output.detach()
+        again = self.loss_calls[-1] > 0  # (another loss-module call for the same model call: added up)
+        self.loss_calls[-1] += 1
+        value = call.output.detach()
+        self.values[-1] = self.values[-1] + value if again and self.values[-1] is not None else value
         pred = call.args[0] if call.args else next(iter(call.kwargs.values()))
         rows = int(pred.shape[0]) if pred.dim() > 0 else 1
         if rows % self.batches[-1]:  # the model's input is not batch-first: the loss's rows are the examples
@@ -135,7 +154,9 @@ class LossProvider(Provider):
             record.batch_size = sum(self.batches)
         if self.per_sample:
             rows = per_sample_losses(call.module, call.args, call.kwargs, call.output)
-            self.parts[-1] = fold_rows(rows, self.batches[-1], record.reduction)
+            part = fold_rows(rows, self.batches[-1], record.reduction)
+            last = self.parts[-1]
+            self.parts[-1] = last + part if again and torch.is_tensor(last) and last.shape == part.shape else part
 
     def on_backward_root(self, record: StepRecord, root: BackwardRoot) -> None:
         if len(root.tensors) == 1 and torch.is_tensor(root.tensors[0]) and root.tensors[0].dim() == 0:
@@ -169,7 +190,7 @@ class LossProvider(Provider):
         tensors = [v for v, _ in self.roots] + [self.values[k] for k in given] + flat
         if not tensors:
             return
-        n_values, batches = len(self.values), list(self.batches)
+        n_values, batches, combined = len(self.values), list(self.batches), max(self.loss_calls, default=0)
 
         def finish(host: list[np.ndarray]) -> None:  # host: roots, then the given L_k, then the parts
             n_roots, n_given = len(scales), len(given)
@@ -177,9 +198,33 @@ class LossProvider(Provider):
             values: list[float | None] = [None] * n_values
             for k, v in zip(given, host[n_roots : n_roots + n_given], strict=True):
                 values[k] = float(v)
-            self._finish(record, roots, values, self._chosen(record, parts, host[n_roots + n_given :]), batches)
+            chosen = self._chosen(record, parts, host[n_roots + n_given :])
+            if combined > 1 and chosen and not self._their_sum(record, roots, chosen, combined):
+                chosen = []
+            self._finish(record, roots, values, chosen, batches)
 
         record.host.defer(tensors, finish)
+
+    @staticmethod
+    def _their_sum(record: StepRecord, roots: list, parts: list[np.ndarray], calls: int) -> bool:
+        """Several loss-module calls for one model call (a loss over two heads; two backward passes
+        through one forward): their per-example losses were added up, which is the step's loss per
+        example only if the loss backward started from is their sum (with the module's reduction over the
+        examples). Checked against the backward roots (none: nothing to check against); else a note."""
+        if not roots:
+            return True
+        if len(parts) != 1:  # (micro-batches are weighed by their roots: a weighted sum would pass unseen)
+            record.add_note(ACCUMULATED_CALLS.format(calls=calls), frozenset({Need.PER_SAMPLE_LOSS}))
+            return False
+        found = float(parts[0].mean() if record.reduction == "mean" else parts[0].sum())
+        root = sum(v / s for v, s in roots)
+        if math.isclose(found, root, rel_tol=1e-4, abs_tol=1e-6):
+            return True
+        kind = "mean" if record.reduction == "mean" else "sum"
+        record.add_note(
+            NOT_THEIR_SUM.format(calls=calls, root=root, kind=kind, found=found), frozenset({Need.PER_SAMPLE_LOSS})
+        )
+        return False
 
     def _chosen(self, record: StepRecord, parts: list, host: list[np.ndarray]) -> list[np.ndarray]:
         """The parts' host values, with each model's own loss's candidates replaced by the row that

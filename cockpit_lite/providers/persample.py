@@ -47,6 +47,13 @@ SHARED_BACKWARD = (
     "this step. Call the model once on the joined batch, or call backward once per model call (gradient "
     "accumulation), to have them"
 )
+#: a backward with no model call since the last one: through a call whose gradients were already taken
+REPEATED_BACKWARD = (
+    "a second backward through the same model call (loss_a.backward(retain_graph=True); loss_b.backward()): "
+    "the per-sample engine takes a call's gradients at its first backward, and the step's per-sample "
+    "gradients are the sums of both; per-sample statistics are left out for this step. Add the losses and "
+    "call backward once to have them"
+)
 #: on every later step: what the check found (it runs once)
 MISMATCHED = (
     "the per-sample gradients of {names} did not add up to their gradient when checked at step {step}: "
@@ -183,6 +190,8 @@ class PerSampleProvider(Provider):
 
     def on_backward_end(self, record: StepRecord) -> None:
         self.backward_done = True
+        if self.backwards and not self.call_open and not self.coupled:
+            self.engine.fail(REPEATED_BACKWARD)
         self.backwards += 1
         self.call_open = False
         reached, self.reached_before = record.reached - self.reached_before, record.reached
