@@ -242,7 +242,8 @@ def _two_head_losses(x: torch.Tensor, y: torch.Tensor, y2: torch.Tensor) -> tupl
     for i in range(len(x)):
         ref.zero_grad()
         out = ref(x[i : i + 1].double())
-        loss = nn.functional.cross_entropy(out[:, :3], y[i : i + 1]) + nn.functional.cross_entropy(out[:, 3:], y2[i : i + 1])
+        ce = nn.functional.cross_entropy
+        loss = ce(out[:, :3], y[i : i + 1]) + ce(out[:, 3:], y2[i : i + 1])
         loss.backward()
         losses.append(float(loss))
         rows.append(torch.cat([p.grad.reshape(-1) for p in ref.parameters()]).numpy())
