@@ -223,3 +223,96 @@ def test_hugging_face_deepseek_v3_router_is_served():
     checked = assert_matches_loop(model, ids, y, nn.CrossEntropyLoss())
     assert "m.model.layers.1.mlp.gate.weight" in checked.record.per_sample_sq_norms_by_param
     assert not [w for w in checked.warnings if "leave out" in w], checked.warnings
+
+
+class GroupedExperts(nn.Module):
+    """Llama 4's experts: the (B T, d) tokens repeated once per expert and scaled by their router scores
+    (rows (E, B T): expert-major), each expert's block run through its own weights by one bmm."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.randn(E, D, 8) / 2)
+        self.down = nn.Parameter(torch.randn(E, 4, D) / 2)
+
+    def forward(self, h):
+        h = h.view(E, -1, D)
+        gate, up = torch.bmm(h, self.gate_up).chunk(2, dim=-1)
+        return torch.bmm(F.silu(gate) * up, self.down).view(-1, D)
+
+
+class GroupedMoE(nn.Module):
+    """The experts' rows laid out as ``layout`` says: "experts" (E, B T) as Llama 4; "positions" (E, T, B),
+    positions first within each expert's block (groups of one row: E T of them); "sorted" by a value of
+    the tokens (an order that depends on the data: no grouping of examples gives it)."""
+
+    def __init__(self, layout: str = "experts"):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(11, D), nn.Linear(D, 3)
+        self.router, self.experts = nn.Linear(D, E, bias=False), GroupedExperts()
+        self.layout = layout
+
+    def forward(self, ids):
+        b = ids.shape[0]
+        h = self.embed(ids).reshape(-1, D)  # (B T, d)
+        scores = torch.sigmoid(self.router(h))  # (B T, E)
+        if self.layout == "experts":  # as Llama 4: (E B T, d), the tokens once per expert
+            routed = h.repeat(E, 1) * scores.T.reshape(-1, 1)
+            out = self.experts(routed).view(E, -1, D).sum(0)
+        elif self.layout == "positions":
+            per = h.view(b, -1, D).transpose(0, 1).reshape(-1, D)  # (T B, d)
+            gates = scores.view(b, -1, E).transpose(0, 1).reshape(-1, E)
+            routed = per.repeat(E, 1) * gates.T.reshape(-1, 1)
+            out = self.experts(routed).view(E, -1, b, D).sum(0).transpose(0, 1).reshape(-1, D)
+        else:
+            order = h[:, 0].argsort()
+            routed = h[order].repeat(E, 1) * scores[order].T.reshape(-1, 1)
+            out = torch.empty_like(h).index_copy(0, order, self.experts(routed).view(E, -1, D).sum(0))
+        return self.head((h + out).reshape(b, -1, D).mean(1))
+
+
+@pytest.mark.parametrize("layout", ["experts", "positions"])
+def test_rows_grouped_by_expert_are_exact(device, layout):
+    """(E, B T) rows (every example's tokens once per expert), or (E T, B): each example's rows replayed
+    alone, in the call's order, checked against the call's own rows."""
+    torch.manual_seed(0)
+    checked = assert_matches_loop(
+        GroupedMoE(layout), torch.randint(0, 11, (B, T)), torch.randint(0, 3, (B,)), nn.CrossEntropyLoss(),
+        device=device,
+    )  # fmt: skip
+    assert {"experts.gate_up", "experts.down"} <= set(checked.record.per_sample_sq_norms_by_param)
+    assert not [w for w in checked.warnings if "leave out" in w], checked.warnings
+
+
+def test_rows_in_no_grouping_of_examples_are_left_out_not_wrong():
+    torch.manual_seed(0)
+    batches = [((torch.randint(0, 11, (B, T)),), torch.randint(0, 3, (B,)))]
+    said, (rec,) = watched_steps(GroupedMoE("sorted"), batches)
+    assert {"experts.gate_up", "experts.down"} <= set(rec.per_sample_uncovered)
+    assert any("another order than example by example or grouped" in m for m in said), said
+
+
+def test_hugging_face_llama4_experts_are_served():
+    """Llama 4's MoE (its experts take the tokens repeated once per expert, expert-major): every parameter
+    served, exact against the float64 loop."""
+    import transformers
+
+    config = transformers.Llama4TextConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=16, intermediate_size_mlp=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
+        max_position_embeddings=32, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = transformers.Llama4ForCausalLM(config)
+
+        def forward(self, ids):
+            return self.m(input_ids=ids).logits[:, -1]
+
+    model = Logits()
+    ids, targets = torch.randint(1, 40, (B, 6)), torch.randint(0, 40, (B,))
+    checked = assert_matches_loop(model, ids, targets, nn.CrossEntropyLoss())
+    assert set(checked.record.per_sample_sq_norms_by_param) == {n for n, _ in model.named_parameters()}
+    assert not [w for w in checked.warnings if "leave out" in w], checked.warnings

@@ -216,32 +216,51 @@ def _flattened(args: tuple, batch: int) -> bool:
     return x is not None and x.dim() > 0 and x.shape[0] != batch and any(n > batch and n % batch == 0 for n in x.shape)
 
 
-def _same_first_rows(first: torch.Tensor, axis: int | None, probe: torch.Tensor | None, batch: int) -> None:
+def _same_first_rows(
+    first: torch.Tensor, axis: int | None, probe: torch.Tensor | None, batch: int, grouped: bool = False
+) -> int:
     """For a call whose examples are flattened with their positions along ``axis`` (B k rows): the probe's
     (B - 1) k rows must be the step's first ones (up to float32 round-off of another batch size), as they
-    are when the flattening goes example by example; another order (positions first: (T, B) flattened) is
+    are when the flattening goes example by example: returns 1. With ``grouped`` (a torch.func replay
+    serves the call) the rows may also lie as (G, B, k / G), every example's rows repeated in G groups
+    (Llama 4's experts: the tokens once per expert): the probe's (G, B - 1, k / G) must then be the first
+    B - 1 of each group; returns the least such G. Another order (positions first: (T, B) flattened) is
     refused, never guessed. A read of values, once per shape (the probe runs once).
 
     Raises:
         ValueError: the rows differ, or the probe did not see the call's argument."""
     if axis is None or first.shape[axis] == batch:
-        return
+        return 1
     if probe is None or probe.shape[axis] > first.shape[axis]:
         raise ValueError("the shape probe did not see the call's first argument")
-    head = first.narrow(axis, 0, probe.shape[axis])
+    if _rows_match(first.narrow(axis, 0, probe.shape[axis]), probe, first, "first"):
+        return 1
+    k = first.shape[axis] // batch
+    if grouped and batch > 1 and first.shape[axis] == batch * k and probe.shape[axis] == (batch - 1) * k:
+        for g in range(2, k + 1):
+            if k % g == 0 and _rows_match(
+                first.unflatten(axis, (g, batch, k // g)).narrow(axis + 1, 0, batch - 1),
+                probe.unflatten(axis, (g, batch - 1, k // g)),
+                first,
+                "first",
+            ):
+                return g
+    raise ValueError(
+        f"its {first.shape[axis]} rows along axis {axis} hold {batch} examples with their positions, but the "
+        "shape probe found them in another order than example by example"
+        + (" or grouped example by example" if grouped else "")
+        + " (or a random op, dropout, drew other numbers in it)"
+    )
+
+
+def _rows_match(head: torch.Tensor, probe: torch.Tensor, first: torch.Tensor, what: str) -> bool:
+    """Whether the step's rows ``head`` are the probe's (float32 round-off of another batch size allowed)."""
     if head.shape != probe.shape:
-        raise ValueError(f"its first argument {tuple(first.shape)} became {tuple(probe.shape)} in the probe")
+        raise ValueError(f"its {what} argument {tuple(first.shape)} became {tuple(probe.shape)} in the probe")
     if head.is_floating_point():
         scale = float(head.abs().max()) if head.numel() else 0.0
-        same = torch.allclose(head.double(), probe.double(), rtol=1e-4, atol=1e-6 * scale)
-    else:
-        same = torch.equal(head, probe)
-    if not same:
-        raise ValueError(
-            f"its {first.shape[axis]} rows along axis {axis} hold {batch} examples with their positions, but the "
-            "shape probe found them in another order than example by example (or a random op, dropout, drew "
-            "other numbers in it)"
-        )
+        return torch.allclose(head.double(), probe.double(), rtol=1e-4, atol=1e-6 * scale)
+    return torch.equal(head, probe)
 
 
 def _changed_axis(
@@ -1004,7 +1023,8 @@ class PerSampleEngine:
         found = self._axes[key]
         if found is None:
             return False
-        calls.axes[idx] = SampleAxes(found[0], tuple(a for a, g in zip(found[1], grad_outputs, strict=True) if g))
+        outs_axes = tuple(a for a, g in zip(found[1], grad_outputs, strict=True) if g)
+        calls.axes[idx] = SampleAxes(found[0], outs_axes, *found[2:])
         calls.axes_batch[idx] = batch
         return len(outs) == 1 and all(a is None for a in found[1])
 
@@ -1044,9 +1064,12 @@ class PerSampleEngine:
                         if pend.first is not None and found[0]:
                             full, part = in_eval if in_eval is not None else ({}, {})
                             if (module, order) in full and (module, order) in part:  # (the order, without randomness)
-                                _same_first_rows(full[(module, order)], found[0][0], part[(module, order)], batch)
+                                first, probed = full[(module, order)], part[(module, order)]
                             else:
-                                _same_first_rows(pend.first, found[0][0], firsts.get((module, order)), batch)
+                                first, probed = pend.first, firsts.get((module, order))
+                            groups = _same_first_rows(first, found[0][0], probed, batch, grouped=every)
+                            if groups > 1:
+                                found = (*found, groups)
                     except ValueError as e:
                         found = None
                         reason = str(e)
@@ -1057,7 +1080,7 @@ class PerSampleEngine:
             calls = self._calls.get(module)
             if calls is not None and pend.idx < len(calls.captures):
                 outs = tuple(a for a, g in zip(found[1], pend.grad_outputs, strict=True) if g)
-                calls.axes[pend.idx] = SampleAxes(found[0], outs)
+                calls.axes[pend.idx] = SampleAxes(found[0], outs, *found[2:])
                 calls.axes_batch[pend.idx] = batch
                 shared = pend.out is not None and all(a is None for a in found[1])
                 if shared and not self._bcast.has_call(module, pend.idx):  # split where it meets the batch

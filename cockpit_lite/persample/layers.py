@@ -86,6 +86,10 @@ class SampleAxes:
 
     inputs: tuple[int | None, ...]
     outputs: tuple[int | None, ...] = ()
+    #: rows of examples flattened with their positions (B k along a sample axis) laid out as (groups, B,
+    #: k / groups): 1 example by example; more, grouped first (Llama 4's experts take the tokens repeated
+    #: once per expert, expert-major). Only a torch.func replay of the module serves groups > 1
+    groups: int = 1
 
 
 def _feature_first_samples(
@@ -1053,14 +1057,18 @@ class FuncHandler(Handler):
         # (copies: a forward that updates its buffers in place must leave the model's)
         state = {**frozen, **{n: b.clone() for n, b in m.named_buffers()}}
 
-        def split(t, d):  # (..., B k, ...) -> (..., B, k, ...)
+        groups = resolved.groups if resolved is not None else 1
+
+        def split(t, d):  # (..., B k, ...) -> (..., B, k, ...); grouped rows (G, B, k / G) -> each example's G k / G
             if d is None or not torch.is_tensor(t):
                 return t
-            if t.shape[d] % batch:
+            if t.shape[d] % (batch * groups):
                 raise LayerLeftOut(
                     f"{type(m).__name__}: an argument {tuple(t.shape)} does not hold {batch} examples' rows"
                 )
-            return t.unflatten(d, (batch, t.shape[d] // batch))
+            if groups == 1:
+                return t.unflatten(d, (batch, t.shape[d] // batch))
+            return t.unflatten(d, (groups, batch, -1)).movedim(d + 1, d).flatten(d + 1, d + 2)
 
         s_args = tuple(tree_map(split, a, d) for a, d in zip(args, arg_dims, strict=True))
         s_kwargs = {k: tree_map(split, v, kw_dims[k]) for k, v in kwargs.items()}
@@ -1123,6 +1131,8 @@ class FuncHandler(Handler):
         # the replays' rows against the call's: decided on the host with the step's values (take_checks)
         checks = self.__dict__.setdefault("_rows_checks", [])
         for j, r, d in zip(positions, rows, g_dims, strict=True):
+            if groups > 1:  # (each example's G k / G rows back to the call's (G, B, k / G) layout)
+                r = r.unflatten(d + 1, (groups, -1)).movedim(d + 1, d).flatten(d + 1, d + 2)
             full, mine = whole[j].detach(), r.flatten(d, d + 1)
             if mine.shape != full.shape:
                 raise LayerLeftOut(f"{type(m).__name__}: {ROWS_MIXED}")
