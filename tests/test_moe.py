@@ -316,3 +316,91 @@ def test_hugging_face_llama4_experts_are_served():
     checked = assert_matches_loop(model, ids, targets, nn.CrossEntropyLoss())
     assert set(checked.record.per_sample_sq_norms_by_param) == {n for n, _ in model.named_parameters()}
     assert not [w for w in checked.warnings if "leave out" in w], checked.warnings
+
+
+class ExpertMLP(nn.Module):
+    """DBRX's expert MLP: holds every expert's weights, called once per expert on the tokens routed to it with
+    that expert's slices passed in (rows whose number and order follow the routing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(E * 4, D) / 2)
+        self.w2 = nn.Parameter(torch.randn(E * 4, D) / 2)
+
+    def forward(self, x, w1, w2):
+        return F.silu(x @ w1.T) @ w2
+
+
+class RoutedExperts(nn.Module):
+    def __init__(self, mixing: bool = False):
+        super().__init__()
+        self.mlp, self.mixing = ExpertMLP(), mixing
+
+    def forward(self, h, idx, weights):  # h (B, T, d); idx, weights (B T, K)
+        flat = h.reshape(-1, D)
+        out = torch.zeros_like(flat)
+        for e in range(E):
+            token, slot = torch.where(idx == e)
+            w1, w2 = self.mlp.w1.view(E, 4, D)[e], self.mlp.w2.view(E, 4, D)[e]
+            out = out.index_add(0, token, self.mlp(flat[token], w1, w2) * weights[token, slot, None])
+        if self.mixing:  # a statistic over every token of the batch: the examples are mixed
+            out = out / out.norm()
+        return out.view(h.shape)
+
+
+class RoutedMoE(nn.Module):
+    def __init__(self, mixing: bool = False):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(11, D), nn.Linear(D, 3)
+        self.router, self.experts = Router(), RoutedExperts(mixing)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        _, weights, idx = self.router(x.reshape(-1, D))
+        x = x + self.experts(x, idx, weights)
+        return self.head(x.mean(1))
+
+
+def test_a_layer_called_on_routed_rows_is_served_by_its_parent_from_the_next_step():
+    """DBRX's shape: the expert MLP's rows follow the routing (no axis of examples); its parameters are left
+    out on the first step with the reason, then served as bare parameters of its parent, replayed on each
+    example's rows ((B, T, d) states beside (B T, k) routing indices), exact against the float64 loop."""
+    torch.manual_seed(0)
+    ids, y = torch.randint(0, 11, (B, T)), torch.randint(0, 3, (B,))
+    checked = assert_matches_loop(RoutedMoE(), ids, y, nn.CrossEntropyLoss(), warmup=1)
+    assert {"experts.mlp.w1", "experts.mlp.w2"} <= set(checked.record.per_sample_sq_norms_by_param)
+    said = " ".join(checked.warnings)
+    assert "cannot find the batch axis in the output gradient of ExpertMLP" in said  # (the first step)
+    assert "served as bare parameters of RoutedExperts" in said
+
+
+def test_a_parent_that_mixes_the_examples_rows_leaves_the_routed_layer_out():
+    torch.manual_seed(0)
+    batches = [((torch.randint(0, 11, (B, T)),), torch.randint(0, 3, (B,))) for _ in range(3)]
+    said, records = watched_steps(RoutedMoE(mixing=True), batches)
+    assert all({"experts.mlp.w1", "experts.mlp.w2"} <= set(r.per_sample_uncovered or {}) for r in records[2:])
+    assert any("does not compute them example by example" in m for m in said), said
+
+
+def test_hugging_face_dbrx_experts_are_served_from_the_second_step():
+    import transformers
+
+    config = transformers.DbrxConfig(
+        vocab_size=40, d_model=16, n_heads=2, n_layers=1, max_seq_len=32, use_cache=False, pad_token_id=0,
+        ffn_config={"ffn_hidden_size": 8, "moe_num_experts": 4, "moe_top_k": 2},
+        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+    )  # fmt: skip
+    torch.manual_seed(0)
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = transformers.DbrxForCausalLM(config)
+
+        def forward(self, ids):
+            return self.m(input_ids=ids).logits[:, -1]
+
+    model = Logits()
+    ids, targets = torch.randint(1, 40, (B, 6)), torch.randint(0, 40, (B,))
+    checked = assert_matches_loop(model, ids, targets, nn.CrossEntropyLoss(), warmup=1)
+    assert set(checked.record.per_sample_sq_norms_by_param) == {n for n, _ in model.named_parameters()}

@@ -431,6 +431,11 @@ def _no_autocast(grads: list):
     return torch.autocast(device, enabled=False) if on else contextlib.nullcontext()
 
 
+#: what a layer left out because the rows of its calls could not be given to examples says (the shape
+#: probe's reason follows it): :meth:`PerSampleEngine.serve_at_parent` then tries its parent
+_ROWS_REFUSED = "cannot find the batch axis in the output gradient"
+
+
 def _forward_ancestor(model: nn.Module, name: str) -> nn.Module | None:
     """The nearest ancestor of the submodule ``name`` whose forward can use a child's parameters itself: not a
     container (``nn.ModuleList``, ``nn.ModuleDict``: no forward; ``nn.Sequential``: only calls its children)."""
@@ -499,6 +504,8 @@ class PerSampleEngine:
         self._suspect = False
         #: the first forward with per-sample work has been looked through for layers used without a call
         self._graph_seen = False
+        #: layers whose parameters :meth:`serve_at_parent` moved to their parent (once per layer and run)
+        self._moved_up: set[nn.Module] = set()
         #: resolved sample axes by (module, order in the forward, batch, input shapes, output shapes):
         #: (per input leaf, per tensor output), or None where the probe could not tell (see resolve_axes)
         self._axes: dict[tuple, tuple[tuple, tuple] | None] = {}
@@ -598,6 +605,8 @@ class PerSampleEngine:
         self.mean = True
         #: the handled modules called this step (:meth:`rehome` serves the parameters of one never called)
         self._called: set[nn.Module] = set()
+        #: handled modules left out this step because their calls' rows could not be split (:meth:`serve_at_parent`)
+        self._rows_refused: set[nn.Module] = set()
         self._bcast.reset()
         #: this step keeps the first micro-batch's views on trial (see ``TRIAL_BYTES``), their bytes so
         #: far, and the bytes at which the trial was given up (None: it was not)
@@ -718,6 +727,8 @@ class PerSampleEngine:
         """Leave one layer out of this step (its parameters are then reported as not covered, with their
         share of ||p.grad||^2); every other layer is still computed. Said once per layer and reason."""
         self._calls.pop(module, None)
+        if _ROWS_REFUSED in reason and isinstance(self.handlers.get(module), FuncHandler):
+            self._rows_refused.add(module)  # (its parent may serve them: :meth:`serve_at_parent`)
         if module in self.tied:  # its group's other uses cannot be combined without it
             gid = self.tied[module]
             self._tied_views.pop(gid, None)
@@ -806,6 +817,43 @@ class PerSampleEngine:
             # the gradient-sum check again: the next steps verify that the ancestor's forward is where they are used
             self.checks_left = self.CHECKS
             if created and self._layer_hooks:  # (asleep: :meth:`_wake` hooks them with the others)
+                self._sleep()
+                self._wake()
+        return moved
+
+    def serve_at_parent(self) -> dict[str, str]:
+        """Layers left out this step because the rows of their calls could not be given to examples (DBRX's
+        expert MLP is called once per expert on the tokens routed to it: rows whose number and order follow the
+        routing): their parameters become bare parameters of their parent (the nearest ancestor with a forward of
+        its own, not the model itself), hooked from the next step and served by a torch.func replay of its
+        forward on each example's rows, checked against the call's own rows. Returns {full name: the sentence
+        said} for those moved (each layer once per run)."""
+        refused, self._rows_refused = self._rows_refused, set()
+        path = {m: name for name, m in self.model.named_modules()}
+        moved: dict[str, str] = {}
+        for module in refused:
+            handler = self.handlers.get(module)
+            if handler is None or module not in path or not handler.names or module in self._moved_up:
+                continue
+            parent = _forward_ancestor(self.model, path[module])
+            if parent is None or parent is self.model or parent in self.handlers or module in self.tied:
+                continue
+            self._moved_up.add(module)
+            rel = path[module][len(path[parent]) + 1 :]
+            del self.handlers[module]
+            self.handlers[parent] = BareParamsHandler(parent, {f"{rel}.{k}": v for k, v in handler.names.items()})
+            layer = f"{type(module).__name__} ({', '.join(sorted(handler.names.values()))})"
+            said = (
+                f"{layer} is called on rows that cannot be given to examples: from the next step its parameters are "
+                f"served as bare parameters of "
+                f"{type(parent).__name__} ({path[parent]}), replayed on each example's rows"
+            )
+            moved.update(dict.fromkeys(handler.names.values(), said))
+        if moved:
+            self._say(f"parameters {sorted(moved)}: " + "; ".join(dict.fromkeys(moved.values())), stacklevel=2)
+            self._bcast.bare = self._derive()
+            self.checks_left = self.CHECKS
+            if self._layer_hooks:  # (asleep: :meth:`_wake` hooks them with the others)
                 self._sleep()
                 self._wake()
         return moved
@@ -1007,8 +1055,15 @@ class PerSampleEngine:
         batch = self.batch
         if batch is None or batch < 2 or self._model_call is None:
             return False
-        flattened = _flattened(args, batch)
-        ambiguous = self.handlers[module].ambiguous(args, kwargs, output, batch) or flattened
+        handler = self.handlers[module]
+        flattened = _flattened(args, batch) or (
+            # a replay takes every argument's rows apart: one of the others may hold (B k) rows (DBRX's experts:
+            # (B, T, d) states with (B T, k) routing indices)
+            isinstance(handler, FuncHandler)
+            and not isinstance(handler, AttentionHandler)
+            and any(_flattened((a,), batch) for a in args[1:] if torch.is_tensor(a))
+        )
+        ambiguous = handler.ambiguous(args, kwargs, output, batch) or flattened
         if not ambiguous and not self._suspect:
             return False
         inputs = _leaf_shapes((args, kwargs))

@@ -238,6 +238,7 @@ class PerSampleProvider(Provider):
                 missing = sorted(record.per_sample_uncovered)
                 unseen = [n for n in missing if n not in eng.left_out]  # (the others were left out with a reason)
                 moved = eng.rehome(unseen) if unseen else {}  # (left out on this step, served from the next: said)
+                moved.update(eng.serve_at_parent())  # (left out for their rows: their parent, from the next step)
                 unseen = [n for n in unseen if n not in moved]
                 if unseen:
                     self.context.warn(
