@@ -250,17 +250,21 @@ def _two_head_losses(x: torch.Tensor, y: torch.Tensor, y2: torch.Tensor) -> tupl
     return np.array(losses), np.stack(rows)
 
 
+def _two_heads() -> tuple[nn.Module, torch.optim.Optimizer, nn.Module, tuple[torch.Tensor, ...]]:
+    """``models.mlp(classes=6)`` read as two 3-class heads, its optimizer and loss module, and a batch with a
+    target for each head."""
+    torch.manual_seed(0)
+    model = models.mlp(classes=6)
+    x, y = _batch()
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), (x, y, (y + 1) % 3)
+
+
 @pytest.mark.parametrize("weight", [1.0, 0.5])
 def test_two_loss_module_calls_on_one_output_add_up_per_example(weight):
     """A loss over two heads, lf(out[:, :3], y) + w lf(out[:, 3:], y2): per-example losses a_i + b_i when
     backward starts from their sum; with another weight they cannot be split, and are left out with a note.
     The per-sample gradients are exact either way."""
-    torch.manual_seed(0)
-    model = models.mlp(classes=6)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    lf = nn.CrossEntropyLoss()
-    x, y = _batch()
-    y2 = (y + 1) % 3
+    model, opt, lf, (x, y, y2) = _two_heads()
     with Cockpit(model, opt, lf, instruments="economy") as cp:
         opt.zero_grad()
         out = model(x)
@@ -281,12 +285,7 @@ def test_two_backward_passes_through_one_model_call_are_said_not_split_wrongly()
     """loss_a.backward(retain_graph=True); loss_b.backward(): the step's loss and per-example losses are
     a + b; per-sample statistics (the engine takes a call's gradients at its first backward) are left out
     with the reason, never reported as loss_a's alone."""
-    torch.manual_seed(0)
-    model = models.mlp(classes=6)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    lf = nn.CrossEntropyLoss()
-    x, y = _batch()
-    y2 = (y + 1) % 3
+    model, opt, lf, (x, y, y2) = _two_heads()
     with pytest.warns(Warning, match="a second backward through the same model call"):
         with Cockpit(model, opt, lf, instruments="economy") as cp:
             opt.zero_grad()

@@ -811,15 +811,21 @@ class PerSampleEngine:
                 f"served as bare parameters of {owner}, whose forward uses them"
             )
             moved.update(dict.fromkeys(handler.names.values(), said))
-        if moved:
-            self._say(f"parameters {sorted(moved)}: " + "; ".join(dict.fromkeys(moved.values())), stacklevel=2)
-            self._bcast.bare = self._derive()
-            # the gradient-sum check again: the next steps verify that the ancestor's forward is where they are used
-            self.checks_left = self.CHECKS
-            if created and self._layer_hooks:  # (asleep: :meth:`_wake` hooks them with the others)
-                self._sleep()
-                self._wake()
+        self._after_moves(moved, rehook=bool(created))
         return moved
+
+    def _after_moves(self, moved: dict[str, str], rehook: bool) -> None:
+        """Parameters have moved to other handlers (:meth:`rehome`, :meth:`serve_at_parent`): say where (one
+        warning), derive the handlers' state again, run the gradient-sum check again (the next steps verify
+        that the new owner's forward is where they are used) and, with ``rehook``, hook the new owners."""
+        if not moved:
+            return
+        self._say(f"parameters {sorted(moved)}: " + "; ".join(dict.fromkeys(moved.values())), stacklevel=3)
+        self._bcast.bare = self._derive()
+        self.checks_left = self.CHECKS
+        if rehook and self._layer_hooks:  # (asleep: :meth:`_wake` hooks them with the others)
+            self._sleep()
+            self._wake()
 
     def serve_at_parent(self) -> dict[str, str]:
         """Layers left out this step because the rows of their calls could not be given to examples (DBRX's
@@ -849,13 +855,7 @@ class PerSampleEngine:
                 f"{type(parent).__name__} ({path[parent]}), replayed on each example's rows"
             )
             moved.update(dict.fromkeys(handler.names.values(), said))
-        if moved:
-            self._say(f"parameters {sorted(moved)}: " + "; ".join(dict.fromkeys(moved.values())), stacklevel=2)
-            self._bcast.bare = self._derive()
-            self.checks_left = self.CHECKS
-            if self._layer_hooks:  # (asleep: :meth:`_wake` hooks them with the others)
-                self._sleep()
-                self._wake()
+        self._after_moves(moved, rehook=True)
         return moved
 
     def _rehome_from_graph(self, output: Any) -> None:
