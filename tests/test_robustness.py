@@ -300,6 +300,41 @@ def test_two_backward_passes_through_one_model_call_are_said_not_split_wrongly()
     assert "a second backward through the same model call" in cp.history.last("note/gradient_tests")
 
 
+
+@pytest.mark.parametrize("form", ["module", "functional"])
+def test_gradients_taken_by_autograd_grad_are_split_exactly(form):
+    """A loop that takes the gradients with torch.autograd.grad (no backward(): no root is seen) and sets
+    p.grad itself: the model's outputs are then hooked by no backward and, with a functional loss, by no loss
+    call; the per-sample norms of the second step are still the float64 loop's."""
+    torch.manual_seed(0)
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lf = nn.CrossEntropyLoss()
+    with Cockpit(model, opt, lf, instruments="economy") as cp:
+        for s in range(2):
+            x, y = _batch(seed=s)
+            opt.zero_grad()
+            out = model(x)
+            loss = lf(out, y) if form == "module" else nn.functional.cross_entropy(out, y)
+            for p, g in zip(model.parameters(), torch.autograd.grad(loss, list(model.parameters())), strict=True):
+                p.grad = g
+            opt.step()
+    torch.manual_seed(0)
+    ref = models.mlp().double()
+    x0, y0 = _batch(seed=0)
+    nn.functional.cross_entropy(ref(x0.double()), y0).backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= 0.1 * p.grad
+    x, y = _batch(seed=1)
+    norms = []
+    for i in range(len(x)):
+        ref.zero_grad()
+        nn.functional.cross_entropy(ref(x[i : i + 1].double()), y[i : i + 1]).backward()
+        norms.append(math.sqrt(sum(float(p.grad.pow(2).sum()) for p in ref.parameters())))
+    np.testing.assert_allclose(cp.history.last("persample/grad_norm"), norms, rtol=1e-5)
+
+
 # --- Must 6: sparse gradients -----------------------------------------------------------------------------
 class _Bag(nn.Module):
     def __init__(self) -> None:
