@@ -238,11 +238,13 @@ def _same_first_rows(
     k = first.shape[axis] // batch
     if grouped and batch > 1 and first.shape[axis] == batch * k and probe.shape[axis] == (batch - 1) * k:
         for g in range(2, k + 1):
-            if k % g == 0 and _rows_match(
-                first.unflatten(axis, (g, batch, k // g)).narrow(axis + 1, 0, batch - 1),
-                probe.unflatten(axis, (g, batch - 1, k // g)),
-                first,
-                "first",
+            if k % g:
+                continue
+            mine, theirs = first.unflatten(axis, (g, batch, k // g)), probe.unflatten(axis, (g, batch - 1, k // g))
+            # (the first row of each group first: a cheap refusal of most groupings)
+            heads = [t.narrow(axis + 1, 0, 1).narrow(axis + 2, 0, 1) for t in (mine, theirs)]
+            if _rows_match(*heads, first, "first") and _rows_match(
+                mine.narrow(axis + 1, 0, batch - 1), theirs, first, "first"
             ):
                 return g
     raise ValueError(
