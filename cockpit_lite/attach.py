@@ -40,6 +40,23 @@ def check_model_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     return {n: p for n, p in params.items() if id(p) in held}
 
 
+def untracked(model: nn.Module, params: dict[str, nn.Parameter]) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters of ``model`` the optimizer does not hold (those ``params`` leave out)."""
+    held = {id(p) for p in params.values()}
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+
+
+def untracked_note(names: list[str], tracked: int) -> str:
+    """What to say when parameters the optimizer does not hold get gradients (a second optimizer steps
+    them, as Muon beside AdamW, or SparseAdam beside Adam): every statistic covers the optimizer's only."""
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return (
+        f"{len(names)} parameter tensors get gradients but the optimizer the cockpit was given does not hold them "
+        f"({shown}): they are in no statistic (norms, updates, per-sample statistics cover its {tracked} tensors "
+        "only). If another optimizer steps them, give the cockpit the one whose parameters you want diagnosed"
+    )
+
+
 def instruments_of(spec: str | Iterable[Instrument | str]) -> list[Instrument]:
     """Resolve a preset name or a list of instruments/names; every key must be unique."""
     instruments = resolve(spec)

@@ -175,6 +175,8 @@ class Cockpit:
             self.profiler = Profiler(trace_dir, None if profile is True else profile) if trace_dir else None
             undo.callback(self._close_profiler)
             self._fields = dict(params=self.params, loss_fn=loss_fn, logdir=self.logdir)
+            #: trainable parameters the optimizer does not hold: said once if they get gradients (``_gradients_final``)
+            self._others = attach.untracked(self.network, self.params)
             undo.callback(signals.release, signals.on_sigterm(self.close))  # SIGTERM closes the run first
             self._undo = undo.pop_all()
 
@@ -500,9 +502,21 @@ class Cockpit:
 
     def _gradients_final(self) -> None:
         self._finish_late()
+        if self._others and self._step is not None and self._step.record is not None:
+            self._say_others(self._step.record)
         if self._step is not None and self._step.active and not self._step.skip:
             with self.costs.region("before_step"):
                 self._step.event("on_before_step")
+
+    def _say_others(self, record: Any) -> None:
+        """Parameters the optimizer does not hold got gradients (another optimizer steps them): said once, with a
+        note on this step's records (every instrument's: the note concerns no need in particular)."""
+        names = [n for n, p in self._others if p.grad is not None]
+        if names:
+            self._others = []
+            msg = attach.untracked_note(names, len(self.params))
+            self._warn(msg)
+            record.add_note(msg, frozenset())
 
     def _wrap_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         """``optimizer.step(closure)`` (Lightning's automatic optimization, LBFGS): see

@@ -352,6 +352,12 @@ class Clipping(Instrument):
             units = (names, sizes, flat[:n], flat[n : 2 * n], flat[n:])
         if "global" in self.kinds:
             out.update(self._global(record, units))
+        if "agc" in self.kinds and units is not None and not units[0]:
+            self.note(
+                f"AGC: every parameter with a gradient ({len(units[4])} units) is left out of it (agc_exclude: "
+                "the final layer, which the paper leaves unclipped, by default): no AGC statistics. Pass "
+                "agc_exclude=() to include it"
+            )
         if "agc" in self.kinds and units is not None and units[0]:
             pending = self._pending
             if pending and (pending[0][1], pending[0][2]) != (units[0], units[1]):

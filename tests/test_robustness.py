@@ -20,7 +20,7 @@ from cockpit_lite.instruments.update import Distance, UpdateSize
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cockpit_lite import Cockpit
+from cockpit_lite import Cockpit, attach
 from cockpit_lite.pause import paused
 from cockpit_lite.sinks.dashboard import write_atomic
 from tests import models
@@ -355,8 +355,8 @@ def test_sparse_gradients_grad_norm_update_size_distance_against_direct_computat
     theta0 = model.emb.weight.detach().clone()
     g = torch.Generator().manual_seed(1)
     expected_grad, expected_update, expected_dist = [], [], []
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
         with Cockpit(model, opt, lf, instruments=[GradNorm(), UpdateSize(), Distance()]) as cp:
             for _ in range(3):
                 x = torch.randint(0, 20, (6, 5), generator=g)  # repeated indices: duplicates to coalesce
@@ -370,6 +370,11 @@ def test_sparse_gradients_grad_norm_update_size_distance_against_direct_computat
                 opt.step()
                 dense.step()
                 expected_update.append((model.emb.weight.detach() - before).double().norm().item())
+    # the one thing said: the dense layer, stepped by the other optimizer, is in no statistic (on step 0's records)
+    assert [str(w.message) for w in said] == [
+        "cockpit-lite: " + attach.untracked_note(["out.weight", "out.bias"], 1)
+    ]
+    assert "does not hold them (out.weight, out.bias)" in cp.history.value_at("note/grad_norm", 0)
     np.testing.assert_allclose(cp.history.values("grad_norm/emb.weight"), expected_grad, rtol=1e-5)
     np.testing.assert_allclose(cp.history.values("update_size/emb.weight"), expected_update, rtol=1e-5)
     np.testing.assert_allclose(cp.history.values("distance/emb.weight"), expected_dist, rtol=1e-5, atol=1e-7)
@@ -393,6 +398,7 @@ def test_clipping_agc_statistics_on_a_sparse_gradient_warn_nothing():
     lf = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=".*the optimizer the cockpit was given does not hold them")
         with Cockpit(model, opt, lf, instruments=[Clipping()]) as cp:
             x, y = torch.randint(0, 20, (6, 5)), torch.randint(0, 3, (6,))
             lf(model(x), y).backward()
@@ -400,6 +406,23 @@ def test_clipping_agc_statistics_on_a_sparse_gradient_warn_nothing():
             opt.step()
     assert cp.history.last("clip/global/norm") == pytest.approx(want, rel=1e-5)
     assert cp.history.last("clip/agc/units") == 20
+
+
+def test_agc_with_every_trained_parameter_excluded_says_so():
+    """Only the final layer trained (AGC leaves it unclipped by default): no AGC statistics, and a note that
+    says why and how to include it, never a silent absence."""
+    torch.manual_seed(0)
+    model = _Bag()
+    model.emb.requires_grad_(False)
+    opt = torch.optim.SGD(model.out.parameters(), lr=0.1)
+    lf = nn.CrossEntropyLoss()
+    with Cockpit(model, opt, lf, instruments=[Clipping()]) as cp:
+        x, y = torch.randint(0, 20, (6, 5)), torch.randint(0, 3, (6,))
+        lf(model(x), y).backward()
+        opt.step()
+    assert not [t for t in cp.history if t.startswith("clip/agc")]
+    assert "agc_exclude=()" in cp.history.last("note/clipping")
+    assert cp.history.last("clip/global/norm") is not None
 
 
 def test_tracin_tables_with_a_sparse_embedding_against_a_loop_over_examples():
