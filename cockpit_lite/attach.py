@@ -3,8 +3,10 @@ Under ``torch.distributed`` only rank 0 gets sinks and a profiler: one run, writ
 
 from __future__ import annotations
 
+import collections
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +40,44 @@ def check_model_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) ->
             "torch.optim.SGD(model.parameters(), ...)."
         )
     return {n: p for n, p in params.items() if id(p) in held}
+
+
+class Optimizers:
+    """Several optimizers that step one model's parameters together (Muon beside AdamW, SparseAdam beside
+    Adam), read as one: their parameter groups in order, their states together. Each steps once per step;
+    the cockpit hooks each (``Cockpit(model, [opt_a, opt_b])``)."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]):
+        self.optimizers = tuple(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> Mapping:
+        return collections.ChainMap(*(o.state for o in self.optimizers))
+
+    def __repr__(self) -> str:
+        return f"Optimizers({', '.join(type(o).__name__ for o in self.optimizers)})"
+
+
+def check_model_optimizers(model: nn.Module, optimizers: Sequence[Any]) -> dict[str, nn.Parameter]:
+    """:func:`check_model_optimizer` for several optimizers: the parameters each holds, together; a
+    parameter two of them hold is refused (both would step it)."""
+    if not optimizers:
+        raise ValueError("an empty list of optimizers: give the optimizer (or optimizers) that step the model")
+    params: dict[str, nn.Parameter] = {}
+    for o in optimizers:
+        held = check_model_optimizer(model, o)
+        twice = sorted(set(held) & set(params))
+        if twice:
+            raise ValueError(
+                f"parameters {twice} are held by two of the optimizers: each parameter must be stepped by one of them"
+            )
+        params.update(held)
+    order = {n: k for k, (n, _) in enumerate(model.named_parameters())}
+    return dict(sorted(params.items(), key=lambda item: order[item[0]]))
 
 
 def untracked(model: nn.Module, params: dict[str, nn.Parameter]) -> list[tuple[str, nn.Parameter]]:

@@ -52,7 +52,9 @@ class Cockpit:
 
     Args:
         model: the network; its forward marks the start of a step.
-        optimizer: any ``torch.optim.Optimizer``; its ``step()`` ends a step.
+        optimizer: any ``torch.optim.Optimizer``; its ``step()`` ends a step. Or a list of optimizers that
+            step the model's parameters together (Muon beside AdamW): each steps once per step, the
+            first's ``step()`` begins the step's end, the last one's ends it.
         loss_fn: optional. The ``torch.nn`` loss module the loop calls (it declares its reduction and gives
             per-sample losses), or a callable ``loss_fn(output, *model_args, **model_kwargs)`` returning
             the per-sample losses (B,) of a model call. Without it the cockpit follows the model: the
@@ -96,7 +98,7 @@ class Cockpit:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         loss_fn: nn.Module | Callable[..., torch.Tensor] | None = None,
         instruments: str | Iterable[Instrument | str] = "economy",
         logdir: str | os.PathLike | None = None,
@@ -117,8 +119,17 @@ class Cockpit:
             self.network, compiled = unwrap(model)
             if compiled:  # compiled code must guard on the layer hooks (restored on close)
                 undo.enter_context(dynamo_hook_guards())
-            optimizer = unwrap_optimizer(optimizer)  # LightningOptimizer, accelerate's AcceleratedOptimizer
-            self.params = attach.check_model_optimizer(self.network, optimizer)
+            if isinstance(optimizer, (list, tuple)):  # several optimizers, read as one (attach.Optimizers)
+                #: the optimizers whose steps end a step, each once (one unless a list was given)
+                self._stepping = tuple(unwrap_optimizer(o) for o in optimizer)
+                self.params = attach.check_model_optimizers(self.network, self._stepping)
+                optimizer = attach.Optimizers(self._stepping) if len(self._stepping) > 1 else self._stepping[0]
+            else:
+                optimizer = unwrap_optimizer(optimizer)  # LightningOptimizer, accelerate's AcceleratedOptimizer
+                self.params = attach.check_model_optimizer(self.network, optimizer)
+                self._stepping = (optimizer,)
+            #: the optimizers of the step that have stepped so far (several optimizers: the step ends with the last)
+            self._stepped: list[Any] = []
             check_loss(loss_fn)
             if reduction not in ("mean", "sum"):
                 raise ValueError(f"reduction={reduction!r}: say 'mean' (p.grad = mean_i g_i) or 'sum'")
@@ -160,8 +171,8 @@ class Cockpit:
                 inst.on_attach(self.network, optimizer)
             hooks += [
                 model.register_forward_hook(SharedHook(self._on_model_output), with_kwargs=True),
-                optimizer.register_step_pre_hook(SharedHook(self._on_before_step)),
-                optimizer.register_step_post_hook(SharedHook(self._on_after_step)),
+                *(o.register_step_pre_hook(SharedHook(self._on_before_step)) for o in self._stepping),
+                *(o.register_step_post_hook(SharedHook(self._on_after_step)) for o in self._stepping),
                 BackwardWatch(SharedHook(self._on_backward_root)),
             ]
             if isinstance(loss_fn, nn.Module):
@@ -491,7 +502,9 @@ class Cockpit:
 
     @guarded
     def _on_before_step(self, optimizer: Any, args: tuple, kwargs: dict) -> Any:
-        if is_paused() or optimizer is not self.optimizer:
+        if is_paused() or not any(optimizer is o for o in self._stepping):
+            return None
+        if self._stepped:  # (several optimizers: the gradients were final at the first one's step)
             return None
         if kwargs.get("closure") is not None:
             return args, {**kwargs, "closure": self._wrap_closure(kwargs["closure"])}
@@ -526,8 +539,14 @@ class Cockpit:
     @guarded
     def _on_after_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         st = self._step
-        if st is None or is_paused() or optimizer is not self.optimizer:
+        if st is None or is_paused() or not any(optimizer is o for o in self._stepping):
             return
+        if len(self._stepping) > 1:  # several optimizers: the step ends when the last of them has stepped
+            if not any(optimizer is o for o in self._stepped):
+                self._stepped.append(optimizer)
+            if len(self._stepped) < len(self._stepping):
+                return
+            self._stepped = []
         self._finish_late()
         self._step = None
         self.step += 1

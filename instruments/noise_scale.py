@@ -102,7 +102,11 @@ def batch_verdict(batch: float, b_simple: float, far: float = FAR) -> tuple[str,
 
 
 def is_adaptive(optimizer: Any) -> bool:
-    """Whether the optimizer is Adam-family (or another preconditioned method), by its class name."""
+    """Whether the optimizer is Adam-family (or another preconditioned method), by its class name; of
+    several optimizers read as one (``attach.Optimizers``), whether any is."""
+    members = getattr(optimizer, "optimizers", None)
+    if members is not None:
+        return any(is_adaptive(o) for o in members)
     name = type(optimizer).__name__.lower()
     return any(k in name for k in ADAPTIVE)
 
@@ -187,7 +191,8 @@ class GradientNoiseScale(Instrument):
         self._noted_adaptive = False
 
     def on_attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self._adaptive = type(optimizer).__name__ if is_adaptive(optimizer) else None
+        named = repr(optimizer) if hasattr(optimizer, "optimizers") else type(optimizer).__name__
+        self._adaptive = named if is_adaptive(optimizer) else None
 
     # --- the estimates -------------------------------------------------------------------------------
     def smoothed(self) -> tuple[float, float, float]:

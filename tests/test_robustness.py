@@ -576,3 +576,48 @@ def test_agc_clip_refuses_a_sparse_gradient_with_one_message():
     emb(torch.tensor([1, 1, 2])).sum().backward()
     with pytest.raises(ValueError, match="sparse gradient"):
         clip_(emb.parameters(), 0.01)
+
+
+# --- several optimizers (Muon beside AdamW): one step of them all ------------------------------------------
+def test_several_optimizers_step_the_model_together():
+    """Cockpit(model, [sgd, adam]): a step ends when both have stepped; the gradient norm, the update (both
+    optimizers' steps) and the distance cover every parameter, against direct computation at each step;
+    the first step's per-sample norms against the float64 loop; nothing said."""
+    torch.manual_seed(0)
+    model = models.mlp()
+    params = list(model.parameters())
+    sgd, adam = torch.optim.SGD(params[:2], lr=0.1, momentum=0.9), torch.optim.Adam(params[2:], lr=0.01)
+    lf = nn.CrossEntropyLoss()
+    theta0 = [p.detach().clone() for p in params]
+    want: dict[str, list[float]] = {"grad_norm": [], "update_size": [], "distance": []}
+
+    def norm(ts) -> float:
+        return math.sqrt(sum(float(t.double().pow(2).sum()) for t in ts))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Cockpit(model, [sgd, adam], lf, instruments="economy") as cp:
+            for s in range(3):
+                x, y = _batch(seed=s)
+                sgd.zero_grad()
+                adam.zero_grad()
+                lf(model(x), y).backward()
+                before = [p.detach().clone() for p in params]
+                want["grad_norm"].append(norm(p.grad for p in params))
+                want["distance"].append(norm(b - t for b, t in zip(before, theta0, strict=True)))
+                sgd.step()
+                adam.step()
+                want["update_size"].append(norm(p.detach() - b for p, b in zip(params, before, strict=True)))
+    assert cp.step == 3
+    for tag, values in want.items():
+        np.testing.assert_allclose(cp.history.values(tag), values, rtol=1e-5, atol=1e-8, err_msg=tag)
+    x, y = _batch(seed=0)
+    g = _per_sample_grads(x, y, scale=1.0)  # (step 0: the initial parameters)
+    np.testing.assert_allclose(cp.history.value_at("persample/grad_norm", 0), np.linalg.norm(g, axis=1), rtol=1e-4)
+
+
+def test_a_parameter_two_optimizers_hold_is_refused():
+    model = models.mlp()
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match="held by two of the optimizers"):
+        Cockpit(model, [torch.optim.SGD(params, lr=0.1), torch.optim.SGD(params[:2], lr=0.1)])
