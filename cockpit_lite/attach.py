@@ -93,7 +93,7 @@ def untracked_note(names: list[str], tracked: int) -> str:
     return (
         f"{len(names)} parameter tensors get gradients but the optimizer the cockpit was given does not hold them "
         f"({shown}): they are in no statistic (norms, updates, per-sample statistics cover its {tracked} tensors "
-        "only). If another optimizer steps them, give the cockpit the one whose parameters you want diagnosed"
+        "only). If another optimizer steps them, give the cockpit every optimizer: Cockpit(model, [opt_a, opt_b])"
     )
 
 
