@@ -350,8 +350,6 @@ class Cockpit:
             st = self._begin()
             st.skipped = skipped
             read_loss_scale()  # (GradScaler's scale while the device is idle: none read at backward)
-        if st.held_outputs is not None:  # (the last call's outputs, hooked before this call's activations exist)
-            self._settle_outputs(st)
         st.forwards.append(batch_of(args, kwargs))
         if st.active:
             st.event("on_forward", ModelCall(args, kwargs, st.forwards[-1], index=len(st.forwards) - 1))
@@ -408,30 +406,9 @@ class Cockpit:
                     on_gradient(t, functools.partial(Step.reach, st, index))
             return
         st.event("on_output", ModelCall(args, kwargs, st.forwards[-1], output, index))
-        outs = [t for t in tensors_of(output) if t.requires_grad]
-        if self.loss_fn is not None and outs:
-            # backward is seen where it reaches the model's outputs: a gradient hook on them, unless the
-            # loss module takes one of them as it is (its own hook then says so: one hook less a step).
-            # Held until the loss call, backward, the next model call or the step's end decides
-            self._settle_outputs(st)
-            st.held_outputs = (index, outs)
-            return
-        for t in outs:
-            on_gradient(t, functools.partial(self._on_output_grad, index))
-
-    def _settle_outputs(self, st: Step, loss_args: tuple | None = None) -> int | None:
-        """Hook the outputs of the step's last model call that are still held (see ``_on_model_output``),
-        unless the loss module's call takes one of them itself (``loss_args``): then its index, for the
-        loss's hook to mark."""
-        held, st.held_outputs = st.held_outputs, None
-        if held is None:
-            return None
-        index, outs = held
-        if loss_args is not None and any(a is t for a in loss_args for t in outs):
-            return index
-        for t in outs:
-            on_gradient(t, functools.partial(self._on_output_grad, index))
-        return None
+        for t in tensors_of(output):  # backward is seen where it reaches the model's outputs
+            if t.requires_grad:
+                on_gradient(t, functools.partial(self._on_output_grad, index))
 
     @guarded
     def _on_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -442,8 +419,7 @@ class Cockpit:
             return  # nothing tracked, or an evaluation under no_grad
         with self.costs.region("loss"):
             st.event("on_loss", LossCall(module, args, kwargs, output))
-            taken = self._settle_outputs(st, (*args, *kwargs.values()))  # (the model call it takes, if any)
-            on_gradient(output, functools.partial(self._on_output_grad, taken))
+            on_gradient(output, functools.partial(self._on_output_grad, None))
 
     @guarded
     def _on_backward_root(self, tensors: Any, grad_tensors: Any) -> None:
@@ -451,7 +427,6 @@ class Cockpit:
         st = self._step
         if st is None or is_paused() or not st.active or st.skip:
             return
-        self._settle_outputs(st)
         roots = (tensors,) if torch.is_tensor(tensors) else tuple(tensors)
         grads = (grad_tensors,) if grad_tensors is None or torch.is_tensor(grad_tensors) else tuple(grad_tensors)
         st.amp_scale = next((f for f in map(grad_scaler_factor, roots) if f is not None), 1.0)

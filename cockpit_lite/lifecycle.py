@@ -217,8 +217,6 @@ class Step:
         self.amp_scale = 1.0  #: GradScaler's loss scale of the current backward (1 without one)
         self.forwards: list[int | None] = []  #: examples of each (grad-enabled) model call of the step
         self.reached: set[int] = set()  #: the model calls (by position) whose outputs backward reached
-        #: (index, output tensors) of the last model call, not yet hooked (``Cockpit._on_model_output``)
-        self.held_outputs: tuple[int, list] | None = None
         #: iterations abandoned since the last optimizer step and before this step's (a retry after a
         #: backward with no step: see ``Cockpit._on_model_forward``)
         self.skipped = 0
@@ -396,7 +394,6 @@ class Step:
 
     def end(self) -> None:
         """The step is over (completed or abandoned): providers release what it held."""
-        self.held_outputs = None
         if self.providers:
             self.guard.each(self.guard.hearing(self.providers, Provider, "end_step"), "end_step")
 

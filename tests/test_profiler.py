@@ -64,8 +64,10 @@ def test_cost_records_ms_and_share(run):
         assert rec["cost/cockpit_ms"] == pytest.approx(total)
         assert 0 < total <= step_ms  # exclusive times: nested regions are not counted twice
         # the hooks' own time outside the regions (since the last step's records: a window shifted by
-        # the last step's records being written): there, and no region's or sink's time counted in it
-        assert 0 < rec["cost/driver_ms"] < step_ms
+        # the last step's records being written, so it may reach into the step before): there, and no
+        # region's or sink's time counted in it
+        before = dict(h["cost/step_ms"]).get(step - 1, step_ms)
+        assert 0 < rec["cost/driver_ms"] < step_ms + before
         assert rec["cost/driver_share"] == pytest.approx(rec["cost/driver_ms"] / step_ms)
         if step < 4:  # the sinks' time of a step is recorded with the next tracked step
             assert rec["cost/sinks_ms"] > 0

@@ -207,8 +207,9 @@ def test_one_backward_over_two_model_calls_leaves_per_sample_statistics_out_with
 
 @pytest.mark.parametrize("form", ["module", "view", "functional", "none"])
 def test_an_abandoned_calls_graph_is_not_kept_past_the_next_model_call(form):
-    """The cockpit holds a model call's outputs until it knows how backward will be seen (the loss call,
-    backward, the next model call): an abandoned call's graph is freed by the next model call at the latest."""
+    """The cockpit keeps nothing of an abandoned model call's graph: it is freed once the loop drops it, before
+    the next call's activations exist (a reference kept by the cockpit, to its outputs or their nodes, would hold
+    an abandoned iteration's activations, as an out-of-memory retry cannot afford)."""
     import weakref
 
     torch.manual_seed(0)
