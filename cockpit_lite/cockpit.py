@@ -128,8 +128,10 @@ class Cockpit:
                 optimizer = unwrap_optimizer(optimizer)  # LightningOptimizer, accelerate's AcceleratedOptimizer
                 self.params = attach.check_model_optimizer(self.network, optimizer)
                 self._stepping = (optimizer,)
-            #: the optimizers of the step that have stepped so far (several optimizers: the step ends with the last)
-            self._stepped: list[Any] = []
+            #: ids of those optimizers (their step hooks' identity check), and of the ones that have stepped so far
+            #: this step (several optimizers: the step ends with the last)
+            self._stepping_ids = frozenset(map(id, self._stepping))
+            self._stepped: set[int] = set()
             check_loss(loss_fn)
             if reduction not in ("mean", "sum"):
                 raise ValueError(f"reduction={reduction!r}: say 'mean' (p.grad = mean_i g_i) or 'sum'")
@@ -477,7 +479,7 @@ class Cockpit:
 
     @guarded
     def _on_before_step(self, optimizer: Any, args: tuple, kwargs: dict) -> Any:
-        if is_paused() or not any(optimizer is o for o in self._stepping):
+        if is_paused() or id(optimizer) not in self._stepping_ids:
             return None
         if self._stepped:  # (several optimizers: the gradients were final at the first one's step)
             return None
@@ -514,14 +516,13 @@ class Cockpit:
     @guarded
     def _on_after_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         st = self._step
-        if st is None or is_paused() or not any(optimizer is o for o in self._stepping):
+        if st is None or is_paused() or id(optimizer) not in self._stepping_ids:
             return
         if len(self._stepping) > 1:  # several optimizers: the step ends when the last of them has stepped
-            if not any(optimizer is o for o in self._stepped):
-                self._stepped.append(optimizer)
+            self._stepped.add(id(optimizer))
             if len(self._stepped) < len(self._stepping):
                 return
-            self._stepped = []
+            self._stepped.clear()
         self._finish_late()
         self._step = None
         self.step += 1

@@ -358,7 +358,7 @@ class Clipping(Instrument):
                 "the final layer, which the paper leaves unclipped, by default): no AGC statistics. Pass "
                 "agc_exclude=() to include it"
             )
-        if "agc" in self.kinds and units is not None and units[0]:
+        elif "agc" in self.kinds and units is not None:
             pending = self._pending
             if pending and (pending[0][1], pending[0][2]) != (units[0], units[1]):
                 out.update(self._flush_agc())  # the set of tensors with gradients changed

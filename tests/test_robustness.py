@@ -26,6 +26,13 @@ from cockpit_lite.sinks.dashboard import write_atomic
 from tests import models
 
 
+def _mlp_sgd() -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
+    """``models.mlp()`` (seed 0), SGD at lr 0.1 over all of it, and a cross-entropy loss module."""
+    torch.manual_seed(0)
+    model = models.mlp()
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss()
+
+
 def _batch(b: int = 6, d: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, d, generator=g), torch.randint(0, 3, (b,), generator=g)
@@ -33,10 +40,7 @@ def _batch(b: int = 6, d: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.T
 
 # --- Must 5: an abandoned iteration is recorded as skipped ------------------------------------------------
 def _run_with_abandoned(abandon_after_backward: bool, instruments: str | list = "economy") -> Cockpit:
-    torch.manual_seed(0)
-    model = models.mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    lf = nn.CrossEntropyLoss()
+    model, opt, lf = _mlp_sgd()
     with Cockpit(model, opt, lf, instruments=instruments) as cp:
         for i in range(4):
             x, y = _batch(seed=i)
@@ -82,10 +86,7 @@ def test_skipped_is_recorded_on_an_unscheduled_step_too():
 
 
 def test_gradient_accumulation_and_a_loss_over_two_calls_are_no_skipped_iterations():
-    torch.manual_seed(0)
-    model = models.mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    lf = nn.CrossEntropyLoss()
+    model, opt, lf = _mlp_sgd()
     with Cockpit(model, opt, lf, instruments="economy") as cp:
         for i in range(2):
             opt.zero_grad()
@@ -103,10 +104,7 @@ def test_gradient_accumulation_and_a_loss_over_two_calls_are_no_skipped_iteratio
 
 
 def test_an_abandoned_micro_batch_between_two_trained_ones_is_one_skipped_iteration():
-    torch.manual_seed(0)
-    model = models.mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    lf = nn.CrossEntropyLoss()
+    model, opt, lf = _mlp_sgd()
     with Cockpit(model, opt, lf, instruments="economy") as cp:
         opt.zero_grad()
         for k in range(3):
@@ -135,10 +133,7 @@ def test_backward_reaching_a_model_call_is_seen_whatever_computes_the_loss(form)
     """Which model calls backward reached decides the skipped iterations and what the per-sample statistics
     cover: an abandoned micro-batch between two trained ones is one skipped iteration, and the step's
     per-sample norms are those of the two trained batches (against one autograd call per example)."""
-    torch.manual_seed(0)
-    model = models.mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    lf = nn.CrossEntropyLoss()
+    model, opt, lf = _mlp_sgd()
     batches = [_batch(seed=k) for k in range(3)]
     with Cockpit(model, opt, lf, instruments="economy") as cp:
         opt.zero_grad()
@@ -188,10 +183,7 @@ def _assert_gradient_tests(cp: Cockpit, g: np.ndarray) -> None:
 def test_one_backward_over_two_model_calls_leaves_per_sample_statistics_out_with_the_reason(accumulate):
     """The engine splits gradients within one model call: a loss over two calls (their examples are
     different ones) is said, never reported as the examples of one call."""
-    torch.manual_seed(0)
-    model = models.mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    lf = nn.CrossEntropyLoss()
+    model, opt, lf = _mlp_sgd()
     (x1, y1), (x2, y2), (x3, y3) = (_batch(seed=k) for k in range(3))
     with pytest.warns(Warning, match="one backward reached 2 calls of the model"):
         with Cockpit(model, opt, lf, instruments="economy") as cp:
@@ -212,10 +204,7 @@ def test_an_abandoned_calls_graph_is_not_kept_past_the_next_model_call(form):
     an abandoned iteration's activations, as an out-of-memory retry cannot afford)."""
     import weakref
 
-    torch.manual_seed(0)
-    model = models.mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    lf = nn.CrossEntropyLoss()
+    model, opt, lf = _mlp_sgd()
     with Cockpit(model, opt, lf, instruments="economy"):
         x, y = _batch(seed=0)
         out = model(x)
@@ -307,10 +296,7 @@ def test_gradients_taken_by_autograd_grad_are_split_exactly(form):
     """A loop that takes the gradients with torch.autograd.grad (no backward(): no root is seen) and sets
     p.grad itself: the model's outputs are then hooked by no backward and, with a functional loss, by no loss
     call; the per-sample norms of the second step are still the float64 loop's."""
-    torch.manual_seed(0)
-    model = models.mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    lf = nn.CrossEntropyLoss()
+    model, opt, lf = _mlp_sgd()
     with Cockpit(model, opt, lf, instruments="economy") as cp:
         for s in range(2):
             x, y = _batch(seed=s)
@@ -551,10 +537,7 @@ def test_the_dashboard_png_follows_the_umask(tmp_path):
 @pytest.mark.parametrize("preset", ["economy", "full"])
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
 def test_a_non_finite_loss_leaks_no_library_warning(preset, bad):
-    torch.manual_seed(0)
-    model = models.mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    lf = nn.CrossEntropyLoss()
+    model, opt, lf = _mlp_sgd()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with Cockpit(model, opt, lf, instruments=preset) as cp:

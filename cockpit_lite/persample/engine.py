@@ -233,7 +233,7 @@ def _same_first_rows(
         return 1
     if probe is None or probe.shape[axis] > first.shape[axis]:
         raise ValueError("the shape probe did not see the call's first argument")
-    if _rows_match(first.narrow(axis, 0, probe.shape[axis]), probe, first, "first"):
+    if _rows_match(first.narrow(axis, 0, probe.shape[axis]), probe, first):
         return 1
     k = first.shape[axis] // batch
     if grouped and batch > 1 and first.shape[axis] == batch * k and probe.shape[axis] == (batch - 1) * k:
@@ -243,9 +243,7 @@ def _same_first_rows(
             mine, theirs = first.unflatten(axis, (g, batch, k // g)), probe.unflatten(axis, (g, batch - 1, k // g))
             # (the first row of each group first: a cheap refusal of most groupings)
             heads = [t.narrow(axis + 1, 0, 1).narrow(axis + 2, 0, 1) for t in (mine, theirs)]
-            if _rows_match(*heads, first, "first") and _rows_match(
-                mine.narrow(axis + 1, 0, batch - 1), theirs, first, "first"
-            ):
+            if _rows_match(*heads, first) and _rows_match(mine.narrow(axis + 1, 0, batch - 1), theirs, first):
                 return g
     raise ValueError(
         f"its {first.shape[axis]} rows along axis {axis} hold {batch} examples with their positions, but the "
@@ -255,10 +253,10 @@ def _same_first_rows(
     )
 
 
-def _rows_match(head: torch.Tensor, probe: torch.Tensor, first: torch.Tensor, what: str) -> bool:
+def _rows_match(head: torch.Tensor, probe: torch.Tensor, first: torch.Tensor) -> bool:
     """Whether the step's rows ``head`` are the probe's (float32 round-off of another batch size allowed)."""
     if head.shape != probe.shape:
-        raise ValueError(f"its {what} argument {tuple(first.shape)} became {tuple(probe.shape)} in the probe")
+        raise ValueError(f"its first argument {tuple(first.shape)} became {tuple(probe.shape)} in the probe")
     if head.is_floating_point():
         scale = float(head.abs().max()) if head.numel() else 0.0
         return torch.allclose(head.double(), probe.double(), rtol=1e-4, atol=1e-6 * scale)
