@@ -16,6 +16,7 @@ import contextlib
 import functools
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -411,6 +412,7 @@ class Cockpit:
         for t in tensors_of(output):  # backward is seen where it reaches the model's outputs
             if t.requires_grad:
                 on_gradient(t, functools.partial(self._on_output_grad, index))
+                st.hooked.append(weakref.ref(t))
 
     @guarded
     def _on_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -421,7 +423,12 @@ class Cockpit:
             return  # nothing tracked, or an evaluation under no_grad
         with self.costs.region("loss"):
             st.event("on_loss", LossCall(module, args, kwargs, output))
-            on_gradient(output, functools.partial(self._on_output_grad, None))
+            pred = args[0] if args else None
+            for ref in st.hooked:
+                if ref() is pred:  # (its backward reaches that output's hook, which tells it: one hook less)
+                    break
+            else:
+                on_gradient(output, functools.partial(self._on_output_grad, None))
 
     @guarded
     def _on_backward_root(self, tensors: Any, grad_tensors: Any) -> None:

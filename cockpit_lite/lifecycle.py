@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -94,6 +95,16 @@ class Guard:
         found = self._hearing.get(key)
         if found is None:
             found = self._hearing[key] = tuple(o for o in objects if _overrides(type(o), base, method))
+        return found
+
+    def resting(self, running: tuple, providers: Sequence[Provider]) -> tuple:
+        """The providers that hear ``rest_step`` and are not among a plan's ``running`` ones (kept by plan)."""
+        key = (running, Step, "rest_step")  # (apart from hearing()'s keys)
+        found = self._hearing.get(key)
+        if found is None:
+            found = self._hearing[key] = tuple(
+                p for p in providers if p not in running and _overrides(type(p), Provider, "rest_step")
+            )
         return found
 
     def plan(self, scheduled: list[tuple[Instrument, Needs]], providers: Sequence[Provider], reuse: bool) -> tuple:
@@ -217,6 +228,8 @@ class Step:
         self.amp_scale = 1.0  #: GradScaler's loss scale of the current backward (1 without one)
         self.forwards: list[int | None] = []  #: examples of each (grad-enabled) model call of the step
         self.reached: set[int] = set()  #: the model calls (by position) whose outputs backward reached
+        #: weak references to the model's outputs given a hook this step (backward is seen where it reaches one)
+        self.hooked: list[weakref.ref] = []
         #: iterations abandoned since the last optimizer step and before this step's (a retry after a
         #: backward with no step: see ``Cockpit._on_model_forward``)
         self.skipped = 0
@@ -227,7 +240,7 @@ class Step:
         guard.costs.reset()
         plan = guard.every_step_plan(instruments, providers) if gates is None else None  # (gated: never)
         if plan is not None:
-            self._start(plan, fields)
+            self._start(plan, providers, fields)
             return
         allowed: frozenset[str] = frozenset()
         if gates is not None:
@@ -259,10 +272,11 @@ class Step:
             if asked is None or not (asked or inst.scheduled(number)):
                 continue
             scheduled.append((inst, asked))
-        self._start(guard.plan(scheduled, providers, base or not scheduled), fields)
+        self._start(guard.plan(scheduled, providers, base or not scheduled), providers, fields)
 
-    def _start(self, plan: tuple, fields: dict[str, Any]) -> None:
-        """Take ``plan`` (``form_plan``'s), make the step record and begin the providers."""
+    def _start(self, plan: tuple, providers: Sequence[Provider], fields: dict[str, Any]) -> None:
+        """Take ``plan`` (``form_plan``'s), make the step record and begin its providers; tell the others
+        that hear it that they rest this step."""
         guard = self.guard
         self.active, self.asked, merged, self.providers = plan
         #: event name -> :meth:`_route`, kept with the plan (the same plan object step after step)
@@ -273,6 +287,7 @@ class Step:
         if self.record is not None:
             self.record.host.warn = guard.warn
         guard.each(guard.hearing(self.providers, Provider, "begin_step"), "begin_step", self.record, needs)
+        guard.each(guard.resting(self.providers, providers), "rest_step")
 
     @staticmethod
     def form_plan(scheduled: list[tuple[Instrument, Needs]], providers: Sequence[Provider], guard: Guard) -> tuple:

@@ -1,4 +1,4 @@
-"""The per-sample engine takes its layer hooks off after ``SLEEP_AFTER`` model calls without per-sample
+"""The per-sample engine takes its layer hooks off after ``SLEEP_AFTER`` steps without per-sample
 work (an overhead budget's rest steps, ``every=``) and puts them back at the model's forward pre-hook of
 the next step that needs them: the numbers of that step are exact (float64 loop), with one micro-batch or
 several, and a torch.compile'd model keeps its hooks (its compiled code guards on them)."""
@@ -59,6 +59,8 @@ def test_layer_hooks_sleep_between_steps_that_need_them_and_wake_exact():
     with Cockpit(model, opt, loss_fn, instruments=[probe], sinks=[]) as cockpit:
         engine = _engine(cockpit)
         assert engine.may_sleep and _layer_hooks(model) == 3
+        # the Cockpit drives the engine from its own hooks on the model (one pre-hook, one hook): none of its own
+        assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
         hooked = {}
         for step in range(20):
             x, y = _batch(g, 5)
@@ -70,8 +72,8 @@ def test_layer_hooks_sleep_between_steps_that_need_them_and_wake_exact():
             if theta is not None:
                 _check(probe.records[-1], theta, x, y)
         assert len(probe.records) == 4  # steps 0, 6, 12, 18
-    # (counted before each step's forward) awake for step 0, asleep after the SLEEP_AFTER-th call without
-    # per-sample work (step 4's), woken inside step 6's forward (its numbers above are exact), asleep again
+    # (counted before each step's forward) awake for step 0, asleep from the SLEEP_AFTER-th step without
+    # per-sample work (step 4, as it begins), woken inside step 6's forward (its numbers above are exact), asleep again
     assert engine_mod.SLEEP_AFTER == 4
     assert [hooked[s] for s in range(8)] == [3, 3, 3, 3, 3, 0, 0, 3]
     assert hooked[11] == 0 and hooked[13] == 3 and hooked[17] == 0

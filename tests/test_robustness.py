@@ -179,6 +179,44 @@ def _assert_gradient_tests(cp: Cockpit, g: np.ndarray) -> None:
         np.testing.assert_allclose(cp.history.last(tag), value, rtol=1e-4, err_msg=tag)
 
 
+class _Boxed:
+    """A model output the cockpit cannot look into (no tuple, dict or ModelOutput): no hook on its tensors."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+
+class _BoxedMLP(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> _Boxed:
+        return _Boxed(self.inner(x))
+
+
+@pytest.mark.parametrize("boxed", [False, True])
+def test_the_end_of_backward_is_seen_from_the_loss_or_from_the_models_output(boxed):
+    """Backward's end is queued by the first of the cockpit's gradient hooks it meets: on the model's output
+    where the loss module took it as it is (no hook on the loss then), else on the loss module's output (a
+    model output the cockpit cannot look into). Either way every step is complete and exact (two micro-batches
+    accumulated: the second one's end is told too), against one autograd call per example."""
+    model, opt, lf = _mlp_sgd()
+    net = _BoxedMLP(model) if boxed else model
+    batches = [_batch(seed=k) for k in range(2)]
+    with Cockpit(net, opt, lf, instruments="economy") as cp:
+        opt.zero_grad()
+        for x, y in batches:
+            out = net(x)
+            lf(out.logits if boxed else out, y).backward()
+        opt.step()
+    x, y = (torch.cat(t) for t in zip(*batches, strict=True))
+    g = _per_sample_grads(x, y, scale=2.0)
+    np.testing.assert_allclose(cp.history.last("persample/grad_norm"), np.linalg.norm(g, axis=1), rtol=1e-4)
+    _assert_gradient_tests(cp, g)
+    assert cp.history.last("loss/per_sample").shape == (12,)
+
+
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_one_backward_over_two_model_calls_leaves_per_sample_statistics_out_with_the_reason(accumulate):
     """The engine splits gradients within one model call: a loss over two calls (their examples are

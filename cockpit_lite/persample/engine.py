@@ -403,7 +403,8 @@ JOIN_NEEDS = frozenset({Need.PER_SAMPLE_DOT_MEAN, Need.PER_SAMPLE_GRAM, Need.PER
 #: it at the second forward), so it keeps them up to this size and releases them at the optimizer step
 #: if no second micro-batch came (:meth:`PerSampleEngine.expect_accumulation` saves the question)
 TRIAL_BYTES = 1 << 29
-#: model calls without per-sample work after which the layers' hooks are taken off until a step needs them
+#: model calls without per-sample work (steps, where a Cockpit drives the engine: :meth:`PerSampleEngine.rest`)
+#: after which the layers' hooks are taken off until a step needs them
 #: (each hooked layer's call costs the slow path of ``Module.__call__`` and a hook's call: about 5 us)
 SLEEP_AFTER = 4
 
@@ -468,8 +469,13 @@ class PerSampleEngine:
         warn: Callable[[str], None] | None = None,
         attach: bool = True,
         handlers: Mapping[nn.Module, Handler] | None = None,
+        model_hooks: bool = True,
     ):
+        """``model_hooks=False``: the engine puts no hook on ``model`` itself; its driver calls
+        :meth:`forward_begins`, :meth:`forward_ends` and :meth:`rest` (the Cockpit's per-sample provider, from
+        the hooks the Cockpit has on the model anyway: two hooks fewer a model call)."""
         self.model = model
+        self._model_hooks = model_hooks
         self.costs = costs if costs is not None else Costs()  # per-layer work: labelled, timed as "engine"
         self._warn = warn
         #: ``params``: ids of the parameters to cover (the optimizer's); default every trainable one
@@ -525,10 +531,11 @@ class PerSampleEngine:
         self._reset(Needs())
 
     def _attach(self) -> None:
-        self._hooks = [
-            self.model.register_forward_pre_hook(SharedHook(self._model_input), with_kwargs=True),
-            self.model.register_forward_hook(SharedHook(self._model_output)),
-        ]
+        if self._model_hooks:
+            self._hooks = [
+                self.model.register_forward_pre_hook(SharedHook(self._model_input), with_kwargs=True),
+                self.model.register_forward_hook(SharedHook(self._model_output)),
+            ]
         self._wake()
 
     def _wake(self) -> None:
@@ -565,6 +572,7 @@ class PerSampleEngine:
     def stop(self) -> None:
         """No more per-layer work until the next :meth:`begin`; release what this step held."""
         self.active = False
+        self._model_call = None
         self._bcast.reset()
         self._calls.clear()
         self._kept = []
@@ -900,8 +908,22 @@ class PerSampleEngine:
         return None
 
     def _model_input(self, module, args, kwargs):
+        if module is self.model:
+            self.forward_begins(args, kwargs)
+
+    def _model_output(self, module, args, output):
+        if module is not self.model or self._processing or (is_paused() and not self._probing):
+            return
+        if self.active:
+            self.forward_ends(output)
+        else:
+            self._model_call = None
+            self.rest()
+
+    def forward_begins(self, args: tuple, kwargs: dict) -> None:
+        """A call of the model begins (its forward pre-hook): keep its inputs for the shape probe."""
         # (inactive: a step without per-sample work; the Cockpit's pre-hook has begun it, see Cockpit)
-        if self.active and module is self.model and not self._processing and (not is_paused() or self._probing):
+        if self.active and not self._processing and (not is_paused() or self._probing):
             # kept (no copy) until the forward returns: the shape probe reruns the model on fewer examples
             self._model_call, self._order, self._pending = (args, kwargs), {}, []
             shapes = _leaf_shapes((args, kwargs))
@@ -912,15 +934,18 @@ class PerSampleEngine:
             # position axis shared by the batch (a Linear on (T, k) position features)
             self._suspect = rows is not None and rows > 1 and _several_batch_axes(shapes, rows)
 
-    def _model_output(self, module, args, output):
-        """End of the model's forward: hook the consumers of tensors broadcast over the batch."""
-        if module is not self.model or self._processing or (is_paused() and not self._probing):
-            return
+    def rest(self) -> None:
+        """A model call (or, driven, a step) without per-sample work: after ``SLEEP_AFTER`` of them the layer
+        hooks come off (:meth:`_sleep`) until :meth:`begin` of a step with per-sample work."""
+        self._idle += 1
+        if self._idle >= SLEEP_AFTER and self._layer_hooks and self.may_sleep:
+            self._sleep()
+
+    def forward_ends(self, output: Any) -> None:
+        """The model's call returned ``output`` (its forward hook): resolve the sample axes its calls left
+        ambiguous, and hook the consumers of tensors broadcast over the batch."""
         call, self._model_call = self._model_call, None
-        if not self.active:
-            self._idle += 1
-            if self._idle >= SLEEP_AFTER and self._layer_hooks and self.may_sleep:
-                self._sleep()
+        if not self.active or self._processing or (is_paused() and not self._probing):
             return
         if call is not None and any(p.ambiguous for p in self._pending):
             try:

@@ -120,6 +120,10 @@ class Provider:
     def begin_step(self, record: StepRecord, needs: Needs) -> None:
         """A step begins; ``needs`` is everything the scheduled instruments asked for."""
 
+    def rest_step(self) -> None:
+        """A step begins that this provider has no part in (nothing asked of it): no other event of the step
+        reaches it. A provider that keeps hooks of its own may take them off after a few."""
+
     def on_forward(self, record: StepRecord, call: ModelCall) -> None:
         """A model forward begins (the first of a step, or the next micro-batch's)."""
 

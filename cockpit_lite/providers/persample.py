@@ -70,7 +70,11 @@ class PerSampleProvider(Provider):
     def __init__(self, context: Context):
         super().__init__(context)
         self.engine = PerSampleEngine(
-            context.network, costs=context.costs, params={id(p) for p in context.params.values()}, warn=context.warn
+            context.network,
+            costs=context.costs,
+            params={id(p) for p in context.params.values()},
+            warn=context.warn,
+            model_hooks=False,  # (driven from on_forward, on_output and rest_step)
         )
         self.engine.may_sleep = not context.compiled
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -127,15 +131,21 @@ class PerSampleProvider(Provider):
         self.values = None
         return True
 
+    def rest_step(self) -> None:
+        self.engine.rest()
+
     def on_output(self, record: StepRecord, call: ModelCall) -> None:
         if self.coupled:
             self.recorder.after_forward(call.output)
+        else:
+            self.engine.forward_ends(call.output)
 
     def on_forward(self, record: StepRecord, call: ModelCall) -> None:
         if self.coupled:
             self.recorder.before_forward(call.args, call.kwargs)
             return
         if call.batch is None:
+            self.engine.forward_begins(call.args, call.kwargs)
             return
         if self.backwards and not self.call_open:  # gradient accumulation: the next micro-batch of the same step
             self.engine.next_micro_batch(call.batch, self._factor(call.batch), self.mean)
@@ -147,6 +157,7 @@ class PerSampleProvider(Provider):
                 self.engine.needs_changed()  # every provider's begin_step has run by now
             self.engine.set_batch(call.batch, self._factor(call.batch), self.mean)
         self.call_open = True
+        self.engine.forward_begins(call.args, call.kwargs)
 
     def _uncovered(self, covered: set[str], record: StepRecord) -> dict[str, float]:
         """Parameters with a gradient the engine did not see, with their share of sum_p ||p.grad||^2
