@@ -193,8 +193,7 @@ class Guard:
     def instrument(self, inst: Instrument, hook: str, *args: Any) -> Any:
         try:
             if hook in ("on_before_step", "on_after_step", "compute"):  # timed under the instrument's key
-                with self.costs.region(inst.key):
-                    return getattr(inst, hook)(*args)
+                return self.costs.call(inst.key, getattr(inst, hook), *args)
             return getattr(inst, hook)(*args)
         except Exception as e:
             self.warn(f"{inst.key}.{hook} failed: {type(e).__name__}: {e}")

@@ -679,8 +679,9 @@ def test_budget_alone_policy():
 # --- the real instruments: thinned, and exact where they ran --------------------------------------------------
 @contextmanager
 def dear_engine(monkeypatch, clock: Clock, ms: float):
-    """The per-sample engine's timed region costs ``ms`` more (fake) time each time it is entered."""
-    region = profiling.Costs.region
+    """The per-sample engine's timed region (or timed call, ``Costs.call``) costs ``ms`` more (fake) time each
+    time it is entered."""
+    region, call = profiling.Costs.region, profiling.Costs.call
 
     @contextmanager
     def costly_region(self, name):
@@ -689,7 +690,17 @@ def dear_engine(monkeypatch, clock: Clock, ms: float):
             if name == "engine":
                 clock.advance(ms)
 
+    def costly_call(self, name, fn, *args):
+        def work(*a):
+            out = fn(*a)
+            if name == "engine":
+                clock.advance(ms)
+            return out
+
+        return call(self, name, work, *args)
+
     monkeypatch.setattr(profiling.Costs, "region", costly_region)
+    monkeypatch.setattr(profiling.Costs, "call", costly_call)
     yield
 
 

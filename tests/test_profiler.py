@@ -114,6 +114,41 @@ def test_a_region_nested_in_itself_counts_its_time_once(now):
     assert c.region("engine") is c.region("engine")
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_timed_call_is_charged_as_a_region_is(now, fast):
+    """``Costs.call`` (the short path's timed call) nested in regions and calls, and regions nested in it:
+    each name is charged its own time only, and the exclusive times add up to the wall time, on the short
+    path and on the region's (a device clock or a profiler)."""
+    c = Costs()
+    if fast:
+        c.refresh()
+    assert c.fast is fast
+
+    def leaf():
+        now[0] += 3.0
+
+    def body():
+        now[0] += 2.0
+        with c.region("inner"):
+            now[0] += 4.0
+        c.call("engine", leaf)
+        now[0] += 1.0
+        return "done"
+
+    with c.region("outer"):
+        now[0] += 1.0
+        assert c.call("step", body) == "done"
+        now[0] += 5.0
+    c.call("engine", leaf)
+    assert dict(c.ms) == {
+        "outer": pytest.approx(6.0),
+        "step": pytest.approx(3.0),
+        "inner": pytest.approx(4.0),
+        "engine": pytest.approx(6.0),
+    }
+    assert c.total() == pytest.approx(now[0]) and c.timed_ms == pytest.approx(now[0])
+
+
 class FakeEvent:
     """A CUDA event on a fake device timeline: ``time`` is where the device is when it reaches it."""
 

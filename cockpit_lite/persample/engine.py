@@ -969,8 +969,8 @@ class PerSampleEngine:
         # not during our own recomputation (torch.func), nor for a deepcopy that carries our hooks
         if not self.active or self._processing or module not in self.handlers or (is_paused() and not self._probing):
             return None
-        with self.costs.region("engine"):  # (what the layer's call keeps is the engine's work too)
-            return self._capture_call(module, args, kwargs, output)
+        # (what the layer's call keeps is the engine's work too)
+        return self.costs.call("engine", self._capture_call, module, args, kwargs, output)
 
     def _capture_call(self, module, args, kwargs, output):
         """:meth:`_forward_hook`'s work: keep what this call of a handled module needs at its backward."""
@@ -1383,16 +1383,19 @@ class PerSampleEngine:
             or torch.is_autocast_enabled("cuda" if g.is_cuda else "cpu")
         ):
             return False
-        with self.costs.region("engine"):
-            view = self.handlers[module].single_view(calls.captures[0], g, self.batch, self.inv_scale)
-            if view is None:
-                return False
-            del self._calls[module]
-            if g.dtype in _LOW_PRECISION or _tf32(g, module):
-                self.low_precision = True
-            if weight_grad is not None:  # (no graph: grad mode is off in this backward)
-                view.batch_grad_parts = ([weight_grad], self.inv_scale)
-            self._reduce(view)
+        return self.costs.call("engine", self._single_view, module, calls, g, weight_grad)
+
+    def _single_view(self, module, calls: _Calls, g: torch.Tensor, weight_grad: torch.Tensor | None) -> bool:
+        """:meth:`_single`'s work, once its conditions hold."""
+        view = self.handlers[module].single_view(calls.captures[0], g, self.batch, self.inv_scale)
+        if view is None:
+            return False
+        del self._calls[module]
+        if g.dtype in _LOW_PRECISION or _tf32(g, module):
+            self.low_precision = True
+        if weight_grad is not None:  # (no graph: grad mode is off in this backward)
+            view.batch_grad_parts = ([weight_grad], self.inv_scale)
+        self._reduce(view)
         return True
 
     def _process(self, module) -> None:
