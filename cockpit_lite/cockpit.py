@@ -481,8 +481,7 @@ class Cockpit:
                 return
             st.backward_done, st.in_backward, st.queued = True, False, False
             st.grad_marks = grad_marks(self.params)  # (a later forward tells a retry from accumulation by them)
-            with self.costs.region("after_backward"):
-                st.event("on_backward_end")
+            self.costs.call("after_backward", st.event, "on_backward_end")
 
     @guarded
     def _on_before_step(self, optimizer: Any, args: tuple, kwargs: dict) -> Any:
@@ -502,8 +501,7 @@ class Cockpit:
         if self._others and self._step is not None and self._step.record is not None:
             self._say_others(self._step.record)
         if self._step is not None and self._step.active and not self._step.skip:
-            with self.costs.region("before_step"):
-                self._step.event("on_before_step")
+            self.costs.call("before_step", self._step.event, "on_before_step")
 
     def _say_others(self, record: Any) -> None:
         """Parameters the optimizer does not hold got gradients (another optimizer steps them): said once, with a
