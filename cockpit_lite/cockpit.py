@@ -132,7 +132,6 @@ class Cockpit:
             #: ids of those optimizers (their step hooks' identity check), and of the ones that have stepped so far
             #: this step (several optimizers: the step ends with the last)
             self._stepping_ids = frozenset(map(id, self._stepping))
-            self._stepped: set[int] = set()
             check_loss(loss_fn)
             if reduction not in ("mean", "sum"):
                 raise ValueError(f"reduction={reduction!r}: say 'mean' (p.grad = mean_i g_i) or 'sum'")
@@ -487,7 +486,8 @@ class Cockpit:
     def _on_before_step(self, optimizer: Any, args: tuple, kwargs: dict) -> Any:
         if is_paused() or id(optimizer) not in self._stepping_ids:
             return None
-        if self._stepped:  # (several optimizers: the gradients were final at the first one's step)
+        st = self._step
+        if st is not None and st.stepped:  # (several optimizers: the gradients were final at the first one's step)
             return None
         if kwargs.get("closure") is not None:
             return args, {**kwargs, "closure": self._wrap_closure(kwargs["closure"])}
@@ -524,10 +524,9 @@ class Cockpit:
         if st is None or is_paused() or id(optimizer) not in self._stepping_ids:
             return
         if len(self._stepping) > 1:  # several optimizers: the step ends when the last of them has stepped
-            self._stepped.add(id(optimizer))
-            if len(self._stepped) < len(self._stepping):
+            st.stepped.add(id(optimizer))
+            if len(st.stepped) < len(self._stepping):
                 return
-            self._stepped.clear()
         self._finish_late()
         self._step = None
         self.step += 1

@@ -227,6 +227,8 @@ class Step:
         self.amp_scale = 1.0  #: GradScaler's loss scale of the current backward (1 without one)
         self.forwards: list[int | None] = []  #: examples of each (grad-enabled) model call of the step
         self.reached: set[int] = set()  #: the model calls (by position) whose outputs backward reached
+        #: the optimizers (ids) that have stepped in this step, where the Cockpit has several (it ends with the last)
+        self.stepped: set[int] = set()
         #: weak references to the model's outputs given a hook this step (backward is seen where it reaches one)
         self.hooked: list[weakref.ref] = []
         #: iterations abandoned since the last optimizer step and before this step's (a retry after a

@@ -33,6 +33,7 @@ import torch
 from cockpit_lite.instruments._util import uncovered_note
 
 from cockpit_lite import Instrument, Need
+from cockpit_lite.attach import Optimizers
 from cockpit_lite.panels import LinePanel
 
 #: the batch is "far below" the noise scale when B < B_simple / FAR, "far above" when B > FAR B_simple
@@ -104,9 +105,8 @@ def batch_verdict(batch: float, b_simple: float, far: float = FAR) -> tuple[str,
 def is_adaptive(optimizer: Any) -> bool:
     """Whether the optimizer is Adam-family (or another preconditioned method), by its class name; of
     several optimizers read as one (``attach.Optimizers``), whether any is."""
-    members = getattr(optimizer, "optimizers", None)
-    if members is not None:
-        return any(is_adaptive(o) for o in members)
+    if isinstance(optimizer, Optimizers):
+        return any(is_adaptive(o) for o in optimizer.optimizers)
     name = type(optimizer).__name__.lower()
     return any(k in name for k in ADAPTIVE)
 
@@ -191,7 +191,7 @@ class GradientNoiseScale(Instrument):
         self._noted_adaptive = False
 
     def on_attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        named = repr(optimizer) if hasattr(optimizer, "optimizers") else type(optimizer).__name__
+        named = repr(optimizer) if isinstance(optimizer, Optimizers) else type(optimizer).__name__
         self._adaptive = named if is_adaptive(optimizer) else None
 
     # --- the estimates -------------------------------------------------------------------------------

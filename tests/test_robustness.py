@@ -643,3 +643,42 @@ def test_a_parameter_two_optimizers_hold_is_refused():
     params = list(model.parameters())
     with pytest.raises(ValueError, match="held by two of the optimizers"):
         Cockpit(model, [torch.optim.SGD(params, lr=0.1), torch.optim.SGD(params[:2], lr=0.1)])
+
+
+def test_a_step_where_one_of_several_optimizers_did_not_step_leaves_nothing_to_the_next():
+    """Cockpit(model, [sgd, adam]) where an iteration steps only sgd (then zeroes the gradients): that
+    iteration never ends a step, and counts as skipped; the next iteration, where both step, is a whole
+    step of its own: its gradient norm, update and per-sample norms against direct computation."""
+    torch.manual_seed(0)
+    model = models.mlp()
+    params = list(model.parameters())
+    sgd, adam = torch.optim.SGD(params[:2], lr=0.1), torch.optim.Adam(params[2:], lr=0.01)
+    lf = nn.CrossEntropyLoss()
+
+    def norm(ts) -> float:
+        return math.sqrt(sum(float(t.double().pow(2).sum()) for t in ts))
+
+    with Cockpit(model, [sgd, adam], lf, instruments="economy") as cp:
+        for s, both in enumerate([True, False, True]):
+            x, y = _batch(seed=s)
+            sgd.zero_grad()
+            adam.zero_grad()
+            lf(model(x), y).backward()
+            before = [p.detach().clone() for p in params]
+            grad_norm = norm(p.grad for p in params)
+            sgd.step()
+            if both:
+                adam.step()
+            update = norm(p.detach() - b for p, b in zip(params, before, strict=True))
+    assert cp.step == 2 and cp.history["skipped"] == [(1, 1)]
+    np.testing.assert_allclose(cp.history.value_at("grad_norm", 1), grad_norm, rtol=1e-5)
+    np.testing.assert_allclose(cp.history.value_at("update_size", 1), update, rtol=1e-5)
+    ref = models.mlp().double()
+    ref.load_state_dict({n: b for n, b in zip(dict(model.named_parameters()), before, strict=True)})
+    rows = []
+    for i in range(len(x)):
+        ref.zero_grad()
+        lf(ref(x[i : i + 1].double()), y[i : i + 1]).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in ref.parameters()]).numpy())
+    want = np.linalg.norm(np.stack(rows), axis=1)
+    np.testing.assert_allclose(cp.history.value_at("persample/grad_norm", 1), want, rtol=1e-4)
