@@ -129,8 +129,7 @@ class Cockpit:
                 optimizer = unwrap_optimizer(optimizer)  # LightningOptimizer, accelerate's AcceleratedOptimizer
                 self.params = attach.check_model_optimizer(self.network, optimizer)
                 self._stepping = (optimizer,)
-            #: ids of those optimizers (their step hooks' identity check), and of the ones that have stepped so far
-            #: this step (several optimizers: the step ends with the last)
+            #: ids of those optimizers (their step hooks' identity check; those that stepped so far: ``Step.stepped``)
             self._stepping_ids = frozenset(map(id, self._stepping))
             check_loss(loss_fn)
             if reduction not in ("mean", "sum"):
@@ -422,8 +421,8 @@ class Cockpit:
             return  # nothing tracked, or an evaluation under no_grad
         with self.costs.region("loss"):
             st.event("on_loss", LossCall(module, args, kwargs, output))
-            pred = args[0] if args else None
-            for ref in st.hooked:
+            pred = args[0] if args else None  # (by keyword: hooked, as a dead reference is None too)
+            for ref in st.hooked if pred is not None else ():
                 if ref() is pred:  # (its backward reaches that output's hook, which tells it: one hook less)
                     break
             else:

@@ -190,9 +190,11 @@ class _BoxedMLP(nn.Module):
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
+        self.boxed = True
 
-    def forward(self, x: torch.Tensor) -> _Boxed:
-        return _Boxed(self.inner(x))
+    def forward(self, x: torch.Tensor) -> _Boxed | torch.Tensor:
+        out = self.inner(x)
+        return _Boxed(out) if self.boxed else out
 
 
 @pytest.mark.parametrize("boxed", [False, True])
@@ -215,6 +217,25 @@ def test_the_end_of_backward_is_seen_from_the_loss_or_from_the_models_output(box
     np.testing.assert_allclose(cp.history.last("persample/grad_norm"), np.linalg.norm(g, axis=1), rtol=1e-4)
     _assert_gradient_tests(cp, g)
     assert cp.history.last("loss/per_sample").shape == (12,)
+
+
+def test_a_loss_taking_its_input_by_keyword_keeps_its_hook():
+    """Two micro-batches: the first call's output (hooked, then dropped) and a second call whose output the
+    cockpit cannot look into, its loss given by keyword: that loss's hook tells the second backward's end
+    (a dead reference to the first output is no match for it). Exact against the float64 loop."""
+    model, opt, lf = _mlp_sgd()
+    net = _BoxedMLP(model)
+    (x1, y1), (x2, y2) = _batch(seed=0), _batch(seed=1)
+    with Cockpit(net, opt, lf, instruments="economy") as cp:
+        opt.zero_grad()
+        net.boxed = False
+        lf(net(x1), y1).backward()
+        net.boxed = True
+        lf(input=net(x2).logits, target=y2).backward()
+        opt.step()
+    g = _per_sample_grads(torch.cat([x1, x2]), torch.cat([y1, y2]), scale=2.0)
+    np.testing.assert_allclose(cp.history.last("persample/grad_norm"), np.linalg.norm(g, axis=1), rtol=1e-4)
+    _assert_gradient_tests(cp, g)
 
 
 @pytest.mark.parametrize("accumulate", [False, True])
