@@ -1,6 +1,6 @@
-"""nn.EmbeddingBag in modes "sum" and "mean" (flat input with offsets, or (B, n) bags; per-sample weights,
-padding_idx, empty bags, include_last_offset, duplicate rows within a bag, two calls a step) against the
-float64 loop; mode "max" replayed by torch.func; the flat view's Gram and per-sample gradients against a
+"""nn.EmbeddingBag in modes "sum", "mean" and "max" (flat input with offsets, or (B, n) bags; per-sample
+weights, padding_idx, empty bags, include_last_offset, duplicate rows within a bag, rows tied for a bag's
+maximum, two calls a step) against the float64 loop; the flat view's Gram and per-sample gradients against a
 direct construction of each bag's gradient."""
 
 from __future__ import annotations
@@ -24,10 +24,16 @@ class Bags(nn.Module):
     one flat tensor with offsets (as a recommender's ragged input is), else as the rows of a (B, n) tensor;
     ``twice``: the bag module called again on the ids shifted by one (two calls in a step)."""
 
-    def __init__(self, mode: str, flat: bool, padding_idx=None, last: bool = False, twice: bool = False):
+    def __init__(
+        self, mode: str, flat: bool, padding_idx=None, last: bool = False, twice: bool = False, ties: bool = False
+    ):
         super().__init__()
         self.bag = nn.EmbeddingBag(10, 4, mode=mode, padding_idx=padding_idx, include_last_offset=last)
         self.head, self.flat, self.last, self.twice = nn.Linear(4, 3), flat, last, twice
+        if ties:  # rows 4 and 8 (both in example 4's bag), 1 and 0 (example 0's) equal: torch's max picks one
+            with torch.no_grad():
+                self.bag.weight[4] = self.bag.weight[8]
+                self.bag.weight[1] = self.bag.weight[0]
 
     def _bags(self, ids, lengths, weights):
         if not self.flat:
@@ -59,7 +65,19 @@ CASES = {
     "mean, flat, two calls a step": (lambda: Bags("mean", True, twice=True), lambda: (IDS, LENGTHS)),
     "mean, (B, n) bags with padding": (lambda: Bags("mean", False, padding_idx=0), lambda: (IDS, LENGTHS)),
     "sum, (B, n) bags with weights": (lambda: Bags("sum", False), lambda: (IDS, LENGTHS, _weights())),
-    "max, (B, n) bags (torch.func)": (lambda: Bags("max", False), lambda: (IDS, LENGTHS)),
+    "max, (B, n) bags": (lambda: Bags("max", False), lambda: (IDS, LENGTHS)),
+    "max, flat with offsets": (lambda: Bags("max", True), lambda: (IDS, LENGTHS)),
+    "max, flat, padding_idx, include_last_offset": (
+        lambda: Bags("max", True, padding_idx=0, last=True),
+        lambda: (IDS, LENGTHS),
+    ),
+    "max, flat, two calls a step": (lambda: Bags("max", True, twice=True), lambda: (IDS, LENGTHS)),
+    "max, (B, n) bags with padding": (lambda: Bags("max", False, padding_idx=0), lambda: (IDS, LENGTHS)),
+    "max, flat, rows tied for the maximum": (lambda: Bags("max", True, ties=True), lambda: (IDS, LENGTHS)),
+    "max, flat, a bag of padding only": (
+        lambda: Bags("max", True, padding_idx=0),
+        lambda: (torch.where(torch.arange(B)[:, None] == 1, 0, IDS), LENGTHS),
+    ),
 }
 
 

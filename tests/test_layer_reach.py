@@ -388,10 +388,18 @@ class PreHooked(nn.Module):
         return self.head(torch.tanh(self.a(x)))
 
 
+class ScaledBag(nn.EmbeddingBag):
+    """An EmbeddingBag with a forward of its own: replayed by torch.func, which takes (B, n) bags only."""
+
+    def forward(self, input, offsets=None):
+        return 2.0 * super().forward(input, offsets)
+
+
 class Bag(nn.Module):
     def __init__(self):
         super().__init__()
-        self.bag, self.head = nn.EmbeddingBag(10, 4, mode="max"), nn.Linear(4, 3)  # (sum, mean: test_embedding_bag)
+        # (nn.EmbeddingBag itself, every mode, with offsets too: test_embedding_bag)
+        self.bag, self.head = ScaledBag(10, 4, mode="max"), nn.Linear(4, 3)
 
     def forward(self, flat, offsets):
         return self.head(self.bag(flat, offsets))
@@ -408,10 +416,10 @@ class StackedRNN(nn.Module):
 
 CASES = {
     "a weight set by a pre-hook": (PreHooked, lambda: (torch.randn(B, 4),), "a.weight_raw besides"),
-    "EmbeddingBag(mode=max) with offsets": (
+    "an EmbeddingBag subclass with offsets": (
         Bag,
         lambda: (torch.randint(0, 10, (12,)), torch.tensor([0, 2, 5, 6, 10])),
-        'EmbeddingBag(mode="max") on a flat input with offsets',
+        "ScaledBag (an EmbeddingBag with a forward of its own, replayed by torch.func) on a flat input with offsets",
     ),
     "LSTM with dropout between layers": (lambda: StackedRNN(nn.LSTM), lambda: (torch.randn(B, 6, 4),), "dropout=0.3"),
     "GRU with dropout between layers": (lambda: StackedRNN(nn.GRU), lambda: (torch.randn(B, 6, 4),), "dropout=0.3"),

@@ -668,11 +668,13 @@ _BAG_FORWARD = inspect.signature(nn.EmbeddingBag.forward)
 
 
 class EmbeddingBagHandler(Handler):
-    """nn.EmbeddingBag in mode "sum" or "mean" (mode "max" is replayed by torch.func): bag i is example i.
-    Example i's gradient has, at the row of each element j of its bag, c_j e_i, with e_i the bag's output
-    gradient and c_j the element's weight in the bag (its per-sample weight in a sum, 1/n_i in a mean over
-    the bag's n_i elements other than padding_idx, 0 for padding_idx). Bags as rows of a (B, n) input or
-    as a flat input with offsets (``include_last_offset`` either way, empty bags too): :class:`BagView`."""
+    """nn.EmbeddingBag: bag i is example i. Example i's gradient has, at the row of each element j of its
+    bag, c_j e_i, with e_i the bag's output gradient and c_j the element's weight in the bag (its per-sample
+    weight in a sum, 1/n_i in a mean over the bag's n_i elements other than padding_idx, 0 for padding_idx).
+    In mode "max" the element's row gets e_i where it holds the bag's maximum (the argmax torch's backward
+    uses, ``torch.embedding_bag``'s fourth output: ties go to one row, as there), once per row and bag.
+    Bags as rows of a (B, n) input or as a flat input with offsets (``include_last_offset`` either way,
+    empty bags too): :class:`BagView`."""
 
     SERVES = frozenset({"weight"})
 
@@ -706,17 +708,41 @@ class EmbeddingBagHandler(Handler):
                 starts = offsets[: go.shape[0]]
                 v = inp
                 b = torch.searchsorted(starts, torch.arange(inp.numel(), device=inp.device), right=True) - 1
+            vs.append(v)
+            bs.append(b)
+            if m.mode == "max":
+                rows.append(self._max_rows(inp, offsets, v, b).to(go.dtype) * _scaled(go, inv_scale)[b])
+                continue
             # the elements a bag counts (padding_idx is not), each with its weight in the bag
             kept = (v != m.padding_idx).to(go.dtype) if m.padding_idx is not None else go.new_ones(v.shape)
             c = kept if weights is None else kept * weights.reshape(-1).to(go.dtype)
             if m.mode == "mean":
                 c = c / go.new_zeros(batch).index_add_(0, b, kept).clamp(min=1.0)[b]
-            vs.append(v)
-            bs.append(b)
             rows.append(c.unsqueeze(1) * _scaled(go, inv_scale)[b])
         if not vs:
             return MaterialisedView({})
         return BagView(torch.cat(vs), torch.cat(bs), torch.cat(rows), batch, self.names["weight"], m.num_embeddings)
+
+    def _max_rows(
+        self, inp: torch.Tensor, offsets: torch.Tensor | None, v: torch.Tensor, b: torch.Tensor
+    ) -> torch.Tensor:
+        """Mode "max": (N, d) masks, element j's true where its row v_j is the argmax of bag b_j in that
+        dimension, for the first element of its bag that looks up that row (a row twice in a bag gets the
+        gradient once) and never for padding_idx."""
+        m = self.module
+        if inp.dim() == 2:  # (B, n) bags: as the flat input torch makes of them
+            offsets = torch.arange(0, inp.numel(), inp.shape[1], device=inp.device)
+        argmax = torch.embedding_bag(
+            m.weight.detach(), inp.reshape(-1), offsets, False, 2, False, None, m.include_last_offset, m.padding_idx
+        )[3]
+        hit = argmax[b] == v.unsqueeze(1)
+        key = b * m.num_embeddings + v
+        _, inverse = torch.unique(key, return_inverse=True)
+        at = torch.arange(key.numel(), device=key.device)
+        first = torch.full_like(key, key.numel()).scatter_reduce_(0, inverse, at, "amin")[inverse] == at
+        if m.padding_idx is not None:
+            first &= v != m.padding_idx
+        return hit & first.unsqueeze(1)
 
 
 class NormHandler(Handler):
@@ -868,9 +894,10 @@ class FuncHandler(Handler):
             return (nn.utils.rnn.PackedSequence(packed.data.detach(), *packed[1:]), *rest[0]), rest[1]
         if isinstance(self.module, nn.EmbeddingBag) and args and torch.is_tensor(args[0]) and args[0].dim() == 1:
             raise PerSampleUndefined(
-                'EmbeddingBag(mode="max") on a flat input with offsets: the per-sample replay takes one bag per row '
-                "of a (B, n) input. Per-sample statistics leave out its weight; pass the bags as a (B, n) tensor "
-                '(padding_idx for shorter bags) to have it counted (modes "sum" and "mean" are served either way).'
+                f"{type(self.module).__name__} (an EmbeddingBag with a forward of its own, replayed by torch.func) on "
+                "a flat input with offsets: the per-sample replay takes one bag per row of a (B, n) input. Per-sample "
+                "statistics leave out its weight; pass the bags as a (B, n) tensor (padding_idx for shorter bags) to "
+                "have it counted (nn.EmbeddingBag itself is served either way)."
             )
         detach = lambda t: t.detach() if torch.is_tensor(t) else t  # noqa: E731
         return tree_map(detach, args), tree_map(detach, kwargs)
@@ -1796,8 +1823,6 @@ def handler_for(module: nn.Module) -> type[Handler]:
     for cls in type(module).__mro__:
         if cls in HANDLERS:
             if cls in OWN_FORWARD_REPLAYED and type(module).forward is not cls.forward:
-                return FuncHandler
-            if cls is nn.EmbeddingBag and module.mode == "max":  # (the bag's argmax: the torch.func replay)
                 return FuncHandler
             return HANDLERS[cls]
     return FuncHandler
