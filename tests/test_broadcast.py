@@ -110,12 +110,29 @@ class _Tokens(nn.Module):
         elif self.how == "seq first":  # (T, B, d) activations
             h = h.transpose(0, 1) + self.wpe(positions[:, None])
             h = h.transpose(0, 1)
+        elif self.how.startswith("where"):  # a condition selects the term or a constant (T5's causal bias, sdpa)
+            even = (positions % 2 == 0)[:, None]  # (T, 1): shared by the batch
+            rows = (idx > 3)[..., None]  # (B, T, 1): the batch's own (a padding mask)
+            if self.how == "where":
+                h = h + torch.where(even, self.wpe(positions), -1.0)
+            elif self.how == "where, constant first":
+                h = h + torch.where(even, -1.0, self.wpe(positions))
+            elif self.how == "where after a layout op":
+                h = h + torch.where(even, self.pos_dt.t(), 0.5)
+            elif self.how == "where broadcasting":  # (d,) selected into (T, d)
+                h = h + torch.where(even & (torch.arange(h.shape[-1], device=idx.device) > 0), self.scale, 0.0)
+            elif self.how == "where with the batch's condition":  # the batch met at the selection itself
+                h = h * torch.where(rows, self.wpe(positions), 0.5)
+            elif self.how == "where with the batch's condition after a layout op":
+                h = h * torch.where(rows, self.pos_dt.t(), 0.5)
         return self.head(torch.tanh(h).mean(1))
 
 
 CONSUMERS = [
     "add alpha", "sub", "sub alpha", "mul", "unsqueeze", "view then add", "transpose", "permute", "cast",
-    "clone", "slice", "slice from the end", "select", "twice", "cls", "seq first",
+    "clone", "slice", "slice from the end", "select", "twice", "cls", "seq first", "where", "where, constant first",
+    "where after a layout op", "where broadcasting", "where with the batch's condition",
+    "where with the batch's condition after a layout op",
 ]  # fmt: skip
 
 
@@ -322,3 +339,37 @@ def test_a_failure_inside_a_backward_hook_never_breaks_the_backward(device, monk
     assert rec.per_sample_sq_norms is None and rec.loss is not None
     assert any("broadcast over the batch: boom" in w for w in seen)
     assert all(p.grad is not None for p in (model.pos, model.tok.weight, model.head.weight))
+
+
+class _T5LastLogits(nn.Module):
+    """transformers' T5 (random weights, tiny) under SDPA: the logits of the last of three decoder positions."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        cfg = T5Config(
+            vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=2, num_heads=2,
+            relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+            pad_token_id=1, eos_token_id=2, decoder_start_token_id=1, attn_implementation="sdpa",
+        )  # fmt: skip
+        self.m = T5ForConditionalGeneration(cfg)
+        self.register_buffer("dec", torch.tensor([[1, 7, 12]]))
+
+    def forward(self, x):
+        return self.m(input_ids=x, decoder_input_ids=self.dec.expand(x.shape[0], -1)).logits[:, -1]
+
+
+def test_t5_relative_bias_under_sdpa_with_a_causal_mask_is_split(device):
+    """T5's decoder puts its relative position bias under the causal mask by ``torch.where`` (transformers'
+    SDPA path) before it meets the batch inside attention: followed through the selection, the decoder's
+    table is served, exact against the float64 loop (it was left out)."""
+    torch.manual_seed(0)
+    model = _T5LastLogits()
+    assert model.m.config._attn_implementation == "sdpa"
+    x, y = torch.randint(3, 32, (4, 8)), torch.randint(0, 32, (4,))
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), device=device)
+    assert "m.decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" in (
+        checked.record.per_sample_sq_norms_by_param
+    )
+    assert not checked.warnings, checked.warnings

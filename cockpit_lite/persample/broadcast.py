@@ -65,6 +65,10 @@ PERMUTE_OPS = frozenset({"PermuteBackward0", "TransposeBackward0", "TBackward0"}
 #: basic indexing (``pos[:, :T]``, ``pos[0]``): the backward places the gradient back into zeros
 INDEX_OPS = frozenset({"SliceBackward0", "SelectBackward0"})
 LAYOUT_OPS = RESHAPE_OPS | PERMUTE_OPS | INDEX_OPS
+#: a selection by a condition with a constant beside it (``torch.where(c, u, -inf)``, as a causal mask put on a
+#: position bias): followed as a layout op (each example's share masked by c) while its output lacks the batch
+#: axis; where c brings the batch (a padding mask), the op itself is where u meets the batch
+MASK_OPS = frozenset({"WhereBackward0"})
 
 #: relative tolerance of the check that the shares add up to the summed gradient (float32, half)
 SUM_RTOL = (1e-3, 3e-2)
@@ -145,6 +149,7 @@ class Slot:
     parent: Slot | None = None  #: layout: the slot its input is
     op: str = ""  #: layout: its op name
     node: Any = None  #: layout: its node (saved dims)
+    arg: int = 0  #: layout: which input of its node the parent is (a mask op's: its condition's side)
     owner: Any = None  #: call: (module, call index); param: full parameter name
     pending: list = field(default_factory=list)  #: layout, before its shape is known
     parts: list[torch.Tensor] = field(default_factory=list)  #: shares (B, *shape)
@@ -240,14 +245,17 @@ class BroadcastTracker:
         def slot_of(node, nr: int) -> Slot | None:
             """The slot that the edge (node, nr) reaches: a target, or a layout op on one (made here)."""
             hit = targets.get((node, nr))
-            if hit is not None or nr != 0 or node.name() not in LAYOUT_OPS:
+            name = node.name()
+            if hit is not None or nr != 0 or (name not in LAYOUT_OPS and name not in MASK_OPS):
                 return hit
             if node not in layouts:
                 nxt = node.next_functions
-                parent = slot_of(*nxt[0]) if len(nxt) == 1 and nxt[0][0] is not None else None
+                live = [k for k, (y, _) in enumerate(nxt) if y is not None]  # (a mask op's constant: no edge)
+                arg = live[0] if len(live) == 1 and (len(nxt) == 1 or name in MASK_OPS) else None
+                parent = slot_of(*nxt[arg]) if arg is not None else None
                 slot = None
                 if parent is not None:
-                    slot = Slot("layout", None, None, parent.label, parent=parent, op=node.name(), node=node)
+                    slot = Slot("layout", None, None, parent.label, parent=parent, op=name, node=node, arg=arg)
                     hook = lambda gs, s=slot: self._guarded(self._flush_layout, s, gs)  # noqa: E731
                     self._handles.append(node.register_prehook(hook))
                 layouts[node] = slot
@@ -329,12 +337,24 @@ class BroadcastTracker:
                 slot.unknown.append(f"{_short(name)} ({share})")
             else:
                 slot.parts.append(share)
+        elif kind == "mask":
+            _, child, share, g = item
+            if child.shape != slot.shape and share is None:
+                # the op broadcast the tensor (its condition brought the batch): split here, whatever uses its output
+                self._resolve(slot, ("bcast", child.op, g))
+                return
+            if share is not None:  # (B, *its output) to (B, *this shape): summed over what it broadcast
+                b, extra = share.shape[0], share.dim() - 1 - len(slot.shape)
+                share = share.sum_to_size(b, *(1,) * extra, *slot.shape).reshape(b, *slot.shape)
+            self._resolve(slot, ("layout", child, share))
         elif kind == "layout":
             _, child, share = item
             then = f"{_short(child.op)} then "
             slot.plain.extend(then + n for n in child.plain)
             slot.unknown.extend(then + n for n in child.unknown)
-            if share is not None:
+            if share is not None and child.op in MASK_OPS:  # (masked and summed to this shape: see _flush_layout)
+                slot.parts.append(share.to(dtype=slot.like[0], device=slot.like[1]))
+            elif share is not None:
                 slot.parts.append(_layout_back(child.op, child.node, share, slot.shape, *slot.like))
 
     @staticmethod
@@ -358,7 +378,16 @@ class BroadcastTracker:
         for item in slot.pending:
             self._resolve(slot, item)
         slot.pending = []
-        self._note(slot.parent, ("layout", slot, sum(slot.parts) if slot.parts else None))
+        share = sum(slot.parts) if slot.parts else None
+        if slot.op in MASK_OPS:  # (its condition now: the node frees what it saved once it has run)
+            cond = saved_attribute(slot.node, "condition")
+            zero = g.new_zeros(())
+            g = torch.where(cond, g, zero) if slot.arg == 0 else torch.where(cond, zero, g)
+            if share is not None:
+                share = torch.where(cond, share, zero) if slot.arg == 0 else torch.where(cond, zero, share)
+            self._note(slot.parent, ("mask", slot, share, g))
+            return
+        self._note(slot.parent, ("layout", slot, share))
 
     def _shares(self, slot: Slot, summed: torch.Tensor) -> torch.Tensor | str | None:
         """The slot's shares (B, *shape); None if no consumer broadcast it over the batch; or why it
