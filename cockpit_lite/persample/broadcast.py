@@ -13,7 +13,10 @@ where [.]_i keeps the rows of example i along y's batch axis (the one axis of si
 broadcast along) and c is the op's local derivative with respect to u: 1 for ``u + x`` and
 ``x.expand``, alpha or -alpha for ``x + alpha u`` and ``x - alpha u``, x for ``u * x``. Between u and
 that op there may be ops that change only u's layout (view, reshape, (un)squeeze, permute, transpose,
-a cast, a clone); their backward is applied to each example's share. The shares are stacked as
+a cast, a clone); their backward is applied to each example's share. A selection by a condition with a
+constant beside it (``torch.where(c, u, -inf)``: a causal mask put on T5's position bias) is followed the
+same way, each share masked by c; where c carries the batch, the selection is where u meets it
+(derivative c). The shares are stacked as
 (B, *u.shape) (memory B x |u|, no more), handed to the module's handler as the call's output gradient
 (with its inputs expanded over the batch) or, for a bare parameter, taken as its per-sample gradients.
 
