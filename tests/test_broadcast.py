@@ -125,6 +125,9 @@ class _Tokens(nn.Module):
                 h = h * torch.where(rows, self.wpe(positions), 0.5)
             elif self.how == "where with the batch's condition after a layout op":
                 h = h * torch.where(rows, self.pos_dt.t(), 0.5)
+        elif self.how.startswith("repeat"):  # tiled over the batch beside example-major rows (DeBERTa's positions)
+            u = self.pos if self.how == "repeat" else self.pos_dt.t()
+            h = (h.reshape(b * t, -1) * u.repeat(b, 1)).reshape(b, t, -1)
         return self.head(torch.tanh(h).mean(1))
 
 
@@ -132,7 +135,7 @@ CONSUMERS = [
     "add alpha", "sub", "sub alpha", "mul", "unsqueeze", "view then add", "transpose", "permute", "cast",
     "clone", "slice", "slice from the end", "select", "twice", "cls", "seq first", "where", "where, constant first",
     "where after a layout op", "where broadcasting", "where with the batch's condition",
-    "where with the batch's condition after a layout op",
+    "where with the batch's condition after a layout op", "repeat", "repeat after a layout op",
 ]  # fmt: skip
 
 
@@ -373,3 +376,37 @@ def test_t5_relative_bias_under_sdpa_with_a_causal_mask_is_split(device):
         checked.record.per_sample_sq_norms_by_param
     )
     assert not checked.warnings, checked.warnings
+
+
+def test_deberta_v2_relative_position_projections_are_split(device):
+    """DeBERTa-v2 (and v3, the same code) tiles its relative position projections over the batch by
+    ``repeat`` beside its (B h, T, d) queries: split there, pos_query_proj and pos_key_proj are served, exact
+    against the float64 loop (they were left out). The relative embedding table itself is left to its own
+    test (it is used by the encoder's forward directly)."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = DebertaV2Config(
+        vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, relative_attention=True, pos_att_type=["p2c", "c2p"], max_relative_positions=8,
+        position_buckets=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+        type_vocab_size=0, share_att_key=False,
+    )  # fmt: skip
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = DebertaV2ForSequenceClassification(cfg)
+
+        def forward(self, x):
+            return self.m(input_ids=x).logits
+
+    model = Logits()
+    params = [p for n, p in model.named_parameters() if "rel_embeddings" not in n]
+    x, y = torch.randint(3, 32, (4, 6)), torch.randint(0, 3, (4,))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not hold them")
+        checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), params=params, device=device)
+    served = checked.record.per_sample_sq_norms_by_param
+    assert {"m.deberta.encoder.layer.1.attention.self.pos_key_proj.weight"} <= set(served)
+    assert "m.deberta.encoder.layer.0.attention.self.pos_query_proj.bias" in served

@@ -16,7 +16,9 @@ that op there may be ops that change only u's layout (view, reshape, (un)squeeze
 a cast, a clone); their backward is applied to each example's share. A selection by a condition with a
 constant beside it (``torch.where(c, u, -inf)``: a causal mask put on T5's position bias) is followed the
 same way, each share masked by c; where c carries the batch, the selection is where u meets it
-(derivative c). The shares are stacked as
+(derivative c). A repeat that tiles u B times along one axis (``u.repeat(B, 1, 1)``, DeBERTa's relative
+position projections beside its (B h, T, d) queries) meets the batch too: copy i is example i's share.
+The shares are stacked as
 (B, *u.shape) (memory B x |u|, no more), handed to the module's handler as the call's output gradient
 (with its inputs expanded over the batch) or, for a bare parameter, taken as its per-sample gradients.
 
@@ -103,6 +105,26 @@ def per_example(t: torch.Tensor, shape: tuple[int, ...], batch: int) -> torch.Te
     if dims:
         t = t.sum(dims, keepdim=True)
     return t.movedim(ba, 0).reshape(batch, *shape)
+
+
+def per_copy(
+    t: torch.Tensor, shape: tuple[int, ...], repeats: tuple[int, ...], batch: int | None
+) -> torch.Tensor | str | None:
+    """The shares of the B examples of a gradient ``t`` of ``u.repeat(*repeats)`` (u of shape ``shape``),
+    where u is tiled B times along one axis to meet a batch laid out example-major along it (DeBERTa's
+    relative position projections, (h, P, d) tiled to (B h, P, d) beside the (B h, T, d) queries): copy i
+    is example i's, (B, *shape). None where nothing is repeated (u used as it is); a string where the
+    repeats are not one axis of B copies."""
+    if all(r == 1 for r in repeats):
+        return None
+    if batch is None:
+        return "no batch size known"
+    s = (1,) * (len(repeats) - len(shape)) + tuple(shape)
+    axes = [d for d, r in enumerate(repeats) if r != 1]
+    if len(axes) != 1 or repeats[axes[0]] != batch:
+        return f"repeated {tuple(repeats)} times, not along one axis as often as the batch size {batch}"
+    d = axes[0]
+    return t.unflatten(d, (batch, s[d])).movedim(d, 0).reshape(batch, *shape)
 
 
 def _signed(v: int | None) -> int | None:
@@ -310,6 +332,8 @@ class BroadcastTracker:
                     slot.plain.append(_short(name))
                 else:  # the operand now: the node frees what it saved once it has run
                     self._note(slot, ("bcast", name, self._operand_grad(name, node, k, g)))
+            elif name == "RepeatBackward0":
+                self._note(slot, ("repeat", name, g, tuple(saved_attribute(node, "repeats"))))
             else:
                 self._note(slot, ("other", name, tuple(g.shape)))
 
@@ -338,6 +362,21 @@ class BroadcastTracker:
             share = per_example(t, slot.shape, batch)
             if isinstance(share, str):
                 slot.unknown.append(f"{_short(name)} ({share})")
+            else:
+                slot.parts.append(share)
+        elif kind == "repeat":
+            _, name, t, repeats = item
+            root = slot
+            while root.parent is not None:
+                root = root.parent
+            if self.engine.batch in root.shape:  # (a tensor with an axis of the batch size: copies are not examples)
+                self._resolve(slot, ("other", name, tuple(t.shape)))
+                return
+            share = per_copy(t, slot.shape, repeats, self.engine.batch)
+            if isinstance(share, str):
+                slot.unknown.append(f"{_short(name)} ({share})")
+            elif share is None:
+                slot.plain.append(_short(name))
             else:
                 slot.parts.append(share)
         elif kind == "mask":
