@@ -378,14 +378,10 @@ def test_t5_relative_bias_under_sdpa_with_a_causal_mask_is_split(device):
     assert not checked.warnings, checked.warnings
 
 
-def test_deberta_v2_relative_position_projections_are_split(device):
-    """DeBERTa-v2 (and v3, the same code) tiles its relative position projections over the batch by
-    ``repeat`` beside its (B h, T, d) queries: split there, pos_query_proj and pos_key_proj are served, exact
-    against the float64 loop (they were left out). The relative embedding table itself is left to its own
-    test (it is used by the encoder's forward directly)."""
+def _deberta_v2() -> nn.Module:
+    """transformers' DeBERTa-v2 (random weights, tiny: two layers, relative attention both ways), its logits."""
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
-    torch.manual_seed(0)
     cfg = DebertaV2Config(
         vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
         max_position_embeddings=32, relative_attention=True, pos_att_type=["p2c", "c2p"], max_relative_positions=8,
@@ -401,7 +397,16 @@ def test_deberta_v2_relative_position_projections_are_split(device):
         def forward(self, x):
             return self.m(input_ids=x).logits
 
-    model = Logits()
+    return Logits()
+
+
+def test_deberta_v2_relative_position_projections_are_split(device):
+    """DeBERTa-v2 (and v3, the same code) tiles its relative position projections over the batch by
+    ``repeat`` beside its (B h, T, d) queries: split there, pos_query_proj and pos_key_proj are served, exact
+    against the float64 loop (they were left out). The relative embedding table itself is left to its own
+    test (it is used by the encoder's forward directly)."""
+    torch.manual_seed(0)
+    model = _deberta_v2()
     params = [p for n, p in model.named_parameters() if "rel_embeddings" not in n]
     x, y = torch.randint(3, 32, (4, 6)), torch.randint(0, 3, (4,))
     with warnings.catch_warnings():
@@ -410,3 +415,17 @@ def test_deberta_v2_relative_position_projections_are_split(device):
     served = checked.record.per_sample_sq_norms_by_param
     assert {"m.deberta.encoder.layer.1.attention.self.pos_key_proj.weight"} <= set(served)
     assert "m.deberta.encoder.layer.0.attention.self.pos_query_proj.bias" in served
+
+
+def test_deberta_v2_whole_after_a_step_its_encoder_outputs_copied(device):
+    """Every parameter of DeBERTa-v2 after one step: its relative embedding table, which the encoder's
+    forward uses itself, is served from the second step by torch.func over the encoder. The encoder returns
+    every layer's hidden states in a ModelOutput, each computed from the one before: its outputs are handed
+    downstream as copies, so that each one's gradient is only what reaches it from outside the encoder (it was
+    counted again through the layers after it: the sum of the per-sample gradients 2.8 times too large, said
+    by the gradient-sum check). Exact against the float64 loop."""
+    torch.manual_seed(0)
+    model = _deberta_v2()
+    x, y = torch.randint(3, 32, (4, 6)), torch.randint(0, 3, (4,))
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), warmup=1, device=device)
+    assert "m.deberta.encoder.rel_embeddings.weight" in checked.record.per_sample_sq_norms_by_param

@@ -12,6 +12,7 @@ micro-batch's views until the optimizer's pre-hook (docs/design.md, "Gradient ac
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
@@ -139,8 +140,9 @@ class _Calls:
 def _outside_gradients(handler: Handler, output: Any) -> bool:
     """Whether the engine hands a call's outputs downstream as copies, to see only the gradients
     that reach them from outside the call (``_forward_hook``): for modules replayed by torch.func (whose
-    outputs may be computed from one another) with several outputs in plain tuples and lists (a
-    PackedSequence or a dict output is left as it is). Attention's factor form reads its outputs' own."""
+    outputs may be computed from one another: an encoder returning every layer's hidden states) with several
+    outputs in plain tuples and lists, or in a Hugging Face ``ModelOutput`` (a PackedSequence or another
+    dict output is left as it is). Attention's factor form reads its outputs' own."""
     if not isinstance(handler, FuncHandler) or isinstance(handler, AttentionHandler):
         return False
 
@@ -149,7 +151,17 @@ def _outside_gradients(handler: Handler, output: Any) -> bool:
             return all(plain(y) for y in x)
         return torch.is_tensor(x) or x is None or isinstance(x, (bool, int, float, str))
 
+    if _is_model_output(output):
+        return all(plain(v) for v in output.values())
     return type(output) in (tuple, list) and plain(output)
+
+
+def _is_model_output(x: Any) -> bool:
+    """A Hugging Face ``ModelOutput`` (an ordered dict of tensors that pytree maps as its own class), told by
+    its base class's name and module without importing transformers."""
+    return isinstance(x, collections.OrderedDict) and any(
+        c.__name__ == "ModelOutput" and c.__module__.startswith("transformers") for c in type(x).__mro__
+    )
 
 
 def _outside_copy(t: Any) -> Any:
