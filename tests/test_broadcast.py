@@ -388,16 +388,7 @@ def _deberta_v2() -> nn.Module:
         position_buckets=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
         type_vocab_size=0, share_att_key=False,
     )  # fmt: skip
-
-    class Logits(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = DebertaV2ForSequenceClassification(cfg)
-
-        def forward(self, x):
-            return self.m(input_ids=x).logits
-
-    return Logits()
+    return M.LogitsForLoss(DebertaV2ForSequenceClassification(cfg))
 
 
 def test_deberta_v2_relative_position_projections_are_split(device):
@@ -413,8 +404,8 @@ def test_deberta_v2_relative_position_projections_are_split(device):
         warnings.filterwarnings("ignore", message=".*does not hold them")
         checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), params=params, device=device)
     served = checked.record.per_sample_sq_norms_by_param
-    assert {"m.deberta.encoder.layer.1.attention.self.pos_key_proj.weight"} <= set(served)
-    assert "m.deberta.encoder.layer.0.attention.self.pos_query_proj.bias" in served
+    assert {"net.deberta.encoder.layer.1.attention.self.pos_key_proj.weight"} <= set(served)
+    assert "net.deberta.encoder.layer.0.attention.self.pos_query_proj.bias" in served
 
 
 def test_deberta_v2_whole_after_a_step_its_encoder_outputs_copied(device):
@@ -428,4 +419,4 @@ def test_deberta_v2_whole_after_a_step_its_encoder_outputs_copied(device):
     model = _deberta_v2()
     x, y = torch.randint(3, 32, (4, 6)), torch.randint(0, 3, (4,))
     checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), warmup=1, device=device)
-    assert "m.deberta.encoder.rel_embeddings.weight" in checked.record.per_sample_sq_norms_by_param
+    assert "net.deberta.encoder.rel_embeddings.weight" in checked.record.per_sample_sq_norms_by_param

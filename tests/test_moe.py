@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests import models_lm as M
 from tests.harness import assert_matches_loop, watched_steps
 
 B, T, D, E, K = 4, 5, 6, 4, 2
@@ -118,16 +119,7 @@ def test_hugging_face_mixtures_of_experts_are_served_whole(arch):
     # transformers' default grouped_mm experts have no float64 kernel for the loop: both run the eager loop
     config._experts_implementation = "eager"
     torch.manual_seed(0)
-
-    class Logits(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = cls(config)
-
-        def forward(self, ids):
-            return self.m(input_ids=ids).logits
-
-    model = Logits()
+    model = M.LogitsForLoss(cls(config))
     ids = torch.randint(1, 40, (B, 6))
     checked = assert_matches_loop(model, ids, torch.randint(0, 3, (B,)), nn.CrossEntropyLoss())
     assert set(checked.record.per_sample_sq_norms_by_param) == {n for n, _ in model.named_parameters()}
