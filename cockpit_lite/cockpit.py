@@ -120,15 +120,13 @@ class Cockpit:
             self.network, compiled = unwrap(model)
             if compiled:  # compiled code must guard on the layer hooks (restored on close)
                 undo.enter_context(dynamo_hook_guards())
-            if isinstance(optimizer, (list, tuple)):  # several optimizers, read as one (attach.Optimizers)
-                #: the optimizers whose steps end a step, each once (one unless a list was given)
-                self._stepping = tuple(unwrap_optimizer(o) for o in optimizer)
-                self.params = attach.check_model_optimizers(self.network, self._stepping)
-                optimizer = attach.Optimizers(self._stepping) if len(self._stepping) > 1 else self._stepping[0]
-            else:
-                optimizer = unwrap_optimizer(optimizer)  # LightningOptimizer, accelerate's AcceleratedOptimizer
-                self.params = attach.check_model_optimizer(self.network, optimizer)
-                self._stepping = (optimizer,)
+            given = tuple(optimizer) if isinstance(optimizer, (list, tuple)) else (optimizer,)
+            #: the optimizers whose steps end a step, each once (one unless a list was given); unwrapped:
+            #: LightningOptimizer, accelerate's AcceleratedOptimizer
+            self._stepping = tuple(unwrap_optimizer(o) for o in given)
+            self.params = attach.check_model_optimizers(self.network, self._stepping)
+            # several optimizers are read as one (attach.Optimizers)
+            optimizer = attach.Optimizers(self._stepping) if len(self._stepping) > 1 else self._stepping[0]
             #: ids of those optimizers (their step hooks' identity check; those that stepped so far: ``Step.stepped``)
             self._stepping_ids = frozenset(map(id, self._stepping))
             check_loss(loss_fn)

@@ -924,12 +924,11 @@ class PerSampleEngine:
             self.forward_begins(args, kwargs)
 
     def _model_output(self, module, args, output):
-        if module is not self.model or self._processing or (is_paused() and not self._probing):
+        if module is not self.model:
             return
         if self.active:
             self.forward_ends(output)
-        else:
-            self._model_call = None
+        elif not self._processing and not (is_paused() and not self._probing):
             self.rest()
 
     def forward_begins(self, args: tuple, kwargs: dict) -> None:
@@ -956,9 +955,9 @@ class PerSampleEngine:
     def forward_ends(self, output: Any) -> None:
         """The model's call returned ``output`` (its forward hook): resolve the sample axes its calls left
         ambiguous, and hook the consumers of tensors broadcast over the batch."""
-        call, self._model_call = self._model_call, None
         if not self.active or self._processing or (is_paused() and not self._probing):
             return
+        call, self._model_call = self._model_call, None
         if call is not None and any(p.ambiguous for p in self._pending):
             try:
                 self._resolve_pending(*call, output)
