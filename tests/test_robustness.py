@@ -150,11 +150,12 @@ def test_backward_reaching_a_model_call_is_seen_whatever_computes_the_loss(form)
     _assert_gradient_tests(cp, g)
 
 
-def _per_sample_grads(x: torch.Tensor, y: torch.Tensor, scale: float) -> np.ndarray:
+def _per_sample_grads(x: torch.Tensor, y: torch.Tensor, scale: float, ref: nn.Module | None = None) -> np.ndarray:
     """(B, D) float64: ``scale`` x the gradient of each example's cross-entropy at the initial
-    ``models.mlp()``, one autograd call per example."""
-    torch.manual_seed(0)
-    ref = models.mlp().double()
+    ``models.mlp()`` (or at ``ref``, a float64 copy at other parameters), one autograd call per example."""
+    if ref is None:
+        torch.manual_seed(0)
+        ref = models.mlp().double()
     rows = []
     for i in range(len(x)):
         ref.zero_grad()
@@ -373,11 +374,7 @@ def test_gradients_taken_by_autograd_grad_are_split_exactly(form):
         for p in ref.parameters():
             p -= 0.1 * p.grad
     x, y = _batch(seed=1)
-    norms = []
-    for i in range(len(x)):
-        ref.zero_grad()
-        nn.functional.cross_entropy(ref(x[i : i + 1].double()), y[i : i + 1]).backward()
-        norms.append(math.sqrt(sum(float(p.grad.pow(2).sum()) for p in ref.parameters())))
+    norms = np.linalg.norm(_per_sample_grads(x, y, 1.0, ref), axis=1)
     np.testing.assert_allclose(cp.history.last("persample/grad_norm"), norms, rtol=1e-5)
 
 
@@ -622,6 +619,11 @@ def test_agc_clip_refuses_a_sparse_gradient_with_one_message():
 
 
 # --- several optimizers (Muon beside AdamW): one step of them all ------------------------------------------
+def _norm(ts) -> float:
+    """The float64 2-norm of tensors taken together."""
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in ts))
+
+
 def test_several_optimizers_step_the_model_together():
     """Cockpit(model, [sgd, adam]): a step ends when both have stepped; the gradient norm, the update (both
     optimizers' steps) and the distance cover every parameter, against direct computation at each step;
@@ -634,9 +636,6 @@ def test_several_optimizers_step_the_model_together():
     theta0 = [p.detach().clone() for p in params]
     want: dict[str, list[float]] = {"grad_norm": [], "update_size": [], "distance": []}
 
-    def norm(ts) -> float:
-        return math.sqrt(sum(float(t.double().pow(2).sum()) for t in ts))
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with Cockpit(model, [sgd, adam], lf, instruments="economy") as cp:
@@ -646,11 +645,11 @@ def test_several_optimizers_step_the_model_together():
                 adam.zero_grad()
                 lf(model(x), y).backward()
                 before = [p.detach().clone() for p in params]
-                want["grad_norm"].append(norm(p.grad for p in params))
-                want["distance"].append(norm(b - t for b, t in zip(before, theta0, strict=True)))
+                want["grad_norm"].append(_norm(p.grad for p in params))
+                want["distance"].append(_norm(b - t for b, t in zip(before, theta0, strict=True)))
                 sgd.step()
                 adam.step()
-                want["update_size"].append(norm(p.detach() - b for p, b in zip(params, before, strict=True)))
+                want["update_size"].append(_norm(p.detach() - b for p, b in zip(params, before, strict=True)))
     assert cp.step == 3
     for tag, values in want.items():
         np.testing.assert_allclose(cp.history.values(tag), values, rtol=1e-5, atol=1e-8, err_msg=tag)
@@ -676,9 +675,6 @@ def test_a_step_where_one_of_several_optimizers_did_not_step_leaves_nothing_to_t
     sgd, adam = torch.optim.SGD(params[:2], lr=0.1), torch.optim.Adam(params[2:], lr=0.01)
     lf = nn.CrossEntropyLoss()
 
-    def norm(ts) -> float:
-        return math.sqrt(sum(float(t.double().pow(2).sum()) for t in ts))
-
     with Cockpit(model, [sgd, adam], lf, instruments="economy") as cp:
         for s, both in enumerate([True, False, True]):
             x, y = _batch(seed=s)
@@ -686,20 +682,15 @@ def test_a_step_where_one_of_several_optimizers_did_not_step_leaves_nothing_to_t
             adam.zero_grad()
             lf(model(x), y).backward()
             before = [p.detach().clone() for p in params]
-            grad_norm = norm(p.grad for p in params)
+            grad_norm = _norm(p.grad for p in params)
             sgd.step()
             if both:
                 adam.step()
-            update = norm(p.detach() - b for p, b in zip(params, before, strict=True))
+            update = _norm(p.detach() - b for p, b in zip(params, before, strict=True))
     assert cp.step == 2 and cp.history["skipped"] == [(1, 1)]
     np.testing.assert_allclose(cp.history.value_at("grad_norm", 1), grad_norm, rtol=1e-5)
     np.testing.assert_allclose(cp.history.value_at("update_size", 1), update, rtol=1e-5)
     ref = models.mlp().double()
     ref.load_state_dict({n: b for n, b in zip(dict(model.named_parameters()), before, strict=True)})
-    rows = []
-    for i in range(len(x)):
-        ref.zero_grad()
-        lf(ref(x[i : i + 1].double()), y[i : i + 1]).backward()
-        rows.append(torch.cat([p.grad.reshape(-1) for p in ref.parameters()]).numpy())
-    want = np.linalg.norm(np.stack(rows), axis=1)
+    want = np.linalg.norm(_per_sample_grads(x, y, 1.0, ref), axis=1)
     np.testing.assert_allclose(cp.history.value_at("persample/grad_norm", 1), want, rtol=1e-4)
