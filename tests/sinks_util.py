@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from torch import nn
@@ -27,8 +29,12 @@ class Talker(Instrument):
         }
 
 
-def train(steps: int = 6, talker: bool = True, seed: int = 0, **cockpit_kw) -> Cockpit:
-    """A few SGD steps of the tiny MLP with the economy preset (+ Talker); returns the closed cockpit."""
+def train(
+    steps: int = 6, talker: bool = True, seed: int = 0, clock: list[float] | None = None, **cockpit_kw
+) -> Cockpit:
+    """A few SGD steps of the tiny MLP with the economy preset (+ Talker); returns the closed cockpit.
+    ``clock``: given a list, ``time.perf_counter()`` (ms) is appended before the cockpit is made and after
+    each iteration (the wall-clock bounds of what the cockpit's hooks can have measured)."""
     torch.manual_seed(seed)
     model = models.mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -38,12 +44,15 @@ def train(steps: int = 6, talker: bool = True, seed: int = 0, **cockpit_kw) -> C
     # the Talker stands in for Alpha's verdict (too few steps here for a real one) and TracIn's table
     instruments = [i for i in economy() if not (talker and i.key == "alpha")] + ([Talker()] if talker else [])
     gen = torch.Generator().manual_seed(seed)
+    tick = clock.append if clock is not None else lambda t: None
+    tick(time.perf_counter() * 1e3)
     with Cockpit(model, opt, loss_fn, instruments=instruments, **cockpit_kw) as cockpit:
         for _ in range(steps):
             x, y = torch.randn(B, 6, generator=gen), torch.randint(0, 3, (B,), generator=gen)
             opt.zero_grad()
             loss_fn(model(x), y).backward()
             opt.step()
+            tick(time.perf_counter() * 1e3)
     return cockpit
 
 

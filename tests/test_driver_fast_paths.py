@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import random
-import time
+import types
 import weakref
 
 import numpy as np
@@ -17,6 +17,7 @@ from cockpit_lite.instruments import GradNorm, Loss
 from torch import nn
 
 from cockpit_lite import Cockpit, Instrument, Need
+from cockpit_lite import profiling as profiling_mod
 from cockpit_lite.emitter import Emitter
 from cockpit_lite.profiling import Costs
 from cockpit_lite.records import SETTLE_EVERY, History
@@ -151,20 +152,23 @@ def test_costs_are_recorded_on_the_short_path_and_with_a_profiler(tmp_path):
 
 
 @pytest.mark.parametrize("profiled", [False, True])
-def test_region_times_are_exclusive_on_both_paths(profiled):
-    """Nested regions: each is charged its own time only (measured against sleeps), on the short path
-    and on the labelled one a running profiler takes."""
+def test_region_times_are_exclusive_on_both_paths(profiled, monkeypatch):
+    """Nested regions: each is charged its own time only, on the short path and on the labelled one a
+    running profiler takes (a fake clock the test moves: exact times on any machine load)."""
+    now = [0.0]  # seconds
+    monkeypatch.setattr(profiling_mod, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     costs = Costs()
     with torch.profiler.profile() if profiled else contextlib.nullcontext():
         costs.reset()
         assert costs.fast is not profiled
         with costs.region("outer"):
-            time.sleep(0.02)
+            now[0] += 0.02
             with costs.region("inner"):
-                time.sleep(0.03)
+                now[0] += 0.03
             with costs.region("outer"):  # (re-entered inside itself)
-                time.sleep(0.01)
-    assert abs(costs.ms["outer"] - 30.0) < 8.0 and abs(costs.ms["inner"] - 30.0) < 8.0, dict(costs.ms)
+                now[0] += 0.01
+    assert costs.ms["outer"] == pytest.approx(30.0) and costs.ms["inner"] == pytest.approx(30.0), dict(costs.ms)
+    assert costs.timed_ms == pytest.approx(60.0)
 
 
 class _Keeps(Instrument):

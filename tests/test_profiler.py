@@ -20,12 +20,14 @@ INSTRUMENTS = [i.key for i in economy() if i.key != "alpha"] + ["talker"]  # sin
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("prof")
-    cockpit = train(5, logdir=logdir, profile=torch.profiler.schedule(wait=1, warmup=1, active=2, repeat=1))
-    return logdir, cockpit
+    clock: list[float] = []
+    schedule = torch.profiler.schedule(wait=1, warmup=1, active=2, repeat=1)
+    cockpit = train(5, logdir=logdir, profile=schedule, clock=clock)
+    return logdir, cockpit, clock
 
 
 def test_trace_has_every_cockpit_region(run):
-    logdir, _ = run
+    logdir, _, _ = run
     traces = list(logdir.glob("*.pt.trace.json"))
     assert len(traces) == 1
     events = json.loads(traces[0].read_text())["traceEvents"]
@@ -49,7 +51,7 @@ def test_trace_has_every_cockpit_region(run):
 
 
 def test_cost_records_ms_and_share(run):
-    logdir, cockpit = run
+    logdir, cockpit, clock = run
     h = cockpit.history
     for step in range(5):
         rec = {t: dict(h[t]).get(step) for t in h if t.startswith("cost/")}
@@ -63,11 +65,14 @@ def test_cost_records_ms_and_share(run):
         total = sum(rec[f"cost/{n}_ms"] for n in regions)
         assert rec["cost/cockpit_ms"] == pytest.approx(total)
         assert 0 < total <= step_ms  # exclusive times: nested regions are not counted twice
-        # the hooks' own time outside the regions (since the last step's records: a window shifted by
-        # the last step's records being written, so it may reach into the step before): there, and no
-        # region's or sink's time counted in it
-        before = dict(h["cost/step_ms"]).get(step - 1, step_ms)
-        assert 0 < rec["cost/driver_ms"] < step_ms + before
+        # the hooks' own time outside the regions: from the last step's optimizer post-hook (where the
+        # last records were taken) to this one's, so inside this iteration and the one before (the wall
+        # clock read by the loop: a bound that holds however the machine is loaded), beside this step's regions
+        # and the last one's sinks (tests/test_budget.py checks the exact split on a fake clock)
+        window = clock[step + 1] - clock[max(step - 1, 0)]
+        sinks_before = dict(h["cost/sinks_ms"]).get(step - 1, 0.0)
+        assert 0 < rec["cost/driver_ms"]
+        assert rec["cost/driver_ms"] + rec["cost/cockpit_ms"] + sinks_before <= window
         assert rec["cost/driver_share"] == pytest.approx(rec["cost/driver_ms"] / step_ms)
         if step < 4:  # the sinks' time of a step is recorded with the next tracked step
             assert rec["cost/sinks_ms"] > 0
@@ -267,17 +272,18 @@ def test_the_wait_for_queued_training_kernels_is_not_the_cockpits_cost(device):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cockpit = Cockpit(model, opt, loss_fn, instruments=[Loss()], sinks=[])
-        for _ in range(4):
+        for _ in range(6):
             x, y = torch.randn(d, d, device=device), torch.randn(d, d, device=device)
             opt.zero_grad()
             loss_fn(model(x), y).backward()
             opt.step()
         cockpit.close()
     h = cockpit.history
-    assert len(dict(h["loss"])) == 4
-    for step in (2, 3):
-        cost, total = dict(h["cost/cockpit_ms"])[step], dict(h["cost/step_ms"])[step]
-        assert cost < 0.25 * total, (step, cost, total, {t: dict(h[t]).get(step) for t in h if t.startswith("cost/")})
+    assert len(dict(h["loss"])) == 6
+    # the wait would be charged on every step; the machine preempting a region on one step is not the
+    # cockpit's cost: three of the four steps after the first two (warm-up) must hold the bound
+    shares = {s: dict(h["cost/cockpit_ms"])[s] / dict(h["cost/step_ms"])[s] for s in range(2, 6)}
+    assert sum(v < 0.25 for v in shares.values()) >= 3, (shares, {t: dict(h[t]) for t in h if t.startswith("cost/")})
 
 
 def test_profile_needs_a_logdir():
