@@ -114,7 +114,9 @@ def test_hf_mamba_served(device) -> None:
 
 class Outside(Net):
     """The time-step projection's weight used by the model, outside the mixer's forward: the mixer's replay
-    cannot see it, and the re-armed gradient-sum check says so."""
+    cannot see it. Once its parameters move to the mixer, the forward's graph shows that use (outside every call
+    of the mixer): the mixer is left out with that reason; without that look, the re-armed gradient-sum check
+    says it."""
 
     def forward(self, x):
         h = self.mixer(x).mean(1)
@@ -127,6 +129,19 @@ def test_a_use_outside_the_ancestor_is_said_not_hidden() -> None:
     x, y = _batch(2)
     said, records = watched_steps(model, [((x,), y)] * 3)
     assert any("never called" in w for w in said), said
+    assert any("outside this layer's calls" in w and "mixer.dt_proj.weight" in w for w in said), said
+    assert all("mixer.dt_proj.weight" in r.per_sample_uncovered for r in records)  # (no partial numbers)
+    assert not [w for w in said if "do not add up" in w], said
+
+
+def test_a_use_outside_the_ancestor_is_said_by_the_check_where_the_graph_is_not_looked_through(monkeypatch) -> None:
+    from cockpit_lite.persample.engine import PerSampleEngine
+
+    monkeypatch.setattr(PerSampleEngine, "_leave_out_outside_uses", lambda self, output: None)
+    torch.manual_seed(2)
+    model = Outside()
+    x, y = _batch(2)
+    said, _ = watched_steps(model, [((x,), y)] * 3)
     assert any("do not add up" in w and "dt_proj" in w for w in said), said
 
 

@@ -54,6 +54,7 @@ from cockpit_lite.persample.layers import (
     build_handlers,
     tied_groups,
 )
+from cockpit_lite.persample.uses import call_nodes, outside_uses
 from cockpit_lite.persample.views import JoinedView, View, combined, joined_gram, tied_view, view_bytes
 from cockpit_lite.profiling import Costs, timed
 from cockpit_lite.sandbox import cuda_devices, scratch_state
@@ -522,6 +523,13 @@ class PerSampleEngine:
         self._suspect = False
         #: the first forward with per-sample work has been looked through for layers used without a call
         self._graph_seen = False
+        #: the next forward with per-sample work is looked through for parameters used outside the calls of
+        #: the layers serving them (:mod:`cockpit_lite.persample.uses`; again after parameters move), with the
+        #: layer calls it captured; not where the graph does not show the layers' calls (a compiled or a
+        #: sharded model: ``walks_uses`` False)
+        self._uses_pending = True
+        self._use_calls: list[tuple[nn.Module, tuple, frozenset]] = []
+        self.walks_uses = True
         #: layers whose parameters :meth:`serve_at_parent` moved to their parent (once per layer and run)
         self._moved_up: set[nn.Module] = set()
         #: resolved sample axes by (module, order in the forward, batch, input shapes, output shapes):
@@ -625,6 +633,7 @@ class PerSampleEngine:
         self.mean = True
         #: the handled modules called this step (:meth:`rehome` serves the parameters of one never called)
         self._called: set[nn.Module] = set()
+        self._use_calls = []  # (a forward that never reached its end: what it recorded is not kept)
         #: handled modules left out this step because their calls' rows could not be split (:meth:`serve_at_parent`)
         self._rows_refused: set[nn.Module] = set()
         self._bcast.reset()
@@ -843,6 +852,7 @@ class PerSampleEngine:
         self._say(f"parameters {sorted(moved)}: " + "; ".join(dict.fromkeys(moved.values())), stacklevel=3)
         self._bcast.bare = self._derive()
         self.checks_left = self.CHECKS
+        self._uses_pending = True  # (the new owners' calls are looked through at the next forward)
         if rehook and self._layer_hooks:  # (asleep: :meth:`_wake` hooks them with the others)
             self._sleep()
             self._wake()
@@ -902,6 +912,33 @@ class PerSampleEngine:
                     break
         if found:
             self.rehome(found, in_graph=True)
+
+    def _leave_out_outside_uses(self, output: Any) -> None:
+        """Once (and again after parameters move): leave out, from this step on, the layers whose parameters
+        this forward also uses outside their calls (:func:`~cockpit_lite.persample.uses.outside_uses`): their
+        per-sample gradients would miss that use."""
+        calls, self._use_calls, self._uses_pending = self._use_calls, [], False
+        if not self.walks_uses or not calls:
+            return
+        served = {}
+        for module in dict.fromkeys(m for m, _, _ in calls):
+            handler = self.handlers.get(module)
+            if handler is not None and module in self._calls:  # (not left out already)
+                params = [(module.get_parameter(local), full) for local, full in handler.names.items()]
+                served[module] = [(p, full) for p, full in params if p.requires_grad]
+        try:
+            found = outside_uses(output, calls, served)
+        except Exception:  # (never the user's forward: the gradient-sum check still runs)
+            return
+        for module, names in found.items():
+            reason = (
+                f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} used by the model's forward outside this "
+                "layer's calls (a method that skips its hooks, as ProphetNet's position_embeddings._forward, or a "
+                "functional use such as F.linear(h, layer.weight)): per-sample gradients would miss that use, so the "
+                "layer is left out on every step"
+            )
+            self.handlers[module].refused = reason  # (every later call: left out with this reason)
+            self.drop(module, reason)
 
     def rescale(self, factor: float) -> None:
         """Multiply the factor that turns captured output gradients into those of the per-sample losses
@@ -970,6 +1007,8 @@ class PerSampleEngine:
                 self._rehome_from_graph(output)
             except Exception:  # (never the user's forward: the end of backward finds them instead)
                 pass
+        if self._uses_pending and not self._probing:
+            self._leave_out_outside_uses(output)
         if self._bcast.wanted:
             try:
                 self._bcast.walk(output)
@@ -985,6 +1024,7 @@ class PerSampleEngine:
 
     def _capture_call(self, module, args, kwargs, output):
         """:meth:`_forward_hook`'s work: keep what this call of a handled module needs at its backward."""
+        given = (args, kwargs) if self._uses_pending and not self._probing else None
         order = self._order.get(module, 0)
         self._order[module] = order + 1
         self._called.add(module)
@@ -1048,6 +1088,8 @@ class PerSampleEngine:
                         "not at its lookup"
                     )
                 lookup.register_prehook(lambda grads, m=module, i=idx: self._on_grads(m, i, (grads[0],)))
+                if given is not None:
+                    self._use_calls.append((module, *call_nodes(outs, *given)))
                 return replaced
             # an output that may lack the batch axis (a position embedding): decided by its consumers
             broadcast = len(outs) == 1 and (shared or self._bcast.is_candidate(module, outs[0]))
@@ -1071,6 +1113,8 @@ class PerSampleEngine:
                 )
             else:
                 self._register_grads(module, idx, outs)
+            if given is not None:
+                self._use_calls.append((module, *call_nodes(outs, *given)))
             return replaced
         except PerSampleUndefined as e:
             if getattr(e, "couples", False):  # examples interact: no layer's rows are per-example shares

@@ -77,6 +77,7 @@ class PerSampleProvider(Provider):
             model_hooks=False,  # (driven from on_forward, on_output and rest_step)
         )
         self.engine.may_sleep = not context.compiled
+        self.engine.walks_uses = not (context.compiled or context.sharded)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_world_size() > 1:  # p.grad is averaged over ranks: no sum to check
                 self.engine.checks_left = 0
@@ -258,8 +259,13 @@ class PerSampleProvider(Provider):
                         "module called through a method that skips its hooks; per-sample statistics exclude them"
                     )
                 share = sum(record.per_sample_uncovered.values())
+                why: dict[str, list[str]] = {}  # (the reasons layers were left out for: to the run, with the step)
+                for n in missing:
+                    if n in eng.left_out:
+                        why.setdefault(eng.left_out[n], []).append(n)
                 record.add_note(
-                    f"per-sample statistics cover all parameters but {missing} ({share:.1%} of ||p.grad||^2)",
+                    f"per-sample statistics cover all parameters but {missing} ({share:.1%} of ||p.grad||^2)"
+                    + "".join(f"; {', '.join(names)}: {reason}" for reason, names in why.items()),
                     self.PROVIDES,
                 )
         if self.mismatch is not None and self.mismatch[0] != record.step and eng.active:

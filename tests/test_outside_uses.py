@@ -1,0 +1,174 @@
+"""A layer whose parameters the model's forward also uses outside the layer's calls is left out, on every step,
+with the reason; the other layers stay exact (float64 loop). Uses inside the calls of the layers that serve a
+parameter (a layer called twice, tied weights), and a penalty added in the training loop, leave nothing out.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cockpit_lite import Cockpit, Need
+from tests.reference import Probe, per_sample_grads_loop
+
+D, B, T, V = 6, 5, 4, 9
+REASON = "used by the model's forward outside this layer's calls"
+
+
+class FunctionalReuse(nn.Module):
+    """``lin.weight`` a second time, by ``F.linear``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        return self.head(h + F.linear(h, self.lin.weight))
+
+
+class Positions(nn.Embedding):
+    """ProphetNet's position embedding: ``_forward`` looks up through nn.Embedding.forward, past the hooks."""
+
+    def _forward(self, ids):
+        return super().forward(ids)
+
+
+class SkipsHooks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.pos, self.head = nn.Embedding(V, D), Positions(T + 1, D), nn.Linear(D, 3)
+
+    def forward(self, ids):
+        at = torch.arange(ids.shape[1])
+        h = self.embed(ids) + self.pos(at) + self.pos._forward(at + 1)
+        return self.head(torch.tanh(h).mean(1))
+
+
+class LogitsByTheTable(nn.Module):
+    """Logits by the embedding's weight in the model's forward (an output layer with no module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.lin = nn.Embedding(V, D), nn.Linear(D, D)
+
+    def forward(self, ids):
+        return torch.tanh(self.lin(self.embed(ids).mean(1))) @ self.embed.weight.T
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.head(self.lin(torch.tanh(self.lin(x))))
+
+
+class Tied(nn.Module):
+    """An output layer tied to the embedding, both called."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.lin, self.out = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(D, V, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.lin(self.embed(ids).mean(1))))
+
+
+def _tokens():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g)
+
+
+def _features():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(B, D, generator=g), torch.randint(0, 3, (B,), generator=g)
+
+
+def _steps(model, x, y, steps=3, penalty=None):
+    """``steps`` steps at lr 0 (the same parameters each step) with per-sample norms by parameter and g_i . gbar:
+    the cockpit's warnings and the step records."""
+    probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS_BY_PARAM, Need.PER_SAMPLE_DOT_MEAN})
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss_fn = nn.CrossEntropyLoss()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Cockpit(model, opt, loss_fn, instruments=[probe], sinks=[]):
+            for _ in range(steps):
+                opt.zero_grad()
+                loss = loss_fn(model(x), y)
+                (loss + penalty(model) if penalty is not None else loss).backward()
+                opt.step()
+    return [str(w.message) for w in caught if "cockpit-lite" in str(w.message)], probe.records
+
+
+def _assert_exact(model, x, y, record, names):
+    """The record's squared norms of ``names`` and g_i . gbar over them against the float64 loop."""
+    loop = per_sample_grads_loop(model, nn.CrossEntropyLoss(), x, y, names=set(names))
+    sq = record.per_sample_sq_norms_by_param
+    assert set(sq) == set(names), sorted(sq)
+    for n in names:
+        want = (loop[n].reshape(B, -1) ** 2).sum(1)
+        np.testing.assert_allclose(np.asarray(sq[n], dtype=np.float64), want, rtol=1e-5, atol=1e-9, err_msg=n)
+    g = np.concatenate([loop[n].reshape(B, -1) for n in names], 1)
+    want = g @ g.mean(0)
+    np.testing.assert_allclose(np.asarray(record.per_sample_dot_mean, dtype=np.float64), want, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "build,batch,out",
+    [
+        (FunctionalReuse, _features, {"lin.weight", "lin.bias"}),
+        (SkipsHooks, _tokens, {"pos.weight"}),
+        (LogitsByTheTable, _tokens, {"embed.weight"}),
+    ],
+    ids=["F.linear", "a method past the hooks", "logits by the table"],
+)
+def test_a_layer_used_outside_its_calls_is_left_out_and_the_rest_is_exact(build, batch, out):
+    torch.manual_seed(0)
+    model = build()
+    x, y = batch()
+    said, records = _steps(model, x, y)
+    assert len(records) == 3
+    named = [w for w in said if REASON in w]
+    assert len(named) == 1 and all(n in named[0] for n in out), said  # said once, naming the parameters
+    assert not any("do not add up" in w for w in said), said  # (nothing partial left for the check to find)
+    others = [n for n, _ in model.named_parameters() if n not in out]
+    for record in records:  # left out on every step, with the reason in the record's notes
+        assert set(record.per_sample_uncovered) == out, record.per_sample_uncovered
+        assert any(REASON in note for note in record.notes), record.notes
+        _assert_exact(model, x, y, record, others)
+
+
+@pytest.mark.parametrize("build,batch", [(CalledTwice, _features), (Tied, _tokens)], ids=["called twice", "tied"])
+def test_uses_inside_the_serving_layers_calls_leave_nothing_out(build, batch):
+    torch.manual_seed(0)
+    model = build()
+    x, y = batch()
+    said, records = _steps(model, x, y, steps=2)
+    assert not said, said
+    names = [n for n, _ in model.named_parameters()]
+    for record in records:
+        assert not record.per_sample_uncovered
+        _assert_exact(model, x, y, record, names)
+
+
+def test_a_penalty_added_in_the_loop_is_no_use_by_the_forward():
+    """A regulariser outside the model: the layer stays (its numbers are the loss module's term, exactly), and
+    the gradient-sum check says what p.grad holds besides."""
+    torch.manual_seed(0)
+    model = CalledTwice()
+    x, y = _features()
+    said, records = _steps(model, x, y, steps=2, penalty=lambda m: 0.1 * m.lin.weight.square().sum())
+    assert not any(REASON in w for w in said), said
+    assert any("do not add up" in w and "lin.weight" in w for w in said), said
+    for record in records:
+        assert not record.per_sample_uncovered
+        _assert_exact(model, x, y, record, [n for n, _ in model.named_parameters()])
