@@ -172,3 +172,39 @@ def test_a_penalty_added_in_the_loop_is_no_use_by_the_forward():
     for record in records:
         assert not record.per_sample_uncovered
         _assert_exact(model, x, y, record, [n for n, _ in model.named_parameters()])
+
+
+def test_transformers_prophetnet_decoder_positions_are_left_out_and_the_rest_is_exact():
+    """ProphetNet's decoder looks its predicting streams' positions up through ``position_embeddings._forward``
+    (past the layer's hooks): that table is left out on every step, every other parameter is exact. Before,
+    the table's per-sample gradients held 2e-5 of its gradient (the gradient-sum check's warning)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ProphetNetConfig(
+        vocab_size=32, hidden_size=16, encoder_ffn_dim=32, decoder_ffn_dim=32, num_encoder_layers=1,
+        num_decoder_layers=1, num_encoder_attention_heads=2, num_decoder_attention_heads=2, ngram=2, num_buckets=8,
+        relative_max_distance=16, max_position_embeddings=32, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+
+    class LastLogits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = transformers.ProphetNetForConditionalGeneration(config)
+            self.register_buffer("dec", torch.tensor([[2, 7, 11]]))
+
+        def forward(self, ids):
+            return self.m(input_ids=ids, decoder_input_ids=self.dec.expand(ids.shape[0], -1)).logits[:, -1]
+
+    model = LastLogits()
+    g = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(3, 32, (B, 6), generator=g), torch.randint(0, 32, (B,), generator=g)
+    said, records = _steps(model, ids, y, steps=3)
+    table, ngrams = "m.prophetnet.decoder.position_embeddings.weight", "m.prophetnet.decoder.ngram_embeddings.weight"
+    assert any(REASON in w and table in w for w in said), said
+    assert not any("do not add up" in w for w in said), said
+    for k, record in enumerate(records):  # (the n-gram table, read by the decoder itself: served from step 2)
+        assert set(record.per_sample_uncovered) == ({table, ngrams} if k == 0 else {table}), record.per_sample_uncovered
+        covered = [n for n, p in model.named_parameters() if p.requires_grad and n not in record.per_sample_uncovered]
+        assert len(covered) > 40
+        _assert_exact(model, ids, y, record, covered)
