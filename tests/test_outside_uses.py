@@ -208,3 +208,21 @@ def test_transformers_prophetnet_decoder_positions_are_left_out_and_the_rest_is_
         covered = [n for n, p in model.named_parameters() if p.requires_grad and n not in record.per_sample_uncovered]
         assert len(covered) > 40
         _assert_exact(model, ids, y, record, covered)
+
+
+def test_a_call_whose_nodes_cannot_be_read_ends_the_look_and_drops_nothing(monkeypatch):
+    """Reading a call's nodes fails: no layer is left out for it (the look ends for the run), the gradient-sum
+    check says what it sees, and the numbers stay the loss module's term."""
+    import cockpit_lite.persample.engine as engine_mod
+
+    def broken(*args):
+        raise RuntimeError("no nodes")
+
+    monkeypatch.setattr(engine_mod, "call_nodes", broken)
+    torch.manual_seed(0)
+    model = FunctionalReuse()
+    x, y = _features()
+    said, records = _steps(model, x, y, steps=2)
+    assert not any(REASON in w for w in said), said
+    assert any("do not add up" in w and "lin.weight" in w for w in said), said
+    assert all(not r.per_sample_uncovered for r in records)

@@ -913,6 +913,14 @@ class PerSampleEngine:
         if found:
             self.rehome(found, in_graph=True)
 
+    def _record_use(self, module: nn.Module, outs: list[torch.Tensor], given: tuple[tuple, dict]) -> None:
+        """Keep a call's nodes for :meth:`_leave_out_outside_uses`; a call whose nodes cannot be read ends the
+        look for this forward (a layer is never left out for want of them: the gradient-sum check stays)."""
+        try:
+            self._use_calls.append((module, *call_nodes(outs, *given)))
+        except Exception:
+            self._uses_pending, self._use_calls = False, []
+
     def _leave_out_outside_uses(self, output: Any) -> None:
         """Once (and again after parameters move): leave out, from this step on, the layers whose parameters
         this forward also uses outside their calls (:func:`~cockpit_lite.persample.uses.outside_uses`): their
@@ -1089,7 +1097,7 @@ class PerSampleEngine:
                     )
                 lookup.register_prehook(lambda grads, m=module, i=idx: self._on_grads(m, i, (grads[0],)))
                 if given is not None:
-                    self._use_calls.append((module, *call_nodes(outs, *given)))
+                    self._record_use(module, outs, given)
                 return replaced
             # an output that may lack the batch axis (a position embedding): decided by its consumers
             broadcast = len(outs) == 1 and (shared or self._bcast.is_candidate(module, outs[0]))
@@ -1114,7 +1122,7 @@ class PerSampleEngine:
             else:
                 self._register_grads(module, idx, outs)
             if given is not None:
-                self._use_calls.append((module, *call_nodes(outs, *given)))
+                self._record_use(module, outs, given)
             return replaced
         except PerSampleUndefined as e:
             if getattr(e, "couples", False):  # examples interact: no layer's rows are per-example shares
