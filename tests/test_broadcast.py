@@ -420,3 +420,72 @@ def test_deberta_v2_whole_after_a_step_its_encoder_outputs_copied(device):
     x, y = torch.randint(3, 32, (4, 6)), torch.randint(0, 3, (4,))
     checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), warmup=1, device=device)
     assert "net.deberta.encoder.rel_embeddings.weight" in checked.record.per_sample_sq_norms_by_param
+
+
+class _PositionsScaledInPlace(nn.Module):
+    """DeBERTa-v1's position-to-content path: a projection of a position table shared by the batch, viewed as
+    heads and divided in place (``pos /= sqrt(d)``: a CopySlices node and an as_strided view after it), then met
+    by the batch's keys in a broadcasting matmul. ``part``: only some positions scaled in place (a CopySlices
+    over part of the tensor)."""
+
+    def __init__(self, part: bool = False):
+        super().__init__()
+        self.part = part
+        self.table = nn.Embedding(6, 8)
+        self.pos, self.key, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(5 * 6 * 2, 3)
+
+    def forward(self, x):  # x (B, 5, 8)
+        pq = self.pos(self.table.weight.unsqueeze(0)).view(1, 6, 2, 4).permute(0, 2, 1, 3)  # (1, h, P, d)
+        if self.part:
+            pq[:, :, 1:4] *= 3.0
+        else:
+            pq /= torch.sqrt(torch.tensor(4.0))
+        k = self.key(x).view(x.shape[0], 5, 2, 4).permute(0, 2, 1, 3)  # (B, h, T, d)
+        return self.head(torch.matmul(k, pq.transpose(-1, -2)).reshape(x.shape[0], -1))
+
+
+def test_a_shared_projection_scaled_in_place_on_a_view_is_split(device):
+    """The layer's output is handed downstream as a copy (the in-place op would rebase the node the broadcast
+    walk starts from), and the CopySlices and as_strided nodes the op leaves are followed, each example's share
+    through the node itself: the projection is served, exact against the float64 loop (it was left out: its
+    output not split where it met the batch)."""
+    torch.manual_seed(0)
+    model = _PositionsScaledInPlace()
+    x, y = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), warmup=1, device=device)
+    assert {"pos.weight", "pos.bias", "table.weight"} <= set(checked.record.per_sample_sq_norms_by_param)
+
+
+def test_part_of_a_shared_projection_scaled_in_place_is_left_out_with_the_reason():
+    """An in-place op on part of the tensor leaves a CopySlices node with a second input (the region's own
+    history): not followed. The projection is left out with the reason, every other parameter exact."""
+    from tests.test_outside_uses import _assert_exact, _steps
+
+    torch.manual_seed(0)
+    model = _PositionsScaledInPlace(part=True)
+    x, y = torch.randn(5, 5, 8), torch.randint(0, 3, (5,))  # (the helpers' batch of 5)
+    said, records = _steps(model, x, y, steps=2)
+    reason = "not split where it meets the batch"
+    assert any("leave out Linear (pos.bias, pos.weight)" in w and reason in w for w in said), said
+    for record in records[1:]:  # (the table, read by the model itself, is served from the second step)
+        assert set(record.per_sample_uncovered) == {"pos.weight", "pos.bias"}, record.per_sample_uncovered
+        _assert_exact(model, x, y, record, ["table.weight", "key.weight", "key.bias", "head.weight", "head.bias"])
+
+
+def test_deberta_v1_position_query_projection_is_split(device):
+    """transformers' DeBERTa (v1): ``pos_q_proj``'s heads are divided in place before the batch meets them; served
+    (with every other parameter: its relative embedding table from the second step), exact against the loop."""
+    from transformers import DebertaConfig, DebertaForSequenceClassification
+
+    cfg = DebertaConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, relative_attention=True, pos_att_type=["p2c", "c2p"], max_relative_positions=8,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3, type_vocab_size=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = M.LogitsForLoss(DebertaForSequenceClassification(cfg))
+    x, y = torch.randint(3, 32, (4, 6)), torch.randint(0, 3, (4,))
+    checked = assert_matches_loop(model, x, y, nn.CrossEntropyLoss(), warmup=1, device=device)
+    served = checked.record.per_sample_sq_norms_by_param
+    assert "net.deberta.encoder.layer.0.attention.self.pos_q_proj.weight" in served
+    assert "net.deberta.encoder.rel_embeddings.weight" in served

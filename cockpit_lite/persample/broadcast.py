@@ -74,6 +74,10 @@ LAYOUT_OPS = RESHAPE_OPS | PERMUTE_OPS | INDEX_OPS
 #: position bias): followed as a layout op (each example's share masked by c) while its output lacks the batch
 #: axis; where c brings the batch (a padding mask), the op itself is where u meets the batch
 MASK_OPS = frozenset({"WhereBackward0"})
+#: ops on one input whose backward is taken from their node itself, called on each example's share in its
+#: pre-hook (while it holds what it saved): an in-place op on a view of the tensor (``pos /= scale`` on a
+#: view of DeBERTa's position projection) leaves a ``CopySlices`` node and an ``as_strided`` view after it
+NODE_OPS = frozenset({"torch::autograd::CopySlices", "AsStridedBackward0"})
 
 #: relative tolerance of the check that the shares add up to the summed gradient (float32, half)
 SUM_RTOL = (1e-3, 3e-2)
@@ -182,6 +186,11 @@ class Slot:
     unknown: list[str] = field(default_factory=list)  #: consumers that are no known op, with why
 
 
+def _first(grads: Any) -> torch.Tensor:
+    """A node's gradient for its first input (a node called from Python returns a tensor or a tuple)."""
+    return grads if torch.is_tensor(grads) else grads[0]
+
+
 def _short(op: str) -> str:
     return op[: -len("Backward0")] if op.endswith("Backward0") else op
 
@@ -271,12 +280,13 @@ class BroadcastTracker:
             """The slot that the edge (node, nr) reaches: a target, or a layout op on one (made here)."""
             hit = targets.get((node, nr))
             name = node.name()
-            if hit is not None or nr != 0 or (name not in LAYOUT_OPS and name not in MASK_OPS):
+            if hit is not None or nr != 0 or (name not in LAYOUT_OPS and name not in MASK_OPS and name not in NODE_OPS):
                 return hit
             if node not in layouts:
                 nxt = node.next_functions
                 live = [k for k, (y, _) in enumerate(nxt) if y is not None]  # (a mask op's constant: no edge)
-                arg = live[0] if len(live) == 1 and (len(nxt) == 1 or name in MASK_OPS) else None
+                single = len(nxt) == 1 or name in MASK_OPS or (name in NODE_OPS and live == [0])
+                arg = live[0] if len(live) == 1 and single else None
                 parent = slot_of(*nxt[arg]) if arg is not None else None
                 slot = None
                 if parent is not None:
@@ -396,6 +406,9 @@ class BroadcastTracker:
             slot.unknown.extend(then + n for n in child.unknown)
             if share is not None and child.op in MASK_OPS:  # (masked and summed to this shape: see _flush_layout)
                 slot.parts.append(share.to(dtype=slot.like[0], device=slot.like[1]))
+            elif share is not None and child.op in NODE_OPS:  # (already through the node: see _flush_layout)
+                share = share.reshape(share.shape[0], *slot.shape)
+                slot.parts.append(share.to(dtype=slot.like[0], device=slot.like[1]))
             elif share is not None:
                 slot.parts.append(_layout_back(child.op, child.node, share, slot.shape, *slot.like))
 
@@ -429,6 +442,8 @@ class BroadcastTracker:
                 share = torch.where(cond, share, zero) if slot.arg == 0 else torch.where(cond, zero, share)
             self._note(slot.parent, ("mask", slot, share, g))
             return
+        if share is not None and slot.op in NODE_OPS:  # (now: once the node has run, it may have freed what it saved)
+            share = torch.stack([_first(slot.node(part)) for part in share])
         self._note(slot.parent, ("layout", slot, share))
 
     def _shares(self, slot: Slot, summed: torch.Tensor) -> torch.Tensor | str | None:
