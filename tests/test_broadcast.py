@@ -489,3 +489,29 @@ def test_deberta_v1_position_query_projection_is_split(device):
     served = checked.record.per_sample_sq_norms_by_param
     assert "net.deberta.encoder.layer.0.attention.self.pos_q_proj.weight" in served
     assert "net.deberta.encoder.rel_embeddings.weight" in served
+
+
+def test_only_views_the_batch_shares_are_copied(monkeypatch):
+    """The copy is for a product's view the batch shares (a table with a leading axis of 1); a (B k, N, C) call,
+    the batch's own rows (Swin's windows), is not copied every step. Both stay exact."""
+    import cockpit_lite.persample.engine as engine_mod
+
+    copied = []
+    keep = engine_mod._copy_of_graph_output
+    monkeypatch.setattr(engine_mod, "_copy_of_graph_output", lambda t: copied.append(tuple(t.shape)) or keep(t))
+
+    class Windows(nn.Module):  # (B, 3 k, 8) -> (B k, 3, 8): each example's windows (no axis of size B), a Linear
+        def __init__(self):
+            super().__init__()
+            self.proj, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            w = self.proj(x.reshape(-1, 3, 8))
+            return self.head(w.reshape(x.shape[0], -1, 8).mean(1))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 6, 8), torch.randint(0, 3, (4,))
+    assert_matches_loop(Windows(), x, y, nn.CrossEntropyLoss())
+    assert copied == []
+    assert_matches_loop(_PositionsScaledInPlace(), torch.randn(4, 5, 8), y, nn.CrossEntropyLoss(), warmup=1)
+    assert copied and set(copied) == {(1, 6, 8)}

@@ -1083,13 +1083,7 @@ class PerSampleEngine:
                 # an output that is a view (MultiheadAttention's transposed output): an in-place op downstream
                 # would rebase it past the hook on its node; a copy downstream keeps that node in the graph
                 copy = functools.partial(_copy_if_rebasable, single=single)
-            elif (
-                not self._probing
-                and lookup is None
-                and single
-                and _product_under_view(outs[0]) is not None
-                and self._bcast.is_candidate(module, outs[0])
-            ):
+            elif not self._probing and lookup is None and single and self._shared_view(module, outs[0]):
                 # a product's view shared by the batch (a position projection): an in-place op on a view of it
                 # downstream (DeBERTa's `pos /= scale`) would rebase it past the node the broadcast tracker
                 # starts from; a copy downstream keeps that node in the graph
@@ -1147,6 +1141,17 @@ class PerSampleEngine:
         except Exception as e:  # never break the user's forward
             self.drop(module, f"{type(e).__name__}: {e}")
         return None
+
+    def _shared_view(self, module: nn.Module, out: torch.Tensor) -> bool:
+        """Whether a call's single output is a view of a product that the batch shares: a broadcast candidate
+        with a leading axis of 1 (a table unsqueezed), or no axis that could hold the batch's rows (a multiple of
+        the batch size: Swin's (B windows, N, C) is the batch's own, copied for nothing)."""
+        if _product_under_view(out) is None or not self._bcast.is_candidate(module, out):
+            return False
+        batch = self.batch if self.batch is not None else self._bcast.input_batch
+        if out.dim() and out.shape[0] == 1:
+            return True
+        return batch is not None and batch > 1 and not any(n >= batch and n % batch == 0 for n in out.shape)
 
     # --- the sample axis of calls whose shapes do not tell it ---------------------------------------
     def _sample_axes(self, module, idx: int, order: int, args, kwargs, output, outs, calls: _Calls) -> bool:
