@@ -515,3 +515,28 @@ def test_only_views_the_batch_shares_are_copied(monkeypatch):
     assert copied == []
     assert_matches_loop(_PositionsScaledInPlace(), torch.randn(4, 5, 8), y, nn.CrossEntropyLoss(), warmup=1)
     assert copied and set(copied) == {(1, 6, 8)}
+
+
+def test_through_node_batches_each_examples_share_and_falls_back_to_a_loop(monkeypatch):
+    """``through_node``: each example's share through a CopySlices and an as_strided node equals the node called
+    on that share alone, and their sum the node called on the summed gradient (a backward is linear in it); the
+    same where vmap fails (the loop)."""
+    from cockpit_lite.persample import broadcast
+
+    lin = nn.Linear(8, 8)
+    out = lin(torch.randn(1, 6, 8)).clone()
+    view = out.view(1, 6, 2, 4).permute(0, 2, 1, 3)
+    view /= 2.0
+    strided = view.grad_fn
+    copies = strided.next_functions[0][0]
+    assert (strided.name(), copies.name()) == ("AsStridedBackward0", "torch::autograd::CopySlices")
+    shares = torch.randn(5, 1, 2, 6, 4)
+    want = torch.stack([copies(strided(s))[0] for s in shares])
+    calls = []
+    vmap = torch.vmap
+    monkeypatch.setattr(torch, "vmap", lambda fn: calls.append(fn) or vmap(fn))
+    got = broadcast.through_node(copies, broadcast.through_node(strided, shares))
+    assert len(calls) == 2 and torch.equal(got, want)
+    torch.testing.assert_close(got.sum(0), copies(strided(shares.sum(0)))[0])
+    monkeypatch.setattr(torch, "vmap", lambda fn: (_ for _ in ()).throw(RuntimeError("no batching rule")))
+    assert torch.equal(broadcast.through_node(copies, broadcast.through_node(strided, shares)), want)

@@ -39,6 +39,7 @@ module (the previous behaviour, exact for a deterministic module; refused when d
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,6 +190,19 @@ class Slot:
 def _first(grads: Any) -> torch.Tensor:
     """A node's gradient for its first input (a node called from Python returns a tensor or a tuple)."""
     return grads if torch.is_tensor(grads) else grads[0]
+
+
+def through_node(node: Any, shares: torch.Tensor) -> torch.Tensor:
+    """Each example's share (B, *its output) through ``node``'s backward, to its first input: (B, *that input).
+    A backward is linear in its output gradient, so the shares of the input add up to its gradient. One
+    ``torch.vmap`` over the node's call (a few batched kernels, not B calls); a loop over the examples where
+    vmap cannot batch it (an op without a batching rule warns and falls back: taken as a failure here)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            return torch.vmap(lambda g: _first(node(g)))(shares)
+    except Exception:
+        return torch.stack([_first(node(part)) for part in shares])
 
 
 def _short(op: str) -> str:
@@ -443,7 +457,7 @@ class BroadcastTracker:
             self._note(slot.parent, ("mask", slot, share, g))
             return
         if share is not None and slot.op in NODE_OPS:  # (now: once the node has run, it may have freed what it saved)
-            share = torch.stack([_first(slot.node(part)) for part in share])
+            share = through_node(slot.node, share)
         self._note(slot.parent, ("layout", slot, share))
 
     def _shares(self, slot: Slot, summed: torch.Tensor) -> torch.Tensor | str | None:
