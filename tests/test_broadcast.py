@@ -456,7 +456,7 @@ def test_a_shared_projection_scaled_in_place_on_a_view_is_split(device):
     assert {"pos.weight", "pos.bias", "table.weight"} <= set(checked.record.per_sample_sq_norms_by_param)
 
 
-def test_part_of_a_shared_projection_scaled_in_place_is_left_out_with_the_reason():
+def test_part_of_a_shared_projection_scaled_in_place_is_left_out_with_the_reason(device):
     """An in-place op on part of the tensor leaves a CopySlices node with a second input (the region's own
     history): not followed. The projection is left out with the reason, every other parameter exact."""
     from tests.test_outside_uses import _assert_exact, _steps
@@ -464,7 +464,7 @@ def test_part_of_a_shared_projection_scaled_in_place_is_left_out_with_the_reason
     torch.manual_seed(0)
     model = _PositionsScaledInPlace(part=True)
     x, y = torch.randn(5, 5, 8), torch.randint(0, 3, (5,))  # (the helpers' batch of 5)
-    said, records = _steps(model, x, y, steps=2)
+    said, records = _steps(model, x, y, steps=2, device=device)
     reason = "not split where it meets the batch"
     assert any("leave out Linear (pos.bias, pos.weight)" in w and reason in w for w in said), said
     for record in records[1:]:  # (the table, read by the model itself, is served from the second step)
@@ -491,7 +491,7 @@ def test_deberta_v1_position_query_projection_is_split(device):
     assert "net.deberta.encoder.rel_embeddings.weight" in served
 
 
-def test_only_views_the_batch_shares_are_copied(monkeypatch):
+def test_only_views_the_batch_shares_are_copied(monkeypatch, device):
     """The copy is for a product's view the batch shares (a table with a leading axis of 1); a (B k, N, C) call,
     the batch's own rows (Swin's windows), is not copied every step. Both stay exact."""
     import cockpit_lite.persample.engine as engine_mod
@@ -511,26 +511,27 @@ def test_only_views_the_batch_shares_are_copied(monkeypatch):
 
     torch.manual_seed(0)
     x, y = torch.randn(4, 6, 8), torch.randint(0, 3, (4,))
-    assert_matches_loop(Windows(), x, y, nn.CrossEntropyLoss())
+    assert_matches_loop(Windows(), x, y, nn.CrossEntropyLoss(), device=device)
     assert copied == []
-    assert_matches_loop(_PositionsScaledInPlace(), torch.randn(4, 5, 8), y, nn.CrossEntropyLoss(), warmup=1)
+    x = torch.randn(4, 5, 8)
+    assert_matches_loop(_PositionsScaledInPlace(), x, y, nn.CrossEntropyLoss(), warmup=1, device=device)
     assert copied and set(copied) == {(1, 6, 8)}
 
 
-def test_through_node_batches_each_examples_share_and_falls_back_to_a_loop(monkeypatch):
+def test_through_node_batches_each_examples_share_and_falls_back_to_a_loop(monkeypatch, device):
     """``through_node``: each example's share through a CopySlices and an as_strided node equals the node called
     on that share alone, and their sum the node called on the summed gradient (a backward is linear in it); the
     same where vmap fails (the loop)."""
     from cockpit_lite.persample import broadcast
 
-    lin = nn.Linear(8, 8)
-    out = lin(torch.randn(1, 6, 8)).clone()
+    lin = nn.Linear(8, 8).to(device)
+    out = lin(torch.randn(1, 6, 8, device=device)).clone()
     view = out.view(1, 6, 2, 4).permute(0, 2, 1, 3)
     view /= 2.0
     strided = view.grad_fn
     copies = strided.next_functions[0][0]
     assert (strided.name(), copies.name()) == ("AsStridedBackward0", "torch::autograd::CopySlices")
-    shares = torch.randn(5, 1, 2, 6, 4)
+    shares = torch.randn(5, 1, 2, 6, 4, device=device)
     want = torch.stack([copies(strided(s))[0] for s in shares])
     calls = []
     vmap = torch.vmap

@@ -45,7 +45,7 @@ class SkipsHooks(nn.Module):
         self.embed, self.pos, self.head = nn.Embedding(V, D), Positions(T + 1, D), nn.Linear(D, 3)
 
     def forward(self, ids):
-        at = torch.arange(ids.shape[1])
+        at = torch.arange(ids.shape[1], device=ids.device)
         h = self.embed(ids) + self.pos(at) + self.pos._forward(at + 1)
         return self.head(torch.tanh(h).mean(1))
 
@@ -92,9 +92,11 @@ def _features():
     return torch.randn(B, D, generator=g), torch.randint(0, 3, (B,), generator=g)
 
 
-def _steps(model, x, y, steps=3, penalty=None):
-    """``steps`` steps at lr 0 (the same parameters each step) with per-sample norms by parameter and g_i . gbar:
-    the cockpit's warnings and the step records."""
+def _steps(model, x, y, steps=3, penalty=None, device="cpu"):
+    """``steps`` steps at lr 0 (the same parameters each step) with per-sample norms by parameter and g_i . gbar,
+    on ``device`` (the model moved there, ``x`` and ``y`` read there): the cockpit's warnings and the step records."""
+    model.to(device)
+    x, y = x.to(device), y.to(device)
     probe = Probe(flags={Need.PER_SAMPLE_SQ_NORMS_BY_PARAM, Need.PER_SAMPLE_DOT_MEAN})
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     loss_fn = nn.CrossEntropyLoss()
@@ -111,7 +113,8 @@ def _steps(model, x, y, steps=3, penalty=None):
 
 def _assert_exact(model, x, y, record, names):
     """The record's squared norms of ``names`` and g_i . gbar over them against the float64 loop."""
-    loop = per_sample_grads_loop(model, nn.CrossEntropyLoss(), x, y, names=set(names))
+    device = next(model.parameters()).device
+    loop = per_sample_grads_loop(model, nn.CrossEntropyLoss(), x.to(device), y.to(device), names=set(names))
     sq = record.per_sample_sq_norms_by_param
     assert set(sq) == set(names), sorted(sq)
     for n in names:
@@ -131,11 +134,11 @@ def _assert_exact(model, x, y, record, names):
     ],
     ids=["F.linear", "a method past the hooks", "logits by the table"],
 )
-def test_a_layer_used_outside_its_calls_is_left_out_and_the_rest_is_exact(build, batch, out):
+def test_a_layer_used_outside_its_calls_is_left_out_and_the_rest_is_exact(build, batch, out, device):
     torch.manual_seed(0)
     model = build()
     x, y = batch()
-    said, records = _steps(model, x, y)
+    said, records = _steps(model, x, y, device=device)
     assert len(records) == 3
     named = [w for w in said if REASON in w]
     assert len(named) == 1 and all(n in named[0] for n in out), said  # said once, naming the parameters
@@ -148,11 +151,11 @@ def test_a_layer_used_outside_its_calls_is_left_out_and_the_rest_is_exact(build,
 
 
 @pytest.mark.parametrize("build,batch", [(CalledTwice, _features), (Tied, _tokens)], ids=["called twice", "tied"])
-def test_uses_inside_the_serving_layers_calls_leave_nothing_out(build, batch):
+def test_uses_inside_the_serving_layers_calls_leave_nothing_out(build, batch, device):
     torch.manual_seed(0)
     model = build()
     x, y = batch()
-    said, records = _steps(model, x, y, steps=2)
+    said, records = _steps(model, x, y, steps=2, device=device)
     assert not said, said
     names = [n for n, _ in model.named_parameters()]
     for record in records:
@@ -160,13 +163,13 @@ def test_uses_inside_the_serving_layers_calls_leave_nothing_out(build, batch):
         _assert_exact(model, x, y, record, names)
 
 
-def test_a_penalty_added_in_the_loop_is_no_use_by_the_forward():
+def test_a_penalty_added_in_the_loop_is_no_use_by_the_forward(device):
     """A regulariser outside the model: the layer stays (its numbers are the loss module's term, exactly), and
     the gradient-sum check says what p.grad holds besides."""
     torch.manual_seed(0)
     model = CalledTwice()
     x, y = _features()
-    said, records = _steps(model, x, y, steps=2, penalty=lambda m: 0.1 * m.lin.weight.square().sum())
+    said, records = _steps(model, x, y, steps=2, penalty=lambda m: 0.1 * m.lin.weight.square().sum(), device=device)
     assert not any(REASON in w for w in said), said
     assert any("do not add up" in w and "lin.weight" in w for w in said), said
     for record in records:
@@ -174,7 +177,7 @@ def test_a_penalty_added_in_the_loop_is_no_use_by_the_forward():
         _assert_exact(model, x, y, record, [n for n, _ in model.named_parameters()])
 
 
-def test_transformers_prophetnet_decoder_positions_are_left_out_and_the_rest_is_exact():
+def test_transformers_prophetnet_decoder_positions_are_left_out_and_the_rest_is_exact(device):
     """ProphetNet's decoder looks its predicting streams' positions up through ``position_embeddings._forward``
     (past the layer's hooks): that table is left out on every step, every other parameter is exact. Before,
     the table's per-sample gradients held 2e-5 of its gradient (the gradient-sum check's warning)."""
@@ -199,7 +202,7 @@ def test_transformers_prophetnet_decoder_positions_are_left_out_and_the_rest_is_
     model = LastLogits()
     g = torch.Generator().manual_seed(1)
     ids, y = torch.randint(3, 32, (B, 6), generator=g), torch.randint(0, 32, (B,), generator=g)
-    said, records = _steps(model, ids, y, steps=3)
+    said, records = _steps(model, ids, y, steps=3, device=device)
     table, ngrams = "m.prophetnet.decoder.position_embeddings.weight", "m.prophetnet.decoder.ngram_embeddings.weight"
     assert any(REASON in w and table in w for w in said), said
     assert not any("do not add up" in w for w in said), said
