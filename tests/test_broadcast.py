@@ -541,3 +541,56 @@ def test_through_node_batches_each_examples_share_and_falls_back_to_a_loop(monke
     torch.testing.assert_close(got.sum(0), copies(strided(shares.sum(0)))[0])
     monkeypatch.setattr(torch, "vmap", lambda fn: (_ for _ in ()).throw(RuntimeError("no batching rule")))
     assert torch.equal(broadcast.through_node(copies, broadcast.through_node(strided, shares)), want)
+
+
+class _NormedTable(nn.Module):
+    """SEW-D's relative positions: a table normalised by a LayerNorm (shared by the batch), then projected by two
+    Linear layers whose outputs are tiled over the batch by ``repeat`` beside the (B h, T, d) keys: a chain of
+    layers on a shared input. ``c`` adds a bare parameter read by the model itself on the table's path."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(6, 8)
+        self.norm, self.pos_q, self.pos_k = nn.LayerNorm(8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.key, self.head = nn.Linear(8, 8), nn.Linear(5 * 6 * 2 * 2, 3)
+
+    def forward(self, x):  # x (B, 5, 8)
+        b = x.shape[0]
+        rel = self.norm(self.table.weight)[:6].unsqueeze(0)  # (1, P, d)
+        k = self.key(x).view(b, 5, 2, 4).transpose(1, 2).reshape(b * 2, 5, 4)  # (B h, T, d)
+        pq = self.pos_q(rel).view(1, 6, 2, 4).transpose(1, 2).reshape(2, 6, 4).repeat(b, 1, 1)
+        pk = self.pos_k(rel).view(1, 6, 2, 4).transpose(1, 2).reshape(2, 6, 4).repeat(b, 1, 1)
+        att = torch.cat([torch.bmm(k, pq.transpose(1, 2)), torch.bmm(k, pk.transpose(1, 2))], -1)
+        return self.head(att.reshape(b, -1))
+
+
+def test_a_chain_of_layers_on_a_shared_input_is_split(device):
+    """The LayerNorm's output is shared by the batch and meets it only through the two projections: each example's
+    share of it comes back from theirs through their products (and the table's, from the second step, through the
+    LayerNorm's node). Every parameter served, exact against the float64 loop (the LayerNorm and the table were
+    left out: not split where they meet the batch)."""
+    torch.manual_seed(0)
+    checked = assert_matches_loop(_NormedTable(), torch.randn(4, 5, 8), torch.randint(0, 3, (4,)),
+                                  nn.CrossEntropyLoss(), warmup=1, device=device)  # fmt: skip
+    assert {"norm.weight", "norm.bias", "table.weight"} <= set(checked.record.per_sample_sq_norms_by_param)
+
+
+def test_sew_d_relative_table_and_its_layer_norm_are_split(device):
+    """transformers' SEW-D (its attention's key projection shared with the positions, relative attention both
+    ways): every parameter after one step, its relative table and the LayerNorm on it included, exact."""
+    from transformers import SEWDConfig, SEWDForSequenceClassification
+
+    cfg = SEWDConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+        num_labels=3, squeeze_factor=2, position_buckets=8, max_relative_positions=16, share_att_key=True,
+        relative_attention=True, pos_att_type=("p2c", "c2p"), hidden_dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = M.LogitsForLoss(SEWDForSequenceClassification(cfg))
+    checked = assert_matches_loop(model, torch.randn(4, 400), torch.randint(0, 3, (4,)), nn.CrossEntropyLoss(),
+                                  warmup=1, device=device)  # fmt: skip
+    served = checked.record.per_sample_sq_norms_by_param
+    encoder = "net.sew_d.encoder.encoder"
+    assert {f"{encoder}.LayerNorm.weight", f"{encoder}.rel_embeddings.weight"} <= set(served)

@@ -39,6 +39,7 @@ module (the previous behaviour, exact for a deterministic module; refused when d
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -187,22 +188,28 @@ class Slot:
     unknown: list[str] = field(default_factory=list)  #: consumers that are no known op, with why
 
 
-def _first(grads: Any) -> torch.Tensor:
-    """A node's gradient for its first input (a node called from Python returns a tensor or a tuple)."""
-    return grads if torch.is_tensor(grads) else grads[0]
+def _input(grads: Any, index: int) -> torch.Tensor:
+    """A node's gradient for its input ``index`` (a node called from Python returns a tensor or a tuple)."""
+    return grads if torch.is_tensor(grads) else grads[index]
 
 
-def through_node(node: Any, shares: torch.Tensor) -> torch.Tensor:
-    """Each example's share (B, *its output) through ``node``'s backward, to its first input: (B, *that input).
-    A backward is linear in its output gradient, so the shares of the input add up to its gradient. One
-    ``torch.vmap`` over the node's call (a few batched kernels, not B calls); a loop over the examples where
+def through_node(node: Any, shares: torch.Tensor, index: int = 0) -> torch.Tensor:
+    """Each example's share (B, *its output) through ``node``'s backward, to its input ``index``: (B, *that
+    input). A backward is linear in its output gradient, so the shares of the input add up to its gradient.
+    One ``torch.vmap`` over the node's call (a few batched kernels, not B calls); a loop over the examples where
     vmap cannot batch it (an op without a batching rule warns and falls back: taken as a failure here)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            return torch.vmap(lambda g: _first(node(g)))(shares)
+            return torch.vmap(lambda g: _input(node(g), index))(shares)
     except Exception:
-        return torch.stack([_first(node(part)) for part in shares])
+        return torch.stack([_input(node(part), index) for part in shares])
+
+
+#: products whose first operand's gradient is the output gradient times the saved second operand, transposed
+#: (the input of a Linear call: ``addmm(bias, x, W.T)``, ``mm(x, W.T)``): by that product, not the whole node,
+#: which would form each example's weight gradient too
+_FIRST_OPERAND = {"AddmmBackward0": 1, "MmBackward0": 0}
 
 
 def _short(op: str) -> str:
@@ -239,6 +246,10 @@ class BroadcastTracker:
         self.param_failures: dict[str, str] = {}
         self._sums: list[tuple[str, torch.Tensor, torch.Tensor]] = []  #: (label, sum_i share_i, summed)
         self.low_precision = False
+        #: the node that makes a call slot's output (its layer's last op), with that slot and the layout nodes
+        #: between: a shared tensor this node takes gets its shares back through it (a chain of layers on a
+        #: shared input, SEW-D's relative table through a LayerNorm and the position projections)
+        self._producers: dict[Any, tuple[Slot, list[Any]]] = {}
 
     @property
     def wanted(self) -> bool:
@@ -288,6 +299,15 @@ class BroadcastTracker:
             targets[(slot.node, 0)] = slot
         if not roots or not targets:
             return
+        for (node, nr), slot in targets.items():
+            if slot.kind != "call" or nr != 0:
+                continue
+            path, made = [], node
+            while made is not None and made.name() in RESHAPE_OPS and len(made.next_functions) == 1:
+                path.append(made)
+                made = made.next_functions[0][0]
+            if made is not None:
+                self._producers[made] = (slot, path)
         layouts: dict[Any, Slot | None] = {}
 
         def slot_of(node, nr: int) -> Slot | None:
@@ -346,11 +366,14 @@ class BroadcastTracker:
         """Pre-hook of a consumer: what it does with each candidate input, seen from its output gradient."""
         name = node.name()
         g = grads[0] if len(grads) == 1 else None
+        made = self._producers.get(node)
         for k, slot in edges:
             if len(grads) != 1:
                 self._note(slot, ("unknown", f"{_short(name)} (several outputs)"))
             elif g is None:
                 continue
+            elif made is not None:  # a layer's op on a shared tensor, whose output the batch shares too
+                self._note(slot, ("relay", name, self._relayed(node, k, *made)))
             elif name in BROADCAST_OPS:
                 if slot.shape is not None and tuple(g.shape) == slot.shape:
                     slot.plain.append(_short(name))
@@ -388,6 +411,15 @@ class BroadcastTracker:
                 slot.unknown.append(f"{_short(name)} ({share})")
             else:
                 slot.parts.append(share)
+        elif kind == "relay":
+            _, name, share = item
+            if isinstance(share, str):
+                slot.unknown.append(f"{_short(name)} ({share})")
+            elif share is not None and share[0].numel() == math.prod(slot.shape):
+                share = share.reshape(share.shape[0], *slot.shape)
+                slot.parts.append(share.to(dtype=slot.like[0], device=slot.like[1]))
+            elif share is not None:
+                slot.unknown.append(f"{_short(name)} (its shares have {share[0].numel()} values, not {slot.shape})")
         elif kind == "repeat":
             _, name, t, repeats = item
             root = slot
@@ -425,6 +457,22 @@ class BroadcastTracker:
                 slot.parts.append(share.to(dtype=slot.like[0], device=slot.like[1]))
             elif share is not None:
                 slot.parts.append(_layout_back(child.op, child.node, share, slot.shape, *slot.like))
+
+    @staticmethod
+    def _relayed(node: Any, k: int, made: Slot, path: list[Any]) -> torch.Tensor | str | None:
+        """The shares of input ``k`` of ``node``, the op that makes call slot ``made``'s output (through the layout
+        nodes ``path``): ``made``'s shares back through them, in ``node``'s pre-hook (``made``'s consumers have all
+        run: its shares are whole); None if nothing reached ``made``; why not, where ``made`` is not split."""
+        if made.plain or made.unknown:
+            return f"it makes {made.label}, which is not split into examples"
+        if not made.parts:
+            return None
+        shares = sum(made.parts)
+        for x in path:
+            shares = through_node(x, shares)
+        if _FIRST_OPERAND.get(node.name()) == k:
+            return shares @ saved_attribute(node, "mat2").transpose(-1, -2)
+        return through_node(node, shares, k)
 
     @staticmethod
     def _operand_grad(name: str, node, k: int, g: torch.Tensor) -> torch.Tensor:
