@@ -463,7 +463,7 @@ def test_part_of_a_shared_projection_scaled_in_place_is_left_out_with_the_reason
 
     torch.manual_seed(0)
     model = _PositionsScaledInPlace(part=True)
-    x, y = torch.randn(5, 5, 8), torch.randint(0, 3, (5,))  # (the helpers' batch of 5)
+    x, y = torch.randn(5, 5, 8), torch.randint(0, 3, (5,))
     said, records = _steps(model, x, y, steps=2, device=device)
     reason = "not split where it meets the batch"
     assert any("leave out Linear (pos.bias, pos.weight)" in w and reason in w for w in said), said
@@ -497,8 +497,8 @@ def test_only_views_the_batch_shares_are_copied(monkeypatch, device):
     import cockpit_lite.persample.engine as engine_mod
 
     copied = []
-    keep = engine_mod._copy_of_graph_output
-    monkeypatch.setattr(engine_mod, "_copy_of_graph_output", lambda t: copied.append(tuple(t.shape)) or keep(t))
+    keep = engine_mod._outside_copy
+    monkeypatch.setattr(engine_mod, "_outside_copy", lambda t: copied.append(tuple(t.shape)) or keep(t))
 
     class Windows(nn.Module):  # (B, 3 k, 8) -> (B k, 3, 8): each example's windows (no axis of size B), a Linear
         def __init__(self):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cockpit_lite import Cockpit, Need
-from tests.reference import Probe, per_sample_grads_loop
+from tests.reference import Probe, flat, per_sample_grads_loop
 
 D, B, T, V = 6, 5, 4, 9
 REASON = "used by the model's forward outside this layer's calls"
@@ -118,9 +118,9 @@ def _assert_exact(model, x, y, record, names):
     sq = record.per_sample_sq_norms_by_param
     assert set(sq) == set(names), sorted(sq)
     for n in names:
-        want = (loop[n].reshape(B, -1) ** 2).sum(1)
+        want = (loop[n].reshape(len(y), -1) ** 2).sum(1)
         np.testing.assert_allclose(np.asarray(sq[n], dtype=np.float64), want, rtol=1e-5, atol=1e-9, err_msg=n)
-    g = np.concatenate([loop[n].reshape(B, -1) for n in names], 1)
+    g = flat(loop)
     want = g @ g.mean(0)
     np.testing.assert_allclose(np.asarray(record.per_sample_dot_mean, dtype=np.float64), want, rtol=1e-5, atol=1e-9)
 

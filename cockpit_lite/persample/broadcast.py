@@ -80,6 +80,8 @@ MASK_OPS = frozenset({"WhereBackward0"})
 #: pre-hook (while it holds what it saved): an in-place op on a view of the tensor (``pos /= scale`` on a
 #: view of DeBERTa's position projection) leaves a ``CopySlices`` node and an ``as_strided`` view after it
 NODE_OPS = frozenset({"torch::autograd::CopySlices", "AsStridedBackward0"})
+#: the ops a slot is followed through (a slot of their own, the shares passed on in their pre-hook)
+FOLLOWED_OPS = LAYOUT_OPS | MASK_OPS | NODE_OPS
 
 #: relative tolerance of the check that the shares add up to the summed gradient (float32, half)
 SUM_RTOL = (1e-3, 3e-2)
@@ -212,6 +214,11 @@ def through_node(node: Any, shares: torch.Tensor, index: int = 0) -> torch.Tenso
 _FIRST_OPERAND = {"AddmmBackward0": 1, "MmBackward0": 0}
 
 
+def _placed(share: torch.Tensor, slot: Slot) -> torch.Tensor:
+    """Shares (B, ...) already in the slot's terms, as (B, *its shape) in its gradient's dtype and device."""
+    return share.reshape(share.shape[0], *slot.shape).to(dtype=slot.like[0], device=slot.like[1])
+
+
 def _short(op: str) -> str:
     return op[: -len("Backward0")] if op.endswith("Backward0") else op
 
@@ -314,7 +321,7 @@ class BroadcastTracker:
             """The slot that the edge (node, nr) reaches: a target, or a layout op on one (made here)."""
             hit = targets.get((node, nr))
             name = node.name()
-            if hit is not None or nr != 0 or (name not in LAYOUT_OPS and name not in MASK_OPS and name not in NODE_OPS):
+            if hit is not None or nr != 0 or name not in FOLLOWED_OPS:
                 return hit
             if node not in layouts:
                 nxt = node.next_functions
@@ -416,8 +423,7 @@ class BroadcastTracker:
             if isinstance(share, str):
                 slot.unknown.append(f"{_short(name)} ({share})")
             elif share is not None and share[0].numel() == math.prod(slot.shape):
-                share = share.reshape(share.shape[0], *slot.shape)
-                slot.parts.append(share.to(dtype=slot.like[0], device=slot.like[1]))
+                slot.parts.append(_placed(share, slot))
             elif share is not None:
                 slot.unknown.append(f"{_short(name)} (its shares have {share[0].numel()} values, not {slot.shape})")
         elif kind == "repeat":
@@ -450,11 +456,8 @@ class BroadcastTracker:
             then = f"{_short(child.op)} then "
             slot.plain.extend(then + n for n in child.plain)
             slot.unknown.extend(then + n for n in child.unknown)
-            if share is not None and child.op in MASK_OPS:  # (masked and summed to this shape: see _flush_layout)
-                slot.parts.append(share.to(dtype=slot.like[0], device=slot.like[1]))
-            elif share is not None and child.op in NODE_OPS:  # (already through the node: see _flush_layout)
-                share = share.reshape(share.shape[0], *slot.shape)
-                slot.parts.append(share.to(dtype=slot.like[0], device=slot.like[1]))
+            if share is not None and (child.op in MASK_OPS or child.op in NODE_OPS):
+                slot.parts.append(_placed(share, slot))  # (masked and summed, or through the node: _flush_layout)
             elif share is not None:
                 slot.parts.append(_layout_back(child.op, child.node, share, slot.shape, *slot.like))
 

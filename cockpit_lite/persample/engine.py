@@ -199,10 +199,6 @@ def _rebasable(t: torch.Tensor, single: bool) -> bool:
     return t._is_view() and not (single and _product_under_view(t) is not None)
 
 
-def _copy_of_graph_output(t: Any) -> Any:
-    return t.clone() if torch.is_tensor(t) and t.requires_grad else t
-
-
 def _copy_if_rebasable(t: Any, single: bool) -> Any:
     return t.clone() if torch.is_tensor(t) and t.requires_grad and _rebasable(t, single) else t
 
@@ -1087,7 +1083,7 @@ class PerSampleEngine:
                 # a product's view shared by the batch (a position projection): an in-place op on a view of it
                 # downstream (DeBERTa's `pos /= scale`) would rebase it past the node the broadcast tracker
                 # starts from; a copy downstream keeps that node in the graph
-                copy = _copy_of_graph_output
+                copy = _outside_copy
             if copy is not None:
                 output = replaced = tree_map(copy, output)
                 outs = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]

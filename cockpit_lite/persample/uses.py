@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from cockpit_lite.compat import graph_nodes, tree_leaves
+from cockpit_lite.persample.broadcast import LAYOUT_OPS
 
 
 def call_nodes(outs: Sequence[torch.Tensor], args: tuple, kwargs: dict) -> tuple[tuple[Any, ...], frozenset[Any]]:
@@ -36,15 +37,12 @@ def call_nodes(outs: Sequence[torch.Tensor], args: tuple, kwargs: dict) -> tuple
 
 
 #: autograd nodes of ops that only re-view or re-type a tensor: an argument of a call made of a parameter by these
-#: alone is the parameter itself, handed in (DBRX's experts get their slices of the weights as arguments)
-VIEW_NODES = frozenset(
-    {
-        "AliasBackward0", "AsStridedBackward0", "ExpandBackward0", "NarrowBackward0", "PermuteBackward0",
-        "ReshapeAliasBackward0", "SelectBackward0", "SliceBackward0", "SplitBackward0", "SplitWithSizesBackward0",
-        "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "TBackward0", "ToCopyBackward0",
-        "TransposeBackward0", "UnbindBackward0", "UnsafeViewBackward0", "UnsqueezeBackward0", "ViewBackward0",
-    }
-)  # fmt: skip
+#: alone is the parameter itself, handed in (DBRX's experts get their slices of the weights as arguments): the
+#: broadcast tracker's layout ops but a clone, and the other views
+VIEW_NODES = (LAYOUT_OPS - {"CloneBackward0"}) | {
+    "AsStridedBackward0", "ExpandBackward0", "NarrowBackward0", "SplitBackward0", "SplitWithSizesBackward0",
+    "UnbindBackward0",
+}  # fmt: skip
 
 
 def _inside(heads: Iterable[Any], bounds: frozenset[Any], wanted: set[Any]) -> set[Any]:
