@@ -73,6 +73,13 @@ def conv_costs(mod: nn.Conv2d, t: int) -> tuple[int, int]:
     return t * i * o + 2 * i * o, t * t * (i + o + 1) + t * i * o + t * o
 
 
+def linear_costs(bsz: int, i: int, o: int) -> tuple[int, int]:
+    """Multiply-adds of g_i . gbar for a (B, i) -> (B, o) Linear call: (from the factors' B x B Grams,
+    B^2 (i + o); by one product with the batch weight gradient, B i o). The squared norms cost B (i + o)
+    either way. The benchmark MLP's first two layers take the Grams, its last (256 -> 10) the product."""
+    return bsz * bsz * (i + o), bsz * i * o
+
+
 class LeanEconomy:
     """Loss (+ per-sample quantiles), GradNorm, UpdateSize, Distance and GradientTests for a
     Sequential of Linear, Conv2d (groups 1, dilation 1, zero padding) and parameter-free layers,
@@ -82,8 +89,10 @@ class LeanEconomy:
     Per layer, with a_i / U_i the input and e_i / E_i the output gradient of example i's own loss
     (B x the mean loss's output gradient):
 
-    - Linear: ||g_i||^2 = (||a_i||^2 + 1) ||e_i||^2 and g_i . gbar = mean_j (a_i . a_j + 1)(e_i . e_j),
-      from the B x B Grams, in the backward hook;
+    - Linear: ||g_i||^2 = (||a_i||^2 + 1) ||e_i||^2 in the backward hook, and g_i . gbar by the cheaper
+      route by multiply-adds (:func:`linear_costs`, the cockpit's rule): from the B x B Grams,
+      mean_j (a_i . a_j + 1)(e_i . e_j), in the backward hook, or by one product with the batch gradient,
+      e_i . (gbar_W a_i) + e_i . gbar_b, in the optimizer's step pre-hook (the MLP's last layer);
     - Conv2d: the cheaper route of :func:`conv_costs`; formed: g_i = E_i U_i^T (by one bmm of the
       output gradients with the unfolded patches U_i, or by the convolution's weight-gradient kernel
       with the batch folded into the groups: the same multiply-adds, whichever is faster here, timed
@@ -93,9 +102,10 @@ class LeanEconomy:
       The bias: b_i = sum_t e_{i,t}.
 
     ``route`` forces "formed" or "ghost" on every conv layer and ``kernel`` "bmm" or "conv" for the
-    formed route (tests); None picks by the counts and by timing. After each step ``last`` holds the
-    tags' values, ``sq`` and ``dot`` the per-sample arrays, ``routes`` the route each conv layer took
-    and ``kernels`` the formed kernel it uses.
+    formed route, ``linear`` "gram" or "projection" on every Linear layer (tests); None picks by the
+    counts and by timing. After each step ``last`` holds the
+    tags' values, ``sq`` and ``dot`` the per-sample arrays, ``routes`` the route each conv and Linear
+    layer took and ``kernels`` the formed kernel it uses.
     """
 
     def __init__(
@@ -106,6 +116,7 @@ class LeanEconomy:
         alpha: bool,
         route: str | None = None,
         kernel: str | None = None,
+        linear: str | None = None,
     ):
         self.lin = [m for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
         self.conv = [m for m in self.lin if isinstance(m, nn.Conv2d)]
@@ -120,11 +131,12 @@ class LeanEconomy:
         self.diff = [torch.empty_like(p) for p in self.params]
         self.prev = [torch.zeros_like(p) for p in self.params] if alpha else None
         self.alpha, self.has_prev = alpha, False
-        self.force, self.force_kernel = route, kernel
+        self.force, self.force_kernel, self.force_linear = route, kernel, linear
         self.kernels: dict[nn.Conv2d, str] = {}  # formed route: "bmm" or "conv", the faster here
         self.layer: dict[nn.Module, tuple] = {}
-        self.pending: dict[nn.Conv2d, tuple] = {}  # conv layers: what g_i . gbar needs once p.grad is there
-        self.routes: dict[nn.Conv2d, str] = {}
+        #: layers whose g_i . gbar needs p.grad: (route, what it needs), taken in the step pre-hook
+        self.pending: dict[nn.Module, tuple] = {}
+        self.routes: dict[nn.Module, str] = {}
         self.last: dict[str, float] = {}
         self.hooks = [m.register_forward_hook(self._fwd) for m in self.lin]
         self.hooks += [
@@ -145,9 +157,17 @@ class LeanEconomy:
     @torch.no_grad()
     def _bwd(self, mod, a, g):
         e = g * a.shape[0]  # output gradients of the per-sample losses (mean loss)
-        ga, ge = a @ a.T, e @ e.T
-        sq = (ga.diagonal() + 1.0) * ge.diagonal()  # ||g_i||^2 of weight and bias
-        dot = (ga + 1.0).mul_(ge).mean(1)  # g_i . gbar
+        gram, projection = linear_costs(*a.shape, e.shape[1])
+        route = self.force_linear or ("gram" if gram < projection else "projection")
+        self.routes[mod] = route
+        if route == "gram":
+            ga, ge = a @ a.T, e @ e.T
+            sq = (ga.diagonal() + 1.0) * ge.diagonal()  # ||g_i||^2 of weight and bias
+            dot = (ga + 1.0).mul_(ge).mean(1)  # g_i . gbar
+        else:
+            sq = (torch.linalg.vecdot(a, a) + 1.0).mul_(torch.linalg.vecdot(e, e))
+            dot = None  # (in the step pre-hook)
+            self.pending[mod] = ("projection", a, e)
         self.layer[mod] = (sq, dot, a, e) if self.alpha else (sq, dot)
 
     @staticmethod
@@ -203,11 +223,11 @@ class LeanEconomy:
             kernel = self._kernel(mod, x, g)
             gw = self._formed_bmm(mod, x, g) if kernel == "bmm" else self._formed_conv(mod, x, g)  # g_i / B
             sq = torch.linalg.vecdot(gw, gw)
-            self.pending[mod] = (gw, gb)
+            self.pending[mod] = ("formed", gw, gb)
         else:
             u, e = self._unfold(mod, x), g.flatten(2)
             sq = (u.transpose(1, 2) @ u).mul_(e.transpose(1, 2) @ e).sum((1, 2))
-            self.pending[mod] = (u, e, gb)
+            self.pending[mod] = ("ghost", u, e, gb)
         b = x.shape[0]
         self.layer[mod] = (sq.add_(torch.linalg.vecdot(gb, gb)).mul_(b * b),)
 
@@ -218,9 +238,14 @@ class LeanEconomy:
 
     @torch.no_grad()
     def _pre(self, opt, args, kw):
-        for mod, held in self.pending.items():
+        for mod, (route, *held) in self.pending.items():
             gbar_w, gbar_b = mod.weight.grad, mod.bias.grad
-            if len(held) == 2:  # formed
+            if route == "projection":  # a Linear layer: e_i . (gbar_W a_i) + e_i . gbar_b (e already scaled)
+                a, e = held
+                dot = (a @ gbar_w.T).mul_(e).sum(1).add_(e @ gbar_b)
+                self.layer[mod] = (self.layer[mod][0], dot, *self.layer[mod][2:])
+                continue
+            if route == "formed":
                 gw, gb = held
                 dot = gw @ gbar_w.reshape(-1)
             else:

@@ -71,11 +71,11 @@ def _reference(model, x, y) -> dict:
     }
 
 
-def _lean_step(floor, model, x, y, route=None, kernel=None):
+def _lean_step(floor, model, x, y, route=None, kernel=None, linear=None):
     model = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
-    lean = floor.LeanEconomy(model, opt, loss_fn, alpha=False, route=route, kernel=kernel)
+    lean = floor.LeanEconomy(model, opt, loss_fn, alpha=False, route=route, kernel=kernel, linear=linear)
     try:
         opt.zero_grad()
         loss_fn(model(x), y).backward()
@@ -86,23 +86,25 @@ def _lean_step(floor, model, x, y, route=None, kernel=None):
 
 
 @pytest.mark.parametrize(
-    "kind, route, kernel",
+    "kind, route, kernel, linear",
     [
-        ("mlp", None, None),
-        ("cnn", None, None),
-        ("cnn", None, "bmm"),
-        ("cnn", None, "conv"),
-        ("cnn", "ghost", None),
-        ("small", None, None),
-        ("small", "formed", "bmm"),
-        ("small", "formed", "conv"),
-        ("small", "ghost", None),
+        ("mlp", None, None, None),
+        ("mlp", None, None, "projection"),
+        ("mlp", None, None, "gram"),
+        ("cnn", None, None, None),
+        ("cnn", None, "bmm", None),
+        ("cnn", None, "conv", None),
+        ("cnn", "ghost", None, "projection"),
+        ("small", None, None, None),
+        ("small", "formed", "bmm", None),
+        ("small", "formed", "conv", None),
+        ("small", "ghost", None, None),
     ],
 )
-def test_lean_economy_matches_the_float64_loop(floor, kind, route, kernel):
+def test_lean_economy_matches_the_float64_loop(floor, kind, route, kernel, linear):
     model, x, y = _case(kind, floor)
     ref = _reference(model, x, y)
-    lean = _lean_step(floor, model, x, y, route, kernel)
+    lean = _lean_step(floor, model, x, y, route, kernel, linear)
     np.testing.assert_allclose(lean.sq, ref["sq"], rtol=1e-10)
     np.testing.assert_allclose(lean.dot, ref["dot"], rtol=1e-9, atol=1e-12 * np.abs(ref["dot"]).max())
     for tag in ("tests/norm", "tests/inner", "tests/ortho", "grad_norm", "loss"):
@@ -113,6 +115,15 @@ def test_lean_economy_matches_the_float64_loop(floor, kind, route, kernel):
     want = {"cnn": ["formed"] * 3, "small": ["formed", "ghost"], "mlp": []}[kind]
     got = [lean.routes[m] for m in model_convs(lean)]
     assert got == ([route] * len(want) if route else want)
+    # each Linear layer: forced, or the cheaper by multiply-adds (at these batches of 4-6: the Grams' but for
+    # the small net's 8 -> 6 and 6 -> 3 layers, whose products are the smaller)
+    linears = [m for m in lean.lin if isinstance(m, nn.Linear)]
+    cheaper = [
+        "gram" if np.less(*floor.linear_costs(len(y), m.in_features, m.out_features)) else "projection" for m in linears
+    ]
+    assert [lean.routes[m] for m in linears] == ([linear] * len(linears) if linear else cheaper)
+    if kind == "mlp" and linear is None:
+        assert cheaper == ["gram", "gram", "gram"]
     if kernel is None:  # each formed layer timed its two kernels once and took one
         formed = [m for m in model_convs(lean) if lean.routes[m] == "formed"]
         assert set(lean.kernels) == set(formed)
@@ -132,6 +143,13 @@ def test_the_route_is_the_cheaper_count(floor):
     assert (formed, ghost) == (16 * 8 * 3, 25 + 16 * 8 + 8) and ghost < formed
     formed, ghost = floor.conv_costs(small, 4)
     assert (formed, ghost) == (4 * 128 + 2 * 128, 16 * 25 + 4 * 128 + 4 * 8) and ghost > formed
+
+
+def test_the_linear_route_is_the_cheaper_count(floor):
+    # the benchmark MLP at B = 128: Grams for 784 -> 512 and 512 -> 256, the product for 256 -> 10
+    assert floor.linear_costs(128, 784, 512) == (128 * 128 * 1296, 128 * 784 * 512)
+    routes = [np.less(*floor.linear_costs(128, i, o)) for i, o in ((784, 512), (512, 256), (256, 10))]
+    assert routes == [True, True, False]
 
 
 def test_alpha_and_unsupported_convs_are_refused(floor):
