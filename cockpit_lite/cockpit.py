@@ -112,6 +112,8 @@ class Cockpit:
     ):
         self._warned: set[str] = set()
         self._closed, self.step, self._step = False, 0, None
+        #: a grad-enabled forward of the model was seen (steps begin with it: a loss call outside a step is not its)
+        self._forward_seen = False
         self.overlap = bool(overlap)
         #: overlap=True: the step launched last, and its skipped iterations, whose records are still to make
         self._late: tuple[Step, int] | None = None
@@ -349,6 +351,7 @@ class Cockpit:
             st = self._begin()
             st.skipped = skipped
             read_loss_scale()  # (GradScaler's scale while the device is idle: none read at backward)
+        self._forward_seen = True
         st.forwards.append(batch_of(args, kwargs))
         if st.active:
             st.event("on_forward", ModelCall(args, kwargs, st.forwards[-1], index=len(st.forwards) - 1))
@@ -409,21 +412,28 @@ class Cockpit:
             if t.requires_grad:
                 on_gradient(t, functools.partial(self._on_output_grad, index))
                 st.hooked.append(weakref.ref(t))
+                st.hooked_call = index
 
     @guarded
     def _on_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if is_paused() or module is not self.loss_fn:
             return
+        if self._step is None and self._forward_seen:
+            # between an optimizer step and the model's next forward, in a loop whose steps begin with the
+            # model's forward: another network's loss (a GAN's discriminator after the generator's step)
+            return
         st = self._step or self._begin()
         if st.skip or not st.active or not torch.is_tensor(output) or not output.requires_grad:
             return  # nothing tracked, or an evaluation under no_grad
         with self.costs.region("loss"):
-            st.event("on_loss", LossCall(module, args, kwargs, output))
             pred = args[0] if args else None  # (by keyword: hooked, as a dead reference is None too)
-            for ref in st.hooked if pred is not None else ():
-                if ref() is pred:  # (its backward reaches that output's hook, which tells it: one hook less)
-                    break
-            else:
+            # on a model output with a hook: its backward reaches that hook, which tells it (one hook less)
+            on_output = pred is not None and any(ref() is pred for ref in st.hooked)
+            # else, where the model call's outputs carry hooks, they tell whether the loss's backward reaches
+            # the model (a GAN's discriminator loss on a detached sample does not): the provider marks the call
+            told = not on_output and bool(st.forwards) and st.hooked_call == len(st.forwards) - 1
+            st.event("on_loss", LossCall(module, args, kwargs, output, None if told else True))
+            if not on_output and not told:  # (the model's outputs carry no hook: the loss's tells backward)
                 on_gradient(output, functools.partial(self._on_output_grad, None))
 
     @guarded

@@ -231,6 +231,8 @@ class Step:
         self.stepped: set[int] = set()
         #: weak references to the model's outputs given a hook this step (backward is seen where it reaches one)
         self.hooked: list[weakref.ref] = []
+        #: the last model call (by position) whose outputs were given a hook
+        self.hooked_call: int | None = None
         #: iterations abandoned since the last optimizer step and before this step's (a retry after a
         #: backward with no step: see ``Cockpit._on_model_forward``)
         self.skipped = 0

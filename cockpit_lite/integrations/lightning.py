@@ -199,9 +199,11 @@ class CockpitCallback(Callback):
             training.
 
     The Cockpit tracks the LightningModule's parameters that the Trainer's first optimizer holds (with
-    several optimizers, the first; a warning says so). Its state (step count, every instrument's state)
-    is saved in Lightning checkpoints and restored by ``trainer.fit(..., ckpt_path=...)``; records the
-    interrupted run wrote after the checkpoint are cut from ``cockpit.jsonl``, so no step appears twice.
+    several optimizers, the first; a warning says so: a GAN with ``[g_opt, d_opt]`` is watched at its
+    generator, the discriminator's losses and backward passes left out of the generator's steps). Its
+    state (step count, every instrument's state) is saved in Lightning checkpoints and restored by
+    ``trainer.fit(..., ckpt_path=...)``; records the interrupted run wrote after the checkpoint are cut
+    from ``cockpit.jsonl``, so no step appears twice.
 
     After training: ``callback.cockpit`` (closed; ``.history``), ``callback.history``,
     ``callback.verdicts`` (also written into the run as ``verdict/...`` and printed).
@@ -281,8 +283,10 @@ class CockpitCallback(Callback):
             raise ValueError("CockpitCallback: the Trainer has no optimizer (configure_optimizers returned none)")
         if len(optimizers) > 1:
             self._warn(
-                f"{len(optimizers)} optimizers: the cockpit tracks the first ({type(optimizers[0]).__name__}); "
-                "forward and backward passes for the others between its steps are counted into its steps"
+                f"{len(optimizers)} optimizers: the cockpit tracks the first ({type(optimizers[0]).__name__}) and "
+                "the parameters it holds (a GAN: list the generator's optimizer first to watch the generator); the "
+                "others' losses are no part of its steps (a backward that does not reach the tracked module's outputs "
+                "is another network's)"
             )
         optimizer = unwrap_optimizer(optimizers[0])
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}

@@ -40,12 +40,17 @@ from cockpit_lite.step import StepRecord
 
 @dataclass(frozen=True)
 class LossCall:
-    """One call of the loss module: what its forward hook saw."""
+    """One call of the loss module: what its forward hook saw. ``reaches``: True where backward from its
+    output reaches the model for certain (its prediction is an output of the model, or the model's outputs
+    carry no hook and the call's own output tells backward), None where only that backward can tell (a GAN's
+    discriminator loss beside its generator loss: a gradient hook on the output marks it, and a backward
+    that ends without reaching the model's outputs leaves it out)."""
 
     module: nn.Module
     args: tuple
     kwargs: Mapping[str, Any]
     output: Any
+    reaches: bool | None = True
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
 """Need.LOSS and Need.PER_SAMPLE_LOSS: the loss the step optimizes and each example's share of it.
 
-The batch loss is the tensor ``backward()`` is called on (summed over the step's backward passes,
-divided by GradScaler's scale), whatever computed it: a loss module, a functional loss in the loop, a
-loss inside the model. Where no backward root is seen, the loss module's output or the model's own
-loss (``out.loss``, a 0-dim output) stands in. Per-sample losses l_i, with L = mean_i l_i ("mean") or
+The batch loss is the tensor ``backward()`` is called on (summed over the step's backward passes that
+reach the model, divided by GradScaler's scale), whatever computed it: a loss module, a functional loss
+in the loop, a loss inside the model. Where no backward root is seen, the loss module's output or the
+model's own loss (``out.loss``, a 0-dim output) stands in. A backward that never reaches the model's
+outputs, and a loss-module call whose backward does not (a GAN's discriminator loss on a detached sample,
+between the generator's forward and its step), are another network's: no part of the step's loss or
+per-sample losses (a warning says so once). Per-sample losses l_i, with L = mean_i l_i ("mean") or
 sum_i l_i ("sum") over every example of the step, come from the first exact source there is:
 
 1. a loss module: its unreduced losses (:func:`cockpit_lite.losses.per_sample_losses`), rows of a
@@ -19,6 +22,7 @@ with N the step's examples, so that the step's loss sum_k w_k L_k is mean_i l_i.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -26,6 +30,7 @@ import torch
 from torch import nn
 
 from cockpit_lite.compat import nll_terms
+from cockpit_lite.hooks import on_gradient
 from cockpit_lite.losses import (
     DerivedLosses,
     derived_losses,
@@ -56,6 +61,13 @@ NOT_THEIR_SUM = (
     "weighted or partial combination, which the per-example losses cannot be split by"
 )
 
+OTHER_NETWORK = (
+    "a loss between the model's forward and the optimizer step (a backward pass, or a call of the loss module) did "
+    "not reach the model's outputs: another network's loss, as a GAN's discriminator's between the generator's "
+    "forward and its step. It is no part of the step's loss or per-sample losses (said once; it holds for every "
+    "such step)"
+)
+
 ACCUMULATED_CALLS = (
     "no per-sample losses on this step: the loss module was called {calls} times for one model call under "
     "gradient accumulation, where each micro-batch is weighed by the loss backward started from: a weighted "
@@ -81,6 +93,15 @@ class LossProvider(Provider):
         self.parts: list[torch.Tensor | DerivedLosses | None] = []
         self.values: list[torch.Tensor | None] = []  # L_k as the loss module or the model returned it
         self.roots: list[tuple[torch.Tensor, float]] = []  # (root value, GradScaler scale) per backward
+        #: per backward root until the step's gradients are final: the micro-batch it followed, the NLL losses
+        #: found at its node (applied once it is known to be the model's: :meth:`_settle_roots`) and the
+        #: number of its backward
+        self.root_info: list[tuple[int, torch.Tensor | None, int]] = []
+        #: loss-module calls whose backward tells whether they are the model's (``LossCall.reaches`` None):
+        #: (micro-batch, what :meth:`_take` takes of it, [number of the backward its output's gradient came in])
+        self.told: list[tuple[int, tuple, list]] = []
+        self.backwards = 0  #: backward passes begun this step
+        self.reaching: set[int] = set()  #: those that reached the model's outputs (their end was seen)
         self.calls: list[int] = []  # the model call each micro-batch came from
         #: loss-module calls per micro-batch (several: their per-example losses are added up, checked at the end)
         self.loss_calls: list[int] = []
@@ -137,46 +158,107 @@ class LossProvider(Provider):
 
     def on_loss(self, record: StepRecord, call: LossCall) -> None:
         record.reduction = reduction_of(call.module)
+        pred = call.args[0] if call.args else next(iter(call.kwargs.values()))
         if not self.batches:  # a loss module called without a model forward seen: its batch is the step's
-            pred = call.args[0] if call.args else next(iter(call.kwargs.values()))
             self.on_forward(
                 record, ModelCall(call.args, call.kwargs, int(pred.shape[0]) if pred.dim() else 1, index=-1)
             )
-        again = self.loss_calls[-1] > 0  # (another loss-module call for the same model call: added up)
-        self.loss_calls[-1] += 1
-        value = call.output.detach()
-        self.values[-1] = self.values[-1] + value if again and self.values[-1] is not None else value
-        pred = call.args[0] if call.args else next(iter(call.kwargs.values()))
-        rows = int(pred.shape[0]) if pred.dim() > 0 else 1
-        if rows % self.batches[-1]:  # the model's input is not batch-first: the loss's rows are the examples
-            self.batches[-1] = rows
+        # (detached values only: nothing of the call's graph is kept)
+        taken = (
+            call.output.detach(),
+            int(pred.shape[0]) if pred.dim() > 0 else 1,
+            per_sample_losses(call.module, call.args, call.kwargs, call.output) if self.per_sample else None,
+        )
+        if call.reaches is None:  # whether it is the model's loss is told by its backward: taken at the step
+            mark: list[int | None] = [None]  # (the number of the backward its output's gradient came in)
+            on_gradient(call.output, functools.partial(self._mark, mark))
+            self.told.append((len(self.batches) - 1, taken, mark))
+            return
+        self._take(record, len(self.batches) - 1, *taken)
+
+    def _mark(self, mark: list, grad: torch.Tensor) -> None:
+        mark[0] = self.backwards
+
+    def _take(self, record: StepRecord, at: int, value: torch.Tensor, rows: int, losses: torch.Tensor | None) -> None:
+        """Count a loss-module call into micro-batch ``at``: its loss ``value``, the ``rows`` of its prediction
+        and its unreduced per-row losses (None where per-sample losses are not asked for)."""
+        again = self.loss_calls[at] > 0  # (another loss-module call for the same model call: added up)
+        self.loss_calls[at] += 1
+        self.values[at] = self.values[at] + value if again and self.values[at] is not None else value
+        if rows % self.batches[at]:  # the model's input is not batch-first: the loss's rows are the examples
+            self.batches[at] = rows
             record.micro_batches = list(self.batches)
             record.batch_size = sum(self.batches)
-        if self.per_sample:
-            rows = per_sample_losses(call.module, call.args, call.kwargs, call.output)
-            part = fold_rows(rows, self.batches[-1], record.reduction)
-            last = self.parts[-1]
-            self.parts[-1] = last + part if again and torch.is_tensor(last) and last.shape == part.shape else part
+        if losses is not None:
+            part = fold_rows(losses, self.batches[at], record.reduction)
+            last = self.parts[at]
+            self.parts[at] = last + part if again and torch.is_tensor(last) and last.shape == part.shape else part
 
     def on_backward_root(self, record: StepRecord, root: BackwardRoot) -> None:
         if len(root.tensors) == 1 and torch.is_tensor(root.tensors[0]) and root.tensors[0].dim() == 0:
             self.roots.append((root.tensors[0], root.scale))
             last = self.parts[-1] if self.per_sample and self.parts else False
+            found = None
             if (last is None or isinstance(last, DerivedLosses)) and root.nodes:
                 # a cross-entropy / NLL in the loop (or the model): its per-example losses from its saved
-                # inputs; for a model's own loss one more candidate, kept if it reproduces that loss
+                # inputs (read now: backward frees them); for a model's own loss one more candidate, kept if
+                # it reproduces that loss
                 terms = nll_terms(root.nodes[0])
                 found = nll_losses(terms, self.batches[-1]) if terms is not None else None
-                if found is not None and isinstance(last, DerivedLosses):
-                    self.parts[-1] = last.add(("nll",), found)
-                elif found is not None:
-                    self.parts[-1] = found
-                    if self.values[-1] is None:
-                        self.values[-1] = found.mean() if record.reduction == "mean" else found.sum()
+            # (the Cockpit begins the backward right after its root: on_backward_begin numbers it)
+            self.root_info.append((len(self.parts) - 1, found, self.backwards + 1))
+
+    def on_backward_begin(self, record: StepRecord) -> None:
+        self.backwards += 1
+
+    def on_backward_end(self, record: StepRecord) -> None:
+        self.reaching.add(self.backwards)  # (an end is seen only for a backward that reached the model)
+
+    def _reached(self, backward: int | None) -> bool:
+        """Whether backward number ``backward`` reached the model: its end was seen, or no end was seen this
+        step (a loop whose backward the cockpit cannot see end: every backward counts, as it must)."""
+        return backward is not None and (backward in self.reaching or not self.reaching)
+
+    def _settle(self, record: StepRecord) -> None:
+        """The step's gradients are final: take the loss-module calls whose backward reached the model, drop the
+        others (another network's loss), then the backward roots likewise (:meth:`_settle_roots`)."""
+        told, self.told = self.told, []
+        dropped = False
+        for at, taken, (backward,) in told:
+            if self._reached(backward):
+                self._take(record, at, *taken)
+            else:
+                dropped = True
+        dropped = self._settle_roots(record) or dropped
+        if dropped:
+            self.context.warn(OTHER_NETWORK)
+
+    def _settle_roots(self, record: StepRecord) -> bool:
+        """Keep the backward roots whose backward reached the model, and take the NLL losses found at theirs
+        as their micro-batch's per-example losses. True if some were dropped."""
+        info, self.root_info = self.root_info, []
+        if len(info) != len(self.roots):  # (a root that is no scalar: nothing was kept of it)
+            return False
+        kept = [k for k, (_, _, backward) in enumerate(info) if self._reached(backward)]
+        if len(kept) < len(info):
+            self.roots = [self.roots[k] for k in kept]
+        for k in kept:
+            at, found, _ = info[k]
+            if found is None or at < 0:
+                continue
+            last = self.parts[at]
+            if isinstance(last, DerivedLosses):
+                self.parts[at] = last.add(("nll",), found)
+            elif last is None:
+                self.parts[at] = found
+                if self.values[at] is None:
+                    self.values[at] = found.mean() if record.reduction == "mean" else found.sum()
+        return len(kept) < len(info)
 
     def on_before_step(self, record: StepRecord) -> None:
         """The step's tensors (backward roots, the losses the modules returned where wanted, per-sample
         losses) join the step's host batch; :meth:`_finish` fills the record from their values."""
+        self._settle(record)
         self._keep_reached(record)
         scales = [s for _, s in self.roots]
         # L_k as the modules returned them: wanted without a backward root, or to weigh micro-batches
