@@ -39,13 +39,21 @@ from cockpit_lite.hooks import SharedHook, on_gradient
 from cockpit_lite.instrument import Instrument
 from cockpit_lite.lifecycle import Guard, Step, guarded
 from cockpit_lite.losses import check_loss
-from cockpit_lite.model_io import batch_of, grad_marks, step_closure, tensors_of, zeroed_since
+from cockpit_lite.model_io import batch_of, grad_marks, moved_since, step_closure, tensors_of, zeroed_since
 from cockpit_lite.pause import is_paused
 from cockpit_lite.profiling import Costs, Profiler
 from cockpit_lite.providers import BackwardRoot, Context, LossCall, ModelCall, registered_providers
 from cockpit_lite.records import History
 from cockpit_lite.sinks.base import RunContext, Sink
 from cockpit_lite.unwrap import unwrap, unwrap_optimizer
+
+#: said once where the parameters moved between a backward and the next forward without an optimizer step
+MOVED = (
+    "the parameters moved between a backward and the next forward with the gradients zeroed and no step of the "
+    "optimizer the cockpit watches: SAM's ascent step (first_step), or a step the cockpit does not see. The step "
+    "is taken from the passes after the move (SAM: its loss and gradients at the perturbed point, which the "
+    "optimizer steps with). If no step is ever recorded, give the cockpit the optimizer whose step() runs"
+)
 
 
 class Cockpit:
@@ -343,8 +351,13 @@ class Cockpit:
         st = self._step
         skipped = 0
         if st is not None and st.backward_done and zeroed_since(self.params, st.grad_marks):
-            # backward ran, grads were zeroed, no step came (the loop or AMP skipped it): this is a retry
-            skipped = st.skipped + st.abandoned_calls() + 1
+            # backward ran, grads were zeroed, no step came: a retry (the loop or AMP skipped the step), unless
+            # the parameters moved with no optimizer of the cockpit's stepping (SAM's ascent step: the step is
+            # the passes from the perturbed point on)
+            moved = not st.stepped and moved_since(st.grad_marks)
+            if moved:
+                self._warn(MOVED)
+            skipped = st.skipped + st.abandoned_calls() + (0 if moved else 1)
             st.end()
             st = None
         if st is None:

@@ -38,8 +38,15 @@ def any_grad(params: Mapping[str, nn.Parameter]) -> bool:
 
 
 def grad_marks(params: Mapping[str, nn.Parameter]) -> tuple:
-    """(parameter, its gradient, that tensor's version counter) for every parameter with a gradient."""
-    return tuple((p, p.grad, p.grad._version) for p in params.values() if p.grad is not None)
+    """(parameter, its gradient, that tensor's version counter, the parameter's) for every parameter with a
+    gradient."""
+    return tuple((p, p.grad, p.grad._version, p._version) for p in params.values() if p.grad is not None)
+
+
+def moved_since(marks: tuple) -> bool:
+    """Whether a parameter :func:`grad_marks` saw was changed in place since (SAM's ascent step, ``p.add_(e)``,
+    between a backward and the next forward without an optimizer step)."""
+    return any(p._version != v for p, _, _, v in marks)
 
 
 def zeroed_since(params: Mapping[str, nn.Parameter], marks: tuple) -> bool:
@@ -47,7 +54,7 @@ def zeroed_since(params: Mapping[str, nn.Parameter], marks: tuple) -> bool:
     last backward: the same tensors at the same versions were not touched (no zeroing: the loop
     accumulates); all None were zeroed (``zero_grad()``, ``set_to_none``); only otherwise (zeroed or
     changed in place) are the values read (:func:`any_grad`)."""
-    if marks and all(p.grad is g and g._version == v for p, g, v in marks):
+    if marks and all(p.grad is g and g._version == v for p, g, v, _ in marks):
         return False
     if all(p.grad is None for p in params.values()):
         return True

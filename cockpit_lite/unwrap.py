@@ -24,7 +24,8 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
 def unwrap_optimizer(optimizer: object) -> object:
     """The ``torch.optim.Optimizer`` inside the wrappers frameworks put around it: Lightning's
     ``LightningOptimizer`` (``_optimizer``), accelerate's ``AcceleratedOptimizer`` (``optimizer``).
-    Their ``step()`` calls the inner optimizer's, whose hooks the cockpit registers. ``AcceleratedOptimizer``
+    Their ``step()`` calls the inner optimizer's, whose hooks the cockpit registers; so does SAM's, whose
+    ``base_optimizer`` shares its parameter groups (its ``second_step()`` steps it). ``AcceleratedOptimizer``
     subclasses ``torch.optim.Optimizer`` without running its ``__init__``: an optimizer without its own
     step-hook table is a wrapper too."""
     import torch
@@ -38,4 +39,13 @@ def unwrap_optimizer(optimizer: object) -> object:
         if inner is None or inner is optimizer:
             break
         optimizer, seen = inner, seen + 1
+    base = getattr(optimizer, "base_optimizer", None)
+    if (
+        isinstance(base, torch.optim.Optimizer)
+        and base is not optimizer
+        and getattr(optimizer, "param_groups", None) is getattr(base, "param_groups", ())
+    ):
+        # SAM and its kin (ASAM, GSAM): the wrapper's own step() (or its first_step / second_step) moves the
+        # parameters to the perturbed point and back, then calls the base optimizer's step(), which is the step
+        return base
     return optimizer
