@@ -34,6 +34,7 @@ MODULES = {
     "accelerate": "accelerate",
     "lightning": "lightning",
     "opacus": "opacus",
+    "peft": "peft",
 }
 
 

@@ -1,0 +1,70 @@
+"""PEFT's LoRA adapters (the fine-tuning loop most people run: a frozen transformers model, trainable low-rank
+adapters) served exactly: per-sample statistics of the adapters' parameters against the float64 loop of
+tests/harness.py, on GPT-2 (LoRA on its Conv1D layers, ``fan_in_fan_out``) and Llama (LoRA on Linear layers, with
+adapter dropout replayed from a seed; DoRA's magnitude vectors; rsLoRA's scaling). Random weights, small configs;
+the adapters' B matrices are drawn non-zero so that A's gradients are not zero."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from tests.harness import assert_matches_loop
+
+V = 50
+
+
+class _LastLogits(nn.Module):
+    """The next-token logits at the last position: a whole sequence is one example."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits[:, -1]
+
+
+def _adapted(arch: str, dropout: float, variant: str) -> nn.Module:
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=V, n_positions=16, attn_pdrop=0.0,
+                         resid_pdrop=0.0, embd_pdrop=0.0)  # fmt: skip
+        base, targets = GPT2LMHeadModel(cfg), ["c_attn", "c_proj"]
+    else:
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, vocab_size=V, max_position_embeddings=16)  # fmt: skip
+        base, targets = LlamaForCausalLM(cfg), ["q_proj", "v_proj", "down_proj"]
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets,
+                        use_dora=variant == "dora", use_rslora=variant == "rslora")  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (GPT-2's Conv1D: peft sets fan_in_fan_out itself and says so)
+        model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)
+    return _LastLogits(model)
+
+
+@pytest.mark.parametrize(
+    "arch, dropout, variant",
+    [("gpt2", 0.0, "lora"), ("llama", 0.1, "lora"), ("llama", 0.0, "dora"), ("llama", 0.0, "rslora")],
+)
+def test_peft_adapters_match_the_loop(arch, dropout, variant):
+    model = _adapted(arch, dropout, variant)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)  # (only the adapters train)
+    g = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, V, (5, 8), generator=g), torch.randint(0, V, (5,), generator=g)
+    checked = assert_matches_loop(model, ids, y, nn.CrossEntropyLoss())
+    assert not checked.warnings
+    # every adapter parameter was split (DoRA's magnitudes too), none left out
+    assert set(checked.record.per_sample_sq_norms_by_param) == set(checked.reference) == set(trained)
+    if variant == "dora":
+        assert any("lora_magnitude_vector" in n for n in trained)
