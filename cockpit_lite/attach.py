@@ -42,6 +42,22 @@ def check_model_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     return {n: p for n, p in params.items() if id(p) in held}
 
 
+def held(model: nn.Module, optimizers: Sequence[Any]) -> list[nn.Parameter]:
+    """Every parameter of ``model`` that one of ``optimizers`` holds, trainable or not (a frozen one may be
+    unfrozen later), in the model's order."""
+    ids = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
+    return [p for _, p in model.named_parameters() if id(p) in ids]
+
+
+def trainable_state(model_params: Sequence[nn.Parameter], optimizers: Sequence[Any]) -> tuple:
+    """What decides the tracked parameters, cheap to compare step by step: each held parameter's
+    ``requires_grad`` and the number of parameters in each optimizer's groups (``add_param_group``)."""
+    return (
+        tuple(p.requires_grad for p in model_params),
+        tuple(sum(len(g["params"]) for g in o.param_groups) for o in optimizers),
+    )
+
+
 class Optimizers:
     """Several optimizers that step one model's parameters together (Muon beside AdamW, SparseAdam beside
     Adam), read as one: their parameter groups in order, their states together. Each steps once per step;

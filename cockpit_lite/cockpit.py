@@ -135,6 +135,10 @@ class Cockpit:
             #: LightningOptimizer, accelerate's AcceleratedOptimizer
             self._stepping = tuple(unwrap_optimizer(o) for o in given)
             self.params = attach.check_model_optimizers(self.network, self._stepping)
+            #: every parameter the optimizers hold, frozen ones too, and what decides which of them train
+            #: (compared at each step's start: a backbone unfrozen mid-run is followed, ``_follow_params``)
+            self._held = attach.held(self.network, self._stepping)
+            self._trainable = attach.trainable_state(self._held, self._stepping)
             # several optimizers are read as one (attach.Optimizers)
             optimizer = attach.Optimizers(self._stepping) if len(self._stepping) > 1 else self._stepping[0]
             #: ids of those optimizers (their step hooks' identity check; those that stepped so far: ``Step.stepped``)
@@ -329,9 +333,47 @@ class Cockpit:
         # a CUDA model's costs are timed on its device timeline (profiling.py): followed each step, as
         # a model may be moved to the GPU after the cockpit was built (Lightning)
         self.costs.follow(self._first_param)
+        changed = None
+        if attach.trainable_state(self._held, self._stepping) != self._trainable:
+            changed = self._follow_params()
         gates = (self.budget.gates, self.budget.allowed) if self.budget is not None else None
         self._step = Step(self.step, self.instruments, self.providers, self._guard, gates, **self._fields)
+        if changed and self._step.record is not None:
+            self._step.record.add_note(changed, frozenset())
         return self._step
+
+    def _follow_params(self) -> str | None:
+        """The trainable parameters the optimizers hold changed since the last step (a frozen backbone
+        unfrozen, a layer frozen, ``add_param_group``): the cockpit tracks the new set from this step on
+        (``self.params`` changed in place: the providers and records share it; each provider is told).
+        Returns what to say (also warned), or None where nothing trainable is left (the old set is kept)."""
+        self._held = attach.held(self.network, self._stepping)
+        self._trainable = attach.trainable_state(self._held, self._stepping)
+        try:
+            now = attach.check_model_optimizers(self.network, self._stepping)
+        except ValueError:  # (every parameter frozen: nothing to follow; the steps say no gradient came)
+            return None
+        before = dict(self.params)
+        if now.keys() == before.keys():
+            return None
+        self.params.clear()
+        self.params.update(now)
+        self._others = attach.untracked(self.network, self.params)
+        self._guard.each(self.providers, "params_changed")
+        added, removed = [n for n in now if n not in before], [n for n in before if n not in now]
+
+        def listed(names: list[str]) -> str:
+            return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+        parts = [f"{len(added)} start training ({listed(added)})"] if added else []
+        parts += [f"{len(removed)} stopped ({listed(removed)})"] if removed else []
+        msg = (
+            f"the parameters the optimizer trains changed at step {self.step}: {'; '.join(parts)}. Every statistic "
+            f"follows the {len(now)} trained tensors from this step on (Distance measures a tensor that starts "
+            "training from its value then)"
+        )
+        self._warn(msg)
+        return msg
 
     def _observe_budget(self, st: Step, cockpit_ms: float, wall_ms: float, hooks_ms: float) -> None:
         """Hand the budget the step's cost and wall time, both with the sinks' time for its records, and

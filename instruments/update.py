@@ -120,13 +120,18 @@ class Distance(Instrument):
 
     @without_grad
     def on_before_step(self, record):
+        new = [n for n in record.params if n not in self._theta0]
+        if new:  # a tensor that starts training (unfrozen mid-run): measured from its value now, where it started
+            self._theta0.update({n: record.params[n].detach().clone() for n in new})
+            self._diff = None
         names = [n for n in record.params if n in self._theta0]
         t0 = self._theta0[names[0]] if names else None
         if t0 is not None and not same_place(t0, record.params[names[0]]):
             # the model moved (model.to("cuda") after the cockpit was built): theta_0 follows it
             self._theta0 = self._moved(self._theta0, record.params)
             self._diff = None
-        if self._diff is None:  # one buffer for theta_t - theta_0, allocated once (no page faults per step)
+        if self._diff is None or len(self._diff) != len(names):
+            # one buffer for theta_t - theta_0, allocated once (no page faults per step); again for other tensors
             self._diff = {n: torch.empty_like(self._theta0[n]) for n in names}
         diff = [self._diff[n] for n in names]
         foreach_difference(diff, [record.params[n] for n in names], [self._theta0[n] for n in names])

@@ -125,6 +125,10 @@ class Provider:
     def begin_step(self, record: StepRecord, needs: Needs) -> None:
         """A step begins; ``needs`` is everything the scheduled instruments asked for."""
 
+    def params_changed(self) -> None:
+        """The trainable parameters the optimizer holds changed between steps (``requires_grad`` turned on or
+        off, a parameter group added): ``context.params`` holds the new ones from the next step on."""
+
     def rest_step(self) -> None:
         """A step begins that this provider has no part in (nothing asked of it): no other event of the step
         reaches it. A provider that keeps hooks of its own may take them off after a few."""

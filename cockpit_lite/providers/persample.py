@@ -69,18 +69,7 @@ class PerSampleProvider(Provider):
 
     def __init__(self, context: Context):
         super().__init__(context)
-        self.engine = PerSampleEngine(
-            context.network,
-            costs=context.costs,
-            params={id(p) for p in context.params.values()},
-            warn=context.warn,
-            model_hooks=False,  # (driven from on_forward, on_output and rest_step)
-        )
-        self.engine.may_sleep = not context.compiled
-        self.engine.walks_uses = not (context.compiled or context.sharded)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:  # p.grad is averaged over ranks: no sum to check
-                self.engine.checks_left = 0
+        self.engine = self._engine()
         self.needs = Needs()
         #: (step, parameter names) of a failed gradient-sum check: said again on every later step
         self.mismatch: tuple[int, str] | None = None
@@ -93,6 +82,30 @@ class PerSampleProvider(Provider):
         #: the coupled path's squared norms every this many of its steps; under an overhead budget on every
         #: step they are asked (the budget measures their cost and thins the steps itself)
         self.norms_every = NORMS_EVERY if context.budget is None else 1
+
+    def _engine(self) -> PerSampleEngine:
+        context = self.context
+        engine = PerSampleEngine(
+            context.network,
+            costs=context.costs,
+            params={id(p) for p in context.params.values()},
+            warn=context.warn,
+            model_hooks=False,  # (driven from on_forward, on_output and rest_step)
+        )
+        engine.may_sleep = not context.compiled
+        engine.walks_uses = not (context.compiled or context.sharded)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:  # p.grad is averaged over ranks: no sum to check
+                engine.checks_left = 0
+        return engine
+
+    def params_changed(self) -> None:
+        # the layers served are those holding the trained parameters: a new engine for the new set (its
+        # gradient-sum check runs again on its first step); the coupled path too
+        self.engine.close()
+        self.engine = self._engine()
+        self.path = self.recorder = None
+        self.mismatch = None
 
     def end_step(self) -> None:
         self.engine.stop()

@@ -36,8 +36,13 @@ class UpdateProvider(Provider):
             params = [distributed.local(p) for p in params]
         with self.context.costs.region("snapshot"):
             first = params[0] if params else None
-            if self.buffers is None or (first is not None and not same_place(self.buffers[0], first)):
-                # (allocated once; again if the model moved to another device or dtype)
+            if (
+                self.buffers is None
+                or len(self.buffers) != len(params)
+                or (first is not None and not same_place(self.buffers[0], first))
+            ):
+                # (allocated once; again if the model moved to another device or dtype, or the trained
+                # parameters changed)
                 self.buffers = [torch.empty_like(p) for p in params]
             foreach_copy_(self.buffers, params)
         self.taken = True
@@ -67,6 +72,9 @@ class UpdateProvider(Provider):
         # the norms first: a DTensor's own norm would start a collective (a rank without a cockpit never joins)
         norms = distributed.norms(list(update.values()))
         record.update, record._update_norms = update, dict(zip(update, norms, strict=True))
+
+    def params_changed(self) -> None:
+        self.buffers = None
 
     def close(self) -> None:
         self.buffers = None
