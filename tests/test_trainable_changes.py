@@ -109,3 +109,62 @@ def test_the_trained_set_is_followed_from_the_step_it_changes(change):
     )
     notes = [s for s, v in h["note/grad_norm"]] if "note/grad_norm" in h else []
     assert notes == [CHANGE]
+
+
+def test_lightning_backbone_finetuning_is_followed(tmp_path):
+    """Lightning's BackboneFinetuning callback: the backbone frozen before training, unfrozen at epoch 1 with
+    its own parameter group added to the optimizer. The cockpit's gradient norm of every step against
+    ||p.grad|| read in Lightning's on_before_optimizer_step over the parameters the optimizer then holds."""
+    import lightning as L
+    from lightning.pytorch.callbacks import BackboneFinetuning, Callback
+
+    from cockpit_lite.integrations.lightning import CockpitCallback
+
+    class Net(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.backbone = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.backbone(x))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+    class Truth(Callback):
+        def __init__(self):
+            self.norms: list[float] = []
+            self.trained: list[int] = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            held = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            self.norms.append(float(_flat(p.grad for p in held).norm()))
+            self.trained.append(len(held))
+
+    g = torch.Generator().manual_seed(2)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(4 * B, 4, generator=g), torch.randint(0, 3, (4 * B,), generator=g)
+    )
+    truth = Truth()
+    cockpit = CockpitCallback(instruments=[GradNorm(), PerSampleGradNorms()], sinks=[], logdir=tmp_path / "run")
+    finetune = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=0.1, verbose=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[finetune, truth, cockpit],
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=B))
+    assert truth.trained == [2] * 4 + [4] * 4  # (the head alone, then the backbone too)
+    h = cockpit.history
+    assert [h.value_at("grad_norm", s) for s in range(8)] == pytest.approx(truth.norms, rel=1e-6)
+    assert [h.value_at("persample/coverage", s) for s in range(8)] == pytest.approx([1.0] * 8, abs=1e-6)
+    assert any(
+        "changed at step 4: 2 start training (backbone.0.weight, backbone.0.bias)" in str(w.message) for w in caught
+    )
