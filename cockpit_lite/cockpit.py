@@ -391,7 +391,7 @@ class Cockpit:
         if is_paused() or module is not self.model or not torch.is_grad_enabled():  # not an evaluation
             return
         st = self._step
-        skipped = 0
+        skipped, moved = 0, False
         if st is not None and st.backward_done and zeroed_since(self.params, st.grad_marks):
             # backward ran, grads were zeroed, no step came: a retry (the loop or AMP skipped the step), unless
             # the parameters moved with no optimizer of the cockpit's stepping (SAM's ascent step: the step is
@@ -405,6 +405,8 @@ class Cockpit:
         if st is None:
             st = self._begin()
             st.skipped = skipped
+            if moved and st.record is not None:
+                st.record.perturbed = True
             read_loss_scale()  # (GradScaler's scale while the device is idle: none read at backward)
         self._forward_seen = True
         st.forwards.append(batch_of(args, kwargs))

@@ -43,6 +43,9 @@ class StepRecord:
     #: reached (an iteration the loop abandoned after a non-finite loss) is no part of the step
     reached: frozenset[int] = frozenset()
     loss: float | None = None
+    #: the step's forward and backward ran at parameters moved away from theta_t, where its update starts (SAM:
+    #: its ascent step): its loss and gradients are at the perturbed point, not on the line of the update
+    perturbed: bool = False
     per_sample_loss: np.ndarray | None = None
     lrs: list[float] = field(default_factory=list)
     #: live parameters by name (read them, never write them)

@@ -49,6 +49,7 @@ NO_END_POINT = "no_end_point"  # the run ended (cockpit closed) before the step'
 MISSING_DATA = "missing_data"  # per-sample losses or projections were not available at a point
 BATCH_TOO_SMALL = "batch_too_small"  # B < 2: the variances are undefined
 NONFINITE = "nonfinite"  # a non-finite loss, gradient projection or update
+PERTURBED = "perturbed"  # the loss and gradients were taken off the update's line (SAM's perturbed point)
 
 
 @dataclass
@@ -350,6 +351,8 @@ class Alpha(Instrument):
     @staticmethod
     def _point(rec, key: str, s: float) -> dict[str, float] | str:
         """The point statistics, or the status explaining why they are missing."""
+        if rec.perturbed:  # (SAM: the step's loss and gradients at theta_t + e, its update from theta_t)
+            return PERTURBED
         proj = rec.projections.get(key)
         if rec.per_sample_loss is None or proj is None or len(proj) != len(rec.per_sample_loss):
             return MISSING_DATA

@@ -143,3 +143,30 @@ def test_parameters_moved_without_a_step_the_cockpit_sees_are_said():
                         p -= 0.1 * p.grad
                         p.grad = None
     assert "loss" not in cockpit.history and "skipped" not in cockpit.history
+
+
+def test_alpha_is_not_fitted_off_the_update_line():
+    """Alpha fits the loss along the update theta_t -> theta_{t+1} from the loss and gradients at both ends; a
+    SAM step's are at theta_t + e, off that line: every alpha is NaN with status "perturbed" (before: finite
+    numbers with no meaning), the learning-rate verdict says it has too few alphas."""
+    from cockpit_lite.instruments import Alpha
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    sam = SAM(model.parameters(), torch.optim.SGD, lr=0.5, rho=0.5)
+    lf = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Cockpit(model, sam, lf, instruments=[Alpha()], sinks=[]) as cockpit:
+            for _ in range(4):
+                x = torch.randn(32, 4, generator=g, dtype=torch.float64)
+                y = torch.randint(0, 3, (32,), generator=g)
+                lf(model(x), y).backward()
+                sam.first_step(zero_grad=True)
+                lf(model(x), y).backward()
+                sam.second_step(zero_grad=True)
+    h = cockpit.history
+    assert [s for s, _ in h["alpha"]] == [0, 1, 2, 3] and all(np.isnan(v) for _, v in h["alpha"])
+    assert h["alpha/status"] == [(s, "perturbed") for s in range(4)]
+    assert "too few" in h.last("verdict/lr") or "only 0" in h.last("verdict/lr")
