@@ -56,6 +56,16 @@ MOVED = (
 )
 
 
+#: said once where the optimizer steps but no step ever began
+NO_FORWARD = (
+    "optimizer.step() ran, but the forward of the model the cockpit was given ({model}) was never called, and no "
+    "loss module it watches was: the cockpit begins a step at that forward, so nothing is recorded. Give the "
+    "cockpit the module the loop calls; where the loop calls its parts (model.encoder(x), then model.head(h)), "
+    "announce each batch with cockpit.model_called(args) and cockpit.model_returned(args, None, output) (what the "
+    "Lightning callback does), or give Cockpit(..., loss_fn=the loss module) the loop calls"
+)
+
+
 class Cockpit:
     """Attach instruments to an unchanged training loop.
 
@@ -122,6 +132,7 @@ class Cockpit:
         self._closed, self.step, self._step = False, 0, None
         #: a grad-enabled forward of the model was seen (steps begin with it: a loss call outside a step is not its)
         self._forward_seen = False
+        self._unseen_steps = 0  #: optimizer steps while no forward of the model was ever seen (NO_FORWARD)
         self.overlap = bool(overlap)
         #: overlap=True: the step launched last, and its skipped iterations, whose records are still to make
         self._late: tuple[Step, int] | None = None
@@ -341,6 +352,16 @@ class Cockpit:
         if changed and self._step.record is not None:
             self._step.record.add_note(changed, frozenset())
         return self._step
+
+    def _no_forward(self) -> None:
+        """The optimizer stepped and no step had begun, twice (a cockpit built inside a step misses that one):
+        the model's forward was never called (the loop calls its parts) and no loss module was seen. Said
+        once, as a warning and a note record on disk."""
+        self._unseen_steps += 1
+        if self._unseen_steps != 2:
+            return
+        self._warn(NO_FORWARD.format(model=type(self.model).__name__))
+        self._emit(self.step, {"note/cockpit": NO_FORWARD.format(model=type(self.model).__name__)})
 
     def _follow_params(self) -> str | None:
         """The trainable parameters the optimizers hold changed since the last step (a frozen backbone
@@ -585,6 +606,8 @@ class Cockpit:
     @guarded
     def _on_after_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         st = self._step
+        if st is None and not self._forward_seen and not is_paused() and id(optimizer) in self._stepping_ids:
+            self._no_forward()
         if st is None or is_paused() or id(optimizer) not in self._stepping_ids:
             return
         if len(self._stepping) > 1:  # several optimizers: the step ends when the last of them has stepped

@@ -694,3 +694,36 @@ def test_a_step_where_one_of_several_optimizers_did_not_step_leaves_nothing_to_t
     ref.load_state_dict({n: b for n, b in zip(dict(model.named_parameters()), before, strict=True)})
     want = np.linalg.norm(_per_sample_grads(x, y, 1.0, ref), axis=1)
     np.testing.assert_allclose(cp.history.value_at("persample/grad_norm", 1), want, rtol=1e-4)
+
+
+def test_a_model_whose_forward_is_never_called_is_said_not_dark():
+    """The loop calls the model's parts (model.enc(x), then model.head(h)) with a functional loss: no step ever
+    begins. Before: nothing recorded and nothing said. Now one warning naming the fix, and a note on disk; a
+    cockpit built inside a step (its first optimizer step unseen) says nothing for that one."""
+    from cockpit_lite import CockpitWarning
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    torch.manual_seed(0)
+    model = Pair()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step():
+        x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model.head(torch.relu(model.enc(x))), y).backward()
+        opt.step()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Cockpit(model, opt, logdir=None, sinks=[]) as cockpit:
+            step()
+            assert not [w for w in caught if "was never called" in str(w.message)]  # (one unseen step: a late build)
+            for _ in range(3):
+                step()
+    said = [w for w in caught if issubclass(w.category, CockpitWarning) and "was never called" in str(w.message)]
+    assert len(said) == 1 and "model_called" in str(said[0].message)
+    assert list(cockpit.history) == ["note/cockpit"] and "was never called" in cockpit.history.last("note/cockpit")
