@@ -40,6 +40,7 @@ from cockpit_lite.instrument import Instrument
 from cockpit_lite.lifecycle import Guard, Step, guarded
 from cockpit_lite.losses import check_loss
 from cockpit_lite.model_io import batch_of, grad_marks, moved_since, step_closure, tensors_of, zeroed_since
+from cockpit_lite.parts import PartCalls
 from cockpit_lite.pause import is_paused
 from cockpit_lite.profiling import Costs, Profiler
 from cockpit_lite.providers import BackwardRoot, Context, LossCall, ModelCall, registered_providers
@@ -56,13 +57,20 @@ MOVED = (
 )
 
 
-#: said once where the optimizer steps but no step ever began
+#: said once where the optimizer steps but the model's forward is never called and no part of it holds its parameters
 NO_FORWARD = (
-    "optimizer.step() ran, but the forward of the model the cockpit was given ({model}) was never called, and no "
-    "loss module it watches was: the cockpit begins a step at that forward, so nothing is recorded. Give the "
-    "cockpit the module the loop calls; where the loop calls its parts (model.encoder(x), then model.head(h)), "
-    "announce each batch with cockpit.model_called(args) and cockpit.model_returned(args, None, output) (what the "
-    "Lightning callback does), or give Cockpit(..., loss_fn=the loss module) the loop calls"
+    "optimizer.step() ran, but the forward of the model the cockpit was given ({model}) was never called, nor a "
+    "submodule holding the trained parameters: the cockpit begins a step at that forward, so nothing is recorded. "
+    "Give the cockpit the module the loop calls, or announce each batch with cockpit.model_called(args) and "
+    "cockpit.model_returned(args, None, output)"
+)
+#: said once where the loop calls the model's parts, never its forward
+PARTS = (
+    "the forward of the model the cockpit was given ({model}) is never called: the loop calls its parts "
+    "(model.encoder(x), then model.head(h)). From step {step} on, each step's first call of a part holding trained "
+    "parameters is taken as the model's call (the batch is axis 0 of its input, backward is seen where it reaches "
+    "that call's outputs); the steps before are not recorded. Give the cockpit a module whose forward the loop "
+    "calls to have every step, and a forward that train-mode BatchNorm can be replayed through"
 )
 
 
@@ -133,6 +141,8 @@ class Cockpit:
         #: a grad-enabled forward of the model was seen (steps begin with it: a loss call outside a step is not its)
         self._forward_seen = False
         self._unseen_steps = 0  #: optimizer steps while no forward of the model was ever seen (NO_FORWARD)
+        #: the loop calls the model's parts, never its forward: their calls stand for it (``_no_forward``)
+        self._parts: PartCalls | None = None
         self.overlap = bool(overlap)
         #: overlap=True: the step launched last, and its skipped iterations, whose records are still to make
         self._late: tuple[Step, int] | None = None
@@ -251,6 +261,8 @@ class Cockpit:
         st, self._step = self._step, None  # a hook already on a tensor that fires later finds no step
         if st is not None:
             st.end()
+        if self._parts is not None:
+            self._parts.close()
         self._undo.close()
 
     def track(self, loader: Iterable, resolve_subsets: bool = False) -> Iterator:
@@ -354,14 +366,22 @@ class Cockpit:
         return self._step
 
     def _no_forward(self) -> None:
-        """The optimizer stepped and no step had begun, twice (a cockpit built inside a step misses that one):
-        the model's forward was never called (the loop calls its parts) and no loss module was seen. Said
-        once, as a warning and a note record on disk."""
+        """The optimizer stepped with no forward of the model seen, twice (a cockpit built inside a step misses
+        the first): the loop calls the model's parts. From then on each step's first call of a part holding
+        trained parameters is the model's call (:class:`~cockpit_lite.parts.PartCalls`), said once; where no
+        part holds them, a warning and a note record on disk say that nothing can be recorded."""
         self._unseen_steps += 1
         if self._unseen_steps != 2:
             return
-        self._warn(NO_FORWARD.format(model=type(self.model).__name__))
-        self._emit(self.step, {"note/cockpit": NO_FORWARD.format(model=type(self.model).__name__)})
+        name = type(self.model).__name__
+        parts = PartCalls(self.network, {id(p) for p in self.params.values()}, self)
+        if len(parts.handles) > 1:  # (beside the root's own pre-hook)
+            self._parts = parts
+            self._warn(PARTS.format(model=name, step=self.step))
+            return
+        parts.close()
+        self._warn(NO_FORWARD.format(model=name))
+        self._emit(self.step, {"note/cockpit": NO_FORWARD.format(model=name)})
 
     def _follow_params(self) -> str | None:
         """The trainable parameters the optimizers hold changed since the last step (a frozen backbone
@@ -564,6 +584,8 @@ class Cockpit:
                 queue_backward_callback(functools.partial(self._on_backward_end, True))
                 return
             st.backward_done, st.in_backward, st.queued = True, False, False
+            if self._parts is not None:
+                self._parts.arm()  # (a next micro-batch's first call of a part is its model call)
             st.grad_marks = grad_marks(self.params)  # (a later forward tells a retry from accumulation by them)
             self.costs.call("after_backward", st.event, "on_backward_end")
 
@@ -606,9 +628,13 @@ class Cockpit:
     @guarded
     def _on_after_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         st = self._step
-        if st is None and not self._forward_seen and not is_paused() and id(optimizer) in self._stepping_ids:
+        if not self._forward_seen and self._parts is None and not is_paused() and id(optimizer) in self._stepping_ids:
             self._no_forward()
+        if self._parts is not None:
+            self._parts.arm()  # (the next step's first call of a part is its model call)
         if st is None or is_paused() or id(optimizer) not in self._stepping_ids:
+            if st is None and not is_paused() and id(optimizer) == id(self._stepping[-1]):
+                self.step += 1  # (a step no record was begun for: steps count the optimizer's steps)
             return
         if len(self._stepping) > 1:  # several optimizers: the step ends when the last of them has stepped
             st.stepped.add(id(optimizer))

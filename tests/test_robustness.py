@@ -696,10 +696,14 @@ def test_a_step_where_one_of_several_optimizers_did_not_step_leaves_nothing_to_t
     np.testing.assert_allclose(cp.history.value_at("persample/grad_norm", 1), want, rtol=1e-4)
 
 
-def test_a_model_whose_forward_is_never_called_is_said_not_dark():
-    """The loop calls the model's parts (model.enc(x), then model.head(h)) with a functional loss: no step ever
-    begins. Before: nothing recorded and nothing said. Now one warning naming the fix, and a note on disk; a
-    cockpit built inside a step (its first optimizer step unseen) says nothing for that one."""
+def test_a_model_called_by_its_parts_is_followed_from_its_third_step():
+    """The loop calls the model's parts (model.enc(x), then model.head(h)) with a functional loss: the model's
+    forward never runs. Before: nothing recorded and nothing said. Now, after two optimizer steps with no
+    forward seen (a cockpit built inside a step misses one), each step's first call of a part is the model's
+    call: loss, gradient norm and per-sample norms against a float64 loop over examples, one warning; a
+    model whose trained parameters no part holds is said (warning, note on disk), not dark."""
+    from cockpit_lite.instruments import Loss, PerSampleGradNorms
+
     from cockpit_lite import CockpitWarning
 
     class Pair(nn.Module):
@@ -708,22 +712,48 @@ def test_a_model_whose_forward_is_never_called_is_said_not_dark():
             self.enc, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
 
     torch.manual_seed(0)
-    model = Pair()
+    model = Pair().double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def step():
-        x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-        opt.zero_grad()
-        nn.functional.cross_entropy(model.head(torch.relu(model.enc(x))), y).backward()
-        opt.step()
-
+    g = torch.Generator().manual_seed(1)
+    ce = nn.functional.cross_entropy
+    want = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with Cockpit(model, opt, logdir=None, sinks=[]) as cockpit:
-            step()
-            assert not [w for w in caught if "was never called" in str(w.message)]  # (one unseen step: a late build)
+        with Cockpit(model, opt, instruments=[Loss(), GradNorm(), PerSampleGradNorms()], sinks=[]) as cockpit:
+            for _ in range(5):
+                x, y = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+                ref = copy.deepcopy(model)
+                rows = []
+                for i in range(5):
+                    li = ce(ref.head(torch.tanh(ref.enc(x[i : i + 1]))), y[i : i + 1])
+                    rows.append(torch.cat([t.reshape(-1) for t in torch.autograd.grad(li, list(ref.parameters()))]))
+                rows = torch.stack(rows).numpy()
+                opt.zero_grad()
+                loss = ce(model.head(torch.tanh(model.enc(x))), y)
+                loss.backward()
+                opt.step()
+                want.append((float(loss), np.linalg.norm(rows, axis=1), np.linalg.norm(rows.mean(0))))
+    h = cockpit.history
+    assert [s for s, _ in h["loss"]] == [2, 3, 4]  # (steps count the optimizer's steps, the first two unseen)
+    for k, (loss, norms, grad_norm) in enumerate(want[2:]):
+        step = 2 + k
+        assert h.value_at("loss", step) == pytest.approx(loss, rel=1e-12)
+        np.testing.assert_allclose(h.value_at("persample/grad_norm", step), norms, rtol=1e-10)
+        assert h.value_at("grad_norm", step) == pytest.approx(grad_norm, rel=1e-10)
+    said = [w for w in caught if issubclass(w.category, CockpitWarning) and "is never called" in str(w.message)]
+    assert len(said) == 1 and "model.encoder(x)" in str(said[0].message)
+
+    class Bare(nn.Module):  # (its parameter is its own: no part to follow)
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3))
+
+    bare = Bare()
+    opt = torch.optim.SGD(bare.parameters(), lr=0.1)
+    with pytest.warns(CockpitWarning, match="was never called, nor a submodule"):
+        with Cockpit(bare, opt, sinks=[]) as cockpit:
             for _ in range(3):
-                step()
-    said = [w for w in caught if issubclass(w.category, CockpitWarning) and "was never called" in str(w.message)]
-    assert len(said) == 1 and "model_called" in str(said[0].message)
-    assert list(cockpit.history) == ["note/cockpit"] and "was never called" in cockpit.history.last("note/cockpit")
+                opt.zero_grad()
+                (torch.randn(5, 4) @ bare.w).square().mean().backward()
+                opt.step()
+    assert list(cockpit.history) == ["note/cockpit"]

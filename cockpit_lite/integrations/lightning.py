@@ -49,6 +49,7 @@ from cockpit_lite.hooks import SharedHook
 from cockpit_lite.instrument import Instrument
 from cockpit_lite.model_io import step_closure
 from cockpit_lite.needs import Need
+from cockpit_lite.parts import PartCalls
 from cockpit_lite.pause import is_paused
 from cockpit_lite.persample.coupled import coupling_modules
 from cockpit_lite.records import History
@@ -82,7 +83,7 @@ def expect_accumulation(cockpit: Cockpit, batches: int) -> None:
         cockpit.engine.expect_accumulation()
 
 
-class _Attach:
+class _Attach(PartCalls):
     """Finds the module ``training_step`` calls, at the first forward of training, and hands the Cockpit
     the calls its own hooks cannot see.
 
@@ -94,63 +95,37 @@ class _Attach:
     - the submodule called, if it holds every trained parameter (``self.model(x)``): its forward is the
       one the per-sample engine replays (train-mode BatchNorm) and TracIn probes go through;
     - else (``self.encoder(x)`` then ``self.head(h)``) the LightningModule, and in every batch the first
-      such call's inputs and outputs are handed to the Cockpit's model hooks as the LightningModule's:
-      the step begins with that batch, and backward is seen where it reaches that call's outputs.
+      such call's inputs and outputs are handed to the Cockpit's model hooks as the LightningModule's
+      (:class:`~cockpit_lite.parts.PartCalls`): the step begins with that batch, and backward is seen where
+      it reaches that call's outputs.
 
     In the first two cases the Cockpit's own hooks see every later call and this object removes its
     hooks once the Cockpit has the first call.
     """
 
     def __init__(self, root: nn.Module, trained: set[int], build: Callable[[nn.Module], Cockpit]):
-        self.root, self.trained, self.build = root, trained, build
-        self.cockpit: Cockpit | None = None
-        self.armed, self.call, self.depth = False, None, 0
-        self.warned: set[str] = set()
-        self.handles = [root.register_forward_pre_hook(SharedHook(self._pre), with_kwargs=True)]
-        for m in root.modules():
-            if m is not root and any(id(p) in trained for p in m.parameters()):
-                self.handles.append(m.register_forward_pre_hook(SharedHook(self._pre), with_kwargs=True))
-                self.handles.append(m.register_forward_hook(SharedHook(self._post), with_kwargs=True))
-
-    def arm(self) -> None:
-        self.armed, self.call, self.depth = bool(self.handles), None, 0
-
-    def disarm(self) -> None:
-        self.armed = False
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles, self.armed = [], False
+        super().__init__(root, trained)
+        self.build = build
+        self._first = False  #: the call being taken is the one the Cockpit was built at
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if module is self.call:
-            self.depth += 1  # the same module called inside itself
-        if not self.armed or is_paused() or not torch.is_grad_enabled():
-            return
-        self.armed = False
-        first = self.cockpit is None
-        if first:
+        if self.cockpit is None and self.armed and not is_paused() and torch.is_grad_enabled():
             holds_all = self.trained <= {id(p) for p in module.parameters()}
             # a configuration error raises here, as Cockpit(...) does
             self.cockpit = self.build(module if module is self.root or holds_all else self.root)
-        try:
-            self._hand_over(module, args, kwargs, first)
-        except Exception as e:
-            self._failed(e)
+            self._first = True
+        super()._pre(module, args, kwargs)
 
-    def _hand_over(self, module: nn.Module, args: tuple, kwargs: dict, first: bool) -> None:
+    def _take(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        first, self._first = self._first, False
         if first and self.cockpit.model is module:
             # the Cockpit's forward pre-hook was registered after this call began: give it the call; its
             # forward hook, registered before the call returns, sees the output
             self.cockpit.model_called(args, kwargs)
             self.close()
             return
-        if module is self.root:
-            return  # self(x): the Cockpit's own hooks see it
-        self.call, self.depth = module, 0
-        self.cockpit.model_called(args, kwargs)
-        coupling = coupling_modules(self.root) if first else []
+        super()._take(module, args, kwargs)
+        coupling = coupling_modules(self.root) if first and module is not self.root else []
         if coupling:
             warn(
                 f"training_step calls parts of the LightningModule ({type(module).__name__} first), neither the "
@@ -158,26 +133,8 @@ class _Attach:
                 f"layers ({', '.join(coupling)}) couple the examples, and their per-sample statistics need the "
                 "whole forward as one call to replay: call self(x) (with forward computing what training_step "
                 "does) or one submodule holding all the layers",
-                stacklevel=4,
+                stacklevel=5,
             )
-
-    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if module is not self.call:
-            return
-        if self.depth:
-            self.depth -= 1
-            return
-        self.call = None
-        try:
-            self.cockpit.model_returned(args, kwargs, output)
-        except Exception as e:
-            self._failed(e)
-
-    def _failed(self, e: Exception) -> None:
-        msg = f"handing the module's call to the Cockpit failed ({type(e).__name__}: {e}); training is unaffected"
-        if msg not in self.warned:
-            self.warned.add(msg)
-            warn(msg, stacklevel=4)
 
 
 class CockpitCallback(Callback):
