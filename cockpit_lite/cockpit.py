@@ -159,7 +159,8 @@ class Cockpit:
             #: every parameter the optimizers hold, frozen ones too, and what decides which of them train
             #: (compared at each step's start: a backbone unfrozen mid-run is followed, ``_follow_params``)
             self._held = attach.held(self.network, self._stepping)
-            self._trainable = attach.trainable_state(self._held, self._stepping)
+            self._groups = tuple(o.param_groups for o in self._stepping)
+            self._trainable = attach.trainable_state(self._held, self._groups)
             # several optimizers are read as one (attach.Optimizers)
             optimizer = attach.Optimizers(self._stepping) if len(self._stepping) > 1 else self._stepping[0]
             #: ids of those optimizers (their step hooks' identity check; those that stepped so far: ``Step.stepped``)
@@ -357,7 +358,7 @@ class Cockpit:
         # a model may be moved to the GPU after the cockpit was built (Lightning)
         self.costs.follow(self._first_param)
         changed = None
-        if attach.trainable_state(self._held, self._stepping) != self._trainable:
+        if attach.trainable_state(self._held, self._groups) != self._trainable:
             changed = self._follow_params()
         gates = (self.budget.gates, self.budget.allowed) if self.budget is not None else None
         self._step = Step(self.step, self.instruments, self.providers, self._guard, gates, **self._fields)
@@ -389,7 +390,8 @@ class Cockpit:
         (``self.params`` changed in place: the providers and records share it; each provider is told).
         Returns what to say (also warned), or None where nothing trainable is left (the old set is kept)."""
         self._held = attach.held(self.network, self._stepping)
-        self._trainable = attach.trainable_state(self._held, self._stepping)
+        self._groups = tuple(o.param_groups for o in self._stepping)
+        self._trainable = attach.trainable_state(self._held, self._groups)
         try:
             now = attach.check_model_optimizers(self.network, self._stepping)
         except ValueError:  # (every parameter frozen: nothing to follow; the steps say no gradient came)
