@@ -39,7 +39,16 @@ from cockpit_lite.hooks import SharedHook, on_gradient
 from cockpit_lite.instrument import Instrument
 from cockpit_lite.lifecycle import Guard, Step, guarded
 from cockpit_lite.losses import check_loss
-from cockpit_lite.model_io import batch_of, grad_marks, moved_since, step_closure, tensors_of, zeroed_since
+from cockpit_lite.model_io import (
+    batch_of,
+    grad_marks,
+    mark_output,
+    moved_since,
+    selected_rows,
+    step_closure,
+    tensors_of,
+    zeroed_since,
+)
 from cockpit_lite.parts import PartCalls
 from cockpit_lite.pause import is_paused
 from cockpit_lite.profiling import Costs, Profiler
@@ -513,6 +522,7 @@ class Cockpit:
                 on_gradient(t, functools.partial(self._on_output_grad, index))
                 st.hooked.append(weakref.ref(t))
                 st.hooked_call = index
+                mark_output(t, index)
 
     @guarded
     def _on_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -532,7 +542,8 @@ class Cockpit:
             # else, where the model call's outputs carry hooks, they tell whether the loss's backward reaches
             # the model (a GAN's discriminator loss on a detached sample does not): the provider marks the call
             told = not on_output and bool(st.forwards) and st.hooked_call == len(st.forwards) - 1
-            st.event("on_loss", LossCall(module, args, kwargs, output, None if told else True))
+            rows = selected_rows(pred, st.hooked_call) if told else None
+            st.event("on_loss", LossCall(module, args, kwargs, output, None if told else True, rows))
             if not on_output and not told:  # (the model's outputs carry no hook: the loss's tells backward)
                 on_gradient(output, functools.partial(self._on_output_grad, None))
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cockpit_lite.compat import stacked_norms, tree_leaves
+from cockpit_lite.compat import saved_attribute, stacked_norms, tree_leaves
 from cockpit_lite.pause import paused
 
 
@@ -28,6 +28,38 @@ def tensors_of(output: Any) -> list[torch.Tensor]:
     if isinstance(output, Mapping):
         output = list(output.values())
     return [t for t in tree_leaves(output) if torch.is_tensor(t)]
+
+
+#: the key under which a model output's autograd node holds the position of its model call (``Node.metadata``)
+OUTPUT_OF = "cockpit_lite.output_of"
+
+
+def mark_output(t: torch.Tensor, index: int) -> None:
+    """Mark the node that made model output ``t`` (of the step's model call ``index``): a loss over a selection
+    of its rows is told by it (:func:`selected_rows`), however the output tensor itself was dropped."""
+    node = t.grad_fn
+    if node is not None:
+        node.metadata[OUTPUT_OF] = index
+
+
+def selected_rows(pred: Any, call: int | None) -> torch.Tensor | None:
+    """Where ``pred`` is ``out[index]`` for an output of model call ``call`` (marked by :func:`mark_output`)
+    with one index on the batch axis (``out[mask]``, ``out[idx]``), that index as its node saved it (a boolean
+    mask or integer indices); else None."""
+    node = getattr(pred, "grad_fn", None)
+    if call is None or node is None or type(node).__name__ != "IndexBackward0":
+        return None
+    try:
+        (index,) = saved_attribute(node, "indices")
+        rows = saved_attribute(node, "self_sym_sizes")[0]
+    except (ValueError, RuntimeError, AttributeError, IndexError):  # several indices, or the graph already freed
+        return None
+    source = node.next_functions[0][0]
+    if not torch.is_tensor(index) or index.dim() != 1 or source is None or source.metadata.get(OUTPUT_OF) != call:
+        return None
+    if index.dtype == torch.bool and len(index) != rows:
+        return None
+    return index.detach()
 
 
 def any_grad(params: Mapping[str, nn.Parameter]) -> bool:

@@ -757,3 +757,51 @@ def test_a_model_called_by_its_parts_is_followed_from_its_third_step():
                 (torch.randn(5, 4) @ bare.w).square().mean().backward()
                 opt.step()
     assert list(cockpit.history) == ["note/cockpit"]
+
+
+@pytest.mark.parametrize("select", ["mask", "indices", "repeated"])
+def test_a_loss_over_a_selection_of_the_batch_keeps_the_models_examples(select):
+    """``lf(out[mask], y[mask])``: a loss over the examples that have labels. The examples are still the model's
+    B rows: per-sample gradient norms (0 for an example left out) and per-sample losses (B values, those left
+    out 0, the others B / n times their own for a mean over the n selected, so that the loss is their mean)
+    against a float64 loop over examples, one autograd call each (example i's share of p.grad through its row
+    of the output). Before: the loss's n rows were taken for the batch, and every layer was left out."""
+    from cockpit_lite.instruments import Loss, PerSampleGradNorms
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lf = nn.CrossEntropyLoss()
+    b = 6
+    sel = {
+        "mask": torch.tensor([True, False, True, True, False, True]),
+        "indices": torch.tensor([5, 0, 3]),
+        "repeated": torch.tensor([1, 1, 4]),
+    }[select]
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(b, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (b,), generator=g)
+    ref = copy.deepcopy(model)
+    norms, losses = [], np.zeros(b)
+    n = int(sel.sum()) if sel.dtype == torch.bool else len(sel)
+    for i in range(b):
+        out = ref(x)
+        keep = torch.zeros(b, 1, dtype=torch.float64)
+        keep[i] = 1.0
+        own = out * keep + (out * (1 - keep)).detach()  # example i's row carries the gradient
+        share = torch.autograd.grad(nn.functional.cross_entropy(own[sel], y[sel]), list(ref.parameters()))
+        norms.append(float(b * torch.cat([t.reshape(-1) for t in share]).norm()))
+    each = nn.functional.cross_entropy(ref(x)[sel], y[sel], reduction="none").detach()
+    rows = sel.nonzero().squeeze(1) if sel.dtype == torch.bool else sel
+    for r, l in zip(rows.tolist(), each.tolist(), strict=True):
+        losses[r] += l * b / n
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Cockpit(model, opt, lf, instruments=[Loss(), PerSampleGradNorms()], sinks=[]) as cockpit:
+            loss = lf(model(x)[sel], y[sel])  # (the output itself is dropped at once)
+            loss.backward()
+            opt.step()
+    h = cockpit.history
+    np.testing.assert_allclose(h.last("persample/grad_norm"), norms, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(h.last("loss/per_sample"), losses, rtol=1e-10, atol=1e-12)
+    assert h.last("loss") == pytest.approx(float(loss), rel=1e-12) == pytest.approx(losses.mean(), rel=1e-10)
+    assert not [t for t in h if t.startswith("note/")]

@@ -51,6 +51,9 @@ class LossCall:
     kwargs: Mapping[str, Any]
     output: Any
     reaches: bool | None = True
+    #: where the prediction is a selection of rows of a model output (``out[mask]``: a loss over the examples
+    #: that have labels), the selection on the batch axis (a boolean mask or indices, as its node saved them)
+    rows: Any = None
 
 
 @dataclass(frozen=True)

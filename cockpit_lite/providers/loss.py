@@ -75,6 +75,17 @@ ACCUMULATED_CALLS = (
 )
 
 
+def _scattered(losses: torch.Tensor, selected: torch.Tensor, batch: int, reduction: str | None) -> torch.Tensor:
+    """The losses of a loss over the model's rows ``selected`` (``out[mask]``) as the batch's: (batch,), 0 for
+    an example left out; for a mean over the n selected rows scaled by batch / n, so that the loss is the mean
+    over the batch, as its per-sample gradients g_i = B x (example i's share of p.grad) have it."""
+    index = selected.nonzero().squeeze(1) if selected.dtype == torch.bool else selected.long()
+    index = index.to(losses.device)
+    if reduction == "mean":
+        losses = losses * (batch / max(len(index), 1))
+    return losses.new_zeros(batch).index_add_(0, index, losses)
+
+
 @register_provider
 class LossProvider(Provider):
     """``record.loss``, ``record.batch_size`` (examples of the step), ``record.micro_batches``,
@@ -168,6 +179,7 @@ class LossProvider(Provider):
             call.output.detach(),
             int(pred.shape[0]) if pred.dim() > 0 else 1,
             per_sample_losses(call.module, call.args, call.kwargs, call.output) if self.per_sample else None,
+            call.rows,
         )
         if call.reaches is None:  # whether it is the model's loss is told by its backward: taken at the step
             mark: list[int | None] = [None]  # (the number of the backward its output's gradient came in)
@@ -179,13 +191,25 @@ class LossProvider(Provider):
     def _mark(self, mark: list, grad: torch.Tensor) -> None:
         mark[0] = self.backwards
 
-    def _take(self, record: StepRecord, at: int, value: torch.Tensor, rows: int, losses: torch.Tensor | None) -> None:
-        """Count a loss-module call into micro-batch ``at``: its loss ``value``, the ``rows`` of its prediction
-        and its unreduced per-row losses (None where per-sample losses are not asked for)."""
+    def _take(
+        self,
+        record: StepRecord,
+        at: int,
+        value: torch.Tensor,
+        rows: int,
+        losses: torch.Tensor | None,
+        selected: torch.Tensor | None = None,
+    ) -> None:
+        """Count a loss-module call into micro-batch ``at``: its loss ``value``, the ``rows`` of its prediction,
+        its per-row losses (None where per-sample losses are not asked for) and, where the prediction is a
+        selection of the model's rows (``out[mask]``), that selection."""
         again = self.loss_calls[at] > 0  # (another loss-module call for the same model call: added up)
         self.loss_calls[at] += 1
         self.values[at] = self.values[at] + value if again and self.values[at] is not None else value
-        if rows % self.batches[at]:  # the model's input is not batch-first: the loss's rows are the examples
+        if selected is not None and losses is not None:
+            losses = _scattered(losses, selected, self.batches[at], record.reduction)
+        elif selected is None and rows % self.batches[at]:
+            # the model's input is not batch-first: the loss's rows are the examples
             self.batches[at] = rows
             record.micro_batches = list(self.batches)
             record.batch_size = sum(self.batches)

@@ -193,7 +193,9 @@ class PerSampleProvider(Provider):
         pred = call.args[0] if call.args else next(iter(call.kwargs.values()))
         rows = int(pred.shape[0]) if pred.dim() > 0 else 1
         batch = self.engine.batch
-        if batch is None or rows % batch:  # no model input seen, or it is not batch-first: the loss's rows
+        if batch is None or (rows % batch and call.rows is None):
+            # no model input seen, or it is not batch-first: the loss's rows (not a selection of the model's rows,
+            # out[mask]: the examples left out get no gradient, and the batch stays the model's)
             batch = rows
         self.engine.set_batch(batch, self._factor(batch), self.mean)
 
