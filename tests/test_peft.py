@@ -68,3 +68,36 @@ def test_peft_adapters_match_the_loop(arch, dropout, variant):
     assert set(checked.record.per_sample_sq_norms_by_param) == set(checked.reference) == set(trained)
     if variant == "dora":
         assert any("lora_magnitude_vector" in n for n in trained)
+
+
+def test_the_hf_trainer_fine_tuning_a_peft_model(tmp_path):
+    """The Hugging Face Trainer fine-tuning a LoRA-adapted GPT-2 (the usual script): the cockpit's loss of each
+    step is the one the Trainer logs, the per-sample statistics cover every adapter (coverage 1), no note."""
+    from cockpit_lite.instruments import GradNorm, Loss, PerSampleGradNorms
+    from transformers import Trainer, TrainingArguments
+
+    from cockpit_lite.integrations.huggingface import CockpitCallback
+
+    model = _adapted("gpt2", 0.0, "lora").model  # (the PEFT model itself: the Trainer calls it with labels)
+    ids = torch.randint(0, V, (16, 8), generator=torch.Generator().manual_seed(1))
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i], "labels": ids[i]}
+
+    instruments = [Loss(), GradNorm(), PerSampleGradNorms()]
+    callback = CockpitCallback(instruments=instruments, sinks=[], logdir=tmp_path / "run")
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, report_to=[],
+                             use_cpu=True, logging_steps=1, save_strategy="no", learning_rate=1e-3)  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=Data(), callbacks=[callback])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    h = callback.cockpit.history
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert [v for _, v in h["loss"]] == pytest.approx(logged, rel=1e-6) and len(logged) == 3
+    assert [v for _, v in h["persample/coverage"]] == pytest.approx([1.0] * 3, abs=1e-6)
+    assert len(h["persample/grad_norm"]) == 3 and not [t for t in h if t.startswith("note/")]
