@@ -542,7 +542,7 @@ class Cockpit:
             # else, where the model call's outputs carry hooks, they tell whether the loss's backward reaches
             # the model (a GAN's discriminator loss on a detached sample does not): the provider marks the call
             told = not on_output and bool(st.forwards) and st.hooked_call == len(st.forwards) - 1
-            rows = selected_rows(pred, st.hooked_call) if told else None
+            rows = selected_rows(getattr(pred, "grad_fn", None), st.hooked_call) if told else None
             st.event("on_loss", LossCall(module, args, kwargs, output, None if told else True, rows))
             if not on_output and not told:  # (the model's outputs carry no hook: the loss's tells backward)
                 on_gradient(output, functools.partial(self._on_output_grad, None))

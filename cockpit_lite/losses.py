@@ -296,12 +296,14 @@ def gradient_scale(reduction: str, batch_size: int) -> float:
 
 
 @without_grad
-def nll_losses(terms: tuple, batch: int) -> torch.Tensor | None:
+def nll_losses(terms: tuple, batch: int, rows: torch.Tensor | None = None) -> torch.Tensor | None:
     """Per-example losses of a cross-entropy / NLL loss from its saved inputs (compat.nll_terms): the
     element losses -w[y] log p[y] (0 where y is ignore_index) summed per example (rows of a loss over
     flattened tokens folded to their sequences), normalised as the loss was (l_i = B s_i / sum of the
     counted weights for a mean, s_i for a sum), so that L = mean_i l_i (sum_i l_i); every target ignored:
-    the loss is 0/0, and so is every l_i (NaN), as for a loss module."""
+    the loss is 0/0, and so is every l_i (NaN), as for a loss module. ``rows``: where the prediction selected
+    rows of the model's output (``out[mask]``, ``out[idx]``), that selection: each row's loss goes to its
+    example (0 for one left out) instead of the rows being folded."""
     logp, target, weight, ignore, reduction = terms
     if reduction not in (1, 2) or logp.dim() < 1 or target.dtype not in (torch.int64, torch.int32):
         return None
@@ -310,7 +312,11 @@ def nll_losses(terms: tuple, batch: int) -> torch.Tensor | None:
     picked = -logp.gather(1, tgt.clamp(min=0).unsqueeze(1)).squeeze(1)
     w = keep.to(logp.dtype) if weight is None else weight[tgt.clamp(min=0)] * keep
     elem = (picked * w).reshape(picked.shape[0], -1).sum(1)
-    per_example = fold_rows(elem, batch, "sum")
+    if rows is not None:
+        index = (rows.nonzero().squeeze(1) if rows.dtype == torch.bool else rows.long()).to(elem.device)
+        per_example = elem.new_zeros(batch).index_add_(0, index, elem) if len(index) == len(elem) else None
+    else:
+        per_example = fold_rows(elem, batch, "sum")
     if per_example is None:
         return None
     if reduction == 2:

@@ -42,11 +42,10 @@ def mark_output(t: torch.Tensor, index: int) -> None:
         node.metadata[OUTPUT_OF] = index
 
 
-def selected_rows(pred: Any, call: int | None) -> torch.Tensor | None:
-    """Where ``pred`` is ``out[index]`` for an output of model call ``call`` (marked by :func:`mark_output`)
-    with one index on the batch axis (``out[mask]``, ``out[idx]``), that index as its node saved it (a boolean
-    mask or integer indices); else None."""
-    node = getattr(pred, "grad_fn", None)
+def selected_rows(node: Any, call: int | None) -> torch.Tensor | None:
+    """Where ``node`` made ``out[index]`` for an output of model call ``call`` (marked by :func:`mark_output`)
+    with one index on the batch axis (``out[mask]``, ``out[idx]``), that index as the node saved it (a boolean
+    mask or integer indices); else None. ``node``: a loss's prediction's ``grad_fn``."""
     if call is None or node is None or type(node).__name__ != "IndexBackward0":
         return None
     try:

@@ -117,7 +117,6 @@ def test_an_abandoned_micro_batch_between_two_trained_ones_is_one_skipped_iterat
     assert cp.history.last("loss/per_sample").shape == (12,)
 
 
-
 def _loss_of(form: str, lf: nn.Module, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The loss of a model call in one of the forms a loop writes: the loss module on the output itself
     (its hook stands for the output's), on a view of it, or without the loss module."""
@@ -282,7 +281,6 @@ def test_an_abandoned_calls_graph_is_not_kept_past_the_next_model_call(form):
         opt.step()
 
 
-
 def _two_head_losses(x: torch.Tensor, y: torch.Tensor, y2: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Per example, float64 at the initial ``models.mlp(classes=6)``, one autograd call each: the losses
     a_i + b_i of the two 3-class heads and the gradients of a_i + b_i (rows of (B, D))."""
@@ -350,7 +348,6 @@ def test_two_backward_passes_through_one_model_call_are_said_not_split_wrongly()
     assert "a second backward through the same model call" in cp.history.last("note/gradient_tests")
 
 
-
 @pytest.mark.parametrize("form", ["module", "functional"])
 def test_gradients_taken_by_autograd_grad_are_split_exactly(form):
     """A loop that takes the gradients with torch.autograd.grad (no backward(): no root is seen) and sets
@@ -414,9 +411,7 @@ def test_sparse_gradients_grad_norm_update_size_distance_against_direct_computat
                 dense.step()
                 expected_update.append((model.emb.weight.detach() - before).double().norm().item())
     # the one thing said: the dense layer, stepped by the other optimizer, is in no statistic (on step 0's records)
-    assert [str(w.message) for w in said] == [
-        "cockpit-lite: " + attach.untracked_note(["out.weight", "out.bias"], 1)
-    ]
+    assert [str(w.message) for w in said] == ["cockpit-lite: " + attach.untracked_note(["out.weight", "out.bias"], 1)]
     assert "does not hold them (out.weight, out.bias)" in cp.history.value_at("note/grad_norm", 0)
     np.testing.assert_allclose(cp.history.values("grad_norm/emb.weight"), expected_grad, rtol=1e-5)
     np.testing.assert_allclose(cp.history.values("update_size/emb.weight"), expected_update, rtol=1e-5)
@@ -759,13 +754,16 @@ def test_a_model_called_by_its_parts_is_followed_from_its_third_step():
     assert list(cockpit.history) == ["note/cockpit"]
 
 
-@pytest.mark.parametrize("select", ["mask", "indices", "repeated"])
-def test_a_loss_over_a_selection_of_the_batch_keeps_the_models_examples(select):
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+@pytest.mark.parametrize("select", ["mask", "indices", "repeated", "permuted"])
+def test_a_loss_over_a_selection_of_the_batch_keeps_the_models_examples(select, functional):
     """``lf(out[mask], y[mask])``: a loss over the examples that have labels. The examples are still the model's
     B rows: per-sample gradient norms (0 for an example left out) and per-sample losses (B values, those left
     out 0, the others B / n times their own for a mean over the n selected, so that the loss is their mean)
     against a float64 loop over examples, one autograd call each (example i's share of p.grad through its row
-    of the output). Before: the loss's n rows were taken for the batch, and every layer was left out."""
+    of the output). A loss module, or a functional cross-entropy (per-sample losses from its node). Before: the
+    loss's n rows were taken for the batch, and every layer was left out; the functional one's rows were folded
+    as if they were the batch's in order (a permutation gave each example another's loss)."""
     from cockpit_lite.instruments import Loss, PerSampleGradNorms
 
     torch.manual_seed(0)
@@ -777,6 +775,7 @@ def test_a_loss_over_a_selection_of_the_batch_keeps_the_models_examples(select):
         "mask": torch.tensor([True, False, True, True, False, True]),
         "indices": torch.tensor([5, 0, 3]),
         "repeated": torch.tensor([1, 1, 4]),
+        "permuted": torch.tensor([5, 4, 3, 2, 1, 0]),
     }[select]
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(b, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (b,), generator=g)
@@ -796,8 +795,11 @@ def test_a_loss_over_a_selection_of_the_batch_keeps_the_models_examples(select):
         losses[r] += l * b / n
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with Cockpit(model, opt, lf, instruments=[Loss(), PerSampleGradNorms()], sinks=[]) as cockpit:
-            loss = lf(model(x)[sel], y[sel])  # (the output itself is dropped at once)
+        with Cockpit(
+            model, opt, None if functional else lf, instruments=[Loss(), PerSampleGradNorms()], sinks=[]
+        ) as cockpit:
+            # (the output itself is dropped at once)
+            loss = (nn.functional.cross_entropy if functional else lf)(model(x)[sel], y[sel])
             loss.backward()
             opt.step()
     h = cockpit.history

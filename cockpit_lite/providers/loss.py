@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cockpit_lite.compat import nll_terms
+from cockpit_lite.compat import nll_prediction, nll_terms
 from cockpit_lite.hooks import on_gradient
 from cockpit_lite.losses import (
     DerivedLosses,
@@ -40,6 +40,7 @@ from cockpit_lite.losses import (
     reduction_of,
     scalar_loss,
 )
+from cockpit_lite.model_io import selected_rows
 from cockpit_lite.needs import Need, Needs
 from cockpit_lite.providers import register_provider
 from cockpit_lite.providers.base import BackwardRoot, LossCall, ModelCall, Provider
@@ -228,7 +229,9 @@ class LossProvider(Provider):
                 # inputs (read now: backward frees them); for a model's own loss one more candidate, kept if
                 # it reproduces that loss
                 terms = nll_terms(root.nodes[0])
-                found = nll_losses(terms, self.batches[-1]) if terms is not None else None
+                # (a loss over out[mask]: each row's loss to its example)
+                rows = selected_rows(nll_prediction(root.nodes[0]), self.calls[-1]) if terms is not None else None
+                found = nll_losses(terms, self.batches[-1], rows) if terms is not None else None
             # (the Cockpit begins the backward right after its root: on_backward_begin numbers it)
             self.root_info.append((len(self.parts) - 1, found, self.backwards + 1))
 
