@@ -807,3 +807,45 @@ def test_a_loss_over_a_selection_of_the_batch_keeps_the_models_examples(select, 
     np.testing.assert_allclose(h.last("loss/per_sample"), losses, rtol=1e-10, atol=1e-12)
     assert h.last("loss") == pytest.approx(float(loss), rel=1e-12) == pytest.approx(losses.mean(), rel=1e-10)
     assert not [t for t in h if t.startswith("note/")]
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_a_forward_after_the_last_backward_is_no_part_of_the_step(micro):
+    """A loop that evaluates another batch with gradients on after its last backward and before the step (a
+    logged loss without ``torch.no_grad()``): that call gets no backward and is no part of the step. Per-sample
+    norms, per-sample losses and the norm test against the float64 loop over the trained examples, with one and
+    two micro-batches. Before: its examples were joined as a micro-batch of zero rows (12 values, the others
+    2.4 times too large)."""
+    from cockpit_lite.instruments import GradientTests, Loss, PerSampleGradNorms
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lf = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(5, 4, generator=g, dtype=torch.float64) for _ in range(micro)]
+    ys = [torch.randint(0, 3, (5,), generator=g) for _ in range(micro)]
+    x, y = torch.cat(xs), torch.cat(ys)
+    ref = copy.deepcopy(model)
+    rows = []
+    for i in range(len(x)):
+        li = nn.functional.cross_entropy(ref(x[i : i + 1]), y[i : i + 1])
+        rows.append(torch.cat([t.reshape(-1) for t in torch.autograd.grad(li, list(ref.parameters()))]))
+    rows = torch.stack(rows).numpy()
+    gbar = rows.mean(0)
+    b = len(x)
+    norm_test = np.sqrt(((rows - gbar) ** 2).sum() / (b * (b - 1) * (gbar @ gbar)))
+    losses = nn.functional.cross_entropy(ref(x), y, reduction="none").detach().numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        instruments = [Loss(), PerSampleGradNorms(), GradientTests()]
+        with Cockpit(model, opt, lf, instruments=instruments, sinks=[]) as cockpit:
+            for xm, ym in zip(xs, ys, strict=True):
+                (lf(model(xm), ym) / micro).backward()
+            lf(model(torch.randn(7, 4, dtype=torch.float64)), torch.randint(0, 3, (7,)))  # logged, never trained on
+            opt.step()
+    h = cockpit.history
+    np.testing.assert_allclose(h.last("persample/grad_norm"), np.linalg.norm(rows, axis=1), rtol=1e-10)
+    np.testing.assert_allclose(h.last("loss/per_sample"), losses, rtol=1e-10)
+    assert h.last("tests/norm") == pytest.approx(norm_test, rel=1e-8)
+    assert "no backward" in h.last("note/gradient_tests")  # (the call left out is said)

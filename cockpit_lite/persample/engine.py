@@ -708,6 +708,16 @@ class PerSampleEngine:
         self._whole = self._keeps_views()
         self.set_batch(batch, inv_scale, mean)
 
+    def abandon_micro_batch(self) -> None:
+        """The micro-batch begun last got no backward (a model call after the step's last backward that the
+        loop never trained on): it is dropped, and the one before it is current again, as if it had not begun."""
+        self._calls.clear()
+        if not self._segments:
+            return
+        seg = self._segments.pop()
+        self.batch, self.mean, self.sq, self.dot_mean, self._kept = seg.batch, seg.mean, seg.sq, seg.dot_mean, seg.kept
+        self.covered, self.gram, self.grads, self._whole = set(seg.covered), seg.gram, seg.grads, seg.whole
+
     def _segment(self) -> _Segment:
         """What the current micro-batch computed."""
         return _Segment(

@@ -257,6 +257,10 @@ class PerSampleProvider(Provider):
         if not self.backward_done:  # no end-of-backward callback fired this step
             self.engine.finish_backward()
             self.engine.skip_check()  # the loop may have changed p.grad since backward
+        elif self.call_open:
+            # a model call after the last backward got none (a forward with gradients on, evaluated and never
+            # trained on): no part of the step
+            self.engine.abandon_micro_batch()
         eng = self.engine
         eng.before_step(self.snapshot)  # views kept only to join micro-batches are used and released now
         if eng.active and eng.failure is None:
