@@ -421,49 +421,48 @@ def sdpa_backends() -> list:
 _SCALINGS = ("MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1")
 
 
-def nll_prediction(root_fn: Any) -> Any:
-    """The node that made what the negative log-likelihood a root of backward comes from took its
-    log-probabilities of (``F.cross_entropy(pred, y)``: ``pred``'s node, past the log-softmax), or None."""
+def _nll_node(root_fn: Any) -> Any:
+    """The negative log-likelihood's backward node a root of backward comes from (``F.cross_entropy``,
+    ``F.nll_loss``, through scalar factors), or None."""
     fn = root_fn
     for _ in range(4):
         if fn is None:
             return None
-        name = type(fn).__name__
-        if name in ("NllLossBackward0", "NllLoss2DBackward0"):
-            fn = fn.next_functions[0][0] if fn.next_functions else None
-            if fn is not None and type(fn).__name__ == "LogSoftmaxBackward0":
-                fn = fn.next_functions[0][0] if fn.next_functions else None
+        if type(fn).__name__ in ("NllLossBackward0", "NllLoss2DBackward0"):
             return fn
-        if name not in _SCALINGS or not fn.next_functions:
+        if type(fn).__name__ not in _SCALINGS or not fn.next_functions:
             return None
         fn = fn.next_functions[0][0]
     return None
+
+
+def nll_prediction(root_fn: Any) -> Any:
+    """The node that made what the negative log-likelihood a root of backward comes from took its
+    log-probabilities of (``F.cross_entropy(pred, y)``: ``pred``'s node, past the log-softmax), or None."""
+    fn = _nll_node(root_fn)
+    fn = fn.next_functions[0][0] if fn is not None and fn.next_functions else None
+    if fn is not None and type(fn).__name__ == "LogSoftmaxBackward0":
+        fn = fn.next_functions[0][0] if fn.next_functions else None
+    return fn
 
 
 def nll_terms(root_fn: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int] | None:
     """The saved inputs of the negative log-likelihood a root of backward comes from (``F.cross_entropy``,
     ``F.nll_loss``, through scalar factors): (log-probabilities, targets, class weights or None,
     ignore_index, reduction: 1 mean, 2 sum), read from its backward node's ``_saved_*``; else None."""
-    fn = root_fn
-    for _ in range(4):
-        if fn is None:
-            return None
-        name = type(fn).__name__
-        if name in ("NllLossBackward0", "NllLoss2DBackward0"):
-            try:
-                return (
-                    fn._saved_self,
-                    fn._saved_target,
-                    fn._saved_weight,
-                    _signed64(int(fn._saved_ignore_index)),
-                    int(fn._saved_reduction),
-                )
-            except (AttributeError, RuntimeError):
-                return None
-        if name not in _SCALINGS or not fn.next_functions:
-            return None
-        fn = fn.next_functions[0][0]
-    return None
+    fn = _nll_node(root_fn)
+    if fn is None:
+        return None
+    try:
+        return (
+            fn._saved_self,
+            fn._saved_target,
+            fn._saved_weight,
+            _signed64(int(fn._saved_ignore_index)),
+            int(fn._saved_reduction),
+        )
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def nll_total_weight(loss: torch.Tensor) -> torch.Tensor | None:
