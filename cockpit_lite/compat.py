@@ -310,7 +310,18 @@ def _read_idle(t: torch.Tensor) -> float:
     return float(t)
 
 
+def inside_backward() -> bool:
+    """Whether the autograd engine is running a backward on this thread now (a backward called inside it:
+    reentrant checkpointing's recomputed block, a backward in a gradient hook)."""
+    try:
+        return torch._C._current_graph_task_id() != -1
+    except AttributeError:  # (a torch without it: every backward is taken for the loop's)
+        return False
+
+
 def _watched_backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
+    if inside_backward():  # (a backward inside the loop's: part of that pass, not one of its own)
+        return _original_backward(tensors, grad_tensors, *args, **kwargs)
     for listener in list(_backward_listeners):
         try:
             listener(tensors, grad_tensors)
@@ -322,9 +333,11 @@ def _watched_backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwar
 class BackwardWatch:
     """Calls ``listener(tensors, grad_tensors)`` at every ``torch.autograd.backward`` (which
     ``Tensor.backward`` calls) until :meth:`remove`: the roots backward starts from (the loss the loop
-    optimizes, whatever computed it). ``torch.autograd.backward`` and ``torch.amp.GradScaler.scale``
-    (to recognise a scaled loss, :func:`grad_scaler_factor`) are wrapped while any watch is attached
-    and restored when the last one is removed."""
+    optimizes, whatever computed it). Not for a backward called while one runs (reentrant checkpointing
+    recomputes its block and calls backward on it inside the loop's backward): that is part of the pass.
+    ``torch.autograd.backward`` and ``torch.amp.GradScaler.scale`` (to recognise a scaled loss,
+    :func:`grad_scaler_factor`) are wrapped while any watch is attached and restored when the last one is
+    removed."""
 
     def __init__(self, listener: Callable[[Any, Any], None]):
         global _original_backward, _original_scale

@@ -481,3 +481,45 @@ def test_reentrant_activation_checkpointing_matches_a_loop_of_backward_calls():
     rec = probe.records[0]
     np.testing.assert_allclose(rec.per_sample_sq_norms, (g**2).sum(1).numpy(), rtol=1e-10)
     np.testing.assert_allclose(rec.per_sample_dot_mean, (g @ g.mean(0)).numpy(), rtol=1e-10)
+
+
+def test_reentrant_checkpointing_under_gradscaler_keeps_the_loss_scale():
+    """Reentrant checkpointing calls backward on the recomputed block inside the loop's backward. That inner call
+    is part of the loop's pass, not one of its own: before, it was taken for a new backward started from an
+    unscaled root, so GradScaler's scale was lost for the rest of the pass (the gradient-sum check warned with a
+    ratio of 1/scale^2, the norm after backward was scale times too large) and the loss provider took the
+    loop's root for another network's. Per-sample norms against one backward per example in float64, the norm
+    after backward against ||p.grad|| / scale, no warning."""
+    import warnings
+
+    import numpy as np
+    from cockpit_lite.instruments import Clipping, Loss, PerSampleGradNorms
+
+    from cockpit_lite import Cockpit
+
+    torch.manual_seed(0)
+    model = _Checkpointed(reentrant=True).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (5,))
+    grads = []
+    for i in range(5):
+        model.zero_grad()
+        xi = x[i : i + 1].detach().clone().requires_grad_(True)
+        nn.functional.cross_entropy(model(xi), y[i : i + 1], reduction="sum").backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    g = torch.stack(grads)
+    loss_fn, opt = nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    instruments = [Loss(), PerSampleGradNorms(), Clipping(max_norm=1e6, kinds="global")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Cockpit(model, opt, loss_fn, instruments=instruments, sinks=[]) as cockpit:
+            model.zero_grad()
+            loss = loss_fn(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    h = cockpit.history
+    np.testing.assert_allclose(h.last("persample/grad_norm"), g.norm(dim=1).numpy(), rtol=1e-10)
+    assert h.last("clip/global/norm") == pytest.approx(float(g.mean(0).norm()), rel=1e-10)
+    assert h.last("loss") == pytest.approx(float(loss), rel=1e-12)
+    assert not [w for w in caught if "cockpit-lite" in str(w.message)]
