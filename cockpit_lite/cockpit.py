@@ -419,13 +419,13 @@ class Cockpit:
 
         parts = [f"{len(added)} start training ({listed(added)})"] if added else []
         parts += [f"{len(removed)} stopped ({listed(removed)})"] if removed else []
-        msg = (
-            f"the parameters the optimizer trains changed at step {self.step}: {'; '.join(parts)}. Every statistic "
-            f"follows the {len(now)} trained tensors from this step on (Distance measures a tensor that starts "
-            "training from its value then)"
+        said = (
+            f"the parameters the optimizer trains changed: {'; '.join(parts)}. Every statistic follows the "
+            f"{len(now)} trained tensors from that step on (Distance measures a tensor that starts training from "
+            "its value then)"
         )
-        self._warn(msg)
-        return msg
+        self._warn(said)  # (once per change: a loop toggling the same tensors step by step is told twice)
+        return said.replace("changed:", f"changed at step {self.step}:", 1).replace("from that step", "from this step")
 
     def _observe_budget(self, st: Step, cockpit_ms: float, wall_ms: float, hooks_ms: float) -> None:
         """Hand the budget the step's cost and wall time, both with the sinks' time for its records, and

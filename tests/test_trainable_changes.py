@@ -101,7 +101,8 @@ def test_the_trained_set_is_followed_from_the_step_it_changes(change):
         )
         assert per_tensor == sorted(trained_at[step])
     said = [str(w.message) for w in caught if "the parameters the optimizer trains changed" in str(w.message)]
-    assert len(said) == 1 and f"changed at step {CHANGE}" in said[0]
+    assert len(said) == 1
+    assert f"changed at step {CHANGE}:" in h.value_at("note/grad_norm", CHANGE)  # (the note names the step)
     assert (
         "start training (0.weight, 0.bias)" in said[0]
         if change != "freeze"
@@ -165,6 +166,31 @@ def test_lightning_backbone_finetuning_is_followed(tmp_path):
     h = cockpit.history
     assert [h.value_at("grad_norm", s) for s in range(8)] == pytest.approx(truth.norms, rel=1e-6)
     assert [h.value_at("persample/coverage", s) for s in range(8)] == pytest.approx([1.0] * 8, abs=1e-6)
-    assert any(
-        "changed at step 4: 2 start training (backbone.0.weight, backbone.0.bias)" in str(w.message) for w in caught
-    )
+    assert "changed at step 4:" in h.value_at("note/grad_norm", 4)
+    assert any("changed: 2 start training (backbone.0.weight, backbone.0.bias)" in str(w.message) for w in caught)
+
+
+def test_a_set_toggled_every_step_is_followed_and_said_twice():
+    """A loop freezing and unfreezing the same layer step by step: every step is followed (gradient norm against
+    ||p.grad|| of the tensors that train that step), and the warning is given once per kind of change."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lf = nn.CrossEntropyLoss()
+    want = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Cockpit(model, opt, lf, instruments=[GradNorm(), PerSampleGradNorms()], sinks=[]) as cockpit:
+            for step in range(6):
+                for p in model[0].parameters():
+                    p.requires_grad_(step % 2 == 0)
+                x, y = torch.randn(B, 4, dtype=torch.float64), torch.randint(0, 3, (B,))
+                opt.zero_grad()
+                lf(model(x), y).backward()
+                want.append(float(_flat(p.grad for p in model.parameters() if p.grad is not None).norm()))
+                opt.step()
+    h = cockpit.history
+    assert [v for _, v in h["grad_norm"]] == pytest.approx(want, rel=1e-10)
+    assert [v for _, v in h["persample/coverage"]] == pytest.approx([1.0] * 6)
+    said = [w for w in caught if "the parameters the optimizer trains changed" in str(w.message)]
+    assert len(said) == 2  # (stopped, then started again: each said once)
