@@ -312,9 +312,10 @@ def nll_losses(terms: tuple, batch: int, rows: torch.Tensor | None = None) -> to
     picked = -logp.gather(1, tgt.clamp(min=0).unsqueeze(1)).squeeze(1)
     w = keep.to(logp.dtype) if weight is None else weight[tgt.clamp(min=0)] * keep
     elem = (picked * w).reshape(picked.shape[0], -1).sum(1)
-    if rows is not None:
+    if rows is not None:  # (the selected examples' rows, or their tokens in order: folded to them)
         index = (rows.nonzero().squeeze(1) if rows.dtype == torch.bool else rows.long()).to(elem.device)
-        per_example = elem.new_zeros(batch).index_add_(0, index, elem) if len(index) == len(elem) else None
+        own = fold_rows(elem, len(index), "sum")
+        per_example = elem.new_zeros(batch).index_add_(0, index, own) if own is not None else None
     else:
         per_example = fold_rows(elem, batch, "sum")
     if per_example is None:

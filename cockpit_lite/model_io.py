@@ -33,6 +33,9 @@ def tensors_of(output: Any) -> list[torch.Tensor]:
 #: the key under which a model output's autograd node holds the position of its model call (``Node.metadata``)
 OUTPUT_OF = "cockpit_lite.output_of"
 
+#: reshapes that keep an example's elements together and the examples in order (no permutation of axes)
+_RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+
 
 def mark_output(t: torch.Tensor, index: int) -> None:
     """Mark the node that made model output ``t`` (of the step's model call ``index``): a loss over a selection
@@ -42,10 +45,21 @@ def mark_output(t: torch.Tensor, index: int) -> None:
         node.metadata[OUTPUT_OF] = index
 
 
+def _through_reshapes(node: Any) -> Any:
+    for _ in range(8):
+        if node is None or type(node).__name__ not in _RESHAPES or not node.next_functions:
+            return node
+        node = node.next_functions[0][0]
+    return node
+
+
 def selected_rows(node: Any, call: int | None) -> torch.Tensor | None:
     """Where ``node`` made ``out[index]`` for an output of model call ``call`` (marked by :func:`mark_output`)
     with one index on the batch axis (``out[mask]``, ``out[idx]``), that index as the node saved it (a boolean
-    mask or integer indices); else None. ``node``: a loss's prediction's ``grad_fn``."""
+    mask or integer indices); else None. ``node``: a loss's prediction's ``grad_fn``. Reshapes that keep the
+    examples in order are looked through on either side (``out.view(B, T, V)[mask].reshape(-1, V)``: the loss's
+    rows are then the selected examples' tokens, in order)."""
+    node = _through_reshapes(node)
     if call is None or node is None or type(node).__name__ != "IndexBackward0":
         return None
     try:
@@ -53,7 +67,7 @@ def selected_rows(node: Any, call: int | None) -> torch.Tensor | None:
         rows = saved_attribute(node, "self_sym_sizes")[0]
     except (ValueError, RuntimeError, AttributeError, IndexError):  # several indices, or the graph already freed
         return None
-    source = node.next_functions[0][0]
+    source = _through_reshapes(node.next_functions[0][0])
     if not torch.is_tensor(index) or index.dim() != 1 or source is None or source.metadata.get(OUTPUT_OF) != call:
         return None
     if index.dtype == torch.bool and len(index) != rows:

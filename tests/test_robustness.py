@@ -849,3 +849,50 @@ def test_a_forward_after_the_last_backward_is_no_part_of_the_step(micro):
     np.testing.assert_allclose(h.last("loss/per_sample"), losses, rtol=1e-10)
     assert h.last("tests/norm") == pytest.approx(norm_test, rel=1e-8)
     assert "no backward" in h.last("note/gradient_tests")  # (the call left out is said)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+def test_a_token_loss_over_a_selection_of_sequences_keeps_the_models_examples(functional):
+    """``lf(out.view(B, T, V)[mask].reshape(-1, V), y[mask].reshape(-1))``: the selected sequences' tokens. The
+    examples stay the model's B sequences: per-sample norms (0 for one left out) and per-sample losses (each
+    selected sequence's mean token loss, B / n times, 0 for those left out) against the float64 loop. Before:
+    the n T token rows were taken for the batch, every layer was left out and 'loss/per_sample' held token
+    losses."""
+    from cockpit_lite.instruments import Loss, PerSampleGradNorms
+
+    torch.manual_seed(0)
+    b, t, v = 6, 5, 3
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, t * v)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    lf = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(b, 4, generator=g, dtype=torch.float64), torch.randint(0, v, (b, t), generator=g)
+    sel = torch.tensor([True, True, False, True, True, True])
+    n = int(sel.sum())
+    ref = copy.deepcopy(model)
+    norms = []
+    for i in range(b):
+        out = ref(x).view(b, t, v)
+        keep = torch.zeros(b, 1, 1, dtype=torch.float64)
+        keep[i] = 1.0
+        own = out * keep + (out * (1 - keep)).detach()
+        loss_i = nn.functional.cross_entropy(own[sel].reshape(-1, v), y[sel].reshape(-1))
+        norms.append(
+            float(b * torch.cat([q.reshape(-1) for q in torch.autograd.grad(loss_i, list(ref.parameters()))]).norm())
+        )
+    tokens = nn.functional.cross_entropy(ref(x).view(b, t, v)[sel].reshape(-1, v), y[sel].reshape(-1), reduction="none")
+    losses = torch.zeros(b, dtype=torch.float64)
+    losses[sel] = tokens.detach().view(n, t).mean(1) * b / n
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Cockpit(
+            model, opt, None if functional else lf, instruments=[Loss(), PerSampleGradNorms()], sinks=[]
+        ) as cp:
+            opt.zero_grad()
+            crit = nn.functional.cross_entropy if functional else lf
+            crit(model(x).view(b, t, v)[sel].reshape(-1, v), y[sel].reshape(-1)).backward()
+            opt.step()
+    h = cp.history
+    np.testing.assert_allclose(h.last("persample/grad_norm"), norms, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(h.last("loss/per_sample"), losses.numpy(), rtol=1e-10, atol=1e-12)
+    assert not [tag for tag in h if tag.startswith("note/")]

@@ -76,12 +76,19 @@ ACCUMULATED_CALLS = (
 )
 
 
-def _scattered(losses: torch.Tensor, selected: torch.Tensor, batch: int, reduction: str | None) -> torch.Tensor:
-    """The losses of a loss over the model's rows ``selected`` (``out[mask]``) as the batch's: (batch,), 0 for
-    an example left out; for a mean over the n selected rows scaled by batch / n, so that the loss is the mean
-    over the batch, as its per-sample gradients g_i = B x (example i's share of p.grad) have it."""
+def _scattered(
+    losses: torch.Tensor, selected: torch.Tensor, batch: int, reduction: str | None
+) -> torch.Tensor | None:
+    """The losses of a loss over the model's rows ``selected`` (``out[mask]``; or their tokens in order,
+    folded to them) as the batch's: (batch,), 0 for an example left out; for a mean over the n selected scaled
+    by batch / n, so that the loss is the mean over the batch, as its per-sample gradients g_i = B x (example
+    i's share of p.grad) have it. None where the rows do not fold to the selection."""
     index = selected.nonzero().squeeze(1) if selected.dtype == torch.bool else selected.long()
     index = index.to(losses.device)
+    if len(losses) != len(index):  # (the selected examples' tokens, in order: folded to them first)
+        losses = fold_rows(losses, len(index), reduction or "mean")
+        if losses is None:
+            return None
     if reduction == "mean":
         losses = losses * (batch / max(len(index), 1))
     return losses.new_zeros(batch).index_add_(0, index, losses)
@@ -208,7 +215,7 @@ class LossProvider(Provider):
         self.loss_calls[at] += 1
         self.values[at] = self.values[at] + value if again and self.values[at] is not None else value
         if selected is not None and losses is not None:
-            losses = _scattered(losses, selected, self.batches[at], record.reduction)
+            losses = _scattered(losses, selected, self.batches[at], record.reduction)  # (None: a note at the step)
         elif selected is None and rows % self.batches[at]:
             # the model's input is not batch-first: the loss's rows are the examples
             self.batches[at] = rows
