@@ -302,8 +302,9 @@ def nll_losses(terms: tuple, batch: int, rows: torch.Tensor | None = None) -> to
     flattened tokens folded to their sequences), normalised as the loss was (l_i = B s_i / sum of the
     counted weights for a mean, s_i for a sum), so that L = mean_i l_i (sum_i l_i); every target ignored:
     the loss is 0/0, and so is every l_i (NaN), as for a loss module. ``rows``: where the prediction selected
-    rows of the model's output (``out[mask]``, ``out[idx]``), that selection: each row's loss goes to its
-    example (0 for one left out) instead of the rows being folded."""
+    rows of the model's output (``out[mask]``, ``out[idx]``), the example of each selected row
+    (:func:`~cockpit_lite.model_io.selected_rows`): each row's loss goes to its example (0 for one left out)
+    instead of the rows being folded."""
     logp, target, weight, ignore, reduction = terms
     if reduction not in (1, 2) or logp.dim() < 1 or target.dtype not in (torch.int64, torch.int32):
         return None
@@ -312,8 +313,8 @@ def nll_losses(terms: tuple, batch: int, rows: torch.Tensor | None = None) -> to
     picked = -logp.gather(1, tgt.clamp(min=0).unsqueeze(1)).squeeze(1)
     w = keep.to(logp.dtype) if weight is None else weight[tgt.clamp(min=0)] * keep
     elem = (picked * w).reshape(picked.shape[0], -1).sum(1)
-    if rows is not None:  # (the selected examples' rows, or their tokens in order: folded to them)
-        index = (rows.nonzero().squeeze(1) if rows.dtype == torch.bool else rows.long()).to(elem.device)
+    if rows is not None:  # (the selected rows, or their tokens in order: folded to them, then to their examples)
+        index = rows.to(elem.device)
         own = fold_rows(elem, len(index), "sum")
         per_example = elem.new_zeros(batch).index_add_(0, index, own) if own is not None else None
     else:

@@ -30,7 +30,7 @@ def tensors_of(output: Any) -> list[torch.Tensor]:
     return [t for t in tree_leaves(output) if torch.is_tensor(t)]
 
 
-#: the key under which a model output's autograd node holds the position of its model call (``Node.metadata``)
+#: the key under which a model output's autograd node holds (its model call's position, its rows) (``Node.metadata``)
 OUTPUT_OF = "cockpit_lite.output_of"
 
 #: reshapes that keep an example's elements together and the examples in order (no permutation of axes)
@@ -41,8 +41,8 @@ def mark_output(t: torch.Tensor, index: int) -> None:
     """Mark the node that made model output ``t`` (of the step's model call ``index``): a loss over a selection
     of its rows is told by it (:func:`selected_rows`), however the output tensor itself was dropped."""
     node = t.grad_fn
-    if node is not None:
-        node.metadata[OUTPUT_OF] = index
+    if node is not None and t.dim() > 0:
+        node.metadata[OUTPUT_OF] = (index, t.shape[0])
 
 
 def _through_reshapes(node: Any) -> Any:
@@ -54,11 +54,12 @@ def _through_reshapes(node: Any) -> Any:
 
 
 def selected_rows(node: Any, call: int | None) -> torch.Tensor | None:
-    """Where ``node`` made ``out[index]`` for an output of model call ``call`` (marked by :func:`mark_output`)
-    with one index on the batch axis (``out[mask]``, ``out[idx]``), that index as the node saved it (a boolean
-    mask or integer indices); else None. ``node``: a loss's prediction's ``grad_fn``. Reshapes that keep the
-    examples in order are looked through on either side (``out.view(B, T, V)[mask].reshape(-1, V)``: the loss's
-    rows are then the selected examples' tokens, in order)."""
+    """Where ``node`` made ``out[index]`` from an output of model call ``call`` (marked by :func:`mark_output`),
+    one index on the leading axis, the example (row of the output) each selected row belongs to, in order;
+    else None. ``node``: a loss's prediction's ``grad_fn``. Reshapes that keep the examples in order are looked
+    through on either side: ``out[mask]``, ``out[idx]``, ``out.view(B, T, V)[mask].reshape(-1, V)`` (the selected
+    examples' tokens follow in order) and ``out.view(B T, V)[token_mask]`` (each token row is its example's:
+    B T rows of B examples)."""
     node = _through_reshapes(node)
     if call is None or node is None or type(node).__name__ != "IndexBackward0":
         return None
@@ -68,11 +69,14 @@ def selected_rows(node: Any, call: int | None) -> torch.Tensor | None:
     except (ValueError, RuntimeError, AttributeError, IndexError):  # several indices, or the graph already freed
         return None
     source = _through_reshapes(node.next_functions[0][0])
-    if not torch.is_tensor(index) or index.dim() != 1 or source is None or source.metadata.get(OUTPUT_OF) != call:
+    marked = source.metadata.get(OUTPUT_OF) if source is not None else None
+    if not torch.is_tensor(index) or index.dim() != 1 or marked is None or marked[0] != call:
         return None
-    if index.dtype == torch.bool and len(index) != rows:
+    examples = marked[1]
+    if examples <= 0 or rows % examples or (index.dtype == torch.bool and len(index) != rows):
         return None
-    return index.detach()
+    picked = index.detach().nonzero().squeeze(1) if index.dtype == torch.bool else index.detach().long()
+    return picked // (rows // examples)  # (the leading axis holds each example's rows // examples rows in turn)
 
 
 def any_grad(params: Mapping[str, nn.Parameter]) -> bool:

@@ -896,3 +896,48 @@ def test_a_token_loss_over_a_selection_of_sequences_keeps_the_models_examples(fu
     np.testing.assert_allclose(h.last("persample/grad_norm"), norms, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(h.last("loss/per_sample"), losses.numpy(), rtol=1e-10, atol=1e-12)
     assert not [tag for tag in h if tag.startswith("note/")]
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+def test_a_token_mask_over_flattened_tokens_keeps_the_models_examples(functional):
+    """``lf(out.view(B T, V)[token_mask], y.view(-1)[token_mask])``: a loss over the kept tokens of B sequences.
+    Each token row is its sequence's: per-sample norms and per-sample losses (the sum of a sequence's kept token
+    losses times B / n over the n kept tokens: the loss is their mean) against the float64 loop. Before: the n
+    token rows were taken for the batch, every layer was left out and 'loss/per_sample' held token losses."""
+    from cockpit_lite.instruments import Loss, PerSampleGradNorms
+
+    torch.manual_seed(0)
+    b, t, v = 6, 5, 3
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, t * v)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    lf = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(b, 4, generator=g, dtype=torch.float64), torch.randint(0, v, (b, t), generator=g)
+    keep = torch.rand(b * t, generator=g) > 0.3
+    keep[t * 2 : t * 3] = False  # (a sequence with no kept token: 0)
+    n = int(keep.sum())
+    ref = copy.deepcopy(model)
+    norms = []
+    for i in range(b):
+        out = ref(x)
+        own_row = torch.zeros(b, 1, dtype=torch.float64)
+        own_row[i] = 1.0
+        own = out * own_row + (out * (1 - own_row)).detach()
+        loss_i = nn.functional.cross_entropy(own.view(b * t, v)[keep], y.view(-1)[keep])
+        grads = torch.autograd.grad(loss_i, list(ref.parameters()))
+        norms.append(float(b * torch.cat([q.reshape(-1) for q in grads]).norm()))
+    tokens = nn.functional.cross_entropy(ref(x).view(b * t, v)[keep], y.view(-1)[keep], reduction="none").detach()
+    losses = torch.zeros(b, dtype=torch.float64).index_add_(0, keep.nonzero().squeeze(1) // t, tokens) * b / n
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Cockpit(
+            model, opt, None if functional else lf, instruments=[Loss(), PerSampleGradNorms()], sinks=[]
+        ) as cp:
+            opt.zero_grad()
+            crit = nn.functional.cross_entropy if functional else lf
+            crit(model(x).view(b * t, v)[keep], y.view(-1)[keep]).backward()
+            opt.step()
+    h = cp.history
+    np.testing.assert_allclose(h.last("persample/grad_norm"), norms, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(h.last("loss/per_sample"), losses.numpy(), rtol=1e-10, atol=1e-12)
+    assert not [tag for tag in h if tag.startswith("note/")]

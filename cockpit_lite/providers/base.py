@@ -52,7 +52,8 @@ class LossCall:
     output: Any
     reaches: bool | None = True
     #: where the prediction is a selection of rows of a model output (``out[mask]``: a loss over the examples
-    #: that have labels), the selection on the batch axis (a boolean mask or indices, as its node saved them)
+    #: that have labels; ``out.view(B T, V)[token_mask]``), the example each selected row belongs to
+    #: (:func:`cockpit_lite.model_io.selected_rows`)
     rows: Any = None
 
 

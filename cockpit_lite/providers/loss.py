@@ -79,12 +79,12 @@ ACCUMULATED_CALLS = (
 def _scattered(
     losses: torch.Tensor, selected: torch.Tensor, batch: int, reduction: str | None
 ) -> torch.Tensor | None:
-    """The losses of a loss over the model's rows ``selected`` (``out[mask]``; or their tokens in order,
-    folded to them) as the batch's: (batch,), 0 for an example left out; for a mean over the n selected scaled
+    """The losses of a loss over rows of the model's output (``selected``: the example each selected row belongs
+    to, :func:`~cockpit_lite.model_io.selected_rows`; rows split further in order are folded to them) as the
+    batch's: (batch,), each example's rows added, 0 for one left out; for a mean over the n selected rows scaled
     by batch / n, so that the loss is the mean over the batch, as its per-sample gradients g_i = B x (example
     i's share of p.grad) have it. None where the rows do not fold to the selection."""
-    index = selected.nonzero().squeeze(1) if selected.dtype == torch.bool else selected.long()
-    index = index.to(losses.device)
+    index = selected.to(losses.device)
     if len(losses) != len(index):  # (the selected examples' tokens, in order: folded to them first)
         losses = fold_rows(losses, len(index), reduction or "mean")
         if losses is None:
