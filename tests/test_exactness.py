@@ -454,6 +454,17 @@ def test_only_the_parameters_the_optimizer_holds(device):
     assert set(checked.reference) == set(checked.record.per_sample_sq_norms_by_param) == {"4.weight", "4.bias"}
 
 
+def _backward_per_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, D) float64 g_i by one ``backward()`` per example (reentrant checkpointing takes no ``autograd.grad``)."""
+    grads = []
+    for i in range(len(x)):
+        model.zero_grad()
+        xi = x[i : i + 1].detach().clone().requires_grad_(True)
+        nn.functional.cross_entropy(model(xi), y[i : i + 1], reduction="sum").backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    return torch.stack(grads)
+
+
 def test_reentrant_activation_checkpointing_matches_a_loop_of_backward_calls():
     """``checkpoint(..., use_reentrant=True)`` (no ``autograd.grad`` through it, so not the harness):
     ||g_i||^2 and g_i . gbar against one ``backward()`` per example in float64."""
@@ -471,13 +482,7 @@ def test_reentrant_activation_checkpointing_matches_a_loop_of_backward_calls():
         opt.zero_grad()
         loss_fn(model(x), y).backward()
         opt.step()
-    grads = []
-    for i in range(5):
-        model.zero_grad()
-        xi = x[i : i + 1].detach().clone().requires_grad_(True)
-        nn.functional.cross_entropy(model(xi), y[i : i + 1], reduction="sum").backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    g = torch.stack(grads)
+    g = _backward_per_example(model, x, y)
     rec = probe.records[0]
     np.testing.assert_allclose(rec.per_sample_sq_norms, (g**2).sum(1).numpy(), rtol=1e-10)
     np.testing.assert_allclose(rec.per_sample_dot_mean, (g @ g.mean(0)).numpy(), rtol=1e-10)
@@ -500,13 +505,7 @@ def test_reentrant_checkpointing_under_gradscaler_keeps_the_loss_scale():
     torch.manual_seed(0)
     model = _Checkpointed(reentrant=True).double()
     x, y = torch.randn(5, 4, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (5,))
-    grads = []
-    for i in range(5):
-        model.zero_grad()
-        xi = x[i : i + 1].detach().clone().requires_grad_(True)
-        nn.functional.cross_entropy(model(xi), y[i : i + 1], reduction="sum").backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    g = torch.stack(grads)
+    g = _backward_per_example(model, x, y)
     loss_fn, opt = nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     instruments = [Loss(), PerSampleGradNorms(), Clipping(max_norm=1e6, kinds="global")]

@@ -754,6 +754,21 @@ def test_a_model_called_by_its_parts_is_followed_from_its_third_step():
     assert list(cockpit.history) == ["note/cockpit"]
 
 
+def _share_norms(model: nn.Module, x: torch.Tensor, loss_of) -> list[float]:
+    """||g_i|| = B ||example i's share of p.grad|| for the loss ``loss_of(out)`` of ``model(x)``, float64, one
+    autograd call per example: the gradient flows back through example i's row of the output only."""
+    ref = copy.deepcopy(model)
+    b, norms = len(x), []
+    for i in range(b):
+        out = ref(x)
+        row = torch.zeros(b, 1, dtype=out.dtype)
+        row[i] = 1.0
+        own = out * row + (out * (1 - row)).detach()  # example i's row carries the gradient
+        share = torch.autograd.grad(loss_of(own), list(ref.parameters()))
+        norms.append(float(b * torch.cat([q.reshape(-1) for q in share]).norm()))
+    return norms
+
+
 @pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
 @pytest.mark.parametrize("select", ["mask", "indices", "repeated", "permuted"])
 def test_a_loss_over_a_selection_of_the_batch_keeps_the_models_examples(select, functional):
@@ -779,17 +794,10 @@ def test_a_loss_over_a_selection_of_the_batch_keeps_the_models_examples(select, 
     }[select]
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(b, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (b,), generator=g)
-    ref = copy.deepcopy(model)
-    norms, losses = [], np.zeros(b)
+    norms = _share_norms(model, x, lambda out: nn.functional.cross_entropy(out[sel], y[sel]))
+    losses = np.zeros(b)
     n = int(sel.sum()) if sel.dtype == torch.bool else len(sel)
-    for i in range(b):
-        out = ref(x)
-        keep = torch.zeros(b, 1, dtype=torch.float64)
-        keep[i] = 1.0
-        own = out * keep + (out * (1 - keep)).detach()  # example i's row carries the gradient
-        share = torch.autograd.grad(nn.functional.cross_entropy(own[sel], y[sel]), list(ref.parameters()))
-        norms.append(float(b * torch.cat([t.reshape(-1) for t in share]).norm()))
-    each = nn.functional.cross_entropy(ref(x)[sel], y[sel], reduction="none").detach()
+    each = nn.functional.cross_entropy(model(x)[sel], y[sel], reduction="none").detach()
     rows = sel.nonzero().squeeze(1) if sel.dtype == torch.bool else sel
     for r, l in zip(rows.tolist(), each.tolist(), strict=True):
         losses[r] += l * b / n
@@ -852,11 +860,17 @@ def test_a_forward_after_the_last_backward_is_no_part_of_the_step(micro):
 
 
 @pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
-def test_a_token_loss_over_a_selection_of_sequences_keeps_the_models_examples(functional):
-    """``lf(out.view(B, T, V)[mask].reshape(-1, V), y[mask].reshape(-1))``: the selected sequences' tokens. The
-    examples stay the model's B sequences: per-sample norms (0 for one left out) and per-sample losses (each
-    selected sequence's mean token loss, B / n times, 0 for those left out) against the float64 loop. Before:
-    the n T token rows were taken for the batch, every layer was left out and 'loss/per_sample' held token
+@pytest.mark.parametrize("form", ["sequences", "tokens"])
+def test_a_token_loss_over_selected_rows_keeps_the_models_examples(form, functional):
+    """A token loss over a selection, the examples still the model's B sequences:
+
+    - ``sequences``: ``lf(out.view(B, T, V)[mask].reshape(-1, V), y[mask].reshape(-1))``, the selected
+      sequences' tokens; each one's per-sample loss is its mean token loss, B / n times (n selected);
+    - ``tokens``: ``lf(out.view(B T, V)[keep], y.view(-1)[keep])``, the kept tokens; each sequence's loss is the
+      sum of its kept token losses, B / n times (n kept tokens; a sequence with none: 0).
+
+    Per-sample norms and losses against the float64 loop, with a loss module and a functional cross-entropy.
+    Before: the token rows were taken for the batch, every layer was left out and 'loss/per_sample' held token
     losses."""
     from cockpit_lite.instruments import Loss, PerSampleGradNorms
 
@@ -867,75 +881,35 @@ def test_a_token_loss_over_a_selection_of_sequences_keeps_the_models_examples(fu
     lf = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(b, 4, generator=g, dtype=torch.float64), torch.randint(0, v, (b, t), generator=g)
-    sel = torch.tensor([True, True, False, True, True, True])
-    n = int(sel.sum())
-    ref = copy.deepcopy(model)
-    norms = []
-    for i in range(b):
-        out = ref(x).view(b, t, v)
-        keep = torch.zeros(b, 1, 1, dtype=torch.float64)
-        keep[i] = 1.0
-        own = out * keep + (out * (1 - keep)).detach()
-        loss_i = nn.functional.cross_entropy(own[sel].reshape(-1, v), y[sel].reshape(-1))
-        norms.append(
-            float(b * torch.cat([q.reshape(-1) for q in torch.autograd.grad(loss_i, list(ref.parameters()))]).norm())
-        )
-    tokens = nn.functional.cross_entropy(ref(x).view(b, t, v)[sel].reshape(-1, v), y[sel].reshape(-1), reduction="none")
-    losses = torch.zeros(b, dtype=torch.float64)
-    losses[sel] = tokens.detach().view(n, t).mean(1) * b / n
+    if form == "sequences":
+        sel = torch.tensor([True, True, False, True, True, True])
+
+        def rows_of(out):
+            return out.view(b, t, v)[sel].reshape(-1, v), y[sel].reshape(-1)
+
+        with torch.no_grad():
+            tokens = nn.functional.cross_entropy(*rows_of(model(x)), reduction="none")
+        losses = torch.zeros(b, dtype=torch.float64)
+        losses[sel] = tokens.view(-1, t).mean(1) * b / int(sel.sum())
+    else:
+        keep = torch.rand(b * t, generator=g) > 0.3
+        keep[t * 2 : t * 3] = False  # (a sequence with no kept token: 0)
+
+        def rows_of(out):
+            return out.view(b * t, v)[keep], y.view(-1)[keep]
+
+        with torch.no_grad():
+            tokens = nn.functional.cross_entropy(*rows_of(model(x)), reduction="none")
+        owner = keep.nonzero().squeeze(1) // t
+        losses = torch.zeros(b, dtype=torch.float64).index_add_(0, owner, tokens) * b / int(keep.sum())
+    norms = _share_norms(model, x, lambda out: nn.functional.cross_entropy(*rows_of(out)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with Cockpit(
             model, opt, None if functional else lf, instruments=[Loss(), PerSampleGradNorms()], sinks=[]
         ) as cp:
             opt.zero_grad()
-            crit = nn.functional.cross_entropy if functional else lf
-            crit(model(x).view(b, t, v)[sel].reshape(-1, v), y[sel].reshape(-1)).backward()
-            opt.step()
-    h = cp.history
-    np.testing.assert_allclose(h.last("persample/grad_norm"), norms, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(h.last("loss/per_sample"), losses.numpy(), rtol=1e-10, atol=1e-12)
-    assert not [tag for tag in h if tag.startswith("note/")]
-
-
-@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
-def test_a_token_mask_over_flattened_tokens_keeps_the_models_examples(functional):
-    """``lf(out.view(B T, V)[token_mask], y.view(-1)[token_mask])``: a loss over the kept tokens of B sequences.
-    Each token row is its sequence's: per-sample norms and per-sample losses (the sum of a sequence's kept token
-    losses times B / n over the n kept tokens: the loss is their mean) against the float64 loop. Before: the n
-    token rows were taken for the batch, every layer was left out and 'loss/per_sample' held token losses."""
-    from cockpit_lite.instruments import Loss, PerSampleGradNorms
-
-    torch.manual_seed(0)
-    b, t, v = 6, 5, 3
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, t * v)).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    lf = nn.CrossEntropyLoss()
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(b, 4, generator=g, dtype=torch.float64), torch.randint(0, v, (b, t), generator=g)
-    keep = torch.rand(b * t, generator=g) > 0.3
-    keep[t * 2 : t * 3] = False  # (a sequence with no kept token: 0)
-    n = int(keep.sum())
-    ref = copy.deepcopy(model)
-    norms = []
-    for i in range(b):
-        out = ref(x)
-        own_row = torch.zeros(b, 1, dtype=torch.float64)
-        own_row[i] = 1.0
-        own = out * own_row + (out * (1 - own_row)).detach()
-        loss_i = nn.functional.cross_entropy(own.view(b * t, v)[keep], y.view(-1)[keep])
-        grads = torch.autograd.grad(loss_i, list(ref.parameters()))
-        norms.append(float(b * torch.cat([q.reshape(-1) for q in grads]).norm()))
-    tokens = nn.functional.cross_entropy(ref(x).view(b * t, v)[keep], y.view(-1)[keep], reduction="none").detach()
-    losses = torch.zeros(b, dtype=torch.float64).index_add_(0, keep.nonzero().squeeze(1) // t, tokens) * b / n
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with Cockpit(
-            model, opt, None if functional else lf, instruments=[Loss(), PerSampleGradNorms()], sinks=[]
-        ) as cp:
-            opt.zero_grad()
-            crit = nn.functional.cross_entropy if functional else lf
-            crit(model(x).view(b * t, v)[keep], y.view(-1)[keep]).backward()
+            (nn.functional.cross_entropy if functional else lf)(*rows_of(model(x))).backward()
             opt.step()
     h = cp.history
     np.testing.assert_allclose(h.last("persample/grad_norm"), norms, rtol=1e-10, atol=1e-12)
