@@ -165,11 +165,7 @@ class Cockpit:
             #: LightningOptimizer, accelerate's AcceleratedOptimizer
             self._stepping = tuple(unwrap_optimizer(o) for o in given)
             self.params = attach.check_model_optimizers(self.network, self._stepping)
-            #: every parameter the optimizers hold, frozen ones too, and what decides which of them train
-            #: (compared at each step's start: a backbone unfrozen mid-run is followed, ``_follow_params``)
-            self._held = attach.held(self.network, self._stepping)
-            self._groups = tuple(o.param_groups for o in self._stepping)
-            self._trainable = attach.trainable_state(self._held, self._groups)
+            self._look_at_trainable()
             # several optimizers are read as one (attach.Optimizers)
             optimizer = attach.Optimizers(self._stepping) if len(self._stepping) > 1 else self._stepping[0]
             #: ids of those optimizers (their step hooks' identity check; those that stepped so far: ``Step.stepped``)
@@ -393,14 +389,19 @@ class Cockpit:
         self._warn(NO_FORWARD.format(model=name))
         self._emit(self.step, {"note/cockpit": NO_FORWARD.format(model=name)})
 
+    def _look_at_trainable(self) -> None:
+        """Keep every parameter the optimizers hold, frozen ones too, their ``param_groups`` lists and what
+        decides which of them train, compared at each step's start (``_follow_params`` on a change)."""
+        self._held = attach.held(self.network, self._stepping)
+        self._groups = tuple(o.param_groups for o in self._stepping)
+        self._trainable = attach.trainable_state(self._held, self._groups)
+
     def _follow_params(self) -> str | None:
         """The trainable parameters the optimizers hold changed since the last step (a frozen backbone
         unfrozen, a layer frozen, ``add_param_group``): the cockpit tracks the new set from this step on
         (``self.params`` changed in place: the providers and records share it; each provider is told).
         Returns what to say (also warned), or None where nothing trainable is left (the old set is kept)."""
-        self._held = attach.held(self.network, self._stepping)
-        self._groups = tuple(o.param_groups for o in self._stepping)
-        self._trainable = attach.trainable_state(self._held, self._groups)
+        self._look_at_trainable()
         try:
             now = attach.check_model_optimizers(self.network, self._stepping)
         except ValueError:  # (every parameter frozen: nothing to follow; the steps say no gradient came)

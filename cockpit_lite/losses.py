@@ -50,6 +50,16 @@ def fold_rows(per_row: torch.Tensor, batch: int, reduction: str) -> torch.Tensor
     return folded / (n // batch) if reduction == "mean" else folded
 
 
+def rows_to_examples(per_row: torch.Tensor, examples: torch.Tensor, batch: int, reduction: str) -> torch.Tensor | None:
+    """Per-row losses of a loss over selected rows of the model's output (``examples``: the example each selected
+    row belongs to, :func:`cockpit_lite.model_io.selected_rows`) as the batch's (batch,): rows split further in
+    order (a selected sequence's tokens) folded to them first (:func:`fold_rows` with ``reduction``), then each
+    example's rows added, 0 for one left out. None where the rows do not fold to the selection."""
+    index = examples.to(per_row.device)
+    own = fold_rows(per_row, len(index), reduction)
+    return per_row.new_zeros(batch).index_add_(0, index, own) if own is not None else None
+
+
 def _find(output: Any, names: tuple[str, ...]) -> Any:
     for name in names:
         value = output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
@@ -313,10 +323,8 @@ def nll_losses(terms: tuple, batch: int, rows: torch.Tensor | None = None) -> to
     picked = -logp.gather(1, tgt.clamp(min=0).unsqueeze(1)).squeeze(1)
     w = keep.to(logp.dtype) if weight is None else weight[tgt.clamp(min=0)] * keep
     elem = (picked * w).reshape(picked.shape[0], -1).sum(1)
-    if rows is not None:  # (the selected rows, or their tokens in order: folded to them, then to their examples)
-        index = rows.to(elem.device)
-        own = fold_rows(elem, len(index), "sum")
-        per_example = elem.new_zeros(batch).index_add_(0, index, own) if own is not None else None
+    if rows is not None:
+        per_example = rows_to_examples(elem, rows, batch, "sum")
     else:
         per_example = fold_rows(elem, batch, "sum")
     if per_example is None:

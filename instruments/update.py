@@ -120,11 +120,11 @@ class Distance(Instrument):
 
     @without_grad
     def on_before_step(self, record):
-        new = [n for n in record.params if n not in self._theta0]
-        if new:  # a tensor that starts training (unfrozen mid-run): measured from its value now, where it started
-            self._theta0.update({n: record.params[n].detach().clone() for n in new})
-            self._diff = None
         names = [n for n in record.params if n in self._theta0]
+        if len(names) < len(record.params):
+            # a tensor that starts training (unfrozen mid-run): measured from its value now, where it started
+            self._theta0.update({n: p.detach().clone() for n, p in record.params.items() if n not in self._theta0})
+            names, self._diff = list(record.params), None
         t0 = self._theta0[names[0]] if names else None
         if t0 is not None and not same_place(t0, record.params[names[0]]):
             # the model moved (model.to("cuda") after the cockpit was built): theta_0 follows it

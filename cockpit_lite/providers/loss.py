@@ -38,6 +38,7 @@ from cockpit_lite.losses import (
     nll_losses,
     per_sample_losses,
     reduction_of,
+    rows_to_examples,
     scalar_loss,
 )
 from cockpit_lite.model_io import selected_rows
@@ -76,24 +77,6 @@ ACCUMULATED_CALLS = (
 )
 
 
-def _scattered(
-    losses: torch.Tensor, selected: torch.Tensor, batch: int, reduction: str | None
-) -> torch.Tensor | None:
-    """The losses of a loss over rows of the model's output (``selected``: the example each selected row belongs
-    to, :func:`~cockpit_lite.model_io.selected_rows`; rows split further in order are folded to them) as the
-    batch's: (batch,), each example's rows added, 0 for one left out; for a mean over the n selected rows scaled
-    by batch / n, so that the loss is the mean over the batch, as its per-sample gradients g_i = B x (example
-    i's share of p.grad) have it. None where the rows do not fold to the selection."""
-    index = selected.to(losses.device)
-    if len(losses) != len(index):  # (the selected examples' tokens, in order: folded to them first)
-        losses = fold_rows(losses, len(index), reduction or "mean")
-        if losses is None:
-            return None
-    if reduction == "mean":
-        losses = losses * (batch / max(len(index), 1))
-    return losses.new_zeros(batch).index_add_(0, index, losses)
-
-
 @register_provider
 class LossProvider(Provider):
     """``record.loss``, ``record.batch_size`` (examples of the step), ``record.micro_batches``,
@@ -111,11 +94,9 @@ class LossProvider(Provider):
         # l_i^(k) per micro-batch, L_k = mean (or sum) of them (candidates for a model's own loss)
         self.parts: list[torch.Tensor | DerivedLosses | None] = []
         self.values: list[torch.Tensor | None] = []  # L_k as the loss module or the model returned it
-        self.roots: list[tuple[torch.Tensor, float]] = []  # (root value, GradScaler scale) per backward
-        #: per backward root until the step's gradients are final: the micro-batch it followed, the NLL losses
-        #: found at its node (applied once it is known to be the model's: :meth:`_settle_roots`) and the
-        #: number of its backward
-        self.root_info: list[tuple[int, torch.Tensor | None, int]] = []
+        #: (root value, GradScaler scale) per backward; until the step's gradients are final (:meth:`_settle_roots`)
+        #: also the micro-batch it followed, the NLL losses found at its node and the number of its backward
+        self.roots: list[tuple] = []
         #: loss-module calls whose backward tells whether they are the model's (``LossCall.reaches`` None):
         #: (micro-batch, what :meth:`_take` takes of it, [number of the backward its output's gradient came in])
         self.told: list[tuple[int, tuple, list]] = []
@@ -215,7 +196,10 @@ class LossProvider(Provider):
         self.loss_calls[at] += 1
         self.values[at] = self.values[at] + value if again and self.values[at] is not None else value
         if selected is not None and losses is not None:
-            losses = _scattered(losses, selected, self.batches[at], record.reduction)  # (None: a note at the step)
+            # as the batch's, B / n times under a mean over the n selected (g_i = B x example i's share of p.grad)
+            losses = rows_to_examples(losses, selected, self.batches[at], record.reduction or "mean")
+            if losses is not None and record.reduction == "mean":
+                losses = losses * (self.batches[at] / max(len(selected), 1))  # (None: a note at the step)
         elif selected is None and rows % self.batches[at]:
             # the model's input is not batch-first: the loss's rows are the examples
             self.batches[at] = rows
@@ -228,7 +212,6 @@ class LossProvider(Provider):
 
     def on_backward_root(self, record: StepRecord, root: BackwardRoot) -> None:
         if len(root.tensors) == 1 and torch.is_tensor(root.tensors[0]) and root.tensors[0].dim() == 0:
-            self.roots.append((root.tensors[0], root.scale))
             last = self.parts[-1] if self.per_sample and self.parts else False
             found = None
             if (last is None or isinstance(last, DerivedLosses)) and root.nodes:
@@ -240,7 +223,7 @@ class LossProvider(Provider):
                 rows = selected_rows(nll_prediction(root.nodes[0]), self.calls[-1]) if terms is not None else None
                 found = nll_losses(terms, self.batches[-1], rows) if terms is not None else None
             # (the Cockpit begins the backward right after its root: on_backward_begin numbers it)
-            self.root_info.append((len(self.parts) - 1, found, self.backwards + 1))
+            self.roots.append((root.tensors[0], root.scale, len(self.parts) - 1, found, self.backwards + 1))
 
     def on_backward_begin(self, record: StepRecord) -> None:
         self.backwards += 1
@@ -270,14 +253,10 @@ class LossProvider(Provider):
     def _settle_roots(self, record: StepRecord) -> bool:
         """Keep the backward roots whose backward reached the model, and take the NLL losses found at theirs
         as their micro-batch's per-example losses. True if some were dropped."""
-        info, self.root_info = self.root_info, []
-        if len(info) != len(self.roots):  # (a root that is no scalar: nothing was kept of it)
-            return False
-        kept = [k for k, (_, _, backward) in enumerate(info) if self._reached(backward)]
-        if len(kept) < len(info):
-            self.roots = [self.roots[k] for k in kept]
-        for k in kept:
-            at, found, _ = info[k]
+        roots = self.roots
+        kept = [r for r in roots if self._reached(r[4])]
+        self.roots = [(value, scale) for value, scale, *_ in kept]
+        for _, _, at, found, _ in kept:
             if found is None or at < 0:
                 continue
             last = self.parts[at]
@@ -287,7 +266,7 @@ class LossProvider(Provider):
                 self.parts[at] = found
                 if self.values[at] is None:
                     self.values[at] = found.mean() if record.reduction == "mean" else found.sum()
-        return len(kept) < len(info)
+        return len(kept) < len(roots)
 
     def on_before_step(self, record: StepRecord) -> None:
         """The step's tensors (backward roots, the losses the modules returned where wanted, per-sample
