@@ -131,6 +131,17 @@ class LogitsForLoss(nn.Module):
         return logits.transpose(1, 2) if logits.dim() == 3 else logits
 
 
+class LastLogits(nn.Module):
+    """A causal LM's logits at the last position: one prediction per sequence (the harness's examples)."""
+
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, ids):
+        return self.m(input_ids=ids).logits[:, -1]
+
+
 # --- Hugging Face models from small configs -----------------------------------------------------------
 def hf_gpt2(n_layer: int = 2, d: int = 32, n_head: int = 2, vocab: int = 50, n_positions: int = 16) -> nn.Module:
     """``GPT2LMHeadModel`` (tied wte/lm_head, Conv1D projections, wpe looked up with (1, T) positions)."""

@@ -217,17 +217,6 @@ def test_hugging_face_deepseek_v3_router_is_served():
     assert not [w for w in checked.warnings if "leave out" in w], checked.warnings
 
 
-class LastLogits(nn.Module):
-    """A causal LM's logits at the last position: one prediction per sequence (the harness's examples)."""
-
-    def __init__(self, m: nn.Module):
-        super().__init__()
-        self.m = m
-
-    def forward(self, ids):
-        return self.m(input_ids=ids).logits[:, -1]
-
-
 class GroupedExperts(nn.Module):
     """Llama 4's experts: the (B T, d) tokens repeated once per expert and scaled by their router scores
     (rows (E, B T): expert-major), each expert's block run through its own weights by one bmm."""
@@ -306,7 +295,7 @@ def test_hugging_face_llama4_experts_are_served():
     )  # fmt: skip
     torch.manual_seed(0)
 
-    model = LastLogits(transformers.Llama4ForCausalLM(config))
+    model = M.LastLogits(transformers.Llama4ForCausalLM(config))
     ids, targets = torch.randint(1, 40, (B, 6)), torch.randint(0, 40, (B,))
     checked = assert_matches_loop(model, ids, targets, nn.CrossEntropyLoss())
     assert set(checked.record.per_sample_sq_norms_by_param) == {n for n, _ in model.named_parameters()}
@@ -387,7 +376,7 @@ def test_hugging_face_dbrx_experts_are_served_from_the_second_step():
     )  # fmt: skip
     torch.manual_seed(0)
 
-    model = LastLogits(transformers.DbrxForCausalLM(config))
+    model = M.LastLogits(transformers.DbrxForCausalLM(config))
     ids, targets = torch.randint(1, 40, (B, 6)), torch.randint(0, 40, (B,))
     checked = assert_matches_loop(model, ids, targets, nn.CrossEntropyLoss(), warmup=1)
     assert set(checked.record.per_sample_sq_norms_by_param) == {n for n, _ in model.named_parameters()}

@@ -15,19 +15,9 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from tests.harness import assert_matches_loop
+from tests.models_lm import LastLogits
 
 V = 50
-
-
-class _LastLogits(nn.Module):
-    """The next-token logits at the last position: a whole sequence is one example."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        return self.model(input_ids=ids).logits[:, -1]
 
 
 def _adapted(arch: str, dropout: float, variant: str) -> nn.Module:
@@ -49,7 +39,7 @@ def _adapted(arch: str, dropout: float, variant: str) -> nn.Module:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.1)
-    return _LastLogits(model)
+    return LastLogits(model)
 
 
 @pytest.mark.parametrize(
@@ -78,7 +68,7 @@ def test_the_hf_trainer_fine_tuning_a_peft_model(tmp_path):
 
     from cockpit_lite.integrations.huggingface import CockpitCallback
 
-    model = _adapted("gpt2", 0.0, "lora").model  # (the PEFT model itself: the Trainer calls it with labels)
+    model = _adapted("gpt2", 0.0, "lora").m  # (the PEFT model itself: the Trainer calls it with labels)
     ids = torch.randint(0, V, (16, 8), generator=torch.Generator().manual_seed(1))
 
     class Data(torch.utils.data.Dataset):
