@@ -51,7 +51,7 @@ from cockpit_lite.model_io import (
 )
 from cockpit_lite.parts import PartCalls
 from cockpit_lite.pause import is_paused
-from cockpit_lite.profiling import Costs, Profiler
+from cockpit_lite.profiling import COST_EVERY, Costs, Profiler, check_every
 from cockpit_lite.providers import BackwardRoot, Context, LossCall, ModelCall, registered_providers
 from cockpit_lite.records import History
 from cockpit_lite.sinks.base import RunContext, Sink
@@ -126,6 +126,12 @@ class Cockpit:
             numbers are the same; each step's records are written one step later, the last one by
             :meth:`close` (or :meth:`state_dict`). Nothing is gained on a CPU. Under DDP the per-sample
             vectors are gathered at the step, as without it. Not with ``budget=`` yet.
+        cost_every: the cockpit's own cost (``cost/<name>_ms`` of each instrument and part, ``cost/cockpit_ms``,
+            ``cost/driver_ms``, ``cost/sinks_ms`` and their shares) is measured on the first 3 tracked steps and
+            then every ``cost_every``-th step (default 10), and on every step while a torch profiler records or
+            with ``budget=`` (which schedules by it). ``cost/step_ms``, the step's wall time, is recorded on
+            every tracked step. ``cost_every=1`` measures every step; on the others reading the clock around
+            each part costs more than the rest of the cockpit's bookkeeping on a small model (docs/profiling.md).
 
     Construction is atomic: if it raises, nothing stays attached. Use as a context manager, or call
     :meth:`close` when done; both remove every hook and close every file.
@@ -144,6 +150,7 @@ class Cockpit:
         resume: bool = False,
         budget: float | None = None,
         overlap: bool = False,
+        cost_every: int = COST_EVERY,
     ):
         self._warned: set[str] = set()
         self._closed, self.step, self._step = False, 0, None
@@ -191,7 +198,9 @@ class Cockpit:
             attach.own_run_dirs(self.sinks, logdir, self.logdir, resume, self._warn)
             profiling = profile is not False and profile is not None
             trace_dir = attach.profile_dir(self.logdir, self.sinks) if profiling else None
-            self.history, self.costs = History(), Costs()
+            #: every step's costs are measured under a budget (it schedules by them)
+            self.history, self.costs = History(), Costs(1 if fraction is not None else check_every(cost_every))
+            self._measured: int | None = None  #: the last step reported, if its costs were measured
             self._first_param = next(iter(self.params.values()), None)
             self._guard = Guard(self._warn, self.costs)
             context = Context(
@@ -482,14 +491,19 @@ class Cockpit:
         """Write a completed step's records (with the budget's), and hand the budget its costs."""
         if skipped:
             records["skipped"] = skipped
-        records.update(self.emitter.late_sink_cost())
+        late = self.emitter.late_sink_cost()  # (the sinks' time of the last step written: kept if it was measured)
+        if self._measured is not None and all(step == self._measured for step, _ in late):
+            records.update(late)
         # the hooks' own time since the last step's records (this step's hooks so far, the last one's after its
         # records; docs/profiling.md)
         driver = self.costs.take_driver()
+        measured = "cost/cockpit_ms" in records  # (a step the cost cadence measured: Costs.measures)
+        self._measured = st.number if measured else None
         step_ms = records.get("cost/step_ms")
-        records["cost/driver_ms"] = driver
-        if step_ms:
-            records["cost/driver_share"] = driver / step_ms
+        if measured:
+            records["cost/driver_ms"] = driver
+            if step_ms:
+                records["cost/driver_share"] = driver / step_ms
         if self.budget is not None:
             records.update(self.budget.records())
         self._emit(st.number, records)
@@ -676,6 +690,7 @@ class Cockpit:
                     self._observe_budget(st, self.costs.total(), st.elapsed_ms(), driver)
         finally:
             st.end()
+            self.costs.next_step(self.step)  # (the next step's hooks are timed from its first one, or not at all)
             if self.profiler is not None:
                 try:
                     t0 = time.perf_counter()

@@ -47,14 +47,14 @@ def _base_needs(needs: frozenset) -> Needs:
 
 def guarded(fn: Callable) -> Callable:
     """For the Cockpit's hooks: no exception from the cockpit's work reaches the training loop; it
-    becomes one warning (``self._warn``). The hook's own time outside any region (the driver's
-    bookkeeping) is added to ``self.costs.driver_ms``; a hook called inside another (a probe's model call
-    in an instrument's ``compute``) is counted by the outer one."""
+    becomes one warning (``self._warn``). On a measured step (``Costs.measuring``) the hook's own time outside
+    any region (the driver's bookkeeping) is added to ``self.costs.driver_ms``; a hook called inside another (a
+    probe's model call in an instrument's ``compute``) is counted by the outer one."""
 
     @functools.wraps(fn)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         costs = getattr(self, "costs", None)  # (none yet while the cockpit is being built: not timed)
-        outer = costs is not None and not costs.driving
+        outer = costs is not None and costs.measuring and not costs.driving
         if outer:
             costs.driving = True
             t0, timed = time.perf_counter(), costs.timed_ms
@@ -240,7 +240,7 @@ class Step:
         self.grad_marks: tuple = ()
         #: (the step's costs, its wall time in ms) set aside by :meth:`launch` for a later :meth:`finish`
         self._held: tuple[Costs, float] | None = None
-        guard.costs.reset()
+        guard.costs.reset(number)
         plan = guard.every_step_plan(instruments, providers) if gates is None else None  # (gated: never)
         if plan is not None:
             self._start(plan, providers, fields)
@@ -385,7 +385,9 @@ class Step:
             notes += inst.take_notes()
             if notes:
                 records[f"note/{inst.key}"] = "; ".join(notes)
-        records.update(cost_records(costs, self.elapsed_ms() if step_ms is None else step_ms))
+        step_ms = self.elapsed_ms() if step_ms is None else step_ms
+        # (every tracked step has its wall time; the regions' times where the step was measured)
+        records.update(cost_records(costs, step_ms) if costs.measuring else {"cost/step_ms": step_ms})
         return records
 
     def elapsed_ms(self) -> float:

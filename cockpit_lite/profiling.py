@@ -35,6 +35,24 @@ PREFIX = "cockpit_lite/"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: the first steps are always measured (a short run still gets its costs)
+WARM = 3
+
+#: ``Cockpit(cost_every=...)``'s default: the cockpit's own cost is measured on every 10th step
+COST_EVERY = 10
+
+_UNTIMED = nullcontext()
+
+
+def check_every(every: Any) -> int:
+    """``cost_every`` checked: a whole number of steps >= 1."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(
+            f"cost_every={every!r}: give a whole number of steps >= 1 (1 measures the cockpit's cost on every step)"
+        )
+    return every
+
+
 def label(name: str):
     """``record_function("cockpit_lite/<name>")`` while a profiler records, else a no-op context:
     entering a record_function costs about 10 us even with no profiler running."""
@@ -87,9 +105,13 @@ class DeviceClock:
 
 class Costs:
     """Accumulates exclusive wall time (ms) per name within one step; every region is a profiler label.
-    With a :attr:`clock` (a CUDA model: :meth:`follow`) regions are also timed on the device timeline."""
+    With a :attr:`clock` (a CUDA model: :meth:`follow`) regions are also timed on the device timeline.
 
-    def __init__(self) -> None:
+    Steps are measured on a cadence (``every``: the first :data:`WARM` steps and every ``every``-th one, all
+    of them for ``every=1`` or while a profiler records): on the others a region costs one call and no
+    clock is read, so watching the cockpit's own cost does not add to it (docs/profiling.md)."""
+
+    def __init__(self, every: int = 1) -> None:
         self.ms: dict[str, float] = defaultdict(float)
         self._children: list[float] = []  # time spent in nested regions, one slot per open region
         self._regions: dict[str, _Region] = {}
@@ -102,12 +124,17 @@ class Costs:
         #: regions take the short path (host clock, no profiler label): decided as each step begins, when
         #: the clock changes, and with :meth:`refresh`
         self.fast = False
+        self.profiling = False  #: a torch profiler records (decided with :attr:`fast`)
         #: every region's exclusive host time since these costs began (never reset: the driver's hooks
         #: subtract what ran in regions inside them, see :meth:`drive`)
         self.timed_ms = 0.0
         #: the time of the cockpit's hooks outside any region since :meth:`take_driver` last took it
         self.driver_ms = 0.0
         self.driving = False
+        #: measure every ``every``-th step (and the first ``WARM``): :meth:`reset` decides each step
+        self.every = every
+        #: this step's regions are timed (:meth:`measures`); unmeasured, a region is no-op and ``call`` a call
+        self.measuring = True
 
     def take_driver(self) -> float:
         """The hooks' own time (ms) outside regions since the last call (``cost/driver_ms``)."""
@@ -131,7 +158,8 @@ class Costs:
     def refresh(self) -> None:
         """Decide whether regions take the short path: no device clock and no profiler recording (a
         profiler started inside a step labels the regions from the next step on)."""
-        self.fast = self.clock is None and not profiler_enabled()
+        self.profiling = profiler_enabled()
+        self.fast = self.clock is None and not self.profiling
 
     def host_clock(self) -> None:
         """Time the rest of this step on the host's clock: the step's values are on the host (the device
@@ -173,7 +201,8 @@ class Costs:
         """This step's costs so far, moved to a new :class:`Costs` to be resolved and reported later
         (``Cockpit(..., overlap=True)``: the step's records are made during the next step); this one
         starts afresh. The events of its device spans leave the pools, and return when it resolves."""
-        held = Costs()
+        held = Costs(self.every)
+        held.measuring = self.measuring
         held.ms.update(self.ms)
         held._spans, self._spans = self._spans, []
         held._lent = [(clock, clock.release()) for clock in self._clocks.values()]
@@ -182,8 +211,11 @@ class Costs:
         self._open_spans.clear()
         return held
 
-    def region(self, name: str) -> _Region:
-        """``with costs.region(name):`` times the block (exclusive of nested regions) under ``name``."""
+    def region(self, name: str) -> Any:
+        """``with costs.region(name):`` times the block (exclusive of nested regions) under ``name`` (on an
+        unmeasured step: a no-op context)."""
+        if not self.measuring:
+            return _UNTIMED
         r = self._regions.get(name)
         if r is None:
             r = self._regions[name] = _Region(self, name)
@@ -194,6 +226,8 @@ class Costs:
         profiler) by two clock reads and one call here, not the ``with`` statement's three calls (for the
         regions entered on every tracked step: the engine's per layer, each instrument's). Its time
         excludes what regions inside it took (their exclusive times sum to the growth of ``timed_ms``)."""
+        if not self.measuring:
+            return fn(*args)
         if not self.fast:
             with self.region(name):
                 return fn(*args)
@@ -211,7 +245,9 @@ class Costs:
         """Sum of every region's exclusive time this step (ms)."""
         return float(sum(self.ms.values()))
 
-    def reset(self) -> None:
+    def reset(self, step: int | None = None) -> None:
+        """A step begins (its number ``step``; None: measured): forget the last one's times and decide
+        whether this one is measured (:meth:`measures`)."""
         self.ms.clear()
         self._children.clear()
         self._spans.clear()
@@ -219,6 +255,17 @@ class Costs:
         for clock in self._clocks.values():  # (the events are reused from step to step)
             clock.reset()
         self.refresh()
+        self.measuring = step is None or self.profiling or self.measures(step)
+
+    def next_step(self, step: int) -> None:
+        """The step before ``step`` has ended: time the hooks from now on if ``step`` is measured, so that its
+        first hook (which begins it) is in its ``cost/driver_ms``."""
+        self.measuring = self.profiling or self.measures(step)
+
+    def measures(self, step: int) -> bool:
+        """Whether step ``step`` is measured by the cadence: one of the first :data:`WARM`, or a multiple of
+        ``every`` (while a profiler records, every step is: its trace shows each region by name)."""
+        return self.every <= 1 or step < WARM or step % self.every == 0
 
 
 class _Region:

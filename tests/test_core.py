@@ -213,7 +213,9 @@ def test_schedules_that_alternate_give_each_step_its_own_instruments_and_work():
     """Steps with different scheduled instruments (the plans of a step are reused by their instrument
     set): per-sample work and its records only on the steps whose instruments ask for it."""
     model, opt, loss_fn = _setup()
-    with Cockpit(model, opt, loss_fn, instruments=[Loss(), GradientTests(every=2), GradNorm(every=3)]) as ck:
+    with Cockpit(
+        model, opt, loss_fn, instruments=[Loss(), GradientTests(every=2), GradNorm(every=3)], cost_every=1
+    ) as ck:
         _train(model, opt, loss_fn, _batches(7))
     steps = lambda tag: [s for s, _ in ck.history[tag]]  # noqa: E731
     assert steps("loss") == list(range(7))

@@ -139,7 +139,7 @@ def test_gates_and_needs_changed_mid_run_are_obeyed():
 def test_costs_are_recorded_on_the_short_path_and_with_a_profiler(tmp_path):
     model, batches = _model_and_batches(4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[Loss(), GradNorm()], sinks=[])
+    cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[Loss(), GradNorm()], sinks=[], cost_every=1)
     with torch.profiler.profile() as prof:
         _train(cockpit, model, opt, batches[:2])
     _train(cockpit, model, opt, batches[2:])
@@ -235,10 +235,13 @@ def test_emitter_groups_normalises_and_drops_what_is_no_value():
     assert emitter.sinks_ms is not None and emitter.sinks_ms[0] == 5
 
 
-def test_driver_time_is_the_hooks_own_outside_regions_sinks_and_the_loop(monkeypatch):
+@pytest.mark.parametrize("every", [1, 2])
+def test_driver_time_is_the_hooks_own_outside_regions_sinks_and_the_loop(monkeypatch, every):
     """``cost/driver_ms``: time spent in the cockpit's hooks outside any region. With a clock that moves
     only when told: the loop's own forward (3 ms), an instrument's compute (a region, 7 ms) and a sink's
-    write (2 ms) are not in it; 1 ms of the driver's bookkeeping (building the step) is, every step."""
+    write (2 ms) are not in it; 1 ms of the driver's bookkeeping (building the step) is, every measured step.
+    With ``cost_every=2`` steps 0-2 and 4 are measured (the first three, then every other one): the same
+    times on those, the step's wall time on every step, and no cost of an unmeasured step's sinks."""
     import types
 
     from cockpit_lite import cockpit as cockpit_mod
@@ -281,14 +284,64 @@ def test_driver_time_is_the_hooks_own_outside_regions_sinks_and_the_loop(monkeyp
 
     model.forward = user_forward
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[Slow()], sinks=[SlowSink()])
+    cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[Slow()], sinks=[SlowSink()], cost_every=every)
     _train(cockpit, model, opt, batches)
     cockpit.close()
     h = cockpit.history
-    assert [v for _, v in h["cost/driver_ms"]] == pytest.approx([1.0] * 5)
-    assert all(v == pytest.approx(7.0) for _, v in h["cost/slow_ms"])
-    # (a step's records, then from the second on also the last step's late sinks record: one write each)
-    assert [v for _, v in h["cost/sinks_ms"]] == pytest.approx([2.0, 4.0, 4.0, 4.0])
+    measured = [0, 1, 2, 3, 4] if every == 1 else [0, 1, 2, 4]
+    assert dict(h["cost/driver_ms"]) == pytest.approx(dict.fromkeys(measured, 1.0))
+    assert dict(h["cost/slow_ms"]) == pytest.approx(dict.fromkeys(measured, 7.0))
+    # (a step's records, then from the second on also the last step's late sinks record: one write each;
+    # recorded under the step written, with the next step's records)
+    sinks = {0: 2.0, 1: 4.0, 2: 4.0, 3: 4.0} if every == 1 else {0: 2.0, 1: 4.0, 2: 4.0}
+    assert dict(h["cost/sinks_ms"]) == pytest.approx(sinks)
     steps = [v for _, v in h["cost/step_ms"]]
     assert steps == pytest.approx([3.0 + 7.0] * 5)  # (from the step's start: its building is before)
-    assert [v for _, v in h["cost/driver_share"]] == pytest.approx([1.0 / s for s in steps])
+    assert dict(h["cost/driver_share"]) == pytest.approx({s: 1.0 / steps[s] for s in measured})
+
+
+def _cost_steps(cockpit: Cockpit, tag: str) -> list[int]:
+    return [s for s, _ in cockpit.history.get(tag, [])]
+
+
+def test_costs_are_measured_on_a_cadence_and_the_other_records_are_unchanged():
+    """The default cadence (``cost_every=10``): the regions, the total and the hooks' own time on steps 0-2,
+    10 and 20 (then from a profiler started at step 13 on, every step it records); the step's wall time on
+    every step. Every other record, and the trained parameters, are those of a run measured every step."""
+    runs = {}
+    for every in (1, None):
+        model, batches = _model_and_batches(23)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        kw = {} if every is None else {"cost_every": every}
+        cockpit = Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[Loss(), GradNorm()], sinks=[], **kw)
+        _train(cockpit, model, opt, batches[:13])
+        with torch.profiler.profile():
+            _train(cockpit, model, opt, batches[13:16])
+        _train(cockpit, model, opt, batches[16:])
+        cockpit.close()
+        runs[every] = cockpit, [p.detach().clone() for p in model.parameters()]
+    cadence, every_step = runs[None][0], runs[1][0]
+    assert _cost_steps(cadence, "cost/step_ms") == list(range(23))
+    measured = [0, 1, 2, 10, 13, 14, 15, 20]
+    for tag in ("cost/cockpit_ms", "cost/loss_ms", "cost/grad_norms_ms", "cost/driver_ms", "cost/cockpit_share"):
+        assert _cost_steps(cadence, tag) == measured, tag
+        assert _cost_steps(every_step, tag) == list(range(23)), tag
+    assert set(_cost_steps(cadence, "cost/sinks_ms")) <= set(measured)
+    others = {t for t in every_step.history if not t.startswith("cost/")}
+    assert others == {t for t in cadence.history if not t.startswith("cost/")} and "grad_norm" in others
+    for tag in others:
+        assert _same(cadence.history[tag], every_step.history[tag]), tag
+    assert all(torch.equal(a, b) for a, b in zip(runs[None][1], runs[1][1], strict=True))
+
+
+def test_a_budget_measures_every_step_and_a_bad_cadence_is_refused():
+    model, batches = _model_and_batches(5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[Loss()], sinks=[], budget=0.5, cost_every=4) as ck:
+        _train(ck, model, opt, batches)
+    tracked = _cost_steps(ck, "cost/step_ms")
+    assert tracked and _cost_steps(ck, "cost/cockpit_ms") == tracked == _cost_steps(ck, "cost/loss_ms")
+    assert 4 in tracked  # (not a step of the cadence)
+    for bad in (0, -3, 2.5, True, "10"):
+        with pytest.raises(ValueError, match="cost_every="):
+            Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[Loss()], sinks=[], cost_every=bad)

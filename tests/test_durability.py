@@ -252,6 +252,25 @@ def test_a_write_cut_short_is_completed_not_torn(tmp_path):
     assert [(e.step, e.value) for e in accumulator(tmp_path).Scalars("x")] == [(s, float(s)) for s in range(4)]
 
 
+def test_the_first_record_after_the_disk_recovers_is_kept_with_the_queue_full(tmp_path):
+    """A record that overflows the queue while the disk fails is dropped, unless the queue can be written
+    now: the disk came back before the next flush, so the first record after it is kept."""
+    f = AppendFile(tmp_path / "a.jsonl", max_pending=10)
+    disk = Disk(f._f.write)
+    f._f.write = disk.write
+    disk.full = True
+    with pytest.warns(CockpitWarning, match="No space left on device"):
+        f.append(b"0123456\n")
+        assert not f.flush()
+    f.append(b"dropped\n")  # (the disk is still full: it does not fit)
+    assert f.dropped == 1
+    disk.full = False
+    f.append(b"kept\n")  # does not fit the queue either, but the queue is written first
+    assert f.flush() and f.dropped == 1
+    f.close()
+    assert (tmp_path / "a.jsonl").read_bytes() == b"0123456\nkept\n"
+
+
 def test_close_releases_the_file_when_flushing_fails(tmp_path, monkeypatch):
     f = AppendFile(tmp_path / "a.jsonl")
     raw = f._f

@@ -66,10 +66,14 @@ def _train(overlap: bool | None, loop: str, logdir=None, seen: list | None = Non
         warnings.simplefilter("always")
         if overlap is not None:
             if loop == "own loss":
-                cockpit = Cockpit(model, opt, instruments="economy", sinks=[], logdir=logdir, overlap=overlap)
+                cockpit = Cockpit(
+                    model, opt, instruments="economy", sinks=[], logdir=logdir, overlap=overlap, cost_every=1
+                )
             else:
                 chosen = _every_instrument(xp, yp) if loop == "every instrument" else "economy"
-                cockpit = Cockpit(model, opt, loss_fn, instruments=chosen, sinks=[], logdir=logdir, overlap=overlap)
+                cockpit = Cockpit(
+                    model, opt, loss_fn, instruments=chosen, sinks=[], logdir=logdir, overlap=overlap, cost_every=1
+                )
         if loop == "own loss":
             for step in range(STEPS):
                 tokens, targets = M.token_batch(4, 8, seed=step)
@@ -245,4 +249,3 @@ def test_overlap_with_a_budget_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="budget= and overlap=True together"):
         Cockpit(model, opt, nn.CrossEntropyLoss(), sinks=[], budget=0.05, overlap=True)
     assert not model._forward_pre_hooks  # nothing stays attached
-

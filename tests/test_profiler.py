@@ -22,7 +22,7 @@ def run(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("prof")
     clock: list[float] = []
     schedule = torch.profiler.schedule(wait=1, warmup=1, active=2, repeat=1)
-    cockpit = train(5, logdir=logdir, profile=schedule, clock=clock)
+    cockpit = train(5, logdir=logdir, profile=schedule, clock=clock, cost_every=1)
     return logdir, cockpit, clock
 
 
@@ -271,7 +271,7 @@ def test_the_wait_for_queued_training_kernels_is_not_the_cockpits_cost(device):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cockpit = Cockpit(model, opt, loss_fn, instruments=[Loss()], sinks=[])
+        cockpit = Cockpit(model, opt, loss_fn, instruments=[Loss()], sinks=[], cost_every=1)
         for _ in range(6):
             x, y = torch.randn(d, d, device=device), torch.randn(d, d, device=device)
             opt.zero_grad()

@@ -58,10 +58,11 @@ class AppendFile:
 
     def append(self, data: bytes) -> None:
         """Queue one whole record. While the disk fails, one that would overflow ``max_pending`` is
-        dropped (counted); records are never split or reordered."""
+        dropped (counted), unless the queue can be written now (the disk recovered: the first record after
+        is kept); records are never split or reordered."""
         if self._f is None:
             return
-        if self.error is not None and self._size + len(data) > self.max_pending:
+        if self.error is not None and self._size + len(data) > self.max_pending and not self.flush():
             self.dropped += 1
             self.dropped_bytes += len(data)
             return
