@@ -690,7 +690,6 @@ class Cockpit:
                     self._observe_budget(st, self.costs.total(), st.elapsed_ms(), driver)
         finally:
             st.end()
-            self.costs.next_step(self.step)  # (the next step's hooks are timed from its first one, or not at all)
             if self.profiler is not None:
                 try:
                     t0 = time.perf_counter()

@@ -47,14 +47,15 @@ def _base_needs(needs: frozenset) -> Needs:
 
 def guarded(fn: Callable) -> Callable:
     """For the Cockpit's hooks: no exception from the cockpit's work reaches the training loop; it
-    becomes one warning (``self._warn``). On a measured step (``Costs.measuring``) the hook's own time outside
-    any region (the driver's bookkeeping) is added to ``self.costs.driver_ms``; a hook called inside another (a
-    probe's model call in an instrument's ``compute``) is counted by the outer one."""
+    becomes one warning (``self._warn``). The hook's own time outside any region (the driver's
+    bookkeeping; on a step whose regions are not measured, the whole hook) is added to
+    ``self.costs.driver_ms``; a hook called inside another (a probe's model call in an instrument's
+    ``compute``) is counted by the outer one."""
 
     @functools.wraps(fn)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         costs = getattr(self, "costs", None)  # (none yet while the cockpit is being built: not timed)
-        outer = costs is not None and costs.measuring and not costs.driving
+        outer = costs is not None and not costs.driving
         if outer:
             costs.driving = True
             t0, timed = time.perf_counter(), costs.timed_ms
@@ -87,6 +88,8 @@ class Guard:
         self._base: dict[int, tuple[Instrument, bool]] = {}
         #: (gates, instruments, entries) of :meth:`gated`
         self._gated: tuple | None = None
+        #: the plan of the last step begun (a step of another plan has its costs measured: Costs.measures)
+        self.last_plan: tuple | None = None
 
     def hearing(self, objects: tuple, base: type, method: str) -> tuple:
         """The objects of a step (a plan's tuple of providers or instruments, the same object step after
@@ -282,6 +285,9 @@ class Step:
         that hear it that they rest this step."""
         guard = self.guard
         self.active, self.asked, merged, self.providers = plan
+        if plan is not guard.last_plan:  # other work than the last step's: its costs are measured
+            guard.last_plan = plan
+            guard.costs.measuring = True
         #: event name -> :meth:`_route`, kept with the plan (the same plan object step after step)
         self._routes: dict[str, tuple] = guard.routes(plan)
         needs = Needs(set(merged.flags), dict(merged.directions))  # (a provider may adjust its copy)

@@ -556,7 +556,11 @@ def instrument_cost(history: Any, name: str, window: int | None = None) -> tuple
     ``cost/<name>_ms`` records (the last ``window`` of them, or all): a run's cost is their median; the
     steps between runs the median gap between their steps (1 for work on every step, as most is; the
     budget, ``every=`` and schedules leave gaps); the cost a step is a run's divided by that gap, what it
-    adds to an average step. NaN where there is no record (and the gap where there is only one)."""
+    adds to an average step. NaN where there is no record (and the gap where there is only one).
+
+    Costs are measured on some steps (``Cockpit(cost_every=...)``: those with ``cost/cockpit_ms``), and on
+    every step whose work differs from the last one's: work recorded on each measured step between its first
+    and last record ran on every step (gap 1), other work was measured on each of its runs."""
     steps, values = series(history, f"cost/{name}_ms", max_points=None)
     if window is not None:
         steps, values = steps[-window:], values[-window:]
@@ -566,6 +570,11 @@ def instrument_cost(history: Any, name: str, window: int | None = None) -> tuple
         return math.nan, math.nan, math.nan
     run = float(np.median(values))
     gap = float(np.median(np.diff(steps))) if steps.size > 1 else math.nan
+    if steps.size > 1 and name != "cockpit":
+        measured = series(history, "cost/cockpit_ms", max_points=None)[0]
+        measured = measured[(measured >= steps[0]) & (measured <= steps[-1])]
+        if measured.size == steps.size and np.array_equal(measured, steps):
+            gap = 1.0  # (on every measured step: every step)
     return (run / gap if gap >= 1 else run if steps.size > 1 else math.nan), run, gap
 
 

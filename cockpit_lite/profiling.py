@@ -108,8 +108,9 @@ class Costs:
     With a :attr:`clock` (a CUDA model: :meth:`follow`) regions are also timed on the device timeline.
 
     Steps are measured on a cadence (``every``: the first :data:`WARM` steps and every ``every``-th one, all
-    of them for ``every=1`` or while a profiler records): on the others a region costs one call and no
-    clock is read, so watching the cockpit's own cost does not add to it (docs/profiling.md)."""
+    of them for ``every=1`` or while a profiler records; :meth:`measures`): on the others a region costs one
+    call and no clock is read, so watching the cockpit's own cost does not add to it (docs/profiling.md).
+    The hooks' own time (:attr:`driver_ms`) is read on every step."""
 
     def __init__(self, every: int = 1) -> None:
         self.ms: dict[str, float] = defaultdict(float)
@@ -255,16 +256,15 @@ class Costs:
         for clock in self._clocks.values():  # (the events are reused from step to step)
             clock.reset()
         self.refresh()
+        if not self.measuring:  # (the hooks' time since the last step's records: that step's untimed work)
+            self.driver_ms = 0.0
         self.measuring = step is None or self.profiling or self.measures(step)
-
-    def next_step(self, step: int) -> None:
-        """The step before ``step`` has ended: time the hooks from now on if ``step`` is measured, so that its
-        first hook (which begins it) is in its ``cost/driver_ms``."""
-        self.measuring = self.profiling or self.measures(step)
 
     def measures(self, step: int) -> bool:
         """Whether step ``step`` is measured by the cadence: one of the first :data:`WARM`, or a multiple of
-        ``every`` (while a profiler records, every step is: its trace shows each region by name)."""
+        ``every``. Also measured: every step while a profiler records (its trace shows each region by name),
+        and a step whose work differs from the last step's (another set of instruments: ``Step``), so that
+        work done on some steps only is measured on each of its runs."""
         return self.every <= 1 or step < WARM or step % self.every == 0
 
 

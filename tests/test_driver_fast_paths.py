@@ -345,3 +345,25 @@ def test_a_budget_measures_every_step_and_a_bad_cadence_is_refused():
     for bad in (0, -3, 2.5, True, "10"):
         with pytest.raises(ValueError, match="cost_every="):
             Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=[Loss()], sinks=[], cost_every=bad)
+
+
+def test_the_cost_summary_reads_a_cadence_as_every_step_and_a_schedule_as_its_runs():
+    """Under the default cadence an every-step piece of work (Loss) is recorded on the measured steps only
+    and still reads as every step's (gap 1), while work on some steps (GradNorm every 3 steps) is measured on
+    each of its runs, the steps where the work changes: 1 in 3 steps."""
+    from cockpit_lite.panels import instrument_cost
+
+    for grad_norm_every in (None, 3):
+        model, batches = _model_and_batches(25)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        insts = [Loss()] + ([GradNorm(every=grad_norm_every)] if grad_norm_every else [])
+        with Cockpit(model, opt, nn.CrossEntropyLoss(), instruments=insts, sinks=[]) as ck:
+            _train(ck, model, opt, batches)
+        if grad_norm_every is None:
+            assert _cost_steps(ck, "cost/loss_ms") == [0, 1, 2, 10, 20]
+        else:
+            assert _cost_steps(ck, "cost/grad_norm_ms") == list(range(0, 25, 3))
+            per_step, run, gap = instrument_cost(ck.history, "grad_norm")
+            assert gap == 3.0 and per_step == pytest.approx(run / 3)
+        per_step, run, gap = instrument_cost(ck.history, "loss")
+        assert gap == 1.0 and per_step == run
