@@ -127,11 +127,12 @@ class Cockpit:
             :meth:`close` (or :meth:`state_dict`). Nothing is gained on a CPU. Under DDP the per-sample
             vectors are gathered at the step, as without it. Not with ``budget=`` yet.
         cost_every: the cockpit's own cost (``cost/<name>_ms`` of each instrument and part, ``cost/cockpit_ms``,
-            ``cost/driver_ms``, ``cost/sinks_ms`` and their shares) is measured on the first 3 tracked steps and
-            then every ``cost_every``-th step (default 10), and on every step while a torch profiler records or
+            ``cost/driver_ms``, ``cost/sinks_ms`` and their shares) is measured on the first 3 tracked steps, then
+            every ``cost_every``-th step (default 10), on every step whose work differs from the last step's (an
+            instrument with ``every=`` running), on every step while a torch profiler records, and on every step
             with ``budget=`` (which schedules by it). ``cost/step_ms``, the step's wall time, is recorded on
-            every tracked step. ``cost_every=1`` measures every step; on the others reading the clock around
-            each part costs more than the rest of the cockpit's bookkeeping on a small model (docs/profiling.md).
+            every tracked step. ``cost_every=1`` measures every step (reading the clock around each part of the
+            cockpit's work costs tens of microseconds a step: docs/profiling.md).
 
     Construction is atomic: if it raises, nothing stays attached. Use as a context manager, or call
     :meth:`close` when done; both remove every hook and close every file.
