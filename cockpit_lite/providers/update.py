@@ -36,13 +36,9 @@ class UpdateProvider(Provider):
             params = [distributed.local(p) for p in params]
         with self.context.costs.region("snapshot"):
             first = params[0] if params else None
-            if (
-                self.buffers is None
-                or len(self.buffers) != len(params)
-                or (first is not None and not same_place(self.buffers[0], first))
-            ):
+            if self.buffers is None or (first is not None and not same_place(self.buffers[0], first)):
                 # (allocated once; again if the model moved to another device or dtype, or the trained
-                # parameters changed)
+                # parameters changed: params_changed)
                 self.buffers = [torch.empty_like(p) for p in params]
             foreach_copy_(self.buffers, params)
         self.taken = True
