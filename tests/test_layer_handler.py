@@ -4,6 +4,7 @@ against the torch.func fallback, and in TracIn cross products; registration erro
 
 from __future__ import annotations
 
+import copy
 import pathlib
 import re
 import warnings
@@ -336,3 +337,56 @@ def test_keyword_arguments_and_several_outputs(use_second):
         model.gate.b.requires_grad_(False)  # it gets no gradient at all
     checked = assert_matches_loop(model, torch.randn(6, 3), torch.randint(0, 3, (6,)), nn.CrossEntropyLoss())
     assert not checked.warnings
+
+
+class _TwiceAndTokens(nn.Module):
+    """Plain (B, i) Linear calls (one layer called twice) beside a Linear on (B, T, d) tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 40)  # g_i . gbar by the batch weight gradient (B (i + o) > i o at B = 8)
+        self.mid = nn.Linear(40, 30)  # by the factors' Grams
+        self.tok = nn.Linear(5, 4)  # (B, T, 5) tokens: the general path
+        self.out = nn.Linear(30 + 4, 3)
+
+    def forward(self, x, t):
+        h = torch.tanh(self.mid(torch.tanh(self.inp(x))))
+        h = torch.tanh(self.mid(h[:, :40].repeat(1, 2)[:, :40]) + h)  # the second call of mid
+        return self.out(torch.cat([h, self.tok(t).mean(1)], 1))
+
+
+def test_plain_linear_calls_take_the_short_capture_with_the_general_paths_numbers(device, monkeypatch):
+    """The engine's short capture for a plain (B, i) -> (B, o) call of an nn.Linear (``_capture_linear``)
+    serves those calls only (not the (B, T, d) one), gives the float64 loop's numbers, and the same numbers,
+    bit for bit, as the general path of ``_capture_call`` that it bypasses."""
+    from cockpit_lite.persample.engine import PerSampleEngine
+
+    torch.manual_seed(0)
+    model = _TwiceAndTokens()
+    inputs = (torch.randn(8, 6), torch.randn(8, 7, 5))
+    targets = torch.randint(0, 3, (8,))
+    short = PerSampleEngine._capture_linear
+    taken = []
+
+    def counted(self, module, handler, x, out):
+        taken.append((x.shape[1], out.shape[1]))
+        return short(self, module, handler, x, out)
+
+    monkeypatch.setattr(PerSampleEngine, "_capture_linear", counted)
+    # (a step after the first: the first looks through every call for parameters used outside it)
+    fast = assert_matches_loop(copy.deepcopy(model), inputs, targets, nn.CrossEntropyLoss(), device=device, warmup=1)
+    # inp, mid twice, out (each checked step); tok's (B, T, 5) call is no plain one
+    assert sorted(set(taken)) == [(6, 40), (34, 3), (40, 30)] and taken.count((40, 30)) == 2 * taken.count((6, 40))
+
+    monkeypatch.setattr(PerSampleEngine, "_plain_linear", lambda self, handler, args, output: False)
+    taken.clear()
+    general = assert_matches_loop(
+        copy.deepcopy(model), inputs, targets, nn.CrossEntropyLoss(), device=device, warmup=1
+    )
+    assert not taken
+    for field in ("per_sample_sq_norms", "per_sample_dot_mean"):
+        np.testing.assert_array_equal(getattr(fast.record, field), getattr(general.record, field), err_msg=field)
+    for name, row in fast.record.per_sample_sq_norms_by_param.items():
+        np.testing.assert_array_equal(row, general.record.per_sample_sq_norms_by_param[name], err_msg=name)
+    for key, row in fast.record.projections.items():
+        np.testing.assert_array_equal(row, general.record.projections[key], err_msg=key)

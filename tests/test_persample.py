@@ -664,7 +664,8 @@ def test_bfloat16_autocast(device, backward_inside):
 def test_factor_view_dot_mean_and_norms_against_formed_gradients(shape, scaled_first):
     """A (B, i) Linear view with its output-gradient scale s and the batch weight gradient of autograd
     (unscaled): ||g_i||^2 and g_i . gbar by every route (Gram of the factors, either product with the
-    batch gradient; the output gradients scaled before or after) equal those of the formed float64 g_i."""
+    batch gradient; the output gradients scaled before or after) equal those of the formed float64 g_i, and so
+    does their total sum_p ||g_i(p)||^2 alone (``sq_total``), before and after g_i . gbar."""
     from cockpit_lite.persample.views import FactorView
 
     bsz, i, o = shape
@@ -674,14 +675,22 @@ def test_factor_view_dot_mean_and_norms_against_formed_gradients(shape, scaled_f
     G = torch.cat([gw.reshape(bsz, -1), s * g], 1)
     want_dot, want_sq = G @ G.mean(0), (G**2).sum(1)
     for with_parts in (False, True):
-        v = FactorView(x.reshape(bsz, 1, 1, i), g.reshape(bsz, 1, 1, o), "w", "b", (o, i), e_scale=s, flat=(x, g))
-        if with_parts:
-            v.batch_grad_parts = ([g.T @ x], s)
-        if scaled_first:
-            v.e  # noqa: B018 (the output gradients scaled before the statistics)
+        views = [
+            FactorView(x.reshape(bsz, 1, 1, i), g.reshape(bsz, 1, 1, o), "w", "b", (o, i), e_scale=s, flat=(x, g))
+            for _ in range(3)
+        ]
+        for v in views:
+            if with_parts:
+                v.batch_grad_parts = ([g.T @ x], s)
+            if scaled_first:
+                v.e  # noqa: B018 (the output gradients scaled before the statistics)
+        v, alone, after = views
         torch.testing.assert_close(v.dot_mean(), want_dot, rtol=1e-10, atol=1e-10)
         sq = v.sq_norms()
         torch.testing.assert_close(sq["w"] + sq["b"], want_sq, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(alone.sq_total(), want_sq, rtol=1e-10, atol=1e-10)
+        after.dot_mean()
+        torch.testing.assert_close(after.sq_total(), want_sq, rtol=1e-10, atol=1e-10)
 
 
 def test_host_float64_is_exact_for_every_float_dtype():

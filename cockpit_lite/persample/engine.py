@@ -49,13 +49,22 @@ from cockpit_lite.persample.layers import (
     FuncHandler,
     Handler,
     LayerLeftOut,
+    LinearHandler,
     PerSampleUndefined,
     SampleAxes,
     build_handlers,
     tied_groups,
 )
 from cockpit_lite.persample.uses import call_nodes, outside_uses
-from cockpit_lite.persample.views import JoinedView, View, combined, joined_gram, tied_view, view_bytes
+from cockpit_lite.persample.views import (
+    JoinedView,
+    View,
+    combined,
+    factor_grams_cheaper,
+    joined_gram,
+    tied_view,
+    view_bytes,
+)
 from cockpit_lite.profiling import Costs, timed
 from cockpit_lite.sandbox import cuda_devices, scratch_state
 
@@ -992,7 +1001,10 @@ class PerSampleEngine:
         if self.active and not self._processing and (not is_paused() or self._probing):
             # kept (no copy) until the forward returns: the shape probe reruns the model on fewer examples
             self._model_call, self._order, self._pending = (args, kwargs), {}, []
-            shapes = _leaf_shapes((args, kwargs))
+            if not kwargs and len(args) == 1 and type(args[0]) is torch.Tensor:  # model(x): no tree walk
+                shapes = (tuple(args[0].shape),)
+            else:
+                shapes = _leaf_shapes((args, kwargs))
             rows = next((s[0] for s in shapes if s), None)  # the first tensor input's leading size
             self._bcast.on_model_input(rows)
             # an input with several axes of its batch size (tokens (B, T) with T == B): every call of this
@@ -1038,6 +1050,8 @@ class PerSampleEngine:
         if not self.active or self._processing or module not in self.handlers or (is_paused() and not self._probing):
             return None
         # (what the layer's call keeps is the engine's work too)
+        if not self.costs.measuring:  # (Costs.call's own short path, without its frame: once per layer)
+            return self._capture_call(module, args, kwargs, output)
         return self.costs.call("engine", self._capture_call, module, args, kwargs, output)
 
     def _capture_call(self, module, args, kwargs, output):
@@ -1048,6 +1062,8 @@ class PerSampleEngine:
         self._called.add(module)
         try:
             handler = self.handlers[module]
+            if type(handler) is LinearHandler and given is None and self._plain_linear(handler, args, output):
+                return self._capture_linear(module, handler, args[0], output)
             if handler.refused is not None:
                 raise PerSampleUndefined(handler.refused)
             handler.check()
@@ -1146,6 +1162,47 @@ class PerSampleEngine:
                 self.drop(module, str(e))
         except Exception as e:  # never break the user's forward
             self.drop(module, f"{type(e).__name__}: {e}")
+        return None
+
+    def _plain_linear(self, handler: Handler, args: tuple, output: Any) -> bool:
+        """Whether a call of an ``nn.Linear`` served by :class:`LinearHandler` itself is the plain one the
+        general path of :meth:`_capture_call` would take no branch for: one (B, i) input of the step's batch
+        size, one (B, o) output that requires grad and is no view, no probe, no several axes of the batch size
+        in the model's input. :meth:`_capture_linear` then keeps what the general path keeps."""
+        if handler.refused is not None or self._probing or self._suspect or len(args) != 1:
+            return False
+        x, batch = args[0], self.batch
+        return (
+            type(output) is torch.Tensor
+            and type(x) is torch.Tensor
+            and batch is not None
+            and output.requires_grad
+            and x.dim() == 2 == output.dim()
+            and x.shape[0] == batch == output.shape[0]
+            and not output._is_view()
+        )
+
+    def _capture_linear(self, module: nn.Module, handler: Handler, x: torch.Tensor, out: torch.Tensor) -> None:
+        """:meth:`_capture_call` for a call that :meth:`_plain_linear` admits: its input kept (the handler's
+        capture), its output gradient hooked, or the weight-gradient node where g_i . gbar takes the batch
+        gradient. Its shapes tell the sample axis (no pending probe) and its output holds the batch axis (no
+        broadcast candidate)."""
+        calls = self._calls.get(module)
+        if calls is None:
+            calls = self._calls[module] = _Calls()
+        idx = len(calls.captures)
+        calls.captures.append(x.detach())
+        node = None
+        if (Need.PER_SAMPLE_DOT_MEAN in self.needs.flags or self.checking) and not factor_grams_cheaper(
+            x.shape[0], x.shape[1], out.shape[1]
+        ):
+            node = handler.weight_grad_node([out])
+        if node is not None:
+            node.register_hook(
+                lambda gi, go, m=module, i=idx, h=handler: self._on_grads(m, i, (go[0],), h.weight_grad(gi))
+            )
+        else:
+            on_gradient(out, lambda g, m=module, i=idx: self._on_grads(m, i, (g,)))
         return None
 
     def _shared_view(self, module: nn.Module, out: torch.Tensor) -> bool:
@@ -1472,6 +1529,8 @@ class PerSampleEngine:
             or torch.is_autocast_enabled("cuda" if g.is_cuda else "cpu")
         ):
             return False
+        if not self.costs.measuring:  # (Costs.call's own short path, without its frame: once per layer)
+            return self._single_view(module, calls, g, weight_grad)
         return self.costs.call("engine", self._single_view, module, calls, g, weight_grad)
 
     def _single_view(self, module, calls: _Calls, g: torch.Tensor, weight_grad: torch.Tensor | None) -> bool:

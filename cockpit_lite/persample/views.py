@@ -250,7 +250,8 @@ class FactorView(View):
         self._flat: tuple[torch.Tensor, torch.Tensor] | None = flat
         self.w, self.b = weight_name, bias_name
         self.weight_shape = weight_shape
-        self.names = tuple(n for n in (weight_name, bias_name) if n is not None)
+        names = (weight_name, bias_name)
+        self.names = names if None not in names else tuple(n for n in names if n is not None)
         self._cache: torch.Tensor | None = None  # g_i of the weight, (B, g*o, i)
         self._grams: tuple[torch.Tensor, torch.Tensor] | None = None  # T = 1: (g, B, B) for a and e
         #: T = 1: a_i . a_i and e_i . e_i, (g, B) ((B,) for g = 1), from the Grams of g_i . gbar
@@ -365,12 +366,17 @@ class FactorView(View):
         return out
 
     def sq_total(self) -> torch.Tensor:
-        """T = 1, one group, weight and bias: (||a_i||^2 + 1) ||e_i||^2 by one fused op."""
+        """T = 1, one group, weight and bias: (||a_i||^2 + 1) ||e_i||^2, from the Grams' diagonals where g_i . gbar
+        formed them, else by two row dots (float32 and float64; the squared norms' sum otherwise)."""
         _, g, t, _, _ = self._dims
         if t == 1 and g == 1 and self.w is not None and self.b is not None:
             if self._sq_total is not None:  # (formed with g_i . gbar)
                 return self._sq_total
             if self._diags is None:
+                a, e = self._pair(0)
+                if a.dtype == e.dtype and a.dtype in (torch.float32, torch.float64):  # (e unscaled: c^2 after)
+                    total = torch.linalg.vecdot(a, a).add_(1.0).mul_(torch.linalg.vecdot(e, e))
+                    return total if self.e_scale == 1.0 else total.mul_(self.e_scale**2)
                 sq = self.sq_norms()
                 return sq[self.w].add_(sq[self.b])  # (the weight's row is formed anew for this call)
             an, en = self._diags
@@ -428,7 +434,8 @@ class FactorView(View):
                 # e = c e (c = e_scale: s while e is unscaled, 1 once scaled), sum_i g_i = s W' (W' autograd's
                 # weight gradient): g_i . gbar = (c s / B) e_i^T W' a_i + (c^2 / B) e_i . sum_j e_j
                 (a, e), c, s = self._pair(0), self.e_scale, parts[1]
-                w = parts[0][0].to(a.dtype)
+                w = parts[0][0]
+                w = w if w.dtype == a.dtype else w.to(a.dtype)
                 # the product with the smaller output, except a very narrow one (slow in BLAS: measured)
                 out = torch.linalg.vecdot(e @ w, a) if o < 32 or i < o else torch.linalg.vecdot(a @ w.T, e)
                 if self.b is not None:
@@ -557,7 +564,8 @@ class ConvView(MaterialisedView):
         self, make_grads, inputs, out_grads, conv, weight_name, bias_name, weight_numel, ghost=None, total=None
     ):
         super().__init__({})
-        self.names = tuple(n for n in (weight_name, bias_name) if n is not None)
+        names = (weight_name, bias_name)
+        self.names = names if None not in names else tuple(n for n in names if n is not None)
         self._make = make_grads
         self._inputs, self._out_grads, self._conv = inputs, out_grads, conv
         self.w, self.b = weight_name, bias_name
