@@ -569,14 +569,18 @@ class Cockpit:
         st = self._step
         if st is None or is_paused() or not st.active or st.skip:
             return
-        roots = (tensors,) if torch.is_tensor(tensors) else tuple(tensors)
-        grads = (grad_tensors,) if grad_tensors is None or torch.is_tensor(grad_tensors) else tuple(grad_tensors)
-        st.amp_scale = next((f for f in map(grad_scaler_factor, roots) if f is not None), 1.0)
-        detach = lambda t: t.detach() if torch.is_tensor(t) else t  # noqa: E731
-        nodes = tuple(getattr(t, "grad_fn", None) for t in roots)
-        st.event(
-            "on_backward_root", BackwardRoot(tuple(map(detach, roots)), tuple(map(detach, grads)), st.amp_scale, nodes)
-        )
+        if type(tensors) is torch.Tensor and grad_tensors is None:  # loss.backward(): no sequences to walk
+            scale = grad_scaler_factor(tensors)
+            st.amp_scale = 1.0 if scale is None else scale
+            root = BackwardRoot((tensors.detach(),), (None,), st.amp_scale, (tensors.grad_fn,))
+        else:
+            roots = (tensors,) if torch.is_tensor(tensors) else tuple(tensors)
+            grads = (grad_tensors,) if grad_tensors is None or torch.is_tensor(grad_tensors) else tuple(grad_tensors)
+            st.amp_scale = next((f for f in map(grad_scaler_factor, roots) if f is not None), 1.0)
+            detach = lambda t: t.detach() if torch.is_tensor(t) else t  # noqa: E731
+            nodes = tuple(getattr(t, "grad_fn", None) for t in roots)
+            root = BackwardRoot(tuple(map(detach, roots)), tuple(map(detach, grads)), st.amp_scale, nodes)
+        st.event("on_backward_root", root)
         self._begin_backward(st)
 
     def _begin_backward(self, st: Step) -> None:

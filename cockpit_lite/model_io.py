@@ -89,7 +89,7 @@ def any_grad(params: Mapping[str, nn.Parameter]) -> bool:
 def grad_marks(params: Mapping[str, nn.Parameter]) -> tuple:
     """(parameter, its gradient, that tensor's version counter, the parameter's) for every parameter with a
     gradient."""
-    return tuple((p, p.grad, p.grad._version, p._version) for p in params.values() if p.grad is not None)
+    return tuple([(p, p.grad, p.grad._version, p._version) for p in params.values() if p.grad is not None])
 
 
 def moved_since(marks: tuple) -> bool:

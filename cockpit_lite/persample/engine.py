@@ -1626,7 +1626,7 @@ class PerSampleEngine:
         # what forms g_i first, so that the cheaper statistics reuse it
         if Need.PER_SAMPLE_GRADS in flags:
             self.grads.update(view.grads())
-        if flags & {Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM}:
+        if Need.PER_SAMPLE_GRAM in flags or Need.PER_SAMPLE_GRAM_BY_PARAM in flags:
             self.gram.update(view.gram())
         if Need.PER_SAMPLE_DOT_MEAN in flags or self.checking:
             dm = view.dot_mean()
@@ -1879,7 +1879,7 @@ class PerSampleEngine:
                 projections = joined([_projections(seg.kept, dict(directions)) for seg in segments])
             else:
                 left_out.append("projections")
-        if flags & {Need.PER_SAMPLE_GRAM, Need.PER_SAMPLE_GRAM_BY_PARAM}:
+        if Need.PER_SAMPLE_GRAM in flags or Need.PER_SAMPLE_GRAM_BY_PARAM in flags:
             if whole:
                 for parts in self._by_layer(segments).values():
                     names = {n for v in parts if v is not None for n in v.names}
