@@ -1146,10 +1146,7 @@ class PerSampleEngine:
             wants_dot = Need.PER_SAMPLE_DOT_MEAN in self.needs.flags or self.checking
             node = handler.weight_grad_node(outs) if wants_dot and not broadcast else None
             if node is not None:
-                # fires once the layer's backward has run: its output gradient and its weight gradient
-                node.register_hook(
-                    lambda gi, go, m=module, i=idx, h=handler: self._on_grads(m, i, (go[0],), h.weight_grad(gi))
-                )
+                self._on_weight_grad_node(node, module, idx, handler)
             else:
                 self._register_grads(module, idx, outs)
             if given is not None:
@@ -1198,12 +1195,15 @@ class PerSampleEngine:
         ):
             node = handler.weight_grad_node([out])
         if node is not None:
-            node.register_hook(
-                lambda gi, go, m=module, i=idx, h=handler: self._on_grads(m, i, (go[0],), h.weight_grad(gi))
-            )
+            self._on_weight_grad_node(node, module, idx, handler)
         else:
             on_gradient(out, lambda g, m=module, i=idx: self._on_grads(m, i, (g,)))
         return None
+
+    def _on_weight_grad_node(self, node: Any, module: nn.Module, idx: int, handler: Handler) -> None:
+        """Hook call ``idx``'s weight-gradient node: it fires once the layer's backward has run, with its output
+        gradient and its weight gradient (:meth:`Handler.weight_grad_node`)."""
+        node.register_hook(lambda gi, go, m=module, i=idx, h=handler: self._on_grads(m, i, (go[0],), h.weight_grad(gi)))
 
     def _shared_view(self, module: nn.Module, out: torch.Tensor) -> bool:
         """Whether a call's single output is a view of a product that the batch shares: a broadcast candidate

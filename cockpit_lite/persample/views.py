@@ -231,6 +231,12 @@ def factor_grams_cheaper(bsz: int, i: int, o: int) -> bool:
     return bsz * (i + o) < i * o
 
 
+def _present(weight_name: str | None, bias_name: str | None) -> tuple[str, ...]:
+    """The names of a layer's parameters that are served (a frozen weight or no bias: None, left out)."""
+    names = (weight_name, bias_name)
+    return names if None not in names else tuple(n for n in names if n is not None)
+
+
 class FactorView(View):
     """Factor pair form for layers z = W a + b applied at T positions in g groups.
 
@@ -250,8 +256,7 @@ class FactorView(View):
         self._flat: tuple[torch.Tensor, torch.Tensor] | None = flat
         self.w, self.b = weight_name, bias_name
         self.weight_shape = weight_shape
-        names = (weight_name, bias_name)
-        self.names = names if None not in names else tuple(n for n in names if n is not None)
+        self.names = _present(weight_name, bias_name)
         self._cache: torch.Tensor | None = None  # g_i of the weight, (B, g*o, i)
         self._grams: tuple[torch.Tensor, torch.Tensor] | None = None  # T = 1: (g, B, B) for a and e
         #: T = 1: a_i . a_i and e_i . e_i, (g, B) ((B,) for g = 1), from the Grams of g_i . gbar
@@ -564,8 +569,7 @@ class ConvView(MaterialisedView):
         self, make_grads, inputs, out_grads, conv, weight_name, bias_name, weight_numel, ghost=None, total=None
     ):
         super().__init__({})
-        names = (weight_name, bias_name)
-        self.names = names if None not in names else tuple(n for n in names if n is not None)
+        self.names = _present(weight_name, bias_name)
         self._make = make_grads
         self._inputs, self._out_grads, self._conv = inputs, out_grads, conv
         self.w, self.b = weight_name, bias_name
