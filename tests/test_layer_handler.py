@@ -390,3 +390,45 @@ def test_plain_linear_calls_take_the_short_capture_with_the_general_paths_number
         np.testing.assert_array_equal(row, general.record.per_sample_sq_norms_by_param[name], err_msg=name)
     for key, row in fast.record.projections.items():
         np.testing.assert_array_equal(row, general.record.projections[key], err_msg=key)
+
+
+class _Positions(nn.Module):
+    """Linear calls at several positions: with a bias (addmm under a view), without (mm under a view), and on a
+    non-contiguous input (the bias added after the product: no node to read the weight gradient from)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 12)
+        self.nob = nn.Linear(12, 9, bias=False)
+        self.swap = nn.Linear(9, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):  # x: (B, T, 5)
+        h = torch.tanh(self.nob(torch.tanh(self.inp(x))))  # (B, T, 9)
+        h = h.transpose(0, 1).contiguous().transpose(0, 1)  # (B, T, 9), not contiguous
+        return self.out(torch.tanh(self.swap(h)).mean(1))
+
+
+def test_linear_calls_at_several_positions_take_the_batch_weight_gradient_from_autograd(device, monkeypatch):
+    """g_i . gbar of a (B, T, i) -> (B, T, o) call takes gbar from its own product node (addmm or mm under the
+    view that unflattens its rows), whose output gradient is the call's, flattened; a call whose product has
+    no such node is served as before. All agree with the float64 loop, as with no node taken at all."""
+    from cockpit_lite.persample.views import FactorView
+
+    with_parts = {}
+    original = FactorView.dot_mean
+
+    def spy(self):
+        with_parts[self.w] = self.batch_grad_parts is not None
+        return original(self)
+
+    monkeypatch.setattr(FactorView, "dot_mean", spy)
+    torch.manual_seed(0)
+    model = _Positions()
+    x, y = torch.randn(6, 4, 5), torch.randint(0, 3, (6,))
+    assert_matches_loop(copy.deepcopy(model), x, y, nn.CrossEntropyLoss(), device=device, warmup=1)
+    assert with_parts == {"inp.weight": True, "nob.weight": True, "swap.weight": False, "out.weight": True}
+    with_parts.clear()
+    monkeypatch.setattr(layers.LinearHandler, "weight_grad_node", lambda self, outputs: None)
+    assert_matches_loop(copy.deepcopy(model), x, y, nn.CrossEntropyLoss(), device=device, warmup=1)
+    assert not any(with_parts.values())

@@ -234,16 +234,25 @@ class _TiedLM(nn.Module):
         return self.lm_head(h).mean(1)  # (B, vocab)
 
 
+@pytest.mark.parametrize("formed,hooked", [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("bias,pooled", [(False, False), (True, False), (True, True)])
-def test_tied_input_embedding_and_output_layer(device, bias, pooled, monkeypatch):
-    """In factor form (TiedEmbeddingView): no per-sample gradients are formed, so no memory limit."""
-    from cockpit_lite.persample import engine
+def test_tied_input_embedding_and_output_layer(device, bias, pooled, formed, hooked, monkeypatch):
+    """By TiedEmbeddingView, never by forming each use's g_i and adding them (so no memory limit): in factor
+    form, or with the B x V x d g_i formed once where they fit in TIED_FORMED_BYTES (gbar from the output
+    layer's own weight gradient, or where that node is not hooked from the formed g_i)."""
+    from cockpit_lite.persample import engine, views
+    from cockpit_lite.persample.layers import LinearHandler
 
-    def never(views):
-        raise AssertionError("the tied embedding was formed, not factored")
+    if not hooked:
+        monkeypatch.setattr(LinearHandler, "weight_grad_node", lambda self, outputs: None)
+
+    def never(*args):
+        raise AssertionError("the tied embedding took the other route")
 
     monkeypatch.setattr(engine, "combined", never)
     monkeypatch.setattr(engine, "TIED_BYTES", 100)
+    monkeypatch.setattr(views, "TIED_FORMED_BYTES", 1 << 30 if formed else 0)
+    monkeypatch.setattr(views.TiedEmbeddingView, "_cross" if formed else "_formed", never)
     torch.manual_seed(0)
     model = _TiedLM(bias=bias, pooled=pooled)
     x, y = torch.randint(0, 7, (5, 6)), torch.randint(0, 7, (5,))
@@ -691,6 +700,62 @@ def test_factor_view_dot_mean_and_norms_against_formed_gradients(shape, scaled_f
         torch.testing.assert_close(alone.sq_total(), want_sq, rtol=1e-10, atol=1e-10)
         after.dot_mean()
         torch.testing.assert_close(after.sq_total(), want_sq, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("scaled_first", [False, True])
+@pytest.mark.parametrize("names", [("w", "b"), ("w", None), (None, "b")])
+@pytest.mark.parametrize("shape", [(5, 1, 7, 3, 4), (4, 1, 3, 20, 30), (3, 2, 4, 5, 6)])
+def test_factor_view_of_sequences_against_formed_gradients(shape, names, scaled_first):
+    """A Linear view at T positions in g groups, its output gradients still to be scaled by s: squared norms
+    (ghost form and formed g_i), g_i . gbar (gbar from the formed g_i, or from autograd's weight gradient
+    where the engine kept it), Gram entries and the g_i themselves equal the formed float64 g_i's, whichever
+    is asked first and whether e was scaled before."""
+    from cockpit_lite.persample.views import FactorView
+
+    bsz, grp, t, i, o = shape
+    w_name, b_name = names
+    torch.manual_seed(0)
+    a, e, s = torch.randn(bsz, grp, t, i, dtype=torch.float64), torch.randn(bsz, grp, t, o, dtype=torch.float64), 2.5
+    gw = s * torch.einsum("bgto,bgti->bgoi", e, a).reshape(bsz, grp * o, i)  # (B, g o, i)
+    gb = s * e.sum(2).reshape(bsz, grp * o)
+    G = torch.cat([x for x, n in ((gw.reshape(bsz, -1), w_name), (gb, b_name)) if n is not None], 1)
+    want_dot, want_sq = G @ G.mean(0), (G**2).sum(1)
+    unscaled_sum = (gw.sum(0) / s).reshape(grp * o, i)  # autograd's weight gradient: sum_i g_i = s W'
+    for with_parts, order in [(False, "dot"), (True, "dot"), (False, "sq"), (True, "sq")]:
+        v = FactorView(a, e, w_name, b_name, (grp * o, i), e_scale=s)
+        if with_parts:
+            v.batch_grad_parts = ([unscaled_sum / 2, unscaled_sum / 2], s)  # (two calls' parts)
+        if scaled_first:
+            v.e  # noqa: B018
+        if order == "sq":
+            sq = v.sq_norms()
+        torch.testing.assert_close(v.dot_mean(), want_dot, rtol=1e-10, atol=1e-10)
+        if order == "dot":
+            sq = v.sq_norms()
+        torch.testing.assert_close(sum(sq.values()), want_sq, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(v.sq_total(), want_sq, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(sum(v.gram().values()), G @ G.T, rtol=1e-10, atol=1e-10)
+        got = v.grads()
+        if w_name is not None:
+            torch.testing.assert_close(got[w_name], gw.reshape(bsz, grp * o, i), rtol=1e-12, atol=1e-12)
+        if b_name is not None:
+            torch.testing.assert_close(got[b_name], gb, rtol=1e-12, atol=1e-12)
+
+
+def test_transposed_factor_view_takes_no_batch_gradient_of_the_other_layout():
+    """A Conv1D-style view (weight stored (i, o)) of a square layer: a weight gradient given in the stored layout
+    has the shape (o, i) too, and must not be read as one."""
+    from cockpit_lite.persample.views import TransposedFactorView
+
+    torch.manual_seed(0)
+    bsz, t, d, s = 4, 5, 3, 2.0
+    a, e = torch.randn(bsz, 1, t, d, dtype=torch.float64), torch.randn(bsz, 1, t, d, dtype=torch.float64)
+    gw = s * torch.einsum("bgto,bgti->boi", e, a)  # (B, o, i): the (o, i) layout
+    want = gw.reshape(bsz, -1) @ gw.reshape(bsz, -1).mean(0)
+    v = TransposedFactorView(a, e, "w", None, (d, d))
+    v.e_scale = s
+    v.batch_grad_parts = ([(gw.sum(0) / s).T.contiguous()], s)  # the stored layout, (i, o)
+    torch.testing.assert_close(v.dot_mean(), want, rtol=1e-10, atol=1e-10)
 
 
 def test_host_float64_is_exact_for_every_float_dtype():

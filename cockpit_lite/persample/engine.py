@@ -1146,7 +1146,8 @@ class PerSampleEngine:
             wants_dot = Need.PER_SAMPLE_DOT_MEAN in self.needs.flags or self.checking
             node = handler.weight_grad_node(outs) if wants_dot and not broadcast else None
             if node is not None:
-                self._on_weight_grad_node(node, module, idx, handler)
+                flat = outs[0].grad_fn is not node  # (the node's output is the call's output flattened)
+                self._on_weight_grad_node(node, module, idx, handler, outs[0].shape if flat else None)
             else:
                 self._register_grads(module, idx, outs)
             if given is not None:
@@ -1200,10 +1201,22 @@ class PerSampleEngine:
             on_gradient(out, lambda g, m=module, i=idx: self._on_grads(m, i, (g,)))
         return None
 
-    def _on_weight_grad_node(self, node: Any, module: nn.Module, idx: int, handler: Handler) -> None:
+    def _on_weight_grad_node(
+        self, node: Any, module: nn.Module, idx: int, handler: Handler, shape: torch.Size | None = None
+    ) -> None:
         """Hook call ``idx``'s weight-gradient node: it fires once the layer's backward has run, with its output
-        gradient and its weight gradient (:meth:`Handler.weight_grad_node`)."""
-        node.register_hook(lambda gi, go, m=module, i=idx, h=handler: self._on_grads(m, i, (go[0],), h.weight_grad(gi)))
+        gradient (reshaped to the call's output ``shape`` where the node's output is that output flattened) and
+        its weight gradient (:meth:`Handler.weight_grad_node`)."""
+        if shape is None:
+            node.register_hook(
+                lambda gi, go, m=module, i=idx, h=handler: self._on_grads(m, i, (go[0],), h.weight_grad(gi))
+            )
+        else:
+            node.register_hook(
+                lambda gi, go, m=module, i=idx, h=handler, s=shape: self._on_grads(
+                    m, i, (None if go[0] is None else go[0].reshape(s),), h.weight_grad(gi)
+                )
+            )
 
     def _shared_view(self, module: nn.Module, out: torch.Tensor) -> bool:
         """Whether a call's single output is a view of a product that the batch shares: a broadcast candidate

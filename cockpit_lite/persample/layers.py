@@ -278,6 +278,10 @@ def _leading_ambiguous(args: tuple, batch: int, n_feature: int) -> bool:
     return sum(1 for n in x.shape[: x.dim() - n_feature] if n == batch) > 1
 
 
+#: the autograd nodes of the view that gives a Linear call at several positions its (..., T, o) shape
+_UNFLATTEN = frozenset({"ViewBackward0", "UnsafeViewBackward0"})
+
+
 class LinearHandler(Handler):
     SERVES = frozenset({"weight", "bias"})
 
@@ -319,13 +323,20 @@ class LinearHandler(Handler):
     def weight_grad_node(self, outputs):
         """For a (B, i) -> (B, o) call: its ``addmm`` (``mm`` without bias) node, whose input gradient
         for ``weight.T`` is the batch weight gradient, so that g_i . gbar costs one product
-        (:meth:`FactorView.dot_mean`)."""
-        if len(outputs) != 1 or "weight" not in self.names or outputs[0].dim() != 2:
-            return None
-        (bsz, o), i = outputs[0].shape, self.module.weight.shape[1]
-        if factor_grams_cheaper(bsz, i, o):  # g_i . gbar by the factors' Grams: no use for it
+        (:meth:`FactorView.dot_mean`); for a call at several positions, (B, T, i) -> (B, T, o), the same node
+        under the view that unflattens its rows (the node's output gradient is then the output's, flattened:
+        g_i . gbar of the formed g_i takes gbar from it, no pass to average them)."""
+        if len(outputs) != 1 or "weight" not in self.names or outputs[0].dim() < 2:
             return None
         node = outputs[0].grad_fn
+        if outputs[0].dim() == 2:
+            (bsz, o), i = outputs[0].shape, self.module.weight.shape[1]
+            if factor_grams_cheaper(bsz, i, o):  # g_i . gbar by the factors' Grams: no use for it
+                return None
+        elif node is not None and node.name() in _UNFLATTEN and len(node.next_functions) == 1:
+            node = node.next_functions[0][0]
+        else:
+            return None
         position = {"AddmmBackward0": 2, "MmBackward0": 1}.get(node.name() if node is not None else "")
         if position is None:  # another op (a view of the product, a Conv1D's addmm on the weight itself)
             return None

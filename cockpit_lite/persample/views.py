@@ -249,6 +249,9 @@ class FactorView(View):
             scales its (B,) results by ``e_scale**2`` instead of copying e.
     """
 
+    #: the weight is stored (i, o) (:class:`TransposedFactorView`)
+    transposed = False
+
     def __init__(self, a, e, weight_name, bias_name, weight_shape, e_scale: float = 1.0, flat=None):
         # (a and e may be None with ``flat``: their 4-d views are formed on first use)
         self._a, self._e, self.e_scale = a, e, e_scale
@@ -258,6 +261,7 @@ class FactorView(View):
         self.weight_shape = weight_shape
         self.names = _present(weight_name, bias_name)
         self._cache: torch.Tensor | None = None  # g_i of the weight, (B, g*o, i)
+        self._bias_cache: torch.Tensor | None = None  # g_i of the bias, (B, g*o)
         self._grams: tuple[torch.Tensor, torch.Tensor] | None = None  # T = 1: (g, B, B) for a and e
         #: T = 1: a_i . a_i and e_i . e_i, (g, B) ((B,) for g = 1), from the Grams of g_i . gbar
         self._diags: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -301,13 +305,23 @@ class FactorView(View):
         return bsz, g, t, i, self._e_unscaled().shape[-1]
 
     def _bias_grads(self) -> torch.Tensor:
-        return self.e.sum(2).reshape(self.e.shape[0], -1)  # (B, g*o)
+        """(B, g*o) g_i of the bias, formed once (from the unscaled output gradients: e is not copied)."""
+        if self._bias_cache is None:
+            e = self._e_unscaled()
+            gb = e.sum(2).reshape(e.shape[0], -1)
+            self._bias_cache = gb if self.e_scale == 1.0 else gb.mul_(self.e_scale)
+        return self._bias_cache
 
     def _weight_grads(self) -> torch.Tensor:
         if self._cache is None:
             bsz, g, t, i, o = self._dims
-            # (B*g, o, T) @ (B*g, T, i) -> (B*g, o, i)
-            gw = torch.bmm(self.e.reshape(bsz * g, t, o).transpose(1, 2), self.a.reshape(bsz * g, t, i))
+            # (B*g, o, T) @ (B*g, T, i) -> (B*g, o, i), from the unscaled output gradients: their factor
+            # rides on the product (alpha), so e is not copied to be scaled
+            e, a = self._e_unscaled().reshape(bsz * g, t, o).transpose(1, 2), self.a.reshape(bsz * g, t, i)
+            if self.e_scale == 1.0:
+                gw = torch.bmm(e, a)
+            else:
+                gw = torch.baddbmm(a.new_zeros(()), e, a, beta=0.0, alpha=self.e_scale)
             self._cache = gw.reshape(bsz, g * o, i)
         return self._cache
 
@@ -325,6 +339,7 @@ class FactorView(View):
 
     def release(self) -> None:
         self._cache = None
+        self._bias_cache = None
         self._grams = None
         self._diags = None
         self._sq_total = None
@@ -361,9 +376,10 @@ class FactorView(View):
         elif self.w is None:  # a frozen weight: the bias alone
             pass
         elif self._cache is None and self._ghost_is_cheaper():
+            e = self._e_unscaled()  # (its factor c: c^2 on the rows, e not copied)
             aa = torch.matmul(self.a, self.a.transpose(-1, -2))  # (B, g, T, T)
-            ee = torch.matmul(self.e, self.e.transpose(-1, -2))
-            out[self.w] = (aa * ee).sum((1, 2, 3))
+            sq = aa.mul_(torch.matmul(e, e.transpose(-1, -2))).sum((1, 2, 3))
+            out[self.w] = sq if self.e_scale == 1.0 else sq.mul_(self.e_scale**2)
         else:
             out[self.w] = torch.linalg.vector_norm(self._weight_grads().flatten(1), dim=1).square()
         if self.b is not None:
@@ -462,7 +478,13 @@ class FactorView(View):
                 out = out + gb @ gb.mean(0)
             return out
         gw = self._weight_grads().reshape(bsz, -1)
-        out = gw @ gw.mean(0)
+        parts = self.batch_grad_parts
+        if parts is not None and not self.transposed and all(w.shape == (g * o, i) for w in parts[0]):
+            # gbar = s sum(parts) / B, autograd's weight gradient: no pass over the B g_i to average them
+            w = parts[0][0] if len(parts[0]) == 1 else sum(parts[0])
+            out = (gw @ w.reshape(-1).to(gw.dtype)).mul_(parts[1] / bsz)
+        else:
+            out = gw @ gw.mean(0)
         if self.b is not None:
             gb = self._bias_grads()
             out = out + gb @ gb.mean(0)
@@ -829,26 +851,52 @@ class BagView(View):
         return self.padded().grads()
 
 
+#: the most bytes of a tied table's B x V x d per-sample gradients formed at once: below it norms and g_i . gbar
+#: take one product the size of the output layer's weight gradient and two passes over the formed g_i, where the
+#: factor route takes that product (the projection onto gbar) and the ghost norms and cross terms besides
+TIED_FORMED_BYTES = 64 << 20
+
+
 class TiedEmbeddingView(View):
     """An embedding table W (V, d) that is also the weight of an output layer z_s = W h_s (+ b), as in
-    language models with tied input and output embeddings, without forming the B x V x d gradients.
+    language models with tied input and output embeddings.
 
     With tokens tok_t and embedding output gradients u_t (the lookups), and inputs h_s and output
     gradients e_s (V-dim) of the output layer, one sample's gradient of W is
         g = sum_t onehot(tok_t) u_t^T + sum_s e_s h_s^T,
     so ||g||^2 = ||G_emb||^2 + ||G_out||^2 + 2 sum_{t,s} e_s[tok_t] (u_t . h_s), and for two samples
     i, j the cross term is sum_{t in i, s in j} e_js[tok_it] (u_it . h_js). Projections add up.
+    Where the B x V x d gradients fit in ``TIED_FORMED_BYTES`` they are formed (the output layer's, the
+    lookups' rows added) for norms, g_i . gbar and Gram entries; larger tables are never formed.
     """
 
     def __init__(self, emb: EmbeddingView, out: FactorView):
         self.emb, self.out = emb, out
         self.w, self.b = emb.w, out.b
         self.names = tuple(n for n in (self.w, self.b) if n is not None)
+        self._g: torch.Tensor | None = None  # the formed (B, V, d) g_i of W
 
     def _out_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """h (B, S, d) and e (B, S, V) of the output layer (one group)."""
         a, e = self.out.a, self.out.e
         return a.reshape(a.shape[0], -1, a.shape[-1]), e.reshape(e.shape[0], -1, e.shape[-1]).to(a.dtype)
+
+    def _forms(self) -> bool:
+        bsz, _, _, d, v = self.out._dims
+        return v == self.emb.n and bsz * v * d * self.out.a.element_size() <= TIED_FORMED_BYTES
+
+    def _formed(self) -> torch.Tensor:
+        """(B, V, d): the output layer's g_i with the lookups' rows added (B V d; one product B S V d)."""
+        if self._g is None:
+            g = self.out._weight_grads()
+            self.out._cache = None  # (taken over: the rows are added in place)
+            bsz, v, d = g.shape
+            rows = (self.emb.idx + torch.arange(0, bsz * v, v, device=g.device)[:, None]).reshape(-1)
+            self._g = g.view(bsz * v, d).index_add_(0, rows, self.emb.e.reshape(-1, d).to(g.dtype)).view(bsz, v, d)
+        return self._g
+
+    def _bias_rows(self) -> dict[str, torch.Tensor]:
+        return {self.b: self.out._bias_grads()} if self.b is not None else {}
 
     def _cross(self, pairs: str) -> torch.Tensor:
         """<G_emb,i, G_out,j> for i = j (``pairs="diag"``, shape B) or all i, j (shape B x B)."""
@@ -861,25 +909,42 @@ class TiedEmbeddingView(View):
         return lookup_output_cross(tok, u, h, e)
 
     def sq_norms(self) -> dict[str, torch.Tensor]:
+        if self._g is not None or self._forms():
+            out = {self.w: torch.linalg.vector_norm(self._formed().flatten(1), dim=1).square_()}
+            return out | {n: gb.square().sum(1) for n, gb in self._bias_rows().items()}
         out = self.out.sq_norms()
         out[self.w] = self.emb.sq_norms()[self.w] + out[self.w] + 2 * self._cross("diag")
         return out
 
     def gram(self) -> dict[str, torch.Tensor]:
+        if self._g is not None or self._forms():
+            g = self._formed().flatten(1)
+            return {self.w: g @ g.T} | {n: gb @ gb.T for n, gb in self._bias_rows().items()}
         out = self.out.gram()
         c = self._cross("all")
         out[self.w] = self.emb.gram()[self.w] + out[self.w] + c + c.T
         return out
 
     def _batch_grad(self) -> torch.Tensor:
-        """sum_i g_i of W (V, d)."""
-        h, e = self._out_factors()
-        total = e.reshape(-1, e.shape[-1]).T @ h.reshape(-1, h.shape[-1])
+        """sum_i g_i of W (V, d): autograd's gradient of the output layer (else one product) with the lookups'
+        rows added, or the formed g_i summed."""
+        total = self.out.batch_grad
+        if total is None or total.shape != self.out.weight_shape:
+            if self._g is not None:
+                return self._g.sum(0)
+            h, e = self._out_factors()
+            total = e.reshape(-1, e.shape[-1]).T @ h.reshape(-1, h.shape[-1])
         u = self.emb.e.reshape(-1, self.emb.e.shape[-1]).to(total.dtype)
         return total.index_add_(0, self.emb.idx.reshape(-1), u)
 
     def dot_mean(self) -> torch.Tensor:
         bsz = self.emb.idx.shape[0]
+        if self._g is not None or self._forms():
+            g = self._formed().flatten(1)
+            out = g @ self._batch_grad().reshape(-1).to(g.dtype).div_(bsz)
+            for gb in self._bias_rows().values():
+                out.add_(gb @ gb.mean(0))
+            return out
         gbar = {self.w: self._batch_grad() / bsz}
         if self.b is not None:
             _, e = self._out_factors()
@@ -893,9 +958,12 @@ class TiedEmbeddingView(View):
         return out
 
     def release(self) -> None:
+        self._g = None
         self.out.release()
 
     def grads(self) -> dict[str, torch.Tensor]:
+        if self._g is not None or self._forms():
+            return {self.w: self._formed()} | self._bias_rows()
         out = self.out.grads()
         out[self.w] = out[self.w] + self.emb.grads()[self.w]
         return out
