@@ -799,7 +799,7 @@ class NormHandler(Handler):
             if go is None:
                 continue
             xhat, n_feat = self._normalised(x)
-            e = _scaled(go, inv_scale)
+            e = go  # (unscaled: the factor goes on the (B, C) rows, not on a copy of e)
             if n_feat == -1:  # channel axis 1, sample axis 0 (B k rows: examples flattened with positions)
                 rows = x.shape[0]
                 if rows != batch and (rows % batch or self._input_axis(k) != 0):
@@ -812,7 +812,7 @@ class NormHandler(Handler):
                 gw, gb = (es * xs).sum(1), es.sum(1)
             for role, g in (("weight", gw), ("bias", gb)):
                 if role in self.names:
-                    n = self.names[role]
+                    n, g = self.names[role], _scaled(g, inv_scale)
                     out[n] = out[n] + g if n in out else g
         return MaterialisedView(out)
 
