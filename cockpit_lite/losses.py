@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cockpit_lite.compat import cpu_value, nll_total_weight, without_grad
+from cockpit_lite.compat import cpu_value, nll_terms, nll_total_weight, without_grad
 
 SUPPORTED_REDUCTIONS = ("mean", "sum")
 
@@ -255,7 +255,11 @@ def per_sample_losses(
     """l_i for the batch the loss module was just called on (shape B), with L = mean_i l_i for
     reduction="mean" (l_i = B sum(u_i) / N, N the element count or the summed target weights).
     ``output``: the loss the module returned; for a cross-entropy / NLL loss N is then read from its
-    backward node (:func:`~cockpit_lite.compat.nll_total_weight`) instead of counted again."""
+    backward node (:func:`~cockpit_lite.compat.nll_total_weight`) instead of counted again; for a large
+    prediction the log-probabilities are read from that node too (:func:`nll_losses`), not computed again."""
+    saved = _saved_nll(loss_fn, args, kwargs, output)
+    if saved is not None:
+        return saved
     detached = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
     u = unreduced(loss_fn, *detached, **kwargs)
     batch = u.shape[0] if u.dim() > 0 else 1
@@ -280,6 +284,40 @@ def per_sample_losses(
         w = target_weights(loss_fn, target, u.dtype) if target is not None else None
         return per_sample.mul(batch).div_(w.sum()) if w is not None else per_sample * (batch / u.numel())
     return per_sample
+
+
+#: predictions of at least this many elements take their per-row losses from the log-probabilities autograd saved
+#: (one gather) rather than from a second log-softmax over them; smaller ones recompute (fewer, cheaper ops)
+SAVED_NLL_ELEMENTS = 1 << 16
+
+
+def _saved_nll(loss_fn: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor | None) -> torch.Tensor | None:
+    """The per-row losses of a CrossEntropyLoss / NLLLoss module call (no label smoothing) from its backward
+    node's saved log-probabilities and targets, where the prediction is large; else None."""
+    if (
+        output is None
+        or kwargs
+        or len(args) != 2
+        or type(loss_fn) not in _NLL_MODULES
+        or getattr(loss_fn, "label_smoothing", 0.0)
+        or not torch.is_tensor(args[0])
+        or args[0].numel() < SAVED_NLL_ELEMENTS
+        or args[0].dim() < 1
+    ):
+        return None
+    terms = nll_terms(output.grad_fn) if output.grad_fn is not None else None
+    # (the node may hold views of them: (B, C, 1, T) and (B, 1, T) for a (B, C, T) prediction)
+    logp, target = terms[0], terms[1]
+    y = args[1]
+    if (
+        not torch.is_tensor(y)
+        or target.data_ptr() != y.data_ptr()
+        or target.numel() != y.numel()
+        or logp.numel() != args[0].numel()
+        or logp.shape[:2] != args[0].shape[:2]
+    ):
+        return None
+    return nll_losses(terms, int(args[0].shape[0]))
 
 
 def example_losses(loss_fn: nn.Module, pred: torch.Tensor, target: Any) -> torch.Tensor:

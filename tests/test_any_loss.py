@@ -529,3 +529,54 @@ def test_kl_div_batchmean_is_the_mean_over_examples_of_their_sums(device):
         want = np.array([float(F.kl_div(model(x[i : i + 1]), target[i : i + 1], reduction="sum")) for i in range(5)])
     np.testing.assert_allclose(rec.per_sample_loss, want, rtol=1e-5)
     assert rec.loss == pytest.approx(float(loss), rel=1e-6) == pytest.approx(want.mean(), rel=1e-5)
+
+
+# --- a loss module over a large prediction: per-row losses from the log-probabilities autograd saved ----------
+@pytest.mark.parametrize(
+    "kind", ["tokens mean", "tokens sum", "class weights", "ignore_index", "nll", "label smoothing", "small"]
+)
+def test_loss_module_losses_from_its_saved_log_probabilities(device, kind, monkeypatch):
+    """A CrossEntropyLoss / NLLLoss module over a (B, C, T) prediction: the per-sample losses are read from its
+    backward node (no second log-softmax) where it is large, and equal each example's float64 loss as a batch
+    of one, scaled as the batch's mean normalises it; label smoothing (another loss) and small predictions
+    compute them again, with the same numbers."""
+    from cockpit_lite import losses as L
+
+    taken = []
+    original = L.nll_losses
+
+    def spy(*args, **kwargs):
+        taken.append(True)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(L, "nll_losses", spy)
+    if kind != "small":
+        monkeypatch.setattr(L, "SAVED_NLL_ELEMENTS", 64)
+    torch.manual_seed(0)
+    b, c, t = 5, 7, 6
+    model = nn.Sequential(nn.Conv1d(3, c, 1))  # (B, 3, T) -> (B, C, T): logits per position
+    x, y = torch.randn(b, 3, t, device=device), torch.randint(0, c, (b, t), device=device)
+    if kind == "ignore_index":
+        y[1, :4] = -100
+    kw = {"reduction": "sum" if kind == "tokens sum" else "mean"}
+    if kind == "class weights":
+        kw["weight"] = torch.rand(c, device=device) + 0.5
+    if kind == "label smoothing":
+        kw["label_smoothing"] = 0.1
+    loss_fn = nn.NLLLoss(**kw) if kind == "nll" else nn.CrossEntropyLoss(**kw)
+    head = (lambda z: F.log_softmax(z, 1)) if kind == "nll" else (lambda z: z)
+    probe = _probe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Cockpit(model, opt, loss_fn, instruments=[probe]):
+        loss_fn(head(model(x)), y).backward()
+        opt.step()
+    assert taken == ([True] if kind not in ("label smoothing", "small") else [])
+    # float64: the loss's element sums per example, normalised by the batch's (mean: B / its counted weight)
+    m, lf = copy.deepcopy(model).double(), copy.deepcopy(loss_fn).double()
+    lf.reduction = "none"
+    u = lf(head(m(x.double())), y).reshape(b, -1)
+    per = u.sum(1)
+    if kw["reduction"] == "mean":
+        w = (y != -100).double() * (kw["weight"].double()[y.clamp(min=0)] if "weight" in kw else 1.0)
+        per = per * b / w.sum()
+    np.testing.assert_allclose(probe.records[0].per_sample_loss, per.detach().cpu().numpy(), rtol=RTOL)
