@@ -306,6 +306,8 @@ def _saved_nll(loss_fn: nn.Module, args: tuple, kwargs: dict, output: torch.Tens
     ):
         return None
     terms = nll_terms(output.grad_fn) if output.grad_fn is not None else None
+    if terms is None:  # (no graph: a call under no_grad, or on detached inputs)
+        return None
     # (the node may hold views of them: (B, C, 1, T) and (B, 1, T) for a (B, C, T) prediction)
     logp, target = terms[0], terms[1]
     y = args[1]

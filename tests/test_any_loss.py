@@ -580,3 +580,20 @@ def test_loss_module_losses_from_its_saved_log_probabilities(device, kind, monke
         w = (y != -100).double() * (kw["weight"].double()[y.clamp(min=0)] if "weight" in kw else 1.0)
         per = per * b / w.sum()
     np.testing.assert_allclose(probe.records[0].per_sample_loss, per.detach().cpu().numpy(), rtol=RTOL)
+
+
+def test_loss_module_losses_of_a_large_prediction_without_a_graph():
+    """Under no_grad (an evaluation) or on detached logits the loss has no backward node to read: the per-sample
+    losses are computed again, the same numbers."""
+    from cockpit_lite.losses import per_sample_losses
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 512, 64), torch.randint(0, 512, (4, 64))
+    lf = nn.CrossEntropyLoss()
+    want = F.cross_entropy(x.double(), y, reduction="none").sum(1) * 4 / y.numel()
+    with torch.no_grad():
+        out = lf(x, y)
+    np.testing.assert_allclose(per_sample_losses(lf, (x, y), {}, out), want.numpy(), rtol=RTOL)
+    xg = x.clone().requires_grad_(True)
+    out = lf(xg, y)
+    np.testing.assert_allclose(per_sample_losses(lf, (xg, y), {}, out), want.numpy(), rtol=RTOL)
