@@ -297,7 +297,7 @@ class Step:
             guard.costs.measuring = True
         #: event name -> :meth:`_route`, kept with the plan (the same plan object step after step)
         self._routes: dict[str, tuple] = guard.routes(plan)
-        needs = Needs(set(merged.flags), dict(merged.directions))  # (a provider may adjust its copy)
+        needs = Needs(set(merged.flags), dict(merged.directions), set(merged.early))  # (a provider may adjust its copy)
         #: the step record (None on a step no instrument tracks: nothing reads one)
         self.record: StepRecord | None = StepRecord(step=self.number, **fields) if self.active else None
         if self.record is not None:

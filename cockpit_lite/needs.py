@@ -49,6 +49,11 @@ class Needs:
     flags: set[str] = field(default_factory=set)
     #: key -> direction; the projections g_i . v arrive in ``record.projections[key]``
     directions: dict[str, DirectionFn] = field(default_factory=dict)
+    #: keys of ``directions`` known before the optimizer step (the previous step's update): their function
+    #: may also be called as the step's backward begins, and must then return the same direction it returns
+    #: after the step. Those are projected layer by layer during backward, from per-sample gradients that
+    #: other statistics formed (B o i multiply-adds a layer where the kept factors cost B T o i).
+    early: set[str] = field(default_factory=set)
 
     def __bool__(self) -> bool:
         return bool(self.flags or self.directions)
@@ -67,4 +72,6 @@ class Needs:
                 clashes.append(key)
                 continue
             self.directions[key] = fn
+            if key in other.early:
+                self.early.add(key)
         return clashes

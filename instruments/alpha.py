@@ -311,6 +311,7 @@ class Alpha(Instrument):
         if self._wants_end(step):
             needs.flags.add(Need.PER_SAMPLE_LOSS)
             needs.directions[self._end_key] = self._end_fn
+            needs.early.add(self._end_key)  # d_{t-1}: known, and left as it is, until this step's on_after_step
         return needs
 
     # --- records ---------------------------------------------------------------------------------------

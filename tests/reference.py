@@ -34,7 +34,7 @@ def flat(grads: dict[str, np.ndarray]) -> np.ndarray:
 class Probe(Instrument):
     """Test instrument: asks for every per-sample need and keeps the step records."""
 
-    def __init__(self, directions=None, flags=None, **kw):
+    def __init__(self, directions=None, flags=None, early=(), **kw):
         super().__init__(**kw)
         self.flags = flags or {
             Need.LOSS,
@@ -47,11 +47,14 @@ class Probe(Instrument):
             Need.PER_SAMPLE_GRAM_BY_PARAM,
         }
         self.directions = directions or {}
+        self.early = set(early)  # keys of directions known before the step (Needs.early)
         self.records = []
         self.grads_before_step = []
 
     def requires(self, step):
-        return Needs(set(self.flags), dict(self.directions)) if self.scheduled(step) else Needs()
+        if not self.scheduled(step):
+            return Needs()
+        return Needs(set(self.flags), dict(self.directions), self.early & set(self.directions))
 
     def on_before_step(self, record):
         self.grads_before_step.append(

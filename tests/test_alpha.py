@@ -30,7 +30,7 @@ def _losses_and_grads(template: nn.Module, state: dict, loss_fn: nn.Module, x, y
     params = [p for p in m.parameters() if p.requires_grad]
     losses, grads = [], []
     for i in range(len(y)):
-        xi = x[i : i + 1].double()
+        xi = x[i : i + 1].double() if torch.is_floating_point(x) else x[i : i + 1]
         yi = y[i : i + 1].double() if torch.is_floating_point(y) else y[i : i + 1]
         li = lf(m(xi), yi)  # a batch of one: l_i (for MSELoss the mean over the sample's elements)
         gs = torch.autograd.grad(li, params)
@@ -93,6 +93,39 @@ OPTIMIZERS = {
     "sgd_clip": (lambda p: torch.optim.SGD(p, lr=0.5), 0.05),
     "adamw_decay": (lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.5), None),
 }
+
+
+def test_alpha_on_a_transformer_matches_float64_reference(device, monkeypatch):
+    """Sequences (Linear calls at T positions) with g_i . gbar asked too, which forms each layer's g_i: the end
+    point's projections onto d_{t-1}, known before the step, are taken from those during backward (B o i a
+    layer, not B T o i from the factors after the step); alpha still equals the float64 loop's."""
+    from cockpit_lite.instruments import GradientTests
+
+    from cockpit_lite.persample import engine
+
+    early = []
+    project_early = engine.PerSampleEngine.project_early
+    monkeypatch.setattr(
+        engine.PerSampleEngine, "project_early", lambda self, d: (early.append(sorted(d)), project_early(self, d))
+    )
+    torch.manual_seed(0)
+    model = models.TinyTransformer().to(device)
+    template = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(1, 11, (6, 5), generator=gen), torch.randint(0, 3, (6,), generator=gen)) for _ in "abcd"]
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    states, cp = _train(model, optimizer, loss_fn, batches, instruments=[Alpha(), GradientTests()])
+    assert early == [["alpha/end"]] * 3  # steps 1-3 project onto the update before them during backward
+    got = dict(cp.history["alpha"])
+    finite = 0
+    for t in range(3):
+        expected = reference_alpha(template, loss_fn, states[t], states[t + 1], batches[t], batches[t + 1])
+        if not math.isnan(expected):
+            finite += 1
+            np.testing.assert_allclose(got[t], expected, rtol=1e-3, atol=1e-4, err_msg=f"step {t}")
+    assert finite >= 2
 
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))

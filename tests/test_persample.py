@@ -20,12 +20,13 @@ RTOL, ATOL = 2e-4, 1e-6
 
 def _run_one_step(model, loss_fn, x, y, optimizer=None, directions=None, flags=None, device="cpu"):
     """One step on ``device`` (model and loss module moved there in place): the record, the float64
-    loop's per-sample gradients and the update (numpy, on the CPU)."""
+    loop's per-sample gradients and the update (numpy, on the CPU). A ``fixed`` direction is declared known
+    before the step (``Needs.early``: projected layer by layer during backward), the update after it."""
     model.to(device)
     loss_fn.to(device)
     x, y = x.to(device), y.to(device)
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1)
-    probe = Probe(directions=directions, flags=flags)
+    probe = Probe(directions=directions, flags=flags, early={"fixed"})
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ref = per_sample_grads_loop(model, loss_fn, x, y)
     with Cockpit(model, optimizer, loss_fn, instruments=[probe]):

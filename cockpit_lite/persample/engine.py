@@ -655,6 +655,9 @@ class PerSampleEngine:
         self._whole = False
         #: the joined result, when :meth:`before_step` formed it
         self._early: PerSampleResult | None = None
+        #: directions known before the step (:meth:`project_early`), and g_i . v onto them summed so far
+        self._early_dirs: dict[str, Mapping[str, torch.Tensor]] | None = None
+        self._early_proj: dict[str, torch.Tensor] = {}
 
     def begin(self, needs: Needs) -> None:
         """A new step starts; attach per-layer work only if the step needs it."""
@@ -705,11 +708,21 @@ class PerSampleEngine:
         those of the per-sample losses of a ``mean`` (or summed) loss over them."""
         self.batch, self.inv_scale, self.mean = batch, inv_scale, mean
 
+    def project_early(self, directions: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Directions known before the optimizer step (``Needs.early``), given as the step's backward begins:
+        each layer is projected onto them as it is reduced, from the g_i that other statistics formed where
+        they did. Not under gradient accumulation, nor once a layer was reduced: those steps project onto
+        them after the step with the others (:meth:`project`)."""
+        begun = self.covered or self._segments or self.accumulating
+        if self.active and self.failure is None and directions and not begun:
+            self._early_dirs, self._early_proj = dict(directions), {}
+
     def next_micro_batch(self, batch: int, inv_scale: float, mean: bool = True) -> None:
         """Gradient accumulation: the step's next forward/backward begins. What the last one computed is
         kept as a segment; :meth:`result` joins the segments, scaled to the step's N examples."""
         if not self.active:
             return
+        self._early_dirs, self._early_proj = None, {}  # (every micro-batch is projected after the step)
         self.accumulating = True  # from now on views are kept from the first micro-batch on
         self._segments.append(self._segment())
         self.sq, self.gram, self.grads, self.dot_mean, self._kept = {}, {}, {}, None, []
@@ -1653,6 +1666,10 @@ class PerSampleEngine:
             total = view.sq_total()
             if total is not None:
                 self.sq[ALL_PARAMS] = total if ALL_PARAMS not in self.sq else self.sq[ALL_PARAMS] + total
+        if self._early_dirs is not None and self._whole:  # (before release(), which drops formed g_i)
+            early = self._early_proj
+            for key, p in view.project_many(self._early_dirs).items():
+                early[key] = p if key not in early else early[key] + p
         self.covered.update(view.names)
         if self._whole:
             if Need.PER_SAMPLE_CROSS not in flags:  # cross products need what release() drops (conv g_i)
@@ -1804,13 +1821,16 @@ class PerSampleEngine:
         out: dict[str, torch.Tensor] = {}
         if self.failure is not None:
             return out
+        early = self._early_dirs if self._early_dirs is not None and self._whole and not self._segments else {}
         try:
-            out = _projections(self._kept, directions)
+            out = _projections(self._kept, {k: d for k, d in directions.items() if k not in early})
+            out.update((k, p) for k, p in self._early_proj.items() if k in early and k in directions)
         except Exception as e:
             self.fail(f"per-sample projections failed ({e})")
             return {}
         finally:
             self._kept.clear()
+            self._early_dirs, self._early_proj = None, {}
         return out
 
     def result(

@@ -491,10 +491,18 @@ class FactorView(View):
         return out
 
     def project_many(self, directions):
-        """sum_t e_t^T V_k a_t for all k in one matrix product per group: (B T, i) @ (i, K o)."""
+        """sum_t e_t^T V_k a_t for all k in one matrix product per group: (B T, i) @ (i, K o); where another
+        statistic formed g_i this step (T > 1: g_i . gbar, norms by the formed route, Gram entries), one
+        (B, o i) @ (o i, K) product instead: B o i K multiply-adds, not B T o i K."""
         bsz, g, t, i, o = self._dims
         out: dict[str, torch.Tensor] = {}
-        keys, v = _stack(directions, self.w, (g, o, i), self.a.dtype)
+        if self._cache is not None:
+            keys, v = _stack(directions, self.w, (g * o * i,), self._cache.dtype)
+            if keys:
+                _add(out, keys, self._cache.reshape(bsz, -1) @ v.T)
+            keys = []  # (the weight is done)
+        else:
+            keys, v = _stack(directions, self.w, (g, o, i), self.a.dtype)
         if keys:
             k = len(keys)
             for gi in range(g):
@@ -952,6 +960,16 @@ class TiedEmbeddingView(View):
         return self.project_many({"_": gbar})["_"]
 
     def project_many(self, directions):
+        if self._g is not None:  # formed this step (by g_i . gbar, norms or Gram entries): B V d K multiply-adds
+            out: dict[str, torch.Tensor] = {}
+            keys, v = _stack(directions, self.w, (-1,), self._g.dtype)
+            if keys:
+                _add(out, keys, self._g.reshape(self._g.shape[0], -1) @ v.T)
+            for name, gb in self._bias_rows().items():
+                keys, vb = _stack(directions, name, (-1,), gb.dtype)
+                if keys:
+                    _add(out, keys, gb @ vb.T)
+            return out
         out = self.out.project_many(directions)
         for k, p in self.emb.project_many(directions).items():
             out[k] = p if k not in out else out[k] + p

@@ -214,6 +214,13 @@ class PerSampleProvider(Provider):
                 self.engine.fail(f"backward started from the loss times {scale}: per-sample statistics skipped")
             else:
                 self.engine.rescale(1.0 / scale)
+        if self.needs.early and not self.backwards:
+            early = {}
+            for key in self.needs.early:
+                d = self.needs.directions[key](record) if key in self.needs.directions else None
+                if d is not None:
+                    early[key] = d
+            self.engine.project_early(early)
 
     def on_backward_end(self, record: StepRecord) -> None:
         self.backward_done = True
