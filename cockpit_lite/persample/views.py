@@ -504,14 +504,17 @@ class FactorView(View):
         else:
             keys, v = _stack(directions, self.w, (g, o, i), self.a.dtype)
         if keys:
-            k = len(keys)
+            k, e_all = len(keys), self._e_unscaled()  # (its factor on the B x K result: e is not copied)
             for gi in range(g):
                 a = self.a[:, gi].reshape(bsz * t, i)
-                e = self.e[:, gi].reshape(bsz, t, 1, o)
-                av = (a @ v[:, gi].reshape(k * o, i).T).reshape(bsz, t, k, o)  # (V_k a_t) for every k
-                _add(out, keys, (av * e).sum((1, 3)))
+                av = a @ v[:, gi].reshape(k * o, i).T  # (V_k a_t) for every k: (B T, K o)
+                if k == 1:  # one row dot per sample over its T o entries, no (B, T, o) product
+                    rows = torch.linalg.vecdot(av.reshape(bsz, t * o), e_all[:, gi].reshape(bsz, t * o))[:, None]
+                else:
+                    rows = (av.reshape(bsz, t, k, o) * e_all[:, gi].reshape(bsz, t, 1, o)).sum((1, 3))
+                _add(out, keys, rows if self.e_scale == 1.0 else rows.mul_(self.e_scale))
         if self.b is not None:
-            keys, vb = _stack(directions, self.b, (-1,), self.e.dtype)
+            keys, vb = _stack(directions, self.b, (-1,), self._e_unscaled().dtype)
             if keys:
                 _add(out, keys, self._bias_grads() @ vb.T)
         return out
