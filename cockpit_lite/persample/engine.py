@@ -710,9 +710,10 @@ class PerSampleEngine:
 
     def project_early(self, directions: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Directions known before the optimizer step (``Needs.early``), given as the step's backward begins:
-        each layer is projected onto them as it is reduced, from the g_i that other statistics formed where
-        they did. Not under gradient accumulation, nor once a layer was reduced: those steps project onto
-        them after the step with the others (:meth:`project`)."""
+        a layer whose g_i another statistic formed (``View.formed_now``) is projected onto them as it is
+        reduced, from those; the other layers, whose kept factors cost the same either way, after the step
+        in one product with the other directions (:meth:`project`). Not under gradient accumulation, nor
+        once a layer was reduced: those steps project onto them after the step."""
         begun = self.covered or self._segments or self.accumulating
         if self.active and self.failure is None and directions and not begun:
             self._early_dirs, self._early_proj = dict(directions), {}
@@ -1666,10 +1667,11 @@ class PerSampleEngine:
             total = view.sq_total()
             if total is not None:
                 self.sq[ALL_PARAMS] = total if ALL_PARAMS not in self.sq else self.sq[ALL_PARAMS] + total
-        if self._early_dirs is not None and self._whole:  # (before release(), which drops formed g_i)
+        if self._early_dirs is not None and self._whole and view.formed_now():  # (before release() drops them)
             early = self._early_proj
             for key, p in view.project_many(self._early_dirs).items():
                 early[key] = p if key not in early else early[key] + p
+            view.projected_early = True
         self.covered.update(view.names)
         if self._whole:
             if Need.PER_SAMPLE_CROSS not in flags:  # cross products need what release() drops (conv g_i)
@@ -1823,8 +1825,14 @@ class PerSampleEngine:
             return out
         early = self._early_dirs if self._early_dirs is not None and self._whole and not self._segments else {}
         try:
-            out = _projections(self._kept, {k: d for k, d in directions.items() if k not in early})
-            out.update((k, p) for k, p in self._early_proj.items() if k in early and k in directions)
+            if early:  # the layers projected onto them during backward take the others alone
+                late = {k: d for k, d in directions.items() if k not in early}
+                out = _projections([v for v in self._kept if v.projected_early], late) if late else {}
+                rest = _projections([v for v in self._kept if not v.projected_early], directions)
+                for k, p in [*rest.items(), *((k, p) for k, p in self._early_proj.items() if k in directions)]:
+                    out[k] = p if k not in out else out[k] + p
+            else:
+                out = _projections(self._kept, directions)
         except Exception as e:
             self.fail(f"per-sample projections failed ({e})")
             return {}

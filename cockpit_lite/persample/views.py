@@ -61,6 +61,13 @@ class View:
         """sum over this view's parameters of g_i . gbar, gbar = mean_j g_j (shape B)."""
         return sum(g.mean(1) for g in self.gram().values())
 
+    #: projected during backward onto the directions known before the step (``PerSampleEngine.project_early``)
+    projected_early = False
+
+    def formed_now(self) -> bool:
+        """Whether g_i are formed now and dropped by :meth:`release`: projections are cheaper before it."""
+        return False
+
     def release(self) -> None:
         """Called before the view is kept across the optimizer step: keep only what projections need."""
 
@@ -144,6 +151,9 @@ class ViewGroup(View):
     def release(self) -> None:
         for v in self.views:
             v.release()
+
+    def formed_now(self) -> bool:
+        return all(v.formed_now() for v in self.views)
 
     def project_many(self, directions):
         out: dict[str, torch.Tensor] = {}
@@ -489,6 +499,9 @@ class FactorView(View):
             gb = self._bias_grads()
             out = out + gb @ gb.mean(0)
         return out
+
+    def formed_now(self) -> bool:
+        return self._cache is not None
 
     def project_many(self, directions):
         """sum_t e_t^T V_k a_t for all k in one matrix product per group: (B T, i) @ (i, K o); where another
@@ -961,6 +974,9 @@ class TiedEmbeddingView(View):
             _, e = self._out_factors()
             gbar[self.b] = e.sum(1).mean(0)
         return self.project_many({"_": gbar})["_"]
+
+    def formed_now(self) -> bool:
+        return self._g is not None
 
     def project_many(self, directions):
         if self._g is not None:  # formed this step (by g_i . gbar, norms or Gram entries): B V d K multiply-adds
