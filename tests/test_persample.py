@@ -705,12 +705,13 @@ def test_factor_view_dot_mean_and_norms_against_formed_gradients(shape, scaled_f
 
 @pytest.mark.parametrize("scaled_first", [False, True])
 @pytest.mark.parametrize("names", [("w", "b"), ("w", None), (None, "b")])
-@pytest.mark.parametrize("shape", [(5, 1, 7, 3, 4), (4, 1, 3, 20, 30), (3, 2, 4, 5, 6)])
+@pytest.mark.parametrize("shape", [(5, 1, 7, 3, 4), (4, 1, 3, 20, 30), (3, 2, 4, 5, 6), (3, 2, 2, 10, 12)])
 def test_factor_view_of_sequences_against_formed_gradients(shape, names, scaled_first):
     """A Linear view at T positions in g groups, its output gradients still to be scaled by s: squared norms
     (ghost form and formed g_i), g_i . gbar (gbar from the formed g_i, or from autograd's weight gradient
-    where the engine kept it), Gram entries and the g_i themselves equal the formed float64 g_i's, whichever
-    is asked first and whether e was scaled before."""
+    where the engine kept it: then, where the ghost form is the cheaper, a projection onto it without g_i
+    formed), Gram entries and the g_i themselves equal the formed float64 g_i's, whichever is asked first and
+    whether e was scaled before."""
     from cockpit_lite.persample.views import FactorView
 
     bsz, grp, t, i, o = shape
@@ -767,3 +768,45 @@ def test_host_float64_is_exact_for_every_float_dtype():
         a = host_float64(t)
         assert a.dtype == np.float64
         assert [float(x) for x in a] == [float(x) for x in t]  # each value as the dtype holds it
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_sequences_take_g_i_dot_gbar_by_projection_unless_formed_g_i_pay(device, early, monkeypatch):
+    """Linear calls at T < FORM_AT_T positions, where the ghost form is the cheaper for the norms: g_i . gbar
+    is a projection onto autograd's weight gradient and no g_i is formed; with a direction known before the
+    step (Alpha's d_{t-1}) the g_i are formed, g_i . gbar and that projection both come from them. Either
+    way the squared norms, g_i . gbar and the projections equal the float64 loop's."""
+    from cockpit_lite.persample.views import FORM_AT_T, FactorView
+
+    formed = []
+    weight_grads = FactorView._weight_grads
+    monkeypatch.setattr(FactorView, "_weight_grads", lambda self: (formed.append(self.w), weight_grads(self))[1])
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(6, 16), nn.Linear(16, 8)
+
+        def forward(self, x):  # (B, T, 6) -> (B, 8)
+            return self.down(torch.tanh(self.up(x))).mean(1)
+
+    torch.manual_seed(0)
+    model = Seq()
+    x, y = torch.randn(5, 4, 6), torch.randint(0, 8, (5,))
+    assert x.shape[1] < FORM_AT_T and 4 * (6 + 16) < 6 * 16 and 4 * (16 + 8) < 16 * 8  # (the ghost is cheaper)
+    fixed, dirs = _directions(model)
+    if not early:
+        dirs = {"update": dirs["update"]}
+    flags = {Need.LOSS, Need.PER_SAMPLE_LOSS, Need.UPDATE, Need.PER_SAMPLE_SQ_NORMS_BY_PARAM, Need.PER_SAMPLE_DOT_MEAN}
+    rec, ref, update = _run_one_step(model, nn.CrossEntropyLoss(), x, y, directions=dirs, flags=flags, device=device)
+    assert sorted(set(formed)) == (["down.weight", "up.weight"] if early else [])
+    G = flat(ref)
+    for n in ref:
+        want = (ref[n].reshape(len(ref[n]), -1) ** 2).sum(1)
+        np.testing.assert_allclose(rec.per_sample_sq_norms_by_param[n], want, rtol=RTOL, atol=ATOL, err_msg=n)
+    np.testing.assert_allclose(rec.per_sample_dot_mean, G @ G.mean(0), rtol=RTOL, atol=ATOL)
+    d = np.concatenate([update[n].reshape(-1) for n in ref])
+    np.testing.assert_allclose(rec.projections["update"], G @ d, rtol=RTOL, atol=1e-7)
+    if early:
+        v = np.concatenate([fixed[n].double().numpy().reshape(-1) for n in ref])
+        np.testing.assert_allclose(rec.projections["fixed"], G @ v, rtol=RTOL, atol=ATOL)

@@ -1650,6 +1650,7 @@ class PerSampleEngine:
     def _reduce(self, view: View) -> None:
         flags = self.needs.flags
         view.kept = self._whole
+        view.early_directions = self._early_dirs is not None and self._whole
         # what forms g_i first, so that the cheaper statistics reuse it
         if Need.PER_SAMPLE_GRADS in flags:
             self.grads.update(view.grads())
