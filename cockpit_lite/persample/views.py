@@ -538,19 +538,18 @@ class FactorView(View):
             keys, v = _stack(directions, self.w, (g * o * i,), self._cache.dtype)
             if keys:
                 _add(out, keys, self._cache.reshape(bsz, -1) @ v.T)
-            keys = []  # (the weight is done)
-        else:
-            keys, v = _stack(directions, self.w, (g, o, i), self.a.dtype)
-        if keys:
-            k, e_all = len(keys), self._e_unscaled()  # (its factor on the B x K result: e is not copied)
+        elif self.w is not None:
+            # per direction one product (B T, i) @ (i, o) and one row dot per sample over its T o entries: no
+            # stacked copy of the directions, no (B, T, K, o) product (measured 5-17% faster than those)
+            keys = [k for k, d in directions.items() if d.get(self.w) is not None]
+            e_all = self._e_unscaled()  # (its factor on the (B,) rows: e is not copied)
             for gi in range(g):
-                a = self.a[:, gi].reshape(bsz * t, i)
-                av = a @ v[:, gi].reshape(k * o, i).T  # (V_k a_t) for every k: (B T, K o)
-                if k == 1:  # one row dot per sample over its T o entries, no (B, T, o) product
-                    rows = torch.linalg.vecdot(av.reshape(bsz, t * o), e_all[:, gi].reshape(bsz, t * o))[:, None]
-                else:
-                    rows = (av.reshape(bsz, t, k, o) * e_all[:, gi].reshape(bsz, t, 1, o)).sum((1, 3))
-                _add(out, keys, rows if self.e_scale == 1.0 else rows.mul_(self.e_scale))
+                a, e = self.a[:, gi].reshape(bsz * t, i), e_all[:, gi].reshape(bsz, t * o)
+                for key in keys:
+                    v = directions[key][self.w].reshape(g, o, i)[gi].to(a.dtype)
+                    rows = torch.linalg.vecdot((a @ v.T).reshape(bsz, t * o), e)
+                    rows = rows if self.e_scale == 1.0 else rows.mul_(self.e_scale)
+                    out[key] = rows if key not in out else out[key] + rows
         if self.b is not None:
             keys, vb = _stack(directions, self.b, (-1,), self._e_unscaled().dtype)
             if keys:
