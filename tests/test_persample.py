@@ -760,6 +760,30 @@ def test_transposed_factor_view_takes_no_batch_gradient_of_the_other_layout():
     torch.testing.assert_close(v.dot_mean(), want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("formed", [False, True])
+def test_transposed_factor_view_projects_in_the_stored_layout(formed):
+    """A Conv1D-style view (weight stored (i, o), i != o, with a bias) at T positions: projections onto
+    directions given in the stored layout equal the float64 g_i's, from the kept factors or from the g_i
+    that g_i . gbar formed (the engine's route for a direction known before the step)."""
+    from cockpit_lite.persample.views import TransposedFactorView
+
+    torch.manual_seed(0)
+    bsz, t, i, o, s = 4, 5, 3, 6, 2.0
+    a, e = torch.randn(bsz, 1, t, i, dtype=torch.float64), torch.randn(bsz, 1, t, o, dtype=torch.float64)
+    gw = s * torch.einsum("bgto,bgti->bio", e, a)  # (B, i, o): the stored layout
+    gb = s * e.sum(2).reshape(bsz, o)
+    dirs = {k: {"w": torch.randn(i, o, dtype=torch.float64), "b": torch.randn(o, dtype=torch.float64)} for k in "pq"}
+    v = TransposedFactorView(a, e, "w", "b", (i, o))
+    v.e_scale = s
+    if formed:
+        v.dot_mean()
+    assert v.formed_now() == formed
+    got = v.project_many(dirs)
+    for k, d in dirs.items():
+        want = gw.reshape(bsz, -1) @ d["w"].reshape(-1) + gb @ d["b"]
+        torch.testing.assert_close(got[k], want, rtol=1e-10, atol=1e-10)
+
+
 def test_host_float64_is_exact_for_every_float_dtype():
     from cockpit_lite.providers.base import host_float64
 
