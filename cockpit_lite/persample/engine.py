@@ -1668,7 +1668,7 @@ class PerSampleEngine:
             total = view.sq_total()
             if total is not None:
                 self.sq[ALL_PARAMS] = total if ALL_PARAMS not in self.sq else self.sq[ALL_PARAMS] + total
-        if self._early_dirs is not None and self._whole and view.formed_now():  # (before release() drops them)
+        if view.early_directions and view.formed_now():  # (before release() drops them)
             early = self._early_proj
             for key, p in view.project_many(self._early_dirs).items():
                 early[key] = p if key not in early else early[key] + p
@@ -1824,7 +1824,7 @@ class PerSampleEngine:
         out: dict[str, torch.Tensor] = {}
         if self.failure is not None:
             return out
-        early = self._early_dirs if self._early_dirs is not None and self._whole and not self._segments else {}
+        early = self._early_dirs or {}  # (None under accumulation: next_micro_batch drops them)
         try:
             if early:  # the layers projected onto them during backward take the others alone
                 late = {k: d for k, d in directions.items() if k not in early}

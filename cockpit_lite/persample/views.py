@@ -36,6 +36,8 @@ class View:
     #: (``PerSampleEngine.project_early``): set before its statistics are asked, so that g_i formed
     #: for them serve those projections too
     early_directions: bool = False
+    #: projected during backward onto the directions known before the step (``PerSampleEngine.project_early``)
+    projected_early: bool = False
 
     @property
     def batch_grad(self) -> torch.Tensor | None:
@@ -64,9 +66,6 @@ class View:
     def dot_mean(self) -> torch.Tensor:
         """sum over this view's parameters of g_i . gbar, gbar = mean_j g_j (shape B)."""
         return sum(g.mean(1) for g in self.gram().values())
-
-    #: projected during backward onto the directions known before the step (``PerSampleEngine.project_early``)
-    projected_early = False
 
     def formed_now(self) -> bool:
         """Whether g_i are formed now and dropped by :meth:`release`: projections are cheaper before it."""
@@ -506,17 +505,16 @@ class FactorView(View):
                 out = out + gb @ gb.mean(0)
             return out
         parts = self.batch_grad_parts
-        batch_weight_grad = parts is not None and not self.transposed and all(w.shape == (g * o, i) for w in parts[0])
-        if batch_weight_grad and self._projects_onto_gbar():
+        w = None  # gbar = s sum(parts) / B, autograd's weight gradient: no pass over the B g_i to average them
+        if parts is not None and not self.transposed and all(p.shape == (g * o, i) for p in parts[0]):
             w = parts[0][0] if len(parts[0]) == 1 else sum(parts[0])
+        if w is not None and self._projects_onto_gbar():
             gbar = {self.w: w * (parts[1] / bsz)}
             if self.b is not None:
                 gbar[self.b] = self._bias_grads().mean(0)
             return self.project_many({"_": gbar})["_"]
         gw = self._weight_grads().reshape(bsz, -1)
-        if batch_weight_grad:
-            # gbar = s sum(parts) / B, autograd's weight gradient: no pass over the B g_i to average them
-            w = parts[0][0] if len(parts[0]) == 1 else sum(parts[0])
+        if w is not None:
             out = (gw @ w.reshape(-1).to(gw.dtype)).mul_(parts[1] / bsz)
         else:
             out = gw @ gw.mean(0)
